@@ -1,0 +1,47 @@
+"""peftdecl's NumPy backend: the float64 reference every other backend is tested against."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from peftdecl.backend import Capabilities
+from peftdecl.plan import ModelInfo
+
+_ALL_LAYERS = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
+
+
+class NumpyBackend:
+    """Runs plans on a state dict (a mapping of names to NumPy arrays), in float64, with explicit gradients."""
+
+    name = "numpy"
+    capabilities = Capabilities(
+        name="numpy",
+        kinds={"lora": _ALL_LAYERS},
+        gradients="explicit",
+        devices=("cpu",),
+        dtypes=("float64",),
+        mixed_batch=("lora",),
+        multi_active=("lora",),
+        requires=("numpy",),
+    )
+
+    def accepts(self, model: Any) -> bool:
+        return isinstance(model, Mapping) and all(
+            isinstance(v, (np.ndarray, np.generic, list)) for v in list(model.values())[:8]
+        )
+
+    def inventory(self, model: Any, **options: Any) -> ModelInfo:
+        from peftdecl_numpy.engine import inventory
+
+        return inventory(model, **options)
+
+    def create(self, model: Any, info: ModelInfo, **options: Any) -> Any:
+        from peftdecl_numpy.engine import NumpyEngine
+
+        return NumpyEngine(model, info)
+
+
+__all__ = ["NumpyBackend"]

@@ -1,0 +1,43 @@
+"""Per-kind math of the NumPy reference: one module per adapter kind, each reading like its paper's equation.
+
+A kind module exposes ``OPS``, an object with ``kind``, ``additive`` and:
+
+- ``forward(lp, base, p, x, ctx) -> (y, cache)``: the whole layer's output (base included);
+- ``backward(lp, base, p, cache, dy) -> (dx, grads)``: dL/dx and dL/dp for every trainable tensor, by name;
+- ``delta_weight(lp, base, p)``: ΔW in the IR layout (additive kinds);
+- ``merge(lp, base, p) -> (W, b)`` and ``unmerge(lp, base, p) -> (W, b)``: the base weights with the
+  adapter folded in or taken out again (``base`` holds the current weights).
+
+``p`` maps the layer's tensor names (``lora_A.weight``) to float64 arrays.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+_KIND_MODULES = {
+    "lora": "lora",
+}
+
+
+@dataclass
+class Context:
+    """Per-call state: training mode and the generator that draws dropout masks."""
+
+    training: bool = False
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+
+
+def ops_for(kind: str) -> Any:
+    """The ops object of an execution kind."""
+    if kind not in _KIND_MODULES:
+        raise KeyError(kind)
+    return importlib.import_module(f"peftdecl_numpy.kinds.{_KIND_MODULES[kind]}").OPS
+
+
+def supported_kinds() -> tuple[str, ...]:
+    return tuple(_KIND_MODULES)

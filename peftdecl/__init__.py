@@ -1,0 +1,96 @@
+"""peftdecl: declarative, backend-neutral parameter-efficient fine-tuning adapters, file-compatible with HF PEFT.
+
+    spec = peftdecl.load_spec("adapter.yaml")
+    model = peftdecl.attach(base_model, spec)
+    model.save("out/")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from peftdecl.backend import Backend, BackendEntry, Capabilities, Engine, backend_for, get_backend
+from peftdecl.backend import backends as _backends
+from peftdecl.errors import AdapterFileError, BackendError, PeftdeclError, SpecError, TargetError
+from peftdecl.model import AdaptedModel
+from peftdecl.plan import ModelInfo, Plan, compile_plan
+from peftdecl.spec import AdapterSpec, load_spec
+
+__version__ = "0.1.0"
+
+
+def backends() -> dict[str, BackendEntry]:
+    """Installed backends and what each supports; torch, CuPy and MLX are not imported."""
+    return _backends()
+
+
+def _resolve_backend(base_model: Any, backend: str | Backend | None) -> Backend:
+    if backend is None:
+        return backend_for(base_model)
+    if isinstance(backend, str):
+        return get_backend(backend)
+    return backend
+
+
+def _adapted(base_model: Any, backend: str | Backend | None, options: dict[str, Any]) -> AdaptedModel:
+    chosen = _resolve_backend(base_model, backend)
+    info = chosen.inventory(base_model, **options)
+    engine = chosen.create(base_model, info, **options)
+    return AdaptedModel(chosen, engine, info, base_model)
+
+
+def attach(
+    base_model: Any,
+    spec: Any,
+    name: str = "default",
+    backend: str | Backend | None = None,
+    *,
+    seed: int = 0,
+    **options: Any,
+) -> AdaptedModel:
+    """Attach a freshly initialised adapter described by ``spec`` to ``base_model``.
+
+    ``base_model`` is a torch ``nn.Module``, an ``mlx.nn.Module``, or (NumPy reference) a mapping of parameter
+    names to arrays, with ``layer_types={module: type}`` where a 2-D weight is not a Linear. ``seed`` fixes the
+    initial numbers, identical on every backend.
+    """
+    model = _adapted(base_model, backend, options)
+    model.add_adapter(name, spec, seed=seed, activate=True)
+    return model
+
+
+def load_adapter(
+    base_model: Any,
+    directory: str | Path,
+    name: str = "default",
+    backend: str | Backend | None = None,
+    **options: Any,
+) -> AdaptedModel:
+    """Attach an adapter saved by HF PEFT or peftdecl (format detected from the folder)."""
+    model = _adapted(base_model, backend, options)
+    model.load_adapter(directory, name, activate=True)
+    return model
+
+
+__all__ = [
+    "AdaptedModel",
+    "AdapterFileError",
+    "AdapterSpec",
+    "Backend",
+    "BackendEntry",
+    "BackendError",
+    "Capabilities",
+    "Engine",
+    "ModelInfo",
+    "PeftdeclError",
+    "Plan",
+    "SpecError",
+    "TargetError",
+    "__version__",
+    "attach",
+    "backends",
+    "compile_plan",
+    "load_adapter",
+    "load_spec",
+]

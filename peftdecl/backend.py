@@ -1,0 +1,161 @@
+"""The backend contract: a ``Backend`` builds an ``Engine`` per model; both are typed Protocols.
+
+Backends are found through the entry-point group ``peftdecl.backends`` and imported lazily: listing them reads
+each one's static :class:`Capabilities` without importing torch, CuPy or MLX.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from peftdecl.errors import BackendError
+from peftdecl.plan.ir import ModelInfo, Plan
+
+ENTRY_POINT_GROUP = "peftdecl.backends"
+# Shipped in the peftdecl wheel; used when entry points are unavailable (e.g. running from a source tree).
+BUILTIN_BACKENDS: dict[str, str] = {
+    "numpy": "peftdecl_numpy:NumpyBackend",
+}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do. Tests, benchmarks and docs read this; a missing entry is a skip with a reason."""
+
+    name: str
+    kinds: Mapping[str, tuple[str, ...]]
+    """Execution kind -> layer types it runs on."""
+    gradients: Literal["autograd", "explicit", "none"]
+    devices: tuple[str, ...] = ("cpu",)
+    dtypes: tuple[str, ...] = ("float64",)
+    mixed_batch: tuple[str, ...] = ()
+    """Kinds that accept ``adapter_names=`` (one adapter per row)."""
+    multi_active: tuple[str, ...] = ()
+    """Kinds that allow several active adapters on one layer at once."""
+    fused_kernels: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    """Python modules the backend imports when created (checked without importing them)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", MappingProxyType(dict(self.kinds)))
+
+    def supports(self, kind: str, layer_type: str | None = None) -> bool:
+        types = self.kinds.get(kind)
+        return types is not None and (layer_type is None or layer_type in types)
+
+    def why_not(self, kind: str, layer_type: str | None = None) -> str | None:
+        """None if supported, else a one-line reason (used as a test skip reason)."""
+        if kind not in self.kinds:
+            return f"the {self.name} backend does not implement {kind}"
+        if layer_type is not None and layer_type not in self.kinds[kind]:
+            return f"the {self.name} backend does not run {kind} on {layer_type} layers"
+        return None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A backend's live state for one adapted model."""
+
+    def add(self, name: str, plan: Plan, arrays: Mapping[str, np.ndarray]) -> None: ...
+    def remove(self, name: str) -> None: ...
+    def set_active(self, names: tuple[str, ...]) -> None: ...
+    def set_enabled(self, enabled: bool) -> None: ...
+    def export(self, name: str) -> dict[str, np.ndarray]: ...
+    def merge(self, names: tuple[str, ...]) -> None: ...
+    def unmerge(self) -> None: ...
+    def unload(self) -> Any: ...
+    def base_weight(self, module: str) -> np.ndarray: ...
+    def load_base_weights(self, weights: Mapping[str, np.ndarray]) -> None: ...
+    def forward(self, *args: Any, **kwargs: Any) -> Any: ...
+    def trainable_parameters(self, names: tuple[str, ...]) -> Any: ...
+    def train(self, mode: bool) -> None: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Turns a base model into an inventory and an Engine."""
+
+    name: str
+    capabilities: Capabilities
+
+    def accepts(self, model: Any) -> bool: ...
+    def inventory(self, model: Any, **options: Any) -> ModelInfo: ...
+    def create(self, model: Any, info: ModelInfo, **options: Any) -> Engine: ...
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """An installed backend, known before it is imported."""
+
+    name: str
+    target: str
+    capabilities: Capabilities | None = None
+    available: bool = True
+    reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _entry_points() -> dict[str, str]:
+    found = dict(BUILTIN_BACKENDS)
+    try:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            found[ep.name] = ep.value
+    except Exception:  # a broken distribution must not hide the built-in backends
+        pass
+    return found
+
+
+def _backend_class(target: str) -> type:
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def backends() -> dict[str, BackendEntry]:
+    """Installed backends and their Capabilities; the heavy libraries are not imported."""
+    entries = {}
+    for name, target in _entry_points().items():
+        try:
+            cls = _backend_class(target)
+            caps: Capabilities = cls.capabilities
+            missing = [m for m in caps.requires if importlib.util.find_spec(m) is None]
+            reason = f"needs {', '.join(missing)} (not installed)" if missing else ""
+            entries[name] = BackendEntry(name, target, caps, not missing, reason)
+        except Exception as exc:
+            entries[name] = BackendEntry(name, target, None, False, f"failed to load: {exc}")
+    return entries
+
+
+_INSTANCES: dict[str, Backend] = {}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``, created on first use."""
+    if name not in _INSTANCES:
+        entry = backends().get(name)
+        if entry is None:
+            raise BackendError(f"no backend named {name!r}; installed: {', '.join(backends())}")
+        if not entry.available:
+            raise BackendError(f"backend {name!r} is unavailable: {entry.reason}")
+        _INSTANCES[name] = _backend_class(entry.target)()
+    return _INSTANCES[name]
+
+
+def backend_for(model: Any) -> Backend:
+    """The first available backend whose ``accepts`` takes ``model``."""
+    for name, entry in backends().items():
+        if entry.available:
+            backend = get_backend(name)
+            if backend.accepts(model):
+                return backend
+    raise BackendError(
+        f"no installed backend accepts a {type(model).__module__}.{type(model).__name__}; "
+        "pass a torch nn.Module, an mlx.nn.Module, or a mapping of names to NumPy arrays"
+    )

@@ -1,0 +1,157 @@
+"""HF PEFT's on-disk format: ``adapter_config.json`` + ``adapter_model.safetensors``, one folder per adapter.
+
+File keys are ``base_model.model.<module>.<tensor>`` (the adapter name removed), shared tensors such as VeRA's
+projections are ``base_model.<name>``, and prompt learning stores one ``prompt_embeddings`` table. The default
+adapter lives in the folder itself, any other adapter ``X`` in ``<folder>/X/``. Configs are written with every
+field and sorted keys; tensor metadata is exactly ``{"format": "pt"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peftdecl.errors import AdapterFileError
+from peftdecl.formats.atomic import atomic_write_text, staged_directory
+from peftdecl.formats.safetensors_io import read_safetensors, write_safetensors
+from peftdecl.plan.ir import Plan
+from peftdecl.spec import SpecBase, load_spec
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+MODEL_PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."
+DEFAULT_ADAPTER = "default"
+HF_PEFT_FORMAT_VERSION = "0.21.2"
+"""The HF PEFT release whose file format this module writes (recorded as ``peft_version`` when unset)."""
+
+# Tensor-name fragments that identify an adapter kind, to explain a config/tensor mismatch.
+KIND_MARKERS: dict[str, tuple[str, ...]] = {
+    "ADALORA": (".lora_E",),
+    "LORA": (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_magnitude_vector"),
+    "IA3": (".ia3_l",),
+    "LOHA": (".hada_",),
+    "LOKR": (".lokr_",),
+    "OFT": (".oft_R.",),
+    "BOFT": (".boft_R", ".boft_s"),
+    "VERA": (".vera_lambda_", "vera_A"),
+    "PROMPT_TUNING": ("prompt_embeddings",),
+    "PREFIX_TUNING": ("prompt_embeddings",),
+}
+
+
+def is_hf_adapter_dir(path: Path) -> bool:
+    """True if ``path`` holds an HF PEFT adapter config."""
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def adapter_dir(directory: Path, name: str) -> Path:
+    """Where adapter ``name`` lives inside a saved folder."""
+    return Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / name
+
+
+def file_key(plan: Plan, key: str) -> str:
+    """IR key -> HF file key."""
+    if plan.prompt is not None:
+        return key
+    if key in {p.name for p in plan.shared}:
+        return SHARED_PREFIX + key
+    return MODEL_PREFIX + key
+
+
+def ir_key(plan_shared: set[str], key: str) -> str:
+    """HF file key -> IR key (files written without a PeftModel lack the prefix; both are accepted)."""
+    if key.startswith(MODEL_PREFIX):
+        return key[len(MODEL_PREFIX) :]
+    if key.startswith(SHARED_PREFIX) and key[len(SHARED_PREFIX) :] in plan_shared:
+        return key[len(SHARED_PREFIX) :]
+    return key
+
+
+def config_dict(plan: Plan, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``adapter_config.json`` content PEFT would write for this plan."""
+    config = plan.spec.to_dict()
+    config["inference_mode"] = True
+    if config.get("peft_version") is None:
+        config["peft_version"] = HF_PEFT_FORMAT_VERSION
+    target = getattr(plan.spec, "target_modules", None)
+    if isinstance(target, str) and target.lower() == "all-linear":
+        # PEFT saves the expanded set of module names rather than the shorthand
+        config["target_modules"] = sorted(plan.targets)
+    if extra:
+        config.update(extra)
+    config.pop("runtime_config", None)
+    return config
+
+
+def write_adapter(
+    folder: Path,
+    plan: Plan,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    dtype: Any = np.float32,
+    extra_config: Mapping[str, Any] | None = None,
+) -> None:
+    """Write one adapter's config and tensors into ``folder`` (both files replaced atomically)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {file_key(plan, k): np.asarray(v).astype(dtype) for k, v in arrays.items()}
+    write_safetensors(folder / WEIGHTS_NAME, tensors, {"format": "pt"})
+    text = json.dumps(config_dict(plan, extra_config), indent=2, sort_keys=True)
+    atomic_write_text(folder / CONFIG_NAME, text)
+
+
+def write_adapters(
+    directory: Path,
+    adapters: Mapping[str, tuple[Plan, Mapping[str, np.ndarray], Mapping[str, Any] | None]],
+    *,
+    dtype: Any = np.float32,
+) -> None:
+    """Save several adapters PEFT-style; everything is staged first so a failure leaves ``directory`` as it was."""
+    with staged_directory(Path(directory)) as stage:
+        for name, (plan, arrays, extra) in adapters.items():
+            write_adapter(adapter_dir(stage, name), plan, arrays, dtype=dtype, extra_config=extra)
+
+
+def read_adapter(folder: Path) -> tuple[SpecBase, dict[str, np.ndarray]]:
+    """The spec and the tensors (file keys) of one saved adapter folder."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterFileError(f"{folder}: no {CONFIG_NAME} (not an HF PEFT adapter folder)")
+    spec = load_spec(config_path)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise AdapterFileError(
+                f"{folder}: only adapter_model.bin (a pickle) is present; peftdecl reads safetensors only — "
+                "re-save with safe_serialization=True"
+            )
+        raise AdapterFileError(f"{folder}: no {WEIGHTS_NAME}")
+    tensors, _ = read_safetensors(weights)
+    check_kind(spec, tensors, weights)
+    return spec, tensors
+
+
+def check_kind(spec: SpecBase, tensors: Mapping[str, np.ndarray], origin: Path) -> None:
+    """Refuse a config whose ``peft_type`` the tensor names contradict."""
+    if not tensors:
+        raise AdapterFileError(f"{origin}: the file holds no tensors")
+    expected = KIND_MARKERS[spec.peft_type]
+    if any(marker in key for key in tensors for marker in expected):
+        return
+    seen = [kind for kind, markers in KIND_MARKERS.items() if any(m in k for k in tensors for m in markers)]
+    sample = ", ".join(sorted(tensors)[:3])
+    raise AdapterFileError(
+        f"{origin}: the config says {spec.peft_type} but the tensors ({sample}, ...) are "
+        f"{' or '.join(seen) if seen else 'of no known adapter kind'}"
+    )
+
+
+def to_ir_arrays(plan: Plan, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """File keys -> IR keys for a plan."""
+    shared = {p.name for p in plan.shared}
+    return {ir_key(shared, k): v for k, v in tensors.items()}

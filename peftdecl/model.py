@@ -1,0 +1,282 @@
+"""``AdaptedModel``: the backend-neutral handle returned by ``attach`` and ``load_adapter``.
+
+It owns the bookkeeping every backend shares — adapter names, specs, plans, the active set, saving and loading —
+and delegates arrays and arithmetic to the backend's Engine. Attributes it does not define are looked up on the
+engine, then on the base model, so the handle can be used where the base model was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peftdecl.backend import Backend, Engine
+from peftdecl.errors import AdapterFileError, PeftdeclError
+from peftdecl.formats import hf_peft
+from peftdecl.init import EXTERNAL_SOURCES, check_arrays, init_params
+from peftdecl.plan import ModelInfo, Plan, compile_plan
+from peftdecl.spec import SpecBase, load_spec
+
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+class AdaptedModel:
+    """A base model with named adapters attached through one backend."""
+
+    def __init__(self, backend: Backend, engine: Engine, info: ModelInfo, base_model: Any) -> None:
+        self._backend = backend
+        self._engine = engine
+        self._info = info
+        self._base_model = base_model
+        self._plans: dict[str, Plan] = {}
+        self._active: tuple[str, ...] = ()
+        self._merged: tuple[str, ...] = ()
+
+    # -- introspection -------------------------------------------------------------------------------------
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def base_model(self) -> Any:
+        return self._base_model
+
+    @property
+    def adapters(self) -> dict[str, Plan]:
+        """Adapter name -> its compiled plan."""
+        return dict(self._plans)
+
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        return self._active
+
+    @property
+    def merged_adapters(self) -> tuple[str, ...]:
+        return self._merged
+
+    def plan(self, name: str | None = None) -> Plan:
+        return self._plans[self._name(name)]
+
+    def spec(self, name: str | None = None) -> SpecBase:
+        return self.plan(name).spec
+
+    # -- adapters ------------------------------------------------------------------------------------------
+    def add_adapter(
+        self, name: str, spec: Any, *, seed: int = 0, activate: bool = False, arrays: Mapping[str, Any] | None = None
+    ) -> Plan:
+        """Compile ``spec`` for this model and attach it as ``name`` (initialised from ``seed`` unless ``arrays``)."""
+        if name in self._plans:
+            raise PeftdeclError(f"an adapter named {name!r} is already attached")
+        if name == "__base__":
+            raise PeftdeclError("'__base__' is reserved for rows without an adapter")
+        plan = compile_plan(load_spec(spec), self._info)
+        self._check_compatible(plan)
+        if arrays is None:
+            values = init_params(plan, seed, external=self._external_init(plan))
+        else:
+            values = {k: np.asarray(v) for k, v in arrays.items()}
+            check_arrays(plan, values, origin=f"adapter {name!r}")
+        self._engine.add(name, plan, values)
+        self._plans[name] = plan
+        if activate or not self._active:
+            self.set_adapter(name)
+        return plan
+
+    def load_adapter(self, directory: str | Path, name: str = "default", *, activate: bool = False) -> Plan:
+        """Read a saved adapter (HF PEFT layout) and attach it as ``name``."""
+        folder = Path(directory)
+        if name != "default" and not hf_peft.is_hf_adapter_dir(folder) and hf_peft.is_hf_adapter_dir(folder / name):
+            folder = folder / name
+        spec, tensors = hf_peft.read_adapter(folder)
+        plan = compile_plan(spec, self._info)
+        arrays = hf_peft.to_ir_arrays(plan, tensors)
+        base_overrides = {k: v for k, v in arrays.items() if self._is_base_override(plan, k)}
+        saved_modules = {k: v for k, v in arrays.items() if _module_of(k, plan.modules_to_save)}
+        adapter_arrays = {k: v for k, v in arrays.items() if k not in base_overrides and k not in saved_modules}
+        check_arrays(plan, adapter_arrays, origin=str(folder / hf_peft.WEIGHTS_NAME))
+        self._check_compatible(plan)
+        if name in self._plans:
+            raise PeftdeclError(f"an adapter named {name!r} is already attached")
+        if base_overrides:
+            self._engine.load_base_weights(base_overrides)
+        self._engine.add(name, plan, {**adapter_arrays, **saved_modules})
+        self._plans[name] = plan
+        if activate or not self._active:
+            self.set_adapter(name)
+        return plan
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Make ``names`` the active adapters (several: their contributions are combined as PEFT does)."""
+        wanted = (names,) if isinstance(names, str) else tuple(names)
+        for name in wanted:
+            self._name(name)
+        self._engine.set_active(wanted)
+        self._active = wanted
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter; merged adapters must be unmerged first."""
+        self._name(name)
+        if name in self._merged:
+            raise PeftdeclError(f"adapter {name!r} is merged; call unmerge() before deleting it")
+        self._engine.remove(name)
+        del self._plans[name]
+        self._active = tuple(n for n in self._active if n != name)
+        self._engine.set_active(self._active)
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Within the block the model computes as its base (merged adapters are unmerged first)."""
+        if self._merged:
+            self.unmerge()
+        self._engine.set_enabled(False)
+        try:
+            yield
+        finally:
+            self._engine.set_enabled(True)
+
+    # -- merging -------------------------------------------------------------------------------------------
+    def merge(self, names: str | Sequence[str] | None = None) -> None:
+        """Fold the adapters (default: the active ones) into the base weights."""
+        wanted = self._active if names is None else ((names,) if isinstance(names, str) else tuple(names))
+        for name in wanted:
+            if not self._plans[self._name(name)].layers and self._plans[name].prompt is not None:
+                raise PeftdeclError(f"adapter {name!r} is {self._plans[name].kind}, which cannot be merged")
+        todo = tuple(n for n in wanted if n not in self._merged)
+        self._engine.merge(todo)
+        self._merged += todo
+
+    def unmerge(self) -> None:
+        """Restore the base weights of every merged adapter."""
+        self._engine.unmerge()
+        self._merged = ()
+
+    def merge_and_unload(self) -> Any:
+        """The base model with the active adapters merged in and every adapter removed (same type as the base)."""
+        self.merge()
+        return self._engine.unload()
+
+    # -- saving --------------------------------------------------------------------------------------------
+    def state_dict(self, name: str | None = None) -> dict[str, np.ndarray]:
+        """Current adapter tensors of ``name`` (IR keys), as NumPy arrays."""
+        return self._engine.export(self._name(name))
+
+    def save(
+        self,
+        directory: str | Path,
+        format: str = "hf",
+        *,
+        adapters: Sequence[str] | None = None,
+        dtype: Any = np.float32,
+    ) -> None:
+        """Save adapters (default: all) PEFT-style: the default in ``directory``, others in sub-folders."""
+        if format != "hf":
+            raise PeftdeclError(f"unknown save format {format!r}; this version writes 'hf'")
+        names = tuple(adapters) if adapters is not None else tuple(self._plans)
+        payload = {}
+        for name in names:
+            plan = self._plans[self._name(name)]
+            arrays = {**self._engine.export(name), **self._embedding_copies(plan)}
+            payload[name] = (plan, arrays, None)
+        hf_peft.write_adapters(Path(directory), payload, dtype=dtype)
+
+    # -- running -------------------------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._engine.forward(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._engine.forward(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> AdaptedModel:
+        self._engine.train(mode)
+        return self
+
+    def eval(self) -> AdaptedModel:
+        return self.train(False)
+
+    def trainable_parameters(self) -> Any:
+        """Backend-native parameters of the active adapters (and their modules_to_save copies)."""
+        return self._engine.trainable_parameters(self._active)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        engine = self.__dict__.get("_engine")
+        if engine is not None and hasattr(engine, attr):
+            return getattr(engine, attr)
+        base = self.__dict__.get("_base_model")
+        if base is not None and hasattr(base, attr):
+            return getattr(base, attr)
+        raise AttributeError(f"{type(self).__name__} has no attribute {attr!r}")
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{n}={p.kind}" for n, p in self._plans.items())
+        return f"AdaptedModel(backend={self._backend.name}, adapters=[{kinds}], active={list(self._active)})"
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _name(self, name: str | None) -> str:
+        if name is None:
+            if len(self._active) != 1:
+                raise PeftdeclError(f"name an adapter; active adapters are {list(self._active)}")
+            return self._active[0]
+        if name not in self._plans:
+            raise PeftdeclError(f"no adapter named {name!r}; attached: {sorted(self._plans)}")
+        return name
+
+    def _check_compatible(self, plan: Plan) -> None:
+        caps = self._backend.capabilities
+        for layer in plan.layers:
+            reason = caps.why_not(layer.kind, layer.layer.type)
+            if reason:
+                raise PeftdeclError(f"{layer.module}: {reason}")
+        if plan.prompt is not None and caps.why_not(plan.kind):
+            raise PeftdeclError(caps.why_not(plan.kind) or "")
+
+    def _external_init(self, plan: Plan) -> Any:
+        def supply(key: str, spec: Any, drawn: Mapping[str, np.ndarray]) -> np.ndarray:
+            source = spec.init.arg("source")
+            module = key[: -len(spec.name) - 1]
+            if source not in EXTERNAL_SOURCES:
+                raise AdapterFileError(f"{key}: no initialiser registered for source {source!r}")
+            layer = plan.layer(module)
+            own = {p.name: drawn[layer.key(p.name)] for p in layer.params if layer.key(p.name) in drawn}
+            return EXTERNAL_SOURCES[source](self._engine.base_weight(module), layer, own)
+
+        return supply
+
+    def _is_base_override(self, plan: Plan, key: str) -> bool:
+        return key.endswith(".base_layer.weight") or (
+            key.endswith(".weight") and key[: -len(".weight")] in (self._info.word_embeddings, self._info.output_head)
+            and not _module_of(key, plan.modules_to_save)
+        )
+
+    def _embedding_copies(self, plan: Plan) -> dict[str, np.ndarray]:
+        # PEFT saves the full input/output embedding weights when an embedding-named module is targeted.
+        if not any(re.match(rf"(.*\.)?({'|'.join(EMBEDDING_LAYER_NAMES)})$", m) for m in plan.targets):
+            return {}
+        copies = {}
+        for module in (self._info.word_embeddings, self._info.output_head):
+            if module is None or module not in self._info.layers or _module_of(module + ".x", plan.modules_to_save):
+                continue
+            suffix = ".base_layer.weight" if module in plan.targets else ".weight"
+            copies[module + suffix] = self._engine.base_weight(module)
+        return copies
+
+
+def _module_of(key: str, modules: Sequence[str]) -> str | None:
+    for module in modules:
+        if key.startswith(module + "."):
+            return module
+    return None

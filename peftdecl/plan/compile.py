@@ -1,0 +1,55 @@
+"""``compile_plan``: spec + model inventory -> Plan. Pure and fast (no arrays are touched)."""
+
+from __future__ import annotations
+
+from peftdecl.errors import TargetError
+from peftdecl.plan.ir import ModelInfo, Plan
+from peftdecl.plan.kinds import KindLayout, registry
+from peftdecl.plan.targeting import select_targets
+from peftdecl.spec import SpecBase
+
+_LAYOUTS: dict[str, KindLayout] | None = None
+
+
+def layouts() -> dict[str, KindLayout]:
+    """Execution kind -> layout (cached)."""
+    global _LAYOUTS
+    if _LAYOUTS is None:
+        _LAYOUTS = registry()
+    return _LAYOUTS
+
+
+def compile_plan(spec: SpecBase, info: ModelInfo) -> Plan:
+    """Resolve targets, ranks, scalings and tensor layouts of ``spec`` on the model described by ``info``."""
+    kind = spec.kind
+    layout = layouts().get(kind)
+    if layout is None:
+        raise TargetError(f"adapter kind {kind!r} ({spec.peft_type}) has no execution layout in this peftdecl")
+    modules_to_save = _modules_to_save(spec, info)
+    if layout.build_prompt is not None:
+        prompt, shared = layout.build_prompt(spec, info)
+        return Plan(spec=spec, kind=kind, layers=(), shared=shared, modules_to_save=modules_to_save, prompt=prompt)
+    assert layout.build_layer is not None
+    layers = []
+    for name in select_targets(spec, info):
+        layer = info.layers[name]
+        if layer.type not in layout.layer_types:
+            raise TargetError(
+                f"{name} is a {layer.type} layer; {spec.peft_type} supports {', '.join(layout.layer_types)} only"
+            )
+        layers.append(layout.build_layer(spec, name, layer, info))
+    shared = layout.build_shared(spec, layers, info) if layout.build_shared else ()
+    return Plan(spec=spec, kind=kind, layers=tuple(layers), shared=shared, modules_to_save=modules_to_save)
+
+
+def _modules_to_save(spec: SpecBase, info: ModelInfo) -> tuple[str, ...]:
+    wanted = spec.modules_to_save
+    if not wanted:
+        return ()
+    # PEFT wraps every module whose name ends with an entry (a raw string suffix test, over-matching included);
+    # only the outermost match is kept, since a wrapped module's children are inside its copy.
+    found = [name for name in info.modules if any(name.endswith(entry) for entry in wanted)]
+    outer = tuple(n for n in found if not any(n != o and n.startswith(o + ".") for o in found))
+    if not outer:
+        raise TargetError(f"modules_to_save {list(wanted)} matched no module of the model")
+    return outer

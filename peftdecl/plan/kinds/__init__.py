@@ -1,0 +1,41 @@
+"""Per-kind layouts: which tensors each adapter kind puts on a layer, with HF PEFT's names, shapes and inits.
+
+A layout module exposes ``LAYOUT``, a :class:`KindLayout`. ``compile_plan`` looks layouts up by execution kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from peftdecl.plan.ir import LayerInfo, LayerPlan, ModelInfo, ParamSpec, PromptPlan
+
+
+@dataclass(frozen=True)
+class KindLayout:
+    """How one adapter kind is laid out on the layers it targets."""
+
+    kind: str
+    layer_types: tuple[str, ...]
+    """Layer types the kind can wrap (HF PEFT's support table)."""
+    build_layer: Callable[[Any, str, LayerInfo, ModelInfo], LayerPlan] | None = None
+    build_shared: Callable[[Any, Sequence[LayerPlan], ModelInfo], tuple[ParamSpec, ...]] | None = None
+    build_prompt: Callable[[Any, ModelInfo], tuple[PromptPlan, tuple[ParamSpec, ...]]] | None = None
+    mergeable: bool = True
+
+
+def registry() -> dict[str, KindLayout]:
+    """Execution kind -> layout, importing each layout module on first use."""
+    import importlib
+
+    layouts: dict[str, KindLayout] = {}
+    for module in _LAYOUT_MODULES:
+        mod = importlib.import_module(f"peftdecl.plan.kinds.{module}")
+        for layout in getattr(mod, "LAYOUTS", (mod.LAYOUT,) if hasattr(mod, "LAYOUT") else ()):
+            layouts[layout.kind] = layout
+    return layouts
+
+
+# Modules that define LAYOUT (one kind) or LAYOUTS (several); later issues append here.
+_LAYOUT_MODULES: list[str] = ["lora"]

@@ -1,0 +1,92 @@
+"""LoRA layout: A ∈ R^{r×in} and B ∈ R^{out×r} (conv: A a k×k conv to r channels, B a 1×1 conv), s = alpha/r."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from peftdecl.errors import TargetError
+from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec
+from peftdecl.plan.kinds import KindLayout
+from peftdecl.plan.targeting import pattern_value
+
+KAIMING_A = math.sqrt(5.0)
+
+
+def rank_and_alpha(spec: Any, module: str, alpha_field: str = "lora_alpha") -> tuple[int, float]:
+    """The layer's rank and alpha after ``rank_pattern`` / ``alpha_pattern``."""
+    r = int(pattern_value(spec.rank_pattern or {}, module, spec.r))
+    alpha = pattern_value(spec.alpha_pattern or {}, module, getattr(spec, alpha_field))
+    return r, alpha
+
+
+def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
+    """s = alpha / r, or alpha / √r with rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def linear_default_init(fan_in: int) -> Init:
+    """torch's nn.Linear / nn.ConvNd default weight init: Kaiming-uniform with a = √5, bound 1/√fan_in."""
+    return Init("kaiming_uniform", fan_in=fan_in, a=KAIMING_A)
+
+
+def build_lora_params(spec: Any, layer: LayerInfo, r: int) -> tuple[ParamSpec, ...]:
+    """HF PEFT's LoRA tensors for one layer, with its initialisation rules."""
+    init = spec.init_lora_weights
+    if layer.type == "embedding":
+        if init is False:
+            a_init, b_init = Init("normal", std=1.0), Init("normal", std=1.0)
+        else:
+            a_init, b_init = Init("zeros"), Init("normal", std=1.0)
+        return (
+            ParamSpec("lora_embedding_A", (r, layer.in_features), "trainable", a_init),
+            ParamSpec("lora_embedding_B", (layer.out_features, r), "trainable", b_init),
+        )
+    if layer.is_conv:
+        if layer.groups != 1:
+            raise TargetError("LoRA on a grouped convolution (groups > 1) is not supported by peftdecl")
+        a_shape = (r, layer.in_features, *layer.kernel_size)
+        b_shape = (layer.out_features, r, *(1,) * len(layer.kernel_size))
+        a_fan_in = layer.in_features * layer.kernel_numel
+    else:
+        a_shape, b_shape, a_fan_in = (r, layer.in_features), (layer.out_features, r), layer.in_features
+    if init is True:
+        a_init, b_init = linear_default_init(a_fan_in), Init("zeros")
+    elif init == "gaussian":
+        a_init, b_init = Init("normal", std=1.0 / r), Init("zeros")
+    else:
+        a_init, b_init = linear_default_init(a_fan_in), linear_default_init(r)
+    params = [
+        ParamSpec("lora_A.weight", a_shape, "trainable", a_init),
+        ParamSpec("lora_B.weight", b_shape, "trainable", b_init),
+    ]
+    if spec.lora_bias:
+        bias_init = Init("uniform", low=-1 / math.sqrt(r), high=1 / math.sqrt(r)) if init is False else Init("zeros")
+        params.append(ParamSpec("lora_B.bias", (layer.out_features,), "trainable", bias_init))
+    return tuple(params)
+
+
+def build_lora_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
+    """One LoRA layer: rank/alpha patterns, scaling and the A/B tensors."""
+    r, alpha = rank_and_alpha(spec, module)
+    return LayerPlan(
+        module=module,
+        layer=layer,
+        kind="lora",
+        params=build_lora_params(spec, layer, r),
+        r=r,
+        alpha=float(alpha),
+        scaling=lora_scaling(alpha, r, spec.use_rslora),
+        options={
+            "dropout": spec.lora_dropout,
+            "fan_in_fan_out": layer.type == "gpt2_conv1d" or spec.fan_in_fan_out,
+            "lora_bias": spec.lora_bias,
+        },
+    )
+
+
+LAYOUT = KindLayout(
+    kind="lora",
+    layer_types=("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d"),
+    build_layer=build_lora_layer,
+)

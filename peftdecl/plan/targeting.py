@@ -1,0 +1,155 @@
+"""Which layers an adapter wraps, reproducing HF PEFT's matching rules exactly.
+
+- list ``target_modules``: a module matches if its name equals an entry or ends with ``"." + entry``;
+- string ``target_modules``: a full-match regex; ``"all-linear"``: every linear layer but the output head;
+- ``exclude_modules`` and ``modules_to_save`` are checked first and always win;
+- ``layers_to_transform`` keeps suffix matches whose first numbered path segment (or the number after
+  ``layers_pattern``) is listed; an exact-name match ignores it, as in PEFT.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from peftdecl.errors import TargetError
+from peftdecl.plan.ir import ModelInfo
+
+ALL_LINEAR = "all-linear"
+
+# HF PEFT's per-architecture defaults when target_modules is null (a subset: the common decoder/encoder families).
+_QV = ("q_proj", "v_proj")
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": _QV,
+    "mistral": _QV,
+    "mixtral": _QV,
+    "qwen2": _QV,
+    "qwen3": _QV,
+    "gemma": _QV,
+    "gemma2": _QV,
+    "phi3": ("qkv_proj",),
+    "gpt2": ("c_attn",),
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "t5": ("q", "v"),
+    "opt": _QV,
+}
+IA3_DEFAULT_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # model type -> (targets, feed-forward targets)
+    "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "mistral": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+    "bert": (("key", "value", "output.dense"), ("output.dense",)),
+    "t5": (("k", "v", "wo"), ("wo",)),
+}
+
+
+def matches_list(key: str, names: Iterable[str]) -> bool:
+    """PEFT's list rule: exact name or ``.``-suffix."""
+    return any(key == name or key.endswith(f".{name}") for name in names)
+
+
+def matches_selector(key: str, selector: str | Sequence[str]) -> bool:
+    """A string selector is a full-match regex, a list uses :func:`matches_list`."""
+    if isinstance(selector, str):
+        return re.fullmatch(selector, key) is not None
+    return matches_list(key, selector)
+
+
+def is_module_to_save(key: str, modules_to_save: Sequence[str] | None) -> bool:
+    """PEFT never targets a module inside or equal to a ``modules_to_save`` entry."""
+    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save)
+
+
+def layer_index(key: str, layers_pattern: str | Sequence[str] | None) -> int | None:
+    """The transformer-block index of a module name, or None."""
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        found = None
+        for pattern in patterns:
+            found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if found:
+                break
+    return int(found.group("idx")) if found else None
+
+
+def resolve_target_modules(spec: Any, info: ModelInfo) -> str | tuple[str, ...]:
+    """The spec's ``target_modules`` with ``all-linear`` and null replaced as PEFT does before matching."""
+    targets = spec.target_modules
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        linear = [name for name, layer in info.layers.items() if layer.type in ("linear", "gpt2_conv1d")]
+        return tuple(name for name in linear if name != info.output_head)
+    if targets is None:
+        table = {k: v[0] for k, v in IA3_DEFAULT_TARGETS.items()} if spec.peft_type == "IA3" else DEFAULT_TARGETS
+        if info.model_type not in table:
+            raise TargetError(
+                f"target_modules is null and there is no default for model type {info.model_type!r}; "
+                f"list the modules to adapt (known defaults: {', '.join(sorted(table))})"
+            )
+        return table[info.model_type]
+    return targets
+
+
+def is_targeted(key: str, spec: Any, targets: str | Sequence[str]) -> bool:
+    """PEFT's ``check_target_module_exists`` for one module name."""
+    exclude = getattr(spec, "exclude_modules", None)
+    if exclude and matches_selector(key, exclude):
+        return False
+    if is_module_to_save(key, spec.modules_to_save):
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    if not any(key.endswith(f".{t}") for t in targets):
+        return False
+    wanted = getattr(spec, "layers_to_transform", None)
+    if wanted is None or (isinstance(wanted, tuple) and not wanted):
+        return True
+    index = layer_index(key, getattr(spec, "layers_pattern", None))
+    if index is None:
+        return False
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def select_targets(spec: Any, info: ModelInfo) -> list[str]:
+    """Names of the adaptable layers the spec wraps, in model order; errors if none or if a non-layer matches."""
+    targets = resolve_target_modules(spec, info)
+    chosen = [name for name in info.modules if is_targeted(name, spec, targets)]
+    not_layers = [name for name in chosen if name not in info.layers]
+    if not_layers:
+        raise TargetError(
+            f"target_modules selects {', '.join(not_layers[:5])}, which "
+            f"{'is not a layer' if len(not_layers) == 1 else 'are not layers'} peftdecl can adapt "
+            "(Linear, Embedding, Conv1d, Conv2d, GPT-2 Conv1D)"
+        )
+    if not chosen:
+        raise TargetError(_nothing_matched(spec, targets, info))
+    return chosen
+
+
+def _nothing_matched(spec: Any, targets: str | Sequence[str], info: ModelInfo) -> str:
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in info.layers})
+    close: list[str] = []
+    for target in wanted:
+        close += difflib.get_close_matches(target.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.5)
+    hint = f"; closest module names: {', '.join(dict.fromkeys(close))}" if close else ""
+    sample = ", ".join(list(info.layers)[:6])
+    return (
+        f"target_modules {wanted} matched no layer of the model{hint} "
+        f"(adaptable layers include: {sample}{', ...' if len(info.layers) > 6 else ''})"
+    )
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """``rank_pattern``/``alpha_pattern`` lookup: the first key (in order) whose regex matches a suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default

@@ -1,0 +1,137 @@
+"""JSON Schemas generated from the spec Structs; ``python -m peftdecl.schema --check`` fails when schemas/ is stale.
+
+The checked-in files under ``schemas/`` are the published contract; validation at load time uses the same
+schemas, generated in memory, so the two can never disagree once ``--check`` passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from peftdecl.spec import SPEC_TYPES, SpecBase
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+SCHEMA_BASE_URL = "https://peftdecl.dev/schemas/0.1/"
+UNION_FILE = "adapter.schema.json"
+
+
+def schema_file_name(peft_type: str) -> str:
+    """File name of one kind's schema, e.g. ``lora.schema.json``."""
+    return f"{peft_type.lower()}.schema.json"
+
+
+@functools.cache
+def kind_schema(peft_type: str) -> dict[str, Any]:
+    """The self-contained JSON Schema of one adapter kind."""
+    cls: type[SpecBase] = SPEC_TYPES[peft_type]
+    generated = msgspec.json.schema(cls)
+    defs = generated["$defs"]
+    body = defs.pop(cls.__name__)
+    body["properties"]["peft_type"] = {"const": peft_type, "description": "The adapter kind (HF PEFT's name)."}
+    body["properties"] = dict(sorted(body["properties"].items(), key=lambda kv: kv[0] != "peft_type"))
+    body["title"] = f"{peft_type} adapter spec"
+    body["description"] = (cls.__doc__ or "").strip().splitlines()[0]
+    unsupported = sorted(cls.UNSUPPORTED)
+    if unsupported:
+        body["x-unsupported"] = unsupported
+    schema = {"$schema": SCHEMA_DIALECT, "$id": SCHEMA_BASE_URL + schema_file_name(peft_type), **body}
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+@functools.cache
+def union_schema() -> dict[str, Any]:
+    """A schema accepting any adapter kind, dispatched on ``peft_type``."""
+    defs = {peft_type: _without_meta(kind_schema(peft_type)) for peft_type in SPEC_TYPES}
+    branches = [
+        {"if": {"properties": {"peft_type": {"const": t}}, "required": ["peft_type"]}, "then": {"$ref": f"#/$defs/{t}"}}
+        for t in SPEC_TYPES
+    ]
+    return {
+        "$schema": SCHEMA_DIALECT,
+        "$id": SCHEMA_BASE_URL + UNION_FILE,
+        "title": "peftdecl adapter spec",
+        "description": "Any adapter spec; peft_type selects the kind.",
+        "type": "object",
+        "required": ["peft_type"],
+        "properties": {"peft_type": {"enum": list(SPEC_TYPES)}},
+        "allOf": branches,
+        "$defs": defs,
+    }
+
+
+def _without_meta(schema: dict[str, Any]) -> dict[str, Any]:
+    body = {k: v for k, v in schema.items() if k not in ("$schema", "$id")}
+    # nested $defs of a kind are rare (none today); refuse rather than mis-resolve references
+    if "$defs" in body:
+        raise RuntimeError("kind schemas with $defs cannot be embedded in the union schema")
+    return body
+
+
+def render_all() -> dict[str, str]:
+    """File name -> file text for every schema file."""
+    files = {schema_file_name(t): kind_schema(t) for t in SPEC_TYPES}
+    files[UNION_FILE] = union_schema()
+    return {name: json.dumps(schema, indent=2, ensure_ascii=False) + "\n" for name, schema in files.items()}
+
+
+def default_dir() -> Path:
+    """The repository's ``schemas/`` folder."""
+    return Path(__file__).resolve().parent.parent / "schemas"
+
+
+def write(out_dir: Path) -> list[Path]:
+    """Write every schema file into ``out_dir`` (atomically, one file at a time)."""
+    from peftdecl.formats.atomic import atomic_write_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in render_all().items():
+        atomic_write_text(out_dir / name, text)
+        written.append(out_dir / name)
+    return written
+
+
+def stale_files(schema_dir: Path) -> list[str]:
+    """Names of schema files that are missing, different, or no longer generated."""
+    expected = render_all()
+    problems = [name for name, text in expected.items() if _read(schema_dir / name) != text]
+    if schema_dir.is_dir():
+        problems += [p.name for p in schema_dir.glob("*.schema.json") if p.name not in expected]
+    return sorted(problems)
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m peftdecl.schema`` and ``peftdecl schema``."""
+    parser = argparse.ArgumentParser(prog="peftdecl schema", description="Generate or check the JSON Schemas.")
+    parser.add_argument("--out", type=Path, default=None, help="folder to write (default: the repo's schemas/)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the folder is stale")
+    args = parser.parse_args(argv)
+    target = args.out or default_dir()
+    if args.check:
+        stale = stale_files(target)
+        if stale:
+            print(f"schemas in {target} are stale: {', '.join(stale)}", file=sys.stderr)
+            print("regenerate with: python -m peftdecl.schema", file=sys.stderr)
+            return 1
+        print(f"schemas in {target} are up to date ({len(render_all())} files)")
+        return 0
+    for path in write(target):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

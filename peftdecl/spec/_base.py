@@ -1,0 +1,155 @@
+"""Fields and checks shared by every adapter spec.
+
+A spec is a frozen msgspec Struct whose field names and defaults are HF PEFT's, tagged by ``peft_type``.
+Fields that HF PEFT has but peftdecl does not implement are declared in ``UNSUPPORTED``: they are accepted at
+their default (PEFT writes every field into ``adapter_config.json``) and rejected with a clear message otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+from collections.abc import Iterator
+from typing import Annotated, Any, ClassVar, Literal
+
+import msgspec
+from msgspec import Meta
+
+from peftdecl.errors import SpecError
+
+TaskType = Literal["SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"]
+
+TargetModules = Annotated[
+    str | tuple[str, ...] | None,
+    Meta(
+        description="Modules to adapt: a list matches by exact name or '.'-suffix, a string is a full-match regex, "
+        "'all-linear' selects every linear layer except the output head; null uses the model type's default."
+    ),
+]
+ExcludeModules = Annotated[
+    str | tuple[str, ...] | None,
+    Meta(description="Modules never adapted: a list matches by exact name or '.'-suffix, a string by full regex."),
+]
+LayersToTransform = Annotated[
+    int | tuple[int, ...] | None,
+    Meta(description="Only adapt modules inside these layer indices (needs a list target_modules)."),
+]
+LayersPattern = Annotated[
+    str | tuple[str, ...] | None,
+    Meta(description="Name of the layer container before the index (e.g. 'layers'); needs layers_to_transform."),
+]
+ModulesToSave = Annotated[
+    tuple[str, ...] | None,
+    Meta(description="Modules trained in full and saved beside the adapter (e.g. a classification head)."),
+]
+Probability = Annotated[float, Meta(ge=0.0, lt=1.0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+RankPattern = Annotated[
+    dict[str, int], Meta(description="Per-module rank: the first key that matches a module's '.'-suffix wins.")
+]
+AlphaPattern = Annotated[
+    dict[str, int | float], Meta(description="Per-module alpha: the first key that matches a module's '.'-suffix wins.")
+]
+
+
+_DEFER_CHECKS = contextvars.ContextVar("peftdecl_defer_spec_checks", default=False)
+
+
+@contextlib.contextmanager
+def deferred_checks() -> Iterator[None]:
+    """Skip construction-time checks, so a loader can report them itself with their JSON paths."""
+    token = _DEFER_CHECKS.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_CHECKS.reset(token)
+
+
+class SpecBase(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="peft_type", omit_defaults=False
+):
+    """Fields every HF PEFT config carries; subclasses add the kind's own."""
+
+    task_type: TaskType | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    auto_mapping: dict[str, Any] | None = None
+    peft_version: str | None = None
+    modules_to_save: ModulesToSave = None
+
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {}
+    """Field name -> the only value peftdecl accepts (HF PEFT's default)."""
+
+    def __post_init__(self) -> None:
+        if _DEFER_CHECKS.get():
+            return
+        problems = self.problems()
+        if problems:
+            raise SpecError(problems)
+
+    @property
+    def peft_type(self) -> str:
+        """HF PEFT's name of this adapter kind, e.g. ``"LORA"``."""
+        return type(self).__struct_config__.tag  # type: ignore[return-value]
+
+    @property
+    def kind(self) -> str:
+        """peftdecl's execution kind: the lower-case peft_type, with LoRA + use_dora reported as ``"dora"``."""
+        return self.peft_type.lower()
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Every cross-field and unsupported-value problem, as ``(json_path, message)`` pairs."""
+        found = []
+        for name, accepted in self.UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value != accepted and not (accepted == {} and value is None):
+                found.append(
+                    (f"$.{name}", f"not supported by peftdecl; only the default {_show(accepted)} is accepted")
+                )
+        found.extend(self.cross_field_problems())
+        return found
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        """Kind-specific consistency checks; subclasses extend."""
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready, with ``peft_type`` included (as HF PEFT writes a config)."""
+        return msgspec.to_builtins(self)
+
+    def replace(self, **changes: Any) -> SpecBase:
+        """A copy with ``changes`` applied and checked again."""
+        return msgspec.structs.replace(self, **changes)
+
+
+def _show(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+def targeting_problems(spec: Any) -> list[tuple[str, str]]:
+    """HF PEFT's rules tying ``layers_to_transform``, ``layers_pattern`` and a regex ``target_modules``."""
+    found = []
+    layers_to_transform = getattr(spec, "layers_to_transform", None)
+    layers_pattern = getattr(spec, "layers_pattern", None)
+    if isinstance(spec.target_modules, str):
+        if layers_to_transform is not None:
+            found.append(
+                ("$.layers_to_transform", "cannot be used when target_modules is a regex string; use a list")
+            )
+        if layers_pattern is not None:
+            found.append(("$.layers_pattern", "cannot be used when target_modules is a regex string; use a list"))
+        try:
+            re.compile(spec.target_modules)
+        except re.error as exc:
+            found.append(("$.target_modules", f"is not a valid regular expression: {exc}"))
+    if layers_pattern is not None and layers_to_transform is None:
+        found.append(("$.layers_pattern", "needs layers_to_transform to be set"))
+    exclude = getattr(spec, "exclude_modules", None)
+    if isinstance(exclude, str):
+        try:
+            re.compile(exclude)
+        except re.error as exc:
+            found.append(("$.exclude_modules", f"is not a valid regular expression: {exc}"))
+    return found

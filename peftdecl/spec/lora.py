@@ -1,0 +1,118 @@
+"""LoRA (and DoRA through ``use_dora``): y = W x + s · B A dropout(x), s = alpha / r (alpha / √r with rsLoRA)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from msgspec import Meta
+
+from peftdecl.spec._base import (
+    AlphaPattern,
+    ExcludeModules,
+    LayersPattern,
+    LayersToTransform,
+    PositiveInt,
+    Probability,
+    RankPattern,
+    SpecBase,
+    TargetModules,
+    targeting_problems,
+)
+
+# init_lora_weights values HF PEFT knows; the data-dependent ones modify the base model and are not implemented.
+LORA_INITS_SUPPORTED = (True, False, "gaussian")
+LORA_INITS_KNOWN = ("eva", "olora", "pissa", "corda", "loftq", "lora_ga", "orthogonal", "mica")
+
+
+class LoraSpec(SpecBase, tag="LORA"):
+    """Low-rank adaptation: ΔW = s · B A with A ∈ R^{r×in}, B ∈ R^{out×r}."""
+
+    r: Annotated[PositiveInt, Meta(description="Rank of the update.")] = 8
+    target_modules: TargetModules = None
+    exclude_modules: ExcludeModules = None
+    lora_alpha: Annotated[int | float, Meta(description="Scale numerator: s = lora_alpha / r.")] = 8
+    lora_dropout: Annotated[Probability, Meta(description="Dropout on the adapter's input, training only.")] = 0.0
+    fan_in_fan_out: Annotated[
+        bool, Meta(description="The base weight is stored [in, out] (GPT-2 Conv1D); set automatically there.")
+    ] = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: Annotated[bool, Meta(description="Rank-stabilised scale s = lora_alpha / sqrt(r).")] = False
+    init_lora_weights: Annotated[
+        bool | str,
+        Meta(description="true: A Kaiming-uniform, B zero (a no-op); 'gaussian': A ~ N(0, 1/r); false: both random."),
+    ] = True
+    layers_to_transform: LayersToTransform = None
+    layers_pattern: LayersPattern = None
+    rank_pattern: RankPattern = {}
+    alpha_pattern: AlphaPattern = {}
+    use_dora: Annotated[
+        bool, Meta(description="Weight-decomposed LoRA: a learned magnitude per output row times the direction.")
+    ] = False
+    lora_bias: Annotated[bool, Meta(description="Give lora_B a trainable bias.")] = False
+    # HF PEFT fields peftdecl does not implement; accepted only at their default.
+    megatron_config: dict[str, Any] | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: Any = None
+    loftq_config: dict[str, Any] = {}
+    eva_config: dict[str, Any] | None = None
+    corda_config: dict[str, Any] | None = None
+    lora_ga_config: dict[str, Any] | None = None
+    velora_config: dict[str, Any] | None = None
+    alora_invocation_tokens: tuple[int, ...] | None = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: dict[str, Any] | None = None
+    layer_replication: tuple[tuple[int, int], ...] | None = None
+    runtime_config: dict[str, Any] | None = None
+    target_parameters: tuple[str, ...] | None = None
+    use_bdlora: dict[str, Any] | None = None
+    arrow_config: dict[str, Any] | None = None
+    kasa_config: dict[str, Any] | None = None
+    ensure_weight_tying: bool = False
+
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        "bias": "none",
+        "megatron_config": None,
+        "trainable_token_indices": None,
+        "loftq_config": {},
+        "eva_config": None,
+        "corda_config": None,
+        "lora_ga_config": None,
+        "velora_config": None,
+        "alora_invocation_tokens": None,
+        "use_qalora": False,
+        "monteclora_config": None,
+        "layer_replication": None,
+        "target_parameters": None,
+        "use_bdlora": None,
+        "arrow_config": None,
+        "kasa_config": None,
+        "ensure_weight_tying": False,
+    }
+
+    @property
+    def kind(self) -> str:
+        return "dora" if self.use_dora else "lora"
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        found = targeting_problems(self)
+        init = self.init_lora_weights
+        if init not in LORA_INITS_SUPPORTED:
+            name = str(init)
+            known = name in LORA_INITS_KNOWN or name.startswith("pissa_niter_")
+            found.append(
+                (
+                    "$.init_lora_weights",
+                    f"{name!r} is not supported by peftdecl (supported: true, false, 'gaussian')"
+                    if known
+                    else f"unknown initialisation {name!r}; expected true, false or 'gaussian'",
+                )
+            )
+        if self.lora_bias and self.use_dora:
+            found.append(("$.lora_bias", "cannot be combined with use_dora"))
+        if self.lora_bias and init not in (True, False):
+            found.append(("$.lora_bias", "needs init_lora_weights to be true or false"))
+        for key, rank in (self.rank_pattern or {}).items():
+            if isinstance(rank, int) and rank < 1:
+                found.append((f"$.rank_pattern.{key}", f"rank must be >= 1, got {rank}"))
+        return found

@@ -1,0 +1,54 @@
+"""LoHa and LoKr (the LyCORIS family): ΔW = (w1a w1b) ⊙ (w2a w2b) · alpha/r, or kron(w1, w2) · alpha/r."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from msgspec import Meta
+
+from peftdecl.spec._base import (
+    AlphaPattern,
+    ExcludeModules,
+    LayersPattern,
+    LayersToTransform,
+    PositiveInt,
+    Probability,
+    RankPattern,
+    SpecBase,
+    TargetModules,
+    targeting_problems,
+)
+
+
+class LoHaSpec(SpecBase, tag="LOHA"):
+    """Low-rank Hadamard product: ΔW = ((w1a · w1b) ⊙ (w2a · w2b)) · alpha / r."""
+
+    rank_pattern: RankPattern = {}
+    alpha_pattern: AlphaPattern = {}
+    r: PositiveInt = 8
+    alpha: int | float = 8
+    rank_dropout: Annotated[Probability, Meta(description="Drops rows of ΔW while training.")] = 0.0
+    module_dropout: Annotated[Probability, Meta(description="Skips the whole adapter while training.")] = 0.0
+    use_effective_conv2d: Annotated[
+        bool, Meta(description="Conv kernels > 1 use CP-decomposed tensors (hada_t1, hada_t2).")
+    ] = False
+    target_modules: TargetModules = None
+    exclude_modules: ExcludeModules = None
+    init_weights: Annotated[bool, Meta(description="true: w2b = 0 (a no-op); false: all random.")] = True
+    layers_to_transform: LayersToTransform = None
+    layers_pattern: LayersPattern = None
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        return targeting_problems(self)
+
+
+class LoKrSpec(LoHaSpec, tag="LOKR"):
+    """Low-rank Kronecker product: ΔW = kron(w1, w2) · alpha / r, each factor full or low-rank."""
+
+    decompose_both: Annotated[bool, Meta(description="Also factor w1 = w1_a w1_b when r is small enough.")] = False
+    decompose_factor: Annotated[int, Meta(description="Preferred first factor of each dimension; -1: near √dim.")] = -1
+    rank_dropout_scale: Annotated[bool, Meta(description="Renormalise the rank-dropout mask by its mean.")] = False
+    init_weights: Annotated[
+        bool | Literal["lycoris"],
+        Meta(description="true: w1 = 0; 'lycoris': w2 = 0; false: all random."),
+    ] = True
