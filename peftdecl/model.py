@@ -98,8 +98,8 @@ class AdaptedModel:
     def load_adapter(self, directory: str | Path, name: str = "default", *, activate: bool = False) -> Plan:
         """Read a saved adapter (HF PEFT layout) and attach it as ``name``."""
         folder = Path(directory)
-        if name != "default" and not hf_peft.is_hf_adapter_dir(folder) and hf_peft.is_hf_adapter_dir(folder / name):
-            folder = folder / name
+        if name != hf_peft.DEFAULT_ADAPTER and hf_peft.is_hf_adapter_dir(folder / name):
+            folder = folder / name  # PEFT saves a non-default adapter in a sub-folder named after it
         spec, tensors = hf_peft.read_adapter(folder)
         plan = compile_plan(spec, self._info)
         arrays = hf_peft.to_ir_arrays(plan, tensors)
@@ -190,7 +190,7 @@ class AdaptedModel:
             plan = self._plans[self._name(name)]
             arrays = {**self._engine.export(name), **self._embedding_copies(plan)}
             payload[name] = (plan, arrays, None)
-        hf_peft.write_adapters(Path(directory), payload, dtype=dtype)
+        hf_peft.write_adapters(Path(directory), payload, dtype=dtype, model_class=self._info.model_class)
 
     # -- running -------------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -263,16 +263,12 @@ class AdaptedModel:
         )
 
     def _embedding_copies(self, plan: Plan) -> dict[str, np.ndarray]:
-        # PEFT saves the full input/output embedding weights when an embedding-named module is targeted.
+        # When an embedding-named module is targeted, PEFT also saves the base weight of each targeted
+        # input/output embedding, as <module>.base_layer.weight.
         if not any(re.match(rf"(.*\.)?({'|'.join(EMBEDDING_LAYER_NAMES)})$", m) for m in plan.targets):
             return {}
-        copies = {}
-        for module in (self._info.word_embeddings, self._info.output_head):
-            if module is None or module not in self._info.layers or _module_of(module + ".x", plan.modules_to_save):
-                continue
-            suffix = ".base_layer.weight" if module in plan.targets else ".weight"
-            copies[module + suffix] = self._engine.base_weight(module)
-        return copies
+        wanted = (self._info.word_embeddings, self._info.output_head)
+        return {f"{m}.base_layer.weight": self._engine.base_weight(m) for m in wanted if m in plan.targets}
 
 
 def _module_of(key: str, modules: Sequence[str]) -> str | None:

@@ -71,7 +71,7 @@ def conv_backward(
     for offset, slices in windows:
         index = (slice(None), slice(None), *slices)
         patch = xp[index].reshape(n, groups, cg, *out)
-        dw[(..., *offset)] = np.einsum("ngo...,ngc...->goc", dyg, patch)
+        dw[(..., *offset)] = np.einsum("ngop,ngcp->goc", dyg.reshape(*dyg.shape[:3], -1), patch.reshape(*patch.shape[:3], -1))
         if dxp is not None:
             dxp[index] += np.einsum("ngo...,goc->ngc...", dyg, wg[(..., *offset)]).reshape(n, groups * cg, *out)
     dx = None

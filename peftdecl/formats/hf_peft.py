@@ -72,10 +72,14 @@ def ir_key(plan_shared: set[str], key: str) -> str:
     return key
 
 
-def config_dict(plan: Plan, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def config_dict(
+    plan: Plan, extra: Mapping[str, Any] | None = None, model_class: tuple[str, str] | None = None
+) -> dict[str, Any]:
     """The ``adapter_config.json`` content PEFT would write for this plan."""
     config = plan.spec.to_dict()
     config["inference_mode"] = True
+    if config.get("task_type") is None and config.get("auto_mapping") is None and model_class is not None:
+        config["auto_mapping"] = {"base_model_class": model_class[0], "parent_library": model_class[1]}
     if config.get("peft_version") is None:
         config["peft_version"] = HF_PEFT_FORMAT_VERSION
     target = getattr(plan.spec, "target_modules", None)
@@ -95,12 +99,13 @@ def write_adapter(
     *,
     dtype: Any = np.float32,
     extra_config: Mapping[str, Any] | None = None,
+    model_class: tuple[str, str] | None = None,
 ) -> None:
     """Write one adapter's config and tensors into ``folder`` (both files replaced atomically)."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {file_key(plan, k): np.asarray(v).astype(dtype) for k, v in arrays.items()}
     write_safetensors(folder / WEIGHTS_NAME, tensors, {"format": "pt"})
-    text = json.dumps(config_dict(plan, extra_config), indent=2, sort_keys=True)
+    text = json.dumps(config_dict(plan, extra_config, model_class), indent=2, sort_keys=True)
     atomic_write_text(folder / CONFIG_NAME, text)
 
 
@@ -109,11 +114,13 @@ def write_adapters(
     adapters: Mapping[str, tuple[Plan, Mapping[str, np.ndarray], Mapping[str, Any] | None]],
     *,
     dtype: Any = np.float32,
+    model_class: tuple[str, str] | None = None,
 ) -> None:
     """Save several adapters PEFT-style; everything is staged first so a failure leaves ``directory`` as it was."""
     with staged_directory(Path(directory)) as stage:
         for name, (plan, arrays, extra) in adapters.items():
-            write_adapter(adapter_dir(stage, name), plan, arrays, dtype=dtype, extra_config=extra)
+            folder = adapter_dir(stage, name)
+            write_adapter(folder, plan, arrays, dtype=dtype, extra_config=extra, model_class=model_class)
 
 
 def read_adapter(folder: Path) -> tuple[SpecBase, dict[str, np.ndarray]]:

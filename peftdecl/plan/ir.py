@@ -72,6 +72,8 @@ class ModelInfo:
     is_encoder_decoder: bool = False
     word_embeddings: str | None = None
     """Module holding the input token embeddings (prompt tuning's SAMPLE_VOCAB and TEXT initialisation)."""
+    model_class: tuple[str, str] | None = None
+    """(class name, Python module) of the base model, recorded as HF PEFT's ``auto_mapping``."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl_numpy.conv import conv_backward, conv_forward
 from peftdecl_numpy.kinds import Context
@@ -103,8 +104,9 @@ class LoraOps:
     def _bias(lp: LayerPlan, base: BaseLayer, p: Params, sign: float) -> np.ndarray | None:
         if "lora_B.bias" not in p:
             return base.bias
-        current = base.bias if base.bias is not None else np.zeros(lp.layer.out_features)
-        return current + sign * lp.scaling * p["lora_B.bias"]
+        if base.bias is None:
+            raise PeftdeclError(f"{lp.module}: cannot merge lora_bias into a layer without a bias (as in HF PEFT)")
+        return base.bias + sign * lp.scaling * p["lora_B.bias"]
 
 
 OPS = LoraOps()

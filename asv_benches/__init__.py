@@ -1,0 +1,1 @@
+"""asv benchmarks for peftdecl (run with ``asv run``; see asv.conf.json)."""

@@ -1,0 +1,33 @@
+"""Shared fixtures: backend selection, tiny transformers models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import peftdecl
+
+
+def selected_backends() -> list[str]:
+    """Installed, available backends, narrowed by PEFTDECL_TEST_BACKENDS=numpy,torch,..."""
+    available = [name for name, entry in peftdecl.backends().items() if entry.available]
+    wanted = os.environ.get("PEFTDECL_TEST_BACKENDS")
+    if wanted:
+        chosen = [b.strip() for b in wanted.split(",") if b.strip()]
+        return [b for b in chosen if b in available]
+    return available
+
+
+@pytest.fixture(params=selected_backends())
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
+    """‖actual − expected‖ / ‖expected‖ (absolute when expected is zero)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    denom = np.linalg.norm(expected)
+    diff = np.linalg.norm(actual - expected)
+    return float(diff / denom) if denom > 0 else float(diff)

@@ -1,0 +1,65 @@
+"""Tiny transformers models built from configs (no hub access) and PEFT helpers for the parity tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+torch = __import__("pytest").importorskip("torch")
+transformers = __import__("pytest").importorskip("transformers")
+peft = __import__("pytest").importorskip("peft")
+
+
+def tiny_llama(seed: int = 0, **overrides: Any) -> Any:
+    """Hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 128 (the reference page's fixture shape)."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        **overrides,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> Any:
+    """GPT-2 with Conv1D projections: 32 wide, 2 layers, 2 heads, vocab 100."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def numpy_inputs(model: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(state dict, keyword arguments) for peftdecl's NumPy backend from a torch model."""
+    from peftdecl_numpy.torch_bridge import numpy_model
+
+    state, layer_types, facts = numpy_model(model)
+    return state, {"layer_types": layer_types, **facts}
+
+
+def peft_model(base: Any, config: Any, adapter: str = "default") -> Any:
+    """``get_peft_model`` with a fixed seed so adapters are reproducible."""
+    torch.manual_seed(1234)
+    return peft.get_peft_model(base, config, adapter_name=adapter)
+
+
+def merged_state(peft_wrapped: Any) -> dict[str, np.ndarray]:
+    """PEFT's merge_and_unload, as float64 arrays."""
+    merged = peft_wrapped.merge_and_unload()
+    return {k: v.detach().double().numpy() for k, v in merged.state_dict().items()}
+
+
+def perturb(peft_wrapped: Any, seed: int = 7, scale: float = 0.05) -> None:
+    """Give every adapter tensor non-trivial values (PEFT's zero-initialised B would hide mistakes)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_wrapped.named_parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn(param.shape, generator=gen))

@@ -1,0 +1,139 @@
+"""LoRA files both ways against the real HF PEFT on tiny Llama and GPT-2 models (float32 files).
+
+Tolerance: merged weights agree to relative error ≤ 1e-6 (the files are float32; the NumPy reference merges in
+float64, PEFT in float32).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import peftdecl
+from tests.conftest import rel_err
+from tests.hf_models import merged_state, numpy_inputs, peft, peft_model, perturb, tiny_gpt2, tiny_llama, torch
+
+MERGE_TOL = 1e-6
+
+LLAMA_CASES = {
+    "plain": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "rslora": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "o_proj"]),
+    "patterns": dict(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        rank_pattern={"k_proj": 4},
+        alpha_pattern={"model.layers.0.self_attn.q_proj": 32},
+    ),
+    "layers_to_transform": dict(r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[1]),
+    "layers_pattern": dict(r=4, target_modules=["v_proj"], layers_to_transform=0, layers_pattern="layers"),
+    "all_linear_exclude": dict(r=4, lora_alpha=4, target_modules="all-linear", exclude_modules=["down_proj"]),
+    "embedding": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+    "regex": dict(r=2, target_modules=r".*\.(q|v)_proj"),
+    "lora_bias": dict(r=4, target_modules=["o_proj"], lora_bias=True),  # built with attention_bias=True
+    "modules_to_save": dict(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+}
+
+
+def base_for(case: str):
+    return tiny_llama(attention_bias=True) if case == "lora_bias" else tiny_llama()
+
+
+def assert_merged_equal(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> None:
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        assert rel_err(ours[key], theirs[key]) <= MERGE_TOL, key
+
+
+@pytest.mark.peft
+@pytest.mark.parametrize("case", sorted(LLAMA_CASES))
+def test_peft_saved_lora_loads_and_merges_like_peft(case: str, tmp_path) -> None:
+    wrapped = peft_model(base_for(case), peft.LoraConfig(init_lora_weights=False, **LLAMA_CASES[case]))
+    perturb(wrapped)
+    wrapped.save_pretrained(tmp_path)
+    state, options = numpy_inputs(base_for(case))
+    ours = peftdecl.load_adapter(state, tmp_path, **options).merge_and_unload()
+    assert_merged_equal(ours, merged_state(wrapped))
+
+
+@pytest.mark.peft
+@pytest.mark.parametrize("case", sorted(LLAMA_CASES))
+def test_peftdecl_saved_lora_loads_in_peft(case: str, tmp_path) -> None:
+    state, options = numpy_inputs(base_for(case))
+    spec = {"peft_type": "LORA", "init_lora_weights": False, **LLAMA_CASES[case]}
+    ours = peftdecl.attach(state, spec, seed=3, **options)
+    ours.save(tmp_path)
+    expected_merge = ours.merge_and_unload()
+
+    reference = peft_model(base_for(case), peft.LoraConfig(**{**LLAMA_CASES[case], "init_lora_weights": False}))
+    expected_keys = set(peft.get_peft_model_state_dict(reference))
+    saved_keys = set(peft.utils.load_peft_weights(str(tmp_path)))
+    assert saved_keys == expected_keys
+
+    loaded = peft.PeftModel.from_pretrained(base_for(case), tmp_path)
+    assert_merged_equal(expected_merge, merged_state(loaded))
+
+
+@pytest.mark.peft
+def test_gpt2_conv1d_both_ways(tmp_path) -> None:
+    config = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    wrapped = peft_model(tiny_gpt2(), peft.LoraConfig(init_lora_weights=False, **config))
+    perturb(wrapped)
+    wrapped.save_pretrained(tmp_path / "theirs")
+    state, options = numpy_inputs(tiny_gpt2())
+    model = peftdecl.load_adapter(state, tmp_path / "theirs", **options)
+    x = np.random.default_rng(0).normal(size=(3, 32))
+    module = "transformer.h.0.attn.c_attn"
+    with torch.no_grad():
+        expected = wrapped.base_model.model.transformer.h[0].attn.c_attn(torch.tensor(x, dtype=torch.float32))
+    assert rel_err(model(module, x), expected.double().numpy()) <= 1e-5  # float32 forward vs float64 reference
+    model.save(tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours")
+    assert_merged_equal(model.merge_and_unload(), merged_state(loaded))
+
+
+@pytest.mark.peft
+def test_two_adapters_in_one_folder(tmp_path) -> None:
+    wrapped = peft_model(tiny_llama(), peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    wrapped.add_adapter("other", peft.LoraConfig(r=4, target_modules=["o_proj"], init_lora_weights=False))
+    perturb(wrapped)
+    wrapped.save_pretrained(tmp_path)
+    assert (tmp_path / "other" / "adapter_model.safetensors").is_file()
+
+    state, options = numpy_inputs(tiny_llama())
+    ours = peftdecl.load_adapter(state, tmp_path, **options)
+    ours.load_adapter(tmp_path, "other")
+    assert set(ours.adapters) == {"default", "other"}
+    ours.set_adapter("other")
+    wrapped.set_adapter("other")
+    x = np.random.default_rng(1).normal(size=(2, 64))
+    with torch.no_grad():
+        expected = wrapped.base_model.model.model.layers[0].self_attn.o_proj(torch.tensor(x, dtype=torch.float32))
+    assert rel_err(ours("model.layers.0.self_attn.o_proj", x), expected.double().numpy()) <= 1e-5
+
+    ours.save(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "other" / "adapter_config.json").read_text())["r"] == 4
+    both = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "resaved")
+    both.load_adapter(tmp_path / "resaved" / "other", adapter_name="other")
+    both.set_adapter("other")
+    with torch.no_grad():
+        again = both.base_model.model.model.layers[0].self_attn.o_proj(torch.tensor(x, dtype=torch.float32))
+    assert rel_err(again.double().numpy(), expected.double().numpy()) <= 1e-6
+
+
+@pytest.mark.peft
+def test_saved_config_matches_peft_fields(tmp_path) -> None:
+    state, options = numpy_inputs(tiny_llama())
+    ours = peftdecl.attach(state, {"peft_type": "LORA", "target_modules": "all-linear"}, **options)
+    ours.save(tmp_path / "ours")
+    peft_model(tiny_llama(), peft.LoraConfig(target_modules="all-linear")).save_pretrained(tmp_path / "theirs")
+    mine = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert set(mine) == set(theirs)
+    assert set(mine["target_modules"]) == set(theirs["target_modules"])
+    differing = {k for k in theirs if k not in ("target_modules", "peft_version", "base_model_name_or_path") and mine[k] != theirs[k]}
+    assert not differing, {k: (mine[k], theirs[k]) for k in differing}
+    keys = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert list(keys) == sorted(keys)
