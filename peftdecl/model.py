@@ -20,6 +20,7 @@ from peftdecl.errors import AdapterFileError, PeftdeclError
 from peftdecl.formats import hf_peft
 from peftdecl.init import EXTERNAL_SOURCES, check_arrays, init_params
 from peftdecl.plan import ModelInfo, Plan, compile_plan
+from peftdecl.plan.compile import layouts
 from peftdecl.spec import SpecBase, load_spec
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -106,6 +107,9 @@ class AdaptedModel:
         base_overrides = {k: v for k, v in arrays.items() if self._is_base_override(plan, k)}
         saved_modules = {k: v for k, v in arrays.items() if _module_of(k, plan.modules_to_save)}
         adapter_arrays = {k: v for k, v in arrays.items() if k not in base_overrides and k not in saved_modules}
+        layout = layouts()[plan.kind]
+        if layout.from_file is not None:
+            adapter_arrays = layout.from_file(plan, adapter_arrays)
         check_arrays(plan, adapter_arrays, origin=str(folder / hf_peft.WEIGHTS_NAME))
         self._check_compatible(plan)
         if name in self._plans:
@@ -188,8 +192,12 @@ class AdaptedModel:
         payload = {}
         for name in names:
             plan = self._plans[self._name(name)]
-            arrays = {**self._engine.export(name), **self._embedding_copies(plan)}
-            payload[name] = (plan, arrays, None)
+            arrays: dict[str, Any] = self._engine.export(name)
+            extra: dict[str, Any] = {}
+            layout = layouts()[plan.kind]
+            if layout.to_file is not None:
+                arrays, extra = layout.to_file(plan, arrays)
+            payload[name] = (plan, {**arrays, **self._embedding_copies(plan)}, extra)
         hf_peft.write_adapters(Path(directory), payload, dtype=dtype, model_class=self._info.model_class)
 
     # -- running -------------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ import numpy as np
 
 from peftdecl.backend import Capabilities
 from peftdecl.plan import ModelInfo
+from peftdecl_numpy.kinds import supported_kinds
 
-_ALL_LAYERS = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
+_KINDS = supported_kinds()
+_ADDITIVE = tuple(k for k in ("lora", "adalora", "loha", "lokr", "vera") if k in _KINDS)
 
 
 class NumpyBackend:
@@ -19,12 +21,12 @@ class NumpyBackend:
     name = "numpy"
     capabilities = Capabilities(
         name="numpy",
-        kinds={"lora": _ALL_LAYERS},
+        kinds=_KINDS,
         gradients="explicit",
         devices=("cpu",),
         dtypes=("float64",),
-        mixed_batch=("lora",),
-        multi_active=("lora",),
+        mixed_batch=_ADDITIVE,
+        multi_active=_ADDITIVE,
         requires=("numpy",),
     )
 

@@ -14,13 +14,23 @@ A kind module exposes ``OPS``, an object with ``kind``, ``additive`` and:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+# execution kind -> module of this package (a module that does not exist yet is simply not offered)
 _KIND_MODULES = {
     "lora": "lora",
+    "dora": "dora",
+    "adalora": "adalora",
+    "ia3": "ia3",
+    "loha": "loha",
+    "lokr": "lokr",
+    "oft": "oft",
+    "boft": "boft",
+    "vera": "vera",
 }
 
 
@@ -39,5 +49,10 @@ def ops_for(kind: str) -> Any:
     return importlib.import_module(f"peftdecl_numpy.kinds.{_KIND_MODULES[kind]}").OPS
 
 
-def supported_kinds() -> tuple[str, ...]:
-    return tuple(_KIND_MODULES)
+def supported_kinds() -> dict[str, tuple[str, ...]]:
+    """Execution kind -> layer types, for every kind module present (each declares ``LAYER_TYPES``)."""
+    found = {}
+    for kind, module in _KIND_MODULES.items():
+        if importlib.util.find_spec(f"peftdecl_numpy.kinds.{module}") is not None:
+            found[kind] = tuple(importlib.import_module(f"peftdecl_numpy.kinds.{module}").LAYER_TYPES)
+    return found

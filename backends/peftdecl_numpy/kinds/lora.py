@@ -17,6 +17,7 @@ from peftdecl_numpy.kinds import Context
 from peftdecl_numpy.layers import BaseLayer, dropout_mask
 
 Params = dict[str, np.ndarray]
+LAYER_TYPES = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
 
 
 def _conv_a(lp: LayerPlan, h: np.ndarray, a: np.ndarray) -> np.ndarray:
