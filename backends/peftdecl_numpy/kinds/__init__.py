@@ -31,6 +31,8 @@ _KIND_MODULES = {
     "oft": "oft",
     "boft": "boft",
     "vera": "vera",
+    "prefix_tuning": "prompt",
+    "prompt_tuning": "prompt",
 }
 
 
