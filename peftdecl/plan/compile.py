@@ -35,7 +35,8 @@ def compile_plan(spec: SpecBase, info: ModelInfo) -> Plan:
         layer = info.layers[name]
         if layer.type not in layout.layer_types:
             raise TargetError(
-                f"{name} is a {layer.type} layer; {spec.peft_type} supports {', '.join(layout.layer_types)} only"
+                f"{name} ({layer.type}) cannot be adapted: {spec.peft_type} supports "
+                f"{', '.join(layout.layer_types)} layers only"
             )
         layers.append(layout.build_layer(spec, name, layer, info))
     shared = layout.build_shared(spec, layers, info) if layout.build_shared else ()

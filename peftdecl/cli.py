@@ -1,0 +1,90 @@
+"""The ``peftdecl`` command: validate specs, generate schemas, inspect adapters, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from peftdecl.errors import PeftdeclError, SpecError
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from peftdecl.spec import load_spec
+
+    failed = False
+    for name in args.files:
+        path = Path(name)
+        try:
+            spec = load_spec(path if path.is_dir() else path.resolve())
+        except SpecError as exc:
+            failed = True
+            for where, message in exc.problems:
+                print(f"{name}: {where}: {message}")
+        else:
+            print(f"{name}: ok ({spec.peft_type})")
+    return 1 if failed else 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from peftdecl import schema
+
+    argv = (["--out", str(args.out)] if args.out else []) + (["--check"] if args.check else [])
+    return schema.main(argv)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from peftdecl.inspect import format_summary, summarise
+
+    folder = Path(args.directory)
+    folders = [folder] + sorted(p.parent for p in folder.glob("*/adapter_config.json"))
+    for index, each in enumerate(folders):
+        if index:
+            print()
+        print(format_summary(summarise(each)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from peftdecl.demo import run_demo
+
+    return run_demo(spec_path=args.spec, out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftdecl", description="Declarative PEFT adapters, HF PEFT compatible.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    validate = sub.add_parser("validate", help="check spec files (JSON/YAML/adapter_config.json)")
+    validate.add_argument("files", nargs="+", help="spec files or adapter folders")
+    validate.set_defaults(run=_validate)
+
+    schema = sub.add_parser("schema", help="write or check the JSON Schemas")
+    group = schema.add_mutually_exclusive_group()
+    group.add_argument("--out", type=Path, help="folder to write the schemas to")
+    group.add_argument("--check", action="store_true", help="exit 1 if schemas/ is stale")
+    schema.set_defaults(run=_schema)
+
+    inspect = sub.add_parser("inspect", help="summarise a saved adapter folder")
+    inspect.add_argument("directory")
+    inspect.set_defaults(run=_inspect)
+
+    demo = sub.add_parser("demo", help="spec -> plan -> NumPy reference -> HF files -> reload -> parity table")
+    demo.add_argument("--spec", type=Path, default=None, help="spec file (default: a LoRA on a tiny Llama)")
+    demo.add_argument("--out", type=Path, default=None, help="keep the saved adapter here")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``peftdecl`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except PeftdeclError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
