@@ -61,9 +61,9 @@ def constraints_of(schema: Any) -> list[str]:
 
 def cell(text: str) -> str:
     """Escape text for a Markdown table cell."""
-    for char in "\\`*_[]<|":
+    for char in "\\`*_[]|":
         text = text.replace(char, "\\" + char)
-    return text.replace("\n", " ")
+    return text.replace("<", "&lt;").replace("\n", " ")
 
 
 def code(value: str) -> str:
