@@ -18,7 +18,7 @@ import numpy as np
 from peftdecl.backend import Backend, Engine
 from peftdecl.errors import AdapterFileError, PeftdeclError
 from peftdecl.formats import hf_peft
-from peftdecl.init import EXTERNAL_SOURCES, check_arrays, init_params
+from peftdecl.init import EXTERNAL_SOURCES, SHARED_SOURCES, check_arrays, generator_for, init_params
 from peftdecl.plan import ModelInfo, Plan, compile_plan
 from peftdecl.plan.compile import layouts
 from peftdecl.spec import SpecBase, load_spec
@@ -86,7 +86,7 @@ class AdaptedModel:
         plan = compile_plan(load_spec(spec), self._info)
         self._check_compatible(plan)
         if arrays is None:
-            values = init_params(plan, seed, external=self._external_init(plan))
+            values = init_params(plan, seed, external=self._external_init(plan, seed))
         else:
             values = {k: np.asarray(v) for k, v in arrays.items()}
             check_arrays(plan, values, origin=f"adapter {name!r}")
@@ -109,7 +109,10 @@ class AdaptedModel:
         adapter_arrays = {k: v for k, v in arrays.items() if k not in base_overrides and k not in saved_modules}
         layout = layouts()[plan.kind]
         if layout.from_file is not None:
-            adapter_arrays = layout.from_file(plan, adapter_arrays)
+            try:
+                adapter_arrays = layout.from_file(plan, adapter_arrays)
+            except AdapterFileError as exc:
+                raise AdapterFileError(f"{folder / hf_peft.WEIGHTS_NAME}: {exc}") from exc
         check_arrays(plan, adapter_arrays, origin=str(folder / hf_peft.WEIGHTS_NAME))
         self._check_compatible(plan)
         if name in self._plans:
@@ -129,6 +132,24 @@ class AdaptedModel:
             self._name(name)
         self._engine.set_active(wanted)
         self._active = wanted
+
+    def update_spec(self, name: str | None = None, **changes: Any) -> Plan:
+        """Change config fields of an attached adapter whose tensors keep their shapes (e.g. AdaLoRA's
+        ``rank_pattern`` after rank allocation); the adapter is recompiled and keeps its current values."""
+        name = self._name(name)
+        if name in self._merged:
+            raise PeftdeclError(f"adapter {name!r} is merged; call unmerge() before changing its spec")
+        old = self._plans[name]
+        plan = compile_plan(old.spec.replace(**changes), self._info)
+        shapes = {k: p.shape for k, p in plan.param_specs().items()}
+        if shapes != {k: p.shape for k, p in old.param_specs().items()}:
+            raise PeftdeclError(f"update_spec{sorted(changes)} would change the tensors of adapter {name!r}")
+        arrays = self._engine.export(name)
+        self._engine.remove(name)
+        self._engine.add(name, plan, arrays)
+        self._engine.set_active(self._active)
+        self._plans[name] = plan
+        return plan
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter; merged adapters must be unmerged first."""
@@ -252,9 +273,11 @@ class AdaptedModel:
         if plan.prompt is not None and caps.why_not(plan.kind):
             raise PeftdeclError(caps.why_not(plan.kind) or "")
 
-    def _external_init(self, plan: Plan) -> Any:
+    def _external_init(self, plan: Plan, seed: int = 0) -> Any:
         def supply(key: str, spec: Any, drawn: Mapping[str, np.ndarray]) -> np.ndarray:
             source = spec.init.arg("source")
+            if key == spec.name and source in SHARED_SOURCES:  # a shared tensor, e.g. prompt tuning's table
+                return SHARED_SOURCES[source](self._engine.base_weight, spec, generator_for(seed, key))
             module = key[: -len(spec.name) - 1]
             if source not in EXTERNAL_SOURCES:
                 raise AdapterFileError(f"{key}: no initialiser registered for source {source!r}")

@@ -101,3 +101,14 @@ def test_unsupported_layer_type_is_refused_by_name() -> None:
     info = ModelInfo(layers={"emb": LayerInfo("embedding", 10, 4)})
     with pytest.raises(TargetError, match=r"emb \(embedding\) cannot be adapted: LOHA supports"):
         peftdecl.compile_plan(peftdecl.load_spec({"peft_type": "LOHA", "target_modules": ["emb"]}), info)
+
+
+@pytest.mark.parametrize("peft_type", ["LORA", "ADALORA", "LOHA", "LOKR", "OFT", "BOFT", "VERA", "IA3"])
+def test_default_target_tables_match_peft(peft_type) -> None:
+    from peft.utils import constants
+
+    from peftdecl.plan.targeting import default_targets
+
+    theirs = getattr(constants, f"TRANSFORMERS_MODELS_TO_{peft_type}_TARGET_MODULES_MAPPING")
+    for model_type, targets in default_targets(peft_type).items():
+        assert list(targets) == list(theirs[model_type]), model_type

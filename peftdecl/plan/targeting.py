@@ -19,7 +19,7 @@ from peftdecl.plan.ir import ModelInfo
 
 ALL_LINEAR = "all-linear"
 
-# HF PEFT's per-architecture defaults when target_modules is null (a subset: the common decoder/encoder families).
+# HF PEFT's per-architecture defaults when target_modules is null (the common decoder/encoder families).
 _QV = ("q_proj", "v_proj")
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": _QV,
@@ -29,22 +29,41 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "qwen3": _QV,
     "gemma": _QV,
     "gemma2": _QV,
-    "phi3": ("qkv_proj",),
+    "opt": _QV,
     "gpt2": ("c_attn",),
     "bert": ("query", "value"),
     "roberta": ("query", "value"),
     "t5": ("q", "v"),
-    "opt": _QV,
+}
+"""LoRA, LoHa, LoKr, OFT, BOFT and VeRA share this table."""
+ADALORA_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    **{k: v for k, v in DEFAULT_TARGETS.items() if k not in ("mistral", "mixtral")},
+    "roberta": ("query", "key", "value", "dense"),
+    "t5": ("q", "k", "v", "o", "wi", "wo"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
 }
 IA3_DEFAULT_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # model type -> (targets, feed-forward targets)
     "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
     "mistral": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "mixtral": (("k_proj", "v_proj", "w2"), ("w2",)),
     "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "qwen3": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "opt": (("q_proj", "k_proj", "fc2"), ("fc2",)),
     "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
     "bert": (("key", "value", "output.dense"), ("output.dense",)),
+    "roberta": (("key", "value", "output.dense"), ("output.dense",)),
     "t5": (("k", "v", "wo"), ("wo",)),
 }
+
+
+def default_targets(peft_type: str) -> dict[str, tuple[str, ...]]:
+    """Model type -> default target_modules for one adapter kind."""
+    if peft_type == "IA3":
+        return {k: v[0] for k, v in IA3_DEFAULT_TARGETS.items()}
+    return ADALORA_DEFAULT_TARGETS if peft_type == "ADALORA" else DEFAULT_TARGETS
 
 
 def matches_list(key: str, names: Iterable[str]) -> bool:
@@ -85,7 +104,7 @@ def resolve_target_modules(spec: Any, info: ModelInfo) -> str | tuple[str, ...]:
         linear = [name for name, layer in info.layers.items() if layer.type in ("linear", "gpt2_conv1d")]
         return tuple(name for name in linear if name != info.output_head)
     if targets is None:
-        table = {k: v[0] for k, v in IA3_DEFAULT_TARGETS.items()} if spec.peft_type == "IA3" else DEFAULT_TARGETS
+        table = default_targets(spec.peft_type)
         if info.model_type not in table:
             raise TargetError(
                 f"target_modules is null and there is no default for model type {info.model_type!r}; "

@@ -1,0 +1,330 @@
+"""AdaLoRA against the real HF PEFT: files both ways (full and pruned by an allocated rank_pattern), per-layer
+outputs, the rank allocator step for step, and the orthogonality regulariser.
+
+Tolerances: merged weights relative error ≤ 1e-6 (float32 files; NumPy merges in float64, PEFT in float32);
+per-layer outputs ≤ 1e-5 (PEFT's float32 layer on a float32 input vs the float64 reference); allocator lora_E
+values and the regulariser ≤ 1e-6 (PEFT float32 vs NumPy float64, same inputs).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+import peftdecl
+from peftdecl_numpy.kinds.adalora import orthogonal_regularizer
+from peftdecl_numpy.rank_allocator import RankAllocator
+from tests.conftest import rel_err
+from tests.hf_models import (
+    merged_state,
+    numpy_inputs,
+    peft,
+    peft_model,
+    perturb,
+    tiny_gpt2,
+    tiny_llama,
+    torch,
+)
+
+MERGE_TOL = 1e-6
+LAYER_TOL = 1e-5
+ALLOC_TOL = 1e-6
+
+CASES = {
+    "plain": dict(init_r=6, target_r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "dropout_regex": dict(init_r=4, lora_alpha=8, lora_dropout=0.1, target_modules=r".*\.(k|o)_proj"),
+    "mlp_layer1": dict(
+        init_r=3, lora_alpha=4, target_modules=["down_proj", "up_proj"], layers_to_transform=[1]
+    ),
+    "alpha_zero": dict(init_r=5, lora_alpha=0, target_modules=["q_proj"]),
+}
+SCHEDULE = dict(total_step=10, tinit=1, tfinal=3, deltaT=2)
+LAYER = "model.layers.0.self_attn.q_proj"
+
+
+def config(**fields) -> object:
+    return peft.AdaLoraConfig(**{**SCHEDULE, **fields})
+
+
+def assert_merged_equal(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> None:
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        assert rel_err(ours[key], theirs[key]) <= MERGE_TOL, key
+
+
+def peft_layer_output(wrapped, module: str, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return (
+            wrapped.base_model.model.get_submodule(module)(torch.tensor(x, dtype=torch.float32))
+            .double()
+            .numpy()
+        )
+
+
+def ir_key(peft_name: str) -> str:
+    return peft_name.removeprefix("base_model.model.").replace(".default", "")
+
+
+def allocate_in_peft(wrapped, steps: int, seed: int = 0, lr: float = 0.01) -> None:
+    """Drive PEFT's allocator with synthetic gradients and plain SGD steps."""
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for _, p in wrapped.named_parameters():
+                if p.requires_grad:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                    p -= lr * p.grad
+        wrapped.base_model.update_and_allocate(step)
+
+
+@pytest.mark.peft
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_saved_adalora_loads_and_computes_like_peft(case: str, tmp_path) -> None:
+    wrapped = peft_model(tiny_llama(), config(init_lora_weights=False, **CASES[case])).eval()
+    perturb(wrapped)
+    wrapped.save_pretrained(tmp_path)
+    state, options = numpy_inputs(tiny_llama())
+    ours = peftdecl.load_adapter(state, tmp_path, **options)
+    module = ours.plan().targets[0]
+    x = np.random.default_rng(0).normal(size=(3, ours.info.layers[module].in_features))
+    assert rel_err(ours(module, x), peft_layer_output(wrapped, module, x)) <= LAYER_TOL
+    assert_merged_equal(ours.merge_and_unload(), merged_state(wrapped))
+
+
+@pytest.mark.peft
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peftdecl_saved_adalora_loads_in_peft(case: str, tmp_path) -> None:
+    state, options = numpy_inputs(tiny_llama())
+    spec = {"peft_type": "ADALORA", "init_lora_weights": False, **SCHEDULE, **CASES[case]}
+    ours = peftdecl.attach(state, spec, seed=3, **options)
+    ours.save(tmp_path)
+    module = ours.plan().targets[0]
+    x = np.random.default_rng(1).normal(size=(2, ours.info.layers[module].in_features))
+    expected_out = ours(module, x)
+    expected_merge = ours.merge_and_unload()
+
+    reference = peft_model(tiny_llama(), config(init_lora_weights=False, **CASES[case]))
+    assert set(peft.utils.load_peft_weights(str(tmp_path))) == set(peft.get_peft_model_state_dict(reference))
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert rel_err(peft_layer_output(loaded, module, x), expected_out) <= LAYER_TOL
+    assert_merged_equal(expected_merge, merged_state(loaded))
+
+
+@pytest.mark.peft
+def test_fresh_adapter_is_a_no_op_exactly_where_peft_is() -> None:
+    state, options = numpy_inputs(tiny_llama())
+    x = np.random.default_rng(2).normal(size=(2, 64))
+    for init in (True, False):
+        wrapped = peft_model(tiny_llama(), config(init_lora_weights=init, **CASES["plain"]))
+        spec = {"peft_type": "ADALORA", "init_lora_weights": init, **SCHEDULE, **CASES["plain"]}
+        ours = peftdecl.attach(state, spec, **options)
+        with wrapped.disable_adapter():
+            peft_base = peft_layer_output(wrapped, LAYER, x)
+        with ours.disable_adapters():
+            base = ours(LAYER, x)
+        peft_no_op = np.array_equal(peft_layer_output(wrapped, LAYER, x), peft_base)
+        assert peft_no_op == np.array_equal(ours(LAYER, x), base) == init
+
+
+@pytest.fixture
+def allocated(tmp_path):
+    """A PEFT AdaLoRA whose allocator ran past total_step - tfinal: its file is pruned to the final ranks."""
+    wrapped = peft_model(
+        tiny_llama(), config(init_r=8, target_r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    perturb(wrapped)
+    allocate_in_peft(wrapped, steps=8)
+    wrapped.eval().save_pretrained(tmp_path / "theirs")
+    return wrapped, tmp_path
+
+
+@pytest.mark.peft
+def test_pruned_peft_file_loads_and_round_trips(allocated) -> None:
+    wrapped, tmp_path = allocated
+    saved = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    ranks = [sum(mask) for mask in saved["rank_pattern"].values()]
+    assert sum(ranks) == 4 * 4 and len(set(ranks)) > 1  # really pruned, unevenly
+    state, options = numpy_inputs(tiny_llama())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no echo of PEFT's spurious "rank_pattern keys did not match" warning
+        ours = peftdecl.load_adapter(state, tmp_path / "theirs", **options)
+    x = np.random.default_rng(3).normal(size=(4, 64))
+    for module in ours.plan().targets:
+        assert rel_err(ours(module, x), peft_layer_output(wrapped, module, x)) <= LAYER_TOL, module
+
+    ours.save(tmp_path / "ours")
+    theirs_file = peft.utils.load_peft_weights(str(tmp_path / "theirs"))
+    ours_file = peft.utils.load_peft_weights(str(tmp_path / "ours"))
+    assert {k: tuple(v.shape) for k, v in ours_file.items()} == {
+        k: tuple(v.shape) for k, v in theirs_file.items()
+    }
+    assert all(rel_err(ours_file[k].numpy(), theirs_file[k].numpy()) <= MERGE_TOL for k in theirs_file)
+    assert (
+        json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["rank_pattern"]
+        == saved["rank_pattern"]
+    )
+
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
+    assert_merged_equal(ours.merge_and_unload(), merged_state(loaded))
+    assert_merged_equal(merged_state(loaded), merged_state(wrapped))
+
+
+@pytest.mark.peft
+def test_pruned_peftdecl_file_with_alpha_zero_loads_in_peft(tmp_path) -> None:
+    # lora_alpha <= 0: PEFT's numerator becomes the layer's rank, which is the kept rank after a pruned load
+    state, options = numpy_inputs(tiny_llama())
+    pattern = {
+        f"model.layers.{i}.self_attn.{m}.lora_E": [bool((i + j + len(m)) % 3) for j in range(5)]
+        for i in range(2)
+        for m in ("q_proj", "v_proj")
+    }
+    pattern["model.layers.1.self_attn.v_proj.lora_E"] = [False] * 5  # a layer pruned to rank 0
+    spec = {
+        "peft_type": "ADALORA",
+        "init_lora_weights": False,
+        "init_r": 5,
+        "lora_alpha": 0,
+        "target_modules": ["q_proj", "v_proj"],
+        "rank_pattern": pattern,
+        **SCHEDULE,
+    }
+    ours = peftdecl.attach(state, spec, seed=4, **options)
+    ours.save(tmp_path)
+    reference = peft_model(tiny_llama(), config(**{k: v for k, v in spec.items() if k != "peft_type"}))
+    saved = peft.utils.load_peft_weights(str(tmp_path))
+    expected = peft.get_peft_model_state_dict(reference)
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    x = np.random.default_rng(5).normal(size=(2, 64))
+    assert rel_err(peft_layer_output(loaded, LAYER, x), ours(LAYER, x)) <= LAYER_TOL
+    assert_merged_equal(ours.merge_and_unload(), merged_state(loaded))
+
+
+@pytest.mark.peft
+def test_rank_allocator_matches_peft_step_for_step(tmp_path) -> None:
+    fields = dict(init_r=6, target_r=3, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
+    wrapped = peft_model(tiny_llama(), config(**fields))
+    perturb(wrapped)
+    wrapped.save_pretrained(tmp_path / "start")
+    state, options = numpy_inputs(tiny_llama())
+    ours = peftdecl.load_adapter(state, tmp_path / "start", **options)
+    allocator = RankAllocator(ours.plan())
+    params = ours.trainable_parameters()
+    gen, lr = torch.Generator().manual_seed(11), 0.01
+    for step in range(1, SCHEDULE["total_step"]):
+        grads = {}
+        with torch.no_grad():
+            for name, p in wrapped.named_parameters():
+                if p.requires_grad:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                    grads[ir_key(name)] = p.grad.double().numpy()
+                    p -= lr * p.grad
+        for key, g in grads.items():
+            params[key] -= lr * g
+        budget, mask = allocator.update_and_allocate(step, params, grads)
+        wrapped.base_model.update_and_allocate(step)
+        assert budget == wrapped.base_model.rankallocator.budget_schedule(step)[0], step
+        theirs = wrapped.peft_config["default"].rank_pattern
+        if mask is not None:
+            assert {ir_key(k): v for k, v in theirs.items()} == mask, step
+        for name, p in wrapped.named_parameters():
+            if ".lora_E." in name:
+                assert rel_err(params[ir_key(name)], p.detach().double().numpy()) <= ALLOC_TOL, (step, name)
+    assert mask is not None and sum(map(sum, mask.values())) == allocator.target_bgt
+
+    ours.update_spec(rank_pattern=allocator.rank_pattern)
+    ours.save(tmp_path / "ours")
+    wrapped.save_pretrained(tmp_path / "theirs")
+    ours_file = peft.utils.load_peft_weights(str(tmp_path / "ours"))
+    theirs_file = peft.utils.load_peft_weights(str(tmp_path / "theirs"))
+    assert {k: tuple(v.shape) for k, v in ours_file.items()} == {
+        k: tuple(v.shape) for k, v in theirs_file.items()
+    }
+    assert all(rel_err(ours_file[k].numpy(), theirs_file[k].numpy()) <= ALLOC_TOL for k in theirs_file)
+
+
+@pytest.mark.peft
+@pytest.mark.parametrize("pruned", [False, True])
+def test_orthogonal_regularizer_matches_peft_loss_term(pruned: bool, tmp_path) -> None:
+    # only a task-typed PeftModel routes through AdaLoraModel.forward, which adds the term
+    fields = dict(
+        init_r=4,
+        target_r=2,
+        lora_alpha=8,
+        orth_reg_weight=0.7,
+        target_modules=["q_proj", "v_proj"],
+        task_type="CAUSAL_LM",
+    )
+    wrapped = peft_model(tiny_llama(), config(**fields))
+    perturb(wrapped, scale=0.3)
+    if pruned:
+        allocate_in_peft(wrapped, steps=8)
+    wrapped.save_pretrained(tmp_path)
+    if pruned:  # the term is PEFT's on the pruned modules it loads
+        wrapped = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        total = wrapped(input_ids=ids, labels=ids).loss.item()
+        plain = wrapped.base_model.model(input_ids=ids, labels=ids).loss.item()
+    state, options = numpy_inputs(tiny_llama())
+    ours = peftdecl.load_adapter(state, tmp_path, **options)
+    value, _ = orthogonal_regularizer(ours.plan(), ours.trainable_parameters())
+    assert abs(value - (total - plain)) <= ALLOC_TOL * max(1.0, abs(total)) + 1e-6  # float32 loss sum in PEFT
+
+
+@pytest.mark.peft
+def test_gpt2_conv1d_both_ways(tmp_path) -> None:
+    fields = dict(init_r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    wrapped = peft_model(tiny_gpt2(), config(init_lora_weights=False, **fields))
+    perturb(wrapped)
+    wrapped.save_pretrained(tmp_path / "theirs")
+    state, options = numpy_inputs(tiny_gpt2())
+    model = peftdecl.load_adapter(state, tmp_path / "theirs", **options)
+    x = np.random.default_rng(0).normal(size=(3, 32))
+    module = "transformer.h.0.attn.c_attn"
+    assert rel_err(model(module, x), peft_layer_output(wrapped, module, x)) <= LAYER_TOL
+    model.save(tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours")
+    assert_merged_equal(model.merge_and_unload(), merged_state(loaded))
+
+
+class TinyConvNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 5, (3, 2), stride=2, padding=1, dilation=(1, 2))
+        self.proj = torch.nn.Linear(5, 4)
+
+
+@pytest.mark.peft
+def test_conv2d_both_ways(tmp_path) -> None:
+    fields = dict(init_r=3, lora_alpha=6, target_modules=["conv", "proj"])
+    wrapped = peft_model(TinyConvNet(), config(init_lora_weights=False, **fields))
+    perturb(wrapped)
+    wrapped.save_pretrained(tmp_path / "theirs")
+    state, options = numpy_inputs(TinyConvNet())
+    model = peftdecl.load_adapter(state, tmp_path / "theirs", **options)
+    assert model.state_dict()["conv.lora_A"].shape == (3, 3 * 3 * 2)
+    x = np.random.default_rng(0).normal(size=(2, 3, 7, 8))
+    assert rel_err(model("conv", x), peft_layer_output(wrapped, "conv", x)) <= LAYER_TOL
+    model.save(tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(TinyConvNet(), tmp_path / "ours")
+    assert_merged_equal(model.merge_and_unload(), merged_state(loaded))
+
+
+@pytest.mark.peft
+def test_saved_config_matches_peft_fields_and_loads_as_spec(allocated) -> None:
+    _, tmp_path = allocated
+    theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    spec = peftdecl.load_spec(tmp_path / "theirs" / "adapter_config.json")
+    assert spec.kind == "adalora" and spec.init_r == theirs["init_r"]
+    state, options = numpy_inputs(tiny_llama())
+    peftdecl.load_adapter(state, tmp_path / "theirs", **options).save(tmp_path / "ours")
+    mine = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert set(mine) == set(theirs)
+    differing = {k for k in theirs if k not in ("target_modules", "peft_version") and mine[k] != theirs[k]}
+    assert not differing, {k: (mine[k], theirs[k]) for k in differing}
+    assert set(mine["target_modules"]) == set(theirs["target_modules"])
