@@ -1,0 +1,96 @@
+"""IA3 (Liu et al., 2022): y = l ⊙ (W x + b) for attention layers, y = W (l ⊙ x) + b for feed-forward ones.
+
+The bias is scaled too in the first form, as in HF PEFT. Merge folds l into the weight: W' = diag(l) W with
+b' = l ⊙ b (rows), or W' = W diag(l) (columns; per input channel of each group for a grouped convolution).
+Unmerge divides by l + 1e-8 exactly as HF PEFT does, so it is inexact (relative error ≈ 1e-8 / |l|) and loses
+the weights wherever l ≈ 0. IA3 has no dropout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from peftdecl.plan import LayerPlan
+from peftdecl_numpy.kinds import Context
+from peftdecl_numpy.layers import BaseLayer
+
+Params = dict[str, np.ndarray]
+LAYER_TYPES = ("linear", "conv2d", "gpt2_conv1d")
+UNMERGE_EPS = 1e-8  # HF PEFT's guard against division by zero
+
+
+def _on_features(lp: LayerPlan, l_vec: np.ndarray) -> np.ndarray:
+    # the stored (1, C, 1, 1) already broadcasts over [N, C, H, W]; linear vectors act on the last axis
+    return l_vec if lp.layer.is_conv else l_vec.reshape(-1)
+
+
+def _sum_to(lp: LayerPlan, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if lp.layer.is_conv:
+        return t.sum(axis=(0, *range(2, t.ndim))).reshape(shape)
+    return t.reshape(-1, t.shape[-1]).sum(axis=0).reshape(shape)
+
+
+class IA3Ops:
+    kind = "ia3"
+    # several active IA3 adapters multiply their vectors in HF PEFT; they are not summed contributions
+    additive = False
+
+    def forward(
+        self, lp: LayerPlan, base: BaseLayer, p: Params, x: np.ndarray, ctx: Context
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        scale = _on_features(lp, p["ia3_l"])
+        if lp.options["feedforward"]:
+            return base.forward(x * scale), {"x": x}
+        y = base.forward(x)
+        return y * scale, {"x": x, "y": y}
+
+    def backward(
+        self, lp: LayerPlan, base: BaseLayer, p: Params, cache: dict[str, Any], dy: np.ndarray
+    ) -> tuple[np.ndarray | None, Params]:
+        l_vec, x = p["ia3_l"], cache["x"]
+        scale = _on_features(lp, l_vec)
+        if lp.options["feedforward"]:
+            dh = base.input_grad(x * scale, dy)
+            assert dh is not None
+            return dh * scale, {"ia3_l": _sum_to(lp, dh * x, l_vec.shape)}
+        return base.input_grad(x, dy * scale), {"ia3_l": _sum_to(lp, dy * cache["y"], l_vec.shape)}
+
+    def delta_weight(self, lp: LayerPlan, base: BaseLayer, p: Params) -> np.ndarray:
+        """The change merging makes to the current base weight: W ⊙ l − W."""
+        return base.weight * self._weight_factor(lp, p["ia3_l"]) - base.weight
+
+    def merge(self, lp: LayerPlan, base: BaseLayer, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
+        l_vec = p["ia3_l"]
+        bias = base.bias if self._bias_kept(lp, base) else base.bias * l_vec.reshape(-1)
+        return base.weight * self._weight_factor(lp, l_vec), bias
+
+    def unmerge(self, lp: LayerPlan, base: BaseLayer, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
+        l_vec = p["ia3_l"] + UNMERGE_EPS
+        bias = base.bias if self._bias_kept(lp, base) else base.bias / l_vec.reshape(-1)
+        return base.weight / self._weight_factor(lp, l_vec), bias
+
+    @staticmethod
+    def _weight_factor(lp: LayerPlan, l_vec: np.ndarray) -> np.ndarray:
+        """l broadcast over the IR weight [out, in(/groups), *kernel]: along rows, or along input columns."""
+        flat, extra = l_vec.reshape(-1), (1,) * len(lp.layer.kernel_size)
+        if not lp.options["feedforward"]:
+            return flat.reshape(-1, 1, *extra)
+        groups = lp.layer.groups
+        if groups == 1:
+            return flat.reshape(1, -1, *extra)
+        # grouped conv: output channel o of group k reads input channels k·(C/groups) ... (k+1)·(C/groups) − 1
+        per_group = flat.reshape(groups, 1, -1, *extra)
+        out = lp.layer.out_features
+        return np.broadcast_to(per_group, (groups, out // groups, *per_group.shape[2:])).reshape(
+            out, -1, *extra
+        )
+
+    @staticmethod
+    def _bias_kept(lp: LayerPlan, base: BaseLayer) -> bool:
+        # a feed-forward vector scales the input, so the bias is untouched
+        return lp.options["feedforward"] or base.bias is None
+
+
+OPS = IA3Ops()

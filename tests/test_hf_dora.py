@@ -1,0 +1,183 @@
+"""DoRA files both ways against the real HF PEFT: tiny Llama (q/v, embeddings, rsLoRA), GPT-2 Conv1D and a
+torch module with Conv1d/Conv2d layers.
+
+Tolerances: merged weights relative error ≤ 1e-6 (float32 PEFT vs the float64 reference on float32 files);
+per-layer outputs and gradients ≤ 1e-5 (PEFT's float32 layer called on a float32 input).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import peftdecl
+from tests.conftest import rel_err
+from tests.hf_models import (
+    merged_state,
+    numpy_inputs,
+    peft,
+    peft_model,
+    perturb,
+    tiny_gpt2,
+    tiny_llama,
+    torch,
+)
+
+MERGE_TOL = 1e-6
+OUTPUT_TOL = 1e-5
+
+
+def llama_with_bias():
+    """Tiny Llama with attention biases set to random values (transformers initialises them to zero)."""
+    model = tiny_llama(attention_bias=True)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=generator))
+    return model
+
+
+class Convs(torch.nn.Module):
+    """A plain torch module with the convolution types DoRA supports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = torch.nn.Conv1d(3, 4, 3, padding=1, stride=2)
+        self.c2 = torch.nn.Conv2d(3, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(x)
+
+
+CASES = {
+    "llama_qv": (llama_with_bias, dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])),
+    "llama_embedding": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
+    "llama_rslora": (tiny_llama, dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["o_proj"])),
+    "gpt2_conv1d": (
+        tiny_gpt2,
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+    ),
+    "convs": (Convs, dict(r=2, lora_alpha=4, target_modules=["c1", "c2"])),
+}
+PROBES = {  # module -> input builder, one per layer type in the cases
+    "model.layers.0.self_attn.q_proj": lambda rng: rng.normal(size=(2, 3, 64)),
+    "model.layers.1.self_attn.v_proj": lambda rng: rng.normal(size=(2, 64)),
+    "model.layers.0.self_attn.o_proj": lambda rng: rng.normal(size=(3, 64)),
+    "model.embed_tokens": lambda rng: rng.integers(0, 128, size=(2, 5)),
+    "transformer.h.0.attn.c_attn": lambda rng: rng.normal(size=(3, 32)),
+    "transformer.h.1.mlp.c_proj": lambda rng: rng.normal(size=(3, 128)),
+    "c1": lambda rng: rng.normal(size=(2, 3, 9)),
+    "c2": lambda rng: rng.normal(size=(2, 3, 6, 6)),
+}
+
+
+def peft_layer_output(wrapped, module: str, x: np.ndarray) -> np.ndarray:
+    layer = wrapped.base_model.model.get_submodule(module)
+    dtype = torch.long if x.dtype.kind == "i" else torch.float32
+    with torch.no_grad():
+        return layer(torch.tensor(x, dtype=dtype)).double().numpy()
+
+
+def compare_layers(ours: peftdecl.AdaptedModel, wrapped) -> list[str]:
+    rng = np.random.default_rng(11)
+    checked = []
+    for module, make in PROBES.items():
+        if module in ours.plan().targets:
+            x = make(rng)
+            assert rel_err(ours(module, x), peft_layer_output(wrapped, module, x)) <= OUTPUT_TOL, module
+            checked.append(module)
+    assert checked
+    return checked
+
+
+def assert_merged_equal(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> None:
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        assert rel_err(ours[key], theirs[key]) <= MERGE_TOL, key
+
+
+@pytest.mark.peft
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_saved_dora_loads_with_peft_outputs_and_merge(case: str, tmp_path) -> None:
+    make, config = CASES[case]
+    wrapped = peft_model(make(), peft.LoraConfig(use_dora=True, init_lora_weights=False, **config))
+    perturb(wrapped)  # moves m away from ‖W + sBA‖, so g ≠ 1
+    wrapped.save_pretrained(tmp_path)
+    state, options = numpy_inputs(make())
+    ours = peftdecl.load_adapter(state, tmp_path, **options)
+    assert ours.plan().kind == "dora"
+    compare_layers(ours, wrapped)
+    assert_merged_equal(ours.merge_and_unload(), merged_state(wrapped))
+
+
+@pytest.mark.peft
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peftdecl_saved_dora_loads_in_peft(case: str, tmp_path) -> None:
+    make, config = CASES[case]
+    state, options = numpy_inputs(make())
+    ours = peftdecl.attach(
+        state,
+        {"peft_type": "LORA", "use_dora": True, "init_lora_weights": False, **config},
+        seed=3,
+        **options,
+    )
+    ours.save(tmp_path)
+
+    reference = peft_model(make(), peft.LoraConfig(use_dora=True, init_lora_weights=False, **config))
+    assert set(peft.utils.load_peft_weights(str(tmp_path))) == set(peft.get_peft_model_state_dict(reference))
+
+    loaded = peft.PeftModel.from_pretrained(make(), tmp_path)
+    compare_layers(ours, loaded)
+    assert_merged_equal(ours.merge_and_unload(), merged_state(loaded))
+
+
+@pytest.mark.peft
+def test_training_forward_and_gradients_match_peft(tmp_path) -> None:
+    """Dropout masks are shared by replacing PEFT's dropout with the mask the reference draws; PEFT then
+    recomputes the base term on the dropped input, and its autograd (n detached) gives the gradients."""
+    p_drop, module = 0.3, "model.layers.0.self_attn.q_proj"
+    config = dict(r=4, lora_alpha=8, lora_dropout=p_drop, target_modules=["q_proj"])
+    wrapped = peft_model(tiny_llama(), peft.LoraConfig(use_dora=True, init_lora_weights=False, **config))
+    perturb(wrapped)
+    wrapped.save_pretrained(tmp_path)
+    state, options = numpy_inputs(tiny_llama())
+    ours = peftdecl.load_adapter(state, tmp_path, **options)
+
+    rng = np.random.default_rng(0)
+    x, dy = rng.normal(size=(2, 3, 64)), rng.normal(size=(2, 3, 64))
+    mask = (np.random.default_rng(5).random(x.shape) >= p_drop) / (1 - p_drop)  # the reference's first draw
+    layer = wrapped.base_model.model.get_submodule(module)
+
+    class FixedDropout(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return t * torch.tensor(mask, dtype=t.dtype)
+
+    layer.lora_dropout["default"] = FixedDropout()
+    layer.train()
+    xt = torch.tensor(x, dtype=torch.float32, requires_grad=True)
+    out = layer(xt)
+    (out * torch.tensor(dy, dtype=torch.float32)).sum().backward()
+
+    ours.train()
+    ours.engine.rng = np.random.default_rng(5)
+    y, tape = ours.engine.layer_forward(module, x)
+    assert rel_err(y, out.detach().double().numpy()) <= OUTPUT_TOL
+    grads = ours.engine.layer_backward(module, tape, dy)
+    theirs = {
+        "lora_A.weight": layer.lora_A["default"].weight.grad,
+        "lora_B.weight": layer.lora_B["default"].weight.grad,
+        "lora_magnitude_vector": layer.lora_magnitude_vector["default"].weight.grad,
+    }
+    for name, grad in theirs.items():
+        assert rel_err(grads[f"{module}.{name}"], grad.double().numpy()) <= OUTPUT_TOL, name
+    assert rel_err(grads["input"], xt.grad.double().numpy()) <= OUTPUT_TOL
+
+
+@pytest.mark.peft
+def test_peft_dora_config_is_a_valid_spec(tmp_path) -> None:
+    wrapped = peft_model(tiny_llama(), peft.LoraConfig(use_dora=True, target_modules=["q_proj"]))
+    wrapped.save_pretrained(tmp_path)
+    spec = peftdecl.load_spec(tmp_path / "adapter_config.json")
+    assert spec.kind == "dora" and spec.use_dora
