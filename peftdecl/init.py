@@ -28,6 +28,18 @@ def register_external_source(name: str, fn: BaseDependentInit) -> None:
     EXTERNAL_SOURCES[name] = fn
 
 
+SharedDependentInit = Callable[[Callable[[str], np.ndarray], ParamSpec, np.random.Generator], np.ndarray]
+SHARED_SOURCES: dict[str, SharedDependentInit] = {}
+"""``Init("external", source=NAME)`` on a shared tensor -> f(base_weight_of, spec, rng), where
+``base_weight_of(module)`` gives a base weight in the IR layout and ``rng`` is the tensor's own seeded
+generator (prompt tuning's table drawn from the word embeddings)."""
+
+
+def register_shared_source(name: str, fn: SharedDependentInit) -> None:
+    """Declare how a shared ``external`` tensor is computed from base weights (done by layout modules)."""
+    SHARED_SOURCES[name] = fn
+
+
 def generator_for(seed: int, key: str) -> np.random.Generator:
     """The generator that initialises the tensor ``key``."""
     return np.random.default_rng([seed, zlib.crc32(key.encode("utf-8"))])
@@ -51,7 +63,37 @@ def init_tensor(init: Init, shape: tuple[int, ...], rng: np.random.Generator) ->
         a, fan_in = float(init.arg("a", 0.0)), int(init.arg("fan_in"))
         bound = math.sqrt(6.0 / ((1.0 + a * a) * fan_in))
         return rng.uniform(-bound, bound, size=shape)
+    if rule == "torch_cpu_uniform":
+        seed, offset, bound = int(init.arg("seed")), int(init.arg("offset", 0)), float(init.arg("bound"))
+        return torch_cpu_uniform(seed, offset, bound, shape)
     raise ValueError(f"no initialiser for rule {rule!r}")
+
+
+def torch_cpu_uniform(seed: int, offset: int, bound: float, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 numbers in [-bound, bound) as ``torch.empty(shape).uniform_(-bound, bound, generator=g)`` draws
+    them after ``offset`` earlier draws from ``g = torch.Generator("cpu").manual_seed(seed)``.
+
+    torch's CPU generator is MT19937 seeded with the seed's low 32 bits (the classic ``init_genrand``, as
+    NumPy's legacy seeding); each value takes the low 24 bits of one 32-bit word, u = bits·2⁻²⁴, and returns
+    lo + u·(hi − lo) in float32. torch's AVX2/AVX-512 kernels round that once (a fused multiply-add); for a
+    symmetric range u·(hi − lo) + lo is an integer multiple of 2^e below 2⁴⁷, exact in float64, so one
+    rounding to float32 reproduces it bit for bit. (torch's non-FMA ``DEFAULT`` kernel rounds twice and can
+    differ by one float32 ulp.)
+    """
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"torch_cpu_uniform: seed {seed} is outside torch's 64-bit seed range")
+    state = np.random.RandomState(seed & 0xFFFFFFFF).get_state(legacy=False)
+    bits = np.random.MT19937(0)  # its state is replaced below
+    bits.state = {"bit_generator": "MT19937", "state": state["state"]}
+    if offset:
+        bits.random_raw(offset)
+    count = math.prod(shape)
+    raw = bits.random_raw(count) if count else np.zeros(0, dtype=np.uint64)
+    hi = np.float32(bound)
+    lo = -hi
+    span = np.float64(np.float32(hi - lo))  # torch forms (to - from) in float32
+    u = (raw & 0xFFFFFF).astype(np.float64) * 2.0**-24
+    return (u * span + np.float64(lo)).astype(np.float32).astype(np.float64).reshape(shape)
 
 
 def init_params(

@@ -171,6 +171,40 @@ class NumpyEngine:
         grads["input"] = dx_total
         return grads
 
+    # -- prompt learning (prefix / prompt tuning; math in kinds/prompt.py) ----------------------------------
+    def prompt_table(self, name: str | None = None) -> np.ndarray:
+        """The virtual-token table P: prompt tuning [T·S, d], prepended to the input embeddings by
+        ``kinds.prompt.prepend_virtual_tokens``; prefix tuning [T, 2L·d] (through the projection MLP when the
+        adapter trains one)."""
+        from peftdecl_numpy.kinds import prompt
+
+        plan, params = self._prompt_adapter(name)
+        return prompt.table(plan.prompt, params)[0].copy()
+
+    def prefix_key_values(self, batch_size: int, name: str | None = None) -> list[tuple[np.ndarray, ...]]:
+        """Per decoder layer the prefix (K, V), each (batch, heads, T, head_dim), as PEFT's ``get_prompt``."""
+        from peftdecl_numpy.kinds import prompt
+
+        plan, params = self._prompt_adapter(name)
+        if plan.kind != "prefix_tuning":
+            raise PeftdeclError(f"adapter is {plan.kind}; only prefix tuning has key/value prefixes")
+        return prompt.key_values(plan.prompt, prompt.table(plan.prompt, params)[0], batch_size)
+
+    def prompt_backward(self, d_table: np.ndarray, name: str | None = None) -> dict[str, np.ndarray]:
+        """Gradients of the adapter's trainable tensors (by key) from dL/dP (for dL/dKV see kinds.prompt)."""
+        from peftdecl_numpy.kinds import prompt
+
+        plan, params = self._prompt_adapter(name)
+        _, cache = prompt.table(plan.prompt, params)
+        return prompt.table_backward(plan.prompt, params, cache, np.asarray(d_table, dtype=np.float64))
+
+    def _prompt_adapter(self, name: str | None) -> tuple[Plan, dict[str, np.ndarray]]:
+        names = [name] if name is not None else [n for n in self._active if self._plans[n].prompt is not None]
+        if len(names) != 1 or names[0] not in self._plans or self._plans[names[0]].prompt is None:
+            found = sorted(n for n, p in self._plans.items() if p.prompt is not None)
+            raise PeftdeclError(f"name one prompt-learning adapter (attached: {found}); got {name!r}")
+        return self._plans[names[0]], self._params[names[0]][""]
+
     # -- helpers -------------------------------------------------------------------------------------------
     def _running(self) -> tuple[str, ...]:
         if not self._enabled:

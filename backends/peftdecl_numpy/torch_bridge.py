@@ -76,3 +76,21 @@ def model_facts(module: Any) -> dict[str, Any]:
                     facts[field] = int(value)
                     break
     return facts
+
+
+def vera_projections(
+    prng_key: int, r: int, max_in: int, max_out: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """HF PEFT's VeRA projections as torch draws them on this machine (None when torch is not installed):
+    one CPU generator seeded with ``prng_key``, A ∈ R^{r×max_in} first, then B ∈ R^{max_out×r}."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from peftdecl.plan.kinds.vera import kaiming_bound
+
+    gen = torch.Generator(device="cpu").manual_seed(prng_key)
+    bound_a, bound_b = kaiming_bound(max_in), kaiming_bound(r)
+    a = torch.empty(r, max_in).uniform_(-bound_a, bound_a, generator=gen)
+    b = torch.empty(max_out, r).uniform_(-bound_b, bound_b, generator=gen)
+    return a.double().numpy(), b.double().numpy()

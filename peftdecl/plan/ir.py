@@ -85,7 +85,9 @@ class ModelInfo:
 class Init:
     """A deterministic initialisation rule, e.g. ``Init("kaiming_uniform", fan_in=64)``."""
 
-    rule: Literal["zeros", "ones", "constant", "normal", "uniform", "kaiming_uniform", "external"]
+    rule: Literal[
+        "zeros", "ones", "constant", "normal", "uniform", "kaiming_uniform", "torch_cpu_uniform", "external"
+    ]
     args: tuple[tuple[str, Any], ...] = ()
 
     def __init__(self, rule: str, **args: Any) -> None:

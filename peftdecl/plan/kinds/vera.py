@@ -1,0 +1,136 @@
+"""VeRA layout: per layer λ_d ∈ R^r and λ_b ∈ R^out train; A ∈ R^{r×max_in} and B ∈ R^{max_out×r} are
+frozen and shared by every layer.
+
+A and B are drawn as HF PEFT draws them: one ``torch.Generator("cpu").manual_seed(projection_prng_key)``
+stream, A first, then B, each uniform in ±√3·√2/√fan_in (fan_in = max_in for A, r for B). peftdecl replays
+that stream in NumPy (``Init("torch_cpu_uniform")``), so a fresh adapter starts from PEFT's projections.
+
+Several VeRA adapters on one model: HF PEFT gives every later adapter the *first* adapter's projections (and
+so requires the same ``projection_prng_key`` and ``save_projection``, and ranks and layer shapes no larger
+than the first's). A peftdecl plan carries its own projections from its own key and shapes; they equal
+PEFT's whenever r and the targeted shapes match the first adapter's. A PEFT file holding larger
+(first-adapter) projections is cut to this adapter's size on load, keeping exactly the block the forward uses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from peftdecl.errors import AdapterFileError
+from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec, Plan
+from peftdecl.plan.kinds import KindLayout
+
+ProjectionSource = Callable[[int, int, int, int], "tuple[np.ndarray, np.ndarray] | None"]
+"""(projection_prng_key, r, max_in, max_out) -> (A, B) as HF PEFT's torch generator gives them, or None."""
+
+_PROJECTION_SOURCES: list[ProjectionSource] = []
+
+
+def register_projection_source(fn: ProjectionSource) -> None:
+    """Offer a way to regenerate PEFT's projections bit for bit (backends that can run torch register one)."""
+    if fn not in _PROJECTION_SOURCES:
+        _PROJECTION_SOURCES.append(fn)
+
+
+def kaiming_bound(fan_in: int) -> float:
+    """PEFT's projection bound, evaluated in its order of operations so the float32 bound is identical."""
+    std = math.sqrt(2) / math.sqrt(fan_in)
+    return math.sqrt(3.0) * std
+
+
+def projection_shapes(plan: Plan) -> tuple[int, int, int]:
+    """(r, max_in, max_out) over the plan's layers."""
+    r = plan.spec.r  # type: ignore[attr-defined]
+    max_in = max(lp.layer.in_features for lp in plan.layers)
+    return r, max_in, max(lp.layer.out_features for lp in plan.layers)
+
+
+def build_vera_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
+    """λ_b = 0 and λ_d = d_initial (a no-op); with ``init_weights=False`` λ_b = 1 and λ_d ~ N(0, 1)."""
+    if spec.init_weights:
+        b_init, d_init = Init("zeros"), Init("constant", value=spec.d_initial)
+    else:
+        b_init, d_init = Init("ones"), Init("normal", std=1.0)
+    return LayerPlan(
+        module=module,
+        layer=layer,
+        kind="vera",
+        params=(
+            ParamSpec("vera_lambda_b", (layer.out_features,), "trainable", b_init),
+            ParamSpec("vera_lambda_d", (spec.r,), "trainable", d_init),
+        ),
+        r=spec.r,
+        scaling=1.0,
+        options={"dropout": spec.vera_dropout, "fan_in_fan_out": layer.type == "gpt2_conv1d"},
+    )
+
+
+def build_vera_shared(spec: Any, layers: Sequence[LayerPlan], info: ModelInfo) -> tuple[ParamSpec, ...]:
+    """The shared projections, sized by the largest targeted layer."""
+    r = spec.r
+    max_in = max(lp.layer.in_features for lp in layers)
+    max_out = max(lp.layer.out_features for lp in layers)
+    key = spec.projection_prng_key
+    return (
+        ParamSpec(
+            "vera_A", (r, max_in), "shared", Init("torch_cpu_uniform", seed=key, bound=kaiming_bound(max_in))
+        ),
+        ParamSpec(
+            "vera_B",
+            (max_out, r),
+            "shared",
+            Init("torch_cpu_uniform", seed=key, offset=r * max_in, bound=kaiming_bound(r)),
+        ),
+    )
+
+
+def vera_to_file(plan: Plan, arrays: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Drop the projections when ``save_projection`` is false; record fan_in_fan_out as PEFT rewrites it."""
+    if not plan.spec.save_projection:  # type: ignore[attr-defined]
+        arrays = {k: v for k, v in arrays.items() if k not in ("vera_A", "vera_B")}
+    # PEFT overwrites the config's fan_in_fan_out per wrapped layer (True on GPT-2 Conv1D, False on Linear);
+    # the last wrapped layer's value is the one it saves.
+    return arrays, {"fan_in_fan_out": plan.layers[-1].layer.type == "gpt2_conv1d"}
+
+
+def vera_from_file(plan: Plan, arrays: dict[str, Any]) -> dict[str, Any]:
+    """Projections from the file (cut to this adapter's size) or, if they were not saved, regenerated."""
+    r, max_in, max_out = projection_shapes(plan)
+    spec = plan.spec
+    have = [k for k in ("vera_A", "vera_B") if k in arrays]
+    if len(have) == 2:
+        a, b = np.asarray(arrays["vera_A"]), np.asarray(arrays["vera_B"])
+        if a.shape[0] >= r and a.shape[1] >= max_in and b.shape[0] >= max_out and b.shape[1] >= r:
+            return {**arrays, "vera_A": a[:r, :max_in], "vera_B": b[:max_out, :r]}
+        return arrays  # check_arrays reports the shape mismatch
+    if len(have) == 1:
+        raise AdapterFileError(f"the file has base_model.{have[0]} but not its partner projection")
+    if spec.save_projection:  # type: ignore[attr-defined]
+        raise AdapterFileError(
+            "the config says save_projection=true but the file holds no base_model.vera_A / base_model.vera_B"
+        )
+    key = spec.projection_prng_key  # type: ignore[attr-defined]
+    for source in _PROJECTION_SOURCES:
+        found = source(key, r, max_in, max_out)
+        if found is not None:
+            return {**arrays, "vera_A": found[0], "vera_B": found[1]}
+    raise AdapterFileError(
+        "the adapter was saved with save_projection=false, so the file holds no shared projections "
+        f"(base_model.vera_A [{r}, {max_in}], base_model.vera_B [{max_out}, {r}]); HF PEFT regenerates "
+        f"them with torch's CPU generator (torch.Generator('cpu').manual_seed({key})), which needs torch: "
+        "install torch, or re-save the adapter from PEFT with save_projection=True"
+    )
+
+
+LAYOUT = KindLayout(
+    kind="vera",
+    layer_types=("linear", "gpt2_conv1d"),
+    build_layer=build_vera_layer,
+    build_shared=build_vera_shared,
+    to_file=vera_to_file,
+    from_file=vera_from_file,
+)
