@@ -1,0 +1,47 @@
+"""`peftdecl inspect` and `peftdecl validate` on a saved adapter of every kind (NumPy reference, no torch)."""
+
+from __future__ import annotations
+
+import pytest
+
+import peftdecl
+from peftdecl.cli import main
+from peftdecl.demo import llama_state_dict
+
+FACTS = {
+    "layer_types": {"model.embed_tokens": "embedding"}, "output_head": "lm_head",
+    "word_embeddings": "model.embed_tokens", "model_type": "llama", "num_layers": 2, "hidden_size": 64,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
+}  # fmt: skip
+QV = ["q_proj", "v_proj"]
+SPECS = {
+    "lora": ({"peft_type": "LORA", "r": 4, "target_modules": QV}, "4"),
+    "dora": ({"peft_type": "LORA", "r": 2, "use_dora": True, "target_modules": QV}, "2"),
+    "adalora": ({"peft_type": "ADALORA", "init_r": 6, "total_step": 10, "target_modules": QV}, "6"),
+    "ia3": ({"peft_type": "IA3", "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]}, "-"),
+    "loha": ({"peft_type": "LOHA", "r": 3, "target_modules": QV}, "3"),
+    "lokr": ({"peft_type": "LOKR", "r": 8, "target_modules": QV}, "8"),
+    "oft": ({"peft_type": "OFT", "r": 0, "oft_block_size": 16, "target_modules": QV}, "4×16"),
+    "boft": ({"peft_type": "BOFT", "boft_block_size": 8, "target_modules": QV}, "1×8×8"),
+    "vera": ({"peft_type": "VERA", "r": 16, "target_modules": QV}, "16"),
+    "prefix": ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 5, "task_type": "CAUSAL_LM"}, None),
+    "prompt": ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 6, "task_type": "CAUSAL_LM"}, None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(SPECS))
+def test_inspect_and_validate_every_kind(kind, tmp_path, capsys) -> None:
+    spec, rank = SPECS[kind]
+    model = peftdecl.attach(llama_state_dict(), spec, **FACTS)
+    model.save(tmp_path)
+    assert main(["validate", str(tmp_path)]) == 0
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"kind        {spec['peft_type']}" in out
+    assert f"parameters  {sum(v.size for v in model.state_dict().values()):,}" in out
+    if rank is None:
+        assert "shared      prompt_embeddings" in out
+    else:
+        line = next(s for s in out.splitlines() if s.startswith("model.layers.0.self_attn.q_proj ")
+                    or s.startswith("model.layers.0.self_attn.k_proj "))  # fmt: skip
+        assert line.split()[1] == rank
