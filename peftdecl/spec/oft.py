@@ -37,7 +37,7 @@ class OFTSpec(SpecBase, tag="OFT"):
         bool,
         Meta(description="Approximate the Cayley transform by a Neumann series (gives the transpose rotation)."),
     ] = True
-    num_cayley_neumann_terms: Annotated[int, Meta(ge=2)] = 5
+    num_cayley_neumann_terms: Annotated[int, Meta(ge=0, description="Terms of the Neumann series (0 and 1 give R = I).")] = 5
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {"bias": "none"}
 

@@ -1,0 +1,259 @@
+"""The NumPy reference OFT: gradients vs finite differences, merge == forward, unmerge, COFT, block dropout.
+
+Tolerances: float64 internal consistency ≤ 1e-10 (relative); gradients by tests/gradcheck.py (1e-6 relative
+on a central difference).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import peftdecl
+from peftdecl_numpy.kinds.oft import project_coft
+from peftdecl_numpy.rotation import cayley, neumann, neumann_coefficients, skew_from_triu
+from tests.conftest import rel_err
+from tests.gradcheck import check_gradients
+
+TOL = 1e-10  # float64 consistency
+
+LAYERS = {
+    "linear": ({"m.weight": (5, 8), "m.bias": (5,)}, "linear", (3, 8)),
+    "embedding": ({"m.weight": (11, 8)}, "embedding", None),
+    "conv2d": (
+        {"m.weight": (3, 2, 3, 3), "m.bias": (3,)},
+        {"type": "conv2d", "padding": 1, "stride": 2},
+        (2, 2, 5, 5),
+    ),
+    "conv2d_1x1": ({"m.weight": (3, 4, 1, 1)}, "conv2d", (2, 4, 3, 3)),
+}
+BLOCK = {"linear": 4, "embedding": 4, "conv2d": 6, "conv2d_1x1": 2}
+
+VARIANTS = {
+    "neumann": {},
+    "exact": {"use_cayley_neumann": False},
+    "neumann_3_terms": {"num_cayley_neumann_terms": 3},
+    "neumann_7_terms": {"num_cayley_neumann_terms": 7},
+    "block_share": {"block_share": True},
+    "module_dropout": {"module_dropout": 0.5},
+}
+
+
+def build(layer: str, seed: int = 0, **fields) -> tuple[peftdecl.AdaptedModel, np.ndarray]:
+    shapes, layer_type, x_shape = LAYERS[layer]
+    rng = np.random.default_rng(seed)
+    state = {k: rng.normal(size=s) for k, s in shapes.items()}
+    spec = {
+        "peft_type": "OFT",
+        "oft_block_size": BLOCK[layer],
+        "target_modules": ["m"],
+        "init_weights": False,
+    }
+    model = peftdecl.attach(state, {**spec, **fields}, layer_types={"m": layer_type}, seed=seed)
+    x = rng.integers(0, 11, size=(2, 3)) if x_shape is None else rng.normal(size=x_shape)
+    return model, x
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_gradients_match_finite_differences(layer: str, variant: str) -> None:
+    model, x = build(layer, **VARIANTS[variant])
+    model.train()
+    checked = check_gradients(model, "m", x)
+    assert checked[0].endswith("R.weight")
+    assert ("input" in checked) == (layer != "embedding")
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+@pytest.mark.parametrize("variant", ["neumann", "exact", "block_share"])
+def test_merged_forward_equals_adapter_forward_and_unmerge_restores(layer: str, variant: str) -> None:
+    model, x = build(layer, **VARIANTS[variant])
+    before = model.base_weight("m")
+    adapted = model("m", x)
+    with model.disable_adapters():
+        base_out = model("m", x)
+    assert rel_err(adapted, base_out) > 1e-3  # the rotation really changes the output
+    model.merge()
+    assert rel_err(model("m", x), adapted) <= TOL
+    model.unmerge()
+    assert rel_err(model.base_weight("m"), before) <= TOL  # Neumann R is not orthogonal: unmerge inverts it
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_default_init_is_a_no_op(layer: str) -> None:
+    # also for the 3×3 convolution, where HF PEFT's fold-based forward is not a no-op (see test_hf_oft)
+    model, x = build(layer, init_weights=True)
+    with model.disable_adapters():
+        base_out = model("m", x)
+    assert rel_err(model("m", x), base_out) <= 1e-14
+
+
+def test_exact_cayley_is_orthogonal_and_neumann_approximates_its_transpose() -> None:
+    q = 0.05 * skew_from_triu(np.random.default_rng(0).normal(size=(3, 10)), 5)
+    exact = cayley(q)
+    np.testing.assert_allclose(
+        exact @ exact.transpose(0, 2, 1), np.broadcast_to(np.eye(5), exact.shape), atol=1e-14
+    )
+    # (I + Q)(I − Q)⁻¹ = I + 2 Σ_{k≥1} Q^k; PEFT's m-term series stops at Q^m, so its error is O(‖Q‖^m)
+    for terms in (5, 9):
+        m = len(neumann_coefficients(terms)) - 1
+        err = np.abs(neumann(q, terms) - exact.transpose(0, 2, 1)).max()
+        assert err <= 4 * np.linalg.norm(q, 2, axis=(1, 2)).max() ** m
+    assert rel_err(neumann(q, 9), exact) > 1e-2  # the two modes are transposes, not the same matrix
+
+
+def test_coft_projects_the_stored_tensor_and_differentiates_at_the_projection() -> None:
+    model, x = build("linear", coft=True, eps=1e-2)
+    key = "m.oft_R.weight"
+    stored = model.state_dict()[key]
+    model("m", x)  # like HF PEFT, a forward overwrites the parameter by its projection
+    projected = model.state_dict()[key]
+    limit = 1e-2 / np.sqrt(stored.shape[0])
+    norms = np.linalg.norm(skew_from_triu(projected, 4), axis=(1, 2))
+    assert np.all(norms <= limit * (1 + 1e-12))
+    np.testing.assert_allclose(projected, project_coft(stored, 4, 1e-2), rtol=1e-14)
+    for row in range(stored.shape[0]):  # a projection rescales each block, keeping its direction
+        assert abs(np.dot(projected[row], stored[row])) == pytest.approx(
+            np.linalg.norm(projected[row]) * np.linalg.norm(stored[row]), rel=1e-12
+        )
+
+    plain, _ = build("linear")
+    plain.engine.trainable_parameters(("default",))[key][...] = projected
+    for m in (model, plain):
+        m.train()
+    grads = [
+        m.engine.layer_backward("m", m.engine.layer_forward("m", x)[1], np.ones((3, 5)))
+        for m in (model, plain)
+    ]
+    assert rel_err(grads[0][key], grads[1][key]) <= TOL
+    assert rel_err(grads[0]["input"], grads[1]["input"]) <= TOL
+
+
+def test_coft_gradients_inside_the_ball_match_finite_differences() -> None:
+    model, x = build(
+        "linear", coft=True, eps=10.0
+    )  # every block strictly inside: the projection is the identity
+    model.train()
+    assert "m.oft_R.weight" in check_gradients(model, "m", x)
+
+
+def test_coft_leaves_small_blocks_alone() -> None:
+    u = np.random.default_rng(1).normal(size=(2, 6)) * 1e-6
+    np.testing.assert_array_equal(project_coft(u, 4, 1.0), u)
+
+
+def test_module_dropout_replaces_whole_blocks_by_identity_in_training_only() -> None:
+    model, x = build("linear", module_dropout=0.5)
+    eval_out = model("m", x)
+    model.train()
+    model.engine.rng = np.random.default_rng(5)
+    y, tape = model.engine.layer_forward("m", x)
+    cache = tape["running"][0][2]
+    assert cache["dropped"].sum() == 1  # int(0.5 · 2 blocks)
+    rot = cache["rot"]
+    for block in range(2):
+        if cache["dropped"][block]:
+            np.testing.assert_array_equal(rot[block], np.eye(4))
+    model.engine.rng = np.random.default_rng(5)
+    np.testing.assert_array_equal(model("m", x), y)
+    model.eval()
+    np.testing.assert_array_equal(model("m", x), eval_out)
+
+
+def test_module_dropout_never_drops_a_shared_block() -> None:
+    model, x = build("linear", module_dropout=0.9, block_share=True)
+    eval_out = model("m", x)
+    model.train()
+    np.testing.assert_array_equal(model("m", x), eval_out)
+
+
+def _nearest_divisor_brute_force(dim: int, value: int) -> int:
+    return min((d for d in range(1, dim + 1) if dim % d == 0), key=lambda d: (abs(d - value), d))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("oft_block_size", 5), ("oft_block_size", 7), ("r", 5), ("r", 20)]
+)
+def test_block_layout_is_adjusted_to_the_nearest_divisor_with_a_warning(field: str, value: int) -> None:
+    # HF PEFT's own rule is compared with ours over many sizes in test_hf_oft
+    state = {"m.weight": np.ones((3, 12))}
+    spec = {"peft_type": "OFT", "r": 0, "oft_block_size": 0, field: value, "target_modules": ["m"]}
+    with pytest.warns(UserWarning, match=f"m: .*{value} does not divide 12"):
+        model = peftdecl.attach(state, spec)
+    options = model.plan().layer("m").options
+    chosen = options["block_size"] if field == "oft_block_size" else options["n_blocks"]
+    assert chosen == _nearest_divisor_brute_force(12, value)
+    assert options["block_size"] * options["n_blocks"] == 12
+
+
+def test_unsupported_layers_are_refused_by_name() -> None:
+    state = {"c.weight": np.ones((4, 2, 3, 3)), "g.weight": np.ones((4, 1, 1, 1))}
+    layer_types = {"c": {"type": "conv2d", "dilation": 2}, "g": {"type": "conv2d", "groups": 2}}
+    with pytest.raises(peftdecl.TargetError, match="c: OFT does not support dilated"):
+        peftdecl.attach(
+            state, {"peft_type": "OFT", "oft_block_size": 2, "target_modules": ["c"]}, layer_types=layer_types
+        )
+    with pytest.raises(peftdecl.TargetError, match="g: OFT on a grouped convolution"):
+        peftdecl.attach(
+            state, {"peft_type": "OFT", "oft_block_size": 2, "target_modules": ["g"]}, layer_types=layer_types
+        )
+
+
+def test_save_and_reload_round_trip(tmp_path) -> None:
+    model, x = build("embedding", coft=True)
+    expected = model("m", x)
+    model.save(tmp_path)
+    state = {"m.weight": model.base_weight("m")}
+    again = peftdecl.load_adapter(state, tmp_path, layer_types={"m": "embedding"})
+    assert rel_err(again("m", x), expected) <= 1e-6  # the file is float32
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    blocks=st.integers(1, 4),
+    block=st.integers(2, 5),
+    d_out=st.integers(1, 4),
+    share=st.booleans(),
+    exact=st.booleans(),
+    terms=st.integers(2, 7),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_forward_matches_merged_weight_property(
+    blocks, block, d_out, share, exact, terms, seed
+) -> None:
+    rng = np.random.default_rng(seed)
+    d_in = blocks * block
+    state = {"m.weight": rng.normal(size=(d_out, d_in))}
+    spec = {
+        "peft_type": "OFT",
+        "oft_block_size": block,
+        "block_share": share,
+        "use_cayley_neumann": not exact,
+        "num_cayley_neumann_terms": terms,
+        "target_modules": ["m"],
+        "init_weights": False,
+    }
+    model = peftdecl.attach(state, spec, seed=seed)
+    x = rng.normal(size=(2, d_in))
+    adapted = model("m", x)
+    merged = model.merge_and_unload()
+    assert rel_err(x @ merged["m.weight"].T, adapted) <= TOL
+    model.unmerge()
+    model.train()
+    check_gradients(model, "m", x, seed=seed)
+
+
+def test_neumann_adapters_from_before_peft_0_18_warn() -> None:
+    # HF PEFT 0.18.0 changed the series; an older file's numbers were computed with another one
+    state = {"m.weight": np.ones((3, 8))}
+    spec = {"peft_type": "OFT", "oft_block_size": 4, "target_modules": ["m"], "peft_version": "0.17.1"}
+    with pytest.warns(UserWarning, match="saved by peft 0.17.1"):
+        peftdecl.attach(state, spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peftdecl.attach(state, {**spec, "peft_version": "0.21.2"})
+        peftdecl.attach(state, {**spec, "use_cayley_neumann": False})
