@@ -1,8 +1,8 @@
 """peftdecl: declarative, backend-neutral parameter-efficient fine-tuning adapters, file-compatible with HF PEFT.
 
-    spec = peftdecl.load_spec("adapter.yaml")
-    model = peftdecl.attach(base_model, spec)
-    model.save("out/")
+spec = peftdecl.load_spec("adapter.yaml")
+model = peftdecl.attach(base_model, spec)
+model.save("out/")
 """
 
 from __future__ import annotations

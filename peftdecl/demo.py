@@ -95,7 +95,13 @@ def run_demo(spec_path: Path | None = None, out: Path | None = None) -> int:
     merge_err = _rel(x @ w.T, adapted)
     ok = merge_err <= 1e-12
     checks_ok &= ok
-    rows.append(("merge", f"x·W_mergedᵀ vs adapter forward: {merge_err:.1e} (tol 1e-12, float64)", "ok" if ok else "FAIL"))
+    rows.append(
+        (
+            "merge",
+            f"x·W_mergedᵀ vs adapter forward: {merge_err:.1e} (tol 1e-12, float64)",
+            "ok" if ok else "FAIL",
+        )
+    )
     rows.append(("total", f"{(time.perf_counter() - start) * 1e3:.0f} ms", "ok" if checks_ok else "FAIL"))
     _print_table(rows)
     return 0 if checks_ok else 1

@@ -96,9 +96,7 @@ def torch_cpu_uniform(seed: int, offset: int, bound: float, shape: tuple[int, ..
     return (u * span + np.float64(lo)).astype(np.float32).astype(np.float64).reshape(shape)
 
 
-def init_params(
-    plan: Plan, seed: int = 0, external: ExternalInit | None = None
-) -> dict[str, np.ndarray]:
+def init_params(plan: Plan, seed: int = 0, external: ExternalInit | None = None) -> dict[str, np.ndarray]:
     """Full key -> float64 array for every tensor of ``plan``."""
     arrays: dict[str, np.ndarray] = {}
     specs = plan.param_specs()
@@ -128,6 +126,8 @@ def check_arrays(plan: Plan, arrays: Mapping[str, np.ndarray], origin: str = "ad
     problems += [f"unexpected tensor {k}" for k in unexpected[:10]]
     for key, spec in expected.items():
         if key in arrays and tuple(np.shape(arrays[key])) != spec.shape:
-            problems.append(f"tensor {key} has shape {list(np.shape(arrays[key]))}, expected {list(spec.shape)}")
+            problems.append(
+                f"tensor {key} has shape {list(np.shape(arrays[key]))}, expected {list(spec.shape)}"
+            )
     if problems:
         raise AdapterFileError(f"{origin}: " + "; ".join(problems))

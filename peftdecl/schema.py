@@ -34,7 +34,10 @@ def kind_schema(peft_type: str) -> dict[str, Any]:
     generated = msgspec.json.schema(cls)
     defs = generated["$defs"]
     body = defs.pop(cls.__name__)
-    body["properties"]["peft_type"] = {"const": peft_type, "description": "The adapter kind (HF PEFT's name)."}
+    body["properties"]["peft_type"] = {
+        "const": peft_type,
+        "description": "The adapter kind (HF PEFT's name).",
+    }
     body["properties"] = dict(sorted(body["properties"].items(), key=lambda kv: kv[0] != "peft_type"))
     body["title"] = f"{peft_type} adapter spec"
     body["description"] = (cls.__doc__ or "").strip().splitlines()[0]
@@ -52,7 +55,10 @@ def union_schema() -> dict[str, Any]:
     """A schema accepting any adapter kind, dispatched on ``peft_type``."""
     defs = {peft_type: _without_meta(kind_schema(peft_type)) for peft_type in SPEC_TYPES}
     branches = [
-        {"if": {"properties": {"peft_type": {"const": t}}, "required": ["peft_type"]}, "then": {"$ref": f"#/$defs/{t}"}}
+        {
+            "if": {"properties": {"peft_type": {"const": t}}, "required": ["peft_type"]},
+            "then": {"$ref": f"#/$defs/{t}"},
+        }
         for t in SPEC_TYPES
     ]
     return {
@@ -115,8 +121,12 @@ def _read(path: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m peftdecl.schema`` and ``peftdecl schema``."""
-    parser = argparse.ArgumentParser(prog="peftdecl schema", description="Generate or check the JSON Schemas.")
-    parser.add_argument("--out", type=Path, default=None, help="folder to write (default: the repo's schemas/)")
+    parser = argparse.ArgumentParser(
+        prog="peftdecl schema", description="Generate or check the JSON Schemas."
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder to write (default: the repo's schemas/)"
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 if the folder is stale")
     args = parser.parse_args(argv)
     target = args.out or default_dir()

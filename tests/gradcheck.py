@@ -15,7 +15,9 @@ def _loss(model: Any, module: str, x: np.ndarray, weights: np.ndarray, seed: int
     return float(np.sum(model(module, x) * weights))
 
 
-def check_gradients(model: Any, module: str, x: np.ndarray, seed: int = 0, check_input: bool = True) -> list[str]:
+def check_gradients(
+    model: Any, module: str, x: np.ndarray, seed: int = 0, check_input: bool = True
+) -> list[str]:
     """Compare every trainable tensor's (and the input's) gradient with a central difference along a random
     direction. Returns the keys checked; raises AssertionError on a mismatch."""
     engine = model.engine

@@ -68,7 +68,7 @@ def test_config_kind_contradicted_by_tensors(saved) -> None:
     config = json.loads((folder / "adapter_config.json").read_text())
     config = {"peft_type": "IA3", "target_modules": ["q", "v"]}
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(AdapterFileError, match="the config says IA3 but the tensors .* are LORA"):
+    with pytest.raises(AdapterFileError, match=r"the config says IA3 but the tensors .* are LORA"):
         peftdecl.load_adapter(dict(model.base_model), folder)
 
 

@@ -13,7 +13,16 @@ import pytest
 
 import peftdecl
 from tests.conftest import rel_err
-from tests.hf_models import merged_state, numpy_inputs, peft, peft_model, perturb, tiny_gpt2, tiny_llama, torch
+from tests.hf_models import (
+    merged_state,
+    numpy_inputs,
+    peft,
+    peft_model,
+    perturb,
+    tiny_gpt2,
+    tiny_llama,
+    torch,
+)
 
 MERGE_TOL = 1e-6
 
@@ -67,7 +76,9 @@ def test_peftdecl_saved_lora_loads_in_peft(case: str, tmp_path) -> None:
     ours.save(tmp_path)
     expected_merge = ours.merge_and_unload()
 
-    reference = peft_model(base_for(case), peft.LoraConfig(**{**LLAMA_CASES[case], "init_lora_weights": False}))
+    reference = peft_model(
+        base_for(case), peft.LoraConfig(**{**LLAMA_CASES[case], "init_lora_weights": False})
+    )
     expected_keys = set(peft.get_peft_model_state_dict(reference))
     saved_keys = set(peft.utils.load_peft_weights(str(tmp_path)))
     assert saved_keys == expected_keys
@@ -88,7 +99,9 @@ def test_gpt2_conv1d_both_ways(tmp_path) -> None:
     module = "transformer.h.0.attn.c_attn"
     with torch.no_grad():
         expected = wrapped.base_model.model.transformer.h[0].attn.c_attn(torch.tensor(x, dtype=torch.float32))
-    assert rel_err(model(module, x), expected.double().numpy()) <= 1e-5  # float32 forward vs float64 reference
+    assert (
+        rel_err(model(module, x), expected.double().numpy()) <= 1e-5
+    )  # float32 forward vs float64 reference
     model.save(tmp_path / "ours")
     loaded = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours")
     assert_merged_equal(model.merge_and_unload(), merged_state(loaded))
@@ -96,7 +109,9 @@ def test_gpt2_conv1d_both_ways(tmp_path) -> None:
 
 @pytest.mark.peft
 def test_two_adapters_in_one_folder(tmp_path) -> None:
-    wrapped = peft_model(tiny_llama(), peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    wrapped = peft_model(
+        tiny_llama(), peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     wrapped.add_adapter("other", peft.LoraConfig(r=4, target_modules=["o_proj"], init_lora_weights=False))
     perturb(wrapped)
     wrapped.save_pretrained(tmp_path)
@@ -110,7 +125,9 @@ def test_two_adapters_in_one_folder(tmp_path) -> None:
     wrapped.set_adapter("other")
     x = np.random.default_rng(1).normal(size=(2, 64))
     with torch.no_grad():
-        expected = wrapped.base_model.model.model.layers[0].self_attn.o_proj(torch.tensor(x, dtype=torch.float32))
+        expected = wrapped.base_model.model.model.layers[0].self_attn.o_proj(
+            torch.tensor(x, dtype=torch.float32)
+        )
     assert rel_err(ours("model.layers.0.self_attn.o_proj", x), expected.double().numpy()) <= 1e-5
 
     ours.save(tmp_path / "resaved")
@@ -128,12 +145,18 @@ def test_saved_config_matches_peft_fields(tmp_path) -> None:
     state, options = numpy_inputs(tiny_llama())
     ours = peftdecl.attach(state, {"peft_type": "LORA", "target_modules": "all-linear"}, **options)
     ours.save(tmp_path / "ours")
-    peft_model(tiny_llama(), peft.LoraConfig(target_modules="all-linear")).save_pretrained(tmp_path / "theirs")
+    peft_model(tiny_llama(), peft.LoraConfig(target_modules="all-linear")).save_pretrained(
+        tmp_path / "theirs"
+    )
     mine = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
     assert set(mine) == set(theirs)
     assert set(mine["target_modules"]) == set(theirs["target_modules"])
-    differing = {k for k in theirs if k not in ("target_modules", "peft_version", "base_model_name_or_path") and mine[k] != theirs[k]}
+    differing = {
+        k
+        for k in theirs
+        if k not in ("target_modules", "peft_version", "base_model_name_or_path") and mine[k] != theirs[k]
+    }
     assert not differing, {k: (mine[k], theirs[k]) for k in differing}
     keys = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert list(keys) == sorted(keys)

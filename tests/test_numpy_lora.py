@@ -14,7 +14,11 @@ from tests.gradcheck import check_gradients
 LAYERS = {
     "linear": ({"m.weight": (6, 5), "m.bias": (6,)}, "linear", (4, 5)),
     "embedding": ({"m.weight": (11, 5)}, "embedding", None),
-    "conv1d": ({"m.weight": (4, 3, 3), "m.bias": (4,)}, {"type": "conv1d", "padding": 1, "stride": 2}, (2, 3, 9)),
+    "conv1d": (
+        {"m.weight": (4, 3, 3), "m.bias": (4,)},
+        {"type": "conv1d", "padding": 1, "stride": 2},
+        (2, 3, 9),
+    ),
     "conv2d": ({"m.weight": (4, 3, 3, 3), "m.bias": (4,)}, {"type": "conv2d", "padding": 1}, (2, 3, 5, 5)),
     "conv2d_1x1": ({"m.weight": (4, 3, 1, 1)}, "conv2d", (2, 3, 4, 4)),
     "gpt2_conv1d": ({"m.weight": (5, 6), "m.bias": (6,)}, "gpt2_conv1d", (4, 5)),
@@ -78,7 +82,9 @@ def test_dropout_is_seeded_and_only_in_training() -> None:
 
 def test_mixed_batch_rows_match_single_adapter_runs() -> None:
     model, x = build("linear")
-    model.add_adapter("b", {"peft_type": "LORA", "r": 2, "target_modules": ["m"], "init_lora_weights": False}, seed=9)
+    model.add_adapter(
+        "b", {"peft_type": "LORA", "r": 2, "target_modules": ["m"], "init_lora_weights": False}, seed=9
+    )
     mixed = model("m", x, adapter_names=["default", "b", "__base__", "b"])
     model.set_adapter("b")
     only_b = model("m", x)
@@ -93,7 +99,9 @@ def test_mixed_batch_rows_match_single_adapter_runs() -> None:
 
 def test_two_active_adapters_sum_their_contributions() -> None:
     model, x = build("linear")
-    model.add_adapter("b", {"peft_type": "LORA", "r": 2, "target_modules": ["m"], "init_lora_weights": False}, seed=9)
+    model.add_adapter(
+        "b", {"peft_type": "LORA", "r": 2, "target_modules": ["m"], "init_lora_weights": False}, seed=9
+    )
     with model.disable_adapters():
         base = model("m", x)
     deltas = []
@@ -118,8 +126,14 @@ def test_two_active_adapters_sum_their_contributions() -> None:
 def test_linear_forward_matches_merged_weight_property(d_in, d_out, r, tokens, rslora, seed) -> None:
     rng = np.random.default_rng(seed)
     state = {"m.weight": rng.normal(size=(d_out, d_in))}
-    spec = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "use_rslora": rslora, "target_modules": ["m"],
-            "init_lora_weights": False}
+    spec = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "use_rslora": rslora,
+        "target_modules": ["m"],
+        "init_lora_weights": False,
+    }
     model = peftdecl.attach(state, spec, seed=seed)
     x = rng.normal(size=(tokens, d_in))
     adapted = model("m", x)

@@ -20,10 +20,12 @@ CONTAINERS = ["model", "layers", "h", "blocks", "self_attn", "mlp", "encoder", "
 
 segment = st.sampled_from(CONTAINERS) | st.integers(0, 3).map(str)
 module_names = st.builds(
-    lambda parts, leaf: ".".join([*parts, leaf]), st.lists(segment, min_size=0, max_size=5), st.sampled_from(LEAVES)
+    lambda parts, leaf: ".".join([*parts, leaf]),
+    st.lists(segment, min_size=0, max_size=5),
+    st.sampled_from(LEAVES),
 )
 target_lists = st.lists(
-    st.sampled_from(LEAVES + ["self_attn.q_proj", "mlp.down_proj", "layers.0.self_attn.v_proj"]),
+    st.sampled_from([*LEAVES, "self_attn.q_proj", "mlp.down_proj", "layers.0.self_attn.v_proj"]),
     min_size=1,
     max_size=3,
 )
@@ -53,7 +55,7 @@ def test_matches_peft_check_target_module_exists(key, targets, exclude, layers, 
 @settings(max_examples=200, deadline=None)
 @given(
     key=module_names,
-    patterns=st.dictionaries(st.sampled_from(LEAVES + ["self_attn.q_proj", "layers.0.self_attn.q_proj", "q.*"]),
+    patterns=st.dictionaries(st.sampled_from([*LEAVES, "self_attn.q_proj", "layers.0.self_attn.q_proj", "q.*"]),
                              st.integers(1, 16), max_size=3),
 )  # fmt: skip
 def test_rank_pattern_lookup_matches_peft(key, patterns) -> None:
@@ -63,7 +65,9 @@ def test_rank_pattern_lookup_matches_peft(key, patterns) -> None:
 
 
 def _info(names: list[str], head: str | None = None) -> ModelInfo:
-    return ModelInfo(layers={n: LayerInfo("linear", 4, 4) for n in names}, output_head=head, model_type="llama")
+    return ModelInfo(
+        layers={n: LayerInfo("linear", 4, 4) for n in names}, output_head=head, model_type="llama"
+    )
 
 
 def test_all_linear_skips_the_output_head_and_non_linear_layers() -> None:
@@ -78,7 +82,9 @@ def test_all_linear_skips_the_output_head_and_non_linear_layers() -> None:
         },
         output_head="lm_head",
     )  # fmt: skip
-    plan = peftdecl.compile_plan(peftdecl.load_spec({"peft_type": "LORA", "target_modules": "ALL-LINEAR"}), info)
+    plan = peftdecl.compile_plan(
+        peftdecl.load_spec({"peft_type": "LORA", "target_modules": "ALL-LINEAR"}), info
+    )
     assert plan.targets == ("model.layers.0.q_proj", "model.layers.0.c_attn")
 
 
@@ -89,7 +95,9 @@ def test_nothing_matched_lists_the_closest_names() -> None:
 
 
 def test_default_targets_follow_the_model_type() -> None:
-    info = _info(["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.o_proj"])
+    info = _info(
+        ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.o_proj"]
+    )
     plan = peftdecl.compile_plan(peftdecl.load_spec({"peft_type": "LORA"}), info)
     assert plan.targets == ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj")
     unknown = ModelInfo(layers={"a": LayerInfo("linear", 2, 2)}, model_type="mystery")

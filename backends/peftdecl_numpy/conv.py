@@ -14,11 +14,11 @@ import numpy as np
 def _windows(
     spatial: Sequence[int], kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
 ) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], tuple[slice, ...]]]]:
-    out = tuple((n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(spatial, kernel, stride, dilation))
+    out = tuple((n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(spatial, kernel, stride, dilation, strict=True))
     windows = []
     for offset in itertools.product(*(range(k) for k in kernel)):
         slices = tuple(
-            slice(o * d, o * d + s * (m - 1) + 1, s) for o, d, s, m in zip(offset, dilation, stride, out)
+            slice(o * d, o * d + s * (m - 1) + 1, s) for o, d, s, m in zip(offset, dilation, stride, out, strict=True)
         )
         windows.append((offset, slices))
     return out, windows
@@ -37,7 +37,7 @@ def conv_forward(
     groups: int = 1,
 ) -> np.ndarray:
     """y[n, o, p] = Σ_{c, k} w[o, c, k] · x_pad[n, c, p·stride + k·dilation] within each group."""
-    n, c = x.shape[:2]
+    n = x.shape[0]
     o, cg = w.shape[:2]
     xp = _pad(x, padding)
     out, windows = _windows(xp.shape[2:], w.shape[2:], stride, dilation)
@@ -71,11 +71,15 @@ def conv_backward(
     for offset, slices in windows:
         index = (slice(None), slice(None), *slices)
         patch = xp[index].reshape(n, groups, cg, *out)
-        dw[(..., *offset)] = np.einsum("ngop,ngcp->goc", dyg.reshape(*dyg.shape[:3], -1), patch.reshape(*patch.shape[:3], -1))
+        dw[(..., *offset)] = np.einsum(
+            "ngop,ngcp->goc", dyg.reshape(*dyg.shape[:3], -1), patch.reshape(*patch.shape[:3], -1)
+        )
         if dxp is not None:
-            dxp[index] += np.einsum("ngo...,goc->ngc...", dyg, wg[(..., *offset)]).reshape(n, groups * cg, *out)
+            dxp[index] += np.einsum("ngo...,goc->ngc...", dyg, wg[(..., *offset)]).reshape(
+                n, groups * cg, *out
+            )
     dx = None
     if dxp is not None:
-        crop = tuple(slice(p, p + size) for p, size in zip(padding, x.shape[2:]))
+        crop = tuple(slice(p, p + size) for p, size in zip(padding, x.shape[2:], strict=True))
         dx = dxp[(slice(None), slice(None), *crop)]
     return dx, dw.reshape(w.shape)

@@ -32,7 +32,8 @@ class NumpyEngine:
             if layer.type == "gpt2_conv1d":
                 weight = weight.T  # GPT-2 Conv1D stores [in, out]; the IR is [out, in]
             bias = state_dict.get(f"{module}.bias")
-            self._layers[module] = BaseLayer(layer, weight.copy(), None if bias is None else np.asarray(bias, np.float64))
+            own_bias = None if bias is None else np.asarray(bias, np.float64)
+            self._layers[module] = BaseLayer(layer, weight.copy(), own_bias)
         self._plans: dict[str, Plan] = {}
         self._params: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # adapter -> module -> name -> array
         self._saved: dict[str, dict[str, np.ndarray]] = {}  # adapter -> modules_to_save copies
@@ -46,7 +47,9 @@ class NumpyEngine:
     def add(self, name: str, plan: Plan, arrays: Mapping[str, np.ndarray]) -> None:
         by_module: dict[str, dict[str, np.ndarray]] = {}
         for lp in plan.layers:
-            by_module[lp.module] = {p.name: np.array(arrays[lp.key(p.name)], dtype=np.float64) for p in lp.params}
+            by_module[lp.module] = {
+                p.name: np.array(arrays[lp.key(p.name)], dtype=np.float64) for p in lp.params
+            }
         for p in plan.shared:
             by_module.setdefault("", {})[p.name] = np.array(arrays[p.name], dtype=np.float64)
         saved = {}
@@ -92,7 +95,9 @@ class NumpyEngine:
         """A new state dict: merged weights in the original layouts, modules_to_save copies swapped in."""
         out = {k: np.array(v, dtype=np.float64) for k, v in self._original.items()}
         for module, base in self._layers.items():
-            out[f"{module}.weight"] = base.weight.T.copy() if base.info.type == "gpt2_conv1d" else base.weight.copy()
+            out[f"{module}.weight"] = (
+                base.weight.T.copy() if base.info.type == "gpt2_conv1d" else base.weight.copy()
+            )
             if base.bias is not None:
                 out[f"{module}.bias"] = base.bias.copy()
         for name in self._active:
@@ -144,7 +149,9 @@ class NumpyEngine:
         ctx = Context(self.training, self.rng)
         if adapter_names is not None:
             return self._mixed_forward(module, base, x, list(adapter_names), ctx)
-        running = [(n, self._plans[n].layer(module)) for n in self._running() if module in self._plans[n].targets]
+        running = [
+            (n, self._plans[n].layer(module)) for n in self._running() if module in self._plans[n].targets
+        ]
         if not running:
             return base.forward(x), {"x": x, "running": []}
         if len(running) == 1:
@@ -219,7 +226,9 @@ class NumpyEngine:
     ) -> tuple[np.ndarray, dict[str, Any]]:
         kinds = {lp.kind for _, lp in running}
         if not all(ops_for(k).additive for k in kinds):
-            raise BackendError(f"the numpy backend combines several active adapters only for additive kinds, not {kinds}")
+            raise BackendError(
+                f"the numpy backend combines several active adapters only for additive kinds, not {kinds}"
+            )
         y0 = base.forward(x)
         y, caches = y0.copy(), []
         for name, lp in running:
@@ -235,16 +244,22 @@ class NumpyEngine:
             raise PeftdeclError(f"adapter_names has {len(names)} entries for a batch of {x.shape[0]} rows")
         unknown = sorted({n for n in names if n != BASE and n not in self._plans})
         if unknown:
-            raise PeftdeclError(f"adapter_names lists unknown adapters {unknown}; attached: {sorted(self._plans)}")
+            raise PeftdeclError(
+                f"adapter_names lists unknown adapters {unknown}; attached: {sorted(self._plans)}"
+            )
         if self._merged:
-            raise PeftdeclError("adapter_names cannot be used while adapters are merged; call unmerge() first")
+            raise PeftdeclError(
+                "adapter_names cannot be used while adapters are merged; call unmerge() first"
+            )
         y = base.forward(x)
         for name in dict.fromkeys(names):
             if name == BASE or module not in self._plans[name].targets:
                 continue
             lp = self._plans[name].layer(module)
             if not ops_for(lp.kind).additive:
-                raise PeftdeclError(f"adapter {name!r} is {lp.kind}; mixed batches support additive kinds only")
+                raise PeftdeclError(
+                    f"adapter {name!r} is {lp.kind}; mixed batches support additive kinds only"
+                )
             rows = np.array([n == name for n in names])
             y_rows, _ = ops_for(lp.kind).forward(lp, base, self._layer_params(name, lp), x[rows], ctx)
             y[rows] = y_rows
@@ -274,7 +289,9 @@ def inventory(
             continue
         layers[module] = _layer_info(key, shape, declared, f"{module}.bias" in state_dict)
     if layer_types:
-        raise PeftdeclError(f"layer_types names modules without a weight in the state dict: {sorted(layer_types)}")
+        raise PeftdeclError(
+            f"layer_types names modules without a weight in the state dict: {sorted(layer_types)}"
+        )
     return ModelInfo(layers=layers, modules=tuple(modules), **model_facts)
 
 
@@ -285,9 +302,13 @@ def _layer_info(key: str, shape: tuple[int, ...], declared: Any, has_bias: bool)
     kind = settings.pop("type")
     expected_ndim = {"linear": 2, "embedding": 2, "gpt2_conv1d": 2, "conv1d": 3, "conv2d": 4}
     if kind not in expected_ndim:
-        raise PeftdeclError(f"layer_types[{key[:-7]!r}]: unknown layer type {kind!r}; expected one of {list(expected_ndim)}")
+        raise PeftdeclError(
+            f"layer_types[{key[:-7]!r}]: unknown layer type {kind!r}; expected one of {list(expected_ndim)}"
+        )
     if len(shape) != expected_ndim[kind]:
-        raise PeftdeclError(f"{key}: a {kind} weight has {expected_ndim[kind]} dimensions, got shape {list(shape)}")
+        raise PeftdeclError(
+            f"{key}: a {kind} weight has {expected_ndim[kind]} dimensions, got shape {list(shape)}"
+        )
     if kind == "gpt2_conv1d":
         return LayerInfo(kind, shape[0], shape[1], has_bias)
     if kind == "linear":

@@ -37,13 +37,17 @@ class BaseLayer:
         y = x @ w.T
         return y + self.bias if with_bias and self.bias is not None else y
 
-    def input_grad(self, x: np.ndarray, dy: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray | None:
+    def input_grad(
+        self, x: np.ndarray, dy: np.ndarray, weight: np.ndarray | None = None
+    ) -> np.ndarray | None:
         """dL/dx (None for an embedding, whose input is integer indices)."""
         w = self.weight if weight is None else weight
         if self.info.type == "embedding":
             return None
         if self.info.is_conv:
-            dx, _ = conv_backward(x, w, dy, self.info.stride, self.info.padding, self.info.dilation, self.info.groups)
+            dx, _ = conv_backward(
+                x, w, dy, self.info.stride, self.info.padding, self.info.dilation, self.info.groups
+            )
             return dx
         return dy @ w
 
@@ -55,7 +59,14 @@ class BaseLayer:
             return grad
         if self.info.is_conv:
             _, dw = conv_backward(
-                x, self.weight, dy, self.info.stride, self.info.padding, self.info.dilation, self.info.groups, False
+                x,
+                self.weight,
+                dy,
+                self.info.stride,
+                self.info.padding,
+                self.info.dilation,
+                self.info.groups,
+                False,
             )
             return dw
         return dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])

@@ -11,7 +11,7 @@ import numpy as np
 
 
 def numpy_model(module: Any) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
-    """``(state_dict, layer_types, model_facts)`` for ``peftdecl.attach(state_dict, spec, layer_types=..., **facts)``."""
+    """``(state_dict, layer_types, facts)`` for ``peftdecl.attach(state_dict, spec, layer_types=..., **facts)``."""
     import torch
 
     state = {k: v.detach().to(torch.float64).cpu().numpy() for k, v in module.state_dict().items()}

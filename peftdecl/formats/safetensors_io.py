@@ -41,7 +41,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
         raise AdapterFileError(f"{path}: not a safetensors file (only {len(blob)} bytes)")
     (header_len,) = struct.unpack("<Q", blob[:8])
     if header_len > min(_MAX_HEADER, len(blob) - 8):
-        raise AdapterFileError(f"{path}: corrupt or truncated safetensors header (declares {header_len} bytes)")
+        raise AdapterFileError(
+            f"{path}: corrupt or truncated safetensors header (declares {header_len} bytes)"
+        )
     try:
         header = json.loads(blob[8 : 8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -69,14 +71,18 @@ def _decode_tensor(path: Path, name: str, entry: object, data: memoryview) -> np
     count = int(np.prod(shape)) if shape else 1
     if dtype_name == "BF16":
         if len(raw) != 2 * count:
-            raise AdapterFileError(f"{path}: tensor {name!r} has {len(raw)} bytes for shape {shape} (bfloat16)")
+            raise AdapterFileError(
+                f"{path}: tensor {name!r} has {len(raw)} bytes for shape {shape} (bfloat16)"
+            )
         bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
         return bits.view(np.float32).reshape(shape).copy()
     if dtype_name not in _DTYPES:
         raise AdapterFileError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
     dtype = np.dtype(_DTYPES[dtype_name]).newbyteorder("<")
     if len(raw) != dtype.itemsize * count:
-        raise AdapterFileError(f"{path}: tensor {name!r} has {len(raw)} bytes, shape {shape} needs {dtype.itemsize * count}")
+        raise AdapterFileError(
+            f"{path}: tensor {name!r} has {len(raw)} bytes, shape {shape} needs {dtype.itemsize * count}"
+        )
     return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
 
 

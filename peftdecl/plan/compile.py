@@ -24,11 +24,15 @@ def compile_plan(spec: SpecBase, info: ModelInfo) -> Plan:
     kind = spec.kind
     layout = layouts().get(kind)
     if layout is None:
-        raise TargetError(f"adapter kind {kind!r} ({spec.peft_type}) has no execution layout in this peftdecl")
+        raise TargetError(
+            f"adapter kind {kind!r} ({spec.peft_type}) has no execution layout in this peftdecl"
+        )
     modules_to_save = _modules_to_save(spec, info)
     if layout.build_prompt is not None:
         prompt, shared = layout.build_prompt(spec, info)
-        return Plan(spec=spec, kind=kind, layers=(), shared=shared, modules_to_save=modules_to_save, prompt=prompt)
+        return Plan(
+            spec=spec, kind=kind, layers=(), shared=shared, modules_to_save=modules_to_save, prompt=prompt
+        )
     assert layout.build_layer is not None
     layers = []
     for name in select_targets(spec, info):

@@ -29,7 +29,9 @@ TargetModules = Annotated[
 ]
 ExcludeModules = Annotated[
     str | tuple[str, ...] | None,
-    Meta(description="Modules never adapted: a list matches by exact name or '.'-suffix, a string by full regex."),
+    Meta(
+        description="Modules never adapted: a list matches by exact name or '.'-suffix, a string by full regex."
+    ),
 ]
 LayersToTransform = Annotated[
     int | tuple[int, ...] | None,
@@ -37,7 +39,9 @@ LayersToTransform = Annotated[
 ]
 LayersPattern = Annotated[
     str | tuple[str, ...] | None,
-    Meta(description="Name of the layer container before the index (e.g. 'layers'); needs layers_to_transform."),
+    Meta(
+        description="Name of the layer container before the index (e.g. 'layers'); needs layers_to_transform."
+    ),
 ]
 ModulesToSave = Annotated[
     tuple[str, ...] | None,
@@ -46,10 +50,12 @@ ModulesToSave = Annotated[
 Probability = Annotated[float, Meta(ge=0.0, lt=1.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 RankPattern = Annotated[
-    dict[str, int], Meta(description="Per-module rank: the first key that matches a module's '.'-suffix wins.")
+    dict[str, int],
+    Meta(description="Per-module rank: the first key that matches a module's '.'-suffix wins."),
 ]
 AlphaPattern = Annotated[
-    dict[str, int | float], Meta(description="Per-module alpha: the first key that matches a module's '.'-suffix wins.")
+    dict[str, int | float],
+    Meta(description="Per-module alpha: the first key that matches a module's '.'-suffix wins."),
 ]
 
 
@@ -67,7 +73,12 @@ def deferred_checks() -> Iterator[None]:
 
 
 class SpecBase(
-    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="peft_type", omit_defaults=False
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag_field="peft_type",
+    omit_defaults=False,
 ):
     """Fields every HF PEFT config carries; subclasses add the kind's own."""
 
@@ -106,7 +117,10 @@ class SpecBase(
             value = getattr(self, name)
             if value != accepted and not (accepted == {} and value is None):
                 found.append(
-                    (f"$.{name}", f"not supported by peftdecl; only the default {_show(accepted)} is accepted")
+                    (
+                        f"$.{name}",
+                        f"not supported by peftdecl; only the default {_show(accepted)} is accepted",
+                    )
                 )
         found.extend(self.cross_field_problems())
         return found
@@ -139,7 +153,9 @@ def targeting_problems(spec: Any) -> list[tuple[str, str]]:
                 ("$.layers_to_transform", "cannot be used when target_modules is a regex string; use a list")
             )
         if layers_pattern is not None:
-            found.append(("$.layers_pattern", "cannot be used when target_modules is a regex string; use a list"))
+            found.append(
+                ("$.layers_pattern", "cannot be used when target_modules is a regex string; use a list")
+            )
         try:
             re.compile(spec.target_modules)
         except re.error as exc:

@@ -23,7 +23,9 @@ class AdaLoraSpec(LoraSpec, tag="ADALORA"):
     deltaT: Annotated[int, Meta(ge=1, description="Steps between two budget allocations.")] = 1
     beta1: Annotated[float, Meta(ge=0.0, le=1.0, description="EMA factor of the sensitivity.")] = 0.85
     beta2: Annotated[float, Meta(ge=0.0, le=1.0, description="EMA factor of the uncertainty.")] = 0.85
-    orth_reg_weight: Annotated[float, Meta(ge=0.0, description="Weight of the orthogonality regulariser.")] = 0.5
+    orth_reg_weight: Annotated[
+        float, Meta(ge=0.0, description="Weight of the orthogonality regulariser.")
+    ] = 0.5
     total_step: Annotated[int | None, Meta(description="Total training steps (required, > 0).")] = None
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {**LoraSpec.UNSUPPORTED, "use_dora": False}
@@ -38,6 +40,9 @@ class AdaLoraSpec(LoraSpec, tag="ADALORA"):
             found.append(("$.total_step", "AdaLoRA needs total_step > 0 (the length of training)"))
         elif self.tinit >= self.total_step - self.tfinal:
             found.append(
-                ("$.tinit", f"must be < total_step - tfinal = {self.total_step - self.tfinal} to leave pruning steps")
+                (
+                    "$.tinit",
+                    f"must be < total_step - tfinal = {self.total_step - self.tfinal} to leave pruning steps",
+                )
             )
         return found

@@ -27,5 +27,7 @@ class IA3Spec(SpecBase, tag="IA3"):
         if isinstance(targets, tuple) and isinstance(feedforward, tuple):
             extra = sorted(set(feedforward) - set(targets))
             if extra:
-                found.append(("$.feedforward_modules", f"must be a subset of target_modules; not targeted: {extra}"))
+                found.append(
+                    ("$.feedforward_modules", f"must be a subset of target_modules; not targeted: {extra}")
+                )
         return found

@@ -45,7 +45,12 @@ def spec_from_dict(data: Any, origin: str | None = None) -> SpecBase:
     if not isinstance(peft_type, str) or peft_type.upper() not in SPEC_TYPES:
         hint = _did_you_mean(str(peft_type).upper(), SPEC_TYPES)
         raise SpecError(
-            [("$.peft_type", f"unknown adapter kind {peft_type!r}{hint}; expected one of {', '.join(SPEC_TYPES)}")],
+            [
+                (
+                    "$.peft_type",
+                    f"unknown adapter kind {peft_type!r}{hint}; expected one of {', '.join(SPEC_TYPES)}",
+                )
+            ],
             origin,
         )
     data = {**data, "peft_type": peft_type.upper()}
@@ -76,7 +81,9 @@ def _unknown_fields(data: Mapping[str, Any], cls: type[SpecBase]) -> list[tuple[
     for key in data:
         if key in known:
             continue
-        owners = [t for t, other in SPEC_TYPES.items() if key in {f.name for f in msgspec.structs.fields(other)}]
+        owners = [
+            t for t, other in SPEC_TYPES.items() if key in {f.name for f in msgspec.structs.fields(other)}
+        ]
         if owners:
             message = f"unknown field for {cls.__struct_config__.tag}; it belongs to {', '.join(owners)}"
         else:
@@ -154,7 +161,12 @@ def describe_schema(schema: Any) -> str:
     text = names.get(kind, "any value") if isinstance(kind, str) else "any value"
     bounds = [
         f"{op} {schema[key]}"
-        for key, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
+        for key, op in (
+            ("minimum", ">="),
+            ("exclusiveMinimum", ">"),
+            ("maximum", "<="),
+            ("exclusiveMaximum", "<"),
+        )
         if key in schema
     ]
     return f"{text} {' and '.join(bounds)}" if bounds else text
@@ -210,4 +222,6 @@ def _parse_text(text: str, suffix: str | None, origin: str | None) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SpecError([("$", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")], origin) from None
+        raise SpecError(
+            [("$", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")], origin
+        ) from None

@@ -31,7 +31,9 @@ class LoraSpec(SpecBase, tag="LORA"):
     target_modules: TargetModules = None
     exclude_modules: ExcludeModules = None
     lora_alpha: Annotated[int | float, Meta(description="Scale numerator: s = lora_alpha / r.")] = 8
-    lora_dropout: Annotated[Probability, Meta(description="Dropout on the adapter's input, training only.")] = 0.0
+    lora_dropout: Annotated[
+        Probability, Meta(description="Dropout on the adapter's input, training only.")
+    ] = 0.0
     fan_in_fan_out: Annotated[
         bool, Meta(description="The base weight is stored [in, out] (GPT-2 Conv1D); set automatically there.")
     ] = False
@@ -39,14 +41,17 @@ class LoraSpec(SpecBase, tag="LORA"):
     use_rslora: Annotated[bool, Meta(description="Rank-stabilised scale s = lora_alpha / sqrt(r).")] = False
     init_lora_weights: Annotated[
         bool | str,
-        Meta(description="true: A Kaiming-uniform, B zero (a no-op); 'gaussian': A ~ N(0, 1/r); false: both random."),
+        Meta(
+            description="true: A Kaiming-uniform, B zero (a no-op); 'gaussian': A ~ N(0, 1/r); false: both random."
+        ),
     ] = True
     layers_to_transform: LayersToTransform = None
     layers_pattern: LayersPattern = None
     rank_pattern: RankPattern = {}
     alpha_pattern: AlphaPattern = {}
     use_dora: Annotated[
-        bool, Meta(description="Weight-decomposed LoRA: a learned magnitude per output row times the direction.")
+        bool,
+        Meta(description="Weight-decomposed LoRA: a learned magnitude per output row times the direction."),
     ] = False
     lora_bias: Annotated[bool, Meta(description="Give lora_B a trainable bias.")] = False
     # HF PEFT fields peftdecl does not implement; accepted only at their default.

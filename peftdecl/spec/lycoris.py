@@ -45,9 +45,15 @@ class LoHaSpec(SpecBase, tag="LOHA"):
 class LoKrSpec(LoHaSpec, tag="LOKR"):
     """Low-rank Kronecker product: ΔW = kron(w1, w2) · alpha / r, each factor full or low-rank."""
 
-    decompose_both: Annotated[bool, Meta(description="Also factor w1 = w1_a w1_b when r is small enough.")] = False
-    decompose_factor: Annotated[int, Meta(description="Preferred first factor of each dimension; -1: near √dim.")] = -1
-    rank_dropout_scale: Annotated[bool, Meta(description="Renormalise the rank-dropout mask by its mean.")] = False
+    decompose_both: Annotated[
+        bool, Meta(description="Also factor w1 = w1_a w1_b when r is small enough.")
+    ] = False
+    decompose_factor: Annotated[
+        int, Meta(description="Preferred first factor of each dimension; -1: near √dim.")
+    ] = -1
+    rank_dropout_scale: Annotated[
+        bool, Meta(description="Renormalise the rank-dropout mask by its mean.")
+    ] = False
     init_weights: Annotated[
         bool | Literal["lycoris"],
         Meta(description="true: w1 = 0; 'lycoris': w2 = 0; false: all random."),

@@ -20,14 +20,20 @@ from peftdecl.spec._base import (
 class OFTSpec(SpecBase, tag="OFT"):
     """Orthogonal fine-tuning: R = blockdiag(R_1..R_n), each R_i the Cayley transform of a skew matrix."""
 
-    r: Annotated[int, Meta(ge=0, description="Number of blocks; exactly one of r and oft_block_size is non-zero.")] = 0
-    oft_block_size: Annotated[int, Meta(ge=0, description="Block size; r · oft_block_size = in_features.")] = 32
+    r: Annotated[
+        int, Meta(ge=0, description="Number of blocks; exactly one of r and oft_block_size is non-zero.")
+    ] = 0
+    oft_block_size: Annotated[
+        int, Meta(ge=0, description="Block size; r · oft_block_size = in_features.")
+    ] = 32
     module_dropout: Annotated[Probability, Meta(description="Replaces whole blocks by the identity.")] = 0.0
     target_modules: TargetModules = None
     fan_in_fan_out: bool = False
     bias: Literal["none", "all", "oft_only"] = "none"
     exclude_modules: ExcludeModules = None
-    init_weights: Annotated[bool, Meta(description="true: R = I (a no-op); false: random skew blocks.")] = True
+    init_weights: Annotated[bool, Meta(description="true: R = I (a no-op); false: random skew blocks.")] = (
+        True
+    )
     layers_to_transform: LayersToTransform = None
     layers_pattern: LayersPattern = None
     coft: Annotated[bool, Meta(description="Constrained OFT: project each block into ‖Q‖_F ≤ eps.")] = False
@@ -35,9 +41,13 @@ class OFTSpec(SpecBase, tag="OFT"):
     block_share: Annotated[bool, Meta(description="One rotation block shared by all blocks.")] = False
     use_cayley_neumann: Annotated[
         bool,
-        Meta(description="Approximate the Cayley transform by a Neumann series (gives the transpose rotation)."),
+        Meta(
+            description="Approximate the Cayley transform by a Neumann series (gives the transpose rotation)."
+        ),
     ] = True
-    num_cayley_neumann_terms: Annotated[int, Meta(ge=0, description="Terms of the Neumann series (0 and 1 give R = I).")] = 5
+    num_cayley_neumann_terms: Annotated[
+        int, Meta(ge=0, description="Terms of the Neumann series (0 and 1 give R = I).")
+    ] = 5
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {"bias": "none"}
 
@@ -52,7 +62,9 @@ class BOFTSpec(SpecBase, tag="BOFT"):
     """Butterfly OFT: R = B_{N−1} ⋯ B_0, each B_i a permuted block-diagonal orthogonal matrix."""
 
     boft_block_size: Annotated[int, Meta(ge=0, description="Block size (exclusive with boft_block_num).")] = 4
-    boft_block_num: Annotated[int, Meta(ge=0, description="Number of blocks (exclusive with boft_block_size).")] = 0
+    boft_block_num: Annotated[
+        int, Meta(ge=0, description="Number of blocks (exclusive with boft_block_size).")
+    ] = 0
     boft_n_butterfly_factor: Annotated[int, Meta(ge=1, description="Butterfly factors; 1 is plain OFT.")] = 1
     target_modules: TargetModules = None
     exclude_modules: ExcludeModules = None

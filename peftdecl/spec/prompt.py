@@ -12,7 +12,9 @@ _AutoFilled = Meta(description="Filled from the model config when null.")
 
 
 class _PromptLearningSpec(SpecBase):
-    num_virtual_tokens: Annotated[PositiveInt | None, Meta(description="Number of virtual tokens (required).")] = None
+    num_virtual_tokens: Annotated[
+        PositiveInt | None, Meta(description="Number of virtual tokens (required).")
+    ] = None
     token_dim: Annotated[int | None, _AutoFilled] = None
     num_transformer_submodules: Annotated[int | None, _AutoFilled] = None
     num_attention_heads: Annotated[int | None, _AutoFilled] = None
@@ -27,7 +29,9 @@ class _PromptLearningSpec(SpecBase):
 class PrefixTuningSpec(_PromptLearningSpec, tag="PREFIX_TUNING"):
     """Prefix tuning: per layer, T learned key and value vectors are prepended to attention."""
 
-    init_weights: Annotated[Literal["zero"] | None, Meta(description="'zero' starts the prefix at zero.")] = None
+    init_weights: Annotated[Literal["zero"] | None, Meta(description="'zero' starts the prefix at zero.")] = (
+        None
+    )
     encoder_hidden_size: Annotated[int | None, Meta(description="Hidden size of the projection MLP.")] = None
     prefix_projection: Annotated[
         bool, Meta(description="Reparametrise the prefix through a two-layer MLP while training.")

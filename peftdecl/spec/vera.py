@@ -28,7 +28,9 @@ class VeraSpec(SpecBase, tag="VERA"):
     d_initial: Annotated[float, Meta(description="Initial value of λ_d.")] = 0.1
     fan_in_fan_out: bool = False
     bias: str = "none"
-    init_weights: Annotated[bool, Meta(description="true: λ_b = 0 (a no-op); false: λ_b = 1, λ_d random.")] = True
+    init_weights: Annotated[
+        bool, Meta(description="true: λ_b = 0 (a no-op); false: λ_b = 1, λ_d random.")
+    ] = True
     layers_to_transform: LayersToTransform = None
     layers_pattern: LayersPattern = None
 

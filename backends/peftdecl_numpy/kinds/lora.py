@@ -106,7 +106,9 @@ class LoraOps:
         if "lora_B.bias" not in p:
             return base.bias
         if base.bias is None:
-            raise PeftdeclError(f"{lp.module}: cannot merge lora_bias into a layer without a bias (as in HF PEFT)")
+            raise PeftdeclError(
+                f"{lp.module}: cannot merge lora_bias into a layer without a bias (as in HF PEFT)"
+            )
         return base.bias + sign * lp.scaling * p["lora_B.bias"]
 
 

@@ -61,7 +61,9 @@ def build_lora_params(spec: Any, layer: LayerInfo, r: int) -> tuple[ParamSpec, .
         ParamSpec("lora_B.weight", b_shape, "trainable", b_init),
     ]
     if spec.lora_bias:
-        bias_init = Init("uniform", low=-1 / math.sqrt(r), high=1 / math.sqrt(r)) if init is False else Init("zeros")
+        bias_init = (
+            Init("uniform", low=-1 / math.sqrt(r), high=1 / math.sqrt(r)) if init is False else Init("zeros")
+        )
         params.append(ParamSpec("lora_B.bias", (layer.out_features,), "trainable", bias_init))
     return tuple(params)
 
