@@ -7,7 +7,8 @@ indices ``[...]``, conv1d ``[N, C, L]``, conv2d ``[N, C, H, W]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,8 @@ class BaseLayer:
     info: LayerInfo
     weight: np.ndarray
     bias: np.ndarray | None = None
+    merge_state: dict[int, Any] = field(default_factory=dict)
+    """What a kind must remember between merge and unmerge (e.g. DoRA's weight norm), keyed by id(LayerPlan)."""
 
     def forward(self, x: np.ndarray, weight: np.ndarray | None = None, with_bias: bool = True) -> np.ndarray:
         """The layer's output with ``weight`` (default: its own) in the IR layout."""

@@ -82,9 +82,6 @@ class DoraOps:
     # not additive: HF PEFT refuses DoRA in mixed batches, and g rescales the base output
     additive = False
 
-    def __init__(self) -> None:
-        self._merge_norms: dict[tuple[int, int], np.ndarray] = {}
-
     def weight_norm(self, lp: LayerPlan, base: BaseLayer, p: Params) -> np.ndarray:
         """n = ‖W + s·ΔW‖ per row of the current base weight, a constant for the gradients."""
         return dora_weight_norm(lp, base.weight, p)
@@ -137,11 +134,11 @@ class DoraOps:
     def merge(self, lp: LayerPlan, base: BaseLayer, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
         merged, n = self._merged_weight(lp, base, p)
         # n cannot be recovered from the merged weight (its rows have norm |m|), so keep it for unmerge
-        self._merge_norms[(id(base), id(lp))] = n
+        base.merge_state[id(lp)] = n
         return merged, base.bias
 
     def unmerge(self, lp: LayerPlan, base: BaseLayer, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
-        n = self._merge_norms.pop((id(base), id(lp)), None)
+        n = base.merge_state.pop(id(lp), None)
         if n is None:
             raise PeftdeclError(f"{lp.module}: DoRA unmerge without a matching merge (no cached weight norm)")
         g = magnitude_scale(p[MAGNITUDE], n)
