@@ -23,6 +23,8 @@ ENTRY_POINT_GROUP = "peftdecl.backends"
 # Shipped in the peftdecl wheel; used when entry points are unavailable (e.g. running from a source tree).
 BUILTIN_BACKENDS: dict[str, str] = {
     "numpy": "peftdecl_numpy:NumpyBackend",
+    "torch": "peftdecl_torch:TorchBackend",
+    "mlx": "peftdecl_mlx:MlxBackend",
 }
 
 
@@ -89,6 +91,26 @@ class Backend(Protocol):
     def accepts(self, model: Any) -> bool: ...
     def inventory(self, model: Any, **options: Any) -> ModelInfo: ...
     def create(self, model: Any, info: ModelInfo, **options: Any) -> Engine: ...
+
+
+LayerCapture = dict[str, tuple[np.ndarray, np.ndarray]]
+"""Adapted module -> (its input, its output) as NumPy arrays, from the first call of that layer."""
+
+
+@runtime_checkable
+class Capturing(Protocol):
+    """Optional Engine method (used by :mod:`peftdecl.equiv`): run token ids ``[batch, seq]`` through the model
+    and return (final logits as NumPy, or None; the input and output of every adapted layer)."""
+
+    def capture(self, input_ids: np.ndarray) -> tuple[np.ndarray | None, LayerCapture]: ...
+
+
+@runtime_checkable
+class CheckpointLoading(Protocol):
+    """Optional Backend method (used by :mod:`peftdecl.equiv`): the backend's model built from a local HF
+    checkpoint folder (``config.json`` + ``model*.safetensors``, as ``save_pretrained`` writes it), offline."""
+
+    def load_checkpoint(self, directory: Any) -> Any: ...
 
 
 @dataclass(frozen=True)

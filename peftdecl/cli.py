@@ -1,4 +1,5 @@
-"""The ``peftdecl`` command: validate specs, generate schemas, inspect adapters, run the demo."""
+"""The ``peftdecl`` command: validate specs, generate schemas, inspect adapters, run the demo, convert adapter
+files between HF PEFT and mlx-lm, and compare backends (``equiv``)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from peftdecl.inspect import format_summary, summarise
 
     folder = Path(args.directory)
-    folders = [folder] + sorted(p.parent for p in folder.glob("*/adapter_config.json"))
+    folders = [folder, *sorted(p.parent for p in folder.glob("*/adapter_config.json"))]
     for index, each in enumerate(folders):
         if index:
             print()
@@ -51,8 +52,34 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(spec_path=args.spec, out=args.out)
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from peftdecl.formats.mlx_lm import convert_adapter
+
+    plan = convert_adapter(Path(args.src), Path(args.dst), args.to, num_layers=args.num_layers)
+    print(f"{args.src} -> {args.dst} ({args.to}): {plan.kind}, {len(plan.layers)} layers")
+    return 0
+
+
+def _equiv(args: argparse.Namespace) -> int:
+    from peftdecl.equiv import load_source, run_equivalence
+
+    report = run_equivalence(
+        load_source(args.source),
+        model_dir=args.model,
+        backend_names=args.backends.split(",") if args.backends else None,
+        seed=args.seed,
+        perturb=args.perturb,
+        batch=args.batch,
+        seq_len=args.seq_len,
+    )
+    print(report.format())
+    return 0 if report.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftdecl", description="Declarative PEFT adapters, HF PEFT compatible.")
+    parser = argparse.ArgumentParser(
+        prog="peftdecl", description="Declarative PEFT adapters, HF PEFT compatible."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     validate = sub.add_parser("validate", help="check spec files (JSON/YAML/adapter_config.json)")
@@ -69,10 +96,38 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("directory")
     inspect.set_defaults(run=_inspect)
 
-    demo = sub.add_parser("demo", help="spec -> plan -> NumPy reference -> HF files -> reload -> parity table")
+    demo = sub.add_parser(
+        "demo", help="spec -> plan -> NumPy reference -> HF files -> reload -> parity table"
+    )
     demo.add_argument("--spec", type=Path, default=None, help="spec file (default: a LoRA on a tiny Llama)")
     demo.add_argument("--out", type=Path, default=None, help="keep the saved adapter here")
     demo.set_defaults(run=_demo)
+
+    convert = sub.add_parser("convert", help="convert a LoRA/DoRA adapter between HF PEFT and mlx-lm files")
+    convert.add_argument("src", help="adapter folder (format detected)")
+    convert.add_argument("dst", help="folder to write")
+    convert.add_argument("--to", required=True, choices=["hf", "mlx-lm"])
+    convert.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="the model's block count (lets mlx-lm keys be block-relative)",
+    )
+    convert.set_defaults(run=_convert)
+
+    equiv = sub.add_parser(
+        "equiv", help="the same adapter on several backends: per-layer and logits error table"
+    )
+    equiv.add_argument("source", help="spec file, inline JSON, or a saved adapter folder")
+    equiv.add_argument(
+        "--model", required=True, help="local HF checkpoint folder (config.json + model.safetensors)"
+    )
+    equiv.add_argument("--backends", default=None, help="comma-separated (default: every installed backend)")
+    equiv.add_argument("--seed", type=int, default=0)
+    equiv.add_argument("--perturb", type=float, default=0.05, help="noise added to a spec's initial tensors")
+    equiv.add_argument("--batch", type=int, default=2)
+    equiv.add_argument("--seq-len", type=int, default=6)
+    equiv.set_defaults(run=_equiv)
     return parser
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from peftdecl.backend import Backend, Engine
 from peftdecl.errors import AdapterFileError, PeftdeclError
 from peftdecl.formats import hf_peft
+from peftdecl.formats.registry import detect_format, get_format, is_adapter_dir
 from peftdecl.init import EXTERNAL_SOURCES, SHARED_SOURCES, check_arrays, generator_for, init_params
 from peftdecl.plan import ModelInfo, Plan, compile_plan
 from peftdecl.plan.compile import layouts
@@ -97,13 +98,14 @@ class AdaptedModel:
         return plan
 
     def load_adapter(self, directory: str | Path, name: str = "default", *, activate: bool = False) -> Plan:
-        """Read a saved adapter (HF PEFT layout) and attach it as ``name``."""
+        """Read a saved adapter (HF PEFT or mlx-lm layout, detected) and attach it as ``name``."""
         folder = Path(directory)
-        if name != hf_peft.DEFAULT_ADAPTER and hf_peft.is_hf_adapter_dir(folder / name):
+        if name != hf_peft.DEFAULT_ADAPTER and is_adapter_dir(folder / name):
             folder = folder / name  # PEFT saves a non-default adapter in a sub-folder named after it
-        spec, tensors = hf_peft.read_adapter(folder)
+        file_format = detect_format(folder)
+        spec, tensors = file_format.read(folder)
         plan = compile_plan(spec, self._info)
-        arrays = hf_peft.to_ir_arrays(plan, tensors)
+        arrays = file_format.to_ir(plan, tensors, self._info)
         base_overrides = {k: v for k, v in arrays.items() if self._is_base_override(plan, k)}
         saved_modules = {k: v for k, v in arrays.items() if _module_of(k, plan.modules_to_save)}
         adapter_arrays = {k: v for k, v in arrays.items() if k not in base_overrides and k not in saved_modules}
@@ -206,9 +208,9 @@ class AdaptedModel:
         adapters: Sequence[str] | None = None,
         dtype: Any = np.float32,
     ) -> None:
-        """Save adapters (default: all) PEFT-style: the default in ``directory``, others in sub-folders."""
-        if format != "hf":
-            raise PeftdeclError(f"unknown save format {format!r}; this version writes 'hf'")
+        """Save adapters (default: all) PEFT-style: the default in ``directory``, others in sub-folders.
+        ``format``: "hf" (HF PEFT) or "mlx-lm" (LoRA/DoRA only)."""
+        file_format = get_format(format)
         names = tuple(adapters) if adapters is not None else tuple(self._plans)
         payload = {}
         for name in names:
@@ -219,7 +221,7 @@ class AdaptedModel:
             if layout.to_file is not None:
                 arrays, extra = layout.to_file(plan, arrays)
             payload[name] = (plan, {**arrays, **self._embedding_copies(plan)}, extra)
-        hf_peft.write_adapters(Path(directory), payload, dtype=dtype, model_class=self._info.model_class)
+        file_format.write(Path(directory), payload, dtype, self._info)
 
     # -- running -------------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -36,7 +36,7 @@ KIND_MARKERS: dict[str, tuple[str, ...]] = {
     "IA3": (".ia3_l",),
     "LOHA": (".hada_",),
     "LOKR": (".lokr_",),
-    "OFT": (".oft_R.",),
+    "OFT": (".oft_R.", ".oft_embedding_R."),
     "BOFT": (".boft_R", ".boft_s"),
     "VERA": (".vera_lambda_", "vera_A"),
     "PROMPT_TUNING": ("prompt_embeddings",),
@@ -162,3 +162,23 @@ def to_ir_arrays(plan: Plan, tensors: Mapping[str, np.ndarray]) -> dict[str, np.
     """File keys -> IR keys for a plan."""
     shared = {p.name for p in plan.shared}
     return {ir_key(shared, k): v for k, v in tensors.items()}
+
+
+def _write_for_registry(directory: Path, payload: Any, dtype: Any, info: Any) -> None:
+    write_adapters(directory, payload, dtype=dtype, model_class=None if info is None else info.model_class)
+
+
+def _format() -> Any:
+    from peftdecl.formats.registry import AdapterFormat
+
+    return AdapterFormat(
+        name="hf",
+        detect=is_hf_adapter_dir,
+        read=read_adapter,
+        to_ir=lambda plan, tensors, info: to_ir_arrays(plan, tensors),
+        write=_write_for_registry,
+    )
+
+
+FORMAT = _format()
+"""This format's entry in :mod:`peftdecl.formats.registry`."""

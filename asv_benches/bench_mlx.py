@@ -1,0 +1,77 @@
+"""The MLX backend's LoRA and DoRA layers next to the plain nn.Linear (forward, and forward+backward).
+
+Read ``time_<kind>_* / time_base_*`` as ratios. Every timed call ends in ``mx.eval`` (MLX is lazy). The shapes are
+small (Linear 256×256, 256 tokens, r = 16) because mlx[cpu] on Linux is slow; benchmarks/compare_mlx_lm.py puts
+the same layers beside mlx-lm's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+DIM = 256
+TOKENS = 256
+RANK = 16
+
+
+class MlxAdapterLinear:
+    """float32 Linear 256 -> 256 on 256 tokens; LoRA / DoRA r=16 with non-zero adapter numbers."""
+
+    params: ClassVar[list[str]] = ["lora", "dora"]
+    param_names: ClassVar[list[str]] = ["kind"]
+
+    def setup(self, kind: str) -> None:
+        try:
+            import mlx.core as mx
+            import mlx.nn as nn
+        except ImportError as exc:  # asv skips a benchmark whose setup raises NotImplementedError
+            raise NotImplementedError("mlx is not installed") from exc
+        import peftdecl
+
+        class Holder(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.m = nn.Linear(DIM, DIM)
+
+            def __call__(self, x: Any) -> Any:
+                return self.m(x)
+
+        self.mx = mx
+        rng = np.random.default_rng(0)
+        self.x = mx.array(rng.standard_normal((TOKENS, DIM)), mx.float32)
+        self.dy = mx.array(rng.standard_normal((TOKENS, DIM)), mx.float32)
+        self.base = nn.Linear(DIM, DIM)
+        self.base.freeze()
+        spec = {"peft_type": "LORA", "r": RANK, "lora_alpha": 2 * RANK, "use_dora": kind == "dora",
+                "target_modules": ["m"], "init_lora_weights": False}  # fmt: skip
+        self.layer = peftdecl.attach(Holder(), spec).engine.layer("m")
+        self.layer.eval()
+        params = self.layer.trainable_parameters()
+
+        def loss(p: Any, inputs: Any) -> Any:
+            self.layer.update(p)
+            return mx.sum(self.layer(inputs) * self.dy)
+
+        grad = mx.value_and_grad(loss, argnums=(0, 1))
+        base_grad = mx.value_and_grad(lambda inputs: mx.sum(self.base(inputs) * self.dy))
+        self.adapter_step = lambda: mx.eval(grad(params, self.x))
+        self.base_step = lambda: mx.eval(base_grad(self.x))
+        mx.eval(self.layer(self.x), self.base(self.x))
+
+    def time_base_forward(self, kind: str) -> None:
+        """The plain layer: x @ W.T + b."""
+        self.mx.eval(self.base(self.x))
+
+    def time_adapter_forward(self, kind: str) -> None:
+        """The adapted layer's forward."""
+        self.mx.eval(self.layer(self.x))
+
+    def time_base_forward_backward(self, kind: str) -> None:
+        """The plain layer's forward and its gradient w.r.t. the input."""
+        self.base_step()
+
+    def time_adapter_forward_backward(self, kind: str) -> None:
+        """The adapted layer's forward and its gradients w.r.t. the input and the adapter arrays."""
+        self.adapter_step()

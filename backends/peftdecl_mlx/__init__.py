@@ -1,0 +1,66 @@
+"""peftdecl's MLX backend: adapters wrap ``mlx.nn.Module`` layers in place (mlx-lm models included) and train
+with ``mx.value_and_grad`` and ``mlx.optimizers``; Metal on Apple silicon, the CPU build elsewhere.
+
+Listing the backend reads :class:`MlxBackend.capabilities` without importing mlx; mlx is imported when the backend
+builds an inventory or an engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from peftdecl.backend import Capabilities
+from peftdecl.plan import ModelInfo
+from peftdecl_mlx.kinds import ADDITIVE_KINDS, supported_kinds
+
+_KINDS = supported_kinds()
+_ADDITIVE = tuple(k for k in ADDITIVE_KINDS if k in _KINDS)
+
+
+def _is_mlx_module(model: Any) -> bool:
+    # by name, so that asking whether a model is an MLX module never imports mlx
+    return any(
+        cls.__name__ == "Module" and cls.__module__.startswith("mlx.nn") for cls in type(model).__mro__
+    )
+
+
+class MlxBackend:
+    """Runs plans on an ``mlx.nn.Module``: each targeted layer is replaced by a wrapper holding its adapters."""
+
+    name = "mlx"
+    capabilities = Capabilities(
+        name="mlx",
+        kinds=_KINDS,
+        gradients="autograd",
+        devices=("cpu", "gpu"),
+        dtypes=("float32", "bfloat16", "float16"),
+        mixed_batch=_ADDITIVE,
+        multi_active=_ADDITIVE,
+        requires=("mlx",),
+    )
+
+    def accepts(self, model: Any) -> bool:
+        return _is_mlx_module(model)
+
+    def inventory(self, model: Any, **options: Any) -> ModelInfo:
+        from peftdecl_mlx.inventory import check_options, inventory
+
+        check_options(options)
+        return inventory(model)
+
+    def create(self, model: Any, info: ModelInfo, **options: Any) -> Any:
+        from peftdecl_mlx.engine import MlxEngine
+        from peftdecl_mlx.inventory import check_options
+
+        check_options(options)
+        return MlxEngine(model, info, **options)
+
+    def load_checkpoint(self, directory: str | Path) -> Any:
+        """An mlx-lm model loaded from a local HF checkpoint folder (used by ``peftdecl equiv``)."""
+        from peftdecl_mlx.inventory import load_checkpoint
+
+        return load_checkpoint(directory)
+
+
+__all__ = ["MlxBackend"]

@@ -1,0 +1,178 @@
+"""What peftdecl sees of an MLX model: its adaptable layers (``nn.Linear`` -> linear [out, in], ``nn.Embedding`` ->
+embedding [num_embeddings, dim]), its module names in definition order, and the facts in an mlx-lm ``ModelArgs``.
+
+Also loads a local HF checkpoint folder with mlx-lm and describes an MLX model to the NumPy reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from peftdecl.errors import BackendError
+from peftdecl.plan import LayerInfo, ModelInfo
+
+KNOWN_OPTIONS = ("adapter_dtype",)
+QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Reject options the MLX backend does not understand (the NumPy backend's ``layer_types`` included)."""
+    unknown = sorted(set(options) - set(KNOWN_OPTIONS))
+    if unknown:
+        raise BackendError(
+            f"the mlx backend got unknown options {unknown}; it accepts {list(KNOWN_OPTIONS)} "
+            "(layer types and model facts are read from the mlx model itself)"
+        )
+
+
+def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every sub-module in definition order, named as ``nn.Module.named_modules`` names them."""
+    for key, value in module.items():
+        yield from _walk_value(f"{prefix}{key}", value)
+
+
+def _walk_value(name: str, value: Any) -> Iterator[tuple[str, nn.Module]]:
+    if isinstance(value, nn.Module):
+        yield name, value
+        yield from walk(value, name + ".")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _walk_value(f"{name}.{key}", item)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _walk_value(f"{name}.{index}", item)
+
+
+def get_module(root: nn.Module, name: str) -> Any:
+    """The sub-module at a dotted path (list entries by index)."""
+    node: Any = root
+    for part in name.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the sub-module at a dotted path in place."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = get_module(root, parent_name) if parent_name else root
+    if isinstance(parent, list):
+        parent[int(leaf)] = new
+    else:
+        parent[leaf] = new
+
+
+def layer_info(module: nn.Module) -> LayerInfo | None:
+    """The LayerInfo of an adaptable MLX module (quantised ones included, with their unpacked sizes)."""
+    if isinstance(module, nn.QuantizedLinear):
+        out, packed = module.weight.shape
+        return LayerInfo("linear", packed * 32 // module.bits, out, "bias" in module)
+    if isinstance(module, nn.QuantizedEmbedding):
+        num, packed = module.weight.shape
+        return LayerInfo("embedding", num, packed * 32 // module.bits, False)
+    if isinstance(module, nn.Linear):
+        out, d_in = module.weight.shape
+        return LayerInfo("linear", d_in, out, "bias" in module)
+    if isinstance(module, nn.Embedding):
+        num, dim = module.weight.shape
+        return LayerInfo("embedding", num, dim, False)
+    return None
+
+
+def inventory(model: nn.Module) -> ModelInfo:
+    """Every adaptable layer and module name of ``model`` plus the facts of its mlx-lm ``args``."""
+    from peftdecl_mlx.layer import AdaptedLayer, SavedModule
+
+    layers: dict[str, LayerInfo] = {}
+    modules = []
+    for name, sub in walk(model):
+        if isinstance(sub, (AdaptedLayer, SavedModule)):
+            raise BackendError(
+                f"{name} already carries peftdecl adapters; add more with AdaptedModel.add_adapter, "
+                "or pass the model returned by merge_and_unload()"
+            )
+        modules.append(name)
+        info = layer_info(sub)
+        if info is not None:
+            layers[name] = info
+    return ModelInfo(layers=layers, modules=tuple(modules), **model_facts(model, layers))
+
+
+def quantized_layers(model: nn.Module) -> frozenset[str]:
+    """Names of the quantised layers, which this backend refuses to adapt for now."""
+    return frozenset(name for name, sub in walk(model) if isinstance(sub, QUANTIZED))
+
+
+def model_facts(model: nn.Module, layers: Mapping[str, LayerInfo]) -> dict[str, Any]:
+    """The ModelInfo fields an mlx-lm model's ``args`` and module names provide (empty for a plain module)."""
+    facts: dict[str, Any] = {}
+    embeddings = [n for n, info in layers.items() if info.type == "embedding"]
+    named = [n for n in embeddings if n.rsplit(".", 1)[-1] in ("embed_tokens", "wte", "word_embeddings")]
+    if named or embeddings:
+        facts["word_embeddings"] = (named or embeddings)[0]
+    if "lm_head" in layers and layers["lm_head"].type == "linear":
+        facts["output_head"] = "lm_head"
+    args = getattr(model, "args", None)
+    if args is None:
+        return facts
+    text = getattr(args, "text_config", None) or args
+    if isinstance(text, dict):
+        text = type("TextArgs", (), text)
+    facts["model_type"] = getattr(args, "model_type", None)
+    for field, keys in {
+        "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+        "hidden_size": ("hidden_size", "n_embd", "d_model"),
+        "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
+        "num_key_value_heads": ("num_key_value_heads",),
+        "head_dim": ("head_dim",),
+        "vocab_size": ("vocab_size",),
+    }.items():
+        for key in keys:
+            value = getattr(text, key, None)
+            if isinstance(value, int):
+                facts[field] = int(value)
+                break
+    return facts
+
+
+def load_checkpoint(directory: str | Path) -> nn.Module:
+    """An mlx-lm model from a local HF checkpoint folder (config.json + model*.safetensors); no tokenizer needed."""
+    from mlx_lm.utils import load_model
+
+    folder = Path(directory)
+    if not (folder / "config.json").is_file():
+        raise BackendError(f"{folder}: no config.json (expected a local HF checkpoint folder)")
+    model, _ = load_model(folder)
+    return model
+
+
+def numpy_model(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+    """``(state_dict, layer_types, model_facts)`` for ``peftdecl.attach(state_dict, spec, layer_types=..., **facts)``
+    on the NumPy reference: the same layers and facts the MLX backend sees, weights as float64."""
+    from mlx.utils import tree_flatten
+
+    info = inventory(model)
+    params = tree_flatten(model.parameters())
+    mx.eval([v for _, v in params])
+    state = {k: np.array(v.astype(mx.float32), dtype=np.float64) for k, v in params}
+    layer_types = {name: li.type for name, li in info.layers.items() if li.type != "linear"}
+    facts = {
+        f: getattr(info, f)
+        for f in (
+            "output_head",
+            "model_type",
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+            "word_embeddings",
+        )
+    }
+    return state, layer_types, facts

@@ -1,0 +1,60 @@
+"""Per-kind math of the MLX backend: one module per adapter kind, the same equations as the NumPy reference.
+
+A kind module exposes ``OPS`` with ``kind``, ``additive`` and:
+
+- ``delta(lp, layer, p, x) -> Δy`` (additive kinds): the adapter's contribution to the layer output, computed in
+  the adapter dtype (``x`` already cast); the layer adds it to the base output;
+- ``forward(lp, layer, p, x) -> y`` (other kinds): the whole output, base included;
+- ``delta_weight(lp, layer, p)``: ΔW in the IR layout (additive kinds);
+- ``merge(lp, layer, p, cache) -> (W, b)`` / ``unmerge(lp, layer, p, cache) -> (W, b)``: the base weight (IR
+  layout) and bias with the adapter folded in or taken out; ``cache`` lives from a merge to its unmerge.
+
+``layer`` is the :class:`peftdecl_mlx.layer.AdaptedLayer` (training flag, base weights, random draws); ``p`` maps
+the layer's tensor names (``lora_A.weight``) to ``mx.array``, shared tensors (VeRA's) included.
+
+This module must not import mlx: the backend's static Capabilities are read from the table below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+_LINEAR = ("linear",)
+_BOTH = ("linear", "embedding")
+
+# execution kind -> (module of this package, layer types it runs on); a module not written yet is not offered.
+# mlx-lm models hold nn.Linear and nn.Embedding only, so these are the layer types the backend wraps.
+_KIND_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lora": ("lora", _BOTH),
+    "dora": ("dora", _BOTH),
+    "adalora": ("adalora", _LINEAR),
+    "ia3": ("ia3", _LINEAR),
+    "loha": ("loha", _LINEAR),
+    "lokr": ("lokr", _LINEAR),
+    "oft": ("oft", _BOTH),
+    "boft": ("boft", _LINEAR),
+    "vera": ("vera", _LINEAR),
+    "prefix_tuning": ("prompt", ()),
+    "prompt_tuning": ("prompt", ()),
+}
+
+ADDITIVE_KINDS = ("lora", "adalora", "loha", "lokr", "vera")
+"""Kinds whose output is base(x) + Δ(x): several may be active at once and they take part in mixed batches."""
+
+
+def supported_kinds() -> dict[str, tuple[str, ...]]:
+    """Execution kind -> layer types, for every kind module present (checked without importing it)."""
+    return {
+        kind: types
+        for kind, (module, types) in _KIND_MODULES.items()
+        if importlib.util.find_spec(f"peftdecl_mlx.kinds.{module}") is not None
+    }
+
+
+def ops_for(kind: str) -> Any:
+    """The ops object of an execution kind."""
+    if kind not in _KIND_MODULES:
+        raise KeyError(f"the mlx backend has no kind {kind!r}")
+    return importlib.import_module(f"peftdecl_mlx.kinds.{_KIND_MODULES[kind][0]}").OPS

@@ -1,0 +1,68 @@
+"""BOFT (Liu et al., 2024) on MLX: y = ((x M) Wᵀ) ⊙ s + b with the butterfly M = B_{N−1} ⋯ B_0,
+B_i = P_i · blockdiag(Q_{i,1..D}) · P_iᵀ, Q = Cayley(S) = (I − S)(I + S)⁻¹, S = ½(R − Rᵀ).
+
+x M is applied factor by factor (gather, blockwise rotation, gather back), never as a dense d × d matrix.
+Merged: W' = diag(s) W Mᵀ; unmerge uses M⁻¹ = Mᵀ. Training-mode ``boft_dropout`` sets int(p·D) random blocks of
+one randomly drawn factor to I (HF PEFT's rule).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from peftdecl.plan import LayerPlan
+from peftdecl_mlx.rotation import butterfly, butterfly_perms, cayley
+
+Params = dict[str, mx.array]
+
+
+def perms(lp: LayerPlan) -> tuple[tuple[int, ...], ...]:
+    o = lp.options
+    return butterfly_perms(o["width"], o["block_num"], o["block_size"], o["n_butterfly_factor"])
+
+
+def orthogonal_blocks(p: Params) -> mx.array:
+    """Q of every factor's blocks, [N, D, H, H]."""
+    r = p["boft_R"]
+    return cayley(0.5 * (r - r.swapaxes(-1, -2)))
+
+
+def dropped(lp: LayerPlan, layer: Any, q: mx.array) -> mx.array:
+    rate = lp.options["dropout"]
+    if not layer.training or rate <= 0.0:
+        return q
+    factors, blocks = q.shape[:2]
+    mask = np.zeros((factors, blocks), dtype=bool)
+    mask[layer.integers(factors), layer.permutation(blocks)[: int(rate * blocks)]] = True
+    return mx.where(mx.array(mask)[..., None, None], mx.eye(q.shape[-1], dtype=q.dtype), q)
+
+
+def butterfly_matrix(lp: LayerPlan, p: Params) -> mx.array:
+    """The dense M (rows of I sent through the butterfly), for merging."""
+    return butterfly(mx.eye(lp.options["width"]), orthogonal_blocks(p), perms(lp))
+
+
+class BoftOps:
+    kind = "boft"
+    additive = False
+
+    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array) -> mx.array:
+        rotated = butterfly(x, dropped(lp, layer, orthogonal_blocks(p)), perms(lp))
+        y = (rotated @ layer.weight.T) * p["boft_s"].reshape(-1)
+        return y if layer.bias is None else y + layer.bias
+
+    def merge(
+        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+    ) -> tuple[mx.array, mx.array | None]:
+        return p["boft_s"].reshape(-1, 1) * (layer.weight @ butterfly_matrix(lp, p).T), layer.bias
+
+    def unmerge(
+        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+    ) -> tuple[mx.array, mx.array | None]:
+        return (layer.weight / p["boft_s"].reshape(-1, 1)) @ butterfly_matrix(lp, p), layer.bias
+
+
+OPS = BoftOps()

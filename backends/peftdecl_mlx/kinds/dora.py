@@ -1,0 +1,118 @@
+"""DoRA (Liu et al., 2024) on MLX: y = g ⊙ (W x + s·B A x) + b, g = m / n, n = ‖W + s·B A‖_row held constant.
+
+For large layers n comes from the factored sum ‖W‖² + 2s·Σ B ⊙ (W Aᵀ) + s²·Σ B ⊙ (B A Aᵀ), never forming
+B A (‖W‖² cached for the frozen base); small ones form W + s·B A. n is reused while W, A and B are unchanged.
+Training with dropout h = dropout(x): y = W x + b + (g − 1) ⊙ W h + g ⊙ s·B A h (HF PEFT).
+Embeddings: y = g ⊙ (E[x] + s·Aᵀ[x] Bᵀ), n over the vocabulary. Rows with n = 0 keep g = 1 (the reference's rule).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+
+from peftdecl.errors import PeftdeclError
+from peftdecl.plan import LayerPlan
+from peftdecl.plan.kinds.dora import MAGNITUDE
+from peftdecl_mlx.kinds.lora import OPS as LORA
+
+Params = dict[str, mx.array]
+
+
+def _low_rank(lp: LayerPlan, p: Params) -> tuple[mx.array, mx.array]:
+    """(A, B) as 2-D row views: an embedding's directions are its dimensions, so A spans the vocabulary."""
+    if lp.layer.type == "embedding":
+        return p["lora_embedding_A"], p["lora_embedding_B"]
+    return p["lora_A.weight"], p["lora_B.weight"]
+
+
+FORM_LIMIT = 1 << 22
+"""Layers with at most this many weights form s·B A for the norm (a temporary of the weight's size, and one
+GEMM of a shape MLX's CPU build runs well); larger ones use the factored sum, which never forms it."""
+
+
+def weight_norm(lp: LayerPlan, layer: Any, p: Params) -> mx.array:
+    """n = ‖W + s·B A‖ per direction row, with no gradient (paper §4.3)."""
+    s = lp.scaling
+    a, b = _low_rank(lp, p)
+    w = layer.weight
+    if w.dtype != a.dtype:
+        w = w.astype(a.dtype)
+    rows = w.T if lp.layer.type == "embedding" else w
+    if rows.size <= FORM_LIMIT:
+        return mx.stop_gradient(mx.linalg.norm(rows + (s * b) @ a, axis=1))
+    wa = (a @ w).T if lp.layer.type == "embedding" else w @ a.T
+    squared = (
+        layer.row_norms_squared()
+        + (2.0 * s) * mx.sum(b * wa, axis=1)
+        + (s * s) * mx.sum(b * (b @ (a @ a.T)), axis=1)
+    )
+    return mx.stop_gradient(mx.sqrt(mx.maximum(squared, 0.0)))
+
+
+def magnitude_scale(m: mx.array, n: mx.array) -> mx.array:
+    """g = m / n per row, and g = 1 (no gradient to m) where n = 0."""
+    inverse, ones = _inverse(n)
+    return m * inverse + ones
+
+
+def _inverse(n: mx.array) -> tuple[mx.array, mx.array]:
+    # (1/n where n > 0 else 0, 1 where n = 0): g = m · (1/n) + [n = 0] keeps zero rows at 1, with no 0 · ∞ in
+    # the gradient, and leaves two operations on m per call
+    positive = n > 0
+    return mx.where(positive, 1.0 / mx.where(positive, n, 1.0), 0.0), mx.where(positive, 0.0, 1.0)
+
+
+class DoraOps:
+    kind = "dora"
+    # g rescales the base output, so DoRA is neither summed with other adapters nor used in mixed batches
+    additive = False
+
+    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array) -> mx.array:
+        s = lp.scaling
+        a, b = _low_rank(lp, p)
+        # n depends on W, A and B only: reuse it while they are the same arrays (inference, repeated calls)
+        inverse, ones = layer.memo(lp, (layer.weight, a, b), lambda: _inverse(weight_norm(lp, layer, p)))
+        m = p[MAGNITUDE]
+        g = (m if m.ndim == 1 else m.reshape(-1)) * inverse + ones
+        if lp.layer.type == "embedding":
+            direction = layer.base_forward(x) + s * (p["lora_embedding_A"].T[x] @ p["lora_embedding_B"].T)
+            return g * direction
+        a, b = p["lora_A.weight"], p["lora_B.weight"]
+        xa = x if x.dtype == a.dtype else x.astype(a.dtype)
+        h = layer.dropout(xa, lp.options["dropout"])
+        v = (s * (h @ a.T)) @ b.T
+        if h is xa:
+            y = g * (layer.base_forward(xa, with_bias=False) + v)
+            return y if layer.bias is None else y + layer.bias
+        return layer.base_forward(x) + (g - 1.0) * layer.base_forward(h, with_bias=False) + g * v
+
+    def merge(
+        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+    ) -> tuple[mx.array, mx.array | None]:
+        n = weight_norm(lp, layer, p)
+        # n cannot be recovered from the merged weight (its rows have norm |m|), so keep it for unmerge
+        cache["norm"] = n
+        g = magnitude_scale(p[MAGNITUDE].reshape(-1), n)
+        return self._rows(lp, g) * (layer.weight + LORA.delta_weight(lp, layer, p)), layer.bias
+
+    def unmerge(
+        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+    ) -> tuple[mx.array, mx.array | None]:
+        if "norm" not in cache:
+            raise PeftdeclError(f"{lp.module}: DoRA unmerge without a matching merge (no cached weight norm)")
+        g = magnitude_scale(p[MAGNITUDE].reshape(-1), cache["norm"])
+        if bool(mx.any(g == 0).item()):
+            raise PeftdeclError(
+                f"{lp.module}: cannot unmerge DoRA, lora_magnitude_vector is 0 in some rows; merging erased them"
+            )
+        return layer.weight / self._rows(lp, g) - LORA.delta_weight(lp, layer, p), layer.bias
+
+    @staticmethod
+    def _rows(lp: LayerPlan, g: mx.array) -> mx.array:
+        # embeddings are stored [num_embeddings, dim] and g runs over dim; linear weights are [out, in]
+        return g[None, :] if lp.layer.type == "embedding" else g[:, None]
+
+
+OPS = DoraOps()

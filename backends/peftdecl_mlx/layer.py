@@ -1,0 +1,303 @@
+"""The MLX module that replaces an adapted layer: y = base(x) + Σᵢ Δᵢ(x) over the running additive adapters, or
+the whole output of one non-additive adapter (DoRA, IA3, OFT, BOFT).
+
+The base layer is kept frozen as ``base_layer``; each adapter's tensors live in ``adapters[name]`` (an
+:class:`AdapterParams` module), so the model's parameter tree reads ``...q_proj.adapters.default.lora_A.weight``
+and ``mx.value_and_grad`` / ``mlx.optimizers`` see exactly the adapter arrays that are trainable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from peftdecl.errors import BackendError, PeftdeclError
+from peftdecl.plan import LayerPlan
+from peftdecl_mlx.kinds import ops_for
+
+BASE = "__base__"
+
+
+# The random draws behind every dropout decision; tests replace these three to share one NumPy generator with the
+# reference, which draws in the same order (rng.random, rng.permutation, rng.integers).
+def uniform(shape: Sequence[int]) -> mx.array:
+    """U[0, 1) of the given shape."""
+    return mx.random.uniform(shape=tuple(shape))
+
+
+def permutation(n: int) -> list[int]:
+    """A random permutation of range(n)."""
+    return [int(i) for i in np.array(mx.random.permutation(n))]
+
+
+def integers(high: int) -> int:
+    """A random integer in [0, high)."""
+    return int(mx.random.randint(0, high).item())
+
+
+def dropout_mask(shape: Sequence[int], p: float) -> mx.array | None:
+    """Inverted-dropout multiplier kept / (1 − p), kept where u ≥ p (the NumPy reference's rule), or None."""
+    if p <= 0.0:
+        return None
+    return (uniform(shape) >= p).astype(mx.float32) / (1.0 - p)
+
+
+class AdapterParams(nn.Module):
+    """One adapter's tensors on one layer, nested at the IR name's dots (``lora_A.weight`` -> ``lora_A["weight"]``)."""
+
+    def __init__(self, arrays: Mapping[str, mx.array]) -> None:
+        super().__init__()
+        for name, value in arrays.items():
+            *heads, leaf = name.split(".")
+            node: Any = self
+            for head in heads:
+                node = node.setdefault(head, {})
+            node[leaf] = value
+
+    def tensors(self) -> dict[str, mx.array]:
+        """IR name -> array (read at call time, so tracers from ``mx.value_and_grad`` are picked up)."""
+        out: dict[str, mx.array] = {}
+
+        def visit(prefix: str, node: Any) -> None:
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    visit(f"{prefix}{key}.", value)
+                else:
+                    out[prefix + key] = value
+
+        visit("", self)
+        return out
+
+    def set_trainable(self, names: Sequence[str]) -> None:
+        """Freeze everything, then unfreeze ``names`` (IR names)."""
+        self.freeze(recurse=False)
+        if names:
+            self.unfreeze(recurse=False, keys=list(names))
+
+
+@dataclass
+class LayerState:
+    """What the engine decides for a layer; not part of the parameter tree."""
+
+    plans: dict[str, LayerPlan] = field(default_factory=dict)
+    shared: dict[str, dict[str, mx.array]] = field(default_factory=dict)
+    running: tuple[str, ...] = ()
+    merged: list[str] = field(default_factory=list)
+    merge_cache: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rows: tuple[str, ...] | None = None
+    """Mixed batch: one adapter name per batch row for the current call."""
+    capture: list[tuple[mx.array, mx.array]] | None = None
+    norm_cache: tuple[Any, mx.array] | None = None
+    ops: dict[str, Any] = field(default_factory=dict)
+    memo: dict[int, tuple[tuple[Any, ...], Any]] = field(default_factory=dict)
+
+
+class AdaptedLayer(nn.Module):
+    """An ``nn.Linear`` or ``nn.Embedding`` with peftdecl adapters."""
+
+    def __init__(self, module: str, base_layer: nn.Module, layer_type: str, adapter_dtype: mx.Dtype) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters: dict[str, AdapterParams] = {}
+        self.module_name = module
+        self.layer_type = layer_type
+        self.adapter_dtype = adapter_dtype
+        self.adapter_state = LayerState()
+
+    # -- the base layer -----------------------------------------------------------------------------------
+    @property
+    def weight(self) -> mx.array:
+        """The base weight in the IR layout ([out, in]; embeddings [num_embeddings, dim]), as MLX stores it."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> mx.array | None:
+        return self.base_layer.get("bias", None)
+
+    def base_forward(self, x: mx.array, weight: mx.array | None = None, with_bias: bool = True) -> mx.array:
+        """The base operation with ``weight`` (default: its own) in the IR layout."""
+        if weight is None and with_bias:
+            return self.base_layer(x)
+        w = self.weight if weight is None else weight
+        if self.layer_type == "embedding":
+            return w[x]
+        y = x @ w.T
+        bias = self.bias
+        return y + bias if with_bias and bias is not None else y
+
+    def row_norms_squared(self) -> mx.array:
+        """Σ_in W² per output row of the frozen base weight, cached until the weight array is replaced."""
+        w = self.weight
+        cached = self.adapter_state.norm_cache
+        if cached is None or cached[0] is not w:
+            rows = w.T if self.layer_type == "embedding" else w
+            cached = (w, mx.sum(mx.square(rows.astype(mx.float32)), axis=1))
+            self.adapter_state.norm_cache = cached
+        return cached[1]
+
+    def set_base(self, weight: mx.array, bias: mx.array | None) -> None:
+        """Replace the base weight (and bias), keeping the base layer's dtype."""
+        self.base_layer.weight = weight.astype(self.base_layer.weight.dtype)
+        if bias is not None and "bias" in self.base_layer:
+            self.base_layer.bias = bias.astype(self.base_layer.bias.dtype)
+        mx.eval(self.base_layer.parameters())
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        # a tied output head reads the embedding's base weight only, as in HF PEFT (merges do show up there)
+        return self.base_layer.as_linear(x)
+
+    # -- adapters -----------------------------------------------------------------------------------------
+    def add(
+        self, name: str, lp: LayerPlan, arrays: Mapping[str, mx.array], shared: Mapping[str, mx.array]
+    ) -> None:
+        self.adapters[name] = AdapterParams(arrays)
+        self.adapter_state.plans[name] = lp
+        self.adapter_state.shared[name] = dict(shared)
+        self.adapter_state.ops[name] = ops_for(lp.kind)
+
+    def remove(self, name: str) -> None:
+        del self.adapters[name]
+        self.adapter_state.memo.pop(id(self.adapter_state.plans[name]), None)
+        del self.adapter_state.plans[name]
+        self.adapter_state.shared.pop(name, None)
+        self.adapter_state.ops.pop(name, None)
+
+    def params(self, name: str) -> dict[str, mx.array]:
+        """The tensors one adapter's kind reads: its own and the shared ones."""
+        return {**self.adapter_state.shared[name], **self.adapters[name].tensors()}
+
+    def memo(self, lp: LayerPlan, inputs: tuple[mx.array, ...], compute: Any) -> Any:
+        """``compute()`` for one adapter's layer plan, reused while ``inputs`` are the very same array objects.
+
+        MLX arrays are replaced, not changed, by optimisers and by ``value_and_grad``'s tracers, so a training step
+        always recomputes; repeated inference calls do not."""
+        cached = self.adapter_state.memo.get(id(lp))
+        same = cached is not None and len(cached[0]) == len(inputs)
+        if same and all(a is b for a, b in zip(cached[0], inputs, strict=True)):
+            return cached[1]
+        value = compute()
+        self.adapter_state.memo[id(lp)] = (inputs, value)
+        return value
+
+    def random(self, shape: Sequence[int]) -> mx.array:
+        return uniform(shape)
+
+    def permutation(self, n: int) -> list[int]:
+        return permutation(n)
+
+    def integers(self, high: int) -> int:
+        return integers(high)
+
+    def overwrite(self, lp: LayerPlan, tensor: str, value: mx.array) -> None:
+        """Replace one stored adapter tensor (COFT's in-place projection, as HF PEFT does)."""
+        name = next(n for n, plan in self.adapter_state.plans.items() if plan is lp)
+        *heads, leaf = tensor.split(".")
+        node: Any = self.adapters[name]
+        for head in heads:
+            node = node[head]
+        node[leaf] = value
+
+    def dropout(self, x: mx.array, p: float) -> mx.array:
+        """x ⊙ mask in training mode (inverted dropout), x otherwise."""
+        mask = dropout_mask(x.shape, p) if self.training else None
+        return x if mask is None else x * mask.astype(x.dtype)
+
+    # -- merging ------------------------------------------------------------------------------------------
+    def merge(self, name: str) -> None:
+        lp = self.adapter_state.plans[name]
+        cache = self.adapter_state.merge_cache.setdefault(name, {})
+        weight, bias = ops_for(lp.kind).merge(lp, self, self.params(name), cache)
+        self.set_base(weight, bias)
+        self.adapter_state.merged.append(name)
+
+    def unmerge(self, name: str) -> None:
+        lp = self.adapter_state.plans[name]
+        cache = self.adapter_state.merge_cache.pop(name, {})
+        weight, bias = ops_for(lp.kind).unmerge(lp, self, self.params(name), cache)
+        self.set_base(weight, bias)
+        self.adapter_state.merged.remove(name)
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def _cast(self, x: mx.array) -> mx.array:
+        if self.layer_type == "embedding" or x.dtype == self.adapter_dtype:
+            return x
+        return x.astype(self.adapter_dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        state = self.adapter_state
+        if state.rows is not None:
+            y = self._mixed(x, state.rows)
+        elif not state.running:
+            y = self.base_layer(x)
+        else:
+            y = self._running(x, state.running)
+        if state.capture is not None:
+            state.capture.append((x, y))
+        return y
+
+    def _running(self, x: mx.array, running: tuple[str, ...]) -> mx.array:
+        state = self.adapter_state
+        if len(running) == 1 and not state.ops[running[0]].additive:
+            name = running[0]
+            y = state.ops[name].forward(state.plans[name], self, self.params(name), x)
+            return y if self.layer_type == "embedding" or y.dtype == x.dtype else y.astype(x.dtype)
+        if not all(state.ops[n].additive for n in running):
+            kinds = sorted({state.plans[n].kind for n in running})
+            raise BackendError(
+                f"{self.module_name}: several active adapters are combined only for additive kinds, not {kinds}"
+            )
+        y = self.base_layer(x)
+        xa = self._cast(x)
+        for name in running:
+            delta = state.ops[name].delta(state.plans[name], self, self.params(name), xa)
+            y = y + (delta if delta.dtype == y.dtype else delta.astype(y.dtype))
+        return y
+
+    def _mixed(self, x: mx.array, rows: tuple[str, ...]) -> mx.array:
+        if len(rows) != x.shape[0]:
+            raise PeftdeclError(f"adapter_names has {len(rows)} entries for a batch of {x.shape[0]} rows")
+        y = self.base_layer(x)
+        xa = self._cast(x)
+        for name in dict.fromkeys(rows):
+            if name == BASE or name not in self.adapters:
+                continue
+            lp = self.adapter_state.plans[name]
+            ops = ops_for(lp.kind)
+            if not ops.additive:
+                raise PeftdeclError(
+                    f"adapter {name!r} is {lp.kind}; mixed batches support additive kinds only"
+                )
+            index = mx.array([i for i, n in enumerate(rows) if n == name])
+            delta = ops.delta(lp, self, self.params(name), xa[index])
+            y = y.at[index].add(delta.astype(y.dtype))
+        return y
+
+
+class SavedModule(nn.Module):
+    """HF PEFT's ``modules_to_save``: a trainable copy of a whole module per adapter; the first active adapter
+    that has a copy computes (merged or not: nothing is merged into a copy), otherwise the original does."""
+
+    def __init__(self, module: str, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.copies: dict[str, nn.Module] = {}
+        self.module_name = module
+        self.current: str | None = None
+
+    def active_module(self) -> nn.Module:
+        return self.original if self.current is None else self.copies[self.current]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module()(*args, **kwargs)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.active_module().as_linear(x)
+
+    @property
+    def weight(self) -> mx.array:
+        return self.active_module().weight

@@ -1,0 +1,101 @@
+"""Orthogonal-rotation building blocks of OFT and BOFT on MLX (the NumPy reference's rotation.py, differentiable).
+
+Skew blocks Q = U − Uᵀ from a strict upper triangle; the Cayley transform R = (I − Q)(I + Q)⁻¹ with its gradient
+dL/dQ = −(I + R)ᵀ G (I + Q)⁻ᵀ (MLX has no derivative of the inverse); HF PEFT's Neumann series
+R = Σ c_k Q^k; blockwise rotation of row vectors x_blk ↦ x_blk R_i; butterfly permutations as index arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+import numpy as np
+
+
+@functools.lru_cache(maxsize=64)
+def _triu_selector(block: int) -> np.ndarray:
+    rows, cols = np.triu_indices(block, 1)
+    selector = np.zeros((rows.size, block * block), dtype=np.float32)
+    selector[np.arange(rows.size), rows * block + cols] = 1.0
+    return selector
+
+
+def skew_from_triu(u: mx.array, block: int) -> mx.array:
+    """[m, b(b−1)/2] -> Q [m, b, b] with Q = U − Uᵀ, U holding ``u`` row-major above the diagonal."""
+    upper = (u @ mx.array(_triu_selector(block), dtype=u.dtype)).reshape(u.shape[0], block, block)
+    return upper - upper.swapaxes(-1, -2)
+
+
+def _inverse(m: mx.array) -> mx.array:
+    # the factorisation runs on the CPU stream (MLX's GPU has no inverse); blocks are small
+    return mx.linalg.inv(m, stream=mx.cpu)
+
+
+@mx.custom_function
+def cayley(s: mx.array) -> mx.array:
+    """R = (I − S)(I + S)⁻¹ for a batch [..., b, b]."""
+    eye = mx.eye(s.shape[-1], dtype=s.dtype)
+    return (eye - s) @ _inverse(eye + s)
+
+
+@cayley.vjp
+def _cayley_vjp(s: mx.array, grad_r: mx.array, r: mx.array) -> mx.array:
+    eye = mx.eye(s.shape[-1], dtype=s.dtype)
+    return -((eye + r).swapaxes(-1, -2) @ grad_r) @ _inverse(eye + s).swapaxes(-1, -2)
+
+
+def neumann_coefficients(terms: int) -> tuple[float, ...]:
+    """c_k of R = Σ c_k Q^k as HF PEFT ≥ 0.18 sums the series for ``num_cayley_neumann_terms``."""
+    if terms <= 1:
+        return (1.0,)
+    if terms == 2:
+        return (1.0, 2.0)
+    top = max(3, terms - 1)
+    return (1.0, *(2.0,) * (top - 1), 1.0)
+
+
+def neumann(q: mx.array, terms: int) -> mx.array:
+    """R = Σ_k c_k Q^k (approximates (I + Q)(I − Q)⁻¹, the transpose of :func:`cayley`)."""
+    eye = mx.eye(q.shape[-1], dtype=q.dtype)
+    out = mx.broadcast_to(eye, q.shape)
+    power = None
+    for k, c in enumerate(neumann_coefficients(terms)):
+        if k:
+            power = q if power is None else power @ q
+            out = out + c * power
+    return out
+
+
+def rotate_blocks(x: mx.array, r: mx.array) -> mx.array:
+    """x [..., n·b] -> x · blockdiag(R_1..R_n), computed per block as x_blk R_i."""
+    n, b, _ = r.shape
+    blocks = x.reshape(-1, n, 1, b)
+    return (blocks @ r).reshape(x.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def butterfly_perms(width: int, block_num: int, block_size: int, factors: int) -> tuple[tuple[int, ...], ...]:
+    """HF PEFT's permutations p_0..p_{N−1} ((P v)[k] = v[p[k]]): factor i reorders, within groups of 2^i
+    blocks, the half-block pieces even-numbered first; a single factor is the identity."""
+    perms = []
+    for i in range(factors):
+        indices = np.arange(width)
+        if factors > 1:
+            group, half = width // (block_num // 2**i), block_size // 2
+            pieces = group // half
+            order = [*range(0, pieces, 2), *range(1, pieces, 2)]
+            within = np.concatenate([np.arange(pos * half, pos * half + half) for pos in order])
+            indices = np.concatenate(
+                [indices[start : start + group][within] for start in range(0, width, group)]
+            )
+        perms.append(tuple(int(v) for v in indices))
+    return tuple(perms)
+
+
+def butterfly(x: mx.array, q: mx.array, perms: tuple[tuple[int, ...], ...]) -> mx.array:
+    """x M for M = B_{N−1} ⋯ B_0, B_i = P_i blockdiag(Q_i) P_iᵀ: gather by P_i, rotate, gather back."""
+    for i in reversed(range(len(perms))):
+        perm = np.asarray(perms[i])
+        x = rotate_blocks(x[..., mx.array(np.argsort(perm))], q[i])[..., mx.array(perm)]
+    return x

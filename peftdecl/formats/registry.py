@@ -1,0 +1,70 @@
+"""Adapter file formats by name: each knows how to recognise a folder, read it and write adapters into one.
+
+``read(folder) -> (spec, tensors)`` returns the file's tensors under the format's own keys; ``to_ir(plan, tensors,
+info)`` turns them into IR keys once the spec is compiled against a model; ``write(directory, payload, dtype,
+info)`` saves ``{name: (plan, IR arrays, extra config fields)}``, the default adapter in ``directory`` itself and
+any other adapter ``X`` in ``directory/X``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peftdecl.errors import AdapterFileError, PeftdeclError
+from peftdecl.plan.ir import ModelInfo, Plan
+from peftdecl.spec import SpecBase
+
+Payload = Mapping[str, tuple[Plan, Mapping[str, np.ndarray], Mapping[str, Any] | None]]
+
+
+@dataclass(frozen=True)
+class AdapterFormat:
+    """One on-disk adapter format."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    read: Callable[[Path], tuple[SpecBase, dict[str, np.ndarray]]]
+    to_ir: Callable[[Plan, Mapping[str, np.ndarray], ModelInfo | None], dict[str, np.ndarray]]
+    write: Callable[[Path, Payload, Any, ModelInfo | None], None]
+
+
+# format name -> module defining FORMAT; checked in this order when detecting (the first match wins)
+_FORMAT_MODULES = {"mlx-lm": "peftdecl.formats.mlx_lm", "hf": "peftdecl.formats.hf_peft"}
+
+
+def formats() -> dict[str, AdapterFormat]:
+    """Format name -> format, importing each format module on first use."""
+    return {name: importlib.import_module(module).FORMAT for name, module in _FORMAT_MODULES.items()}
+
+
+def get_format(name: str) -> AdapterFormat:
+    """The format called ``name`` (``"hf"``, ``"mlx-lm"``)."""
+    known = formats()
+    if name not in known:
+        raise PeftdeclError(f"unknown adapter format {name!r}; known formats: {', '.join(known)}")
+    return known[name]
+
+
+def is_adapter_dir(folder: Path) -> bool:
+    """True if ``folder`` holds an adapter in any known format."""
+    return any(fmt.detect(Path(folder)) for fmt in formats().values())
+
+
+def detect_format(folder: Path) -> AdapterFormat:
+    """The format of the adapter saved in ``folder``."""
+    folder = Path(folder)
+    for fmt in formats().values():
+        if fmt.detect(folder):
+            return fmt
+    if not folder.is_dir():
+        raise AdapterFileError(f"{folder}: no such adapter folder")
+    raise AdapterFileError(
+        f"{folder}: not an adapter folder (expected adapter_config.json with adapter_model.safetensors for HF PEFT, "
+        "or adapters.safetensors for mlx-lm)"
+    )

@@ -1,0 +1,80 @@
+"""Tiny MLX models for the MLX backend tests (mlx[cpu] is slow on Linux: every size here is tiny)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+mx = __import__("pytest").importorskip("mlx.core")
+nn = __import__("pytest").importorskip("mlx.nn")
+tree_flatten = __import__("pytest").importorskip("mlx.utils").tree_flatten
+
+import peftdecl  # noqa: E402
+from peftdecl.equiv import perturbed  # noqa: E402
+from peftdecl_mlx.inventory import numpy_model  # noqa: E402
+
+
+class Tiny(nn.Module):
+    """embed_tokens 13×16 -> q_proj 16→12 (bias) -> down_proj 12→16 -> lm_head 16→13."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        mx.random.seed(seed)
+        self.embed_tokens = nn.Embedding(13, 16)
+        self.q_proj = nn.Linear(16, 12, bias=True)
+        self.down_proj = nn.Linear(12, 16, bias=False)
+        self.lm_head = nn.Linear(16, 13, bias=False)
+        mx.eval(self.parameters())
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.lm_head(self.down_proj(self.q_proj(self.embed_tokens(ids))))
+
+
+def tiny_llama(seed: int = 0, **overrides: Any) -> Any:
+    """An mlx-lm Llama: hidden 32, 2 layers, 4 heads / 2 KV heads, vocab 64."""
+    from mlx_lm.models import llama
+
+    mx.random.seed(seed)
+    fields = dict(
+        model_type="llama",
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=64,
+        tie_word_embeddings=False,
+    )
+    model = llama.Model(llama.ModelArgs(**{**fields, **overrides}))
+    mx.eval(model.parameters())
+    return model
+
+
+def twin(model: Any, spec: Any, seed: int = 1, scale: float = 0.1, name: str = "default") -> tuple[Any, Any]:
+    """(MLX adapted model, NumPy reference) holding the same adapter numbers: the reference's seeded
+    initialisation with its trainable tensors perturbed (so zero-initialised factors are exercised)."""
+    state, layer_types, facts = numpy_model(model)
+    ref = peftdecl.attach(state, spec, name=name, seed=seed, layer_types=layer_types, **facts)
+    trainable = {k for k, p in ref.plan(name).param_specs().items() if p.role == "trainable"}
+    arrays = perturbed(ref.state_dict(name), trainable, scale, seed)
+    ref.delete_adapter(name)
+    ref.add_adapter(name, spec, arrays=arrays, activate=True)
+    ours = peftdecl.attach(model, spec, name=name, seed=seed)
+    ours.delete_adapter(name)
+    ours.add_adapter(name, spec, arrays=arrays, activate=True)
+    return ours, ref
+
+
+def shared_draws(monkeypatch: Any, seed: int) -> np.random.Generator:
+    """Make the MLX backend's dropout draws come from a NumPy generator seeded like the reference's."""
+    import peftdecl_mlx.layer
+
+    rng = np.random.default_rng(seed)
+    monkeypatch.setattr(
+        peftdecl_mlx.layer, "uniform", lambda shape: mx.array(rng.random(tuple(shape)), mx.float32)
+    )
+    monkeypatch.setattr(peftdecl_mlx.layer, "permutation", lambda n: [int(i) for i in rng.permutation(n)])
+    monkeypatch.setattr(peftdecl_mlx.layer, "integers", lambda high: int(rng.integers(high)))
+    return rng
