@@ -1,9 +1,10 @@
 """AdaLoRA against the real HF PEFT: files both ways (full and pruned by an allocated rank_pattern), per-layer
 outputs, the rank allocator step for step, and the orthogonality regulariser.
 
-Tolerances: merged weights relative error ≤ 1e-6 (float32 files; NumPy merges in float64, PEFT in float32);
-per-layer outputs ≤ 1e-5 (PEFT's float32 layer on a float32 input vs the float64 reference); allocator lora_E
-values and the regulariser ≤ 1e-6 (PEFT float32 vs NumPy float64, same inputs).
+Tolerances: merged weights relative error ≤ MERGE_TOL = 1e-6 (float32 files; NumPy merges in float64, PEFT in
+float32) and per-layer outputs ≤ OUTPUT_TOL = 1e-5 (PEFT's float32 layer on a float32 input vs the float64
+reference), both from tests/peft_parity.py; allocator lora_E values and the regulariser ≤ ALLOC_TOL = 1e-6 (PEFT
+float32 vs NumPy float64, same inputs).
 """
 
 from __future__ import annotations
@@ -28,10 +29,17 @@ from tests.hf_models import (
     tiny_llama,
     torch,
 )
+from tests.peft_parity import (
+    MERGE_TOL,
+    OUTPUT_TOL,
+    assert_config_like_peft,
+    assert_layers_like_peft,
+    assert_merged_equal,
+    assert_saved_like_peft,
+    peft_layer_output,
+)
 
-MERGE_TOL = 1e-6
-LAYER_TOL = 1e-5
-ALLOC_TOL = 1e-6
+ALLOC_TOL = 1e-6  # allocator lora_E values and the regulariser: PEFT float32 vs NumPy float64
 
 CASES = {
     "plain": dict(init_r=6, target_r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
@@ -47,21 +55,6 @@ LAYER = "model.layers.0.self_attn.q_proj"
 
 def config(**fields) -> object:
     return peft.AdaLoraConfig(**{**SCHEDULE, **fields})
-
-
-def assert_merged_equal(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> None:
-    assert set(ours) == set(theirs)
-    for key in theirs:
-        assert rel_err(ours[key], theirs[key]) <= MERGE_TOL, key
-
-
-def peft_layer_output(wrapped, module: str, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return (
-            wrapped.base_model.model.get_submodule(module)(torch.tensor(x, dtype=torch.float32))
-            .double()
-            .numpy()
-        )
 
 
 def ir_key(peft_name: str) -> str:
@@ -90,7 +83,7 @@ def test_peft_saved_adalora_loads_and_computes_like_peft(case: str, tmp_path) ->
     ours = peftdecl.load_adapter(state, tmp_path, **options)
     module = ours.plan().targets[0]
     x = np.random.default_rng(0).normal(size=(3, ours.info.layers[module].in_features))
-    assert rel_err(ours(module, x), peft_layer_output(wrapped, module, x)) <= LAYER_TOL
+    assert_layers_like_peft(ours, wrapped, {module: x})
     assert_merged_equal(ours.merge_and_unload(), merged_state(wrapped))
 
 
@@ -107,9 +100,9 @@ def test_peftdecl_saved_adalora_loads_in_peft(case: str, tmp_path) -> None:
     expected_merge = ours.merge_and_unload()
 
     reference = peft_model(tiny_llama(), config(init_lora_weights=False, **CASES[case]))
-    assert set(peft.utils.load_peft_weights(str(tmp_path))) == set(peft.get_peft_model_state_dict(reference))
+    assert_saved_like_peft(tmp_path, reference)
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    assert rel_err(peft_layer_output(loaded, module, x), expected_out) <= LAYER_TOL
+    assert rel_err(peft_layer_output(loaded, module, x), expected_out) <= OUTPUT_TOL
     assert_merged_equal(expected_merge, merged_state(loaded))
 
 
@@ -152,8 +145,7 @@ def test_pruned_peft_file_loads_and_round_trips(allocated) -> None:
         warnings.simplefilter("error")  # no echo of PEFT's spurious "rank_pattern keys did not match" warning
         ours = peftdecl.load_adapter(state, tmp_path / "theirs", **options)
     x = np.random.default_rng(3).normal(size=(4, 64))
-    for module in ours.plan().targets:
-        assert rel_err(ours(module, x), peft_layer_output(wrapped, module, x)) <= LAYER_TOL, module
+    assert_layers_like_peft(ours, wrapped, dict.fromkeys(ours.plan().targets, x))
 
     ours.save(tmp_path / "ours")
     theirs_file = peft.utils.load_peft_weights(str(tmp_path / "theirs"))
@@ -194,12 +186,10 @@ def test_pruned_peftdecl_file_with_alpha_zero_loads_in_peft(tmp_path) -> None:
     ours = peftdecl.attach(state, spec, seed=4, **options)
     ours.save(tmp_path)
     reference = peft_model(tiny_llama(), config(**{k: v for k, v in spec.items() if k != "peft_type"}))
-    saved = peft.utils.load_peft_weights(str(tmp_path))
-    expected = peft.get_peft_model_state_dict(reference)
-    assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    assert_saved_like_peft(tmp_path, reference, shapes=True)
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     x = np.random.default_rng(5).normal(size=(2, 64))
-    assert rel_err(peft_layer_output(loaded, LAYER, x), ours(LAYER, x)) <= LAYER_TOL
+    assert rel_err(peft_layer_output(loaded, LAYER, x), ours(LAYER, x)) <= OUTPUT_TOL
     assert_merged_equal(ours.merge_and_unload(), merged_state(loaded))
 
 
@@ -285,7 +275,7 @@ def test_gpt2_conv1d_both_ways(tmp_path) -> None:
     model = peftdecl.load_adapter(state, tmp_path / "theirs", **options)
     x = np.random.default_rng(0).normal(size=(3, 32))
     module = "transformer.h.0.attn.c_attn"
-    assert rel_err(model(module, x), peft_layer_output(wrapped, module, x)) <= LAYER_TOL
+    assert_layers_like_peft(model, wrapped, {module: x})
     model.save(tmp_path / "ours")
     loaded = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours")
     assert_merged_equal(model.merge_and_unload(), merged_state(loaded))
@@ -309,7 +299,7 @@ def test_conv2d_both_ways(tmp_path) -> None:
     model = peftdecl.load_adapter(state, tmp_path / "theirs", **options)
     assert model.state_dict()["conv.lora_A"].shape == (3, 3 * 3 * 2)
     x = np.random.default_rng(0).normal(size=(2, 3, 7, 8))
-    assert rel_err(model("conv", x), peft_layer_output(wrapped, "conv", x)) <= LAYER_TOL
+    assert_layers_like_peft(model, wrapped, {"conv": x})
     model.save(tmp_path / "ours")
     loaded = peft.PeftModel.from_pretrained(TinyConvNet(), tmp_path / "ours")
     assert_merged_equal(model.merge_and_unload(), merged_state(loaded))
@@ -323,8 +313,4 @@ def test_saved_config_matches_peft_fields_and_loads_as_spec(allocated) -> None:
     assert spec.kind == "adalora" and spec.init_r == theirs["init_r"]
     state, options = numpy_inputs(tiny_llama())
     peftdecl.load_adapter(state, tmp_path / "theirs", **options).save(tmp_path / "ours")
-    mine = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert set(mine) == set(theirs)
-    differing = {k for k in theirs if k not in ("target_modules", "peft_version") and mine[k] != theirs[k]}
-    assert not differing, {k: (mine[k], theirs[k]) for k in differing}
-    assert set(mine["target_modules"]) == set(theirs["target_modules"])
+    assert_config_like_peft(tmp_path / "ours", tmp_path / "theirs", ignore=("peft_version",))

@@ -1,8 +1,9 @@
 """DoRA files both ways against the real HF PEFT: tiny Llama (q/v, embeddings, rsLoRA), GPT-2 Conv1D and a
 torch module with Conv1d/Conv2d layers.
 
-Tolerances: merged weights relative error ≤ 1e-6 (float32 PEFT vs the float64 reference on float32 files);
-per-layer outputs and gradients ≤ 1e-5 (PEFT's float32 layer called on a float32 input).
+Tolerances (tests/peft_parity.py): merged weights relative error ≤ MERGE_TOL = 1e-6 (float32 PEFT vs the float64
+reference on float32 files); per-layer outputs and gradients ≤ OUTPUT_TOL = 1e-5 (PEFT's float32 layer called
+on a float32 input).
 """
 
 from __future__ import annotations
@@ -22,20 +23,14 @@ from tests.hf_models import (
     tiny_llama,
     torch,
 )
-
-MERGE_TOL = 1e-6
-OUTPUT_TOL = 1e-5
-
-
-def llama_with_bias():
-    """Tiny Llama with attention biases set to random values (transformers initialises them to zero)."""
-    model = tiny_llama(attention_bias=True)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.copy_(torch.randn(param.shape, generator=generator))
-    return model
+from tests.peft_parity import (
+    OUTPUT_TOL,
+    assert_layers_like_peft,
+    assert_merged_equal,
+    assert_saved_like_peft,
+    llama_with_bias,
+    probe_inputs,
+)
 
 
 class Convs(torch.nn.Module):
@@ -61,41 +56,16 @@ CASES = {
     ),
     "convs": (Convs, dict(r=2, lora_alpha=4, target_modules=["c1", "c2"])),
 }
-PROBES = {  # module -> input builder, one per layer type in the cases
-    "model.layers.0.self_attn.q_proj": lambda rng: rng.normal(size=(2, 3, 64)),
-    "model.layers.1.self_attn.v_proj": lambda rng: rng.normal(size=(2, 64)),
-    "model.layers.0.self_attn.o_proj": lambda rng: rng.normal(size=(3, 64)),
+PROBES = {  # module -> input shape, or a builder (token ids); one per layer type in the cases
+    "model.layers.0.self_attn.q_proj": (2, 3, 64),
+    "model.layers.1.self_attn.v_proj": (2, 64),
+    "model.layers.0.self_attn.o_proj": (3, 64),
     "model.embed_tokens": lambda rng: rng.integers(0, 128, size=(2, 5)),
-    "transformer.h.0.attn.c_attn": lambda rng: rng.normal(size=(3, 32)),
-    "transformer.h.1.mlp.c_proj": lambda rng: rng.normal(size=(3, 128)),
-    "c1": lambda rng: rng.normal(size=(2, 3, 9)),
-    "c2": lambda rng: rng.normal(size=(2, 3, 6, 6)),
+    "transformer.h.0.attn.c_attn": (3, 32),
+    "transformer.h.1.mlp.c_proj": (3, 128),
+    "c1": (2, 3, 9),
+    "c2": (2, 3, 6, 6),
 }
-
-
-def peft_layer_output(wrapped, module: str, x: np.ndarray) -> np.ndarray:
-    layer = wrapped.base_model.model.get_submodule(module)
-    dtype = torch.long if x.dtype.kind == "i" else torch.float32
-    with torch.no_grad():
-        return layer(torch.tensor(x, dtype=dtype)).double().numpy()
-
-
-def compare_layers(ours: peftdecl.AdaptedModel, wrapped) -> list[str]:
-    rng = np.random.default_rng(11)
-    checked = []
-    for module, make in PROBES.items():
-        if module in ours.plan().targets:
-            x = make(rng)
-            assert rel_err(ours(module, x), peft_layer_output(wrapped, module, x)) <= OUTPUT_TOL, module
-            checked.append(module)
-    assert checked
-    return checked
-
-
-def assert_merged_equal(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> None:
-    assert set(ours) == set(theirs)
-    for key in theirs:
-        assert rel_err(ours[key], theirs[key]) <= MERGE_TOL, key
 
 
 @pytest.mark.peft
@@ -108,7 +78,7 @@ def test_peft_saved_dora_loads_with_peft_outputs_and_merge(case: str, tmp_path) 
     state, options = numpy_inputs(make())
     ours = peftdecl.load_adapter(state, tmp_path, **options)
     assert ours.plan().kind == "dora"
-    compare_layers(ours, wrapped)
+    assert_layers_like_peft(ours, wrapped, probe_inputs(ours, PROBES))
     assert_merged_equal(ours.merge_and_unload(), merged_state(wrapped))
 
 
@@ -126,10 +96,10 @@ def test_peftdecl_saved_dora_loads_in_peft(case: str, tmp_path) -> None:
     ours.save(tmp_path)
 
     reference = peft_model(make(), peft.LoraConfig(use_dora=True, init_lora_weights=False, **config))
-    assert set(peft.utils.load_peft_weights(str(tmp_path))) == set(peft.get_peft_model_state_dict(reference))
+    assert_saved_like_peft(tmp_path, reference)
 
     loaded = peft.PeftModel.from_pretrained(make(), tmp_path)
-    compare_layers(ours, loaded)
+    assert_layers_like_peft(ours, loaded, probe_inputs(ours, PROBES))
     assert_merged_equal(ours.merge_and_unload(), merged_state(loaded))
 
 

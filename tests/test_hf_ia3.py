@@ -1,8 +1,9 @@
 """IA3 files both ways against the real HF PEFT: tiny Llama (explicit and default targets), GPT-2 Conv1D
 (c_attn, feed-forward mlp.c_proj) and a torch module with Conv2d layers, feed-forward and not.
 
-Tolerances: merged weights relative error ≤ 1e-6 (float32 PEFT vs the float64 reference on float32 files);
-per-layer outputs ≤ 1e-5 (PEFT's float32 layer called on a float32 input).
+Tolerances (tests/peft_parity.py): merged weights relative error ≤ MERGE_TOL = 1e-6 (float32 PEFT vs the float64
+reference on float32 files); per-layer outputs ≤ OUTPUT_TOL = 1e-5 (PEFT's float32 layer called on a float32
+input).
 """
 
 from __future__ import annotations
@@ -13,22 +14,14 @@ import numpy as np
 import pytest
 
 import peftdecl
-from tests.conftest import rel_err
 from tests.hf_models import merged_state, numpy_inputs, peft, peft_model, tiny_gpt2, tiny_llama, torch
-
-MERGE_TOL = 1e-6
-OUTPUT_TOL = 1e-5
-
-
-def llama_with_bias():
-    """Tiny Llama with attention biases set to random values (transformers initialises them to zero)."""
-    model = tiny_llama(attention_bias=True)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.copy_(torch.randn(param.shape, generator=generator))
-    return model
+from tests.peft_parity import (
+    assert_layers_like_peft,
+    assert_merged_equal,
+    assert_saved_like_peft,
+    llama_with_bias,
+    probe_inputs,
+)
 
 
 class Convs(torch.nn.Module):
@@ -58,40 +51,16 @@ CASES = {
     "gpt2_defaults": (tiny_gpt2, dict()),
     "convs": (Convs, dict(target_modules=["attn", "ff"], feedforward_modules=["ff"])),
 }
-PROBES = {  # module -> input builder
-    "model.layers.0.self_attn.k_proj": lambda rng: rng.normal(size=(2, 3, 64)),
-    "model.layers.1.self_attn.v_proj": lambda rng: rng.normal(size=(3, 64)),
-    "model.layers.0.mlp.down_proj": lambda rng: rng.normal(size=(3, 128)),
-    "model.layers.1.mlp.up_proj": lambda rng: rng.normal(size=(3, 64)),
-    "transformer.h.0.attn.c_attn": lambda rng: rng.normal(size=(3, 32)),
-    "transformer.h.1.mlp.c_proj": lambda rng: rng.normal(size=(3, 128)),
-    "attn": lambda rng: rng.normal(size=(2, 3, 5, 5)),
-    "ff": lambda rng: rng.normal(size=(2, 4, 3, 3)),
+PROBES = {  # module -> input shape
+    "model.layers.0.self_attn.k_proj": (2, 3, 64),
+    "model.layers.1.self_attn.v_proj": (3, 64),
+    "model.layers.0.mlp.down_proj": (3, 128),
+    "model.layers.1.mlp.up_proj": (3, 64),
+    "transformer.h.0.attn.c_attn": (3, 32),
+    "transformer.h.1.mlp.c_proj": (3, 128),
+    "attn": (2, 3, 5, 5),
+    "ff": (2, 4, 3, 3),
 }
-
-
-def peft_layer_output(wrapped, module: str, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return (
-            wrapped.base_model.model.get_submodule(module)(torch.tensor(x, dtype=torch.float32))
-            .double()
-            .numpy()
-        )
-
-
-def compare_layers(ours: peftdecl.AdaptedModel, wrapped) -> None:
-    rng = np.random.default_rng(11)
-    checked = [m for m in PROBES if m in ours.plan().targets]
-    assert checked
-    for module in checked:
-        x = PROBES[module](rng)
-        assert rel_err(ours(module, x), peft_layer_output(wrapped, module, x)) <= OUTPUT_TOL, module
-
-
-def assert_merged_equal(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> None:
-    assert set(ours) == set(theirs)
-    for key in theirs:
-        assert rel_err(ours[key], theirs[key]) <= MERGE_TOL, key
 
 
 def feedforward_of(wrapped) -> dict[str, bool]:
@@ -111,7 +80,7 @@ def test_peft_saved_ia3_loads_with_peft_outputs_and_merge(case: str, tmp_path) -
     state, options = numpy_inputs(make())
     ours = peftdecl.load_adapter(state, tmp_path, **options)
     assert {lp.module: lp.options["feedforward"] for lp in ours.plan().layers} == feedforward_of(wrapped)
-    compare_layers(ours, wrapped)
+    assert_layers_like_peft(ours, wrapped, probe_inputs(ours, PROBES))
     assert_merged_equal(ours.merge_and_unload(), merged_state(wrapped))
 
 
@@ -126,7 +95,7 @@ def test_peftdecl_saved_ia3_loads_in_peft(case: str, tmp_path) -> None:
     ours.save(tmp_path)
 
     reference = peft_model(make(), peft.IA3Config(init_ia3_weights=False, **config))
-    assert set(peft.utils.load_peft_weights(str(tmp_path))) == set(peft.get_peft_model_state_dict(reference))
+    assert_saved_like_peft(tmp_path, reference)
     reference.save_pretrained(tmp_path / "theirs")
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert set(saved) == set(json.loads((tmp_path / "theirs" / "adapter_config.json").read_text()))
@@ -134,7 +103,7 @@ def test_peftdecl_saved_ia3_loads_in_peft(case: str, tmp_path) -> None:
 
     loaded = peft.PeftModel.from_pretrained(make(), tmp_path)
     assert {lp.module: lp.options["feedforward"] for lp in ours.plan().layers} == feedforward_of(loaded)
-    compare_layers(ours, loaded)
+    assert_layers_like_peft(ours, loaded, probe_inputs(ours, PROBES))
     assert_merged_equal(ours.merge_and_unload(), merged_state(loaded))
 
 

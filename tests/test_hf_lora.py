@@ -1,7 +1,7 @@
 """LoRA files both ways against the real HF PEFT on tiny Llama and GPT-2 models (float32 files).
 
-Tolerance: merged weights agree to relative error ≤ 1e-6 (the files are float32; the NumPy reference merges in
-float64, PEFT in float32).
+Tolerances (tests/peft_parity.py): merged weights agree to relative error ≤ MERGE_TOL = 1e-6 (the files are
+float32; the NumPy reference merges in float64, PEFT in float32); one layer's output ≤ OUTPUT_TOL = 1e-5.
 """
 
 from __future__ import annotations
@@ -13,18 +13,14 @@ import pytest
 
 import peftdecl
 from tests.conftest import rel_err
-from tests.hf_models import (
-    merged_state,
-    numpy_inputs,
-    peft,
-    peft_model,
-    perturb,
-    tiny_gpt2,
-    tiny_llama,
-    torch,
+from tests.hf_models import merged_state, numpy_inputs, peft, peft_model, perturb, tiny_gpt2, tiny_llama
+from tests.peft_parity import (
+    OUTPUT_TOL,
+    assert_config_like_peft,
+    assert_merged_equal,
+    assert_saved_like_peft,
+    peft_layer_output,
 )
-
-MERGE_TOL = 1e-6
 
 LLAMA_CASES = {
     "plain": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
@@ -50,12 +46,6 @@ def base_for(case: str):
     return tiny_llama(attention_bias=True) if case == "lora_bias" else tiny_llama()
 
 
-def assert_merged_equal(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> None:
-    assert set(ours) == set(theirs)
-    for key in theirs:
-        assert rel_err(ours[key], theirs[key]) <= MERGE_TOL, key
-
-
 @pytest.mark.peft
 @pytest.mark.parametrize("case", sorted(LLAMA_CASES))
 def test_peft_saved_lora_loads_and_merges_like_peft(case: str, tmp_path) -> None:
@@ -79,9 +69,7 @@ def test_peftdecl_saved_lora_loads_in_peft(case: str, tmp_path) -> None:
     reference = peft_model(
         base_for(case), peft.LoraConfig(**{**LLAMA_CASES[case], "init_lora_weights": False})
     )
-    expected_keys = set(peft.get_peft_model_state_dict(reference))
-    saved_keys = set(peft.utils.load_peft_weights(str(tmp_path)))
-    assert saved_keys == expected_keys
+    assert_saved_like_peft(tmp_path, reference)
 
     loaded = peft.PeftModel.from_pretrained(base_for(case), tmp_path)
     assert_merged_equal(expected_merge, merged_state(loaded))
@@ -97,11 +85,7 @@ def test_gpt2_conv1d_both_ways(tmp_path) -> None:
     model = peftdecl.load_adapter(state, tmp_path / "theirs", **options)
     x = np.random.default_rng(0).normal(size=(3, 32))
     module = "transformer.h.0.attn.c_attn"
-    with torch.no_grad():
-        expected = wrapped.base_model.model.transformer.h[0].attn.c_attn(torch.tensor(x, dtype=torch.float32))
-    assert (
-        rel_err(model(module, x), expected.double().numpy()) <= 1e-5
-    )  # float32 forward vs float64 reference
+    assert rel_err(model(module, x), peft_layer_output(wrapped, module, x)) <= OUTPUT_TOL
     model.save(tmp_path / "ours")
     loaded = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours")
     assert_merged_equal(model.merge_and_unload(), merged_state(loaded))
@@ -123,21 +107,17 @@ def test_two_adapters_in_one_folder(tmp_path) -> None:
     assert set(ours.adapters) == {"default", "other"}
     ours.set_adapter("other")
     wrapped.set_adapter("other")
-    x = np.random.default_rng(1).normal(size=(2, 64))
-    with torch.no_grad():
-        expected = wrapped.base_model.model.model.layers[0].self_attn.o_proj(
-            torch.tensor(x, dtype=torch.float32)
-        )
-    assert rel_err(ours("model.layers.0.self_attn.o_proj", x), expected.double().numpy()) <= 1e-5
+    x, module = np.random.default_rng(1).normal(size=(2, 64)), "model.layers.0.self_attn.o_proj"
+    expected = peft_layer_output(wrapped, module, x)
+    assert rel_err(ours(module, x), expected) <= OUTPUT_TOL
 
     ours.save(tmp_path / "resaved")
     assert json.loads((tmp_path / "resaved" / "other" / "adapter_config.json").read_text())["r"] == 4
     both = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "resaved")
     both.load_adapter(tmp_path / "resaved" / "other", adapter_name="other")
     both.set_adapter("other")
-    with torch.no_grad():
-        again = both.base_model.model.model.layers[0].self_attn.o_proj(torch.tensor(x, dtype=torch.float32))
-    assert rel_err(again.double().numpy(), expected.double().numpy()) <= 1e-6
+    # PEFT on PEFT, both float32: the adapter read back from our file, against the one PEFT saved
+    assert rel_err(peft_layer_output(both, module, x), expected) <= 1e-6
 
 
 @pytest.mark.peft
@@ -148,15 +128,7 @@ def test_saved_config_matches_peft_fields(tmp_path) -> None:
     peft_model(tiny_llama(), peft.LoraConfig(target_modules="all-linear")).save_pretrained(
         tmp_path / "theirs"
     )
-    mine = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    assert set(mine) == set(theirs)
-    assert set(mine["target_modules"]) == set(theirs["target_modules"])
-    differing = {
-        k
-        for k in theirs
-        if k not in ("target_modules", "peft_version", "base_model_name_or_path") and mine[k] != theirs[k]
-    }
-    assert not differing, {k: (mine[k], theirs[k]) for k in differing}
-    keys = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert list(keys) == sorted(keys)
+    mine, _ = assert_config_like_peft(
+        tmp_path / "ours", tmp_path / "theirs", ignore=("peft_version", "base_model_name_or_path")
+    )
+    assert list(mine) == sorted(mine)

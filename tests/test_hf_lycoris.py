@@ -1,14 +1,14 @@
 """LoHa and LoKr against the real HF PEFT, both ways, on tiny Llama and on a small torch conv model.
 
-Tolerances: merged weights relative error ≤ 1e-6 (float32 files and PEFT's float32 merge vs the float64
-reference); per-layer outputs ≤ 1e-5 (PEFT's float32 layer on a float32 input vs the float64 reference).
+Tolerances (tests/peft_parity.py): merged weights relative error ≤ MERGE_TOL = 1e-6 (float32 files and PEFT's
+float32 merge vs the float64 reference); per-layer outputs ≤ OUTPUT_TOL = 1e-5 (PEFT's float32 layer on a
+float32 input vs the float64 reference).
 Initialisation is compared rule by rule: the same tensors are zero, and PEFT's random tensors lie within the
 Kaiming bound our plan declares for them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -20,9 +20,15 @@ import peftdecl
 from peftdecl.plan.kinds.lycoris import factorization
 from tests.conftest import rel_err
 from tests.hf_models import merged_state, numpy_inputs, peft, peft_model, perturb, tiny_llama, torch
-
-MERGE_TOL = 1e-6
-OUTPUT_TOL = 1e-5
+from tests.peft_parity import (
+    MERGE_TOL,
+    assert_config_like_peft,
+    assert_layers_like_peft,
+    assert_merged_equal,
+    assert_saved_like_peft,
+    peft_layer_output,
+    probe_inputs,
+)
 
 CONFIGS = {"LOHA": peft.LoHaConfig, "LOKR": peft.LoKrConfig}
 LLAMA_CASES = {
@@ -105,34 +111,6 @@ def peft_config(peft_type: str, fields: dict, **overrides):
     return CONFIGS[peft_type](**{**fields, **overrides})
 
 
-def probe_inputs(probes: dict, ours: peftdecl.AdaptedModel) -> dict[str, np.ndarray]:
-    """Inputs for the probed layers the adapter targets."""
-    rng = np.random.default_rng(11)
-    inputs = {module: rng.normal(size=shape) for module, shape in probes.items()}
-    return {module: x for module, x in inputs.items() if module in ours.plan().targets}
-
-
-def peft_outputs(wrapped, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """PEFT's per-layer outputs: the wrapped torch submodule on a float32 input."""
-    out = {}
-    with torch.no_grad():
-        for module, x in inputs.items():
-            layer = wrapped.base_model.model.get_submodule(module)
-            out[module] = layer(torch.tensor(x, dtype=torch.float32)).double().numpy()
-    return out
-
-
-def assert_outputs_equal(ours: peftdecl.AdaptedModel, theirs: dict[str, np.ndarray], inputs: dict) -> None:
-    for module, x in inputs.items():
-        assert rel_err(ours(module, x), theirs[module]) <= OUTPUT_TOL, module
-
-
-def assert_merged_equal(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> None:
-    assert set(ours) == set(theirs)
-    for key in theirs:
-        assert rel_err(ours[key], theirs[key]) <= MERGE_TOL, key
-
-
 @pytest.mark.peft
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_saved_adapter_loads_and_computes_like_peft(case: str, tmp_path) -> None:
@@ -142,10 +120,7 @@ def test_peft_saved_adapter_loads_and_computes_like_peft(case: str, tmp_path) ->
     wrapped.save_pretrained(tmp_path)
     state, options = numpy_inputs(make_base())
     ours = peftdecl.load_adapter(state, tmp_path, **options)
-    inputs = probe_inputs(probes, ours)
-    assert inputs
-    expected_outputs = peft_outputs(wrapped, inputs)
-    assert_outputs_equal(ours, expected_outputs, inputs)
+    assert_layers_like_peft(ours, wrapped, probe_inputs(ours, probes))
     assert_merged_equal(ours.merge_and_unload(), merged_state(wrapped))
 
 
@@ -160,11 +135,11 @@ def test_peftdecl_saved_adapter_loads_in_peft(case: str, tmp_path) -> None:
     ours.save(tmp_path)
 
     reference = peft_model(make_base(), peft_config(peft_type, fields, init_weights=False))
-    assert set(peft.utils.load_peft_weights(str(tmp_path))) == set(peft.get_peft_model_state_dict(reference))
+    assert_saved_like_peft(tmp_path, reference)
 
     loaded = peft.PeftModel.from_pretrained(make_base(), tmp_path)
-    inputs = probe_inputs(probes, ours)
-    assert_outputs_equal(ours, peft_outputs(loaded, inputs), inputs)
+    inputs = probe_inputs(ours, probes)
+    assert_layers_like_peft(ours, loaded, inputs)
     assert_merged_equal(ours.merge_and_unload(), merged_state(loaded))
 
 
@@ -198,9 +173,7 @@ def test_lokr_conv1d_cp_factor_matches_peft_building_blocks(tmp_path) -> None:
     ours = peftdecl.load_adapter(state, tmp_path, **options)
     assert "lokr_t2" in {p.name for p in ours.plan().layer("c1").params}
     ours.save(tmp_path / "ours")
-    assert set(peft.utils.load_peft_weights(str(tmp_path / "ours"))) == set(
-        peft.get_peft_model_state_dict(wrapped)
-    )
+    assert_saved_like_peft(tmp_path / "ours", wrapped)
     merged = ours.merge_and_unload()["c1.weight"]
     assert rel_err(merged - state["c1.weight"], expected.double().numpy()) <= MERGE_TOL
 
@@ -241,10 +214,10 @@ def test_initialisation_follows_peft_rule_by_rule(case: str, init, tmp_path) -> 
             if values.size >= 32:  # P(max < bound/2) = 2^-size: PEFT really draws at this bound
                 assert np.abs(values).max() >= bound / 2, key
     # a fresh adapter is a no-op exactly where PEFT's is
-    inputs = probe_inputs(probes, ours)
-    peft_out = peft_outputs(wrapped, inputs)
+    inputs = probe_inputs(ours, probes)
+    peft_out = {m: peft_layer_output(wrapped, m, x) for m, x in inputs.items()}
     with wrapped.disable_adapter():
-        peft_base = peft_outputs(wrapped, inputs)
+        peft_base = {m: peft_layer_output(wrapped, m, x) for m, x in inputs.items()}
     with ours.disable_adapters():
         our_base = {m: ours(m, x) for m, x in inputs.items()}
     for module, x in inputs.items():
@@ -262,16 +235,11 @@ def test_saved_config_matches_peft_and_load_spec_accepts_peft_config(peft_type: 
     if peft_type == "LOKR":
         fields.update(decompose_both=True, init_weights="lycoris", rank_dropout_scale=True)
     peft_model(tiny_llama(), peft_config(peft_type, fields)).save_pretrained(tmp_path / "theirs")
-    theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
     spec = peftdecl.load_spec(tmp_path / "theirs" / "adapter_config.json")
     assert spec.peft_type == peft_type and spec.kind == peft_type.lower()
     state, options = numpy_inputs(tiny_llama())
     peftdecl.attach(state, spec, **options).save(tmp_path / "ours")
-    mine = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert set(mine) == set(theirs)
-    assert set(mine["target_modules"]) == set(theirs["target_modules"])
-    differing = {k for k in theirs if k != "target_modules" and mine[k] != theirs[k]}
-    assert not differing, {k: (mine[k], theirs[k]) for k in differing}
+    assert_config_like_peft(tmp_path / "ours", tmp_path / "theirs")  # peft_version included
 
 
 @settings(max_examples=80, deadline=None)

@@ -1,10 +1,10 @@
 """OFT and BOFT files both ways against the real HF PEFT on tiny Llama models and small convolutions.
 
-Tolerances: merged weights agree to relative error ≤ 1e-6 (float32 files and PEFT's float32 merge vs the
-float64 reference); per-layer outputs ≤ 1e-5 (PEFT's float32 layer on a float32 input vs the float64
-reference). HF PEFT without its CUDA extension builds a single butterfly factor; several factors are compared
-against PEFT's own layer code with only its CUDA block-diagonal kernel replaced by ``torch.block_diag``
-(the ``cpu_butterfly`` fixture).
+Tolerances (tests/peft_parity.py): merged weights agree to relative error ≤ MERGE_TOL = 1e-6 (float32 files and
+PEFT's float32 merge vs the float64 reference); per-layer outputs ≤ OUTPUT_TOL = 1e-5 (PEFT's float32 layer on a
+float32 input vs the float64 reference). HF PEFT without its CUDA extension builds a single butterfly factor;
+several factors are compared against PEFT's own layer code with only its CUDA block-diagonal kernel replaced by
+``torch.block_diag`` (the ``cpu_butterfly`` fixture).
 """
 
 from __future__ import annotations
@@ -21,9 +21,14 @@ from peftdecl.plan.kinds.oft import nearest_divisor
 from peftdecl_numpy.rotation import block_butterfly_perm, neumann, skew_from_triu
 from tests.conftest import rel_err
 from tests.hf_models import merged_state, numpy_inputs, peft, peft_model, perturb, tiny_llama, torch
-
-MERGE_TOL = 1e-6
-OUT_TOL = 1e-5
+from tests.peft_parity import (
+    OUTPUT_TOL,
+    assert_config_like_peft,
+    assert_layers_like_peft,
+    assert_merged_equal,
+    assert_saved_like_peft,
+    peft_layer_output,
+)
 
 OFT_CASES = {
     "neumann": dict(oft_block_size=16, target_modules=["q_proj", "v_proj"]),
@@ -80,19 +85,6 @@ def layer_input(base, module: str, rng: np.random.Generator) -> np.ndarray:
     return rng.normal(size=(3, sub.in_features))
 
 
-def peft_layer_output(wrapped, module: str, x: np.ndarray) -> np.ndarray:
-    layer = wrapped.base_model.model.get_submodule(module)
-    tensor = torch.tensor(x) if x.dtype.kind == "i" else torch.tensor(x, dtype=torch.float32)
-    with torch.no_grad():
-        return layer(tensor).double().numpy()
-
-
-def assert_merged_equal(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> None:
-    assert set(ours) == set(theirs)
-    for key in theirs:
-        assert rel_err(ours[key], theirs[key]) <= MERGE_TOL, key
-
-
 def peft_saved_loads_like_peft(kind: str, fields: dict, make_base, tmp_path) -> peftdecl.AdaptedModel:
     """PEFT creates, perturbs and saves; peftdecl loads: same per-layer outputs and merged weights."""
     wrapped = peft_model(make_base(), config_for(kind, fields))
@@ -101,9 +93,8 @@ def peft_saved_loads_like_peft(kind: str, fields: dict, make_base, tmp_path) -> 
     state, options = numpy_inputs(make_base())
     ours = peftdecl.load_adapter(state, tmp_path, **options)
     rng = np.random.default_rng(0)
-    for module in ours.plan().targets:
-        x = layer_input(make_base(), module, rng)
-        assert rel_err(ours(module, x), peft_layer_output(wrapped, module, x)) <= OUT_TOL, module
+    inputs = {module: layer_input(make_base(), module, rng) for module in ours.plan().targets}
+    assert_layers_like_peft(ours, wrapped, inputs)
     assert_merged_equal(ours.merge_and_unload(), merged_state(wrapped))
     return ours
 
@@ -113,15 +104,12 @@ def peftdecl_saved_loads_in_peft(kind: str, fields: dict, make_base, tmp_path) -
     state, options = numpy_inputs(make_base())
     ours = peftdecl.attach(state, {"peft_type": kind, "init_weights": False, **fields}, seed=3, **options)
     ours.save(tmp_path)
-    reference = peft.get_peft_model_state_dict(peft_model(make_base(), config_for(kind, fields)))
-    saved = peft.utils.load_peft_weights(str(tmp_path))
-    assert set(saved) == set(reference)
-    assert {k: tuple(v.shape) for k, v in saved.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    assert_saved_like_peft(tmp_path, peft_model(make_base(), config_for(kind, fields)), shapes=True)
     loaded = peft.PeftModel.from_pretrained(make_base(), tmp_path)
     rng = np.random.default_rng(1)
     for module in ours.plan().targets:
         x = layer_input(make_base(), module, rng)
-        assert rel_err(peft_layer_output(loaded, module, x), ours(module, x)) <= OUT_TOL, module
+        assert rel_err(peft_layer_output(loaded, module, x), ours(module, x)) <= OUTPUT_TOL, module
     assert_merged_equal(ours.merge_and_unload(), merged_state(loaded))
 
 
@@ -189,7 +177,7 @@ def test_oft_conv_3x3_follows_peft_merged_weight_where_peft_forward_disagrees(tm
 
     state, options = numpy_inputs(ConvNet(3, 1, 1))
     ours = peftdecl.load_adapter(state, tmp_path, **options)
-    assert rel_err(ours("conv", x), peft_merged_forward) <= OUT_TOL
+    assert rel_err(ours("conv", x), peft_merged_forward) <= OUTPUT_TOL
     assert_merged_equal(ours.merge_and_unload(), theirs)
 
 
@@ -339,16 +327,9 @@ def test_gradients_match_peft_autograd(kind: str, case: str, tmp_path) -> None:
 @pytest.mark.parametrize(("kind", "fields"), [("OFT", OFT_CASES["coft"]), ("BOFT", BOFT_CASES["block_num"])])
 def test_configs_read_and_written_like_peft(kind: str, fields: dict, tmp_path) -> None:
     peft_model(tiny_llama(), config_for(kind, fields)).save_pretrained(tmp_path / "theirs")
-    theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
     spec = peftdecl.load_spec(tmp_path / "theirs" / "adapter_config.json")
     state, options = numpy_inputs(tiny_llama())
     peftdecl.attach(state, spec, **options).save(tmp_path / "ours")
-    mine = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert set(mine) == set(theirs)
-    differing = {
-        k
-        for k in theirs
-        if k not in ("target_modules", "peft_version", "base_model_name_or_path") and mine[k] != theirs[k]
-    }
-    assert not differing, {k: (mine[k], theirs[k]) for k in differing}
-    assert set(mine["target_modules"]) == set(theirs["target_modules"])
+    assert_config_like_peft(
+        tmp_path / "ours", tmp_path / "theirs", ignore=("peft_version", "base_model_name_or_path")
+    )

@@ -7,8 +7,6 @@ casting ours to float32); logits of a PEFT model vs the base model fed our prefi
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -16,6 +14,7 @@ import peftdecl
 from peftdecl_numpy.kinds.prompt import prepend_virtual_tokens
 from tests.conftest import rel_err
 from tests.hf_models import numpy_inputs, peft, peft_model, tiny_llama, torch, transformers
+from tests.peft_parity import assert_config_like_peft, assert_saved_like_peft
 
 LOGITS_TOL = 1e-5
 LIVE_TOL = 1e-6
@@ -106,15 +105,9 @@ def test_peftdecl_saved_prefix_loads_in_peft(case: str, tmp_path) -> None:
 
     config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=T, **PREFIX_CASES[case])
     reference = peft_model(tiny_llama(), config)
-    assert set(peft.utils.load_peft_weights(str(tmp_path / "ours"))) == set(
-        peft.get_peft_model_state_dict(reference)
-    )
+    assert_saved_like_peft(tmp_path / "ours", reference)
     reference.save_pretrained(tmp_path / "theirs")
-    mine = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    assert {k: v for k, v in mine.items() if k != "peft_version"} == {
-        k: v for k, v in theirs.items() if k != "peft_version"
-    }
+    assert_config_like_peft(tmp_path / "ours", tmp_path / "theirs", ignore=("peft_version",), as_sets=())
 
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
     assert_kv_equal(ours.prefix_key_values(2), peft_kv(loaded.get_prompt(2)))
@@ -205,15 +198,9 @@ def test_peftdecl_saved_prompt_loads_in_peft(tmp_path) -> None:
     ours = peftdecl.attach(state, spec, seed=5, **options)
     ours.save(tmp_path / "ours")
     reference = peft_model(tiny_llama(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6))
-    assert set(peft.utils.load_peft_weights(str(tmp_path / "ours"))) == set(
-        peft.get_peft_model_state_dict(reference)
-    )
+    assert_saved_like_peft(tmp_path / "ours", reference)
     reference.save_pretrained(tmp_path / "theirs")
-    mine = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    assert {k: v for k, v in mine.items() if k != "peft_version"} == {
-        k: v for k, v in theirs.items() if k != "peft_version"
-    }
+    assert_config_like_peft(tmp_path / "ours", tmp_path / "theirs", ignore=("peft_version",), as_sets=())
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
     np.testing.assert_array_equal(
         ours.prompt_table().astype(np.float32), loaded.get_prompt_embedding_to_save("default").numpy()

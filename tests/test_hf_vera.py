@@ -1,13 +1,11 @@
 """VeRA files both ways against the real HF PEFT on tiny Llama and GPT-2, shared projections included.
 
-Tolerances: merged weights relative error ≤ 1e-6 (float32 files; PEFT merges in float32, the reference in
-float64); one layer's output ≤ 1e-5 (PEFT's float32 forward vs the float64 reference). Projections regenerated
-from the PRNG key are compared bit for bit.
+Tolerances (tests/peft_parity.py): merged weights relative error ≤ MERGE_TOL = 1e-6 (float32 files; PEFT merges
+in float32, the reference in float64); one layer's output ≤ OUTPUT_TOL = 1e-5 (PEFT's float32 forward vs the
+float64 reference). Projections regenerated from the PRNG key are compared bit for bit.
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -18,7 +16,6 @@ from peftdecl.init import init_tensor
 from peftdecl.plan import LayerInfo, LayerPlan
 from peftdecl.plan.kinds import vera as vera_layout
 from peftdecl_numpy.torch_bridge import vera_projections
-from tests.conftest import rel_err
 from tests.hf_models import (
     merged_state,
     numpy_inputs,
@@ -29,9 +26,13 @@ from tests.hf_models import (
     tiny_llama,
     torch,
 )
+from tests.peft_parity import (
+    assert_config_like_peft,
+    assert_layers_like_peft,
+    assert_merged_equal,
+    assert_saved_like_peft,
+)
 
-MERGE_TOL = 1e-6
-LAYER_TOL = 1e-5
 LLAMA = dict(r=16, target_modules=["q_proj", "v_proj"])
 LLAMA_LAYERS = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
 GPT2 = dict(r=4, target_modules=["c_attn", "c_proj"])  # 32→96, 32→32 and 128→32: projections cut three ways
@@ -40,20 +41,12 @@ GPT2_LAYERS = ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_proj", "tr
 pytestmark = pytest.mark.peft
 
 
-def assert_merged_equal(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> None:
-    assert set(ours) == set(theirs)
-    for key in theirs:
-        assert rel_err(ours[key], theirs[key]) <= MERGE_TOL, key
-
-
 def assert_layers_equal(ours: peftdecl.AdaptedModel, wrapped, modules: list[str]) -> None:
+    """Our output of each module within OUTPUT_TOL of PEFT's, on 3 random rows as wide as the layer."""
     rng = np.random.default_rng(0)
-    for module in modules:
-        layer = wrapped.get_base_model().get_submodule(module)
-        x = rng.normal(size=(3, layer.in_features))
-        with torch.no_grad():
-            expected = layer(torch.tensor(x, dtype=torch.float32)).double().numpy()
-        assert rel_err(ours(module, x), expected) <= LAYER_TOL, module
+    base = wrapped.get_base_model()
+    inputs = {m: rng.normal(size=(3, base.get_submodule(m).in_features)) for m in modules}
+    assert_layers_like_peft(ours, wrapped, inputs)
 
 
 def bits_equal_or_one_ulp(ours: np.ndarray, theirs: np.ndarray) -> None:
@@ -92,7 +85,7 @@ def test_peftdecl_saved_vera_loads_in_peft(base, config, modules, save_projectio
     reference = peft_model(
         base(), peft.VeraConfig(init_weights=False, save_projection=save_projection, **config)
     )
-    assert set(peft.utils.load_peft_weights(str(tmp_path))) == set(peft.get_peft_model_state_dict(reference))
+    assert_saved_like_peft(tmp_path, reference)
     bits_equal_or_one_ulp(
         ours.state_dict()["vera_A"], reference.base_model.vera_A["default"].double().numpy()
     )
@@ -109,13 +102,8 @@ def test_saved_config_matches_peft_fields(tmp_path) -> None:
     state, options = numpy_inputs(tiny_gpt2())
     peftdecl.attach(state, {"peft_type": "VERA", **GPT2}, **options).save(tmp_path / "ours")
     peft_model(tiny_gpt2(), peft.VeraConfig(**GPT2)).save_pretrained(tmp_path / "theirs")
-    mine = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    assert set(mine) == set(theirs)
+    _, theirs = assert_config_like_peft(tmp_path / "ours", tmp_path / "theirs", ignore=("peft_version",))
     assert theirs["fan_in_fan_out"] is True  # PEFT rewrites it for GPT-2's Conv1D
-    differing = {k for k in theirs if k not in ("target_modules", "peft_version") and mine[k] != theirs[k]}
-    assert not differing, {k: (mine[k], theirs[k]) for k in differing}
-    assert set(mine["target_modules"]) == set(theirs["target_modules"])
 
 
 def test_peft_file_without_projections_is_regenerated_bit_exactly(tmp_path) -> None:

@@ -1,5 +1,6 @@
-"""The NumPy reference AdaLoRA: gradients vs finite differences, merge == forward, kept-rank masks, the
-orthogonality regulariser, the rank allocator's own invariants and the pruned-file hooks.
+"""The NumPy reference AdaLoRA: gradients vs finite differences, kept-rank masks, the orthogonality
+regulariser, the rank allocator's own invariants and the pruned-file hooks (merge == forward, unmerge and
+dropout: test_numpy_common.py).
 
 Tolerances: float64 internal consistency ≤ 1e-10 relative; gradients by tests/gradcheck.py (central
 differences).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -19,46 +21,18 @@ import peftdecl
 from peftdecl.errors import AdapterFileError, PeftdeclError, TargetError
 from peftdecl_numpy.kinds.adalora import orthogonal_regularizer
 from peftdecl_numpy.rank_allocator import RankAllocator
+from tests import layer_cases
 from tests.conftest import rel_err
 from tests.gradcheck import FD_EPS, FD_TOL, check_gradients
+from tests.layer_cases import base_output, check_unmerged_gradients, dense_merged_output
 
-LAYERS = {
-    "linear": ({"m.weight": (6, 5), "m.bias": (6,)}, "linear", (4, 5)),
-    "conv2d": (
-        {"m.weight": (4, 3, 3, 3), "m.bias": (4,)},
-        {"type": "conv2d", "padding": 1, "stride": 2, "dilation": 1},
-        (2, 3, 6, 6),
-    ),
-    "conv2d_dilated": (
-        {"m.weight": (4, 2, 3, 2)},
-        {"type": "conv2d", "padding": [2, 1], "dilation": 2},
-        (1, 2, 7, 6),
-    ),
-    "conv2d_1x1": ({"m.weight": (4, 3, 1, 1)}, "conv2d", (2, 3, 4, 4)),
-    "gpt2_conv1d": ({"m.weight": (5, 6), "m.bias": (6,)}, "gpt2_conv1d", (4, 5)),
-}
-MASK = {"rank_pattern": {"m.lora_E": [True, False, True]}}
+LAYERS = layer_cases.ADALORA_LAYERS
+MASK = layer_cases.ADALORA_MASK
+build = partial(layer_cases.build, "adalora")
 
 
 def spec_for(**fields) -> dict:
-    spec = {
-        "peft_type": "ADALORA",
-        "init_r": 3,
-        "target_r": 2,
-        "lora_alpha": 6,
-        "total_step": 10,
-        "target_modules": ["m"],
-        "init_lora_weights": False,
-    }
-    return {**spec, **fields}
-
-
-def build(layer: str, seed: int = 0, **fields) -> tuple[peftdecl.AdaptedModel, np.ndarray]:
-    shapes, layer_type, x_shape = LAYERS[layer]
-    rng = np.random.default_rng(seed)
-    state = {k: rng.normal(size=s) for k, s in shapes.items()}
-    model = peftdecl.attach(state, spec_for(**fields), layer_types={"m": layer_type}, seed=seed)
-    return model, rng.normal(size=x_shape)
+    return {**layer_cases.KINDS["adalora"].spec, **fields}
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
@@ -70,26 +44,9 @@ def test_gradients_match_finite_differences(layer: str, fields: dict) -> None:
     assert {"m.lora_A", "m.lora_E", "m.lora_B", "input"} <= set(checked)
 
 
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-@pytest.mark.parametrize("fields", [{}, MASK])
-def test_merged_forward_equals_adapter_forward_and_unmerge_restores(layer: str, fields: dict) -> None:
-    model, x = build(layer, **fields)
-    before = model.base_weight("m")
-    adapted = model("m", x)
-    model.merge()
-    assert rel_err(model("m", x), adapted) <= 1e-10  # float64: merge is exact up to rounding
-    model.unmerge()
-    assert rel_err(model.base_weight("m"), before) <= 1e-12
-    with model.disable_adapters():
-        base_out = model("m", x)
-    assert rel_err(model("m", x), base_out) > 1e-3  # the adapter really changes the output
-
-
 def test_default_init_is_a_no_op_but_not_zero() -> None:
     model, x = build("linear", init_lora_weights=True)
-    with model.disable_adapters():
-        base_out = model("m", x)
-    np.testing.assert_array_equal(model("m", x), base_out)
+    np.testing.assert_array_equal(model("m", x), base_output(model, x))
     params = model.state_dict()
     assert not params["m.lora_E"].any() and params["m.lora_A"].any() and params["m.lora_B"].any()
 
@@ -102,19 +59,6 @@ def test_scale_divides_by_init_r_plus_eps() -> None:
     expected = p["m.lora_B"] @ (p["m.lora_A"] * p["m.lora_E"]) * 5 / (3 + 1e-5)
     base, _ = build("linear", lora_alpha=5)
     assert rel_err(merged["m.weight"] - base.base_weight("m"), expected) <= 1e-12
-
-
-def test_dropout_is_seeded_and_only_in_training() -> None:
-    model, x = build("linear", lora_dropout=0.5)
-    eval_out = model("m", x)
-    model.train()
-    model.engine.rng = np.random.default_rng(5)
-    first = model("m", x)
-    model.engine.rng = np.random.default_rng(5)
-    np.testing.assert_array_equal(model("m", x), first)
-    assert rel_err(first, eval_out) > 1e-6
-    model.eval()
-    np.testing.assert_array_equal(model("m", x), eval_out)
 
 
 @pytest.mark.parametrize("layer", ["linear", "conv2d"])
@@ -244,9 +188,7 @@ def test_pruned_file_round_trip(tmp_path) -> None:
         "base_model.model.m.lora_E": (2, 1),
         "base_model.model.m.lora_B": (6, 2),
     }
-    shapes, _, _ = LAYERS["linear"]
-    rng = np.random.default_rng(0)  # the base build() drew
-    state = {k: rng.normal(size=s) for k, s in shapes.items()}
+    state = LAYERS["linear"].random_state(np.random.default_rng(0))  # the base build() drew
     loaded = peftdecl.load_adapter(state, tmp_path)
     assert rel_err(loaded("m", x), model("m", x)) <= 1e-6  # float32 file
     assert not loaded.state_dict()["m.lora_A"][1].any()
@@ -311,11 +253,8 @@ def test_linear_forward_matches_merged_weight_property(d_in, d_out, init_r, toke
     )
     x = rng.normal(size=(tokens, d_in))
     adapted = model("m", x)
-    merged = model.merge_and_unload()
-    np.testing.assert_allclose(adapted, x @ merged["m.weight"].T, rtol=1e-10, atol=1e-12)
-    model.unmerge()
-    model.train()
-    check_gradients(model, "m", x, seed=seed)
+    np.testing.assert_allclose(adapted, dense_merged_output(model, x), rtol=1e-10, atol=1e-12)
+    check_unmerged_gradients(model, x, seed)
 
 
 @settings(max_examples=10, deadline=None)
@@ -339,6 +278,4 @@ def test_conv2d_forward_matches_merged_weight_property(
     adapted = model("m", x)
     model.merge()
     assert rel_err(model("m", x), adapted) <= 1e-10
-    model.unmerge()
-    model.train()
-    check_gradients(model, "m", x, seed=seed)
+    check_unmerged_gradients(model, x, seed)

@@ -1,5 +1,6 @@
-"""The NumPy reference BOFT: gradients vs finite differences, merge == forward, unmerge, the butterfly itself,
-block dropout, and files with several butterfly factors (which HF PEFT only produces with its CUDA extension).
+"""The NumPy reference BOFT: gradients vs finite differences, the butterfly itself, block dropout, and files
+with several butterfly factors (which HF PEFT only produces with its CUDA extension). Merge == forward, unmerge
+and the no-op default init: test_numpy_common.py.
 
 Tolerances: float64 internal consistency ≤ 1e-10 (relative), orthogonality ≤ 1e-12; gradients by
 tests/gradcheck.py (1e-6 relative on a central difference).
@@ -8,6 +9,7 @@ tests/gradcheck.py (1e-6 relative on a central difference).
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -17,36 +19,21 @@ from hypothesis import strategies as st
 import peftdecl
 from peftdecl_numpy.kinds.boft import butterfly_matrix, orthogonal_blocks
 from peftdecl_numpy.rotation import butterfly_perms
+from tests import layer_cases
 from tests.conftest import rel_err
 from tests.gradcheck import check_gradients
+from tests.layer_cases import check_unmerged_gradients, dense_merged_output, layer_params
 
 TOL = 1e-10  # float64 consistency
 
-LAYERS = {
-    "linear": ({"m.weight": (5, 8), "m.bias": (5,)}, "linear", (3, 8)),
-    "conv2d": (
-        {"m.weight": (3, 2, 2, 2), "m.bias": (3,)},
-        {"type": "conv2d", "padding": 1, "stride": 2},
-        (2, 2, 5, 5),
-    ),
-    "conv2d_1x1": ({"m.weight": (3, 8, 1, 1)}, "conv2d", (2, 8, 3, 3)),
-}
-VARIANTS = {
-    "one_factor": {"boft_block_size": 2},
-    "two_factors": {"boft_block_size": 2, "boft_n_butterfly_factor": 2},
-    "three_factors": {"boft_block_size": 2, "boft_n_butterfly_factor": 3},
-    "block_num": {"boft_block_size": 0, "boft_block_num": 2, "boft_n_butterfly_factor": 2},
-    "dropout": {"boft_block_size": 2, "boft_n_butterfly_factor": 2, "boft_dropout": 0.5},
-}
+LAYERS = layer_cases.BOFT_LAYERS
+VARIANTS = layer_cases.BOFT_VARIANTS
+build = partial(layer_cases.build, "boft")
 
 
-def build(layer: str, seed: int = 0, **fields) -> tuple[peftdecl.AdaptedModel, np.ndarray]:
-    shapes, layer_type, x_shape = LAYERS[layer]
-    rng = np.random.default_rng(seed)
-    state = {k: rng.normal(size=s) for k, s in shapes.items()}
-    spec = {"peft_type": "BOFT", "target_modules": ["m"], "init_weights": False, **fields}
-    model = peftdecl.attach(state, spec, layer_types={"m": layer_type}, seed=seed)
-    return model, rng.normal(size=x_shape)
+def butterfly_spec(block: int, factors: int) -> dict:
+    """BOFT with ``factors`` butterfly factors of ``block``-wide blocks, randomly initialised."""
+    return {**layer_cases.KINDS["boft"].spec, "boft_block_size": block, "boft_n_butterfly_factor": factors}
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
@@ -57,42 +44,13 @@ def test_gradients_match_finite_differences(layer: str, variant: str) -> None:
     assert check_gradients(model, "m", x) == ["m.boft_R", "m.boft_s", "input"]
 
 
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-@pytest.mark.parametrize("variant", ["one_factor", "three_factors", "block_num"])
-def test_merged_forward_equals_adapter_forward_and_unmerge_restores(layer: str, variant: str) -> None:
-    model, x = build(layer, **VARIANTS[variant])
-    before = model.base_weight("m")
-    adapted = model("m", x)
-    with model.disable_adapters():
-        assert rel_err(adapted, model("m", x)) > 1e-3
-    model.merge()
-    assert rel_err(model("m", x), adapted) <= TOL
-    model.unmerge()
-    assert rel_err(model.base_weight("m"), before) <= TOL
-
-
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_default_init_is_a_no_op(layer: str) -> None:
-    model, x = build(layer, init_weights=True, boft_block_size=2, boft_n_butterfly_factor=2)
-    with model.disable_adapters():
-        base_out = model("m", x)
-    assert rel_err(model("m", x), base_out) <= 1e-14
-
-
 @pytest.mark.parametrize("factors", [1, 2, 3, 4])
 def test_butterfly_is_the_product_of_permuted_block_diagonal_factors(factors: int) -> None:
     # HF PEFT's definition, formed densely: P_i[k, p_i[k]] = 1, B_i = P_i · blockdiag(Q_i) · P_iᵀ,
     # M = B_{N−1} ⋯ B_0
     width, block = 16, 2
     state = {"m.weight": np.random.default_rng(0).normal(size=(3, width))}
-    spec = {
-        "peft_type": "BOFT",
-        "boft_block_size": block,
-        "boft_n_butterfly_factor": factors,
-        "target_modules": ["m"],
-        "init_weights": False,
-    }
-    model = peftdecl.attach(state, spec, seed=factors)
+    model = peftdecl.attach(state, butterfly_spec(block, factors), seed=factors)
     lp = model.plan().layer("m")
     params = model.state_dict()
     p = {"boft_R": params["m.boft_R"], "boft_s": params["m.boft_s"]}
@@ -118,17 +76,8 @@ def test_each_butterfly_factor_doubles_the_coordinates_an_output_mixes() -> None
     # block · 2^(N−1) others, and N = log2(D) + 1 factors give a dense M
     width, block = 16, 2
     for factors in (1, 2, 3, 4):
-        state = {"m.weight": np.ones((1, width))}
-        spec = {
-            "peft_type": "BOFT",
-            "boft_block_size": block,
-            "boft_n_butterfly_factor": factors,
-            "target_modules": ["m"],
-            "init_weights": False,
-        }
-        model = peftdecl.attach(state, spec, seed=1)
-        p = {k.removeprefix("m."): v for k, v in model.state_dict().items()}
-        m = butterfly_matrix(model.plan().layer("m"), p)
+        model = peftdecl.attach({"m.weight": np.ones((1, width))}, butterfly_spec(block, factors), seed=1)
+        m = butterfly_matrix(model.plan().layer("m"), layer_params(model))
         reach = (np.abs(m) > 1e-15).sum(axis=1)
         assert np.all(reach == block * 2 ** (factors - 1))
 
@@ -207,18 +156,8 @@ def test_linear_forward_matches_merged_weight_property(block_half, log_blocks, e
     factors = 1 + min(extra, log_blocks)  # every valid number of factors for this layout
     rng = np.random.default_rng(seed)
     state = {"m.weight": rng.normal(size=(d_out, block * blocks))}
-    spec = {
-        "peft_type": "BOFT",
-        "boft_block_size": block,
-        "boft_n_butterfly_factor": factors,
-        "target_modules": ["m"],
-        "init_weights": False,
-    }
-    model = peftdecl.attach(state, spec, seed=seed)
+    model = peftdecl.attach(state, butterfly_spec(block, factors), seed=seed)
     x = rng.normal(size=(2, block * blocks))
     adapted = model("m", x)
-    merged = model.merge_and_unload()
-    assert rel_err(x @ merged["m.weight"].T, adapted) <= TOL
-    model.unmerge()
-    model.train()
-    check_gradients(model, "m", x, seed=seed)
+    assert rel_err(dense_merged_output(model, x), adapted) <= TOL
+    check_unmerged_gradients(model, x, seed)

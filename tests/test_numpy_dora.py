@@ -1,4 +1,5 @@
-"""The NumPy reference DoRA on every layer type: factored norm, detached-norm gradients, merge, zero rows.
+"""The NumPy reference DoRA on every layer type: factored norm, detached-norm gradients, zero rows (merge,
+unmerge and the no-op default init: test_numpy_common.py).
 
 Tolerances: float64 internal consistency ≤ 1e-12 (merge vs forward, unmerge, factored vs direct norm ≤ 1e-10
 where cancellation can cost digits); gradients through tests/gradcheck.py (central differences, ≤ 1e-6
@@ -19,43 +20,20 @@ import peftdecl
 from peftdecl.plan.kinds.dora import MAGNITUDE, dora_weight_norm, factored_row_norm
 from peftdecl_numpy.kinds.dora import OPS as DORA
 from peftdecl_numpy.kinds.lora import OPS as LORA
-from peftdecl_numpy.layers import BaseLayer
+from tests import layer_cases
 from tests.conftest import rel_err
 from tests.gradcheck import FD_EPS, FD_TOL, check_gradients
+from tests.layer_cases import dense_merged_output, layer_params
 
-LAYERS = {
-    "linear": ({"m.weight": (6, 5), "m.bias": (6,)}, "linear", (4, 5)),
-    "embedding": ({"m.weight": (11, 5)}, "embedding", None),
-    "conv1d": (
-        {"m.weight": (4, 3, 3), "m.bias": (4,)},
-        {"type": "conv1d", "padding": 1, "stride": 2},
-        (2, 3, 9),
-    ),
-    "conv2d": ({"m.weight": (4, 3, 3, 3), "m.bias": (4,)}, {"type": "conv2d", "padding": 1}, (2, 3, 5, 5)),
-    "conv2d_1x1": ({"m.weight": (4, 3, 1, 1)}, "conv2d", (2, 3, 4, 4)),
-    "gpt2_conv1d": ({"m.weight": (5, 6), "m.bias": (6,)}, "gpt2_conv1d", (4, 5)),
-}
-SPEC = {"peft_type": "LORA", "use_dora": True, "r": 3, "lora_alpha": 6, "target_modules": ["m"]}
+LAYERS = layer_cases.LORA_LAYERS
+SPEC = layer_cases.KINDS["dora"].spec
 
 
 def build(
     layer: str, seed: int = 0, state=None, scale_m: bool = True, **fields
 ) -> tuple[peftdecl.AdaptedModel, np.ndarray]:
     """A DoRA layer with random A, B and (``scale_m``) m moved off ‖W + sBA‖, so that g ≠ 1."""
-    shapes, layer_type, x_shape = LAYERS[layer]
-    rng = np.random.default_rng(seed)
-    state = state or {k: rng.normal(size=s) for k, s in shapes.items()}
-    spec = {**SPEC, "init_lora_weights": False, **fields}
-    model = peftdecl.attach(state, spec, layer_types={"m": layer_type}, seed=seed)
-    if scale_m and spec["init_lora_weights"] is False:
-        magnitude = model.trainable_parameters()[f"m.{MAGNITUDE}"]
-        magnitude *= rng.uniform(0.5, 1.5, size=magnitude.shape)
-    x = rng.integers(0, 11, size=(2, 4)) if x_shape is None else rng.normal(size=x_shape)
-    return model, x
-
-
-def layer_params(model: peftdecl.AdaptedModel, module: str = "m") -> dict[str, np.ndarray]:
-    return {k[len(module) + 1 :]: v for k, v in model.state_dict().items() if k.startswith(module + ".")}
+    return layer_cases.build("dora", layer, seed, state=state, prepare=scale_m, **fields)
 
 
 def direct_norm(model: peftdecl.AdaptedModel, module: str = "m") -> np.ndarray:
@@ -180,31 +158,6 @@ def test_factored_row_norm_property(rows, cols, r, s, seed) -> None:
     assert np.all(np.abs(factored_row_norm(w, a, b, s) - direct) <= 1e-10 * scale)
 
 
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_default_init_is_an_exact_no_op(layer: str) -> None:
-    model, x = build(layer, init_lora_weights=True)
-    with model.disable_adapters():
-        base_out = model("m", x)
-    np.testing.assert_array_equal(model("m", x), base_out)
-
-
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_merged_forward_equals_adapter_forward_and_unmerge_restores(layer: str) -> None:
-    model, x = build(layer)
-    before = model.base_weight("m")
-    adapted = model("m", x)
-    lp = model.plan().layer("m")
-    delta = DORA.delta_weight(lp, BaseLayer(lp.layer, before), layer_params(model))
-    model.merge()
-    assert rel_err(model("m", x), adapted) <= 1e-12  # float64: merge is exact up to rounding
-    assert rel_err(model.base_weight("m"), before + delta) <= 1e-12
-    model.unmerge()
-    assert rel_err(model.base_weight("m"), before) <= 1e-12  # the norm cached at merge time undoes it
-    with model.disable_adapters():
-        base_out = model("m", x)
-    assert rel_err(model("m", x), base_out) > 1e-3  # the adapter really changes the output
-
-
 def test_eval_and_training_formulas_against_dense_definitions() -> None:
     model, x = build("linear", lora_dropout=0.4)
     lp, p = model.plan().layer("m"), layer_params(model)
@@ -269,8 +222,7 @@ def test_linear_forward_matches_merged_weight_property(d_in, d_out, r, tokens, r
     model, _ = build("linear", seed=seed, state=state, r=r, lora_alpha=2 * r, use_rslora=rslora)
     x = rng.normal(size=(tokens, d_in))
     adapted = model("m", x)
-    merged = model.merge_and_unload()
-    np.testing.assert_allclose(adapted, x @ merged["m.weight"].T + merged["m.bias"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(adapted, dense_merged_output(model, x), rtol=1e-10, atol=1e-12)
     model.unmerge()
     model.train()
     with frozen_norm(model):

@@ -13,34 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import peftdecl
+from tests import layer_cases
 from tests.conftest import rel_err
 from tests.gradcheck import check_gradients
+from tests.layer_cases import base_output, check_unmerged_gradients, dense_merged_output
 
-LAYERS = {
-    "linear": ({"m.weight": (6, 5), "m.bias": (6,)}, "linear", (3, 4, 5)),
-    "conv2d": ({"m.weight": (4, 3, 3, 3), "m.bias": (4,)}, {"type": "conv2d", "padding": 1}, (2, 3, 5, 5)),
-    "conv2d_grouped": (
-        {"m.weight": (4, 1, 3, 3)},
-        {"type": "conv2d", "groups": 2, "stride": 2},
-        (2, 2, 5, 5),
-    ),
-    "gpt2_conv1d": ({"m.weight": (5, 6), "m.bias": (6,)}, "gpt2_conv1d", (4, 5)),
-}
+LAYERS = layer_cases.IA3_LAYERS
 
 
 def build(layer: str, feedforward: bool, seed: int = 0, **fields) -> tuple[peftdecl.AdaptedModel, np.ndarray]:
-    shapes, layer_type, x_shape = LAYERS[layer]
-    rng = np.random.default_rng(seed)
-    state = {k: rng.normal(size=s) for k, s in shapes.items()}
-    spec = {
-        "peft_type": "IA3",
-        "target_modules": ["m"],
-        "feedforward_modules": ["m"] if feedforward else [],
-        "init_ia3_weights": False,
-        **fields,
-    }
-    model = peftdecl.attach(state, spec, layer_types={"m": layer_type}, seed=seed)
-    return model, rng.normal(size=x_shape)
+    """IA3 on ``layer``, scaling its input (``feedforward``) or its output."""
+    return layer_cases.build("ia3", layer, seed, feedforward_modules=["m"] if feedforward else [], **fields)
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
@@ -77,18 +60,14 @@ def test_merge_equals_forward_and_unmerge_is_peft_division(layer: str, feedforwa
     l_entries = merged / before  # the l that scaled each entry: its output row's, or its input column's
     assert rel_err(unmerged, merged / (l_entries + 1e-8)) <= 1e-14  # HF PEFT's W' / (l + 1e-8)
     assert rel_err(unmerged, before) <= 1e-8 / np.abs(l_vec).min()  # inexact by about 1e-8 / |l|
-    with model.disable_adapters():
-        base_out = model("m", x)
-    assert rel_err(adapted, base_out) > 1e-3
+    assert rel_err(adapted, base_output(model, x)) > 1e-3
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 @pytest.mark.parametrize("feedforward", [False, True])
 def test_default_init_is_an_exact_no_op(layer: str, feedforward: bool) -> None:
     model, x = build(layer, feedforward, init_ia3_weights=True)
-    with model.disable_adapters():
-        base_out = model("m", x)
-    np.testing.assert_array_equal(model("m", x), base_out)
+    np.testing.assert_array_equal(model("m", x), base_output(model, x))
     np.testing.assert_array_equal(model.state_dict()["m.ia3_l"], 1.0)
 
 
@@ -162,9 +141,5 @@ def test_linear_merge_and_gradients_property(d_in, d_out, tokens, feedforward, b
     model = peftdecl.attach(state, spec, seed=seed)
     x = rng.normal(size=(tokens, d_in))
     adapted = model("m", x)
-    merged = model.merge_and_unload()
-    expected = x @ merged["m.weight"].T + (merged["m.bias"] if bias else 0.0)
-    np.testing.assert_allclose(adapted, expected, rtol=1e-10, atol=1e-12)
-    model.unmerge()
-    model.train()
-    check_gradients(model, "m", x, seed=seed)
+    np.testing.assert_allclose(adapted, dense_merged_output(model, x), rtol=1e-10, atol=1e-12)
+    check_unmerged_gradients(model, x, seed)

@@ -1,8 +1,10 @@
 """The NumPy reference LoHa on linear and conv layers: gradients vs finite differences (tests/gradcheck.py,
-relative 1e-6), forward == forward of the merged weight and unmerge (float64, relative ≤ 1e-12), PEFT's no-op
-initialisation, rank and module dropout in training mode."""
+relative 1e-6), the merged weight (float64, relative ≤ 1e-12), PEFT's no-op initialisation, rank and module
+dropout in training mode. Merge == forward and unmerge on every layer: test_numpy_common.py."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 import pytest
@@ -10,38 +12,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import peftdecl
+from tests import layer_cases
 from tests.conftest import rel_err
 from tests.gradcheck import check_gradients
+from tests.layer_cases import (
+    adapter_deltas,
+    base_output,
+    check_unmerged_gradients,
+    layer_params,
+    random_layer,
+)
 
-LAYERS = {
-    "linear": ({"m.weight": (6, 5), "m.bias": (6,)}, "linear", (4, 5)),
-    "conv1d": (
-        {"m.weight": (4, 3, 3), "m.bias": (4,)},
-        {"type": "conv1d", "padding": 1, "stride": 2},
-        (2, 3, 9),
-    ),
-    "conv1d_k1": ({"m.weight": (4, 3, 1)}, "conv1d", (2, 3, 5)),
-    "conv2d": (
-        {"m.weight": (4, 3, 3, 3), "m.bias": (4,)},
-        {"type": "conv2d", "padding": 1, "dilation": 2},
-        (2, 3, 6, 6),
-    ),
-    "conv2d_groups": (
-        {"m.weight": (4, 2, 3, 2)},
-        {"type": "conv2d", "groups": 2, "stride": [2, 1]},
-        (2, 4, 5, 5),
-    ),
-    "conv2d_1x1": ({"m.weight": (4, 3, 1, 1)}, "conv2d", (2, 3, 4, 4)),
-}
-
-
-def build(layer: str, seed: int = 0, **spec_fields) -> tuple[peftdecl.AdaptedModel, np.ndarray]:
-    shapes, layer_type, x_shape = LAYERS[layer]
-    rng = np.random.default_rng(seed)
-    state = {k: rng.normal(size=s) for k, s in shapes.items()}
-    spec = {"peft_type": "LOHA", "r": 3, "alpha": 6, "target_modules": ["m"], "init_weights": False}
-    model = peftdecl.attach(state, {**spec, **spec_fields}, layer_types={"m": layer_type}, seed=seed)
-    return model, rng.normal(size=x_shape)
+LAYERS = layer_cases.LOHA_LAYERS
+build = partial(layer_cases.build, "loha")
 
 
 def param_names(model: peftdecl.AdaptedModel) -> set[str]:
@@ -74,24 +57,9 @@ def test_effective_conv_uses_cp_cores_only_for_kernels_larger_than_one() -> None
         assert not {"hada_t1", "hada_t2"} & param_names(build(layer, use_effective_conv2d=True)[0])
 
 
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-@pytest.mark.parametrize("effective", [False, True])
-def test_merged_forward_equals_adapter_forward_and_unmerge_restores(layer: str, effective: bool) -> None:
-    model, x = build(layer, use_effective_conv2d=effective)
-    before = model.base_weight("m")
-    adapted = model("m", x)
-    model.merge()
-    assert rel_err(model("m", x), adapted) <= 1e-12  # float64: merge is exact up to rounding
-    model.unmerge()
-    assert rel_err(model.base_weight("m"), before) <= 1e-12
-    with model.disable_adapters():
-        base_out = model("m", x)
-    assert rel_err(adapted, base_out) > 1e-3  # the adapter really changes the output
-
-
 def test_delta_weight_is_the_scaled_hadamard_product() -> None:
     model, _ = build("linear", r=2, alpha=5)
-    p = {k.split(".", 1)[1]: v for k, v in model.state_dict().items()}
+    p = layer_params(model)
     expected = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"]) * 5 / 2
     merged = model.merge_and_unload()["m.weight"]
     with model.disable_adapters():
@@ -103,17 +71,14 @@ def test_delta_weight_is_the_scaled_hadamard_product() -> None:
 @pytest.mark.parametrize("effective", [False, True])
 def test_default_init_is_a_no_op_and_random_init_is_not(layer: str, effective: bool) -> None:
     model, x = build(layer, init_weights=True, use_effective_conv2d=effective)
-    with model.disable_adapters():
-        base_out = model("m", x)
-    np.testing.assert_array_equal(model("m", x), base_out)
+    np.testing.assert_array_equal(model("m", x), base_output(model, x))
     assert not np.any(model.state_dict()["m.hada_w2_b"])
     assert all(np.any(v) for k, v in model.state_dict().items() if not k.endswith("hada_w2_b"))
 
 
 def test_rank_dropout_drops_output_rows_renormalised_by_the_mean() -> None:
     model, x = build("linear", rank_dropout=0.5)
-    with model.disable_adapters():
-        base_out = model("m", x)
+    base_out = base_output(model, x)
     eval_delta = model("m", x) - base_out
     model.train()
     factors = set()
@@ -132,8 +97,7 @@ def test_rank_dropout_drops_output_rows_renormalised_by_the_mean() -> None:
 
 def test_module_dropout_skips_the_whole_adapter_only_in_training() -> None:
     model, x = build("conv1d", module_dropout=0.5)
-    with model.disable_adapters():
-        base_out = model("m", x)
+    base_out = base_output(model, x)
     eval_out = model("m", x)
     model.train()
     outcomes = []
@@ -153,12 +117,7 @@ def test_mixed_batch_and_two_active_adapters() -> None:
     model.add_adapter(
         "b", {"peft_type": "LOHA", "r": 2, "target_modules": ["m"], "init_weights": False}, seed=9
     )
-    with model.disable_adapters():
-        base = model("m", x)
-    deltas = {}
-    for name in ("default", "b"):
-        model.set_adapter(name)
-        deltas[name] = model("m", x) - base
+    base, deltas = adapter_deltas(model, x)
     mixed = model("m", x, adapter_names=["default", "b", "__base__", "b"])
     np.testing.assert_allclose(mixed[[1, 3]], (base + deltas["b"])[[1, 3]], rtol=1e-13)
     np.testing.assert_allclose(mixed[0], (base + deltas["default"])[0], rtol=1e-13)
@@ -207,30 +166,16 @@ def test_embedding_is_refused_with_a_clear_error() -> None:
 def test_forward_matches_merged_weight_and_gradients_property(
     d_in, d_out, r, kernel, effective, rank_dropout, seed
 ) -> None:
-    rng = np.random.default_rng(seed)
-    if kernel is None:
-        state, layer_type, x = (
-            {"m.weight": rng.normal(size=(d_out, d_in))},
-            "linear",
-            rng.normal(size=(3, d_in)),
-        )
-    else:
-        state = {"m.weight": rng.normal(size=(d_out, d_in, *kernel))}
-        layer_type = {"type": f"conv{len(kernel)}d", "padding": 1}
-        x = rng.normal(size=(2, d_in, *(4,) * len(kernel)))
+    state, layer_types, x = random_layer(np.random.default_rng(seed), d_out, d_in, kernel)
     spec = {
-        "peft_type": "LOHA",
+        **layer_cases.KINDS["loha"].spec,
         "r": r,
         "alpha": 2 * r + 1,
-        "target_modules": ["m"],
-        "init_weights": False,
         "use_effective_conv2d": effective,
         "rank_dropout": rank_dropout,
     }
-    model = peftdecl.attach(state, spec, layer_types={"m": layer_type}, seed=seed)
+    model = peftdecl.attach(state, spec, layer_types=layer_types, seed=seed)
     adapted = model("m", x)
     model.merge()
     assert rel_err(model("m", x), adapted) <= 1e-11  # float64 round-off only
-    model.unmerge()
-    model.train()
-    check_gradients(model, "m", x, seed=seed)
+    check_unmerged_gradients(model, x, seed)

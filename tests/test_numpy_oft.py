@@ -1,4 +1,5 @@
-"""The NumPy reference OFT: gradients vs finite differences, merge == forward, unmerge, COFT, block dropout.
+"""The NumPy reference OFT: gradients vs finite differences, Cayley and Neumann, COFT, block dropout (merge ==
+forward, unmerge and the no-op default init: test_numpy_common.py).
 
 Tolerances: float64 internal consistency ≤ 1e-10 (relative); gradients by tests/gradcheck.py (1e-6 relative
 on a central difference).
@@ -7,6 +8,7 @@ on a central difference).
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -16,46 +18,16 @@ from hypothesis import strategies as st
 import peftdecl
 from peftdecl_numpy.kinds.oft import project_coft
 from peftdecl_numpy.rotation import cayley, neumann, neumann_coefficients, skew_from_triu
+from tests import layer_cases
 from tests.conftest import rel_err
 from tests.gradcheck import check_gradients
+from tests.layer_cases import check_unmerged_gradients, dense_merged_output
 
 TOL = 1e-10  # float64 consistency
 
-LAYERS = {
-    "linear": ({"m.weight": (5, 8), "m.bias": (5,)}, "linear", (3, 8)),
-    "embedding": ({"m.weight": (11, 8)}, "embedding", None),
-    "conv2d": (
-        {"m.weight": (3, 2, 3, 3), "m.bias": (3,)},
-        {"type": "conv2d", "padding": 1, "stride": 2},
-        (2, 2, 5, 5),
-    ),
-    "conv2d_1x1": ({"m.weight": (3, 4, 1, 1)}, "conv2d", (2, 4, 3, 3)),
-}
-BLOCK = {"linear": 4, "embedding": 4, "conv2d": 6, "conv2d_1x1": 2}
-
-VARIANTS = {
-    "neumann": {},
-    "exact": {"use_cayley_neumann": False},
-    "neumann_3_terms": {"num_cayley_neumann_terms": 3},
-    "neumann_7_terms": {"num_cayley_neumann_terms": 7},
-    "block_share": {"block_share": True},
-    "module_dropout": {"module_dropout": 0.5},
-}
-
-
-def build(layer: str, seed: int = 0, **fields) -> tuple[peftdecl.AdaptedModel, np.ndarray]:
-    shapes, layer_type, x_shape = LAYERS[layer]
-    rng = np.random.default_rng(seed)
-    state = {k: rng.normal(size=s) for k, s in shapes.items()}
-    spec = {
-        "peft_type": "OFT",
-        "oft_block_size": BLOCK[layer],
-        "target_modules": ["m"],
-        "init_weights": False,
-    }
-    model = peftdecl.attach(state, {**spec, **fields}, layer_types={"m": layer_type}, seed=seed)
-    x = rng.integers(0, 11, size=(2, 3)) if x_shape is None else rng.normal(size=x_shape)
-    return model, x
+LAYERS = layer_cases.OFT_LAYERS
+VARIANTS = layer_cases.OFT_VARIANTS
+build = partial(layer_cases.build, "oft")  # oft_block_size by layer: layer_cases.OFT_BLOCK_SIZE
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
@@ -66,30 +38,6 @@ def test_gradients_match_finite_differences(layer: str, variant: str) -> None:
     checked = check_gradients(model, "m", x)
     assert checked[0].endswith("R.weight")
     assert ("input" in checked) == (layer != "embedding")
-
-
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-@pytest.mark.parametrize("variant", ["neumann", "exact", "block_share"])
-def test_merged_forward_equals_adapter_forward_and_unmerge_restores(layer: str, variant: str) -> None:
-    model, x = build(layer, **VARIANTS[variant])
-    before = model.base_weight("m")
-    adapted = model("m", x)
-    with model.disable_adapters():
-        base_out = model("m", x)
-    assert rel_err(adapted, base_out) > 1e-3  # the rotation really changes the output
-    model.merge()
-    assert rel_err(model("m", x), adapted) <= TOL
-    model.unmerge()
-    assert rel_err(model.base_weight("m"), before) <= TOL  # Neumann R is not orthogonal: unmerge inverts it
-
-
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_default_init_is_a_no_op(layer: str) -> None:
-    # also for the 3×3 convolution, where HF PEFT's fold-based forward is not a no-op (see test_hf_oft)
-    model, x = build(layer, init_weights=True)
-    with model.disable_adapters():
-        base_out = model("m", x)
-    assert rel_err(model("m", x), base_out) <= 1e-14
 
 
 def test_exact_cayley_is_orthogonal_and_neumann_approximates_its_transpose() -> None:
@@ -240,11 +188,8 @@ def test_linear_forward_matches_merged_weight_property(
     model = peftdecl.attach(state, spec, seed=seed)
     x = rng.normal(size=(2, d_in))
     adapted = model("m", x)
-    merged = model.merge_and_unload()
-    assert rel_err(x @ merged["m.weight"].T, adapted) <= TOL
-    model.unmerge()
-    model.train()
-    check_gradients(model, "m", x, seed=seed)
+    assert rel_err(dense_merged_output(model, x), adapted) <= TOL
+    check_unmerged_gradients(model, x, seed)
 
 
 def test_neumann_adapters_from_before_peft_0_18_warn() -> None:

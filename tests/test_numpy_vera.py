@@ -1,10 +1,13 @@
-"""The NumPy reference VeRA: gradients vs finite differences, merge == forward, init, shared projections.
+"""The NumPy reference VeRA: gradients vs finite differences, init, shared projections (merge == forward,
+unmerge and dropout: test_numpy_common.py).
 
 Tolerances: float64 internal consistency (merge vs forward, unmerge) ≤ 1e-12 relative; gradients through
 tests/gradcheck.py (central differences, 1e-6).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 import pytest
@@ -15,27 +18,13 @@ import peftdecl
 from peftdecl.errors import AdapterFileError
 from peftdecl.init import torch_cpu_uniform
 from peftdecl.plan.kinds import vera as vera_layout
+from tests import layer_cases
 from tests.conftest import rel_err
 from tests.gradcheck import check_gradients
+from tests.layer_cases import adapter_deltas, base_output
 
-# two layers of different shapes, so the shared projections are cut differently for each
-LAYERS = {
-    "linear": ({"m.weight": (6, 5), "m.bias": (6,), "n.weight": (3, 7)}, {}, (4, 5)),
-    "gpt2_conv1d": (
-        {"m.weight": (5, 6), "m.bias": (6,), "n.weight": (7, 3)},
-        {"m": "gpt2_conv1d", "n": "gpt2_conv1d"},
-        (2, 3, 5),
-    ),
-}
-
-
-def build(layer: str, seed: int = 0, **spec_fields) -> tuple[peftdecl.AdaptedModel, np.ndarray]:
-    shapes, layer_types, x_shape = LAYERS[layer]
-    rng = np.random.default_rng(seed)
-    state = {k: rng.normal(size=s) for k, s in shapes.items()}
-    spec = {"peft_type": "VERA", "r": 3, "target_modules": ["m", "n"], "init_weights": False, **spec_fields}
-    model = peftdecl.attach(state, spec, layer_types=layer_types, seed=seed)
-    return model, rng.normal(size=x_shape)
+LAYERS = layer_cases.VERA_LAYERS  # modules m and n: the shared projections are cut differently for each
+build = partial(layer_cases.build, "vera")
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
@@ -46,20 +35,6 @@ def test_gradients_match_finite_differences(layer: str, dropout: float) -> None:
     checked = check_gradients(model, "m", x)
     assert {"m.vera_lambda_b", "m.vera_lambda_d", "input"} <= set(checked)
     assert "vera_A" not in model.trainable_parameters()  # the projections are frozen
-
-
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_merged_forward_equals_adapter_forward_and_unmerge_restores(layer: str) -> None:
-    model, x = build(layer)
-    before = model.base_weight("m")
-    adapted = model("m", x)
-    model.merge()
-    assert rel_err(model("m", x), adapted) <= 1e-12  # float64: merge is exact up to rounding
-    model.unmerge()
-    assert rel_err(model.base_weight("m"), before) <= 1e-12
-    with model.disable_adapters():
-        base_out = model("m", x)
-    assert rel_err(model("m", x), base_out) > 1e-3  # the adapter really changes the output
 
 
 def test_delta_weight_is_the_paper_formula_on_cut_projections() -> None:
@@ -79,9 +54,7 @@ def test_default_init_is_a_no_op_with_d_initial() -> None:
     p = model.state_dict()
     np.testing.assert_array_equal(p["m.vera_lambda_b"], np.zeros(6))
     np.testing.assert_array_equal(p["m.vera_lambda_d"], np.full(3, 0.25))
-    with model.disable_adapters():
-        base_out = model("m", x)
-    np.testing.assert_array_equal(model("m", x), base_out)
+    np.testing.assert_array_equal(model("m", x), base_output(model, x))
 
 
 def test_init_weights_false_gives_unit_lambda_b_and_random_lambda_d() -> None:
@@ -90,30 +63,12 @@ def test_init_weights_false_gives_unit_lambda_b_and_random_lambda_d() -> None:
     assert np.std(p["m.vera_lambda_d"]) > 0
 
 
-def test_dropout_is_seeded_and_only_in_training() -> None:
-    model, x = build("linear", vera_dropout=0.5)
-    eval_out = model("m", x)
-    model.train()
-    model.engine.rng = np.random.default_rng(5)
-    first = model("m", x)
-    model.engine.rng = np.random.default_rng(5)
-    np.testing.assert_array_equal(model("m", x), first)
-    assert rel_err(first, eval_out) > 1e-6
-    model.eval()
-    np.testing.assert_array_equal(model("m", x), eval_out)
-
-
 def test_two_active_adapters_and_mixed_batches() -> None:
     model, x = build("linear")
     model.add_adapter(
         "b", {"peft_type": "VERA", "r": 2, "target_modules": ["m"], "init_weights": False}, seed=9
     )
-    with model.disable_adapters():
-        base = model("m", x)
-    deltas = {}
-    for name in ("default", "b"):
-        model.set_adapter(name)
-        deltas[name] = model("m", x) - base
+    base, deltas = adapter_deltas(model, x)
     model.set_adapter(["default", "b"])
     np.testing.assert_allclose(model("m", x), base + deltas["default"] + deltas["b"], rtol=1e-12)
     mixed = model("m", x, adapter_names=["b", "__base__", "default", "b"])

@@ -1,0 +1,100 @@
+"""Assertions the HF-parity tests share: peftdecl's float64 NumPy reference against the real HF PEFT (float32).
+
+Tolerances: merged weights ≤ MERGE_TOL relative (float32 files; PEFT merges in float32, the reference in
+float64); one layer's output ≤ OUTPUT_TOL relative (PEFT's float32 layer on a float32 input vs the float64
+reference).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import peftdecl
+from tests.conftest import rel_err
+from tests.hf_models import peft, tiny_llama, torch
+
+MERGE_TOL = 1e-6  # merged weights: float32 PEFT vs the float64 reference on float32 files
+OUTPUT_TOL = 1e-5  # one layer's output: PEFT's float32 forward vs the float64 reference
+
+
+def llama_with_bias() -> Any:
+    """Tiny Llama with attention biases set to random values (transformers initialises them to zero)."""
+    model = tiny_llama(attention_bias=True)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=generator))
+    return model
+
+
+def assert_merged_equal(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> None:
+    """The same tensor names, and each merged tensor within MERGE_TOL (relative) of PEFT's."""
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        assert rel_err(ours[key], theirs[key]) <= MERGE_TOL, key
+
+
+def peft_layer_output(wrapped: Any, module: str, x: np.ndarray) -> np.ndarray:
+    """PEFT's output of one wrapped submodule, as float64: token ids go in as int64, anything else as float32."""
+    layer = wrapped.base_model.model.get_submodule(module)
+    tensor = torch.tensor(x, dtype=torch.long if x.dtype.kind == "i" else torch.float32)
+    with torch.no_grad():
+        return layer(tensor).double().numpy()
+
+
+def probe_inputs(
+    ours: peftdecl.AdaptedModel, probes: dict[str, Any], seed: int = 11
+) -> dict[str, np.ndarray]:
+    """Inputs for the probed modules ``ours`` targets, drawn in the order of ``probes``: a probe is an input
+    shape (standard normal) or a function of the generator."""
+    rng = np.random.default_rng(seed)
+    targets = ours.plan().targets
+    return {
+        module: probe(rng) if callable(probe) else rng.normal(size=probe)
+        for module, probe in probes.items()
+        if module in targets
+    }
+
+
+def assert_layers_like_peft(ours: peftdecl.AdaptedModel, wrapped: Any, inputs: dict[str, np.ndarray]) -> None:
+    """For each module (at least one), our output within OUTPUT_TOL (relative) of PEFT's wrapped submodule."""
+    assert inputs
+    for module, x in inputs.items():
+        assert rel_err(ours(module, x), peft_layer_output(wrapped, module, x)) <= OUTPUT_TOL, module
+
+
+def assert_saved_like_peft(folder: str | Path, reference: Any, shapes: bool = False) -> dict[str, Any]:
+    """The adapter file in ``folder`` holds exactly the tensor names (and with ``shapes``, the shapes) of
+    PEFT's get_peft_model_state_dict(reference). Returns the file's tensors."""
+    saved = peft.utils.load_peft_weights(str(folder))
+    expected = peft.get_peft_model_state_dict(reference)
+    assert set(saved) == set(expected)
+    if shapes:
+        assert {k: tuple(v.shape) for k, v in saved.items()} == {
+            k: tuple(v.shape) for k, v in expected.items()
+        }
+    return saved
+
+
+def assert_config_like_peft(
+    ours: str | Path,
+    theirs: str | Path,
+    ignore: tuple[str, ...] = (),
+    as_sets: tuple[str, ...] = ("target_modules",),
+) -> tuple[dict, dict]:
+    """adapter_config.json in folder ``ours`` has the fields of the one in ``theirs`` (PEFT's), with equal
+    values except the fields in ``ignore``; ``as_sets`` fields are compared as unordered collections. Returns
+    both configs."""
+    mine = json.loads((Path(ours) / "adapter_config.json").read_text())
+    peft_config = json.loads((Path(theirs) / "adapter_config.json").read_text())
+    assert set(mine) == set(peft_config)
+    for key in as_sets:
+        assert set(mine[key]) == set(peft_config[key]), key
+    differing = {k for k in peft_config if k not in (*ignore, *as_sets) and mine[k] != peft_config[k]}
+    assert not differing, {k: (mine[k], peft_config[k]) for k in differing}
+    return mine, peft_config
