@@ -38,7 +38,7 @@ def tiny_gpt2(seed: int = 0) -> Any:
 
 def numpy_inputs(model: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(state dict, keyword arguments) for peftdecl's NumPy backend from a torch model."""
-    from peftdecl_numpy.torch_bridge import numpy_model
+    from peftdecl_torch.inventory import numpy_model
 
     state, layer_types, facts = numpy_model(model)
     return state, {"layer_types": layer_types, **facts}
@@ -60,6 +60,6 @@ def perturb(peft_wrapped: Any, seed: int = 7, scale: float = 0.05) -> None:
     """Give every adapter tensor non-trivial values (PEFT's zero-initialised B would hide mistakes)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in peft_wrapped.named_parameters():
+        for param in peft_wrapped.parameters():
             if param.requires_grad:
                 param.add_(scale * torch.randn(param.shape, generator=gen))

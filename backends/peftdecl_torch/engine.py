@@ -1,0 +1,356 @@
+"""The torch engine: adapters live inside the user's ``nn.Module``, which keeps its type and call signature.
+
+Each targeted layer is replaced in place by an :class:`AdaptedLayer` (``modules_to_save`` modules by a
+:class:`SavedModule`); calling the adapted model calls the base model. ``adapter_names`` (a mixed batch) reaches the
+wrappers through a context variable that is reset when the call ends, whether it returns or raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from peftdecl.errors import BackendError, PeftdeclError
+from peftdecl.plan import ModelInfo, Plan
+from peftdecl_torch.inventory import layer_type
+from peftdecl_torch.kinds import ops_for
+from peftdecl_torch.kinds.prompt import PromptAdapter
+from peftdecl_torch.layer import (
+    ADAPTER_NAMES,
+    BASE,
+    AdaptedLayer,
+    EngineState,
+    RowAdapters,
+    SavedModule,
+    adapter_dtype,
+)
+from peftdecl_torch.prompting import generation_inputs, prompt_call
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU NumPy copy (half types widened to float32, which NumPy can hold and PEFT saves)."""
+    tensor = tensor.detach().to("cpu")
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.to(torch.float32)
+    return tensor.numpy().copy()
+
+
+class TorchEngine:
+    """Adapters on a torch model, wrapped layer by layer."""
+
+    def __init__(self, model: nn.Module, info: ModelInfo, *, autocast_adapter_dtype: bool = True) -> None:
+        self.model = model
+        self._info = info
+        self._autocast = autocast_adapter_dtype
+        self._state = EngineState()
+        self._layers: dict[str, AdaptedLayer] = {}
+        self._saved: dict[str, SavedModule] = {}
+        self._plans: dict[str, Plan] = {}
+        self._shared: dict[str, dict[str, np.ndarray]] = {}
+        self._prompts: dict[str, PromptAdapter] = {}
+        # the base model is frozen while adapted; unload() gives the flags back
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        for param in model.parameters():
+            param.requires_grad_(False)
+
+    # -- Engine protocol -----------------------------------------------------------------------------------
+    def add(self, name: str, plan: Plan, arrays: Mapping[str, np.ndarray]) -> None:
+        if plan.prompt is not None:
+            weight = self._embedding().weight
+            dtype = adapter_dtype(weight, self._autocast)
+            self._prompts[name] = PromptAdapter(plan.prompt, plan.shared, arrays, weight.device, dtype)
+            self._add_saved(name, plan, arrays)
+            self._plans[name] = plan
+            self._update_trainable()
+            return
+        shared_specs = {p.name: p for p in plan.shared}
+        trainable_shared = [n for n, p in shared_specs.items() if p.role == "trainable"]
+        if trainable_shared:
+            raise BackendError(
+                f"adapter {name!r}: trainable shared tensors {trainable_shared} are not supported"
+            )
+        self._shared[name] = {n: np.asarray(arrays[n]) for n in shared_specs}
+        copies: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}  # one per device and dtype
+        for lp in plan.layers:
+            layer = self._wrap(lp.module, lp.layer.type)
+            links = {}
+            device = layer.base_layer.weight.device
+            dtype = adapter_dtype(layer.base_layer.weight, self._autocast)
+            for tensor_name, value in self._shared[name].items():
+                key = (tensor_name, device, dtype)
+                if key not in copies:
+                    copies[key] = torch.tensor(value).to(device, dtype)
+                attr = f"shared_{name}_{tensor_name}"
+                layer.add_shared(attr, copies[key])
+                links[tensor_name] = attr
+            layer.add(
+                name,
+                lp,
+                {p.name: arrays[lp.key(p.name)] for p in lp.params},
+                autocast=self._autocast,
+                shared=links,
+            )
+        self._add_saved(name, plan, arrays)
+        self._plans[name] = plan
+        self._update_trainable()
+
+    def _add_saved(self, name: str, plan: Plan, arrays: Mapping[str, np.ndarray]) -> None:
+        for module in plan.modules_to_save:
+            prefix = module + "."
+            saved = self._save_wrapper(module)
+            saved.add(name, {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
+
+    def remove(self, name: str) -> None:
+        plan = self._plans.pop(name)
+        self._shared.pop(name, None)
+        self._prompts.pop(name, None)
+        for lp in plan.layers:
+            layer = self._layers[lp.module]
+            layer.remove(name)
+            if not layer.adapter_names:
+                self._replace(lp.module, layer.base_layer)
+                del self._layers[lp.module]
+        for module in plan.modules_to_save:
+            saved = self._saved[module]
+            saved.remove(name)
+            if not len(saved.copies):
+                self._replace(module, saved.original_module)
+                del self._saved[module]
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        self._state.active = tuple(names)
+        self._update_trainable()
+
+    def set_enabled(self, enabled: bool) -> None:
+        self._state.enabled = enabled
+
+    def export(self, name: str) -> dict[str, np.ndarray]:
+        plan = self._plans[name]
+        out: dict[str, np.ndarray] = {}
+        for lp in plan.layers:
+            own = self._layers[lp.module].tensors(name)
+            out.update({lp.key(p.name): to_numpy(own[p.name]) for p in lp.params})
+        out.update({k: v.copy() for k, v in self._shared.get(name, {}).items()})
+        if name in self._prompts:
+            out.update({k: to_numpy(v) for k, v in self._prompts[name].tensors().items()})
+        for module in plan.modules_to_save:
+            copy = self._saved[module].copies[name]
+            out.update({f"{module}.{k}": to_numpy(v) for k, v in copy.state_dict().items()})
+        return out
+
+    def merge(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            for lp in self._plans[name].layers:
+                self._layers[lp.module].merge(name)
+            self._state.merged.append(name)
+
+    def unmerge(self) -> None:
+        while self._state.merged:
+            name = self._state.merged.pop()
+            for lp in self._plans[name].layers:
+                self._layers[lp.module].unmerge(name)
+
+    def unload(self) -> nn.Module:
+        """The base model itself, wrappers removed (merged weights stay), modules_to_save copies swapped in."""
+        for module, layer in self._layers.items():
+            self._replace(module, layer.base_layer)
+        for module, saved in self._saved.items():
+            self._replace(module, saved.active_copy())
+        self._layers, self._saved = {}, {}
+        for pname, param in self.model.named_parameters():
+            param.requires_grad_(self._requires_grad.get(pname, False))
+        return self.model
+
+    def base_weight(self, module: str) -> np.ndarray:
+        return self._weight_ir(module).detach().to("cpu", torch.float64).numpy().copy()
+
+    def load_base_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        for key, value in weights.items():
+            module = key.removesuffix(".weight").removesuffix(".base_layer")
+            weight_ir = self._weight_ir(module, key)
+            array = np.asarray(value)
+            if tuple(array.shape) != tuple(weight_ir.shape):
+                raise PeftdeclError(
+                    f"{key}: shape {list(array.shape)} does not fit {module}'s weight {list(weight_ir.shape)}"
+                )
+            with torch.no_grad():
+                weight_ir.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """Call the base model; ``adapter_names`` gives each batch row its adapter (``"__base__"``: none)."""
+        with self._rows(adapter_names, expand=False):
+            prompt = self._active_prompt()
+            if prompt is None:
+                return self.model(*args, **kwargs)
+            return prompt_call(
+                self.model, prompt, self._embedding(), self._embedding().weight.dtype, args, kwargs
+            )
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate`` with the adapters applied (rows repeated by beam search follow their name)."""
+        if not hasattr(self.model, "generate"):
+            raise PeftdeclError(f"{type(self.model).__name__} has no generate()")
+        with self._rows(adapter_names, expand=True):
+            prompt = self._active_prompt()
+            if prompt is None:
+                return self.model.generate(*args, **kwargs)
+            with generation_inputs(self.model, prompt, self._embedding(), self._embedding().weight.dtype):
+                return self.model.generate(*args, **kwargs)
+
+    def trainable_parameters(self, names: tuple[str, ...]) -> dict[str, nn.Parameter]:
+        """Full key -> the live parameter, for the adapters ``names`` (and their modules_to_save copies).
+
+        With several adapters the keys would collide, so each is prefixed by its adapter: ``"other:a.lora_A.weight"``.
+        """
+        out: dict[str, nn.Parameter] = {}
+        for name in names:
+            prefix = f"{name}:" if len(names) > 1 else ""
+            plan = self._plans[name]
+            for lp in plan.layers:
+                out.update(
+                    {prefix + lp.key(k): v for k, v in self._layers[lp.module].trainable(name).items()}
+                )
+            if name in self._prompts:
+                out.update({prefix + k: v for k, v in self._prompts[name].tensors().items()})
+            for module in plan.modules_to_save:
+                copy = self._saved[module].copies[name]
+                out.update({f"{prefix}{module}.{k}": v for k, v in copy.named_parameters()})
+        return out
+
+    def train(self, mode: bool) -> None:
+        self.model.train(mode)
+
+    # -- extras --------------------------------------------------------------------------------------------
+    def layer(self, module: str) -> AdaptedLayer:
+        """The wrapper that replaced ``module``."""
+        if module not in self._layers:
+            raise PeftdeclError(
+                f"{module} carries no adapter; adapted layers: {', '.join(list(self._layers)[:8])}"
+            )
+        return self._layers[module]
+
+    @property
+    def adapted_layers(self) -> dict[str, AdaptedLayer]:
+        return dict(self._layers)
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _active_prompt(self) -> PromptAdapter | None:
+        if not self._state.enabled:
+            return None
+        found = [n for n in self._state.active if n in self._prompts]
+        if len(found) > 1:
+            raise PeftdeclError(f"only one prompt-learning adapter can be active at a time, not {found}")
+        return self._prompts[found[0]] if found else None
+
+    def _embedding(self) -> nn.Module:
+        """The input word embeddings (prompt tuning looks ids up there; their weight sets device and dtype)."""
+        module = self._info.word_embeddings
+        if module is not None:
+            return self.model.get_submodule(module)
+        if hasattr(self.model, "get_input_embeddings"):
+            return self.model.get_input_embeddings()
+        raise PeftdeclError(
+            f"{type(self.model).__name__} names no input word embeddings (get_input_embeddings()); "
+            "prompt-learning adapters need them"
+        )
+
+    @contextmanager
+    def _rows(self, adapter_names: Sequence[str] | None, expand: bool) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        token = ADAPTER_NAMES.set(RowAdapters(self._check_rows(adapter_names), expand))
+        try:
+            yield
+        finally:
+            ADAPTER_NAMES.reset(token)
+
+    def _check_rows(self, adapter_names: Sequence[str]) -> tuple[str, ...]:
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise PeftdeclError("adapter_names must be a list of adapter names, one per batch row")
+        names = tuple(adapter_names)
+        unknown = sorted({n for n in names if n != BASE and n not in self._plans})
+        if unknown:
+            raise PeftdeclError(
+                f"adapter_names lists unknown adapters {unknown}; attached: {sorted(self._plans)}"
+            )
+        if self._state.merged:
+            raise PeftdeclError(
+                "adapter_names cannot be used while adapters are merged; call unmerge() first"
+            )
+        for name in dict.fromkeys(names):
+            if name == BASE:
+                continue
+            if name in self._prompts:
+                raise PeftdeclError(
+                    f"adapter {name!r} is {self._plans[name].kind}; mixed batches take layer adapters"
+                )
+            for kind in {lp.kind for lp in self._plans[name].layers}:
+                if not ops_for(kind).additive:
+                    raise PeftdeclError(
+                        f"adapter {name!r} is {kind}; mixed batches (adapter_names) support the additive kinds "
+                        "LoRA, AdaLoRA, LoHa, LoKr and VeRA only (HF PEFT also rejects DoRA here)"
+                    )
+        return names
+
+    def _update_trainable(self) -> None:
+        active = set(self._state.active)
+        for name in self._plans:
+            for param in self.trainable_parameters((name,)).values():
+                param.requires_grad_(name in active)
+
+    def _parent(self, module: str) -> tuple[nn.Module, str]:
+        parent_name, _, child = module.rpartition(".")
+        return (self.model.get_submodule(parent_name) if parent_name else self.model), child
+
+    def _replace(self, module: str, new: nn.Module) -> None:
+        parent, child = self._parent(module)
+        setattr(parent, child, new)
+
+    def _wrap(self, module: str, expected: str) -> AdaptedLayer:
+        if module in self._layers:
+            return self._layers[module]
+        try:
+            found = self.model.get_submodule(module)
+        except AttributeError as exc:
+            raise PeftdeclError(f"the model has no module {module!r}") from exc
+        if isinstance(found, SavedModule):
+            raise PeftdeclError(
+                f"{module} is in another adapter's modules_to_save and cannot also be adapted"
+            )
+        if layer_type(found) != expected:
+            raise PeftdeclError(f"{module} is a {type(found).__name__}; the plan expects a {expected} layer")
+        wrapper = AdaptedLayer(found, self._info.layers[module], module, self._state)
+        self._replace(module, wrapper)
+        self._layers[module] = wrapper
+        return wrapper
+
+    def _save_wrapper(self, module: str) -> SavedModule:
+        if module in self._saved:
+            return self._saved[module]
+        if module in self._layers or any(m.startswith(module + ".") for m in self._layers):
+            raise PeftdeclError(f"{module} holds adapted layers and cannot also be in modules_to_save")
+        wrapper = SavedModule(self.model.get_submodule(module), module, self._state)
+        self._replace(module, wrapper)
+        self._saved[module] = wrapper
+        return wrapper
+
+    def _weight_ir(self, module: str, key: str | None = None) -> torch.Tensor:
+        """The base weight of ``module`` in the IR layout, as a live view."""
+        if module in self._layers:
+            return self._layers[module].weight_ir()
+        try:
+            found = self.model.get_submodule(module)
+        except AttributeError as exc:
+            raise PeftdeclError(f"{key or module}: the model has no module {module!r}") from exc
+        kind = layer_type(found)
+        if kind is None:
+            raise PeftdeclError(
+                f"{key or module}: {module} is a {type(found).__name__}, not an adaptable layer"
+            )
+        return found.weight.T if kind == "gpt2_conv1d" else found.weight

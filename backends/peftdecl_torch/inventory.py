@@ -1,0 +1,157 @@
+"""What peftdecl sees of a torch model: its adaptable layers (as LayerInfo), its module names and config facts.
+
+Also describes a torch model to the NumPy reference (``numpy_model``): its state dict as float64 arrays, the
+layer types and the same model facts, so both backends compile the same plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from peftdecl.errors import BackendError
+from peftdecl.plan import LayerInfo, ModelInfo
+
+KNOWN_OPTIONS = ("autocast_adapter_dtype",)
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Reject options the torch backend does not understand (the NumPy backend's ``layer_types`` included)."""
+    unknown = sorted(set(options) - set(KNOWN_OPTIONS))
+    if unknown:
+        raise BackendError(
+            f"the torch backend got unknown options {unknown}; it accepts {list(KNOWN_OPTIONS)} "
+            "(layer types and model facts are read from the nn.Module itself)"
+        )
+
+
+def layer_type(module: nn.Module) -> str | None:
+    """The IR layer type of a torch module, or None when peftdecl cannot adapt it."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    # transformers' GPT-2 Conv1D: a linear layer whose weight is stored [in, out]
+    if (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and getattr(module, "weight", None) is not None
+    ):
+        return "gpt2_conv1d"
+    return None
+
+
+def layer_info(module: nn.Module) -> LayerInfo | None:
+    """The LayerInfo of an adaptable torch module (None otherwise)."""
+    kind = layer_type(module)
+    if kind is None:
+        return None
+    has_bias = getattr(module, "bias", None) is not None
+    if kind == "linear":
+        return LayerInfo(kind, module.in_features, module.out_features, has_bias)
+    if kind == "gpt2_conv1d":
+        d_in, d_out = module.weight.shape
+        return LayerInfo(kind, d_in, d_out, has_bias)
+    if kind == "embedding":
+        return LayerInfo(kind, module.num_embeddings, module.embedding_dim, False)
+    if isinstance(module.padding, str):
+        raise BackendError(
+            f"{type(module).__name__} with padding={module.padding!r} is not supported; use explicit integer padding"
+        )
+    return LayerInfo(
+        kind,
+        module.in_channels,
+        module.out_channels,
+        has_bias,
+        kernel_size=tuple(module.kernel_size),
+        stride=tuple(module.stride),
+        padding=tuple(module.padding),
+        dilation=tuple(module.dilation),
+        groups=module.groups,
+    )
+
+
+def inventory(model: nn.Module) -> ModelInfo:
+    """Every adaptable layer and every module name of ``model`` (in ``named_modules`` order), plus its facts."""
+    from peftdecl_torch.layer import AdaptedLayer, SavedModule
+
+    layers: dict[str, LayerInfo] = {}
+    modules = []
+    for name, sub in model.named_modules():
+        if isinstance(sub, (AdaptedLayer, SavedModule)):
+            raise BackendError(
+                f"{name} already carries peftdecl adapters; add more with AdaptedModel.add_adapter, "
+                "or pass the model returned by merge_and_unload()"
+            )
+        if not name:
+            continue
+        modules.append(name)
+        info = layer_info(sub)
+        if info is not None:
+            layers[name] = info
+    return ModelInfo(layers=layers, modules=tuple(modules), **model_facts(model))
+
+
+def model_facts(model: nn.Module) -> dict[str, Any]:
+    """The ModelInfo fields a transformers model's config and embeddings provide (empty for a plain module)."""
+    names = {id(sub): name for name, sub in model.named_modules()}
+    facts: dict[str, Any] = {"model_class": (type(model).__name__, type(model).__module__)}
+    for field, getter in (
+        ("output_head", "get_output_embeddings"),
+        ("word_embeddings", "get_input_embeddings"),
+    ):
+        if hasattr(model, getter):
+            try:
+                found = getattr(model, getter)()
+            except NotImplementedError:  # transformers raises this for models without such a layer
+                found = None
+            facts[field] = names.get(id(found)) if found is not None else None
+    config = getattr(model, "config", None)
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        facts["model_type"] = getattr(config, "model_type", None)
+        facts["is_encoder_decoder"] = bool(getattr(config, "is_encoder_decoder", False))
+        for field, keys in {
+            "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+            "hidden_size": ("hidden_size", "n_embd", "d_model"),
+            "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
+            "num_key_value_heads": ("num_key_value_heads",),
+            "head_dim": ("head_dim",),
+            "vocab_size": ("vocab_size",),
+        }.items():
+            for key in keys:
+                value = getattr(text, key, None)
+                if isinstance(value, int):
+                    facts[field] = int(value)
+                    break
+    return facts
+
+
+def numpy_model(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+    """``(state_dict, layer_types, model_facts)`` for ``peftdecl.attach(state_dict, spec, layer_types=..., **facts)``
+    on the NumPy reference: the same layers and facts the torch backend sees, weights as float64."""
+    state = {k: v.detach().to("cpu", torch.float64).numpy() for k, v in model.state_dict().items()}
+    layer_types: dict[str, Any] = {}
+    for name, sub in model.named_modules():
+        info = layer_info(sub) if name else None
+        if info is None or f"{name}.weight" not in state:
+            continue
+        if info.is_conv:
+            layer_types[name] = {
+                "type": info.type,
+                "stride": list(info.stride),
+                "padding": list(info.padding),
+                "dilation": list(info.dilation),
+                "groups": info.groups,
+            }
+        elif info.type != "linear":
+            layer_types[name] = info.type
+    return state, layer_types, model_facts(model)

@@ -1,0 +1,60 @@
+"""Per-kind math of the torch backend: one module per adapter kind, the same equations as the NumPy reference.
+
+A kind module exposes ``OPS`` with ``kind``, ``additive`` and:
+
+- ``forward(lp, layer, p, x, result) -> y``: for an additive kind ``result`` is the layer's output so far (the base
+  output plus earlier adapters, already in the adapter dtype) and the kind returns it plus its own contribution;
+  for any other kind ``result`` is None and the kind computes the whole output (calling ``layer.base_forward`` or
+  ``layer.functional``);
+- ``delta_weight(lp, layer, p)``: ΔW in the IR layout (additive kinds);
+- ``merge(lp, layer, p, cache) -> (W, b)`` / ``unmerge(lp, layer, p, cache) -> (W, b)``: the base weight (IR
+  layout) and bias with the adapter folded in or taken out; ``cache`` is a per-(layer, adapter) dict that lives
+  from a merge to its unmerge.
+
+``layer`` is the :class:`peftdecl_torch.layer.AdaptedLayer` (its ``training`` flag, base layer and helpers);
+``p`` maps the layer's tensor names (``lora_A.weight``) to tensors, shared tensors (VeRA's) included.
+
+This module must not import torch: the backend's static Capabilities are read from the table below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+_ALL = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
+
+# execution kind -> (module of this package, layer types it runs on); a module not written yet is not offered
+_KIND_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lora": ("lora", _ALL),
+    "dora": ("dora", _ALL),
+    "adalora": ("adalora", ("linear", "conv2d", "gpt2_conv1d")),
+    "ia3": ("ia3", ("linear", "conv2d", "gpt2_conv1d")),
+    "loha": ("loha", ("linear", "conv1d", "conv2d")),
+    "lokr": ("lokr", ("linear", "conv1d", "conv2d")),
+    "oft": ("oft", ("linear", "embedding", "conv2d")),
+    "boft": ("boft", ("linear", "conv2d")),
+    "vera": ("vera", ("linear", "gpt2_conv1d")),
+    "prefix_tuning": ("prompt", ()),
+    "prompt_tuning": ("prompt", ()),
+}
+
+ADDITIVE_KINDS = ("lora", "adalora", "loha", "lokr", "vera")
+"""Kinds whose output is base(x) + Δ(x): several may be active at once and they take part in mixed batches."""
+
+
+def supported_kinds() -> dict[str, tuple[str, ...]]:
+    """Execution kind -> layer types, for every kind module present (checked without importing it)."""
+    return {
+        kind: types
+        for kind, (module, types) in _KIND_MODULES.items()
+        if importlib.util.find_spec(f"peftdecl_torch.kinds.{module}") is not None
+    }
+
+
+def ops_for(kind: str) -> Any:
+    """The ops object of an execution kind."""
+    if kind not in _KIND_MODULES:
+        raise KeyError(f"the torch backend has no kind {kind!r}")
+    return importlib.import_module(f"peftdecl_torch.kinds.{_KIND_MODULES[kind][0]}").OPS

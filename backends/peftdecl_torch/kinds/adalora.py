@@ -1,0 +1,108 @@
+"""AdaLoRA (Zhang et al., 2023) on torch: y = W x + b + s · P (Q ⊙ Λ) dropout(x), s = α / (init_r + 1e-5).
+
+P = lora_B, Λ = lora_E (times the plan's kept-rank mask), Q = lora_A. On a conv2d Q is r × in·k·k and the adapter
+is one convolution with ΔW = s · P (Q ⊙ Λ) reshaped to the kernel. ``orthogonal_regularizer`` is HF PEFT's
+training-loss term w · mean over {Q, P} of ‖Q Qᵀ − I‖_F and ‖Pᵀ P − I‖_F, differentiable by autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812  (the torch idiom)
+
+from peftdecl.plan import LayerPlan, Plan
+from peftdecl_torch.kinds import _fused as fused
+from peftdecl_torch.kinds.lora import _add_expand, lora_linear
+
+Params = dict[str, torch.Tensor]
+LAYER_TYPES = ("linear", "conv2d", "gpt2_conv1d")
+
+
+def singular_values(lp: LayerPlan, p: Params) -> torch.Tensor:
+    """Λ with the triplets outside the rank mask removed."""
+    mask = lp.options.get("rank_mask")
+    e = p["lora_E"]
+    return e if mask is None else e * torch.tensor(mask, dtype=e.dtype, device=e.device).reshape(-1, 1)
+
+
+class AdaLoraOps:
+    kind = "adalora"
+    additive = True
+
+    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
+        rate = lp.options["dropout"]
+        if result is None:
+            if fused.fusable(lp, layer, x, p["lora_A"].dtype, rate):
+                return lora_linear(lp, layer, x, p["lora_A"] * singular_values(lp, p), p["lora_B"])
+            result = layer.base_forward(x)
+        h = F.dropout(x, rate) if layer.training and rate > 0 else x
+        if lp.layer.is_conv:
+            return result + layer.functional(h, self.delta_weight(lp, layer, p), None)
+        qe = p["lora_A"] * singular_values(lp, p)
+        return _add_expand(result, F.linear(h, qe), p["lora_B"], lp.scaling)
+
+    def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+        delta = lp.scaling * (p["lora_B"] @ (p["lora_A"] * singular_values(lp, p)))
+        return delta.reshape(lp.layer.weight_shape)
+
+    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+        weight = layer.weight_ir()
+        return weight + self.delta_weight(lp, layer, p).to(weight.dtype), None
+
+    def unmerge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+        weight = layer.weight_ir()
+        return weight - self.delta_weight(lp, layer, p).to(weight.dtype), None
+
+
+def orthogonal_regularizer(
+    plan: Plan, params: Mapping[str, torch.Tensor], weight: float | None = None
+) -> Any:
+    """w · mean(‖Q Qᵀ − I‖_F, ‖Pᵀ P − I‖_F over every layer), as HF PEFT adds to the training loss.
+
+    ``params`` maps full keys to the live tensors (``AdaptedModel.trainable_parameters()``); triplets outside a
+    layer's rank mask are left out, as in the pruned modules PEFT loads.
+    """
+    w = float(plan.spec.orth_reg_weight if weight is None else weight)
+    terms = []
+    for lp in plan.layers:
+        mask = lp.options.get("rank_mask")
+        for name, rows in (("lora_A", True), ("lora_B", False)):
+            key = lp.key(name)
+            if key not in params:
+                raise KeyError(f"orthogonal_regularizer: no tensor {key} among the parameters given")
+            value = params[key]
+            if mask is not None:
+                kept = torch.tensor(mask, dtype=torch.bool, device=value.device)
+                value = value[kept] if rows else value[:, kept]
+            gram = value @ value.t() if rows else value.t() @ value
+            eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            terms.append(torch.linalg.norm(gram - eye))
+    return w * torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+OPS = AdaLoraOps()
+
+
+def update_and_allocate(model: Any, allocator: Any, step: int) -> tuple[int, Any]:
+    """HF PEFT's ``update_and_allocate`` for a torch-backed AdaLoRA adapter: call it after ``backward()`` and before
+    the gradients are cleared.
+
+    ``allocator`` is any rank allocator taking NumPy arrays by full key, ``update_and_allocate(step, params,
+    grads) -> (budget, mask)``, which zeroes the masked Λ entries of ``params`` in place (the NumPy reference's
+    ``RankAllocator`` is one); the zeros are copied back into the live ``lora_E`` tensors.
+    """
+    params = model.trainable_parameters()
+    arrays = {k: p.detach().to("cpu", torch.float64).numpy().copy() for k, p in params.items()}
+    grads = {
+        k: (torch.zeros_like(p) if p.grad is None else p.grad).detach().to("cpu", torch.float64).numpy()
+        for k, p in params.items()
+    }
+    budget, mask = allocator.update_and_allocate(step, arrays, grads)
+    with torch.no_grad():
+        for key, param in params.items():
+            if key.endswith(".lora_E"):
+                param.copy_(torch.from_numpy(arrays[key]))
+    return budget, mask

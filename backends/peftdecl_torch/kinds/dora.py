@@ -1,0 +1,215 @@
+"""DoRA (Liu et al., 2024) on torch: y = g ⊙ (W x + s·B A x) + b, g = m / n, n = ‖W + s·B A‖_row (detached).
+
+n comes from the factored sum ‖W‖² + 2s·⟨B, W Aᵀ⟩ + s²·⟨B, B (A Aᵀ)⟩ per row (never B·A; ‖W‖² is cached while the
+base weight is unchanged). Rows with n = 0 use g = 1 (the NumPy reference's rule). With dropout in training the
+base term is recomputed on the dropped input h: y = W x + b + (g − 1) ⊙ W h + g ⊙ s·B A h. Merge: W' = g ⊙ (W + ΔW)
+with n cached for unmerge, W = W' / g − ΔW.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812  (the torch idiom)
+
+from peftdecl.errors import PeftdeclError
+from peftdecl.plan import LayerPlan
+from peftdecl.plan.kinds.dora import MAGNITUDE
+from peftdecl_torch.kinds import _fused as fused
+from peftdecl_torch.kinds.lora import OPS as LORA
+from peftdecl_torch.kinds.lora import _add_expand, _conv, _ones
+
+Params = dict[str, torch.Tensor]
+LAYER_TYPES = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
+
+
+def _factors(lp: LayerPlan, layer: Any, p: Params, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """2-D (W, A, B) whose rows are the directions DoRA normalises (an embedding's rows are its dimensions)."""
+    weight = layer.weight_ir().detach().to(dtype)
+    if lp.layer.type == "embedding":
+        return weight.t(), p["lora_embedding_A"].detach(), p["lora_embedding_B"].detach()
+    a, b = p["lora_A.weight"].detach(), p["lora_B.weight"].detach()
+    return weight.reshape(weight.shape[0], -1), a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+
+
+def weight_norm(lp: LayerPlan, layer: Any, p: Params, weight_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """n = ‖W + s·B A‖ per direction row, without forming B A and without gradient."""
+    with torch.no_grad():
+        w, a, b = _factors(lp, layer, p, p[MAGNITUDE].dtype)
+        if weight_sq is None:
+            weight_sq = torch.einsum("oi,oi->o", w, w)
+        s = lp.scaling
+        cross = torch.einsum("or,or->o", b, w @ a.t())
+        quad = torch.einsum("or,or->o", b, b @ (a @ a.t()))
+        return (weight_sq + 2.0 * s * cross + s * s * quad).clamp_min(0.0).sqrt()
+
+
+def _weight_sq(lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+    # ‖W‖² per row changes only when the base weight does (a merge, or a user edit: both bump its version)
+    weight = layer.base_layer.weight
+    key = (weight.data_ptr(), weight._version, p[MAGNITUDE].dtype, lp.layer.type)
+    cached = layer.scratch.setdefault("dora_weight_sq", {})
+    if key not in cached:
+        cached.clear()
+        with torch.no_grad():
+            w = _factors(lp, layer, p, p[MAGNITUDE].dtype)[0]
+            cached[key] = torch.einsum("oi,oi->o", w, w)
+    return cached[key]
+
+
+def magnitude_scale(m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """g = m / n per row, 1 where n = 0 (no gradient reaches m there)."""
+    m = m.reshape(-1)
+    nonzero = n > 0
+    return torch.where(nonzero, m / torch.where(nonzero, n, torch.ones_like(n)), torch.ones_like(m))
+
+
+def _along_out(lp: LayerPlan, g: torch.Tensor, ndim: int) -> torch.Tensor:
+    return g.reshape(1, -1, *(1,) * (ndim - 2)) if lp.layer.is_conv else g
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """y = g ⊙ (x (W + s·B A)ᵀ) + b for a frozen W, run as one matmul with the merged weight W' = g ⊙ (W + s·B A).
+
+    Backward keeps x and y only: g ⊙ z = y − b recovers the direction term z (so every m must be non-zero), and
+    W' is rebuilt for dL/dx instead of being stored. n is an input without gradient (detached, as in DoRA).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Any,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        m: torch.Tensor,
+        n: torch.Tensor,
+        scaling: float,
+        stored_in_out: bool,
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        w = fused.weight_ir(weight, stored_in_out)
+        y = fused.linear(x2, _merged(w, a, b, m, n, scaling), bias)
+        ctx.scaling, ctx.stored_in_out = scaling, stored_in_out
+        ctx.save_for_backward(x, y, weight, bias, a, b, m, n)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        x, y, weight, bias, a, b, m, n = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, _, _, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        g = m.reshape(-1) / n
+        dx = da = db = dm = None
+        if need_m:  # dL/dm = Σ_t dy ⊙ z / n with z = (y − b) / g, i.e. Σ_t dy ⊙ (y − b) / m
+            dot = (dy2 * y).sum(0)
+            if bias is not None:
+                dot = dot - bias * dy2.sum(0)
+            dm = (dot / m.reshape(-1)).reshape(m.shape)
+        if need_x:
+            dx = torch.mm(dy2, _merged(fused.weight_ir(weight, ctx.stored_in_out), a, b, m, n, s)).view(
+                x.shape
+            )
+        if need_a:
+            da = torch.mm(torch.mm(dy2, b * g[:, None]).t(), x2).mul_(s)  # s · ((dy ⊙ g) B)ᵀ x
+        if need_b:
+            db = torch.mm(torch.mm(x2, a.t()).t(), dy2).t().mul_(s * g[:, None])  # s · (dy ⊙ g)ᵀ (x Aᵀ)
+        return dx, None, None, da, db, dm, None, None, None
+
+
+def _merged(
+    w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor, n: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """g ⊙ (W + s·B A), the only place B A is formed (transiently, for the one matmul)."""
+    return torch.addmm(w, b, a, alpha=scaling).mul_((m.reshape(-1) / n)[:, None])
+
+
+class DoraOps:
+    kind = "dora"
+    additive = False
+
+    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
+        dtype = p[MAGNITUDE].dtype
+        s = lp.scaling
+        n = weight_norm(lp, layer, p, _weight_sq(lp, layer, p))
+        m = p[MAGNITUDE]
+        if fused.fusable(lp, layer, x, dtype, lp.options["dropout"]) and bool((n > 0).all() & (m != 0).all()):
+            return DoraLinearFunction.apply(
+                x,
+                layer.base_layer.weight,
+                layer.bias,
+                p["lora_A.weight"],
+                p["lora_B.weight"],
+                m,
+                n,
+                s,
+                lp.layer.type == "gpt2_conv1d",
+            )
+        g = magnitude_scale(m, n)
+        base_out = layer.base_forward(x)
+        if lp.layer.type == "embedding":
+            u = layer.embed(x, p["lora_embedding_A"].t())
+            return (g * _add_expand(base_out.to(dtype), u, p["lora_embedding_B"], s)).to(base_out.dtype)
+        xa = x.to(dtype)
+        rate = lp.options["dropout"]
+        dropped = layer.training and rate > 0
+        h = F.dropout(xa, rate) if dropped else xa
+        a, b = p["lora_A.weight"], p["lora_B.weight"]
+        bias = layer.bias
+        if lp.layer.is_conv:
+            k = a.ndim - 2
+            v = _conv(_conv(h, a, None, lp.layer.stride, lp.layer.padding), b, None, _ones(k), (0,) * k)
+        else:
+            v = None
+        gb = _along_out(lp, g, base_out.ndim)
+        if dropped:
+            wh = layer.functional(h, layer.weight_ir().to(dtype), None)
+            low = v if v is not None else F.linear(F.linear(h, a), b)
+            y = base_out.to(dtype) + (gb - 1.0) * wh + gb * s * low
+        else:
+            plain = base_out.to(dtype)
+            if bias is not None:
+                plain = plain - bias.to(dtype).reshape(gb.shape[1:] if lp.layer.is_conv else (-1,))
+            direction = plain + s * v if v is not None else _add_expand(plain, F.linear(h, a), b, s)
+            y = gb * direction
+            if bias is not None:
+                y = y + bias.to(dtype).reshape(gb.shape[1:] if lp.layer.is_conv else (-1,))
+        return y.to(base_out.dtype)
+
+    def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+        """The change merging makes to the current base weight: g ⊙ (W + ΔW) − W."""
+        return self._merged(lp, layer, p)[0] - layer.weight_ir()
+
+    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+        merged, n = self._merged(lp, layer, p)
+        cache["n"] = n  # n cannot be recovered from the merged weight, whose rows have norm |m|
+        return merged, None
+
+    def unmerge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+        if "n" not in cache:
+            raise PeftdeclError(f"{lp.module}: DoRA unmerge without a matching merge (no cached weight norm)")
+        g = magnitude_scale(p[MAGNITUDE], cache["n"])
+        if bool((g == 0).any()):
+            raise PeftdeclError(f"{lp.module}: cannot unmerge DoRA, lora_magnitude_vector is 0 in some rows")
+        weight = layer.weight_ir()
+        restored = weight.to(g.dtype) / self._rows(lp, g) - LORA.delta_weight(lp, layer, p)
+        return restored.to(weight.dtype), None
+
+    def _merged(self, lp: LayerPlan, layer: Any, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        n = weight_norm(lp, layer, p)
+        g = magnitude_scale(p[MAGNITUDE], n)
+        weight = layer.weight_ir()
+        merged = self._rows(lp, g) * (weight.to(g.dtype) + LORA.delta_weight(lp, layer, p))
+        return merged.to(weight.dtype), n
+
+    @staticmethod
+    def _rows(lp: LayerPlan, g: torch.Tensor) -> torch.Tensor:
+        if lp.layer.type == "embedding":
+            return g[None, :]
+        return g.reshape(-1, *(1,) * (len(lp.layer.weight_shape) - 1))
+
+
+OPS = DoraOps()

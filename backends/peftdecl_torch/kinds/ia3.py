@@ -1,0 +1,70 @@
+"""IA3 (Liu et al., 2022) on torch: y = l ⊙ (W x + b) for attention-type layers, y = W (l ⊙ x) + b for
+feed-forward ones (the bias is scaled in the first form, as in HF PEFT).
+
+Merge folds l into the weight (rows, or input columns per group); unmerge divides by l + 1e-8 as HF PEFT does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from peftdecl.plan import LayerPlan
+
+Params = dict[str, torch.Tensor]
+LAYER_TYPES = ("linear", "conv2d", "gpt2_conv1d")
+UNMERGE_EPS = 1e-8  # HF PEFT's guard against division by zero
+
+
+def _on_features(lp: LayerPlan, l_vec: torch.Tensor) -> torch.Tensor:
+    # the stored (1, C, 1, 1) broadcasts over [N, C, H, W]; linear vectors act on the last axis
+    return l_vec if lp.layer.is_conv else l_vec.reshape(-1)
+
+
+class IA3Ops:
+    kind = "ia3"
+    additive = False
+
+    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
+        scale = _on_features(lp, p["ia3_l"])
+        if lp.options["feedforward"]:
+            return layer.base_forward((x.to(scale.dtype) * scale).to(x.dtype))
+        y = layer.base_forward(x)
+        return (y.to(scale.dtype) * scale).to(y.dtype)
+
+    def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+        """The change merging makes to the current base weight: W ⊙ l − W."""
+        return self.merge(lp, layer, p, {})[0] - layer.weight_ir()
+
+    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+        l_vec = p["ia3_l"]
+        return self._scaled(lp, layer, l_vec, l_vec.reshape(-1))
+
+    def unmerge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+        l_vec = p["ia3_l"] + UNMERGE_EPS
+        return self._scaled(lp, layer, 1.0 / l_vec, 1.0 / l_vec.reshape(-1))
+
+    def _scaled(self, lp: LayerPlan, layer: Any, factor: torch.Tensor, bias_factor: torch.Tensor) -> tuple:
+        weight = layer.weight_ir()
+        merged = (weight.to(factor.dtype) * self._weight_factor(lp, factor)).to(weight.dtype)
+        bias = layer.bias
+        if lp.options["feedforward"] or bias is None:
+            return merged, None
+        return merged, (bias.to(factor.dtype) * bias_factor).to(bias.dtype)
+
+    @staticmethod
+    def _weight_factor(lp: LayerPlan, l_vec: torch.Tensor) -> torch.Tensor:
+        """l broadcast over the IR weight [out, in(/groups), *kernel]: along rows, or along input columns."""
+        flat, extra = l_vec.reshape(-1), (1,) * len(lp.layer.kernel_size)
+        if not lp.options["feedforward"]:
+            return flat.reshape(-1, 1, *extra)
+        groups, out = lp.layer.groups, lp.layer.out_features
+        if groups == 1:
+            return flat.reshape(1, -1, *extra)
+        # grouped conv: output channel o of group k reads input channels k·(C/groups) ... (k+1)·(C/groups) − 1
+        per_group = flat.reshape(groups, 1, -1, *extra)
+        return per_group.expand(groups, out // groups, *per_group.shape[2:]).reshape(out, -1, *extra)
+
+
+OPS = IA3Ops()

@@ -1,0 +1,101 @@
+"""VeRA (Kopiczko et al., 2024) on torch: y = W x + b + λ_b ⊙ B (λ_d ⊙ A dropout(x)), no scaling.
+
+A = vera_A[:r, :in] and B = vera_B[:out, :r] are the shared frozen projections. λ_b is folded into B's rows, so
+the adapter adds one ``addmm``: y = W x + b + (λ_d ⊙ x Aᵀ)(λ_b ⊙ B)ᵀ.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812  (the torch idiom)
+
+from peftdecl.plan import LayerPlan
+from peftdecl_torch.kinds import _fused as fused
+from peftdecl_torch.kinds.lora import _add_expand
+
+Params = dict[str, torch.Tensor]
+LAYER_TYPES = ("linear", "gpt2_conv1d")
+
+
+def _projections(lp: LayerPlan, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    return p["vera_A"][: lp.r, : lp.layer.in_features], p["vera_B"][: lp.layer.out_features, : lp.r]
+
+
+class VeraLinearFunction(torch.autograd.Function):
+    """y = x (W + (λ_b ⊙ B)(λ_d ⊙ A))ᵀ + b for a frozen W: one matmul with the merged weight, which is kept for
+    dL/dx (rebuilding it costs out·r·in again). The λ gradients share M = dyᵀ (x Aᵀ):
+    dλ_b = Σ_r B ⊙ λ_d ⊙ M, dλ_d = Σ_o λ_b ⊙ B ⊙ M."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Any,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        lam_d: torch.Tensor,
+        lam_b: torch.Tensor,
+        stored_in_out: bool,
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        merged = torch.addmm(fused.weight_ir(weight, stored_in_out), b * lam_b[:, None], a * lam_d[:, None])
+        y = fused.linear(x2, merged, bias)
+        ctx.save_for_backward(x, merged, a, b, lam_d, lam_b)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        x, merged, a, b, lam_d, lam_b = ctx.saved_tensors
+        need_x, _, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        dx = d_lam_d = d_lam_b = None
+        if need_x:
+            dx = torch.mm(dy2, merged).view(x.shape)
+        if need_d or need_b:
+            mixed = torch.mm(torch.mm(x2, a.t()).t(), dy2).t() * b  # (dyᵀ x Aᵀ) ⊙ B, [out, r]
+            d_lam_b = (mixed * lam_d).sum(1) if need_b else None
+            d_lam_d = (mixed * lam_b[:, None]).sum(0) if need_d else None
+        return dx, None, None, None, None, d_lam_d, d_lam_b, None
+
+
+class VeraOps:
+    kind = "vera"
+    additive = True
+
+    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
+        a, b = _projections(lp, p)
+        rate = lp.options["dropout"]
+        if result is None:
+            if fused.fusable(lp, layer, x, b.dtype, rate):
+                return VeraLinearFunction.apply(
+                    x,
+                    layer.base_layer.weight,
+                    layer.bias,
+                    a,
+                    b,
+                    p["vera_lambda_d"],
+                    p["vera_lambda_b"],
+                    lp.layer.type == "gpt2_conv1d",
+                )
+            result = layer.base_forward(x)
+        h = F.dropout(x, rate) if layer.training and rate > 0 else x
+        u = F.linear(h, a) * p["vera_lambda_d"]
+        return _add_expand(result, u, b * p["vera_lambda_b"][:, None], 1.0)
+
+    def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+        a, b = _projections(lp, p)
+        return (p["vera_lambda_b"][:, None] * b) @ (p["vera_lambda_d"][:, None] * a)
+
+    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+        weight = layer.weight_ir()
+        return weight + self.delta_weight(lp, layer, p).to(weight.dtype), None
+
+    def unmerge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+        weight = layer.weight_ir()
+        return weight - self.delta_weight(lp, layer, p).to(weight.dtype), None
+
+
+OPS = VeraOps()

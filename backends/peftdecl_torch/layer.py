@@ -1,0 +1,376 @@
+"""The wrappers the torch backend puts in place of a model's modules.
+
+``AdaptedLayer`` replaces a targeted layer: y = base(x) with each running adapter applied by its kind's ops
+(additive kinds: y = base(x) + Σ_a Δ_a(x)). ``SavedModule`` replaces a ``modules_to_save`` module: the active
+adapter's trainable copy runs instead of the original. Both read the engine's shared switches (active adapters,
+enabled, merged) and the per-call ``adapter_names`` (mixed batches) from a context variable.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812  (the torch idiom)
+from torch import nn
+
+from peftdecl.errors import PeftdeclError
+from peftdecl.plan import LayerInfo, LayerPlan
+from peftdecl_torch.kinds import ops_for
+
+BASE = "__base__"
+
+
+@dataclass(frozen=True)
+class RowAdapters:
+    """One adapter name per batch row for the call in progress. ``expand``: generation may have repeated each
+    row (beam search, several return sequences), so a batch k times longer repeats each name k times."""
+
+    names: tuple[str, ...]
+    expand: bool = False
+
+    def for_batch(self, batch: int, module: str) -> tuple[str, ...]:
+        n = len(self.names)
+        if batch == n:
+            return self.names
+        if self.expand and n and batch % n == 0:
+            return tuple(name for name in self.names for _ in range(batch // n))
+        raise PeftdeclError(f"{module}: adapter_names has {n} entries for an input of batch size {batch}")
+
+
+ADAPTER_NAMES: contextvars.ContextVar[RowAdapters | None] = contextvars.ContextVar(
+    "peftdecl_torch_adapter_names", default=None
+)
+"""The per-row adapters of the mixed-batch call in progress (None outside one)."""
+
+
+@dataclass
+class EngineState:
+    """Switches shared by every wrapper of one engine."""
+
+    active: tuple[str, ...] = ()
+    enabled: bool = True
+    merged: list[str] = field(default_factory=list)
+
+
+class _Holder(nn.Module):
+    """Holds one adapter's tensor(s) under their leaf names (``weight``, ``bias``) as PEFT's sub-modules do."""
+
+
+class _BufferDict(nn.Module):
+    """Adapter name -> frozen tensor (a buffer, so it follows ``.to()`` but is never trained)."""
+
+
+def _to_tensor(value: Any, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # a copy: the caller's array must not become the live (trained) parameter
+    tensor = torch.tensor(np.asarray(value))
+    return tensor.to(device=like.device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+
+
+def adapter_dtype(base_weight: torch.Tensor, autocast: bool) -> torch.dtype:
+    """PEFT's rule: adapters take the base layer's float dtype, except that half types become float32."""
+    if not base_weight.is_floating_point():
+        return torch.float32
+    if autocast and base_weight.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_weight.dtype
+
+
+class AdaptedLayer(nn.Module):
+    """A base layer plus the adapters of every plan that targets it."""
+
+    def __init__(self, base_layer: nn.Module, info: LayerInfo, module_name: str, state: EngineState) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.info = info
+        self.module_name = module_name
+        self._state = state
+        self._plans: dict[str, LayerPlan] = {}
+        self._slots: dict[str, list[tuple[str, str, str]]] = {}  # adapter -> (tensor, attribute, leaf)
+        self._shared: dict[str, dict[str, str]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._caches: dict[str, dict[str, Any]] = {}
+        self.scratch: dict[str, Any] = {}
+        """Kind-level caches keyed by what they depend on (e.g. DoRA's ‖W‖² by the weight's version)."""
+
+    # -- adapters ------------------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(self._plans)
+
+    def plan(self, name: str) -> LayerPlan:
+        return self._plans[name]
+
+    def add(
+        self,
+        name: str,
+        lp: LayerPlan,
+        arrays: Mapping[str, Any],
+        *,
+        autocast: bool = True,
+        shared: Mapping[str, str] | None = None,
+    ) -> None:
+        """Create adapter ``name``'s tensors from ``arrays`` (tensor name -> array) on the base layer's device.
+
+        ``lora_A.weight`` lives at ``lora_A[name].weight`` and ``ia3_l`` at ``ia3_l[name]``, as in HF PEFT's
+        modules. ``shared`` maps tensor names the kind reads (VeRA's ``vera_A``) to buffers registered with
+        :meth:`add_shared`."""
+        weight = self.base_layer.weight
+        dtype = adapter_dtype(weight, autocast)
+        slots = []
+        for spec in lp.params:
+            tensor = _to_tensor(arrays[spec.name], weight, dtype)
+            head, _, leaf = spec.name.partition(".")
+            trainable = spec.role == "trainable"
+            if leaf:
+                attr = self._container(head, nn.ModuleDict)
+                holder = getattr(self, attr)[name] if name in getattr(self, attr) else _Holder()
+                if trainable:
+                    holder.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))
+                else:
+                    holder.register_buffer(leaf, tensor)
+                getattr(self, attr)[name] = holder
+            elif trainable:
+                attr = self._container(head, nn.ParameterDict)
+                getattr(self, attr)[name] = nn.Parameter(tensor, requires_grad=False)
+            else:
+                attr = self._container(head, _BufferDict)
+                getattr(self, attr).register_buffer(name, tensor)
+            slots.append((spec.name, attr, leaf))
+        self._plans[name] = lp
+        self._slots[name] = slots
+        self._shared[name] = dict(shared or {})
+        self._dtypes[name] = dtype
+        self._caches[name] = {}
+
+    def add_shared(self, attr: str, tensor: torch.Tensor) -> None:
+        """Register a frozen tensor several layers read (one per adapter and name, kept on this layer's device)."""
+        self.register_buffer(attr, tensor, persistent=False)
+
+    def remove(self, name: str) -> None:
+        for _, attr, _leaf in self._slots.pop(name):
+            container = getattr(self, attr)
+            if isinstance(container, _BufferDict):
+                if hasattr(container, name):
+                    delattr(container, name)
+            elif name in container:
+                del container[name]
+        for attr in self._shared.pop(name).values():
+            if hasattr(self, attr):
+                delattr(self, attr)
+        for store in (self._plans, self._dtypes, self._caches):
+            store.pop(name, None)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors by their plan names (and its shared tensors by theirs)."""
+        out = {}
+        for tensor_name, attr, leaf in self._slots[name]:
+            container = getattr(self, attr)
+            if leaf:
+                out[tensor_name] = getattr(container[name], leaf)
+            elif isinstance(container, _BufferDict):
+                out[tensor_name] = getattr(container, name)
+            else:
+                out[tensor_name] = container[name]
+        for tensor_name, attr in self._shared[name].items():
+            out[tensor_name] = getattr(self, attr)
+        return out
+
+    def trainable(self, name: str) -> dict[str, nn.Parameter]:
+        return {k: v for k, v in self.tensors(name).items() if isinstance(v, nn.Parameter)}
+
+    def _container(self, head: str, kind: type[nn.Module]) -> str:
+        """The attribute holding tensors called ``head`` in a container of type ``kind``, created on first use.
+
+        Kinds that store ``lora_A`` differently (LoRA's ``lora_A.weight``, AdaLoRA's bare ``lora_A``) may share a
+        layer; the second storage gets a suffixed attribute name."""
+        for attr in (head, f"{head}_{kind.__name__.lower()}"):
+            found = self._modules.get(attr)
+            if found is None:
+                self.add_module(attr, kind())
+                return attr
+            if type(found) is kind:
+                return attr
+        raise PeftdeclError(f"{self.module_name}: cannot store adapter tensor {head!r}")
+
+    # -- the base layer ------------------------------------------------------------------------------------
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x)
+
+    def weight_ir(self) -> torch.Tensor:
+        """The base weight in the IR layout ``[out, in]`` (a view: GPT-2 Conv1D stores ``[in, out]``)."""
+        weight = self.base_layer.weight
+        return weight.T if self.info.type == "gpt2_conv1d" else weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def functional(
+        self, x: torch.Tensor, weight_ir: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The base layer's operation with another weight (IR layout) and bias."""
+        info, base = self.info, self.base_layer
+        if info.type == "embedding":
+            return F.embedding(
+                x,
+                weight_ir,
+                base.padding_idx,
+                base.max_norm,
+                base.norm_type,
+                base.scale_grad_by_freq,
+                base.sparse,
+            )
+        if info.type == "conv1d":
+            return F.conv1d(x, weight_ir, bias, info.stride, info.padding, info.dilation, info.groups)
+        if info.type == "conv2d":
+            return F.conv2d(x, weight_ir, bias, info.stride, info.padding, info.dilation, info.groups)
+        return F.linear(x, weight_ir, bias)
+
+    def embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Look ``x`` up in ``table`` with the base embedding's settings (padding_idx gets no gradient)."""
+        base = self.base_layer
+        return F.embedding(
+            x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+
+    def write_base(self, weight_ir: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Store a new base weight (IR layout) and bias in place, in the base layer's own dtype and layout."""
+        with torch.no_grad():
+            target = self.base_layer.weight
+            target.copy_(weight_ir.T if self.info.type == "gpt2_conv1d" else weight_ir)
+            if bias is not None and self.base_layer.bias is not None:
+                self.base_layer.bias.copy_(bias)
+
+    # -- merging -------------------------------------------------------------------------------------------
+    def merge(self, name: str) -> None:
+        lp = self._plans[name]
+        with torch.no_grad():
+            weight, bias = ops_for(lp.kind).merge(lp, self, self.tensors(name), self._caches[name])
+        self.write_base(weight, bias)
+
+    def unmerge(self, name: str) -> None:
+        lp = self._plans[name]
+        with torch.no_grad():
+            weight, bias = ops_for(lp.kind).unmerge(lp, self, self.tensors(name), self._caches[name])
+        self.write_base(weight, bias)
+        self._caches[name].clear()
+
+    # -- forward -------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._state
+        if not state.enabled:
+            return self.base_layer(x)
+        rows = ADAPTER_NAMES.get()
+        if rows is not None:
+            return self._mixed_forward(x, rows)
+        running = [n for n in state.active if n in self._plans and n not in state.merged]
+        if not running:
+            return self.base_layer(x)
+        if len(running) == 1:
+            name = running[0]
+            lp = self._plans[name]
+            ops = ops_for(lp.kind)
+            if not ops.additive or self._same_dtype(x, name):
+                return ops.forward(lp, self, self.tensors(name), x, None)
+        return self._summed_forward(x, running)
+
+    def _same_dtype(self, x: torch.Tensor, name: str) -> bool:
+        dtype = self._dtypes[name]
+        return self.base_layer.weight.dtype == dtype and (x.dtype == dtype or not x.is_floating_point())
+
+    def _summed_forward(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        result = self.base_layer(x)
+        out_dtype = result.dtype
+        for name in names:
+            lp = self._plans[name]
+            ops = ops_for(lp.kind)
+            if not ops.additive:
+                kinds = sorted({self._plans[n].kind for n in names})
+                raise PeftdeclError(
+                    f"{self.module_name}: several active adapters are combined only for additive kinds "
+                    f"(LoRA, AdaLoRA, LoHa, LoKr, VeRA), not {kinds}"
+                )
+            dtype = self._dtypes[name]
+            xa = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+            result = ops.forward(lp, self, self.tensors(name), xa, result.to(dtype))
+        return result.to(out_dtype)
+
+    def _mixed_forward(self, x: torch.Tensor, row_adapters: RowAdapters) -> torch.Tensor:
+        rows = row_adapters.for_batch(x.shape[0], self.module_name)
+        result = self.base_layer(x)
+        for name in dict.fromkeys(rows):
+            if name == BASE or name not in self._plans:
+                continue
+            index = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
+            part = self._summed_forward_rows(x.index_select(0, index), result.index_select(0, index), name)
+            result = result.index_copy(0, index, part)
+        return result
+
+    def _summed_forward_rows(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        lp = self._plans[name]
+        dtype = self._dtypes[name]
+        xa = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+        return ops_for(lp.kind).forward(lp, self, self.tensors(name), xa, result.to(dtype)).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        kinds = ", ".join(f"{n}={lp.kind}(r={lp.r})" for n, lp in self._plans.items())
+        return f"adapters=[{kinds}]"
+
+
+class SavedModule(nn.Module):
+    """A ``modules_to_save`` module: the active adapter's full copy runs in place of the original."""
+
+    def __init__(self, original: nn.Module, module_name: str, state: EngineState) -> None:
+        super().__init__()
+        self.original_module = original
+        self.copies = nn.ModuleDict()
+        self.module_name = module_name
+        self._state = state
+
+    def add(self, name: str, values: Mapping[str, Any]) -> None:
+        """A trainable copy of the original for adapter ``name`` (its tensors replaced by ``values`` if given)."""
+        clone = copy.deepcopy(self.original_module)
+        if values:
+            own = dict(clone.state_dict())
+            unexpected = sorted(set(values) - set(own))
+            if unexpected:
+                raise PeftdeclError(f"{self.module_name}: saved copy has unknown tensors {unexpected}")
+            with torch.no_grad():
+                for key, value in values.items():
+                    own[key].copy_(
+                        torch.from_numpy(np.ascontiguousarray(np.asarray(value))).to(own[key].dtype)
+                    )
+        for param in clone.parameters():
+            param.requires_grad_(False)
+        self.copies[name] = clone
+
+    def remove(self, name: str) -> None:
+        del self.copies[name]
+
+    def active_copy(self) -> nn.Module:
+        """The copy of the first active adapter that has one, else the original."""
+        if self._state.enabled:
+            for name in self._state.active:
+                if name in self.copies:
+                    return self.copies[name]
+        return self.original_module
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        row_adapters = ADAPTER_NAMES.get()
+        if row_adapters is None or not self._state.enabled:
+            return self.active_copy()(x, *args, **kwargs)
+        rows = row_adapters.for_batch(x.shape[0], self.module_name)
+        parts, order = [], []
+        for name in dict.fromkeys(rows):
+            index = [i for i, n in enumerate(rows) if n == name]
+            module = self.copies[name] if name in self.copies else self.original_module  # noqa: SIM401 (ModuleDict has no get)
+            parts.append(module(x[index], *args, **kwargs))
+            order.extend(index)
+        out = torch.cat(parts)
+        return out[torch.argsort(torch.tensor(order, device=out.device))]

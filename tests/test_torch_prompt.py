@@ -1,0 +1,136 @@
+"""Prompt and prefix tuning on the torch backend against the real HF PEFT (tiny Llama with grouped-query
+attention, tiny GPT-2), float32: logits and loss ≤ 1e-5 relative, the table's gradient ≤ 1e-5, greedy generation
+token for token, files both ways.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import peftdecl
+from peftdecl.errors import PeftdeclError
+from tests.conftest import rel_err
+from tests.hf_models import peft, tiny_gpt2, tiny_llama, torch
+
+pytestmark = pytest.mark.peft
+
+TOL = 1e-5
+T = 5
+CONFIGS = {
+    "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=T),
+    "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=T),
+    "prefix_projection": lambda: peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=T, prefix_projection=True, encoder_hidden_size=16
+    ),
+}
+MODELS = {"llama": (tiny_llama, 128), "gpt2": (tiny_gpt2, 100)}
+
+
+def batch(vocab: int, rows: int = 2, length: int = 6, seed: int = 0):
+    ids = torch.randint(0, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[0, :2] = 0  # a left-padded row
+    return ids, mask
+
+
+def peft_prompt_model(kind: str, make):
+    torch.manual_seed(1234)
+    return peft.get_peft_model(make(), CONFIGS[kind]())
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_same_logits_loss_and_table_gradient_as_peft(kind: str, model: str, tmp_path) -> None:
+    make, vocab = MODELS[model]
+    wrapped = peft_prompt_model(kind, make)
+    wrapped.save_pretrained(tmp_path)
+    ours = peftdecl.load_adapter(make(), tmp_path)
+    ids, mask = batch(vocab)
+    with torch.no_grad():
+        expected = wrapped(input_ids=ids, attention_mask=mask).logits
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    assert got.shape == expected.shape  # prompt tuning: T extra leading positions, as in PEFT
+    assert rel_err(got.numpy(), expected.numpy()) <= TOL
+
+    # training: ours attached from the same config, holding the live PEFT model's values
+    trained = peftdecl.attach(make(), json_config(wrapped), seed=0)
+    params = trained.trainable_parameters()
+    theirs = {
+        k.removeprefix("prompt_encoder.default."): p for k, p in wrapped.named_parameters() if p.requires_grad
+    }
+    if "prompt_embeddings" in params:  # without a projection PEFT's table is its encoder's embedding
+        theirs = {"prompt_embeddings": theirs.pop("embedding.weight"), **theirs}
+    assert set(params) == set(theirs)
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(theirs[key])
+    wrapped.eval()  # GPT-2's own dropout would draw different masks; gradients flow in eval mode too
+    trained.eval()
+    loss_theirs = wrapped(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss_ours = trained(input_ids=ids, attention_mask=mask, labels=ids).loss
+    assert rel_err(loss_ours.item(), loss_theirs.item()) <= TOL
+    loss_theirs.backward()
+    loss_ours.backward()
+    for key, param in params.items():
+        assert rel_err(param.grad.numpy(), theirs[key].grad.numpy()) <= TOL, key
+
+
+def json_config(wrapped) -> dict:
+    """The live PEFT config as a spec (sets as lists, training mode)."""
+    config = json.loads(json.dumps(wrapped.peft_config["default"].to_dict(), default=sorted))
+    return {**config, "inference_mode": False}
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_greedy_generation_matches_peft(kind: str, tmp_path) -> None:
+    wrapped = peft_prompt_model(kind, tiny_llama)
+    wrapped.save_pretrained(tmp_path)
+    wrapped.eval()
+    ours = peftdecl.load_adapter(tiny_llama(), tmp_path)
+    ids, mask = batch(128, length=4, seed=3)
+    settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = wrapped.generate(input_ids=ids, **settings)
+    got = ours.generate(input_ids=ids, **settings)
+    assert torch.equal(got, expected)
+    model = ours.base_model
+    assert "prepare_inputs_for_generation" not in model.__dict__  # the override is gone again
+
+
+def test_projection_training_saves_the_projected_table_for_peft(tmp_path) -> None:
+    spec = {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": T,
+        "prefix_projection": True,
+        "encoder_hidden_size": 16,
+    }
+    ours = peftdecl.attach(tiny_llama(), spec, seed=2)
+    assert {"embedding.weight", "transform.0.weight", "transform.2.bias"} <= set(ours.trainable_parameters())
+    ids, mask = batch(128)
+    ours.save(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        assert (
+            rel_err(
+                ours(input_ids=ids, attention_mask=mask).logits.numpy(),
+                loaded(input_ids=ids, attention_mask=mask).logits.numpy(),
+            )
+            <= TOL
+        )
+    with ours.disable_adapters(), torch.no_grad():
+        plain = ours(input_ids=ids, attention_mask=mask).logits
+    assert (
+        rel_err(plain.numpy(), tiny_llama()(input_ids=ids, attention_mask=mask).logits.detach().numpy()) == 0
+    )
+
+
+def test_prompt_adapters_refuse_mixed_batches_and_positional_extras(tmp_path) -> None:
+    peft_prompt_model("prompt", tiny_llama).save_pretrained(tmp_path)
+    ours = peftdecl.load_adapter(tiny_llama(), tmp_path)
+    ids, mask = batch(128)
+    with pytest.raises(PeftdeclError, match="mixed batches"):
+        ours(input_ids=ids, adapter_names=["default", "__base__"])
+    with pytest.raises(PeftdeclError, match="by keyword"):
+        ours(ids, mask)
