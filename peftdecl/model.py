@@ -77,7 +77,13 @@ class AdaptedModel:
 
     # -- adapters ------------------------------------------------------------------------------------------
     def add_adapter(
-        self, name: str, spec: Any, *, seed: int = 0, activate: bool = False, arrays: Mapping[str, Any] | None = None
+        self,
+        name: str,
+        spec: Any,
+        *,
+        seed: int = 0,
+        activate: bool = False,
+        arrays: Mapping[str, Any] | None = None,
     ) -> Plan:
         """Compile ``spec`` for this model and attach it as ``name`` (initialised from ``seed`` unless ``arrays``)."""
         if name in self._plans:
@@ -98,7 +104,7 @@ class AdaptedModel:
         return plan
 
     def load_adapter(self, directory: str | Path, name: str = "default", *, activate: bool = False) -> Plan:
-        """Read a saved adapter (HF PEFT or mlx-lm layout, detected) and attach it as ``name``."""
+        """Read a saved adapter (HF PEFT, mlx-lm or peftdecl's native layout, detected) and attach it as ``name``."""
         folder = Path(directory)
         if name != hf_peft.DEFAULT_ADAPTER and is_adapter_dir(folder / name):
             folder = folder / name  # PEFT saves a non-default adapter in a sub-folder named after it
@@ -108,14 +114,17 @@ class AdaptedModel:
         arrays = file_format.to_ir(plan, tensors, self._info)
         base_overrides = {k: v for k, v in arrays.items() if self._is_base_override(plan, k)}
         saved_modules = {k: v for k, v in arrays.items() if _module_of(k, plan.modules_to_save)}
-        adapter_arrays = {k: v for k, v in arrays.items() if k not in base_overrides and k not in saved_modules}
+        adapter_arrays = {
+            k: v for k, v in arrays.items() if k not in base_overrides and k not in saved_modules
+        }
         layout = layouts()[plan.kind]
-        if layout.from_file is not None:
+        origin = folder / file_format.weights_name
+        if layout.from_file is not None and not file_format.lossless:
             try:
                 adapter_arrays = layout.from_file(plan, adapter_arrays)
             except AdapterFileError as exc:
-                raise AdapterFileError(f"{folder / hf_peft.WEIGHTS_NAME}: {exc}") from exc
-        check_arrays(plan, adapter_arrays, origin=str(folder / hf_peft.WEIGHTS_NAME))
+                raise AdapterFileError(f"{origin}: {exc}") from exc
+        check_arrays(plan, adapter_arrays, origin=str(origin))
         self._check_compatible(plan)
         if name in self._plans:
             raise PeftdeclError(f"an adapter named {name!r} is already attached")
@@ -208,8 +217,10 @@ class AdaptedModel:
         adapters: Sequence[str] | None = None,
         dtype: Any = np.float32,
     ) -> None:
-        """Save adapters (default: all) PEFT-style: the default in ``directory``, others in sub-folders.
-        ``format``: "hf" (HF PEFT) or "mlx-lm" (LoRA/DoRA only)."""
+        """Save adapters (default: all): the default in ``directory``, any other ``X`` in ``directory/X``.
+
+        ``format``: "hf" (HF PEFT, the default), "mlx-lm" (LoRA/DoRA only) or "native" (peftdecl's lossless
+        layout: the spec plus every tensor as it lives in memory, e.g. a prefix projection MLP mid-training)."""
         file_format = get_format(format)
         names = tuple(adapters) if adapters is not None else tuple(self._plans)
         payload = {}
@@ -218,7 +229,7 @@ class AdaptedModel:
             arrays: dict[str, Any] = self._engine.export(name)
             extra: dict[str, Any] = {}
             layout = layouts()[plan.kind]
-            if layout.to_file is not None:
+            if layout.to_file is not None and not file_format.lossless:
                 arrays, extra = layout.to_file(plan, arrays)
             payload[name] = (plan, {**arrays, **self._embedding_copies(plan)}, extra)
         file_format.write(Path(directory), payload, dtype, self._info)
@@ -291,7 +302,8 @@ class AdaptedModel:
 
     def _is_base_override(self, plan: Plan, key: str) -> bool:
         return key.endswith(".base_layer.weight") or (
-            key.endswith(".weight") and key[: -len(".weight")] in (self._info.word_embeddings, self._info.output_head)
+            key.endswith(".weight")
+            and key[: -len(".weight")] in (self._info.word_embeddings, self._info.output_head)
             and not _module_of(key, plan.modules_to_save)
         )
 

@@ -177,6 +177,7 @@ def _format() -> Any:
         read=read_adapter,
         to_ir=lambda plan, tensors, info: to_ir_arrays(plan, tensors),
         write=_write_for_registry,
+        weights_name=WEIGHTS_NAME,
     )
 
 

@@ -332,5 +332,6 @@ FORMAT = AdapterFormat(
     read=read_adapter,
     to_ir=to_ir_arrays,
     write=lambda directory, payload, dtype, info: write_adapters(directory, payload, dtype, info),
+    weights_name=WEIGHTS_NAME,
 )
 """This format's entry in :mod:`peftdecl.formats.registry`."""

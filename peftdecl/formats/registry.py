@@ -32,10 +32,19 @@ class AdapterFormat:
     read: Callable[[Path], tuple[SpecBase, dict[str, np.ndarray]]]
     to_ir: Callable[[Plan, Mapping[str, np.ndarray], ModelInfo | None], dict[str, np.ndarray]]
     write: Callable[[Path, Payload, Any, ModelInfo | None], None]
+    weights_name: str
+    """The tensor file inside an adapter folder (named in errors)."""
+    lossless: bool = False
+    """True if the format stores the adapter exactly as it lives in memory, so the kinds' to_file/from_file
+    conversions (AdaLoRA pruning, prefix projection tables) are skipped."""
 
 
 # format name -> module defining FORMAT; checked in this order when detecting (the first match wins)
-_FORMAT_MODULES = {"mlx-lm": "peftdecl.formats.mlx_lm", "hf": "peftdecl.formats.hf_peft"}
+_FORMAT_MODULES = {
+    "native": "peftdecl.formats.native",
+    "mlx-lm": "peftdecl.formats.mlx_lm",
+    "hf": "peftdecl.formats.hf_peft",
+}
 
 
 def formats() -> dict[str, AdapterFormat]:
@@ -66,5 +75,5 @@ def detect_format(folder: Path) -> AdapterFormat:
         raise AdapterFileError(f"{folder}: no such adapter folder")
     raise AdapterFileError(
         f"{folder}: not an adapter folder (expected adapter_config.json with adapter_model.safetensors for HF PEFT, "
-        "or adapters.safetensors for mlx-lm)"
+        "adapters.safetensors for mlx-lm, or peftdecl_adapter.json for peftdecl's native format)"
     )

@@ -131,7 +131,7 @@ class SpecBase(
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-ready, with ``peft_type`` included (as HF PEFT writes a config)."""
-        return msgspec.to_builtins(self)
+        return msgspec.json.decode(msgspec.json.encode(self))
 
     def replace(self, **changes: Any) -> SpecBase:
         """A copy with ``changes`` applied and checked again."""
