@@ -1,0 +1,73 @@
+"""Generate docs/capabilities.md from each installed backend's static Capabilities record.
+
+Run as a script (``python docs/gen_capabilities.py``) or as a mkdocs hook (listed under ``hooks:`` in mkdocs.yml).
+Reading Capabilities imports no heavy library, so the page builds without torch or MLX installed; a backend that
+is not installed is listed with the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = ROOT / "docs" / "capabilities.md"
+KINDS = ("lora", "dora", "adalora", "ia3", "loha", "lokr", "oft", "boft", "vera", "prefix_tuning", "prompt_tuning")
+LAYERS = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
+
+
+def render() -> str:
+    """The page text."""
+    import peftdecl
+
+    entries = peftdecl.backends()
+    lines = [
+        "# Backend capabilities",
+        "",
+        "Generated from each backend's `Capabilities` record (`peftdecl.backends()`); tests skip, with this reason,",
+        "whatever a backend does not list.",
+        "",
+    ]
+    for name, entry in entries.items():
+        caps = entry.capabilities
+        lines += [f"## {name}", ""]
+        if caps is None:
+            lines += [f"Not loadable here: {entry.reason}", ""]
+            continue
+        lines += [
+            f"- gradients: {caps.gradients}",
+            f"- devices: {', '.join(caps.devices)}; dtypes: {', '.join(caps.dtypes)}",
+            f"- mixed batches (`adapter_names=`): {_list(caps.mixed_batch)}",
+            f"- several active adapters on one layer: {_list(caps.multi_active)}",
+            f"- requires: {_list(caps.requires)}",
+            "",
+            "| kind | " + " | ".join(LAYERS) + " |",
+            "| --- | " + " | ".join("---" for _ in LAYERS) + " |",
+        ]
+        for kind in KINDS:
+            if kind in ("prefix_tuning", "prompt_tuning"):
+                cells = ["model-level" if caps.supports(kind) else "—"] + [""] * (len(LAYERS) - 1)
+            else:
+                cells = ["✓" if caps.supports(kind, layer) else "—" for layer in LAYERS]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _list(values: Any) -> str:
+    return ", ".join(values) if values else "none"
+
+
+def write() -> None:
+    text = render()
+    if not OUTPUT.is_file() or OUTPUT.read_text(encoding="utf-8") != text:
+        OUTPUT.write_text(text, encoding="utf-8")
+
+
+def on_pre_build(config: Any, **kwargs: Any) -> None:
+    """mkdocs hook: regenerate the page before the docs are collected."""
+    write()
+
+
+if __name__ == "__main__":
+    write()
