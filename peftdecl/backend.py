@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -77,8 +77,22 @@ class Engine(Protocol):
     def base_weight(self, module: str) -> np.ndarray: ...
     def load_base_weights(self, weights: Mapping[str, np.ndarray]) -> None: ...
     def forward(self, *args: Any, **kwargs: Any) -> Any: ...
-    def trainable_parameters(self, names: tuple[str, ...]) -> Any: ...
+    def trainable_parameters(self, names: tuple[str, ...]) -> Any:
+        """The live trainable tensors of adapters ``names`` (and their modules_to_save copies). A flat mapping
+        is keyed by :func:`trainable_key`; a backend whose optimisers want a parameter tree (MLX) returns that."""
+        ...
+
     def train(self, mode: bool) -> None: ...
+
+
+ADAPTER_KEY_SEPARATOR = "/"
+
+
+def trainable_key(adapter: str, key: str, adapters: Sequence[str]) -> str:
+    """The key of ``adapter``'s tensor ``key`` (its full IR key, e.g. ``layers.0.q.lora_A.weight``, or a
+    modules_to_save tensor such as ``classifier.weight``) in ``trainable_parameters(adapters)``: the full key itself
+    when one adapter is asked for, ``"<adapter>/<full key>"`` when several are (each may hold the same key)."""
+    return f"{adapter}{ADAPTER_KEY_SEPARATOR}{key}" if len(adapters) > 1 else key
 
 
 @runtime_checkable

@@ -132,8 +132,8 @@ def _adapted(backend_name: str, model: Any, **options: Any) -> AdaptedModel:
 def _numpy_options(info: ModelInfo, state: Mapping[str, np.ndarray]) -> dict[str, Any]:
     layer_types: dict[str, LayerInfo] = {m: li for m, li in info.layers.items() if f"{m}.weight" in state}
     facts = (
-        "output_head", "word_embeddings", "model_type", "num_layers", "hidden_size", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "vocab_size",
+        "output_head", "classifier_head", "word_embeddings", "model_type", "num_layers", "hidden_size",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
     )  # fmt: skip
     return {"layer_types": layer_types, **{f: getattr(info, f) for f in facts}}
 

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from peftdecl.backend import ADAPTER_KEY_SEPARATOR
+
 FD_EPS = 1e-6
 FD_TOL = 1e-6  # relative error of a directional derivative, float64 central differences
 
@@ -29,7 +31,8 @@ def check_gradients(
     checked = []
     direction_rng = np.random.default_rng(seed + 2)
     for key, value in params.items():
-        if not key.startswith(module + "."):
+        # with several active adapters the keys are "<adapter>/<full key>"
+        if not key.rpartition(ADAPTER_KEY_SEPARATOR)[2].startswith(module + "."):
             continue
         assert key in grads, f"no gradient for {key}"
         direction = direction_rng.normal(size=value.shape)

@@ -36,6 +36,40 @@ def tiny_gpt2(seed: int = 0) -> Any:
     return transformers.GPT2LMHeadModel(config).eval()
 
 
+def tiny_t5(seed: int = 0) -> Any:
+    """T5 for conditional generation: d_model 32, 2 layers, 4 heads of 8, d_ff 64, vocab 64.
+
+    T5 ties its output to the input embeddings; at this size a freshly initialised model then keeps predicting the
+    token it was fed, so the projections are scaled ×4 to make greedy decoding non-trivial."""
+    torch.manual_seed(seed)
+    config = transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0
+    )
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 2)[-2] in ("q", "k", "v", "o", "wi", "wo"):
+                param.mul_(4.0)
+    return model
+
+
+def tiny_bert(seed: int = 0, head: str = "classification") -> Any:
+    """BERT: hidden 32, 2 layers, 4 heads, intermediate 64, vocab 100; ``head`` "classification" (3 labels,
+    a ``classifier`` Linear) or "none" (the bare BertModel with its pooler)."""
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    cls = transformers.BertForSequenceClassification if head == "classification" else transformers.BertModel
+    return cls(config).eval()
+
+
 def numpy_inputs(model: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(state dict, keyword arguments) for peftdecl's NumPy backend from a torch model."""
     from peftdecl_torch.inventory import numpy_model

@@ -1,7 +1,8 @@
-"""The cross-backend equivalence harness (``peftdecl equiv``) on a tiny Llama checkpoint saved by transformers.
+"""The cross-backend equivalence harness (``peftdecl equiv``) on a tiny Llama checkpoint saved by transformers,
+run on the NumPy reference, torch (transformers) and MLX (mlx-lm).
 
 Its own tolerances are checked here: every adapted layer within 1e-5 of the float64 NumPy reference, logits
-within 1e-4 across backends; a deliberately wrong backend must make it fail.
+within 1e-4 across backends; a deliberately wrong backend (MLX or torch) must make it fail with a non-zero exit.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ DORA = {
     "target_modules": ["k_proj", "down_proj"],
 }
 
+IA3 = {"peft_type": "IA3"}  # Llama's defaults: k_proj, v_proj and down_proj (feed-forward)
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -47,6 +50,38 @@ def test_cli_prints_a_passing_table(spec, checkpoint, tmp_path, capsys) -> None:
                 assert any(
                     line.startswith(f"model.layers.{layer}.") and module in line for line in out.splitlines()
                 )
+
+
+@pytest.mark.parametrize("spec", [LORA, DORA, IA3], ids=["lora", "dora", "ia3"])
+def test_numpy_torch_and_mlx_agree_per_layer_and_on_logits(spec, checkpoint, capsys) -> None:
+    pytest.importorskip("torch")
+    argv = ["equiv", json.dumps(spec), "--model", str(checkpoint), "--backends", "numpy,torch,mlx"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert lines[-1] == "PASS"
+    assert lines[2].split() == ["module", "torch", "mlx"]
+    modules = spec.get("target_modules") or ["k_proj", "v_proj", "down_proj"]
+    layers = [line for line in lines[3:-2] if line.startswith("model.layers.")]
+    assert len(layers) == 2 * len([m for m in modules if m != "embed_tokens"])
+    for line in layers:  # both backends within 1e-5 of the float64 reference (the harness's layer tolerance)
+        assert all(float(cell) <= LAYER_TOL for cell in line.split()[1:])
+    assert lines[-2].split()[:2] == ["logits", "ref"]  # mlx compared with torch's logits
+
+
+def test_a_wrong_torch_result_fails_the_harness(checkpoint, monkeypatch, capsys) -> None:
+    pytest.importorskip("torch")
+    from peftdecl_torch.layer import AdaptedLayer
+
+    original = AdaptedLayer.forward
+    monkeypatch.setattr(AdaptedLayer, "forward", lambda self, x: 1.001 * original(self, x))
+    report = run_equivalence(LORA, model_dir=checkpoint, backend_names=["numpy", "torch", "mlx"])
+    assert not report.passed
+    layers = {row: errs for row, errs in report.rows.items() if row != "logits"}
+    assert all(errs["torch"] > LAYER_TOL and errs["mlx"] <= LAYER_TOL for errs in layers.values())
+    assert all(f.split("/")[1].startswith("torch") for f in report.failures())
+    argv = ["equiv", json.dumps(LORA), "--model", str(checkpoint), "--backends", "numpy,torch,mlx"]
+    assert main(argv) == 1
+    assert "FAIL" in capsys.readouterr().out
 
 
 def test_peft_saved_adapter_folder_and_every_installed_backend(checkpoint, tmp_path) -> None:

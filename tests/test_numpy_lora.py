@@ -55,7 +55,9 @@ def test_two_active_adapters_sum_their_contributions() -> None:
     model.set_adapter(["default", "b"])
     np.testing.assert_allclose(model("m", x), base + deltas["default"] + deltas["b"], rtol=1e-12)
     model.train()
-    check_gradients(model, "m", x)
+    checked = check_gradients(model, "m", x)
+    # several active adapters: every tensor keyed "<adapter>/<full key>", as on the torch backend
+    assert {"default/m.lora_A.weight", "b/m.lora_A.weight", "b/m.lora_B.weight"} <= set(checked)
 
 
 @settings(max_examples=25, deadline=None)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from peftdecl.backend import trainable_key
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.plan import LayerInfo, LayerPlan, ModelInfo, Plan
 from peftdecl_numpy.kinds import Context, ops_for
@@ -120,18 +121,21 @@ class NumpyEngine:
         return y
 
     def trainable_parameters(self, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """Full key -> array (the live arrays, so an optimiser may update them in place)."""
+        """Key -> the live array (an optimiser may update it in place): the full IR key with one adapter,
+        ``"<adapter>/<full key>"`` with several (:func:`peftdecl.backend.trainable_key`)."""
         out = {}
         for name in names:
             plan = self._plans[name]
+            own = {}
             for lp in plan.layers:
                 for spec in lp.params:
                     if spec.role == "trainable":
-                        out[lp.key(spec.name)] = self._params[name][lp.module][spec.name]
+                        own[lp.key(spec.name)] = self._params[name][lp.module][spec.name]
             for spec in plan.shared:
                 if spec.role == "trainable":
-                    out[spec.name] = self._params[name][""][spec.name]
-            out.update(self._saved[name])
+                    own[spec.name] = self._params[name][""][spec.name]
+            own.update(self._saved[name])
+            out.update({trainable_key(name, k, names): v for k, v in own.items()})
         return out
 
     def train(self, mode: bool) -> None:
@@ -161,7 +165,8 @@ class NumpyEngine:
         return self._summed_forward(base, x, running, ctx)
 
     def layer_backward(self, module: str, tape: dict[str, Any], dy: np.ndarray) -> dict[str, Any]:
-        """Gradients: ``"input"`` -> dL/dx, and each trainable tensor's full key -> its gradient."""
+        """Gradients: ``"input"`` -> dL/dx, and each trainable tensor -> its gradient, keyed as
+        ``trainable_parameters`` of the active adapters keys it (``"<adapter>/<full key>"`` when several)."""
         base = self._layers[module]
         running = tape["running"]
         if not running:
@@ -170,7 +175,7 @@ class NumpyEngine:
         dx_total = None
         for name, lp, cache in running:
             dx, own = ops_for(lp.kind).backward(lp, base, self._layer_params(name, lp), cache, dy)
-            grads.update({lp.key(k): v for k, v in own.items()})
+            grads.update({trainable_key(name, lp.key(k), self._active): v for k, v in own.items()})
             dx_total = dx if dx_total is None else dx_total + dx
         if dx_total is not None and len(running) > 1:
             # every additive term carried the base gradient; keep it once

@@ -6,6 +6,7 @@ torch is imported when the backend builds an inventory or an engine.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from peftdecl.backend import Capabilities
@@ -56,6 +57,12 @@ class TorchBackend:
 
         check_options(options)
         return TorchEngine(model, info, **options)
+
+    def load_checkpoint(self, directory: str | Path) -> Any:
+        """A transformers causal LM from a local HF checkpoint folder, float32, in eval mode (``peftdecl equiv``)."""
+        from peftdecl_torch.inventory import load_checkpoint
+
+        return load_checkpoint(directory)
 
 
 __all__ = ["TorchBackend"]

@@ -7,7 +7,7 @@ wrappers through a context variable that is reset when the call ends, whether it
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from peftdecl.backend import trainable_key
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.plan import ModelInfo, Plan
 from peftdecl_torch.inventory import layer_type
@@ -29,7 +30,8 @@ from peftdecl_torch.layer import (
     SavedModule,
     adapter_dtype,
 )
-from peftdecl_torch.prompting import generation_inputs, prompt_call
+from peftdecl_torch.prompting import classification_call, generation_inputs, prompt_call
+from peftdecl_torch.seq2seq import seq2seq_call, seq2seq_generate
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -187,9 +189,8 @@ class TorchEngine:
             prompt = self._active_prompt()
             if prompt is None:
                 return self.model(*args, **kwargs)
-            return prompt_call(
-                self.model, prompt, self._embedding(), self._embedding().weight.dtype, args, kwargs
-            )
+            call = self._prompt_rules(prompt)
+            return call(self.model, prompt, self._embedding(), self._embedding().weight.dtype, args, kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the adapters applied (rows repeated by beam search follow their name)."""
@@ -199,31 +200,58 @@ class TorchEngine:
             prompt = self._active_prompt()
             if prompt is None:
                 return self.model.generate(*args, **kwargs)
-            with generation_inputs(self.model, prompt, self._embedding(), self._embedding().weight.dtype):
+            embed, dtype = self._embedding(), self._embedding().weight.dtype
+            if self._info.is_encoder_decoder:
+                return seq2seq_generate(self.model, prompt, embed, dtype, args, kwargs)
+            with generation_inputs(self.model, prompt, embed, dtype):
                 return self.model.generate(*args, **kwargs)
 
     def trainable_parameters(self, names: tuple[str, ...]) -> dict[str, nn.Parameter]:
-        """Full key -> the live parameter, for the adapters ``names`` (and their modules_to_save copies).
-
-        With several adapters the keys would collide, so each is prefixed by its adapter: ``"other:a.lora_A.weight"``.
-        """
+        """Key -> the live parameter, for the adapters ``names`` (and their modules_to_save copies): the full IR key
+        with one adapter, ``"<adapter>/<full key>"`` with several (:func:`peftdecl.backend.trainable_key`)."""
         out: dict[str, nn.Parameter] = {}
         for name in names:
-            prefix = f"{name}:" if len(names) > 1 else ""
             plan = self._plans[name]
+            own: dict[str, nn.Parameter] = {}
             for lp in plan.layers:
-                out.update(
-                    {prefix + lp.key(k): v for k, v in self._layers[lp.module].trainable(name).items()}
-                )
+                own.update({lp.key(k): v for k, v in self._layers[lp.module].trainable(name).items()})
             if name in self._prompts:
-                out.update({prefix + k: v for k, v in self._prompts[name].tensors().items()})
+                own.update(self._prompts[name].tensors())
             for module in plan.modules_to_save:
                 copy = self._saved[module].copies[name]
-                out.update({f"{prefix}{module}.{k}": v for k, v in copy.named_parameters()})
+                own.update({f"{module}.{k}": v for k, v in copy.named_parameters()})
+            out.update({trainable_key(name, k, names): v for k, v in own.items()})
         return out
 
     def train(self, mode: bool) -> None:
         self.model.train(mode)
+
+    # -- capture (used by peftdecl.equiv) -------------------------------------------------------------------
+    def capture(
+        self, input_ids: np.ndarray
+    ) -> tuple[np.ndarray | None, dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """Run the model on ``input_ids`` without gradients and return (final logits, {adapted module: (its input,
+        its output) on its first call}), as NumPy, read by forward hooks on the wrappers (removed afterwards)."""
+        records: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+        def hook(module: str) -> Any:
+            def record(_: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+                if module not in records and inputs and isinstance(output, torch.Tensor):
+                    records[module] = (to_numpy(inputs[0]), to_numpy(output))
+
+            return record
+
+        handles = [layer.register_forward_hook(hook(m)) for m, layer in self._layers.items()]
+        try:
+            device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+            ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=device)
+            with torch.no_grad():
+                out = self.forward(input_ids=ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        logits = getattr(out, "logits", out)
+        return (to_numpy(logits) if isinstance(logits, torch.Tensor) else None), records
 
     # -- extras --------------------------------------------------------------------------------------------
     def layer(self, module: str) -> AdaptedLayer:
@@ -246,6 +274,21 @@ class TorchEngine:
         if len(found) > 1:
             raise PeftdeclError(f"only one prompt-learning adapter can be active at a time, not {found}")
         return self._prompts[found[0]] if found else None
+
+    def _prompt_rules(self, prompt: PromptAdapter) -> Callable[..., Any]:
+        """How HF PEFT feeds this prompt adapter: its seq2seq, sequence-classification or language-model rules."""
+        if self._info.is_encoder_decoder:
+            return seq2seq_call
+        name = next(n for n, p in self._prompts.items() if p is prompt)
+        task = self._plans[name].spec.task_type
+        if task == "SEQ_CLS":
+            return classification_call
+        if task in ("TOKEN_CLS", "QUESTION_ANS"):
+            raise PeftdeclError(
+                f"{self._plans[name].kind} with task_type {task} is not supported by the torch backend yet "
+                "(CAUSAL_LM, SEQ_2_SEQ_LM and SEQ_CLS are)"
+            )
+        return prompt_call
 
     def _embedding(self) -> nn.Module:
         """The input word embeddings (prompt tuning looks ids up there; their weight sets device and dtype)."""

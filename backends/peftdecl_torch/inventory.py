@@ -7,6 +7,7 @@ layer types and the same model facts, so both backends compile the same plan.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from torch import nn
 
 from peftdecl.errors import BackendError
 from peftdecl.plan import LayerInfo, ModelInfo
+from peftdecl.plan.targeting import SEQ_CLS_HEAD_NAMES
 
 KNOWN_OPTIONS = ("autocast_adapter_dtype",)
 
@@ -116,6 +118,10 @@ def model_facts(model: nn.Module) -> dict[str, Any]:
             facts[field] = names.get(id(found)) if found is not None else None
     config = getattr(model, "config", None)
     if config is not None:
+        # HF PEFT's SEQ_CLS head: the first of the model's own attributes "score", "classifier" that is a module
+        heads = (getattr(model, attr, None) for attr in SEQ_CLS_HEAD_NAMES)
+        head = next((h for h in heads if isinstance(h, nn.Module)), None)
+        facts["classifier_head"] = names.get(id(head)) if head is not None else None
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         facts["model_type"] = getattr(config, "model_type", None)
         facts["is_encoder_decoder"] = bool(getattr(config, "is_encoder_decoder", False))
@@ -155,3 +161,14 @@ def numpy_model(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, Any]
         elif info.type != "linear":
             layer_types[name] = info.type
     return state, layer_types, model_facts(model)
+
+
+def load_checkpoint(directory: str | Path) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` on a local folder (no hub access), float32, in eval mode."""
+    folder = Path(directory)
+    if not (folder / "config.json").is_file():
+        raise BackendError(f"{folder}: no config.json (expected a save_pretrained checkpoint folder)")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    return model.eval()

@@ -1,13 +1,17 @@
-"""Feeding a prompt-learning adapter's virtual tokens to a transformers decoder-only model.
+"""Feeding a prompt-learning adapter's virtual tokens to a transformers decoder-only model, as HF PEFT does.
 
-Prompt tuning goes through ``inputs_embeds`` ([P; embed(ids)], the mask and labels extended as HF PEFT does),
-prefix tuning through the model's KV cache (a ``DynamicCache`` holding every layer's key/value prefix, grouped-query
-attention included, with position ids shifted by T). ``generate`` gets the same inputs on its first step through a
-``prepare_inputs_for_generation`` override that is removed when generation ends, however it ends.
+Prompt tuning goes through ``inputs_embeds``: the model runs on [P; embed(ids)], the attention mask gets T leading
+ones and the labels T leading −100 (so the logits carry T extra leading positions). Prefix tuning goes through the
+model's KV cache: a ``DynamicCache`` holding every layer's key/value prefix (grouped-query attention included),
+the mask gets T leading ones and explicit position ids are shifted by T. ``generate`` gets the same inputs on its
+first step through a ``prepare_inputs_for_generation`` override that is removed when generation ends, however it
+ends. ``task_type`` SEQ_CLS follows PEFT's classification rules instead (:func:`classification_call`).
+Encoder-decoder models (T5) are handled in :mod:`peftdecl_torch.seq2seq`; the helpers shared with it live here.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,13 +22,58 @@ from torch import nn
 from peftdecl.errors import PeftdeclError
 from peftdecl_torch.kinds.prompt import PromptAdapter, key_values, prepend
 
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+"""The names transformers has given the KV-cache argument (5.x renamed ``past_key_values`` to ``cache``)."""
 
-def _check_supported(adapter: PromptAdapter) -> None:
-    if adapter.plan.num_transformer_submodules != 1:
-        raise PeftdeclError(
-            f"{adapter.plan.kind} on an encoder-decoder model (num_transformer_submodules = 2) is not supported by "
-            "the torch backend yet; decoder-only models are"
-        )
+
+def cache_argument(model: Any) -> str:
+    """The name under which ``model``'s forward takes its KV cache (``cache`` in recent transformers)."""
+    forward = getattr(model, "forward", model)
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def accepts_cache(model: Any) -> bool:
+    """Whether ``model``'s forward takes a KV cache argument at all (BERT under transformers 5 does not)."""
+    try:
+        parameters = inspect.signature(getattr(model, "forward", model)).parameters
+    except (TypeError, ValueError):
+        return True
+    return any(name in parameters for name in CACHE_ARGUMENTS)
+
+
+def keyword_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``kwargs`` with one positional argument taken as ``input_ids`` (more are refused)."""
+    kwargs = dict(kwargs)
+    if args:
+        if len(args) > 1 or "input_ids" in kwargs:
+            raise PeftdeclError(
+                "with a prompt-learning adapter pass the model's inputs by keyword (input_ids=..., "
+                "attention_mask=..., labels=...)"
+            )
+        kwargs["input_ids"] = args[0]
+    return kwargs
+
+
+def adjust_ids(adapter: PromptAdapter, kwargs: dict[str, Any]) -> None:
+    """HF PEFT's ``_adjust_prompt_learning_kwargs``, in place: explicit position ids are shifted by T for prefix
+    tuning (the cache already holds T positions) and dropped for prompt tuning; token type ids are dropped."""
+    if kwargs.get("position_ids") is not None:
+        if adapter.plan.kind == "prefix_tuning":
+            kwargs["position_ids"] = kwargs["position_ids"] + adapter.plan.num_virtual_tokens
+        else:
+            kwargs["position_ids"] = None
+    if kwargs.get("token_type_ids") is not None:
+        kwargs["token_type_ids"] = None
+
+
+def batch_size(input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> int:
+    if input_ids is None and embeds is None:
+        raise PeftdeclError("a prompt-learning adapter needs input_ids or inputs_embeds")
+    return int((input_ids if input_ids is not None else embeds).shape[0])  # type: ignore[union-attr]
 
 
 def prefix_cache(adapter: PromptAdapter, batch: int, dtype: torch.dtype) -> Any:
@@ -33,6 +82,15 @@ def prefix_cache(adapter: PromptAdapter, batch: int, dtype: torch.dtype) -> Any:
 
     layers = key_values(adapter.plan, adapter.table().to(dtype), batch)
     return DynamicCache([(k, v) for k, v, *_ in layers])
+
+
+def check_decoder_only(adapter: PromptAdapter) -> None:
+    if adapter.plan.num_transformer_submodules != 1:
+        raise PeftdeclError(
+            f"{adapter.plan.kind} with num_transformer_submodules = 2 needs an encoder-decoder model "
+            "(config.is_encoder_decoder); this model is decoder-only: use num_transformer_submodules 1 "
+            "(task_type CAUSAL_LM)"
+        )
 
 
 def prompt_call(
@@ -44,55 +102,112 @@ def prompt_call(
     kwargs: dict[str, Any],
 ) -> Any:
     """``call(**inputs)`` with the adapter's virtual tokens added to the inputs (HF PEFT's causal-LM rules)."""
-    _check_supported(adapter)
-    kwargs = dict(kwargs)
-    if args:
-        if len(args) > 1 or "input_ids" in kwargs:
-            raise PeftdeclError(
-                "with a prompt-learning adapter pass the model's inputs by keyword (input_ids=..., "
-                "attention_mask=..., labels=...)"
-            )
-        kwargs["input_ids"] = args[0]
+    check_decoder_only(adapter)
+    kwargs = keyword_inputs(args, kwargs)
     input_ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
-    if input_ids is None and embeds is None:
-        raise PeftdeclError("a prompt-learning adapter needs input_ids or inputs_embeds")
-    batch = (input_ids if input_ids is not None else embeds).shape[0]
+    batch = batch_size(input_ids, embeds)
     t = adapter.plan.num_virtual_tokens
     mask = kwargs.pop("attention_mask", None)
-    if kwargs.get("token_type_ids") is not None:
-        kwargs["token_type_ids"] = None  # HF PEFT ignores token type ids here (with a warning)
+    adjust_ids(adapter, kwargs)
     if adapter.plan.kind == "prefix_tuning":
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + t  # the cache already holds T positions
         if mask is not None:
             mask = torch.cat([mask.new_ones(batch, t), mask], dim=1)
-        kwargs["past_key_values"] = prefix_cache(adapter, batch, dtype)
+        for name in CACHE_ARGUMENTS:
+            kwargs.pop(name, None)
+        kwargs[cache_argument(call)] = prefix_cache(adapter, batch, dtype)
         return call(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
-    if kwargs.get("position_ids") is not None:
-        kwargs["position_ids"] = None  # HF PEFT drops them: they would not cover the virtual tokens
     if embeds is None:
         embeds = embed(input_ids)
     embeds, mask, labels = prepend(adapter.table(), embeds, mask, kwargs.pop("labels", None))
     return call(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
 
 
+def classification_call(
+    call: Callable[..., Any],
+    adapter: PromptAdapter,
+    embed: nn.Module,
+    dtype: torch.dtype,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """HF PEFT's sequence-classification rules (``task_type`` SEQ_CLS): the mask gets T leading ones and the labels,
+    one per sequence, stay as they are. Prompt tuning runs the model on [P; embed(ids)] with T leading zeros in the
+    token type ids; prefix tuning hands its cache to a model whose forward takes one and is refused otherwise (as
+    PEFT refuses it: BERT under transformers 5 has no cache)."""
+    check_decoder_only(adapter)
+    kwargs = keyword_inputs(args, kwargs)
+    input_ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
+    batch = batch_size(input_ids, embeds)
+    t = adapter.plan.num_virtual_tokens
+    mask = kwargs.pop("attention_mask", None)
+    if mask is not None:
+        mask = torch.cat([mask.new_ones(batch, t), mask], dim=1)
+    types = kwargs.pop("token_type_ids", None)  # PEFT keeps them here, unlike in the language-model rules
+    adjust_ids(adapter, kwargs)
+    if adapter.plan.kind == "prefix_tuning":
+        if not accepts_cache(call):
+            raise PeftdeclError(
+                f"prefix tuning needs a model whose forward takes a KV cache; {type(call).__name__} takes none "
+                "(HF PEFT refuses it too): use prompt tuning or LoRA-style adapters"
+            )
+        for name in CACHE_ARGUMENTS:
+            kwargs.pop(name, None)
+        kwargs[cache_argument(call)] = prefix_cache(adapter, batch, dtype)
+        return call(
+            input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, token_type_ids=types, **kwargs
+        )
+    if types is not None:
+        types = torch.cat([types.new_zeros(batch, t), types], dim=1)
+    if embeds is None:
+        embeds = embed(input_ids)
+    embeds = prepend(adapter.table(), embeds, None, None)[0]
+    return call(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types, **kwargs)
+
+
+@contextmanager
+def generation_override(model: nn.Module, prepare: Callable[..., dict[str, Any]]) -> Iterator[None]:
+    """Install ``prepare`` as ``model.prepare_inputs_for_generation`` for the duration of the block."""
+    original_own = model.__dict__.get("prepare_inputs_for_generation")
+    model.prepare_inputs_for_generation = prepare
+    try:
+        yield
+    finally:
+        if original_own is not None:
+            model.prepare_inputs_for_generation = original_own
+        else:
+            del model.prepare_inputs_for_generation
+
+
+def is_prefill(kwargs: dict[str, Any], cache: Any) -> bool:
+    """Whether a generation step is the first (``is_first_iteration`` where transformers passes it, else an empty
+    cache, as HF PEFT decides)."""
+    first = kwargs.get("is_first_iteration")
+    if first is not None:
+        return bool(first)
+    return cache is None or cache.get_seq_length() == 0
+
+
 @contextmanager
 def generation_inputs(
     model: nn.Module, adapter: PromptAdapter, embed: nn.Module, dtype: torch.dtype
 ) -> Iterator[None]:
-    """Override ``model.prepare_inputs_for_generation`` for the duration of one ``generate`` call."""
-    _check_supported(adapter)
+    """Override ``model.prepare_inputs_for_generation`` for the duration of one ``generate`` call.
+
+    On the first step prefix tuning puts its cache in place of the empty one (under whichever name the model's
+    inputs use) and prompt tuning feeds [P; embed(ids)]; on every step the 2-D attention mask gets T leading ones
+    and prefix tuning's position ids are shifted by T.
+    """
+    check_decoder_only(adapter)
     original = model.prepare_inputs_for_generation
-    had_own = "prepare_inputs_for_generation" in model.__dict__
     t = adapter.plan.num_virtual_tokens
     prefix = adapter.plan.kind == "prefix_tuning"
 
     def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
         inputs = original(*args, **kwargs)
+        key = next((k for k in CACHE_ARGUMENTS if k in inputs), cache_argument(model))
+        cache = inputs.get(key)
+        first = is_prefill(kwargs, cache)
         ids = inputs["input_ids"]
-        cache = inputs.get("past_key_values")
-        position = inputs.get("cache_position")
-        prefill = position is not None and int(position[0]) == 0
         filled = cache is not None and cache.get_seq_length() > 0
         if filled and cache.get_seq_length() >= ids.shape[1]:
             ids = inputs["input_ids"] = ids[:, -1:]  # the cache is longer than the ids: feed the last token
@@ -103,23 +218,21 @@ def generation_inputs(
             inputs["attention_mask"] = torch.cat([mask.new_ones(ids.shape[0], t), mask], dim=1)
         if inputs.get("position_ids") is not None:
             inputs["position_ids"] = inputs["position_ids"] + t if prefix else None
-        if not filled:
+        if first:
             if prefix:
-                inputs["past_key_values"] = prefix_cache(adapter, ids.shape[0], dtype)
+                for name in CACHE_ARGUMENTS:
+                    inputs.pop(name, None)
+                inputs[key] = prefix_cache(adapter, ids.shape[0], dtype)
             else:
                 inputs["inputs_embeds"] = prepend(adapter.table(), embed(ids), None, None)[0]
                 inputs["input_ids"] = None
-        if prefix and prefill:
-            inputs["cache_position"] = position + t
-        elif not prefix:
-            inputs.pop("cache_position", None)  # the model derives it from the (longer) embeddings
+        position = inputs.get("cache_position")  # transformers < 5 only
+        if position is not None:
+            if prefix and first:
+                inputs["cache_position"] = position + t
+            elif not prefix:
+                inputs.pop("cache_position")  # the model derives it from the (longer) embeddings
         return inputs
 
-    model.prepare_inputs_for_generation = prepare
-    try:
+    with generation_override(model, prepare):
         yield
-    finally:
-        if had_own:
-            model.prepare_inputs_for_generation = original
-        else:
-            del model.prepare_inputs_for_generation

@@ -1,7 +1,8 @@
 """HF PEFT's on-disk format: ``adapter_config.json`` + ``adapter_model.safetensors``, one folder per adapter.
 
 File keys are ``base_model.model.<module>.<tensor>`` (the adapter name removed), shared tensors such as VeRA's
-projections are ``base_model.<name>``, and prompt learning stores one ``prompt_embeddings`` table. The default
+projections are ``base_model.<name>``, and prompt learning stores one ``prompt_embeddings`` table (and its
+modules_to_save tensors as ``base_model.<module>.<tensor>``). The default
 adapter lives in the folder itself, any other adapter ``X`` in ``<folder>/X/``. Configs are written with every
 field and sorted keys; tensor metadata is exactly ``{"format": "pt"}``.
 """
@@ -55,9 +56,11 @@ def adapter_dir(directory: Path, name: str) -> Path:
 
 
 def file_key(plan: Plan, key: str) -> str:
-    """IR key -> HF file key."""
+    """IR key -> HF file key. Prompt learning keeps its table's name and, having no tuner model between the
+    PeftModel and the base model, saves modules_to_save tensors as ``base_model.<module>.<tensor>``."""
     if plan.prompt is not None:
-        return key
+        saved = any(key.startswith(module + ".") for module in plan.modules_to_save)
+        return SHARED_PREFIX + key if saved else key
     if key in {p.name for p in plan.shared}:
         return SHARED_PREFIX + key
     return MODEL_PREFIX + key
@@ -161,6 +164,8 @@ def check_kind(spec: SpecBase, tensors: Mapping[str, np.ndarray], origin: Path) 
 def to_ir_arrays(plan: Plan, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """File keys -> IR keys for a plan."""
     shared = {p.name for p in plan.shared}
+    if plan.prompt is not None:  # see file_key
+        return {k.removeprefix(MODEL_PREFIX).removeprefix(SHARED_PREFIX): v for k, v in tensors.items()}
     return {ir_key(shared, k): v for k, v in tensors.items()}
 
 

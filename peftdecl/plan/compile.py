@@ -5,7 +5,7 @@ from __future__ import annotations
 from peftdecl.errors import TargetError
 from peftdecl.plan.ir import ModelInfo, Plan
 from peftdecl.plan.kinds import KindLayout, registry
-from peftdecl.plan.targeting import select_targets
+from peftdecl.plan.targeting import TASK_MODULES_TO_SAVE, select_targets, task_modules_to_save
 from peftdecl.spec import SpecBase
 
 _LAYOUTS: dict[str, KindLayout] | None = None
@@ -20,7 +20,13 @@ def layouts() -> dict[str, KindLayout]:
 
 
 def compile_plan(spec: SpecBase, info: ModelInfo) -> Plan:
-    """Resolve targets, ranks, scalings and tensor layouts of ``spec`` on the model described by ``info``."""
+    """Resolve targets, ranks, scalings and tensor layouts of ``spec`` on the model described by ``info``.
+
+    As HF PEFT's task wrappers do, ``task_type`` SEQ_CLS / TOKEN_CLS / QUESTION_ANS first add the task's head
+    names to ``modules_to_save`` (the plan's spec carries them, so a saved config lists them as PEFT's does)."""
+    saved = task_modules_to_save(spec)
+    if saved != spec.modules_to_save:
+        spec = spec.replace(modules_to_save=saved)
     kind = spec.kind
     layout = layouts().get(kind)
     if layout is None:
@@ -55,6 +61,7 @@ def _modules_to_save(spec: SpecBase, info: ModelInfo) -> tuple[str, ...]:
     # only the outermost match is kept, since a wrapped module's children are inside its copy.
     found = [name for name in info.modules if any(name.endswith(entry) for entry in wanted)]
     outer = tuple(n for n in found if not any(n != o and n.startswith(o + ".") for o in found))
-    if not outer:
+    # a task's own head names may match nothing (PEFT adds both "classifier" and "score"); the user's must match
+    if not outer and set(wanted) - set(TASK_MODULES_TO_SAVE.get(spec.task_type or "", ())):
         raise TargetError(f"modules_to_save {list(wanted)} matched no module of the model")
     return outer

@@ -62,6 +62,9 @@ class ModelInfo:
     """Every module name (for modules_to_save and error hints); defaults to the layer names."""
     output_head: str | None = None
     """The output projection excluded by ``all-linear`` (e.g. ``lm_head``)."""
+    classifier_head: str | None = None
+    """A sequence-classification head (the model's own ``score`` or ``classifier`` child, as HF PEFT looks it up):
+    ``all-linear`` excludes it for ``task_type`` SEQ_CLS when there is no ``output_head``."""
     model_type: str | None = None
     num_layers: int | None = None
     hidden_size: int | None = None

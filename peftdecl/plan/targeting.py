@@ -1,7 +1,8 @@
 """Which layers an adapter wraps, reproducing HF PEFT's matching rules exactly.
 
 - list ``target_modules``: a module matches if its name equals an entry or ends with ``"." + entry``;
-- string ``target_modules``: a full-match regex; ``"all-linear"``: every linear layer but the output head;
+- string ``target_modules``: a full-match regex; ``"all-linear"``: every linear layer but the output head (or, for
+  ``task_type`` SEQ_CLS on a model without one, but its classification head);
 - ``exclude_modules`` and ``modules_to_save`` are checked first and always win;
 - ``layers_to_transform`` keeps suffix matches whose first numbered path segment (or the number after
   ``layers_pattern``) is listed; an exact-name match ignores it, as in PEFT.
@@ -36,6 +37,14 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "t5": ("q", "v"),
 }
 """LoRA, LoHa, LoKr, OFT, BOFT and VeRA share this table."""
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+"""Attribute names HF PEFT tries, in order, for a sequence-classification model's head."""
+TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+"""Entries HF PEFT's task wrappers (PeftModelForSequenceClassification, ...) append to ``modules_to_save``."""
 ADALORA_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     **{k: v for k, v in DEFAULT_TARGETS.items() if k not in ("mistral", "mixtral")},
     "roberta": ("query", "key", "value", "dense"),
@@ -102,7 +111,10 @@ def resolve_target_modules(spec: Any, info: ModelInfo) -> str | tuple[str, ...]:
     targets = spec.target_modules
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         linear = [name for name, layer in info.layers.items() if layer.type in ("linear", "gpt2_conv1d")]
-        return tuple(name for name in linear if name != info.output_head)
+        head = info.output_head
+        if head is None and spec.task_type == "SEQ_CLS":
+            head = info.classifier_head
+        return tuple(name for name in linear if name != head)
     if targets is None:
         table = default_targets(spec.peft_type)
         if info.model_type not in table:
@@ -112,6 +124,16 @@ def resolve_target_modules(spec: Any, info: ModelInfo) -> str | tuple[str, ...]:
             )
         return table[info.model_type]
     return targets
+
+
+def task_modules_to_save(spec: Any) -> tuple[str, ...] | None:
+    """``spec.modules_to_save`` with the entries HF PEFT's wrapper for ``spec.task_type`` appends (SEQ_CLS and
+    TOKEN_CLS: ``classifier``, ``score``; QUESTION_ANS: ``qa_outputs``), each at most once."""
+    extra = TASK_MODULES_TO_SAVE.get(spec.task_type or "", ())
+    own = tuple(spec.modules_to_save or ())
+    if not extra:
+        return spec.modules_to_save
+    return own + tuple(m for m in extra if m not in own)
 
 
 def is_targeted(key: str, spec: Any, targets: str | Sequence[str]) -> bool:
