@@ -12,7 +12,19 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "capabilities.md"
-KINDS = ("lora", "dora", "adalora", "ia3", "loha", "lokr", "oft", "boft", "vera", "prefix_tuning", "prompt_tuning")
+KINDS = (
+    "lora",
+    "dora",
+    "adalora",
+    "ia3",
+    "loha",
+    "lokr",
+    "oft",
+    "boft",
+    "vera",
+    "prefix_tuning",
+    "prompt_tuning",
+)
 LAYERS = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
 
 
