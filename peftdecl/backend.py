@@ -9,14 +9,14 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from peftdecl.errors import BackendError
+from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.plan.ir import ModelInfo, Plan
 
 ENTRY_POINT_GROUP = "peftdecl.backends"
@@ -93,6 +93,72 @@ def trainable_key(adapter: str, key: str, adapters: Sequence[str]) -> str:
     modules_to_save tensor such as ``classifier.weight``) in ``trainable_parameters(adapters)``: the full key itself
     when one adapter is asked for, ``"<adapter>/<full key>"`` when several are (each may hold the same key)."""
     return f"{adapter}{ADAPTER_KEY_SEPARATOR}{key}" if len(adapters) > 1 else key
+
+
+def check_options(backend: str, options: Mapping[str, Any], known: Sequence[str], source: str) -> None:
+    """Refuse the ``options`` of ``attach`` / ``load_adapter`` that ``backend`` does not accept (``known``): raises
+    BackendError naming them and ``source``, where that backend reads layer types and model facts instead."""
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise BackendError(
+            f"the {backend} backend got unknown options {unknown}; it accepts {list(known)} "
+            f"(layer types and model facts are read from {source})"
+        )
+
+
+BASE_ROW = "__base__"
+"""The ``adapter_names`` entry of a mixed-batch row that runs without an adapter."""
+
+
+def check_adapter_names(names: Iterable[str], attached: Collection[str], merged: bool) -> None:
+    """Refuse a mixed batch's ``adapter_names`` (one per row) when they list an adapter that is not ``attached``
+    (:data:`BASE_ROW` aside) or when adapters are ``merged``: raises PeftdeclError, returns None otherwise."""
+    unknown = sorted({n for n in names if n != BASE_ROW and n not in attached})
+    if unknown:
+        raise PeftdeclError(f"adapter_names lists unknown adapters {unknown}; attached: {sorted(attached)}")
+    if merged:
+        raise PeftdeclError("adapter_names cannot be used while adapters are merged; call unmerge() first")
+
+
+class KindModules:
+    """The per-kind modules of a backend package, found by name and imported on first use.
+
+    ``table`` maps an execution kind to the module of ``package`` that implements it: its bare name when the
+    module declares the layer types it runs on as ``LAYER_TYPES`` (read by importing it), or ``(name, layer
+    types)`` when the table declares them (nothing is imported to list them). A kind whose module does not exist
+    is not offered; ``backend`` (when given) is named in the KeyError for a kind the table lacks.
+    """
+
+    def __init__(
+        self,
+        package: str,
+        table: Mapping[str, str | tuple[str, tuple[str, ...]]],
+        backend: str | None = None,
+    ) -> None:
+        self._modules: dict[str, str] = {}
+        self._types: dict[str, tuple[str, ...] | None] = {}
+        for kind, entry in table.items():
+            module, types = (entry, None) if isinstance(entry, str) else entry
+            self._modules[kind] = f"{package}.{module}"
+            self._types[kind] = types
+        self._backend = backend
+
+    def supported_kinds(self) -> dict[str, tuple[str, ...]]:
+        """Execution kind -> layer types, for every kind whose module exists (checked with ``find_spec``)."""
+        found = {}
+        for kind, module in self._modules.items():
+            if importlib.util.find_spec(module) is None:
+                continue
+            types = self._types[kind]
+            found[kind] = tuple(importlib.import_module(module).LAYER_TYPES) if types is None else types
+        return found
+
+    def ops_for(self, kind: str) -> Any:
+        """The ``OPS`` object of the module that implements execution kind ``kind``."""
+        if kind not in self._modules:
+            named = f"the {self._backend} backend has no kind {kind!r}"
+            raise KeyError(kind if self._backend is None else named)
+        return importlib.import_module(self._modules[kind]).OPS
 
 
 @runtime_checkable

@@ -17,8 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import peftdecl
+from peftdecl.plan.kinds.boft import block_butterfly_perm
 from peftdecl.plan.kinds.oft import nearest_divisor
-from peftdecl_numpy.rotation import block_butterfly_perm, neumann, skew_from_triu
+from peftdecl_numpy.rotation import neumann, skew_from_triu
 from tests.conftest import rel_err
 from tests.hf_models import merged_state, numpy_inputs, peft, peft_model, perturb, tiny_llama, torch
 from tests.peft_parity import (

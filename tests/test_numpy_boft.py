@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import peftdecl
+from peftdecl.plan.kinds.boft import butterfly_perms
 from peftdecl_numpy.kinds.boft import butterfly_matrix, orthogonal_blocks
-from peftdecl_numpy.rotation import butterfly_perms
 from tests import layer_cases
 from tests.conftest import rel_err
 from tests.gradcheck import check_gradients

@@ -14,11 +14,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from peftdecl.backend import check_adapter_names
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.plan import LayerPlan, ModelInfo, Plan
 from peftdecl_mlx.inventory import get_module, quantized_layers, set_module
 from peftdecl_mlx.kinds import prompt
-from peftdecl_mlx.layer import BASE, AdaptedLayer, AdapterParams, SavedModule
+from peftdecl_mlx.layer import AdaptedLayer, AdapterParams, SavedModule
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -189,15 +190,7 @@ class MlxEngine:
         if adapter_names is None:
             return self._model(*args, **kwargs)
         rows = tuple(adapter_names)
-        unknown = sorted({n for n in rows if n != BASE and n not in self._plans})
-        if unknown:
-            raise PeftdeclError(
-                f"adapter_names lists unknown adapters {unknown}; attached: {sorted(self._plans)}"
-            )
-        if self._merged:
-            raise PeftdeclError(
-                "adapter_names cannot be used while adapters are merged; call unmerge() first"
-            )
+        check_adapter_names(rows, self._plans, merged=bool(self._merged))
         if self._saved:
             raise PeftdeclError(
                 f"adapter_names with modules_to_save ({', '.join(self._saved)}) is not supported by the mlx backend"

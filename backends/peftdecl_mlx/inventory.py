@@ -14,8 +14,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from peftdecl.backend import check_options as check_backend_options
 from peftdecl.errors import BackendError
 from peftdecl.plan import LayerInfo, ModelInfo
+from peftdecl.plan.facts import config_facts
 
 KNOWN_OPTIONS = ("adapter_dtype",)
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
@@ -23,12 +25,7 @@ QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 def check_options(options: Mapping[str, Any]) -> None:
     """Reject options the MLX backend does not understand (the NumPy backend's ``layer_types`` included)."""
-    unknown = sorted(set(options) - set(KNOWN_OPTIONS))
-    if unknown:
-        raise BackendError(
-            f"the mlx backend got unknown options {unknown}; it accepts {list(KNOWN_OPTIONS)} "
-            "(layer types and model facts are read from the mlx model itself)"
-        )
+    check_backend_options("mlx", options, KNOWN_OPTIONS, "the mlx model itself")
 
 
 def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -123,20 +120,7 @@ def model_facts(model: nn.Module, layers: Mapping[str, LayerInfo]) -> dict[str, 
     text = getattr(args, "text_config", None) or args
     if isinstance(text, dict):
         text = type("TextArgs", (), text)
-    facts["model_type"] = getattr(args, "model_type", None)
-    for field, keys in {
-        "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
-        "hidden_size": ("hidden_size", "n_embd", "d_model"),
-        "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
-        "num_key_value_heads": ("num_key_value_heads",),
-        "head_dim": ("head_dim",),
-        "vocab_size": ("vocab_size",),
-    }.items():
-        for key in keys:
-            value = getattr(text, key, None)
-            if isinstance(value, int):
-                facts[field] = int(value)
-                break
+    facts.update(config_facts(args, text))
     return facts
 
 

@@ -16,11 +16,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from peftdecl.backend import BASE_ROW as BASE
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl_mlx.kinds import ops_for
-
-BASE = "__base__"
 
 
 # The random draws behind every dropout decision; tests replace these three to share one NumPy generator with the

@@ -2,7 +2,8 @@
 
 Skew blocks Q = U − Uᵀ from a strict upper triangle; the Cayley transform R = (I − Q)(I + Q)⁻¹ with its gradient
 dL/dQ = −(I + R)ᵀ G (I + Q)⁻ᵀ (MLX has no derivative of the inverse); HF PEFT's Neumann series
-R = Σ c_k Q^k; blockwise rotation of row vectors x_blk ↦ x_blk R_i; butterfly permutations as index arrays.
+R = Σ c_k Q^k; blockwise rotation of row vectors x_blk ↦ x_blk R_i; the butterfly, gathering by the permutations
+of :func:`peftdecl.plan.kinds.boft.butterfly_perms`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import functools
 
 import mlx.core as mx
 import numpy as np
+
+from peftdecl.plan.kinds.oft import neumann_coefficients
 
 
 @functools.lru_cache(maxsize=64)
@@ -45,16 +48,6 @@ def _cayley_vjp(s: mx.array, grad_r: mx.array, r: mx.array) -> mx.array:
     return -((eye + r).swapaxes(-1, -2) @ grad_r) @ _inverse(eye + s).swapaxes(-1, -2)
 
 
-def neumann_coefficients(terms: int) -> tuple[float, ...]:
-    """c_k of R = Σ c_k Q^k as HF PEFT ≥ 0.18 sums the series for ``num_cayley_neumann_terms``."""
-    if terms <= 1:
-        return (1.0,)
-    if terms == 2:
-        return (1.0, 2.0)
-    top = max(3, terms - 1)
-    return (1.0, *(2.0,) * (top - 1), 1.0)
-
-
 def neumann(q: mx.array, terms: int) -> mx.array:
     """R = Σ_k c_k Q^k (approximates (I + Q)(I − Q)⁻¹, the transpose of :func:`cayley`)."""
     eye = mx.eye(q.shape[-1], dtype=q.dtype)
@@ -74,26 +67,7 @@ def rotate_blocks(x: mx.array, r: mx.array) -> mx.array:
     return (blocks @ r).reshape(x.shape)
 
 
-@functools.lru_cache(maxsize=64)
-def butterfly_perms(width: int, block_num: int, block_size: int, factors: int) -> tuple[tuple[int, ...], ...]:
-    """HF PEFT's permutations p_0..p_{N−1} ((P v)[k] = v[p[k]]): factor i reorders, within groups of 2^i
-    blocks, the half-block pieces even-numbered first; a single factor is the identity."""
-    perms = []
-    for i in range(factors):
-        indices = np.arange(width)
-        if factors > 1:
-            group, half = width // (block_num // 2**i), block_size // 2
-            pieces = group // half
-            order = [*range(0, pieces, 2), *range(1, pieces, 2)]
-            within = np.concatenate([np.arange(pos * half, pos * half + half) for pos in order])
-            indices = np.concatenate(
-                [indices[start : start + group][within] for start in range(0, width, group)]
-            )
-        perms.append(tuple(int(v) for v in indices))
-    return tuple(perms)
-
-
-def butterfly(x: mx.array, q: mx.array, perms: tuple[tuple[int, ...], ...]) -> mx.array:
+def butterfly(x: mx.array, q: mx.array, perms: tuple[np.ndarray, ...]) -> mx.array:
     """x M for M = B_{N−1} ⋯ B_0, B_i = P_i blockdiag(Q_i) P_iᵀ: gather by P_i, rotate, gather back."""
     for i in reversed(range(len(perms))):
         perm = np.asarray(perms[i])

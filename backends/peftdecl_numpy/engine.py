@@ -12,13 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from peftdecl.backend import trainable_key
+from peftdecl.backend import BASE_ROW as BASE
+from peftdecl.backend import check_adapter_names, trainable_key
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.plan import LayerInfo, LayerPlan, ModelInfo, Plan
 from peftdecl_numpy.kinds import Context, ops_for
 from peftdecl_numpy.layers import BaseLayer
-
-BASE = "__base__"
 
 
 class NumpyEngine:
@@ -247,15 +246,7 @@ class NumpyEngine:
     ) -> tuple[np.ndarray, dict[str, Any]]:
         if len(names) != x.shape[0]:
             raise PeftdeclError(f"adapter_names has {len(names)} entries for a batch of {x.shape[0]} rows")
-        unknown = sorted({n for n in names if n != BASE and n not in self._plans})
-        if unknown:
-            raise PeftdeclError(
-                f"adapter_names lists unknown adapters {unknown}; attached: {sorted(self._plans)}"
-            )
-        if self._merged:
-            raise PeftdeclError(
-                "adapter_names cannot be used while adapters are merged; call unmerge() first"
-            )
+        check_adapter_names(names, self._plans, merged=bool(self._merged))
         y = base.forward(x)
         for name in dict.fromkeys(names):
             if name == BASE or module not in self._plans[name].targets:

@@ -1,17 +1,19 @@
 """Orthogonal-rotation building blocks shared by OFT and BOFT, each with its gradient.
 
 Skew blocks Q = U − Uᵀ from a strict upper triangle; the Cayley transform R = (I − Q)(I + Q)⁻¹ and HF PEFT's
-Neumann series R ≈ I + 2Q + … + 2Q^{m−1} + Q^m; rotations applied blockwise to row vectors (x_blk ↦ x_blk R_i,
-never as a dense d × d matrix); butterfly permutations; and the flattened k × k patches a convolution reads.
+Neumann series R ≈ I + 2Q + … + 2Q^{m−1} + Q^m (its coefficients come with the OFT layout); rotations applied
+blockwise to row vectors (x_blk ↦ x_blk R_i, never as a dense d × d matrix); and the flattened k × k patches a
+convolution reads. The butterfly permutations are part of the BOFT layout (:mod:`peftdecl.plan.kinds.boft`).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Sequence
 
 import numpy as np
+
+from peftdecl.plan.kinds.oft import neumann_coefficients
 
 
 # -- skew-symmetric blocks from their strict upper triangle --------------------------------------------------
@@ -42,20 +44,6 @@ def cayley_backward(s: np.ndarray, r: np.ndarray, grad_r: np.ndarray) -> np.ndar
     left = np.swapaxes(eye + r, -1, -2) @ grad_r
     # X = left · (I + S)⁻ᵀ  ⇔  X (I + S)ᵀ = left  ⇔  (I + S) Xᵀ = leftᵀ
     return -np.swapaxes(np.linalg.solve(eye + s, np.swapaxes(left, -1, -2)), -1, -2)
-
-
-def neumann_coefficients(terms: int) -> tuple[float, ...]:
-    """c_k of R = Σ c_k Q^k as HF PEFT ≥ 0.18 sums the series for ``num_cayley_neumann_terms``.
-
-    1 term: I; 2: I + 2Q; otherwise I + 2Q + … + 2Q^{m−1} + Q^m with m = max(3, terms − 1) — PEFT always adds
-    2Q² once it has three or more terms, so 3 and 4 terms give the same series.
-    """
-    if terms <= 1:
-        return (1.0,)
-    if terms == 2:
-        return (1.0, 2.0)
-    top = max(3, terms - 1)
-    return (1.0, *(2.0,) * (top - 1), 1.0)
 
 
 def neumann(q: np.ndarray, terms: int) -> np.ndarray:
@@ -98,34 +86,6 @@ def rotate_blocks_backward(x: np.ndarray, r: np.ndarray, grad_y: np.ndarray) -> 
     gb = grad_y.reshape(-1, n, b)
     grad_x = np.einsum("tnc,nkc->tnk", gb, r).reshape(x.shape)
     return grad_x, np.einsum("tnk,tnc->nkc", xb, gb)
-
-
-# -- butterfly permutations ----------------------------------------------------------------------------------
-def block_butterfly_perm(width: int, groups: int, half: int, permuted: bool) -> np.ndarray:
-    """HF PEFT's permutation for one butterfly factor, as indices p with (P v)[k] = v[p[k]].
-
-    The width is cut into ``groups`` equal groups of ``half``-sized pieces; within every group the pieces are
-    reordered even-numbered first, then odd-numbered. Without butterfly factors (``permuted`` False) it is the
-    identity.
-    """
-    indices = np.arange(width)
-    if not permuted:
-        return indices
-    if groups * half * 2 > width:
-        raise ValueError(f"butterfly permutation of width {width}: {groups} groups of 2·{half} do not fit")
-    group = width // groups
-    pieces = group // half
-    order = [*range(0, pieces, 2), *range(1, pieces, 2)]
-    within = np.concatenate([np.arange(pos * half, pos * half + half) for pos in order])
-    return np.concatenate([indices[start : start + group][within] for start in range(0, width, group)])
-
-
-@functools.lru_cache(maxsize=64)
-def butterfly_perms(width: int, block_num: int, block_size: int, factors: int) -> tuple[np.ndarray, ...]:
-    """The permutations p_0..p_{N−1} of an N-factor butterfly: factor i acts within groups of 2^i blocks."""
-    return tuple(
-        block_butterfly_perm(width, block_num // 2**i, block_size // 2, factors > 1) for i in range(factors)
-    )
 
 
 # -- convolution patches -------------------------------------------------------------------------------------

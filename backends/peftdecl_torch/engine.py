@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peftdecl.backend import trainable_key
+from peftdecl.backend import check_adapter_names, trainable_key
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.plan import ModelInfo, Plan
 from peftdecl_torch.inventory import layer_type
@@ -317,15 +317,7 @@ class TorchEngine:
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise PeftdeclError("adapter_names must be a list of adapter names, one per batch row")
         names = tuple(adapter_names)
-        unknown = sorted({n for n in names if n != BASE and n not in self._plans})
-        if unknown:
-            raise PeftdeclError(
-                f"adapter_names lists unknown adapters {unknown}; attached: {sorted(self._plans)}"
-            )
-        if self._state.merged:
-            raise PeftdeclError(
-                "adapter_names cannot be used while adapters are merged; call unmerge() first"
-            )
+        check_adapter_names(names, self._plans, merged=bool(self._state.merged))
         for name in dict.fromkeys(names):
             if name == BASE:
                 continue

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from peftdecl.backend import check_options as check_backend_options
 from peftdecl.errors import BackendError
 from peftdecl.plan import LayerInfo, ModelInfo
+from peftdecl.plan.facts import config_facts
 from peftdecl.plan.targeting import SEQ_CLS_HEAD_NAMES
 
 KNOWN_OPTIONS = ("autocast_adapter_dtype",)
@@ -23,12 +25,7 @@ KNOWN_OPTIONS = ("autocast_adapter_dtype",)
 
 def check_options(options: Mapping[str, Any]) -> None:
     """Reject options the torch backend does not understand (the NumPy backend's ``layer_types`` included)."""
-    unknown = sorted(set(options) - set(KNOWN_OPTIONS))
-    if unknown:
-        raise BackendError(
-            f"the torch backend got unknown options {unknown}; it accepts {list(KNOWN_OPTIONS)} "
-            "(layer types and model facts are read from the nn.Module itself)"
-        )
+    check_backend_options("torch", options, KNOWN_OPTIONS, "the nn.Module itself")
 
 
 def layer_type(module: nn.Module) -> str | None:
@@ -123,21 +120,8 @@ def model_facts(model: nn.Module) -> dict[str, Any]:
         head = next((h for h in heads if isinstance(h, nn.Module)), None)
         facts["classifier_head"] = names.get(id(head)) if head is not None else None
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        facts["model_type"] = getattr(config, "model_type", None)
+        facts.update(config_facts(config, text))
         facts["is_encoder_decoder"] = bool(getattr(config, "is_encoder_decoder", False))
-        for field, keys in {
-            "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
-            "hidden_size": ("hidden_size", "n_embd", "d_model"),
-            "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
-            "num_key_value_heads": ("num_key_value_heads",),
-            "head_dim": ("head_dim",),
-            "vocab_size": ("vocab_size",),
-        }.items():
-            for key in keys:
-                value = getattr(text, key, None)
-                if isinstance(value, int):
-                    facts[field] = int(value)
-                    break
     return facts
 
 

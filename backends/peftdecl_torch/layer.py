@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from torch import nn
 
+from peftdecl.backend import BASE_ROW as BASE
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerInfo, LayerPlan
 from peftdecl_torch.kinds import ops_for
-
-BASE = "__base__"
 
 
 @dataclass(frozen=True)

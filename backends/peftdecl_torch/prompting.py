@@ -58,6 +58,23 @@ def keyword_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, A
     return kwargs
 
 
+def split_inputs(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None, int]:
+    """``(other inputs, input_ids, inputs_embeds, batch size)`` of a call's arguments, read as
+    :func:`keyword_inputs` reads them; the other inputs are a copy, the caller's ``kwargs`` stay as they are."""
+    kwargs = keyword_inputs(args, kwargs)
+    input_ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
+    return kwargs, input_ids, embeds, batch_size(input_ids, embeds)
+
+
+def set_cache(inputs: dict[str, Any], key: str, cache: Any) -> None:
+    """Put ``cache`` in ``inputs`` under ``key``, in place, after dropping the KV cache passed under any name."""
+    for name in CACHE_ARGUMENTS:
+        inputs.pop(name, None)
+    inputs[key] = cache
+
+
 def adjust_ids(adapter: PromptAdapter, kwargs: dict[str, Any]) -> None:
     """HF PEFT's ``_adjust_prompt_learning_kwargs``, in place: explicit position ids are shifted by T for prefix
     tuning (the cache already holds T positions) and dropped for prompt tuning; token type ids are dropped."""
@@ -103,18 +120,14 @@ def prompt_call(
 ) -> Any:
     """``call(**inputs)`` with the adapter's virtual tokens added to the inputs (HF PEFT's causal-LM rules)."""
     check_decoder_only(adapter)
-    kwargs = keyword_inputs(args, kwargs)
-    input_ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
-    batch = batch_size(input_ids, embeds)
+    kwargs, input_ids, embeds, batch = split_inputs(args, kwargs)
     t = adapter.plan.num_virtual_tokens
     mask = kwargs.pop("attention_mask", None)
     adjust_ids(adapter, kwargs)
     if adapter.plan.kind == "prefix_tuning":
         if mask is not None:
             mask = torch.cat([mask.new_ones(batch, t), mask], dim=1)
-        for name in CACHE_ARGUMENTS:
-            kwargs.pop(name, None)
-        kwargs[cache_argument(call)] = prefix_cache(adapter, batch, dtype)
+        set_cache(kwargs, cache_argument(call), prefix_cache(adapter, batch, dtype))
         return call(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
     if embeds is None:
         embeds = embed(input_ids)
@@ -135,9 +148,7 @@ def classification_call(
     token type ids; prefix tuning hands its cache to a model whose forward takes one and is refused otherwise (as
     PEFT refuses it: BERT under transformers 5 has no cache)."""
     check_decoder_only(adapter)
-    kwargs = keyword_inputs(args, kwargs)
-    input_ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
-    batch = batch_size(input_ids, embeds)
+    kwargs, input_ids, embeds, batch = split_inputs(args, kwargs)
     t = adapter.plan.num_virtual_tokens
     mask = kwargs.pop("attention_mask", None)
     if mask is not None:
@@ -150,9 +161,7 @@ def classification_call(
                 f"prefix tuning needs a model whose forward takes a KV cache; {type(call).__name__} takes none "
                 "(HF PEFT refuses it too): use prompt tuning or LoRA-style adapters"
             )
-        for name in CACHE_ARGUMENTS:
-            kwargs.pop(name, None)
-        kwargs[cache_argument(call)] = prefix_cache(adapter, batch, dtype)
+        set_cache(kwargs, cache_argument(call), prefix_cache(adapter, batch, dtype))
         return call(
             input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, token_type_ids=types, **kwargs
         )
@@ -220,9 +229,7 @@ def generation_inputs(
             inputs["position_ids"] = inputs["position_ids"] + t if prefix else None
         if first:
             if prefix:
-                for name in CACHE_ARGUMENTS:
-                    inputs.pop(name, None)
-                inputs[key] = prefix_cache(adapter, ids.shape[0], dtype)
+                set_cache(inputs, key, prefix_cache(adapter, ids.shape[0], dtype))
             else:
                 inputs["inputs_embeds"] = prepend(adapter.table(), embed(ids), None, None)[0]
                 inputs["input_ids"] = None

@@ -30,11 +30,12 @@ from peftdecl_torch.kinds.prompt import PromptAdapter, key_values, prepend
 from peftdecl_torch.prompting import (
     CACHE_ARGUMENTS,
     adjust_ids,
-    batch_size,
     cache_argument,
     generation_override,
     is_prefill,
     keyword_inputs,
+    set_cache,
+    split_inputs,
 )
 
 
@@ -64,9 +65,7 @@ def seq2seq_call(
 ) -> Any:
     """``call(**inputs)`` with the adapter's virtual tokens added to the inputs (HF PEFT's seq2seq rules)."""
     _check(adapter)
-    kwargs = keyword_inputs(args, kwargs)
-    input_ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
-    batch = batch_size(input_ids, embeds)
+    kwargs, input_ids, embeds, batch = split_inputs(args, kwargs)
     t = adapter.plan.num_virtual_tokens
     adjust_ids(adapter, kwargs)
     if adapter.plan.kind == "prefix_tuning":
@@ -75,9 +74,7 @@ def seq2seq_call(
             kwargs["decoder_attention_mask"] = torch.cat(
                 [decoder_mask.new_ones(batch, t), decoder_mask], dim=1
             )
-        for name in CACHE_ARGUMENTS:
-            kwargs.pop(name, None)
-        kwargs[cache_argument(call)] = encoder_decoder_cache(adapter, batch, dtype)
+        set_cache(kwargs, cache_argument(call), encoder_decoder_cache(adapter, batch, dtype))
         return call(input_ids=input_ids, inputs_embeds=embeds, **kwargs)
     return call(**_encoder_prompt(adapter, embed, input_ids, embeds, kwargs))
 
@@ -120,9 +117,9 @@ def seq2seq_generate(
         inputs = original(*args, **kwargs)
         key = next((k for k in CACHE_ARGUMENTS if k in inputs), cache_argument(model))
         if is_prefill(kwargs, inputs.get(key)):
-            for name in CACHE_ARGUMENTS:
-                inputs.pop(name, None)
-            inputs[key] = encoder_decoder_cache(adapter, inputs["decoder_input_ids"].shape[0], dtype)
+            set_cache(
+                inputs, key, encoder_decoder_cache(adapter, inputs["decoder_input_ids"].shape[0], dtype)
+            )
         return inputs
 
     with generation_override(model, prepare):

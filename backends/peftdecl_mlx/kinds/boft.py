@@ -14,12 +14,13 @@ import mlx.core as mx
 import numpy as np
 
 from peftdecl.plan import LayerPlan
-from peftdecl_mlx.rotation import butterfly, butterfly_perms, cayley
+from peftdecl.plan.kinds.boft import butterfly_perms
+from peftdecl_mlx.rotation import butterfly, cayley
 
 Params = dict[str, mx.array]
 
 
-def perms(lp: LayerPlan) -> tuple[tuple[int, ...], ...]:
+def perms(lp: LayerPlan) -> tuple[np.ndarray, ...]:
     o = lp.options
     return butterfly_perms(o["width"], o["block_num"], o["block_size"], o["n_butterfly_factor"])
 

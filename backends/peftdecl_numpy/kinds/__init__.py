@@ -13,12 +13,11 @@ A kind module exposes ``OPS``, an object with ``kind``, ``additive`` and:
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
+
+from peftdecl.backend import KindModules
 
 # execution kind -> module of this package (a module that does not exist yet is simply not offered)
 _KIND_MODULES = {
@@ -44,17 +43,8 @@ class Context:
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
 
 
-def ops_for(kind: str) -> Any:
-    """The ops object of an execution kind."""
-    if kind not in _KIND_MODULES:
-        raise KeyError(kind)
-    return importlib.import_module(f"peftdecl_numpy.kinds.{_KIND_MODULES[kind]}").OPS
-
-
-def supported_kinds() -> dict[str, tuple[str, ...]]:
-    """Execution kind -> layer types, for every kind module present (each declares ``LAYER_TYPES``)."""
-    found = {}
-    for kind, module in _KIND_MODULES.items():
-        if importlib.util.find_spec(f"peftdecl_numpy.kinds.{module}") is not None:
-            found[kind] = tuple(importlib.import_module(f"peftdecl_numpy.kinds.{module}").LAYER_TYPES)
-    return found
+_KINDS = KindModules(__name__, _KIND_MODULES)
+ops_for = _KINDS.ops_for
+"""The ops object of an execution kind."""
+supported_kinds = _KINDS.supported_kinds
+"""Execution kind -> layer types, for every kind module present (each declares ``LAYER_TYPES``)."""

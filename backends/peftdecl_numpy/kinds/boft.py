@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from peftdecl.plan import LayerPlan
+from peftdecl.plan.kinds.boft import butterfly_perms
 from peftdecl_numpy.kinds import Context
 from peftdecl_numpy.layers import BaseLayer
 from peftdecl_numpy.rotation import (
-    butterfly_perms,
     cayley,
     cayley_backward,
     conv_patches,

@@ -19,9 +19,7 @@ This module must not import torch: the backend's static Capabilities are read fr
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import Any
+from peftdecl.backend import KindModules
 
 _ALL = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
 
@@ -44,17 +42,8 @@ ADDITIVE_KINDS = ("lora", "adalora", "loha", "lokr", "vera")
 """Kinds whose output is base(x) + Δ(x): several may be active at once and they take part in mixed batches."""
 
 
-def supported_kinds() -> dict[str, tuple[str, ...]]:
-    """Execution kind -> layer types, for every kind module present (checked without importing it)."""
-    return {
-        kind: types
-        for kind, (module, types) in _KIND_MODULES.items()
-        if importlib.util.find_spec(f"peftdecl_torch.kinds.{module}") is not None
-    }
-
-
-def ops_for(kind: str) -> Any:
-    """The ops object of an execution kind."""
-    if kind not in _KIND_MODULES:
-        raise KeyError(f"the torch backend has no kind {kind!r}")
-    return importlib.import_module(f"peftdecl_torch.kinds.{_KIND_MODULES[kind][0]}").OPS
+_KINDS = KindModules(__name__, _KIND_MODULES, backend="torch")
+supported_kinds = _KINDS.supported_kinds
+"""Execution kind -> layer types, for every kind module present (checked without importing it)."""
+ops_for = _KINDS.ops_for
+"""The ops object of an execution kind."""

@@ -12,27 +12,8 @@ import functools
 import numpy as np
 import torch
 
-
-def neumann_coefficients(terms: int) -> tuple[float, ...]:
-    """c_k of R = Σ c_k Q^k as HF PEFT ≥ 0.18 sums ``num_cayley_neumann_terms`` terms: 1 term gives I, 2 give
-    I + 2Q, more give I + 2Q + … + 2Q^{m−1} + Q^m with m = max(3, terms − 1)."""
-    if terms <= 1:
-        return (1.0,)
-    if terms == 2:
-        return (1.0, 2.0)
-    top = max(3, terms - 1)
-    return (1.0, *([2.0] * (top - 1)), 1.0)
-
-
-def factor_perm(width: int, groups: int, half: int) -> np.ndarray:
-    """One butterfly factor's permutation p, (P v)[k] = v[p[k]]: the width is cut into ``groups`` groups of
-    ``half``-sized pieces, and each group lists its even-numbered pieces first, then its odd-numbered ones."""
-    if groups * half * 2 > width:
-        raise ValueError(f"butterfly permutation of width {width}: {groups} groups of 2·{half} do not fit")
-    group = width // groups
-    order = [*range(0, group // half, 2), *range(1, group // half, 2)]
-    within = np.concatenate([np.arange(piece * half, (piece + 1) * half) for piece in order])
-    return np.concatenate([start + within for start in range(0, width, group)])
+from peftdecl.plan.kinds.boft import butterfly_perms as factor_perms
+from peftdecl.plan.kinds.oft import neumann_coefficients
 
 
 def skew_from_triu(u: torch.Tensor, block: int) -> torch.Tensor:
@@ -72,11 +53,7 @@ def _perms(
     width: int, block_num: int, block_size: int, factors: int
 ) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     # factor i pairs blocks 2^i apart; a single factor is plain block-diagonal OFT (no permutation)
-    perms = [
-        factor_perm(width, block_num // 2**i, block_size // 2) if factors > 1 else np.arange(width)
-        for i in range(factors)
-    ]
-    return tuple((p, np.argsort(p)) for p in perms)
+    return tuple((p, np.argsort(p)) for p in factor_perms(width, block_num, block_size, factors))
 
 
 def butterfly_perms(

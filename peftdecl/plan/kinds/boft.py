@@ -2,7 +2,8 @@
 scale per output channel (``[out, 1]`` for linear, ``[1, out]`` for conv2d, as HF PEFT stores them).
 
 d is ``in_features`` (linear) or ``in · k_h · k_w`` (conv2d). The checks on (d, N, D, H) are HF PEFT's. The
-butterfly permutations are fixed by (d, D, H, N) and are not stored: the backends derive them.
+butterfly permutations are fixed by (d, D, H, N) and are not stored: every backend derives them with
+:func:`butterfly_perms`.
 
 HF PEFT silently builds N = 1 when its CUDA extension cannot be compiled but still writes the configured N
 into ``adapter_config.json``; such a file (``boft_R`` of shape ``[1, D, H, H]``) is read as the N-factor
@@ -12,6 +13,7 @@ identity), which computes exactly what that PEFT computed.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any
@@ -52,6 +54,35 @@ def butterfly_blocks(module: str, dim: int, block_size: int, block_num: int, fac
             f"({block_size}) must both be even"
         )
     return block_num, block_size
+
+
+def block_butterfly_perm(width: int, groups: int, half: int, permuted: bool) -> np.ndarray:
+    """HF PEFT's permutation for one butterfly factor, as indices p with (P v)[k] = v[p[k]].
+
+    The width is cut into ``groups`` equal groups of ``half``-sized pieces; within every group the pieces are
+    reordered even-numbered first, then odd-numbered. Without butterfly factors (``permuted`` False) it is the
+    identity.
+    """
+    indices = np.arange(width)
+    if not permuted:
+        return indices
+    if groups * half * 2 > width:
+        raise ValueError(f"butterfly permutation of width {width}: {groups} groups of 2·{half} do not fit")
+    group = width // groups
+    pieces = group // half
+    order = [*range(0, pieces, 2), *range(1, pieces, 2)]
+    within = np.concatenate([np.arange(pos * half, pos * half + half) for pos in order])
+    return np.concatenate([indices[start : start + group][within] for start in range(0, width, group)])
+
+
+@functools.lru_cache(maxsize=64)
+def butterfly_perms(width: int, block_num: int, block_size: int, factors: int) -> tuple[np.ndarray, ...]:
+    """The permutations p_0..p_{N−1} of an N-factor butterfly on ``width`` = D · H (``block_num`` D, ``block_size``
+    H): factor i acts within groups of 2^i blocks; a single factor is the identity. The result is cached and
+    shared: callers must not modify the arrays."""
+    return tuple(
+        block_butterfly_perm(width, block_num // 2**i, block_size // 2, factors > 1) for i in range(factors)
+    )
 
 
 def build_boft_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:

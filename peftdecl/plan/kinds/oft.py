@@ -18,6 +18,20 @@ NEUMANN_FORMAT_VERSION = (0, 18, 0)
 """HF PEFT changed its Cayley–Neumann series in 0.18.0; older Neumann adapters compute other numbers."""
 
 
+def neumann_coefficients(terms: int) -> tuple[float, ...]:
+    """c_k of R = Σ c_k Q^k as HF PEFT ≥ 0.18 sums the series for ``num_cayley_neumann_terms``.
+
+    1 term: I; 2: I + 2Q; otherwise I + 2Q + … + 2Q^{m−1} + Q^m with m = max(3, terms − 1) — PEFT always adds
+    2Q² once it has three or more terms, so 3 and 4 terms give the same series.
+    """
+    if terms <= 1:
+        return (1.0,)
+    if terms == 2:
+        return (1.0, 2.0)
+    top = max(3, terms - 1)
+    return (1.0, *(2.0,) * (top - 1), 1.0)
+
+
 def nearest_divisor(dim: int, value: int) -> int:
     """HF PEFT's adjustment of a block size or count to a divisor of ``dim`` (ties prefer the smaller one)."""
     if value >= dim:
