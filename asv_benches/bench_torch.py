@@ -1,8 +1,12 @@
 """The torch backend's adapted Linear per kind, forward and forward+backward, next to the plain frozen layer.
 
 Read each ``time_*_adapted / time_*_base`` pair as a ratio (benchmarks/compare_torch_peft.py prints the same ratios
-with HF PEFT beside them). Linear 1024×1024, 2048 tokens, float32, r = 16 (VeRA 256, OFT/BOFT blocks of 32),
-non-zero adapter weights, 2 threads. Skipped when torch is not installed.
+with HF PEFT beside them). Linear 1024×1024, float32, r = 16 (VeRA 256, OFT/BOFT blocks of 32), non-zero adapter
+weights, 2 threads. Skipped when torch is not installed.
+
+Two token counts, one on each side of the cost rules in peftdecl_torch.kinds._fused: 2048 tokens (LoRA and AdaLoRA
+merge the update into the weight per call, OFT rotates the weight) and 64 tokens (they apply the update to the
+tokens, OFT rotates the input).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any
 import peftdecl
 
 DIM = 1024
-TOKENS = 2048
+TOKENS = (64, 2048)
 SPECS: dict[str, dict[str, Any]] = {
     "lora": {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "init_lora_weights": False},
     "dora": {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "use_dora": True, "init_lora_weights": False},
@@ -29,11 +33,11 @@ SPECS: dict[str, dict[str, Any]] = {
 class TorchAdaptedLinear:
     """One adapted nn.Linear per kind; ``time_*_base`` is the same frozen Linear without the adapter."""
 
-    params = (list(SPECS),)
-    param_names = ("kind",)
+    params = (list(SPECS), list(TOKENS))
+    param_names = ("kind", "tokens")
     timeout = 300
 
-    def setup(self, kind: str) -> None:
+    def setup(self, kind: str, tokens: int) -> None:
         try:
             import torch
         except ImportError as exc:
@@ -50,9 +54,9 @@ class TorchAdaptedLinear:
             for param in model.trainable_parameters().values():
                 param.add_(0.01)
         self.adapted = model.engine.layer("m")
-        self.x = torch.randn(TOKENS, DIM)
+        self.x = torch.randn(tokens, DIM)
         self.x_grad = self.x.clone().requires_grad_(True)
-        self.dy = torch.randn(TOKENS, DIM)
+        self.dy = torch.randn(tokens, DIM)
 
     def _forward(self, layer: Any) -> None:
         with self.torch.no_grad():
@@ -64,14 +68,14 @@ class TorchAdaptedLinear:
             param.grad = None
         layer(self.x_grad).backward(self.dy)
 
-    def time_forward_base(self, kind: str) -> None:
+    def time_forward_base(self, kind: str, tokens: int) -> None:
         self._forward(self.base)
 
-    def time_forward_adapted(self, kind: str) -> None:
+    def time_forward_adapted(self, kind: str, tokens: int) -> None:
         self._forward(self.adapted)
 
-    def time_forward_backward_base(self, kind: str) -> None:
+    def time_forward_backward_base(self, kind: str, tokens: int) -> None:
         self._forward_backward(self.base)
 
-    def time_forward_backward_adapted(self, kind: str) -> None:
+    def time_forward_backward_adapted(self, kind: str, tokens: int) -> None:
         self._forward_backward(self.adapted)

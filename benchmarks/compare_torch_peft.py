@@ -1,29 +1,47 @@
 """peftdecl's torch layers next to HF PEFT's, per adapter kind, as ratios to the plain frozen layer.
 
 One nn.Linear d×d (default 1024) on T tokens (default 2048), float32, r = 16 (VeRA r = 256, OFT/BOFT blocks of 32),
-non-trivial adapter weights. The base layer, PEFT's layer and peftdecl's layer are timed in blocks, in a random
-order, over several rounds (see ``median_times``); the table shows medians as ratios to the base layer:
+non-trivial adapter weights. The base layer, PEFT's layer and peftdecl's layer are timed in the same process, in
+blocks, in a random order, over several rounds (see ``median_times``); the table shows medians as ratios to the
+base layer:
 
     forward            y = layer(x) under torch.no_grad()
     forward+backward   y = layer(x); y.backward(dy), gradients w.r.t. the input and the adapter parameters
+
+Stability on a shared machine: a block during which other processes used the CPU (Linux: /proc/stat minus this
+process) is thrown away and timed again; each kind runs in several fresh processes ("trials") and the table shows
+the median over the trials of each ratio, with the range of ours/PEFT over the trials. (Showing the trial whose
+base layer ran fastest, as this script once did, biases every ratio upwards: a base that was fast by chance sits
+in every denominator.)
+
+Page faults: on this kind of VM a first touch of a fresh page costs about 2 µs, so an 8 MiB temporary that the C
+allocator hands back to the system and takes again costs several ms per call, about as much as the adapter
+arithmetic itself. Whether that happens depends on glibc's trim/mmap thresholds and on the allocation history,
+not only on the layer. "flt" columns give the median minor faults per call. ``--steady-malloc`` runs the trials
+with glibc's MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ raised, so freed memory stays mapped and the ratios
+measure the arithmetic and memory traffic alone.
 
 Memory: the bytes autograd keeps alive between forward and backward beyond the layer's input, output and
 parameters (counted with torch.autograd.graph.saved_tensors_hooks, one count per distinct storage). This is what a
 layer adds to a training step's activation memory; transient buffers inside forward or backward are not counted.
 
-    .venv/bin/python benchmarks/compare_torch_peft.py [--kinds lora dora ...] [--repeats 21] [--threads 2] [--trials 3]
+    .venv/bin/python benchmarks/compare_torch_peft.py [--kinds lora dora ...] [--rounds 9] [--block 3]
+        [--threads 2] [--trials 3] [--steady-malloc]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -127,22 +145,71 @@ def forward_backward(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Cal
     return run
 
 
-def median_times(calls: list[Callable[[], None]], repeats: int, rounds: int = 3) -> list[float]:
-    """Median seconds of each call. Each round runs every call in a block of repeats/rounds timed calls after one
-    untimed call, blocks in a fresh random order: a block measures a layer in steady state (what another layer left
-    behind in the allocator and caches is paid by the untimed call), and the rounds spread drift on a shared
-    machine over all layers alike."""
+def _others_busy() -> int | None:
+    """CPU time (jiffies) other processes have used so far, or None where /proc is not available."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    busy = sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7))  # user nice system irq softirq steal
+    return busy - int(mine[11]) - int(mine[12])
+
+
+def _minor_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def median_times(
+    calls: list[Callable[[], None]], rounds: int, block: int, retries: int = 20
+) -> tuple[list[float], list[list[float]], list[float], int]:
+    """Time each call: (median seconds, per-round block medians, median faults per call, blocks redone).
+
+    Each round runs every call in a block of ``block`` timed calls after one untimed call, blocks in a fresh
+    random order: a block measures a layer in steady state (what another layer left behind in the allocator and
+    caches is paid by the untimed call), and the rounds spread drift on a shared machine over all layers alike.
+    A block during which other processes used more than one jiffy of CPU is timed again (up to ``retries``
+    times)."""
     order = random.Random(0)
     samples: list[list[float]] = [[] for _ in calls]
-    per_block = max(1, -(-repeats // rounds))
+    per_round: list[list[float]] = [[] for _ in calls]
+    faults: list[list[int]] = [[] for _ in calls]
+    redone = 0
     for _ in range(rounds):
         for i in order.sample(range(len(calls)), len(calls)):
-            calls[i]()
-            for _ in range(per_block):
-                start = time.perf_counter()
+            for attempt in range(retries + 1):
                 calls[i]()
-                samples[i].append(time.perf_counter() - start)
-    return [statistics.median(s) for s in samples]
+                before, times, flts = _others_busy(), [], []
+                for _ in range(block):
+                    f0 = _minor_faults()
+                    start = time.perf_counter()
+                    calls[i]()
+                    times.append(time.perf_counter() - start)
+                    flts.append(_minor_faults() - f0)
+                after = _others_busy()
+                if before is None or after is None or after - before <= 1 or attempt == retries:
+                    break
+                redone += 1
+                time.sleep(0.05)
+            samples[i].extend(times)
+            per_round[i].append(statistics.median(times))
+            faults[i].extend(flts)
+    return (
+        [statistics.median(s) for s in samples],
+        per_round,
+        [statistics.median(f) for f in faults],
+        redone,
+    )
+
+
+def _spread(per_round: list[list[float]], layer: int) -> list[float]:
+    """Quartiles of the per-round ratio layer / base (index 0)."""
+    ratios = [t / base for t, base in zip(per_round[layer], per_round[0], strict=True)]
+    return statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
 
 
 def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
@@ -164,25 +231,38 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     return sum(n for ptr, n in seen.items() if ptr not in known)
 
 
-def measure(kind: str, args: argparse.Namespace) -> dict[str, float]:
+def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     """Ratios to the base layer and saved-tensor MiB for one kind, in this process."""
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.tokens, args.dim, generator=gen)
     dy = torch.randn(args.tokens, args.dim, generator=gen)
     base, theirs, ours = build(kind, args.dim, args.rank)
-    fwd = median_times([forward(m, x, dy) for m in (base, theirs, ours)], args.repeats)
-    fb = median_times([forward_backward(m, x, dy) for m in (base, theirs, ours)], args.repeats)
+    fwd, fwd_rounds, fwd_flt, fwd_redone = median_times(
+        [forward(m, x, dy) for m in (base, theirs, ours)], args.rounds, args.block
+    )
+    fb, fb_rounds, fb_flt, fb_redone = median_times(
+        [forward_backward(m, x, dy) for m in (base, theirs, ours)], args.rounds, args.block
+    )
     return {
         "fwd_peft": fwd[1] / fwd[0],
         "fwd_ours": fwd[2] / fwd[0],
         "fb_peft": fb[1] / fb[0],
         "fb_ours": fb[2] / fb[0],
+        "fwd_ours_quartiles": _spread(fwd_rounds, 2),
+        "fb_ours_quartiles": _spread(fb_rounds, 2),
+        "fwd_faults": fwd_flt,
+        "fb_faults": fb_flt,
+        "redone_blocks": fwd_redone + fb_redone,
         "mem_peft": saved_bytes(theirs, x) / 2**20,
         "mem_ours": saved_bytes(ours, x) / 2**20,
         "base_fwd_ms": fwd[0] * 1e3,
         "base_fb_ms": fb[0] * 1e3,
     }
+
+
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+"""glibc tunables (read at process start) that keep freed memory mapped: no page faults on reuse."""
 
 
 def main() -> None:
@@ -191,10 +271,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--rounds", type=int, default=9, help="blocks per layer (medians over all blocks)")
+    parser.add_argument("--block", type=int, default=3, help="timed calls per block")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=3, help="fresh processes per kind (medians shown)")
     parser.add_argument(
-        "--trials", type=int, default=3, help="runs per kind; the least disturbed one is shown"
+        "--steady-malloc", action="store_true", help="glibc keeps freed memory mapped (see the docstring)"
     )
     parser.add_argument(
         "--one", choices=KINDS, help=argparse.SUPPRESS
@@ -203,13 +285,16 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one, args)))
         return
+    env = {**os.environ, **(STEADY_MALLOC if args.steady_malloc else {})}
     print(
         f"torch {torch.__version__}, {args.threads} threads, Linear {args.dim}x{args.dim}, {args.tokens} tokens, "
-        f"float32, median of {args.repeats}; each kind in fresh processes"
+        f"float32, median of {args.rounds}x{args.block} calls; each kind in {args.trials} fresh processes; "
+        f"allocator: {'steady (glibc thresholds raised)' if args.steady_malloc else 'glibc defaults'}"
     )
     header = (
-        f"{'kind':8} | {'fwd PEFT':>8} {'fwd ours':>8} {'ours/PEFT':>9} | "
-        f"{'f+b PEFT':>8} {'f+b ours':>8} {'ours/PEFT':>9} | {'saved MiB PEFT':>14} {'ours':>6}"
+        f"{'kind':8} | {'fwd PEFT':>8} {'fwd ours':>8} {'ours/PEFT':>9} {'range':>11} | "
+        f"{'f+b PEFT':>8} {'f+b ours':>8} {'ours/PEFT':>9} {'range':>11} | {'saved MiB PEFT':>14} {'ours':>6} | "
+        f"{'flt f+b base/PEFT/ours':>22}"
     )
     print(header)
     print("-" * len(header))
@@ -218,19 +303,34 @@ def main() -> None:
         command = [sys.executable, __file__, "--one", kind, *sys.argv[1:]]
         trials = []
         for _ in range(args.trials):
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
             trials.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        # other work on a shared machine slows a trial down as a whole: keep the one whose base layer ran fastest
-        r = min(trials, key=lambda t: t["base_fwd_ms"] + t["base_fb_ms"])
+        # each column is the median over the trials; picking one trial by its base time would bias the ratios (a
+        # trial whose base layer happened to run fast shows every ratio too high)
+        med = {
+            key: statistics.median(t[key] for t in trials)
+            for key in ("fwd_peft", "fwd_ours", "fb_peft", "fb_ours")
+        }
+        fwd_vs = sorted(t["fwd_ours"] / t["fwd_peft"] for t in trials)
+        fb_vs = sorted(t["fb_ours"] / t["fb_peft"] for t in trials)
+        fb_ours = sorted(t["fb_ours"] for t in trials)
+        r = sorted(trials, key=lambda t: t["fb_ours"])[len(trials) // 2]  # the median trial, for the details
+        faults = "/".join(f"{f:g}" for f in r["fb_faults"])
         print(
-            f"{kind:8} | {r['fwd_peft']:8.3f} {r['fwd_ours']:8.3f} {r['fwd_ours'] / r['fwd_peft']:9.3f} | "
-            f"{r['fb_peft']:8.3f} {r['fb_ours']:8.3f} {r['fb_ours'] / r['fb_peft']:9.3f} | "
-            f"{r['mem_peft']:14.2f} {r['mem_ours']:6.2f}   (base {r['base_fwd_ms']:.1f} / {r['base_fb_ms']:.1f} ms)",
+            f"{kind:8} | {med['fwd_peft']:8.3f} {med['fwd_ours']:8.3f} {statistics.median(fwd_vs):9.3f} "
+            f"{fwd_vs[0]:5.3f}-{fwd_vs[-1]:5.3f} | "
+            f"{med['fb_peft']:8.3f} {med['fb_ours']:8.3f} {statistics.median(fb_vs):9.3f} "
+            f"{fb_vs[0]:5.3f}-{fb_vs[-1]:5.3f} | "
+            f"{r['mem_peft']:14.2f} {r['mem_ours']:6.2f} | {faults:>22}   "
+            f"(f+b ours over trials {fb_ours[0]:.3f}-{fb_ours[-1]:.3f}, per-round quartiles of the median trial "
+            f"{'/'.join(f'{q:.3f}' for q in r['fb_ours_quartiles'])}; base {r['base_fwd_ms']:.1f} / "
+            f"{r['base_fb_ms']:.1f} ms; {sum(t['redone_blocks'] for t in trials)} blocks redone)",
             flush=True,
         )
     print(
-        f"ratios are × the plain frozen Linear in the same process; of {args.trials} trials per kind the one with the "
-        "fastest base layer is shown; saved MiB: see the module docstring"
+        f"ratios are × the plain frozen Linear in the same process, medians over {args.trials} trials per kind; "
+        "range = ours/PEFT over the trials; flt = median minor page faults per call (median trial); saved MiB: see the "
+        "module docstring"
     )
 
 

@@ -2,6 +2,13 @@
 feed-forward ones (the bias is scaled in the first form, as in HF PEFT).
 
 Merge folds l into the weight (rows, or input columns per group); unmerge divides by l + 1e-8 as HF PEFT does.
+
+Performance (measured on a 2-core CPU, Linear 1024×1024, T = 2048): the work beyond the base layer is one pass
+over the output (forward) and two over dy (backward), 1–4% of the layer; HF PEFT does the same passes. Inference
+scales the base output in place (1.005× the frozen layer against 1.015× for a new tensor). Folding l into the
+weight per call (y = x (l ⊙ W)ᵀ + l ⊙ b, d_out·d_in work instead of T·d_out) and a hand-written backward
+(dx = dy (l ⊙ W), dl = Σ_t dy ⊙ y / l) measured no faster for forward+backward (1.034 against 1.034–1.037) and
+would need the output saved instead of the pre-scale activations, so it is not used.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ class IA3Ops:
         if lp.options["feedforward"]:
             return layer.base_forward((x.to(scale.dtype) * scale).to(x.dtype))
         y = layer.base_forward(x)
+        if not torch.is_grad_enabled() and y.dtype == scale.dtype:
+            return y.mul_(scale)  # the base layer's own fresh output: no second tokens × out tensor
         return (y.to(scale.dtype) * scale).to(y.dtype)
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
