@@ -98,3 +98,34 @@ def assert_config_like_peft(
     differing = {k for k in peft_config if k not in (*ignore, *as_sets) and mine[k] != peft_config[k]}
     assert not differing, {k: (mine[k], peft_config[k]) for k in differing}
     return mine, peft_config
+
+
+def live_config(wrapped: Any) -> dict[str, Any]:
+    """A live PEFT model's config as a peftdecl spec (sets as lists, training mode)."""
+    config = json.loads(json.dumps(wrapped.peft_config["default"].to_dict(), default=sorted))
+    return {**config, "inference_mode": False}
+
+
+def assert_prompt_training_like_peft(wrapped: Any, base: Any, tol: float, **batch: Any) -> None:
+    """A prompt-learning adapter attached from PEFT's live config and values gives PEFT's loss and gradients
+    (relative ≤ ``tol``); both models run in eval mode so the base model's own dropout draws no masks."""
+    trained = peftdecl.attach(base, live_config(wrapped), seed=0)
+    params = trained.trainable_parameters()
+    theirs = {
+        k.removeprefix("prompt_encoder.default."): p for k, p in wrapped.named_parameters() if p.requires_grad
+    }
+    if "prompt_embeddings" in params:  # without a projection PEFT's table is its encoder's embedding
+        theirs = {"prompt_embeddings": theirs.pop("embedding.weight"), **theirs}
+    assert set(params) == set(theirs)
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(theirs[key])
+    wrapped.eval()
+    trained.eval()
+    loss_theirs = wrapped(**batch).loss
+    loss_ours = trained(**batch).loss
+    assert rel_err(loss_ours.item(), loss_theirs.item()) <= tol
+    loss_theirs.backward()
+    loss_ours.backward()
+    for key, param in params.items():
+        assert rel_err(param.grad.numpy(), theirs[key].grad.numpy()) <= tol, key

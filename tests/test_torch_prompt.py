@@ -5,14 +5,13 @@ token for token (against greedy decoding by PEFT's forward), files both ways.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 import peftdecl
 from peftdecl.errors import PeftdeclError
 from tests.conftest import rel_err
 from tests.hf_models import peft, tiny_gpt2, tiny_llama, torch
+from tests.peft_parity import assert_prompt_training_like_peft
 
 pytestmark = pytest.mark.peft
 
@@ -54,33 +53,8 @@ def test_same_logits_loss_and_table_gradient_as_peft(kind: str, model: str, tmp_
     assert got.shape == expected.shape  # prompt tuning: T extra leading positions, as in PEFT
     assert rel_err(got.numpy(), expected.numpy()) <= TOL
 
-    # training: ours attached from the same config, holding the live PEFT model's values
-    trained = peftdecl.attach(make(), json_config(wrapped), seed=0)
-    params = trained.trainable_parameters()
-    theirs = {
-        k.removeprefix("prompt_encoder.default."): p for k, p in wrapped.named_parameters() if p.requires_grad
-    }
-    if "prompt_embeddings" in params:  # without a projection PEFT's table is its encoder's embedding
-        theirs = {"prompt_embeddings": theirs.pop("embedding.weight"), **theirs}
-    assert set(params) == set(theirs)
-    with torch.no_grad():
-        for key, param in params.items():
-            param.copy_(theirs[key])
-    wrapped.eval()  # GPT-2's own dropout would draw different masks; gradients flow in eval mode too
-    trained.eval()
-    loss_theirs = wrapped(input_ids=ids, attention_mask=mask, labels=ids).loss
-    loss_ours = trained(input_ids=ids, attention_mask=mask, labels=ids).loss
-    assert rel_err(loss_ours.item(), loss_theirs.item()) <= TOL
-    loss_theirs.backward()
-    loss_ours.backward()
-    for key, param in params.items():
-        assert rel_err(param.grad.numpy(), theirs[key].grad.numpy()) <= TOL, key
-
-
-def json_config(wrapped) -> dict:
-    """The live PEFT config as a spec (sets as lists, training mode)."""
-    config = json.loads(json.dumps(wrapped.peft_config["default"].to_dict(), default=sorted))
-    return {**config, "inference_mode": False}
+    # training: ours attached from PEFT's live config and values gives PEFT's loss and gradients
+    assert_prompt_training_like_peft(wrapped, make(), TOL, input_ids=ids, attention_mask=mask, labels=ids)
 
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])

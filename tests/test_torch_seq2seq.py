@@ -5,14 +5,13 @@ relative, greedy generation token for token, files both ways.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 import peftdecl
 from peftdecl.errors import PeftdeclError
 from tests.conftest import rel_err
 from tests.hf_models import peft, tiny_t5, torch
+from tests.peft_parity import assert_prompt_training_like_peft, live_config
 
 pytestmark = pytest.mark.peft
 
@@ -42,11 +41,6 @@ def peft_t5(kind: str):
     return peft.get_peft_model(tiny_t5(), CONFIGS[kind]())
 
 
-def json_config(wrapped) -> dict:
-    config = json.loads(json.dumps(wrapped.peft_config["default"].to_dict(), default=sorted))
-    return {**config, "inference_mode": False}
-
-
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_same_logits_loss_and_gradients_as_peft(kind: str, tmp_path) -> None:
     wrapped = peft_t5(kind)
@@ -64,26 +58,10 @@ def test_same_logits_loss_and_gradients_as_peft(kind: str, tmp_path) -> None:
         plain = tiny_t5()(input_ids=ids, attention_mask=mask, labels=labels).logits
         assert rel_err(plain.numpy(), expected.numpy()) > 1e-2  # the virtual tokens do change the result
 
-    trained = peftdecl.attach(tiny_t5(), json_config(wrapped), seed=0)
-    params = trained.trainable_parameters()
-    theirs = {
-        k.removeprefix("prompt_encoder.default."): p for k, p in wrapped.named_parameters() if p.requires_grad
-    }
-    if "prompt_embeddings" in params:  # without a projection PEFT's table is its encoder's embedding
-        theirs = {"prompt_embeddings": theirs.pop("embedding.weight"), **theirs}
-    assert set(params) == set(theirs)
-    with torch.no_grad():
-        for key, param in params.items():
-            param.copy_(theirs[key])
-    wrapped.eval()  # T5's own dropout would draw different masks; gradients flow in eval mode too
-    trained.eval()
-    loss_theirs = wrapped(input_ids=ids, attention_mask=mask, labels=labels).loss
-    loss_ours = trained(input_ids=ids, attention_mask=mask, labels=labels).loss
-    assert rel_err(loss_ours.item(), loss_theirs.item()) <= TOL
-    loss_theirs.backward()
-    loss_ours.backward()
-    for key, param in params.items():
-        assert rel_err(param.grad.numpy(), theirs[key].grad.numpy()) <= TOL, key
+    # training: ours attached from PEFT's live config and values gives PEFT's loss and gradients
+    assert_prompt_training_like_peft(
+        wrapped, tiny_t5(), TOL, input_ids=ids, attention_mask=mask, labels=labels
+    )
 
 
 def test_prompt_tuning_generation_matches_peft(tmp_path) -> None:
@@ -124,7 +102,7 @@ def test_prefix_tuning_generation_equals_greedy_decoding_by_peft_forward(tmp_pat
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix_projection"])
 def test_our_file_loads_in_peft_with_the_same_logits(kind: str, tmp_path) -> None:
-    spec = json_config(peft_t5(kind))
+    spec = live_config(peft_t5(kind))
     ours = peftdecl.attach(tiny_t5(), spec, seed=3)
     ours.save(tmp_path)
     loaded = peft.PeftModel.from_pretrained(tiny_t5(), tmp_path)
