@@ -26,7 +26,13 @@ parameters (counted with torch.autograd.graph.saved_tensors_hooks, one count per
 layer adds to a training step's activation memory; transient buffers inside forward or backward are not counted.
 
     .venv/bin/python benchmarks/compare_torch_peft.py [--kinds lora dora ...] [--rounds 9] [--block 3]
-        [--threads 2] [--trials 3] [--steady-malloc]
+        [--threads 2] [--trials 3] [--steady-malloc] [--device cuda] [--dtype bfloat16] [--in-process]
+
+On a GPU (``--device cuda``) every timed call ends with ``torch.cuda.synchronize()``, TF32 stays off (float32 is
+float32), and the table adds the peak CUDA memory of one forward+backward beyond what was allocated before it.
+``--in-process`` measures all kinds in one process (the CUDA caching allocator does not carry the CPU allocator's
+history effects, and each fresh process costs seconds of imports). PEFT's BOFT would compile a CUDA extension
+with ninja on first use; the script keeps it on its torch.block_diag fallback, which gives the same numbers.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,40 +101,52 @@ class Holder(nn.Module):
         return self.m(x)
 
 
-def build(kind: str, dim: int, r: int) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(plain frozen Linear, PEFT's layer, peftdecl's layer), all on the same base weights."""
+def build(
+    kind: str, dim: int, r: int, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(plain frozen Linear, PEFT's layer, peftdecl's layer), all on the same base weights; adapters stay float32
+    on a half-precision base, as both libraries keep them."""
     import peft
+    from peft.tuners.boft import layer as boft_layer
 
+    if device != "cpu":
+        boft_layer._FBD_CUDA = False  # see the module docstring
     torch.manual_seed(0)
-    base = nn.Linear(dim, dim)
+    base = nn.Linear(dim, dim).to(device, dtype)
     base.requires_grad_(False)
-    peft_config, spec = configs(kind, r)
-    theirs = peft.get_peft_model(Holder(_copy(base)), peft_config).base_model.model.m
-    ours = peftdecl.attach(Holder(_copy(base)), spec, seed=0)
-    with (
-        torch.no_grad()
-    ):  # non-trivial values for tensors a fresh adapter leaves at zero (PEFT's and ours alike)
+    peft_config, _ = configs(kind, r)
+    wrapped = peft.get_peft_model(Holder(_copy(base)), peft_config)
+    theirs = wrapped.base_model.model.m
+    with torch.no_grad():  # non-trivial values for the tensors a fresh adapter leaves at zero
         gen = torch.Generator().manual_seed(1)
-        for param in (
-            *[p for p in theirs.parameters() if p.requires_grad],
-            *ours.trainable_parameters().values(),
-        ):
-            param.add_(0.01 * torch.randn(param.shape, generator=gen))
+        for param in theirs.parameters():
+            if param.requires_grad:
+                param.add_(0.01 * torch.randn(param.shape, generator=gen).to(param))
+    with tempfile.TemporaryDirectory() as folder:  # ours reads PEFT's file: the same numbers on both sides
+        wrapped.save_pretrained(folder)
+        ours = peftdecl.load_adapter(Holder(_copy(base)), folder)
     for layer in (base, theirs, ours.engine.layer("m")):
         layer.train()
     return base, theirs, ours.engine.layer("m")
 
 
 def _copy(layer: nn.Linear) -> nn.Linear:
-    clone = nn.Linear(layer.in_features, layer.out_features)
+    clone = nn.Linear(layer.in_features, layer.out_features).to(layer.weight)
     clone.load_state_dict(layer.state_dict())
     return clone
 
 
+def _synchronize(x: torch.Tensor) -> Callable[[], None]:
+    return torch.cuda.synchronize if x.is_cuda else lambda: None
+
+
 def forward(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
+    sync = _synchronize(x)
+
     def run() -> None:
         with torch.no_grad():
             layer(x)
+        sync()
 
     return run
 
@@ -135,14 +154,39 @@ def forward(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[],
 def forward_backward(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
     params = [p for p in layer.parameters() if p.requires_grad]
     xg = x.clone().requires_grad_(True)
+    sync = _synchronize(x)
 
     def run() -> None:
         xg.grad = None
         for p in params:
             p.grad = None
         layer(xg).backward(dy)
+        sync()
 
     return run
+
+
+def disagreement(theirs: nn.Module, ours: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> float:
+    """Largest relative difference between PEFT's and peftdecl's output and input gradient at this shape."""
+    results = []
+    for layer in (theirs, ours):
+        xg = x.clone().requires_grad_(True)
+        y = layer(xg)
+        y.backward(dy)
+        results.append((y.detach().double(), xg.grad.double()))
+        for p in layer.parameters():
+            p.grad = None
+    return max(float((a - b).norm() / b.norm()) for a, b in zip(*results, strict=True))
+
+
+def peak_mib(run: Callable[[], None]) -> float:
+    """Peak CUDA memory of one call beyond what was allocated before it (MiB)."""
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    run()
+    return (torch.cuda.max_memory_allocated() - start) / 2**20
 
 
 def _others_busy() -> int | None:
@@ -165,7 +209,7 @@ def _minor_faults() -> int:
 
 
 def median_times(
-    calls: list[Callable[[], None]], rounds: int, block: int, retries: int = 20
+    calls: list[Callable[[], None]], rounds: int, block: int, retries: int = 20, watch_cpu: bool = True
 ) -> tuple[list[float], list[list[float]], list[float], int]:
     """Time each call: (median seconds, per-round block medians, median faults per call, blocks redone).
 
@@ -173,7 +217,7 @@ def median_times(
     random order: a block measures a layer in steady state (what another layer left behind in the allocator and
     caches is paid by the untimed call), and the rounds spread drift on a shared machine over all layers alike.
     A block during which other processes used more than one jiffy of CPU is timed again (up to ``retries``
-    times)."""
+    times; not with ``watch_cpu=False``, for GPU timings, which other processes' CPU use barely touches)."""
     order = random.Random(0)
     samples: list[list[float]] = [[] for _ in calls]
     per_round: list[list[float]] = [[] for _ in calls]
@@ -191,7 +235,13 @@ def median_times(
                     times.append(time.perf_counter() - start)
                     flts.append(_minor_faults() - f0)
                 after = _others_busy()
-                if before is None or after is None or after - before <= 1 or attempt == retries:
+                if (
+                    not watch_cpu
+                    or before is None
+                    or after is None
+                    or after - before <= 1
+                    or attempt == retries
+                ):
                     break
                 redone += 1
                 time.sleep(0.05)
@@ -234,17 +284,27 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
 def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     """Ratios to the base layer and saved-tensor MiB for one kind, in this process."""
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.tokens, args.dim, generator=gen)
-    dy = torch.randn(args.tokens, args.dim, generator=gen)
-    base, theirs, ours = build(kind, args.dim, args.rank)
+    x = torch.randn(args.tokens, args.dim, generator=gen).to(args.device, dtype)
+    dy = torch.randn(args.tokens, args.dim, generator=gen).to(args.device, dtype)
+    base, theirs, ours = build(kind, args.dim, args.rank, args.device, dtype)
     fwd, fwd_rounds, fwd_flt, fwd_redone = median_times(
-        [forward(m, x, dy) for m in (base, theirs, ours)], args.rounds, args.block
+        [forward(m, x, dy) for m in (base, theirs, ours)], args.rounds, args.block, watch_cpu=not x.is_cuda
     )
     fb, fb_rounds, fb_flt, fb_redone = median_times(
-        [forward_backward(m, x, dy) for m in (base, theirs, ours)], args.rounds, args.block
+        [forward_backward(m, x, dy) for m in (base, theirs, ours)],
+        args.rounds,
+        args.block,
+        watch_cpu=not x.is_cuda,
+    )
+    peaks = (
+        [peak_mib(forward_backward(m, x, dy)) for m in (base, theirs, ours)] if x.is_cuda else [0.0, 0.0, 0.0]
     )
     return {
+        "peak_mib": peaks,
+        "rel_err": disagreement(theirs, ours, x, dy),
         "fwd_peft": fwd[1] / fwd[0],
         "fwd_ours": fwd[2] / fwd[0],
         "fb_peft": fb[1] / fb[0],
@@ -278,6 +338,9 @@ def main() -> None:
     parser.add_argument(
         "--steady-malloc", action="store_true", help="glibc keeps freed memory mapped (see the docstring)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--in-process", action="store_true", help="all kinds and trials in this process")
     parser.add_argument(
         "--one", choices=KINDS, help=argparse.SUPPRESS
     )  # internal: measure one kind, print JSON
@@ -286,9 +349,11 @@ def main() -> None:
         print(json.dumps(measure(args.one, args)))
         return
     env = {**os.environ, **(STEADY_MALLOC if args.steady_malloc else {})}
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.threads} threads"
     print(
-        f"torch {torch.__version__}, {args.threads} threads, Linear {args.dim}x{args.dim}, {args.tokens} tokens, "
-        f"float32, median of {args.rounds}x{args.block} calls; each kind in {args.trials} fresh processes; "
+        f"torch {torch.__version__}, {where}, Linear {args.dim}x{args.dim}, {args.tokens} tokens, "
+        f"{args.dtype} base, median of {args.rounds}x{args.block} calls; {args.trials} trials per kind "
+        f"{'in this process' if args.in_process else 'in fresh processes'}; "
         f"allocator: {'steady (glibc thresholds raised)' if args.steady_malloc else 'glibc defaults'}"
     )
     header = (
@@ -303,6 +368,9 @@ def main() -> None:
         command = [sys.executable, __file__, "--one", kind, *sys.argv[1:]]
         trials = []
         for _ in range(args.trials):
+            if args.in_process:
+                trials.append(measure(kind, args))
+                continue
             done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
             trials.append(json.loads(done.stdout.strip().splitlines()[-1]))
         # each column is the median over the trials; picking one trial by its base time would bias the ratios (a
@@ -316,6 +384,11 @@ def main() -> None:
         fb_ours = sorted(t["fb_ours"] for t in trials)
         r = sorted(trials, key=lambda t: t["fb_ours"])[len(trials) // 2]  # the median trial, for the details
         faults = "/".join(f"{f:g}" for f in r["fb_faults"])
+        peaks = f"; ours vs PEFT rel err {r['rel_err']:.1e}" + (
+            "; peak f+b MiB base/PEFT/ours " + "/".join(f"{m:.1f}" for m in r["peak_mib"])
+            if r["peak_mib"][0]
+            else ""
+        )
         print(
             f"{kind:8} | {med['fwd_peft']:8.3f} {med['fwd_ours']:8.3f} {statistics.median(fwd_vs):9.3f} "
             f"{fwd_vs[0]:5.3f}-{fwd_vs[-1]:5.3f} | "
@@ -324,7 +397,7 @@ def main() -> None:
             f"{r['mem_peft']:14.2f} {r['mem_ours']:6.2f} | {faults:>22}   "
             f"(f+b ours over trials {fb_ours[0]:.3f}-{fb_ours[-1]:.3f}, per-round quartiles of the median trial "
             f"{'/'.join(f'{q:.3f}' for q in r['fb_ours_quartiles'])}; base {r['base_fwd_ms']:.1f} / "
-            f"{r['base_fb_ms']:.1f} ms; {sum(t['redone_blocks'] for t in trials)} blocks redone)",
+            f"{r['base_fb_ms']:.2f} ms; {sum(t['redone_blocks'] for t in trials)} blocks redone{peaks})",
             flush=True,
         )
     print(

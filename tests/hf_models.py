@@ -96,4 +96,4 @@ def perturb(peft_wrapped: Any, seed: int = 7, scale: float = 0.05) -> None:
     with torch.no_grad():
         for param in peft_wrapped.parameters():
             if param.requires_grad:
-                param.add_(scale * torch.randn(param.shape, generator=gen))
+                param.add_(scale * torch.randn(param.shape, generator=gen).to(param.device))

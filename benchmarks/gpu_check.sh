@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The torch backend's GPU checks in one run, for a machine with a CUDA device:
+#   1. tests/test_torch_cuda.py: every kind vs the float64 NumPy reference on the device (forward, gradients, merge)
+#      and the model-level checks against real HF PEFT on the same device (logits, loss, gradients, step, merge,
+#      generate, mixed batch, prompt/prefix, half-precision bases, DoRA's peak memory);
+#   2. benchmarks/compare_torch_peft.py on the device, float32 and bfloat16 bases, with each kind's agreement
+#      with PEFT at the benchmark's shape.
+# Results go to $OUT (default benchmarks/results/gpu); each step has its own time limit so a slow one cannot
+# starve the next.  Usage: OUT=dir bash benchmarks/gpu_check.sh [dim] [tokens]
+set -u
+out=${OUT:-benchmarks/results/gpu}
+dim=${1:-4096}
+tokens=${2:-8192}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    $python -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, 'peft', peft.__version__)"
+} >"$out/env.txt" 2>&1
+cat "$out/env.txt"
+timeout 300 $python -m pytest -q -n 8 -p no:cacheprovider -W ignore::UserWarning -W ignore::FutureWarning \
+    tests/test_torch_cuda.py tests/test_torch_model.py::test_cuda_layers_follow_the_base_device 2>&1 |
+    tee "$out/tests.txt" | tail -40
+for dtype in float32 bfloat16; do
+    timeout 150 $python -W ignore benchmarks/compare_torch_peft.py --device cuda --dtype "$dtype" --dim "$dim" \
+        --tokens "$tokens" --rank 16 --rounds 5 --block 3 --trials 1 --in-process 2>&1 | tee "$out/bench_$dtype.txt"
+done

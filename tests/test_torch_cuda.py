@@ -1,0 +1,249 @@
+"""The torch backend on a CUDA device: every kind against the float64 NumPy reference, and the model-level checks
+against the real HF PEFT running on the same device.
+
+Skipped without a GPU. ``PEFTDECL_TEST_DEVICE=cpu`` runs the same checks on the CPU, which is how the checks
+themselves are tested on machines without one. TF32 is switched off for matrix products and convolutions so float32
+stays float32; tolerances are the CPU suite's: float32 relative ≤ 1e-5 (forward, gradients, loss, parameters after
+a step), float64 ≤ 1e-10, merged float32 weights ≤ 1e-6, half-precision bases ≤ 2e-2 against float64.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import peftdecl
+from tests.conftest import rel_err
+from tests.hf_models import peft, peft_model, perturb, tiny_llama, torch
+from tests.test_torch_kinds import CASES, PAIRS, TOL, Holder, available, fused, make_layer
+from tests.test_torch_peft import KINDS, QV, ids, peft_saved, peft_trainable
+
+DEVICE = os.environ.get("PEFTDECL_TEST_DEVICE", "cuda")
+pytestmark = [
+    pytest.mark.peft,
+    pytest.mark.skipif(
+        DEVICE == "cuda" and not torch.cuda.is_available(),
+        reason="no CUDA device (PEFTDECL_TEST_DEVICE=cpu runs these checks on the CPU)",
+    ),
+]
+MODEL_TOL = 1e-5
+MERGE_TOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """Full float32 products: TF32 (cuDNN's default for convolutions) would round inputs to 10 mantissa bits."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
+def _no_peft_extension_build(monkeypatch):
+    """PEFT's BOFT compiles a CUDA extension with ninja on first use (a minute of nvcc on a GPU machine); it only
+    builds the block-diagonal rotation, which its fallback builds with torch.block_diag to the same numbers."""
+    from peft.tuners.boft import layer as boft_layer
+
+    monkeypatch.setattr(boft_layer, "_FBD_CUDA", False)
+
+
+def host(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def on_device(case: str, layer: str, dtype: torch.dtype, seed: int = 3):
+    """(peftdecl model on DEVICE, NumPy reference, float64 input, the same input on DEVICE)."""
+    from peftdecl_torch.inventory import numpy_model
+
+    base, x_shape = make_layer(layer)
+    base = Holder(base).to(dtype)
+    state, layer_types, facts = numpy_model(base)
+    spec = CASES[case][0]
+    reference = peftdecl.attach(state, spec, layer_types=layer_types, seed=seed, backend="numpy", **facts)
+    ours = peftdecl.attach(base.to(DEVICE), spec, seed=seed)
+    rng = np.random.default_rng(seed)
+    if x_shape is None:
+        x = rng.integers(0, 11, size=(3, 4))
+        return ours, reference, x, torch.tensor(x, device=DEVICE)
+    x = rng.normal(size=x_shape).astype(np.float32).astype(np.float64)
+    return ours, reference, x, torch.tensor(x, dtype=dtype, device=DEVICE, requires_grad=True)
+
+
+@pytest.mark.parametrize("path", ["fused", "composed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize(("case", "layer"), PAIRS, ids=[f"{c}-{lay}" for c, lay in PAIRS])
+def test_kind_on_device_matches_numpy_reference(case: str, layer: str, dtype, path: str, monkeypatch) -> None:
+    reason = available(case, layer)
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setattr(fused, "ENABLED", path == "fused")
+    ours, reference, x, xt = on_device(case, layer, dtype)
+    params = ours.trainable_parameters()
+    assert all(p.device.type == DEVICE for p in params.values())
+    tol = TOL[dtype]
+    expected, tape = reference.engine.layer_forward("m", x)
+    dy = np.random.default_rng(1).normal(size=expected.shape)
+    expected_grads = reference.engine.layer_backward("m", tape, dy)
+    with torch.no_grad():
+        assert rel_err(host(ours(xt)), expected) <= tol
+    y = ours(xt)
+    assert y.device.type == DEVICE and y.dtype == dtype
+    assert rel_err(host(y), expected) <= tol
+    y.backward(torch.tensor(dy, dtype=dtype, device=DEVICE))
+    for key, param in params.items():
+        assert rel_err(host(param.grad), expected_grads[key]) <= tol, key
+    if xt.is_floating_point():
+        assert rel_err(host(xt.grad), expected_grads["input"]) <= tol
+
+    ours.merge()
+    reference.merge()
+    merge_tol = 1e-10 if dtype == torch.float64 else MERGE_TOL
+    merged = reference.base_weight("m")
+    assert rel_err(ours.base_weight("m"), merged) <= merge_tol
+    ours.unmerge()
+    reference.unmerge()
+    restored = reference.base_weight("m")
+    # W + ΔW − ΔW rounds relative to the merged weight, which tiny random adapters make larger than W itself
+    grown = max(1.0, float(np.linalg.norm(merged) / np.linalg.norm(restored)))
+    assert rel_err(ours.base_weight("m"), restored) <= merge_tol * grown
+
+
+def llama_on_device():
+    return tiny_llama().to(DEVICE)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_peft_file_on_device_gives_peft_logits_loss_gradients_and_step(kind: str, tmp_path) -> None:
+    wrapped = peft_saved(kind, tmp_path, base=llama_on_device())
+    ours = peftdecl.load_adapter(llama_on_device(), tmp_path)
+    x = ids(seed=1).to(DEVICE)
+    with torch.no_grad():
+        assert rel_err(host(ours(input_ids=x).logits), host(wrapped(input_ids=x).logits)) <= MODEL_TOL
+    wrapped.train()
+    ours.train()
+    theirs_params, our_params = peft_trainable(wrapped), ours.trainable_parameters()
+    assert set(our_params) == set(theirs_params)
+    loss_theirs = wrapped(input_ids=x, labels=x).loss
+    loss_ours = ours(input_ids=x, labels=x).loss
+    if kind == "adalora":  # PeftModelForCausalLM adds AdaLoRA's orthogonality term to the loss
+        from peftdecl_torch.kinds.adalora import orthogonal_regularizer
+
+        loss_ours = loss_ours + orthogonal_regularizer(ours.plan(), our_params)
+    assert rel_err(loss_ours.item(), loss_theirs.item()) <= MODEL_TOL
+    loss_theirs.backward()
+    loss_ours.backward()
+    for key, param in our_params.items():
+        assert rel_err(host(param.grad), host(theirs_params[key].grad)) <= MODEL_TOL, key
+    torch.optim.SGD(list(our_params.values()), lr=0.5).step()
+    torch.optim.SGD(list(theirs_params.values()), lr=0.5).step()
+    for key, param in our_params.items():
+        assert rel_err(host(param), host(theirs_params[key])) <= MODEL_TOL, key
+
+    ours.eval()
+    wrapped.eval()
+    merged_ours, merged_theirs = ours.merge_and_unload(), wrapped.merge_and_unload()
+    theirs = merged_theirs.state_dict()
+    for key, value in merged_ours.state_dict().items():
+        assert value.device.type == DEVICE, key
+        # merged after the step: the stepped adapters agree to MODEL_TOL, and so do the weights built from them
+        assert rel_err(host(value), host(theirs[key])) <= MODEL_TOL, key
+
+
+def test_saved_from_device_loads_in_peft_and_generates_like_it(tmp_path) -> None:
+    wrapped = peft_saved("lora", tmp_path / "theirs", base=llama_on_device())
+    ours = peftdecl.load_adapter(llama_on_device(), tmp_path / "theirs")
+    prompt = ids(batch=2, length=5, seed=3).to(DEVICE)
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(
+        ours.generate(input_ids=prompt, **settings), wrapped.generate(input_ids=prompt, **settings)
+    )
+    ours.save(tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(llama_on_device(), tmp_path / "ours")
+    x = ids(seed=2).to(DEVICE)
+    with torch.no_grad():
+        assert rel_err(host(loaded(input_ids=x).logits), host(ours(input_ids=x).logits)) <= MODEL_TOL
+
+
+def test_mixed_batch_on_device_matches_peft(tmp_path) -> None:
+    wrapped = peft_model(llama_on_device(), peft.LoraConfig(r=4, target_modules=QV, init_lora_weights=False))
+    wrapped.add_adapter(
+        "other", peft.LoraConfig(r=2, target_modules=["q_proj", "o_proj"], init_lora_weights=False)
+    )
+    perturb(wrapped)
+    wrapped.save_pretrained(tmp_path)
+    wrapped.eval()
+    ours = peftdecl.load_adapter(llama_on_device(), tmp_path)
+    ours.load_adapter(tmp_path, "other")
+    names = ["other", "__base__", "default", "other"]
+    x = ids(batch=4, seed=4).to(DEVICE)
+    with torch.no_grad():
+        expected = wrapped(input_ids=x, adapter_names=names).logits
+        assert rel_err(host(ours(input_ids=x, adapter_names=names).logits), host(expected)) <= MODEL_TOL
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_prompt_learning_on_device_matches_peft(kind: str, tmp_path) -> None:
+    config = (peft.PromptTuningConfig if kind == "prompt" else peft.PrefixTuningConfig)(
+        task_type="CAUSAL_LM", num_virtual_tokens=5
+    )
+    torch.manual_seed(1234)
+    wrapped = peft.get_peft_model(llama_on_device(), config)
+    wrapped.save_pretrained(tmp_path)
+    ours = peftdecl.load_adapter(llama_on_device(), tmp_path)
+    x = ids(seed=5).to(DEVICE)
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        expected = wrapped(input_ids=x, attention_mask=mask).logits
+        assert rel_err(host(ours(input_ids=x, attention_mask=mask).logits), host(expected)) <= MODEL_TOL
+    wrapped.eval()
+    ours.eval()
+    loss_theirs = wrapped(input_ids=x, attention_mask=mask, labels=x).loss
+    loss_ours = ours(input_ids=x, attention_mask=mask, labels=x).loss
+    assert rel_err(loss_ours.item(), loss_theirs.item()) <= MODEL_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "oft"])
+def test_half_precision_base_on_device(kind: str, dtype, tmp_path) -> None:
+    peft_saved(kind, tmp_path, base=llama_on_device())
+    ours = peftdecl.load_adapter(llama_on_device().to(dtype), tmp_path)
+    assert all(
+        p.dtype == torch.float32 and p.device.type == DEVICE for p in ours.trainable_parameters().values()
+    )
+    reference = peftdecl.load_adapter(tiny_llama().double(), tmp_path)  # float64 on the CPU, same file
+    x = ids(seed=8)
+    with torch.no_grad():
+        logits = ours(input_ids=x.to(DEVICE)).logits
+        assert logits.dtype == dtype
+        assert rel_err(host(logits), host(reference(input_ids=x).logits)) <= 2e-2
+    ours.train()
+    loss = ours(input_ids=x.to(DEVICE), labels=x.to(DEVICE)).loss
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in ours.trainable_parameters().values())
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="peak device memory is read from the CUDA allocator")
+def test_dora_peak_memory_stays_within_loras_plus_o_out() -> None:
+    tokens, d, r = 2048, 1024, 16
+
+    def peak(use_dora: bool) -> int:
+        base = Holder(torch.nn.Linear(d, d)).to(DEVICE)
+        spec = {"peft_type": "LORA", "r": r, "target_modules": ["m"], "init_lora_weights": False}
+        model = peftdecl.attach(base, {**spec, "use_dora": use_dora}, seed=1)
+        x = torch.randn(tokens, d, device=DEVICE, requires_grad=True)
+        dy = torch.randn(tokens, d, device=DEVICE)
+        model(x).backward(dy)  # warm-up: lazily built caches are not part of a step's peak
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        model(x).backward(dy)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+
+    lora, dora = peak(False), peak(True)
+    # O(out_features) is a few vectors of d floats; a d×d ΔW or another tokens×d activation would add 4 or 8 MiB
+    assert dora - lora <= 64 * d * 4, (lora, dora)
