@@ -11,9 +11,19 @@ transformers = __import__("pytest").importorskip("transformers")
 peft = __import__("pytest").importorskip("peft")
 
 
-def tiny_llama(seed: int = 0, **overrides: Any) -> Any:
-    """Hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 128 (the reference page's fixture shape)."""
+LLAMA_HEADS = {
+    "causal": "LlamaForCausalLM",
+    "token": "LlamaForTokenClassification",
+    "qa": "LlamaForQuestionAnswering",
+}
+
+
+def tiny_llama(seed: int = 0, head: str = "causal", **overrides: Any) -> Any:
+    """Hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 128 (the reference page's fixture shape); ``head``
+    "causal" (the LM head), "token" (3 labels, a ``score`` Linear) or "qa" (a ``qa_outputs`` Linear to 2)."""
     torch.manual_seed(seed)
+    if head == "token":
+        overrides = {"num_labels": 3, **overrides}
     config = transformers.LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
@@ -24,7 +34,7 @@ def tiny_llama(seed: int = 0, **overrides: Any) -> Any:
         max_position_embeddings=64,
         **overrides,
     )
-    return transformers.LlamaForCausalLM(config).eval()
+    return getattr(transformers, LLAMA_HEADS[head])(config).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> Any:
@@ -53,9 +63,18 @@ def tiny_t5(seed: int = 0) -> Any:
     return model
 
 
+BERT_HEADS = {
+    "classification": "BertForSequenceClassification",
+    "token": "BertForTokenClassification",
+    "qa": "BertForQuestionAnswering",
+    "none": "BertModel",
+}
+
+
 def tiny_bert(seed: int = 0, head: str = "classification") -> Any:
     """BERT: hidden 32, 2 layers, 4 heads, intermediate 64, vocab 100; ``head`` "classification" (3 labels,
-    a ``classifier`` Linear) or "none" (the bare BertModel with its pooler)."""
+    a ``classifier`` Linear), "token" (3 labels per token, a ``classifier`` Linear), "qa" (a ``qa_outputs``
+    Linear to 2: start and end) or "none" (the bare BertModel with its pooler)."""
     torch.manual_seed(seed)
     config = transformers.BertConfig(
         vocab_size=100,
@@ -64,10 +83,9 @@ def tiny_bert(seed: int = 0, head: str = "classification") -> Any:
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=64,
-        num_labels=3,
+        num_labels=2 if head == "qa" else 3,
     )
-    cls = transformers.BertForSequenceClassification if head == "classification" else transformers.BertModel
-    return cls(config).eval()
+    return getattr(transformers, BERT_HEADS[head])(config).eval()
 
 
 def numpy_inputs(model: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -106,14 +106,21 @@ def live_config(wrapped: Any) -> dict[str, Any]:
     return {**config, "inference_mode": False}
 
 
+def prompt_key(peft_name: str) -> str:
+    """PEFT's name for a trainable parameter of a prompt-learning model -> peftdecl's key: the prompt encoder's
+    tensors lose their prefix, a modules_to_save copy its adapter level (no tuner model sits between PeftModel and
+    the base model here, so its name starts with ``base_model.`` alone)."""
+    key = peft_name.removeprefix("prompt_encoder.default.").removeprefix("base_model.")
+    return key.replace(".modules_to_save.default.", ".")
+
+
 def assert_prompt_training_like_peft(wrapped: Any, base: Any, tol: float, **batch: Any) -> None:
     """A prompt-learning adapter attached from PEFT's live config and values gives PEFT's loss and gradients
-    (relative ≤ ``tol``); both models run in eval mode so the base model's own dropout draws no masks."""
+    (relative ≤ ``tol``), modules_to_save copies included; both models run in eval mode so the base model's own
+    dropout draws no masks."""
     trained = peftdecl.attach(base, live_config(wrapped), seed=0)
     params = trained.trainable_parameters()
-    theirs = {
-        k.removeprefix("prompt_encoder.default."): p for k, p in wrapped.named_parameters() if p.requires_grad
-    }
+    theirs = {prompt_key(k): p for k, p in wrapped.named_parameters() if p.requires_grad}
     if "prompt_embeddings" in params:  # without a projection PEFT's table is its encoder's embedding
         theirs = {"prompt_embeddings": theirs.pop("embedding.weight"), **theirs}
     assert set(params) == set(theirs)

@@ -30,8 +30,9 @@ from peftdecl_torch.layer import (
     SavedModule,
     adapter_dtype,
 )
-from peftdecl_torch.prompting import classification_call, generation_inputs, prompt_call
+from peftdecl_torch.prompting import generation_inputs, prompt_call
 from peftdecl_torch.seq2seq import seq2seq_call, seq2seq_generate
+from peftdecl_torch.task_heads import HEAD_TASKS, head_rules
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -276,18 +277,14 @@ class TorchEngine:
         return self._prompts[found[0]] if found else None
 
     def _prompt_rules(self, prompt: PromptAdapter) -> Callable[..., Any]:
-        """How HF PEFT feeds this prompt adapter: its seq2seq, sequence-classification or language-model rules."""
+        """How HF PEFT feeds this prompt adapter: its seq2seq, task-head (SEQ_CLS, TOKEN_CLS, QUESTION_ANS) or
+        language-model rules."""
         if self._info.is_encoder_decoder:
             return seq2seq_call
         name = next(n for n, p in self._prompts.items() if p is prompt)
         task = self._plans[name].spec.task_type
-        if task == "SEQ_CLS":
-            return classification_call
-        if task in ("TOKEN_CLS", "QUESTION_ANS"):
-            raise PeftdeclError(
-                f"{self._plans[name].kind} with task_type {task} is not supported by the torch backend yet "
-                "(CAUSAL_LM, SEQ_2_SEQ_LM and SEQ_CLS are)"
-            )
+        if task in HEAD_TASKS:
+            return head_rules(task)
         return prompt_call
 
     def _embedding(self) -> nn.Module:

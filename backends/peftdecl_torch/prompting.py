@@ -5,7 +5,8 @@ ones and the labels T leading −100 (so the logits carry T extra leading positi
 model's KV cache: a ``DynamicCache`` holding every layer's key/value prefix (grouped-query attention included),
 the mask gets T leading ones and explicit position ids are shifted by T. ``generate`` gets the same inputs on its
 first step through a ``prepare_inputs_for_generation`` override that is removed when generation ends, however it
-ends. ``task_type`` SEQ_CLS follows PEFT's classification rules instead (:func:`classification_call`).
+ends. Models with a task head (``task_type`` SEQ_CLS, TOKEN_CLS, QUESTION_ANS) follow PEFT's rules for those
+instead (:mod:`peftdecl_torch.task_heads`).
 Encoder-decoder models (T5) are handled in :mod:`peftdecl_torch.seq2seq`; the helpers shared with it live here.
 """
 
@@ -133,44 +134,6 @@ def prompt_call(
         embeds = embed(input_ids)
     embeds, mask, labels = prepend(adapter.table(), embeds, mask, kwargs.pop("labels", None))
     return call(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
-
-
-def classification_call(
-    call: Callable[..., Any],
-    adapter: PromptAdapter,
-    embed: nn.Module,
-    dtype: torch.dtype,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
-    """HF PEFT's sequence-classification rules (``task_type`` SEQ_CLS): the mask gets T leading ones and the labels,
-    one per sequence, stay as they are. Prompt tuning runs the model on [P; embed(ids)] with T leading zeros in the
-    token type ids; prefix tuning hands its cache to a model whose forward takes one and is refused otherwise (as
-    PEFT refuses it: BERT under transformers 5 has no cache)."""
-    check_decoder_only(adapter)
-    kwargs, input_ids, embeds, batch = split_inputs(args, kwargs)
-    t = adapter.plan.num_virtual_tokens
-    mask = kwargs.pop("attention_mask", None)
-    if mask is not None:
-        mask = torch.cat([mask.new_ones(batch, t), mask], dim=1)
-    types = kwargs.pop("token_type_ids", None)  # PEFT keeps them here, unlike in the language-model rules
-    adjust_ids(adapter, kwargs)
-    if adapter.plan.kind == "prefix_tuning":
-        if not accepts_cache(call):
-            raise PeftdeclError(
-                f"prefix tuning needs a model whose forward takes a KV cache; {type(call).__name__} takes none "
-                "(HF PEFT refuses it too): use prompt tuning or LoRA-style adapters"
-            )
-        set_cache(kwargs, cache_argument(call), prefix_cache(adapter, batch, dtype))
-        return call(
-            input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, token_type_ids=types, **kwargs
-        )
-    if types is not None:
-        types = torch.cat([types.new_zeros(batch, t), types], dim=1)
-    if embeds is None:
-        embeds = embed(input_ids)
-    embeds = prepend(adapter.table(), embeds, None, None)[0]
-    return call(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types, **kwargs)
 
 
 @contextmanager
