@@ -13,6 +13,8 @@ from peftdecl_numpy.kinds import supported_kinds
 
 _KINDS = supported_kinds()
 _ADDITIVE = tuple(k for k in ("lora", "adalora", "loha", "lokr", "vera") if k in _KINDS)
+# every layer kind composes with the others on a layer (peftdecl_numpy.compose); prompt learning has no layers
+_LAYER_KINDS = tuple(k for k in _KINDS if k not in ("prefix_tuning", "prompt_tuning"))
 
 
 class NumpyBackend:
@@ -26,7 +28,7 @@ class NumpyBackend:
         devices=("cpu",),
         dtypes=("float64",),
         mixed_batch=_ADDITIVE,
-        multi_active=_ADDITIVE,
+        multi_active=_LAYER_KINDS,
         requires=("numpy",),
     )
 

@@ -14,8 +14,9 @@ import numpy as np
 
 from peftdecl.backend import BASE_ROW as BASE
 from peftdecl.backend import check_adapter_names, trainable_key
-from peftdecl.errors import BackendError, PeftdeclError
+from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerInfo, LayerPlan, ModelInfo, Plan
+from peftdecl_numpy import compose
 from peftdecl_numpy.kinds import Context, ops_for
 from peftdecl_numpy.layers import BaseLayer
 
@@ -78,9 +79,12 @@ class NumpyEngine:
         return out
 
     def merge(self, names: tuple[str, ...]) -> None:
+        """Merge each adapter in turn into the weights as they are (with several, the order matters)."""
         for name in names:
             for lp in self._plans[name].layers:
                 base = self._layers[lp.module]
+                if base.unmerged is None:
+                    base.unmerged = base.weight.copy()
                 base.weight, base.bias = ops_for(lp.kind).merge(lp, base, self._layer_params(name, lp))
             self._merged.append(name)
 
@@ -89,6 +93,8 @@ class NumpyEngine:
             for lp in self._plans[name].layers:
                 base = self._layers[lp.module]
                 base.weight, base.bias = ops_for(lp.kind).unmerge(lp, base, self._layer_params(name, lp))
+        for base in self._layers.values():
+            base.unmerged = None
         self._merged = []
 
     def unload(self) -> dict[str, np.ndarray]:
@@ -152,16 +158,19 @@ class NumpyEngine:
         ctx = Context(self.training, self.rng)
         if adapter_names is not None:
             return self._mixed_forward(module, base, x, list(adapter_names), ctx)
-        running = [
-            (n, self._plans[n].layer(module)) for n in self._running() if module in self._plans[n].targets
-        ]
+        running = []
+        for name in self._running():
+            if module in self._plans[name].targets:
+                lp = self._plans[name].layer(module)
+                running.append(compose.Running(name, lp, ops_for(lp.kind), self._layer_params(name, lp)))
         if not running:
             return base.forward(x), {"x": x, "running": []}
         if len(running) == 1:
-            name, lp = running[0]
-            y, cache = ops_for(lp.kind).forward(lp, base, self._layer_params(name, lp), x, ctx)
+            name, lp, ops, params = running[0]
+            y, cache = ops.forward(lp, base, params, x, ctx)
             return y, {"x": x, "running": [(name, lp, cache)]}
-        return self._summed_forward(base, x, running, ctx)
+        y, composed = compose.forward(base, running, x, ctx)
+        return y, {"x": x, "running": [(name, lp, None) for name, lp, _, _ in running], "composed": composed}
 
     def layer_backward(self, module: str, tape: dict[str, Any], dy: np.ndarray) -> dict[str, Any]:
         """Gradients: ``"input"`` -> dL/dx, and each trainable tensor -> its gradient, keyed as
@@ -170,16 +179,17 @@ class NumpyEngine:
         running = tape["running"]
         if not running:
             return {"input": base.input_grad(tape["x"], dy)}
-        grads: dict[str, Any] = {}
-        dx_total = None
-        for name, lp, cache in running:
+        if "composed" in tape:
+            dx, by_adapter = compose.backward(base, tape["composed"], dy)
+        else:
+            name, lp, cache = running[0]
             dx, own = ops_for(lp.kind).backward(lp, base, self._layer_params(name, lp), cache, dy)
+            by_adapter = {name: own}
+        grads: dict[str, Any] = {}
+        for name, lp, _ in running:
+            own = by_adapter[name]
             grads.update({trainable_key(name, lp.key(k), self._active): v for k, v in own.items()})
-            dx_total = dx if dx_total is None else dx_total + dx
-        if dx_total is not None and len(running) > 1:
-            # every additive term carried the base gradient; keep it once
-            dx_total = dx_total - (len(running) - 1) * base.input_grad(tape["x"], dy)
-        grads["input"] = dx_total
+        grads["input"] = dx
         return grads
 
     # -- prompt learning (prefix / prompt tuning; math in kinds/prompt.py) ----------------------------------
@@ -224,22 +234,6 @@ class NumpyEngine:
 
     def _layer_params(self, name: str, lp: LayerPlan) -> dict[str, np.ndarray]:
         return {**self._params[name].get("", {}), **self._params[name][lp.module]}
-
-    def _summed_forward(
-        self, base: BaseLayer, x: np.ndarray, running: list[tuple[str, LayerPlan]], ctx: Context
-    ) -> tuple[np.ndarray, dict[str, Any]]:
-        kinds = {lp.kind for _, lp in running}
-        if not all(ops_for(k).additive for k in kinds):
-            raise BackendError(
-                f"the numpy backend combines several active adapters only for additive kinds, not {kinds}"
-            )
-        y0 = base.forward(x)
-        y, caches = y0.copy(), []
-        for name, lp in running:
-            y_i, cache = ops_for(lp.kind).forward(lp, base, self._layer_params(name, lp), x, ctx)
-            y += y_i - y0
-            caches.append((name, lp, cache))
-        return y, {"x": x, "running": caches}
 
     def _mixed_forward(
         self, module: str, base: BaseLayer, x: np.ndarray, names: list[str], ctx: Context

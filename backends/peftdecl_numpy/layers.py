@@ -25,6 +25,12 @@ class BaseLayer:
     bias: np.ndarray | None = None
     merge_state: dict[int, Any] = field(default_factory=dict)
     """What a kind must remember between merge and unmerge (e.g. DoRA's weight norm), keyed by id(LayerPlan)."""
+    unmerged: np.ndarray | None = None
+    """The weight before the first of the merged adapters, kept while any is merged."""
+
+    def unmerged_weight(self) -> np.ndarray:
+        """The weight with no adapter merged in: what DoRA's norm is taken on when merging, as in HF PEFT."""
+        return self.weight if self.unmerged is None else self.unmerged
 
     def forward(self, x: np.ndarray, weight: np.ndarray | None = None, with_bias: bool = True) -> np.ndarray:
         """The layer's output with ``weight`` (default: its own) in the IR layout."""

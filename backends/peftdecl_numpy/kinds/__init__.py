@@ -8,6 +8,10 @@ A kind module exposes ``OPS``, an object with ``kind``, ``additive`` and:
 - ``merge(lp, base, p) -> (W, b)`` and ``unmerge(lp, base, p) -> (W, b)``: the base weights with the
   adapter folded in or taken out again (``base`` holds the current weights).
 
+A non-additive kind also says how it composes with other adapters active on the same layer
+(:mod:`peftdecl_numpy.compose`): ``composition(lp)`` is ``"output"`` (with ``output_map`` and its backward) or
+``"input"`` (with ``weight_map``, its backward and an ``input_order``).
+
 ``p`` maps the layer's tensor names (``lora_A.weight``) to float64 arrays.
 """
 

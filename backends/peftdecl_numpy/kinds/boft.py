@@ -5,7 +5,10 @@ x M is computed factor by factor (x B_i: gather by P_i, rotate blockwise by Q_i,
 dense d × d product. Merged: W' = diag(s) W Mᵀ; unmerge uses M⁻¹ = Mᵀ (Q is exactly orthogonal). Conv2d
 rotates the flattened patches the convolution reads, i.e. y = conv(x; diag(s) W Mᵀ) + b, which is what HF
 PEFT's conv forward computes (it builds that weight). Training-mode ``boft_dropout`` is HF PEFT's: one factor
-drawn at random has int(p·D) random blocks replaced by I.
+drawn at random has int(p·D) random blocks replaced by I. Several active adapters: y = ((x M_k ⋯ M_1) Wᵀ) ⊙
+s_1 ⋯ s_k + b, HF PEFT's product (the last adapter transforms the input first), which is also their merge in turn.
+Each adapter uses its own butterfly permutations; HF PEFT's layer keeps the last-added adapter's for all (they
+differ only with its CUDA extension: without it every adapter has one factor and P = I).
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ def butterfly_matrix(lp: LayerPlan, p: Params) -> np.ndarray:
 class BoftOps:
     kind = "boft"
     additive = False
+    # HF PEFT multiplies the active adapters' butterflies as M_k ⋯ M_1: the last one transforms the input first
+    input_order = "reversed"
 
     def forward(
         self, lp: LayerPlan, base: BaseLayer, p: Params, x: np.ndarray, ctx: Context
@@ -112,12 +117,38 @@ class BoftOps:
         grad_s = (grad_y * cache["pre"]).reshape(-1, scale.size).sum(axis=0).reshape(p["boft_s"].shape)
         grad_rot = (grad_y * scale) @ base.weight.reshape(base.weight.shape[0], -1)
         grad_h, grad_q = butterfly_backward(cache["inputs"], cache["used"], perms(lp), grad_rot)
-        if cache["dropped"] is not None:
-            grad_q = np.where(cache["dropped"][..., None, None], 0.0, grad_q)
-        grad_skew = cayley_backward(cache["s"], cache["q"], grad_q)
-        grad_r = 0.5 * (grad_skew - np.swapaxes(grad_skew, -1, -2))
         dx = conv_patches_backward(grad_h, cache["x"].shape, *_conv_args(info)) if info.is_conv else grad_h
-        return dx, {"boft_R": grad_r, "boft_s": grad_s}
+        return dx, {"boft_R": _rotation_grad(cache, grad_q), "boft_s": grad_s}
+
+    # -- with other adapters on the layer (peftdecl_numpy.compose) -----------------------------------------
+    def composition(self, lp: LayerPlan) -> str:
+        """BOFT rotates the input the base reads and scales its output rows: a map of the weight."""
+        return "input"
+
+    def weight_map(
+        self, lp: LayerPlan, base: BaseLayer, p: Params, w: np.ndarray, ctx: Context
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """W' = diag(s) W Mᵀ (its merge): y = ((x M) Wᵀ) ⊙ s + b."""
+        s_mat, q = orthogonal_blocks(p)
+        dropped = dropped_blocks(lp, q.shape[:2], ctx)
+        used = q if dropped is None else np.where(dropped[..., None, None], np.eye(q.shape[-1]), q)
+        m, inputs = butterfly(np.eye(lp.options["width"]), used, perms(lp))
+        flat = w.reshape(w.shape[0], -1)
+        rotated = flat @ m.T
+        cache = {"s": s_mat, "q": q, "used": used, "dropped": dropped, "inputs": inputs, "m": m}
+        cache.update(w=flat, rotated=rotated)
+        return (p["boft_s"].reshape(-1, 1) * rotated).reshape(w.shape), cache
+
+    def weight_map_backward(
+        self, lp: LayerPlan, base: BaseLayer, p: Params, cache: dict[str, Any], dw: np.ndarray
+    ) -> tuple[np.ndarray, Params]:
+        grad = dw.reshape(dw.shape[0], -1)
+        grad_s = (grad * cache["rotated"]).sum(axis=1).reshape(p["boft_s"].shape)
+        grad_rotated = p["boft_s"].reshape(-1, 1) * grad
+        grad_m = grad_rotated.T @ cache["w"]  # d(W Mᵀ) = dW Mᵀ + W dMᵀ
+        _, grad_q = butterfly_backward(cache["inputs"], cache["used"], perms(lp), grad_m)
+        grads = {"boft_R": _rotation_grad(cache, grad_q), "boft_s": grad_s}
+        return (grad_rotated @ cache["m"]).reshape(dw.shape), grads
 
     def delta_weight(self, lp: LayerPlan, base: BaseLayer, p: Params) -> np.ndarray:
         """W' − W (BOFT is multiplicative; provided for inspection)."""
@@ -132,6 +163,14 @@ class BoftOps:
         w = base.weight.reshape(base.weight.shape[0], -1)
         restored = (w / p["boft_s"].reshape(-1, 1)) @ butterfly_matrix(lp, p)
         return restored.reshape(base.weight.shape), base.bias
+
+
+def _rotation_grad(cache: dict[str, Any], grad_q: np.ndarray) -> np.ndarray:
+    """dL/dR of the stored blocks from dL/dQ of the blocks applied (dropped blocks get none)."""
+    if cache["dropped"] is not None:
+        grad_q = np.where(cache["dropped"][..., None, None], 0.0, grad_q)
+    grad_skew = cayley_backward(cache["s"], cache["q"], grad_q)
+    return 0.5 * (grad_skew - np.swapaxes(grad_skew, -1, -2))
 
 
 def _conv_args(info: Any) -> tuple:

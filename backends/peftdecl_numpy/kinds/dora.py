@@ -8,9 +8,10 @@ convolutions normalise over every axis but the output channel. n comes from the 
 
 Zero rows: where n = 0 (W + s·B A has an all-zero row) HF PEFT divides by zero (NaN/inf, issue #2049). Here
 g is 1 on such rows and m gets no gradient there: the row behaves as plain LoRA and every output stays finite.
-Merge: W' = g ⊙ (W + ΔW) with n taken from the unmerged W and cached; unmerge: W = W' / g − ΔW with that n.
-n comes from the layer's weight as it is when merging; HF PEFT instead takes earlier merged adapters out first
-(lora/layer.py ``_unmerged_base_weight``), so merging DoRA on top of another merged adapter differs from it.
+Merge: W' = g ⊙ (W + ΔW) with n cached for unmerge (W = W' / g − ΔW). As in HF PEFT, n is taken on the weight
+without the adapters merged before (the one forward reads), while g multiplies the weight as it is, so merging
+several DoRA adapters in turn gives W' = g₂ ⊙ (g₁ ⊙ (W + ΔW₁) + ΔW₂), the weight of their composed forward.
+With other adapters on the layer DoRA rescales the output they built (:meth:`DoraOps.output_map`).
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ class DoraOps:
     # not additive: HF PEFT refuses DoRA in mixed batches, and g rescales the base output
     additive = False
 
+    def composition(self, lp: LayerPlan) -> str:
+        """With other adapters on the layer, g rescales the output they built (HF PEFT's DoRA takes the running
+        result as its base result)."""
+        return "output"
+
     def weight_norm(self, lp: LayerPlan, base: BaseLayer, p: Params) -> np.ndarray:
         """n = ‖W + s·ΔW‖ per row of the current base weight, a constant for the gradients."""
         return dora_weight_norm(lp, base.weight, p)
@@ -89,23 +95,43 @@ class DoraOps:
     def forward(
         self, lp: LayerPlan, base: BaseLayer, p: Params, x: np.ndarray, ctx: Context
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        s, n = lp.scaling, self.weight_norm(lp, base, p)
-        g = magnitude_scale(p[MAGNITUDE], n)
-        if lp.layer.type == "embedding":
-            e, u = base.forward(x), p["lora_embedding_A"].T[x]
-            v = u @ p["lora_embedding_B"].T
-            return g * (e + s * v), {"x": x, "n": n, "g": g, "u": u, "direction": e + s * v}
-        mask = dropout_mask(ctx.rng, x.shape, lp.options["dropout"]) if ctx.training else None
-        h = x if mask is None else x * mask
-        u, v = _low_rank(lp, p, h)
-        wh = base.forward(h, with_bias=False)
-        gb = _along_out(lp, g, wh.ndim)
-        y = base.forward(x) + (gb - 1.0) * wh + gb * s * v
-        return y, {"x": x, "n": n, "g": g, "h": h, "u": u, "mask": mask, "direction": wh + s * v}
+        return self.output_map(lp, base, p, x, base.forward(x), ctx)
 
     def backward(
         self, lp: LayerPlan, base: BaseLayer, p: Params, cache: dict[str, Any], dy: np.ndarray
     ) -> tuple[np.ndarray | None, Params]:
+        dy_in, dx, grads = self.output_map_backward(lp, base, p, cache, dy)
+        dx_base = base.input_grad(cache["x"], dy_in)
+        return (None if dx_base is None else dx_base + dx), grads
+
+    def output_map(
+        self, lp: LayerPlan, base: BaseLayer, p: Params, x: np.ndarray, y: np.ndarray, ctx: Context
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """y' = b + g ⊙ (y − b) + g ⊙ s·B A x for the layer's output so far y (y = W x + b alone: the DoRA
+        formula); embeddings y' = g ⊙ (y + s·B A x); with dropout in training y' = y + (g − 1) ⊙ W h + g ⊙ s·B A h."""
+        s, n = lp.scaling, self.weight_norm(lp, base, p)
+        g = magnitude_scale(p[MAGNITUDE], n)
+        if lp.layer.type == "embedding":
+            u = p["lora_embedding_A"].T[x]
+            v = u @ p["lora_embedding_B"].T
+            return g * (y + s * v), {"x": x, "n": n, "g": g, "u": u, "direction": y + s * v}
+        mask = dropout_mask(ctx.rng, x.shape, lp.options["dropout"]) if ctx.training else None
+        h = x if mask is None else x * mask
+        u, v = _low_rank(lp, p, h)
+        gb = _along_out(lp, g, y.ndim)
+        cache = {"x": x, "n": n, "g": g, "h": h, "u": u, "mask": mask}
+        if mask is None:
+            bias = 0.0 if base.bias is None else _along_out(lp, base.bias, y.ndim)
+            cache["direction"] = y - bias + s * v
+            return bias + gb * cache["direction"], cache
+        wh = base.forward(h, with_bias=False)
+        cache["direction"] = wh + s * v
+        return y + (gb - 1.0) * wh + gb * s * v, cache
+
+    def output_map_backward(
+        self, lp: LayerPlan, base: BaseLayer, p: Params, cache: dict[str, Any], dy: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None, Params]:
+        """(dL/dy, dL/dx through the low-rank path, dL/dp) of :meth:`output_map`."""
         s, n, g, u = lp.scaling, cache["n"], cache["g"], cache["u"]
         # dy/dm = direction / n on rows with n > 0; g is fixed at 1 (no gradient) on zero rows
         dg = _sum_to_rows(lp, dy * cache["direction"])
@@ -118,14 +144,15 @@ class DoraOps:
             grad_a_t = np.zeros_like(p["lora_embedding_A"].T)
             np.add.at(grad_a_t, x.reshape(-1), du.reshape(-1, du.shape[-1]))
             grad_b = dv.reshape(-1, dv.shape[-1]).T @ u.reshape(-1, u.shape[-1])
-            return None, {"lora_embedding_A": grad_a_t.T, "lora_embedding_B": grad_b, MAGNITUDE: grad_m}
+            grads = {"lora_embedding_A": grad_a_t.T, "lora_embedding_B": grad_b, MAGNITUDE: grad_m}
+            return gb * dy, None, grads
         h, mask = cache["h"], cache["mask"]
         dh, grads = _low_rank_backward(lp, p, h, u, dv)
+        if mask is None:
+            return gb * dy, dh, {**grads, MAGNITUDE: grad_m}
         dh_base = base.input_grad(h, (gb - 1.0) * dy)
-        dx = base.input_grad(cache["x"], dy)
-        assert dx is not None and dh_base is not None
-        dh = dh + dh_base
-        return dx + (dh if mask is None else dh * mask), {**grads, MAGNITUDE: grad_m}
+        assert dh_base is not None
+        return dy, (dh + dh_base) * mask, {**grads, MAGNITUDE: grad_m}
 
     def delta_weight(self, lp: LayerPlan, base: BaseLayer, p: Params) -> np.ndarray:
         """The change merging makes to the current base weight: g ⊙ (W + ΔW) − W."""
@@ -151,7 +178,8 @@ class DoraOps:
         return base.weight / self._rows(lp, g) - LORA.delta_weight(lp, base, p), base.bias
 
     def _merged_weight(self, lp: LayerPlan, base: BaseLayer, p: Params) -> tuple[np.ndarray, np.ndarray]:
-        n = self.weight_norm(lp, base, p)
+        # n from the weight without the adapters merged before this one, as forward sees it
+        n = dora_weight_norm(lp, base.unmerged_weight(), p)
         g = magnitude_scale(p[MAGNITUDE], n)
         return self._rows(lp, g) * (base.weight + LORA.delta_weight(lp, base, p)), n
 

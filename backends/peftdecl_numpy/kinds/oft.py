@@ -2,6 +2,8 @@
 
 Merged: W' = W Rᵀ (the weight's input axis rotated); an embedding rotates its output rows, y = E[x] R, so
 E' = E R. ``use_cayley_neumann`` picks HF PEFT's Neumann series, which approximates Rᵀ of the exact transform.
+Several active adapters rotate in active order, y = base(x R₁ R₂) (an embedding: E[x] R₁ R₂), but merging them in
+turn gives W R₁ᵀ R₂ᵀ, the forward of the reversed order: HF PEFT does both, and so does the reference.
 
 Choices, where HF PEFT 0.21.2 is not a well-defined reference:
 
@@ -83,6 +85,19 @@ def full_rotation(lp: LayerPlan, r: np.ndarray, dropped: np.ndarray | None) -> n
     return np.broadcast_to(r, (lp.options["n_blocks"], *r.shape[1:]))
 
 
+def rotation_grads(lp: LayerPlan, cache: dict[str, Any], grad_rot: np.ndarray) -> Params:
+    """dL/du of the stored parameter from dL/d(the n blocks applied), through sharing, dropout and the map."""
+    grad_r = grad_rot.sum(axis=0, keepdims=True) if cache["r"].shape[0] == 1 else grad_rot
+    if cache["dropped"] is not None:
+        grad_r = np.where(cache["dropped"][:, None, None], 0.0, grad_r)
+    q, r, opts = cache["q"], cache["r"], lp.options
+    if opts["use_cayley_neumann"]:
+        grad_q = neumann_backward(q, opts["num_cayley_neumann_terms"], grad_r)
+    else:
+        grad_q = cayley_backward(q, r, grad_r)
+    return {param_name(lp): triu_grad(grad_q)}
+
+
 def _flat(w: np.ndarray) -> np.ndarray:
     return w.reshape(w.shape[0], -1)
 
@@ -94,14 +109,14 @@ def _conv_args(info: Any) -> tuple:
 class OftOps:
     kind = "oft"
     additive = False
+    input_order = "active"  # HF PEFT rotates the input by each active adapter in turn: x ↦ x R_1 R_2 ⋯
 
     def forward(
         self, lp: LayerPlan, base: BaseLayer, p: Params, x: np.ndarray, ctx: Context
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        q, r = block_rotations(lp, p)
-        dropped = dropped_blocks(lp, r.shape[0], ctx)
-        rot = full_rotation(lp, r, dropped)
-        cache: dict[str, Any] = {"x": x, "q": q, "r": r, "rot": rot, "dropped": dropped}
+        cache = self._rotations(lp, p, ctx)
+        cache["x"] = x
+        rot = cache["rot"]
         info = lp.layer
         if info.type == "embedding":
             cache["h"] = base.forward(x)
@@ -132,15 +147,47 @@ class OftOps:
             dx = conv_patches_backward(grad_in, cache["x"].shape, *_conv_args(info))
         elif info.type != "embedding":
             dx = grad_in
-        grad_r = grad_rot.sum(axis=0, keepdims=True) if cache["r"].shape[0] == 1 else grad_rot
-        if cache["dropped"] is not None:
-            grad_r = np.where(cache["dropped"][:, None, None], 0.0, grad_r)
-        q, r, opts = cache["q"], cache["r"], lp.options
-        if opts["use_cayley_neumann"]:
-            grad_q = neumann_backward(q, opts["num_cayley_neumann_terms"], grad_r)
-        else:
-            grad_q = cayley_backward(q, r, grad_r)
-        return dx, {param_name(lp): triu_grad(grad_q)}
+        return dx, rotation_grads(lp, cache, grad_rot)
+
+    # -- with other adapters on the layer (peftdecl_numpy.compose) -----------------------------------------
+    def composition(self, lp: LayerPlan) -> str:
+        """An embedding's rotation acts on the output built so far; any other layer's on its input."""
+        return "output" if lp.layer.type == "embedding" else "input"
+
+    def output_map(
+        self, lp: LayerPlan, base: BaseLayer, p: Params, x: np.ndarray, y: np.ndarray, ctx: Context
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """y' = y R (an embedding's output so far, rotated blockwise)."""
+        cache = self._rotations(lp, p, ctx)
+        cache["y"] = y
+        return rotate_blocks(y, cache["rot"]), cache
+
+    def output_map_backward(
+        self, lp: LayerPlan, base: BaseLayer, p: Params, cache: dict[str, Any], dy: np.ndarray
+    ) -> tuple[np.ndarray, None, Params]:
+        grad_y, grad_rot = rotate_blocks_backward(cache["y"], cache["rot"], dy)
+        return grad_y, None, rotation_grads(lp, cache, grad_rot)
+
+    def weight_map(
+        self, lp: LayerPlan, base: BaseLayer, p: Params, w: np.ndarray, ctx: Context
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """W' = W Rᵀ (each row of the flattened weight rotated by the transposed blocks): y = base(x R)."""
+        cache = self._rotations(lp, p, ctx)
+        cache["w"] = _flat(w)
+        return rotate_blocks(cache["w"], cache["rot"].transpose(0, 2, 1)).reshape(w.shape), cache
+
+    def weight_map_backward(
+        self, lp: LayerPlan, base: BaseLayer, p: Params, cache: dict[str, Any], dw: np.ndarray
+    ) -> tuple[np.ndarray, Params]:
+        rot_t = cache["rot"].transpose(0, 2, 1)
+        grad_w, grad_rot_t = rotate_blocks_backward(cache["w"], rot_t, _flat(dw))
+        return grad_w.reshape(dw.shape), rotation_grads(lp, cache, grad_rot_t.transpose(0, 2, 1))
+
+    @staticmethod
+    def _rotations(lp: LayerPlan, p: Params, ctx: Context) -> dict[str, Any]:
+        q, r = block_rotations(lp, p)
+        dropped = dropped_blocks(lp, r.shape[0], ctx)
+        return {"q": q, "r": r, "rot": full_rotation(lp, r, dropped), "dropped": dropped}
 
     def rotation(self, lp: LayerPlan, p: Params) -> np.ndarray:
         """The n rotation blocks the adapter applies (eval mode)."""
