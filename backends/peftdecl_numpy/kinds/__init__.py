@@ -9,8 +9,8 @@ A kind module exposes ``OPS``, an object with ``kind``, ``additive`` and:
   adapter folded in or taken out again (``base`` holds the current weights).
 
 A non-additive kind also says how it composes with other adapters active on the same layer
-(:mod:`peftdecl_numpy.compose`): ``composition(lp)`` is ``"output"`` (with ``output_map`` and its backward) or
-``"input"`` (with ``weight_map``, its backward and an ``input_order``).
+(:mod:`peftdecl.composition`): ``composition(lp)`` is OUTPUT (with ``output_map`` and its backward) or INPUT (with
+``weight_map``, its backward and an ``input_order``); :mod:`peftdecl_numpy.compose` runs them.
 
 ``p`` maps the layer's tensor names (``lora_A.weight``) to float64 arrays.
 """

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from peftdecl.composition import INPUT
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.boft import butterfly_perms
 from peftdecl_numpy.kinds import Context
@@ -123,7 +124,7 @@ class BoftOps:
     # -- with other adapters on the layer (peftdecl_numpy.compose) -----------------------------------------
     def composition(self, lp: LayerPlan) -> str:
         """BOFT rotates the input the base reads and scales its output rows: a map of the weight."""
-        return "input"
+        return INPUT
 
     def weight_map(
         self, lp: LayerPlan, base: BaseLayer, p: Params, w: np.ndarray, ctx: Context

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from peftdecl.composition import OUTPUT
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.dora import MAGNITUDE, dora_weight_norm
@@ -86,7 +87,7 @@ class DoraOps:
     def composition(self, lp: LayerPlan) -> str:
         """With other adapters on the layer, g rescales the output they built (HF PEFT's DoRA takes the running
         result as its base result)."""
-        return "output"
+        return OUTPUT
 
     def weight_norm(self, lp: LayerPlan, base: BaseLayer, p: Params) -> np.ndarray:
         """n = ‖W + s·ΔW‖ per row of the current base weight, a constant for the gradients."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
 from peftdecl_numpy.kinds import Context
 from peftdecl_numpy.layers import BaseLayer
@@ -42,7 +43,7 @@ class IA3Ops:
 
     def composition(self, lp: LayerPlan) -> str:
         """A feed-forward vector scales the input the base reads, any other the output built so far."""
-        return "input" if lp.options["feedforward"] else "output"
+        return INPUT if lp.options["feedforward"] else OUTPUT
 
     def forward(
         self, lp: LayerPlan, base: BaseLayer, p: Params, x: np.ndarray, ctx: Context

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
 from peftdecl_numpy.kinds import Context
 from peftdecl_numpy.layers import BaseLayer
@@ -152,7 +153,7 @@ class OftOps:
     # -- with other adapters on the layer (peftdecl_numpy.compose) -----------------------------------------
     def composition(self, lp: LayerPlan) -> str:
         """An embedding's rotation acts on the output built so far; any other layer's on its input."""
-        return "output" if lp.layer.type == "embedding" else "input"
+        return OUTPUT if lp.layer.type == "embedding" else INPUT
 
     def output_map(
         self, lp: LayerPlan, base: BaseLayer, p: Params, x: np.ndarray, y: np.ndarray, ctx: Context
