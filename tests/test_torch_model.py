@@ -137,12 +137,21 @@ def test_several_active_additive_adapters_sum_their_contributions(kinds) -> None
         assert rel_err(layer(x).numpy(), (base + sum(deltas)).numpy()) <= 1e-10
 
 
-def test_several_active_non_additive_adapters_are_refused() -> None:
-    model = peftdecl.attach(Tiny(), LORA, seed=1)
-    model.add_adapter("ia3", IA3)
-    model.set_adapter(["default", "ia3"])
-    with pytest.raises(PeftdeclError, match="additive kinds"):
-        run(model, inputs())
+def test_several_active_adapters_of_other_kinds_compose_in_active_order() -> None:
+    # IA3 on an attention-type layer scales the output built so far: LoRA's contribution too when it comes
+    # after LoRA, not when it comes before (peftdecl.composition; PEFT parity in test_torch_multi_active.py)
+    model = peftdecl.attach(Tiny(torch.float64), LORA, seed=1)
+    model.add_adapter("ia3", IA3, seed=2)
+    layer, x = model.engine.layer("a"), inputs(dtype=torch.float64)
+    scale = torch.from_numpy(model.state_dict("ia3")["a.ia3_l"]).reshape(-1)
+    with torch.no_grad(), model.disable_adapters():
+        base = layer(x)
+    with torch.no_grad():
+        lora = layer(x)
+        model.set_adapter(["default", "ia3"])
+        assert rel_err(layer(x).numpy(), (lora * scale).numpy()) <= 1e-12
+        model.set_adapter(["ia3", "default"])
+        assert rel_err(layer(x).numpy(), (base * scale + lora - base).numpy()) <= 1e-12
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

@@ -15,6 +15,8 @@ from peftdecl_torch.kinds import ADDITIVE_KINDS, supported_kinds
 
 _KINDS = supported_kinds()
 _ADDITIVE = tuple(k for k in ADDITIVE_KINDS if k in _KINDS)
+# every layer kind composes with the others on a layer (peftdecl.composition); prompt learning has no layers
+_LAYER_KINDS = tuple(k for k in _KINDS if k not in ("prefix_tuning", "prompt_tuning"))
 
 
 def _is_torch_module(model: Any) -> bool:
@@ -36,7 +38,7 @@ class TorchBackend:
         devices=("cpu", "cuda"),
         dtypes=("float32", "float64", "bfloat16", "float16"),
         mixed_batch=_ADDITIVE,
-        multi_active=_ADDITIVE,
+        multi_active=_LAYER_KINDS,
         # linear layers of these kinds run hand-written autograd Functions (kinds/_fused.py)
         fused_kernels=tuple(k for k in ("lora", "adalora", "dora", "oft", "vera") if k in _KINDS),
         requires=("torch",),

@@ -1,8 +1,9 @@
 """The wrappers the torch backend puts in place of a model's modules.
 
-``AdaptedLayer`` replaces a targeted layer: y = base(x) with each running adapter applied by its kind's ops
-(additive kinds: y = base(x) + Σ_a Δ_a(x)). ``SavedModule`` replaces a ``modules_to_save`` module: the active
-adapter's trainable copy runs instead of the original. Both read the engine's shared switches (active adapters,
+``AdaptedLayer`` replaces a targeted layer: y = base(x) with each running adapter applied by its kind's ops;
+several compose by the rules of :mod:`peftdecl.composition` (additive kinds: y = base(x) + Σ_a Δ_a(x)).
+``SavedModule`` replaces a ``modules_to_save`` module: the active adapter's trainable copy runs instead of the
+original. Both read the engine's shared switches (active adapters,
 enabled, merged) and the per-call ``adapter_names`` (mixed batches) from a context variable.
 """
 
@@ -22,6 +23,7 @@ from torch import nn
 from peftdecl.backend import BASE_ROW as BASE
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerInfo, LayerPlan
+from peftdecl_torch import compose
 from peftdecl_torch.kinds import ops_for
 
 
@@ -96,6 +98,7 @@ class AdaptedLayer(nn.Module):
         self._caches: dict[str, dict[str, Any]] = {}
         self.scratch: dict[str, Any] = {}
         """Kind-level caches keyed by what they depend on (e.g. DoRA's ‖W‖² by the weight's version)."""
+        self._unmerged: torch.Tensor | None = None
 
     # -- adapters ------------------------------------------------------------------------------------------
     @property
@@ -248,7 +251,10 @@ class AdaptedLayer(nn.Module):
 
     # -- merging -------------------------------------------------------------------------------------------
     def merge(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weight as it is (adapters merged before stay in)."""
         lp = self._plans[name]
+        if not self._merged_here() and self._keeps_unmerged():
+            self._unmerged = self.weight_ir().detach().clone()
         with torch.no_grad():
             weight, bias = ops_for(lp.kind).merge(lp, self, self.tensors(name), self._caches[name])
         self.write_base(weight, bias)
@@ -259,6 +265,30 @@ class AdaptedLayer(nn.Module):
             weight, bias = ops_for(lp.kind).unmerge(lp, self, self.tensors(name), self._caches[name])
         self.write_base(weight, bias)
         self._caches[name].clear()
+        if not self._merged_here():
+            self._unmerged = None
+
+    def unmerged_weight_ir(self) -> torch.Tensor:
+        """The base weight (IR layout) without the adapters merged into it: what DoRA's norm is taken on when it
+        merges after others, as in HF PEFT (which takes them out and puts them back)."""
+        if self._unmerged is not None:
+            return self._unmerged
+        if self._merged_here():
+            raise PeftdeclError(
+                f"{self.module_name}: an adapter added after the merge needs the unmerged weight; "
+                "unmerge() and merge again"
+            )
+        return self.weight_ir()
+
+    def _merged_here(self) -> list[str]:
+        # the engine records a name as merged once every layer of its plan has merged it
+        return [n for n in self._state.merged if n in self._plans]
+
+    def _keeps_unmerged(self) -> bool:
+        # a copy of the weight only where a later merge can read it (memory: one weight per such layer)
+        return len(self._plans) > 1 and any(
+            getattr(ops_for(lp.kind), "merge_reads_unmerged", False) for lp in self._plans.values()
+        )
 
     # -- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,28 +307,18 @@ class AdaptedLayer(nn.Module):
             ops = ops_for(lp.kind)
             if not ops.additive or self._same_dtype(x, name):
                 return ops.forward(lp, self, self.tensors(name), x, None)
-        return self._summed_forward(x, running)
+        return self._composed_forward(x, running)
 
     def _same_dtype(self, x: torch.Tensor, name: str) -> bool:
         dtype = self._dtypes[name]
         return self.base_layer.weight.dtype == dtype and (x.dtype == dtype or not x.is_floating_point())
 
-    def _summed_forward(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
-        result = self.base_layer(x)
-        out_dtype = result.dtype
-        for name in names:
-            lp = self._plans[name]
-            ops = ops_for(lp.kind)
-            if not ops.additive:
-                kinds = sorted({self._plans[n].kind for n in names})
-                raise PeftdeclError(
-                    f"{self.module_name}: several active adapters are combined only for additive kinds "
-                    f"(LoRA, AdaLoRA, LoHa, LoKr, VeRA), not {kinds}"
-                )
-            dtype = self._dtypes[name]
-            xa = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
-            result = ops.forward(lp, self, self.tensors(name), xa, result.to(dtype))
-        return result.to(out_dtype)
+    def _composed_forward(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        running = [
+            compose.Running(n, self._plans[n], ops_for(self._plans[n].kind), self._dtypes[n], self.tensors(n))
+            for n in names
+        ]
+        return compose.forward(self, x, running)
 
     def _mixed_forward(self, x: torch.Tensor, row_adapters: RowAdapters) -> torch.Tensor:
         rows = row_adapters.for_batch(x.shape[0], self.module_name)
@@ -307,11 +327,11 @@ class AdaptedLayer(nn.Module):
             if name == BASE or name not in self._plans:
                 continue
             index = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
-            part = self._summed_forward_rows(x.index_select(0, index), result.index_select(0, index), name)
+            part = self._additive_rows(x.index_select(0, index), result.index_select(0, index), name)
             result = result.index_copy(0, index, part)
         return result
 
-    def _summed_forward_rows(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+    def _additive_rows(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         lp = self._plans[name]
         dtype = self._dtypes[name]
         xa = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x

@@ -11,6 +11,11 @@ A kind module exposes ``OPS`` with ``kind``, ``additive`` and:
   layout) and bias with the adapter folded in or taken out; ``cache`` is a per-(layer, adapter) dict that lives
   from a merge to its unmerge.
 
+A non-additive kind also says how it composes with other adapters active on the same layer
+(:mod:`peftdecl.composition`): ``composition(lp)`` is OUTPUT, with ``compose_output(lp, layer, p, x, result)``
+(the output so far, transformed), or INPUT, with ``compose_weight(lp, layer, p, weight)`` (the weight the base
+operation runs with) and an ``input_order``.
+
 ``layer`` is the :class:`peftdecl_torch.layer.AdaptedLayer` (its ``training`` flag, base layer and helpers);
 ``p`` maps the layer's tensor names (``lora_A.weight``) to tensors, shared tensors (VeRA's) included.
 
@@ -39,7 +44,7 @@ _KIND_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 ADDITIVE_KINDS = ("lora", "adalora", "loha", "lokr", "vera")
-"""Kinds whose output is base(x) + Δ(x): several may be active at once and they take part in mixed batches."""
+"""Kinds whose output is base(x) + Δ(x): they take part in mixed batches."""
 
 
 _KINDS = KindModules(__name__, _KIND_MODULES, backend="torch")

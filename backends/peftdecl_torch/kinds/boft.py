@@ -4,6 +4,7 @@ B_i = P_i · blockdiag(Q_{i,1..D}) · P_iᵀ, Q = Cayley(S) = (I − S)(I + S)�
 A linear layer sends x through the butterfly factor by factor (gathers and one batched matmul each), never forming
 M; a convolution runs with the kernel diag(s) W Mᵀ (M built from the rows of I). Merged: W' = diag(s) W Mᵀ,
 unmerged with M⁻¹ = Mᵀ. Training-mode ``boft_dropout``: one random factor has int(p·D) random blocks set to I.
+Several active adapters: y = ((x M_k ⋯ M_1) Wᵀ) ⊙ s_1 ⋯ s_k + b, HF PEFT's product, also their merge in turn.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from peftdecl.composition import INPUT
 from peftdecl.plan import LayerPlan
 from peftdecl_torch.kinds._rotation import butterfly, butterfly_perms, cayley
 
@@ -47,6 +49,8 @@ def butterfly_matrix(lp: LayerPlan, p: Params, q: torch.Tensor) -> torch.Tensor:
 class BoftOps:
     kind = "boft"
     additive = False
+    # HF PEFT multiplies the active adapters' butterflies as M_k ⋯ M_1: the last one transforms the input first
+    input_order = "reversed"
 
     def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
         q = orthogonal_blocks(lp, p, layer.training)
@@ -63,6 +67,15 @@ class BoftOps:
         if bias is not None:
             y = y + bias.to(q.dtype)
         return y.to(x.dtype)
+
+    def composition(self, lp: LayerPlan) -> str:
+        """BOFT rotates the input the base reads and scales its output rows: a map of the weight."""
+        return INPUT
+
+    def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: torch.Tensor) -> torch.Tensor:
+        """diag(s) W Mᵀ (its merge): y = ((x M) Wᵀ) ⊙ s + b."""
+        q = orthogonal_blocks(lp, p, layer.training)
+        return self._scaled_kernel(weight.to(q.dtype), butterfly_matrix(lp, p, q), p["boft_s"].reshape(-1))
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
         """W' − W (BOFT is multiplicative; provided for inspection)."""

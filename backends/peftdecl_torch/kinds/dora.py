@@ -3,7 +3,8 @@
 n comes from the factored sum ‖W‖² + 2s·⟨B, W Aᵀ⟩ + s²·⟨B, B (A Aᵀ)⟩ per row (never B·A; ‖W‖² is cached while the
 base weight is unchanged). Rows with n = 0 use g = 1 (the NumPy reference's rule). With dropout in training the
 base term is recomputed on the dropped input h: y = W x + b + (g − 1) ⊙ W h + g ⊙ s·B A h. Merge: W' = g ⊙ (W + ΔW)
-with n cached for unmerge, W = W' / g − ΔW.
+with n cached for unmerge, W = W' / g − ΔW; n is taken on the weight without earlier merged adapters, as in HF
+PEFT. With other adapters on the layer, g rescales the output they built (:meth:`DoraOps.compose_output`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
+from peftdecl.composition import OUTPUT
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.dora import MAGNITUDE
@@ -24,19 +26,29 @@ Params = dict[str, torch.Tensor]
 LAYER_TYPES = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
 
 
-def _factors(lp: LayerPlan, layer: Any, p: Params, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """2-D (W, A, B) whose rows are the directions DoRA normalises (an embedding's rows are its dimensions)."""
-    weight = layer.weight_ir().detach().to(dtype)
+def _factors(
+    lp: LayerPlan, layer: Any, p: Params, dtype: torch.dtype, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    """2-D (W, A, B) whose rows are the directions DoRA normalises (an embedding's rows are its dimensions);
+    W is the layer's current weight unless ``weight`` (IR layout) is given."""
+    weight = (layer.weight_ir() if weight is None else weight).detach().to(dtype)
     if lp.layer.type == "embedding":
         return weight.t(), p["lora_embedding_A"].detach(), p["lora_embedding_B"].detach()
     a, b = p["lora_A.weight"].detach(), p["lora_B.weight"].detach()
     return weight.reshape(weight.shape[0], -1), a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
 
 
-def weight_norm(lp: LayerPlan, layer: Any, p: Params, weight_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """n = ‖W + s·B A‖ per direction row, without forming B A and without gradient."""
+def weight_norm(
+    lp: LayerPlan,
+    layer: Any,
+    p: Params,
+    weight_sq: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """n = ‖W + s·B A‖ per direction row (W: the current weight, or ``weight``), without forming B A and without
+    gradient."""
     with torch.no_grad():
-        w, a, b = _factors(lp, layer, p, p[MAGNITUDE].dtype)
+        w, a, b = _factors(lp, layer, p, p[MAGNITUDE].dtype, weight)
         if weight_sq is None:
             weight_sq = torch.einsum("oi,oi->o", w, w)
         s = lp.scaling
@@ -130,6 +142,7 @@ def _merged(
 class DoraOps:
     kind = "dora"
     additive = False
+    merge_reads_unmerged = True  # n is taken on the weight before earlier merges (AdaptedLayer keeps it)
 
     def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
         dtype = p[MAGNITUDE].dtype
@@ -148,43 +161,54 @@ class DoraOps:
                 s,
                 lp.layer.type == "gpt2_conv1d",
             )
-        g = magnitude_scale(m, n)
         base_out = layer.base_forward(x)
+        return self.compose_output(lp, layer, p, x, base_out.to(dtype), n).to(base_out.dtype)
+
+    def composition(self, lp: LayerPlan) -> str:
+        """With other adapters on the layer, g rescales the output they built (HF PEFT's DoRA takes the running
+        result as its base result)."""
+        return OUTPUT
+
+    def compose_output(
+        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor, n: Any = None
+    ) -> torch.Tensor:
+        """b + g ⊙ (y − b) + g ⊙ s·B A x for the output so far y (in the adapter dtype); embeddings
+        g ⊙ (y + s·B A x); with dropout in training y + (g − 1) ⊙ W h + g ⊙ s·B A h."""
+        dtype, s = p[MAGNITUDE].dtype, lp.scaling
+        if n is None:
+            n = weight_norm(lp, layer, p, _weight_sq(lp, layer, p))
+        g = magnitude_scale(p[MAGNITUDE], n)
         if lp.layer.type == "embedding":
             u = layer.embed(x, p["lora_embedding_A"].t())
-            return (g * _add_expand(base_out.to(dtype), u, p["lora_embedding_B"], s)).to(base_out.dtype)
+            return g * _add_expand(result, u, p["lora_embedding_B"], s)
         xa = x.to(dtype)
         rate = lp.options["dropout"]
         dropped = layer.training and rate > 0
         h = F.dropout(xa, rate) if dropped else xa
         a, b = p["lora_A.weight"], p["lora_B.weight"]
-        bias = layer.bias
         if lp.layer.is_conv:
             k = a.ndim - 2
             v = _conv(_conv(h, a, None, lp.layer.stride, lp.layer.padding), b, None, _ones(k), (0,) * k)
         else:
             v = None
-        gb = _along_out(lp, g, base_out.ndim)
+        gb = _along_out(lp, g, result.ndim)
         if dropped:
             wh = layer.functional(h, layer.weight_ir().to(dtype), None)
             low = v if v is not None else F.linear(F.linear(h, a), b)
-            y = base_out.to(dtype) + (gb - 1.0) * wh + gb * s * low
-        else:
-            plain = base_out.to(dtype)
-            if bias is not None:
-                plain = plain - bias.to(dtype).reshape(gb.shape[1:] if lp.layer.is_conv else (-1,))
-            direction = plain + s * v if v is not None else _add_expand(plain, F.linear(h, a), b, s)
-            y = gb * direction
-            if bias is not None:
-                y = y + bias.to(dtype).reshape(gb.shape[1:] if lp.layer.is_conv else (-1,))
-        return y.to(base_out.dtype)
+            return result + (gb - 1.0) * wh + gb * s * low
+        bias = layer.bias
+        bias = None if bias is None else bias.to(dtype).reshape(gb.shape[1:] if lp.layer.is_conv else (-1,))
+        plain = result if bias is None else result - bias
+        direction = plain + s * v if v is not None else _add_expand(plain, F.linear(h, a), b, s)
+        return gb * direction if bias is None else gb * direction + bias
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
         """The change merging makes to the current base weight: g ⊙ (W + ΔW) − W."""
         return self._merged(lp, layer, p)[0] - layer.weight_ir()
 
     def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
-        merged, n = self._merged(lp, layer, p)
+        # n on the weight without the adapters merged before (the one forward reads), as in HF PEFT
+        merged, n = self._merged(lp, layer, p, layer.unmerged_weight_ir())
         cache["n"] = n  # n cannot be recovered from the merged weight, whose rows have norm |m|
         return merged, None
 
@@ -198,8 +222,10 @@ class DoraOps:
         restored = weight.to(g.dtype) / self._rows(lp, g) - LORA.delta_weight(lp, layer, p)
         return restored.to(weight.dtype), None
 
-    def _merged(self, lp: LayerPlan, layer: Any, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
-        n = weight_norm(lp, layer, p)
+    def _merged(
+        self, lp: LayerPlan, layer: Any, p: Params, norm_weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = weight_norm(lp, layer, p, weight=norm_weight)
         g = magnitude_scale(p[MAGNITUDE], n)
         weight = layer.weight_ir()
         merged = self._rows(lp, g) * (weight.to(g.dtype) + LORA.delta_weight(lp, layer, p))

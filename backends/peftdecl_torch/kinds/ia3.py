@@ -2,6 +2,8 @@
 feed-forward ones (the bias is scaled in the first form, as in HF PEFT).
 
 Merge folds l into the weight (rows, or input columns per group); unmerge divides by l + 1e-8 as HF PEFT does.
+Several active adapters multiply their vectors (peftdecl.composition), each on its own side (HF PEFT's layer keeps
+the first adapter's feed-forward flag for all of them).
 
 Performance (measured on a 2-core CPU, Linear 1024×1024, T = 2048): the work beyond the base layer is one pass
 over the output (forward) and two over dy (backward), 1–4% of the layer; HF PEFT does the same passes. Inference
@@ -17,6 +19,7 @@ from typing import Any
 
 import torch
 
+from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
 
 Params = dict[str, torch.Tensor]
@@ -32,6 +35,21 @@ def _on_features(lp: LayerPlan, l_vec: torch.Tensor) -> torch.Tensor:
 class IA3Ops:
     kind = "ia3"
     additive = False
+    input_order = "active"  # diagonal scalings commute: any order gives the same product
+
+    def composition(self, lp: LayerPlan) -> str:
+        """A feed-forward vector scales the input the base reads, any other the output built so far."""
+        return INPUT if lp.options["feedforward"] else OUTPUT
+
+    def compose_output(
+        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor
+    ) -> torch.Tensor:
+        """l ⊙ y for the output so far y (bias included), as HF PEFT multiplies the active vectors."""
+        return result * _on_features(lp, p["ia3_l"])
+
+    def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: torch.Tensor) -> torch.Tensor:
+        """W diag(l): the input scaled per input feature (per input channel of each group)."""
+        return weight * self._weight_factor(lp, p["ia3_l"])
 
     def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
         scale = _on_features(lp, p["ia3_l"])

@@ -3,7 +3,8 @@
 An embedding rotates its output, y = E[x] R; a convolution runs with the rotated kernel W Rᵀ (the patches it
 reads, rotated), as the NumPy reference defines it. ``use_cayley_neumann`` picks HF PEFT's Neumann series (≈ Rᵀ of
 the exact transform). COFT projects the stored tensor in place before each use; training-mode module dropout
-replaces int(p·n) random blocks by I.
+replaces int(p·n) random blocks by I. Several active adapters rotate in active order, y = base(x R₁ R₂) (merged in
+turn: W R₁ᵀ R₂ᵀ, the forward of the reversed order, as in HF PEFT).
 
 A linear layer (T tokens, W d_out × d_in, blocks of b) rotates whichever is smaller (:mod:`._fused`): the input,
 x ↦ x R blockwise (T·d_in·b work, composed torch ops), or, from T ≥ d_out tokens, the weight:
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds._rotation import cayley, neumann, rotate_blocks, skew_from_triu
@@ -68,10 +70,11 @@ def full_rotation(lp: LayerPlan, r: torch.Tensor, training: bool) -> torch.Tenso
     return r.expand(lp.options["n_blocks"], *r.shape[1:])
 
 
-def _rotated_kernel(layer: Any, rot: torch.Tensor) -> torch.Tensor:
-    weight = layer.weight_ir()
+def _rotated_kernel(layer: Any, rot: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """W Rᵀ, row by row, for the layer's weight or ``weight`` (IR layout)."""
+    weight = layer.weight_ir() if weight is None else weight
     flat = weight.reshape(weight.shape[0], -1).to(rot.dtype)
-    return rotate_blocks(flat, rot.transpose(1, 2)).reshape(weight.shape)  # W Rᵀ, row by row
+    return rotate_blocks(flat, rot.transpose(1, 2)).reshape(weight.shape)
 
 
 MAX_DEFECT = 0.5
@@ -160,6 +163,7 @@ def _rotate_rows_of_transpose(rot: torch.Tensor, m: torch.Tensor) -> torch.Tenso
 class OftOps:
     kind = "oft"
     additive = False
+    input_order = "active"  # HF PEFT rotates the input by each active adapter in turn: x ↦ x R₁ R₂ ⋯
 
     def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
         rot = full_rotation(lp, block_rotations(lp, p), layer.training)
@@ -173,6 +177,20 @@ class OftOps:
         if fused.fusable(lp, layer, x, rot.dtype) and fused.rotate_weight_pays(lp, x):
             return OftLinearFunction.apply(x, layer.base_layer.weight, layer.bias, rot, False)
         return layer.base_forward(rotate_blocks(x.to(rot.dtype), rot).to(x.dtype))
+
+    def composition(self, lp: LayerPlan) -> str:
+        """An embedding's rotation acts on the output built so far; any other layer's on its input."""
+        return OUTPUT if lp.layer.type == "embedding" else INPUT
+
+    def compose_output(
+        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor
+    ) -> torch.Tensor:
+        """y R: an embedding's output so far, rotated blockwise."""
+        return rotate_blocks(result, full_rotation(lp, block_rotations(lp, p), layer.training))
+
+    def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: torch.Tensor) -> torch.Tensor:
+        """W Rᵀ: the input rotated (y = base(x R))."""
+        return _rotated_kernel(layer, full_rotation(lp, block_rotations(lp, p), layer.training), weight)
 
     def rotation(self, lp: LayerPlan, p: Params) -> torch.Tensor:
         """The n rotation blocks the adapter applies (eval mode)."""
