@@ -115,16 +115,20 @@ class DoraLinearFunction(torch.autograd.Function):
         need_x, _, _, need_a, need_b, need_m = ctx.needs_input_grad[:6]
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
         g = m.reshape(-1) / n
-        dx = da = db = dm = None
+        dx = da = db = dm = scratch = None
         if need_m:  # dL/dm = Σ_t dy ⊙ z / n with z = (y − b) / g, i.e. Σ_t dy ⊙ (y − b) / m
-            dot = (dy2 * y).sum(0)
+            # sums over tokens as products with a ones vector: a CUDA reduction over dim 0 stages partial sums in
+            # a workspace twice the size of its input; the product buffer is reused for dL/dx below
+            ones = dy2.new_ones(dy2.shape[0])
+            scratch = torch.mul(dy2, y)
+            dot = torch.mv(scratch.t(), ones)
             if bias is not None:
-                dot = dot - bias * dy2.sum(0)
+                dot = dot - bias * torch.mv(dy2.t(), ones)
             dm = (dot / m.reshape(-1)).reshape(m.shape)
         if need_x:
-            dx = torch.mm(dy2, _merged(fused.weight_ir(weight, ctx.stored_in_out), a, b, m, n, s)).view(
-                x.shape
-            )
+            merged = _merged(fused.weight_ir(weight, ctx.stored_in_out), a, b, m, n, s)
+            reuse = scratch is not None and scratch.shape == (dy2.shape[0], merged.shape[1])
+            dx = (torch.mm(dy2, merged, out=scratch) if reuse else torch.mm(dy2, merged)).view(x.shape)
         if need_a:
             da = torch.mm(torch.mm(dy2, b * g[:, None]).t(), x2).mul_(s)  # s · ((dy ⊙ g) B)ᵀ x
         if need_b:
