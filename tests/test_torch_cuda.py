@@ -18,7 +18,7 @@ import peftdecl
 from tests.conftest import rel_err
 from tests.hf_models import peft, peft_model, perturb, tiny_llama, torch
 from tests.test_torch_kinds import CASES, PAIRS, TOL, Holder, available, fused, make_layer
-from tests.test_torch_peft import KINDS, QV, ids, peft_saved, peft_trainable
+from tests.test_torch_peft import KINDS, QV, ids, peft_trainable
 
 DEVICE = os.environ.get("PEFTDECL_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -115,9 +115,23 @@ def llama_on_device():
     return tiny_llama().to(DEVICE)
 
 
+def peft_saved_on_device(kind: str, folder):
+    """A PEFT model of ``kind`` on DEVICE with non-trivial adapter weights, saved in ``folder``."""
+    wrapped = peft_model(llama_on_device(), KINDS[kind]())
+    # PEFT 0.21.2 moves AdaLoRA's ranknum to the base layer's device by storing a plain tensor in a ParameterDict,
+    # which wraps it as a new Parameter with requires_grad=True: on a GPU ranknum (init_r, a constant by design,
+    # never saved) turns trainable. It is frozen again here so both sides hold PEFT's intended model.
+    for name, param in wrapped.named_parameters():
+        if ".ranknum." in name:
+            param.requires_grad_(False)
+    perturb(wrapped)
+    wrapped.save_pretrained(folder)
+    return wrapped
+
+
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_peft_file_on_device_gives_peft_logits_loss_gradients_and_step(kind: str, tmp_path) -> None:
-    wrapped = peft_saved(kind, tmp_path, base=llama_on_device())
+    wrapped = peft_saved_on_device(kind, tmp_path)
     ours = peftdecl.load_adapter(llama_on_device(), tmp_path)
     x = ids(seed=1).to(DEVICE)
     with torch.no_grad():
@@ -153,7 +167,7 @@ def test_peft_file_on_device_gives_peft_logits_loss_gradients_and_step(kind: str
 
 
 def test_saved_from_device_loads_in_peft_and_generates_like_it(tmp_path) -> None:
-    wrapped = peft_saved("lora", tmp_path / "theirs", base=llama_on_device())
+    wrapped = peft_saved_on_device("lora", tmp_path / "theirs")
     ours = peftdecl.load_adapter(llama_on_device(), tmp_path / "theirs")
     prompt = ids(batch=2, length=5, seed=3).to(DEVICE)
     settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -209,7 +223,7 @@ def test_prompt_learning_on_device_matches_peft(kind: str, tmp_path) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "oft"])
 def test_half_precision_base_on_device(kind: str, dtype, tmp_path) -> None:
-    peft_saved(kind, tmp_path, base=llama_on_device())
+    peft_saved_on_device(kind, tmp_path)
     ours = peftdecl.load_adapter(llama_on_device().to(dtype), tmp_path)
     assert all(
         p.dtype == torch.float32 and p.device.type == DEVICE for p in ours.trainable_parameters().values()
