@@ -261,3 +261,31 @@ def test_dora_peak_memory_stays_within_loras_plus_o_out() -> None:
     lora, dora = peak(False), peak(True)
     # O(out_features) is a few vectors of d floats; a d×d ΔW or another tokens×d activation would add 4 or 8 MiB
     assert dora - lora <= 64 * d * 4, (lora, dora)
+
+
+@pytest.mark.parametrize("case", ["dora+dora", "lora+dora", "ia3+ia3", "oft+oft", "boft+boft"])
+def test_several_active_adapters_on_device_match_peft(case: str, tmp_path) -> None:
+    from tests.test_torch_multi_active import peft_configs, peft_key
+
+    first, second = peft_configs(peft)[case]
+    wrapped = peft_model(llama_on_device(), first)
+    wrapped.add_adapter("other", second)
+    wrapped.base_model.set_adapter(["default", "other"])
+    perturb(wrapped)
+    wrapped.save_pretrained(tmp_path)
+    ours = peftdecl.load_adapter(llama_on_device(), tmp_path)
+    ours.load_adapter(tmp_path, "other")
+    ours.set_adapter(["default", "other"])
+    wrapped.train()
+    ours.train()
+    x = ids(seed=7).to(DEVICE)
+    loss_theirs = wrapped(input_ids=x, labels=x).loss
+    loss_ours = ours(input_ids=x, labels=x).loss
+    assert rel_err(loss_ours.item(), loss_theirs.item()) <= MODEL_TOL
+    loss_theirs.backward()
+    loss_ours.backward()
+    theirs = {peft_key(n): p for n, p in wrapped.named_parameters() if p.requires_grad}
+    params = ours.trainable_parameters()
+    assert set(params) == set(theirs)
+    for key, param in params.items():
+        assert rel_err(host(param.grad), host(theirs[key].grad)) <= MODEL_TOL, key
