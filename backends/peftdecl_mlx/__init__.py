@@ -16,6 +16,8 @@ from peftdecl_mlx.kinds import ADDITIVE_KINDS, supported_kinds
 
 _KINDS = supported_kinds()
 _ADDITIVE = tuple(k for k in ADDITIVE_KINDS if k in _KINDS)
+# every layer kind composes with the others on a layer (peftdecl.composition); prompt learning has no layers
+_LAYER_KINDS = tuple(k for k in _KINDS if k not in ("prefix_tuning", "prompt_tuning"))
 
 
 def _is_mlx_module(model: Any) -> bool:
@@ -36,7 +38,7 @@ class MlxBackend:
         devices=("cpu", "gpu"),
         dtypes=("float32", "bfloat16", "float16"),
         mixed_batch=_ADDITIVE,
-        multi_active=_ADDITIVE,
+        multi_active=_LAYER_KINDS,
         requires=("mlx",),
     )
 

@@ -14,7 +14,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from peftdecl.backend import check_adapter_names
+from peftdecl.backend import check_adapter_names, trainable_key
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.plan import LayerPlan, ModelInfo, Plan
 from peftdecl_mlx.inventory import get_module, quantized_layers, set_module
@@ -247,7 +247,8 @@ class MlxEngine:
 
     def layer_vjp(self, module: str, x: Any, dy: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(y, grads) of one adapted layer for the loss Σ y ⊙ dy: ``"input"`` -> dL/dx (not for embeddings) and
-        each trainable tensor's full IR key -> its gradient, by ``mx.value_and_grad``."""
+        each trainable tensor's full IR key (``"<adapter>/<key>"`` while several are active, as the NumPy
+        engine keys them) -> its gradient, by ``mx.value_and_grad``."""
         layer = self.layer(module)
         x = (
             mx.array(np.asarray(x))
@@ -270,8 +271,8 @@ class MlxEngine:
         param_grads, input_grad = grads if wants_input else (grads, None)
         out = {}
         for path, value in tree_flatten(param_grads):
-            tensor = path.split(".", 2)[2]  # adapters.<name>.<IR tensor name>
-            out[f"{module}.{tensor}"] = value
+            _, name, tensor = path.split(".", 2)  # adapters.<name>.<IR tensor name>
+            out[trainable_key(name, f"{module}.{tensor}", self._active)] = value
         if input_grad is not None:
             out["input"] = input_grad
         mx.eval(y, list(out.values()))

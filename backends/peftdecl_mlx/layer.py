@@ -1,5 +1,5 @@
-"""The MLX module that replaces an adapted layer: y = base(x) + Σᵢ Δᵢ(x) over the running additive adapters, or
-the whole output of one non-additive adapter (DoRA, IA3, OFT, BOFT).
+"""The MLX module that replaces an adapted layer: the whole output of one running adapter's kind, or several
+composed by the rules of :mod:`peftdecl.composition` (additive kinds: y = base(x) + Σᵢ Δᵢ(x)).
 
 The base layer is kept frozen as ``base_layer``; each adapter's tensors live in ``adapters[name]`` (an
 :class:`AdapterParams` module), so the model's parameter tree reads ``...q_proj.adapters.default.lora_A.weight``
@@ -17,8 +17,9 @@ import mlx.nn as nn
 import numpy as np
 
 from peftdecl.backend import BASE_ROW as BASE
-from peftdecl.errors import BackendError, PeftdeclError
+from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
+from peftdecl_mlx import compose
 from peftdecl_mlx.kinds import ops_for
 
 
@@ -88,6 +89,8 @@ class LayerState:
     running: tuple[str, ...] = ()
     merged: list[str] = field(default_factory=list)
     merge_cache: dict[str, dict[str, Any]] = field(default_factory=dict)
+    unmerged: mx.array | None = None
+    """The base weight before the first merged adapter, kept while any is merged where a later merge reads it."""
     rows: tuple[str, ...] | None = None
     """Mixed batch: one adapter name per batch row for the current call."""
     capture: list[tuple[mx.array, mx.array]] | None = None
@@ -208,8 +211,13 @@ class AdaptedLayer(nn.Module):
 
     # -- merging ------------------------------------------------------------------------------------------
     def merge(self, name: str) -> None:
-        lp = self.adapter_state.plans[name]
-        cache = self.adapter_state.merge_cache.setdefault(name, {})
+        """Fold adapter ``name`` into the base weight as it is (adapters merged before stay in)."""
+        state = self.adapter_state
+        lp = state.plans[name]
+        if not state.merged and len(state.plans) > 1:
+            # MLX arrays are replaced, not changed: holding the unmerged one copies nothing
+            state.unmerged = self.weight
+        cache = state.merge_cache.setdefault(name, {})
         weight, bias = ops_for(lp.kind).merge(lp, self, self.params(name), cache)
         self.set_base(weight, bias)
         self.adapter_state.merged.append(name)
@@ -220,6 +228,21 @@ class AdaptedLayer(nn.Module):
         weight, bias = ops_for(lp.kind).unmerge(lp, self, self.params(name), cache)
         self.set_base(weight, bias)
         self.adapter_state.merged.remove(name)
+        if not self.adapter_state.merged:
+            self.adapter_state.unmerged = None
+
+    def unmerged_weight(self) -> mx.array:
+        """The base weight without the adapters merged into it: what DoRA's norm is taken on when it merges after
+        others, as in HF PEFT (which takes them out and puts them back)."""
+        state = self.adapter_state
+        if state.unmerged is not None:
+            return state.unmerged
+        if state.merged:
+            raise PeftdeclError(
+                f"{self.module_name}: an adapter added after the merge needs the unmerged weight; "
+                "unmerge() and merge again"
+            )
+        return self.weight
 
     # -- forward ------------------------------------------------------------------------------------------
     def _cast(self, x: mx.array) -> mx.array:
@@ -245,17 +268,8 @@ class AdaptedLayer(nn.Module):
             name = running[0]
             y = state.ops[name].forward(state.plans[name], self, self.params(name), x)
             return y if self.layer_type == "embedding" or y.dtype == x.dtype else y.astype(x.dtype)
-        if not all(state.ops[n].additive for n in running):
-            kinds = sorted({state.plans[n].kind for n in running})
-            raise BackendError(
-                f"{self.module_name}: several active adapters are combined only for additive kinds, not {kinds}"
-            )
-        y = self.base_layer(x)
-        xa = self._cast(x)
-        for name in running:
-            delta = state.ops[name].delta(state.plans[name], self, self.params(name), xa)
-            y = y + (delta if delta.dtype == y.dtype else delta.astype(y.dtype))
-        return y
+        entries = [compose.Running(state.plans[n], state.ops[n], self.params(n)) for n in running]
+        return compose.forward(self, x, entries, self._cast(x))
 
     def _mixed(self, x: mx.array, rows: tuple[str, ...]) -> mx.array:
         if len(rows) != x.shape[0]:

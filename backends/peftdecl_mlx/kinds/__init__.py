@@ -39,7 +39,7 @@ _KIND_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 ADDITIVE_KINDS = ("lora", "adalora", "loha", "lokr", "vera")
-"""Kinds whose output is base(x) + Δ(x): several may be active at once and they take part in mixed batches."""
+"""Kinds whose output is base(x) + Δ(x): they take part in mixed batches."""
 
 
 _KINDS = KindModules(__name__, _KIND_MODULES, backend="mlx")

@@ -3,7 +3,8 @@ B_i = P_i · blockdiag(Q_{i,1..D}) · P_iᵀ, Q = Cayley(S) = (I − S)(I + S)�
 
 x M is applied factor by factor (gather, blockwise rotation, gather back), never as a dense d × d matrix.
 Merged: W' = diag(s) W Mᵀ; unmerge uses M⁻¹ = Mᵀ. Training-mode ``boft_dropout`` sets int(p·D) random blocks of
-one randomly drawn factor to I (HF PEFT's rule).
+one randomly drawn factor to I (HF PEFT's rule). Several active adapters: y = ((x M_k ⋯ M_1) Wᵀ) ⊙ s_1 ⋯ s_k + b,
+HF PEFT's product, which is also their merge in turn.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from peftdecl.composition import INPUT
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.boft import butterfly_perms
 from peftdecl_mlx.rotation import butterfly, cayley
@@ -49,11 +51,23 @@ def butterfly_matrix(lp: LayerPlan, p: Params) -> mx.array:
 class BoftOps:
     kind = "boft"
     additive = False
+    # HF PEFT multiplies the active adapters' butterflies as M_k ⋯ M_1: the last one transforms the input first
+    input_order = "reversed"
 
     def forward(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array) -> mx.array:
         rotated = butterfly(x, dropped(lp, layer, orthogonal_blocks(p)), perms(lp))
         y = (rotated @ layer.weight.T) * p["boft_s"].reshape(-1)
         return y if layer.bias is None else y + layer.bias
+
+    def composition(self, lp: LayerPlan) -> str:
+        """BOFT rotates the input the base reads and scales its output rows: a map of the weight."""
+        return INPUT
+
+    def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: mx.array) -> mx.array:
+        """diag(s) W Mᵀ (its merge): y = ((x M) Wᵀ) ⊙ s + b."""
+        q = dropped(lp, layer, orthogonal_blocks(p))
+        m = butterfly(mx.eye(lp.options["width"], dtype=q.dtype), q, perms(lp))
+        return p["boft_s"].reshape(-1, 1) * (weight @ m.T)
 
     def merge(
         self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]

@@ -4,6 +4,8 @@ For large layers n comes from the factored sum ‖W‖² + 2s·Σ B ⊙ (W Aᵀ)
 B A (‖W‖² cached for the frozen base); small ones form W + s·B A. n is reused while W, A and B are unchanged.
 Training with dropout h = dropout(x): y = W x + b + (g − 1) ⊙ W h + g ⊙ s·B A h (HF PEFT).
 Embeddings: y = g ⊙ (E[x] + s·Aᵀ[x] Bᵀ), n over the vocabulary. Rows with n = 0 keep g = 1 (the reference's rule).
+With other adapters on the layer g rescales the output they built; merging takes n on the weight without the
+adapters merged before, as HF PEFT does.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from peftdecl.composition import OUTPUT
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.dora import MAGNITUDE
@@ -91,7 +94,8 @@ class DoraOps:
     def merge(
         self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
     ) -> tuple[mx.array, mx.array | None]:
-        n = weight_norm(lp, layer, p)
+        # n on the weight without the adapters merged before (the one forward reads), as in HF PEFT
+        n = _direct_norm(lp, layer.unmerged_weight(), p)
         # n cannot be recovered from the merged weight (its rows have norm |m|), so keep it for unmerge
         cache["norm"] = n
         g = magnitude_scale(p[MAGNITUDE].reshape(-1), n)
@@ -109,10 +113,36 @@ class DoraOps:
             )
         return layer.weight / self._rows(lp, g) - LORA.delta_weight(lp, layer, p), layer.bias
 
+    def composition(self, lp: LayerPlan) -> str:
+        """With other adapters on the layer, g rescales the output they built (HF PEFT's DoRA takes the running
+        result as its base result)."""
+        return OUTPUT
+
+    def compose_output(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array, y: mx.array) -> mx.array:
+        """b + g ⊙ (y − b) + g ⊙ s·B A x for the output so far y; embeddings g ⊙ (y + s·B A x); with dropout in
+        training y + (g − 1) ⊙ W h + g ⊙ s·B A h."""
+        s = lp.scaling
+        g = magnitude_scale(p[MAGNITUDE].reshape(-1), weight_norm(lp, layer, p))
+        if lp.layer.type == "embedding":
+            return g * (y + s * (p["lora_embedding_A"].T[x] @ p["lora_embedding_B"].T))
+        h = layer.dropout(x, lp.options["dropout"])
+        v = (s * (h @ p["lora_A.weight"].T)) @ p["lora_B.weight"].T
+        if h is not x:
+            return y + (g - 1.0) * layer.base_forward(h, with_bias=False) + g * v
+        bias = layer.bias
+        return g * (y + v) if bias is None else bias + g * (y - bias + v)
+
     @staticmethod
     def _rows(lp: LayerPlan, g: mx.array) -> mx.array:
         # embeddings are stored [num_embeddings, dim] and g runs over dim; linear weights are [out, in]
         return g[None, :] if lp.layer.type == "embedding" else g[:, None]
+
+
+def _direct_norm(lp: LayerPlan, weight: mx.array, p: Params) -> mx.array:
+    """n = ‖W + s·B A‖ per direction row of ``weight``, formed densely (merging only)."""
+    a, b = _low_rank(lp, p)
+    rows = weight.T if lp.layer.type == "embedding" else weight
+    return mx.stop_gradient(mx.linalg.norm(rows.astype(a.dtype) + lp.scaling * (b @ a), axis=1))
 
 
 OPS = DoraOps()

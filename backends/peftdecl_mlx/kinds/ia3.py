@@ -1,6 +1,7 @@
 """IA3 (Liu et al., 2022) on MLX: y = l ⊙ (W x + b) for attention-type layers, y = W (l ⊙ x) + b for feed-forward.
 
 Merge: W' = diag(l) W and b' = l ⊙ b (rows), or W' = W diag(l) (columns). Unmerge divides by l + 1e-8 as HF PEFT.
+Several active adapters multiply their vectors (peftdecl.composition), each on its own side.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
 
 Params = dict[str, mx.array]
@@ -19,12 +21,25 @@ class IA3Ops:
     kind = "ia3"
     # several active IA3 adapters multiply their vectors in HF PEFT; they are not summed contributions
     additive = False
+    input_order = "active"  # diagonal scalings commute: any order gives the same product
 
     def forward(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array) -> mx.array:
         scale = p["ia3_l"].reshape(-1)
         if lp.options["feedforward"]:
             return layer.base_forward(x * scale)
         return layer.base_forward(x) * scale
+
+    def composition(self, lp: LayerPlan) -> str:
+        """A feed-forward vector scales the input the base reads, any other the output built so far."""
+        return INPUT if lp.options["feedforward"] else OUTPUT
+
+    def compose_output(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array, y: mx.array) -> mx.array:
+        """l ⊙ y for the output so far y (bias included), as HF PEFT multiplies the active vectors."""
+        return y * p["ia3_l"].reshape(-1)
+
+    def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: mx.array) -> mx.array:
+        """W diag(l): the input scaled per input feature."""
+        return weight * p["ia3_l"].reshape(-1)[None, :]
 
     def merge(
         self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]

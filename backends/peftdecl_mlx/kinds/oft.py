@@ -4,6 +4,8 @@ An embedding rotates its output rows, y = E[x] R. Merged: W' = W Rᵀ (E' = E R)
 Neumann series (``use_cayley_neumann``, which approximates Rᵀ of the exact transform) is not exactly orthogonal.
 COFT projects the stored tensor before every use so that ‖Q_i‖_F ≤ eps/√rows, with no gradient through the
 projection (HF PEFT's in-place ``_project_batch``); training-mode module_dropout sets int(p·n) random blocks to I.
+Several active adapters rotate in active order, y = base(x R₁ R₂) (merged in turn: W R₁ᵀ R₂ᵀ, the forward of the
+reversed order, as in HF PEFT).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
 from peftdecl_mlx.rotation import cayley, neumann, rotate_blocks, skew_from_triu
 
@@ -53,12 +56,26 @@ def full_rotation(lp: LayerPlan, layer: Any, r: mx.array, training: bool) -> mx.
 class OftOps:
     kind = "oft"
     additive = False
+    input_order = "active"  # HF PEFT rotates the input by each active adapter in turn: x ↦ x R₁ R₂ ⋯
 
     def forward(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array) -> mx.array:
         rot = full_rotation(lp, layer, block_rotations(lp, layer, p), layer.training)
         if lp.layer.type == "embedding":
             return rotate_blocks(layer.base_forward(x), rot)
         return layer.base_forward(rotate_blocks(x, rot))
+
+    def composition(self, lp: LayerPlan) -> str:
+        """An embedding's rotation acts on the output built so far; a linear layer's on its input."""
+        return OUTPUT if lp.layer.type == "embedding" else INPUT
+
+    def compose_output(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array, y: mx.array) -> mx.array:
+        """y R: an embedding's output so far, rotated blockwise."""
+        return rotate_blocks(y, full_rotation(lp, layer, block_rotations(lp, layer, p), layer.training))
+
+    def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: mx.array) -> mx.array:
+        """W Rᵀ (each row rotated by the transposed blocks): y = base(x R)."""
+        rot = full_rotation(lp, layer, block_rotations(lp, layer, p), layer.training)
+        return rotate_blocks(weight, rot.swapaxes(-1, -2))
 
     def rotation(self, lp: LayerPlan, layer: Any, p: Params) -> mx.array:
         """The n rotation blocks the adapter applies (eval mode)."""

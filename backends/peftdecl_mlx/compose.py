@@ -1,0 +1,44 @@
+"""Several adapters active on one layer of the MLX backend, combined by the rules of :mod:`peftdecl.composition`.
+
+y = f(x; W') + b with W' the input-side adapters' weight maps applied to W (``compose_weight``), then each additive
+adapter's Δ(x) (``delta``) and each output-side adapter (``compose_output``) in active order, in the adapter dtype;
+the result has the input's dtype (an embedding's: the base weight's). ``mx.value_and_grad`` differentiates it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import mlx.core as mx
+
+from peftdecl.composition import ADD, INPUT, role, weight_map_order
+from peftdecl.plan import LayerPlan
+
+
+class Running(NamedTuple):
+    """One running adapter on the layer: its layer plan, kind ops and tensors."""
+
+    lp: LayerPlan
+    ops: Any
+    params: dict[str, mx.array]
+
+
+def forward(layer: Any, x: mx.array, running: list[Running], xa: mx.array) -> mx.array:
+    """The output of ``layer`` (an AdaptedLayer) with every adapter of ``running`` (in active order) applied;
+    ``xa`` is ``x`` in the adapter dtype."""
+    maps = weight_map_order(running, lambda e: (e.ops, e.lp))
+    if maps:
+        weight = layer.weight.astype(layer.adapter_dtype)
+        for entry in maps:
+            weight = entry.ops.compose_weight(entry.lp, layer, entry.params, weight)
+        y = layer.base_forward(xa, weight=weight)
+    else:
+        y = layer.base_layer(x)
+    for entry in running:
+        kind_role = role(entry.ops, entry.lp)
+        if kind_role == ADD:
+            delta = entry.ops.delta(entry.lp, layer, entry.params, xa)
+            y = y + (delta if delta.dtype == y.dtype else delta.astype(y.dtype))
+        elif kind_role != INPUT:
+            y = entry.ops.compose_output(entry.lp, layer, entry.params, xa, y)
+    return y if layer.layer_type == "embedding" or y.dtype == x.dtype else y.astype(x.dtype)
