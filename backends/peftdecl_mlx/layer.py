@@ -264,10 +264,17 @@ class AdaptedLayer(nn.Module):
 
     def _running(self, x: mx.array, running: tuple[str, ...]) -> mx.array:
         state = self.adapter_state
-        if len(running) == 1 and not state.ops[running[0]].additive:
+        if len(running) == 1:
             name = running[0]
-            y = state.ops[name].forward(state.plans[name], self, self.params(name), x)
-            return y if self.layer_type == "embedding" or y.dtype == x.dtype else y.astype(x.dtype)
+            ops = state.ops[name]
+            if not ops.additive:
+                y = ops.forward(state.plans[name], self, self.params(name), x)
+                return y if self.layer_type == "embedding" or y.dtype == x.dtype else y.astype(x.dtype)
+            # an additive kind may run alone faster than as base + delta (LoRA: one fused function)
+            alone = getattr(ops, "alone", None)
+            y = None if alone is None else alone(state.plans[name], self, self.adapters[name], x)
+            if y is not None:
+                return y
         entries = [compose.Running(state.plans[n], state.ops[n], self.params(n)) for n in running]
         return compose.forward(self, x, entries, self._cast(x))
 

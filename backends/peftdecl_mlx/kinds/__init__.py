@@ -5,6 +5,9 @@ A kind module exposes ``OPS`` with ``kind``, ``additive`` and:
 - ``delta(lp, layer, p, x) -> Δy`` (additive kinds): the adapter's contribution to the layer output, computed in
   the adapter dtype (``x`` already cast); the layer adds it to the base output;
 - ``forward(lp, layer, p, x) -> y`` (other kinds): the whole output, base included;
+- ``alone(lp, layer, node, x) -> y | None`` (optional, additive kinds): the whole output when the adapter runs
+  alone, where that is faster than base + delta; None falls back to ``delta``. ``node`` is the adapter's
+  parameter tree (``node["lora_A"]["weight"]``), read without building ``p``;
 - ``delta_weight(lp, layer, p)``: ΔW in the IR layout (additive kinds);
 - ``merge(lp, layer, p, cache) -> (W, b)`` / ``unmerge(lp, layer, p, cache) -> (W, b)``: the base weight (IR
   layout) and bias with the adapter folded in or taken out; ``cache`` lives from a merge to its unmerge.

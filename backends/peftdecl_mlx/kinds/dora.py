@@ -18,6 +18,7 @@ from peftdecl.composition import OUTPUT
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.dora import MAGNITUDE
+from peftdecl_mlx.kinds import _fused
 from peftdecl_mlx.kinds.lora import OPS as LORA
 
 Params = dict[str, mx.array]
@@ -37,21 +38,30 @@ GEMM of a shape MLX's CPU build runs well); larger ones use the factored sum, wh
 
 def weight_norm(lp: LayerPlan, layer: Any, p: Params) -> mx.array:
     """n = ‖W + s·B A‖ per direction row, with no gradient (paper §4.3)."""
+    return _norm_and_merged(lp, layer, p)[0]
+
+
+def _norm_and_merged(lp: LayerPlan, layer: Any, p: Params) -> tuple[mx.array, mx.array | None]:
+    """(n, W′ = W + s·B A held constant) where W′ is formed (a linear layer up to FORM_LIMIT), else (n, None)."""
     s = lp.scaling
     a, b = _low_rank(lp, p)
     w = layer.weight
     if w.dtype != a.dtype:
         w = w.astype(a.dtype)
-    rows = w.T if lp.layer.type == "embedding" else w
+    embedding = lp.layer.type == "embedding"
+    rows = w.T if embedding else w
     if rows.size <= FORM_LIMIT:
-        return mx.stop_gradient(mx.linalg.norm(rows + (s * b) @ a, axis=1))
-    wa = (a @ w).T if lp.layer.type == "embedding" else w @ a.T
+        merged = mx.stop_gradient(mx.addmm(rows, b, a, alpha=s))
+        return mx.stop_gradient(mx.linalg.norm(merged, axis=1)), None if embedding else merged
+    # A as a row-contiguous [in, r] copy: products with a long inner dimension read their right operand in order
+    a_t = mx.contiguous(a.T)
+    wa = (a @ w).T if embedding else w @ a_t
     squared = (
         layer.row_norms_squared()
         + (2.0 * s) * mx.sum(b * wa, axis=1)
-        + (s * s) * mx.sum(b * (b @ (a @ a.T)), axis=1)
+        + (s * s) * mx.sum(b * (b @ (a @ a_t)), axis=1)
     )
-    return mx.stop_gradient(mx.sqrt(mx.maximum(squared, 0.0)))
+    return mx.stop_gradient(mx.sqrt(mx.maximum(squared, 0.0))), None
 
 
 def magnitude_scale(m: mx.array, n: mx.array) -> mx.array:
@@ -75,14 +85,33 @@ class DoraOps:
     def forward(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array) -> mx.array:
         s = lp.scaling
         a, b = _low_rank(lp, p)
+        formed: list[mx.array | None] = []
+
+        def norm() -> tuple[mx.array, mx.array]:
+            n, merged = _norm_and_merged(lp, layer, p)
+            formed.append(merged)
+            return _inverse(n)
+
         # n depends on W, A and B only: reuse it while they are the same arrays (inference, repeated calls)
-        inverse, ones = layer.memo(lp, (layer.weight, a, b), lambda: _inverse(weight_norm(lp, layer, p)))
+        w = layer.weight
+        inverse, ones = layer.memo(lp, (w, a, b), norm)
         m = p[MAGNITUDE]
-        g = (m if m.ndim == 1 else m.reshape(-1)) * inverse + ones
+        m = m if m.ndim == 1 else m.reshape(-1)
         if lp.layer.type == "embedding":
             direction = layer.base_forward(x) + s * (p["lora_embedding_A"].T[x] @ p["lora_embedding_B"].T)
-            return g * direction
-        a, b = p["lora_A.weight"], p["lora_B.weight"]
+            return (m * inverse + ones) * direction
+        dropout = layer.training and lp.options["dropout"] > 0.0
+        if not dropout and x.dtype == a.dtype == w.dtype:
+            # W′ formed for the norm just now serves the product too (x W′ᵀ instead of x Wᵀ + s·(x Aᵀ) Bᵀ); with
+            # n reused, W′ is formed again only where that costs less than the low-rank products
+            merged = formed[0] if formed else None
+            if merged is None and _fused.merge_pays(x, w, a.shape[0], layer.training):
+                merged = mx.stop_gradient(mx.addmm(w, b, a, alpha=s))
+            fused = _fused.dora(s, merged is not None)
+            y = fused(x, w, w if merged is None else merged, a, b, m, inverse, ones)[0]
+            bias = layer.bias
+            return y if bias is None else y + bias
+        g = m * inverse + ones
         xa = x if x.dtype == a.dtype else x.astype(a.dtype)
         h = layer.dropout(xa, lp.options["dropout"])
         v = (s * (h @ a.T)) @ b.T

@@ -11,6 +11,7 @@ import mlx.core as mx
 
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
+from peftdecl_mlx.kinds import _fused
 
 Params = dict[str, mx.array]
 
@@ -27,6 +28,27 @@ class LoraOps:
         # s scales the r-wide intermediate, the cheapest place (forward and backward)
         v = (s * (h @ p["lora_A.weight"].T)) @ p["lora_B.weight"].T
         return v + s * p["lora_B.bias"] if "lora_B.bias" in p else v
+
+    def alone(self, lp: LayerPlan, layer: Any, node: Any, x: mx.array) -> mx.array | None:
+        """The whole output when this adapter runs alone: y = base(x) + s·(x Aᵀ) Bᵀ, or x (W + s·B A)ᵀ + b where
+        forming the merged weight costs less (``_fused.merge_pays``), each one function with its own gradient;
+        None where the general path must run (embeddings, dropout active, a base or input dtype other than the
+        adapter's). ``node`` is the adapter's parameter tree, read directly."""
+        if lp.layer.type != "linear" or (layer.training and lp.options["dropout"] > 0.0):
+            return None
+        a, b = node["lora_A"]["weight"], node["lora_B"]["weight"]
+        w = layer.weight
+        if not x.dtype == a.dtype == w.dtype:
+            return None
+        s = lp.scaling
+        if _fused.merge_pays(x, w, a.shape[0], layer.training):
+            base_bias = layer.bias
+            fused = _fused.lora_merged(s, base_bias is not None)
+            y = fused(x, w, w if base_bias is None else base_bias, a, b)
+        else:
+            y = _fused.lora(s)(layer.base_layer(x), x, a, b)[0]
+        bias = node["lora_B"].get("bias")
+        return y if bias is None else y + s * bias
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> mx.array:
         s = lp.scaling
