@@ -3,8 +3,8 @@
 ``AdaptedLayer`` replaces a targeted layer: y = base(x) with each running adapter applied by its kind's ops;
 several compose by the rules of :mod:`peftdecl.composition` (additive kinds: y = base(x) + Σ_a Δ_a(x)).
 ``SavedModule`` replaces a ``modules_to_save`` module: the active adapter's trainable copy runs instead of the
-original. Both read the engine's shared switches (active adapters,
-enabled, merged) and the per-call ``adapter_names`` (mixed batches) from a context variable.
+original. Both read the engine's shared switches (active adapters, enabled, merged) and the per-call
+``adapter_names`` (mixed batches) from a context variable.
 """
 
 from __future__ import annotations
