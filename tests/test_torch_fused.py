@@ -194,3 +194,58 @@ def test_cost_rules_follow_token_count_and_dtype(monkeypatch) -> None:
     )
     monkeypatch.setattr(fused, "MERGED", False)
     assert not fused.merge_pays(lp, many) and not fused.rotate_weight_pays(lp, torch.zeros(6, 8))
+
+
+HALF_TOL = 2e-2  # half-precision products (8-bit mantissa for bfloat16) against float64
+
+
+@pytest.mark.parametrize("half_compute", [True, False], ids=["base-dtype", "float32-adapter"])
+@pytest.mark.parametrize("merged", [False, True], ids=["per-token", "merged"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize(
+    ("case", "layer"),
+    [
+        ("lora", "linear"),
+        ("lora_bias", "gpt2_conv1d"),
+        ("adalora", "linear"),
+        ("oft", "linear"),
+        ("loha", "linear"),
+        ("lokr", "linear"),
+    ],
+)
+def test_half_precision_base_runs_the_function_in_its_dtype(
+    case: str, layer: str, dtype, merged, half_compute, monkeypatch
+) -> None:
+    """float32 adapters on a half base: the products run in the base dtype (a hand-written Function, or LoHa/LoKr's
+    ΔW as its own product), gradients land on the float32 parameters, and both agree with the float64 reference
+    on the same half-precision weights and input."""
+    reason = available(case, layer)
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setattr(fused, "MERGED", merged)
+    monkeypatch.setattr(fused, "HALF_COMPUTE", half_compute)  # False: HF PEFT's float32 adapter path
+    ours, reference, x, _ = build(case, layer, dtype)
+    x = x.astype(np.float32)  # the half-precision input, exactly, for the reference
+    xt = torch.tensor(x, dtype=dtype, requires_grad=True)
+    x = xt.detach().double().numpy()
+    expected, tape = reference.engine.layer_forward("m", x)
+    dy = np.random.default_rng(1).normal(size=expected.shape)
+    expected_grads = reference.engine.layer_backward("m", tape, dy)
+    with torch.no_grad():
+        assert rel_err(ours(xt).double().numpy(), expected) <= HALF_TOL
+    y = ours(xt)
+    assert y.dtype == dtype
+    if not half_compute:  # the adapter computed in float32 and cast back (OFT: the rotated input cast back)
+        assert type(y.grad_fn).__name__ == ("ViewBackward0" if case == "oft" else "ToCopyBackward0")
+    elif case.startswith(("lora", "adalora")) or (
+        case == "oft" and merged
+    ):  # OFT may rotate the input instead
+        assert type(y.grad_fn).__name__.endswith("LinearFunctionBackward")
+    elif case in ("loha", "lokr"):  # base product + x ΔWᵀ in the base dtype, no float32 copy of x
+        assert type(y.grad_fn).__name__ == "AddBackward0"
+    assert rel_err(y.detach().double().numpy(), expected) <= HALF_TOL
+    y.backward(torch.tensor(dy, dtype=dtype))
+    for key, param in ours.trainable_parameters().items():
+        assert param.grad.dtype == torch.float32, key
+        assert rel_err(param.grad.double().numpy(), expected_grads[key]) <= HALF_TOL, key
+    assert rel_err(xt.grad.double().numpy(), expected_grads["input"]) <= HALF_TOL

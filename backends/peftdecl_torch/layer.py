@@ -24,6 +24,7 @@ from peftdecl.backend import BASE_ROW as BASE
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerInfo, LayerPlan
 from peftdecl_torch import compose
+from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds import ops_for
 
 
@@ -305,13 +306,21 @@ class AdaptedLayer(nn.Module):
             name = running[0]
             lp = self._plans[name]
             ops = ops_for(lp.kind)
-            if not ops.additive or self._same_dtype(x, name):
+            if not ops.additive or self._same_dtype(x, name) or self._half_fused(x, name, ops):
                 return ops.forward(lp, self, self.tensors(name), x, None)
         return self._composed_forward(x, running)
 
     def _same_dtype(self, x: torch.Tensor, name: str) -> bool:
         dtype = self._dtypes[name]
         return self.base_layer.weight.dtype == dtype and (x.dtype == dtype or not x.is_floating_point())
+
+    def _half_fused(self, x: torch.Tensor, name: str, ops: Any) -> bool:
+        """Whether a kind's fused Function runs float32 adapters in this half-precision base's dtype."""
+        if not getattr(ops, "half_compute", False):
+            return False
+        lp = self._plans[name]
+        dropout = lp.options.get("dropout", 0.0)
+        return fused.fusable(lp, self, x, self._dtypes[name], dropout, half_compute=True)
 
     def _composed_forward(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         running = [

@@ -5,6 +5,15 @@ The Functions assume a frozen base weight, one dtype throughout, no autocast and
 (dropout masks would have to be kept for the backward pass); anything else takes the composed path, which
 autograd differentiates as usual. ``ENABLED = False`` forces the composed path (the tests run both).
 
+Half-precision bases (LoRA, AdaLoRA; OFT where it rotates the weight; LoHa/LoKr in _weight_delta): with float32
+adapters on a bfloat16/float16 base, HF PEFT casts the input up and runs the adapter in float32, which on a GPU
+costs more than the base layer itself (a float32 copy of every input and memory-bound float32 products: 2.7× the
+frozen layer at 4096², 8192 tokens on an H100; 22× for LoHa's full-size float32 product). These kinds cast the
+adapter's small matrices down per call instead and run in the base dtype with float32 accumulation, which is what
+PEFT computes under torch.autocast; results differ from PEFT's float32 adapter path by half-precision rounding
+(≈ 2⁻⁸ relative), and the float32 parameters receive the gradients. ``HALF_COMPUTE = False`` restores the float32
+adapter path.
+
 Cost rules (x: T tokens × d_in, W: d_out × d_in, rank or block size r), as in dLoRA's "merge or don't":
 
 - merge (LoRA, AdaLoRA): folding the update into the weight costs d_in·d_out·r once per call; applying it to
@@ -27,19 +36,41 @@ from peftdecl.plan import LayerPlan
 
 ENABLED = True
 MERGED: bool | None = None
+HALF_COMPUTE = True
 
 SPLIT_K = 8
 """Row slices of :func:`tn` on the CPU (see there)."""
 
 
-def fusable(lp: LayerPlan, layer: Any, x: torch.Tensor, dtype: torch.dtype, dropout: float = 0.0) -> bool:
-    """True if ``layer`` (linear or GPT-2 Conv1D) can run this call through a fused Function."""
+HALF = (torch.bfloat16, torch.float16)
+
+
+def fusable(
+    lp: LayerPlan,
+    layer: Any,
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    dropout: float = 0.0,
+    half_compute: bool = False,
+) -> bool:
+    """True if ``layer`` (linear or GPT-2 Conv1D) can run this call through a fused Function: one dtype
+    throughout, or with ``half_compute`` a half-precision base and input with float32 adapter tensors, which the
+    caller casts to the base dtype (see :func:`compute_dtype`)."""
     if not ENABLED or lp.layer.type not in ("linear", "gpt2_conv1d") or (layer.training and dropout > 0):
         return False
     weight, bias = layer.base_layer.weight, layer.bias
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return False  # the hand-written backward gives no gradient to the base weights
-    return not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype == dtype
+    if torch.is_autocast_enabled(x.device.type) or x.dtype != weight.dtype:
+        return False
+    return x.dtype == dtype or (half_compute and HALF_COMPUTE and x.dtype in HALF and dtype == torch.float32)
+
+
+def compute_dtype(x: torch.Tensor, *tensors: Any) -> tuple[Any, ...]:
+    """``tensors`` (None passes through) cast to the input's dtype: a no-op unless a half-precision base runs
+    float32 adapters, whose products then run in the base dtype with float32 accumulation, as under autocast;
+    autograd returns their gradients to the float32 parameters."""
+    return tuple(None if t is None else t.to(x.dtype) for t in tensors)
 
 
 def weight_ir(weight: torch.Tensor, stored_in_out: bool) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 ``f`` is the base layer's own operation. Running one adapter, the base weight and ΔW go through a single matmul or
 convolution (autograd keeps the one ΔW for the backward pass); summed with other adapters, f(x; m ⊙ ΔW) is added.
-Training only: module dropout skips ΔW with probability p; rank dropout multiplies each output row of ΔW by a
-Bernoulli keep-mask m, divided by its mean where the kind asks for it.
+On a half-precision linear base with float32 factors ΔW is applied in the base dtype (HF PEFT multiplies every
+input in float32 instead). Training only: module dropout skips ΔW with probability p; rank dropout multiplies
+each output row of ΔW by a Bernoulli keep-mask m, divided by its mean where the kind asks for it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class WeightDeltaOps:
     delta: Callable[[LayerPlan, Params], torch.Tensor]
     renormalises_rank_dropout: Callable[[LayerPlan], bool]
     additive: bool = True
+    half_compute: bool = True  # a half-precision linear base adds x ΔWᵀ in its own dtype (see forward)
 
     def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
         skip_p, rank_p = lp.options["module_dropout"], lp.options["rank_dropout"]
@@ -50,6 +52,11 @@ class WeightDeltaOps:
             keep = rank_keep(delta.shape[0], rank_p, self.renormalises_rank_dropout(lp), delta)
             delta = delta * keep.reshape(-1, *(1,) * (delta.ndim - 1))
         if result is None:
+            if x.dtype != delta.dtype:
+                # float32 ΔW on a half-precision base (the layer routes only linear layers here): ΔW rounded to the
+                # base dtype and applied as its own product keeps a small ΔW that W + ΔW in half precision would
+                # round away, and runs at half-precision speed instead of as a float32 product of every input
+                return layer.base_forward(x) + layer.functional(x, delta.to(x.dtype), None)
             return layer.functional(x, layer.weight_ir() + delta, layer.bias)
         return result + layer.functional(x, delta, None)
 

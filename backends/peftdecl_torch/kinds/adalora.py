@@ -31,11 +31,12 @@ def singular_values(lp: LayerPlan, p: Params) -> torch.Tensor:
 class AdaLoraOps:
     kind = "adalora"
     additive = True
+    half_compute = True  # the fused Function may run float32 adapters in a half base dtype (_fused)
 
     def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
         rate = lp.options["dropout"]
         if result is None:
-            if fused.fusable(lp, layer, x, p["lora_A"].dtype, rate):
+            if fused.fusable(lp, layer, x, p["lora_A"].dtype, rate, half_compute=True):
                 return lora_linear(lp, layer, x, p["lora_A"] * singular_values(lp, p), p["lora_B"])
             result = layer.base_forward(x)
         h = F.dropout(x, rate) if layer.training and rate > 0 else x

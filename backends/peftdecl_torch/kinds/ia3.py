@@ -56,9 +56,11 @@ class IA3Ops:
         if lp.options["feedforward"]:
             return layer.base_forward((x.to(scale.dtype) * scale).to(x.dtype))
         y = layer.base_forward(x)
-        if not torch.is_grad_enabled() and y.dtype == scale.dtype:
-            return y.mul_(scale)  # the base layer's own fresh output: no second tokens × out tensor
-        return (y.to(scale.dtype) * scale).to(y.dtype)
+        if not torch.is_grad_enabled():
+            # the base layer's own fresh output: no second tokens × out tensor; a half y is multiplied in float32
+            # and rounded once, as HF PEFT's float32 product cast back
+            return y.mul_(scale)
+        return (y * scale).to(y.dtype)  # type promotion: one float32 product for a half y, no up-cast copy
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
         """The change merging makes to the current base weight: W ⊙ l − W."""

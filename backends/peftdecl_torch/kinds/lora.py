@@ -160,6 +160,7 @@ def lora_linear(
     lp: LayerPlan, layer: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, b_bias: Any = None
 ) -> torch.Tensor:
     """The whole layer in the form the cost rules pick (``a`` may be computed, e.g. AdaLoRA's Q ⊙ Λ)."""
+    a, b, b_bias = fused.compute_dtype(x, a, b, b_bias)
     if not torch.is_grad_enabled() and fused.merge_pays(lp, x):
         return merged_linear(lp, layer, x, a, b, b_bias)
     function = MergedLoraLinearFunction if fused.merge_for_training(lp, x) else LoraLinearFunction
@@ -180,12 +181,13 @@ def _conv(x: torch.Tensor, w: torch.Tensor, bias: Any, stride: Any, padding: Any
 class LoraOps:
     kind = "lora"
     additive = True
+    half_compute = True  # the fused Function may run float32 adapters in a half base dtype (_fused)
 
     def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
         s = lp.scaling
         if result is None:
             if "lora_A.weight" in p and fused.fusable(
-                lp, layer, x, p["lora_A.weight"].dtype, lp.options["dropout"]
+                lp, layer, x, p["lora_A.weight"].dtype, lp.options["dropout"], half_compute=True
             ):
                 return lora_linear(lp, layer, x, p["lora_A.weight"], p["lora_B.weight"], p.get("lora_B.bias"))
             result = layer.base_forward(x)

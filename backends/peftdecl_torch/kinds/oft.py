@@ -120,7 +120,7 @@ class OftLinearFunction(torch.autograd.Function):
 
 def _invertible(rot: torch.Tensor) -> bool:
     """Whether every block is within MAX_DEFECT of orthogonal (checked on the CPU only, see the module docstring)."""
-    if rot.device.type != "cpu":
+    if rot.device.type != "cpu" or rot.dtype in fused.HALF:  # no half-precision solve on the CPU
         return False
     eye = torch.eye(rot.shape[-1], dtype=rot.dtype, device=rot.device)
     defect = torch.linalg.matrix_norm(torch.bmm(rot, rot.transpose(1, 2)) - eye)
@@ -174,7 +174,8 @@ class OftOps:
             weight = _rotated_kernel(layer, rot)
             bias = None if layer.bias is None else layer.bias.to(rot.dtype)
             return layer.functional(x.to(rot.dtype), weight, bias).to(x.dtype)
-        if fused.fusable(lp, layer, x, rot.dtype) and fused.rotate_weight_pays(lp, x):
+        if fused.fusable(lp, layer, x, rot.dtype, half_compute=True) and fused.rotate_weight_pays(lp, x):
+            (rot,) = fused.compute_dtype(x, rot)  # a half base rotates its weight in its own dtype (_fused)
             return OftLinearFunction.apply(x, layer.base_layer.weight, layer.bias, rot, False)
         return layer.base_forward(rotate_blocks(x.to(rot.dtype), rot).to(x.dtype))
 
