@@ -1,23 +1,26 @@
 """LoRA and DoRA on a linear layer as single MLX functions with hand-written gradients (``mx.custom_function``).
 
 Used when one adapter runs alone with no dropout and every array has the adapter dtype. Autograd through the plain
-formulas is correct but pays for things these avoid: it scales full T × out cotangents by s where s can sit on an
-r-wide factor, it adds the low-rank output in a separate pass where ``addmm`` can fold it into the product, and
-some of its products read an operand transposed with a long inner dimension, which MLX's CPU BLAS runs at about
-2/3 speed (every product here reads its right operand row-contiguous or has an inner dimension of r).
+formulas is correct but pays for things these avoid: it multiplies by s on token-sized arrays (forward and
+backward) where s can sit once on an r × in factor, it adds the low-rank output in a separate pass where ``addmm``
+folds it into the product, and some of its products read an operand transposed with a long inner dimension, which
+MLX's CPU BLAS runs at about 2/3 speed (every product here reads its right operand row-contiguous or has an inner
+dimension of r).
 
 Forward, with s·A folded into one [in, r] copy (r·in numbers, whatever the token count):
 
-    LoRA   y = y₀ + (x (s·A)ᵀ) Bᵀ                  (y₀ = the base layer's output, bias included)
-    DoRA   u = x W′ᵀ with W′ = W + s·B A when W′ is at hand (its norm was just computed), else x Wᵀ + (x (s·A)ᵀ) Bᵀ;
+    LoRA   y = y₀ + (x (s·A)ᵀ) Bᵀ, y₀ the base layer's output; or y = x W′ᵀ + b with W′ = W + s·B A where forming
+           W′ costs less than the low-rank products (``merge_pays``); W′ is a temporary, never kept
+    DoRA   u = x W′ᵀ where W′ is at hand (just formed for the norm) or pays, else x Wᵀ + (x (s·A)ᵀ) Bᵀ;
            y = g ⊙ u, g = m ⊙ inv + ones (inv, ones: 1/n and the n = 0 rows, held constant)
 
 Backward for a cotangent ȳ (DoRA: ū = g ⊙ ȳ, LoRA: ū = ȳ), with t = x (s·A)ᵀ and q = s·ū B:
 
-    x̄ = ū W + q A,   Ā = qᵀ x,   B̄ = (tᵀ ū)ᵀ,   m̄ = inv ⊙ Σ_tokens ȳ ⊙ u,   W̄ = ūᵀ x (lazy: only if asked for)
+    x̄ = ū W + q A,   Ā = qᵀ x,   B̄ = (tᵀ ū)ᵀ,   m̄ = inv ⊙ Σ_tokens ȳ ⊙ u,   W̄ = ūᵀ x, b̄ = Σ_tokens ū
 
-Each function returns its intermediates (t, u) next to y so that the backward reuses them; callers use y only, so
-those extra outputs never receive a cotangent.
+W̄ and b̄ are lazy (computed only if a caller asks for them: the base is usually frozen). The low-rank functions
+return t (and DoRA u, g) next to y so that the backward reuses them; the merged ones recompute t. Callers use y
+only, so those extra outputs never receive a cotangent.
 """
 
 from __future__ import annotations
