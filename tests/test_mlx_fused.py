@@ -3,8 +3,8 @@
 Against the float64 NumPy reference: outputs and the gradients of every trainable tensor and of the input, relative
 error ≤ 1e-5 (float32), for the merged path (x (W + s·B A)ᵀ) and the low-rank path (x Wᵀ + s·(x Aᵀ) Bᵀ), on a layer
 with and without a base bias. An unfrozen base gets dW and db equal to float64 NumPy formulas (≤ 1e-5). Inside
-``mx.compile`` (as mlx-lm's trainer runs a step), values and gradients still match the reference (≤ 1e-5), on two
-input shapes.
+``mx.compile`` (as mlx-lm's trainer runs a step), outputs and gradients still match the reference (≤ 1e-5) on two
+input shapes, a bfloat16 input's output to 2e-2, and dropout (random state passed through) draws anew each call.
 """
 
 from __future__ import annotations
@@ -125,32 +125,55 @@ def test_unfrozen_base_gets_its_gradient(dora: bool, merge: bool, monkeypatch) -
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "low_rank"])
 @pytest.mark.parametrize("case", ["lora", "dora"])
 def test_compiled_training_step_matches_reference(case: str, merge: bool, monkeypatch) -> None:
-    """value_and_grad under mx.compile, called on two token counts (a new shape recompiles)."""
+    """One value_and_grad under mx.compile, called on two token counts and then a bfloat16 input (each a new
+    trace); the bfloat16 call takes the general path and its output is held to 2e-2."""
     monkeypatch.setattr(fused, "merge_pays", lambda *args: merge)
     ours, ref = twin(Tiny(), {**SPECS[case], "target_modules": ["q_proj"]})
     ours.train()
     layer = ours.engine.layer("q_proj")
     params = layer.trainable_parameters()
+
+    def loss(p, inputs, dy):
+        layer.update(p)
+        out = layer(inputs)
+        return mx.sum(out.astype(mx.float32) * dy), out
+
+    step = mx.compile(mx.value_and_grad(loss, argnums=(0, 1)))
     rng = np.random.default_rng(3)
-    for tokens in (3, 5):
+    for tokens, dtype in ((3, mx.float32), (5, mx.float32), (5, mx.bfloat16)):
         x = rng.normal(size=(tokens, 16))
-        y_ref, tape = ref.engine.layer_forward("q_proj", x)
+        x_mx = mx.array(x, dtype)
+        y_ref, tape = ref.engine.layer_forward("q_proj", np.array(x_mx.astype(mx.float32)))
         dy = rng.normal(size=y_ref.shape)
-        grads_ref = ref.engine.layer_backward("q_proj", tape, dy)
-        dy_mx = mx.array(dy, mx.float32)
-
-        def loss(p, inputs, dy_mx=dy_mx):
-            layer.update(p)
-            return mx.sum(layer(inputs) * dy_mx)
-
-        step = mx.compile(mx.value_and_grad(loss, argnums=(0, 1)))
         try:
-            value, (param_grads, input_grad) = step(params, mx.array(x, mx.float32))
+            (value, y), (param_grads, input_grad) = step(params, x_mx, mx.array(dy, mx.float32))
         finally:
             layer.update(params)
+        if dtype == mx.bfloat16:
+            assert rel_err(np.array(y.astype(mx.float32)), y_ref) <= 2e-2
+            continue
+        grads_ref = ref.engine.layer_backward("q_proj", tape, dy)
+        assert rel_err(np.array(y), y_ref) <= TOL
         assert rel_err(np.array(value), np.sum(y_ref * dy)) <= TOL
         assert rel_err(np.array(input_grad), grads_ref["input"]) <= TOL
         got = {f"q_proj.{k.split('.', 2)[2]}": np.array(v) for k, v in tree_flatten(param_grads)}
         assert set(got) == {k for k, v in grads_ref.items() if v is not None and k != "input"}
         for key, value_ in got.items():
             assert rel_err(value_, grads_ref[key]) <= TOL, key
+
+
+def test_dropout_draws_differ_between_calls_of_a_compiled_step() -> None:
+    """With the random state passed through mx.compile (as mlx-lm's trainer does), training-mode dropout draws a
+    new mask each call: two calls on the same input give different outputs; in eval mode they are equal."""
+    spec = {**SPECS["lora"], "lora_dropout": 0.5, "target_modules": ["q_proj"]}
+    ours, _ = twin(Tiny(), spec)
+    layer = ours.engine.layer("q_proj")
+    state = [mx.random.state]
+    step = mx.compile(lambda inputs: layer(inputs), inputs=state, outputs=state)
+    x = mx.array(np.random.default_rng(4).normal(size=(4, 16)), mx.float32)
+    ours.train()
+    first, second = np.array(step(x)), np.array(step(x))
+    assert rel_err(first, second) > 1e-3
+    ours.eval()
+    step = mx.compile(lambda inputs: layer(inputs), inputs=state, outputs=state)
+    assert rel_err(np.array(step(x)), np.array(step(x))) == 0.0
