@@ -55,11 +55,13 @@ def _low_rank_grads(
 
 
 def merge_pays(x: mx.array, w: mx.array, r: int, training: bool) -> bool:
-    """Whether forming W′ = W + s·B A (out·in·(r + 1) multiply-adds) costs less than the low-rank products it
-    replaces: T·r·(in + out) at inference; T·r·out in training, where the backward needs x Aᵀ all the same."""
+    """Whether forming W′ = W + s·B A (out·in·r multiply-adds and W copied in: out·in·(r + 1)) costs less than the
+    low-rank products and their sum into y (T·(r·(in + out) + out)). In training the merged path's backward
+    recomputes x Aᵀ (T·in·r more), which leaves: merge when T > in."""
     d_out, d_in = w.shape
     tokens = x.size // d_in
-    return d_out * d_in * (r + 1) < tokens * r * (d_out if training else d_out + d_in)
+    merged = d_out * d_in * (r + 1) + (tokens * d_in * r if training else 0)
+    return merged < tokens * (r * (d_in + d_out) + d_out)
 
 
 @lru_cache(maxsize=64)
