@@ -46,12 +46,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from _machine import others_busy  # benchmarks/_machine.py, beside this script
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
@@ -150,17 +150,6 @@ def _check_agree(kind: str, theirs: nn.Module, ours: nn.Module, x: mx.array, dy:
         raise SystemExit(f"{kind}: mlx-lm and peftdecl disagree ({errors}); not timing")
 
 
-def _others_busy() -> int | None:
-    """CPU time (jiffies) other processes have used so far, or None where /proc is not available."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    busy = sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7))  # user nice system irq softirq steal
-    return busy - int(mine[11]) - int(mine[12])
-
-
 def median_times(
     calls: dict[str, Callable[[], None]], rounds: int, block: int, retries: int
 ) -> tuple[dict[str, float], int, int]:
@@ -173,12 +162,12 @@ def median_times(
         for name in order.sample(names, len(names)):
             for attempt in range(retries + 1):
                 calls[name]()  # untimed: pays for what the previous layer left in caches and the allocator
-                before, times = _others_busy(), []
+                before, times = others_busy(), []
                 for _ in range(block):
                     start = time.perf_counter()
                     calls[name]()
                     times.append(time.perf_counter() - start)
-                after = _others_busy()
+                after = others_busy()
                 if before is None or after is None or after - before <= 1:
                     break
                 if attempt == retries:

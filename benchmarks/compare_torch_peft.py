@@ -47,10 +47,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
+from _machine import minor_faults, others_busy  # benchmarks/_machine.py, beside this script
 from torch import nn
 
 import peftdecl
@@ -189,25 +189,6 @@ def peak_mib(run: Callable[[], None]) -> float:
     return (torch.cuda.max_memory_allocated() - start) / 2**20
 
 
-def _others_busy() -> int | None:
-    """CPU time (jiffies) other processes have used so far, or None where /proc is not available."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    busy = sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7))  # user nice system irq softirq steal
-    return busy - int(mine[11]) - int(mine[12])
-
-
-def _minor_faults() -> int:
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def median_times(
     calls: list[Callable[[], None]], rounds: int, block: int, retries: int = 20, watch_cpu: bool = True
 ) -> tuple[list[float], list[list[float]], list[float], int]:
@@ -227,14 +208,14 @@ def median_times(
         for i in order.sample(range(len(calls)), len(calls)):
             for attempt in range(retries + 1):
                 calls[i]()
-                before, times, flts = _others_busy(), [], []
+                before, times, flts = others_busy(), [], []
                 for _ in range(block):
-                    f0 = _minor_faults()
+                    f0 = minor_faults()
                     start = time.perf_counter()
                     calls[i]()
                     times.append(time.perf_counter() - start)
-                    flts.append(_minor_faults() - f0)
-                after = _others_busy()
+                    flts.append(minor_faults() - f0)
+                after = others_busy()
                 if (
                     not watch_cpu
                     or before is None

@@ -136,3 +136,34 @@ def assert_prompt_training_like_peft(wrapped: Any, base: Any, tol: float, **batc
     loss_ours.backward()
     for key, param in params.items():
         assert rel_err(param.grad.numpy(), theirs[key].grad.numpy()) <= tol, key
+
+
+def _host(t: Any) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def assert_training_step_like_peft(
+    wrapped: Any, ours: peftdecl.AdaptedModel, theirs_params: dict[str, Any], tol: float, **batch: Any
+) -> None:
+    """In training mode, on any device: the same trainable set, loss, gradients and parameters after one SGD
+    step as PEFT (relative ≤ ``tol``); ``theirs_params`` maps peftdecl's keys to PEFT's parameters. AdaLoRA's
+    orthogonality term is added to our loss, as PeftModelForCausalLM adds it to PEFT's."""
+    wrapped.train()
+    ours.train()
+    params = ours.trainable_parameters()
+    assert set(params) == set(theirs_params)
+    loss_theirs = wrapped(**batch).loss
+    loss_ours = ours(**batch).loss
+    if ours.plan().kind == "adalora":
+        from peftdecl_torch.kinds.adalora import orthogonal_regularizer
+
+        loss_ours = loss_ours + orthogonal_regularizer(ours.plan(), params)
+    assert rel_err(loss_ours.item(), loss_theirs.item()) <= tol
+    loss_theirs.backward()
+    loss_ours.backward()
+    for key, param in params.items():
+        assert rel_err(_host(param.grad), _host(theirs_params[key].grad)) <= tol, key
+    torch.optim.SGD(list(params.values()), lr=0.5).step()
+    torch.optim.SGD(list(theirs_params.values()), lr=0.5).step()
+    for key, param in params.items():
+        assert rel_err(_host(param), _host(theirs_params[key])) <= tol, key

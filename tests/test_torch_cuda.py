@@ -17,7 +17,8 @@ import pytest
 import peftdecl
 from tests.conftest import rel_err
 from tests.hf_models import peft, peft_model, perturb, tiny_llama, torch
-from tests.test_torch_kinds import CASES, PAIRS, TOL, Holder, available, fused, make_layer
+from tests.peft_parity import assert_training_step_like_peft
+from tests.test_torch_kinds import PAIRS, TOL, Holder, available, build, fused
 from tests.test_torch_peft import KINDS, QV, ids, peft_trainable
 
 DEVICE = os.environ.get("PEFTDECL_TEST_DEVICE", "cuda")
@@ -54,24 +55,6 @@ def host(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
 
 
-def on_device(case: str, layer: str, dtype: torch.dtype, seed: int = 3):
-    """(peftdecl model on DEVICE, NumPy reference, float64 input, the same input on DEVICE)."""
-    from peftdecl_torch.inventory import numpy_model
-
-    base, x_shape = make_layer(layer)
-    base = Holder(base).to(dtype)
-    state, layer_types, facts = numpy_model(base)
-    spec = CASES[case][0]
-    reference = peftdecl.attach(state, spec, layer_types=layer_types, seed=seed, backend="numpy", **facts)
-    ours = peftdecl.attach(base.to(DEVICE), spec, seed=seed)
-    rng = np.random.default_rng(seed)
-    if x_shape is None:
-        x = rng.integers(0, 11, size=(3, 4))
-        return ours, reference, x, torch.tensor(x, device=DEVICE)
-    x = rng.normal(size=x_shape).astype(np.float32).astype(np.float64)
-    return ours, reference, x, torch.tensor(x, dtype=dtype, device=DEVICE, requires_grad=True)
-
-
 @pytest.mark.parametrize("path", ["fused", "composed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize(("case", "layer"), PAIRS, ids=[f"{c}-{lay}" for c, lay in PAIRS])
@@ -80,7 +63,7 @@ def test_kind_on_device_matches_numpy_reference(case: str, layer: str, dtype, pa
     if reason:
         pytest.skip(reason)
     monkeypatch.setattr(fused, "ENABLED", path == "fused")
-    ours, reference, x, xt = on_device(case, layer, dtype)
+    ours, reference, x, xt = build(case, layer, dtype, device=DEVICE)
     params = ours.trainable_parameters()
     assert all(p.device.type == DEVICE for p in params.values())
     tol = TOL[dtype]
@@ -136,25 +119,7 @@ def test_peft_file_on_device_gives_peft_logits_loss_gradients_and_step(kind: str
     x = ids(seed=1).to(DEVICE)
     with torch.no_grad():
         assert rel_err(host(ours(input_ids=x).logits), host(wrapped(input_ids=x).logits)) <= MODEL_TOL
-    wrapped.train()
-    ours.train()
-    theirs_params, our_params = peft_trainable(wrapped), ours.trainable_parameters()
-    assert set(our_params) == set(theirs_params)
-    loss_theirs = wrapped(input_ids=x, labels=x).loss
-    loss_ours = ours(input_ids=x, labels=x).loss
-    if kind == "adalora":  # PeftModelForCausalLM adds AdaLoRA's orthogonality term to the loss
-        from peftdecl_torch.kinds.adalora import orthogonal_regularizer
-
-        loss_ours = loss_ours + orthogonal_regularizer(ours.plan(), our_params)
-    assert rel_err(loss_ours.item(), loss_theirs.item()) <= MODEL_TOL
-    loss_theirs.backward()
-    loss_ours.backward()
-    for key, param in our_params.items():
-        assert rel_err(host(param.grad), host(theirs_params[key].grad)) <= MODEL_TOL, key
-    torch.optim.SGD(list(our_params.values()), lr=0.5).step()
-    torch.optim.SGD(list(theirs_params.values()), lr=0.5).step()
-    for key, param in our_params.items():
-        assert rel_err(host(param), host(theirs_params[key])) <= MODEL_TOL, key
+    assert_training_step_like_peft(wrapped, ours, peft_trainable(wrapped), MODEL_TOL, input_ids=x, labels=x)
 
     ours.eval()
     wrapped.eval()

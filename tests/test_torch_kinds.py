@@ -210,20 +210,20 @@ def available(case: str, layer: str) -> str | None:
     return None
 
 
-def build(case: str, layer: str, dtype: torch.dtype, seed: int = 3):
-    """(torch model, NumPy reference model, float64 input, the same input for torch)."""
+def build(case: str, layer: str, dtype: torch.dtype, seed: int = 3, device: str = "cpu"):
+    """(torch model on ``device``, NumPy reference model, float64 input, the same input for torch)."""
     base, x_shape = make_layer(layer)
     base = Holder(base).to(dtype)
     state, layer_types, facts = numpy_model(base)
     spec = CASES[case][0]
     reference = peftdecl.attach(state, spec, layer_types=layer_types, seed=seed, backend="numpy", **facts)
-    ours = peftdecl.attach(base, spec, seed=seed)
+    ours = peftdecl.attach(base.to(device), spec, seed=seed)
     rng = np.random.default_rng(seed)
     if x_shape is None:
         x = rng.integers(0, 11, size=(3, 4))
-        return ours, reference, x, torch.tensor(x)
+        return ours, reference, x, torch.tensor(x, device=device)
     x = rng.normal(size=x_shape).astype(np.float32).astype(np.float64)  # representable in float32
-    return ours, reference, x, torch.tensor(x, dtype=dtype, requires_grad=True)
+    return ours, reference, x, torch.tensor(x, dtype=dtype, device=device, requires_grad=True)
 
 
 PAIRS = [(case, layer) for case, (_, layers) in CASES.items() for layer in layers]

@@ -14,6 +14,7 @@ import pytest
 import peftdecl
 from tests.conftest import rel_err
 from tests.hf_models import peft, peft_model, perturb, tiny_gpt2, tiny_llama, torch
+from tests.peft_parity import assert_training_step_like_peft
 
 pytestmark = pytest.mark.peft
 
@@ -92,28 +93,8 @@ def test_peft_file_gives_peft_logits_and_merged_weights(kind: str, tmp_path) -> 
 def test_same_loss_gradients_and_sgd_step_as_peft(kind: str, tmp_path) -> None:
     wrapped = peft_saved(kind, tmp_path)
     ours = peftdecl.load_adapter(tiny_llama(), tmp_path)
-    wrapped.train()
-    ours.train()
     x = ids(seed=1)
-    theirs_params, our_params = peft_trainable(wrapped), ours.trainable_parameters()
-    assert set(our_params) == set(theirs_params)
-
-    loss_theirs = wrapped(input_ids=x, labels=x).loss
-    loss_ours = ours(input_ids=x, labels=x).loss
-    if kind == "adalora":  # PeftModelForCausalLM adds AdaLoRA's orthogonality term to the loss
-        from peftdecl_torch.kinds.adalora import orthogonal_regularizer
-
-        loss_ours = loss_ours + orthogonal_regularizer(ours.plan(), our_params)
-    assert rel_err(loss_ours.item(), loss_theirs.item()) <= TOL
-    loss_theirs.backward()
-    loss_ours.backward()
-    for key, param in our_params.items():
-        assert rel_err(param.grad.numpy(), theirs_params[key].grad.numpy()) <= TOL, key
-
-    torch.optim.SGD(list(our_params.values()), lr=0.5).step()
-    torch.optim.SGD(list(theirs_params.values()), lr=0.5).step()
-    for key, param in our_params.items():
-        assert rel_err(param.detach().numpy(), theirs_params[key].detach().numpy()) <= TOL, key
+    assert_training_step_like_peft(wrapped, ours, peft_trainable(wrapped), TOL, input_ids=x, labels=x)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
