@@ -78,3 +78,21 @@ def shared_draws(monkeypatch: Any, seed: int) -> np.random.Generator:
     monkeypatch.setattr(peftdecl_mlx.layer, "permutation", lambda n: [int(i) for i in rng.permutation(n)])
     monkeypatch.setattr(peftdecl_mlx.layer, "integers", lambda high: int(rng.integers(high)))
     return rng
+
+
+def assert_vjp_like_reference(
+    ours: Any, ref: Any, module: str, x: np.ndarray, tol: float, seed: int = 1
+) -> None:
+    """One layer's output and the gradients of its inputs and adapter tensors for a random cotangent (``seed``):
+    the MLX engine's vector-Jacobian product against the NumPy reference's explicit backward, relative ≤ ``tol``."""
+    from tests.conftest import rel_err
+
+    y_ref, tape = ref.engine.layer_forward(module, x)
+    dy = np.random.default_rng(seed).normal(size=y_ref.shape)
+    grads_ref = ref.engine.layer_backward(module, tape, dy)
+    y, grads = ours.engine.layer_vjp(module, x, dy)
+    assert rel_err(y, y_ref) <= tol
+    expected = {k for k, v in grads_ref.items() if v is not None}
+    assert set(grads) == expected
+    for key in expected:
+        assert rel_err(grads[key], grads_ref[key]) <= tol, key

@@ -15,7 +15,7 @@ import pytest
 import peftdecl_mlx.kinds._fused as fused
 import peftdecl_mlx.kinds.dora as mlx_dora
 from tests.conftest import rel_err
-from tests.mlx_models import Tiny, mx, tree_flatten, twin
+from tests.mlx_models import Tiny, assert_vjp_like_reference, mx, tree_flatten, twin
 
 TOL = 1e-5
 SPECS = {
@@ -35,15 +35,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple]:
 
 
 def _grads_match(ours, ref, module: str, x: np.ndarray) -> None:
-    y_ref, tape = ref.engine.layer_forward(module, x)
-    dy = np.random.default_rng(1).normal(size=y_ref.shape)
-    grads_ref = ref.engine.layer_backward(module, tape, dy)
-    y, grads = ours.engine.layer_vjp(module, x, dy)
-    assert rel_err(y, y_ref) <= TOL
-    expected = {k for k, v in grads_ref.items() if v is not None}
-    assert set(grads) == expected
-    for key in expected:
-        assert rel_err(grads[key], grads_ref[key]) <= TOL, key
+    assert_vjp_like_reference(ours, ref, module, x, TOL)
 
 
 @pytest.mark.parametrize("module", sorted(WIDTH))

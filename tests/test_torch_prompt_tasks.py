@@ -38,45 +38,33 @@ MODELS = {  # name -> (builder, task_type, the head PEFT saves in full)
 OUTPUTS = {"TOKEN_CLS": ("logits",), "QUESTION_ANS": ("start_logits", "end_logits")}
 
 
-class PastKeyValuesLlamaForTokenClassification(transformers.LlamaForTokenClassification):
-    """Takes its KV cache as ``past_key_values`` (the transformers 4 name PEFT looks for); the class name keeps
-    transformers' token-classification loss."""
-
-    def forward(
-        self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, **kwargs
-    ):
-        return super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            cache=past_key_values,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
+def _forward_with_past(
+    self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, **kw
+):
+    return super(type(self), self).forward(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        cache=past_key_values,
+        inputs_embeds=inputs_embeds,
+        **kw,
+    )
 
 
-class PastKeyValuesLlamaForQuestionAnswering(transformers.LlamaForQuestionAnswering):
-    """As above, with a QA head."""
+def _taking_past_key_values(head: type) -> type:
+    """``head`` taking its KV cache as ``past_key_values`` (the transformers 4 name PEFT looks for); the class name
+    keeps the head's suffix, from which transformers picks the loss."""
+    return type(f"PastKeyValues{head.__name__}", (head,), {"forward": _forward_with_past})
 
-    def forward(
-        self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None, **kwargs
-    ):
-        return super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            cache=past_key_values,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
+
+PAST_KEY_VALUES_HEADS = {
+    "TOKEN_CLS": _taking_past_key_values(transformers.LlamaForTokenClassification),
+    "QUESTION_ANS": _taking_past_key_values(transformers.LlamaForQuestionAnswering),
+}
 
 
 def past_key_values_llama(task: str):
     base = tiny_llama(head="token" if task == "TOKEN_CLS" else "qa")
-    cls = (
-        PastKeyValuesLlamaForTokenClassification
-        if task == "TOKEN_CLS"
-        else PastKeyValuesLlamaForQuestionAnswering
-    )
-    model = cls(base.config).eval()
+    model = PAST_KEY_VALUES_HEADS[task](base.config).eval()
     model.load_state_dict(base.state_dict())
     return model
 
