@@ -17,6 +17,7 @@ from tests.conftest import rel_err
 torch = pytest.importorskip("torch")
 
 from peftdecl_torch.kinds import _fused as fused  # noqa: E402
+from peftdecl_torch.kinds import dora as torch_dora  # noqa: E402
 from peftdecl_torch.kinds import lora as torch_lora  # noqa: E402
 from peftdecl_torch.kinds import oft as torch_oft  # noqa: E402
 from tests.test_torch_kinds import TOL, available, build  # noqa: E402
@@ -211,6 +212,8 @@ HALF_TOL = 2e-2  # half-precision products (8-bit mantissa for bfloat16) against
         ("oft", "linear"),
         ("loha", "linear"),
         ("lokr", "linear"),
+        ("dora", "linear"),
+        ("dora", "gpt2_conv1d"),
     ],
 )
 def test_half_precision_base_runs_the_function_in_its_dtype(
@@ -224,6 +227,7 @@ def test_half_precision_base_runs_the_function_in_its_dtype(
         pytest.skip(reason)
     monkeypatch.setattr(fused, "MERGED", merged)
     monkeypatch.setattr(fused, "HALF_COMPUTE", half_compute)  # False: HF PEFT's float32 adapter path
+    monkeypatch.setattr(torch_dora, "ROW_SLICE_ELEMENTS", 12)  # DoRA's backward in slices of two token rows
     ours, reference, x, _ = build(case, layer, dtype)
     x = x.astype(np.float32)  # the half-precision input, exactly, for the reference
     xt = torch.tensor(x, dtype=dtype, requires_grad=True)
@@ -237,9 +241,7 @@ def test_half_precision_base_runs_the_function_in_its_dtype(
     assert y.dtype == dtype
     if not half_compute:  # the adapter computed in float32 and cast back (OFT: the rotated input cast back)
         assert type(y.grad_fn).__name__ == ("ViewBackward0" if case == "oft" else "ToCopyBackward0")
-    elif case.startswith(("lora", "adalora")) or (
-        case == "oft" and merged
-    ):  # OFT may rotate the input instead
+    elif case in ("lora", "lora_bias", "adalora", "dora") or (case == "oft" and merged):  # OFT: or the input
         assert type(y.grad_fn).__name__.endswith("LinearFunctionBackward")
     elif case in ("loha", "lokr"):  # base product + x ΔWᵀ in the base dtype, no float32 copy of x
         assert type(y.grad_fn).__name__ == "AddBackward0"

@@ -5,7 +5,7 @@ The Functions assume a frozen base weight, one dtype throughout, no autocast and
 (dropout masks would have to be kept for the backward pass); anything else takes the composed path, which
 autograd differentiates as usual. ``ENABLED = False`` forces the composed path (the tests run both).
 
-Half-precision bases (LoRA, AdaLoRA; OFT where it rotates the weight; LoHa/LoKr in _weight_delta): with float32
+Half-precision bases (LoRA, AdaLoRA, DoRA; OFT where it rotates the weight; LoHa/LoKr in _weight_delta): with float32
 adapters on a bfloat16/float16 base, HF PEFT casts the input up and runs the adapter in float32, which on a GPU
 costs more than the base layer itself (a float32 copy of every input and memory-bound float32 products: 2.7× the
 frozen layer at 4096², 8192 tokens on an H100; 22× for LoHa's full-size float32 product). These kinds cast the

@@ -5,6 +5,7 @@ base weight is unchanged). Rows with n = 0 use g = 1 (the NumPy reference's rule
 base term is recomputed on the dropped input h: y = W x + b + (g − 1) ⊙ W h + g ⊙ s·B A h. Merge: W' = g ⊙ (W + ΔW)
 with n cached for unmerge, W = W' / g − ΔW; n is taken on the weight without earlier merged adapters, as in HF
 PEFT. With other adapters on the layer, g rescales the output they built (:meth:`DoraOps.compose_output`).
+On a half-precision base the float32 adapter runs in the base dtype (:class:`DoraHalfLinearFunction`, see _fused).
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ LAYER_TYPES = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
 
 
 def _factors(
-    lp: LayerPlan, layer: Any, p: Params, dtype: torch.dtype, weight: torch.Tensor | None = None
+    lp: LayerPlan, layer: Any, p: Params, dtype: torch.dtype | None, weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, ...]:
     """2-D (W, A, B) whose rows are the directions DoRA normalises (an embedding's rows are its dimensions);
-    W is the layer's current weight unless ``weight`` (IR layout) is given."""
-    weight = (layer.weight_ir() if weight is None else weight).detach().to(dtype)
+    W is the layer's current weight unless ``weight`` (IR layout) is given, cast to ``dtype`` unless None."""
+    weight = (layer.weight_ir() if weight is None else weight).detach()
+    weight = weight if dtype is None else weight.to(dtype)
     if lp.layer.type == "embedding":
         return weight.t(), p["lora_embedding_A"].detach(), p["lora_embedding_B"].detach()
     a, b = p["lora_A.weight"].detach(), p["lora_B.weight"].detach()
@@ -48,11 +50,13 @@ def weight_norm(
     """n = ‖W + s·B A‖ per direction row (W: the current weight, or ``weight``), without forming B A and without
     gradient."""
     with torch.no_grad():
-        w, a, b = _factors(lp, layer, p, p[MAGNITUDE].dtype, weight)
+        dtype = p[MAGNITUDE].dtype
+        w, a, b = _factors(lp, layer, p, None, weight)
         if weight_sq is None:
-            weight_sq = torch.einsum("oi,oi->o", w, w)
+            weight_sq = torch.einsum("oi,oi->o", w.to(dtype), w.to(dtype))
         s = lp.scaling
-        cross = torch.einsum("or,or->o", b, w @ a.t())
+        # W Aᵀ in the base weight's dtype: no float32 copy of a half-precision W per call
+        cross = torch.einsum("or,or->o", b, (w @ a.t().to(w.dtype)).to(dtype))
         quad = torch.einsum("or,or->o", b, b @ (a @ a.t()))
         return (weight_sq + 2.0 * s * cross + s * s * quad).clamp_min(0.0).sqrt()
 
@@ -136,6 +140,98 @@ class DoraLinearFunction(torch.autograd.Function):
         return dx, None, None, da, db, dm, None, None, None
 
 
+ROW_SLICE_ELEMENTS = 1 << 22
+"""Elements of one token-row slice in :class:`DoraHalfLinearFunction`'s backward: its fixed-size scratch."""
+
+
+class DoraHalfLinearFunction(torch.autograd.Function):
+    """y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b on a half-precision base (A, B cast to it, m and n float32).
+
+    The update is applied per token, not merged into W (W + s·B A rounded to half precision would blur a small
+    update), and the forward keeps what LoRA's does: y and u = x Aᵀ. The backward runs through token-row slices so
+    its scratch has a fixed size: Σ_t dy ⊙ (y − b) / m for dL/dm, and (dy ⊙ g) W + s·((dy ⊙ g) B) A for dL/dx.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Any,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        m: torch.Tensor,
+        n: torch.Tensor,
+        scaling: float,
+        stored_in_out: bool,
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        u = torch.mm(x2, a.t())
+        y = torch.mm(x2, fused.weight_ir(weight, stored_in_out).t())
+        y.addmm_(u, b.t(), alpha=scaling)
+        y.mul_(m.reshape(-1) / n)  # a float32 g on a half y: computed in float32, rounded once
+        if bias is not None:
+            y.add_(bias)
+        ctx.scaling, ctx.stored_in_out = scaling, stored_in_out
+        ctx.save_for_backward(x, y, weight, bias, a, b, m, n, u)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        x, y, weight, bias, a, b, m, n, u = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, _, _, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        g = m.reshape(-1) / n
+        dx = da = db = dm = None
+        if need_a or need_x:
+            dyg_b = torch.mm(dy2, (b * g[:, None]).to(b.dtype))  # (dy ⊙ g) B, [T, r]
+            if need_a:
+                da = torch.mm(dyg_b.t(), x2).mul_(s)
+        if need_b:
+            db = torch.mm(u.t(), dy2).t().mul_(g[:, None] * s)  # s · (dy ⊙ g)ᵀ u
+        if need_x or need_m:
+            dx, dot = _row_slices(dy2, y, x2, fused.weight_ir(weight, ctx.stored_in_out), g, need_x, need_m)
+            if need_x:
+                dx.addmm_(dyg_b, a, alpha=s)
+                dx = dx.view(x.shape)
+            if need_m:
+                if bias is not None:
+                    dot = dot - bias.to(dot.dtype) * torch.mv(dy2.t(), dy2.new_ones(dy2.shape[0])).to(
+                        dot.dtype
+                    )
+                dm = (dot / m.reshape(-1)).reshape(m.shape)
+        return dx, None, None, da, db, dm, None, None, None
+
+
+def _row_slices(
+    dy2: torch.Tensor,
+    y: torch.Tensor,
+    x2: torch.Tensor,
+    w: torch.Tensor,
+    g: torch.Tensor,
+    need_x: bool,
+    need_m: bool,
+) -> tuple[Any, Any]:
+    """((dy ⊙ g) W, Σ_t dy ⊙ y in float32), slice by slice of token rows through one fixed-size scratch."""
+    tokens, d_out = dy2.shape
+    rows = max(1, ROW_SLICE_ELEMENTS // max(d_out, 1))
+    scratch = dy2.new_empty(min(rows, tokens), d_out)
+    ones = dy2.new_ones(scratch.shape[0])
+    dx = dy2.new_empty(tokens, x2.shape[1]) if need_x else None
+    dot = torch.zeros(d_out, dtype=g.dtype, device=g.device) if need_m else None
+    for start in range(0, tokens, rows):
+        stop = min(start + rows, tokens)
+        buf = scratch[: stop - start]
+        if need_m:
+            torch.mul(dy2[start:stop], y[start:stop], out=buf)
+            dot += torch.mv(buf.t(), ones[: stop - start])
+        if need_x:
+            torch.mul(dy2[start:stop], g, out=buf)
+            torch.mm(buf, w, out=dx[start:stop])
+    return dx, dot
+
+
 def _merged(
     w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor, n: torch.Tensor, scaling: float
 ) -> torch.Tensor:
@@ -153,17 +249,14 @@ class DoraOps:
         s = lp.scaling
         n = weight_norm(lp, layer, p, _weight_sq(lp, layer, p))
         m = p[MAGNITUDE]
-        if fused.fusable(lp, layer, x, dtype, lp.options["dropout"]) and bool((n > 0).all() & (m != 0).all()):
-            return DoraLinearFunction.apply(
-                x,
-                layer.base_layer.weight,
-                layer.bias,
-                p["lora_A.weight"],
-                p["lora_B.weight"],
-                m,
-                n,
-                s,
-                lp.layer.type == "gpt2_conv1d",
+        dropout = lp.options["dropout"]
+        if fused.fusable(lp, layer, x, dtype, dropout, half_compute=True) and bool(
+            (n > 0).all() & (m != 0).all()
+        ):
+            function = DoraLinearFunction if x.dtype == dtype else DoraHalfLinearFunction
+            a, b = fused.compute_dtype(x, p["lora_A.weight"], p["lora_B.weight"])
+            return function.apply(
+                x, layer.base_layer.weight, layer.bias, a, b, m, n, s, lp.layer.type == "gpt2_conv1d"
             )
         base_out = layer.base_forward(x)
         return self.compose_output(lp, layer, p, x, base_out.to(dtype), n).to(base_out.dtype)
