@@ -22,6 +22,7 @@ from peftdecl.formats.registry import detect_format, get_format, is_adapter_dir
 from peftdecl.init import EXTERNAL_SOURCES, SHARED_SOURCES, check_arrays, generator_for, init_params
 from peftdecl.plan import ModelInfo, Plan, compile_plan
 from peftdecl.plan.compile import layouts
+from peftdecl.plan.kinds.vera import check_family as check_vera_family
 from peftdecl.spec import SpecBase, load_spec
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -278,6 +279,10 @@ class AdaptedModel:
         return name
 
     def _check_compatible(self, plan: Plan) -> None:
+        if plan.kind == "vera":
+            first = next((n for n, p in self._plans.items() if p.kind == "vera"), None)
+            if first is not None:
+                check_vera_family(first, self._plans[first], plan)
         caps = self._backend.capabilities
         for layer in plan.layers:
             reason = caps.why_not(layer.kind, layer.layer.type)

@@ -166,3 +166,17 @@ def test_numpy_replay_of_torchs_generator(key: int, r: int, max_in: int, max_out
     assert theirs is not None
     for planned, expected in zip(vera_layout.build_vera_shared(spec, [layer], None), theirs, strict=True):
         bits_equal_or_one_ulp(init_tensor(planned.init, planned.shape, np.random.default_rng(0)), expected)
+
+
+@pytest.mark.parametrize("field", ["projection_prng_key", "save_projection"])
+def test_a_second_vera_adapter_must_share_the_first_ones_projections(field: str) -> None:
+    changed = {"projection_prng_key": 1, "save_projection": False}[field]
+    wrapped = peft_model(tiny_llama(), peft.VeraConfig(**LLAMA))
+    with pytest.raises(ValueError):  # PEFT refuses it too
+        wrapped.add_adapter("other", peft.VeraConfig(**LLAMA, **{field: changed}))
+    state, options = numpy_inputs(tiny_llama())
+    ours = peftdecl.attach(state, {"peft_type": "VERA", **LLAMA}, backend="numpy", **options)
+    with pytest.raises(peftdecl.PeftdeclError, match=rf"{field}: .*first VeRA adapter's \('default' has"):
+        ours.add_adapter("other", {"peft_type": "VERA", **LLAMA, field: changed})
+    assert list(ours.adapters) == ["default"]  # nothing half-added
+    ours.add_adapter("same", {"peft_type": "VERA", **LLAMA})  # the same key and setting are fine

@@ -6,10 +6,11 @@ stream, A first, then B, each uniform in ±√3·√2/√fan_in (fan_in = max_in
 that stream in NumPy (``Init("torch_cpu_uniform")``), so a fresh adapter starts from PEFT's projections.
 
 Several VeRA adapters on one model: HF PEFT gives every later adapter the *first* adapter's projections (and
-so requires the same ``projection_prng_key`` and ``save_projection``, and ranks and layer shapes no larger
-than the first's). A peftdecl plan carries its own projections from its own key and shapes; they equal
-PEFT's whenever r and the targeted shapes match the first adapter's. A PEFT file holding larger
-(first-adapter) projections is cut to this adapter's size on load, keeping exactly the block the forward uses.
+so requires the same ``projection_prng_key`` and ``save_projection``, which :func:`check_family` enforces as
+PEFT does, and ranks and layer shapes no larger than the first's). A peftdecl plan carries its own projections
+from its own key and shapes; they equal PEFT's whenever r and the targeted shapes match the first adapter's. A
+PEFT file holding larger (first-adapter) projections is cut to this adapter's size on load, keeping exactly the
+block the forward uses.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from peftdecl.errors import AdapterFileError
+from peftdecl.errors import AdapterFileError, PeftdeclError
 from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec, Plan
 from peftdecl.plan.kinds import KindLayout
 
@@ -47,6 +48,18 @@ def projection_shapes(plan: Plan) -> tuple[int, int, int]:
     r = plan.spec.r  # type: ignore[attr-defined]
     max_in = max(lp.layer.in_features for lp in plan.layers)
     return r, max_in, max(lp.layer.out_features for lp in plan.layers)
+
+
+def check_family(first_name: str, first: Plan, plan: Plan) -> None:
+    """Refuse a VeRA adapter that cannot share the model's projections with the first VeRA adapter ``first``, as
+    HF PEFT refuses it: every VeRA adapter of a model has the same ``projection_prng_key`` and ``save_projection``."""
+    for field in ("projection_prng_key", "save_projection"):
+        theirs, ours = getattr(first.spec, field), getattr(plan.spec, field)
+        if theirs != ours:
+            raise PeftdeclError(
+                f"{field}: VeRA adapters on one model share their projections, so it must equal the first VeRA "
+                f"adapter's ({first_name!r} has {theirs!r}), got {ours!r}"
+            )
 
 
 def build_vera_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
