@@ -20,6 +20,7 @@ from peftdecl.errors import AdapterFileError
 from peftdecl.formats.atomic import atomic_write_text, staged_directory
 from peftdecl.formats.safetensors_io import read_safetensors, write_safetensors
 from peftdecl.plan.ir import Plan
+from peftdecl.plan.targeting import IA3_DEFAULT_TARGETS, default_targets
 from peftdecl.spec import SpecBase, load_spec
 
 CONFIG_NAME = "adapter_config.json"
@@ -76,9 +77,12 @@ def ir_key(plan_shared: set[str], key: str) -> str:
 
 
 def config_dict(
-    plan: Plan, extra: Mapping[str, Any] | None = None, model_class: tuple[str, str] | None = None
+    plan: Plan,
+    extra: Mapping[str, Any] | None = None,
+    model_class: tuple[str, str] | None = None,
+    model_type: str | None = None,
 ) -> dict[str, Any]:
-    """The ``adapter_config.json`` content PEFT would write for this plan."""
+    """The ``adapter_config.json`` content PEFT would write for this plan (on a model of ``model_type``)."""
     config = plan.spec.to_dict()
     config["inference_mode"] = True
     if config.get("task_type") is None and config.get("auto_mapping") is None and model_class is not None:
@@ -89,10 +93,25 @@ def config_dict(
     if isinstance(target, str) and target.lower() == "all-linear":
         # PEFT saves the expanded set of module names rather than the shorthand
         config["target_modules"] = sorted(plan.targets)
+    config.update(_resolved_defaults(plan, config, model_type))
     if extra:
         config.update(extra)
     config.pop("runtime_config", None)
     return config
+
+
+def _resolved_defaults(plan: Plan, config: Mapping[str, Any], model_type: str | None) -> dict[str, Any]:
+    """The model type's default module lists where the spec left them null: PEFT writes what it resolved."""
+    if plan.prompt is not None or model_type is None:
+        return {}
+    resolved: dict[str, Any] = {}
+    if "target_modules" in config and config["target_modules"] is None:
+        defaults = default_targets(config["peft_type"]).get(model_type)
+        if defaults:
+            resolved["target_modules"] = sorted(defaults)
+    if plan.kind == "ia3" and config.get("feedforward_modules") is None and model_type in IA3_DEFAULT_TARGETS:
+        resolved["feedforward_modules"] = sorted(IA3_DEFAULT_TARGETS[model_type][1])
+    return resolved
 
 
 def write_adapter(
@@ -103,12 +122,13 @@ def write_adapter(
     dtype: Any = np.float32,
     extra_config: Mapping[str, Any] | None = None,
     model_class: tuple[str, str] | None = None,
+    model_type: str | None = None,
 ) -> None:
     """Write one adapter's config and tensors into ``folder`` (both files replaced atomically)."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {file_key(plan, k): np.asarray(v).astype(dtype) for k, v in arrays.items()}
     write_safetensors(folder / WEIGHTS_NAME, tensors, {"format": "pt"})
-    text = json.dumps(config_dict(plan, extra_config, model_class), indent=2, sort_keys=True)
+    text = json.dumps(config_dict(plan, extra_config, model_class, model_type), indent=2, sort_keys=True)
     atomic_write_text(folder / CONFIG_NAME, text)
 
 
@@ -118,12 +138,21 @@ def write_adapters(
     *,
     dtype: Any = np.float32,
     model_class: tuple[str, str] | None = None,
+    model_type: str | None = None,
 ) -> None:
     """Save several adapters PEFT-style; everything is staged first so a failure leaves ``directory`` as it was."""
     with staged_directory(Path(directory)) as stage:
         for name, (plan, arrays, extra) in adapters.items():
             folder = adapter_dir(stage, name)
-            write_adapter(folder, plan, arrays, dtype=dtype, extra_config=extra, model_class=model_class)
+            write_adapter(
+                folder,
+                plan,
+                arrays,
+                dtype=dtype,
+                extra_config=extra,
+                model_class=model_class,
+                model_type=model_type,
+            )
 
 
 def read_adapter(folder: Path) -> tuple[SpecBase, dict[str, np.ndarray]]:
@@ -170,7 +199,13 @@ def to_ir_arrays(plan: Plan, tensors: Mapping[str, np.ndarray]) -> dict[str, np.
 
 
 def _write_for_registry(directory: Path, payload: Any, dtype: Any, info: Any) -> None:
-    write_adapters(directory, payload, dtype=dtype, model_class=None if info is None else info.model_class)
+    write_adapters(
+        directory,
+        payload,
+        dtype=dtype,
+        model_class=None if info is None else info.model_class,
+        model_type=None if info is None else info.model_type,
+    )
 
 
 def _format() -> Any:
