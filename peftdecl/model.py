@@ -23,6 +23,7 @@ from peftdecl.init import EXTERNAL_SOURCES, SHARED_SOURCES, check_arrays, genera
 from peftdecl.plan import ModelInfo, Plan, compile_plan
 from peftdecl.plan.compile import layouts
 from peftdecl.plan.kinds.vera import check_family as check_vera_family
+from peftdecl.plan.kinds.vera import inherit_projections
 from peftdecl.spec import SpecBase, load_spec
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -98,6 +99,7 @@ class AdaptedModel:
         else:
             values = {k: np.asarray(v) for k, v in arrays.items()}
             check_arrays(plan, values, origin=f"adapter {name!r}")
+        values = self._shared_family_arrays(plan, values)
         self._engine.add(name, plan, values)
         self._plans[name] = plan
         if activate or not self._active:
@@ -129,6 +131,7 @@ class AdaptedModel:
         self._check_compatible(plan)
         if name in self._plans:
             raise PeftdeclError(f"an adapter named {name!r} is already attached")
+        adapter_arrays = self._shared_family_arrays(plan, adapter_arrays)
         if base_overrides:
             self._engine.load_base_weights(base_overrides)
         self._engine.add(name, plan, {**adapter_arrays, **saved_modules})
@@ -278,11 +281,22 @@ class AdaptedModel:
             raise PeftdeclError(f"no adapter named {name!r}; attached: {sorted(self._plans)}")
         return name
 
+    def _first_vera(self, plan: Plan) -> str | None:
+        """The first VeRA adapter attached, when ``plan`` is a later one (they share its projections)."""
+        if plan.kind != "vera":
+            return None
+        return next((n for n, p in self._plans.items() if p.kind == "vera"), None)
+
+    def _shared_family_arrays(self, plan: Plan, arrays: dict[str, Any]) -> dict[str, Any]:
+        first = self._first_vera(plan)
+        return (
+            arrays if first is None else inherit_projections(first, self._engine.export(first), plan, arrays)
+        )
+
     def _check_compatible(self, plan: Plan) -> None:
-        if plan.kind == "vera":
-            first = next((n for n, p in self._plans.items() if p.kind == "vera"), None)
-            if first is not None:
-                check_vera_family(first, self._plans[first], plan)
+        first = self._first_vera(plan)
+        if first is not None:
+            check_vera_family(first, self._plans[first], plan)
         caps = self._backend.capabilities
         for layer in plan.layers:
             reason = caps.why_not(layer.kind, layer.layer.type)

@@ -180,3 +180,39 @@ def test_a_second_vera_adapter_must_share_the_first_ones_projections(field: str)
         ours.add_adapter("other", {"peft_type": "VERA", **LLAMA, field: changed})
     assert list(ours.adapters) == ["default"]  # nothing half-added
     ours.add_adapter("same", {"peft_type": "VERA", **LLAMA})  # the same key and setting are fine
+
+
+def test_a_later_vera_adapter_uses_the_first_ones_projections_as_peft_does(tmp_path) -> None:
+    # without saved projections a later adapter's A and B can only come from the first's, cut to its layers (PEFT
+    # shares them): here 32→32 layers against the first's 128 inputs and 96 outputs, so a fresh draw would differ.
+    # (A later adapter of smaller r is not compared: PEFT 0.21.2's forward fails on it with a shape error.)
+    first = dict(r=4, target_modules=["c_attn", "c_proj"], save_projection=False, init_weights=False)
+    second = dict(r=4, target_modules=r".*\.attn\.c_proj", save_projection=False, init_weights=False)
+    wrapped = peft_model(tiny_gpt2(), peft.VeraConfig(**first))
+    wrapped.add_adapter("other", peft.VeraConfig(**second))
+    wrapped.base_model.set_adapter(["default", "other"])  # both trainable, so perturb reaches both
+    perturb(wrapped)
+    wrapped.save_pretrained(tmp_path)
+    state, options = numpy_inputs(tiny_gpt2())
+    ours = peftdecl.load_adapter(state, tmp_path, backend="numpy", **options)
+    ours.load_adapter(tmp_path, "other")
+    ours.set_adapter("other")
+    wrapped.base_model.set_adapter("other")
+    assert_layers_equal(ours, wrapped, ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"])
+
+    fresh = peftdecl.attach(state, {"peft_type": "VERA", **first}, backend="numpy", **options)
+    fresh.add_adapter("other", {"peft_type": "VERA", **second})
+    shared, later = fresh.engine.export("default"), fresh.engine.export("other")
+    np.testing.assert_array_equal(later["vera_A"], shared["vera_A"][:, :32])
+    np.testing.assert_array_equal(later["vera_B"], shared["vera_B"][:32])
+
+
+def test_a_later_vera_adapter_larger_than_the_first_is_refused_like_peft() -> None:
+    wrapped = peft_model(tiny_llama(), peft.VeraConfig(r=8, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="or greater is required"):
+        wrapped.add_adapter("other", peft.VeraConfig(r=16, target_modules=["q_proj"]))
+    state, options = numpy_inputs(tiny_llama())
+    ours = peftdecl.attach(state, {"peft_type": "VERA", "r": 8, "target_modules": ["q_proj"]}, **options)
+    with pytest.raises(peftdecl.PeftdeclError, match=r"r=16 .* first VeRA adapter \('default'\) .* r=8"):
+        ours.add_adapter("other", {"peft_type": "VERA", "r": 16, "target_modules": ["q_proj"]})
+    assert list(ours.adapters) == ["default"]

@@ -5,12 +5,11 @@ A and B are drawn as HF PEFT draws them: one ``torch.Generator("cpu").manual_see
 stream, A first, then B, each uniform in ±√3·√2/√fan_in (fan_in = max_in for A, r for B). peftdecl replays
 that stream in NumPy (``Init("torch_cpu_uniform")``), so a fresh adapter starts from PEFT's projections.
 
-Several VeRA adapters on one model: HF PEFT gives every later adapter the *first* adapter's projections (and
-so requires the same ``projection_prng_key`` and ``save_projection``, which :func:`check_family` enforces as
-PEFT does, and ranks and layer shapes no larger than the first's). A peftdecl plan carries its own projections
-from its own key and shapes; they equal PEFT's whenever r and the targeted shapes match the first adapter's. A
-PEFT file holding larger (first-adapter) projections is cut to this adapter's size on load, keeping exactly the
-block the forward uses.
+Several VeRA adapters on one model: HF PEFT gives every later adapter the *first* adapter's projections, so it
+requires the same ``projection_prng_key`` and ``save_projection`` (:func:`check_family`) and ranks and layer
+shapes no larger than the first's; a later adapter's A and B are the first's cut to its size
+(:func:`inherit_projections`, applied by the model when it attaches one). A PEFT file holding larger
+(first-adapter) projections is cut to this adapter's size on load, keeping exactly the block the forward uses.
 """
 
 from __future__ import annotations
@@ -60,6 +59,24 @@ def check_family(first_name: str, first: Plan, plan: Plan) -> None:
                 f"{field}: VeRA adapters on one model share their projections, so it must equal the first VeRA "
                 f"adapter's ({first_name!r} has {theirs!r}), got {ours!r}"
             )
+
+
+def inherit_projections(
+    first_name: str, first_arrays: dict[str, np.ndarray], plan: Plan, arrays: dict[str, Any]
+) -> dict[str, Any]:
+    """``arrays`` with this plan's A and B cut from the first VeRA adapter's (HF PEFT hands every later adapter
+    the first one's projections and slices them in the forward), or an error where they are too small for it."""
+    a, b = np.asarray(first_arrays["vera_A"]), np.asarray(first_arrays["vera_B"])
+    shapes = {spec.name: spec.shape for spec in plan.shared}
+    r, max_in = shapes["vera_A"]
+    max_out = shapes["vera_B"][0]
+    if r > a.shape[0] or max_in > a.shape[1] or max_out > b.shape[0]:
+        raise PeftdeclError(
+            f"r={r} with layers up to {max_in} inputs and {max_out} outputs: the first VeRA adapter ({first_name!r}) "
+            f"made projections of r={a.shape[0]}, {a.shape[1]} inputs and {b.shape[0]} outputs, which every later "
+            "VeRA adapter shares (as in HF PEFT); add the adapter with the largest rank and layers first"
+        )
+    return {**arrays, "vera_A": a[:r, :max_in], "vera_B": b[:max_out, :r]}
 
 
 def build_vera_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
