@@ -240,6 +240,11 @@ def test_forward_and_gradients_match_numpy_reference(
         pytest.skip(reason)
     # linear layers run hand-written autograd Functions where they can; "composed" forces plain torch ops
     monkeypatch.setattr(fused, "ENABLED", path == "fused")
+    check_against_reference(case, layer, dtype)
+
+
+def check_against_reference(case: str, layer: str, dtype: torch.dtype) -> None:
+    """Forward (with and without autograd) and every gradient of one case against the NumPy reference."""
     ours, reference, x, xt = build(case, layer, dtype)
     tol = TOL[dtype]
     expected, tape = reference.engine.layer_forward("m", x)

@@ -23,7 +23,7 @@ from torch import nn
 from peftdecl.backend import BASE_ROW as BASE
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerInfo, LayerPlan
-from peftdecl_torch import compose
+from peftdecl_torch import compose, gemm
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds import ops_for
 
@@ -203,6 +203,9 @@ class AdaptedLayer(nn.Module):
 
     # -- the base layer ------------------------------------------------------------------------------------
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer on x; a plain linear one runs its product through :mod:`peftdecl_torch.gemm`."""
+        if gemm.takes_over(self.base_layer):
+            return self.functional(x, self.weight_ir(), self.bias)
         return self.base_layer(x)
 
     def weight_ir(self) -> torch.Tensor:
@@ -233,7 +236,7 @@ class AdaptedLayer(nn.Module):
             return F.conv1d(x, weight_ir, bias, info.stride, info.padding, info.dilation, info.groups)
         if info.type == "conv2d":
             return F.conv2d(x, weight_ir, bias, info.stride, info.padding, info.dilation, info.groups)
-        return F.linear(x, weight_ir, bias)
+        return gemm.linear(x, weight_ir, bias)
 
     def embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Look ``x`` up in ``table`` with the base embedding's settings (padding_idx gets no gradient)."""

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from peftdecl.plan import LayerPlan
+from peftdecl_torch import gemm
 
 ENABLED = True
 MERGED: bool | None = None
@@ -79,7 +80,9 @@ def weight_ir(weight: torch.Tensor, stored_in_out: bool) -> torch.Tensor:
 
 
 def linear(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x2 wᵀ + b for 2-D x2 and w [out, in]."""
+    """x2 wᵀ + b for 2-D x2 and w [out, in], outside autograd (:mod:`peftdecl_torch.gemm` picks the library)."""
+    if gemm.routes_to_onednn(x2.shape[0], x2.shape[1], w.shape[0], x2, w):
+        return gemm.linear(x2, w, bias)
     return torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
 
 
@@ -113,9 +116,12 @@ def rotate_weight_pays(lp: LayerPlan, x: torch.Tensor) -> bool:
 def tn(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """leftᵀ·right for left [T, m], right [T, n] with m small (a rank): the adapter-weight gradients.
 
-    On the CPU with many rows this runs as SPLIT_K independent products over row slices, summed: MKL spreads one
-    such thin product over two threads poorly, k independent ones well (about 15% faster at T = 2048, m = 16)."""
+    Through oneDNN (:mod:`peftdecl_torch.gemm`) it is one product. Through BLAS on the CPU with many rows it runs
+    as SPLIT_K independent products over row slices, summed: MKL spreads one such thin product over two threads
+    poorly, k independent ones well (about 15% faster at T = 2048, m = 16)."""
     rows, k = left.shape[0], SPLIT_K
+    if gemm.routes_to_onednn(left.shape[1], rows, right.shape[1], left, right):
+        return gemm.tn(left, right)
     if left.device.type != "cpu" or rows < 128 * k or rows % k:
         return left.t() @ right
     slices = torch.bmm(left.reshape(k, rows // k, -1).transpose(1, 2), right.reshape(k, rows // k, -1))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.plan import LayerPlan, Plan
+from peftdecl_torch import gemm
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds.lora import _add_expand, lora_linear
 
@@ -43,7 +44,7 @@ class AdaLoraOps:
         if lp.layer.is_conv:
             return result + layer.functional(h, self.delta_weight(lp, layer, p), None)
         qe = p["lora_A"] * singular_values(lp, p)
-        return _add_expand(result, F.linear(h, qe), p["lora_B"], lp.scaling)
+        return _add_expand(result, gemm.linear(h, qe), p["lora_B"], lp.scaling)
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
         delta = lp.scaling * (p["lora_B"] @ (p["lora_A"] * singular_values(lp, p)))

@@ -15,6 +15,7 @@ import torch
 
 from peftdecl.composition import INPUT
 from peftdecl.plan import LayerPlan
+from peftdecl_torch import gemm
 from peftdecl_torch.kinds._rotation import butterfly, butterfly_perms, cayley
 
 Params = dict[str, torch.Tensor]
@@ -63,7 +64,7 @@ class BoftOps:
                 x.dtype
             )
         rotated = butterfly(x.to(q.dtype), q, perms(lp, q.device))
-        y = torch.nn.functional.linear(rotated, weight.to(q.dtype)) * scale
+        y = gemm.linear(rotated, weight.to(q.dtype)) * scale
         if bias is not None:
             y = y + bias.to(q.dtype)
         return y.to(x.dtype)

@@ -19,6 +19,7 @@ from peftdecl.composition import OUTPUT
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.dora import MAGNITUDE
+from peftdecl_torch import gemm
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds.lora import OPS as LORA
 from peftdecl_torch.kinds.lora import _add_expand, _conv, _ones
@@ -132,11 +133,15 @@ class DoraLinearFunction(torch.autograd.Function):
         if need_x:
             merged = _merged(fused.weight_ir(weight, ctx.stored_in_out), a, b, m, n, s)
             reuse = scratch is not None and scratch.shape == (dy2.shape[0], merged.shape[1])
-            dx = (torch.mm(dy2, merged, out=scratch) if reuse else torch.mm(dy2, merged)).view(x.shape)
+            if gemm.routes_to_onednn(dy2.shape[0], dy2.shape[1], merged.shape[1], dy2, merged):
+                reuse = scratch = (
+                    None  # oneDNN writes a fresh tensor: free the scratch before it is allocated
+                )
+            dx = (torch.mm(dy2, merged, out=scratch) if reuse else gemm.mm(dy2, merged)).view(x.shape)
         if need_a:
-            da = torch.mm(torch.mm(dy2, b * g[:, None]).t(), x2).mul_(s)  # s · ((dy ⊙ g) B)ᵀ x
+            da = gemm.tn(gemm.mm(dy2, b * g[:, None]), x2).mul_(s)  # s · ((dy ⊙ g) B)ᵀ x
         if need_b:
-            db = torch.mm(torch.mm(x2, a.t()).t(), dy2).t().mul_(s * g[:, None])  # s · (dy ⊙ g)ᵀ (x Aᵀ)
+            db = gemm.tn(gemm.mm(x2, a.t()), dy2).t().mul_(s * g[:, None])  # s · (dy ⊙ g)ᵀ (x Aᵀ)
         return dx, None, None, da, db, dm, None, None, None
 
 
@@ -291,12 +296,12 @@ class DoraOps:
         gb = _along_out(lp, g, result.ndim)
         if dropped:
             wh = layer.functional(h, layer.weight_ir().to(dtype), None)
-            low = v if v is not None else F.linear(F.linear(h, a), b)
+            low = v if v is not None else gemm.linear(gemm.linear(h, a), b)
             return result + (gb - 1.0) * wh + gb * s * low
         bias = layer.bias
         bias = None if bias is None else bias.to(dtype).reshape(gb.shape[1:] if lp.layer.is_conv else (-1,))
         plain = result if bias is None else result - bias
-        direction = plain + s * v if v is not None else _add_expand(plain, F.linear(h, a), b, s)
+        direction = plain + s * v if v is not None else _add_expand(plain, gemm.linear(h, a), b, s)
         return gb * direction if bias is None else gb * direction + bias
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:

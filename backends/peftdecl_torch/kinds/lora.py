@@ -7,16 +7,19 @@ A linear layer without dropout runs as one autograd Function (``lora_linear``, w
 A = Q ⊙ Λ), in one of three forms chosen by the cost rules of :mod:`._fused` (T tokens, W d_out × d_in, rank r):
 
 - inference on many tokens (T·(d_in + d_out) ≥ d_in·d_out): one matmul with W' = W + s·B A;
-- training on many tokens, float32/float64 (:class:`MergedLoraLinearFunction`): forward
-  [y | u] = x [W'; A]ᵀ, one matmul that also yields u = x Aᵀ; backward [dx | s·dy B] = dy [W' | s·B], one
-  matmul, then dA = (s·dy B)ᵀ x and dB = s·dyᵀ u. W' is rebuilt in backward (d_in·d_out·r work) rather than kept,
-  so only x and u (T·r numbers) stay alive between the passes; no T × d_out update is ever materialised;
+- training on many tokens, float32/float64 (:class:`MergedLoraLinearFunction`): forward y = x W'ᵀ + b and
+  u = x Aᵀ; backward dx = dy W', then dA = (s·dy B)ᵀ x and dB = s·dyᵀ u. W' is rebuilt in backward
+  (d_in·d_out·r work) rather than kept, so only x and u (T·r numbers) stay alive between the passes; no
+  T × d_out update is ever materialised. Through torch's BLAS the thin products are stacked onto the big ones,
+  [y | u] = x [W'; A]ᵀ and [dx | s·dy B] = dy [W' | s·B]; through oneDNN (:mod:`peftdecl_torch.gemm`), whose
+  thin products run near full speed, they are separate and no output needs splitting;
 - otherwise (:class:`LoraLinearFunction`): ``addmm(W x + b, x Aᵀ, Bᵀ, alpha=s)`` and a hand-written backward.
 
 Measured on a 2-core CPU (Linear 1024×1024, T = 2048, r = 16, float32, forward+backward × the frozen layer, the
-forms side by side in one process, 4 runs): unmerged 1.09–1.10, merged with a separate x Aᵀ and dy B 1.087–1.094,
-merged and stacked as above 1.068–1.083. What remains is mostly dA and dB (thin products that read x and dy once
-more, at about half the big matmul's speed) and building W' twice.
+forms side by side in one process, 4 runs), through BLAS: unmerged 1.09–1.10, merged with a separate x Aᵀ and
+dy B 1.087–1.094, merged and stacked 1.068–1.083; what remains is mostly dA and dB (thin products that read x and
+dy once more) and building W' twice. Through oneDNN, against a frozen layer on oneDNN as well: stacked 1.18,
+separate 1.16 (benchmarks/compare_torch_peft.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
+from peftdecl_torch import gemm
 from peftdecl_torch.kinds import _fused as fused
 
 Params = dict[str, torch.Tensor]
@@ -55,7 +59,7 @@ class LoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         y = fused.linear(x2, fused.weight_ir(weight, stored_in_out), bias)
-        u = torch.mm(x2, a.t())
+        u = gemm.mm(x2, a.t())
         y.addmm_(u, b.t(), alpha=scaling)
         if b_bias is not None:
             y.add_(b_bias, alpha=scaling)
@@ -70,14 +74,14 @@ class LoraLinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         need_x, _, _, need_a, need_b, need_bias = ctx.needs_input_grad[:6]
-        dyb = torch.mm(dy2, b).mul_(s)  # s · dy B, [T, r]
+        dyb = gemm.mm(dy2, b).mul_(s)  # s · dy B, [T, r]
         dx = da = db = dbias = None
         if need_x:
-            dx = torch.mm(dy2, fused.weight_ir(weight, ctx.stored_in_out)).addmm_(dyb, a).view(x.shape)
+            dx = gemm.mm(dy2, fused.weight_ir(weight, ctx.stored_in_out)).addmm_(dyb, a).view(x.shape)
         if need_a:
             da = fused.tn(dyb, x2)
         if need_b:
-            shrink = u if u is not None else torch.mm(x2, a.t())
+            shrink = u if u is not None else gemm.mm(x2, a.t())
             db = fused.tn(shrink, dy2).mul_(s).t()
         if need_bias:
             dbias = dy2.sum(0).mul_(s)
@@ -103,17 +107,22 @@ class MergedLoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         d_out, d_in, r = b.shape[0], a.shape[1], a.shape[0]
-        stacked = x2.new_empty(d_out + r, d_in)  # [W + s·B A ; A]
-        torch.addmm(fused.weight_ir(weight, stored_in_out), b, a, alpha=scaling, out=stacked[:d_out])
-        stacked[d_out:].copy_(a)
-        yu = torch.mm(x2, stacked.t())
+        w = fused.weight_ir(weight, stored_in_out)
         full_bias = bias
         if b_bias is not None:
             full_bias = b_bias * scaling if bias is None else torch.add(bias, b_bias, alpha=scaling)
+        ctx.scaling, ctx.stored_in_out = scaling, stored_in_out
+        if gemm.routes_to_onednn(x2.shape[0], d_in, r, x2, a):  # thin products are cheap there: no stacking
+            y = fused.linear(x2, torch.addmm(w, b, a, alpha=scaling), full_bias)
+            ctx.save_for_backward(x, weight, a, b, gemm.mm(x2, a.t()))
+            return y.view(*x.shape[:-1], d_out)
+        stacked = x2.new_empty(d_out + r, d_in)  # [W + s·B A ; A]
+        torch.addmm(w, b, a, alpha=scaling, out=stacked[:d_out])
+        stacked[d_out:].copy_(a)
+        yu = torch.mm(x2, stacked.t())
         # a contiguous y (the bias added on the way); u copied out so that it does not keep yu alive
         y = yu[:, :d_out].contiguous() if full_bias is None else torch.add(yu[:, :d_out], full_bias)
         u = yu[:, d_out:].contiguous()
-        ctx.scaling, ctx.stored_in_out = scaling, stored_in_out
         ctx.save_for_backward(x, weight, a, b, u)
         return y.view(*x.shape[:-1], d_out)
 
@@ -126,15 +135,18 @@ class MergedLoraLinearFunction(torch.autograd.Function):
         need_x, _, _, need_a, need_b, need_bias = ctx.needs_input_grad[:6]
         d_in = a.shape[1]
         dx = da = db = dbias = None
-        if need_x:
+        w = fused.weight_ir(weight, ctx.stored_in_out)
+        if need_x and not gemm.routes_to_onednn(dy2.shape[0], dy2.shape[1], a.shape[0], dy2, b):
             stacked = dy2.new_empty(b.shape[0], d_in + a.shape[0])  # [W + s·B A | s·B]
-            torch.addmm(fused.weight_ir(weight, ctx.stored_in_out), b, a, alpha=s, out=stacked[:, :d_in])
+            torch.addmm(w, b, a, alpha=s, out=stacked[:, :d_in])
             torch.mul(b, s, out=stacked[:, d_in:])
             out = torch.mm(dy2, stacked)
             dx = out[:, :d_in].contiguous().view(x.shape)
             dyb = out[:, d_in:]  # s · dy B, [T, r]
         else:
-            dyb = torch.mm(dy2, b).mul_(s)
+            if need_x:
+                dx = gemm.mm(dy2, torch.addmm(w, b, a, alpha=s)).view(x.shape)
+            dyb = gemm.mm(dy2, b).mul_(s)
         if need_a:
             da = fused.tn(dyb, x2)
         if need_b:
@@ -153,7 +165,7 @@ def merged_linear(
     bias = layer.bias
     if b_bias is not None:
         bias = b_bias * s if bias is None else bias + s * b_bias
-    return F.linear(x, weight, bias)
+    return gemm.linear(x, weight, bias)
 
 
 def lora_linear(
@@ -201,9 +213,9 @@ class LoraOps:
             k = a.ndim - 2
             u = _conv(h, a, None, lp.layer.stride, lp.layer.padding)
             return result + s * _conv(u, b, p.get("lora_B.bias"), _ones(k), (0,) * k)
-        u = F.linear(h, a)
+        u = gemm.linear(h, a)
         if "lora_B.bias" in p:
-            return result + s * F.linear(u, b, p["lora_B.bias"])
+            return result + s * gemm.linear(u, b, p["lora_B.bias"])
         return _add_expand(result, u, b, s)
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 
 from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
+from peftdecl_torch import gemm
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds._rotation import cayley, neumann, rotate_blocks, skew_from_triu
 
@@ -92,7 +93,7 @@ class OftLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         rotated_t = _rotate_rows_of_transpose(rot, fused.weight_ir(weight, stored_in_out))  # R Wᵀ, [in, out]
-        y = torch.addmm(bias, x2, rotated_t) if bias is not None else torch.mm(x2, rotated_t)
+        y = fused.linear(x2, rotated_t.t(), bias)
         ctx.stored_in_out = stored_in_out
         ctx.save_for_backward(x, weight, rot)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -107,11 +108,11 @@ class OftLinearFunction(torch.autograd.Function):
         need_x, need_rot = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         drot = None
         if need_x and (not need_rot or _invertible(rot)):
-            dx2 = torch.mm(dy2, _rotate_rows_of_transpose(rot, w).t())  # dy (W Rᵀ)
+            dx2 = gemm.mm(dy2, _rotate_rows_of_transpose(rot, w).t())  # dy (W Rᵀ)
             if need_rot:  # Σ_t x_iᵀ dx_i = (Σ_t x_iᵀ g_i) R_iᵀ
                 drot = torch.linalg.solve(rot.transpose(1, 2), _blockwise_tn(x2, dx2, n, b), left=False)
             return dx2.view(x.shape), None, None, drot, None
-        grad_rotated = torch.mm(dy2, w)  # g = dy W, [T, in]
+        grad_rotated = gemm.mm(dy2, w)  # g = dy W, [T, in]
         if need_rot:
             drot = _blockwise_tn(x2, grad_rotated, n, b)
         dx = _rotate_rows_in_place(grad_rotated, rot.transpose(1, 2)).view(x.shape) if need_x else None

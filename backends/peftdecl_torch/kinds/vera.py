@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.plan import LayerPlan
+from peftdecl_torch import gemm
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds.lora import _add_expand
 
@@ -53,9 +54,9 @@ class VeraLinearFunction(torch.autograd.Function):
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
         dx = d_lam_d = d_lam_b = None
         if need_x:
-            dx = torch.mm(dy2, merged).view(x.shape)
+            dx = gemm.mm(dy2, merged).view(x.shape)
         if need_d or need_b:
-            mixed = torch.mm(torch.mm(x2, a.t()).t(), dy2).t() * b  # (dyᵀ x Aᵀ) ⊙ B, [out, r]
+            mixed = gemm.tn(gemm.mm(x2, a.t()), dy2).t() * b  # (dyᵀ x Aᵀ) ⊙ B, [out, r]
             d_lam_b = (mixed * lam_d).sum(1) if need_b else None
             d_lam_d = (mixed * lam_b[:, None]).sum(0) if need_d else None
         return dx, None, None, None, None, d_lam_d, d_lam_b, None
@@ -82,7 +83,7 @@ class VeraOps:
                 )
             result = layer.base_forward(x)
         h = F.dropout(x, rate) if layer.training and rate > 0 else x
-        u = F.linear(h, a) * p["vera_lambda_d"]
+        u = gemm.linear(h, a) * p["vera_lambda_d"]
         return _add_expand(result, u, b * p["vera_lambda_b"][:, None], 1.0)
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
