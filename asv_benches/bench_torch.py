@@ -4,6 +4,9 @@ Read each ``time_*_adapted / time_*_base`` pair as a ratio (benchmarks/compare_t
 with HF PEFT beside them). Linear 1024×1024, float32, r = 16 (VeRA 256, OFT/BOFT blocks of 32), non-zero adapter
 weights, 2 threads. Skipped when torch is not installed.
 
+``cpu_gemm`` is peftdecl_torch.gemm.ENGINE for the adapted layer: "auto" (oneDNN on x86 CPUs not made by Intel)
+or "blas" (torch's own matmul); the frozen nn.Linear always runs on torch's own.
+
 Two token counts, one on each side of the cost rules in peftdecl_torch.kinds._fused: 2048 tokens (LoRA and AdaLoRA
 merge the update into the weight per call, OFT rotates the weight) and 64 tokens (they apply the update to the
 tokens, OFT rotates the input).
@@ -33,15 +36,18 @@ SPECS: dict[str, dict[str, Any]] = {
 class TorchAdaptedLinear:
     """One adapted nn.Linear per kind; ``time_*_base`` is the same frozen Linear without the adapter."""
 
-    params = (list(SPECS), list(TOKENS))
-    param_names = ("kind", "tokens")
+    params = (list(SPECS), list(TOKENS), ["auto", "blas"])
+    param_names = ("kind", "tokens", "cpu_gemm")
     timeout = 300
 
-    def setup(self, kind: str, tokens: int) -> None:
+    def setup(self, kind: str, tokens: int, cpu_gemm: str) -> None:
         try:
             import torch
+
+            from peftdecl_torch import gemm
         except ImportError as exc:
             raise NotImplementedError("torch is not installed") from exc
+        gemm.ENGINE = cpu_gemm
         self.torch = torch
         torch.set_num_threads(2)
         torch.manual_seed(0)
@@ -68,14 +74,14 @@ class TorchAdaptedLinear:
             param.grad = None
         layer(self.x_grad).backward(self.dy)
 
-    def time_forward_base(self, kind: str, tokens: int) -> None:
+    def time_forward_base(self, kind: str, tokens: int, cpu_gemm: str) -> None:
         self._forward(self.base)
 
-    def time_forward_adapted(self, kind: str, tokens: int) -> None:
+    def time_forward_adapted(self, kind: str, tokens: int, cpu_gemm: str) -> None:
         self._forward(self.adapted)
 
-    def time_forward_backward_base(self, kind: str, tokens: int) -> None:
+    def time_forward_backward_base(self, kind: str, tokens: int, cpu_gemm: str) -> None:
         self._forward_backward(self.base)
 
-    def time_forward_backward_adapted(self, kind: str, tokens: int) -> None:
+    def time_forward_backward_adapted(self, kind: str, tokens: int, cpu_gemm: str) -> None:
         self._forward_backward(self.adapted)
