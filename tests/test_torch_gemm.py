@@ -159,3 +159,13 @@ def test_second_derivatives_match_float64(engine: str) -> None:
     g_ref.sum().backward()
     assert rel_err(grad.detach().numpy(), g_ref.detach().numpy()) <= 1e-6
     assert rel_err(w.grad.numpy(), w_ref.grad.numpy()) <= 1e-6
+
+
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+def test_autocast_and_torch_func_keep_torch_products(engine: str) -> None:
+    x, w = torch.randn(6, 8), torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not gemm.routes_to_onednn(6, 8, 5, x, w)
+        assert gemm.linear(x, w).dtype == torch.bfloat16  # as F.linear under autocast
+    grads = torch.func.grad(lambda inp: gemm.linear(inp, w).square().sum())(x)
+    assert rel_err(grads.numpy(), 2 * (_f64(x) @ _f64(w).T) @ _f64(w)) <= 1e-6
