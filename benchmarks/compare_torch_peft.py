@@ -353,13 +353,15 @@ def main() -> None:
         print(json.dumps(measure(args.one, args)))
         return
     env = {**os.environ, **(STEADY_MALLOC if args.steady_malloc else {})}
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.threads} threads"
+    on_gpu = args.device.startswith("cuda")
+    where = torch.cuda.get_device_name() if on_gpu else f"{args.threads} threads"
+    library = "torch's" if on_gpu or args.dtype != "float32" or not gemm.use_onednn() else "oneDNN"
     print(
         f"torch {torch.__version__}, {where}, Linear {args.dim}x{args.dim}, {args.tokens} tokens, "
         f"{args.dtype} base, median of {args.rounds}x{args.block} calls; {args.trials} trials per kind "
         f"{'in this process' if args.in_process else 'in fresh processes'}; "
         f"allocator: {'steady (glibc thresholds raised)' if args.steady_malloc else 'glibc defaults'}; "
-        f"peftdecl's CPU products: {'oneDNN' if gemm.use_onednn() else 'torch BLAS'}"
+        f"peftdecl's products: {library}"
     )
     header = (
         f"{'kind':8} | {'fwd PEFT':>8} {'fwd ours':>8} {'ours/PEFT':>9} {'range':>11} | "
