@@ -169,3 +169,23 @@ def test_autocast_and_torch_func_keep_torch_products(engine: str) -> None:
         assert gemm.linear(x, w).dtype == torch.bfloat16  # as F.linear under autocast
     grads = torch.func.grad(lambda inp: gemm.linear(inp, w).square().sum())(x)
     assert rel_err(grads.numpy(), 2 * (_f64(x) @ _f64(w).T) @ _f64(w)) <= 1e-6
+
+
+def test_vendor_from_the_processor_description_without_proc_cpuinfo(monkeypatch) -> None:
+    import builtins
+
+    def no_cpuinfo(path, *args, **kwargs):
+        raise OSError(path)
+
+    gemm.cpu_vendor.cache_clear()
+    monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    monkeypatch.setattr(
+        gemm.platform, "processor", lambda: "AMD64 Family 25 Model 97 Stepping 2, AuthenticAMD"
+    )
+    try:
+        assert gemm.cpu_vendor() == "AuthenticAMD"
+        gemm.cpu_vendor.cache_clear()
+        monkeypatch.setattr(gemm.platform, "processor", lambda: "")
+        assert gemm.cpu_vendor() == ""
+    finally:
+        gemm.cpu_vendor.cache_clear()

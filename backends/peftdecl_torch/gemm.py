@@ -32,9 +32,13 @@ MIN_WORK = 1 << 21
 """Smallest product (rows × inner × columns multiply-adds) sent to oneDNN."""
 
 
+KNOWN_VENDORS = ("GenuineIntel", "AuthenticAMD", "HygonGenuine")
+
+
 @lru_cache(maxsize=1)
 def cpu_vendor() -> str:
-    """The x86 vendor string (e.g. ``AuthenticAMD``) from /proc/cpuinfo, or "" where it cannot be read."""
+    """The x86 vendor string (e.g. ``AuthenticAMD``): /proc/cpuinfo on Linux, the processor description
+    elsewhere (Windows names the vendor there), "" where neither says."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
             for line in info:
@@ -42,7 +46,8 @@ def cpu_vendor() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return ""
+    description = platform.processor()
+    return next((vendor for vendor in KNOWN_VENDORS if vendor in description), "")
 
 
 @lru_cache(maxsize=1)
