@@ -1,10 +1,10 @@
 """Dense float32 products on the CPU through the faster of the two GEMM libraries torch ships.
 
-torch runs float32 CPU matmuls through its BLAS (MKL on x86 wheels). On x86 CPUs not made by Intel, MKL takes a
-generic code path that leaves half of the vector units idle, while oneDNN (bundled with torch as "mkldnn") uses
-them fully: on the 2-core AMD EPYC this project's CI runs on, x Wᵀ for 2048 × 1024 × 1024 takes 9.5 ms through
-oneDNN against 20 ms through MKL, a rank-16 product 0.26 against 0.40 ms, and a rank-16 weight gradient
-(T = 2048) 0.26 against 0.80 ms. Results agree to float32 rounding (≈ 3e-7 relative).
+torch runs float32 CPU matmuls through its BLAS (MKL on x86 wheels), which picks its kernels by CPU vendor and
+runs markedly slower on x86 CPUs not made by Intel than oneDNN, which torch also bundles (as "mkldnn"): on the
+2-core AMD EPYC this project's CI runs on, x Wᵀ for 2048 × 1024 × 1024 takes 9.5 ms through oneDNN against
+20 ms through MKL, a rank-16 product 0.26 against 0.40 ms, and a rank-16 weight gradient (T = 2048) 0.26 against
+0.80 ms. Results agree to float32 rounding (≈ 3e-7 relative).
 
 ``ENGINE`` picks the library for the products peftdecl's layers compute themselves:
 
