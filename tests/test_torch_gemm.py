@@ -56,6 +56,7 @@ def test_products_match_float64_for_any_strides(engine: str) -> None:
         (gemm.mm(wide, w.t()[:, :30]), _f64(wide) @ _f64(w).T[:, :30]),
         (gemm.tn(wide, x.reshape(10, 48)), _f64(wide).T @ _f64(x).reshape(10, 48)),
         (gemm.tn(wide.t().contiguous().t(), wide[:, :7]), _f64(wide).T @ _f64(wide)[:, :7]),
+        (gemm.addmm(w_t, w_t[:, :8], wide[:8], 0.5), _f64(w_t) + 0.5 * _f64(w_t)[:, :8] @ _f64(wide)[:8]),
     ]
     for got, expected in cases:
         assert got.dtype == torch.float32 and got.shape == expected.shape

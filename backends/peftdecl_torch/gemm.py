@@ -166,6 +166,14 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b)
 
 
+def addmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """c + alpha · a b (a merged weight W + s·B A), outside autograd; a new tensor."""
+    if routes_to_onednn(a.shape[0], a.shape[1], b.shape[1], a, b, c):
+        product = _onednn(a, b.t(), None)
+        return torch.add(c, product, alpha=alpha, out=product)
+    return torch.addmm(c, a, b, alpha=alpha)
+
+
 def tn(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """leftᵀ · right for left [T, m], right [T, n] (a weight gradient), outside autograd."""
     if routes_to_onednn(left.shape[1], left.shape[0], right.shape[1], left, right):

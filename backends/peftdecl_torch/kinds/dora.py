@@ -241,7 +241,7 @@ def _merged(
     w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor, n: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """g ⊙ (W + s·B A), the only place B A is formed (transiently, for the one matmul)."""
-    return torch.addmm(w, b, a, alpha=scaling).mul_((m.reshape(-1) / n)[:, None])
+    return gemm.addmm(w, b, a, alpha=scaling).mul_((m.reshape(-1) / n)[:, None])
 
 
 class DoraOps:

@@ -113,7 +113,7 @@ class MergedLoraLinearFunction(torch.autograd.Function):
             full_bias = b_bias * scaling if bias is None else torch.add(bias, b_bias, alpha=scaling)
         ctx.scaling, ctx.stored_in_out = scaling, stored_in_out
         if gemm.routes_to_onednn(x2.shape[0], d_in, r, x2, a):  # thin products are cheap there: no stacking
-            y = fused.linear(x2, torch.addmm(w, b, a, alpha=scaling), full_bias)
+            y = fused.linear(x2, gemm.addmm(w, b, a, alpha=scaling), full_bias)
             ctx.save_for_backward(x, weight, a, b, gemm.mm(x2, a.t()))
             return y.view(*x.shape[:-1], d_out)
         stacked = x2.new_empty(d_out + r, d_in)  # [W + s·B A ; A]
@@ -145,7 +145,7 @@ class MergedLoraLinearFunction(torch.autograd.Function):
             dyb = out[:, d_in:]  # s · dy B, [T, r]
         else:
             if need_x:
-                dx = gemm.mm(dy2, torch.addmm(w, b, a, alpha=s)).view(x.shape)
+                dx = gemm.mm(dy2, gemm.addmm(w, b, a, alpha=s)).view(x.shape)
             dyb = gemm.mm(dy2, b).mul_(s)
         if need_a:
             da = fused.tn(dyb, x2)
@@ -161,7 +161,7 @@ def merged_linear(
 ) -> torch.Tensor:
     """Inference: one matmul with W + s·B A (and the bias plus s·b_B)."""
     s = lp.scaling
-    weight = torch.addmm(layer.weight_ir(), b, a, alpha=s)
+    weight = gemm.addmm(layer.weight_ir(), b, a, alpha=s)
     bias = layer.bias
     if b_bias is not None:
         bias = b_bias * s if bias is None else bias + s * b_bias

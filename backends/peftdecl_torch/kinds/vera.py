@@ -42,7 +42,7 @@ class VeraLinearFunction(torch.autograd.Function):
         stored_in_out: bool,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        merged = torch.addmm(fused.weight_ir(weight, stored_in_out), b * lam_b[:, None], a * lam_d[:, None])
+        merged = gemm.addmm(fused.weight_ir(weight, stored_in_out), b * lam_b[:, None], a * lam_d[:, None])
         y = fused.linear(x2, merged, bias)
         ctx.save_for_backward(x, merged, a, b, lam_d, lam_b)
         return y.view(*x.shape[:-1], y.shape[-1])
