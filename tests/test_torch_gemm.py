@@ -136,14 +136,15 @@ def test_only_plain_hookless_linear_modules_are_taken_over(monkeypatch) -> None:
         pass
 
     monkeypatch.setattr(gemm, "use_onednn", lambda: True)
-    plain = torch.nn.Linear(4, 3)
-    assert gemm.takes_over(plain) and gemm.takes_over(Conv1D(3, 4))
-    assert not gemm.takes_over(Subclass(4, 3)) and not gemm.takes_over(torch.nn.Conv1d(4, 3, 1))
+    plain, x = torch.nn.Linear(4, 3), torch.ones(2, 4)
+    assert gemm.takes_over(plain, x) and gemm.takes_over(Conv1D(3, 4), x)
+    assert not gemm.takes_over(plain, x.double()) and not gemm.takes_over(plain, x.bfloat16())
+    assert not gemm.takes_over(Subclass(4, 3), x) and not gemm.takes_over(torch.nn.Conv1d(4, 3, 1), x)
     handle = plain.register_forward_hook(lambda *args: None)
-    assert not gemm.takes_over(plain)
+    assert not gemm.takes_over(plain, x)
     handle.remove()
     monkeypatch.setattr(gemm, "use_onednn", lambda: False)
-    assert not gemm.takes_over(plain)
+    assert not gemm.takes_over(plain, x)
 
 
 @pytest.mark.parametrize("engine", ENGINES, indirect=True)

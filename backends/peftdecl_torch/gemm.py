@@ -80,10 +80,12 @@ def _decide(engine: str) -> bool:
     return x86 and vendor != "" and vendor != "GenuineIntel"
 
 
-def takes_over(module: torch.nn.Module) -> bool:
-    """Whether an adapted layer may compute its base ``module`` itself (:func:`linear` on its weight): oneDNN is
-    in use and the module is exactly torch's Linear or transformers' Conv1D, with no hooks that calling it would
-    run."""
+def takes_over(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether an adapted layer may compute its base ``module`` on ``x`` itself (:func:`linear` on its weight):
+    oneDNN is in use, x is a float32 CPU tensor, and the module is exactly torch's Linear or transformers' Conv1D,
+    with no hooks that calling it would run."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
     cls = type(module)
     plain = cls is torch.nn.Linear or (
         cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")

@@ -204,7 +204,7 @@ class AdaptedLayer(nn.Module):
     # -- the base layer ------------------------------------------------------------------------------------
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer on x; a plain linear one runs its product through :mod:`peftdecl_torch.gemm`."""
-        if gemm.takes_over(self.base_layer):
+        if gemm.takes_over(self.base_layer, x):
             return self.functional(x, self.weight_ir(), self.bias)
         return self.base_layer(x)
 
