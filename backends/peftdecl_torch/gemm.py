@@ -52,14 +52,18 @@ def cpu_vendor() -> str:
 
 @lru_cache(maxsize=1)
 def onednn_available() -> bool:
-    """Whether this torch build has oneDNN's linear operator (and it runs)."""
+    """Whether this torch build has oneDNN's linear operator and it computes x wᵀ + b for transposed (strided)
+    operands, as the callers here pass them."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
+    x = torch.arange(6.0).reshape(3, 2).t()  # [2, 3], strided
+    w = torch.arange(12.0).reshape(3, 4).t()  # [4, 3], strided
+    bias = torch.arange(4.0)
     try:
-        probe = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 3), torch.ones(4, 3), None, "none", [], "")
+        probe = torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     except (RuntimeError, NotImplementedError):
         return False
-    return bool(probe.shape == (2, 4) and torch.all(probe == 3.0))
+    return bool(probe.shape == (2, 4) and torch.equal(probe, torch.addmm(bias, x, w.t())))
 
 
 def use_onednn() -> bool:
