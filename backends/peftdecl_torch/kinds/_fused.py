@@ -81,9 +81,7 @@ def weight_ir(weight: torch.Tensor, stored_in_out: bool) -> torch.Tensor:
 
 def linear(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x2 wᵀ + b for 2-D x2 and w [out, in], outside autograd (:mod:`peftdecl_torch.gemm` picks the library)."""
-    if gemm.routes_to_onednn(x2.shape[0], x2.shape[1], w.shape[0], x2, w):
-        return gemm.linear(x2, w, bias)
-    return torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
+    return gemm.linear(x2, w, bias)
 
 
 def tokens(x: torch.Tensor) -> int:

@@ -134,9 +134,8 @@ class DoraLinearFunction(torch.autograd.Function):
             merged = _merged(fused.weight_ir(weight, ctx.stored_in_out), a, b, m, n, s)
             reuse = scratch is not None and scratch.shape == (dy2.shape[0], merged.shape[1])
             if gemm.routes_to_onednn(dy2.shape[0], dy2.shape[1], merged.shape[1], dy2, merged):
-                reuse = scratch = (
-                    None  # oneDNN writes a fresh tensor: free the scratch before it is allocated
-                )
+                # oneDNN writes a fresh tensor: the scratch is freed before that is allocated
+                reuse = scratch = None
             dx = (torch.mm(dy2, merged, out=scratch) if reuse else gemm.mm(dy2, merged)).view(x.shape)
         if need_a:
             da = gemm.tn(gemm.mm(dy2, b * g[:, None]), x2).mul_(s)  # s · ((dy ⊙ g) B)ᵀ x
