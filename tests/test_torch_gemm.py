@@ -72,8 +72,7 @@ def test_linear_gradients_match_float64(engine: str, needs: str) -> None:
     bias = torch.randn(16, generator=gen).requires_grad_(needs in ("all", "bias"))
     dy = torch.randn(3, 4, 16, generator=gen)
     y = gemm.linear(x, w, bias)
-    expected_name = "LinearFunctionBackward" if engine == "onednn" else "AddmmBackward0"
-    assert type(y.grad_fn).__name__ in (expected_name, "ViewBackward0", "UnsafeViewBackward0")
+    assert (type(y.grad_fn).__name__ == "LinearFunctionBackward") == (engine == "onednn")
     y.backward(dy)
     x64, w64, dy64 = _f64(x).reshape(12, 24), _f64(w), _f64(dy).reshape(12, 16)
     expected = {"x": (dy64 @ w64).reshape(3, 4, 24), "w": dy64.T @ x64, "bias": dy64.sum(0)}
