@@ -120,12 +120,13 @@ def test_auto_picks_onednn_only_on_non_intel_x86(monkeypatch) -> None:
 
 def test_only_large_cpu_float32_products_go_to_onednn(monkeypatch) -> None:
     monkeypatch.setattr(gemm, "use_onednn", lambda: True)
-    monkeypatch.setattr(gemm, "MIN_WORK", 1 << 21)  # the library's default (conftest lowers it to 0)
+    monkeypatch.setattr(gemm, "MIN_WORK", 1 << 22)  # the library's default (conftest lowers it to 0)
     big, small = torch.ones(2, 2), torch.ones(2, 2, dtype=torch.float64)
-    assert gemm.routes_to_onednn(128, 128, 128, big, big)
+    assert gemm.routes_to_onednn(256, 128, 128, big, big)
     assert not gemm.routes_to_onednn(64, 64, 64, big, big)  # under MIN_WORK
-    assert not gemm.routes_to_onednn(128, 128, 128, big, small)
+    assert not gemm.routes_to_onednn(256, 128, 128, big, small)
     assert not gemm.routes_to_onednn(0, 128, 128, big, big)
+    assert not gemm.routes_to_onednn(128, 128, 128, big, big)  # 2^21 multiply-adds: about even, BLAS kept
 
 
 def test_only_plain_hookless_linear_modules_are_taken_over(monkeypatch) -> None:
