@@ -57,7 +57,7 @@ def weight_norm(
             weight_sq = torch.einsum("oi,oi->o", w.to(dtype), w.to(dtype))
         s = lp.scaling
         # W Aᵀ in the base weight's dtype: no float32 copy of a half-precision W per call
-        cross = torch.einsum("or,or->o", b, (w @ a.t().to(w.dtype)).to(dtype))
+        cross = torch.einsum("or,or->o", b, gemm.mm(w, a.t().to(w.dtype)).to(dtype))
         quad = torch.einsum("or,or->o", b, b @ (a @ a.t()))
         return (weight_sq + 2.0 * s * cross + s * s * quad).clamp_min(0.0).sqrt()
 
