@@ -118,7 +118,7 @@ def checkpoint_state(directory: str | Path) -> dict[str, np.ndarray]:
         )
     state: dict[str, np.ndarray] = {}
     for path in files:
-        tensors, _ = read_safetensors(path)
+        tensors, _ = read_safetensors(path, floats_only=False)  # base checkpoints may hold int buffers
         state.update({k: v.astype(np.float64) for k, v in tensors.items()})
     return state
 
