@@ -1,25 +1,51 @@
-"""Summarise a saved adapter folder without a model: kind, targets, ranks, parameter count, dtypes."""
+"""Summarise a saved adapter folder without a model: format, kind, targets, ranks, parameter count, dtypes.
+
+Every format ``load_adapter`` reads (HF PEFT, mlx-lm, peftdecl's native layout) is read through the format
+registry, so inspect parses nothing itself. A key is split into (module, tensor) at its first dotted component
+that starts with an adapter tensor prefix; the prefixes come from ``hf_peft.KIND_MARKERS`` (the tensor-name
+fragments that identify each kind) and mlx-lm's leaves from ``mlx_lm.LEAVES``, so no second table of tensor
+names exists here; ``<module>.base_layer.weight`` (the copy of an adapted embedding PEFT saves) is listed under
+its module. Keys with no such component (VeRA's projections, prompt tables, modules_to_save copies) are
+listed as shared tensors.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from peftdecl.errors import AdapterFileError
-from peftdecl.formats import hf_peft
-from peftdecl.formats.safetensors_io import read_safetensors
-from peftdecl.spec import SpecBase, load_spec
+from peftdecl.formats import hf_peft, mlx_lm
+from peftdecl.formats.registry import AdapterFormat, detect_format, is_adapter_dir
+from peftdecl.spec import SpecBase
 
-# Tensor-name suffixes of each kind, longest first, to split a key into (module, tensor).
-_SUFFIXES = (
-    "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_A.weight", "lora_B.weight",
-    "lora_B.bias", "lora_A", "lora_B", "lora_E", "ia3_l", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
-    "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "oft_R.weight", "boft_R", "boft_s", "vera_lambda_b", "vera_lambda_d", "base_layer.weight",
-)  # fmt: skip
+FORMAT_FILES = {
+    "hf": "HF PEFT: adapter_config.json + adapter_model.safetensors",
+    "mlx-lm": "mlx-lm: adapter_config.json + adapters.safetensors",
+    "native": "peftdecl native: peftdecl_adapter.json + adapter.safetensors",
+}
+MAX_SUB_ADAPTERS = 1000
+"""Sub-folders inspected at most (a folder with more is refused rather than walked for minutes)."""
+
+
+def _tensor_prefixes() -> tuple[str, ...]:
+    """``lora_``, ``hada_``, ``oft_``, …: the start of every per-layer tensor name, from the kind markers that
+    name a tensor after its module (those starting with a dot)."""
+    prefixes = set()
+    for markers in hf_peft.KIND_MARKERS.values():
+        for marker in markers:
+            if marker.startswith("."):
+                prefixes.add(marker[1:].split("_", 1)[0] + "_")
+    return tuple(sorted(prefixes))
+
+
+TENSOR_PREFIXES = _tensor_prefixes()
+BASE_LAYER = "base_layer"
+"""The component under which PEFT saves a wrapped module's own weight (an adapted embedding's copy)."""
 
 
 @dataclass(frozen=True)
@@ -27,60 +53,146 @@ class AdapterSummary:
     """What ``peftdecl inspect`` prints for one adapter folder."""
 
     folder: Path
+    format: str
     spec: SpecBase
     modules: dict[str, dict[str, tuple[int, ...]]]
+    """Adapted module -> tensor name (as the file names it) -> shape."""
     shared: dict[str, tuple[int, ...]]
     num_parameters: int
     dtypes: tuple[str, ...]
+    name: str = "default"
+    """The adapter's name: ``default`` for the folder itself, the sub-folder's name otherwise."""
 
 
-def summarise(folder: Path) -> AdapterSummary:
-    """Read one HF PEFT adapter folder."""
+def split_key(key: str, file_format: str) -> tuple[str, str] | None:
+    """(module, tensor) of a file key in ``file_format``, or None for a tensor that belongs to no module."""
+    if file_format == "mlx-lm":
+        module, _, leaf = key.rpartition(".")
+        return (module, leaf) if module and leaf in mlx_lm.LEAVES else None
+    if file_format == "hf" and not key.startswith(hf_peft.MODEL_PREFIX):
+        return None  # base_model.<name> (VeRA's projections), prompt tables, prompt learning's saved modules
+    parts = key.removeprefix(hf_peft.MODEL_PREFIX).split(".")
+    for index in range(1, len(parts)):
+        if parts[index].startswith(TENSOR_PREFIXES) or parts[index] == BASE_LAYER:
+            return ".".join(parts[:index]), ".".join(parts[index:])
+    return None
+
+
+def _check_folder(folder: Path) -> None:
+    if not folder.exists():
+        raise AdapterFileError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise AdapterFileError(f"{folder}: not a folder (inspect reads an adapter folder)")
+
+
+def summarise(folder: Path, name: str = "default") -> AdapterSummary:
+    """Read the one adapter saved in ``folder`` (any format ``load_adapter`` reads)."""
     folder = Path(folder)
-    if not hf_peft.is_hf_adapter_dir(folder):
-        raise AdapterFileError(f"{folder}: no {hf_peft.CONFIG_NAME}; not an adapter folder")
-    spec = load_spec(folder / hf_peft.CONFIG_NAME)
-    tensors, _ = read_safetensors(folder / hf_peft.WEIGHTS_NAME)
-    modules: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
-    shared = {}
+    _check_folder(folder)
+    file_format: AdapterFormat = detect_format(folder)
+    spec, tensors = file_format.read(folder)
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    shared: dict[str, tuple[int, ...]] = {}
     for key, value in sorted(tensors.items()):
-        name = key.removeprefix(hf_peft.MODEL_PREFIX)
-        suffix = next((s for s in _SUFFIXES if name.endswith("." + s)), None)
-        if suffix is None:
-            shared[name.removeprefix(hf_peft.SHARED_PREFIX)] = value.shape
+        shape = tuple(int(n) for n in np.shape(value))
+        split = split_key(key, file_format.name)
+        if split is None:
+            shared[key.removeprefix(hf_peft.MODEL_PREFIX).removeprefix(hf_peft.SHARED_PREFIX)] = shape
         else:
-            modules[name[: -len(suffix) - 1]][suffix] = value.shape
-    dtypes = tuple(sorted({str(v.dtype) for v in tensors.values()}))
-    count = int(sum(np.prod(v.shape) for v in tensors.values()))
-    return AdapterSummary(folder, spec, dict(modules), shared, count, dtypes)
+            modules.setdefault(split[0], {})[split[1]] = shape
+    dtypes = tuple(sorted({str(np.asarray(v).dtype) for v in tensors.values()}))
+    count = sum(math.prod(np.shape(v)) for v in tensors.values())
+    return AdapterSummary(folder, file_format.name, spec, modules, shared, count, dtypes, name)
 
 
-def rank_of(spec: SpecBase, shapes: dict[str, tuple[int, ...]]) -> str:
-    """A kind-appropriate size for one module: the rank, or the block layout for OFT/BOFT."""
-    for key in ("lora_A.weight", "lora_embedding_A", "lora_E", "hada_w1_b", "lora_A"):
-        if key in shapes:
+def sub_adapters(folder: Path) -> list[tuple[str, Path]]:
+    """(name, folder) of every non-default adapter saved beside the default one (one sub-folder each)."""
+    folder = Path(folder)
+    _check_folder(folder)
+    found = []
+    for index, child in enumerate(sorted(folder.iterdir())):
+        if index >= MAX_SUB_ADAPTERS:
+            raise AdapterFileError(f"{folder}: more than {MAX_SUB_ADAPTERS} entries; not an adapter folder")
+        if child.is_dir() and not child.is_symlink() and is_adapter_dir(child):
+            found.append((child.name, child))
+    return found
+
+
+def summarise_all(folder: Path) -> list[AdapterSummary]:
+    """The default adapter saved in ``folder`` (if any) and every sub-adapter, default first."""
+    folder = Path(folder)
+    _check_folder(folder)
+    subs = sub_adapters(folder)
+    # without sub-adapters the folder itself must be one: summarise lets detect_format say what it lacks
+    own = [summarise(folder)] if not subs or is_adapter_dir(folder) else []
+    return own + [summarise(path, name) for name, path in subs]
+
+
+def _lora_rank(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    for key in ("lora_A.weight", "lora_embedding_A", "lora_A", "hada_w1_b", "vera_lambda_d"):
+        if shapes.get(key):
             return str(shapes[key][0])
-    if "vera_lambda_d" in shapes:
-        return str(shapes["vera_lambda_d"][0])
-    if "oft_R.weight" in shapes:
-        blocks, tri = shapes["oft_R.weight"]
-        size = int((1 + (1 + 8 * tri) ** 0.5) / 2)
-        return f"{blocks}×{size}"
-    if "boft_R" in shapes:
+    if shapes.get("lora_a"):  # mlx-lm: lora_a is Aᵀ [in, r]
+        return str(shapes["lora_a"][-1])
+    return None
+
+
+def _oft_blocks(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    # OFT stores the strict upper triangle of each b×b skew block: n rows of b(b−1)/2 entries
+    for key in ("oft_R.weight", "oft_embedding_R.weight"):
+        if key in shapes and len(shapes[key]) == 2:
+            blocks, tri = shapes[key]
+            size = round((1 + math.sqrt(1 + 8 * tri)) / 2)
+            return f"{blocks}×{size}"
+    if "boft_R" in shapes and len(shapes["boft_R"]) == 4:
         factors, blocks, size, _ = shapes["boft_R"]
         return f"{factors}×{blocks}×{size}"
+    return None
+
+
+def _lokr_rank(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    # a low-rank factor w_a [l, r]; unfactored LoKr has no rank in its shapes
+    for key in ("lokr_w2_a", "lokr_w1_a"):
+        if key in shapes and len(shapes[key]) >= 2:
+            return str(shapes[key][1])
+    return None
+
+
+_RANKS: tuple[Callable[[Mapping[str, tuple[int, ...]]], str | None], ...] = (
+    _lora_rank,
+    _oft_blocks,
+    _lokr_rank,
+)
+
+
+def rank_of(spec: SpecBase, shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """A kind-appropriate size for one module: the rank, or the block layout for OFT/BOFT (blocks × size)."""
+    for rank in _RANKS:
+        found = rank(shapes)
+        if found is not None:
+            return found
     if any(k.startswith("lokr_") for k in shapes):
         return str(getattr(spec, "r", "-"))
     return "-"
 
 
+def _targets_line(spec: SpecBase, modules: Mapping[str, object]) -> str:
+    wanted = getattr(spec, "target_modules", None)
+    if hasattr(spec, "num_virtual_tokens"):  # prompt learning adapts no layer
+        return f"targets     none ({spec.num_virtual_tokens} virtual tokens)"
+    listed = wanted if isinstance(wanted, str) or wanted is None else sorted(wanted)
+    return f"targets     {len(modules)} modules (target_modules: {listed})"
+
+
 def format_summary(summary: AdapterSummary) -> str:
-    """The table ``peftdecl inspect`` prints."""
+    """The table ``peftdecl inspect`` prints for one adapter."""
     spec = summary.spec
     lines = [
+        f"adapter     {summary.name}",
         f"folder      {summary.folder}",
-        "format      hf (adapter_config.json + adapter_model.safetensors)",
+        f"format      {FORMAT_FILES.get(summary.format, summary.format)}",
         f"kind        {spec.peft_type}" + (" (DoRA)" if getattr(spec, "use_dora", False) else ""),
+        _targets_line(spec, summary.modules),
         f"parameters  {summary.num_parameters:,}",
         f"dtype       {', '.join(summary.dtypes)}",
     ]
