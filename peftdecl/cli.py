@@ -9,6 +9,10 @@ from pathlib import Path
 
 from peftdecl.errors import PeftdeclError, SpecError
 
+MAX_MESSAGE = 2000
+"""Characters of an error message printed at most (a message quoting a huge input stays one readable line)."""
+REPORT_HINT = "this is a bug in peftdecl; please report it with the command line and the input"
+
 
 def _validate(args: argparse.Namespace) -> int:
     from peftdecl.spec import load_spec
@@ -20,8 +24,11 @@ def _validate(args: argparse.Namespace) -> int:
             spec = load_spec(path if path.is_dir() else path.resolve())
         except SpecError as exc:
             failed = True
-            for where, message in exc.problems:
-                print(f"{name}: {where}: {message}")
+            for where, message in exc.problems or (("$", str(exc)),):
+                print(f"{name}: {where}: {_one_line(message)}")
+        except PeftdeclError as exc:
+            failed = True
+            print(f"{name}: {_one_line(str(exc))}")
         else:
             print(f"{name}: ok ({spec.peft_type})")
     return 1 if failed else 0
@@ -35,14 +42,11 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from peftdecl.inspect import format_summary, summarise
+    from peftdecl.inspect import format_summary, summarise_all
 
-    folder = Path(args.directory)
-    folders = [folder, *sorted(p.parent for p in folder.glob("*/adapter_config.json"))]
-    for index, each in enumerate(folders):
-        if index:
-            print()
-        print(format_summary(summarise(each)))
+    # read everything first, so that a bad sub-adapter prints one error line and no half table
+    summaries = summarise_all(Path(args.directory))
+    print("\n\n".join(format_summary(summary) for summary in summaries))
     return 0
 
 
@@ -137,8 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except PeftdeclError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # an escape is a bug: say so in one line, not a traceback
+        print(f"error: {type(exc).__name__}: {_one_line(str(exc))} ({REPORT_HINT})", file=sys.stderr)
+        return 3
+
+
+def _one_line(message: str) -> str:
+    """A multi-problem message joined into one line (each problem stays readable, separated by "; ")."""
+    line = "; ".join(part.strip() for part in message.splitlines() if part.strip()) or "(no message)"
+    return line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 1] + "…"
 
 
 if __name__ == "__main__":
