@@ -92,7 +92,7 @@ class AdaptedModel:
             raise PeftdeclError(f"an adapter named {name!r} is already attached")
         if name == "__base__":
             raise PeftdeclError("'__base__' is reserved for rows without an adapter")
-        plan = compile_plan(load_spec(spec), self._info)
+        plan = compile_plan(load_spec(spec), self._info, name)
         self._check_compatible(plan)
         if arrays is None:
             values = init_params(plan, seed, external=self._external_init(plan, seed))
@@ -113,7 +113,7 @@ class AdaptedModel:
             folder = folder / name  # PEFT saves a non-default adapter in a sub-folder named after it
         file_format = detect_format(folder)
         spec, tensors = file_format.read(folder)
-        plan = compile_plan(spec, self._info)
+        plan = compile_plan(spec, self._info, name)
         arrays = file_format.to_ir(plan, tensors, self._info)
         base_overrides = {k: v for k, v in arrays.items() if self._is_base_override(plan, k)}
         saved_modules = {k: v for k, v in arrays.items() if _module_of(k, plan.modules_to_save)}

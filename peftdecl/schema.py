@@ -16,6 +16,8 @@ from typing import Any
 import msgspec
 
 from peftdecl.spec import SPEC_TYPES, SpecBase
+from peftdecl.spec.limits import MAX_FINITE, MAX_STRING
+from peftdecl.spec.rules import NOT_EXPRESSIBLE, kind_rules, not_expressible
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_BASE_URL = "https://peftdecl.dev/schemas/0.1/"
@@ -40,14 +42,78 @@ def kind_schema(peft_type: str) -> dict[str, Any]:
     }
     body["properties"] = dict(sorted(body["properties"].items(), key=lambda kv: kv[0] != "peft_type"))
     body["title"] = f"{peft_type} adapter spec"
-    body["description"] = (cls.__doc__ or "").strip().splitlines()[0]
+    body["description"] = (cls.__doc__ or "").strip().splitlines()[0] + _unstated(peft_type)
     unsupported = sorted(cls.UNSUPPORTED)
     if unsupported:
         body["x-unsupported"] = unsupported
+    _apply_rules(body, cls, peft_type)
     schema = {"$schema": SCHEMA_DIALECT, "$id": SCHEMA_BASE_URL + schema_file_name(peft_type), **body}
     if defs:
         schema["$defs"] = defs
     return schema
+
+
+def _unstated(peft_type: str) -> str:
+    rules = [NOT_EXPRESSIBLE[name] for name in not_expressible(peft_type)]
+    return " Also enforced by peftdecl, but not expressible in JSON Schema: " + "; ".join(rules) + "."
+
+
+def _apply_rules(body: dict[str, Any], cls: type[SpecBase], peft_type: str) -> None:
+    """Bound every value, pin unsupported fields to their default and add the cross-field rules (see
+    :mod:`peftdecl.spec.rules`), so the schema accepts exactly what ``load_spec`` accepts."""
+    props: dict[str, Any] = body["properties"]
+    rules, required, overrides = kind_rules(peft_type)
+    for name, override in overrides.items():
+        kept = {k: props[name][k] for k in ("description", "default") if k in props[name]}
+        props[name] = {**kept, **override}
+    for name, prop in props.items():
+        if name != "peft_type":
+            props[name] = harden(prop)
+    for name, accepted in cls.UNSUPPORTED.items():
+        prop = props[name]
+        kept = {k: prop.pop(k) for k in ("description", "default") if k in prop}
+        pinned = {
+            "const": accepted,
+            "x-error": f"not supported by peftdecl; only the default {_json(accepted)} is accepted",
+        }
+        props[name] = {**kept, "allOf": [prop, pinned]}
+    if required:
+        body["required"] = sorted({*body.get("required", ()), *required})
+    if rules:
+        body["allOf"] = rules
+
+
+_NAN_GUARD = {"not": {"type": "number", "minimum": 0, "exclusiveMaximum": 0}}
+"""Fails only for NaN: no finite number is both >= 0 and < 0, but every comparison with NaN is false, so NaN
+passes both bounds and the ``not`` refuses it (JSON itself has no NaN; Python's json and YAML's .nan do)."""
+
+
+def harden(schema: Any) -> Any:
+    """A copy of ``schema`` where every number is finite and every string and key at most MAX_STRING long."""
+    if isinstance(schema, list):
+        return [harden(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {
+        key: harden(value) if key not in ("const", "enum", "default") else value
+        for key, value in schema.items()
+    }
+    kind = out.get("type")
+    if kind == "number":
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -MAX_FINITE
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = MAX_FINITE
+        out.update(_NAN_GUARD)
+    elif kind == "string":
+        out.setdefault("maxLength", MAX_STRING)
+    elif kind == "object":
+        out.setdefault("propertyNames", {"maxLength": MAX_STRING})
+    return out
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value)
 
 
 @functools.cache

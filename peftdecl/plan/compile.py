@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from peftdecl.errors import TargetError
+from peftdecl.errors import PeftdeclError, TargetError
 from peftdecl.plan.ir import ModelInfo, Plan
 from peftdecl.plan.kinds import KindLayout, registry
 from peftdecl.plan.targeting import TASK_MODULES_TO_SAVE, select_targets, task_modules_to_save
 from peftdecl.spec import SpecBase
+from peftdecl.spec.limits import ADAPTER_BYTES_ENV, max_adapter_bytes
 
 _LAYOUTS: dict[str, KindLayout] | None = None
 
@@ -19,11 +20,39 @@ def layouts() -> dict[str, KindLayout]:
     return _LAYOUTS
 
 
-def compile_plan(spec: SpecBase, info: ModelInfo) -> Plan:
+def compile_plan(
+    spec: SpecBase, info: ModelInfo, name: str | None = None, *, max_bytes: int | None = None
+) -> Plan:
     """Resolve targets, ranks, scalings and tensor layouts of ``spec`` on the model described by ``info``.
 
     As HF PEFT's task wrappers do, ``task_type`` SEQ_CLS / TOKEN_CLS / QUESTION_ANS first add the task's head
-    names to ``modules_to_save`` (the plan's spec carries them, so a saved config lists them as PEFT's does)."""
+    names to ``modules_to_save`` (the plan's spec carries them, so a saved config lists them as PEFT's does).
+    A plan whose float64 reference copy would exceed ``max_bytes`` (default :func:`max_adapter_bytes`, set by
+    ``PEFTDECL_MAX_ADAPTER_BYTES``) is refused here, before any array exists; ``name`` names it in the error."""
+    plan = _compile(spec, info)
+    check_size(plan, name, max_bytes)
+    return plan
+
+
+def estimated_bytes(plan: Plan) -> int:
+    """Bytes of the adapter's float64 reference copy: parameter count × 8."""
+    return plan.num_parameters() * 8
+
+
+def check_size(plan: Plan, name: str | None = None, max_bytes: int | None = None) -> None:
+    """Raise a PeftdeclError if :func:`estimated_bytes` of ``plan`` exceeds ``max_bytes``."""
+    limit = max_adapter_bytes() if max_bytes is None else max_bytes
+    size = estimated_bytes(plan)
+    if size > limit:
+        who = f"adapter {name!r}" if name is not None else "the adapter"
+        raise PeftdeclError(
+            f"{who} ({plan.spec.peft_type}, {len(plan.layers)} layers) would hold {plan.num_parameters():,} "
+            f"parameters, {size / 2**30:.3g} GiB as float64 ({size:,} bytes), over the limit of {limit:,} bytes; "
+            f"lower the rank or target fewer modules, or raise {ADAPTER_BYTES_ENV}"
+        )
+
+
+def _compile(spec: SpecBase, info: ModelInfo) -> Plan:
     saved = task_modules_to_save(spec)
     if saved != spec.modules_to_save:
         spec = spec.replace(modules_to_save=saved)

@@ -17,6 +17,7 @@ from typing import Any
 
 from peftdecl.errors import TargetError
 from peftdecl.plan.ir import ModelInfo
+from peftdecl.spec import patterns
 
 ALL_LINEAR = "all-linear"
 
@@ -80,16 +81,18 @@ def matches_list(key: str, names: Iterable[str]) -> bool:
     return any(key == name or key.endswith(f".{name}") for name in names)
 
 
-def matches_selector(key: str, selector: str | Sequence[str]) -> bool:
-    """A string selector is a full-match regex, a list uses :func:`matches_list`."""
+def matches_selector(key: str, selector: str | Sequence[str], field: str = "exclude_modules") -> bool:
+    """A string selector is a full-match regex (matched under a time limit), a list uses :func:`matches_list`."""
     if isinstance(selector, str):
-        return re.fullmatch(selector, key) is not None
+        return patterns.fullmatch(selector, key, field)
     return matches_list(key, selector)
 
 
 def is_module_to_save(key: str, modules_to_save: Sequence[str] | None) -> bool:
     """PEFT never targets a module inside or equal to a ``modules_to_save`` entry."""
-    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save)
+    return bool(modules_to_save) and any(
+        patterns.match(patterns.module_to_save_regex(m), key, "modules_to_save") for m in modules_to_save
+    )
 
 
 def layer_index(key: str, layers_pattern: str | Sequence[str] | None) -> int | None:
@@ -97,10 +100,10 @@ def layer_index(key: str, layers_pattern: str | Sequence[str] | None) -> int | N
     if not layers_pattern:
         found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
     else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        entries = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
         found = None
-        for pattern in patterns:
-            found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+        for entry in entries:
+            found = patterns.match(patterns.layers_pattern_regex(entry), key, "layers_pattern")
             if found:
                 break
     return int(found.group("idx")) if found else None
@@ -144,7 +147,7 @@ def is_targeted(key: str, spec: Any, targets: str | Sequence[str]) -> bool:
     if is_module_to_save(key, spec.modules_to_save):
         return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
+        return patterns.fullmatch(targets, key, "target_modules")
     if key in targets:
         return True
     if not any(key.endswith(f".{t}") for t in targets):
@@ -188,9 +191,11 @@ def _nothing_matched(spec: Any, targets: str | Sequence[str], info: ModelInfo) -
     )
 
 
-def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+def pattern_value(
+    table: dict[str, Any], module: str, default: Any, field: str = "rank_pattern/alpha_pattern"
+) -> Any:
     """``rank_pattern``/``alpha_pattern`` lookup: the first key (in order) whose regex matches a suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+    for key, value in table.items():
+        if patterns.match(patterns.pattern_key_regex(key), module, f"{field} key"):
             return value
     return default

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import re
 from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -17,6 +16,7 @@ import msgspec
 from msgspec import Meta
 
 from peftdecl.errors import SpecError
+from peftdecl.spec.limits import MAX_ALPHA, MAX_DIM, MAX_FINITE, MAX_RANK
 
 TaskType = Literal["SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"]
 
@@ -33,8 +33,9 @@ ExcludeModules = Annotated[
         description="Modules never adapted: a list matches by exact name or '.'-suffix, a string by full regex."
     ),
 ]
+LayerIndex = Annotated[int, Meta(ge=0, le=MAX_DIM)]
 LayersToTransform = Annotated[
-    int | tuple[int, ...] | None,
+    LayerIndex | tuple[LayerIndex, ...] | None,
     Meta(description="Only adapt modules inside these layer indices (needs a list target_modules)."),
 ]
 LayersPattern = Annotated[
@@ -48,13 +49,21 @@ ModulesToSave = Annotated[
     Meta(description="Modules trained in full and saved beside the adapter (e.g. a classification head)."),
 ]
 Probability = Annotated[float, Meta(ge=0.0, lt=1.0)]
-PositiveInt = Annotated[int, Meta(ge=1)]
+PositiveInt = Annotated[int, Meta(ge=1, le=MAX_DIM)]
+"""A count bounded by MAX_DIM (token counts, dimensions, layer counts)."""
+Rank = Annotated[int, Meta(ge=1, le=MAX_RANK)]
+Alpha = (
+    Annotated[int, Meta(ge=-int(MAX_ALPHA), le=int(MAX_ALPHA))]
+    | Annotated[float, Meta(ge=-MAX_ALPHA, le=MAX_ALPHA)]
+)
+"""A scale numerator: finite, |alpha| <= 2^24."""
+Finite = Annotated[float, Meta(ge=-MAX_FINITE, le=MAX_FINITE)]
 RankPattern = Annotated[
-    dict[str, int],
+    dict[str, Rank],
     Meta(description="Per-module rank: the first key that matches a module's '.'-suffix wins."),
 ]
 AlphaPattern = Annotated[
-    dict[str, int | float],
+    dict[str, Alpha],
     Meta(description="Per-module alpha: the first key that matches a module's '.'-suffix wins."),
 ]
 
@@ -86,7 +95,10 @@ class SpecBase(
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
-    auto_mapping: dict[str, Any] | None = None
+    auto_mapping: Annotated[
+        dict[str, str] | None,
+        Meta(description="The base model's class and library (HF PEFT's AutoPeftModel reads it)."),
+    ] = None
     peft_version: str | None = None
     modules_to_save: ModulesToSave = None
 
@@ -123,6 +135,9 @@ class SpecBase(
                     )
                 )
         found.extend(self.cross_field_problems())
+        from peftdecl.spec.patterns import spec_pattern_problems
+
+        found.extend(spec_pattern_problems(self))
         return found
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
@@ -156,16 +171,6 @@ def targeting_problems(spec: Any) -> list[tuple[str, str]]:
             found.append(
                 ("$.layers_pattern", "cannot be used when target_modules is a regex string; use a list")
             )
-        try:
-            re.compile(spec.target_modules)
-        except re.error as exc:
-            found.append(("$.target_modules", f"is not a valid regular expression: {exc}"))
     if layers_pattern is not None and layers_to_transform is None:
         found.append(("$.layers_pattern", "needs layers_to_transform to be set"))
-    exclude = getattr(spec, "exclude_modules", None)
-    if isinstance(exclude, str):
-        try:
-            re.compile(exclude)
-        except re.error as exc:
-            found.append(("$.exclude_modules", f"is not a valid regular expression: {exc}"))
     return found

@@ -6,6 +6,8 @@ from typing import Annotated, Any, ClassVar
 
 from msgspec import Meta
 
+from peftdecl.spec._base import Rank
+from peftdecl.spec.limits import MAX_FINITE, MAX_STEPS
 from peftdecl.spec.lora import LoraSpec
 
 
@@ -16,17 +18,22 @@ class AdaLoraSpec(LoraSpec, tag="ADALORA"):
         dict[str, tuple[bool, ...]] | None,
         Meta(description="Written by training: the kept-rank mask of each layer's lora_E."),
     ] = None
-    target_r: Annotated[int, Meta(ge=1, description="Average rank per layer after pruning.")] = 8
-    init_r: Annotated[int, Meta(ge=1, description="Rank every layer starts with.")] = 12
-    tinit: Annotated[int, Meta(ge=0, description="Warm-up steps before pruning starts.")] = 0
-    tfinal: Annotated[int, Meta(ge=0, description="Final steps trained at the target budget.")] = 0
-    deltaT: Annotated[int, Meta(ge=1, description="Steps between two budget allocations.")] = 1
+    target_r: Annotated[Rank, Meta(description="Average rank per layer after pruning.")] = 8
+    init_r: Annotated[Rank, Meta(description="Rank every layer starts with.")] = 12
+    tinit: Annotated[int, Meta(ge=0, le=MAX_STEPS, description="Warm-up steps before pruning starts.")] = 0
+    tfinal: Annotated[
+        int, Meta(ge=0, le=MAX_STEPS, description="Final steps trained at the target budget.")
+    ] = 0
+    deltaT: Annotated[int, Meta(ge=1, le=MAX_STEPS, description="Steps between two budget allocations.")] = 1
     beta1: Annotated[float, Meta(ge=0.0, le=1.0, description="EMA factor of the sensitivity.")] = 0.85
     beta2: Annotated[float, Meta(ge=0.0, le=1.0, description="EMA factor of the uncertainty.")] = 0.85
     orth_reg_weight: Annotated[
-        float, Meta(ge=0.0, description="Weight of the orthogonality regulariser.")
+        float, Meta(ge=0.0, le=MAX_FINITE, description="Weight of the orthogonality regulariser.")
     ] = 0.5
-    total_step: Annotated[int | None, Meta(description="Total training steps (required, > 0).")] = None
+    total_step: Annotated[
+        Annotated[int, Meta(ge=1, le=MAX_STEPS)] | None,
+        Meta(description="Total training steps (required, > 0)."),
+    ] = None
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {**LoraSpec.UNSUPPORTED, "use_dora": False}
 

@@ -7,10 +7,10 @@ Validation happens in this order so every error is precise: parse → ``peft_typ
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -19,45 +19,59 @@ import msgspec
 from peftdecl.errors import SpecError
 from peftdecl.spec import SPEC_TYPES, SpecBase
 from peftdecl.spec._base import deferred_checks
+from peftdecl.spec._read import read_source
+from peftdecl.spec._values import plain_json
 
 SpecSource = str | bytes | os.PathLike[str] | Mapping[str, Any] | SpecBase
-_SPEC_SUFFIXES = (".json", ".yaml", ".yml")
 
 
-def load_spec(source: SpecSource) -> SpecBase:
-    """Load and check an adapter spec from a path, JSON/YAML text, bytes, a dict, or an existing spec.
+def load_spec(source: SpecSource | Any) -> SpecBase:
+    """Load and check an adapter spec from a path, JSON/YAML text, bytes, a dict, an existing spec, or an HF PEFT
+    config object (``peft.LoraConfig(...)``: anything with PEFT's ``to_dict()`` and ``peft_type``).
 
-    A path to a folder reads its ``adapter_config.json``. Raises :class:`SpecError` listing every problem found.
+    A path to a folder reads its ``adapter_config.json``. Raises :class:`SpecError` listing every problem found;
+    no other exception escapes for any input (bounds in :mod:`peftdecl.spec.limits`).
     """
     if isinstance(source, SpecBase):
-        return source
-    data, origin = _read_source(source)
+        # a Struct built in code skipped msgspec's type and bound checks; check it like any other mapping
+        origin = type(source).__name__
+        try:
+            data = msgspec.to_builtins(source)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise SpecError([("$", f"cannot read this spec's fields: {exc}")], origin) from None
+        return spec_from_dict(data, origin)
+    data, origin = read_source(source)
     return spec_from_dict(data, origin)
 
 
 def spec_from_dict(data: Any, origin: str | None = None) -> SpecBase:
     """Check and decode an already-parsed spec mapping."""
+    data = plain_json(data, origin)
     if not isinstance(data, Mapping):
-        raise SpecError([("$", f"expected a mapping of spec fields, got {type(data).__name__}")], origin)
+        raise SpecError([("$", f"expected a mapping of spec fields, got {_json_type(data)}")], origin)
     peft_type = data.get("peft_type")
     if peft_type is None:
         raise SpecError([("$.peft_type", f"is required; one of {', '.join(SPEC_TYPES)}")], origin)
-    if not isinstance(peft_type, str) or peft_type.upper() not in SPEC_TYPES:
-        hint = _did_you_mean(str(peft_type).upper(), SPEC_TYPES)
+    if not isinstance(peft_type, str) or peft_type not in SPEC_TYPES:
+        # HF PEFT's PeftType is upper case and PEFT refuses "lora"; so does peftdecl, with the fix in the message
+        hint = _did_you_mean(peft_type.upper(), SPEC_TYPES) if isinstance(peft_type, str) else ""
         raise SpecError(
             [
                 (
                     "$.peft_type",
-                    f"unknown adapter kind {peft_type!r}{hint}; expected one of {', '.join(SPEC_TYPES)}",
+                    f"unknown adapter kind {_preview(peft_type)}{hint}; expected one of {', '.join(SPEC_TYPES)}",
                 )
             ],
             origin,
         )
-    data = {**data, "peft_type": peft_type.upper()}
-    cls = SPEC_TYPES[data["peft_type"]]
+    cls = SPEC_TYPES[peft_type]
+    data = _as_sets(data)
     problems = _unknown_fields(data, cls) + _schema_problems(data, cls)
     if problems:
         raise SpecError(problems, origin)
+    from peftdecl.schema import kind_schema
+
+    data = whole_floats_to_ints(data, kind_schema(peft_type))
     with deferred_checks():
         try:
             spec = msgspec.convert(data, cls)
@@ -67,6 +81,64 @@ def spec_from_dict(data: Any, origin: str | None = None) -> SpecBase:
     if problems:
         raise SpecError(problems, origin)
     return spec
+
+
+SET_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules")
+"""Fields HF PEFT turns into sets (``LoraConfig.__post_init__`` and friends): order and repeats mean nothing, and
+a saved ``adapter_config.json`` lists them in arbitrary set order, so they are kept sorted and unique."""
+
+
+def _as_sets(data: dict[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    for name in SET_FIELDS:
+        value = out.get(name)
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            out[name] = sorted(set(value))
+    return out
+
+
+def whole_floats_to_ints(value: Any, schema: Any) -> Any:
+    """``8.0`` -> ``8`` wherever ``schema`` wants an integer (JSON Schema's "integer" accepts 8.0, msgspec does not;
+    the value is the same number, so load_spec takes it as the integer, as the schema says)."""
+    if not isinstance(schema, Mapping):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and _wants_integer(schema) else value
+    branches = [schema, *schema.get("anyOf", ()), *schema.get("allOf", ())]
+    if isinstance(value, dict):
+        for branch in branches:
+            props = branch.get("properties")
+            extra = branch.get("additionalProperties")
+            if isinstance(props, Mapping) or isinstance(extra, Mapping):
+                props = props or {}
+                return {
+                    k: whole_floats_to_ints(v, props.get(k, extra if isinstance(extra, Mapping) else None))
+                    for k, v in value.items()
+                }
+        return value
+    if isinstance(value, list):
+        for branch in branches:
+            if branch.get("type") == "array":
+                prefix = branch.get("prefixItems", [])
+                items = branch.get("items")
+                return [
+                    whole_floats_to_ints(v, prefix[i] if i < len(prefix) else items)
+                    for i, v in enumerate(value)
+                ]
+    return value
+
+
+def _wants_integer(schema: Mapping[str, Any]) -> bool:
+    kinds = {schema.get("type")} | {b.get("type") for b in schema.get("anyOf", ()) if isinstance(b, Mapping)}
+    for branch in schema.get("allOf", ()):
+        if isinstance(branch, Mapping):
+            kinds |= {branch.get("type")}
+    return "integer" in kinds and "number" not in kinds
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "a number"}
+    return "null" if value is None else names.get(type(value), "a number")
 
 
 def _msgspec_problem(message: str) -> tuple[str, str]:
@@ -93,20 +165,51 @@ def _unknown_fields(data: Mapping[str, Any], cls: type[SpecBase]) -> list[tuple[
 
 
 def _did_you_mean(word: str, choices: Any) -> str:
+    if len(word) > 100:  # no field name is this long; difflib's cost grows with the length
+        return ""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _schema_problems(data: Mapping[str, Any], cls: type[SpecBase]) -> list[tuple[str, str]]:
-    from peftdecl.schema import kind_schema
-
-    validator = jsonschema.Draft202012Validator(kind_schema(cls.__struct_config__.tag))
-    problems = []
-    for error in sorted(validator.iter_errors(dict(data)), key=lambda e: list(e.absolute_path)):
+    validator = _validator(cls.__struct_config__.tag)
+    problems: dict[str, str] = {}
+    for error in _errors(validator, data):
         if error.validator == "additionalProperties":
             continue  # reported with a suggestion by _unknown_fields
-        problems.append((json_path(error.absolute_path), describe_error(error)))
-    return problems
+        path = list(error.absolute_path)
+        message = describe_error(error)
+        if error.validator == "required":
+            name = _missing_name(error)
+            props = error.schema.get("properties", {}) if isinstance(error.schema, Mapping) else {}
+            prop = props.get(name, {}) if isinstance(props, Mapping) else {}
+            message = prop.get("x-required-error") or prop.get("x-error") or "is required"
+            path.append(name)
+        problems.setdefault(json_path(path), message)  # the first (most basic) problem of a field
+    return list(problems.items())
+
+
+@functools.cache
+def _validator(peft_type: str) -> jsonschema.Draft202012Validator:
+    from peftdecl.schema import kind_schema
+
+    return jsonschema.Draft202012Validator(kind_schema(peft_type))
+
+
+def _errors(validator: jsonschema.Draft202012Validator, data: Any) -> list[jsonschema.ValidationError]:
+    try:
+        return sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
+    except RecursionError:  # plain_json bounds nesting, so this is a safety net
+        raise SpecError([("$", "nested too deeply to validate")]) from None
+
+
+def _missing_name(error: jsonschema.ValidationError) -> str:
+    wanted = error.validator_value if isinstance(error.validator_value, list) else []
+    instance = error.instance if isinstance(error.instance, Mapping) else {}
+    for name in wanted:
+        if name not in instance and error.message.startswith(repr(name)):
+            return str(name)
+    return next((str(n) for n in wanted if n not in instance), "?")
 
 
 def json_path(parts: Any) -> str:
@@ -121,6 +224,10 @@ def describe_error(error: jsonschema.ValidationError) -> str:
     """One line: what was expected and what was found."""
     got = _preview(error.instance)
     kind = error.validator
+    if isinstance(error.schema, Mapping) and "x-error" in error.schema:
+        return str(error.schema["x-error"])
+    if kind == "not" and isinstance(error.instance, float) and error.instance != error.instance:
+        return "must be a finite number, got NaN"
     if kind in ("type", "anyOf", "oneOf", "enum", "const"):
         return f"expected {describe_schema(error.schema)}, got {got}"
     if kind in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
@@ -139,6 +246,8 @@ def describe_schema(schema: Any) -> str:
         return json.dumps(schema["const"])
     if "enum" in schema:
         return "one of " + ", ".join(json.dumps(v) for v in schema["enum"])
+    if schema.get("allOf"):
+        return describe_schema(schema["allOf"][0])
     if "anyOf" in schema or "oneOf" in schema:
         options = [describe_schema(s) for s in schema.get("anyOf", schema.get("oneOf"))]
         return " or ".join(options)
@@ -181,47 +290,8 @@ def _plural(text: str) -> str:
 
 
 def _preview(value: Any) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _read_source(source: Any) -> tuple[Any, str | None]:
-    if isinstance(source, Mapping):
-        return dict(source), None
-    if isinstance(source, bytes):
-        return _parse_text(source.decode("utf-8"), None, None), None
-    if isinstance(source, os.PathLike) or (isinstance(source, str) and _looks_like_path(source)):
-        path = Path(source)
-        if path.is_dir():
-            path = path / "adapter_config.json"
-        if not path.is_file():
-            raise SpecError([("$", "file not found")], str(path))
-        return _parse_text(path.read_text(encoding="utf-8"), path.suffix.lower(), str(path)), str(path)
-    if isinstance(source, str):
-        return _parse_text(source, None, None), None
-    raise SpecError([("$", f"cannot read a spec from a {type(source).__name__}")])
-
-
-def _looks_like_path(text: str) -> bool:
-    stripped = text.strip()
-    if not stripped or stripped[0] in "{[" or "\n" in stripped:
-        return False
-    return stripped.lower().endswith(_SPEC_SUFFIXES) or Path(stripped).exists()
-
-
-def _parse_text(text: str, suffix: str | None, origin: str | None) -> Any:
-    if suffix in (".yaml", ".yml") or (suffix is None and not text.lstrip().startswith(("{", "["))):
-        try:
-            import yaml
-        except ImportError:
-            raise SpecError([("$", "YAML specs need PyYAML: pip install 'peftdecl[yaml]'")], origin) from None
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise SpecError([("$", f"not valid YAML: {exc}")], origin) from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SpecError(
-            [("$", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")], origin
-        ) from None
+        text = json.dumps(value, default=str)
+    except (ValueError, TypeError, RecursionError):  # a huge int, NaN in a strange place, a cycle
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."

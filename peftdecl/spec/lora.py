@@ -7,12 +7,14 @@ from typing import Annotated, Any, ClassVar, Literal
 from msgspec import Meta
 
 from peftdecl.spec._base import (
+    Alpha,
     AlphaPattern,
     ExcludeModules,
     LayersPattern,
     LayersToTransform,
     PositiveInt,
     Probability,
+    Rank,
     RankPattern,
     SpecBase,
     TargetModules,
@@ -27,10 +29,10 @@ LORA_INITS_KNOWN = ("eva", "olora", "pissa", "corda", "loftq", "lora_ga", "ortho
 class LoraSpec(SpecBase, tag="LORA"):
     """Low-rank adaptation: ΔW = s · B A with A ∈ R^{r×in}, B ∈ R^{out×r}."""
 
-    r: Annotated[PositiveInt, Meta(description="Rank of the update.")] = 8
+    r: Annotated[Rank, Meta(description="Rank of the update.")] = 8
     target_modules: TargetModules = None
     exclude_modules: ExcludeModules = None
-    lora_alpha: Annotated[int | float, Meta(description="Scale numerator: s = lora_alpha / r.")] = 8
+    lora_alpha: Annotated[Alpha, Meta(description="Scale numerator: s = lora_alpha / r.")] = 8
     lora_dropout: Annotated[
         Probability, Meta(description="Dropout on the adapter's input, training only.")
     ] = 0.0
@@ -65,7 +67,7 @@ class LoraSpec(SpecBase, tag="LORA"):
     velora_config: dict[str, Any] | None = None
     alora_invocation_tokens: tuple[int, ...] | None = None
     use_qalora: bool = False
-    qalora_group_size: int = 16
+    qalora_group_size: PositiveInt = 16
     monteclora_config: dict[str, Any] | None = None
     layer_replication: tuple[tuple[int, int], ...] | None = None
     runtime_config: dict[str, Any] | None = None
@@ -117,7 +119,4 @@ class LoraSpec(SpecBase, tag="LORA"):
             found.append(("$.lora_bias", "cannot be combined with use_dora"))
         if self.lora_bias and init not in (True, False):
             found.append(("$.lora_bias", "needs init_lora_weights to be true or false"))
-        for key, rank in (self.rank_pattern or {}).items():
-            if isinstance(rank, int) and rank < 1:
-                found.append((f"$.rank_pattern.{key}", f"rank must be >= 1, got {rank}"))
         return found

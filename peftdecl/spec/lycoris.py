@@ -7,17 +7,19 @@ from typing import Annotated, Literal
 from msgspec import Meta
 
 from peftdecl.spec._base import (
+    Alpha,
     AlphaPattern,
     ExcludeModules,
     LayersPattern,
     LayersToTransform,
-    PositiveInt,
     Probability,
+    Rank,
     RankPattern,
     SpecBase,
     TargetModules,
     targeting_problems,
 )
+from peftdecl.spec.limits import MAX_RANK
 
 
 class LoHaSpec(SpecBase, tag="LOHA"):
@@ -25,8 +27,8 @@ class LoHaSpec(SpecBase, tag="LOHA"):
 
     rank_pattern: RankPattern = {}
     alpha_pattern: AlphaPattern = {}
-    r: PositiveInt = 8
-    alpha: int | float = 8
+    r: Annotated[Rank, Meta(description="Rank of each factor.")] = 8
+    alpha: Annotated[Alpha, Meta(description="Scale numerator: s = alpha / r.")] = 8
     rank_dropout: Annotated[Probability, Meta(description="Drops rows of ΔW while training.")] = 0.0
     module_dropout: Annotated[Probability, Meta(description="Skips the whole adapter while training.")] = 0.0
     use_effective_conv2d: Annotated[
@@ -49,7 +51,7 @@ class LoKrSpec(LoHaSpec, tag="LOKR"):
         bool, Meta(description="Also factor w1 = w1_a w1_b when r is small enough.")
     ] = False
     decompose_factor: Annotated[
-        int, Meta(description="Preferred first factor of each dimension; -1: near √dim.")
+        int, Meta(ge=-1, le=MAX_RANK, description="Preferred first factor of each dimension; -1: near √dim.")
     ] = -1
     rank_dropout_scale: Annotated[
         bool, Meta(description="Renormalise the rank-dropout mask by its mean.")

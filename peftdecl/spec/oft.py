@@ -15,16 +15,22 @@ from peftdecl.spec._base import (
     TargetModules,
     targeting_problems,
 )
+from peftdecl.spec.limits import MAX_BUTTERFLY, MAX_FINITE, MAX_NEUMANN_TERMS, MAX_RANK
 
 
 class OFTSpec(SpecBase, tag="OFT"):
     """Orthogonal fine-tuning: R = blockdiag(R_1..R_n), each R_i the Cayley transform of a skew matrix."""
 
     r: Annotated[
-        int, Meta(ge=0, description="Number of blocks; exactly one of r and oft_block_size is non-zero.")
+        int,
+        Meta(
+            ge=0,
+            le=MAX_RANK,
+            description="Number of blocks; exactly one of r and oft_block_size is non-zero.",
+        ),
     ] = 0
     oft_block_size: Annotated[
-        int, Meta(ge=0, description="Block size; r · oft_block_size = in_features.")
+        int, Meta(ge=0, le=MAX_RANK, description="Block size; r · oft_block_size = in_features.")
     ] = 32
     module_dropout: Annotated[Probability, Meta(description="Replaces whole blocks by the identity.")] = 0.0
     target_modules: TargetModules = None
@@ -37,7 +43,7 @@ class OFTSpec(SpecBase, tag="OFT"):
     layers_to_transform: LayersToTransform = None
     layers_pattern: LayersPattern = None
     coft: Annotated[bool, Meta(description="Constrained OFT: project each block into ‖Q‖_F ≤ eps.")] = False
-    eps: Annotated[float, Meta(gt=0.0)] = 6e-05
+    eps: Annotated[float, Meta(gt=0.0, le=MAX_FINITE, description="COFT's bound on ‖Q‖_F.")] = 6e-05
     block_share: Annotated[bool, Meta(description="One rotation block shared by all blocks.")] = False
     use_cayley_neumann: Annotated[
         bool,
@@ -46,7 +52,7 @@ class OFTSpec(SpecBase, tag="OFT"):
         ),
     ] = True
     num_cayley_neumann_terms: Annotated[
-        int, Meta(ge=0, description="Terms of the Neumann series (0 and 1 give R = I).")
+        int, Meta(ge=0, le=MAX_NEUMANN_TERMS, description="Terms of the Neumann series (0 and 1 give R = I).")
     ] = 5
 
     UNSUPPORTED: ClassVar[dict[str, Any]] = {"bias": "none"}
@@ -61,11 +67,15 @@ class OFTSpec(SpecBase, tag="OFT"):
 class BOFTSpec(SpecBase, tag="BOFT"):
     """Butterfly OFT: R = B_{N−1} ⋯ B_0, each B_i a permuted block-diagonal orthogonal matrix."""
 
-    boft_block_size: Annotated[int, Meta(ge=0, description="Block size (exclusive with boft_block_num).")] = 4
+    boft_block_size: Annotated[
+        int, Meta(ge=0, le=MAX_RANK, description="Block size (exclusive with boft_block_num).")
+    ] = 4
     boft_block_num: Annotated[
-        int, Meta(ge=0, description="Number of blocks (exclusive with boft_block_size).")
+        int, Meta(ge=0, le=MAX_RANK, description="Number of blocks (exclusive with boft_block_size).")
     ] = 0
-    boft_n_butterfly_factor: Annotated[int, Meta(ge=1, description="Butterfly factors; 1 is plain OFT.")] = 1
+    boft_n_butterfly_factor: Annotated[
+        int, Meta(ge=1, le=MAX_BUTTERFLY, description="Butterfly factors; 1 is plain OFT.")
+    ] = 1
     target_modules: TargetModules = None
     exclude_modules: ExcludeModules = None
     boft_dropout: Annotated[Probability, Meta(description="Replaces whole blocks by the identity.")] = 0.0

@@ -15,10 +15,13 @@ class _PromptLearningSpec(SpecBase):
     num_virtual_tokens: Annotated[
         PositiveInt | None, Meta(description="Number of virtual tokens (required).")
     ] = None
-    token_dim: Annotated[int | None, _AutoFilled] = None
-    num_transformer_submodules: Annotated[int | None, _AutoFilled] = None
-    num_attention_heads: Annotated[int | None, _AutoFilled] = None
-    num_layers: Annotated[int | None, _AutoFilled] = None
+    token_dim: Annotated[PositiveInt | None, _AutoFilled] = None
+    num_transformer_submodules: Annotated[
+        Annotated[int, Meta(ge=1, le=2)] | None,
+        Meta(description="1, or 2 for encoder-decoders; from the model when null."),
+    ] = None
+    num_attention_heads: Annotated[PositiveInt | None, _AutoFilled] = None
+    num_layers: Annotated[PositiveInt | None, _AutoFilled] = None
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         if self.num_virtual_tokens is None:
@@ -32,7 +35,9 @@ class PrefixTuningSpec(_PromptLearningSpec, tag="PREFIX_TUNING"):
     init_weights: Annotated[Literal["zero"] | None, Meta(description="'zero' starts the prefix at zero.")] = (
         None
     )
-    encoder_hidden_size: Annotated[int | None, Meta(description="Hidden size of the projection MLP.")] = None
+    encoder_hidden_size: Annotated[
+        PositiveInt | None, Meta(description="Hidden size of the projection MLP.")
+    ] = None
     prefix_projection: Annotated[
         bool, Meta(description="Reparametrise the prefix through a two-layer MLP while training.")
     ] = False

@@ -7,25 +7,29 @@ from typing import Annotated, Any, ClassVar
 from msgspec import Meta
 
 from peftdecl.spec._base import (
+    Finite,
     LayersPattern,
     LayersToTransform,
-    PositiveInt,
     Probability,
+    Rank,
     SpecBase,
     TargetModules,
     targeting_problems,
 )
+from peftdecl.spec.limits import MAX_INT64, MIN_INT
 
 
 class VeraSpec(SpecBase, tag="VERA"):
     """Vector-based random matrix adaptation: only the scaling vectors λ_d ∈ R^r and λ_b ∈ R^out train."""
 
-    r: Annotated[PositiveInt, Meta(description="Rank of the shared projections.")] = 256
+    r: Annotated[Rank, Meta(description="Rank of the shared projections.")] = 256
     target_modules: TargetModules = None
-    projection_prng_key: Annotated[int, Meta(description="Seed of torch's CPU generator for A and B.")] = 0
+    projection_prng_key: Annotated[
+        int, Meta(ge=MIN_INT, le=MAX_INT64, description="Seed of torch's CPU generator for A and B.")
+    ] = 0
     save_projection: Annotated[bool, Meta(description="Store A and B in the adapter file.")] = True
     vera_dropout: Probability = 0.0
-    d_initial: Annotated[float, Meta(description="Initial value of λ_d.")] = 0.1
+    d_initial: Annotated[Finite, Meta(description="Initial value of λ_d.")] = 0.1
     fan_in_fan_out: bool = False
     bias: str = "none"
     init_weights: Annotated[
