@@ -1,13 +1,55 @@
-"""Atomic file writes: write to a temporary sibling, flush, then rename over the target."""
+"""Atomic writes: single files by rename, whole adapter folders by building a new folder and swapping it in.
+
+A save (:func:`staged_directory`) never changes the target folder file by file. Under an exclusive lock it builds
+the complete new folder in a hidden sibling ``.<name>.peftdecl-staging-<random>``, fsyncs every file and folder,
+then swaps the two folders in one step: ``renameat2(RENAME_EXCHANGE)`` on Linux, or where that is unavailable
+two renames (target -> ``.<name>.peftdecl-old-<random>``, staging -> target), between which a crash leaves the
+folder missing until the next save restores it. A reader therefore sees the old adapter or the new one, complete,
+and the folder holds exactly what the new save wrote (stale files of another format and old sub-adapters go with
+the old folder). Leftover siblings of a crashed save are removed, under the lock, by the next save of that folder.
+
+Rules, so that a save can never destroy anything but an adapter:
+
+* the target may be missing, empty, or hold only adapter files (:data:`ADAPTER_FILES`, peftdecl's temporary
+  files) and sub-folders holding only such files (sub-adapters); anything else is refused with an error listing
+  the entries, nothing is deleted;
+* a target that is a symbolic link is refused (peftdecl would otherwise replace the link, or write where it
+  points); links inside the target count as foreign entries and are never followed;
+* the lock is ``flock`` on the hidden sibling ``.<name>.peftdecl-lock``, removed when the save ends; two
+  concurrent savers of one folder run one after the other and leave one complete adapter. Without ``fcntl``
+  (Windows) there is no lock.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import shutil
+import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from peftdecl.errors import AdapterFileError
+from peftdecl.names import check_adapter_name
+
+ADAPTER_FILES = frozenset(
+    {
+        "adapter_config.json",  # HF PEFT and mlx-lm configs
+        "adapter_model.safetensors",  # HF PEFT tensors
+        "adapter_model.bin",  # HF PEFT's pickled tensors (never read, replaced by a save)
+        "README.md",  # the model card HF PEFT's save_pretrained writes
+        "adapters.safetensors",  # mlx-lm tensors
+        "peftdecl_adapter.json",  # native config
+        "adapter.safetensors",  # native tensors
+    }
+)
+"""The files a save may replace; any other entry in the target makes the save refuse."""
+STAGING, OLD, LOCK = "peftdecl-staging-", "peftdecl-old-", "peftdecl-lock"
+DEFAULT_ADAPTER = "default"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -24,6 +66,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _step(f"wrote {path.name}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -31,24 +74,233 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _step(label: str) -> None:
+    """A point of the save sequence; tests replace this to crash a save exactly there."""
+
+
+def adapter_folder(stage: Path, name: str) -> Path:
+    """The folder adapter ``name`` is written to inside a staging folder (created; the default is the stage)."""
+    if name == DEFAULT_ADAPTER:
+        return stage
+    check_adapter_name(name)
+    if name in ADAPTER_FILES:
+        raise AdapterFileError(f"adapter name {name!r} is the name of a file of the saved folder")
+    folder = stage / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @contextlib.contextmanager
 def staged_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty staging folder beside ``target``; on success its files are moved into ``target``.
+    """Yield an empty staging folder beside ``target``; when the body returns, it replaces ``target`` whole.
 
-    Each file lands by ``os.replace``; if the body raises, nothing in ``target`` has changed.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+    If the body raises, ``target`` is untouched and the staging folder is removed. See the module docstring for
+    what may be replaced, the lock, and crash recovery."""
+    target = _absolute(Path(target))
+    parent, name = target.parent, target.name
+    parent.mkdir(parents=True, exist_ok=True)
+    with _locked(parent / f".{name}.{LOCK}"):
+        _step("locked")
+        _recover(target)
+        _step("cleaned")
+        _check_replaceable(target)
+        stage = parent / f".{name}.{STAGING}{secrets.token_hex(8)}"
+        os.mkdir(stage)
+        if os.path.isdir(target):  # the new folder keeps the old one's permissions
+            os.chmod(stage, stat.S_IMODE(os.stat(target).st_mode))
+        try:
+            yield stage
+            _step("staged")
+            _fsync_tree(stage)
+            _step("synced")
+            _swap(stage, target)
+        finally:
+            _remove(stage)  # after a swap: the old folder; after an error: the partial new one
+        _step("removed-old")
+        _fsync_dir(parent)
+    _step("done")
+
+
+def _absolute(target: Path) -> Path:
+    """``target`` with its parent's links resolved and its own name kept (so a link there is seen, not followed)."""
+    if target.name in ("", ".", ".."):
+        target = target.resolve()
+    if not target.name:
+        raise AdapterFileError(f"{target}: cannot save an adapter over a file-system root")
+    return target.parent.resolve() / target.name
+
+
+def _check_replaceable(target: Path) -> None:
     try:
-        yield stage
-        target.mkdir(parents=True, exist_ok=True)
-        for src in sorted(stage.rglob("*")):
-            dest = target / src.relative_to(stage)
-            if src.is_dir():
-                dest.mkdir(parents=True, exist_ok=True)
-            else:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dest)
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise AdapterFileError(
+            f"{target}: is a symbolic link (to {os.readlink(target)}); peftdecl does not save through links — "
+            "save to the folder it points to, or remove the link"
+        )
+    if not stat.S_ISDIR(mode):
+        raise AdapterFileError(
+            f"{target}: exists and is not a folder; refusing to replace it with an adapter"
+        )
+    foreign = _foreign_entries(target, depth=0)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise AdapterFileError(
+            f"{target}: holds {shown}, which are not adapter files; a save replaces the whole folder, so it "
+            "must be new, empty, or hold only a saved adapter — choose another folder or move them away"
+        )
+
+
+def _foreign_entries(folder: Path, depth: int) -> list[str]:
+    """Entries of ``folder`` (relative names) that are neither adapter files nor sub-adapter folders."""
+    foreign = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        label = entry.name if depth == 0 else f"{folder.name}/{entry.name}"
+        if entry.is_symlink():
+            foreign.append(f"{label} (a symbolic link)")
+        elif entry.is_file(follow_symlinks=False):
+            if not _is_adapter_file(entry.name):
+                foreign.append(label)
+        elif entry.is_dir(follow_symlinks=False) and depth == 0 and not entry.name.startswith("."):
+            foreign.extend(_foreign_entries(Path(entry.path), depth + 1))
+        else:
+            foreign.append(f"{label}/" if entry.is_dir(follow_symlinks=False) else label)
+    return foreign
+
+
+def _is_adapter_file(name: str) -> bool:
+    # ".<file>.<random>.tmp": a temporary file an interrupted single-file write of an older peftdecl left
+    temporary = name.startswith(".") and name.endswith(".tmp")
+    return name in ADAPTER_FILES or (temporary and any(name.startswith(f".{f}.") for f in ADAPTER_FILES))
+
+
+def _siblings(target: Path, kind: str) -> list[Path]:
+    prefix = f".{target.name}.{kind}"
+    return sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix))
+
+
+def _recover(target: Path) -> None:
+    """Undo what a crashed save left: restore a folder the two-rename swap had moved aside, remove litter."""
+    old = _siblings(target, OLD)
+    if old and not os.path.lexists(target):
+        # the crash fell between the two renames: the newest moved-aside folder is the last complete save
+        newest = max(old, key=lambda p: p.stat().st_mtime)
+        os.rename(newest, target)
+        _fsync_dir(target.parent)
+    for leftover in _siblings(target, STAGING) + _siblings(target, OLD):
+        _remove(leftover)
+
+
+def recover(target: Path) -> None:
+    """Repair the litter of a crashed save of ``target`` now, rather than at its next save."""
+    target = _absolute(Path(target))
+    with _locked(target.parent / f".{target.name}.{LOCK}"):
+        _recover(target)
+
+
+def _remove(path: Path) -> None:
+    if os.path.islink(path) or os.path.isfile(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    if sys.platform == "win32":  # folders cannot be opened for fsync there
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (folders after their contents)."""
+    for here, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(here, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(here))
+
+
+def _swap(stage: Path, target: Path) -> None:
+    """Put ``stage`` at ``target``; afterwards ``stage`` holds the old folder (if there was one)."""
+    if not os.path.lexists(target):
+        os.rename(stage, target)
+        _step("swapped")
+        return
+    if _exchange(stage, target):
+        _step("swapped")
+        return
+    old = target.parent / f".{target.name}.{OLD}{secrets.token_hex(8)}"
+    os.rename(target, old)
+    _step("moved-old")
+    try:
+        os.rename(stage, target)
+    except BaseException:
+        os.rename(old, target)  # put the old adapter back; a crash instead is undone by the next save
+        raise
+    _step("swapped")
+    os.rename(old, stage)  # so the caller removes it like the exchanged folder
+
+
+# renameat2's flag that swaps two paths atomically (Linux 3.15+, glibc 2.28+); see rename(2)
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+USE_EXCHANGE = sys.platform.startswith("linux")
+"""False makes every save use the two-rename swap (tests set it to exercise that path)."""
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step; False where the OS or file system cannot (the caller falls back)."""
+    if not USE_EXCHANGE:
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+        return False
+    raise OSError(code, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(code)}")
+
+
+@contextlib.contextmanager
+def _locked(lock: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``lock`` (created, and removed on exit while still held)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # a previous holder may have unlinked the file between our open and our lock: lock the current one
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)

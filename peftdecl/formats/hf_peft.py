@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from peftdecl.errors import AdapterFileError
-from peftdecl.formats.atomic import atomic_write_text, staged_directory
+from peftdecl.formats.atomic import adapter_folder, atomic_write_text, staged_directory
 from peftdecl.formats.safetensors_io import read_safetensors, write_safetensors
 from peftdecl.plan.ir import Plan
 from peftdecl.plan.targeting import IA3_DEFAULT_TARGETS, default_targets
@@ -143,7 +143,7 @@ def write_adapters(
     """Save several adapters PEFT-style; everything is staged first so a failure leaves ``directory`` as it was."""
     with staged_directory(Path(directory)) as stage:
         for name, (plan, arrays, extra) in adapters.items():
-            folder = adapter_dir(stage, name)
+            folder = adapter_folder(stage, name)
             write_adapter(
                 folder,
                 plan,

@@ -12,6 +12,7 @@ Embedding of the blocks). Keys are mlx-lm module paths, which equal the transfor
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from peftdecl.errors import AdapterFileError
-from peftdecl.formats.atomic import atomic_write_text, staged_directory
+from peftdecl.formats.atomic import adapter_folder, atomic_write_text, staged_directory
 from peftdecl.formats.registry import AdapterFormat, Payload
 from peftdecl.formats.safetensors_io import read_safetensors, write_safetensors
 from peftdecl.plan.ir import LayerInfo, ModelInfo, Plan
@@ -32,6 +33,8 @@ DEFAULT_ADAPTER = "default"
 LEAVES = ("lora_a", "lora_b", "m")
 EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embeddings")
 """Module names read as embeddings when a file is converted without a model (a file does not say)."""
+MAX_RANK = 1 << 20
+"""The largest rank read from a file (well above any real adapter; bounds what a corrupt config can ask for)."""
 _BLOCK = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 
@@ -45,9 +48,13 @@ def _config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise AdapterFileError(f"{folder}: {WEIGHTS_NAME} without {CONFIG_NAME}")
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise AdapterFileError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise AdapterFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object")
     kind = config.get("fine_tune_type", "lora")
     if kind == "full":
         raise AdapterFileError(f"{path}: fine_tune_type 'full' stores whole weights, not an adapter")
@@ -56,7 +63,26 @@ def _config(folder: Path) -> dict[str, Any]:
     params = config.get("lora_parameters")
     if not isinstance(params, dict) or not {"rank", "scale"} <= set(params):
         raise AdapterFileError(f"{path}: lora_parameters must be an object with 'rank' and 'scale'")
+    _check_parameters(path, params)
     return config
+
+
+def _check_parameters(path: Path, params: Mapping[str, Any]) -> None:
+    """Refuse a rank that is not a positive integer and a scale or dropout that is not a finite number
+    (a NaN or infinite scale would make every output NaN)."""
+    rank = params["rank"]
+    if type(rank) is not int or not 1 <= rank <= MAX_RANK:
+        raise AdapterFileError(
+            f"{path}: lora_parameters.rank must be an integer from 1 to {MAX_RANK}, got {rank!r}"
+        )
+    for field in ("scale", "dropout"):
+        value = params.get(field, 0.0)
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise AdapterFileError(f"{path}: lora_parameters.{field} must be a finite number, got {value!r}")
+    if not 0.0 <= params.get("dropout", 0.0) < 1.0:
+        raise AdapterFileError(
+            f"{path}: lora_parameters.dropout must be in [0, 1), got {params['dropout']!r}"
+        )
 
 
 def _modules(tensors: Mapping[str, np.ndarray], origin: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -93,7 +119,7 @@ def read_adapter(folder: Path) -> tuple[SpecBase, dict[str, np.ndarray]]:
     if not tensors:
         raise AdapterFileError(f"{folder / WEIGHTS_NAME}: the file holds no tensors")
     params = config["lora_parameters"]
-    rank, scale = int(params["rank"]), float(params["scale"])
+    rank, scale = params["rank"], float(params["scale"])
     dora = config.get("fine_tune_type", "lora") == "dora"
     by_module = _modules(tensors, folder / WEIGHTS_NAME)
     wanted = {"lora_a", "lora_b", "m"} if dora else {"lora_a", "lora_b"}
@@ -242,8 +268,7 @@ def write_adapters(
     layouts = {name: mlx_lm_layout(plan, info) for name, (plan, _, _) in payload.items()}
     with staged_directory(Path(directory)) as stage:
         for name, (plan, arrays, _) in payload.items():
-            folder = stage if name == DEFAULT_ADAPTER else stage / name
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = adapter_folder(stage, name)
             write_safetensors(
                 folder / WEIGHTS_NAME, to_mlx_lm_tensors(plan, arrays, dtype), {"format": "mlx"}
             )

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from peftdecl.errors import AdapterFileError
-from peftdecl.formats.atomic import atomic_write_text, staged_directory
+from peftdecl.formats.atomic import adapter_folder, atomic_write_text, staged_directory
 from peftdecl.formats.registry import AdapterFormat, Payload
 from peftdecl.formats.safetensors_io import read_safetensors, write_safetensors
 from peftdecl.plan.ir import ModelInfo, Plan
@@ -41,6 +41,10 @@ def read_adapter(folder: Path) -> tuple[SpecBase, dict[str, np.ndarray]]:
         document = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AdapterFileError(f"{config_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise AdapterFileError(f"{config_path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise AdapterFileError(f"{config_path}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(document, dict) or document.get("format") != "peftdecl":
         raise AdapterFileError(f'{config_path}: expected {{"format": "peftdecl", ...}}')
     if document.get("format_version") != FORMAT_VERSION:
@@ -57,8 +61,7 @@ def write_adapters(directory: Path, payload: Payload, dtype: Any, info: ModelInf
     del info  # the native layout needs nothing from the model
     with staged_directory(Path(directory)) as stage:
         for name, (plan, arrays, _extra) in payload.items():
-            folder = stage if name == "default" else stage / name
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = adapter_folder(stage, name)
             write_safetensors(
                 folder / WEIGHTS_NAME,
                 {k: np.asarray(v).astype(dtype) for k, v in arrays.items()},
