@@ -20,6 +20,7 @@ from peftdecl.errors import AdapterFileError, PeftdeclError
 from peftdecl.formats import hf_peft
 from peftdecl.formats.registry import detect_format, get_format, is_adapter_dir
 from peftdecl.init import EXTERNAL_SOURCES, SHARED_SOURCES, check_arrays, generator_for, init_params
+from peftdecl.names import check_adapter_name
 from peftdecl.plan import ModelInfo, Plan, compile_plan
 from peftdecl.plan.compile import layouts
 from peftdecl.plan.kinds.vera import check_family as check_vera_family
@@ -88,6 +89,7 @@ class AdaptedModel:
         arrays: Mapping[str, Any] | None = None,
     ) -> Plan:
         """Compile ``spec`` for this model and attach it as ``name`` (initialised from ``seed`` unless ``arrays``)."""
+        check_adapter_name(name)
         if name in self._plans:
             raise PeftdeclError(f"an adapter named {name!r} is already attached")
         if name == "__base__":
@@ -109,6 +111,7 @@ class AdaptedModel:
     def load_adapter(self, directory: str | Path, name: str = "default", *, activate: bool = False) -> Plan:
         """Read a saved adapter (HF PEFT, mlx-lm or peftdecl's native layout, detected) and attach it as ``name``."""
         folder = Path(directory)
+        check_adapter_name(name)  # before it becomes a path: "../x" must not read a sibling folder
         if name != hf_peft.DEFAULT_ADAPTER and is_adapter_dir(folder / name):
             folder = folder / name  # PEFT saves a non-default adapter in a sub-folder named after it
         file_format = detect_format(folder)
@@ -227,6 +230,8 @@ class AdaptedModel:
         layout: the spec plus every tensor as it lives in memory, e.g. a prefix projection MLP mid-training)."""
         file_format = get_format(format)
         names = tuple(adapters) if adapters is not None else tuple(self._plans)
+        for name in names:  # each becomes a sub-folder of ``directory``
+            check_adapter_name(name)
         payload = {}
         for name in names:
             plan = self._plans[self._name(name)]
