@@ -115,7 +115,8 @@ def init_params(plan: Plan, seed: int = 0, external: ExternalInit | None = None)
 
 
 def check_arrays(plan: Plan, arrays: Mapping[str, np.ndarray], origin: str = "adapter") -> None:
-    """Every tensor of ``plan`` is present with its planned shape, and nothing else is."""
+    """Every tensor of ``plan`` is present with its planned shape, holds real floating-point numbers, all finite
+    (a NaN or infinite adapter value makes every output it touches NaN), and nothing else is present."""
     from peftdecl.errors import AdapterFileError
 
     expected = plan.param_specs()
@@ -125,9 +126,17 @@ def check_arrays(plan: Plan, arrays: Mapping[str, np.ndarray], origin: str = "ad
     problems = [f"missing tensor {k} (expected shape {list(expected[k].shape)})" for k in missing[:10]]
     problems += [f"unexpected tensor {k}" for k in unexpected[:10]]
     for key, spec in expected.items():
-        if key in arrays and tuple(np.shape(arrays[key])) != spec.shape:
-            problems.append(
-                f"tensor {key} has shape {list(np.shape(arrays[key]))}, expected {list(spec.shape)}"
-            )
+        if key not in arrays:
+            continue
+        value = np.asarray(arrays[key])
+        if tuple(value.shape) != spec.shape:
+            problems.append(f"tensor {key} has shape {list(value.shape)}, expected {list(spec.shape)}")
+        elif value.dtype.kind != "f":
+            problems.append(f"tensor {key} has dtype {value.dtype}, expected a floating-point dtype")
+        elif not np.isfinite(value).all():
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            problems.append(f"tensor {key} has {bad} NaN or infinite value{'s' if bad > 1 else ''}")
+        if len(problems) >= 20:
+            break
     if problems:
         raise AdapterFileError(f"{origin}: " + "; ".join(problems))
