@@ -65,11 +65,16 @@ def load_adapter(
     directory: str | Path,
     name: str = "default",
     backend: str | Backend | None = None,
+    *,
+    is_trainable: bool = False,
     **options: Any,
 ) -> AdaptedModel:
-    """Attach an adapter saved by HF PEFT or peftdecl (format detected from the folder)."""
+    """Attach an adapter saved by HF PEFT or peftdecl (format detected from the folder).
+
+    As HF PEFT's ``PeftModel.from_pretrained``: the adapter is for inference (frozen, the model in eval mode)
+    unless ``is_trainable=True``, which gives a trainable adapter and leaves the model's mode as it is."""
     model = _adapted(base_model, backend, options)
-    model.load_adapter(directory, name, activate=True)
+    model.load_adapter(directory, name, is_trainable, activate=True)
     return model
 
 

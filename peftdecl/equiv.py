@@ -193,7 +193,7 @@ def run_equivalence(
                 arrays = perturbed(am.state_dict(ADAPTER), trainable, perturb, seed)
                 am.delete_adapter(ADAPTER)
             am.add_adapter(ADAPTER, spec, arrays=arrays, activate=True)
-        adapted[name] = am
+        adapted[name] = am.eval()  # inference: dropout off, so that every backend computes the same function
     if not adapted:
         raise PeftdeclError(
             "no backend could run the model: " + "; ".join(f"{b}: {why}" for b, why in skipped.items())
@@ -216,6 +216,7 @@ def run_equivalence(
                 ref.load_adapter(folder, ADAPTER, activate=True)
             else:
                 ref.add_adapter(ADAPTER, spec, arrays=arrays, activate=True)
+            ref.eval()
             for name, (_, layers) in captures.items():
                 for module, (x, y) in layers.items():
                     x = x if x.dtype.kind in "iu" else x.astype(np.float64)

@@ -41,6 +41,8 @@ class AdaptedModel:
         self._plans: dict[str, Plan] = {}
         self._active: tuple[str, ...] = ()
         self._merged: tuple[str, ...] = ()
+        self._frozen: set[str] = set()
+        """Adapters loaded for inference (``is_trainable=False``): never trainable, even while active."""
 
     # -- introspection -------------------------------------------------------------------------------------
     @property
@@ -108,8 +110,19 @@ class AdaptedModel:
             self.set_adapter(name)
         return plan
 
-    def load_adapter(self, directory: str | Path, name: str = "default", *, activate: bool = False) -> Plan:
-        """Read a saved adapter (HF PEFT, mlx-lm or peftdecl's native layout, detected) and attach it as ``name``."""
+    def load_adapter(
+        self,
+        directory: str | Path,
+        name: str = "default",
+        is_trainable: bool = False,
+        *,
+        activate: bool = False,
+    ) -> Plan:
+        """Read a saved adapter (HF PEFT, mlx-lm or peftdecl's native layout, detected) and attach it as ``name``.
+
+        As HF PEFT's ``load_adapter``: unless ``is_trainable``, the adapter is frozen (no tensor of it is trainable,
+        whichever adapters are active) and the model is put in eval mode (dropout off); ``is_trainable=True`` gives
+        a trainable adapter and leaves the model's mode as it is."""
         folder = Path(directory)
         check_adapter_name(name)  # before it becomes a path: "../x" must not read a sibling folder
         if name != hf_peft.DEFAULT_ADAPTER and is_adapter_dir(folder / name):
@@ -139,17 +152,33 @@ class AdaptedModel:
             self._engine.load_base_weights(base_overrides)
         self._engine.add(name, plan, {**adapter_arrays, **saved_modules})
         self._plans[name] = plan
+        self._set_frozen(name, not is_trainable)
         if activate or not self._active:
-            self.set_adapter(name)
+            self._activate((name,))
+        if not is_trainable:
+            self.eval()
         return plan
 
-    def set_adapter(self, names: str | Sequence[str]) -> None:
-        """Make ``names`` the active adapters (several: their contributions are combined as PEFT does)."""
+    def set_adapter(self, names: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Make ``names`` the active adapters (several: their contributions are combined as PEFT does); as in HF
+        PEFT they become trainable, or frozen with ``inference_mode=True``."""
         wanted = (names,) if isinstance(names, str) else tuple(names)
         for name in wanted:
             self._name(name)
-        self._engine.set_active(wanted)
-        self._active = wanted
+        for name in wanted:
+            self._set_frozen(name, inference_mode)
+        self._activate(wanted)
+
+    def _activate(self, names: tuple[str, ...]) -> None:
+        self._engine.set_active(names)
+        self._active = names
+
+    def _set_frozen(self, name: str, frozen: bool) -> None:
+        if frozen:
+            self._frozen.add(name)
+        else:
+            self._frozen.discard(name)
+        self._engine.set_frozen(frozenset(self._frozen))
 
     def update_spec(self, name: str | None = None, **changes: Any) -> Plan:
         """Change config fields of an attached adapter whose tensors keep their shapes (e.g. AdaLoRA's
@@ -176,6 +205,7 @@ class AdaptedModel:
             raise PeftdeclError(f"adapter {name!r} is merged; call unmerge() before deleting it")
         self._engine.remove(name)
         del self._plans[name]
+        self._set_frozen(name, False)
         self._active = tuple(n for n in self._active if n != name)
         self._engine.set_active(self._active)
 
@@ -258,8 +288,10 @@ class AdaptedModel:
         return self.train(False)
 
     def trainable_parameters(self) -> Any:
-        """Backend-native parameters of the active adapters (and their modules_to_save copies)."""
-        return self._engine.trainable_parameters(self._active)
+        """Backend-native parameters of the active adapters that are not frozen (and their modules_to_save
+        copies); an empty dict when there is none, e.g. after an inference-mode ``load_adapter``."""
+        names = tuple(n for n in self._active if n not in self._frozen)
+        return self._engine.trainable_parameters(names) if names else {}
 
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("_"):

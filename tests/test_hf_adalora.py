@@ -200,7 +200,7 @@ def test_rank_allocator_matches_peft_step_for_step(tmp_path) -> None:
     perturb(wrapped)
     wrapped.save_pretrained(tmp_path / "start")
     state, options = numpy_inputs(tiny_llama())
-    ours = peftdecl.load_adapter(state, tmp_path / "start", **options)
+    ours = peftdecl.load_adapter(state, tmp_path / "start", is_trainable=True, **options)
     allocator = RankAllocator(ours.plan())
     params = ours.trainable_parameters()
     gen, lr = torch.Generator().manual_seed(11), 0.01
@@ -260,7 +260,7 @@ def test_orthogonal_regularizer_matches_peft_loss_term(pruned: bool, tmp_path) -
         total = wrapped(input_ids=ids, labels=ids).loss.item()
         plain = wrapped.base_model.model(input_ids=ids, labels=ids).loss.item()
     state, options = numpy_inputs(tiny_llama())
-    ours = peftdecl.load_adapter(state, tmp_path, **options)
+    ours = peftdecl.load_adapter(state, tmp_path, is_trainable=True, **options)
     value, _ = orthogonal_regularizer(ours.plan(), ours.trainable_parameters())
     assert abs(value - (total - plain)) <= ALLOC_TOL * max(1.0, abs(total)) + 1e-6  # float32 loss sum in PEFT
 

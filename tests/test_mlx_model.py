@@ -77,7 +77,7 @@ def test_loss_gradients_and_one_step_match_peft(case: str, checkpoint, tmp_path)
     wrapped = peft_model(torch_base(checkpoint), peft.LoraConfig(init_lora_weights=False, **CASES[case]))
     perturb(wrapped)
     wrapped.save_pretrained(tmp_path)
-    ours = peftdecl.load_adapter(mlx_base(checkpoint), tmp_path)
+    ours = peftdecl.load_adapter(mlx_base(checkpoint), tmp_path, is_trainable=True)
     mlx_model = ours.engine.model
     inputs, targets = IDS[:, :-1], IDS[:, 1:]
 
@@ -147,7 +147,7 @@ def test_prompt_learning_logits_and_table_gradient_match_peft(kind: str, checkpo
     logits_t.float().square().mean().backward()
     grad_t = next(p.grad for n, p in wrapped.named_parameters() if p.requires_grad).numpy()
 
-    ours = peftdecl.load_adapter(mlx_base(checkpoint), tmp_path)
+    ours = peftdecl.load_adapter(mlx_base(checkpoint), tmp_path, is_trainable=True)
     mlx_model = ours.engine.model
     assert rel_err(np.array(ours(mx.array(IDS))), logits_t.detach().numpy()) <= MODEL_TOL
 

@@ -94,7 +94,7 @@ def test_same_loss_gradients_and_sgd_step_as_peft(kind: str, tmp_path) -> None:
     wrapped = peft_model(tiny_bert(), CONFIGS[kind]())
     perturb(wrapped)
     wrapped.save_pretrained(tmp_path)
-    ours = peftdecl.load_adapter(tiny_bert(), tmp_path)
+    ours = peftdecl.load_adapter(tiny_bert(), tmp_path, is_trainable=True)
     theirs = {ir_key(n): p for n, p in wrapped.named_parameters() if p.requires_grad}
     params = ours.trainable_parameters()
     assert set(params) == set(theirs)

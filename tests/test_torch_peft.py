@@ -92,7 +92,7 @@ def test_peft_file_gives_peft_logits_and_merged_weights(kind: str, tmp_path) -> 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_same_loss_gradients_and_sgd_step_as_peft(kind: str, tmp_path) -> None:
     wrapped = peft_saved(kind, tmp_path)
-    ours = peftdecl.load_adapter(tiny_llama(), tmp_path)
+    ours = peftdecl.load_adapter(tiny_llama(), tmp_path, is_trainable=True)
     x = ids(seed=1)
     assert_training_step_like_peft(wrapped, ours, peft_trainable(wrapped), TOL, input_ids=x, labels=x)
 
@@ -174,7 +174,7 @@ def test_gpt2_conv1d_and_modules_to_save_both_ways(tmp_path) -> None:
     wrapped = peft_model(tiny_gpt2(), config)
     perturb(wrapped)
     wrapped.save_pretrained(tmp_path / "theirs")
-    ours = peftdecl.load_adapter(tiny_gpt2(), tmp_path / "theirs")
+    ours = peftdecl.load_adapter(tiny_gpt2(), tmp_path / "theirs", is_trainable=True)
     x = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         assert rel_err(ours(input_ids=x).logits.numpy(), wrapped(input_ids=x).logits.numpy()) <= TOL
@@ -211,7 +211,7 @@ def test_adalora_rank_allocation_follows_peft_step_for_step(tmp_path) -> None:
     wrapped = peft_model(tiny_llama(), config)
     perturb(wrapped)
     wrapped.save_pretrained(tmp_path)
-    ours = peftdecl.load_adapter(tiny_llama(), tmp_path)
+    ours = peftdecl.load_adapter(tiny_llama(), tmp_path, is_trainable=True)
     allocator = RankAllocator(ours.plan())
     params, theirs = ours.trainable_parameters(), peft_trainable(wrapped)
     gen = torch.Generator().manual_seed(3)

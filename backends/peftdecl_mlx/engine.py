@@ -47,6 +47,7 @@ class MlxEngine:
         self._active: tuple[str, ...] = ()
         self._enabled = True
         self._merged: list[str] = []
+        self._frozen: frozenset[str] = frozenset()
         model.freeze()  # the base model is frozen; adapters unfreeze their own trainable tensors
 
     @property
@@ -78,9 +79,13 @@ class MlxEngine:
             if prompt.ENCODER not in self._model:
                 self._model[prompt.ENCODER] = nn.Module()
             self._model[prompt.ENCODER][name] = AdapterParams(shared)
+            # a new mlx Module is in training mode: it takes the model's
+            self._model[prompt.ENCODER].train(self._model.training)
         for lp in plan.layers:
             own = {p.name: self._array(arrays[lp.key(p.name)]) for p in lp.params}
-            self._wrap(lp).add(name, lp, own, shared)
+            layer = self._wrap(lp)
+            layer.add(name, lp, own, shared)
+            layer.train(layer.training)  # the new AdapterParams take the layer's mode
         for module in plan.modules_to_save:
             self._save_module(name, module, arrays)
         self._plans[name] = plan
@@ -110,6 +115,11 @@ class MlxEngine:
 
     def set_active(self, names: tuple[str, ...]) -> None:
         self._active = tuple(names)
+        self._refresh()
+
+    def set_frozen(self, names: frozenset[str]) -> None:
+        """Adapters ``names`` stay frozen (not trainable) even while active, as after HF PEFT's inference load."""
+        self._frozen = frozenset(names)
         self._refresh()
 
     def set_enabled(self, enabled: bool) -> None:
@@ -290,6 +300,7 @@ class MlxEngine:
                 )
             base = get_module(self._model, lp.module)
             layer = AdaptedLayer(lp.module, base, lp.layer.type, self._dtype)
+            layer.train(base.training)  # a new mlx Module is in training mode; take the layer's
             set_module(self._model, lp.module, layer)
             self._layers[lp.module] = layer
         return self._layers[lp.module]
@@ -300,7 +311,9 @@ class MlxEngine:
         if module in self._layers:
             raise PeftdeclError(f"{module} carries adapters and cannot also be in modules_to_save")
         if module not in self._saved:
-            saved = SavedModule(module, get_module(self._model, module))
+            original = get_module(self._model, module)
+            saved = SavedModule(module, original)
+            saved.train(original.training)  # a new mlx Module is in training mode; take the module's
             set_module(self._model, module, saved)
             self._saved[module] = saved
         saved = self._saved[module]
@@ -334,6 +347,7 @@ class MlxEngine:
         self._set_trainable(self._active)
 
     def _set_trainable(self, names: tuple[str, ...]) -> None:
+        names = tuple(n for n in names if n not in self._frozen)
         for layer in self._layers.values():
             for name, params in layer.adapters.items():
                 lp = layer.adapter_state.plans[name]

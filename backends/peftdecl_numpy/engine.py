@@ -42,6 +42,7 @@ class NumpyEngine:
         self._enabled = True
         self._merged: list[str] = []
         self.training = False
+        self._frozen: frozenset[str] = frozenset()
         self.rng = np.random.default_rng(0)
 
     # -- Engine protocol -----------------------------------------------------------------------------------
@@ -67,6 +68,10 @@ class NumpyEngine:
 
     def set_active(self, names: tuple[str, ...]) -> None:
         self._active = names
+
+    def set_frozen(self, names: frozenset[str]) -> None:
+        """Adapters ``names`` are frozen: ``trainable_parameters`` leaves them out even while active."""
+        self._frozen = frozenset(names)
 
     def set_enabled(self, enabled: bool) -> None:
         self._enabled = enabled
@@ -127,8 +132,10 @@ class NumpyEngine:
 
     def trainable_parameters(self, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Key -> the live array (an optimiser may update it in place): the full IR key with one adapter,
-        ``"<adapter>/<full key>"`` with several (:func:`peftdecl.backend.trainable_key`)."""
+        ``"<adapter>/<full key>"`` with several (:func:`peftdecl.backend.trainable_key`); frozen adapters are left
+        out."""
         out = {}
+        names = tuple(n for n in names if n not in self._frozen)
         for name in names:
             plan = self._plans[name]
             own = {}

@@ -56,6 +56,7 @@ class TorchEngine:
         self._plans: dict[str, Plan] = {}
         self._shared: dict[str, dict[str, np.ndarray]] = {}
         self._prompts: dict[str, PromptAdapter] = {}
+        self._frozen: frozenset[str] = frozenset()
         # the base model is frozen while adapted; unload() gives the flags back
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         for param in model.parameters():
@@ -67,6 +68,7 @@ class TorchEngine:
             weight = self._embedding().weight
             dtype = adapter_dtype(weight, self._autocast)
             self._prompts[name] = PromptAdapter(plan.prompt, plan.shared, arrays, weight.device, dtype)
+            self._prompts[name].train(self.model.training)
             self._add_saved(name, plan, arrays)
             self._plans[name] = plan
             self._update_trainable()
@@ -98,6 +100,7 @@ class TorchEngine:
                 autocast=self._autocast,
                 shared=links,
             )
+            _follow_mode(layer, layer.base_layer, layer.training)
         self._add_saved(name, plan, arrays)
         self._plans[name] = plan
         self._update_trainable()
@@ -127,6 +130,11 @@ class TorchEngine:
 
     def set_active(self, names: tuple[str, ...]) -> None:
         self._state.active = tuple(names)
+        self._update_trainable()
+
+    def set_frozen(self, names: frozenset[str]) -> None:
+        """Adapters ``names`` stay frozen (no gradients) even while active, as after HF PEFT's inference load."""
+        self._frozen = frozenset(names)
         self._update_trainable()
 
     def set_enabled(self, enabled: bool) -> None:
@@ -225,7 +233,10 @@ class TorchEngine:
         return out
 
     def train(self, mode: bool) -> None:
+        """Training (dropout on) or eval mode for the model, its wrappers and the prompt adapters alike."""
         self.model.train(mode)
+        for adapter in self._prompts.values():
+            adapter.train(mode)
 
     # -- capture (used by peftdecl.equiv) -------------------------------------------------------------------
     def capture(
@@ -334,7 +345,7 @@ class TorchEngine:
         active = set(self._state.active)
         for name in self._plans:
             for param in self.trainable_parameters((name,)).values():
-                param.requires_grad_(name in active)
+                param.requires_grad_(name in active and name not in self._frozen)
 
     def _parent(self, module: str) -> tuple[nn.Module, str]:
         parent_name, _, child = module.rpartition(".")
@@ -358,6 +369,7 @@ class TorchEngine:
         if layer_type(found) != expected:
             raise PeftdeclError(f"{module} is a {type(found).__name__}; the plan expects a {expected} layer")
         wrapper = AdaptedLayer(found, self._info.layers[module], module, self._state)
+        _follow_mode(wrapper, found, found.training)  # a new nn.Module is in training mode; take the layer's
         self._replace(module, wrapper)
         self._layers[module] = wrapper
         return wrapper
@@ -367,7 +379,9 @@ class TorchEngine:
             return self._saved[module]
         if module in self._layers or any(m.startswith(module + ".") for m in self._layers):
             raise PeftdeclError(f"{module} holds adapted layers and cannot also be in modules_to_save")
-        wrapper = SavedModule(self.model.get_submodule(module), module, self._state)
+        original = self.model.get_submodule(module)
+        wrapper = SavedModule(original, module, self._state)
+        _follow_mode(wrapper, original, original.training)  # its copies are deep copies: already in that mode
         self._replace(module, wrapper)
         self._saved[module] = wrapper
         return wrapper
@@ -386,3 +400,13 @@ class TorchEngine:
                 f"{key or module}: {module} is a {type(found).__name__}, not an adaptable layer"
             )
         return found.weight.T if kind == "gpt2_conv1d" else found.weight
+
+
+def _follow_mode(wrapper: nn.Module, base: nn.Module, training: bool) -> None:
+    """Put the modules of ``wrapper`` that peftdecl created (not ``base`` nor anything inside it) in ``training``
+    mode, so that a wrapper added to a model in eval mode does not apply dropout; later ``model.train()`` /
+    ``model.eval()`` calls reach them as any sub-module."""
+    inner = {id(m) for m in base.modules()}
+    for module in wrapper.modules():
+        if id(module) not in inner:
+            module.training = training
