@@ -118,28 +118,44 @@ JSON_VALUES = st.one_of(
     ),
 )
 DTYPES = ["float16", "float64", "int8", "int32", "int64", "uint8", "bool", "float32"]
-RESHAPES = ["transpose", "flatten", "add_dim", "drop_row", "add_row", "scalar", "empty"]
+RESHAPES = ["transpose", "flatten", "add_dim", "drop_row", "add_row", "drop_col", "scalar", "empty"]
 VALUES = ["nan", "inf", "huge", "zero"]
 ROLE = st.sampled_from(["config", "weights"])
-OPS = st.one_of(
+FIELDS = [
+    "peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "init_r",
+    "target_r", "oft_block_size", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
+    "layers_to_transform", "layers_pattern", "modules_to_save", "use_rslora", "save_projection",
+    "projection_prng_key", "fine_tune_type", "num_layers", "lora_parameters", "rank", "scale", "keys", "format",
+    "format_version", "spec", "task_type", "block_share", "module_dropout", "fan_in_fan_out",
+]  # fmt: skip
+INDEX = st.integers(0, 10**3)
+# four groups drawn about equally often, so that the rarer structural corruptions are tried as much as bytes
+BYTE_OPS = st.one_of(
     st.tuples(st.just("flip"), ROLE, st.integers(0, 10**6), st.integers(1, 255)),
     st.tuples(st.just("truncate"), ROLE, st.integers(0, 10**6)),
     st.tuples(st.just("extend"), ROLE, st.binary(min_size=1, max_size=64)),
     st.tuples(st.just("overwrite"), ROLE, st.integers(0, 10**6), st.binary(min_size=1, max_size=16)),
     st.tuples(st.just("header_len"), st.integers(-16, 16)),
-    st.tuples(st.just("json_set"), st.integers(0, 10**3), JSON_VALUES),
-    st.tuples(st.just("json_delete"), st.integers(0, 10**3)),
+)
+JSON_OPS = st.one_of(
+    st.tuples(st.just("json_set"), INDEX, JSON_VALUES),
+    st.tuples(st.just("json_field"), st.sampled_from(FIELDS), JSON_VALUES),
+    st.tuples(st.just("json_delete"), INDEX),
     st.tuples(st.just("json_add"), st.text(max_size=20), JSON_VALUES),
     st.tuples(st.just("json_replace"), JSON_VALUES),
-    st.tuples(st.just("tensor_drop"), st.integers(0, 10**3)),
-    st.tuples(st.just("tensor_rename"), st.integers(0, 10**3), st.text(max_size=40)),
-    st.tuples(st.just("tensor_reshape"), st.integers(0, 10**3), st.sampled_from(RESHAPES)),
-    st.tuples(st.just("tensor_dtype"), st.integers(0, 10**3), st.sampled_from(DTYPES)),
-    st.tuples(st.just("tensor_values"), st.integers(0, 10**3), st.sampled_from(VALUES)),
+)
+TENSOR_OPS = st.one_of(
+    st.tuples(st.just("tensor_drop"), INDEX),
+    st.tuples(st.just("tensor_rename"), INDEX, st.text(max_size=40)),
+    st.tuples(st.just("tensor_reshape"), INDEX, st.sampled_from(RESHAPES)),
+    st.tuples(st.just("tensor_dtype"), INDEX, st.sampled_from(DTYPES)),
+    st.tuples(st.just("tensor_values"), INDEX, st.sampled_from(VALUES)),
     st.tuples(st.just("tensor_add"), st.text(max_size=40), st.lists(st.integers(0, 5), max_size=3)),
     st.tuples(
         st.just("tensor_metadata"), st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=2)
     ),
+)
+FILE_OPS = st.one_of(
     st.tuples(st.just("delete"), ROLE),
     st.tuples(st.just("as_folder"), ROLE),
     st.tuples(st.just("stale"), st.sampled_from(TEMPLATES), st.sampled_from(["files", "sub", "partial_sub"])),
@@ -147,6 +163,7 @@ OPS = st.one_of(
         st.just("junk"), st.sampled_from(["adapter_model.bin", "x.safetensors", ".tmp-save", "default"])
     ),
 )
+OPS = st.one_of(BYTE_OPS, JSON_OPS, TENSOR_OPS, FILE_OPS)
 
 
 def _paths(folder: Path, file_format: str) -> dict[str, Path]:
@@ -210,6 +227,8 @@ def _reshaped(value: np.ndarray, how: str) -> np.ndarray:
         return value[:-1] if value.ndim else value
     if how == "add_row":
         return np.concatenate([value, value[:1]]) if value.ndim else value
+    if how == "drop_col":
+        return value[..., :-1].copy() if value.ndim else value
     if how == "scalar":
         return np.asarray(value.reshape(-1)[:1].sum(), dtype=value.dtype)
     return np.zeros((0,) * max(value.ndim, 1), dtype=value.dtype)
@@ -256,6 +275,18 @@ def apply(folder: Path, file_format: str, op: tuple) -> None:
             return
         if name == "json_replace":
             doc = op[1]
+        elif name == "json_field":
+            # the field where it lives: inside native's "spec", mlx-lm's "lora_parameters", or at the top
+            holders = [doc] + [
+                doc[k]
+                for k in ("spec", "lora_parameters")
+                if isinstance(doc, dict) and isinstance(doc.get(k), dict)
+            ]
+            holders = [h for h in holders if isinstance(h, dict)]
+            if not holders:
+                return
+            holder = next((h for h in reversed(holders) if op[1] in h), holders[-1])
+            holder[op[1]] = op[2]
         else:
             leaves = list(_json_leaves(doc))
             if name == "json_add":
@@ -491,6 +522,26 @@ def test_templates_load(file_format: str, kind: str) -> None:
     """The uncorrupted folders load (otherwise every fuzzed input would be a trivial error)."""
     _load_and_forward(template(file_format, kind))
     assert summarise(template(file_format, kind)).format == file_format
+
+
+FOUND = {
+    # AdaLoRA's re-expansion of a pruned lora_B with a row missing: a NumPy broadcast ValueError before
+    "adalora_pruned_b_short": (("hf", "adalora"), [("tensor_reshape", 1, "drop_row")]),
+    # a 1-D VeRA projection: IndexError in the projection cut before
+    "vera_flat_projection": (("hf", "vera"), [("tensor_reshape", 8, "flatten")]),
+    "vera_scalar_projection": (("hf", "vera"), [("tensor_reshape", 8, "scalar")]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOUND))
+def test_inputs_the_fuzzer_found(name: str) -> None:
+    (file_format, kind), ops = FOUND[name]
+    work, folder = corrupted(file_format, kind, ops)
+    try:
+        with pytest.raises(PeftdeclError, match="has shape"):
+            _load_and_forward(folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.mark.parametrize("file_format", ["hf", "native", "mlx-lm"])

@@ -142,7 +142,12 @@ def expand_from_file(plan: Plan, arrays: dict[str, Any]) -> dict[str, Any]:
                 continue  # check_arrays reports the missing tensor
             value = np.asarray(arrays[key])
             full_shape = lp.param(name).shape
-            if value.ndim != len(full_shape) or value.shape[axis] not in (n_kept, lp.r):
+            others = [n for i, n in enumerate(value.shape) if i != axis]
+            if (
+                value.ndim != len(full_shape)
+                or value.shape[axis] not in (n_kept, lp.r)
+                or others != [n for i, n in enumerate(full_shape) if i != axis]
+            ):
                 pruned = list(full_shape)
                 pruned[axis] = n_kept
                 raise AdapterFileError(

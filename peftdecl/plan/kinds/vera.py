@@ -134,7 +134,13 @@ def vera_from_file(plan: Plan, arrays: dict[str, Any]) -> dict[str, Any]:
     have = [k for k in ("vera_A", "vera_B") if k in arrays]
     if len(have) == 2:
         a, b = np.asarray(arrays["vera_A"]), np.asarray(arrays["vera_B"])
-        if a.shape[0] >= r and a.shape[1] >= max_in and b.shape[0] >= max_out and b.shape[1] >= r:
+        if (
+            a.ndim == b.ndim == 2
+            and a.shape[0] >= r
+            and a.shape[1] >= max_in
+            and b.shape[0] >= max_out
+            and b.shape[1] >= r
+        ):
             return {**arrays, "vera_A": a[:r, :max_in], "vera_B": b[:max_out, :r]}
         return arrays  # check_arrays reports the shape mismatch
     if len(have) == 1:
