@@ -241,14 +241,14 @@ def _swap(stage: Path, target: Path) -> None:
         return
     old = target.parent / f".{target.name}.{OLD}{secrets.token_hex(8)}"
     os.rename(target, old)
-    _step("moved-old")
     try:
+        _step("moved-old")
         os.rename(stage, target)
     except BaseException:
         os.rename(old, target)  # put the old adapter back; a crash instead is undone by the next save
         raise
-    _step("swapped")
     os.rename(old, stage)  # so the caller removes it like the exchanged folder
+    _step("swapped")
 
 
 # renameat2's flag that swaps two paths atomically (Linux 3.15+, glibc 2.28+); see rename(2)
