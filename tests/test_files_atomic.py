@@ -264,6 +264,35 @@ def test_leftovers_of_a_crashed_save_are_no_adapter_and_go_at_the_next_save(tmp_
     assert snapshot(folder) == references["new"] and litter(folder) == []
 
 
+def test_a_save_between_reading_config_and_tensors_is_noticed(tmp_path, references, monkeypatch) -> None:
+    from peftdecl.formats import hf_peft
+
+    folder = tmp_path / "ad"
+    restore(folder, references["old"])
+    original, calls = hf_peft.load_spec, []
+
+    def read_config_then_save(path):
+        spec = original(path)
+        calls.append(path)
+        if len(calls) == 1:  # a concurrent save lands between the config and the tensors
+            new_model().save(folder)
+        return spec
+
+    monkeypatch.setattr(hf_peft, "load_spec", read_config_then_save)
+    assert_loads_as(folder, "new")  # not the old alpha with the new tensors
+    assert len(calls) == 2
+
+
+def test_a_folder_moved_aside_by_an_interrupted_save_is_named(tmp_path, references) -> None:
+    restore(tmp_path / ".ad.peftdecl-old-0a1b", references["old"])
+    with pytest.raises(
+        AdapterFileError, match=r"ad: no such adapter folder; an interrupted save left .*recover"
+    ):
+        peftdecl.load_adapter(dict(STATE), tmp_path / "ad")
+    atomic.recover(tmp_path / "ad")
+    assert snapshot(tmp_path / "ad") == references["old"]
+
+
 # -- processes ------------------------------------------------------------------------------------------------
 SAVER = """
 import sys

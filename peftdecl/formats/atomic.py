@@ -7,6 +7,8 @@ two renames (target -> ``.<name>.peftdecl-old-<random>``, staging -> target), be
 folder missing until the next save restores it. A reader therefore sees the old adapter or the new one, complete,
 and the folder holds exactly what the new save wrote (stale files of another format and old sub-adapters go with
 the old folder). Leftover siblings of a crashed save are removed, under the lock, by the next save of that folder.
+Readers decorated with :func:`consistent_read` redo a read during which the folder was swapped, so a load racing
+a save gets one save's files, never the old config with the new tensors.
 
 Rules, so that a save can never destroy anything but an adapter:
 
@@ -24,14 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import secrets
 import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from peftdecl.errors import AdapterFileError
 from peftdecl.names import check_adapter_name
@@ -50,6 +54,7 @@ ADAPTER_FILES = frozenset(
 """The files a save may replace; any other entry in the target makes the save refuse."""
 STAGING, OLD, LOCK = "peftdecl-staging-", "peftdecl-old-", "peftdecl-lock"
 DEFAULT_ADAPTER = "default"
+T = TypeVar("T")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -76,6 +81,35 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def _step(label: str) -> None:
     """A point of the save sequence; tests replace this to crash a save exactly there."""
+
+
+def consistent_read(read: Callable[[Path], T]) -> Callable[[Path], T]:
+    """Wrap a folder reader so that its files all come from one save: a save swapping the folder while they
+    are read (say between the config and the tensors) changes the folder's identity, and the read is redone."""
+
+    @functools.wraps(read)
+    def wrapper(folder: Path) -> T:
+        for _ in range(READ_ATTEMPTS):
+            before = _identity(folder)
+            result = read(folder)
+            if _identity(folder) == before:
+                return result
+        raise AdapterFileError(
+            f"{folder}: changed {READ_ATTEMPTS} times while being read; is a save looping?"
+        )
+
+    return wrapper
+
+
+READ_ATTEMPTS = 5
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(folder)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def adapter_folder(stage: Path, name: str) -> Path:

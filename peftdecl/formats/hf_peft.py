@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from peftdecl.errors import AdapterFileError
-from peftdecl.formats.atomic import adapter_folder, atomic_write_text, staged_directory
+from peftdecl.formats.atomic import adapter_folder, atomic_write_text, consistent_read, staged_directory
 from peftdecl.formats.safetensors_io import read_safetensors, write_safetensors
 from peftdecl.plan.ir import Plan
 from peftdecl.plan.targeting import IA3_DEFAULT_TARGETS, default_targets
@@ -155,6 +155,7 @@ def write_adapters(
             )
 
 
+@consistent_read
 def read_adapter(folder: Path) -> tuple[SpecBase, dict[str, np.ndarray]]:
     """The spec and the tensors (file keys) of one saved adapter folder."""
     folder = Path(folder)

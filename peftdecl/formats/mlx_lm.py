@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from peftdecl.errors import AdapterFileError
-from peftdecl.formats.atomic import adapter_folder, atomic_write_text, staged_directory
+from peftdecl.formats.atomic import adapter_folder, atomic_write_text, consistent_read, staged_directory
 from peftdecl.formats.registry import AdapterFormat, Payload
 from peftdecl.formats.safetensors_io import read_safetensors, write_safetensors
 from peftdecl.plan.ir import LayerInfo, ModelInfo, Plan
@@ -111,6 +111,7 @@ def target_fields(modules: list[str]) -> dict[str, Any]:
     return {"target_modules": sorted(modules)}
 
 
+@consistent_read
 def read_adapter(folder: Path) -> tuple[SpecBase, dict[str, np.ndarray]]:
     """The HF-style LoRA spec and the tensors (mlx-lm keys) of an mlx-lm adapter folder."""
     folder = Path(folder)

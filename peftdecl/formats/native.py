@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from peftdecl.errors import AdapterFileError
-from peftdecl.formats.atomic import adapter_folder, atomic_write_text, staged_directory
+from peftdecl.formats.atomic import adapter_folder, atomic_write_text, consistent_read, staged_directory
 from peftdecl.formats.registry import AdapterFormat, Payload
 from peftdecl.formats.safetensors_io import read_safetensors, write_safetensors
 from peftdecl.plan.ir import ModelInfo, Plan
@@ -33,6 +33,7 @@ def is_native_adapter_dir(folder: Path) -> bool:
     return (Path(folder) / CONFIG_NAME).is_file()
 
 
+@consistent_read
 def read_adapter(folder: Path) -> tuple[SpecBase, dict[str, np.ndarray]]:
     """The spec and IR-keyed tensors of one native adapter folder."""
     folder = Path(folder)

@@ -8,6 +8,7 @@ any other adapter ``X`` in ``directory/X``.
 
 from __future__ import annotations
 
+import glob
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -72,6 +73,12 @@ def detect_format(folder: Path) -> AdapterFormat:
         if fmt.detect(folder):
             return fmt
     if not folder.is_dir():
+        moved = sorted(folder.parent.glob(f".{glob.escape(folder.name)}.peftdecl-old-*"))
+        if moved:  # the two-rename swap (no renameat2) was interrupted between its renames
+            raise AdapterFileError(
+                f"{folder}: no such adapter folder; an interrupted save left the previous adapter in {moved[-1]} "
+                "(the next save of this folder, or peftdecl.formats.atomic.recover(folder), puts it back)"
+            )
         raise AdapterFileError(f"{folder}: no such adapter folder")
     raise AdapterFileError(
         f"{folder}: not an adapter folder (expected adapter_config.json with adapter_model.safetensors for HF PEFT, "
