@@ -24,12 +24,14 @@ import numpy as np
 from peftdecl.errors import AdapterFileError
 from peftdecl.formats.atomic import atomic_write_bytes
 
-MAX_HEADER_BYTES = 100 * 1000 * 1000
-"""The largest JSON header read (the safetensors library's own limit)."""
+MAX_HEADER_BYTES = 32 * 1024 * 1024
+"""The largest JSON header read (the library allows 100 MB; real headers take ~100 bytes a tensor, and a 100 MB
+one would take some 470 MB of memory to parse)."""
 MAX_HEADER_ITEMS = 1_000_000
 """A bound on the JSON values in a header, counted as its ``{``, ``[`` and ``,`` bytes (an over-estimate: each
 value but the first of a container follows a comma). A tensor entry takes about 8, so this admits ~100,000
 tensors while a header with 10⁶ entries is refused in milliseconds, before it is parsed."""
+_CHUNK = 1 << 20
 FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.float32}
 """safetensors dtype -> the NumPy dtype it is read as (bfloat16 widened to float32)."""
 OTHER_DTYPES = {"I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL"}
@@ -98,13 +100,19 @@ def _read_header(path: Path, fd: int) -> tuple[int, dict[str, Any]]:
             f"{path}: corrupt or truncated safetensors header (declares {header_len} bytes, "
             f"the file has {size - 8} after the length)"
         )
-    raw = _read_exact(path, fd, header_len, 8, "the header")
-    items = raw.count(b"{") + raw.count(b"[") + raw.count(b",")
-    if items > MAX_HEADER_ITEMS:
-        raise AdapterFileError(
-            f"{path}: safetensors header has too many entries (about {items} JSON items, the limit is "
-            f"{MAX_HEADER_ITEMS}: some 100,000 tensors)"
-        )
+    # read in chunks, counting as we go, so that an oversized header is refused before it is all in memory
+    chunks, items = [], 0
+    for start in range(0, header_len, _CHUNK):
+        chunk = _read_exact(path, fd, min(_CHUNK, header_len - start), 8 + start, "the header")
+        items += chunk.count(b"{") + chunk.count(b"[") + chunk.count(b",")
+        if items > MAX_HEADER_ITEMS:
+            raise AdapterFileError(
+                f"{path}: safetensors header has too many entries (over {MAX_HEADER_ITEMS} JSON items in its "
+                f"first {start + len(chunk)} bytes; the limit allows some 100,000 tensors)"
+            )
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    del chunks
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
