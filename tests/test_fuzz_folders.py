@@ -20,10 +20,12 @@ traced memory; ``python tests/test_fuzz_folders.py /tmp/fuzz-stats`` prints the 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -67,7 +69,8 @@ SPECS: dict[str, dict[str, Any]] = {
     "vera": {"peft_type": "VERA", "r": 4, "target_modules": QV},
     "prompt": {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "task_type": "CAUSAL_LM"},
 }  # fmt: skip
-MLX_SPECS = {"lora": {**SPECS["lora"], "target_modules": QV}, "dora": SPECS["dora"]}
+SPECS["lora_linear"] = {**SPECS["lora"], "target_modules": QV}  # convertible: no embedding copy in HF files
+MLX_SPECS = {"lora": SPECS["lora_linear"], "dora": SPECS["dora"]}
 FILES = {
     "hf": ("adapter_config.json", "adapter_model.safetensors"),
     "native": ("peftdecl_adapter.json", "adapter.safetensors"),
@@ -76,7 +79,7 @@ FILES = {
 TEMPLATES = [(f, k) for f in ("hf", "native") for k in sorted(SPECS)] + [
     ("mlx-lm", k) for k in sorted(MLX_SPECS)
 ]
-LORA_TEMPLATES = [("hf", "lora"), ("mlx-lm", "lora")]
+LORA_TEMPLATES = [("hf", "lora_linear"), ("mlx-lm", "lora")]
 
 
 class FuzzHangError(Exception):
@@ -92,6 +95,7 @@ def template(file_format: str, kind: str) -> Path:
     global _ROOT
     if _ROOT is None:
         _ROOT = Path(tempfile.mkdtemp(prefix="peftdecl-fuzz-templates-"))
+        atexit.register(shutil.rmtree, _ROOT, True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for fmt, name in TEMPLATES:
@@ -434,6 +438,7 @@ def run_entry(entry: str, case: tuple, call: Callable[[], Any]) -> None:
         record["seconds"] = time.perf_counter() - start
         if stats:
             record["peak_bytes"] = tracemalloc.get_traced_memory()[1]
+            record["max_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the process's peak
             tracemalloc.stop()
             Path(stats).mkdir(parents=True, exist_ok=True)
             with open(Path(stats) / f"{entry}-{os.getpid()}.jsonl", "a") as out:
@@ -518,10 +523,14 @@ def test_cli_convert(case: tuple) -> None:
 
 
 @pytest.mark.parametrize(("file_format", "kind"), TEMPLATES)
-def test_templates_load(file_format: str, kind: str) -> None:
-    """The uncorrupted folders load (otherwise every fuzzed input would be a trivial error)."""
+def test_templates_load(file_format: str, kind: str, tmp_path) -> None:
+    """The uncorrupted folders load and inspect (otherwise every fuzzed input would be a trivial error)."""
     _load_and_forward(template(file_format, kind))
     assert summarise(template(file_format, kind)).format == file_format
+    if (file_format, kind) in LORA_TEMPLATES:
+        convert_adapter(
+            template(file_format, kind), tmp_path / "out", "mlx-lm" if file_format == "hf" else "hf"
+        )
 
 
 FOUND = {
@@ -540,6 +549,47 @@ def test_inputs_the_fuzzer_found(name: str) -> None:
     try:
         with pytest.raises(PeftdeclError, match="has shape"):
             _load_and_forward(folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _base_copy_key(file_format: str, kind: str) -> int:
+    """Index (in sorted order) of the saved copy of the adapted embedding, model.embed_tokens.base_layer.weight."""
+    loaded = _load_tensors(template(file_format, kind) / FILES[file_format][1])
+    assert loaded is not None
+    return next(i for i, k in enumerate(sorted(loaded[0])) if k.endswith("embed_tokens.base_layer.weight"))
+
+
+@pytest.mark.parametrize(("file_format", "kind"), [("hf", "lora"), ("native", "lora"), ("hf", "oft")])
+@pytest.mark.parametrize("how", ["transpose", "flatten", "scalar"])
+def test_a_wrong_shaped_embedding_copy_is_refused(file_format: str, kind: str, how: str) -> None:
+    """The embedding copy PEFT saves beside an adapted embedding replaces the base weight on load: a wrong
+    shape must be refused there, not fail in the first forward (found by the fuzzer; loading is
+    peftdecl/model.py's base-override path)."""
+    ops = [("tensor_reshape", _base_copy_key(file_format, kind), how)]
+    work, folder = corrupted(file_format, kind, ops)
+    try:
+        with pytest.raises(PeftdeclError):
+            _load_and_forward(folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize("dropped", ["lora_B.weight", "lora_embedding_B"])
+def test_convert_of_a_lora_missing_b_is_refused(dropped: str) -> None:
+    """An HF LoRA file with a module's B tensor missing (found by the fuzzer; the model-free inventory is built in
+    peftdecl/formats/mlx_lm.py)."""
+    kind = "lora" if dropped == "lora_embedding_B" else "lora_linear"
+    loaded = _load_tensors(template("hf", kind) / FILES["hf"][1])
+    assert loaded is not None
+    keys = sorted(loaded[0])
+    ops = [
+        ("tensor_drop", keys.index(k)) for k in reversed(keys) if k.endswith((dropped, "base_layer.weight"))
+    ]
+    work, folder = corrupted("hf", kind, ops)
+    try:
+        with pytest.raises(PeftdeclError):
+            convert_adapter(folder, work / "out", "mlx-lm")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -580,9 +630,12 @@ def summary(folder: str) -> str:
         other = sum(r["outcome"].startswith("OTHER") for r in records)
         results = sum(r["outcome"] == "result" for r in records)
         worst = max(r["seconds"] for r in records)
+        hangs = sum(r["outcome"] == "OTHER:FuzzHangError" for r in records)
         peak = max(r["peak_bytes"] for r in records) / 2**20
+        rss = max(r.get("max_rss_kib", 0) for r in records) / 2**10
         lines.append(
-            f"{entry:<14} {len(records):>7} {results:>8} {clean:>7} {other:>6} {worst:>8.3f} {peak:>9.1f}"
+            f"{entry:<14} {len(records):>7} {results:>8} {clean:>7} {other:>6} {hangs:>6} {worst:>8.3f} "
+            f"{peak:>10.1f} {rss:>11.0f}"
         )
     escapes: dict[tuple[str, str], list[dict]] = {}
     for records in rows.values():
