@@ -209,6 +209,17 @@ def test_an_exception_at_every_step_leaves_old_or_new_and_no_litter(
         assert litter(folder) == []
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_renameat2_swaps_two_folders_here(tmp_path) -> None:
+    # so the renameat2 cases above run the one-step swap, not the fallback
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / name).write_text(name)
+    assert atomic._exchange(tmp_path / "a", tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["a"]
+
+
 def test_the_folder_holds_exactly_the_new_save(tmp_path, references) -> None:
     folder = tmp_path / "ad"
     restore(folder, references["old-mlx"])  # another format, and a sub-adapter

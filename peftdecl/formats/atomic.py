@@ -2,13 +2,13 @@
 
 A save (:func:`staged_directory`) never changes the target folder file by file. Under an exclusive lock it builds
 the complete new folder in a hidden sibling ``.<name>.peftdecl-staging-<random>``, fsyncs every file and folder,
-then swaps the two folders in one step: ``renameat2(RENAME_EXCHANGE)`` on Linux, or where that is unavailable
-two renames (target -> ``.<name>.peftdecl-old-<random>``, staging -> target), between which a crash leaves the
-folder missing until the next save restores it. A reader therefore sees the old adapter or the new one, complete,
-and the folder holds exactly what the new save wrote (stale files of another format and old sub-adapters go with
-the old folder). Leftover siblings of a crashed save are removed, under the lock, by the next save of that folder.
-Readers decorated with :func:`consistent_read` redo a read during which the folder was swapped, so a load racing
-a save gets one save's files, never the old config with the new tensors.
+then swaps the two folders in one step: ``renameat2(RENAME_EXCHANGE)`` on Linux, ``renamex_np(RENAME_SWAP)`` on
+macOS, or where neither is available two renames (target -> ``.<name>.peftdecl-old-<random>``, staging -> target),
+between which a crash leaves the folder missing until the next save restores it. A reader therefore sees the old
+adapter or the new one, complete, and the folder holds exactly what the new save wrote (stale files of another
+format and old sub-adapters go with the old folder). Leftover siblings of a crashed save are removed, under the
+lock, by the next save of that folder. Readers decorated with :func:`consistent_read` redo a read during which the
+folder was swapped, so a load racing a save gets one save's files, never the old config with the new tensors.
 
 Rules, so that a save can never destroy anything but an adapter:
 
@@ -285,10 +285,10 @@ def _swap(stage: Path, target: Path) -> None:
     _step("swapped")
 
 
-# renameat2's flag that swaps two paths atomically (Linux 3.15+, glibc 2.28+); see rename(2)
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-USE_EXCHANGE = sys.platform.startswith("linux")
+# the flags that swap two paths atomically: renameat2's (Linux 3.15+, glibc 2.28+; see rename(2)) and
+# renamex_np's (macOS 10.12+)
+_RENAME_EXCHANGE, _RENAME_SWAP, _AT_FDCWD = 2, 2, -100
+USE_EXCHANGE = sys.platform.startswith("linux") or sys.platform == "darwin"
 """False makes every save use the two-rename swap (tests set it to exercise that path)."""
 
 
@@ -299,16 +299,23 @@ def _exchange(a: Path, b: Path) -> bool:
     import ctypes
 
     try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if sys.platform == "darwin":
+            swap = libc.renamex_np
+            swap.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+            args: tuple = (os.fsencode(a), os.fsencode(b), _RENAME_SWAP)
+        else:
+            swap = libc.renameat2
+            swap.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            args = (_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    except (OSError, AttributeError):  # no such function in this C library
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    if swap(*args) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
         return False
-    raise OSError(code, f"renameat2({a}, {b}, RENAME_EXCHANGE): {os.strerror(code)}")
+    raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
 
 
 @contextlib.contextmanager

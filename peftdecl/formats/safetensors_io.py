@@ -76,13 +76,20 @@ def _read_exact(path: Path, fd: int, size: int, offset: int, what: str) -> bytes
     data = b""
     while len(data) < size:
         try:
-            chunk = os.pread(fd, size - len(data), offset + len(data))
+            chunk = _pread(fd, size - len(data), offset + len(data))
         except OSError as exc:
             raise AdapterFileError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
         if not chunk:
             raise AdapterFileError(f"{path}: truncated ({what} needs {size} bytes, found {len(data)})")
         data += chunk
     return data
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(fd, size, offset)
+    os.lseek(fd, offset, os.SEEK_SET)  # Windows has no pread
+    return os.read(fd, size)
 
 
 def _read_header(path: Path, fd: int) -> tuple[int, dict[str, Any]]:
