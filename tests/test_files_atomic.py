@@ -261,6 +261,16 @@ def test_empty_folder_accepted_file_and_link_targets_refused(tmp_path) -> None:
     assert list((tmp_path / "real").iterdir()) == []
 
 
+def test_the_working_folder_is_not_swapped_away(tmp_path, references, monkeypatch) -> None:
+    folder = tmp_path / "ad"
+    restore(folder, references["old"])
+    monkeypatch.chdir(folder / "second")
+    for where in (".", "..", folder):
+        with pytest.raises(AdapterFileError, match="current working folder"):
+            new_model().save(where)
+    assert snapshot(folder) == references["old"]
+
+
 def test_leftovers_of_a_crashed_save_are_no_adapter_and_go_at_the_next_save(tmp_path, references) -> None:
     folder = tmp_path / "ad"
     restore(folder, references["old"])

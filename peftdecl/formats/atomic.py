@@ -17,6 +17,7 @@ Rules, so that a save can never destroy anything but an adapter:
   the entries, nothing is deleted;
 * a target that is a symbolic link is refused (peftdecl would otherwise replace the link, or write where it
   points); links inside the target count as foreign entries and are never followed;
+* the current working folder (or one above it) is refused: the swap would leave the process in a deleted folder;
 * the lock is ``flock`` on the hidden sibling ``.<name>.peftdecl-lock``, removed when the save ends; two
   concurrent savers of one folder run one after the other and leave one complete adapter. Without ``fcntl``
   (Windows) there is no lock.
@@ -178,6 +179,13 @@ def _check_replaceable(target: Path) -> None:
         raise AdapterFileError(
             f"{target}: exists and is not a folder; refusing to replace it with an adapter"
         )
+    with contextlib.suppress(OSError):
+        cwd = Path.cwd()
+        if cwd == target or target in cwd.parents:  # the swap would leave this process in a deleted folder
+            raise AdapterFileError(
+                f"{target}: is (or holds) the current working folder; a save replaces the whole folder — "
+                "save from outside it"
+            )
     foreign = _foreign_entries(target, depth=0)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
