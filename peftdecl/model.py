@@ -1,15 +1,16 @@
 """``AdaptedModel``: the backend-neutral handle returned by ``attach`` and ``load_adapter``.
 
 It owns the bookkeeping every backend shares — adapter names, specs, plans, the active set, saving and loading —
-and delegates arrays and arithmetic to the backend's Engine. Attributes it does not define are looked up on the
-engine, then on the base model, so the handle can be used where the base model was.
+and delegates arrays and arithmetic to the backend's Engine. HF PEFT's ``PeftModel`` names come from
+:class:`peftdecl.peft_compat.PeftCompat`. Attributes it does not define are looked up on the engine; of the base
+model only the read-only attributes in :data:`peftdecl.peft_compat.BASE_READ_ONLY` pass through, so that nothing
+writes or converts the wrapped model behind peftdecl's back.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from peftdecl.formats import hf_peft
 from peftdecl.formats.registry import detect_format, get_format, is_adapter_dir
 from peftdecl.init import EXTERNAL_SOURCES, SHARED_SOURCES, check_arrays, generator_for, init_params
 from peftdecl.names import check_adapter_name
+from peftdecl.peft_compat import BASE_READ_ONLY, NOT_SUPPORTED, NotSupportedError, PeftCompat
 from peftdecl.plan import ModelInfo, Plan, compile_plan
 from peftdecl.plan.compile import layouts
 from peftdecl.plan.kinds.vera import check_family as check_vera_family
@@ -30,7 +32,7 @@ from peftdecl.spec import SpecBase, load_spec
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
-class AdaptedModel:
+class AdaptedModel(PeftCompat):
     """A base model with named adapters attached through one backend."""
 
     def __init__(self, backend: Backend, engine: Engine, info: ModelInfo, base_model: Any) -> None:
@@ -42,6 +44,7 @@ class AdaptedModel:
         self._active: tuple[str, ...] = ()
         self._merged: tuple[str, ...] = ()
         self._frozen: set[str] = set()
+        self._enabled = True
         """Adapters loaded for inference (``is_trainable=False``): never trainable, even while active."""
 
     # -- introspection -------------------------------------------------------------------------------------
@@ -67,8 +70,8 @@ class AdaptedModel:
         return dict(self._plans)
 
     @property
-    def active_adapters(self) -> tuple[str, ...]:
-        return self._active
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
 
     @property
     def merged_adapters(self) -> tuple[str, ...]:
@@ -209,17 +212,6 @@ class AdaptedModel:
         self._active = tuple(n for n in self._active if n != name)
         self._engine.set_active(self._active)
 
-    @contextlib.contextmanager
-    def disable_adapters(self) -> Iterator[None]:
-        """Within the block the model computes as its base (merged adapters are unmerged first)."""
-        if self._merged:
-            self.unmerge()
-        self._engine.set_enabled(False)
-        try:
-            yield
-        finally:
-            self._engine.set_enabled(True)
-
     # -- merging -------------------------------------------------------------------------------------------
     def merge(self, names: str | Sequence[str] | None = None) -> None:
         """Fold the adapters (default: the active ones) into the base weights."""
@@ -235,11 +227,6 @@ class AdaptedModel:
         """Restore the base weights of every merged adapter."""
         self._engine.unmerge()
         self._merged = ()
-
-    def merge_and_unload(self) -> Any:
-        """The base model with the active adapters merged in and every adapter removed (same type as the base)."""
-        self.merge()
-        return self._engine.unload()
 
     # -- saving --------------------------------------------------------------------------------------------
     def state_dict(self, name: str | None = None) -> dict[str, np.ndarray]:
@@ -299,10 +286,15 @@ class AdaptedModel:
         engine = self.__dict__.get("_engine")
         if engine is not None and hasattr(engine, attr):
             return getattr(engine, attr)
+        if attr in NOT_SUPPORTED:
+            raise NotSupportedError(f"AdaptedModel.{attr} is not supported: {NOT_SUPPORTED[attr]}")
         base = self.__dict__.get("_base_model")
-        if base is not None and hasattr(base, attr):
+        if attr in BASE_READ_ONLY and base is not None and hasattr(base, attr):
             return getattr(base, attr)
-        raise AttributeError(f"{type(self).__name__} has no attribute {attr!r}")
+        raise AttributeError(
+            f"{type(self).__name__} has no attribute {attr!r} (only {', '.join(BASE_READ_ONLY[:4])}, ... of the base "
+            "model pass through; use get_base_model() to reach the rest)"
+        )
 
     def __repr__(self) -> str:
         kinds = ", ".join(f"{n}={p.kind}" for n, p in self._plans.items())

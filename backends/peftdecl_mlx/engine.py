@@ -237,6 +237,11 @@ class MlxEngine:
     def train(self, mode: bool) -> None:
         self._model.train(mode)
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, all) numbers of parameters of the model with its adapters."""
+        total = sum(v.size for _, v in tree_flatten(self._model.parameters()))
+        return sum(v.size for _, v in tree_flatten(self._model.trainable_parameters())), total
+
     # -- capture (used by peftdecl.equiv) and explicit layer gradients (used by tests) ---------------------
     def capture(
         self, input_ids: np.ndarray

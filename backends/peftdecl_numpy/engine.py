@@ -150,6 +150,15 @@ class NumpyEngine:
             out.update({trainable_key(name, k, names): v for k, v in own.items()})
         return out
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, all) numbers of parameters: the state dict's float arrays plus every adapter's trainable
+        tensors and modules_to_save copies (frozen tensors are buffers in PEFT, not parameters)."""
+        base = sum(np.size(v) for v in self._original.values() if np.asarray(v).dtype.kind == "f")
+        own = {name: self.trainable_parameters((name,)) for name in self._plans}
+        every = {name: sum(np.size(v) for v in arrays.values()) for name, arrays in own.items()}
+        trainable = sum(every[n] for n in self._active if n not in self._frozen)
+        return trainable, base + sum(every.values())
+
     def train(self, mode: bool) -> None:
         self.training = mode
 

@@ -232,6 +232,27 @@ class TorchEngine:
             out.update({trainable_key(name, k, names): v for k, v in own.items()})
         return out
 
+    def to(self, *args: Any, **kwargs: Any) -> None:
+        """``nn.Module.to`` on the model, its wrappers and the prompt adapters together; a new float dtype becomes
+        the adapters' compute dtype too."""
+        self.model.to(*args, **kwargs)
+        for adapter in self._prompts.values():
+            adapter.to(*args, **kwargs)
+        for layer in self._layers.values():
+            layer.sync_dtypes()
+
+    def cast(self, dtype: str) -> None:
+        """``to(torch.<dtype>)``, for a torch dtype named as a string (``"float64"``)."""
+        self.to(getattr(torch, dtype))
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, all) numbers of parameters of the model with its adapters, each shared tensor once."""
+        params = {id(p): p for p in self.model.parameters()}
+        for adapter in self._prompts.values():
+            params.update({id(p): p for p in adapter.parameters()})
+        total = sum(p.numel() for p in params.values())
+        return sum(p.numel() for p in params.values() if p.requires_grad), total
+
     def train(self, mode: bool) -> None:
         """Training (dropout on) or eval mode for the model, its wrappers and the prompt adapters alike."""
         self.model.train(mode)

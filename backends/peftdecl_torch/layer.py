@@ -151,6 +151,15 @@ class AdaptedLayer(nn.Module):
         self._dtypes[name] = dtype
         self._caches[name] = {}
 
+    def sync_dtypes(self) -> None:
+        """Take each adapter's compute dtype from its tensors again, after ``Module.to(dtype)`` cast them."""
+        for name in self._plans:
+            floats = [t.dtype for t in self.tensors(name).values() if t.is_floating_point()]
+            if floats:
+                self._dtypes[name] = floats[0]
+            self._caches[name].clear()
+        self.scratch.clear()
+
     def add_shared(self, attr: str, tensor: torch.Tensor) -> None:
         """Register a frozen tensor several layers read (one per adapter and name, kept on this layer's device)."""
         self.register_buffer(attr, tensor, persistent=False)

@@ -1,0 +1,317 @@
+"""HF PEFT's ``PeftModel`` names on :class:`peftdecl.AdaptedModel`: each works with PEFT's meaning or raises
+:class:`NotSupportedError` naming what to use instead.
+
+Nothing reaches the base model by accident: :data:`BASE_READ_ONLY` lists the base-model attributes an adapted
+model passes through (they read the model, they do not write or convert it); every other PEFT name is either
+defined here (:class:`PeftCompat`, mixed into ``AdaptedModel``) or listed in :data:`NOT_SUPPORTED` with its hint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from peftdecl.errors import PeftdeclError
+
+
+class NotSupportedError(PeftdeclError, AttributeError):
+    """A PEFT ``PeftModel`` name that peftdecl does not offer; the message names the peftdecl way, if any.
+
+    Also an AttributeError, so ``hasattr(model, name)`` is False for it, as for any missing attribute."""
+
+
+_WRITES = (
+    "add_module", "apply", "register_buffer", "register_module", "register_parameter", "set_submodule",
+    "set_extra_state", "share_memory", "register_backward_hook", "register_forward_hook",
+    "register_forward_pre_hook", "register_full_backward_hook", "register_full_backward_pre_hook",
+    "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook",
+    "register_state_dict_post_hook", "register_state_dict_pre_hook",
+)  # fmt: skip
+
+NOT_SUPPORTED: dict[str, str] = {
+    # PEFT methods with a peftdecl equivalent
+    "from_pretrained": "use peftdecl.load_adapter(base_model, folder) (or AdaptedModel.load_adapter on a model)",
+    "inject_adapter": "use peftdecl.attach(base_model, spec) or AdaptedModel.add_adapter(name, spec)",
+    "load_state_dict": "load saved tensors with load_adapter(folder), or add_adapter(name, spec, arrays=...)",
+    "get_layer_status": "read adapters, active_adapters, merged_adapters and peft_config instead",
+    "get_model_status": "read adapters, active_adapters, merged_adapters and peft_config instead",
+    "get_prompt": "state_dict(name) holds the prompt table; the backend builds the virtual tokens itself",
+    "get_prompt_embedding_to_save": "state_dict(name) holds the prompt table as it is saved",
+    "push_to_hub": "save the adapter with save_pretrained(folder), then upload the folder with huggingface_hub",
+    "create_or_update_model_card": "peftdecl writes no model card; write README.md beside the saved adapter",
+    "prepare_model_for_gradient_checkpointing": (
+        "call base_model.gradient_checkpointing_enable() and base_model.enable_input_require_grads() on the "
+        "transformers model yourself"
+    ),
+    "requires_grad_": "use set_requires_grad(adapter_names, requires_grad); the base model stays frozen",
+    "compile": "compile the adapted model in place: torch.compile(adapted.get_base_model())",
+    # PEFT features peftdecl does not implement
+    "add_weighted_adapter": "peftdecl does not combine adapters into a new one",
+    "subtract_mutated_init": "peftdecl does not convert PiSSA/OLoRA adapters to LoRA",
+    "supports_lora_conversion": "peftdecl does not convert adapters to LoRA",
+    # PEFT internals
+    "get_model_config": "a PEFT internal; the model's config is adapted.config",
+    "prefix": "a PEFT internal (the tuner's parameter prefix)",
+    "target_module_mapping": "a PEFT internal; peftdecl's default targets are in peftdecl.plan.targeting",
+    "tuner_layer_cls": "a PEFT internal; peftdecl's layers are the backend's AdaptedLayer",
+    "uses_shared_state": "a PEFT internal",
+    "prepare_inputs_for_generation": "a PEFT internal; generate() applies the adapters itself",
+    "base_model_prepare_inputs_for_generation": "a PEFT internal; generate() applies the adapters itself",
+    "special_peft_forward_args": "a PEFT internal; forward() takes adapter_names= for mixed batches",
+    "targeted_parameter_names": "peftdecl does not adapt bare parameters (PEFT's target_parameters)",
+    # torch.nn.Module methods that would write or convert the wrapped model behind peftdecl's back
+    **{
+        name: "it changes the wrapped model; call it on adapted.get_base_model() if you mean it"
+        for name in _WRITES
+    },
+    **{
+        name: "use to(device or dtype) (torch), which moves the adapters with the model"
+        for name in ("to_empty", "type", "xpu", "ipu", "mtia")
+    },
+    **{
+        name: "a torch.nn.Module internal"
+        for name in ("T_destination", "call_super_init", "dump_patches", "extra_repr", "get_extra_state")
+    },
+}
+"""PEFT name -> why not / what to use instead (raised as NotSupportedError on access)."""
+
+BASE_READ_ONLY: tuple[str, ...] = (
+    "config", "name_or_path", "device", "dtype", "generation_config", "main_input_name", "can_generate",
+    "parameters", "named_parameters", "buffers", "named_buffers", "children", "named_children", "modules",
+    "named_modules", "get_submodule", "get_parameter", "get_buffer", "zero_grad", "args",
+)  # fmt: skip
+"""Base-model attributes an adapted model passes through: they read the model (its parameters include the
+adapters', so an optimiser can be built from ``parameters()``) or clear gradients; none writes or converts it."""
+
+PEFT_DEVIATIONS: dict[str, str] = {
+    "base_model": "the adapted model itself (PEFT: its tuner, whose .model is that model); get_base_model() agrees",
+    "state_dict": "the adapter's tensors by key (what PEFT's get_peft_model_state_dict returns), not the model's",
+}
+"""PEFT names peftdecl keeps with its own, documented meaning."""
+
+
+class PeftCompat:
+    """The ``PeftModel`` methods and attributes of an adapted model (mixed into ``AdaptedModel``)."""
+
+    # provided by AdaptedModel
+    _engine: Any
+    _base_model: Any
+    _plans: dict[str, Any]
+    _active: tuple[str, ...]
+    _merged: tuple[str, ...]
+    _frozen: set[str]
+    _enabled: bool
+
+    if TYPE_CHECKING:
+
+        def _name(self, name: str | None) -> str: ...
+        def _set_frozen(self, name: str, frozen: bool) -> None: ...
+        def merge(self, names: str | Sequence[str] | None = None) -> None: ...
+        def unmerge(self) -> None: ...
+        def save(self, directory: str | Path, format: str = "hf", **options: Any) -> None: ...
+
+    # -- adapters ------------------------------------------------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, Any]:
+        """Adapter name -> its spec (peftdecl's counterpart of PEFT's config object)."""
+        return {name: plan.spec for name, plan in self._plans.items()}
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (a list when several are active, as PEFT's tuner gives)."""
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    @property
+    def active_peft_config(self) -> Any:
+        """The spec of the (single) active adapter."""
+        return self._plans[self._name(None)].spec
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.active_peft_config.peft_type)
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Every module some attached adapter adapts, in model order of first appearance."""
+        return list(dict.fromkeys(m for plan in self._plans.values() for m in plan.targets))
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        modules = {m for plan in self._plans.values() for m in plan.modules_to_save}
+        return modules or None
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        return bool(self._active) and self._enabled
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Make adapters trainable or frozen (only active adapters are ever trainable in peftdecl)."""
+        names = (adapter_names,) if isinstance(adapter_names, str) else tuple(adapter_names)
+        for name in names:
+            self._set_frozen(self._name(name), not requires_grad)
+
+    def get_base_model(self) -> Any:
+        """The base model, adapted in place (torch / MLX: its targeted layers are peftdecl wrappers)."""
+        return self._base_model
+
+    @property
+    def base_model_torch_dtype(self) -> Any:
+        return getattr(self._base_model, "dtype", None)
+
+    # -- enabling and merging ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """PEFT's name for :meth:`disable_adapters`: the base model's computation within the block."""
+        with self.disable_adapters():
+            yield
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Within the block the model computes as its base (merged adapters are unmerged first)."""
+        was = self._enabled
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self._enabled = was
+            self._engine.set_enabled(was)
+
+    def disable_adapter_layers(self) -> None:
+        """Turn every adapter off until :meth:`enable_adapter_layers` (merged ones are unmerged, as PEFT does)."""
+        if self._merged:
+            self.unmerge()
+        self._enabled = False
+        self._engine.set_enabled(False)
+
+    def enable_adapter_layers(self) -> None:
+        self._enabled = True
+        self._engine.set_enabled(True)
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold the adapters (default: the active ones) into the base weights."""
+        self.merge(adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        self.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> Any:
+        """The base model with the adapters (default: the active ones) merged in and every adapter removed (same
+        type as the base). ``safe_merge``: refuse, unmerged, when a merged weight is not finite. ``progressbar``
+        is accepted and ignored."""
+        self.merge(adapter_names)
+        if safe_merge:
+            modules = {m for name in self._merged for m in self._plans[name].targets}
+            bad = sorted(m for m in modules if not np.isfinite(self._engine.base_weight(m)).all())
+            if bad:
+                self.unmerge()
+                raise PeftdeclError(f"merging gives non-finite weights in {bad}; the adapters were unmerged")
+        return self._engine.unload()
+
+    def unload(self) -> Any:
+        """The base model as it was: merged adapters are taken out again, every adapter removed."""
+        if self._merged:
+            self.unmerge()
+        return self._engine.unload()
+
+    # -- saving --------------------------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        safe_serialization: bool = True,
+        selected_adapters: Sequence[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Save the adapters (not the base model) in HF PEFT's layout: ``save("…", "hf", adapters=...)``."""
+        if not safe_serialization:
+            raise NotSupportedError(
+                "save_pretrained(safe_serialization=False): peftdecl writes safetensors only"
+            )
+        if save_embedding_layers != "auto":
+            raise NotSupportedError(
+                "save_pretrained(save_embedding_layers=...): peftdecl saves targeted embeddings as PEFT's 'auto'"
+            )
+        if path_initial_model_for_weight_conversion is not None or kwargs:
+            unknown = sorted(kwargs) + (["path_initial_model_for_weight_conversion"] if not kwargs else [])
+            raise NotSupportedError(f"save_pretrained: {unknown} not supported (no PiSSA/OLoRA conversion)")
+        if is_main_process:
+            self.save(save_directory, "hf", adapters=selected_adapters)
+
+    # -- running and devices -------------------------------------------------------------------------------
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's ``generate`` with the adapters applied (torch)."""
+        if not hasattr(self._engine, "generate"):
+            raise NotSupportedError(
+                "generate(): the torch backend's only; on MLX call mlx_lm.generate(adapted.get_base_model(), ...), "
+                "whose layers carry the adapters"
+            )
+        return self._engine.generate(*args, **kwargs)
+
+    @property
+    def training(self) -> bool:
+        """Whether the model is in training mode (dropout on)."""
+        engine = self._engine
+        holder = getattr(engine, "model", engine)
+        return bool(getattr(holder, "training", getattr(engine, "training", False)))
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts of the adapted model, counted as PEFT counts them."""
+        counts = getattr(self._engine, "parameter_counts", None)
+        if counts is None:
+            raise NotSupportedError(f"{type(self._engine).__name__} does not count parameters")
+        trainable, total = counts()
+        return int(trainable), int(total)
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: trainable params, all params and the trainable percentage."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """Move or cast the base model and its adapters together (torch's ``Module.to`` arguments); returns the
+        adapted model."""
+        mover = getattr(self._engine, "to", None)
+        if mover is None:
+            raise NotSupportedError(
+                f"to(): the {type(self._engine).__name__} keeps its arrays where they are; choose the adapter "
+                "dtype when attaching or loading (the MLX backend's adapter_dtype option)"
+            )
+        mover(*args, **kwargs)
+        return self
+
+    def cpu(self) -> Any:
+        return self.to("cpu")
+
+    def cuda(self, device: Any = None) -> Any:
+        return self.to(
+            "cuda" if device is None else device if not isinstance(device, int) else f"cuda:{device}"
+        )
+
+    def double(self) -> Any:
+        return self._cast("float64")
+
+    def float(self) -> Any:
+        return self._cast("float32")
+
+    def half(self) -> Any:
+        return self._cast("float16")
+
+    def bfloat16(self) -> Any:
+        return self._cast("bfloat16")
+
+    def _cast(self, dtype: str) -> Any:
+        caster = getattr(self._engine, "cast", None)
+        if caster is None:
+            return self.to(dtype)  # raises the explanation
+        caster(dtype)
+        return self
