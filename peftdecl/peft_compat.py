@@ -25,7 +25,7 @@ class NotSupportedError(PeftdeclError, AttributeError):
 
 
 _WRITES = (
-    "add_module", "apply", "register_buffer", "register_module", "register_parameter", "set_submodule",
+    "add_module", "apply", "smart_apply", "register_buffer", "register_module", "register_parameter", "set_submodule",
     "set_extra_state", "share_memory", "register_backward_hook", "register_forward_hook",
     "register_forward_pre_hook", "register_full_backward_hook", "register_full_backward_pre_hook",
     "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook",
