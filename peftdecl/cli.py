@@ -4,11 +4,18 @@ files between HF PEFT and mlx-lm, and compare backends (``equiv``)."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from peftdecl.errors import PeftdeclError, SpecError
 
+MAX_BATCH = 256
+MAX_SEQ_LEN = 8192
+MAX_LAYERS = 100_000
+"""Bounds of ``equiv --batch/--seq-len`` and ``convert --num-layers``."""
 MAX_MESSAGE = 2000
 """Characters of an error message printed at most (a message quoting a huge input stays one readable line)."""
 REPORT_HINT = "this is a bug in peftdecl; please report it with the command line and the input"
@@ -80,10 +87,47 @@ def _equiv(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line reported as one ``error:`` line (exit 2) like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (bounds keep a typo from allocating or running for hours)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text[:40]!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {text[:40]}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text[:40]!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number between {low:g} and {high:g}, got {text[:40]}"
+            )
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="peftdecl", description="Declarative PEFT adapters, HF PEFT compatible."
-    )
+    parser = _Parser(prog="peftdecl", description="Declarative PEFT adapters, HF PEFT compatible.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     validate = sub.add_parser("validate", help="check spec files (JSON/YAML/adapter_config.json)")
@@ -113,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", required=True, choices=["hf", "mlx-lm"])
     convert.add_argument(
         "--num-layers",
-        type=int,
+        type=_int_in(1, MAX_LAYERS),
         default=None,
         help="the model's block count (lets mlx-lm keys be block-relative)",
     )
@@ -127,17 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="local HF checkpoint folder (config.json + model.safetensors)"
     )
     equiv.add_argument("--backends", default=None, help="comma-separated (default: every installed backend)")
-    equiv.add_argument("--seed", type=int, default=0)
-    equiv.add_argument("--perturb", type=float, default=0.05, help="noise added to a spec's initial tensors")
-    equiv.add_argument("--batch", type=int, default=2)
-    equiv.add_argument("--seq-len", type=int, default=6)
+    equiv.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=0)
+    equiv.add_argument(
+        "--perturb", type=_float_in(0.0, 1e3), default=0.05, help="noise added to a spec's initial tensors"
+    )
+    equiv.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=2)
+    equiv.add_argument("--seq-len", type=_int_in(1, MAX_SEQ_LEN), default=6)
     equiv.set_defaults(run=_equiv)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``peftdecl`` command."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad command line already reported in one line
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     try:
         return int(args.run(args))
     except PeftdeclError as exc:

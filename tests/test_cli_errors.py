@@ -152,3 +152,26 @@ def test_a_multi_problem_error_is_one_line(tmp_path, capsys) -> None:
 
 def json_spec() -> dict:
     return {"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["equiv", SPEC, "--model", ".", "--seq-len", "0"], "--seq-len"),
+        (["equiv", SPEC, "--model", ".", "--batch", "-1"], "--batch"),
+        (["equiv", SPEC, "--model", ".", "--batch", "1000000000"], "--batch"),
+        (["equiv", SPEC, "--model", ".", "--seed", "-1"], "--seed"),
+        (["equiv", SPEC, "--model", ".", "--perturb", "nan"], "--perturb"),
+        (["equiv", SPEC, "--model", ".", "--seq-len", "x"], "--seq-len"),
+        (["convert", "a", "b", "--to", "hf", "--num-layers", "-3"], "--num-layers"),
+        (["convert", "a", "b", "--to", "safetensors"], "--to"),
+        (["inspect"], "directory"),
+        (["no-such-command"], "command"),
+    ],
+)
+def test_a_bad_command_line_is_one_error_line(argv: list[str], field: str, capsys) -> None:
+    """Before: a negative batch or a zero sequence length reached NumPy/torch (ValueError, RuntimeError), a
+    batch of 10⁹ a MemoryError, a sequence of 10⁵ ran for minutes; argparse printed usage on two lines."""
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == "", (code, out)
+    assert len(err) == 1 and err[0].startswith("error: peftdecl") and field in err[0], err
