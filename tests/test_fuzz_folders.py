@@ -623,7 +623,8 @@ def summary(folder: str) -> str:
             record = json.loads(line)
             rows.setdefault(record["entry"], []).append(record)
     lines = [
-        f"{'entry':<14} {'inputs':>7} {'results':>8} {'clean':>7} {'other':>6} {'worst s':>8} {'peak MiB':>9}"
+        f"{'entry':<14} {'inputs':>7} {'results':>8} {'clean':>7} {'other':>6} {'hangs':>6} {'worst s':>8} "
+        f"{'traced MiB':>10} {'max RSS MiB':>11}"
     ]
     for entry, records in sorted(rows.items()):
         clean = sum(r["outcome"].startswith("PeftdeclError") for r in records)
