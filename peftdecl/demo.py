@@ -152,18 +152,22 @@ def run_demo(spec_path: Path | None = None, out: Path | None = None) -> int:
         rows.append(("reload", f"adapter delta, max relative error over {len(plan.layers)} layers {worst:.1e} "
                                f"(tol {RELOAD_TOL:g})", _status(checks[-1])))  # fmt: skip
 
-    if linear:
+    layer_type = model.info.layers[module].type
+    if layer_type in ("linear", "embedding"):
         merged = model.merge_and_unload()
-        dense = x @ np.asarray(merged[f"{module}.weight"], dtype=np.float64).T
+        weight = np.asarray(merged[f"{module}.weight"], dtype=np.float64)
+        # the merged weight applied on its own: a product (linear) or a row lookup (embedding)
+        dense = x @ weight.T if layer_type == "linear" else weight[x]
         bias = merged.get(f"{module}.bias")
         if bias is not None:
             dense = dense + np.asarray(bias, dtype=np.float64)
         merge_err = _rel(dense - base, delta)
         checks.append(merge_err <= MERGE_TOL)
-        rows.append(("merge", f"x·W_mergedᵀ vs the adapter's delta: {merge_err:.1e} (tol {MERGE_TOL:g}, float64)",
+        what = "x·W_mergedᵀ" if layer_type == "linear" else "W_merged[ids]"
+        rows.append(("merge", f"{what} vs the adapter's delta: {merge_err:.1e} (tol {MERGE_TOL:g}, float64)",
                      _status(checks[-1])))  # fmt: skip
     else:
-        rows.append(("merge", "no linear layer to apply a merged weight to densely", "skipped"))
+        rows.append(("merge", f"{module} is a {layer_type} layer: no dense merged check", "skipped"))
     passed = all(checks)
     rows.append(("total", f"{sum(checks)}/{len(checks)} checks passed in {(time.perf_counter() - start) * 1e3:.0f} ms",
                  _status(passed)))  # fmt: skip
