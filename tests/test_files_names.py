@@ -150,3 +150,33 @@ def test_mlx_lm_config_that_is_no_object_is_refused(tmp_path, config) -> None:
         AdapterFileError, match=r"adapter_config\.json: (expected a JSON object|not valid JSON)"
     ):
         peftdecl.load_adapter(dict(STATE), tmp_path / "ad")
+
+
+def test_mlx_lm_lora_b_must_be_a_matrix(tmp_path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    model = peftdecl.attach(dict(STATE), LORA)
+    model.save(tmp_path / "ad", format="mlx-lm")
+    weights = tmp_path / "ad" / "adapters.safetensors"
+    tensors = load_file(weights)
+    tensors["a.q.lora_b"] = tensors["a.q.lora_b"][:, 0].copy()  # [r] instead of [r, out]
+    save_file(tensors, weights)
+    with pytest.raises(
+        AdapterFileError, match=r"a\.q\.lora_a \[4, 2\] / lora_b \[2\] do not have the configured rank"
+    ):
+        peftdecl.load_adapter(dict(STATE), tmp_path / "ad")
+    with pytest.raises(AdapterFileError, match="do not have the configured rank"):
+        mlx_lm.convert_adapter(tmp_path / "ad", tmp_path / "hf", to="hf")
+
+
+def test_convert_names_a_lora_module_missing_its_b(tmp_path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    model = peftdecl.attach(dict(STATE), LORA)
+    model.save(tmp_path / "ad")
+    weights = tmp_path / "ad" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["base_model.model.a.v.lora_B.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(AdapterFileError, match=r"adapter_model\.safetensors: a\.v has no lora_B\.weight"):
+        mlx_lm.convert_adapter(tmp_path / "ad", tmp_path / "mlx", to="mlx-lm")

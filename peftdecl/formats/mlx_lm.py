@@ -131,6 +131,7 @@ def read_adapter(folder: Path) -> tuple[SpecBase, dict[str, np.ndarray]]:
             )
         if (
             leaves["lora_a"].ndim != 2
+            or leaves["lora_b"].ndim != 2
             or leaves["lora_a"].shape[1] != rank
             or leaves["lora_b"].shape[0] != rank
         ):
@@ -277,18 +278,29 @@ def write_adapters(
 
 
 def lora_model_info(
-    modules: Mapping[str, Mapping[str, tuple[int, ...]]], num_layers: int | None = None
+    modules: Mapping[str, Mapping[str, tuple[int, ...]]], num_layers: int | None = None, origin: object = ""
 ) -> ModelInfo:
     """A model-free inventory of the layers a LoRA file touches, from its tensor shapes in the IR layout
-    (``lora_A.weight`` [r, in] / ``lora_B.weight`` [out, r], or ``lora_embedding_A`` [r, num] / ``_B`` [dim, r])."""
+    (``lora_A.weight`` [r, in] / ``lora_B.weight`` [out, r], or ``lora_embedding_A`` [r, num] / ``_B`` [dim, r]);
+    ``origin`` (the file) prefixes the error for a module whose A/B pair is incomplete or not two matrices."""
     layers = {}
+    where = f"{origin}: " if origin else ""
     for module, shapes in modules.items():
-        if "lora_embedding_A" in shapes:
-            layers[module] = LayerInfo(
-                "embedding", shapes["lora_embedding_A"][1], shapes["lora_embedding_B"][0]
+        embedding = "lora_embedding_A" in shapes or "lora_embedding_B" in shapes
+        pair = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        if not any(p in shapes for p in pair):
+            continue
+        missing = [p for p in pair if p not in shapes]
+        if missing:
+            raise AdapterFileError(
+                f"{where}{module} has no {missing[0]} (a LoRA layer needs both {' and '.join(pair)})"
             )
-        elif "lora_A.weight" in shapes:
-            layers[module] = LayerInfo("linear", shapes["lora_A.weight"][1], shapes["lora_B.weight"][0])
+        a, b = shapes[pair[0]], shapes[pair[1]]
+        if len(a) != 2 or len(b) != 2:
+            raise AdapterFileError(
+                f"{where}{module}: {pair[0]} {list(a)} and {pair[1]} {list(b)} must be matrices"
+            )
+        layers[module] = LayerInfo("embedding" if embedding else "linear", a[1], b[0])
     return ModelInfo(layers=layers, num_layers=num_layers)
 
 
@@ -344,7 +356,7 @@ def convert_adapter(src: Path, dst: Path, to: str, num_layers: int | None = None
                     f"{src}: tensor {key!r} is not a LoRA tensor; convert handles LoRA and DoRA"
                 )
             shapes.setdefault(ir[: -len(suffix) - 1], {})[suffix] = value.shape
-        info = lora_model_info(shapes, num_layers)
+        info = lora_model_info(shapes, num_layers, origin=Path(src) / source.weights_name)
     plan = compile_plan(spec, info)
     arrays = source.to_ir(plan, tensors, None)
     check_arrays(plan, arrays, origin=str(src))
