@@ -180,3 +180,9 @@ def test_convert_names_a_lora_module_missing_its_b(tmp_path) -> None:
     save_file(tensors, weights)
     with pytest.raises(AdapterFileError, match=r"adapter_model\.safetensors: a\.v has no lora_B\.weight"):
         mlx_lm.convert_adapter(tmp_path / "ad", tmp_path / "mlx", to="mlx-lm")
+
+
+@pytest.mark.parametrize("folder", ["a" * 5000, "x\x00y"], ids=["too_long", "nul"])
+def test_a_folder_path_the_os_cannot_look_up_is_a_clean_error(folder) -> None:
+    with pytest.raises(AdapterFileError, match=r"cannot be read as an adapter folder|no such adapter folder"):
+        peftdecl.load_adapter(dict(STATE), folder)

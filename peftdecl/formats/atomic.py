@@ -92,7 +92,10 @@ def consistent_read(read: Callable[[Path], T]) -> Callable[[Path], T]:
     def wrapper(folder: Path) -> T:
         for _ in range(READ_ATTEMPTS):
             before = _identity(folder)
-            result = read(folder)
+            try:
+                result = read(folder)
+            except OSError as exc:  # a file that vanished or cannot be read: a file error, named
+                raise AdapterFileError(f"{folder}: cannot read the adapter ({exc})") from None
             if _identity(folder) == before:
                 return result
         raise AdapterFileError(

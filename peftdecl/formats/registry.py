@@ -63,14 +63,22 @@ def get_format(name: str) -> AdapterFormat:
 
 def is_adapter_dir(folder: Path) -> bool:
     """True if ``folder`` holds an adapter in any known format."""
-    return any(fmt.detect(Path(folder)) for fmt in formats().values())
+    return any(_detects(fmt, Path(folder)) for fmt in formats().values())
+
+
+def _detects(fmt: AdapterFormat, folder: Path) -> bool:
+    # a path the OS cannot even look up (too long, a NUL byte, no permission) is no adapter folder, said cleanly
+    try:
+        return fmt.detect(folder)
+    except (OSError, ValueError) as exc:
+        raise AdapterFileError(f"{folder!s:.300}: cannot be read as an adapter folder ({exc})") from None
 
 
 def detect_format(folder: Path) -> AdapterFormat:
     """The format of the adapter saved in ``folder``."""
     folder = Path(folder)
     for fmt in formats().values():
-        if fmt.detect(folder):
+        if _detects(fmt, folder):
             return fmt
     if not folder.is_dir():
         moved = sorted(folder.parent.glob(f".{glob.escape(folder.name)}.peftdecl-old-*"))
