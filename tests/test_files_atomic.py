@@ -136,7 +136,10 @@ def save_steps(tmp_path: Path, fmt: str) -> list[str]:
 
 
 def crash_in_child(folder: Path, fmt: str, at: int, exchange: bool) -> int:
-    """Fork; the child saves the new adapter and dies (os._exit, no cleanup) at step ``at``; its exit code."""
+    """Fork; the child saves the new adapter and dies (os._exit, no cleanup) at step ``at``; its exit code.
+
+    The model is built before the fork, so the child only writes files (no thread pools needed after fork)."""
+    model = new_model()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
@@ -150,12 +153,19 @@ def crash_in_child(folder: Path, fmt: str, at: int, exchange: bool) -> int:
 
             atomic._step = step
             atomic.USE_EXCHANGE = exchange
-            new_model().save(folder, format=fmt)
+            model.save(folder, format=fmt)
             code = 0
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"the saving child hung at step {at}")
 
 
 @needs_fork
