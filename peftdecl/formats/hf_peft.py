@@ -19,6 +19,7 @@ import numpy as np
 from peftdecl.errors import AdapterFileError
 from peftdecl.formats.atomic import adapter_folder, atomic_write_text, consistent_read, staged_directory
 from peftdecl.formats.safetensors_io import read_safetensors, write_safetensors
+from peftdecl.names import check_adapter_name
 from peftdecl.plan.ir import Plan
 from peftdecl.plan.targeting import IA3_DEFAULT_TARGETS, default_targets
 from peftdecl.spec import SpecBase, load_spec
@@ -52,8 +53,8 @@ def is_hf_adapter_dir(path: Path) -> bool:
 
 
 def adapter_dir(directory: Path, name: str) -> Path:
-    """Where adapter ``name`` lives inside a saved folder."""
-    return Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / name
+    """Where adapter ``name`` lives inside a saved folder (``name`` checked: one path component)."""
+    return Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / check_adapter_name(name)
 
 
 def file_key(plan: Plan, key: str) -> str:
@@ -140,7 +141,8 @@ def write_adapters(
     model_class: tuple[str, str] | None = None,
     model_type: str | None = None,
 ) -> None:
-    """Save several adapters PEFT-style; everything is staged first so a failure leaves ``directory`` as it was."""
+    """Save several adapters PEFT-style, replacing ``directory`` whole (see
+    :func:`~peftdecl.formats.atomic.staged_directory`): a failure or a crash leaves it as it was."""
     with staged_directory(Path(directory)) as stage:
         for name, (plan, arrays, extra) in adapters.items():
             folder = adapter_folder(stage, name)
