@@ -28,7 +28,7 @@ def _validate(args: argparse.Namespace) -> int:
     for name in args.files:
         path = Path(name)
         try:
-            spec = load_spec(path if path.is_dir() else path.resolve())
+            spec = load_spec(path if _is_dir(path) else path.absolute())
         except SpecError as exc:
             failed = True
             for where, message in exc.problems or (("$", str(exc)),):
@@ -39,6 +39,14 @@ def _validate(args: argparse.Namespace) -> int:
         else:
             print(f"{name}: ok ({spec.peft_type})")
     return 1 if failed else 0
+
+
+def _is_dir(path: Path) -> bool:
+    """``path.is_dir()``, False where the path cannot even be looked at (load_spec then says why)."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def _schema(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ listed as shared tensors.
 from __future__ import annotations
 
 import math
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,9 +80,15 @@ def split_key(key: str, file_format: str) -> tuple[str, str] | None:
 
 
 def _check_folder(folder: Path) -> None:
-    if not folder.exists():
-        raise AdapterFileError(f"{folder}: no such folder")
-    if not folder.is_dir():
+    try:
+        mode = folder.stat().st_mode
+    except FileNotFoundError:
+        raise AdapterFileError(f"{folder}: no such folder") from None
+    except (OSError, ValueError) as exc:  # a name too long, a loop of links, a NUL byte, no permission
+        raise AdapterFileError(
+            f"{folder}: cannot be read ({getattr(exc, 'strerror', None) or exc})"
+        ) from None
+    if not stat.S_ISDIR(mode):
         raise AdapterFileError(f"{folder}: not a folder (inspect reads an adapter folder)")
 
 

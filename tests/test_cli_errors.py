@@ -52,7 +52,19 @@ def _deep(tmp: Path) -> Path:
     return path
 
 
+def _long_name(tmp: Path) -> Path:
+    return tmp / ("a" * 300)  # over NAME_MAX: stat() raises OSError (ENAMETOOLONG), not FileNotFoundError
+
+
+def _link_loop(tmp: Path) -> Path:
+    (tmp / "loop1").symlink_to(tmp / "loop2")
+    (tmp / "loop2").symlink_to(tmp / "loop1")
+    return tmp / "loop1"
+
+
 BAD = {
+    "long_name": _long_name,
+    "link_loop": _link_loop,
     "missing": _missing,
     "directory": _directory,
     "garbage": _garbage,
@@ -100,7 +112,7 @@ def test_equiv_source(bad: str, tmp_path, capsys) -> None:
     assert_one_error(code, err, path)
 
 
-@pytest.mark.parametrize("bad", ["missing", "directory", "garbage"])
+@pytest.mark.parametrize("bad", ["missing", "directory", "garbage", "long_name"])
 def test_equiv_model(bad: str, tmp_path, capsys) -> None:
     path = BAD[bad](tmp_path)
     if bad == "garbage":  # a checkpoint folder whose weights file is garbage
