@@ -147,7 +147,7 @@ def test_mlx_lm_config_that_is_no_object_is_refused(tmp_path, config) -> None:
     model.save(tmp_path / "ad", format="mlx-lm")
     (tmp_path / "ad" / "adapter_config.json").write_bytes(config.encode("utf-8", "surrogateescape"))
     with pytest.raises(
-        AdapterFileError, match=r"adapter_config\.json: (expected a JSON object|not valid JSON)"
+        AdapterFileError, match=r"adapter_config\.json: (expected a JSON object|not UTF-8 text)"
     ):
         peftdecl.load_adapter(dict(STATE), tmp_path / "ad")
 
@@ -186,3 +186,15 @@ def test_convert_names_a_lora_module_missing_its_b(tmp_path) -> None:
 def test_a_folder_path_the_os_cannot_look_up_is_a_clean_error(folder) -> None:
     with pytest.raises(AdapterFileError, match=r"cannot be read as an adapter folder|no such adapter folder"):
         peftdecl.load_adapter(dict(STATE), folder)
+
+
+@pytest.mark.parametrize(
+    "fmt, config", [("mlx-lm", "adapter_config.json"), ("native", "peftdecl_adapter.json")]
+)
+def test_oversized_configs_are_refused_before_reading(tmp_path, fmt, config) -> None:
+    model = peftdecl.attach(dict(STATE), LORA)
+    model.save(tmp_path / "ad", format=fmt)
+    with open(tmp_path / "ad" / config, "r+b") as handle:
+        handle.truncate(17 * 1024 * 1024)  # sparse: no 17 MB written
+    with pytest.raises(AdapterFileError, match=rf"{config}: 17825792 bytes; a config may have 16777216"):
+        peftdecl.load_adapter(dict(STATE), tmp_path / "ad")

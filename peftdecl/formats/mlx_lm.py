@@ -22,7 +22,7 @@ import numpy as np
 
 from peftdecl.errors import AdapterFileError
 from peftdecl.formats.atomic import adapter_folder, atomic_write_text, consistent_read, staged_directory
-from peftdecl.formats.registry import AdapterFormat, Payload
+from peftdecl.formats.registry import AdapterFormat, Payload, read_config_text
 from peftdecl.formats.safetensors_io import read_safetensors, write_safetensors
 from peftdecl.plan.ir import LayerInfo, ModelInfo, Plan
 from peftdecl.spec import SpecBase, load_spec
@@ -47,12 +47,11 @@ def _config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise AdapterFileError(f"{folder}: {WEIGHTS_NAME} without {CONFIG_NAME}")
+    text = read_config_text(path)
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        config = json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise AdapterFileError(f"{path}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise AdapterFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path}: expected a JSON object")
     kind = config.get("fine_tune_type", "lora")

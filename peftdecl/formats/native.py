@@ -17,7 +17,7 @@ import numpy as np
 
 from peftdecl.errors import AdapterFileError
 from peftdecl.formats.atomic import adapter_folder, atomic_write_text, consistent_read, staged_directory
-from peftdecl.formats.registry import AdapterFormat, Payload
+from peftdecl.formats.registry import AdapterFormat, Payload, read_config_text
 from peftdecl.formats.safetensors_io import read_safetensors, write_safetensors
 from peftdecl.plan.ir import ModelInfo, Plan
 from peftdecl.spec import SpecBase
@@ -38,14 +38,13 @@ def read_adapter(folder: Path) -> tuple[SpecBase, dict[str, np.ndarray]]:
     """The spec and IR-keyed tensors of one native adapter folder."""
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
+    text = read_config_text(config_path)
     try:
-        document = json.loads(config_path.read_text(encoding="utf-8"))
+        document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise AdapterFileError(f"{config_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise AdapterFileError(f"{config_path}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise AdapterFileError(f"{config_path}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(document, dict) or document.get("format") != "peftdecl":
         raise AdapterFileError(f'{config_path}: expected {{"format": "peftdecl", ...}}')
     if document.get("format_version") != FORMAT_VERSION:

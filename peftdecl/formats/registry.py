@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import glob
 import importlib
+import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,30 @@ _FORMAT_MODULES = {
 def formats() -> dict[str, AdapterFormat]:
     """Format name -> format, importing each format module on first use."""
     return {name: importlib.import_module(module).FORMAT for name, module in _FORMAT_MODULES.items()}
+
+
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+"""The largest adapter config read (real ones are a few kB)."""
+
+
+def read_config_text(path: Path) -> str:
+    """The UTF-8 text of a config file: a regular file of at most :data:`MAX_CONFIG_BYTES`, else an error."""
+    try:
+        with open(path, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise AdapterFileError(f"{path}: not a regular file")
+            if info.st_size > MAX_CONFIG_BYTES:
+                raise AdapterFileError(f"{path}: {info.st_size} bytes; a config may have {MAX_CONFIG_BYTES}")
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise AdapterFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterFileError(f"{path}: over {MAX_CONFIG_BYTES} bytes; too large for a config")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AdapterFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def get_format(name: str) -> AdapterFormat:
