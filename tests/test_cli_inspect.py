@@ -132,6 +132,47 @@ def test_a_folder_saved_by_real_peft(tmp_path, capsys) -> None:
     assert row.split()[1] == "8×8" and "shared" not in out
 
 
+PEFT_CONFIGS = {
+    "dora": ("LoraConfig", {"r": 4, "use_dora": True, "target_modules": ["q_proj", "v_proj"]}, "4"),
+    "adalora": ("AdaLoraConfig", {"init_r": 6, "total_step": 10, "target_modules": ["q_proj"]}, "6"),
+    "ia3": ("IA3Config", {"target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]}, "-"),
+    "loha": ("LoHaConfig", {"r": 3, "target_modules": ["q_proj"]}, "3"),
+    "lokr": ("LoKrConfig", {"r": 4, "target_modules": ["q_proj"], "decompose_both": True}, "4"),
+    "oft": ("OFTConfig", {"r": 0, "oft_block_size": 16, "target_modules": ["q_proj"]}, "4×16"),
+    "boft": ("BOFTConfig", {"boft_block_size": 8, "target_modules": ["q_proj"]}, "1×8×8"),
+    "vera": ("VeraConfig", {"r": 8, "target_modules": ["q_proj", "v_proj"]}, "8"),
+    "prompt": ("PromptTuningConfig", {"num_virtual_tokens": 5, "task_type": "CAUSAL_LM"}, None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(PEFT_CONFIGS))
+def test_every_kind_saved_by_real_peft(kind: str, tmp_path, capsys) -> None:
+    """Modules: the layers PEFT wrapped (its BaseTunerLayer instances); count: the file's tensors; rank: the
+    config's (for OFT/BOFT the block layout it implies on the 64-wide projections)."""
+    from tests.hf_models import peft, peft_model, tiny_llama
+
+    name, fields, rank = PEFT_CONFIGS[kind]
+    wrapped = peft_model(tiny_llama(), getattr(peft, name)(**fields))
+    wrapped.save_pretrained(tmp_path)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped_layers = {
+        n.removeprefix("base_model.model.")
+        for n, m in wrapped.named_modules()
+        if isinstance(m, BaseTunerLayer)
+    }
+    summary = summarise(tmp_path)
+    assert summary.format == "hf" and set(summary.modules) == wrapped_layers
+    assert summary.num_parameters == sum(v.size for v in file_tensors(tmp_path / WEIGHTS["hf"]).values())
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    if rank is None:
+        assert "shared      prompt_embeddings [5, 64]" in out
+    for module in wrapped_layers:
+        row = next(line for line in out.splitlines() if line.startswith(module + " "))
+        assert row.split()[1] == rank, row
+
+
 def test_a_folder_written_by_mlx_lm(tmp_path, capsys) -> None:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
