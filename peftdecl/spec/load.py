@@ -1,7 +1,10 @@
-"""``load_spec``: read a spec from a file, text or dict; check it against its JSON Schema; decode it with msgspec.
+"""``load_spec``: read a spec from a file, text, dict or PEFT config; check it against its JSON Schema; decode it.
 
-Validation happens in this order so every error is precise: parse → ``peft_type`` → unknown field names (with a
-"did you mean") → JSON Schema (every error with its JSON path) → msgspec decode → cross-field checks.
+Validation happens in this order so every error is precise: bounded read (:mod:`~peftdecl.spec._read`) → plain
+JSON values (:mod:`~peftdecl.spec._values`: sets sorted, NaN refused, ...) → ``peft_type`` (HF PEFT's upper-case
+name) → unknown field names (with a "did you mean") → JSON Schema (every error with its JSON path; the schema also
+states the cross-field rules) → whole floats in integer fields made ints → msgspec decode → the Python checks
+(cross-field rules again, regex compilation). Every failure is a :class:`SpecError`.
 """
 
 from __future__ import annotations
