@@ -187,3 +187,17 @@ def test_a_bad_command_line_is_one_error_line(argv: list[str], field: str, capsy
     code, out, err = run(argv, capsys)
     assert code == 2 and out == "", (code, out)
     assert len(err) == 1 and err[0].startswith("error: peftdecl") and field in err[0], err
+
+
+@pytest.mark.parametrize("command", ["demo", "schema"])
+@pytest.mark.parametrize("out", ["/dev/null/x", "file"])
+def test_an_output_path_that_cannot_be_a_folder(command: str, out: str, tmp_path, capsys) -> None:
+    """--out under a file (/dev/null/x) or an existing file: one error line (the folder is written by the
+    formats' staged save for the demo and by peftdecl/schema.py for schemas)."""
+    if out == "file":
+        out = str(tmp_path / "a-file")
+        Path(out).write_text("keep me")
+    code, _, err = run([command, "--out", out], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and out in err[0], (code, err)
+    if out.endswith("a-file"):
+        assert Path(out).read_text() == "keep me"
