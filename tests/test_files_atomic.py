@@ -234,6 +234,7 @@ def test_the_folder_holds_exactly_the_new_save(tmp_path, references) -> None:
     folder = tmp_path / "ad"
     restore(folder, references["old-mlx"])  # another format, and a sub-adapter
     (folder / "README.md").write_text("model card")  # HF PEFT writes one; it is an adapter file
+    (folder / "second" / ".DS_Store").write_bytes(b"\0")  # macOS Finder's, in any folder it shows
     new_model().save(folder)
     assert snapshot(folder) == references["new"]
     assert_loads_as(folder, "new")

@@ -13,8 +13,8 @@ folder was swapped, so a load racing a save gets one save's files, never the old
 Rules, so that a save can never destroy anything but an adapter:
 
 * the target may be missing, empty, or hold only adapter files (:data:`ADAPTER_FILES`, peftdecl's temporary
-  files) and sub-folders holding only such files (sub-adapters); anything else is refused with an error listing
-  the entries, nothing is deleted;
+  files, a file browser's :data:`OS_FILES`) and sub-folders holding only such files (sub-adapters); anything
+  else is refused with an error listing the entries, and nothing is deleted;
 * a target that is a symbolic link is refused (peftdecl would otherwise replace the link, or write where it
   points); links inside the target count as foreign entries and are never followed;
 * the current working folder (or one above it) is refused: the swap would leave the process in a deleted folder;
@@ -53,6 +53,8 @@ ADAPTER_FILES = frozenset(
     }
 )
 """The files a save may replace; any other entry in the target makes the save refuse."""
+OS_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+"""Folder metadata file browsers leave in any folder they show; replaced like adapter files."""
 STAGING, OLD, LOCK = "peftdecl-staging-", "peftdecl-old-", "peftdecl-lock"
 DEFAULT_ADAPTER = "default"
 T = TypeVar("T")
@@ -218,7 +220,11 @@ def _foreign_entries(folder: Path, depth: int) -> list[str]:
 def _is_adapter_file(name: str) -> bool:
     # ".<file>.<random>.tmp": a temporary file an interrupted single-file write of an older peftdecl left
     temporary = name.startswith(".") and name.endswith(".tmp")
-    return name in ADAPTER_FILES or (temporary and any(name.startswith(f".{f}.") for f in ADAPTER_FILES))
+    return (
+        name in ADAPTER_FILES
+        or name in OS_FILES
+        or (temporary and any(name.startswith(f".{f}.") for f in ADAPTER_FILES))
+    )
 
 
 def _siblings(target: Path, kind: str) -> list[Path]:
