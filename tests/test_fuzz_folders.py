@@ -14,8 +14,12 @@ CI runs a bounded number of examples (tests/fuzz_settings.py); the long run is
     PEFTDECL_FUZZ_EXAMPLES=10000 PEFTDECL_FUZZ_STATS=/tmp/fuzz-stats \\
         .venv/bin/pytest -q -n 2 -p no:cacheprovider tests/test_fuzz_folders.py
 
-where PEFTDECL_FUZZ_STATS (a folder) collects one JSON line per input: entry point, outcome, seconds and peak
-traced memory; ``python tests/test_fuzz_folders.py /tmp/fuzz-stats`` prints the totals.
+where PEFTDECL_FUZZ_STATS (a folder) collects one JSON line per input: entry point, outcome, seconds, peak
+traced memory and the process's peak RSS; ``python tests/test_fuzz_folders.py /tmp/fuzz-stats`` prints the totals
+and each escaped exception with its smallest input. Add PEFTDECL_FUZZ_KEEP_GOING=1 to record escapes instead of
+stopping at the first (the count the issue asks for), and PEFTDECL_FUZZ_DEADLINE_MS=60000 on a busy machine so
+hypothesis' own deadline does not end the run; an input still running after PEFTDECL_FUZZ_HANG_S seconds
+(default 20) is stopped and counted as a hang.
 """
 
 from __future__ import annotations
