@@ -22,7 +22,13 @@ from peftdecl.formats import hf_peft
 from peftdecl.formats.registry import detect_format, get_format, is_adapter_dir
 from peftdecl.init import EXTERNAL_SOURCES, SHARED_SOURCES, check_arrays, generator_for, init_params
 from peftdecl.names import check_adapter_name
-from peftdecl.peft_compat import BASE_READ_ONLY, NOT_SUPPORTED, NotSupportedError, PeftCompat
+from peftdecl.peft_compat import (
+    BASE_READ_ONLY,
+    NOT_SUPPORTED,
+    NotSupportedError,
+    PeftCompat,
+    base_model_fields,
+)
 from peftdecl.plan import ModelInfo, Plan, compile_plan
 from peftdecl.plan.compile import layouts
 from peftdecl.plan.kinds.vera import check_family as check_vera_family
@@ -253,10 +259,12 @@ class AdaptedModel(PeftCompat):
         for name in names:
             plan = self._plans[self._name(name)]
             arrays: dict[str, Any] = self._engine.export(name)
-            extra: dict[str, Any] = {}
+            # what HF PEFT records of the base model, so that AutoPeftModel can rebuild it
+            extra: dict[str, Any] = base_model_fields(plan, self._info) if file_format.name == "hf" else {}
             layout = layouts()[plan.kind]
             if layout.to_file is not None and not file_format.lossless:
-                arrays, extra = layout.to_file(plan, arrays)
+                arrays, kind_fields = layout.to_file(plan, arrays)
+                extra = {**extra, **kind_fields}
             payload[name] = (plan, {**arrays, **self._embedding_copies(plan)}, extra)
         file_format.write(Path(directory), payload, dtype, self._info)
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from peftdecl.errors import PeftdeclError
+from peftdecl.plan import ModelInfo, Plan, compile_plan
 
 
 class NotSupportedError(PeftdeclError, AttributeError):
@@ -92,6 +93,33 @@ PEFT_DEVIATIONS: dict[str, str] = {
     "state_dict": "the adapter's tensors by key (what PEFT's get_peft_model_state_dict returns), not the model's",
 }
 """PEFT names peftdecl keeps with its own, documented meaning."""
+
+
+# task types under which HF PEFT feeds prompt-learning adapters as a language model, as peftdecl does with none
+LM_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+
+
+def base_model_fields(plan: Plan, info: ModelInfo) -> dict[str, Any]:
+    """The ``adapter_config.json`` fields HF PEFT fills from the base model, where the spec leaves them null:
+    ``base_model_name_or_path`` (the model's ``name_or_path``) and ``task_type`` (from the model's class; then
+    ``auto_mapping`` is null, as PEFT writes it; not for a spec that carries an ``auto_mapping``, which PEFT wrote
+    for a model wrapped without a task type). The task type is written only where it changes nothing the
+    adapter computes when loaded again: the same layers and modules_to_save (a head task adds its head to
+    modules_to_save), and for prompt learning only a language-model task."""
+    spec, fields = plan.spec, {}
+    if spec.base_model_name_or_path is None and info.name_or_path:
+        fields["base_model_name_or_path"] = info.name_or_path
+    task = info.task_type
+    if spec.task_type is not None or spec.auto_mapping is not None or task is None:
+        return fields  # a spec with an auto_mapping was saved by PEFT without a task type: it stays so
+    if plan.prompt is not None:
+        same = task in LM_TASKS
+    else:
+        again = compile_plan(spec.replace(task_type=task), info)
+        same = (again.layers, again.modules_to_save) == (plan.layers, plan.modules_to_save)
+    if same:
+        fields.update(task_type=task, auto_mapping=None)
+    return fields
 
 
 class PeftCompat:
