@@ -28,6 +28,7 @@ from peftdecl.peft_compat import (
     NotSupportedError,
     PeftCompat,
     base_model_fields,
+    check_peft_options,
 )
 from peftdecl.plan import ModelInfo, Plan, compile_plan
 from peftdecl.plan.compile import layouts
@@ -98,8 +99,11 @@ class AdaptedModel(PeftCompat):
         seed: int = 0,
         activate: bool = False,
         arrays: Mapping[str, Any] | None = None,
+        **peft_options: Any,
     ) -> Plan:
-        """Compile ``spec`` for this model and attach it as ``name`` (initialised from ``seed`` unless ``arrays``)."""
+        """Compile ``spec`` for this model and attach it as ``name`` (initialised from ``seed`` unless ``arrays``).
+        ``peft_options``: PEFT's keywords, accepted where they ask for what peftdecl does."""
+        check_peft_options("add_adapter", peft_options)
         check_adapter_name(name)
         if name in self._plans:
             raise PeftdeclError(f"an adapter named {name!r} is already attached")
@@ -126,12 +130,15 @@ class AdaptedModel(PeftCompat):
         is_trainable: bool = False,
         *,
         activate: bool = False,
+        **peft_options: Any,
     ) -> Plan:
         """Read a saved adapter (HF PEFT, mlx-lm or peftdecl's native layout, detected) and attach it as ``name``.
 
         As HF PEFT's ``load_adapter``: unless ``is_trainable``, the adapter is frozen (no tensor of it is trainable,
         whichever adapters are active) and the model is put in eval mode (dropout off); ``is_trainable=True`` gives
-        a trainable adapter and leaves the model's mode as it is."""
+        a trainable adapter and leaves the model's mode as it is. ``peft_options``: PEFT's other keywords, accepted
+        where they ask for what peftdecl does."""
+        check_peft_options("load_adapter", peft_options)
         folder = Path(directory)
         check_adapter_name(name)  # before it becomes a path: "../x" must not read a sibling folder
         if name != hf_peft.DEFAULT_ADAPTER and is_adapter_dir(folder / name):

@@ -95,6 +95,29 @@ PEFT_DEVIATIONS: dict[str, str] = {
 """PEFT names peftdecl keeps with its own, documented meaning."""
 
 
+PEFT_LOADING_DEFAULTS: dict[str, Any] = {
+    "torch_device": None,
+    "autocast_adapter_dtype": True,
+    "ephemeral_gpu_offload": False,
+    "low_cpu_mem_usage": False,
+    "key_mapping": None,
+}
+"""Keywords of PEFT's ``add_adapter`` / ``load_adapter`` -> the value that is what peftdecl does."""
+
+
+def check_peft_options(method: str, options: dict[str, Any]) -> None:
+    """Accept PEFT's ``add_adapter`` / ``load_adapter`` keywords where they ask for what peftdecl does anyway;
+    raise NotSupportedError naming the others."""
+    bad = sorted(
+        k for k, v in options.items() if k not in PEFT_LOADING_DEFAULTS or v != PEFT_LOADING_DEFAULTS[k]
+    )
+    if bad:
+        raise NotSupportedError(
+            f"{method}: {bad} not supported (peftdecl loads adapters in the base layer's device and dtype, "
+            "half types as float32; the torch backend's autocast_adapter_dtype option is given to attach/load_adapter)"
+        )
+
+
 # task types under which HF PEFT feeds prompt-learning adapters as a language model, as peftdecl does with none
 LM_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
 

@@ -231,3 +231,17 @@ def test_generate_equals_peft_greedy(tmp_path) -> None:
     expected = theirs.generate(**kwargs)
     assert torch.equal(ours.generate(**kwargs), expected)
     assert torch.equal(ours.generate(**kwargs), expected)  # inference mode: no dropout between runs
+
+
+def test_peft_loading_keywords(tmp_path) -> None:
+    saved_lora(tmp_path)
+    ours = peftdecl.load_adapter(tiny_llama(), tmp_path)
+    ours.load_adapter(
+        tmp_path, "other", False, torch_device=None, low_cpu_mem_usage=False, autocast_adapter_dtype=True
+    )
+    ours.add_adapter("new", {"peft_type": "LORA", **LORA}, low_cpu_mem_usage=False)
+    with pytest.raises(NotSupportedError, match="low_cpu_mem_usage"):
+        ours.load_adapter(tmp_path, "x", low_cpu_mem_usage=True)
+    with pytest.raises(NotSupportedError, match="token"):
+        ours.add_adapter("y", {"peft_type": "LORA", **LORA}, token="hf_...")
+    assert set(ours.peft_config) == {"default", "other", "new"}
