@@ -30,17 +30,10 @@ from peftdecl_torch.layer import (
     SavedModule,
     adapter_dtype,
 )
+from peftdecl_torch.probes import capture, follow_mode, to_numpy
 from peftdecl_torch.prompting import generation_inputs, prompt_call
 from peftdecl_torch.seq2seq import seq2seq_call, seq2seq_generate
 from peftdecl_torch.task_heads import HEAD_TASKS, head_rules
-
-
-def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU NumPy copy (half types widened to float32, which NumPy can hold and PEFT saves)."""
-    tensor = tensor.detach().to("cpu")
-    if tensor.dtype in (torch.float16, torch.bfloat16):
-        tensor = tensor.to(torch.float32)
-    return tensor.numpy().copy()
 
 
 class TorchEngine:
@@ -100,7 +93,7 @@ class TorchEngine:
                 autocast=self._autocast,
                 shared=links,
             )
-            _follow_mode(layer, layer.base_layer, layer.training)
+            follow_mode(layer, layer.base_layer, layer.training)
         self._add_saved(name, plan, arrays)
         self._plans[name] = plan
         self._update_trainable()
@@ -264,27 +257,8 @@ class TorchEngine:
         self, input_ids: np.ndarray
     ) -> tuple[np.ndarray | None, dict[str, tuple[np.ndarray, np.ndarray]]]:
         """Run the model on ``input_ids`` without gradients and return (final logits, {adapted module: (its input,
-        its output) on its first call}), as NumPy, read by forward hooks on the wrappers (removed afterwards)."""
-        records: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-        def hook(module: str) -> Any:
-            def record(_: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-                if module not in records and inputs and isinstance(output, torch.Tensor):
-                    records[module] = (to_numpy(inputs[0]), to_numpy(output))
-
-            return record
-
-        handles = [layer.register_forward_hook(hook(m)) for m, layer in self._layers.items()]
-        try:
-            device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-            ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=device)
-            with torch.no_grad():
-                out = self.forward(input_ids=ids)
-        finally:
-            for handle in handles:
-                handle.remove()
-        logits = getattr(out, "logits", out)
-        return (to_numpy(logits) if isinstance(logits, torch.Tensor) else None), records
+        its output) on its first call}), as NumPy (:func:`peftdecl_torch.probes.capture`)."""
+        return capture(self.model, self._layers, self.forward, input_ids)
 
     # -- extras --------------------------------------------------------------------------------------------
     def layer(self, module: str) -> AdaptedLayer:
@@ -390,7 +364,7 @@ class TorchEngine:
         if layer_type(found) != expected:
             raise PeftdeclError(f"{module} is a {type(found).__name__}; the plan expects a {expected} layer")
         wrapper = AdaptedLayer(found, self._info.layers[module], module, self._state)
-        _follow_mode(wrapper, found, found.training)  # a new nn.Module is in training mode; take the layer's
+        follow_mode(wrapper, found, found.training)  # a new nn.Module is in training mode; take the layer's
         self._replace(module, wrapper)
         self._layers[module] = wrapper
         return wrapper
@@ -402,7 +376,7 @@ class TorchEngine:
             raise PeftdeclError(f"{module} holds adapted layers and cannot also be in modules_to_save")
         original = self.model.get_submodule(module)
         wrapper = SavedModule(original, module, self._state)
-        _follow_mode(wrapper, original, original.training)  # its copies are deep copies: already in that mode
+        follow_mode(wrapper, original, original.training)  # its copies are deep copies: already in that mode
         self._replace(module, wrapper)
         self._saved[module] = wrapper
         return wrapper
@@ -421,13 +395,3 @@ class TorchEngine:
                 f"{key or module}: {module} is a {type(found).__name__}, not an adaptable layer"
             )
         return found.weight.T if kind == "gpt2_conv1d" else found.weight
-
-
-def _follow_mode(wrapper: nn.Module, base: nn.Module, training: bool) -> None:
-    """Put the modules of ``wrapper`` that peftdecl created (not ``base`` nor anything inside it) in ``training``
-    mode, so that a wrapper added to a model in eval mode does not apply dropout; later ``model.train()`` /
-    ``model.eval()`` calls reach them as any sub-module."""
-    inner = {id(m) for m in base.modules()}
-    for module in wrapper.modules():
-        if id(module) not in inner:
-            module.training = training
