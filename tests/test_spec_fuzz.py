@@ -81,9 +81,9 @@ def run_case(entry: str, call: Callable[[], Any]) -> Any:
             tracemalloc.stop()
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(autouse=True)
 def _report() -> Iterator[None]:
-    yield
+    yield  # written after every test, so a long run that is stopped keeps what it measured
     target = os.environ.get("PEFTDECL_FUZZ_REPORT")
     if target:
         previous = json.loads(Path(target).read_text()) if Path(target).is_file() else {}
