@@ -282,6 +282,16 @@ def test_the_working_folder_is_not_swapped_away(tmp_path, references, monkeypatc
     assert snapshot(folder) == references["old"]
 
 
+def test_a_folder_that_cannot_be_made_is_a_clean_error(tmp_path) -> None:
+    (tmp_path / "file").write_text("keep")
+    for where in (tmp_path / "file" / "ad", tmp_path / ("n" * 250)):
+        with pytest.raises(
+            AdapterFileError, match=r"cannot save here|cannot create the (new folder|lock file)"
+        ):
+            new_model().save(where)
+    assert (tmp_path / "file").read_text() == "keep"
+
+
 def test_leftovers_of_a_crashed_save_are_no_adapter_and_go_at_the_next_save(tmp_path, references) -> None:
     folder = tmp_path / "ad"
     restore(folder, references["old"])

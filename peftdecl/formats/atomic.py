@@ -136,18 +136,20 @@ def staged_directory(target: Path) -> Iterator[Path]:
 
     If the body raises, ``target`` is untouched and the staging folder is removed. See the module docstring for
     what may be replaced, the lock, and crash recovery."""
-    target = _absolute(Path(target))
-    parent, name = target.parent, target.name
-    parent.mkdir(parents=True, exist_ok=True)
+    with _os_errors(target, "cannot save here"):
+        target = _absolute(Path(target))
+        parent, name = target.parent, target.name
+        parent.mkdir(parents=True, exist_ok=True)
     with _locked(parent / f".{name}.{LOCK}"):
         _step("locked")
         _recover(target)
         _step("cleaned")
         _check_replaceable(target)
         stage = parent / f".{name}.{STAGING}{secrets.token_hex(8)}"
-        os.mkdir(stage)
-        if os.path.isdir(target):  # the new folder keeps the old one's permissions
-            os.chmod(stage, stat.S_IMODE(os.stat(target).st_mode))
+        with _os_errors(target, "cannot create the new folder beside it"):
+            os.mkdir(stage)
+            if os.path.isdir(target):  # the new folder keeps the old one's permissions
+                os.chmod(stage, stat.S_IMODE(os.stat(target).st_mode))
         try:
             yield stage
             _step("staged")
@@ -159,6 +161,18 @@ def staged_directory(target: Path) -> Iterator[Path]:
         _step("removed-old")
         _fsync_dir(parent)
     _step("done")
+
+
+@contextlib.contextmanager
+def _os_errors(target: Path, what: str) -> Iterator[None]:
+    """Report an OSError of preparing a save (a parent that is a file, no permission, a name too long) as an
+    AdapterFileError naming the folder; errors while writing the files themselves propagate as they are."""
+    try:
+        yield
+    except OSError as exc:
+        raise AdapterFileError(
+            f"{target}: {what} ({exc.strerror or exc}: {exc.filename or target})"
+        ) from None
 
 
 def _absolute(target: Path) -> Path:
@@ -344,7 +358,8 @@ def _locked(lock: Path) -> Iterator[None]:
         yield
         return
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
+        with _os_errors(lock, "cannot create the lock file"):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             # a previous holder may have unlinked the file between our open and our lock: lock the current one
