@@ -123,7 +123,12 @@ class NumpyEngine:
             module = key.removesuffix(".weight").removesuffix(".base_layer")
             if module not in self._layers:
                 raise PeftdeclError(f"{key}: the model has no layer {module!r} to load it into")
-            self._layers[module].weight = np.asarray(value, dtype=np.float64).copy()
+            array, expected = np.asarray(value), self._layers[module].weight.shape
+            if array.shape != expected:  # as the torch and MLX engines refuse it: not later, in a forward
+                raise PeftdeclError(
+                    f"{key}: shape {list(array.shape)} does not fit {module}'s weight {list(expected)}"
+                )
+            self._layers[module].weight = array.astype(np.float64)
 
     def forward(self, module: str, x: Any, *, adapter_names: Sequence[str] | None = None) -> np.ndarray:
         """The output of one layer (``adapter_names``: one adapter per row of a batch, ``"__base__"`` for none)."""
