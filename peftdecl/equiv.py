@@ -169,6 +169,8 @@ def run_equivalence(
     runners = [n for n in names if n != "numpy"]
     skipped: dict[str, str] = {}
     adapted: dict[str, AdaptedModel] = {}
+    if model_dir is not None:
+        _check_model_dir(Path(model_dir))
     folder = _adapter_folder(source)
     spec: SpecBase | None = None if folder is not None else load_spec(source)
     arrays: dict[str, np.ndarray] | None = None
@@ -243,11 +245,24 @@ def _adapter_folder(source: Any) -> Path | None:
         return None
 
 
+def _check_model_dir(folder: Path) -> None:
+    """Refuse a ``model_dir`` that is not a readable folder, with PeftdeclError naming it."""
+    try:
+        found = folder.is_dir()
+    except OSError as exc:  # e.g. a name too long to be a path
+        raise PeftdeclError(f"{folder}: not a readable folder ({exc.strerror})") from None
+    if not found:
+        raise PeftdeclError(f"{folder}: no such folder (expected a save_pretrained checkpoint folder)")
+
+
 def load_source(text: str) -> Any:
     """A CLI argument: an adapter folder, a spec file, or inline JSON."""
     path = Path(text)
-    if path.exists():
-        return path
+    try:
+        if path.exists():
+            return path
+    except OSError as exc:  # e.g. a name too long to be a path: no spec file can have it
+        raise PeftdeclError(f"{text}: not a readable path ({exc.strerror})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError:
