@@ -179,17 +179,19 @@ def test_a_crash_at_every_step_leaves_old_or_new_exactly(
     if not exchange:
         labels.insert(labels.index("swapped"), "moved-old")
     folder = tmp_path / "ad"
+    users = {"notes.txt": b"mine", "checkpoint-1/state.json": b"{}"}  # kept whatever the outcome
     for at, label in enumerate(labels, start=1):
-        restore(folder, references[old])
+        restore(folder, {**references[old], **users})
         assert crash_in_child(folder, fmt, at, exchange) == 17, label
         swapped = at >= labels.index("swapped") + 1
+        expected = {**references[new if swapped else old], **users}
         state = snapshot(folder)
         if label == "moved-old":  # the one window of the two-rename fallback: no folder until recovery
             assert state is None
         else:
-            assert state == references[new if swapped else old], label
+            assert state == expected, label
         atomic.recover(folder)  # what the next save does first
-        assert snapshot(folder) == references[new if swapped else old], label
+        assert snapshot(folder) == expected, label
         assert litter(folder) == [], label
         assert_loads_as(folder, new if swapped else old)
 
@@ -233,8 +235,9 @@ def test_renameat2_swaps_two_folders_here(tmp_path) -> None:
 def test_the_folder_holds_exactly_the_new_save(tmp_path, references) -> None:
     folder = tmp_path / "ad"
     restore(folder, references["old-mlx"])  # another format, and a sub-adapter
-    (folder / "README.md").write_text("model card")  # HF PEFT writes one; it is an adapter file
+    (folder / "second" / "README.md").write_text("model card")  # HF PEFT writes one beside each adapter
     (folder / "second" / ".DS_Store").write_bytes(b"\0")  # macOS Finder's, in any folder it shows
+    (folder / ".DS_Store").write_bytes(b"\0")
     new_model().save(folder)
     assert snapshot(folder) == references["new"]
     assert_loads_as(folder, "new")
@@ -247,14 +250,36 @@ def test_convert_replaces_the_destination_whole(tmp_path, references) -> None:
     assert set(snapshot(tmp_path / "dst")) == {"adapter_config.json", "adapters.safetensors"}
 
 
-def test_a_folder_with_other_files_is_refused_and_untouched(tmp_path, references) -> None:
-    folder = tmp_path / "home"
-    restore(folder, {**references["old"], "notes.txt": b"mine", "second/plot.png": b"\x89PNG"})
+def test_the_users_files_are_kept_and_only_the_old_adapter_goes(tmp_path, references) -> None:
+    """A Trainer-style output folder: the save replaces the adapter files and the old sub-adapter, and keeps the
+    tokenizer file, a checkpoint folder (adapter files inside it included), a README and a link as they were."""
+    folder = tmp_path / "out"
+    users = {
+        "tokenizer.json": b"{}",
+        "README.md": b"# my run",
+        "checkpoint-500/adapter_config.json": b"{}",
+        "checkpoint-500/trainer_state.json": b"{}",
+    }
+    restore(folder, {**references["old"], **users})
+    os.symlink("tokenizer.json", folder / "tok-link")
+    inode = os.stat(folder / "tokenizer.json").st_ino
+    new_model().save(folder)
+    after = snapshot(folder)
+    assert {k: v for k, v in after.items() if k in references["new"]} == references["new"]
+    assert {k: v for k, v in after.items() if k not in references["new"]} == {**users, "tok-link": b"{}"}
+    assert "second/adapter_config.json" not in after  # the old sub-adapter went with the old folder
+    assert os.readlink(folder / "tok-link") == "tokenizer.json"
+    assert os.stat(folder / "tokenizer.json").st_ino == inode  # carried by a hard link, not rewritten
+    assert litter(folder) == []
+    assert_loads_as(folder, "new")
+
+
+def test_a_sub_adapter_named_like_a_users_folder_is_refused(tmp_path, references) -> None:
+    folder = tmp_path / "out"
+    restore(folder, {**references["new"], "second/plot.png": b"\x89PNG"})
     before = snapshot(folder)
-    with pytest.raises(
-        AdapterFileError, match=r"home: holds notes\.txt, second/plot\.png, which are not adapter"
-    ):
-        new_model().save(folder)
+    with pytest.raises(AdapterFileError, match=r"out/second: is not an adapter file or sub-adapter"):
+        old_model().save(folder)  # it has a sub-adapter "second"
     assert snapshot(folder) == before and litter(folder) == []
 
 

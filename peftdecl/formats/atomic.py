@@ -12,11 +12,10 @@ folder was swapped, so a load racing a save gets one save's files, never the old
 
 Rules, so that a save can never destroy anything but an adapter:
 
-* the target may be missing, empty, or hold only adapter files (:data:`ADAPTER_FILES`, peftdecl's temporary
-  files, a file browser's :data:`OS_FILES`) and sub-folders holding only such files (sub-adapters); anything
-  else is refused with an error listing the entries, and nothing is deleted;
+* the old folder's adapter files and old sub-adapters are dropped; every other entry (a tokenizer, a Trainer's
+  checkpoints) is carried into the new folder before the swap (:mod:`peftdecl.formats.folder_policy`);
 * a target that is a symbolic link is refused (peftdecl would otherwise replace the link, or write where it
-  points); links inside the target count as foreign entries and are never followed;
+  points); links inside the target are the user's: carried over as links, never followed;
 * the current working folder (or one above it) is refused: the swap would leave the process in a deleted folder;
 * the lock is ``flock`` on the hidden sibling ``.<name>.peftdecl-lock``, removed when the save ends; two
   concurrent savers of one folder run one after the other and leave one complete adapter. Without ``fcntl``
@@ -39,22 +38,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from peftdecl.errors import AdapterFileError
+from peftdecl.formats.folder_policy import ADAPTER_FILES, carry_over, users_entries
 from peftdecl.names import check_adapter_name
 
-ADAPTER_FILES = frozenset(
-    {
-        "adapter_config.json",  # HF PEFT and mlx-lm configs
-        "adapter_model.safetensors",  # HF PEFT tensors
-        "adapter_model.bin",  # HF PEFT's pickled tensors (never read, replaced by a save)
-        "README.md",  # the model card HF PEFT's save_pretrained writes
-        "adapters.safetensors",  # mlx-lm tensors
-        "peftdecl_adapter.json",  # native config
-        "adapter.safetensors",  # native tensors
-    }
-)
-"""The files a save may replace; any other entry in the target makes the save refuse."""
-OS_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
-"""Folder metadata file browsers leave in any folder they show; replaced like adapter files."""
 STAGING, OLD, LOCK = "peftdecl-staging-", "peftdecl-old-", "peftdecl-lock"
 DEFAULT_ADAPTER = "default"
 T = TypeVar("T")
@@ -153,6 +139,8 @@ def staged_directory(target: Path) -> Iterator[Path]:
         try:
             yield stage
             _step("staged")
+            carry_over(target, stage)
+            _step("carried")
             _fsync_tree(stage)
             _step("synced")
             _swap(stage, target)
@@ -205,40 +193,7 @@ def _check_replaceable(target: Path) -> None:
                 f"{target}: is (or holds) the current working folder; a save replaces the whole folder — "
                 "save from outside it"
             )
-    foreign = _foreign_entries(target, depth=0)
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise AdapterFileError(
-            f"{target}: holds {shown}, which are not adapter files; a save replaces the whole folder, so it "
-            "must be new, empty, or hold only a saved adapter — choose another folder or move them away"
-        )
-
-
-def _foreign_entries(folder: Path, depth: int) -> list[str]:
-    """Entries of ``folder`` (relative names) that are neither adapter files nor sub-adapter folders."""
-    foreign = []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        label = entry.name if depth == 0 else f"{folder.name}/{entry.name}"
-        if entry.is_symlink():
-            foreign.append(f"{label} (a symbolic link)")
-        elif entry.is_file(follow_symlinks=False):
-            if not _is_adapter_file(entry.name):
-                foreign.append(label)
-        elif entry.is_dir(follow_symlinks=False) and depth == 0 and not entry.name.startswith("."):
-            foreign.extend(_foreign_entries(Path(entry.path), depth + 1))
-        else:
-            foreign.append(f"{label}/" if entry.is_dir(follow_symlinks=False) else label)
-    return foreign
-
-
-def _is_adapter_file(name: str) -> bool:
-    # ".<file>.<random>.tmp": a temporary file an interrupted single-file write of an older peftdecl left
-    temporary = name.startswith(".") and name.endswith(".tmp")
-    return (
-        name in ADAPTER_FILES
-        or name in OS_FILES
-        or (temporary and any(name.startswith(f".{f}.") for f in ADAPTER_FILES))
-    )
+    users_entries(target)  # refuses what could not be carried over, before anything is written
 
 
 def _siblings(target: Path, kind: str) -> list[Path]:
