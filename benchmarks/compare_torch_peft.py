@@ -144,7 +144,7 @@ def build(
                 param.add_(0.01 * torch.randn(param.shape, generator=gen).to(param))
     with tempfile.TemporaryDirectory() as folder:  # ours reads PEFT's file: the same numbers on both sides
         wrapped.save_pretrained(folder)
-        ours = peftdecl.load_adapter(Holder(_copy(base)), folder)
+        ours = peftdecl.load_adapter(Holder(_copy(base)), folder, is_trainable=True)  # timed while training
     for layer in (base, theirs, ours.engine.layer("m")):
         layer.train()
     return base, theirs, ours.engine.layer("m")
