@@ -14,6 +14,7 @@ from peftdecl.backend import Backend, BackendEntry, Capabilities, Engine, backen
 from peftdecl.backend import backends as _backends
 from peftdecl.errors import AdapterFileError, BackendError, PeftdeclError, SpecError, TargetError
 from peftdecl.model import AdaptedModel
+from peftdecl.peft_compat import NotSupportedError
 from peftdecl.plan import ModelInfo, Plan, compile_plan
 from peftdecl.spec import AdapterSpec, load_spec
 
@@ -88,6 +89,7 @@ __all__ = [
     "Capabilities",
     "Engine",
     "ModelInfo",
+    "NotSupportedError",
     "PeftdeclError",
     "Plan",
     "SpecError",
