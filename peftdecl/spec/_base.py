@@ -16,7 +16,7 @@ import msgspec
 from msgspec import Meta
 
 from peftdecl.errors import SpecError
-from peftdecl.spec.limits import MAX_ALPHA, MAX_DIM, MAX_FINITE, MAX_RANK
+from peftdecl.spec.limits import MAX_ALPHA, MAX_DIM, MAX_FINITE, MAX_PATTERNS, MAX_RANK
 
 TaskType = Literal["SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"]
 
@@ -60,10 +60,12 @@ Alpha = (
 Finite = Annotated[float, Meta(ge=-MAX_FINITE, le=MAX_FINITE)]
 RankPattern = Annotated[
     dict[str, Rank],
+    Meta(max_length=MAX_PATTERNS),
     Meta(description="Per-module rank: the first key that matches a module's '.'-suffix wins."),
 ]
 AlphaPattern = Annotated[
     dict[str, Alpha],
+    Meta(max_length=MAX_PATTERNS),
     Meta(description="Per-module alpha: the first key that matches a module's '.'-suffix wins."),
 ]
 

@@ -3,7 +3,9 @@ time or memory. Each bound is far above any real adapter and far below what brea
 
 Resource limits (checked while reading, before the schema):
 
-- ``MAX_DOCUMENT_BYTES``: a spec file, text or bytes is at most 1 MiB (PEFT's configs are ~2 KiB).
+- ``MAX_DOCUMENT_BYTES``: a spec file, text or bytes is at most 1 MiB (PEFT's configs are ~2 KiB; AdaLoRA's
+  rank masks of a large model reach a few hundred KiB); YAML text at most ``MAX_YAML_CHARS`` 256 Ki characters
+  (YAML is for hand-written specs and parses ~20x slower than JSON).
 - ``MAX_DEPTH``: values nest at most 32 levels (the deepest real field, ``layer_replication``, uses 3).
 - ``MAX_NODES``: at most 100,000 values in a spec after YAML aliases are expanded (a "billion laughs" document
   expands past this in microseconds of counting, before anything is built).
@@ -17,6 +19,8 @@ Field maxima (in the JSON Schemas too, so a schema validator agrees):
   ``decompose_factor`` (a rank above the widest layer is refused at attach anyway).
 - ``MAX_DIM`` 2^20: prompt ``token_dim``, ``encoder_hidden_size``, ``num_attention_heads``, ``num_layers``,
   ``num_virtual_tokens``, layer indices in ``layers_to_transform``, ``qalora_group_size``.
+- ``MAX_PATTERNS`` 4,096: keys of ``rank_pattern`` / ``alpha_pattern`` (each is a regex compiled at load and
+  tried on every targeted module).
 - ``MAX_BUTTERFLY`` 32: BOFT ``boft_n_butterfly_factor`` (2^(n-1) must divide a layer's width, so 32 already needs
   a layer of 2^31 features).
 - ``MAX_NEUMANN_TERMS`` 64: OFT ``num_cayley_neumann_terms`` (each term is one matrix product per block).
@@ -35,6 +39,7 @@ import sys
 from peftdecl.errors import PeftdeclError
 
 MAX_DOCUMENT_BYTES = 1 << 20
+MAX_YAML_CHARS = 256 << 10
 MAX_DEPTH = 32
 MAX_NODES = 100_000
 MAX_STRING = 65_536
@@ -43,6 +48,7 @@ MAX_INT = (1 << 64) - 1
 MAX_INT64 = (1 << 63) - 1
 
 MAX_RANK = 65_536
+MAX_PATTERNS = 4096
 MAX_DIM = 1 << 20
 MAX_BUTTERFLY = 32
 MAX_NEUMANN_TERMS = 64
