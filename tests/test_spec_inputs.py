@@ -261,3 +261,17 @@ def test_json_nan_decision_matches_the_schema() -> None:
         assert not validator.is_valid({"peft_type": "LORA", "alpha_pattern": {"q": value}})
     assert validator.is_valid({"peft_type": "LORA", "lora_alpha": 16.5})
     assert json.loads(json.dumps(kind_schema("LORA")))  # the schema itself is plain JSON (no NaN inside)
+
+
+@pytest.mark.parametrize("source", ["&a [*a]\n", "peft_type: LORA\nrevision: !!binary aGk=\n", laughs(9)])
+def test_pure_python_yaml_fallback_has_the_same_bounds(source, monkeypatch) -> None:
+    from peftdecl.spec import _yaml
+
+    monkeypatch.setattr(_yaml, "_LOADER", _yaml._BoundedLoader)  # as without libyaml
+    spec_error(source)
+    assert peftdecl.load_spec("peft_type: LORA\nrevision: 2024-01-01\n").revision == "2024-01-01"
+
+
+def test_large_yaml_is_refused_quickly() -> None:
+    text = "peft_type: LORA\ntarget_modules: [" + ", ".join(f"q{i}" for i in range(60_000)) + "]\n"
+    assert "at most" in str(spec_error(text))
