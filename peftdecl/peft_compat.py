@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from peftdecl.errors import PeftdeclError
-from peftdecl.plan import ModelInfo, Plan, compile_plan
+from peftdecl.plan import ModelInfo, Plan
 
 
 class NotSupportedError(PeftdeclError, AttributeError):
@@ -118,31 +118,14 @@ def check_peft_options(method: str, options: dict[str, Any]) -> None:
         )
 
 
-# task types under which HF PEFT feeds prompt-learning adapters as a language model, as peftdecl does with none
-LM_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
-
-
 def base_model_fields(plan: Plan, info: ModelInfo) -> dict[str, Any]:
-    """The ``adapter_config.json`` fields HF PEFT fills from the base model, where the spec leaves them null:
-    ``base_model_name_or_path`` (the model's ``name_or_path``) and ``task_type`` (from the model's class; then
-    ``auto_mapping`` is null, as PEFT writes it; not for a spec that carries an ``auto_mapping``, which PEFT wrote
-    for a model wrapped without a task type). The task type is written only where it changes nothing the
-    adapter computes when loaded again: the same layers and modules_to_save (a head task adds its head to
-    modules_to_save), and for prompt learning only a language-model task."""
-    spec, fields = plan.spec, {}
-    if spec.base_model_name_or_path is None and info.name_or_path:
-        fields["base_model_name_or_path"] = info.name_or_path
-    task = info.task_type
-    if spec.task_type is not None or spec.auto_mapping is not None or task is None:
-        return fields  # a spec with an auto_mapping was saved by PEFT without a task type: it stays so
-    if plan.prompt is not None:
-        same = task in LM_TASKS
-    else:
-        again = compile_plan(spec.replace(task_type=task), info)
-        same = (again.layers, again.modules_to_save) == (plan.layers, plan.modules_to_save)
-    if same:
-        fields.update(task_type=task, auto_mapping=None)
-    return fields
+    """The ``adapter_config.json`` field HF PEFT fills from the base model where the spec leaves it null:
+    ``base_model_name_or_path`` (the model's ``name_or_path``), which ``AutoPeftModel*.from_pretrained`` loads the
+    base from. A null ``task_type`` stays null, as in PEFT's own save; the model's class is then recorded as
+    ``auto_mapping``, which is how ``AutoPeftModel`` rebuilds a model saved without a task type."""
+    if plan.spec.base_model_name_or_path is None and info.name_or_path:
+        return {"base_model_name_or_path": info.name_or_path}
+    return {}
 
 
 class PeftCompat:

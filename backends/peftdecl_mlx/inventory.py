@@ -117,8 +117,6 @@ def model_facts(model: nn.Module, layers: Mapping[str, LayerInfo]) -> dict[str, 
     args = getattr(model, "args", None)
     if args is None:
         return facts
-    if type(model).__module__.startswith("mlx_lm.models."):
-        facts["task_type"] = "CAUSAL_LM"  # mlx-lm's models are causal language models; it keeps no model path
     text = getattr(args, "text_config", None) or args
     if isinstance(text, dict):
         text = type("TextArgs", (), text)

@@ -125,33 +125,7 @@ def model_facts(model: nn.Module) -> dict[str, Any]:
         facts["name_or_path"] = (
             getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
         )
-        if type(model).__module__.startswith("transformers."):
-            facts["task_type"] = transformers_task_type(type(model).__name__, facts["is_encoder_decoder"])
     return facts
-
-
-# class-name endings of transformers' task heads -> HF PEFT's task type (the PeftModel class it maps to)
-TASK_SUFFIXES = (
-    ("ForCausalLM", "CAUSAL_LM"),  # PeftModelForCausalLM
-    ("LMHeadModel", "CAUSAL_LM"),  # GPT-2's name for its causal LM
-    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),  # PeftModelForSeq2SeqLM
-    ("ForSequenceClassification", "SEQ_CLS"),  # PeftModelForSequenceClassification
-    ("ForTokenClassification", "TOKEN_CLS"),  # PeftModelForTokenClassification
-    ("ForQuestionAnswering", "QUESTION_ANS"),  # PeftModelForQuestionAnswering
-)
-
-
-def transformers_task_type(class_name: str, is_encoder_decoder: bool) -> str | None:
-    """HF PEFT's task type for a transformers model class: by its head's name, ``*ForConditionalGeneration`` of an
-    encoder-decoder as SEQ_2_SEQ_LM, a bare ``*Model`` (no head) as FEATURE_EXTRACTION; None otherwise."""
-    for suffix, task in TASK_SUFFIXES:
-        if class_name.endswith(suffix):
-            return task
-    if class_name.endswith("ForConditionalGeneration") and is_encoder_decoder:
-        return "SEQ_2_SEQ_LM"
-    if class_name.endswith("Model") and "For" not in class_name and "Head" not in class_name:
-        return "FEATURE_EXTRACTION"
-    return None
 
 
 def numpy_model(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:

@@ -80,9 +80,6 @@ class ModelInfo:
     name_or_path: str | None = None
     """The base model's hub id or local folder (transformers' ``name_or_path``), saved as HF PEFT's
     ``base_model_name_or_path`` where the spec leaves it null."""
-    task_type: str | None = None
-    """HF PEFT's task type of the base model's class (CAUSAL_LM for a ``*ForCausalLM``, ...), saved where the
-    spec leaves it null (when that changes nothing the adapter computes)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
