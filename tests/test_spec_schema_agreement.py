@@ -122,3 +122,8 @@ def test_each_rule_not_expressible_is_described_in_the_schema() -> None:
     for peft_type, kind in SCHEMA["$defs"].items():
         for rule in not_expressible(peft_type):
             assert NOT_EXPRESSIBLE[rule] in kind["description"], (peft_type, rule)
+
+
+def test_published_schemas_are_valid_draft_2020_12() -> None:
+    for path in sorted((Path(__file__).parent.parent / "schemas").glob("*.schema.json")):
+        jsonschema.Draft202012Validator.check_schema(json.loads(path.read_text(encoding="utf-8")))
