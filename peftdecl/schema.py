@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from peftdecl.errors import PeftdeclError
 from peftdecl.spec import SPEC_TYPES, SpecBase
 from peftdecl.spec.limits import MAX_FINITE, MAX_STRING
 from peftdecl.spec.rules import NOT_EXPRESSIBLE, kind_rules, not_expressible
@@ -164,11 +165,15 @@ def write(out_dir: Path) -> list[Path]:
     """Write every schema file into ``out_dir`` (atomically, one file at a time)."""
     from peftdecl.formats.atomic import atomic_write_text
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in render_all().items():
-        atomic_write_text(out_dir / name, text)
-        written.append(out_dir / name)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in render_all().items():
+            atomic_write_text(out_dir / name, text)
+            written.append(out_dir / name)
+    except OSError as exc:  # under a file, on a file, read-only, ...: the folder is the user's input
+        reason = exc.strerror or str(exc)
+        raise PeftdeclError(f"{out_dir}: cannot write the schemas there: {reason}") from None
     return written
 
 
@@ -204,7 +209,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"schemas in {target} are up to date ({len(render_all())} files)")
         return 0
-    for path in write(target):
+    try:
+        written = write(target)
+    except PeftdeclError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
         print(path)
     return 0
 
