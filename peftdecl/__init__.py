@@ -73,7 +73,12 @@ def load_adapter(
     """Attach an adapter saved by HF PEFT or peftdecl (format detected from the folder).
 
     As HF PEFT's ``PeftModel.from_pretrained``: the adapter is for inference (frozen, the model in eval mode)
-    unless ``is_trainable=True``, which gives a trainable adapter and leaves the model's mode as it is."""
+    unless ``is_trainable=True``, which gives a trainable adapter and leaves the model's mode as it is. PEFT's
+    keyword ``adapter_name`` is accepted for ``name``."""
+    if "adapter_name" in options:
+        if name != "default":
+            raise TypeError("load_adapter() got 'name' and PEFT's 'adapter_name' for the same argument")
+        name = options.pop("adapter_name")
     model = _adapted(base_model, backend, options)
     model.load_adapter(directory, name, is_trainable, activate=True)
     return model

@@ -93,8 +93,8 @@ class AdaptedModel(PeftCompat):
     # -- adapters ------------------------------------------------------------------------------------------
     def add_adapter(
         self,
-        name: str,
-        spec: Any,
+        name: str | None = None,
+        spec: Any = None,
         *,
         seed: int = 0,
         activate: bool = False,
@@ -102,7 +102,10 @@ class AdaptedModel(PeftCompat):
         **peft_options: Any,
     ) -> Plan:
         """Compile ``spec`` for this model and attach it as ``name`` (initialised from ``seed`` unless ``arrays``).
-        ``peft_options``: PEFT's keywords, accepted where they ask for what peftdecl does."""
+        PEFT's keyword names ``adapter_name`` and ``peft_config`` are accepted for ``name`` and ``spec``;
+        ``peft_options``: PEFT's other keywords, accepted where they ask for what peftdecl does."""
+        name = _peft_alias("add_adapter", "name", name, "adapter_name", peft_options)
+        spec = _peft_alias("add_adapter", "spec", spec, "peft_config", peft_options)
         check_peft_options("add_adapter", peft_options)
         check_adapter_name(name)
         if name in self._plans:
@@ -126,7 +129,7 @@ class AdaptedModel(PeftCompat):
     def load_adapter(
         self,
         directory: str | Path,
-        name: str = "default",
+        name: str | None = None,
         is_trainable: bool = False,
         *,
         activate: bool = False,
@@ -136,8 +139,11 @@ class AdaptedModel(PeftCompat):
 
         As HF PEFT's ``load_adapter``: unless ``is_trainable``, the adapter is frozen (no tensor of it is trainable,
         whichever adapters are active) and the model is put in eval mode (dropout off); ``is_trainable=True`` gives
-        a trainable adapter and leaves the model's mode as it is. ``peft_options``: PEFT's other keywords, accepted
-        where they ask for what peftdecl does."""
+        a trainable adapter and leaves the model's mode as it is. PEFT's keyword ``adapter_name`` is accepted for
+        ``name`` (default "default"); ``peft_options``: PEFT's other keywords, accepted where they ask for what
+        peftdecl does."""
+        name = _peft_alias("load_adapter", "name", name, "adapter_name", peft_options, required=False)
+        name = hf_peft.DEFAULT_ADAPTER if name is None else name
         check_peft_options("load_adapter", peft_options)
         folder = Path(directory)
         check_adapter_name(name)  # before it becomes a path: "../x" must not read a sibling folder
@@ -377,6 +383,19 @@ class AdaptedModel(PeftCompat):
             return {}
         wanted = (self._info.word_embeddings, self._info.output_head)
         return {f"{m}.base_layer.weight": self._engine.base_weight(m) for m in wanted if m in plan.targets}
+
+
+def _peft_alias(
+    method: str, ours: str, value: Any, peft_name: str, options: dict[str, Any], required: bool = True
+) -> Any:
+    """``value``, or the same argument given under HF PEFT's keyword ``peft_name`` (removed from ``options``)."""
+    if peft_name not in options:
+        if value is None and required:
+            raise TypeError(f"{method}() missing required argument: {ours!r} (PEFT: {peft_name!r})")
+        return value
+    if value is not None:
+        raise TypeError(f"{method}() got {ours!r} and PEFT's {peft_name!r} for the same argument")
+    return options.pop(peft_name)
 
 
 def _module_of(key: str, modules: Sequence[str]) -> str | None:

@@ -151,3 +151,18 @@ def test_equiv_passes_on_the_example_with_dropout(tmp_path) -> None:
     assert peftdecl.load_spec(example).lora_dropout > 0
     report = run_equivalence(example, model_dir=tmp_path, backend_names=["numpy", "torch", "mlx"])
     assert report.passed, report.format()
+
+
+def test_peft_keyword_names_are_accepted(tmp_path) -> None:
+    """PEFT's ``adapter_name`` / ``peft_config`` keywords name the same arguments as peftdecl's positional ones."""
+    state = {"q.weight": np.linspace(-1, 1, 12).reshape(3, 4)}
+    spec = {"peft_type": "LORA", "r": 2, "target_modules": ["q"], "init_lora_weights": False}
+    model = peftdecl.attach(dict(state), spec)
+    model.add_adapter(adapter_name="other", peft_config={**spec, "r": 1})
+    model.save(tmp_path)
+    loaded = peftdecl.load_adapter(dict(state), tmp_path, adapter_name="other")
+    assert loaded.active_adapters == ["other"] and loaded.peft_config["other"].r == 1
+    loaded.load_adapter(tmp_path, adapter_name="again")
+    assert sorted(loaded.peft_config) == ["again", "other"]
+    with pytest.raises(TypeError, match="same argument"):
+        loaded.load_adapter(tmp_path, "x", adapter_name="y")
