@@ -25,6 +25,22 @@ def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+def make_model(seed: int = 0) -> peftdecl.AdaptedModel:
+    """A rank-2 LoRA (random, not zero-initialised) on two layers of a NumPy state dict."""
+    rng = np.random.default_rng(seed)
+    state = {"a.q.weight": rng.normal(size=(6, 4)), "a.v.weight": rng.normal(size=(3, 4))}
+    spec = {"peft_type": "LORA", "r": 2, "target_modules": ["q", "v"], "init_lora_weights": False}
+    return peftdecl.attach(state, spec, seed=seed)
+
+
+@pytest.fixture
+def saved(tmp_path) -> tuple[peftdecl.AdaptedModel, object]:
+    """``make_model()`` saved in HF layout to ``tmp_path / "ad"``: (model, folder)."""
+    model = make_model()
+    model.save(tmp_path / "ad")
+    return model, tmp_path / "ad"
+
+
 def rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
     """‖actual − expected‖ / ‖expected‖ (absolute when expected is zero)."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)

@@ -19,11 +19,11 @@ DEFAULT_EXAMPLES = 50
 DEFAULT_DEADLINE_MS = 5000
 
 
-def fuzz_examples() -> int:
-    """Examples per fuzz test: PEFTDECL_FUZZ_EXAMPLES when set (a positive integer), else DEFAULT_EXAMPLES."""
+def long_run_examples() -> int:
+    """PEFTDECL_FUZZ_EXAMPLES when set (a positive integer): the examples of a long run; 0 when unset (CI)."""
     raw = os.environ.get("PEFTDECL_FUZZ_EXAMPLES", "").strip()
     if not raw:
-        return DEFAULT_EXAMPLES
+        return 0
     try:
         value = int(raw)
     except ValueError as exc:
@@ -33,21 +33,26 @@ def fuzz_examples() -> int:
     return value
 
 
+FUZZ_EXAMPLES = long_run_examples()
+"""Examples per fuzz test in a long run (0: CI's bounded, derandomised count)."""
+
+
 def fuzz_deadline() -> timedelta:
     """Per-example deadline: PEFTDECL_FUZZ_DEADLINE_MS when set, else DEFAULT_DEADLINE_MS."""
     raw = os.environ.get("PEFTDECL_FUZZ_DEADLINE_MS", "").strip()
     return timedelta(milliseconds=int(raw) if raw else DEFAULT_DEADLINE_MS)
 
 
-def fuzz_settings(**overrides: object) -> settings:
-    """A hypothesis settings object for a fuzz test: bounded examples (env-raisable), a per-example deadline,
-    no example database (runs are reproducible from the printed seed, and CI leaves no files behind), and the
-    health checks that slow file-building strategies would trip turned off. Keyword overrides win."""
+def fuzz_settings(ci_examples: int = DEFAULT_EXAMPLES, **overrides: object) -> settings:
+    """A hypothesis settings object for a fuzz test: ``ci_examples`` derandomised examples in CI (the same inputs
+    every run), ``PEFTDECL_FUZZ_EXAMPLES`` random ones in a long run; a per-example deadline; no example database
+    (CI leaves no files behind; a failure prints its reproduction blob); and the health checks that slow
+    file-building strategies would trip turned off. Keyword overrides win."""
     options: dict[str, object] = {
-        "max_examples": fuzz_examples(),
+        "max_examples": FUZZ_EXAMPLES or ci_examples,
         "deadline": fuzz_deadline(),
         "database": None,
-        "derandomize": False,
+        "derandomize": not FUZZ_EXAMPLES,
         "print_blob": True,
         "suppress_health_check": [
             HealthCheck.too_slow,

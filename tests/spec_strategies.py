@@ -9,30 +9,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from typing import Any
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from peftdecl.schema import kind_schema
 from peftdecl.spec import SPEC_TYPES
-
-FUZZ_EXAMPLES = int(os.environ.get("PEFTDECL_FUZZ_EXAMPLES", "0") or 0)
-"""Examples per entry point for a long run (0: CI's bounded count)."""
-
-
-def fuzz_settings(ci_examples: int, deadline_ms: int) -> settings:
-    """``ci_examples`` derandomised examples in CI, ``FUZZ_EXAMPLES`` random ones when set; each example must finish
-    within ``deadline_ms`` (hypothesis fails the test with DeadlineExceeded otherwise)."""
-    return settings(
-        max_examples=FUZZ_EXAMPLES or ci_examples,
-        deadline=deadline_ms,
-        derandomize=not FUZZ_EXAMPLES,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-    )
-
 
 BASES: dict[str, dict[str, Any]] = {
     "LORA": {"peft_type": "LORA", "target_modules": ["q"]},

@@ -11,20 +11,6 @@ import peftdecl
 from peftdecl.errors import AdapterFileError, PeftdeclError, SpecError
 
 
-def make_model(seed: int = 0) -> peftdecl.AdaptedModel:
-    rng = np.random.default_rng(seed)
-    state = {"a.q.weight": rng.normal(size=(6, 4)), "a.v.weight": rng.normal(size=(3, 4))}
-    spec = {"peft_type": "LORA", "r": 2, "target_modules": ["q", "v"], "init_lora_weights": False}
-    return peftdecl.attach(state, spec, seed=seed)
-
-
-@pytest.fixture
-def saved(tmp_path):
-    model = make_model()
-    model.save(tmp_path / "ad")
-    return model, tmp_path / "ad"
-
-
 def test_roundtrip(saved) -> None:
     model, folder = saved
     again = peftdecl.load_adapter(dict(model.base_model), folder)

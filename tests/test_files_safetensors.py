@@ -17,23 +17,10 @@ from hypothesis import strategies as st
 import peftdecl
 from peftdecl.errors import AdapterFileError
 from peftdecl.formats.safetensors_io import MAX_HEADER_ITEMS, read_safetensors
+from tests.conftest import make_model
 from tests.fuzz_settings import fuzz_settings
 
 WEIGHTS = "adapter_model.safetensors"
-
-
-def make_model(seed: int = 0) -> peftdecl.AdaptedModel:
-    rng = np.random.default_rng(seed)
-    state = {"a.q.weight": rng.normal(size=(6, 4)), "a.v.weight": rng.normal(size=(3, 4))}
-    spec = {"peft_type": "LORA", "r": 2, "target_modules": ["q", "v"], "init_lora_weights": False}
-    return peftdecl.attach(state, spec, seed=seed)
-
-
-@pytest.fixture
-def saved(tmp_path: Path) -> tuple[peftdecl.AdaptedModel, Path]:
-    model = make_model()
-    model.save(tmp_path / "ad")
-    return model, tmp_path / "ad"
 
 
 def raw_file(header: object, data: bytes, declared: int | None = None) -> bytes:

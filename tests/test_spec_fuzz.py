@@ -33,9 +33,8 @@ import peftdecl
 from peftdecl.cli import REPORT_HINT
 from peftdecl.cli import main as cli_main
 from peftdecl.errors import PeftdeclError
+from tests.fuzz_settings import FUZZ_EXAMPLES, fuzz_settings
 from tests.spec_strategies import (
-    FUZZ_EXAMPLES,
-    fuzz_settings,
     json_text,
     mutated_specs,
     spec_bytes,
@@ -97,7 +96,7 @@ def _report() -> Iterator[None]:
 
 
 CI = 150
-LOAD = fuzz_settings(ci_examples=CI, deadline_ms=DEADLINE_MS)
+LOAD = fuzz_settings(CI, deadline=DEADLINE_MS)
 
 
 @LOAD
@@ -152,7 +151,7 @@ def test_load_spec_paths(case, as_path) -> None:
         run_case("load_spec(path)", lambda: peftdecl.load_spec(source))
 
 
-@fuzz_settings(ci_examples=CI, deadline_ms=DEADLINE_MS)
+@fuzz_settings(CI, deadline=DEADLINE_MS)
 @given(
     raw=st.one_of(spec_bytes(), mutated_specs().map(lambda d: json_text(d).encode())),
     suffix=st.sampled_from([".json", ".yaml", ""]),
@@ -179,7 +178,7 @@ TINY_STATE = {
 }
 
 
-@fuzz_settings(ci_examples=60, deadline_ms=DEADLINE_MS * 2)
+@fuzz_settings(60, deadline=DEADLINE_MS * 2)
 @given(data=mutated_specs(), seed=st.integers(0, 3))
 def test_attach_tiny_numpy_model(data, seed) -> None:
     model = run_case("attach(numpy)", lambda: peftdecl.attach(TINY_STATE, data, backend="numpy", seed=seed))

@@ -16,7 +16,8 @@ from hypothesis import given
 import peftdecl
 from peftdecl.errors import SpecError
 from peftdecl.spec.rules import ADALORA_SCHEDULE_RULE, IA3_SUBSET_RULE, REGEX_RULE, RESOURCE_RULE
-from tests.spec_strategies import fuzz_settings, mutated_specs
+from tests.fuzz_settings import fuzz_settings
+from tests.spec_strategies import mutated_specs
 
 SCHEMA = json.loads(
     (Path(__file__).parent.parent / "schemas" / "adapter.schema.json").read_text(encoding="utf-8")
@@ -55,7 +56,7 @@ def check_agreement(data: dict) -> str:
     return "accept"
 
 
-@fuzz_settings(ci_examples=300, deadline_ms=2000)
+@fuzz_settings(300, deadline=2000)
 @given(mutated_specs())
 def test_schema_and_load_spec_agree(data) -> None:
     SEEN[check_agreement(data)] += 1
