@@ -174,6 +174,7 @@ def test_every_kind_saved_by_real_peft(kind: str, tmp_path, capsys) -> None:
 
 
 def test_a_folder_written_by_mlx_lm(tmp_path, capsys) -> None:
+    pytest.importorskip("mlx_lm", reason="mlx-lm writes this folder (the mlx extra)")
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from tests.mlx_models import mx, tiny_llama, tree_flatten
