@@ -22,7 +22,6 @@ lora_alpha: 16
 target_modules: [q_proj, k_proj, v_proj, o_proj]
 init_lora_weights: false
 """
-PARITY_TOL = 1e-6  # files are float32; outputs after reload agree to float32 rounding
 
 
 def llama_state_dict(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int = 128,
