@@ -55,6 +55,11 @@ def _must(name: str, schema: dict[str, Any], message: str) -> dict[str, Any]:
     return {"properties": {name: {**schema, "x-error": message}}}
 
 
+def _positive_count(maximum: int, required_error: str) -> dict[str, Any]:
+    """A required field holding an integer in [1, maximum]; ``required_error`` is the message when it is missing."""
+    return {"type": "integer", "minimum": 1, "maximum": maximum, "x-required-error": required_error}
+
+
 def _exactly_one_nonzero(
     first: str, second: str, first_default: int, second_default: int
 ) -> list[dict[str, Any]]:
@@ -127,24 +132,18 @@ def kind_rules(peft_type: str) -> tuple[list[dict[str, Any]], list[str], dict[st
         )
     if peft_type == "ADALORA":
         required.append("total_step")
-        overrides["total_step"] = {
-            "type": "integer",
-            "minimum": 1,
-            "maximum": MAX_STEPS,
-            "x-required-error": "AdaLoRA needs total_step > 0 (the length of training)",
-        }
+        overrides["total_step"] = _positive_count(
+            MAX_STEPS, "AdaLoRA needs total_step > 0 (the length of training)"
+        )
     if peft_type == "OFT":
         rules.extend(_exactly_one_nonzero("r", "oft_block_size", 0, 32))
     if peft_type == "BOFT":
         rules.extend(_exactly_one_nonzero("boft_block_size", "boft_block_num", 4, 0))
     if peft_type in _PROMPT_KINDS:
         required.append("num_virtual_tokens")
-        overrides["num_virtual_tokens"] = {
-            "type": "integer",
-            "minimum": 1,
-            "maximum": MAX_DIM,
-            "x-required-error": "is required (a positive number of virtual tokens)",
-        }
+        overrides["num_virtual_tokens"] = _positive_count(
+            MAX_DIM, "is required (a positive number of virtual tokens)"
+        )
     if peft_type == "PROMPT_TUNING":
         text_needed = "is required when prompt_tuning_init is 'TEXT'"
         nonempty = {"type": "string", "minLength": 1, "x-error": text_needed}
