@@ -12,12 +12,14 @@ import importlib.util
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from peftdecl.adapter_book import AdapterBook
 from peftdecl.errors import BackendError, PeftdeclError
-from peftdecl.plan.ir import ModelInfo, Plan
+from peftdecl.options import EngineOptions
+from peftdecl.plan.ir import LayerPlan, ModelInfo, Plan
 
 ENTRY_POINT_GROUP = "peftdecl.backends"
 # Shipped in the peftdecl wheel; used when entry points are unavailable (e.g. running from a source tree).
@@ -45,6 +47,8 @@ class Capabilities:
     fused_kernels: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
     """Python modules the backend imports when created (checked without importing them)."""
+    quantizations: tuple[str, ...] = ()
+    """Quantised base layers (``LayerInfo.quantization`` values) the backend can adapt."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", MappingProxyType(dict(self.kinds)))
@@ -62,31 +66,130 @@ class Capabilities:
         return None
 
 
+ArrayT = TypeVar("ArrayT")
+LayerT = TypeVar("LayerT", contravariant=True)
+Params = Mapping[str, Any]
+"""A layer's adapter tensors by HF PEFT suffix (``lora_A.weight``), shared tensors (VeRA's) included."""
+
+
+@runtime_checkable
+class KindOps(Protocol[LayerT]):
+    """The math of one adapter kind on one backend: the same names and arguments on every backend.
+
+    ``lp`` is the layer's plan, ``layer`` the backend's handle on the adapted layer (its base weights, training
+    flag and the engine's generator for random draws), ``p`` the adapter's tensors, ``x`` the layer input.
+    Prompt learning (prefix and prompt tuning) acts on the model, not a layer, and has its own model-level ops.
+    """
+
+    kind: str
+    additive: bool
+    """True when the output is base(x) + Δ(x) (:class:`AdditiveOps`); otherwise :class:`ComposingOps`."""
+
+    def forward(self, lp: LayerPlan, layer: LayerT, p: Params, x: Any) -> Any:
+        """The whole layer output, base included, with only this adapter running."""
+        ...
+
+    def delta_weight(self, lp: LayerPlan, layer: LayerT, p: Params) -> Any:
+        """ΔW in the IR layout, such that merging gives W + ΔW (for multiplicative kinds: the merged W − W)."""
+        ...
+
+    def merge(self, lp: LayerPlan, layer: LayerT, p: Params, cache: dict[str, Any]) -> tuple[Any, Any]:
+        """(W, b) with the adapter folded into the current base weights; ``cache`` lives until the unmerge."""
+        ...
+
+    def unmerge(self, lp: LayerPlan, layer: LayerT, p: Params, cache: dict[str, Any]) -> tuple[Any, Any]:
+        """(W, b) with the adapter taken out again."""
+        ...
+
+
+@runtime_checkable
+class AdditiveOps(KindOps[LayerT], Protocol[LayerT]):
+    """A kind whose output is base(x) + Δ(x): it stacks with others by addition and runs in mixed batches."""
+
+    def delta(self, lp: LayerPlan, layer: LayerT, p: Params, x: Any) -> Any:
+        """Δ(x): the adapter's contribution to the layer output."""
+        ...
+
+
+@runtime_checkable
+class ComposingOps(KindOps[LayerT], Protocol[LayerT]):
+    """A kind that transforms the output built so far (OUTPUT) or the input the base reads (INPUT); see
+    :mod:`peftdecl.composition` for how several active adapters combine."""
+
+    input_order: Literal["active", "reversed"]
+
+    def composition(self, lp: LayerPlan) -> Literal["output", "input"]: ...
+    def compose_output(self, lp: LayerPlan, layer: LayerT, p: Params, x: Any, y: Any) -> Any:
+        """OUTPUT: y ← φ(x, y), the output so far transformed."""
+        ...
+
+    def compose_weight(self, lp: LayerPlan, layer: LayerT, p: Params, weight: Any) -> Any:
+        """INPUT: the weight the base operation runs with, W ↦ W Tᵀ for the input transform T."""
+        ...
+
+
+@runtime_checkable
+class ExplicitGradientOps(KindOps[LayerT], Protocol[LayerT]):
+    """A backend without autograd (the NumPy reference) also records a tape and runs the backward by hand."""
+
+    def record(self, lp: LayerPlan, layer: LayerT, p: Params, x: Any) -> tuple[Any, dict[str, Any]]:
+        """(the output of :meth:`forward`, the tape its backward needs)."""
+        ...
+
+    def backward(
+        self, lp: LayerPlan, layer: LayerT, p: Params, tape: dict[str, Any], dy: Any
+    ) -> tuple[Any, dict[str, Any]]:
+        """(dL/dx, dL/dp for every trainable tensor by name) from dL/dy."""
+        ...
+
+
+RngState = dict[str, np.ndarray]
+"""An engine generator's state as NumPy arrays (safetensors can store it in a training checkpoint)."""
+
+
 @runtime_checkable
 class Engine(Protocol):
-    """A backend's live state for one adapted model."""
+    """A backend's live state for one adapted model.
 
-    def add(self, name: str, plan: Plan, arrays: Mapping[str, np.ndarray]) -> None: ...
+    The engine reads the model's :class:`peftdecl.adapter_book.AdapterBook` (plans, active, merged, frozen,
+    enabled) and keeps no copy of it; ``sync()`` is called after the model changes the book."""
+
+    def add(self, name: str, plan: Plan, arrays: Mapping[str, np.ndarray]) -> None:
+        """Build the tensors of adapter ``name`` (already in the book) from ``arrays`` (IR keys)."""
+        ...
+
     def remove(self, name: str) -> None: ...
-    def set_active(self, names: tuple[str, ...]) -> None: ...
-    def set_enabled(self, enabled: bool) -> None: ...
-    def set_frozen(self, names: frozenset[str]) -> None:
-        """Adapters ``names`` are frozen: never trainable, even while active (an inference-mode load)."""
+    def replace_plan(self, name: str, plan: Plan) -> None:
+        """Adapter ``name`` now runs ``plan`` (same tensor shapes): its live parameters keep their identity."""
+        ...
+
+    def sync(self) -> None:
+        """The book changed (active set, enabled, frozen): bring trainability and modes in line."""
         ...
 
     def export(self, name: str) -> dict[str, np.ndarray]: ...
     def merge(self, names: tuple[str, ...]) -> None: ...
     def unmerge(self) -> None: ...
     def unload(self) -> Any: ...
-    def base_weight(self, module: str) -> np.ndarray: ...
+    def base_weight(self, module: str) -> np.ndarray:
+        """The base weight in the IR layout, as NumPy in its own dtype (float64 for the reference)."""
+        ...
+
     def load_base_weights(self, weights: Mapping[str, np.ndarray]) -> None: ...
     def forward(self, *args: Any, **kwargs: Any) -> Any: ...
-    def trainable_parameters(self, names: tuple[str, ...]) -> Any:
-        """The live trainable tensors of adapters ``names`` (and their modules_to_save copies). A flat mapping
-        is keyed by :func:`trainable_key`; a backend whose optimisers want a parameter tree (MLX) returns that."""
+    def trainable_parameters(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """The live trainable tensors of adapters ``names`` (and their modules_to_save copies), one flat mapping
+        keyed by :func:`trainable_key` on every backend; frozen adapters are left out."""
         ...
 
     def train(self, mode: bool) -> None: ...
+    def get_rng_state(self) -> RngState:
+        """The state of the engine's own generator (dropout masks and other draws)."""
+        ...
+
+    def set_rng_state(self, state: RngState) -> None:
+        """Restore a state returned by :meth:`get_rng_state`: the same draws follow."""
+        ...
 
 
 ADAPTER_KEY_SEPARATOR = "/"
@@ -174,7 +277,9 @@ class Backend(Protocol):
 
     def accepts(self, model: Any) -> bool: ...
     def inventory(self, model: Any, **options: Any) -> ModelInfo: ...
-    def create(self, model: Any, info: ModelInfo, **options: Any) -> Engine: ...
+    def create(
+        self, model: Any, info: ModelInfo, book: AdapterBook, options: EngineOptions, **model_options: Any
+    ) -> Engine: ...
 
 
 LayerCapture = dict[str, tuple[np.ndarray, np.ndarray]]

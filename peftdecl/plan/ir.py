@@ -33,6 +33,11 @@ class LayerInfo:
     padding: tuple[int, ...] = ()
     dilation: tuple[int, ...] = ()
     groups: int = 1
+    dtype: str | None = None
+    """The base weight's dtype as the framework names it (``float32``, ``bfloat16``); None where unknown."""
+    quantization: str | None = None
+    """How the base weight is quantised (``bnb_4bit``, ``bnb_8bit``, ``mlx_affine``, ``unknown``); None: it is
+    not. A backend refuses to adapt a layer whose quantisation its Capabilities do not list."""
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
