@@ -10,10 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import Backend, BackendEntry, Capabilities, Engine, backend_for, get_backend
 from peftdecl.backend import backends as _backends
 from peftdecl.errors import AdapterFileError, BackendError, PeftdeclError, SpecError, TargetError
 from peftdecl.model import AdaptedModel
+from peftdecl.options import EngineOptions
 from peftdecl.peft_compat import NotSupportedError
 from peftdecl.plan import ModelInfo, Plan, compile_plan
 from peftdecl.spec import AdapterSpec, load_spec
@@ -35,10 +37,8 @@ def _resolve_backend(base_model: Any, backend: str | Backend | None) -> Backend:
 
 
 def _adapted(base_model: Any, backend: str | Backend | None, options: dict[str, Any]) -> AdaptedModel:
-    chosen = _resolve_backend(base_model, backend)
-    info = chosen.inventory(base_model, **options)
-    engine = chosen.create(base_model, info, **options)
-    return AdaptedModel(chosen, engine, info, base_model)
+    engine_options = options.pop("engine_options", None)
+    return AdaptedModel.create(_resolve_backend(base_model, backend), base_model, engine_options, **options)
 
 
 def attach(
@@ -54,7 +54,9 @@ def attach(
 
     ``base_model`` is a torch ``nn.Module``, an ``mlx.nn.Module``, or (NumPy reference) a mapping of parameter
     names to arrays, with ``layer_types={module: type}`` where a 2-D weight is not a Linear. ``seed`` fixes the
-    initial numbers, identical on every backend.
+    initial numbers, identical on every backend. ``engine_options={...}`` sets
+    :class:`peftdecl.options.EngineOptions` fields (e.g. ``{"seed": 1, "fused": False}``); each defaults to its
+    ``PEFTDECL_<NAME>`` environment variable.
     """
     model = _adapted(base_model, backend, options)
     model.add_adapter(name, spec, seed=seed, activate=True)
@@ -74,7 +76,7 @@ def load_adapter(
 
     As HF PEFT's ``PeftModel.from_pretrained``: the adapter is for inference (frozen, the model in eval mode)
     unless ``is_trainable=True``, which gives a trainable adapter and leaves the model's mode as it is. PEFT's
-    keyword ``adapter_name`` is accepted for ``name``."""
+    keyword ``adapter_name`` is accepted for ``name``; ``engine_options`` as for :func:`attach`."""
     if "adapter_name" in options:
         if name != "default":
             raise TypeError("load_adapter() got 'name' and PEFT's 'adapter_name' for the same argument")
@@ -86,6 +88,7 @@ def load_adapter(
 
 __all__ = [
     "AdaptedModel",
+    "AdapterBook",
     "AdapterFileError",
     "AdapterSpec",
     "Backend",
@@ -93,6 +96,7 @@ __all__ = [
     "BackendError",
     "Capabilities",
     "Engine",
+    "EngineOptions",
     "ModelInfo",
     "NotSupportedError",
     "PeftdeclError",

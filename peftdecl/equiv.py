@@ -124,9 +124,7 @@ def checkpoint_state(directory: str | Path) -> dict[str, np.ndarray]:
 
 
 def _adapted(backend_name: str, model: Any, **options: Any) -> AdaptedModel:
-    backend = get_backend(backend_name)
-    info = backend.inventory(model, **options)
-    return AdaptedModel(backend, backend.create(model, info, **options), info, model)
+    return AdaptedModel.create(get_backend(backend_name), model, **options)
 
 
 def _numpy_options(info: ModelInfo, state: Mapping[str, np.ndarray]) -> dict[str, Any]:

@@ -9,19 +9,22 @@ writes or converts the wrapped model behind peftdecl's back.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from peftdecl.adapter_book import AdapterBook
+from peftdecl.adapter_files import embedding_copies, is_base_override, module_of
 from peftdecl.backend import Backend, Engine
+from peftdecl.compatibility import check_compatible, first_vera
 from peftdecl.errors import AdapterFileError, PeftdeclError
 from peftdecl.formats import hf_peft
 from peftdecl.formats.registry import detect_format, get_format, is_adapter_dir
 from peftdecl.init import EXTERNAL_SOURCES, SHARED_SOURCES, check_arrays, generator_for, init_params
 from peftdecl.names import check_adapter_name
+from peftdecl.options import EngineOptions
 from peftdecl.peft_compat import (
     BASE_READ_ONLY,
     NOT_SUPPORTED,
@@ -29,30 +32,66 @@ from peftdecl.peft_compat import (
     PeftCompat,
     base_model_fields,
     check_peft_options,
+    peft_alias,
 )
 from peftdecl.plan import ModelInfo, Plan, compile_plan
 from peftdecl.plan.compile import layouts
-from peftdecl.plan.kinds.vera import check_family as check_vera_family
 from peftdecl.plan.kinds.vera import inherit_projections
 from peftdecl.spec import SpecBase, load_spec
-
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 class AdaptedModel(PeftCompat):
     """A base model with named adapters attached through one backend."""
 
-    def __init__(self, backend: Backend, engine: Engine, info: ModelInfo, base_model: Any) -> None:
+    def __init__(
+        self, backend: Backend, engine: Engine, info: ModelInfo, base_model: Any, book: AdapterBook
+    ) -> None:
         self._backend = backend
         self._engine = engine
         self._info = info
         self._base_model = base_model
-        self._plans: dict[str, Plan] = {}
-        self._active: tuple[str, ...] = ()
-        self._merged: tuple[str, ...] = ()
-        self._frozen: set[str] = set()
-        self._enabled = True
-        """Adapters loaded for inference (``is_trainable=False``): never trainable, even while active."""
+        self._book = book
+        """The one record of plans, active, merged, frozen and enabled adapters; the engine reads it too."""
+
+    @classmethod
+    def create(
+        cls,
+        backend: Backend,
+        base_model: Any,
+        engine_options: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> AdaptedModel:
+        """``base_model`` adapted by ``backend``: its inventory, a new AdapterBook and an engine reading it.
+        ``engine_options``: :class:`peftdecl.options.EngineOptions` fields (defaults from the environment)."""
+        info = backend.inventory(base_model, **options)
+        book = AdapterBook()
+        engine = backend.create(base_model, info, book, EngineOptions.from_env(engine_options), **options)
+        return cls(backend, engine, info, base_model, book)
+
+    # the book's fields under the names PeftCompat and the methods below read
+    @property
+    def _plans(self) -> dict[str, Plan]:
+        return self._book.plans
+
+    @property
+    def _active(self) -> tuple[str, ...]:
+        return self._book.active
+
+    @property
+    def _merged(self) -> tuple[str, ...]:
+        return tuple(self._book.merged)
+
+    @property
+    def _frozen(self) -> set[str]:
+        return self._book.frozen
+
+    @property
+    def _enabled(self) -> bool:
+        return self._book.enabled
+
+    def _set_enabled(self, enabled: bool) -> None:
+        self._book.enabled = enabled
+        self._engine.sync()
 
     # -- introspection -------------------------------------------------------------------------------------
     @property
@@ -104,8 +143,8 @@ class AdaptedModel(PeftCompat):
         """Compile ``spec`` for this model and attach it as ``name`` (initialised from ``seed`` unless ``arrays``).
         PEFT's keyword names ``adapter_name`` and ``peft_config`` are accepted for ``name`` and ``spec``;
         ``peft_options``: PEFT's other keywords, accepted where they ask for what peftdecl does."""
-        name = _peft_alias("add_adapter", "name", name, "adapter_name", peft_options)
-        spec = _peft_alias("add_adapter", "spec", spec, "peft_config", peft_options)
+        name = peft_alias("add_adapter", "name", name, "adapter_name", peft_options)
+        spec = peft_alias("add_adapter", "spec", spec, "peft_config", peft_options)
         check_peft_options("add_adapter", peft_options)
         check_adapter_name(name)
         if name in self._plans:
@@ -113,15 +152,19 @@ class AdaptedModel(PeftCompat):
         if name == "__base__":
             raise PeftdeclError("'__base__' is reserved for rows without an adapter")
         plan = compile_plan(load_spec(spec), self._info, name)
-        self._check_compatible(plan)
+        check_compatible(self._plans, plan, self._backend.capabilities)
         if arrays is None:
             values = init_params(plan, seed, external=self._external_init(plan, seed))
         else:
             values = {k: np.asarray(v) for k, v in arrays.items()}
             check_arrays(plan, values, origin=f"adapter {name!r}")
         values = self._shared_family_arrays(plan, values)
-        self._engine.add(name, plan, values)
         self._plans[name] = plan
+        try:
+            self._engine.add(name, plan, values)
+        except BaseException:
+            del self._plans[name]
+            raise
         if activate or not self._active:
             self.set_adapter(name)
         return plan
@@ -142,7 +185,7 @@ class AdaptedModel(PeftCompat):
         a trainable adapter and leaves the model's mode as it is. PEFT's keyword ``adapter_name`` is accepted for
         ``name`` (default "default"); ``peft_options``: PEFT's other keywords, accepted where they ask for what
         peftdecl does."""
-        name = _peft_alias("load_adapter", "name", name, "adapter_name", peft_options, required=False)
+        name = peft_alias("load_adapter", "name", name, "adapter_name", peft_options, required=False)
         name = hf_peft.DEFAULT_ADAPTER if name is None else name
         check_peft_options("load_adapter", peft_options)
         folder = Path(directory)
@@ -153,8 +196,8 @@ class AdaptedModel(PeftCompat):
         spec, tensors = file_format.read(folder)
         plan = compile_plan(spec, self._info, name)
         arrays = file_format.to_ir(plan, tensors, self._info)
-        base_overrides = {k: v for k, v in arrays.items() if self._is_base_override(plan, k)}
-        saved_modules = {k: v for k, v in arrays.items() if _module_of(k, plan.modules_to_save)}
+        base_overrides = {k: v for k, v in arrays.items() if is_base_override(self._info, plan, k)}
+        saved_modules = {k: v for k, v in arrays.items() if module_of(k, plan.modules_to_save)}
         adapter_arrays = {
             k: v for k, v in arrays.items() if k not in base_overrides and k not in saved_modules
         }
@@ -166,14 +209,18 @@ class AdaptedModel(PeftCompat):
             except AdapterFileError as exc:
                 raise AdapterFileError(f"{origin}: {exc}") from exc
         check_arrays(plan, adapter_arrays, origin=str(origin))
-        self._check_compatible(plan)
+        check_compatible(self._plans, plan, self._backend.capabilities)
         if name in self._plans:
             raise PeftdeclError(f"an adapter named {name!r} is already attached")
         adapter_arrays = self._shared_family_arrays(plan, adapter_arrays)
         if base_overrides:
             self._engine.load_base_weights(base_overrides)
-        self._engine.add(name, plan, {**adapter_arrays, **saved_modules})
         self._plans[name] = plan
+        try:
+            self._engine.add(name, plan, {**adapter_arrays, **saved_modules})
+        except BaseException:
+            del self._plans[name]
+            raise
         self._set_frozen(name, not is_trainable)
         if activate or not self._active:
             self._activate((name,))
@@ -192,15 +239,15 @@ class AdaptedModel(PeftCompat):
         self._activate(wanted)
 
     def _activate(self, names: tuple[str, ...]) -> None:
-        self._engine.set_active(names)
-        self._active = names
+        self._book.active = names
+        self._engine.sync()
 
     def _set_frozen(self, name: str, frozen: bool) -> None:
         if frozen:
-            self._frozen.add(name)
+            self._book.frozen.add(name)
         else:
-            self._frozen.discard(name)
-        self._engine.set_frozen(frozenset(self._frozen))
+            self._book.frozen.discard(name)
+        self._engine.sync()
 
     def update_spec(self, name: str | None = None, **changes: Any) -> Plan:
         """Change config fields of an attached adapter whose tensors keep their shapes (e.g. AdaLoRA's
@@ -213,11 +260,12 @@ class AdaptedModel(PeftCompat):
         shapes = {k: p.shape for k, p in plan.param_specs().items()}
         if shapes != {k: p.shape for k, p in old.param_specs().items()}:
             raise PeftdeclError(f"update_spec{sorted(changes)} would change the tensors of adapter {name!r}")
-        arrays = self._engine.export(name)
-        self._engine.remove(name)
-        self._engine.add(name, plan, arrays)
-        self._engine.set_active(self._active)
         self._plans[name] = plan
+        try:
+            self._engine.replace_plan(name, plan)
+        except BaseException:
+            self._plans[name] = old
+            raise
         return plan
 
     def delete_adapter(self, name: str) -> None:
@@ -227,9 +275,9 @@ class AdaptedModel(PeftCompat):
             raise PeftdeclError(f"adapter {name!r} is merged; call unmerge() before deleting it")
         self._engine.remove(name)
         del self._plans[name]
-        self._set_frozen(name, False)
-        self._active = tuple(n for n in self._active if n != name)
-        self._engine.set_active(self._active)
+        self._book.frozen.discard(name)
+        self._book.active = tuple(n for n in self._active if n != name)
+        self._engine.sync()
 
     # -- merging -------------------------------------------------------------------------------------------
     def merge(self, names: str | Sequence[str] | None = None) -> None:
@@ -240,12 +288,12 @@ class AdaptedModel(PeftCompat):
                 raise PeftdeclError(f"adapter {name!r} is {self._plans[name].kind}, which cannot be merged")
         todo = tuple(n for n in wanted if n not in self._merged)
         self._engine.merge(todo)
-        self._merged += todo
+        self._book.merged.extend(todo)
 
     def unmerge(self) -> None:
         """Restore the base weights of every merged adapter."""
         self._engine.unmerge()
-        self._merged = ()
+        self._book.merged.clear()
 
     # -- saving --------------------------------------------------------------------------------------------
     def state_dict(self, name: str | None = None) -> dict[str, np.ndarray]:
@@ -278,7 +326,11 @@ class AdaptedModel(PeftCompat):
             if layout.to_file is not None and not file_format.lossless:
                 arrays, kind_fields = layout.to_file(plan, arrays)
                 extra = {**extra, **kind_fields}
-            payload[name] = (plan, {**arrays, **self._embedding_copies(plan)}, extra)
+            payload[name] = (
+                plan,
+                {**arrays, **embedding_copies(self._info, plan, self._engine.base_weight)},
+                extra,
+            )
         file_format.write(Path(directory), payload, dtype, self._info)
 
     # -- running -------------------------------------------------------------------------------------------
@@ -298,7 +350,7 @@ class AdaptedModel(PeftCompat):
     def trainable_parameters(self) -> Any:
         """Backend-native parameters of the active adapters that are not frozen (and their modules_to_save
         copies); an empty dict when there is none, e.g. after an inference-mode ``load_adapter``."""
-        names = tuple(n for n in self._active if n not in self._frozen)
+        names = self._book.trainable(self._active)
         return self._engine.trainable_parameters(names) if names else {}
 
     def __getattr__(self, attr: str) -> Any:
@@ -331,29 +383,11 @@ class AdaptedModel(PeftCompat):
             raise PeftdeclError(f"no adapter named {name!r}; attached: {sorted(self._plans)}")
         return name
 
-    def _first_vera(self, plan: Plan) -> str | None:
-        """The first VeRA adapter attached, when ``plan`` is a later one (they share its projections)."""
-        if plan.kind != "vera":
-            return None
-        return next((n for n, p in self._plans.items() if p.kind == "vera"), None)
-
     def _shared_family_arrays(self, plan: Plan, arrays: dict[str, Any]) -> dict[str, Any]:
-        first = self._first_vera(plan)
+        first = first_vera(self._plans, plan)
         return (
             arrays if first is None else inherit_projections(first, self._engine.export(first), plan, arrays)
         )
-
-    def _check_compatible(self, plan: Plan) -> None:
-        first = self._first_vera(plan)
-        if first is not None:
-            check_vera_family(first, self._plans[first], plan)
-        caps = self._backend.capabilities
-        for layer in plan.layers:
-            reason = caps.why_not(layer.kind, layer.layer.type)
-            if reason:
-                raise PeftdeclError(f"{layer.module}: {reason}")
-        if plan.prompt is not None and caps.why_not(plan.kind):
-            raise PeftdeclError(caps.why_not(plan.kind) or "")
 
     def _external_init(self, plan: Plan, seed: int = 0) -> Any:
         def supply(key: str, spec: Any, drawn: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -368,38 +402,3 @@ class AdaptedModel(PeftCompat):
             return EXTERNAL_SOURCES[source](self._engine.base_weight(module), layer, own)
 
         return supply
-
-    def _is_base_override(self, plan: Plan, key: str) -> bool:
-        return key.endswith(".base_layer.weight") or (
-            key.endswith(".weight")
-            and key[: -len(".weight")] in (self._info.word_embeddings, self._info.output_head)
-            and not _module_of(key, plan.modules_to_save)
-        )
-
-    def _embedding_copies(self, plan: Plan) -> dict[str, np.ndarray]:
-        # When an embedding-named module is targeted, PEFT also saves the base weight of each targeted
-        # input/output embedding, as <module>.base_layer.weight.
-        if not any(re.match(rf"(.*\.)?({'|'.join(EMBEDDING_LAYER_NAMES)})$", m) for m in plan.targets):
-            return {}
-        wanted = (self._info.word_embeddings, self._info.output_head)
-        return {f"{m}.base_layer.weight": self._engine.base_weight(m) for m in wanted if m in plan.targets}
-
-
-def _peft_alias(
-    method: str, ours: str, value: Any, peft_name: str, options: dict[str, Any], required: bool = True
-) -> Any:
-    """``value``, or the same argument given under HF PEFT's keyword ``peft_name`` (removed from ``options``)."""
-    if peft_name not in options:
-        if value is None and required:
-            raise TypeError(f"{method}() missing required argument: {ours!r} (PEFT: {peft_name!r})")
-        return value
-    if value is not None:
-        raise TypeError(f"{method}() got {ours!r} and PEFT's {peft_name!r} for the same argument")
-    return options.pop(peft_name)
-
-
-def _module_of(key: str, modules: Sequence[str]) -> str | None:
-    for module in modules:
-        if key.startswith(module + "."):
-            return module
-    return None

@@ -144,6 +144,7 @@ class PeftCompat:
 
         def _name(self, name: str | None) -> str: ...
         def _set_frozen(self, name: str, frozen: bool) -> None: ...
+        def _set_enabled(self, enabled: bool) -> None: ...
         def merge(self, names: str | Sequence[str] | None = None) -> None: ...
         def unmerge(self) -> None: ...
         def save(self, directory: str | Path, format: str = "hf", **options: Any) -> None: ...
@@ -211,19 +212,16 @@ class PeftCompat:
         try:
             yield
         finally:
-            self._enabled = was
-            self._engine.set_enabled(was)
+            self._set_enabled(was)
 
     def disable_adapter_layers(self) -> None:
         """Turn every adapter off until :meth:`enable_adapter_layers` (merged ones are unmerged, as PEFT does)."""
         if self._merged:
             self.unmerge()
-        self._enabled = False
-        self._engine.set_enabled(False)
+        self._set_enabled(False)
 
     def enable_adapter_layers(self) -> None:
-        self._enabled = True
-        self._engine.set_enabled(True)
+        self._set_enabled(True)
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
         """Fold the adapters (default: the active ones) into the base weights."""
@@ -349,3 +347,16 @@ class PeftCompat:
             return self.to(dtype)  # raises the explanation
         caster(dtype)
         return self
+
+
+def peft_alias(
+    method: str, ours: str, value: Any, peft_name: str, options: dict[str, Any], required: bool = True
+) -> Any:
+    """``value``, or the same argument given under HF PEFT's keyword ``peft_name`` (removed from ``options``)."""
+    if peft_name not in options:
+        if value is None and required:
+            raise TypeError(f"{method}() missing required argument: {ours!r} (PEFT: {peft_name!r})")
+        return value
+    if value is not None:
+        raise TypeError(f"{method}() got {ours!r} and PEFT's {peft_name!r} for the same argument")
+    return options.pop(peft_name)

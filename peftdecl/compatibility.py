@@ -1,0 +1,39 @@
+"""Whether a compiled plan can join the adapters already attached, on this backend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from peftdecl.backend import Capabilities
+from peftdecl.errors import BackendError, PeftdeclError
+from peftdecl.plan import Plan
+from peftdecl.plan.kinds.vera import check_family as check_vera_family
+
+
+def first_vera(attached: Mapping[str, Plan], plan: Plan) -> str | None:
+    """The first VeRA adapter of ``attached``, when ``plan`` is a later one (they share its projections)."""
+    if plan.kind != "vera":
+        return None
+    return next((name for name, p in attached.items() if p.kind == "vera"), None)
+
+
+def check_compatible(attached: Mapping[str, Plan], plan: Plan, caps: Capabilities) -> None:
+    """Refuse ``plan`` when the backend (``caps``) cannot run a layer of it, when a base layer it adapts is
+    quantised in a way the backend does not handle, or when a VeRA plan does not fit the first VeRA's projections."""
+    first = first_vera(attached, plan)
+    if first is not None:
+        check_vera_family(first, attached[first], plan)
+    for layer in plan.layers:
+        reason = caps.why_not(layer.kind, layer.layer.type)
+        if reason:
+            raise PeftdeclError(f"{layer.module}: {reason}")
+    if plan.prompt is not None and caps.why_not(plan.kind):
+        raise PeftdeclError(caps.why_not(plan.kind) or "")
+    for layer in plan.layers:
+        quantization = layer.layer.quantization
+        if quantization is not None and quantization not in caps.quantizations:
+            raise BackendError(
+                f"{layer.module}: the base layer is quantised ({quantization}); the {caps.name} backend adapts "
+                f"{', '.join(caps.quantizations) or 'no quantised layers'}: dequantise it or leave it out of "
+                "target_modules"
+            )
