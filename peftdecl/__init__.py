@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 
 def backends() -> dict[str, BackendEntry]:
-    """Installed backends and what each supports; torch, CuPy and MLX are not imported."""
+    """Installed backends and what each supports; no backend's framework (torch, MLX) is imported."""
     return _backends()
 
 

@@ -1,7 +1,7 @@
 """The backend contract: a ``Backend`` builds an ``Engine`` per model; both are typed Protocols.
 
 Backends are found through the entry-point group ``peftdecl.backends`` and imported lazily: listing them reads
-each one's static :class:`Capabilities` without importing torch, CuPy or MLX.
+each one's static :class:`Capabilities` without importing its framework (torch, MLX).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Resource limits (checked while reading, before the schema):
 
 - ``MAX_DOCUMENT_BYTES``: a spec file, text or bytes is at most 1 MiB (PEFT's configs are ~2 KiB; AdaLoRA's
   rank masks of a large model reach a few hundred KiB); YAML text at most ``MAX_YAML_CHARS`` 256 Ki characters
-  (YAML is for hand-written specs and parses ~20x slower than JSON).
+  (YAML is for hand-written specs and parses far slower than JSON).
 - ``MAX_DEPTH``: values nest at most 32 levels (the deepest real field, ``layer_replication``, uses 3).
 - ``MAX_NODES``: at most 100,000 values in a spec after YAML aliases are expanded (a "billion laughs" document
   expands past this in microseconds of counting, before anything is built).
