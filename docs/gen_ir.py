@@ -94,6 +94,23 @@ def examples() -> dict[str, dict[str, dict[str, Any]]]:
     }
 
 
+def declaration(kind: str) -> list[str]:
+    """The kind's registry entry in a few lines (nothing without the registry)."""
+    try:
+        from peftdecl.kinds import get_kind
+
+        decl = get_kind(kind)
+    except (ImportError, KeyError):
+        return []
+    layers = ", ".join(decl.layer_types) or "none (model-level)"
+    facts = [
+        f"{cell(decl.summary)}." if decl.summary else "",
+        f"`peft_type` {code(decl.peft_type)}; composition {code(decl.composition)}; layer types: {layers}.",
+        f"Tensors: {', '.join(code(t) for t in decl.tensor_names)}." if decl.tensor_names else "",
+    ]
+    return [" ".join(f for f in facts if f), ""]
+
+
 def compile_example(layer_type: str, spec: Mapping[str, Any]) -> Any:
     """The plan of ``spec`` on the tiny layer of ``layer_type`` (its target modules renamed to ``m``)."""
     import numpy as np
@@ -155,7 +172,7 @@ def kind_section(kind: str, cases: Mapping[str, Mapping[str, Any]]) -> list[str]
     """One kind: its example spec, then the layer plans (or prompt plan) and the tensors they hold."""
     plans = {layer: compile_example(layer, spec) for layer, spec in cases.items()}
     specs = {json.dumps(dict(spec), sort_keys=True) for spec in cases.values()}
-    lines = [f"### {kind}", ""]
+    lines = [f"### {kind}", "", *declaration(kind)]
     if len(specs) == 1:
         lines += [f"Compiled from {code(next(iter(specs)))}.", ""]
     if "model" in plans:
@@ -261,9 +278,11 @@ def render_generated() -> str:
     lines += [
         "## Per-kind plans (generated)",
         "",
-        "Each kind's example spec compiled on a one-layer NumPy state dict (module `m`; convolutions padded by 1);",
-        "shapes follow from the layer shown. `options` are the kind-specific settings a backend reads from",
-        "`LayerPlan.options`; tensor names are HF PEFT's state-dict suffixes, so a tensor's key is `m.<tensor>`.",
+        "Each kind's declaration in the kind registry (`peftdecl.kinds`), then its example spec (the registry's,",
+        "which tests use too) compiled on a one-layer NumPy state dict (module `m`; convolutions padded by 1).",
+        "Shapes follow from the layer shown; the init rules follow from the spec's init field (the examples",
+        "initialise at random, so that tests see a non-zero adapter). `options` are the kind-specific settings a",
+        "backend reads from `LayerPlan.options`; a tensor's key is `m.<tensor>`.",
         "",
     ]
     for kind, cases in examples().items():
