@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, Protocol, TypeVar
 
 import msgspec
 from msgspec import Meta
 
+from peftdecl._json import JsonObject
 from peftdecl.errors import SpecError
 from peftdecl.spec.limits import MAX_ALPHA, MAX_DIM, MAX_FINITE, MAX_PATTERNS, MAX_RANK
 
@@ -70,6 +71,8 @@ AlphaPattern = Annotated[
 ]
 
 
+_S = TypeVar("_S", bound="SpecBase")
+
 _DEFER_CHECKS = contextvars.ContextVar("peftdecl_defer_spec_checks", default=False)
 
 
@@ -104,7 +107,7 @@ class SpecBase(
     peft_version: str | None = None
     modules_to_save: ModulesToSave = None
 
-    UNSUPPORTED: ClassVar[dict[str, Any]] = {}
+    UNSUPPORTED: ClassVar[dict[str, object]] = {}
     """Field name -> the only value peftdecl accepts (HF PEFT's default)."""
 
     def __post_init__(self) -> None:
@@ -146,20 +149,28 @@ class SpecBase(
         """Kind-specific consistency checks; subclasses extend."""
         return []
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         """Every field, JSON-ready, with ``peft_type`` included (as HF PEFT writes a config)."""
-        return msgspec.json.decode(msgspec.json.encode(self))
+        decoded: JsonObject = msgspec.json.decode(msgspec.json.encode(self))
+        return decoded
 
-    def replace(self, **changes: Any) -> SpecBase:
+    def replace(self: _S, **changes: object) -> _S:
         """A copy with ``changes`` applied and checked again."""
         return msgspec.structs.replace(self, **changes)
 
 
-def _show(value: Any) -> str:
+def _show(value: object) -> str:
     return msgspec.json.encode(value).decode()
 
 
-def targeting_problems(spec: Any) -> list[tuple[str, str]]:
+class Targeted(Protocol):
+    """A spec with HF PEFT's ``target_modules`` field (the layer-selecting kinds)."""
+
+    @property
+    def target_modules(self) -> str | tuple[str, ...] | None: ...
+
+
+def targeting_problems(spec: Targeted) -> list[tuple[str, str]]:
     """HF PEFT's rules tying ``layers_to_transform``, ``layers_pattern`` and a regex ``target_modules``."""
     found = []
     layers_to_transform = getattr(spec, "layers_to_transform", None)

@@ -13,15 +13,16 @@ import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
+from peftdecl._json import JsonValue
 from peftdecl.errors import SpecError
 from peftdecl.spec.limits import MAX_DEPTH, MAX_DOCUMENT_BYTES
 
 _SPEC_SUFFIXES = (".json", ".yaml", ".yml")
 
 
-def read_source(source: Any) -> tuple[Any, str | None]:
+def read_source(source: object) -> tuple[JsonValue, str | None]:
     """``(parsed data, origin)`` of any source :func:`~peftdecl.load_spec` accepts; origin names the file or object."""
     if isinstance(source, Mapping):
         return source, None
@@ -45,8 +46,8 @@ def read_source(source: Any) -> tuple[Any, str | None]:
     raise SpecError([("$", f"cannot read a spec from a {type(source).__name__}")])
 
 
-def _read_path(source: str | os.PathLike[str]) -> tuple[Any, str]:
-    path: Any = source
+def _read_path(source: str | os.PathLike[str]) -> tuple[JsonValue, str]:
+    path: str | os.PathLike[str] = source
     try:
         path = Path(source)
         if path.is_dir():
@@ -73,7 +74,7 @@ def _read_path(source: str | os.PathLike[str]) -> tuple[Any, str]:
     return parse_text(_decode(raw, origin), path.suffix.lower(), origin), origin
 
 
-def _show_path(source: Any) -> str:
+def _show_path(source: object) -> str:
     text = os.fspath(source) if isinstance(source, (str, os.PathLike)) else str(source)
     text = str(text).replace("\x00", "\\x00")
     return text if len(text) <= 200 else text[:120] + "..." + text[-40:]
@@ -104,7 +105,7 @@ def _looks_like_path(text: str) -> bool:
         return False
 
 
-def parse_text(text: str, suffix: str | None, origin: str | None) -> Any:
+def parse_text(text: str, suffix: str | None, origin: str | None) -> JsonValue:
     """JSON or YAML text -> data. YAML unless the suffix is .json or the text starts like a JSON document."""
     if suffix in (".yaml", ".yml") or (suffix != ".json" and not text.lstrip().startswith(("{", "["))):
         from peftdecl.spec._yaml import load_yaml
@@ -113,11 +114,11 @@ def parse_text(text: str, suffix: str | None, origin: str | None) -> Any:
     return _load_json(text, origin)
 
 
-def _refuse_constant(name: str) -> Any:
+def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON value (numbers must be finite)")
 
 
-def _load_json(text: str, origin: str | None) -> Any:
+def _load_json(text: str, origin: str | None) -> JsonValue:
     try:
         return json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:

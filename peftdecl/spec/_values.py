@@ -14,8 +14,8 @@ import enum
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any
 
+from peftdecl._json import JsonValue
 from peftdecl.errors import SpecError
 from peftdecl.spec.limits import MAX_DEPTH, MAX_INT, MAX_NODES, MAX_STRING, MIN_INT
 
@@ -27,7 +27,7 @@ class _FaultError(Exception):
         self.message = message
 
 
-def plain_json(data: Any, origin: str | None = None) -> Any:
+def plain_json(data: object, origin: str | None = None) -> JsonValue:
     """``data`` as plain JSON values (dict, list, str, int, float, bool, None), or a SpecError at the first fault."""
     counter = [0]
     try:
@@ -36,7 +36,7 @@ def plain_json(data: Any, origin: str | None = None) -> Any:
         raise SpecError([(fault.path, fault.message)], origin) from None
 
 
-def _plain(value: Any, path: str, depth: int, counter: list[int]) -> Any:
+def _plain(value: object, path: str, depth: int, counter: list[int]) -> JsonValue:
     counter[0] += 1
     if counter[0] > MAX_NODES:
         raise _FaultError("$", f"more than {MAX_NODES} values in one spec")
@@ -88,12 +88,12 @@ def _plain(value: Any, path: str, depth: int, counter: list[int]) -> Any:
     )
 
 
-def _order(item: Any) -> tuple[str, str]:
+def _order(item: object) -> tuple[str, str]:
     # sets from PEFT hold strings; mixed sets still get one deterministic order
     return (type(item).__name__, repr(item))
 
 
-def _short(value: Any) -> str:
+def _short(value: object) -> str:
     try:
         text = repr(value)
     except Exception:  # a repr that fails (or an int past the digit limit) must not hide the real problem

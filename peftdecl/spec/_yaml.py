@@ -14,10 +14,11 @@ dates), follows recursive aliases, and expands a "billion laughs" document into 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import NoReturn, Protocol
 
 import yaml
 
+from peftdecl._json import JsonValue
 from peftdecl.errors import SpecError
 from peftdecl.spec.limits import MAX_DEPTH, MAX_NODES, MAX_YAML_CHARS
 
@@ -39,7 +40,7 @@ class _BoundedLoader(yaml.SafeLoader):
         super().__init__(stream)
         self._depth = 0
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
@@ -54,19 +55,19 @@ class _RefusedError(Exception):
     """Raised inside the loader; turned into a SpecError naming the source."""
 
 
-def _refuse(loader: Any, node: yaml.Node) -> Any:
+def _refuse(loader: yaml.SafeLoader | yaml.CSafeLoader, node: yaml.Node) -> NoReturn:
     raise _RefusedError(
         f"YAML tag {node.tag!r} (line {node.start_mark.line + 1}) is not allowed in a spec; "
         "use plain strings, numbers, booleans, null, lists and mappings"
     )
 
 
-_LOADERS: list[type] = [_BoundedLoader]
+_LOADERS: list[type[yaml.SafeLoader] | type[yaml.CSafeLoader]] = [_BoundedLoader]
 if getattr(yaml, "__with_libyaml__", False):
     # libyaml scans and composes ~10x faster; its composer recurses in C, so the event pre-scan in load_yaml
     # bounds the depth before it runs
 
-    class _CBoundedLoader(yaml.CSafeLoader):  # type: ignore[name-defined,misc]
+    class _CBoundedLoader(yaml.CSafeLoader):
         """libyaml's safe loader with the same resolvers and constructors."""
 
         yaml_implicit_resolvers = _RESOLVERS
@@ -80,7 +81,7 @@ for _loader in _LOADERS:
 _LOADER = _LOADERS[0]
 
 
-def prescan(text: str, loader: type = _BoundedLoader) -> int:
+def prescan(text: str, loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = _BoundedLoader) -> int:
     """Walk the YAML event stream once (iteratively) and refuse nesting past MAX_DEPTH or more than MAX_NODES
     nodes written out, before anything is composed; returns the node count."""
     depth = count = 0
@@ -92,9 +93,7 @@ def prescan(text: str, loader: type = _BoundedLoader) -> int:
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH:
-                raise _RefusedError(
-                    f"nested deeper than {MAX_DEPTH} levels (line {event.start_mark.line + 1})"
-                )
+                raise _RefusedError(f"nested deeper than {MAX_DEPTH} levels{_line(event.start_mark)}")
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
     return count
@@ -139,7 +138,7 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
-def load_yaml(text: str, origin: str | None) -> Any:
+def load_yaml(text: str, origin: str | None) -> JsonValue:
     """Parse one YAML document within the bounds above; every failure is a SpecError naming ``origin``."""
     if len(text) > MAX_YAML_CHARS:
         raise SpecError(
@@ -165,6 +164,17 @@ def load_yaml(text: str, origin: str | None) -> Any:
     finally:
         if loader is not None:
             loader.dispose()
+
+
+class _Mark(Protocol):
+    """Where an event starts (PyYAML's Python and libyaml marks alike)."""
+
+    @property
+    def line(self) -> int: ...
+
+
+def _line(mark: _Mark | None) -> str:
+    return "" if mark is None else f" (line {mark.line + 1})"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, ClassVar
 
 from msgspec import Meta
 
 from peftdecl.spec._base import Rank
 from peftdecl.spec.limits import MAX_FINITE, MAX_STEPS
-from peftdecl.spec.lora import LoraSpec
+from peftdecl.spec.lora import LowRankSpec
 
 
-class AdaLoraSpec(LoraSpec, tag="ADALORA"):
+class AdaLoraSpec(LowRankSpec, tag="ADALORA", frozen=True):
     """SVD-shaped LoRA whose per-layer rank shrinks from ``init_r`` to a total budget of ``target_r`` per layer."""
 
     rank_pattern: Annotated[
@@ -35,7 +35,7 @@ class AdaLoraSpec(LoraSpec, tag="ADALORA"):
         Meta(description="Total training steps (required, > 0)."),
     ] = None
 
-    UNSUPPORTED: ClassVar[dict[str, Any]] = {**LoraSpec.UNSUPPORTED, "use_dora": False}
+    UNSUPPORTED: ClassVar[dict[str, object]] = {**LowRankSpec.UNSUPPORTED, "use_dora": False}
 
     @property
     def kind(self) -> str:

@@ -9,7 +9,7 @@ from msgspec import Meta
 from peftdecl.spec._base import ExcludeModules, SpecBase, TargetModules
 
 
-class IA3Spec(SpecBase, tag="IA3"):
+class IA3Spec(SpecBase, tag="IA3", frozen=True):
     """Infused adapter: y = (W x + b) ⊙ l for attention modules, y = W (x ⊙ l) + b for feed-forward ones."""
 
     target_modules: TargetModules = None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
 from msgspec import Meta
 
+from peftdecl._json import JsonObject
 from peftdecl.spec._base import (
     Alpha,
     AlphaPattern,
@@ -26,8 +28,13 @@ LORA_INITS_SUPPORTED = (True, False, "gaussian")
 LORA_INITS_KNOWN = ("eva", "olora", "pissa", "corda", "loftq", "lora_ga", "orthogonal", "mica")
 
 
-class LoraSpec(SpecBase, tag="LORA"):
-    """Low-rank adaptation: ΔW = s · B A with A ∈ R^{r×in}, B ∈ R^{out×r}."""
+class LowRankSpec(SpecBase, frozen=True):
+    """The fields LoRA and AdaLoRA share (not a kind itself: it has no ``peft_type``).
+
+    ``rank_pattern`` means different things in the two kinds (LoRA: a rank per module pattern; AdaLoRA: the
+    kept-rank mask of each layer, written by training), so each kind narrows its type; declaring it here keeps
+    its place among the fields (and so in the schemas and saved configs) the same in both.
+    """
 
     r: Annotated[Rank, Meta(description="Rank of the update.")] = 8
     target_modules: TargetModules = None
@@ -49,7 +56,7 @@ class LoraSpec(SpecBase, tag="LORA"):
     ] = True
     layers_to_transform: LayersToTransform = None
     layers_pattern: LayersPattern = None
-    rank_pattern: RankPattern = {}
+    rank_pattern: Mapping[str, int | tuple[bool, ...]] | None = None
     alpha_pattern: AlphaPattern = {}
     use_dora: Annotated[
         bool,
@@ -57,27 +64,27 @@ class LoraSpec(SpecBase, tag="LORA"):
     ] = False
     lora_bias: Annotated[bool, Meta(description="Give lora_B a trainable bias.")] = False
     # HF PEFT fields peftdecl does not implement; accepted only at their default.
-    megatron_config: dict[str, Any] | None = None
+    megatron_config: JsonObject | None = None
     megatron_core: str | None = "megatron.core"
-    trainable_token_indices: Any = None
-    loftq_config: dict[str, Any] = {}
-    eva_config: dict[str, Any] | None = None
-    corda_config: dict[str, Any] | None = None
-    lora_ga_config: dict[str, Any] | None = None
-    velora_config: dict[str, Any] | None = None
+    trainable_token_indices: Any = None  # HF PEFT: a list of ids or a dict of lists; only null accepted
+    loftq_config: JsonObject = {}
+    eva_config: JsonObject | None = None
+    corda_config: JsonObject | None = None
+    lora_ga_config: JsonObject | None = None
+    velora_config: JsonObject | None = None
     alora_invocation_tokens: tuple[int, ...] | None = None
     use_qalora: bool = False
     qalora_group_size: PositiveInt = 16
-    monteclora_config: dict[str, Any] | None = None
+    monteclora_config: JsonObject | None = None
     layer_replication: tuple[tuple[int, int], ...] | None = None
-    runtime_config: dict[str, Any] | None = None
+    runtime_config: JsonObject | None = None
     target_parameters: tuple[str, ...] | None = None
-    use_bdlora: dict[str, Any] | None = None
-    arrow_config: dict[str, Any] | None = None
-    kasa_config: dict[str, Any] | None = None
+    use_bdlora: JsonObject | None = None
+    arrow_config: JsonObject | None = None
+    kasa_config: JsonObject | None = None
     ensure_weight_tying: bool = False
 
-    UNSUPPORTED: ClassVar[dict[str, Any]] = {
+    UNSUPPORTED: ClassVar[dict[str, object]] = {
         "bias": "none",
         "megatron_config": None,
         "trainable_token_indices": None,
@@ -96,10 +103,6 @@ class LoraSpec(SpecBase, tag="LORA"):
         "kasa_config": None,
         "ensure_weight_tying": False,
     }
-
-    @property
-    def kind(self) -> str:
-        return "dora" if self.use_dora else "lora"
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         found = targeting_problems(self)
@@ -120,3 +123,13 @@ class LoraSpec(SpecBase, tag="LORA"):
         if self.lora_bias and init not in (True, False):
             found.append(("$.lora_bias", "needs init_lora_weights to be true or false"))
         return found
+
+
+class LoraSpec(LowRankSpec, tag="LORA", frozen=True):
+    """Low-rank adaptation: ΔW = s · B A with A ∈ R^{r×in}, B ∈ R^{out×r}."""
+
+    rank_pattern: RankPattern = {}
+
+    @property
+    def kind(self) -> str:
+        return "dora" if self.use_dora else "lora"

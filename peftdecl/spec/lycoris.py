@@ -22,8 +22,12 @@ from peftdecl.spec._base import (
 from peftdecl.spec.limits import MAX_RANK
 
 
-class LoHaSpec(SpecBase, tag="LOHA"):
-    """Low-rank Hadamard product: ΔW = ((w1a · w1b) ⊙ (w2a · w2b)) · alpha / r."""
+class LycorisSpec(SpecBase, frozen=True):
+    """The fields LoHa and LoKr share (not a kind itself: it has no ``peft_type``).
+
+    ``init_weights`` is declared here with every value either kind accepts, so it keeps its place among the
+    fields in both; LoHa narrows it to a bool.
+    """
 
     rank_pattern: RankPattern = {}
     alpha_pattern: AlphaPattern = {}
@@ -36,7 +40,7 @@ class LoHaSpec(SpecBase, tag="LOHA"):
     ] = False
     target_modules: TargetModules = None
     exclude_modules: ExcludeModules = None
-    init_weights: Annotated[bool, Meta(description="true: w2b = 0 (a no-op); false: all random.")] = True
+    init_weights: bool | Literal["lycoris"] = True
     layers_to_transform: LayersToTransform = None
     layers_pattern: LayersPattern = None
 
@@ -44,7 +48,13 @@ class LoHaSpec(SpecBase, tag="LOHA"):
         return targeting_problems(self)
 
 
-class LoKrSpec(LoHaSpec, tag="LOKR"):
+class LoHaSpec(LycorisSpec, tag="LOHA", frozen=True):
+    """Low-rank Hadamard product: ΔW = ((w1a · w1b) ⊙ (w2a · w2b)) · alpha / r."""
+
+    init_weights: Annotated[bool, Meta(description="true: w2b = 0 (a no-op); false: all random.")] = True
+
+
+class LoKrSpec(LycorisSpec, tag="LOKR", frozen=True):
     """Low-rank Kronecker product: ΔW = kron(w1, w2) · alpha / r, each factor full or low-rank."""
 
     decompose_both: Annotated[

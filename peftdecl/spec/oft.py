@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from msgspec import Meta
 
@@ -18,7 +18,7 @@ from peftdecl.spec._base import (
 from peftdecl.spec.limits import MAX_BUTTERFLY, MAX_FINITE, MAX_NEUMANN_TERMS, MAX_RANK
 
 
-class OFTSpec(SpecBase, tag="OFT"):
+class OFTSpec(SpecBase, tag="OFT", frozen=True):
     """Orthogonal fine-tuning: R = blockdiag(R_1..R_n), each R_i the Cayley transform of a skew matrix."""
 
     r: Annotated[
@@ -55,7 +55,7 @@ class OFTSpec(SpecBase, tag="OFT"):
         int, Meta(ge=0, le=MAX_NEUMANN_TERMS, description="Terms of the Neumann series (0 and 1 give R = I).")
     ] = 5
 
-    UNSUPPORTED: ClassVar[dict[str, Any]] = {"bias": "none"}
+    UNSUPPORTED: ClassVar[dict[str, object]] = {"bias": "none"}
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         found = targeting_problems(self)
@@ -64,7 +64,7 @@ class OFTSpec(SpecBase, tag="OFT"):
         return found
 
 
-class BOFTSpec(SpecBase, tag="BOFT"):
+class BOFTSpec(SpecBase, tag="BOFT", frozen=True):
     """Butterfly OFT: R = B_{N−1} ⋯ B_0, each B_i a permuted block-diagonal orthogonal matrix."""
 
     boft_block_size: Annotated[
@@ -85,7 +85,7 @@ class BOFTSpec(SpecBase, tag="BOFT"):
     layers_to_transform: LayersToTransform = None
     layers_pattern: LayersPattern = None
 
-    UNSUPPORTED: ClassVar[dict[str, Any]] = {"bias": "none"}
+    UNSUPPORTED: ClassVar[dict[str, object]] = {"bias": "none"}
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         found = targeting_problems(self)

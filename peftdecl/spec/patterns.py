@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Literal
 
 import regex
 
 from peftdecl.errors import TargetError
+
+if TYPE_CHECKING:
+    from peftdecl.spec._base import SpecBase
 
 REGEX_TIMEOUT_S = 0.25
 """Seconds one match may take; module names are short, so a real pattern needs microseconds."""
@@ -36,17 +39,18 @@ def pattern_problem(pattern: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=512)
-def _compiled(pattern: str) -> Any:
+def _compiled(pattern: str) -> regex.Pattern[str]:
     return regex.compile(pattern, flags=regex.VERSION0)
 
 
-def _run(how: str, pattern: str, text: str, field: str) -> Any:
+def _run(how: Literal["fullmatch", "match"], pattern: str, text: str, field: str) -> regex.Match[str] | None:
     try:
         compiled = _compiled(pattern)
     except (regex.error, RecursionError, OverflowError, ValueError) as exc:
         raise TargetError(f"{field}: {pattern[:80]!r} is not a valid regular expression: {exc}") from None
     try:
-        return getattr(compiled, how)(text, timeout=REGEX_TIMEOUT_S)
+        run = compiled.fullmatch if how == "fullmatch" else compiled.match
+        return run(text, timeout=REGEX_TIMEOUT_S)
     except TimeoutError:
         raise TargetError(
             f"{field}: the regular expression {pattern[:80]!r} took over {REGEX_TIMEOUT_S} s on the module name "
@@ -59,7 +63,7 @@ def fullmatch(pattern: str, text: str, field: str) -> bool:
     return _run("fullmatch", pattern, text, field) is not None
 
 
-def match(pattern: str, text: str, field: str) -> Any:
+def match(pattern: str, text: str, field: str) -> regex.Match[str] | None:
     """``re.match(pattern, text)`` under the time limit (the match object, or None)."""
     return _run("match", pattern, text, field)
 
@@ -79,7 +83,7 @@ def module_to_save_regex(entry: str) -> str:
     return rf"(^|.*\.){entry}($|\..*)"
 
 
-def spec_pattern_problems(spec: Any) -> list[tuple[str, str]]:
+def spec_pattern_problems(spec: SpecBase) -> list[tuple[str, str]]:
     """Every regex-valued field of ``spec`` that does not compile, as ``(json_path, message)`` pairs."""
     found = []
     for field in ("target_modules", "exclude_modules"):

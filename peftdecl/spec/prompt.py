@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from msgspec import Meta
 
+from peftdecl._json import JsonObject
 from peftdecl.spec._base import PositiveInt, SpecBase
 
 _AutoFilled = Meta(description="Filled from the model config when null.")
 
 
-class _PromptLearningSpec(SpecBase):
+class _PromptLearningSpec(SpecBase, frozen=True):
     num_virtual_tokens: Annotated[
         PositiveInt | None, Meta(description="Number of virtual tokens (required).")
     ] = None
@@ -29,7 +30,7 @@ class _PromptLearningSpec(SpecBase):
         return []
 
 
-class PrefixTuningSpec(_PromptLearningSpec, tag="PREFIX_TUNING"):
+class PrefixTuningSpec(_PromptLearningSpec, tag="PREFIX_TUNING", frozen=True):
     """Prefix tuning: per layer, T learned key and value vectors are prepended to attention."""
 
     init_weights: Annotated[Literal["zero"] | None, Meta(description="'zero' starts the prefix at zero.")] = (
@@ -43,13 +44,13 @@ class PrefixTuningSpec(_PromptLearningSpec, tag="PREFIX_TUNING"):
     ] = False
 
 
-class PromptTuningSpec(_PromptLearningSpec, tag="PROMPT_TUNING"):
+class PromptTuningSpec(_PromptLearningSpec, tag="PROMPT_TUNING", frozen=True):
     """Prompt tuning: T learned embeddings are prepended to the input embeddings."""
 
     prompt_tuning_init: Literal["RANDOM", "SAMPLE_VOCAB", "TEXT"] = "RANDOM"
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
-    tokenizer_kwargs: dict[str, Any] | None = None
+    tokenizer_kwargs: JsonObject | None = None
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         found = super().cross_field_problems()

@@ -8,8 +8,7 @@ the only exclusions of the schema-vs-``load_spec`` agreement test).
 
 from __future__ import annotations
 
-from typing import Any
-
+from peftdecl._json import JsonObject
 from peftdecl.spec.limits import MAX_DIM, MAX_STEPS
 
 _TARGETING_KINDS = ("LORA", "ADALORA", "LOHA", "LOKR", "OFT", "BOFT", "VERA")
@@ -33,41 +32,39 @@ NOT_EXPRESSIBLE: dict[str, str] = {
 }
 
 
-def _present(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+def _present(name: str, schema: JsonObject) -> JsonObject:
     return {"required": [name], "properties": {name: schema}}
 
 
-def _absent_or(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+def _absent_or(name: str, schema: JsonObject) -> JsonObject:
     """The field is absent (so it takes its default) or matches ``schema``."""
     return {"anyOf": [{"not": {"required": [name]}}, {"properties": {name: schema}}]}
 
 
-def _when(
-    condition: dict[str, Any], then: dict[str, Any], otherwise: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def _when(condition: JsonObject, then: JsonObject, otherwise: JsonObject | None = None) -> JsonObject:
     rule = {"if": condition, "then": then}
     if otherwise is not None:
         rule["else"] = otherwise
     return rule
 
 
-def _must(name: str, schema: dict[str, Any], message: str) -> dict[str, Any]:
+def _must(name: str, schema: JsonObject, message: str) -> JsonObject:
     return {"properties": {name: {**schema, "x-error": message}}}
 
 
-def _positive_count(maximum: int, required_error: str) -> dict[str, Any]:
+def _positive_count(maximum: int, required_error: str) -> JsonObject:
     """A required field holding an integer in [1, maximum]; ``required_error`` is the message when it is missing."""
     return {"type": "integer", "minimum": 1, "maximum": maximum, "x-required-error": required_error}
 
 
 def _exactly_one_nonzero(
     first: str, second: str, first_default: int, second_default: int
-) -> list[dict[str, Any]]:
+) -> list[JsonObject]:
     """Exactly one of two non-negative integer fields is non-zero; errors are reported at ``first``."""
     message = f"exactly one of {first} and {second} must be non-zero (set the other to 0)"
     zero = {"const": 0}
 
-    def is_zero(name: str, default: int) -> dict[str, Any]:
+    def is_zero(name: str, default: int) -> JsonObject:
         return _absent_or(name, zero) if default == 0 else _present(name, zero)
 
     second_zero = is_zero(second, second_default)
@@ -81,18 +78,18 @@ def _exactly_one_nonzero(
     ]
 
 
-def _first_is(name: str, schema: dict[str, Any], default_matches: bool, message: str) -> dict[str, Any]:
+def _first_is(name: str, schema: JsonObject, default_matches: bool, message: str) -> JsonObject:
     # when the default does not satisfy ``schema``, leaving the field out breaks the rule too
     if default_matches:
         return _must(name, schema, message)
     return {"required": [name], "properties": {name: {**schema, "x-error": message}}}
 
 
-def kind_rules(peft_type: str) -> tuple[list[dict[str, Any]], list[str], dict[str, dict[str, Any]]]:
+def kind_rules(peft_type: str) -> tuple[list[JsonObject], list[str], dict[str, JsonObject]]:
     """``(allOf rules, extra required fields, property overrides)`` for one adapter kind."""
-    rules: list[dict[str, Any]] = []
+    rules: list[JsonObject] = []
     required: list[str] = []
-    overrides: dict[str, dict[str, Any]] = {}
+    overrides: dict[str, JsonObject] = {}
     if peft_type in _TARGETING_KINDS:
         regex_only = "cannot be used when target_modules is a regex string; use a list"
         rules.append(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, ClassVar
 
 from msgspec import Meta
 
@@ -19,7 +19,7 @@ from peftdecl.spec._base import (
 from peftdecl.spec.limits import MAX_INT64, MIN_INT
 
 
-class VeraSpec(SpecBase, tag="VERA"):
+class VeraSpec(SpecBase, tag="VERA", frozen=True):
     """Vector-based random matrix adaptation: only the scaling vectors λ_d ∈ R^r and λ_b ∈ R^out train."""
 
     r: Annotated[Rank, Meta(description="Rank of the shared projections.")] = 256
@@ -38,7 +38,7 @@ class VeraSpec(SpecBase, tag="VERA"):
     layers_to_transform: LayersToTransform = None
     layers_pattern: LayersPattern = None
 
-    UNSUPPORTED: ClassVar[dict[str, Any]] = {"bias": "none"}
+    UNSUPPORTED: ClassVar[dict[str, object]] = {"bias": "none"}
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         return targeting_problems(self)
