@@ -52,31 +52,34 @@ def tiny_llama(seed: int = 0, **overrides: Any) -> Any:
     return model
 
 
-def twin(model: Any, spec: Any, seed: int = 1, scale: float = 0.1, name: str = "default") -> tuple[Any, Any]:
-    """(MLX adapted model, NumPy reference) holding the same adapter numbers: the reference's seeded
-    initialisation with its trainable tensors perturbed (so zero-initialised factors are exercised)."""
+def twin(
+    model: Any, spec: Any, seed: int = 1, scale: float = 0.1, name: str = "default", **engine_options: Any
+) -> tuple[Any, Any]:
+    """(MLX adapted model with ``engine_options``, NumPy reference) holding the same adapter numbers: the
+    reference's seeded initialisation with its trainable tensors perturbed (so zero-initialised factors are
+    exercised)."""
     state, layer_types, facts = numpy_model(model)
     ref = peftdecl.attach(state, spec, name=name, seed=seed, layer_types=layer_types, **facts)
     trainable = {k for k, p in ref.plan(name).param_specs().items() if p.role == "trainable"}
     arrays = perturbed(ref.state_dict(name), trainable, scale, seed)
     ref.delete_adapter(name)
     ref.add_adapter(name, spec, arrays=arrays, activate=True)
-    ours = peftdecl.attach(model, spec, name=name, seed=seed)
+    ours = peftdecl.attach(model, spec, name=name, seed=seed, engine_options=engine_options)
     ours.delete_adapter(name)
     ours.add_adapter(name, spec, arrays=arrays, activate=True)
     return ours, ref
 
 
 def shared_draws(monkeypatch: Any, seed: int) -> np.random.Generator:
-    """Make the MLX backend's dropout draws come from a NumPy generator seeded like the reference's."""
-    import peftdecl_mlx.layer
+    """Make the MLX engines' generators draw from a NumPy generator seeded like the reference's."""
+    from peftdecl_mlx.generator import Generator
 
     rng = np.random.default_rng(seed)
     monkeypatch.setattr(
-        peftdecl_mlx.layer, "uniform", lambda shape: mx.array(rng.random(tuple(shape)), mx.float32)
+        Generator, "uniform", lambda self, shape: mx.array(rng.random(tuple(shape)), mx.float32)
     )
-    monkeypatch.setattr(peftdecl_mlx.layer, "permutation", lambda n: [int(i) for i in rng.permutation(n)])
-    monkeypatch.setattr(peftdecl_mlx.layer, "integers", lambda high: int(rng.integers(high)))
+    monkeypatch.setattr(Generator, "permutation", lambda self, n: [int(i) for i in rng.permutation(n)])
+    monkeypatch.setattr(Generator, "integers", lambda self, high: int(rng.integers(high)))
     return rng
 
 

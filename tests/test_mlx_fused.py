@@ -1,10 +1,12 @@
-"""The MLX backend's fused LoRA and DoRA paths (one function with a hand-written gradient each), forced in turn.
+"""The MLX backend's fused LoRA and DoRA paths (one function with a hand-written gradient each), forced in turn by
+the engine options ``fused_merged`` (True: merged, False: low-rank) and ``fused`` (False: neither).
 
 Against the float64 NumPy reference: outputs and the gradients of every trainable tensor and of the input, relative
 error ≤ 1e-5 (float32), for the merged path (x (W + s·B A)ᵀ) and the low-rank path (x Wᵀ + s·(x Aᵀ) Bᵀ), on a layer
 with and without a base bias. An unfrozen base gets dW and db equal to float64 NumPy formulas (≤ 1e-5). Inside
 ``mx.compile`` (as mlx-lm's trainer runs a step), outputs and gradients still match the reference (≤ 1e-5) on two
-input shapes, a bfloat16 input's output to 2e-2, and dropout (random state passed through) draws anew each call.
+input shapes, a bfloat16 input's output to 2e-2, and dropout (the model's state, which holds the engine's key,
+passed through) draws anew each call.
 """
 
 from __future__ import annotations
@@ -46,9 +48,8 @@ def _grads_match(ours, ref, module: str, x: np.ndarray) -> None:
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "low_rank"])
 @pytest.mark.parametrize("case", ["lora", "lora_bias"])
 def test_lora_paths_match_reference(case: str, merge: bool, module: str, monkeypatch) -> None:
-    monkeypatch.setattr(fused, "merge_pays", lambda *args: merge)
     merged, low_rank = _spy(monkeypatch, "lora_merged"), _spy(monkeypatch, "lora")
-    ours, ref = twin(Tiny(), {**SPECS[case], "target_modules": [module]})
+    ours, ref = twin(Tiny(), {**SPECS[case], "target_modules": [module]}, fused_merged=merge)
     ours.eval()
     _grads_match(ours, ref, module, np.random.default_rng(0).normal(size=(2, 3, WIDTH[module])))
     assert (bool(merged), bool(low_rank)) == (merge, not merge)
@@ -64,9 +65,8 @@ def test_dora_paths_match_reference(form_limit, merge, expect_merged, module, mo
     """W′ serves the product when the norm formed it, or when the cost rule asks for it; else the low-rank path."""
     if form_limit is not None:
         monkeypatch.setattr(mlx_dora, "FORM_LIMIT", form_limit)
-    monkeypatch.setattr(fused, "merge_pays", lambda *args: merge)
     calls = _spy(monkeypatch, "dora")
-    ours, ref = twin(Tiny(), {**SPECS["dora"], "target_modules": [module]})
+    ours, ref = twin(Tiny(), {**SPECS["dora"], "target_modules": [module]}, fused_merged=merge)
     ours.eval()
     _grads_match(ours, ref, module, np.random.default_rng(0).normal(size=(2, 3, WIDTH[module])))
     assert [merged for _, merged in calls] == [expect_merged]
@@ -74,7 +74,7 @@ def test_dora_paths_match_reference(form_limit, merge, expect_merged, module, mo
 
 def test_dora_reused_norm_takes_the_low_rank_path_with_the_same_output(monkeypatch) -> None:
     """A second call with unchanged arrays reuses n and (where forming W′ does not pay) runs x Wᵀ + s·(x Aᵀ) Bᵀ."""
-    monkeypatch.setattr(fused, "merge_pays", lambda *args: False)
+    monkeypatch.setattr(fused, "merge_pays", lambda *args: False)  # the cost rule itself (fused_merged unset)
     calls = _spy(monkeypatch, "dora")
     ours, ref = twin(Tiny(), {**SPECS["dora"], "target_modules": ["q_proj"]})
     ours.eval()
@@ -90,10 +90,10 @@ def test_dora_reused_norm_takes_the_low_rank_path_with_the_same_output(monkeypat
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_unfrozen_base_gets_its_gradient(dora: bool, merge: bool, monkeypatch) -> None:
     """dW = (g ⊙ dy)ᵀ x and db = Σ dy (g = 1 for LoRA; n held constant for DoRA), from float64 NumPy."""
-    monkeypatch.setattr(fused, "merge_pays", lambda *args: merge)
     if not merge:  # DoRA would otherwise form W′ for its norm
         monkeypatch.setattr(mlx_dora, "FORM_LIMIT", 0)
-    ours, _ = twin(Tiny(), {**SPECS["dora" if dora else "lora"], "target_modules": ["q_proj"]})
+    spec = {**SPECS["dora" if dora else "lora"], "target_modules": ["q_proj"]}
+    ours, _ = twin(Tiny(), spec, fused_merged=merge)
     ours.eval()
     layer = ours.engine.layer("q_proj")
     state = {k: np.array(v, np.float64) for k, v in ours.state_dict().items()}
@@ -123,8 +123,7 @@ def test_unfrozen_base_gets_its_gradient(dora: bool, merge: bool, monkeypatch) -
 def test_compiled_training_step_matches_reference(case: str, merge: bool, monkeypatch) -> None:
     """One value_and_grad under mx.compile, called on two token counts and then a bfloat16 input (each a new
     trace); the bfloat16 call takes the general path and its output is held to 2e-2."""
-    monkeypatch.setattr(fused, "merge_pays", lambda *args: merge)
-    ours, ref = twin(Tiny(), {**SPECS[case], "target_modules": ["q_proj"]})
+    ours, ref = twin(Tiny(), {**SPECS[case], "target_modules": ["q_proj"]}, fused_merged=merge)
     ours.train()
     layer = ours.engine.layer("q_proj")
     params = layer.trainable_parameters()
@@ -159,17 +158,31 @@ def test_compiled_training_step_matches_reference(case: str, merge: bool, monkey
 
 
 def test_dropout_draws_differ_between_calls_of_a_compiled_step() -> None:
-    """With the random state passed through mx.compile (as mlx-lm's trainer does), training-mode dropout draws a
-    new mask each call: two calls on the same input give different outputs; in eval mode they are equal."""
+    """With the model's state passed through mx.compile (as mlx-lm's trainer does; it holds the engine's key),
+    training-mode dropout draws a new mask each call: two calls on the same input give different outputs, the
+    same two an eager run draws; in eval mode they are equal."""
     spec = {**SPECS["lora"], "lora_dropout": 0.5, "target_modules": ["q_proj"]}
     ours, _ = twin(Tiny(), spec)
     layer = ours.engine.layer("q_proj")
-    state = [mx.random.state]
+    state = [ours.engine.model.state]
     step = mx.compile(lambda inputs: layer(inputs), inputs=state, outputs=state)
     x = mx.array(np.random.default_rng(4).normal(size=(4, 16)), mx.float32)
     ours.train()
+    start = ours.get_rng_state()
     first, second = np.array(step(x)), np.array(step(x))
     assert rel_err(first, second) > 1e-3
+    ours.set_rng_state(start)
+    assert rel_err(np.array(layer(x)), first) == 0.0 and rel_err(np.array(layer(x)), second) == 0.0
     ours.eval()
     step = mx.compile(lambda inputs: layer(inputs), inputs=state, outputs=state)
     assert rel_err(np.array(step(x)), np.array(step(x))) == 0.0
+
+
+@pytest.mark.parametrize("case", ["lora", "dora"])
+def test_fused_option_off_takes_the_general_path(case: str, monkeypatch) -> None:
+    """engine_options={"fused": False}: no fused function runs; outputs and gradients still match the reference."""
+    calls = [_spy(monkeypatch, name) for name in ("lora_merged", "lora", "dora")]
+    ours, ref = twin(Tiny(), {**SPECS[case], "target_modules": ["q_proj"]}, fused=False)
+    ours.eval()
+    _grads_match(ours, ref, "q_proj", np.random.default_rng(0).normal(size=(2, 3, 16)))
+    assert calls == [[], [], []]

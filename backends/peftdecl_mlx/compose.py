@@ -7,12 +7,15 @@ the result has the input's dtype (an embedding's: the base weight's). ``mx.value
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import mlx.core as mx
 
 from peftdecl.composition import ADD, INPUT, role, weight_map_order
 from peftdecl.plan import LayerPlan
+
+if TYPE_CHECKING:
+    from peftdecl_mlx.layer import AdaptedLayer
 
 
 class Running(NamedTuple):
@@ -23,9 +26,9 @@ class Running(NamedTuple):
     params: dict[str, mx.array]
 
 
-def forward(layer: Any, x: mx.array, running: list[Running], xa: mx.array) -> mx.array:
-    """The output of ``layer`` (an AdaptedLayer) with every adapter of ``running`` (in active order) applied;
-    ``xa`` is ``x`` in the adapter dtype."""
+def forward(layer: AdaptedLayer, x: mx.array, running: list[Running]) -> mx.array:
+    """The output of ``layer`` with every adapter of ``running`` (in active order) applied."""
+    xa = layer.adapter_input(x)
     maps = weight_map_order(running, lambda e: (e.ops, e.lp))
     if maps:
         weight = layer.weight.astype(layer.adapter_dtype)

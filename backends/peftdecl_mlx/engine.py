@@ -1,12 +1,15 @@
 """The MLX engine: adapters live inside the user's ``mlx.nn.Module`` (targeted layers replaced by
 :class:`AdaptedLayer`), the model runs through its normal call, and only active adapter arrays are trainable.
 
-Arrays enter as NumPy (the same initial numbers on every backend) and leave as NumPy with ``mx.eval`` forced first.
+Which adapters exist, run and train is the model's :class:`peftdecl.adapter_book.AdapterBook`, read here and never
+copied; the engine keeps the physical state only (wrappers, saved-module copies, the generator). Arrays enter as
+NumPy (the same initial numbers on every backend) and leave as NumPy with ``mx.eval`` forced first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -14,46 +17,61 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from peftdecl.backend import check_adapter_names, trainable_key
+from peftdecl.adapter_book import AdapterBook
+from peftdecl.backend import RngState, check_adapter_names, trainable_key
 from peftdecl.errors import BackendError, PeftdeclError
+from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerPlan, ModelInfo, Plan
-from peftdecl_mlx.inventory import get_module, quantized_layers, set_module
+from peftdecl_mlx import probes
+from peftdecl_mlx.generator import Generator
+from peftdecl_mlx.inventory import get_module, set_module
 from peftdecl_mlx.kinds import prompt
 from peftdecl_mlx.layer import AdaptedLayer, AdapterParams, SavedModule
+from peftdecl_mlx.probes import to_numpy
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-def to_numpy(value: mx.array) -> np.ndarray:
-    """A concrete NumPy copy (bfloat16, which NumPy cannot hold, widened to float32)."""
-    if value.dtype == mx.bfloat16:
-        value = value.astype(mx.float32)
-    return np.array(value)
 
 
 class MlxEngine:
     """A backend engine over one MLX model; see :class:`peftdecl.backend.Engine`."""
 
-    def __init__(self, model: nn.Module, info: ModelInfo, adapter_dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        info: ModelInfo,
+        book: AdapterBook,
+        options: EngineOptions,
+        adapter_dtype: str = "float32",
+    ) -> None:
         if adapter_dtype not in DTYPES:
             raise BackendError(f"adapter_dtype {adapter_dtype!r} is not one of {sorted(DTYPES)}")
         self._model = model
         self._info = info
+        self._book = book
+        self._options = options
         self._dtype = DTYPES[adapter_dtype]
-        self._quantized = quantized_layers(model)
-        self._plans: dict[str, Plan] = {}
+        self._generator = Generator(model, options.seed)
         self._layers: dict[str, AdaptedLayer] = {}
         self._saved: dict[str, SavedModule] = {}
-        self._active: tuple[str, ...] = ()
-        self._enabled = True
-        self._merged: list[str] = []
-        self._frozen: frozenset[str] = frozenset()
         model.freeze()  # the base model is frozen; adapters unfreeze their own trainable tensors
 
     @property
     def model(self) -> nn.Module:
         """The MLX model itself (adapted in place): pass it to ``nn.value_and_grad`` and ``optimizer.update``."""
         return self._model
+
+    @property
+    def options(self) -> EngineOptions:
+        return self._options
+
+    @property
+    def adapter_dtype(self) -> mx.Dtype:
+        return self._dtype
+
+    @property
+    def layers(self) -> Mapping[str, AdaptedLayer]:
+        """Adapted module name -> the wrapper that replaced it."""
+        return self._layers
 
     def layer(self, module: str) -> AdaptedLayer:
         """The wrapper that replaced ``module``."""
@@ -67,12 +85,6 @@ class MlxEngine:
     def add(self, name: str, plan: Plan, arrays: Mapping[str, np.ndarray]) -> None:
         if "." in name:
             raise PeftdeclError(f"adapter name {name!r} contains '.', which MLX parameter paths cannot hold")
-        for lp in plan.layers:
-            if lp.module in self._quantized:
-                raise BackendError(
-                    f"{lp.module} is a quantised MLX layer ({type(get_module(self._model, lp.module)).__name__}); "
-                    "the mlx backend does not adapt quantised bases yet"
-                )
         shared = {p.name: self._array(arrays[p.name]) for p in plan.shared}
         if plan.prompt is not None:
             prompt.check_model(self._model, plan)
@@ -88,11 +100,10 @@ class MlxEngine:
             layer.train(layer.training)  # the new AdapterParams take the layer's mode
         for module in plan.modules_to_save:
             self._save_module(name, module, arrays)
-        self._plans[name] = plan
-        self._refresh()
+        self.sync()
 
     def remove(self, name: str) -> None:
-        plan = self._plans.pop(name)
+        plan = self._book.plans[name]
         for lp in plan.layers:
             layer = self._layers[lp.module]
             layer.remove(name)
@@ -110,48 +121,44 @@ class MlxEngine:
             del encoder[name]
             if not encoder:
                 del self._model[prompt.ENCODER]
-        self._active = tuple(n for n in self._active if n != name)
-        self._refresh()
 
-    def set_active(self, names: tuple[str, ...]) -> None:
-        self._active = tuple(names)
-        self._refresh()
+    def replace_plan(self, name: str, plan: Plan) -> None:
+        """Adapter ``name`` runs ``plan`` (already in the book): every array stays where it is, so the model's
+        parameter tree keeps its keys and arrays (an optimizer's state stays valid)."""
+        for lp in plan.layers:
+            self._layers[lp.module].replace_plan(name, lp)
+        self.sync()
 
-    def set_frozen(self, names: frozenset[str]) -> None:
-        """Adapters ``names`` stay frozen (not trainable) even while active, as after HF PEFT's inference load."""
-        self._frozen = frozenset(names)
-        self._refresh()
-
-    def set_enabled(self, enabled: bool) -> None:
-        self._enabled = enabled
-        self._refresh()
+    def sync(self) -> None:
+        """Bring the wrappers in line with the book: running adapters per layer, saved copies, trainability."""
+        self._refresh(self._book.merged)
 
     def export(self, name: str) -> dict[str, np.ndarray]:
-        plan = self._plans[name]
+        plan = self._book.plans[name]
         out: dict[str, mx.array] = {}
         for lp in plan.layers:
             out.update({lp.key(k): v for k, v in self._layers[lp.module].adapters[name].tensors().items()})
         if plan.shared:
             out.update(self._shared(name, plan))
         for module in plan.modules_to_save:
-            copy = self._saved[module].copies[name]
-            out.update({f"{module}.{k}": v for k, v in tree_flatten(copy.parameters())})
+            copy_ = self._saved[module].copies[name]
+            out.update({f"{module}.{k}": v for k, v in tree_flatten(copy_.parameters())})
         mx.eval(list(out.values()))
         return {k: to_numpy(v) for k, v in out.items()}
 
     def merge(self, names: tuple[str, ...]) -> None:
         for name in names:
-            for lp in self._plans[name].layers:
+            for lp in self._book.plans[name].layers:
                 self._layers[lp.module].merge(name)
-            self._merged.append(name)
-        self._refresh()
+        # the model records the merge in the book after this returns
+        self._refresh((*self._book.merged, *names))
 
     def unmerge(self) -> None:
-        for name in reversed(self._merged):
-            for lp in self._plans[name].layers:
+        for name in reversed(self._book.merged):
+            for lp in self._book.plans[name].layers:
                 self._layers[lp.module].unmerge(name)
-        self._merged = []
-        self._refresh()
+        # the model clears the book's merged list after this returns
+        self._refresh(())
 
     def unload(self) -> nn.Module:
         """The MLX model with every wrapper replaced by its (possibly merged) base layer and the running adapters'
@@ -162,10 +169,12 @@ class MlxEngine:
             set_module(self._model, module, saved.active_module())
         if prompt.ENCODER in self._model:
             del self._model[prompt.ENCODER]
+        self._generator.detach()
         self._layers, self._saved = {}, {}
         return self._model
 
     def base_weight(self, module: str) -> np.ndarray:
+        """The base weight in the IR layout as float64 NumPy (the dtype the initialisers compute in)."""
         weight = self._layers[module].weight if module in self._layers else self._plain_weight(module)
         mx.eval(weight)
         return to_numpy(weight).astype(np.float64)
@@ -186,21 +195,23 @@ class MlxEngine:
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The model's own call; NumPy arguments are converted; ``adapter_names`` picks one adapter per row."""
         args = tuple(mx.array(a) if isinstance(a, np.ndarray) else a for a in args)
-        running = self._running()
-        prompts = [n for n in running if self._plans[n].prompt is not None]
+        running = self._book.running()
+        plans = self._book.plans
+        prompts = [n for n in running if plans[n].prompt is not None]
         if prompts:
             if len(running) > 1 or adapter_names is not None:
                 raise PeftdeclError(
-                    f"{prompts[0]!r} is {self._plans[prompts[0]].kind}; it runs as the only adapter"
+                    f"{prompts[0]!r} is {plans[prompts[0]].kind}; it runs as the only adapter"
                 )
-            pp = self._plans[prompts[0]].prompt
+            pp = plans[prompts[0]].prompt
+            assert pp is not None
             embed = get_module(self._model, self._info.word_embeddings or "")
             params = self._model[prompt.ENCODER][prompts[0]].tensors()
             return prompt.forward(self._model, pp, params, embed, *args, **kwargs)
         if adapter_names is None:
             return self._model(*args, **kwargs)
         rows = tuple(adapter_names)
-        check_adapter_names(rows, self._plans, merged=bool(self._merged))
+        check_adapter_names(rows, plans, merged=bool(self._book.merged))
         if self._saved:
             raise PeftdeclError(
                 f"adapter_names with modules_to_save ({', '.join(self._saved)}) is not supported by the mlx backend"
@@ -216,26 +227,53 @@ class MlxEngine:
     def prompt_cache(self, batch: int = 1) -> list[Any]:
         """KV caches holding the running prefix-tuning adapter's prefix, for step-by-step generation: pass them
         as ``cache=`` to every call (the forward then leaves them as they are)."""
-        running = [n for n in self._running() if self._plans[n].kind == "prefix_tuning"]
+        running = [n for n in self._book.running() if self._book.plans[n].kind == "prefix_tuning"]
         if not running:
             raise PeftdeclError("no prefix_tuning adapter is running")
-        pp = self._plans[running[0]].prompt
+        pp = self._book.plans[running[0]].prompt
+        assert pp is not None
         return prompt.prefilled_cache(
             self._model, pp, self._model[prompt.ENCODER][running[0]].tensors(), batch
         )
 
-    def trainable_parameters(self, names: tuple[str, ...]) -> dict[str, Any]:
-        """The MLX parameter tree of the trainable tensors of ``names`` (what ``mlx.optimizers`` expect)."""
-        if tuple(names) == self._active:
-            return self._model.trainable_parameters()
-        self._set_trainable(tuple(names))
-        try:
-            return self._model.trainable_parameters()
-        finally:
-            self._set_trainable(self._active)
+    # -- training ------------------------------------------------------------------------------------------
+    def trainable_parameters(self, names: tuple[str, ...]) -> dict[str, mx.array]:
+        """Key -> the current array of every trainable tensor of adapters ``names`` (frozen ones left out) and of
+        their modules_to_save copies, keyed as on every backend (:func:`peftdecl.backend.trainable_key`).
+
+        MLX arrays are values: an optimizer step puts new arrays into the model and leaves this mapping behind.
+        Either train the model's tree (``nn.value_and_grad(engine.model, f)`` then
+        ``optimizer.update(engine.model, grads)``; :meth:`parameter_tree` is that tree) and call this again
+        afterwards, or train this flat mapping (``optimizer.apply_gradients(grads, params)`` accepts it) and
+        write it back with :meth:`update_parameters`."""
+        return {key: value for key, _, value in self._trainable(names)}
+
+    def parameter_tree(self, names: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The model's tree of the trainable arrays of ``names`` (default: the active adapters that are not
+        frozen), nested as ``engine.model`` holds them: what ``nn.value_and_grad(engine.model, f)`` returns
+        gradients for and ``optimizer.update(engine.model, grads)`` updates."""
+        return tree_unflatten([(path, value) for _, path, value in self._trainable(self._names(names))])
+
+    def update_parameters(self, params: Mapping[str, mx.array], names: tuple[str, ...] | None = None) -> None:
+        """Put arrays keyed as :meth:`trainable_parameters` ``(names)`` keys them (default ``names``: the active
+        adapters that are not frozen) into the model; unknown keys are refused, naming them."""
+        paths = {key: path for key, path, _ in self._trainable(self._names(names))}
+        unknown = sorted(set(params) - set(paths))
+        if unknown:
+            raise PeftdeclError(
+                f"update_parameters: unknown keys {unknown[:5]}; expected keys like {list(paths)[:3]}"
+            )
+        self._model.update(tree_unflatten([(paths[k], v) for k, v in params.items()]))
 
     def train(self, mode: bool) -> None:
         self._model.train(mode)
+
+    def get_rng_state(self) -> RngState:
+        """The engine generator's key (``{"key": uint32 array}``): dropout masks and block drops come from it."""
+        return self._generator.get_state()
+
+    def set_rng_state(self, state: RngState) -> None:
+        self._generator.set_state(state)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, all) numbers of parameters of the model with its adapters."""
@@ -247,53 +285,38 @@ class MlxEngine:
         self, input_ids: np.ndarray
     ) -> tuple[np.ndarray | None, dict[str, tuple[np.ndarray, np.ndarray]]]:
         """Run the model on ``input_ids`` and return (logits, {adapted module: (its input, its output)})."""
-        for layer in self._layers.values():
-            layer.adapter_state.capture = []
-        try:
-            out = self.forward(mx.array(np.asarray(input_ids)))
-            records = {m: layer.adapter_state.capture for m, layer in self._layers.items()}
-            mx.eval(out, [pair for rec in records.values() for pair in rec])
-        finally:
-            for layer in self._layers.values():
-                layer.adapter_state.capture = None
-        layers = {m: (to_numpy(rec[0][0]), to_numpy(rec[0][1])) for m, rec in records.items() if rec}
-        logits = to_numpy(out) if isinstance(out, mx.array) else None
-        return logits, layers
+        return probes.capture(self, input_ids)
 
     def layer_vjp(self, module: str, x: Any, dy: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(y, grads) of one adapted layer for the loss Σ y ⊙ dy: ``"input"`` -> dL/dx (not for embeddings) and
-        each trainable tensor's full IR key (``"<adapter>/<key>"`` while several are active, as the NumPy
-        engine keys them) -> its gradient, by ``mx.value_and_grad``."""
-        layer = self.layer(module)
-        x = (
-            mx.array(np.asarray(x))
-            if layer.layer_type == "embedding"
-            else mx.array(np.asarray(x), dtype=self._dtype)
-        )
-        dy = mx.array(np.asarray(dy), dtype=mx.float32)
-        original = layer.trainable_parameters()
-        wants_input = layer.layer_type != "embedding"
-
-        def loss(params: Any, inputs: mx.array) -> tuple[mx.array, mx.array]:
-            layer.update(params)
-            out = layer(inputs)
-            return mx.sum(out.astype(mx.float32) * dy), out
-
-        try:  # one call, so that dropout draws are made once
-            (_, y), grads = mx.value_and_grad(loss, argnums=(0, 1) if wants_input else 0)(original, x)
-        finally:
-            layer.update(original)
-        param_grads, input_grad = grads if wants_input else (grads, None)
-        out = {}
-        for path, value in tree_flatten(param_grads):
-            _, name, tensor = path.split(".", 2)  # adapters.<name>.<IR tensor name>
-            out[trainable_key(name, f"{module}.{tensor}", self._active)] = value
-        if input_grad is not None:
-            out["input"] = input_grad
-        mx.eval(y, list(out.values()))
-        return to_numpy(y), {k: to_numpy(v) for k, v in out.items()}
+        """(y, grads) of one adapted layer for the loss Σ y ⊙ dy; see :func:`peftdecl_mlx.probes.layer_vjp`."""
+        return probes.layer_vjp(self, self.layer(module), dy=dy, x=x, active=self._book.active)
 
     # -- helpers -------------------------------------------------------------------------------------------
+    def _names(self, names: tuple[str, ...] | None) -> tuple[str, ...]:
+        return self._book.trainable(self._book.active if names is None else names)
+
+    def _trainable(self, names: tuple[str, ...]) -> Iterator[tuple[str, str, mx.array]]:
+        """(trainable_parameters key, path in the model's tree, array) of every trainable tensor of ``names``."""
+        names = self._book.trainable(names)
+        for name in names:
+            plan = self._book.plans[name]
+            for lp in plan.layers:
+                tensors = self._layers[lp.module].adapters[name].tensors()
+                for spec in lp.params:
+                    if spec.role == "trainable":
+                        path = f"{lp.module}.adapters.{name}.{spec.name}"
+                        yield trainable_key(name, lp.key(spec.name), names), path, tensors[spec.name]
+            if plan.prompt is not None:
+                tensors = self._model[prompt.ENCODER][name].tensors()
+                for spec in plan.shared:
+                    if spec.role == "trainable":
+                        path = f"{prompt.ENCODER}.{name}.{spec.name}"
+                        yield trainable_key(name, spec.name, names), path, tensors[spec.name]
+            for module in plan.modules_to_save:
+                for key, value in tree_flatten(self._saved[module].copies[name].parameters()):
+                    path = f"{module}.copies.{name}.{key}"
+                    yield trainable_key(name, f"{module}.{key}", names), path, value
+
     def _array(self, value: Any) -> mx.array:
         return mx.array(np.asarray(value, dtype=np.float32), dtype=self._dtype)
 
@@ -304,15 +327,13 @@ class MlxEngine:
                     f"{lp.module} is in modules_to_save of another adapter and cannot be adapted"
                 )
             base = get_module(self._model, lp.module)
-            layer = AdaptedLayer(lp.module, base, lp.layer.type, self._dtype)
+            layer = AdaptedLayer(lp.module, base, lp.layer.type, self._dtype, self._options, self._generator)
             layer.train(base.training)  # a new mlx Module is in training mode; take the layer's
             set_module(self._model, lp.module, layer)
             self._layers[lp.module] = layer
         return self._layers[lp.module]
 
     def _save_module(self, name: str, module: str, arrays: Mapping[str, np.ndarray]) -> None:
-        import copy
-
         if module in self._layers:
             raise PeftdeclError(f"{module} carries adapters and cannot also be in modules_to_save")
         if module not in self._saved:
@@ -336,38 +357,35 @@ class MlxEngine:
             return dict(self._layers[lp.module].adapter_state.shared[name])
         return {}
 
-    def _running(self) -> tuple[str, ...]:
-        if not self._enabled:
-            return ()
-        return tuple(n for n in self._active if n not in self._merged)
-
-    def _refresh(self) -> None:
-        running = self._running()
+    def _refresh(self, merged: Collection[str]) -> None:
+        """Running adapters per layer (``merged``: the adapters folded into the weights, which may be ahead of
+        the book during merge and unmerge), the modules_to_save copy in use, and trainability."""
+        book = self._book
+        running = tuple(n for n in book.active if n not in merged) if book.enabled else ()
         for layer in self._layers.values():
             layer.adapter_state.running = tuple(n for n in running if n in layer.adapters)
         # a whole-module copy is not merged into anything: it serves while its adapter is active and enabled
-        active = self._active if self._enabled else ()
+        active = book.active if book.enabled else ()
         for saved in self._saved.values():
             saved.current = next((n for n in active if n in saved.copies), None)
-        self._set_trainable(self._active)
-
-    def _set_trainable(self, names: tuple[str, ...]) -> None:
-        names = tuple(n for n in names if n not in self._frozen)
+        trainable = book.trainable(book.active)
         for layer in self._layers.values():
             for name, params in layer.adapters.items():
-                lp = layer.adapter_state.plans[name]
+                specs = layer.adapter_state.plans[name].params
                 params.set_trainable(
-                    [p.name for p in lp.params if p.role == "trainable"] if name in names else []
+                    [p.name for p in specs if p.role == "trainable"] if name in trainable else []
                 )
         for saved in self._saved.values():
             for name, clone in saved.copies.items():
-                if name in names:
+                if name in trainable:
                     clone.unfreeze()
                 else:
                     clone.freeze()
         for name, params in self._model[prompt.ENCODER].items() if prompt.ENCODER in self._model else ():
-            specs = self._plans[name].shared
-            params.set_trainable([p.name for p in specs if p.role == "trainable"] if name in names else [])
+            specs = book.plans[name].shared
+            params.set_trainable(
+                [p.name for p in specs if p.role == "trainable"] if name in trainable else []
+            )
 
     def _plain_layer(self, module: str, key: str) -> nn.Module:
         try:
@@ -379,8 +397,9 @@ class MlxEngine:
         return found
 
     def _plain_weight(self, module: str) -> mx.array:
-        if module in self._quantized:
+        info = self._info.layers.get(module)
+        if info is not None and info.quantization is not None:
             raise BackendError(
-                f"{module} is quantised; the mlx backend cannot read its weight as an array yet"
+                f"{module} is quantised ({info.quantization}); the mlx backend cannot read its weight as an array"
             )
         return self._plain_layer(module, module).weight

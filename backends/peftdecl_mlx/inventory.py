@@ -64,20 +64,28 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
         parent[leaf] = new
 
 
+def dtype_name(dtype: mx.Dtype) -> str:
+    """An MLX dtype's name (``float32``, ``bfloat16``)."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
 def layer_info(module: nn.Module) -> LayerInfo | None:
-    """The LayerInfo of an adaptable MLX module (quantised ones included, with their unpacked sizes)."""
-    if isinstance(module, nn.QuantizedLinear):
-        out, packed = module.weight.shape
-        return LayerInfo("linear", packed * 32 // module.bits, out, "bias" in module)
-    if isinstance(module, nn.QuantizedEmbedding):
-        num, packed = module.weight.shape
-        return LayerInfo("embedding", num, packed * 32 // module.bits, False)
+    """The LayerInfo of an adaptable MLX module: a quantised one with its unpacked sizes, the dtype of its scales
+    (the dtype it computes in) and ``quantization="mlx_<mode>"`` (``mlx_affine``), which the backend refuses."""
+    if isinstance(module, QUANTIZED):
+        rows, packed = module.weight.shape
+        unpacked = packed * 32 // module.bits
+        mode = f"mlx_{getattr(module, 'mode', 'affine')}"
+        dtype = dtype_name(module.scales.dtype)
+        if isinstance(module, nn.QuantizedLinear):
+            return LayerInfo("linear", unpacked, rows, "bias" in module, dtype=dtype, quantization=mode)
+        return LayerInfo("embedding", rows, unpacked, False, dtype=dtype, quantization=mode)
     if isinstance(module, nn.Linear):
         out, d_in = module.weight.shape
-        return LayerInfo("linear", d_in, out, "bias" in module)
+        return LayerInfo("linear", d_in, out, "bias" in module, dtype=dtype_name(module.weight.dtype))
     if isinstance(module, nn.Embedding):
         num, dim = module.weight.shape
-        return LayerInfo("embedding", num, dim, False)
+        return LayerInfo("embedding", num, dim, False, dtype=dtype_name(module.weight.dtype))
     return None
 
 
@@ -98,11 +106,6 @@ def inventory(model: nn.Module) -> ModelInfo:
         if info is not None:
             layers[name] = info
     return ModelInfo(layers=layers, modules=tuple(modules), **model_facts(model, layers))
-
-
-def quantized_layers(model: nn.Module) -> frozenset[str]:
-    """Names of the quantised layers, which this backend refuses to adapt for now."""
-    return frozenset(name for name, sub in walk(model) if isinstance(sub, QUANTIZED))
 
 
 def model_facts(model: nn.Module, layers: Mapping[str, LayerInfo]) -> dict[str, Any]:

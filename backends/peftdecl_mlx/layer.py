@@ -14,37 +14,14 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from peftdecl.backend import BASE_ROW as BASE
 from peftdecl.errors import PeftdeclError
+from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerPlan
 from peftdecl_mlx import compose
+from peftdecl_mlx.generator import Generator
 from peftdecl_mlx.kinds import ops_for
-
-
-# The random draws behind every dropout decision; tests replace these three to share one NumPy generator with the
-# reference, which draws in the same order (rng.random, rng.permutation, rng.integers).
-def uniform(shape: Sequence[int]) -> mx.array:
-    """U[0, 1) of the given shape."""
-    return mx.random.uniform(shape=tuple(shape))
-
-
-def permutation(n: int) -> list[int]:
-    """A random permutation of range(n)."""
-    return [int(i) for i in np.array(mx.random.permutation(n))]
-
-
-def integers(high: int) -> int:
-    """A random integer in [0, high)."""
-    return int(mx.random.randint(0, high).item())
-
-
-def dropout_mask(shape: Sequence[int], p: float) -> mx.array | None:
-    """Inverted-dropout multiplier kept / (1 − p), kept where u ≥ p (the NumPy reference's rule), or None."""
-    if p <= 0.0:
-        return None
-    return (uniform(shape) >= p).astype(mx.float32) / (1.0 - p)
 
 
 class AdapterParams(nn.Module):
@@ -100,15 +77,25 @@ class LayerState:
 
 
 class AdaptedLayer(nn.Module):
-    """An ``nn.Linear`` or ``nn.Embedding`` with peftdecl adapters."""
+    """An ``nn.Linear`` or ``nn.Embedding`` with peftdecl adapters; ``options`` and ``generator`` are the engine's."""
 
-    def __init__(self, module: str, base_layer: nn.Module, layer_type: str, adapter_dtype: mx.Dtype) -> None:
+    def __init__(
+        self,
+        module: str,
+        base_layer: nn.Module,
+        layer_type: str,
+        adapter_dtype: mx.Dtype,
+        options: EngineOptions,
+        generator: Generator,
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.adapters: dict[str, AdapterParams] = {}
         self.module_name = module
         self.layer_type = layer_type
         self.adapter_dtype = adapter_dtype
+        self.options = options
+        self.generator = generator
         self.adapter_state = LayerState()
 
     # -- the base layer -----------------------------------------------------------------------------------
@@ -162,7 +149,15 @@ class AdaptedLayer(nn.Module):
         self.adapter_state.shared[name] = dict(shared)
         self.adapter_state.ops[name] = ops_for(lp.kind)
 
+    def replace_plan(self, name: str, lp: LayerPlan) -> None:
+        """Adapter ``name`` now runs ``lp`` (same tensors: the arrays stay where they are)."""
+        state = self.adapter_state
+        state.memo.pop(id(state.plans[name]), None)
+        state.plans[name] = lp
+        state.ops[name] = ops_for(lp.kind)
+
     def remove(self, name: str) -> None:
+        self.adapter_state.running = tuple(n for n in self.adapter_state.running if n != name)
         del self.adapters[name]
         self.adapter_state.memo.pop(id(self.adapter_state.plans[name]), None)
         del self.adapter_state.plans[name]
@@ -186,14 +181,18 @@ class AdaptedLayer(nn.Module):
         self.adapter_state.memo[id(lp)] = (inputs, value)
         return value
 
+    # every random draw comes from the engine's generator (seeded by EngineOptions.seed, saved with its state)
     def random(self, shape: Sequence[int]) -> mx.array:
-        return uniform(shape)
+        """U[0, 1) of the given shape."""
+        return self.generator.uniform(shape)
 
     def permutation(self, n: int) -> list[int]:
-        return permutation(n)
+        """A random permutation of range(n)."""
+        return self.generator.permutation(n)
 
     def integers(self, high: int) -> int:
-        return integers(high)
+        """A random integer in [0, high)."""
+        return self.generator.integers(high)
 
     def overwrite(self, lp: LayerPlan, tensor: str, value: mx.array) -> None:
         """Replace one stored adapter tensor (COFT's in-place projection, as HF PEFT does)."""
@@ -205,9 +204,11 @@ class AdaptedLayer(nn.Module):
         node[leaf] = value
 
     def dropout(self, x: mx.array, p: float) -> mx.array:
-        """x ⊙ mask in training mode (inverted dropout), x otherwise."""
-        mask = dropout_mask(x.shape, p) if self.training else None
-        return x if mask is None else x * mask.astype(x.dtype)
+        """x ⊙ mask / (1 − p) in training mode, the mask kept where u ≥ p (the NumPy reference's rule); x otherwise."""
+        if not self.training or p <= 0.0:
+            return x
+        mask = (self.random(x.shape) >= p).astype(mx.float32) / (1.0 - p)
+        return x * mask.astype(x.dtype)
 
     # -- merging ------------------------------------------------------------------------------------------
     def merge(self, name: str) -> None:
@@ -218,14 +219,14 @@ class AdaptedLayer(nn.Module):
             # MLX arrays are replaced, not changed: holding the unmerged one copies nothing
             state.unmerged = self.weight
         cache = state.merge_cache.setdefault(name, {})
-        weight, bias = ops_for(lp.kind).merge(lp, self, self.params(name), cache)
+        weight, bias = state.ops[name].merge(lp, self, self.params(name), cache)
         self.set_base(weight, bias)
         self.adapter_state.merged.append(name)
 
     def unmerge(self, name: str) -> None:
         lp = self.adapter_state.plans[name]
         cache = self.adapter_state.merge_cache.pop(name, {})
-        weight, bias = ops_for(lp.kind).unmerge(lp, self, self.params(name), cache)
+        weight, bias = self.adapter_state.ops[name].unmerge(lp, self, self.params(name), cache)
         self.set_base(weight, bias)
         self.adapter_state.merged.remove(name)
         if not self.adapter_state.merged:
@@ -245,7 +246,8 @@ class AdaptedLayer(nn.Module):
         return self.weight
 
     # -- forward ------------------------------------------------------------------------------------------
-    def _cast(self, x: mx.array) -> mx.array:
+    def adapter_input(self, x: mx.array) -> mx.array:
+        """x in the adapter dtype (an embedding's token ids as they are)."""
         if self.layer_type == "embedding" or x.dtype == self.adapter_dtype:
             return x
         return x.astype(self.adapter_dtype)
@@ -266,28 +268,21 @@ class AdaptedLayer(nn.Module):
         state = self.adapter_state
         if len(running) == 1:
             name = running[0]
-            ops = state.ops[name]
-            if not ops.additive:
-                y = ops.forward(state.plans[name], self, self.params(name), x)
-                return y if self.layer_type == "embedding" or y.dtype == x.dtype else y.astype(x.dtype)
-            # an additive kind may run alone faster than as base + delta (LoRA: one fused function)
-            alone = getattr(ops, "alone", None)
-            y = None if alone is None else alone(state.plans[name], self, self.adapters[name], x)
-            if y is not None:
-                return y
+            y = state.ops[name].forward(state.plans[name], self, self.params(name), x)
+            return y if self.layer_type == "embedding" or y.dtype == x.dtype else y.astype(x.dtype)
         entries = [compose.Running(state.plans[n], state.ops[n], self.params(n)) for n in running]
-        return compose.forward(self, x, entries, self._cast(x))
+        return compose.forward(self, x, entries)
 
     def _mixed(self, x: mx.array, rows: tuple[str, ...]) -> mx.array:
         if len(rows) != x.shape[0]:
             raise PeftdeclError(f"adapter_names has {len(rows)} entries for a batch of {x.shape[0]} rows")
         y = self.base_layer(x)
-        xa = self._cast(x)
+        xa = self.adapter_input(x)
         for name in dict.fromkeys(rows):
             if name == BASE or name not in self.adapters:
                 continue
             lp = self.adapter_state.plans[name]
-            ops = ops_for(lp.kind)
+            ops = self.adapter_state.ops[name]
             if not ops.additive:
                 raise PeftdeclError(
                     f"adapter {name!r} is {lp.kind}; mixed batches support additive kinds only"

@@ -1,11 +1,11 @@
 """LoRA and DoRA on a linear layer as single MLX functions with hand-written gradients (``mx.custom_function``).
 
-Used when one adapter runs alone with no dropout and every array has the adapter dtype. Autograd through the plain
-formulas is correct but pays for things these avoid: it multiplies by s on token-sized arrays (forward and
-backward) where s can sit once on an r × in factor, it adds the low-rank output in a separate pass where ``addmm``
-folds it into the product, and some of its products read an operand transposed with a long inner dimension, which
-MLX's CPU BLAS runs at about 2/3 speed (every product here reads its right operand row-contiguous or has an inner
-dimension of r).
+Used when one adapter runs alone with no dropout, every array has the adapter dtype and the engine option ``fused``
+is on (:class:`peftdecl.options.EngineOptions`). Autograd through the plain formulas is correct but pays for things
+these avoid: it multiplies by s on token-sized arrays (forward and backward) where s can sit once on an r × in
+factor, it adds the low-rank output in a separate pass where ``addmm`` folds it into the product, and some of its
+products read an operand transposed with a long inner dimension, which MLX's CPU BLAS runs more slowly (every
+product here reads its right operand row-contiguous or has an inner dimension of r).
 
 Forward, with s·A folded into one [in, r] copy (r·in numbers, whatever the token count):
 
@@ -29,6 +29,8 @@ from functools import lru_cache
 from typing import Any
 
 import mlx.core as mx
+
+from peftdecl.options import EngineOptions
 
 
 def scaled_a(a: mx.array, s: float) -> mx.array:
@@ -62,6 +64,14 @@ def merge_pays(x: mx.array, w: mx.array, r: int, training: bool) -> bool:
     tokens = x.size // d_in
     merged = d_out * d_in * (r + 1) + (tokens * d_in * r if training else 0)
     return merged < tokens * (r * (d_in + d_out) + d_out)
+
+
+def use_merged(options: EngineOptions, x: mx.array, w: mx.array, r: int, training: bool) -> bool:
+    """Whether to run the product as x W′ᵀ: the engine option ``fused_merged`` where it is set, else
+    :func:`merge_pays`."""
+    if options.fused_merged is not None:
+        return options.fused_merged
+    return merge_pays(x, w, r, training)
 
 
 @lru_cache(maxsize=64)

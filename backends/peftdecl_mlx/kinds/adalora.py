@@ -5,13 +5,15 @@ P = lora_B, Λ = lora_E (masked by the plan's kept ranks), Q = lora_A.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from peftdecl.plan import LayerPlan
+from peftdecl_mlx.kinds._additive import AdditiveKind, Params
 
-Params = dict[str, mx.array]
+if TYPE_CHECKING:
+    from peftdecl_mlx.layer import AdaptedLayer
 
 
 def singular_values(lp: LayerPlan, p: Params) -> mx.array:
@@ -21,27 +23,18 @@ def singular_values(lp: LayerPlan, p: Params) -> mx.array:
     return e if mask is None else e * mx.array(mask, dtype=e.dtype).reshape(-1, 1)
 
 
-class AdaLoraOps:
+class AdaLoraOps(AdditiveKind):
     kind = "adalora"
-    additive = True
 
-    def delta(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array) -> mx.array:
+    def delta(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array:
+        """Δy = s · P (Q ⊙ Λ) dropout(x)."""
         h = layer.dropout(x, lp.options["dropout"])
         qe = p["lora_A"] * singular_values(lp, p)
         return (lp.scaling * (h @ qe.T)) @ p["lora_B"].T
 
-    def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> mx.array:
+    def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> mx.array:
+        """ΔW = s · P (Q ⊙ Λ)."""
         return lp.scaling * (p["lora_B"] @ (p["lora_A"] * singular_values(lp, p)))
-
-    def merge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
-    ) -> tuple[mx.array, mx.array | None]:
-        return layer.weight + self.delta_weight(lp, layer, p), layer.bias
-
-    def unmerge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
-    ) -> tuple[mx.array, mx.array | None]:
-        return layer.weight - self.delta_weight(lp, layer, p), layer.bias
 
 
 OPS = AdaLoraOps()

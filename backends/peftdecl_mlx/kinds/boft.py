@@ -9,15 +9,19 @@ HF PEFT's product, which is also their merge in turn.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 
 from peftdecl.composition import INPUT
+from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.boft import butterfly_perms
 from peftdecl_mlx.rotation import butterfly, cayley
+
+if TYPE_CHECKING:
+    from peftdecl_mlx.layer import AdaptedLayer
 
 Params = dict[str, mx.array]
 
@@ -33,7 +37,7 @@ def orthogonal_blocks(p: Params) -> mx.array:
     return cayley(0.5 * (r - r.swapaxes(-1, -2)))
 
 
-def dropped(lp: LayerPlan, layer: Any, q: mx.array) -> mx.array:
+def dropped(lp: LayerPlan, layer: AdaptedLayer, q: mx.array) -> mx.array:
     rate = lp.options["dropout"]
     if not layer.training or rate <= 0.0:
         return q
@@ -54,7 +58,8 @@ class BoftOps:
     # HF PEFT multiplies the active adapters' butterflies as M_k ⋯ M_1: the last one transforms the input first
     input_order = "reversed"
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array) -> mx.array:
+    def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array:
+        """y = ((x M) Wᵀ) ⊙ s + b."""
         rotated = butterfly(x, dropped(lp, layer, orthogonal_blocks(p)), perms(lp))
         y = (rotated @ layer.weight.T) * p["boft_s"].reshape(-1)
         return y if layer.bias is None else y + layer.bias
@@ -63,20 +68,32 @@ class BoftOps:
         """BOFT rotates the input the base reads and scales its output rows: a map of the weight."""
         return INPUT
 
-    def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: mx.array) -> mx.array:
+    def compose_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, weight: mx.array) -> mx.array:
         """diag(s) W Mᵀ (its merge): y = ((x M) Wᵀ) ⊙ s + b."""
         q = dropped(lp, layer, orthogonal_blocks(p))
         m = butterfly(mx.eye(lp.options["width"], dtype=q.dtype), q, perms(lp))
         return p["boft_s"].reshape(-1, 1) * (weight @ m.T)
 
+    def compose_output(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array, y: mx.array
+    ) -> mx.array:
+        """Not a map of the output: BOFT composes on the input (:meth:`composition`)."""
+        raise PeftdeclError(f"{lp.module}: BOFT rotates the input; it has no output-side map")
+
+    def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> mx.array:
+        """diag(s) W Mᵀ − W: the merged weight less the current one."""
+        return self.merge(lp, layer, p, {})[0] - layer.weight
+
     def merge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
     ) -> tuple[mx.array, mx.array | None]:
+        """(diag(s) W Mᵀ, b)."""
         return p["boft_s"].reshape(-1, 1) * (layer.weight @ butterfly_matrix(lp, p).T), layer.bias
 
     def unmerge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
     ) -> tuple[mx.array, mx.array | None]:
+        """(diag(1/s) W M, b), as M⁻¹ = Mᵀ."""
         return (layer.weight / p["boft_s"].reshape(-1, 1)) @ butterfly_matrix(lp, p), layer.bias
 
 

@@ -10,7 +10,7 @@ adapters merged before, as HF PEFT does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
@@ -20,6 +20,9 @@ from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.dora import MAGNITUDE
 from peftdecl_mlx.kinds import _fused
 from peftdecl_mlx.kinds.lora import OPS as LORA
+
+if TYPE_CHECKING:
+    from peftdecl_mlx.layer import AdaptedLayer
 
 Params = dict[str, mx.array]
 
@@ -36,12 +39,12 @@ FORM_LIMIT = 1 << 22
 GEMM of a shape MLX's CPU build runs well); larger ones use the factored sum, which never forms it."""
 
 
-def weight_norm(lp: LayerPlan, layer: Any, p: Params) -> mx.array:
+def weight_norm(lp: LayerPlan, layer: AdaptedLayer, p: Params) -> mx.array:
     """n = ‖W + s·B A‖ per direction row, with no gradient (paper §4.3)."""
     return _norm_and_merged(lp, layer, p)[0]
 
 
-def _norm_and_merged(lp: LayerPlan, layer: Any, p: Params) -> tuple[mx.array, mx.array | None]:
+def _norm_and_merged(lp: LayerPlan, layer: AdaptedLayer, p: Params) -> tuple[mx.array, mx.array | None]:
     """(n, W′ = W + s·B A held constant) where W′ is formed (a linear layer up to FORM_LIMIT), else (n, None)."""
     s = lp.scaling
     a, b = _low_rank(lp, p)
@@ -81,8 +84,10 @@ class DoraOps:
     kind = "dora"
     # g rescales the base output, so DoRA is neither summed with other adapters nor used in mixed batches
     additive = False
+    input_order = "active"  # unused: DoRA composes on the output side only
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array) -> mx.array:
+    def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array:
+        """y = g ⊙ (W x + s·B A x) + b (an embedding's: g ⊙ (E[x] + s·Aᵀ[x] Bᵀ))."""
         s = lp.scaling
         a, b = _low_rank(lp, p)
         formed: list[mx.array | None] = []
@@ -101,11 +106,11 @@ class DoraOps:
             direction = layer.base_forward(x) + s * (p["lora_embedding_A"].T[x] @ p["lora_embedding_B"].T)
             return (m * inverse + ones) * direction
         dropout = layer.training and lp.options["dropout"] > 0.0
-        if not dropout and x.dtype == a.dtype == w.dtype:
+        if layer.options.fused and not dropout and x.dtype == a.dtype == w.dtype:
             # W′ formed for the norm just now serves the product too (x W′ᵀ instead of x Wᵀ + s·(x Aᵀ) Bᵀ); with
-            # n reused, W′ is formed again only where that costs less than the low-rank products
+            # n reused, W′ is formed again only where the engine options or the cost rule choose it
             merged = formed[0] if formed else None
-            if merged is None and _fused.merge_pays(x, w, a.shape[0], layer.training):
+            if merged is None and _fused.use_merged(layer.options, x, w, a.shape[0], layer.training):
                 merged = mx.stop_gradient(mx.addmm(w, b, a, alpha=s))
             fused = _fused.dora(s, merged is not None)
             y = fused(x, w, w if merged is None else merged, a, b, m, inverse, ones)[0]
@@ -120,9 +125,14 @@ class DoraOps:
             return y if layer.bias is None else y + layer.bias
         return layer.base_forward(x) + (g - 1.0) * layer.base_forward(h, with_bias=False) + g * v
 
+    def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> mx.array:
+        """g ⊙ (W + s·B A) − W, the merged weight less the current one (n on the unmerged weight)."""
+        return self.merge(lp, layer, p, {})[0] - layer.weight
+
     def merge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
     ) -> tuple[mx.array, mx.array | None]:
+        """(g ⊙ (W + s·B A), b) with n taken on the weight without earlier merges."""
         # n on the weight without the adapters merged before (the one forward reads), as in HF PEFT
         n = _direct_norm(lp, layer.unmerged_weight(), p)
         # n cannot be recovered from the merged weight (its rows have norm |m|), so keep it for unmerge
@@ -131,8 +141,9 @@ class DoraOps:
         return self._rows(lp, g) * (layer.weight + LORA.delta_weight(lp, layer, p)), layer.bias
 
     def unmerge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
     ) -> tuple[mx.array, mx.array | None]:
+        """(W / g − s·B A, b) with the n kept by the merge."""
         if "norm" not in cache:
             raise PeftdeclError(f"{lp.module}: DoRA unmerge without a matching merge (no cached weight norm)")
         g = magnitude_scale(p[MAGNITUDE].reshape(-1), cache["norm"])
@@ -147,7 +158,9 @@ class DoraOps:
         result as its base result)."""
         return OUTPUT
 
-    def compose_output(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array, y: mx.array) -> mx.array:
+    def compose_output(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array, y: mx.array
+    ) -> mx.array:
         """b + g ⊙ (y − b) + g ⊙ s·B A x for the output so far y; embeddings g ⊙ (y + s·B A x); with dropout in
         training y + (g − 1) ⊙ W h + g ⊙ s·B A h."""
         s = lp.scaling
@@ -160,6 +173,10 @@ class DoraOps:
             return y + (g - 1.0) * layer.base_forward(h, with_bias=False) + g * v
         bias = layer.bias
         return g * (y + v) if bias is None else bias + g * (y - bias + v)
+
+    def compose_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, weight: mx.array) -> mx.array:
+        """Not a map of the input: DoRA composes on the output (:meth:`composition`)."""
+        raise PeftdeclError(f"{lp.module}: DoRA rescales the output; it has no input-side weight map")
 
     @staticmethod
     def _rows(lp: LayerPlan, g: mx.array) -> mx.array:

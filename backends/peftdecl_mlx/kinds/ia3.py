@@ -6,12 +6,15 @@ Several active adapters multiply their vectors (peftdecl.composition), each on i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
 from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
+
+if TYPE_CHECKING:
+    from peftdecl_mlx.layer import AdaptedLayer
 
 Params = dict[str, mx.array]
 UNMERGE_EPS = 1e-8  # HF PEFT's guard against division by zero
@@ -23,7 +26,8 @@ class IA3Ops:
     additive = False
     input_order = "active"  # diagonal scalings commute: any order gives the same product
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array) -> mx.array:
+    def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array:
+        """y = l ⊙ (W x + b), or W (l ⊙ x) + b for a feed-forward layer."""
         scale = p["ia3_l"].reshape(-1)
         if lp.options["feedforward"]:
             return layer.base_forward(x * scale)
@@ -33,26 +37,33 @@ class IA3Ops:
         """A feed-forward vector scales the input the base reads, any other the output built so far."""
         return INPUT if lp.options["feedforward"] else OUTPUT
 
-    def compose_output(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array, y: mx.array) -> mx.array:
+    def compose_output(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array, y: mx.array
+    ) -> mx.array:
         """l ⊙ y for the output so far y (bias included), as HF PEFT multiplies the active vectors."""
         return y * p["ia3_l"].reshape(-1)
 
-    def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: mx.array) -> mx.array:
+    def compose_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, weight: mx.array) -> mx.array:
         """W diag(l): the input scaled per input feature."""
         return weight * p["ia3_l"].reshape(-1)[None, :]
 
+    def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> mx.array:
+        """diag(l) W − W (feed-forward: W diag(l) − W): the merged weight less the current one."""
+        return self._scaled(lp, layer, p["ia3_l"].reshape(-1))[0] - layer.weight
+
     def merge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
     ) -> tuple[mx.array, mx.array | None]:
+        """(diag(l) W, l ⊙ b) or (W diag(l), b)."""
         return self._scaled(lp, layer, p["ia3_l"].reshape(-1))
 
     def unmerge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
     ) -> tuple[mx.array, mx.array | None]:
         return self._scaled(lp, layer, 1.0 / (p["ia3_l"].reshape(-1) + UNMERGE_EPS))
 
     @staticmethod
-    def _scaled(lp: LayerPlan, layer: Any, factor: mx.array) -> tuple[mx.array, mx.array | None]:
+    def _scaled(lp: LayerPlan, layer: AdaptedLayer, factor: mx.array) -> tuple[mx.array, mx.array | None]:
         if lp.options["feedforward"]:
             return layer.weight * factor[None, :], layer.bias
         bias = None if layer.bias is None else layer.bias * factor

@@ -5,22 +5,24 @@ Embedding: Δy = s · (Aᵀ[x]) Bᵀ and ΔE = s · (B A)ᵀ; HF PEFT applies no
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl_mlx.kinds import _fused
+from peftdecl_mlx.kinds._additive import AdditiveKind, Params
 
-Params = dict[str, mx.array]
+if TYPE_CHECKING:
+    from peftdecl_mlx.layer import AdaptedLayer
 
 
-class LoraOps:
+class LoraOps(AdditiveKind):
     kind = "lora"
-    additive = True
 
-    def delta(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array) -> mx.array:
+    def delta(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array:
+        """Δy = s · B A dropout(x) (+ s · b_B)."""
         s = lp.scaling
         if lp.layer.type == "embedding":
             return s * (p["lora_embedding_A"].T[x] @ p["lora_embedding_B"].T)
@@ -29,45 +31,38 @@ class LoraOps:
         v = (s * (h @ p["lora_A.weight"].T)) @ p["lora_B.weight"].T
         return v + s * p["lora_B.bias"] if "lora_B.bias" in p else v
 
-    def alone(self, lp: LayerPlan, layer: Any, node: Any, x: mx.array) -> mx.array | None:
+    def alone(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array | None:
         """The whole output when this adapter runs alone: y = base(x) + s·(x Aᵀ) Bᵀ, or x (W + s·B A)ᵀ + b where
-        forming the merged weight costs less (``_fused.merge_pays``), each one function with its own gradient;
-        None where the general path must run (embeddings, dropout active, a base or input dtype other than the
-        adapter's). ``node`` is the adapter's parameter tree, read directly."""
-        if lp.layer.type != "linear" or (layer.training and lp.options["dropout"] > 0.0):
+        forming the merged weight is chosen (:func:`_fused.use_merged`), each one function with its own gradient;
+        None where the general path must run (the ``fused`` engine option off, embeddings, dropout active, a base
+        or input dtype other than the adapter's)."""
+        if not layer.options.fused or lp.layer.type != "linear":
             return None
-        a, b = node["lora_A"]["weight"], node["lora_B"]["weight"]
+        if layer.training and lp.options["dropout"] > 0.0:
+            return None
+        a, b = p["lora_A.weight"], p["lora_B.weight"]
         w = layer.weight
         if not x.dtype == a.dtype == w.dtype:
             return None
         s = lp.scaling
-        if _fused.merge_pays(x, w, a.shape[0], layer.training):
+        if _fused.use_merged(layer.options, x, w, a.shape[0], layer.training):
             base_bias = layer.bias
             fused = _fused.lora_merged(s, base_bias is not None)
             y = fused(x, w, w if base_bias is None else base_bias, a, b)
         else:
             y = _fused.lora(s)(layer.base_layer(x), x, a, b)[0]
-        bias = node["lora_B"].get("bias")
+        bias = p.get("lora_B.bias")
         return y if bias is None else y + s * bias
 
-    def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> mx.array:
+    def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> mx.array:
+        """ΔW = s · B A (an embedding's: s · (B A)ᵀ)."""
         s = lp.scaling
         if lp.layer.type == "embedding":
             return s * (p["lora_embedding_B"] @ p["lora_embedding_A"]).T
         return s * (p["lora_B.weight"] @ p["lora_A.weight"])
 
-    def merge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
-    ) -> tuple[mx.array, mx.array | None]:
-        return layer.weight + self.delta_weight(lp, layer, p), self._bias(lp, layer, p, 1.0)
-
-    def unmerge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
-    ) -> tuple[mx.array, mx.array | None]:
-        return layer.weight - self.delta_weight(lp, layer, p), self._bias(lp, layer, p, -1.0)
-
-    @staticmethod
-    def _bias(lp: LayerPlan, layer: Any, p: Params, sign: float) -> mx.array | None:
+    def merged_bias(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, sign: float) -> mx.array | None:
+        """b ± s · b_B with ``lora_bias``."""
         if "lora_B.bias" not in p:
             return layer.bias
         if layer.bias is None:

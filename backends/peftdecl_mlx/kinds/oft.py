@@ -11,7 +11,7 @@ reversed order, as in HF PEFT).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
@@ -19,6 +19,9 @@ import numpy as np
 from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
 from peftdecl_mlx.rotation import cayley, neumann, rotate_blocks, skew_from_triu
+
+if TYPE_CHECKING:
+    from peftdecl_mlx.layer import AdaptedLayer
 
 Params = dict[str, mx.array]
 
@@ -31,7 +34,7 @@ def project_coft(u: mx.array, eps: float) -> mx.array:
     return u * factor[:, None]
 
 
-def block_rotations(lp: LayerPlan, layer: Any, p: Params) -> mx.array:
+def block_rotations(lp: LayerPlan, layer: AdaptedLayer, p: Params) -> mx.array:
     """The stored blocks' rotations [rows, b, b] (one row with block_share)."""
     opts, name = lp.options, lp.params[0].name
     u = p[name]
@@ -43,7 +46,7 @@ def block_rotations(lp: LayerPlan, layer: Any, p: Params) -> mx.array:
     return neumann(q, opts["num_cayley_neumann_terms"]) if opts["use_cayley_neumann"] else cayley(q)
 
 
-def full_rotation(lp: LayerPlan, layer: Any, r: mx.array, training: bool) -> mx.array:
+def full_rotation(lp: LayerPlan, layer: AdaptedLayer, r: mx.array, training: bool) -> mx.array:
     """The n blocks the layer applies: dropped blocks set to I (training), a shared block repeated."""
     rows, rate = r.shape[0], lp.options["module_dropout"]
     if training and rate > 0.0 and rows > 1:
@@ -58,7 +61,8 @@ class OftOps:
     additive = False
     input_order = "active"  # HF PEFT rotates the input by each active adapter in turn: x ↦ x R₁ R₂ ⋯
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array) -> mx.array:
+    def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array:
+        """y = base(x R) (an embedding's: E[x] R)."""
         rot = full_rotation(lp, layer, block_rotations(lp, layer, p), layer.training)
         if lp.layer.type == "embedding":
             return rotate_blocks(layer.base_forward(x), rot)
@@ -68,22 +72,29 @@ class OftOps:
         """An embedding's rotation acts on the output built so far; a linear layer's on its input."""
         return OUTPUT if lp.layer.type == "embedding" else INPUT
 
-    def compose_output(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array, y: mx.array) -> mx.array:
+    def compose_output(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array, y: mx.array
+    ) -> mx.array:
         """y R: an embedding's output so far, rotated blockwise."""
         return rotate_blocks(y, full_rotation(lp, layer, block_rotations(lp, layer, p), layer.training))
 
-    def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: mx.array) -> mx.array:
+    def compose_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, weight: mx.array) -> mx.array:
         """W Rᵀ (each row rotated by the transposed blocks): y = base(x R)."""
         rot = full_rotation(lp, layer, block_rotations(lp, layer, p), layer.training)
         return rotate_blocks(weight, rot.swapaxes(-1, -2))
 
-    def rotation(self, lp: LayerPlan, layer: Any, p: Params) -> mx.array:
+    def rotation(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> mx.array:
         """The n rotation blocks the adapter applies (eval mode)."""
         return full_rotation(lp, layer, block_rotations(lp, layer, p), False)
 
+    def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> mx.array:
+        """W Rᵀ − W (an embedding's: E R − E): the merged weight less the current one."""
+        return self.merge(lp, layer, p, {})[0] - layer.weight
+
     def merge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
     ) -> tuple[mx.array, mx.array | None]:
+        """(W Rᵀ, b); an embedding's (E R, None)."""
         rot = self.rotation(lp, layer, p)
         if lp.layer.type == "embedding":
             return rotate_blocks(layer.weight, rot), layer.bias
@@ -91,8 +102,9 @@ class OftOps:
         return rotate_blocks(layer.weight, rot.swapaxes(-1, -2)), layer.bias
 
     def unmerge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
     ) -> tuple[mx.array, mx.array | None]:
+        """(W R⁻ᵀ, b): R⁻¹ rather than Rᵀ, since the Neumann series is not exactly orthogonal."""
         inverse = mx.linalg.inv(self.rotation(lp, layer, p), stream=mx.cpu)
         if lp.layer.type == "embedding":
             return rotate_blocks(layer.weight, inverse), layer.bias

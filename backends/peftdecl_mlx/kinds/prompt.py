@@ -19,7 +19,6 @@ import mlx.nn as nn
 from peftdecl.errors import BackendError
 from peftdecl.plan import Plan, PromptPlan
 
-LAYER_TYPES: tuple[str, ...] = ()
 ENCODER = "prompt_encoder"
 Params = dict[str, mx.array]
 

@@ -5,41 +5,34 @@ A and B are the shared frozen projections cut to the layer, A[:r, :in] and B[:ou
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from peftdecl.plan import LayerPlan
+from peftdecl_mlx.kinds._additive import AdditiveKind, Params
 
-Params = dict[str, mx.array]
+if TYPE_CHECKING:
+    from peftdecl_mlx.layer import AdaptedLayer
 
 
 def _projections(lp: LayerPlan, p: Params) -> tuple[mx.array, mx.array]:
     return p["vera_A"][: lp.r, : lp.layer.in_features], p["vera_B"][: lp.layer.out_features, : lp.r]
 
 
-class VeraOps:
+class VeraOps(AdditiveKind):
     kind = "vera"
-    additive = True
 
-    def delta(self, lp: LayerPlan, layer: Any, p: Params, x: mx.array) -> mx.array:
+    def delta(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array:
+        """Δy = λ_b ⊙ B (λ_d ⊙ A dropout(x))."""
         a, b = _projections(lp, p)
         h = layer.dropout(x, lp.options["dropout"])
         return p["vera_lambda_b"] * ((p["vera_lambda_d"] * (h @ a.T)) @ b.T)
 
-    def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> mx.array:
+    def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> mx.array:
+        """ΔW = diag(λ_b) B diag(λ_d) A."""
         a, b = _projections(lp, p)
         return (p["vera_lambda_b"][:, None] * b) @ (p["vera_lambda_d"][:, None] * a)
-
-    def merge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
-    ) -> tuple[mx.array, mx.array | None]:
-        return layer.weight + self.delta_weight(lp, layer, p), layer.bias
-
-    def unmerge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
-    ) -> tuple[mx.array, mx.array | None]:
-        return layer.weight - self.delta_weight(lp, layer, p), layer.bias
 
 
 OPS = VeraOps()
