@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
+from peftdecl._json import JsonObject
 from peftdecl.errors import AdapterFileError
 from peftdecl.formats.atomic import adapter_folder, atomic_write_text, consistent_read, staged_directory
 from peftdecl.formats.safetensors_io import read_safetensors, write_safetensors
@@ -23,6 +25,10 @@ from peftdecl.names import check_adapter_name
 from peftdecl.plan.ir import Plan
 from peftdecl.plan.targeting import IA3_DEFAULT_TARGETS, default_targets
 from peftdecl.spec import SpecBase, load_spec
+
+if TYPE_CHECKING:
+    from peftdecl.formats.registry import AdapterFormat, ExtraConfig, Payload
+    from peftdecl.plan.ir import ModelInfo
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -32,19 +38,24 @@ DEFAULT_ADAPTER = "default"
 HF_PEFT_FORMAT_VERSION = "0.21.2"
 """The HF PEFT release whose file format this module writes (recorded as ``peft_version`` when unset)."""
 
-# Tensor-name fragments that identify an adapter kind, to explain a config/tensor mismatch.
-KIND_MARKERS: dict[str, tuple[str, ...]] = {
-    "ADALORA": (".lora_E",),
-    "LORA": (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_magnitude_vector"),
-    "IA3": (".ia3_l",),
-    "LOHA": (".hada_",),
-    "LOKR": (".lokr_",),
-    "OFT": (".oft_R.", ".oft_embedding_R."),
-    "BOFT": (".boft_R", ".boft_s"),
-    "VERA": (".vera_lambda_", "vera_A"),
-    "PROMPT_TUNING": ("prompt_embeddings",),
-    "PREFIX_TUNING": ("prompt_embeddings",),
-}
+def kind_markers() -> dict[str, tuple[str, ...]]:
+    """peft_type -> the tensor-name fragments that identify it (its kinds' ``hf_markers``), to explain a
+    config/tensor mismatch; read from :mod:`peftdecl.kinds`, so registered kinds are included."""
+    from peftdecl.kinds import cached, kinds
+
+    def build() -> dict[str, tuple[str, ...]]:
+        found: dict[str, tuple[str, ...]] = {}
+        for decl in kinds().values():
+            found[decl.peft_type] = (*found.get(decl.peft_type, ()), *decl.hf_markers)
+        return found
+
+    return dict(cached("hf_markers", build))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "KIND_MARKERS":  # the name earlier releases exported, now computed on access
+        return kind_markers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_hf_adapter_dir(path: Path) -> bool:
@@ -79,10 +90,10 @@ def ir_key(plan_shared: set[str], key: str) -> str:
 
 def config_dict(
     plan: Plan,
-    extra: Mapping[str, Any] | None = None,
+    extra: ExtraConfig | None = None,
     model_class: tuple[str, str] | None = None,
     model_type: str | None = None,
-) -> dict[str, Any]:
+) -> JsonObject:
     """The ``adapter_config.json`` content PEFT would write for this plan (on a model of ``model_type``)."""
     config = plan.spec.to_dict()
     config["inference_mode"] = True
@@ -101,11 +112,11 @@ def config_dict(
     return config
 
 
-def _resolved_defaults(plan: Plan, config: Mapping[str, Any], model_type: str | None) -> dict[str, Any]:
+def _resolved_defaults(plan: Plan, config: JsonObject, model_type: str | None) -> dict[str, list[str]]:
     """The model type's default module lists where the spec left them null: PEFT writes what it resolved."""
     if plan.prompt is not None or model_type is None:
         return {}
-    resolved: dict[str, Any] = {}
+    resolved: dict[str, list[str]] = {}
     if "target_modules" in config and config["target_modules"] is None:
         defaults = default_targets(config["peft_type"]).get(model_type)
         if defaults:
@@ -120,8 +131,8 @@ def write_adapter(
     plan: Plan,
     arrays: Mapping[str, np.ndarray],
     *,
-    dtype: Any = np.float32,
-    extra_config: Mapping[str, Any] | None = None,
+    dtype: npt.DTypeLike = np.float32,
+    extra_config: ExtraConfig | None = None,
     model_class: tuple[str, str] | None = None,
     model_type: str | None = None,
 ) -> None:
@@ -135,9 +146,9 @@ def write_adapter(
 
 def write_adapters(
     directory: Path,
-    adapters: Mapping[str, tuple[Plan, Mapping[str, np.ndarray], Mapping[str, Any] | None]],
+    adapters: Payload,
     *,
-    dtype: Any = np.float32,
+    dtype: npt.DTypeLike = np.float32,
     model_class: tuple[str, str] | None = None,
     model_type: str | None = None,
 ) -> None:
@@ -182,10 +193,11 @@ def check_kind(spec: SpecBase, tensors: Mapping[str, np.ndarray], origin: Path) 
     """Refuse a config whose ``peft_type`` the tensor names contradict."""
     if not tensors:
         raise AdapterFileError(f"{origin}: the file holds no tensors")
-    expected = KIND_MARKERS[spec.peft_type]
+    markers = kind_markers()
+    expected = markers.get(spec.peft_type, ())
     if any(marker in key for key in tensors for marker in expected):
         return
-    seen = [kind for kind, markers in KIND_MARKERS.items() if any(m in k for k in tensors for m in markers)]
+    seen = [kind for kind, found in markers.items() if any(m in k for k in tensors for m in found)]
     sample = ", ".join(sorted(tensors)[:3])
     raise AdapterFileError(
         f"{origin}: the config says {spec.peft_type} but the tensors ({sample}, ...) are "
@@ -201,7 +213,9 @@ def to_ir_arrays(plan: Plan, tensors: Mapping[str, np.ndarray]) -> dict[str, np.
     return {ir_key(shared, k): v for k, v in tensors.items()}
 
 
-def _write_for_registry(directory: Path, payload: Any, dtype: Any, info: Any) -> None:
+def _write_for_registry(
+    directory: Path, payload: Payload, dtype: npt.DTypeLike, info: ModelInfo | None
+) -> None:
     write_adapters(
         directory,
         payload,
@@ -211,7 +225,7 @@ def _write_for_registry(directory: Path, payload: Any, dtype: Any, info: Any) ->
     )
 
 
-def _format() -> Any:
+def _format() -> AdapterFormat:
     from peftdecl.formats.registry import AdapterFormat
 
     return AdapterFormat(

@@ -16,10 +16,11 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
+from peftdecl._json import JsonObject
 from peftdecl.errors import AdapterFileError
 from peftdecl.formats.atomic import adapter_folder, atomic_write_text, consistent_read, staged_directory
 from peftdecl.formats.registry import AdapterFormat, Payload, read_config_text
@@ -43,7 +44,7 @@ def is_mlx_lm_adapter_dir(folder: Path) -> bool:
     return (Path(folder) / WEIGHTS_NAME).is_file()
 
 
-def _config(folder: Path) -> dict[str, Any]:
+def _config(folder: Path) -> JsonObject:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise AdapterFileError(f"{folder}: {WEIGHTS_NAME} without {CONFIG_NAME}")
@@ -66,7 +67,7 @@ def _config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _check_parameters(path: Path, params: Mapping[str, Any]) -> None:
+def _check_parameters(path: Path, params: JsonObject) -> None:
     """Refuse a rank that is not a positive integer and a scale or dropout that is not a finite number
     (a NaN or infinite scale would make every output NaN)."""
     rank = params["rank"]
@@ -96,7 +97,7 @@ def _modules(tensors: Mapping[str, np.ndarray], origin: Path) -> dict[str, dict[
     return by_module
 
 
-def target_fields(modules: list[str]) -> dict[str, Any]:
+def target_fields(modules: list[str]) -> dict[str, list[str] | list[int] | str]:
     """HF targeting fields selecting exactly ``modules``: block-relative names with ``layers_to_transform`` when
     the set is every listed name in every listed block of one ``layers`` list, else the full names."""
     found = [_BLOCK.match(m) for m in modules]
@@ -184,7 +185,7 @@ def to_ir_arrays(
     return out
 
 
-def mlx_lm_layout(plan: Plan, info: ModelInfo | None) -> dict[str, Any]:
+def mlx_lm_layout(plan: Plan, info: ModelInfo | None) -> JsonObject:
     """The ``adapter_config.json`` of a LoRA/DoRA plan, or an error listing everything mlx-lm cannot express."""
     problems = []
     if plan.kind not in ("lora", "dora") or plan.prompt is not None:
@@ -203,7 +204,7 @@ def mlx_lm_layout(plan: Plan, info: ModelInfo | None) -> dict[str, Any]:
                 f"{lp.module}: DoRA on an embedding (mlx-lm normalises per token, HF PEFT per dimension)"
             )
     for what, value in (("rank", lambda lp: lp.r), ("scale", lambda lp: lp.scaling)):
-        seen: dict[Any, list[str]] = {}
+        seen: dict[float, list[str]] = {}
         for lp in plan.layers:
             seen.setdefault(value(lp), []).append(lp.module)
         if len(seen) > 1:
@@ -247,7 +248,9 @@ def _keys(targets: tuple[str, ...], total_blocks: int | None) -> tuple[list[str]
     return sorted(targets), total_blocks or (indices[-1] + 1 if indices else 0)
 
 
-def to_mlx_lm_tensors(plan: Plan, arrays: Mapping[str, np.ndarray], dtype: Any) -> dict[str, np.ndarray]:
+def to_mlx_lm_tensors(
+    plan: Plan, arrays: Mapping[str, np.ndarray], dtype: npt.DTypeLike
+) -> dict[str, np.ndarray]:
     """IR arrays -> mlx-lm keys (A and B transposed)."""
     out = {}
     for lp in plan.layers:
@@ -263,7 +266,7 @@ def to_mlx_lm_tensors(plan: Plan, arrays: Mapping[str, np.ndarray], dtype: Any) 
 
 
 def write_adapters(
-    directory: Path, payload: Payload, dtype: Any = np.float32, info: ModelInfo | None = None
+    directory: Path, payload: Payload, dtype: npt.DTypeLike = np.float32, info: ModelInfo | None = None
 ) -> None:
     """Save adapters in mlx-lm's layout (the default in ``directory``, others in sub-folders), all or nothing."""
     layouts = {name: mlx_lm_layout(plan, info) for name, (plan, _, _) in payload.items()}

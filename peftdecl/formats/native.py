@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from peftdecl.errors import AdapterFileError
 from peftdecl.formats.atomic import adapter_folder, atomic_write_text, consistent_read, staged_directory
@@ -56,7 +56,9 @@ def read_adapter(folder: Path) -> tuple[SpecBase, dict[str, np.ndarray]]:
     return spec, tensors
 
 
-def write_adapters(directory: Path, payload: Payload, dtype: Any, info: ModelInfo | None = None) -> None:
+def write_adapters(
+    directory: Path, payload: Payload, dtype: npt.DTypeLike, info: ModelInfo | None = None
+) -> None:
     """Save ``{name: (plan, IR arrays, extra)}``: the default adapter in ``directory``, others in sub-folders."""
     del info  # the native layout needs nothing from the model
     with staged_directory(Path(directory)) as stage:

@@ -15,15 +15,19 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from peftdecl.errors import AdapterFileError, PeftdeclError
 from peftdecl.plan.ir import ModelInfo, Plan
 from peftdecl.spec import SpecBase
 
-Payload = Mapping[str, tuple[Plan, Mapping[str, np.ndarray], Mapping[str, Any] | None]]
+ExtraConfig = Mapping[str, object]
+"""Fields added to a saved adapter config (JSON values), e.g. AdaLoRA's trained ``rank_pattern``."""
+
+Payload = Mapping[str, tuple[Plan, Mapping[str, np.ndarray], ExtraConfig | None]]
+"""Adapter name -> (its plan, its IR arrays, extra config fields): what a format's ``write`` saves."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class AdapterFormat:
     detect: Callable[[Path], bool]
     read: Callable[[Path], tuple[SpecBase, dict[str, np.ndarray]]]
     to_ir: Callable[[Plan, Mapping[str, np.ndarray], ModelInfo | None], dict[str, np.ndarray]]
-    write: Callable[[Path, Payload, Any, ModelInfo | None], None]
+    write: Callable[[Path, Payload, npt.DTypeLike, ModelInfo | None], None]
     weights_name: str
     """The tensor file inside an adapter folder (named in errors)."""
     lossless: bool = False
@@ -52,7 +56,12 @@ _FORMAT_MODULES = {
 
 def formats() -> dict[str, AdapterFormat]:
     """Format name -> format, importing each format module on first use."""
-    return {name: importlib.import_module(module).FORMAT for name, module in _FORMAT_MODULES.items()}
+    found: dict[str, AdapterFormat] = {}
+    for name, module in _FORMAT_MODULES.items():
+        fmt = importlib.import_module(module).FORMAT
+        assert isinstance(fmt, AdapterFormat), module
+        found[name] = fmt
+    return found
 
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024

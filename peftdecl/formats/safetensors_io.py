@@ -17,10 +17,10 @@ import stat
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from peftdecl._json import JsonObject, JsonValue
 from peftdecl.errors import AdapterFileError
 from peftdecl.formats.atomic import atomic_write_bytes
 
@@ -92,7 +92,7 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     return os.read(fd, size)
 
 
-def _read_header(path: Path, fd: int) -> tuple[int, dict[str, Any]]:
+def _read_header(path: Path, fd: int) -> tuple[int, JsonObject]:
     """The header's declared length and parsed JSON, bounded before parsing."""
     size = os.fstat(fd).st_size
     if size < 8:
@@ -129,7 +129,7 @@ def _read_header(path: Path, fd: int) -> tuple[int, dict[str, Any]]:
     return header_len, header
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _no_duplicates(pairs: list[tuple[str, JsonValue]]) -> JsonObject:
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
@@ -139,7 +139,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _load(
-    path: Path, fd: int, header_len: int, header: Mapping[str, Any], floats_only: bool
+    path: Path, fd: int, header_len: int, header: JsonObject, floats_only: bool
 ) -> dict[str, np.ndarray]:
     """Validate with the safetensors library, then decode each tensor (BF16 from its checked offsets)."""
     from safetensors import safe_open
@@ -162,28 +162,28 @@ def _load(
     proc = Path(f"/proc/self/fd/{fd}")
     source = proc if proc.exists() else path
     tensors: dict[str, np.ndarray] = {}
-    name = None
+    current: str | None = None  # the tensor being read, named if the library fails on it
     try:
         with safe_open(str(source), framework="numpy") as handle:
             if set(handle.keys()) != set(entries):
                 raise AdapterFileError(
                     f"{path}: the safetensors library and the header disagree on tensor names"
                 )
-            for name in sorted(entries):
-                if entries[name]["dtype"] == "BF16":
-                    tensors[name] = _bf16(path, fd, 8 + header_len, name, entries[name])
+            for current in sorted(entries):
+                if entries[current]["dtype"] == "BF16":
+                    tensors[current] = _bf16(path, fd, 8 + header_len, current, entries[current])
                 else:
-                    tensors[name] = np.array(handle.get_tensor(name), copy=True)
+                    tensors[current] = np.array(handle.get_tensor(current), copy=True)
     except AdapterFileError:
         raise
     except Exception as exc:  # SafetensorError, and anything else the library raises on a bad file
-        where = f"tensor {name!r}: " if name is not None else ""
+        where = f"tensor {current!r}: " if current is not None else ""
         message = str(exc).removeprefix("Error while deserializing header: ")
         raise AdapterFileError(f"{path}: {where}invalid safetensors file ({message})") from None
     return tensors
 
 
-def _check_extent(path: Path, data_len: int, header_len: int, entries: Mapping[str, Any]) -> None:
+def _check_extent(path: Path, data_len: int, header_len: int, entries: JsonObject) -> None:
     """Name the tensor a truncated file cuts, or the header length a shifted file gets wrong (the library
     refuses both, less specifically: its check stays the final word on every other offset)."""
     ends = {}
@@ -210,7 +210,7 @@ def _check_extent(path: Path, data_len: int, header_len: int, entries: Mapping[s
         )
 
 
-def _bf16(path: Path, fd: int, data_start: int, name: str, entry: Mapping[str, Any]) -> np.ndarray:
+def _bf16(path: Path, fd: int, data_start: int, name: str, entry: JsonObject) -> np.ndarray:
     """A bfloat16 tensor widened to float32: each value's 16 bits become the high half of a float32."""
     start, end = entry["data_offsets"]  # integers tiling the data: the library checked them
     shape = tuple(entry["shape"])
