@@ -36,14 +36,15 @@ class Capabilities:
 
     name: str
     kinds: Mapping[str, tuple[str, ...]]
-    """Execution kind -> layer types it runs on."""
+    """Execution kind -> layer types it runs on. A backend passes :class:`peftdecl.kinds.BackendKinds`, read live
+    from the kind registry (every kind that declares ops for it, on the layer types it wraps)."""
     gradients: Literal["autograd", "explicit", "none"]
     devices: tuple[str, ...] = ("cpu",)
     dtypes: tuple[str, ...] = ("float64",)
-    mixed_batch: tuple[str, ...] = ()
-    """Kinds that accept ``adapter_names=`` (one adapter per row)."""
-    multi_active: tuple[str, ...] = ()
-    """Kinds that allow several active adapters on one layer at once."""
+    mixed_batch: Sequence[str] = ()
+    """Kinds that accept ``adapter_names=`` (one adapter per row): :func:`peftdecl.kinds.additive_kinds`."""
+    multi_active: Sequence[str] = ()
+    """Kinds that allow several active adapters on one layer at once: :func:`peftdecl.kinds.layer_kinds`."""
     fused_kernels: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
     """Python modules the backend imports when created (checked without importing them)."""
@@ -51,7 +52,11 @@ class Capabilities:
     """Quantised base layers (``LayerInfo.quantization`` values) the backend can adapt."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kinds", MappingProxyType(dict(self.kinds)))
+        from peftdecl.kinds import BackendKinds
+
+        # a registry-backed table stays live (kinds registered later join it); any other is frozen as given
+        if not isinstance(self.kinds, BackendKinds):
+            object.__setattr__(self, "kinds", MappingProxyType(dict(self.kinds)))
 
     def supports(self, kind: str, layer_type: str | None = None) -> bool:
         types = self.kinds.get(kind)
@@ -104,7 +109,12 @@ class KindOps(Protocol[LayerT]):
 
 @runtime_checkable
 class AdditiveOps(KindOps[LayerT], Protocol[LayerT]):
-    """A kind whose output is base(x) + Δ(x): it stacks with others by addition and runs in mixed batches."""
+    """A kind whose output is base(x) + Δ(x): it stacks with others by addition and runs in mixed batches.
+
+    Optional fast path: ``accumulate(lp, layer, p, x, result) -> result + Δ(x)`` (e.g. one fused multiply-add into
+    the output so far); callers use it where a kind has it and ``result + delta(...)`` otherwise.
+    Optional fast path: ``alone(lp, layer, p, x) -> y | None``, the whole output with this adapter alone where it
+    can beat base(x) + Δ(x) (MLX LoRA's fused functions), None where it cannot; ``forward`` falls back then."""
 
     def delta(self, lp: LayerPlan, layer: LayerT, p: Params, x: Any) -> Any:
         """Δ(x): the adapter's contribution to the layer output."""
@@ -225,47 +235,6 @@ def check_adapter_names(names: Iterable[str], attached: Collection[str], merged:
         raise PeftdeclError(f"adapter_names lists unknown adapters {unknown}; attached: {sorted(attached)}")
     if merged:
         raise PeftdeclError("adapter_names cannot be used while adapters are merged; call unmerge() first")
-
-
-class KindModules:
-    """The per-kind modules of a backend package, found by name and imported on first use.
-
-    ``table`` maps an execution kind to the module of ``package`` that implements it: its bare name when the
-    module declares the layer types it runs on as ``LAYER_TYPES`` (read by importing it), or ``(name, layer
-    types)`` when the table declares them (nothing is imported to list them). A kind whose module does not exist
-    is not offered; ``backend`` (when given) is named in the KeyError for a kind the table lacks.
-    """
-
-    def __init__(
-        self,
-        package: str,
-        table: Mapping[str, str | tuple[str, tuple[str, ...]]],
-        backend: str | None = None,
-    ) -> None:
-        self._modules: dict[str, str] = {}
-        self._types: dict[str, tuple[str, ...] | None] = {}
-        for kind, entry in table.items():
-            module, types = (entry, None) if isinstance(entry, str) else entry
-            self._modules[kind] = f"{package}.{module}"
-            self._types[kind] = types
-        self._backend = backend
-
-    def supported_kinds(self) -> dict[str, tuple[str, ...]]:
-        """Execution kind -> layer types, for every kind whose module exists (checked with ``find_spec``)."""
-        found = {}
-        for kind, module in self._modules.items():
-            if importlib.util.find_spec(module) is None:
-                continue
-            types = self._types[kind]
-            found[kind] = tuple(importlib.import_module(module).LAYER_TYPES) if types is None else types
-        return found
-
-    def ops_for(self, kind: str) -> Any:
-        """The ``OPS`` object of the module that implements execution kind ``kind``."""
-        if kind not in self._modules:
-            named = f"the {self._backend} backend has no kind {kind!r}"
-            raise KeyError(kind if self._backend is None else named)
-        return importlib.import_module(self._modules[kind]).OPS
 
 
 @runtime_checkable

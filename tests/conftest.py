@@ -47,19 +47,3 @@ def rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
     denom = np.linalg.norm(expected)
     diff = np.linalg.norm(actual - expected)
     return float(diff / denom) if denom > 0 else float(diff)
-
-
-@pytest.fixture(autouse=True)
-def _onednn_on_every_product():
-    """Every float32 CPU product that peftdecl_torch.gemm would send to oneDNN at full size goes there at the tiny
-    sizes of the tests too (where ENGINE picks oneDNN: auto on a non-Intel x86 CPU), so that the comparisons
-    with PEFT and the reference run the code path users get; test_torch_gemm covers both libraries by name."""
-    try:
-        from peftdecl_torch import gemm
-    except ImportError:  # no torch
-        yield
-        return
-    smallest = gemm.MIN_WORK
-    gemm.MIN_WORK = 0
-    yield
-    gemm.MIN_WORK = smallest

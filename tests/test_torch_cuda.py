@@ -18,7 +18,7 @@ import peftdecl
 from tests.conftest import rel_err
 from tests.hf_models import peft, peft_model, perturb, tiny_llama, torch
 from tests.peft_parity import assert_training_step_like_peft
-from tests.test_torch_kinds import PAIRS, TOL, Holder, available, build, fused
+from tests.test_torch_kinds import PAIRS, TOL, Holder, available, build
 from tests.test_torch_peft import KINDS, QV, ids, peft_trainable
 
 DEVICE = os.environ.get("PEFTDECL_TEST_DEVICE", "cuda")
@@ -62,7 +62,7 @@ def test_kind_on_device_matches_numpy_reference(case: str, layer: str, dtype, pa
     reason = available(case, layer)
     if reason:
         pytest.skip(reason)
-    monkeypatch.setattr(fused, "ENABLED", path == "fused")
+    monkeypatch.setenv("PEFTDECL_FUSED", str(path == "fused"))  # read by the engine build() creates
     ours, reference, x, xt = build(case, layer, dtype, device=DEVICE)
     params = ours.trainable_parameters()
     assert all(p.device.type == DEVICE for p in params.values())

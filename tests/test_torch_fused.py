@@ -3,8 +3,9 @@ float64 NumPy reference and torch.autograd.gradcheck.
 
 peftdecl_torch.kinds._fused picks a form by token count and layer size (merged weight or not for LoRA/AdaLoRA,
 rotated weight or rotated input for OFT) and OFT's backward pass by how close R is to orthogonal; on the tiny
-shapes here each form is forced in turn. Tolerances as in test_torch_kinds: float32 ≤ 1e-5, float64 ≤ 1e-10
-relative; gradcheck in float64 with its default tolerances.
+shapes here each form is forced in turn through the engine options (``PEFTDECL_FUSED_MERGED`` and
+``PEFTDECL_HALF_COMPUTE`` set the defaults of the engine each test creates). Tolerances as in test_torch_kinds:
+float32 ≤ 1e-5, float64 ≤ 1e-10 relative; gradcheck in float64 with its default tolerances.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _check_against_reference(case: str, layer: str, dtype, function: str | None 
 @pytest.mark.parametrize(("case", "layer"), FORCED, ids=[f"{c}-{lay}" for c, lay in FORCED])
 def test_each_form_matches_numpy_reference(case: str, layer: str, dtype, merged: bool, monkeypatch) -> None:
     # merged: LoRA/AdaLoRA fold the update into the weight, OFT rotates the weight; unmerged: the other form
-    monkeypatch.setattr(fused, "MERGED", merged)
+    monkeypatch.setenv("PEFTDECL_FUSED_MERGED", str(merged))
     function = None
     if case.startswith(("lora", "adalora")):
         function = "MergedLoraLinearFunction" if merged else "LoraLinearFunction"
@@ -80,14 +81,14 @@ def test_each_form_matches_numpy_reference(case: str, layer: str, dtype, merged:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("case", ["oft", "oft_exact_cayley", "oft_block_share_coft"])
 def test_both_oft_backward_forms_match_numpy_reference(case: str, dtype, backward: str, monkeypatch) -> None:
-    monkeypatch.setattr(fused, "MERGED", True)  # the weight-rotating Function
+    monkeypatch.setenv("PEFTDECL_FUSED_MERGED", "true")  # the weight-rotating Function
     if backward == "direct":
         monkeypatch.setattr(torch_oft, "MAX_DEFECT", -1.0)
     else:
         ours, _, _, _ = build(case, "linear", dtype)
         layer = ours.engine.layer("m")
         name = layer.adapter_names[0]
-        rot = torch_oft.block_rotations(layer.plan(name), layer.tensors(name)).detach()
+        rot = torch_oft.block_rotations(layer.plan(name), layer, layer.tensors(name)).detach()
         if not torch_oft._invertible(rot):
             pytest.skip("the test rotation is too far from orthogonal for the inversion form")
     _check_against_reference(case, "linear", dtype, "OftLinearFunction")
@@ -187,14 +188,20 @@ def test_cost_rules_follow_token_count_and_dtype(monkeypatch) -> None:
     layer = ours.engine.layer("m")
     lp = layer.plan(layer.adapter_names[0])
     few, many = torch.zeros(2, 8), torch.zeros(4, 8)  # 2·14 < 48 ≤ 4·14 tokens·(in + out)
-    assert not fused.merge_pays(lp, few) and fused.merge_pays(lp, many)
-    assert fused.merge_for_training(lp, many)
-    assert not fused.merge_for_training(lp, many.to(torch.bfloat16))  # W + ΔW rounded to bfloat16 drops ΔW
-    assert not fused.rotate_weight_pays(lp, torch.zeros(5, 8)) and fused.rotate_weight_pays(
-        lp, torch.zeros(6, 8)
+    assert not fused.merge_pays(lp, layer, few) and fused.merge_pays(lp, layer, many)
+    assert fused.merge_for_training(lp, layer, many)
+    assert not fused.merge_for_training(
+        lp, layer, many.to(torch.bfloat16)
+    )  # W + ΔW rounded to bfloat16 drops ΔW
+    assert not fused.rotate_weight_pays(lp, layer, torch.zeros(5, 8)) and fused.rotate_weight_pays(
+        lp, layer, torch.zeros(6, 8)
     )
-    monkeypatch.setattr(fused, "MERGED", False)
-    assert not fused.merge_pays(lp, many) and not fused.rotate_weight_pays(lp, torch.zeros(6, 8))
+    monkeypatch.setenv("PEFTDECL_FUSED_MERGED", "false")  # read when an engine is created: a new one
+    never, _, _, _ = build("lora", "linear", torch.float32)
+    layer = never.engine.layer("m")
+    assert not fused.merge_pays(lp, layer, many) and not fused.rotate_weight_pays(
+        lp, layer, torch.zeros(6, 8)
+    )
 
 
 HALF_TOL = 2e-2  # half-precision products (8-bit mantissa for bfloat16) against float64
@@ -225,8 +232,8 @@ def test_half_precision_base_runs_the_function_in_its_dtype(
     reason = available(case, layer)
     if reason:
         pytest.skip(reason)
-    monkeypatch.setattr(fused, "MERGED", merged)
-    monkeypatch.setattr(fused, "HALF_COMPUTE", half_compute)  # False: HF PEFT's float32 adapter path
+    monkeypatch.setenv("PEFTDECL_FUSED_MERGED", str(merged))
+    monkeypatch.setenv("PEFTDECL_HALF_COMPUTE", str(half_compute))  # False: HF PEFT's float32 adapter path
     monkeypatch.setattr(torch_dora, "ROW_SLICE_ELEMENTS", 12)  # DoRA's backward in slices of two token rows
     ours, reference, x, _ = build(case, layer, dtype)
     x = x.astype(np.float32)  # the half-precision input, exactly, for the reference

@@ -7,16 +7,19 @@ torch is imported when the backend builds an inventory or an engine.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import Capabilities
-from peftdecl.plan import ModelInfo
-from peftdecl_torch.kinds import ADDITIVE_KINDS, supported_kinds
+from peftdecl.kinds import BackendKinds, additive_kinds, layer_kinds
+from peftdecl.options import EngineOptions
+from peftdecl.plan import LAYER_TYPES, ModelInfo
 
-_KINDS = supported_kinds()
-_ADDITIVE = tuple(k for k in ADDITIVE_KINDS if k in _KINDS)
-# every layer kind composes with the others on a layer (peftdecl.composition); prompt learning has no layers
-_LAYER_KINDS = tuple(k for k in _KINDS if k not in ("prefix_tuning", "prompt_tuning"))
+if TYPE_CHECKING:
+    from peftdecl_torch.engine import TorchEngine
+
+# every kind that declares torch ops, on every IR layer type it adapts (read live from peftdecl.kinds)
+_KINDS = BackendKinds("torch", LAYER_TYPES)
 
 
 def _is_torch_module(model: Any) -> bool:
@@ -37,8 +40,9 @@ class TorchBackend:
         gradients="autograd",
         devices=("cpu", "cuda"),
         dtypes=("float32", "float64", "bfloat16", "float16"),
-        mixed_batch=_ADDITIVE,
-        multi_active=_LAYER_KINDS,
+        mixed_batch=additive_kinds(_KINDS),
+        # every layer kind composes with the others on a layer (peftdecl.composition); prompt learning has none
+        multi_active=layer_kinds(_KINDS),
         # linear layers of these kinds run hand-written autograd Functions (kinds/_fused.py)
         fused_kernels=tuple(k for k in ("lora", "adalora", "dora", "oft", "vera") if k in _KINDS),
         requires=("torch",),
@@ -53,12 +57,16 @@ class TorchBackend:
         check_options(options)
         return inventory(model)
 
-    def create(self, model: Any, info: ModelInfo, **options: Any) -> Any:
+    def create(
+        self, model: Any, info: ModelInfo, book: AdapterBook, options: EngineOptions, **model_options: Any
+    ) -> TorchEngine:
+        """A :class:`peftdecl_torch.engine.TorchEngine` reading ``book``; ``model_options``:
+        ``autocast_adapter_dtype``."""
         from peftdecl_torch.engine import TorchEngine
         from peftdecl_torch.inventory import check_options
 
-        check_options(options)
-        return TorchEngine(model, info, **options)
+        check_options(model_options)
+        return TorchEngine(model, info, book, options, **model_options)
 
     def load_checkpoint(self, directory: str | Path) -> Any:
         """A transformers causal LM from a local HF checkpoint folder, float32, in eval mode (``peftdecl equiv``)."""

@@ -1,7 +1,7 @@
 """Several adapters active on one layer of the torch backend, combined by the rules of :mod:`peftdecl.composition`.
 
 y = f(x; W') + b with W' the input-side adapters' weight maps applied to W (``compose_weight``), then each additive
-adapter (its forward adds its contribution to the result it is given) and each output-side adapter
+adapter (y ← y + Δ(x), through its ``accumulate`` fast path where it has one) and each output-side adapter
 (``compose_output``) in active order. Every adapter computes in its own dtype; the result has the base output's.
 Plain torch ops throughout: autograd differentiates the composition.
 """
@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from peftdecl.backend import KindOps, Params
 from peftdecl.composition import ADD, INPUT, role, weight_map_order
 from peftdecl.plan import LayerPlan
 
@@ -21,7 +22,7 @@ class Running(NamedTuple):
 
     name: str
     lp: LayerPlan
-    ops: Any
+    ops: Any  # a KindOps; Any because ComposingOps/AdditiveOps methods are called by role
     dtype: torch.dtype
     params: dict[str, torch.Tensor]
 
@@ -44,6 +45,18 @@ def forward(layer: Any, x: torch.Tensor, running: list[Running]) -> torch.Tensor
         if kind_role == INPUT:
             continue
         xa = x.to(entry.dtype) if x.is_floating_point() and x.dtype != entry.dtype else x
-        step = entry.ops.forward if kind_role == ADD else entry.ops.compose_output
-        result = step(entry.lp, layer, entry.params, xa, result.to(entry.dtype))
+        if kind_role == ADD:
+            result = accumulate(entry.ops, entry.lp, layer, entry.params, xa, result.to(entry.dtype))
+        else:
+            result = entry.ops.compose_output(entry.lp, layer, entry.params, xa, result.to(entry.dtype))
     return result.to(out_dtype)
+
+
+def accumulate(
+    ops: KindOps[Any], lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor
+) -> torch.Tensor:
+    """result + Δ(x) of an additive kind: its optional ``accumulate`` fast path, else ``result + delta(...)``."""
+    fast = getattr(ops, "accumulate", None)
+    if fast is not None:
+        return fast(lp, layer, p, x, result)
+    return result + ops.delta(lp, layer, p, x)  # type: ignore[attr-defined]

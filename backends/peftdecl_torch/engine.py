@@ -15,41 +15,45 @@ import numpy as np
 import torch
 from torch import nn
 
-from peftdecl.backend import check_adapter_names, trainable_key
+from peftdecl.adapter_book import AdapterBook
+from peftdecl.backend import RngState, check_adapter_names, trainable_key
 from peftdecl.errors import BackendError, PeftdeclError
+from peftdecl.options import EngineOptions
 from peftdecl.plan import ModelInfo, Plan
+from peftdecl_torch.context import EngineContext
 from peftdecl_torch.inventory import layer_type
 from peftdecl_torch.kinds import ops_for
 from peftdecl_torch.kinds.prompt import PromptAdapter
-from peftdecl_torch.layer import (
-    ADAPTER_NAMES,
-    BASE,
-    AdaptedLayer,
-    EngineState,
-    RowAdapters,
-    SavedModule,
-    adapter_dtype,
-)
+from peftdecl_torch.layer import ADAPTER_NAMES, BASE, AdaptedLayer, RowAdapters, adapter_dtype
 from peftdecl_torch.probes import capture, follow_mode, to_numpy
 from peftdecl_torch.prompting import generation_inputs, prompt_call
+from peftdecl_torch.saved import SavedModule
 from peftdecl_torch.seq2seq import seq2seq_call, seq2seq_generate
 from peftdecl_torch.task_heads import HEAD_TASKS, head_rules
 
 
 class TorchEngine:
-    """Adapters on a torch model, wrapped layer by layer."""
+    """Adapters on a torch model, wrapped layer by layer; which of them run and train is read from ``book``."""
 
-    def __init__(self, model: nn.Module, info: ModelInfo, *, autocast_adapter_dtype: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        info: ModelInfo,
+        book: AdapterBook,
+        options: EngineOptions,
+        *,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         self.model = model
+        self.book = book
+        self.options = options
         self._info = info
         self._autocast = autocast_adapter_dtype
-        self._state = EngineState()
+        self._context = EngineContext(book, options)
         self._layers: dict[str, AdaptedLayer] = {}
         self._saved: dict[str, SavedModule] = {}
-        self._plans: dict[str, Plan] = {}
         self._shared: dict[str, dict[str, np.ndarray]] = {}
         self._prompts: dict[str, PromptAdapter] = {}
-        self._frozen: frozenset[str] = frozenset()
         # the base model is frozen while adapted; unload() gives the flags back
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         for param in model.parameters():
@@ -63,8 +67,7 @@ class TorchEngine:
             self._prompts[name] = PromptAdapter(plan.prompt, plan.shared, arrays, weight.device, dtype)
             self._prompts[name].train(self.model.training)
             self._add_saved(name, plan, arrays)
-            self._plans[name] = plan
-            self._update_trainable()
+            self.sync()
             return
         shared_specs = {p.name: p for p in plan.shared}
         trainable_shared = [n for n, p in shared_specs.items() if p.role == "trainable"]
@@ -95,8 +98,7 @@ class TorchEngine:
             )
             follow_mode(layer, layer.base_layer, layer.training)
         self._add_saved(name, plan, arrays)
-        self._plans[name] = plan
-        self._update_trainable()
+        self.sync()
 
     def _add_saved(self, name: str, plan: Plan, arrays: Mapping[str, np.ndarray]) -> None:
         for module in plan.modules_to_save:
@@ -105,7 +107,8 @@ class TorchEngine:
             saved.add(name, {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
 
     def remove(self, name: str) -> None:
-        plan = self._plans.pop(name)
+        """Drop adapter ``name`` (still in the book: the model removes it from there afterwards)."""
+        plan = self.book.plans[name]
         self._shared.pop(name, None)
         self._prompts.pop(name, None)
         for lp in plan.layers:
@@ -118,23 +121,36 @@ class TorchEngine:
             saved = self._saved[module]
             saved.remove(name)
             if not len(saved.copies):
-                self._replace(module, saved.original_module)
+                self._replace(module, saved.original)
                 del self._saved[module]
 
-    def set_active(self, names: tuple[str, ...]) -> None:
-        self._state.active = tuple(names)
-        self._update_trainable()
+    def replace_plan(self, name: str, plan: Plan) -> None:
+        """Adapter ``name`` now runs ``plan`` (already in the book; same tensors): every live parameter keeps its
+        identity, so an optimizer built before the change keeps training them."""
+        for lp in plan.layers:
+            self._layers[lp.module].replace_plan(name, lp)
+        if name in self._prompts and plan.prompt is not None:
+            self._prompts[name].plan = plan.prompt
 
-    def set_frozen(self, names: frozenset[str]) -> None:
-        """Adapters ``names`` stay frozen (no gradients) even while active, as after HF PEFT's inference load."""
-        self._frozen = frozenset(names)
-        self._update_trainable()
+    def sync(self) -> None:
+        """Trainability follows the book: an adapter's tensors (and modules_to_save copies) require gradients
+        while it is active and not frozen."""
+        book = self.book
+        active = set(book.active)
+        for name in book.plans:
+            train = name in active and name not in book.frozen
+            for param in self._own_parameters(name).values():
+                param.requires_grad_(train)
 
-    def set_enabled(self, enabled: bool) -> None:
-        self._state.enabled = enabled
+    def get_rng_state(self) -> RngState:
+        """The engine's generators' states (device -> uint8 array): dropout masks and other draws."""
+        return self._context.generators.get_state()
+
+    def set_rng_state(self, state: RngState) -> None:
+        self._context.generators.set_state(state)
 
     def export(self, name: str) -> dict[str, np.ndarray]:
-        plan = self._plans[name]
+        plan = self.book.plans[name]
         out: dict[str, np.ndarray] = {}
         for lp in plan.layers:
             own = self._layers[lp.module].tensors(name)
@@ -148,23 +164,27 @@ class TorchEngine:
         return out
 
     def merge(self, names: tuple[str, ...]) -> None:
+        """Fold ``names`` into the base weights in turn (the model adds them to ``book.merged`` afterwards)."""
+        before = list(self.book.merged)
         for name in names:
-            for lp in self._plans[name].layers:
-                self._layers[lp.module].merge(name)
-            self._state.merged.append(name)
+            for lp in self.book.plans[name].layers:
+                self._layers[lp.module].merge(name, before)
+            before.append(name)
 
     def unmerge(self) -> None:
-        while self._state.merged:
-            name = self._state.merged.pop()
-            for lp in self._plans[name].layers:
-                self._layers[lp.module].unmerge(name)
+        """Take every adapter of ``book.merged`` out again, the last merged first."""
+        remaining = list(self.book.merged)
+        while remaining:
+            name = remaining.pop()
+            for lp in self.book.plans[name].layers:
+                self._layers[lp.module].unmerge(name, remaining)
 
     def unload(self) -> nn.Module:
         """The base model itself, wrappers removed (merged weights stay), modules_to_save copies swapped in."""
         for module, layer in self._layers.items():
             self._replace(module, layer.base_layer)
         for module, saved in self._saved.items():
-            self._replace(module, saved.active_copy())
+            self._replace(module, saved.active_module())
         self._layers, self._saved = {}, {}
         for pname, param in self.model.named_parameters():
             param.requires_grad_(self._requires_grad.get(pname, False))
@@ -210,20 +230,25 @@ class TorchEngine:
 
     def trainable_parameters(self, names: tuple[str, ...]) -> dict[str, nn.Parameter]:
         """Key -> the live parameter, for the adapters ``names`` (and their modules_to_save copies): the full IR key
-        with one adapter, ``"<adapter>/<full key>"`` with several (:func:`peftdecl.backend.trainable_key`)."""
+        with one adapter, ``"<adapter>/<full key>"`` with several (:func:`peftdecl.backend.trainable_key`). The
+        same objects across ``set_adapter``, ``update_spec`` and AdaLoRA's rank changes."""
         out: dict[str, nn.Parameter] = {}
         for name in names:
-            plan = self._plans[name]
-            own: dict[str, nn.Parameter] = {}
-            for lp in plan.layers:
-                own.update({lp.key(k): v for k, v in self._layers[lp.module].trainable(name).items()})
-            if name in self._prompts:
-                own.update(self._prompts[name].tensors())
-            for module in plan.modules_to_save:
-                copy = self._saved[module].copies[name]
-                own.update({f"{module}.{k}": v for k, v in copy.named_parameters()})
-            out.update({trainable_key(name, k, names): v for k, v in own.items()})
+            out.update({trainable_key(name, k, names): v for k, v in self._own_parameters(name).items()})
         return out
+
+    def _own_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """Full key -> parameter of adapter ``name``: its layers' trainable tensors, prompt tables and copies."""
+        plan = self.book.plans[name]
+        own: dict[str, nn.Parameter] = {}
+        for lp in plan.layers:
+            own.update({lp.key(k): v for k, v in self._layers[lp.module].trainable(name).items()})
+        if name in self._prompts:
+            own.update(self._prompts[name].tensors())
+        for module in plan.modules_to_save:
+            copy = self._saved[module].copies[name]
+            own.update({f"{module}.{k}": v for k, v in copy.named_parameters()})
+        return own
 
     def to(self, *args: Any, **kwargs: Any) -> None:
         """``nn.Module.to`` on the model, its wrappers and the prompt adapters together; a new float dtype becomes
@@ -275,9 +300,9 @@ class TorchEngine:
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _active_prompt(self) -> PromptAdapter | None:
-        if not self._state.enabled:
+        if not self.book.enabled:
             return None
-        found = [n for n in self._state.active if n in self._prompts]
+        found = [n for n in self.book.active if n in self._prompts]
         if len(found) > 1:
             raise PeftdeclError(f"only one prompt-learning adapter can be active at a time, not {found}")
         return self._prompts[found[0]] if found else None
@@ -288,7 +313,7 @@ class TorchEngine:
         if self._info.is_encoder_decoder:
             return seq2seq_call
         name = next(n for n, p in self._prompts.items() if p is prompt)
-        task = self._plans[name].spec.task_type
+        task = self.book.plans[name].spec.task_type
         if task in HEAD_TASKS:
             return head_rules(task)
         return prompt_call
@@ -320,27 +345,21 @@ class TorchEngine:
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise PeftdeclError("adapter_names must be a list of adapter names, one per batch row")
         names = tuple(adapter_names)
-        check_adapter_names(names, self._plans, merged=bool(self._state.merged))
+        check_adapter_names(names, self.book.plans, merged=bool(self.book.merged))
         for name in dict.fromkeys(names):
             if name == BASE:
                 continue
             if name in self._prompts:
                 raise PeftdeclError(
-                    f"adapter {name!r} is {self._plans[name].kind}; mixed batches take layer adapters"
+                    f"adapter {name!r} is {self.book.plans[name].kind}; mixed batches take layer adapters"
                 )
-            for kind in {lp.kind for lp in self._plans[name].layers}:
+            for kind in {lp.kind for lp in self.book.plans[name].layers}:
                 if not ops_for(kind).additive:
                     raise PeftdeclError(
                         f"adapter {name!r} is {kind}; mixed batches (adapter_names) support the additive kinds "
                         "LoRA, AdaLoRA, LoHa, LoKr and VeRA only (HF PEFT also rejects DoRA here)"
                     )
         return names
-
-    def _update_trainable(self) -> None:
-        active = set(self._state.active)
-        for name in self._plans:
-            for param in self.trainable_parameters((name,)).values():
-                param.requires_grad_(name in active and name not in self._frozen)
 
     def _parent(self, module: str) -> tuple[nn.Module, str]:
         parent_name, _, child = module.rpartition(".")
@@ -363,7 +382,7 @@ class TorchEngine:
             )
         if layer_type(found) != expected:
             raise PeftdeclError(f"{module} is a {type(found).__name__}; the plan expects a {expected} layer")
-        wrapper = AdaptedLayer(found, self._info.layers[module], module, self._state)
+        wrapper = AdaptedLayer(found, self._info.layers[module], module, self._context)
         follow_mode(wrapper, found, found.training)  # a new nn.Module is in training mode; take the layer's
         self._replace(module, wrapper)
         self._layers[module] = wrapper
@@ -375,7 +394,7 @@ class TorchEngine:
         if module in self._layers or any(m.startswith(module + ".") for m in self._layers):
             raise PeftdeclError(f"{module} holds adapted layers and cannot also be in modules_to_save")
         original = self.model.get_submodule(module)
-        wrapper = SavedModule(original, module, self._state)
+        wrapper = SavedModule(original, module, self._context)
         follow_mode(wrapper, original, original.training)  # its copies are deep copies: already in that mode
         self._replace(module, wrapper)
         self._saved[module] = wrapper

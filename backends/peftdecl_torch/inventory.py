@@ -28,9 +28,34 @@ def check_options(options: Mapping[str, Any]) -> None:
     check_backend_options("torch", options, KNOWN_OPTIONS, "the nn.Module itself")
 
 
+QUANTIZED_LINEAR = {"Linear4bit": "bnb_4bit", "Linear8bitLt": "bnb_8bit"}
+"""Quantised linear layers by class name (bitsandbytes'), recognised without importing their library."""
+
+
+def quantization(module: nn.Module) -> str | None:
+    """How ``module``'s weight is quantised (``LayerInfo.quantization``): ``bnb_4bit``/``bnb_8bit`` for
+    bitsandbytes' layers, ``unknown`` for any other weight that is not floating point, None for a float weight."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in QUANTIZED_LINEAR:
+            return QUANTIZED_LINEAR[cls.__name__]
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
+        return "unknown"
+    return None
+
+
+def _dtype_name(module: nn.Module) -> str | None:
+    weight = getattr(module, "weight", None)
+    return str(weight.dtype).removeprefix("torch.") if isinstance(weight, torch.Tensor) else None
+
+
 def layer_type(module: nn.Module) -> str | None:
     """The IR layer type of a torch module, or None when peftdecl cannot adapt it."""
     if isinstance(module, nn.Linear):
+        return "linear"
+    if any(cls.__name__ in QUANTIZED_LINEAR for cls in type(module).__mro__) and hasattr(
+        module, "in_features"
+    ):
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
@@ -49,18 +74,23 @@ def layer_type(module: nn.Module) -> str | None:
 
 
 def layer_info(module: nn.Module) -> LayerInfo | None:
-    """The LayerInfo of an adaptable torch module (None otherwise)."""
+    """The LayerInfo of an adaptable torch module (None otherwise), with its weight's dtype and quantisation."""
     kind = layer_type(module)
     if kind is None:
         return None
     has_bias = getattr(module, "bias", None) is not None
+    dtype, quantized = _dtype_name(module), quantization(module)
     if kind == "linear":
-        return LayerInfo(kind, module.in_features, module.out_features, has_bias)
+        return LayerInfo(
+            kind, module.in_features, module.out_features, has_bias, dtype=dtype, quantization=quantized
+        )
     if kind == "gpt2_conv1d":
         d_in, d_out = module.weight.shape
-        return LayerInfo(kind, d_in, d_out, has_bias)
+        return LayerInfo(kind, d_in, d_out, has_bias, dtype=dtype, quantization=quantized)
     if kind == "embedding":
-        return LayerInfo(kind, module.num_embeddings, module.embedding_dim, False)
+        return LayerInfo(
+            kind, module.num_embeddings, module.embedding_dim, False, dtype=dtype, quantization=quantized
+        )
     if isinstance(module.padding, str):
         raise BackendError(
             f"{type(module).__name__} with padding={module.padding!r} is not supported; use explicit integer padding"
@@ -75,12 +105,15 @@ def layer_info(module: nn.Module) -> LayerInfo | None:
         padding=tuple(module.padding),
         dilation=tuple(module.dilation),
         groups=module.groups,
+        dtype=dtype,
+        quantization=quantized,
     )
 
 
 def inventory(model: nn.Module) -> ModelInfo:
     """Every adaptable layer and every module name of ``model`` (in ``named_modules`` order), plus its facts."""
-    from peftdecl_torch.layer import AdaptedLayer, SavedModule
+    from peftdecl_torch.layer import AdaptedLayer
+    from peftdecl_torch.saved import SavedModule
 
     layers: dict[str, LayerInfo] = {}
     modules = []

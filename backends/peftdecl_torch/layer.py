@@ -2,17 +2,17 @@
 
 ``AdaptedLayer`` replaces a targeted layer: y = base(x) with each running adapter applied by its kind's ops;
 several compose by the rules of :mod:`peftdecl.composition` (additive kinds: y = base(x) + Σ_a Δ_a(x)).
-``SavedModule`` replaces a ``modules_to_save`` module: the active adapter's trainable copy runs instead of the
-original. Both read the engine's shared switches (active adapters, enabled, merged) and the per-call
-``adapter_names`` (mixed batches) from a context variable.
+The wrapper reads the model's :class:`peftdecl.adapter_book.AdapterBook` (which adapters run), the engine's
+options and generators through the shared :class:`peftdecl_torch.context.EngineContext`, and the per-call
+``adapter_names`` (mixed batches) from a context variable. ``modules_to_save`` wrappers live in
+:mod:`peftdecl_torch.saved`.
 """
 
 from __future__ import annotations
 
 import contextvars
-import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,9 +21,12 @@ import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from torch import nn
 
 from peftdecl.backend import BASE_ROW as BASE
+from peftdecl.backend import KindOps
 from peftdecl.errors import PeftdeclError
+from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerInfo, LayerPlan
-from peftdecl_torch import compose, gemm
+from peftdecl_torch import compose
+from peftdecl_torch.context import EngineContext
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds import ops_for
 
@@ -49,15 +52,6 @@ ADAPTER_NAMES: contextvars.ContextVar[RowAdapters | None] = contextvars.ContextV
     "peftdecl_torch_adapter_names", default=None
 )
 """The per-row adapters of the mixed-batch call in progress (None outside one)."""
-
-
-@dataclass
-class EngineState:
-    """Switches shared by every wrapper of one engine."""
-
-    active: tuple[str, ...] = ()
-    enabled: bool = True
-    merged: list[str] = field(default_factory=list)
 
 
 class _Holder(nn.Module):
@@ -86,12 +80,16 @@ def adapter_dtype(base_weight: torch.Tensor, autocast: bool) -> torch.dtype:
 class AdaptedLayer(nn.Module):
     """A base layer plus the adapters of every plan that targets it."""
 
-    def __init__(self, base_layer: nn.Module, info: LayerInfo, module_name: str, state: EngineState) -> None:
+    def __init__(
+        self, base_layer: nn.Module, info: LayerInfo, module_name: str, context: EngineContext
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.info = info
         self.module_name = module_name
-        self._state = state
+        self._context = context
+        # the layer plan of each adapter whose tensors live here (an index into the book's plans, which
+        # replace_plan refreshes)
         self._plans: dict[str, LayerPlan] = {}
         self._slots: dict[str, list[tuple[str, str, str]]] = {}  # adapter -> (tensor, attribute, leaf)
         self._shared: dict[str, dict[str, str]] = {}
@@ -108,6 +106,43 @@ class AdaptedLayer(nn.Module):
 
     def plan(self, name: str) -> LayerPlan:
         return self._plans[name]
+
+    def replace_plan(self, name: str, lp: LayerPlan) -> None:
+        """Adapter ``name`` now runs ``lp`` (same tensors, which keep their identity); caches are dropped."""
+        self._plans[name] = lp
+        self._caches[name].clear()
+        self.scratch.clear()
+
+    @property
+    def options(self) -> EngineOptions:
+        """The engine's options (fused paths, half-precision compute, saved shrink)."""
+        return self._context.options
+
+    # -- random draws (the engine's generators, never torch's global one) ----------------------------------
+    def generator(self, device: torch.device) -> torch.Generator:
+        return self._context.generators.on(device)
+
+    def dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """Inverted dropout in training mode: x ⊙ m / (1 − p), m ~ Bernoulli(1 − p); x itself otherwise."""
+        if not self.training or p <= 0.0:
+            return x
+        if p >= 1.0:
+            return x * 0.0
+        keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=self.generator(x.device))
+        return x * keep.div_(1.0 - p)
+
+    def random(
+        self, shape: Sequence[int], device: torch.device, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Uniform draws in [0, 1)."""
+        return torch.rand(tuple(shape), generator=self.generator(device), device=device, dtype=dtype)
+
+    def permutation(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.randperm(n, generator=self.generator(device), device=device)
+
+    def integers(self, high: int) -> int:
+        """A uniform integer in [0, high), drawn on the CPU (no device round trip)."""
+        return int(torch.randint(high, (), generator=self.generator(torch.device("cpu"))))
 
     def add(
         self,
@@ -212,9 +247,7 @@ class AdaptedLayer(nn.Module):
 
     # -- the base layer ------------------------------------------------------------------------------------
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The base layer on x; a plain linear one runs its product through :mod:`peftdecl_torch.gemm`."""
-        if gemm.takes_over(self.base_layer, x):
-            return self.functional(x, self.weight_ir(), self.bias)
+        """The base layer itself on x (its own module, hooks included)."""
         return self.base_layer(x)
 
     def weight_ir(self) -> torch.Tensor:
@@ -245,7 +278,7 @@ class AdaptedLayer(nn.Module):
             return F.conv1d(x, weight_ir, bias, info.stride, info.padding, info.dilation, info.groups)
         if info.type == "conv2d":
             return F.conv2d(x, weight_ir, bias, info.stride, info.padding, info.dilation, info.groups)
-        return gemm.linear(x, weight_ir, bias)
+        return F.linear(x, weight_ir, bias)
 
     def embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Look ``x`` up in ``table`` with the base embedding's settings (padding_idx gets no gradient)."""
@@ -263,22 +296,24 @@ class AdaptedLayer(nn.Module):
                 self.base_layer.bias.copy_(bias)
 
     # -- merging -------------------------------------------------------------------------------------------
-    def merge(self, name: str) -> None:
-        """Fold adapter ``name`` into the base weight as it is (adapters merged before stay in)."""
+    def merge(self, name: str, before: Sequence[str]) -> None:
+        """Fold adapter ``name`` into the base weight as it is; ``before``: the adapters merged before it (they stay
+        in)."""
         lp = self._plans[name]
-        if not self._merged_here() and self._keeps_unmerged():
+        if not self._merged_here(before) and self._keeps_unmerged():
             self._unmerged = self.weight_ir().detach().clone()
         with torch.no_grad():
             weight, bias = ops_for(lp.kind).merge(lp, self, self.tensors(name), self._caches[name])
         self.write_base(weight, bias)
 
-    def unmerge(self, name: str) -> None:
+    def unmerge(self, name: str, remaining: Sequence[str]) -> None:
+        """Take adapter ``name`` out of the base weight; ``remaining``: the adapters still merged after it."""
         lp = self._plans[name]
         with torch.no_grad():
             weight, bias = ops_for(lp.kind).unmerge(lp, self, self.tensors(name), self._caches[name])
         self.write_base(weight, bias)
         self._caches[name].clear()
-        if not self._merged_here():
+        if not self._merged_here(remaining):
             self._unmerged = None
 
     def unmerged_weight_ir(self) -> torch.Tensor:
@@ -286,16 +321,15 @@ class AdaptedLayer(nn.Module):
         merges after others, as in HF PEFT (which takes them out and puts them back)."""
         if self._unmerged is not None:
             return self._unmerged
-        if self._merged_here():
+        if self._merged_here(self._context.book.merged):
             raise PeftdeclError(
                 f"{self.module_name}: an adapter added after the merge needs the unmerged weight; "
                 "unmerge() and merge again"
             )
         return self.weight_ir()
 
-    def _merged_here(self) -> list[str]:
-        # the engine records a name as merged once every layer of its plan has merged it
-        return [n for n in self._state.merged if n in self._plans]
+    def _merged_here(self, merged: Sequence[str]) -> list[str]:
+        return [n for n in merged if n in self._plans]
 
     def _keeps_unmerged(self) -> bool:
         # a copy of the weight only where a later merge can read it (memory: one weight per such layer)
@@ -305,13 +339,13 @@ class AdaptedLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = self._state
-        if not state.enabled:
+        book = self._context.book
+        if not book.enabled:
             return self.base_layer(x)
         rows = ADAPTER_NAMES.get()
         if rows is not None:
             return self._mixed_forward(x, rows)
-        running = [n for n in state.active if n in self._plans and n not in state.merged]
+        running = [n for n in book.running() if n in self._plans]
         if not running:
             return self.base_layer(x)
         if len(running) == 1:
@@ -319,14 +353,14 @@ class AdaptedLayer(nn.Module):
             lp = self._plans[name]
             ops = ops_for(lp.kind)
             if not ops.additive or self._same_dtype(x, name) or self._half_fused(x, name, ops):
-                return ops.forward(lp, self, self.tensors(name), x, None)
+                return ops.forward(lp, self, self.tensors(name), x)
         return self._composed_forward(x, running)
 
     def _same_dtype(self, x: torch.Tensor, name: str) -> bool:
         dtype = self._dtypes[name]
         return self.base_layer.weight.dtype == dtype and (x.dtype == dtype or not x.is_floating_point())
 
-    def _half_fused(self, x: torch.Tensor, name: str, ops: Any) -> bool:
+    def _half_fused(self, x: torch.Tensor, name: str, ops: KindOps[Any]) -> bool:
         """Whether a kind's fused Function runs float32 adapters in this half-precision base's dtype."""
         if not getattr(ops, "half_compute", False):
             return False
@@ -356,61 +390,10 @@ class AdaptedLayer(nn.Module):
         lp = self._plans[name]
         dtype = self._dtypes[name]
         xa = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
-        return ops_for(lp.kind).forward(lp, self, self.tensors(name), xa, result.to(dtype)).to(result.dtype)
+        return compose.accumulate(ops_for(lp.kind), lp, self, self.tensors(name), xa, result.to(dtype)).to(
+            result.dtype
+        )
 
     def extra_repr(self) -> str:
         kinds = ", ".join(f"{n}={lp.kind}(r={lp.r})" for n, lp in self._plans.items())
         return f"adapters=[{kinds}]"
-
-
-class SavedModule(nn.Module):
-    """A ``modules_to_save`` module: the active adapter's full copy runs in place of the original."""
-
-    def __init__(self, original: nn.Module, module_name: str, state: EngineState) -> None:
-        super().__init__()
-        self.original_module = original
-        self.copies = nn.ModuleDict()
-        self.module_name = module_name
-        self._state = state
-
-    def add(self, name: str, values: Mapping[str, Any]) -> None:
-        """A trainable copy of the original for adapter ``name`` (its tensors replaced by ``values`` if given)."""
-        clone = copy.deepcopy(self.original_module)
-        if values:
-            own = dict(clone.state_dict())
-            unexpected = sorted(set(values) - set(own))
-            if unexpected:
-                raise PeftdeclError(f"{self.module_name}: saved copy has unknown tensors {unexpected}")
-            with torch.no_grad():
-                for key, value in values.items():
-                    own[key].copy_(
-                        torch.from_numpy(np.ascontiguousarray(np.asarray(value))).to(own[key].dtype)
-                    )
-        for param in clone.parameters():
-            param.requires_grad_(False)
-        self.copies[name] = clone
-
-    def remove(self, name: str) -> None:
-        del self.copies[name]
-
-    def active_copy(self) -> nn.Module:
-        """The copy of the first active adapter that has one, else the original."""
-        if self._state.enabled:
-            for name in self._state.active:
-                if name in self.copies:
-                    return self.copies[name]
-        return self.original_module
-
-    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        row_adapters = ADAPTER_NAMES.get()
-        if row_adapters is None or not self._state.enabled:
-            return self.active_copy()(x, *args, **kwargs)
-        rows = row_adapters.for_batch(x.shape[0], self.module_name)
-        parts, order = [], []
-        for name in dict.fromkeys(rows):
-            index = [i for i, n in enumerate(rows) if n == name]
-            module = self.copies[name] if name in self.copies else self.original_module  # noqa: SIM401 (ModuleDict has no get)
-            parts.append(module(x[index], *args, **kwargs))
-            order.extend(index)
-        out = torch.cat(parts)
-        return out[torch.argsort(torch.tensor(order, device=out.device))]

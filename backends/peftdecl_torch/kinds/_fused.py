@@ -3,16 +3,15 @@ and which form of the Function pays for a given call.
 
 The Functions assume a frozen base weight, one dtype throughout, no autocast and no dropout on the adapter input
 (dropout masks would have to be kept for the backward pass); anything else takes the composed path, which
-autograd differentiates as usual. ``ENABLED = False`` forces the composed path (the tests run both).
+autograd differentiates as usual. The engine option ``fused=False`` (:class:`peftdecl.options.EngineOptions`)
+forces the composed path (the tests run both).
 
 Half-precision bases (LoRA, AdaLoRA, DoRA; OFT where it rotates the weight; LoHa/LoKr in _weight_delta): with float32
-adapters on a bfloat16/float16 base, HF PEFT casts the input up and runs the adapter in float32, which on a GPU
-costs more than the base layer itself (a float32 copy of every input and memory-bound float32 products: 2.7× the
-frozen layer at 4096², 8192 tokens on an H100; 22× for LoHa's full-size float32 product). These kinds cast the
-adapter's small matrices down per call instead and run in the base dtype with float32 accumulation, which is what
-PEFT computes under torch.autocast; results differ from PEFT's float32 adapter path by half-precision rounding
-(≈ 2⁻⁸ relative), and the float32 parameters receive the gradients. ``HALF_COMPUTE = False`` restores the float32
-adapter path.
+adapters on a bfloat16/float16 base, HF PEFT casts the input up and runs the adapter in float32 (a float32 copy of
+every input and memory-bound float32 products). These kinds cast the adapter's small matrices down per call
+instead and run in the base dtype with float32 accumulation, which is what PEFT computes under torch.autocast;
+results differ from PEFT's float32 adapter path by half-precision rounding (≈ 2⁻⁸ relative), and the float32
+parameters receive the gradients. The engine option ``half_compute=False`` restores the float32 adapter path.
 
 Cost rules (x: T tokens × d_in, W: d_out × d_in, rank or block size r), as in dLoRA's "merge or don't":
 
@@ -23,7 +22,7 @@ Cost rules (x: T tokens × d_in, W: d_out × d_in, rank or block size r), as in 
 - rotate the weight (OFT): W·Rᵀ costs d_out·d_in·r, rotating the input T·d_in·r: from T ≥ d_out tokens
   (:func:`rotate_weight_pays`).
 
-``MERGED`` overrides both rules (True: always merge / rotate the weight, False: never), for tests.
+The engine option ``fused_merged`` overrides both rules (True: always merge / rotate the weight, False: never).
 """
 
 from __future__ import annotations
@@ -31,13 +30,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.plan import LayerPlan
-from peftdecl_torch import gemm
-
-ENABLED = True
-MERGED: bool | None = None
-HALF_COMPUTE = True
 
 SPLIT_K = 8
 """Row slices of :func:`tn` on the CPU (see there)."""
@@ -57,14 +52,21 @@ def fusable(
     """True if ``layer`` (linear or GPT-2 Conv1D) can run this call through a fused Function: one dtype
     throughout, or with ``half_compute`` a half-precision base and input with float32 adapter tensors, which the
     caller casts to the base dtype (see :func:`compute_dtype`)."""
-    if not ENABLED or lp.layer.type not in ("linear", "gpt2_conv1d") or (layer.training and dropout > 0):
+    options = layer.options
+    if (
+        not options.fused
+        or lp.layer.type not in ("linear", "gpt2_conv1d")
+        or (layer.training and dropout > 0)
+    ):
         return False
     weight, bias = layer.base_layer.weight, layer.bias
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return False  # the hand-written backward gives no gradient to the base weights
     if torch.is_autocast_enabled(x.device.type) or x.dtype != weight.dtype:
         return False
-    return x.dtype == dtype or (half_compute and HALF_COMPUTE and x.dtype in HALF and dtype == torch.float32)
+    return x.dtype == dtype or (
+        half_compute and options.half_compute and x.dtype in HALF and dtype == torch.float32
+    )
 
 
 def compute_dtype(x: torch.Tensor, *tensors: Any) -> tuple[Any, ...]:
@@ -80,46 +82,46 @@ def weight_ir(weight: torch.Tensor, stored_in_out: bool) -> torch.Tensor:
 
 
 def linear(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x2 wᵀ + b for 2-D x2 and w [out, in], outside autograd (:mod:`peftdecl_torch.gemm` picks the library)."""
-    return gemm.linear(x2, w, bias)
+    """x2 wᵀ + b for 2-D x2 and w [out, in] (any strides), the product torch's own linear layer computes."""
+    return F.linear(x2, w, bias)
 
 
 def tokens(x: torch.Tensor) -> int:
     return x.numel() // max(x.shape[-1], 1)
 
 
-def merge_pays(lp: LayerPlan, x: torch.Tensor) -> bool:
+def merge_pays(lp: LayerPlan, layer: Any, x: torch.Tensor) -> bool:
     """Whether folding a low-rank update into the weight (out·in work) is cheaper than applying it to every
-    token (tokens·(in + out) each): true beyond in·out / (in + out) tokens."""
-    if MERGED is not None:
-        return MERGED
+    token (tokens·(in + out) each): true beyond in·out / (in + out) tokens (or as ``fused_merged`` forces)."""
+    forced = layer.options.fused_merged
+    if forced is not None:
+        return forced
     d_in, d_out = lp.layer.in_features, lp.layer.out_features
     return tokens(x) * (d_in + d_out) >= d_in * d_out
 
 
-def merge_for_training(lp: LayerPlan, x: torch.Tensor) -> bool:
+def merge_for_training(lp: LayerPlan, layer: Any, x: torch.Tensor) -> bool:
     """:func:`merge_pays` for a call that autograd records, float32/float64 only."""
-    if MERGED is not None:
-        return MERGED
-    return x.dtype in (torch.float32, torch.float64) and merge_pays(lp, x)
+    forced = layer.options.fused_merged
+    if forced is not None:
+        return forced
+    return x.dtype in (torch.float32, torch.float64) and merge_pays(lp, layer, x)
 
 
-def rotate_weight_pays(lp: LayerPlan, x: torch.Tensor) -> bool:
+def rotate_weight_pays(lp: LayerPlan, layer: Any, x: torch.Tensor) -> bool:
     """Whether rotating the weight (out·in·b work) is cheaper than rotating the input (tokens·in·b)."""
-    if MERGED is not None:
-        return MERGED
+    forced = layer.options.fused_merged
+    if forced is not None:
+        return forced
     return tokens(x) >= lp.layer.out_features
 
 
 def tn(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """leftᵀ·right for left [T, m], right [T, n] with m small (a rank): the adapter-weight gradients.
 
-    Through oneDNN (:mod:`peftdecl_torch.gemm`) it is one product. Through BLAS on the CPU with many rows it runs
-    as SPLIT_K independent products over row slices, summed: MKL spreads one such thin product over two threads
-    poorly, k independent ones well (about 15% faster at T = 2048, m = 16)."""
+    On the CPU with many rows it runs as SPLIT_K independent products over row slices, summed: BLAS libraries
+    spread one such thin product over their threads poorly, k independent ones well (docs/performance.md)."""
     rows, k = left.shape[0], SPLIT_K
-    if gemm.routes_to_onednn(left.shape[1], rows, right.shape[1], left, right):
-        return gemm.tn(left, right)
     if left.device.type != "cpu" or rows < 128 * k or rows % k:
         return left.t() @ right
     slices = torch.bmm(left.reshape(k, rows // k, -1).transpose(1, 2), right.reshape(k, rows // k, -1))

@@ -25,9 +25,10 @@ def rebuild_cp(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return torch.einsum("ijkl,io,jc->ockl", t, a, b)
 
 
-def rank_keep(rows: int, p: float, renormalise: bool, like: torch.Tensor) -> torch.Tensor:
-    """Keep-mask over ΔW's rows (kept where u > p, as HF PEFT), optionally divided by its mean."""
-    keep = (torch.rand(rows, device=like.device) > p).to(like.dtype)
+def rank_keep(layer: Any, rows: int, p: float, renormalise: bool, like: torch.Tensor) -> torch.Tensor:
+    """Keep-mask over ΔW's rows (kept where u > p, as HF PEFT; u from the engine's generator), optionally divided
+    by its mean."""
+    keep = (layer.random((rows,), like.device) > p).to(like.dtype)
     mean = keep.mean()
     # an all-dropped mask contributes nothing (HF PEFT would divide 0 by 0)
     return keep / mean if renormalise and bool(mean > 0) else keep
@@ -35,38 +36,60 @@ def rank_keep(rows: int, p: float, renormalise: bool, like: torch.Tensor) -> tor
 
 @dataclass(frozen=True)
 class WeightDeltaOps:
-    """Forward and merging for a kind whose whole effect is an additive ΔW = delta(lp, p) (IR layout)."""
+    """:class:`peftdecl.backend.AdditiveOps` of a kind whose whole effect is ΔW = build(lp, p) (IR layout):
+    Δ(x) = f(x; m ⊙ ΔW), f the base layer's operation."""
 
     kind: str
-    delta: Callable[[LayerPlan, Params], torch.Tensor]
+    build: Callable[[LayerPlan, Params], torch.Tensor]
     renormalises_rank_dropout: Callable[[LayerPlan], bool]
     additive: bool = True
     half_compute: bool = True  # a half-precision linear base adds x ΔWᵀ in its own dtype (see forward)
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
+    def _training_delta(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor | None:
+        """m ⊙ ΔW for this call, None when module dropout skips the adapter (training mode only)."""
         skip_p, rank_p = lp.options["module_dropout"], lp.options["rank_dropout"]
-        if layer.training and skip_p > 0 and float(torch.rand(())) <= skip_p:
-            return layer.base_forward(x) if result is None else result
-        delta = self.delta(lp, p)
+        if layer.training and skip_p > 0 and float(layer.random((), torch.device("cpu"))) <= skip_p:
+            return None
+        delta = self.build(lp, p)
         if layer.training and rank_p > 0:
-            keep = rank_keep(delta.shape[0], rank_p, self.renormalises_rank_dropout(lp), delta)
+            keep = rank_keep(layer, delta.shape[0], rank_p, self.renormalises_rank_dropout(lp), delta)
             delta = delta * keep.reshape(-1, *(1,) * (delta.ndim - 1))
-        if result is None:
-            if x.dtype != delta.dtype:
-                # float32 ΔW on a half-precision base (the layer routes only linear layers here): ΔW rounded to the
-                # base dtype and applied as its own product keeps a small ΔW that W + ΔW in half precision would
-                # round away, and runs at half-precision speed instead of as a float32 product of every input
-                return layer.base_forward(x) + layer.functional(x, delta.to(x.dtype), None)
-            return layer.functional(x, layer.weight_ir() + delta, layer.bias)
-        return result + layer.functional(x, delta, None)
+        return delta
+
+    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+        """f(x; W + m ⊙ ΔW) + b: the base weight and ΔW through one operation."""
+        delta = self._training_delta(lp, layer, p)
+        if delta is None:
+            return layer.base_forward(x)
+        if x.dtype != delta.dtype:
+            # float32 ΔW on a half-precision base (the layer routes only linear layers here): ΔW rounded to the
+            # base dtype and applied as its own product keeps a small ΔW that W + ΔW in half precision would
+            # round away, and runs at half-precision speed instead of as a float32 product of every input
+            return layer.base_forward(x) + layer.functional(x, delta.to(x.dtype), None)
+        return layer.functional(x, layer.weight_ir() + delta, layer.bias)
+
+    def delta(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+        delta = self._training_delta(lp, layer, p)
+        if delta is None:  # skipped by module dropout: a zero contribution of the right shape
+            return layer.functional(x, torch.zeros_like(self.build(lp, p)), None)
+        return layer.functional(x, delta, None)
+
+    def accumulate(
+        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor
+    ) -> torch.Tensor:
+        """result + Δ(x); nothing is computed when module dropout skips the adapter."""
+        delta = self._training_delta(lp, layer, p)
+        return result if delta is None else result + layer.functional(x, delta, None)
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
-        return self.delta(lp, p)
+        return self.build(lp, p)
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         weight = layer.weight_ir()
-        return weight + self.delta(lp, p).to(weight.dtype), None
+        return weight + self.build(lp, p).to(weight.dtype), None
 
-    def unmerge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+    def unmerge(
+        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, Any]:
         weight = layer.weight_ir()
-        return weight - self.delta(lp, p).to(weight.dtype), None
+        return weight - self.build(lp, p).to(weight.dtype), None

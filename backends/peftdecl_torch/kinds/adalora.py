@@ -14,12 +14,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.plan import LayerPlan, Plan
-from peftdecl_torch import gemm
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds.lora import _add_expand, lora_linear
 
 Params = dict[str, torch.Tensor]
-LAYER_TYPES = ("linear", "conv2d", "gpt2_conv1d")
 
 
 def singular_values(lp: LayerPlan, p: Params) -> torch.Tensor:
@@ -30,31 +28,47 @@ def singular_values(lp: LayerPlan, p: Params) -> torch.Tensor:
 
 
 class AdaLoraOps:
+    """AdaLoRA's :class:`peftdecl.backend.AdditiveOps`: Δ(x) = s · P (Q ⊙ Λ) dropout(x)."""
+
     kind = "adalora"
     additive = True
     half_compute = True  # the fused Function may run float32 adapters in a half base dtype (_fused)
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
-        rate = lp.options["dropout"]
-        if result is None:
-            if fused.fusable(lp, layer, x, p["lora_A"].dtype, rate, half_compute=True):
-                return lora_linear(lp, layer, x, p["lora_A"] * singular_values(lp, p), p["lora_B"])
-            result = layer.base_forward(x)
-        h = F.dropout(x, rate) if layer.training and rate > 0 else x
+    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+        if fused.fusable(lp, layer, x, p["lora_A"].dtype, lp.options["dropout"], half_compute=True):
+            return lora_linear(lp, layer, x, p["lora_A"] * singular_values(lp, p), p["lora_B"])
+        return self.accumulate(lp, layer, p, x, layer.base_forward(x))
+
+    def delta(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+        return self._apply(lp, layer, p, x, None)
+
+    def accumulate(
+        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor
+    ) -> torch.Tensor:
+        """result + Δ(x), the last product adding into the result (one addmm)."""
+        return self._apply(lp, layer, p, x, result)
+
+    def _apply(
+        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor | None
+    ) -> torch.Tensor:
+        h = layer.dropout(x, lp.options["dropout"])
         if lp.layer.is_conv:
-            return result + layer.functional(h, self.delta_weight(lp, layer, p), None)
+            delta = layer.functional(h, self.delta_weight(lp, layer, p), None)
+            return delta if result is None else result + delta
         qe = p["lora_A"] * singular_values(lp, p)
-        return _add_expand(result, gemm.linear(h, qe), p["lora_B"], lp.scaling)
+        return _add_expand(result, F.linear(h, qe), p["lora_B"], lp.scaling)
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
         delta = lp.scaling * (p["lora_B"] @ (p["lora_A"] * singular_values(lp, p)))
         return delta.reshape(lp.layer.weight_shape)
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         weight = layer.weight_ir()
         return weight + self.delta_weight(lp, layer, p).to(weight.dtype), None
 
-    def unmerge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+    def unmerge(
+        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, Any]:
         weight = layer.weight_ir()
         return weight - self.delta_weight(lp, layer, p).to(weight.dtype), None
 

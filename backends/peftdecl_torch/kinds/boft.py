@@ -9,17 +9,17 @@ Several active adapters: y = ((x M_k ⋯ M_1) Wᵀ) ⊙ s_1 ⋯ s_k + b, HF PEFT
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.composition import INPUT
+from peftdecl.errors import BackendError
 from peftdecl.plan import LayerPlan
-from peftdecl_torch import gemm
 from peftdecl_torch.kinds._rotation import butterfly, butterfly_perms, cayley
 
 Params = dict[str, torch.Tensor]
-LAYER_TYPES = ("linear", "conv2d")
 
 
 def perms(lp: LayerPlan, device: torch.device) -> list:
@@ -27,16 +27,17 @@ def perms(lp: LayerPlan, device: torch.device) -> list:
     return butterfly_perms(o["width"], o["block_num"], o["block_size"], o["n_butterfly_factor"], device)
 
 
-def orthogonal_blocks(lp: LayerPlan, p: Params, training: bool) -> torch.Tensor:
-    """Q of every factor's blocks [N, D, H, H], with training-mode block dropout applied."""
+def orthogonal_blocks(lp: LayerPlan, layer: Any, p: Params, training: bool) -> torch.Tensor:
+    """Q of every factor's blocks [N, D, H, H], with training-mode block dropout applied (drawn from the engine's
+    generator)."""
     r = p["boft_R"]
     q = cayley(0.5 * (r - r.transpose(-1, -2)))
     rate = lp.options["dropout"]
     if training and rate > 0.0:
         factors, blocks = q.shape[:2]
         dropped = torch.zeros(factors, blocks, dtype=torch.bool, device=q.device)
-        chosen = int(torch.randint(factors, ()))
-        dropped[chosen, torch.randperm(blocks, device=q.device)[: int(rate * blocks)]] = True
+        chosen = layer.integers(factors)
+        dropped[chosen, layer.permutation(blocks, q.device)[: int(rate * blocks)]] = True
         q = torch.where(dropped[..., None, None], torch.eye(q.shape[-1], dtype=q.dtype, device=q.device), q)
     return q
 
@@ -48,13 +49,15 @@ def butterfly_matrix(lp: LayerPlan, p: Params, q: torch.Tensor) -> torch.Tensor:
 
 
 class BoftOps:
+    """BOFT's :class:`peftdecl.backend.ComposingOps` (INPUT): a map of the weight, W ↦ diag(s) W Mᵀ."""
+
     kind = "boft"
     additive = False
     # HF PEFT multiplies the active adapters' butterflies as M_k ⋯ M_1: the last one transforms the input first
     input_order = "reversed"
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
-        q = orthogonal_blocks(lp, p, layer.training)
+    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+        q = orthogonal_blocks(lp, layer, p, layer.training)
         scale = p["boft_s"].reshape(-1)
         weight = layer.weight_ir()
         bias = layer.bias
@@ -64,33 +67,40 @@ class BoftOps:
                 x.dtype
             )
         rotated = butterfly(x.to(q.dtype), q, perms(lp, q.device))
-        y = gemm.linear(rotated, weight.to(q.dtype)) * scale
+        y = F.linear(rotated, weight.to(q.dtype)) * scale
         if bias is not None:
             y = y + bias.to(q.dtype)
         return y.to(x.dtype)
 
-    def composition(self, lp: LayerPlan) -> str:
+    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
         """BOFT rotates the input the base reads and scales its output rows: a map of the weight."""
         return INPUT
 
+    def compose_output(
+        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        raise BackendError(f"{lp.module}: BOFT composes on the layer's weight, not on its output")
+
     def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: torch.Tensor) -> torch.Tensor:
         """diag(s) W Mᵀ (its merge): y = ((x M) Wᵀ) ⊙ s + b."""
-        q = orthogonal_blocks(lp, p, layer.training)
+        q = orthogonal_blocks(lp, layer, p, layer.training)
         return self._scaled_kernel(weight.to(q.dtype), butterfly_matrix(lp, p, q), p["boft_s"].reshape(-1))
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
         """W' − W (BOFT is multiplicative; provided for inspection)."""
         return self.merge(lp, layer, p, {})[0] - layer.weight_ir()
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         weight = layer.weight_ir()
-        q = orthogonal_blocks(lp, p, False)
+        q = orthogonal_blocks(lp, layer, p, False)
         merged = self._scaled_kernel(weight.to(q.dtype), butterfly_matrix(lp, p, q), p["boft_s"].reshape(-1))
         return merged.to(weight.dtype), None
 
-    def unmerge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+    def unmerge(
+        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, Any]:
         weight = layer.weight_ir()
-        q = orthogonal_blocks(lp, p, False)
+        q = orthogonal_blocks(lp, layer, p, False)
         flat = weight.reshape(weight.shape[0], -1).to(q.dtype) / p["boft_s"].reshape(-1, 1)
         return (flat @ butterfly_matrix(lp, p, q)).reshape(weight.shape).to(weight.dtype), None
 

@@ -10,22 +10,20 @@ On a half-precision base the float32 adapter runs in the base dtype (:class:`Dor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.composition import OUTPUT
-from peftdecl.errors import PeftdeclError
+from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.dora import MAGNITUDE
-from peftdecl_torch import gemm
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds.lora import OPS as LORA
 from peftdecl_torch.kinds.lora import _add_expand, _conv, _ones
 
 Params = dict[str, torch.Tensor]
-LAYER_TYPES = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
 
 
 def _factors(
@@ -57,7 +55,7 @@ def weight_norm(
             weight_sq = torch.einsum("oi,oi->o", w.to(dtype), w.to(dtype))
         s = lp.scaling
         # W Aᵀ in the base weight's dtype: no float32 copy of a half-precision W per call
-        cross = torch.einsum("or,or->o", b, gemm.mm(w, a.t().to(w.dtype)).to(dtype))
+        cross = torch.einsum("or,or->o", b, torch.mm(w, a.t().to(w.dtype)).to(dtype))
         quad = torch.einsum("or,or->o", b, b @ (a @ a.t()))
         return (weight_sq + 2.0 * s * cross + s * s * quad).clamp_min(0.0).sqrt()
 
@@ -133,14 +131,11 @@ class DoraLinearFunction(torch.autograd.Function):
         if need_x:
             merged = _merged(fused.weight_ir(weight, ctx.stored_in_out), a, b, m, n, s)
             reuse = scratch is not None and scratch.shape == (dy2.shape[0], merged.shape[1])
-            if gemm.routes_to_onednn(dy2.shape[0], dy2.shape[1], merged.shape[1], dy2, merged):
-                # oneDNN writes a fresh tensor: the scratch is freed before that is allocated
-                reuse = scratch = None
-            dx = (torch.mm(dy2, merged, out=scratch) if reuse else gemm.mm(dy2, merged)).view(x.shape)
+            dx = (torch.mm(dy2, merged, out=scratch) if reuse else torch.mm(dy2, merged)).view(x.shape)
         if need_a:
-            da = gemm.tn(gemm.mm(dy2, b * g[:, None]), x2).mul_(s)  # s · ((dy ⊙ g) B)ᵀ x
+            da = (torch.mm(dy2, b * g[:, None]).t() @ x2).mul_(s)  # s · ((dy ⊙ g) B)ᵀ x
         if need_b:
-            db = gemm.tn(gemm.mm(x2, a.t()), dy2).t().mul_(s * g[:, None])  # s · (dy ⊙ g)ᵀ (x Aᵀ)
+            db = (torch.mm(x2, a.t()).t() @ dy2).t().mul_(s * g[:, None])  # s · (dy ⊙ g)ᵀ (x Aᵀ)
         return dx, None, None, da, db, dm, None, None, None
 
 
@@ -240,15 +235,20 @@ def _merged(
     w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor, n: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """g ⊙ (W + s·B A), the only place B A is formed (transiently, for the one matmul)."""
-    return gemm.addmm(w, b, a, alpha=scaling).mul_((m.reshape(-1) / n)[:, None])
+    return torch.addmm(w, b, a, alpha=scaling).mul_((m.reshape(-1) / n)[:, None])
 
 
 class DoraOps:
+    """DoRA's :class:`peftdecl.backend.ComposingOps` (OUTPUT): g rescales the output built so far."""
+
     kind = "dora"
     additive = False
+    input_order = (
+        "active"  # unused: DoRA composes on the output (the Protocol asks every composing kind for it)
+    )
     merge_reads_unmerged = True  # n is taken on the weight before earlier merges (AdaptedLayer keeps it)
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
+    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
         dtype = p[MAGNITUDE].dtype
         s = lp.scaling
         n = weight_norm(lp, layer, p, _weight_sq(lp, layer, p))
@@ -263,18 +263,26 @@ class DoraOps:
                 x, layer.base_layer.weight, layer.bias, a, b, m, n, s, lp.layer.type == "gpt2_conv1d"
             )
         base_out = layer.base_forward(x)
-        return self.compose_output(lp, layer, p, x, base_out.to(dtype), n).to(base_out.dtype)
+        return self._compose(lp, layer, p, x, base_out.to(dtype), n).to(base_out.dtype)
 
-    def composition(self, lp: LayerPlan) -> str:
+    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
         """With other adapters on the layer, g rescales the output they built (HF PEFT's DoRA takes the running
         result as its base result)."""
         return OUTPUT
 
     def compose_output(
-        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor, n: Any = None
+        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
         """b + g ⊙ (y − b) + g ⊙ s·B A x for the output so far y (in the adapter dtype); embeddings
         g ⊙ (y + s·B A x); with dropout in training y + (g − 1) ⊙ W h + g ⊙ s·B A h."""
+        return self._compose(lp, layer, p, x, y, None)
+
+    def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: torch.Tensor) -> torch.Tensor:
+        raise BackendError(f"{lp.module}: DoRA composes on the layer output, not on its weight")
+
+    def _compose(
+        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor, n: Any
+    ) -> torch.Tensor:
         dtype, s = p[MAGNITUDE].dtype, lp.scaling
         if n is None:
             n = weight_norm(lp, layer, p, _weight_sq(lp, layer, p))
@@ -285,7 +293,7 @@ class DoraOps:
         xa = x.to(dtype)
         rate = lp.options["dropout"]
         dropped = layer.training and rate > 0
-        h = F.dropout(xa, rate) if dropped else xa
+        h = layer.dropout(xa, rate)
         a, b = p["lora_A.weight"], p["lora_B.weight"]
         if lp.layer.is_conv:
             k = a.ndim - 2
@@ -295,25 +303,27 @@ class DoraOps:
         gb = _along_out(lp, g, result.ndim)
         if dropped:
             wh = layer.functional(h, layer.weight_ir().to(dtype), None)
-            low = v if v is not None else gemm.linear(gemm.linear(h, a), b)
+            low = v if v is not None else F.linear(F.linear(h, a), b)
             return result + (gb - 1.0) * wh + gb * s * low
         bias = layer.bias
         bias = None if bias is None else bias.to(dtype).reshape(gb.shape[1:] if lp.layer.is_conv else (-1,))
         plain = result if bias is None else result - bias
-        direction = plain + s * v if v is not None else _add_expand(plain, gemm.linear(h, a), b, s)
+        direction = plain + s * v if v is not None else _add_expand(plain, F.linear(h, a), b, s)
         return gb * direction if bias is None else gb * direction + bias
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
         """The change merging makes to the current base weight: g ⊙ (W + ΔW) − W."""
         return self._merged(lp, layer, p)[0] - layer.weight_ir()
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         # n on the weight without the adapters merged before (the one forward reads), as in HF PEFT
         merged, n = self._merged(lp, layer, p, layer.unmerged_weight_ir())
         cache["n"] = n  # n cannot be recovered from the merged weight, whose rows have norm |m|
         return merged, None
 
-    def unmerge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+    def unmerge(
+        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, Any]:
         if "n" not in cache:
             raise PeftdeclError(f"{lp.module}: DoRA unmerge without a matching merge (no cached weight norm)")
         g = magnitude_scale(p[MAGNITUDE], cache["n"])

@@ -5,17 +5,13 @@ Merge folds l into the weight (rows, or input columns per group); unmerge divide
 Several active adapters multiply their vectors (peftdecl.composition), each on its own side (HF PEFT's layer keeps
 the first adapter's feed-forward flag for all of them).
 
-Performance (measured on a 2-core CPU, Linear 1024×1024, T = 2048): the work beyond the base layer is one pass
-over the output (forward) and two over dy (backward), 1–4% of the layer; HF PEFT does the same passes. Inference
-scales the base output in place (1.005× the frozen layer against 1.015× for a new tensor). Folding l into the
-weight per call (y = x (l ⊙ W)ᵀ + l ⊙ b, d_out·d_in work instead of T·d_out) and a hand-written backward
-(dx = dy (l ⊙ W), dl = Σ_t dy ⊙ y / l) measured no faster for forward+backward (1.034 against 1.034–1.037) and
-would need the output saved instead of the pre-scale activations, so it is not used.
+The work beyond the base layer is one pass over the output (forward) and two over dy (backward), as in HF PEFT;
+inference scales the base output in place (docs/performance.md compares the alternatives).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -23,7 +19,6 @@ from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
 
 Params = dict[str, torch.Tensor]
-LAYER_TYPES = ("linear", "conv2d", "gpt2_conv1d")
 UNMERGE_EPS = 1e-8  # HF PEFT's guard against division by zero
 
 
@@ -33,25 +28,27 @@ def _on_features(lp: LayerPlan, l_vec: torch.Tensor) -> torch.Tensor:
 
 
 class IA3Ops:
+    """IA3's :class:`peftdecl.backend.ComposingOps`: OUTPUT (y ↦ l ⊙ y), or INPUT for feed-forward layers."""
+
     kind = "ia3"
     additive = False
     input_order = "active"  # diagonal scalings commute: any order gives the same product
 
-    def composition(self, lp: LayerPlan) -> str:
+    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
         """A feed-forward vector scales the input the base reads, any other the output built so far."""
         return INPUT if lp.options["feedforward"] else OUTPUT
 
     def compose_output(
-        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor
+        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
         """l ⊙ y for the output so far y (bias included), as HF PEFT multiplies the active vectors."""
-        return result * _on_features(lp, p["ia3_l"])
+        return y * _on_features(lp, p["ia3_l"])
 
     def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: torch.Tensor) -> torch.Tensor:
         """W diag(l): the input scaled per input feature (per input channel of each group)."""
         return weight * self._weight_factor(lp, p["ia3_l"])
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
+    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
         scale = _on_features(lp, p["ia3_l"])
         if lp.options["feedforward"]:
             return layer.base_forward((x.to(scale.dtype) * scale).to(x.dtype))
@@ -66,15 +63,19 @@ class IA3Ops:
         """The change merging makes to the current base weight: W ⊙ l − W."""
         return self.merge(lp, layer, p, {})[0] - layer.weight_ir()
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         l_vec = p["ia3_l"]
         return self._scaled(lp, layer, l_vec, l_vec.reshape(-1))
 
-    def unmerge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+    def unmerge(
+        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, Any]:
         l_vec = p["ia3_l"] + UNMERGE_EPS
         return self._scaled(lp, layer, 1.0 / l_vec, 1.0 / l_vec.reshape(-1))
 
-    def _scaled(self, lp: LayerPlan, layer: Any, factor: torch.Tensor, bias_factor: torch.Tensor) -> tuple:
+    def _scaled(
+        self, lp: LayerPlan, layer: Any, factor: torch.Tensor, bias_factor: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         merged = (weight.to(factor.dtype) * self._weight_factor(lp, factor)).to(weight.dtype)
         bias = layer.bias

@@ -9,23 +9,20 @@ from __future__ import annotations
 import torch
 
 from peftdecl.plan import LayerPlan
-from peftdecl_torch import gemm
 from peftdecl_torch.kinds._weight_delta import Params, WeightDeltaOps, rebuild_cp
-
-LAYER_TYPES = ("linear", "conv1d", "conv2d")
 
 
 def hadamard_factor(lp: LayerPlan, p: Params, i: int) -> torch.Tensor:
-    """Pᵢ = wᵢa · wᵢb (through :mod:`peftdecl_torch.gemm`), or the CP rebuild from tᵢ."""
+    """Pᵢ = wᵢa · wᵢb, or the CP rebuild from tᵢ."""
     a, b = p[f"hada_w{i}_a"], p[f"hada_w{i}_b"]
-    return rebuild_cp(p[f"hada_t{i}"], a, b) if lp.options["effective_conv"] else gemm.linear(a, b.t())
+    return rebuild_cp(p[f"hada_t{i}"], a, b) if lp.options["effective_conv"] else a @ b
 
 
-def delta(lp: LayerPlan, p: Params) -> torch.Tensor:
+def delta_weight(lp: LayerPlan, p: Params) -> torch.Tensor:
     return (lp.scaling * (hadamard_factor(lp, p, 1) * hadamard_factor(lp, p, 2))).reshape(
         lp.layer.weight_shape
     )
 
 
 # HF PEFT always divides LoHa's rank-dropout mask by its mean
-OPS = WeightDeltaOps("loha", delta, renormalises_rank_dropout=lambda lp: True)
+OPS = WeightDeltaOps("loha", delta_weight, renormalises_rank_dropout=lambda lp: True)

@@ -12,8 +12,6 @@ import torch
 from peftdecl.plan import LayerPlan
 from peftdecl_torch.kinds._weight_delta import Params, WeightDeltaOps, rebuild_cp
 
-LAYER_TYPES = ("linear", "conv1d", "conv2d")
-
 
 def factor_w1(p: Params) -> torch.Tensor:
     return p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
@@ -27,7 +25,7 @@ def factor_w2(p: Params) -> torch.Tensor:
     return p["lokr_w2_a"] @ p["lokr_w2_b"]
 
 
-def delta(lp: LayerPlan, p: Params) -> torch.Tensor:
+def delta_weight(lp: LayerPlan, p: Params) -> torch.Tensor:
     w1, w2 = factor_w1(p), factor_w2(p)
     lifted = w1[:, :, None, None] if w2.ndim == 4 else w1
     return (lp.scaling * torch.kron(lifted, w2)).reshape(lp.layer.weight_shape)
@@ -35,5 +33,5 @@ def delta(lp: LayerPlan, p: Params) -> torch.Tensor:
 
 # HF PEFT divides LoKr's rank-dropout mask by its mean only with rank_dropout_scale
 OPS = WeightDeltaOps(
-    "lokr", delta, renormalises_rank_dropout=lambda lp: bool(lp.options["rank_dropout_scale"])
+    "lokr", delta_weight, renormalises_rank_dropout=lambda lp: bool(lp.options["rank_dropout_scale"])
 )

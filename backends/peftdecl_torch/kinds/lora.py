@@ -10,16 +10,10 @@ A = Q ⊙ Λ), in one of three forms chosen by the cost rules of :mod:`._fused` 
 - training on many tokens, float32/float64 (:class:`MergedLoraLinearFunction`): forward y = x W'ᵀ + b and
   u = x Aᵀ; backward dx = dy W', then dA = (s·dy B)ᵀ x and dB = s·dyᵀ u. W' is rebuilt in backward
   (d_in·d_out·r work) rather than kept, so only x and u (T·r numbers) stay alive between the passes; no
-  T × d_out update is ever materialised. Through torch's BLAS the thin products are stacked onto the big ones,
-  [y | u] = x [W'; A]ᵀ and [dx | s·dy B] = dy [W' | s·B]; through oneDNN (:mod:`peftdecl_torch.gemm`), whose
-  thin products run near full speed, they are separate and no output needs splitting;
-- otherwise (:class:`LoraLinearFunction`): ``addmm(W x + b, x Aᵀ, Bᵀ, alpha=s)`` and a hand-written backward.
-
-Measured on a 2-core CPU (Linear 1024×1024, T = 2048, r = 16, float32, forward+backward × the frozen layer, the
-forms side by side in one process, 4 runs), through BLAS: unmerged 1.09–1.10, merged with a separate x Aᵀ and
-dy B 1.087–1.094, merged and stacked 1.068–1.083; what remains is mostly dA and dB (thin products that read x and
-dy once more) and building W' twice. Through oneDNN, against a frozen layer on oneDNN as well: stacked 1.18,
-separate 1.16 (benchmarks/compare_torch_peft.py).
+  T × d_out update is ever materialised. The thin products are stacked onto the big ones,
+  [y | u] = x [W'; A]ᵀ and [dx | s·dy B] = dy [W' | s·B];
+- otherwise (:class:`LoraLinearFunction`): ``addmm(W x + b, x Aᵀ, Bᵀ, alpha=s)`` and a hand-written backward,
+  which keeps u = x Aᵀ for dB when the engine option ``save_shrink`` is on (else recomputes it from x).
 """
 
 from __future__ import annotations
@@ -31,15 +25,9 @@ import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
-from peftdecl_torch import gemm
 from peftdecl_torch.kinds import _fused as fused
 
 Params = dict[str, torch.Tensor]
-LAYER_TYPES = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
-
-SAVE_SHRINK = True
-"""Keep x·Aᵀ (T·r numbers) for the backward pass instead of recomputing it from x: measured slightly faster
-(benchmarks/compare_torch_peft.py); False saves only x."""
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -56,15 +44,16 @@ class LoraLinearFunction(torch.autograd.Function):
         b_bias: Any,
         scaling: float,
         stored_in_out: bool,
+        save_shrink: bool = True,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         y = fused.linear(x2, fused.weight_ir(weight, stored_in_out), bias)
-        u = gemm.mm(x2, a.t())
+        u = torch.mm(x2, a.t())
         y.addmm_(u, b.t(), alpha=scaling)
         if b_bias is not None:
             y.add_(b_bias, alpha=scaling)
         ctx.scaling, ctx.stored_in_out = scaling, stored_in_out
-        ctx.save_for_backward(x, weight, a, b, u if SAVE_SHRINK else None)
+        ctx.save_for_backward(x, weight, a, b, u if save_shrink else None)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -74,18 +63,18 @@ class LoraLinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         need_x, _, _, need_a, need_b, need_bias = ctx.needs_input_grad[:6]
-        dyb = gemm.mm(dy2, b).mul_(s)  # s · dy B, [T, r]
+        dyb = torch.mm(dy2, b).mul_(s)  # s · dy B, [T, r]
         dx = da = db = dbias = None
         if need_x:
-            dx = gemm.mm(dy2, fused.weight_ir(weight, ctx.stored_in_out)).addmm_(dyb, a).view(x.shape)
+            dx = torch.mm(dy2, fused.weight_ir(weight, ctx.stored_in_out)).addmm_(dyb, a).view(x.shape)
         if need_a:
             da = fused.tn(dyb, x2)
         if need_b:
-            shrink = u if u is not None else gemm.mm(x2, a.t())
+            shrink = u if u is not None else torch.mm(x2, a.t())
             db = fused.tn(shrink, dy2).mul_(s).t()
         if need_bias:
             dbias = dy2.sum(0).mul_(s)
-        return dx, None, None, da, db, dbias, None, None
+        return dx, None, None, da, db, dbias, None, None, None
 
 
 class MergedLoraLinearFunction(torch.autograd.Function):
@@ -112,10 +101,6 @@ class MergedLoraLinearFunction(torch.autograd.Function):
         if b_bias is not None:
             full_bias = b_bias * scaling if bias is None else torch.add(bias, b_bias, alpha=scaling)
         ctx.scaling, ctx.stored_in_out = scaling, stored_in_out
-        if gemm.routes_to_onednn(x2.shape[0], d_in, r, x2, a):  # thin products are cheap there: no stacking
-            y = fused.linear(x2, gemm.addmm(w, b, a, alpha=scaling), full_bias)
-            ctx.save_for_backward(x, weight, a, b, gemm.mm(x2, a.t()))
-            return y.view(*x.shape[:-1], d_out)
         stacked = x2.new_empty(d_out + r, d_in)  # [W + s·B A ; A]
         torch.addmm(w, b, a, alpha=scaling, out=stacked[:d_out])
         stacked[d_out:].copy_(a)
@@ -136,7 +121,7 @@ class MergedLoraLinearFunction(torch.autograd.Function):
         d_in = a.shape[1]
         dx = da = db = dbias = None
         w = fused.weight_ir(weight, ctx.stored_in_out)
-        if need_x and not gemm.routes_to_onednn(dy2.shape[0], dy2.shape[1], a.shape[0], dy2, b):
+        if need_x:
             stacked = dy2.new_empty(b.shape[0], d_in + a.shape[0])  # [W + s·B A | s·B]
             torch.addmm(w, b, a, alpha=s, out=stacked[:, :d_in])
             torch.mul(b, s, out=stacked[:, d_in:])
@@ -144,9 +129,7 @@ class MergedLoraLinearFunction(torch.autograd.Function):
             dx = out[:, :d_in].contiguous().view(x.shape)
             dyb = out[:, d_in:]  # s · dy B, [T, r]
         else:
-            if need_x:
-                dx = gemm.mm(dy2, gemm.addmm(w, b, a, alpha=s)).view(x.shape)
-            dyb = gemm.mm(dy2, b).mul_(s)
+            dyb = torch.mm(dy2, b).mul_(s)
         if need_a:
             da = fused.tn(dyb, x2)
         if need_b:
@@ -161,11 +144,11 @@ def merged_linear(
 ) -> torch.Tensor:
     """Inference: one matmul with W + s·B A (and the bias plus s·b_B)."""
     s = lp.scaling
-    weight = gemm.addmm(layer.weight_ir(), b, a, alpha=s)
+    weight = torch.addmm(layer.weight_ir(), b, a, alpha=s)
     bias = layer.bias
     if b_bias is not None:
         bias = b_bias * s if bias is None else bias + s * b_bias
-    return gemm.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def lora_linear(
@@ -173,12 +156,14 @@ def lora_linear(
 ) -> torch.Tensor:
     """The whole layer in the form the cost rules pick (``a`` may be computed, e.g. AdaLoRA's Q ⊙ Λ)."""
     a, b, b_bias = fused.compute_dtype(x, a, b, b_bias)
-    if not torch.is_grad_enabled() and fused.merge_pays(lp, x):
+    if not torch.is_grad_enabled() and fused.merge_pays(lp, layer, x):
         return merged_linear(lp, layer, x, a, b, b_bias)
-    function = MergedLoraLinearFunction if fused.merge_for_training(lp, x) else LoraLinearFunction
-    return function.apply(
-        x, layer.base_layer.weight, layer.bias, a, b, b_bias, lp.scaling, lp.layer.type == "gpt2_conv1d"
-    )
+    stored_in_out = lp.layer.type == "gpt2_conv1d"
+    weight, bias, s = layer.base_layer.weight, layer.bias, lp.scaling
+    if fused.merge_for_training(lp, layer, x):
+        return MergedLoraLinearFunction.apply(x, weight, bias, a, b, b_bias, s, stored_in_out)
+    save_shrink = layer.options.save_shrink
+    return LoraLinearFunction.apply(x, weight, bias, a, b, b_bias, s, stored_in_out, save_shrink)
 
 
 def _ones(n: int) -> tuple[int, ...]:
@@ -191,31 +176,48 @@ def _conv(x: torch.Tensor, w: torch.Tensor, bias: Any, stride: Any, padding: Any
 
 
 class LoraOps:
+    """LoRA's :class:`peftdecl.backend.AdditiveOps`: Δ(x) = s · B A dropout(x)."""
+
     kind = "lora"
     additive = True
     half_compute = True  # the fused Function may run float32 adapters in a half base dtype (_fused)
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
+    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+        """W x + b + Δ(x): the fused Function where it applies, else the base layer plus :meth:`accumulate`."""
+        if "lora_A.weight" in p and fused.fusable(
+            lp, layer, x, p["lora_A.weight"].dtype, lp.options["dropout"], half_compute=True
+        ):
+            return lora_linear(lp, layer, x, p["lora_A.weight"], p["lora_B.weight"], p.get("lora_B.bias"))
+        return self.accumulate(lp, layer, p, x, layer.base_forward(x))
+
+    def delta(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+        return self._apply(lp, layer, p, x, None)
+
+    def accumulate(
+        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor
+    ) -> torch.Tensor:
+        """result + Δ(x), the last product adding into the result (one addmm)."""
+        return self._apply(lp, layer, p, x, result)
+
+    @staticmethod
+    def _apply(
+        lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor | None
+    ) -> torch.Tensor:
         s = lp.scaling
-        if result is None:
-            if "lora_A.weight" in p and fused.fusable(
-                lp, layer, x, p["lora_A.weight"].dtype, lp.options["dropout"], half_compute=True
-            ):
-                return lora_linear(lp, layer, x, p["lora_A.weight"], p["lora_B.weight"], p.get("lora_B.bias"))
-            result = layer.base_forward(x)
         if lp.layer.type == "embedding":
             u = layer.embed(x, p["lora_embedding_A"].t())
             return _add_expand(result, u, p["lora_embedding_B"], s)
-        rate = lp.options["dropout"]
-        h = F.dropout(x, rate) if layer.training and rate > 0 else x
+        h = layer.dropout(x, lp.options["dropout"])
         a, b = p["lora_A.weight"], p["lora_B.weight"]
         if lp.layer.is_conv:
             k = a.ndim - 2
             u = _conv(h, a, None, lp.layer.stride, lp.layer.padding)
-            return result + s * _conv(u, b, p.get("lora_B.bias"), _ones(k), (0,) * k)
-        u = gemm.linear(h, a)
+            delta = s * _conv(u, b, p.get("lora_B.bias"), _ones(k), (0,) * k)
+            return delta if result is None else result + delta
+        u = F.linear(h, a)
         if "lora_B.bias" in p:
-            return result + s * gemm.linear(u, b, p["lora_B.bias"])
+            delta = s * F.linear(u, b, p["lora_B.bias"])
+            return delta if result is None else result + delta
         return _add_expand(result, u, b, s)
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
@@ -227,11 +229,13 @@ class LoraOps:
             return s * torch.einsum("or,ri...->oi...", b.reshape(b.shape[0], b.shape[1]), a)
         return s * (b @ a)
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         weight = layer.weight_ir()
         return weight + self.delta_weight(lp, layer, p).to(weight.dtype), self._bias(lp, layer, p, +1.0)
 
-    def unmerge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+    def unmerge(
+        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, Any]:
         weight = layer.weight_ir()
         return weight - self.delta_weight(lp, layer, p).to(weight.dtype), self._bias(lp, layer, p, -1.0)
 
@@ -246,9 +250,12 @@ class LoraOps:
         return layer.bias + (sign * lp.scaling * p["lora_B.bias"]).to(layer.bias.dtype)
 
 
-def _add_expand(result: torch.Tensor, u: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
-    """result + s · u Bᵀ as one addmm over the flattened rows."""
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), b.t(), alpha=s)
+def _add_expand(result: torch.Tensor | None, u: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """result + s · u Bᵀ as one addmm over the flattened rows (s · u Bᵀ alone when result is None)."""
+    u2 = u.reshape(-1, u.shape[-1])
+    if result is None:
+        return torch.mm(u2, b.t()).mul_(s).view(*u.shape[:-1], b.shape[0])
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), u2, b.t(), alpha=s)
     return out.view(result.shape)
 
 

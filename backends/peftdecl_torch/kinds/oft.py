@@ -15,8 +15,7 @@ a d × d rotation). Its backward pass has two forms, both exact (g = dy W is the
   dL/dR_i = Σ_t x_iᵀ g_i = (Σ_t x_iᵀ dx_i) R_i⁻ᵀ, a b × b solve per block, since dx_i = g_i R_iᵀ;
 - directly: g = dy W, dx_i = g_i R_iᵀ blockwise, dL/dR_i = Σ_t x_iᵀ g_i.
 
-The first replaces the T·d_in·b rotation of g by the d_out·d_in·b rotation of W: about 1% of the layer's
-forward+backward at d = 1024, T = 2048, b = 32 on a 2-core CPU (1.144 against 1.154 × the frozen layer). It needs
+The first replaces the T·d_in·b rotation of g by the d_out·d_in·b rotation of W (docs/performance.md). It needs
 R_i well conditioned: it is used while max_i ‖R_i R_iᵀ − I‖_F ≤ MAX_DEFECT (then cond(R_i) ≤ √3), which the
 exact Cayley transform always meets and the Neumann series meets for the small Q_i that training from R = I
 produces (not for large random Q_i, e.g. init_weights=False). Off the CPU the check would stall the device, so the
@@ -25,18 +24,16 @@ direct form runs there. Both forms return a row-major dx and allocate no T × d 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
-from peftdecl_torch import gemm
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds._rotation import cayley, neumann, rotate_blocks, skew_from_triu
 
 Params = dict[str, torch.Tensor]
-LAYER_TYPES = ("linear", "embedding", "conv2d")
 
 
 def project_coft(u: torch.Tensor, block: int, eps: float) -> None:
@@ -50,7 +47,7 @@ def project_coft(u: torch.Tensor, block: int, eps: float) -> None:
         u.mul_(factor[:, None])
 
 
-def block_rotations(lp: LayerPlan, p: Params) -> torch.Tensor:
+def block_rotations(lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
     """R of the stored blocks (one block with block_share)."""
     opts = lp.options
     u = p[lp.params[0].name]
@@ -60,12 +57,13 @@ def block_rotations(lp: LayerPlan, p: Params) -> torch.Tensor:
     return neumann(q, opts["num_cayley_neumann_terms"]) if opts["use_cayley_neumann"] else cayley(q)
 
 
-def full_rotation(lp: LayerPlan, r: torch.Tensor, training: bool) -> torch.Tensor:
-    """The n blocks the layer applies: a shared block repeated; in training int(p·n) random blocks set to I."""
+def full_rotation(lp: LayerPlan, layer: Any, r: torch.Tensor, training: bool) -> torch.Tensor:
+    """The n blocks the layer applies: a shared block repeated; in training int(p·n) random blocks set to I (drawn
+    from the engine's generator)."""
     rate, rows = lp.options["module_dropout"], r.shape[0]
     if training and rate > 0.0 and rows > 1:
         dropped = torch.zeros(rows, dtype=torch.bool, device=r.device)
-        dropped[torch.randperm(rows, device=r.device)[: int(rate * rows)]] = True
+        dropped[layer.permutation(rows, r.device)[: int(rate * rows)]] = True
         eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
         r = torch.where(dropped[:, None, None], eye, r)
     return r.expand(lp.options["n_blocks"], *r.shape[1:])
@@ -108,11 +106,11 @@ class OftLinearFunction(torch.autograd.Function):
         need_x, need_rot = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         drot = None
         if need_x and (not need_rot or _invertible(rot)):
-            dx2 = gemm.mm(dy2, _rotate_rows_of_transpose(rot, w).t())  # dy (W Rᵀ)
+            dx2 = torch.mm(dy2, _rotate_rows_of_transpose(rot, w).t())  # dy (W Rᵀ)
             if need_rot:  # Σ_t x_iᵀ dx_i = (Σ_t x_iᵀ g_i) R_iᵀ
                 drot = torch.linalg.solve(rot.transpose(1, 2), _blockwise_tn(x2, dx2, n, b), left=False)
             return dx2.view(x.shape), None, None, drot, None
-        grad_rotated = gemm.mm(dy2, w)  # g = dy W, [T, in]
+        grad_rotated = torch.mm(dy2, w)  # g = dy W, [T, in]
         if need_rot:
             drot = _blockwise_tn(x2, grad_rotated, n, b)
         dx = _rotate_rows_in_place(grad_rotated, rot.transpose(1, 2)).view(x.shape) if need_x else None
@@ -130,7 +128,7 @@ def _invertible(rot: torch.Tensor) -> bool:
 
 def _blockwise_tn(x2: torch.Tensor, g2: torch.Tensor, n: int, b: int) -> torch.Tensor:
     """Σ_t x_iᵀ g_i per block i, [n, b, b], read in place through strided views; on the CPU accumulated over
-    row slices that stay in cache (about 10% faster at T = 2048)."""
+    row slices that stay in cache."""
     rows = x2.shape[0]
     k = fused.SPLIT_K
     if x2.device.type != "cpu" or rows % k or rows < 128 * k:
@@ -162,12 +160,14 @@ def _rotate_rows_of_transpose(rot: torch.Tensor, m: torch.Tensor) -> torch.Tenso
 
 
 class OftOps:
+    """OFT's :class:`peftdecl.backend.ComposingOps`: INPUT (x ↦ x R) except on an embedding (OUTPUT, y ↦ y R)."""
+
     kind = "oft"
     additive = False
     input_order = "active"  # HF PEFT rotates the input by each active adapter in turn: x ↦ x R₁ R₂ ⋯
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
-        rot = full_rotation(lp, block_rotations(lp, p), layer.training)
+    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+        rot = self._rotation(lp, layer, p, layer.training)
         if lp.layer.type == "embedding":
             y = layer.base_forward(x)
             return rotate_blocks(y.to(rot.dtype), rot).to(y.dtype)
@@ -175,39 +175,47 @@ class OftOps:
             weight = _rotated_kernel(layer, rot)
             bias = None if layer.bias is None else layer.bias.to(rot.dtype)
             return layer.functional(x.to(rot.dtype), weight, bias).to(x.dtype)
-        if fused.fusable(lp, layer, x, rot.dtype, half_compute=True) and fused.rotate_weight_pays(lp, x):
+        if fused.fusable(lp, layer, x, rot.dtype, half_compute=True) and fused.rotate_weight_pays(
+            lp, layer, x
+        ):
             (rot,) = fused.compute_dtype(x, rot)  # a half base rotates its weight in its own dtype (_fused)
             return OftLinearFunction.apply(x, layer.base_layer.weight, layer.bias, rot, False)
         return layer.base_forward(rotate_blocks(x.to(rot.dtype), rot).to(x.dtype))
 
-    def composition(self, lp: LayerPlan) -> str:
+    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
         """An embedding's rotation acts on the output built so far; any other layer's on its input."""
         return OUTPUT if lp.layer.type == "embedding" else INPUT
 
     def compose_output(
-        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor
+        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
         """y R: an embedding's output so far, rotated blockwise."""
-        return rotate_blocks(result, full_rotation(lp, block_rotations(lp, p), layer.training))
+        return rotate_blocks(y, self._rotation(lp, layer, p, layer.training))
 
     def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: torch.Tensor) -> torch.Tensor:
         """W Rᵀ: the input rotated (y = base(x R))."""
-        return _rotated_kernel(layer, full_rotation(lp, block_rotations(lp, p), layer.training), weight)
+        return _rotated_kernel(layer, self._rotation(lp, layer, p, layer.training), weight)
 
-    def rotation(self, lp: LayerPlan, p: Params) -> torch.Tensor:
+    def rotation(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
         """The n rotation blocks the adapter applies (eval mode)."""
-        return full_rotation(lp, block_rotations(lp, p), False)
+        return self._rotation(lp, layer, p, False)
+
+    @staticmethod
+    def _rotation(lp: LayerPlan, layer: Any, p: Params, training: bool) -> torch.Tensor:
+        return full_rotation(lp, layer, block_rotations(lp, layer, p), training)
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
         """W' − W (OFT is multiplicative; provided for inspection)."""
         return self.merge(lp, layer, p, {})[0] - layer.weight_ir()
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
-        return self._apply(lp, layer, self.rotation(lp, p)), None
+    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        return self._apply(lp, layer, self.rotation(lp, layer, p)), None
 
-    def unmerge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+    def unmerge(
+        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, Any]:
         # the inverse, not the transpose: a Neumann R is only approximately orthogonal
-        return self._apply(lp, layer, torch.linalg.inv(self.rotation(lp, p))), None
+        return self._apply(lp, layer, torch.linalg.inv(self.rotation(lp, layer, p))), None
 
     @staticmethod
     def _apply(lp: LayerPlan, layer: Any, rot: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,13 @@ from torch import nn
 
 from peftdecl.plan import ParamSpec, PromptPlan
 
-LAYER_TYPES: tuple[str, ...] = ()
 IGNORE_INDEX = -100
 """The label of a virtual token: ignored by the loss, as in HF PEFT and transformers."""
 
 
 class PromptOps:
-    """Marks the prompt-learning kinds: nothing per layer, not additive, not mergeable."""
+    """Marks the prompt-learning kinds: nothing per layer, not additive, not mergeable (their model-level ops are
+    :class:`PromptAdapter` and :mod:`peftdecl_torch.prompting`, not a :class:`peftdecl.backend.KindOps`)."""
 
     kind = "prompt"
     additive = False

@@ -12,12 +12,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.plan import LayerPlan
-from peftdecl_torch import gemm
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds.lora import _add_expand
 
 Params = dict[str, torch.Tensor]
-LAYER_TYPES = ("linear", "gpt2_conv1d")
 
 
 def _projections(lp: LayerPlan, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +40,7 @@ class VeraLinearFunction(torch.autograd.Function):
         stored_in_out: bool,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        merged = gemm.addmm(fused.weight_ir(weight, stored_in_out), b * lam_b[:, None], a * lam_d[:, None])
+        merged = torch.addmm(fused.weight_ir(weight, stored_in_out), b * lam_b[:, None], a * lam_d[:, None])
         y = fused.linear(x2, merged, bias)
         ctx.save_for_backward(x, merged, a, b, lam_d, lam_b)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -54,47 +52,57 @@ class VeraLinearFunction(torch.autograd.Function):
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
         dx = d_lam_d = d_lam_b = None
         if need_x:
-            dx = gemm.mm(dy2, merged).view(x.shape)
+            dx = torch.mm(dy2, merged).view(x.shape)
         if need_d or need_b:
-            mixed = gemm.tn(gemm.mm(x2, a.t()), dy2).t() * b  # (dyᵀ x Aᵀ) ⊙ B, [out, r]
+            mixed = (torch.mm(x2, a.t()).t() @ dy2).t() * b  # (dyᵀ x Aᵀ) ⊙ B, [out, r]
             d_lam_b = (mixed * lam_d).sum(1) if need_b else None
             d_lam_d = (mixed * lam_b[:, None]).sum(0) if need_d else None
         return dx, None, None, None, None, d_lam_d, d_lam_b, None
 
 
 class VeraOps:
+    """VeRA's :class:`peftdecl.backend.AdditiveOps`: Δ(x) = λ_b ⊙ B (λ_d ⊙ A dropout(x))."""
+
     kind = "vera"
     additive = True
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: Any) -> torch.Tensor:
+    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
         a, b = _projections(lp, p)
-        rate = lp.options["dropout"]
-        if result is None:
-            if fused.fusable(lp, layer, x, b.dtype, rate):
-                return VeraLinearFunction.apply(
-                    x,
-                    layer.base_layer.weight,
-                    layer.bias,
-                    a,
-                    b,
-                    p["vera_lambda_d"],
-                    p["vera_lambda_b"],
-                    lp.layer.type == "gpt2_conv1d",
-                )
-            result = layer.base_forward(x)
-        h = F.dropout(x, rate) if layer.training and rate > 0 else x
-        u = gemm.linear(h, a) * p["vera_lambda_d"]
+        if fused.fusable(lp, layer, x, b.dtype, lp.options["dropout"]):
+            stored_in_out = lp.layer.type == "gpt2_conv1d"
+            lam_d, lam_b = p["vera_lambda_d"], p["vera_lambda_b"]
+            weight, bias = layer.base_layer.weight, layer.bias
+            return VeraLinearFunction.apply(x, weight, bias, a, b, lam_d, lam_b, stored_in_out)
+        return self.accumulate(lp, layer, p, x, layer.base_forward(x))
+
+    def delta(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+        return self._apply(lp, layer, p, x, None)
+
+    def accumulate(
+        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor
+    ) -> torch.Tensor:
+        """result + Δ(x) as one addmm."""
+        return self._apply(lp, layer, p, x, result)
+
+    @staticmethod
+    def _apply(
+        lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor | None
+    ) -> torch.Tensor:
+        a, b = _projections(lp, p)
+        u = F.linear(layer.dropout(x, lp.options["dropout"]), a) * p["vera_lambda_d"]
         return _add_expand(result, u, b * p["vera_lambda_b"][:, None], 1.0)
 
     def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
         a, b = _projections(lp, p)
         return (p["vera_lambda_b"][:, None] * b) @ (p["vera_lambda_d"][:, None] * a)
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         weight = layer.weight_ir()
         return weight + self.delta_weight(lp, layer, p).to(weight.dtype), None
 
-    def unmerge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict) -> tuple[torch.Tensor, Any]:
+    def unmerge(
+        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, Any]:
         weight = layer.weight_ir()
         return weight - self.delta_weight(lp, layer, p).to(weight.dtype), None
 
