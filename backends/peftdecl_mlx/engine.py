@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import RngState, check_adapter_names, trainable_key
@@ -24,7 +24,7 @@ from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerPlan, ModelInfo, Plan
 from peftdecl_mlx import probes
 from peftdecl_mlx.generator import Generator
-from peftdecl_mlx.inventory import get_module, set_module
+from peftdecl_mlx.inventory import flatten, get_module, set_module
 from peftdecl_mlx.kinds import prompt
 from peftdecl_mlx.layer import AdaptedLayer, AdapterParams, SavedModule
 from peftdecl_mlx.probes import to_numpy
@@ -142,7 +142,7 @@ class MlxEngine:
             out.update(self._shared(name, plan))
         for module in plan.modules_to_save:
             copy_ = self._saved[module].copies[name]
-            out.update({f"{module}.{k}": v for k, v in tree_flatten(copy_.parameters())})
+            out.update({f"{module}.{k}": v for k, v in flatten(copy_.parameters())})
         mx.eval(list(out.values()))
         return {k: to_numpy(v) for k, v in out.items()}
 
@@ -252,7 +252,8 @@ class MlxEngine:
         """The model's tree of the trainable arrays of ``names`` (default: the active adapters that are not
         frozen), nested as ``engine.model`` holds them: what ``nn.value_and_grad(engine.model, f)`` returns
         gradients for and ``optimizer.update(engine.model, grads)`` updates."""
-        return tree_unflatten([(path, value) for _, path, value in self._trainable(self._names(names))])
+        tree: dict[str, Any] = tree_unflatten([(path, v) for _, path, v in self._trainable(self._names(names))])
+        return tree
 
     def update_parameters(self, params: Mapping[str, mx.array], names: tuple[str, ...] | None = None) -> None:
         """Put arrays keyed as :meth:`trainable_parameters` ``(names)`` keys them (default ``names``: the active
@@ -277,8 +278,8 @@ class MlxEngine:
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, all) numbers of parameters of the model with its adapters."""
-        total = sum(v.size for _, v in tree_flatten(self._model.parameters()))
-        return sum(v.size for _, v in tree_flatten(self._model.trainable_parameters())), total
+        total = sum(v.size for _, v in flatten(self._model.parameters()))
+        return sum(v.size for _, v in flatten(self._model.trainable_parameters())), total
 
     # -- capture (used by peftdecl.equiv) and explicit layer gradients (used by tests) ---------------------
     def capture(
@@ -313,7 +314,7 @@ class MlxEngine:
                         path = f"{prompt.ENCODER}.{name}.{spec.name}"
                         yield trainable_key(name, spec.name, names), path, tensors[spec.name]
             for module in plan.modules_to_save:
-                for key, value in tree_flatten(self._saved[module].copies[name].parameters()):
+                for key, value in flatten(self._saved[module].copies[name].parameters()):
                     path = f"{module}.copies.{name}.{key}"
                     yield trainable_key(name, f"{module}.{key}", names), path, value
 
@@ -352,7 +353,8 @@ class MlxEngine:
 
     def _shared(self, name: str, plan: Plan) -> dict[str, mx.array]:
         if plan.prompt is not None:
-            return self._model[prompt.ENCODER][name].tensors()
+            encoder: AdapterParams = self._model[prompt.ENCODER][name]
+            return encoder.tensors()
         for lp in plan.layers:
             return dict(self._layers[lp.module].adapter_state.shared[name])
         return {}
@@ -389,7 +391,7 @@ class MlxEngine:
 
     def _plain_layer(self, module: str, key: str) -> nn.Module:
         try:
-            found = get_module(self._model, module)
+            found: nn.Module = get_module(self._model, module)
         except (KeyError, IndexError, ValueError):
             raise PeftdeclError(f"{key}: the model has no layer {module!r} to load it into") from None
         if not hasattr(found, "weight"):
@@ -402,4 +404,5 @@ class MlxEngine:
             raise BackendError(
                 f"{module} is quantised ({info.quantization}); the mlx backend cannot read its weight as an array"
             )
-        return self._plain_layer(module, module).weight
+        weight: mx.array = self._plain_layer(module, module).weight
+        return weight

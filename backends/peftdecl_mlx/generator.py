@@ -45,7 +45,7 @@ class Generator:
 
     def integers(self, high: int) -> int:
         """A random integer in [0, high)."""
-        return int(mx.random.randint(0, high, key=self.key()).item())
+        return int(np.array(mx.random.randint(0, high, key=self.key())))
 
     def get_state(self) -> dict[str, np.ndarray]:
         """``{"key": the held key as a uint32 NumPy array}``."""

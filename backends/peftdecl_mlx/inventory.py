@@ -28,6 +28,15 @@ def check_options(options: Mapping[str, Any]) -> None:
     check_backend_options("mlx", options, KNOWN_OPTIONS, "the mlx model itself")
 
 
+def flatten(tree: Any) -> list[tuple[str, mx.array]]:
+    """``mlx.utils.tree_flatten`` as a list of (dotted path, array)."""
+    from mlx.utils import tree_flatten
+
+    flat = tree_flatten(tree)
+    assert isinstance(flat, list)  # no destination dict given
+    return flat
+
+
 def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """(name, module) for every sub-module in definition order, named as ``nn.Module.named_modules`` names them."""
     for key, value in module.items():
@@ -141,10 +150,8 @@ def load_checkpoint(directory: str | Path) -> nn.Module:
 def numpy_model(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     """``(state_dict, layer_types, model_facts)`` for ``peftdecl.attach(state_dict, spec, layer_types=..., **facts)``
     on the NumPy reference: the same layers and facts the MLX backend sees, weights as float64."""
-    from mlx.utils import tree_flatten
-
     info = inventory(model)
-    params = tree_flatten(model.parameters())
+    params = flatten(model.parameters())
     mx.eval([v for _, v in params])
     state = {k: np.array(v.astype(mx.float32), dtype=np.float64) for k, v in params}
     layer_types = {name: li.type for name, li in info.layers.items() if li.type != "linear"}

@@ -8,9 +8,9 @@ and ``mx.value_and_grad`` / ``mlx.optimizers`` see exactly the adapter arrays th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,6 +22,8 @@ from peftdecl.plan import LayerPlan
 from peftdecl_mlx import compose
 from peftdecl_mlx.generator import Generator
 from peftdecl_mlx.kinds import ops_for
+
+T = TypeVar("T")
 
 
 class AdapterParams(nn.Module):
@@ -102,7 +104,8 @@ class AdaptedLayer(nn.Module):
     @property
     def weight(self) -> mx.array:
         """The base weight in the IR layout ([out, in]; embeddings [num_embeddings, dim]), as MLX stores it."""
-        return self.base_layer.weight
+        weight: mx.array = self.base_layer.weight
+        return weight
 
     @property
     def bias(self) -> mx.array | None:
@@ -111,7 +114,8 @@ class AdaptedLayer(nn.Module):
     def base_forward(self, x: mx.array, weight: mx.array | None = None, with_bias: bool = True) -> mx.array:
         """The base operation with ``weight`` (default: its own) in the IR layout."""
         if weight is None and with_bias:
-            return self.base_layer(x)
+            y: mx.array = self.base_layer(x)
+            return y
         w = self.weight if weight is None else weight
         if self.layer_type == "embedding":
             return w[x]
@@ -138,7 +142,8 @@ class AdaptedLayer(nn.Module):
 
     def as_linear(self, x: mx.array) -> mx.array:
         # a tied output head reads the embedding's base weight only, as in HF PEFT (merges do show up there)
-        return self.base_layer.as_linear(x)
+        y: mx.array = self.base_layer.as_linear(x)
+        return y
 
     # -- adapters -----------------------------------------------------------------------------------------
     def add(
@@ -168,15 +173,15 @@ class AdaptedLayer(nn.Module):
         """The tensors one adapter's kind reads: its own and the shared ones."""
         return {**self.adapter_state.shared[name], **self.adapters[name].tensors()}
 
-    def memo(self, lp: LayerPlan, inputs: tuple[mx.array, ...], compute: Any) -> Any:
+    def memo(self, lp: LayerPlan, inputs: tuple[mx.array, ...], compute: Callable[[], T]) -> T:
         """``compute()`` for one adapter's layer plan, reused while ``inputs`` are the very same array objects.
 
         MLX arrays are replaced, not changed, by optimisers and by ``value_and_grad``'s tracers, so a training step
         always recomputes; repeated inference calls do not."""
         cached = self.adapter_state.memo.get(id(lp))
         same = cached is not None and len(cached[0]) == len(inputs)
-        if same and all(a is b for a, b in zip(cached[0], inputs, strict=True)):
-            return cached[1]
+        if same and cached is not None and all(a is b for a, b in zip(cached[0], inputs, strict=True)):
+            return cast(T, cached[1])
         value = compute()
         self.adapter_state.memo[id(lp)] = (inputs, value)
         return value
@@ -268,7 +273,7 @@ class AdaptedLayer(nn.Module):
         state = self.adapter_state
         if len(running) == 1:
             name = running[0]
-            y = state.ops[name].forward(state.plans[name], self, self.params(name), x)
+            y: mx.array = state.ops[name].forward(state.plans[name], self, self.params(name), x)
             return y if self.layer_type == "embedding" or y.dtype == x.dtype else y.astype(x.dtype)
         entries = [compose.Running(state.plans[n], state.ops[n], self.params(n)) for n in running]
         return compose.forward(self, x, entries)
@@ -276,7 +281,7 @@ class AdaptedLayer(nn.Module):
     def _mixed(self, x: mx.array, rows: tuple[str, ...]) -> mx.array:
         if len(rows) != x.shape[0]:
             raise PeftdeclError(f"adapter_names has {len(rows)} entries for a batch of {x.shape[0]} rows")
-        y = self.base_layer(x)
+        y: mx.array = self.base_layer(x)
         xa = self.adapter_input(x)
         for name in dict.fromkeys(rows):
             if name == BASE or name not in self.adapters:
@@ -311,8 +316,10 @@ class SavedModule(nn.Module):
         return self.active_module()(*args, **kwargs)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return self.active_module().as_linear(x)
+        y: mx.array = self.active_module().as_linear(x)
+        return y
 
     @property
     def weight(self) -> mx.array:
-        return self.active_module().weight
+        weight: mx.array = self.active_module().weight
+        return weight

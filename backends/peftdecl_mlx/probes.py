@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from peftdecl.backend import LayerCapture, trainable_key
+from peftdecl_mlx.inventory import flatten
 
 if TYPE_CHECKING:
     from peftdecl_mlx.engine import MlxEngine
@@ -65,7 +65,7 @@ def layer_vjp(
         layer.update(original)
     param_grads, input_grad = grads if wants_input else (grads, None)
     out = {}
-    for path, value in tree_flatten(param_grads):
+    for path, value in flatten(param_grads):
         _, name, tensor = path.split(".", 2)  # adapters.<name>.<IR tensor name>
         out[trainable_key(name, f"{layer.module_name}.{tensor}", active)] = value
     if input_grad is not None:

@@ -9,6 +9,7 @@ of :func:`peftdecl.plan.kinds.boft.butterfly_perms`.
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import mlx.core as mx
 import numpy as np
@@ -35,14 +36,18 @@ def _inverse(m: mx.array) -> mx.array:
     return mx.linalg.inv(m, stream=mx.cpu)
 
 
-@mx.custom_function
 def cayley(s: mx.array) -> mx.array:
-    """R = (I − S)(I + S)⁻¹ for a batch [..., b, b]."""
+    """R = (I − S)(I + S)⁻¹ for a batch [..., b, b], with the gradient below."""
+    return cast(mx.array, _cayley(s))
+
+
+@mx.custom_function
+def _cayley(s: mx.array) -> mx.array:
     eye = mx.eye(s.shape[-1], dtype=s.dtype)
     return (eye - s) @ _inverse(eye + s)
 
 
-@cayley.vjp
+@_cayley.vjp
 def _cayley_vjp(s: mx.array, grad_r: mx.array, r: mx.array) -> mx.array:
     eye = mx.eye(s.shape[-1], dtype=s.dtype)
     return -((eye + r).swapaxes(-1, -2) @ grad_r) @ _inverse(eye + s).swapaxes(-1, -2)

@@ -25,12 +25,21 @@ only, so those extra outputs never receive a cotangent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import cast
 
 import mlx.core as mx
 
 from peftdecl.options import EngineOptions
+
+A = mx.array
+LoraMerged = Callable[[A, A, A, A, A], A]
+"""f(x, W, b or W, A, B) -> y."""
+LoraLowRank = Callable[[A, A, A, A], tuple[A, A]]
+"""f(y₀, x, A, B) -> (y, t)."""
+DoraFused = Callable[[A, A, A, A, A, A, A, A], tuple[A, A, A, A]]
+"""f(x, W, W′ or W, A, B, m, inv, ones) -> (y, u, t, g)."""
 
 
 def scaled_a(a: mx.array, s: float) -> mx.array:
@@ -75,7 +84,7 @@ def use_merged(options: EngineOptions, x: mx.array, w: mx.array, r: int, trainin
 
 
 @lru_cache(maxsize=64)
-def lora_merged(s: float, with_bias: bool) -> Any:
+def lora_merged(s: float, with_bias: bool) -> LoraMerged:
     """f(x, W, b or W, A, B) -> y = x (W + s·B A)ᵀ (+ b): the base and the adapter in one product, W′ not kept."""
 
     @mx.custom_function
@@ -94,11 +103,11 @@ def lora_merged(s: float, with_bias: bool) -> Any:
         dbias = mx.sum(dy, axis=0) if with_bias else mx.zeros_like(bias)
         return dx, dy.T @ x2, dbias, da, db
 
-    return f
+    return cast(LoraMerged, f)
 
 
 @lru_cache(maxsize=64)
-def lora(s: float) -> Any:
+def lora(s: float) -> LoraLowRank:
     """f(y₀, x, A, B) -> (y, t): y = y₀ + t Bᵀ with t = x (s·A)ᵀ."""
 
     @mx.custom_function
@@ -113,11 +122,11 @@ def lora(s: float) -> Any:
         dx, da, db = _low_rank_grads(_rows(x), a, b, dy, outputs[1], s)
         return cotangents[0], _unrows(dx, x), da, db
 
-    return f
+    return cast(LoraLowRank, f)
 
 
 @lru_cache(maxsize=64)
-def dora(s: float, merged: bool) -> Any:
+def dora(s: float, merged: bool) -> DoraFused:
     """f(x, W, W′ or W, A, B, m, inv, ones) -> (y, u, t, g): y = g ⊙ u without the bias (see the module
     docstring); ``merged``: u = x W′ᵀ from the third argument, else u = x Wᵀ + t Bᵀ. t is empty when merged (the
     backward recomputes it)."""
@@ -148,4 +157,4 @@ def dora(s: float, merged: bool) -> Any:
         dw = du.T @ x2
         return dx, dw, mx.zeros_like(wp), da, db, dm, mx.zeros_like(inv), mx.zeros_like(ones)
 
-    return f
+    return cast(DoraFused, f)

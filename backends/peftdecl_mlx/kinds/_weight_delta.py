@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
+import numpy as np
 
 from peftdecl.plan import LayerPlan
 from peftdecl_mlx.kinds._additive import AdditiveKind, Params
@@ -34,7 +35,7 @@ class WeightDeltaOps(AdditiveKind):
     def delta(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array:
         """Δy = x (m ⊙ ΔW)ᵀ, zero when module dropout skips it."""
         skip_p, rank_p = lp.options["module_dropout"], lp.options["rank_dropout"]
-        if layer.training and skip_p > 0 and float(layer.random(()).item()) <= skip_p:
+        if layer.training and skip_p > 0 and float(np.array(layer.random(()))) <= skip_p:
             return mx.zeros((*x.shape[:-1], lp.layer.out_features), dtype=x.dtype)
         w = self._delta_weight(lp, p)
         if layer.training and rank_p > 0:
