@@ -1,25 +1,22 @@
 """Several adapters active on one layer, combined by the rules of :mod:`peftdecl.composition`, with explicit
 gradients.
 
-The layer computes y = f(x; W') + b with W' the input-side adapters' weight maps applied to W, then each
-additive or output-side adapter in active order. An OUTPUT kind provides ``output_map(lp, base, p, x, y, ctx) ->
-(y', cache)`` and ``output_map_backward(lp, base, p, cache, dy') -> (dy, dx | None, grads)``; an INPUT kind
-``weight_map(lp, base, p, w, ctx) -> (w', cache)`` and ``weight_map_backward(lp, base, p, cache, dw') -> (dw,
-grads)``. An additive kind's Δ is its own forward minus the base output.
+The layer computes y = f(x; W') + b with W' the INPUT adapters' ``compose_weight`` applied to W, then each
+additive adapter's Δ(x) (``delta_record``) or OUTPUT adapter's φ(x, y) (``compose_output_record``) in active
+order; the backward walks the tapes in reverse (``delta_backward``, ``compose_output_backward``,
+``compose_weight_backward``).
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from peftdecl.composition import ADD, OUTPUT, role, weight_map_order
 from peftdecl.plan import LayerPlan
-from peftdecl_numpy.kinds import Context
 from peftdecl_numpy.layers import BaseLayer
+from peftdecl_numpy.xp_ops import Array
 
-Params = dict[str, np.ndarray]
+Params = dict[str, Array]
 
 
 class Running(NamedTuple):
@@ -31,49 +28,47 @@ class Running(NamedTuple):
     params: Params
 
 
-def forward(
-    base: BaseLayer, running: list[Running], x: np.ndarray, ctx: Context
-) -> tuple[np.ndarray, dict[str, Any]]:
+def forward(layer: BaseLayer, running: list[Running], x: Array) -> tuple[Array, dict[str, Any]]:
     """(y, tape) of the layer with every adapter of ``running`` (in active order) applied."""
-    weight, maps = base.weight, []
+    weight, maps = layer.weight, []
     for entry in weight_map_order(running, lambda e: (e.ops, e.lp)):
-        weight, cache = entry.ops.weight_map(entry.lp, base, entry.params, weight, ctx)
-        maps.append((entry, cache))
-    y = base.forward(x, weight=weight)
+        weight, tape = entry.ops.compose_weight_record(entry.lp, layer, entry.params, weight)
+        maps.append((entry, tape))
+    y = layer.forward(x, weight=weight)
     outputs = []
     for entry in running:
         kind_role = role(entry.ops, entry.lp)
         if kind_role == ADD:
-            y_alone, cache = entry.ops.forward(entry.lp, base, entry.params, x, ctx)
-            y = y + (y_alone - base.forward(x))
+            delta, tape = entry.ops.delta_record(entry.lp, layer, entry.params, x)
+            y = y + delta
         elif kind_role == OUTPUT:
-            y, cache = entry.ops.output_map(entry.lp, base, entry.params, x, y, ctx)
+            y, tape = entry.ops.compose_output_record(entry.lp, layer, entry.params, x, y)
         else:
             continue
-        outputs.append((entry, cache))
+        outputs.append((entry, tape))
     return y, {"x": x, "weight": weight, "maps": maps, "outputs": outputs}
 
 
-def backward(
-    base: BaseLayer, tape: dict[str, Any], dy: np.ndarray
-) -> tuple[np.ndarray | None, dict[str, Params]]:
+def backward(layer: BaseLayer, tape: dict[str, Any], dy: Array) -> tuple[Array | None, dict[str, Params]]:
     """(dL/dx, adapter name -> dL/dp by tensor name) for a tape of :func:`forward`."""
     x, grads = tape["x"], {}
     dx_parts = []
-    for entry, cache in reversed(tape["outputs"]):
+    for entry, own_tape in reversed(tape["outputs"]):
         if role(entry.ops, entry.lp) == ADD:
-            dx_alone, own = entry.ops.backward(entry.lp, base, entry.params, cache, dy)
-            # the kind's own backward includes the base layer's input gradient; its delta's is the rest
-            dx_own = None if dx_alone is None else dx_alone - base.input_grad(x, dy)
+            dx_own, own = entry.ops.delta_backward(entry.lp, layer, entry.params, own_tape, dy)
         else:
-            dy, dx_own, own = entry.ops.output_map_backward(entry.lp, base, entry.params, cache, dy)
+            dy, dx_own, own = entry.ops.compose_output_backward(entry.lp, layer, entry.params, own_tape, dy)
         dx_parts.append(dx_own)
         grads[entry.name] = own
-    dx = base.input_grad(x, dy, weight=tape["weight"])
+    dx = layer.input_grad(x, dy, weight=tape["weight"])
     if tape["maps"]:
-        dw = base.weight_grad(x, dy)
-        for entry, cache in reversed(tape["maps"]):
-            dw, grads[entry.name] = entry.ops.weight_map_backward(entry.lp, base, entry.params, cache, dw)
+        dw = layer.weight_grad(x, dy)
+        for entry, own_tape in reversed(tape["maps"]):
+            dw, grads[entry.name] = entry.ops.compose_weight_backward(
+                entry.lp, layer, entry.params, own_tape, dw
+            )
     if dx is not None:
-        dx = dx + sum(part for part in dx_parts if part is not None)
+        for part in dx_parts:
+            if part is not None:
+                dx = dx + part
     return dx, grads

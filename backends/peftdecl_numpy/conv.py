@@ -1,4 +1,5 @@
-"""N-d convolution (1-d and 2-d) in float64 with its input and weight gradients, by shifted-window sums.
+"""N-d convolution (1-d and 2-d) with its input and weight gradients, by shifted-window sums, on any array
+namespace.
 
 Shapes follow torch: x [N, C, *spatial], w [O, C/groups, *kernel], y [N, O, *out_spatial].
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-import numpy as np
+from peftdecl_numpy.xp_ops import Array, einsum, namespace, pad_spatial
 
 
 def _windows(
@@ -27,62 +28,59 @@ def _windows(
     return out, windows
 
 
-def _pad(x: np.ndarray, padding: Sequence[int]) -> np.ndarray:
-    return np.pad(x, [(0, 0), (0, 0), *((p, p) for p in padding)])
-
-
 def conv_forward(
-    x: np.ndarray,
-    w: np.ndarray,
+    x: Array,
+    w: Array,
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int = 1,
-) -> np.ndarray:
+) -> Array:
     """y[n, o, p] = Σ_{c, k} w[o, c, k] · x_pad[n, c, p·stride + k·dilation] within each group."""
+    xp = namespace(x, w)
     n = x.shape[0]
     o, cg = w.shape[:2]
-    xp = _pad(x, padding)
-    out, windows = _windows(xp.shape[2:], w.shape[2:], stride, dilation)
-    wg = w.reshape(groups, o // groups, cg, *w.shape[2:])
-    y = np.zeros((n, groups, o // groups, *out), dtype=np.result_type(x, w))
+    padded = pad_spatial(x, padding)
+    out, windows = _windows(padded.shape[2:], w.shape[2:], stride, dilation)
+    wg = xp.reshape(w, (groups, o // groups, cg, *w.shape[2:]))
+    y = xp.zeros((n, groups, o // groups, *out), dtype=xp.result_type(x, w))
     for offset, slices in windows:
-        patch = xp[(slice(None), slice(None), *slices)].reshape(n, groups, cg, *out)
-        y += np.einsum("ngc...,goc->ngo...", patch, wg[(..., *offset)])
-    return y.reshape(n, o, *out)
+        patch = xp.reshape(padded[(slice(None), slice(None), *slices)], (n, groups, cg, *out))
+        y += einsum("ngc...,goc->ngo...", patch, wg[(..., *offset)])
+    return xp.reshape(y, (n, o, *out))
 
 
 def conv_backward(
-    x: np.ndarray,
-    w: np.ndarray,
-    dy: np.ndarray,
+    x: Array,
+    w: Array,
+    dy: Array,
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int = 1,
     need_input: bool = True,
-) -> tuple[np.ndarray | None, np.ndarray]:
+) -> tuple[Array | None, Array]:
     """Gradients (dL/dx, dL/dw) of :func:`conv_forward` given dL/dy."""
+    xp = namespace(x, w, dy)
     n = x.shape[0]
     o, cg = w.shape[:2]
-    xp = _pad(x, padding)
-    out, windows = _windows(xp.shape[2:], w.shape[2:], stride, dilation)
-    wg = w.reshape(groups, o // groups, cg, *w.shape[2:])
-    dyg = dy.reshape(n, groups, o // groups, *out)
-    dw = np.zeros_like(wg)
-    dxp = np.zeros_like(xp) if need_input else None
+    padded = pad_spatial(x, padding)
+    out, windows = _windows(padded.shape[2:], w.shape[2:], stride, dilation)
+    wg = xp.reshape(w, (groups, o // groups, cg, *w.shape[2:]))
+    dyg = xp.reshape(dy, (n, groups, o // groups, *out))
+    dyg_flat = xp.reshape(dyg, (*dyg.shape[:3], -1))
+    dw = xp.zeros_like(wg)
+    dxp = xp.zeros_like(padded) if need_input else None
     for offset, slices in windows:
         index = (slice(None), slice(None), *slices)
-        patch = xp[index].reshape(n, groups, cg, *out)
-        dw[(..., *offset)] = np.einsum(
-            "ngop,ngcp->goc", dyg.reshape(*dyg.shape[:3], -1), patch.reshape(*patch.shape[:3], -1)
-        )
+        patch = xp.reshape(padded[index], (n, groups, cg, -1))
+        dw[(..., *offset)] = einsum("ngop,ngcp->goc", dyg_flat, patch)
         if dxp is not None:
-            dxp[index] += np.einsum("ngo...,goc->ngc...", dyg, wg[(..., *offset)]).reshape(
-                n, groups * cg, *out
+            dxp[index] += xp.reshape(
+                einsum("ngo...,goc->ngc...", dyg, wg[(..., *offset)]), (n, groups * cg, *out)
             )
     dx = None
     if dxp is not None:
         crop = tuple(slice(p, p + size) for p, size in zip(padding, x.shape[2:], strict=True))
         dx = dxp[(slice(None), slice(None), *crop)]
-    return dx, dw.reshape(w.shape)
+    return dx, xp.reshape(dw, w.shape)

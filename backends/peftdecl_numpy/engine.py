@@ -1,8 +1,10 @@
-"""The NumPy reference engine: a state dict (name -> array) with adapters, computed layer by layer in float64.
+"""The NumPy reference engine: a state dict (name -> array) with adapters, computed layer by layer.
 
 The model is a mapping of parameter names to arrays; a module ``m`` owns ``m.weight`` (and ``m.bias``). Calling
 the adapted model runs one layer: ``model("layers.0.q_proj", x)``. ``layer_forward`` / ``layer_backward`` expose
-the explicit gradients the reference is checked with.
+the explicit gradients the reference is checked with. The arrays live in an array-API namespace ``xp`` (NumPy by
+default) in one ``dtype`` (float64 by default); which adapters run comes from the model's
+:class:`peftdecl.adapter_book.AdapterBook`.
 """
 
 from __future__ import annotations
@@ -12,137 +14,178 @@ from typing import Any
 
 import numpy as np
 
+from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import BASE_ROW as BASE
-from peftdecl.backend import check_adapter_names, trainable_key
+from peftdecl.backend import RngState, check_adapter_names, trainable_key
 from peftdecl.errors import PeftdeclError
-from peftdecl.plan import LayerInfo, LayerPlan, ModelInfo, Plan
+from peftdecl.options import EngineOptions
+from peftdecl.plan import LayerPlan, ModelInfo, Plan
 from peftdecl_numpy import compose
-from peftdecl_numpy.kinds import Context, ops_for
-from peftdecl_numpy.layers import BaseLayer
+from peftdecl_numpy.kinds import ops_for
+from peftdecl_numpy.layers import BaseLayer, Mode
+from peftdecl_numpy.rng_state import generator_state, restore_generator
+from peftdecl_numpy.xp_ops import Array, Namespace, resolve, to_numpy
+
+Tensors = dict[str, Array]
 
 
 class NumpyEngine:
-    """Adapters on a state dict; every number is float64."""
+    """Adapters on a state dict, every number in one namespace and dtype (float64 NumPy by default)."""
 
-    def __init__(self, state_dict: Mapping[str, Any], info: ModelInfo) -> None:
+    def __init__(
+        self,
+        state_dict: Mapping[str, Any],
+        info: ModelInfo,
+        book: AdapterBook | None = None,
+        options: EngineOptions | None = None,
+        *,
+        xp: Namespace | None = None,
+        dtype: str = "float64",
+    ) -> None:
+        self.book = AdapterBook() if book is None else book
+        self.options = EngineOptions() if options is None else options
+        self.xp = resolve(xp)
+        self.dtype_name = dtype
+        self.dtype = getattr(self.xp, dtype)
         self._original = dict(state_dict)
         self._info = info
+        self._mode = Mode(rng=np.random.default_rng(self.options.seed))
         self._layers: dict[str, BaseLayer] = {}
         for module, layer in info.layers.items():
-            weight = np.asarray(state_dict[f"{module}.weight"], dtype=np.float64)
+            if layer.quantization is not None:
+                continue  # never read as numbers: the model refuses plans that target it
+            weight = np.asarray(state_dict[f"{module}.weight"])
             if layer.type == "gpt2_conv1d":
                 weight = weight.T  # GPT-2 Conv1D stores [in, out]; the IR is [out, in]
             bias = state_dict.get(f"{module}.bias")
-            own_bias = None if bias is None else np.asarray(bias, np.float64)
-            self._layers[module] = BaseLayer(layer, weight.copy(), own_bias)
-        self._plans: dict[str, Plan] = {}
-        self._params: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # adapter -> module -> name -> array
-        self._saved: dict[str, dict[str, np.ndarray]] = {}  # adapter -> modules_to_save copies
-        self._active: tuple[str, ...] = ()
-        self._enabled = True
-        self._merged: list[str] = []
-        self.training = False
-        self._frozen: frozenset[str] = frozenset()
-        self.rng = np.random.default_rng(0)
+            own_bias = None if bias is None else self._asarray(bias)
+            self._layers[module] = BaseLayer(layer, self._asarray(weight), own_bias, self._mode)
+        self._params: dict[str, dict[str, Tensors]] = {}  # adapter -> module ("" shared) -> name -> array
+        self._saved: dict[str, Tensors] = {}  # adapter -> modules_to_save copies
+        self._merge_caches: dict[
+            tuple[str, str], dict[str, Any]
+        ] = {}  # (adapter, module) -> kept until unmerge
+
+    @property
+    def training(self) -> bool:
+        return self._mode.training
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The engine's generator: every dropout mask and random block choice is drawn from it."""
+        return self._mode.rng
+
+    @rng.setter
+    def rng(self, generator: np.random.Generator) -> None:
+        self._mode.rng = generator
 
     # -- Engine protocol -----------------------------------------------------------------------------------
     def add(self, name: str, plan: Plan, arrays: Mapping[str, np.ndarray]) -> None:
-        by_module: dict[str, dict[str, np.ndarray]] = {}
+        by_module: dict[str, Tensors] = {}
         for lp in plan.layers:
-            by_module[lp.module] = {
-                p.name: np.array(arrays[lp.key(p.name)], dtype=np.float64) for p in lp.params
-            }
+            self._layer(lp.module)
+            by_module[lp.module] = {p.name: self._asarray(arrays[lp.key(p.name)]) for p in lp.params}
         for p in plan.shared:
-            by_module.setdefault("", {})[p.name] = np.array(arrays[p.name], dtype=np.float64)
+            by_module.setdefault("", {})[p.name] = self._asarray(arrays[p.name])
         saved = {}
         for module in plan.modules_to_save:
             prefix = module + "."
             own = {k: v for k, v in arrays.items() if k.startswith(prefix)}
             if not own:
                 own = {k: v for k, v in self._original.items() if k.startswith(prefix)}
-            saved.update({k: np.array(v, dtype=np.float64) for k, v in own.items()})
-        self._plans[name], self._params[name], self._saved[name] = plan, by_module, saved
+            saved.update({k: self._asarray(v) for k, v in own.items()})
+        self._params[name], self._saved[name] = by_module, saved
 
     def remove(self, name: str) -> None:
-        del self._plans[name], self._params[name], self._saved[name]
+        del self._params[name], self._saved[name]
 
-    def set_active(self, names: tuple[str, ...]) -> None:
-        self._active = names
+    def replace_plan(self, name: str, plan: Plan) -> None:
+        """Adapter ``name`` runs ``plan`` (already in the book) from now on; its arrays stay the same objects,
+        so an optimiser holding them keeps working. Refused when a tensor's shape would change."""
+        own = self._params[name]
+        for lp in plan.layers:
+            for spec in lp.params:
+                current = own.get(lp.module, {}).get(spec.name)
+                if current is None or tuple(current.shape) != tuple(spec.shape):
+                    raise PeftdeclError(
+                        f"{lp.key(spec.name)}: the new plan needs shape {list(spec.shape)}; the adapter has "
+                        f"{None if current is None else list(current.shape)} (attach it again instead)"
+                    )
 
-    def set_frozen(self, names: frozenset[str]) -> None:
-        """Adapters ``names`` are frozen: ``trainable_parameters`` leaves them out even while active."""
-        self._frozen = frozenset(names)
-
-    def set_enabled(self, enabled: bool) -> None:
-        self._enabled = enabled
+    def sync(self) -> None:
+        """Nothing to bring in line: which adapters run and train is read from the book at every call."""
 
     def export(self, name: str) -> dict[str, np.ndarray]:
-        plan, params = self._plans[name], self._params[name]
-        out = {lp.key(k): v.copy() for lp in plan.layers for k, v in params[lp.module].items()}
-        out.update({k: v.copy() for k, v in params.get("", {}).items()})
-        out.update({k: v.copy() for k, v in self._saved[name].items()})
+        plan, params = self.book.plans[name], self._params[name]
+        out = {lp.key(k): to_numpy(v) for lp in plan.layers for k, v in params[lp.module].items()}
+        out.update({k: to_numpy(v) for k, v in params.get("", {}).items()})
+        out.update({k: to_numpy(v) for k, v in self._saved[name].items()})
         return out
 
     def merge(self, names: tuple[str, ...]) -> None:
         """Merge each adapter in turn into the weights as they are (with several, the order matters)."""
         for name in names:
-            for lp in self._plans[name].layers:
-                base = self._layers[lp.module]
-                if base.unmerged is None:
-                    base.unmerged = base.weight.copy()
-                base.weight, base.bias = ops_for(lp.kind).merge(lp, base, self._layer_params(name, lp))
-            self._merged.append(name)
+            for lp in self.book.plans[name].layers:
+                layer = self._layers[lp.module]
+                if layer.unmerged is None:
+                    layer.unmerged = layer.weight
+                cache = self._merge_caches.setdefault((name, lp.module), {})
+                layer.weight, layer.bias = ops_for(lp.kind).merge(
+                    lp, layer, self._layer_params(name, lp), cache
+                )
 
     def unmerge(self) -> None:
-        for name in reversed(self._merged):
-            for lp in self._plans[name].layers:
-                base = self._layers[lp.module]
-                base.weight, base.bias = ops_for(lp.kind).unmerge(lp, base, self._layer_params(name, lp))
-        for base in self._layers.values():
-            base.unmerged = None
-        self._merged = []
+        """Take the merged adapters (the book's ``merged``) out again, last merged first."""
+        for name in reversed(self.book.merged):
+            for lp in self.book.plans[name].layers:
+                layer = self._layers[lp.module]
+                cache = self._merge_caches.pop((name, lp.module), {})
+                params = self._layer_params(name, lp)
+                layer.weight, layer.bias = ops_for(lp.kind).unmerge(lp, layer, params, cache)
+        for layer in self._layers.values():
+            layer.unmerged = None
 
     def unload(self) -> dict[str, np.ndarray]:
         """A new state dict: merged weights in the original layouts, modules_to_save copies swapped in."""
-        out = {k: np.array(v, dtype=np.float64) for k, v in self._original.items()}
-        for module, base in self._layers.items():
-            out[f"{module}.weight"] = (
-                base.weight.T.copy() if base.info.type == "gpt2_conv1d" else base.weight.copy()
-            )
-            if base.bias is not None:
-                out[f"{module}.bias"] = base.bias.copy()
-        for name in self._active:
-            out.update({k: v.copy() for k, v in self._saved[name].items()})
+        out = {k: np.array(v, dtype=self.dtype_name) for k, v in self._original.items()}
+        for module, layer in self._layers.items():
+            weight = to_numpy(layer.weight)
+            out[f"{module}.weight"] = weight.T.copy() if layer.info.type == "gpt2_conv1d" else weight
+            if layer.bias is not None:
+                out[f"{module}.bias"] = to_numpy(layer.bias)
+        for name in self.book.active:
+            out.update({k: to_numpy(v) for k, v in self._saved[name].items()})
         return out
 
     def base_weight(self, module: str) -> np.ndarray:
-        return self._layers[module].weight.copy()
+        """The current base weight in the IR layout, as NumPy in the engine's dtype."""
+        return to_numpy(self._layer(module).weight)
 
     def load_base_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         for key, value in weights.items():
             module = key.removesuffix(".weight").removesuffix(".base_layer")
             if module not in self._layers:
                 raise PeftdeclError(f"{key}: the model has no layer {module!r} to load it into")
-            array, expected = np.asarray(value), self._layers[module].weight.shape
+            array, expected = np.asarray(value), tuple(self._layers[module].weight.shape)
             if array.shape != expected:  # as the torch and MLX engines refuse it: not later, in a forward
                 raise PeftdeclError(
                     f"{key}: shape {list(array.shape)} does not fit {module}'s weight {list(expected)}"
                 )
-            self._layers[module].weight = array.astype(np.float64)
+            self._layers[module].weight = self._asarray(array)
 
-    def forward(self, module: str, x: Any, *, adapter_names: Sequence[str] | None = None) -> np.ndarray:
+    def forward(self, module: str, x: Any, *, adapter_names: Sequence[str] | None = None) -> Array:
         """The output of one layer (``adapter_names``: one adapter per row of a batch, ``"__base__"`` for none)."""
         y, _ = self.layer_forward(module, x, adapter_names=adapter_names)
         return y
 
-    def trainable_parameters(self, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    def trainable_parameters(self, names: tuple[str, ...]) -> dict[str, Array]:
         """Key -> the live array (an optimiser may update it in place): the full IR key with one adapter,
         ``"<adapter>/<full key>"`` with several (:func:`peftdecl.backend.trainable_key`); frozen adapters are left
         out."""
         out = {}
-        names = tuple(n for n in names if n not in self._frozen)
+        names = self.book.trainable(names)
         for name in names:
-            plan = self._plans[name]
+            plan = self.book.plans[name]
             own = {}
             for lp in plan.layers:
                 for spec in lp.params:
@@ -159,71 +202,74 @@ class NumpyEngine:
         """(trainable, all) numbers of parameters: the state dict's float arrays plus every adapter's trainable
         tensors and modules_to_save copies (frozen tensors are buffers in PEFT, not parameters)."""
         base = sum(np.size(v) for v in self._original.values() if np.asarray(v).dtype.kind == "f")
-        own = {name: self.trainable_parameters((name,)) for name in self._plans}
-        every = {name: sum(np.size(v) for v in arrays.values()) for name, arrays in own.items()}
-        trainable = sum(every[n] for n in self._active if n not in self._frozen)
+        own = {name: self.trainable_parameters((name,)) for name in self.book.plans}
+        every = {name: sum(int(np.prod(v.shape)) for v in arrays.values()) for name, arrays in own.items()}
+        trainable = sum(every[n] for n in self.book.trainable(self.book.active))
         return trainable, base + sum(every.values())
 
     def train(self, mode: bool) -> None:
-        self.training = mode
+        self._mode.training = mode
+
+    def get_rng_state(self) -> RngState:
+        return generator_state(self._mode.rng)
+
+    def set_rng_state(self, state: RngState) -> None:
+        restore_generator(self._mode.rng, state)
 
     # -- explicit forward / backward -----------------------------------------------------------------------
     def layer_forward(
         self, module: str, x: Any, *, adapter_names: Sequence[str] | None = None
-    ) -> tuple[np.ndarray, dict[str, Any]]:
+    ) -> tuple[Array, dict[str, Any]]:
         """(y, tape) for one layer; pass the tape to :meth:`layer_backward`."""
-        if module not in self._layers:
-            raise PeftdeclError(f"no layer named {module!r}; layers: {', '.join(list(self._layers)[:8])}")
-        base = self._layers[module]
-        x = np.asarray(x) if base.info.type == "embedding" else np.asarray(x, dtype=np.float64)
-        ctx = Context(self.training, self.rng)
+        layer = self._layer(module)
+        x = self.xp.asarray(np.asarray(x)) if layer.info.type == "embedding" else self._asarray(x, copy=False)
         if adapter_names is not None:
-            return self._mixed_forward(module, base, x, list(adapter_names), ctx)
-        running = []
-        for name in self._running():
-            if module in self._plans[name].targets:
-                lp = self._plans[name].layer(module)
-                running.append(compose.Running(name, lp, ops_for(lp.kind), self._layer_params(name, lp)))
+            return self._mixed_forward(module, layer, x, list(adapter_names))
+        running = [
+            compose.Running(name, lp, ops_for(lp.kind), self._layer_params(name, lp))
+            for name, lp in self.book.running_on(module)
+        ]
         if not running:
-            return base.forward(x), {"x": x, "running": []}
+            return layer.forward(x), {"x": x, "running": []}
         if len(running) == 1:
             name, lp, ops, params = running[0]
-            y, cache = ops.forward(lp, base, params, x, ctx)
-            return y, {"x": x, "running": [(name, lp, cache)]}
-        y, composed = compose.forward(base, running, x, ctx)
+            y, tape = ops.record(lp, layer, params, x)
+            return y, {"x": x, "running": [(name, lp, tape)]}
+        y, composed = compose.forward(layer, running, x)
         return y, {"x": x, "running": [(name, lp, None) for name, lp, _, _ in running], "composed": composed}
 
-    def layer_backward(self, module: str, tape: dict[str, Any], dy: np.ndarray) -> dict[str, Any]:
+    def layer_backward(self, module: str, tape: dict[str, Any], dy: Any) -> dict[str, Any]:
         """Gradients: ``"input"`` -> dL/dx, and each trainable tensor -> its gradient, keyed as
         ``trainable_parameters`` of the active adapters keys it (``"<adapter>/<full key>"`` when several)."""
-        base = self._layers[module]
+        layer = self._layer(module)
+        dy = self._asarray(dy, copy=False)
         running = tape["running"]
         if not running:
-            return {"input": base.input_grad(tape["x"], dy)}
+            return {"input": layer.input_grad(tape["x"], dy)}
         if "composed" in tape:
-            dx, by_adapter = compose.backward(base, tape["composed"], dy)
+            dx, by_adapter = compose.backward(layer, tape["composed"], dy)
         else:
-            name, lp, cache = running[0]
-            dx, own = ops_for(lp.kind).backward(lp, base, self._layer_params(name, lp), cache, dy)
+            name, lp, own_tape = running[0]
+            dx, own = ops_for(lp.kind).backward(lp, layer, self._layer_params(name, lp), own_tape, dy)
             by_adapter = {name: own}
         grads: dict[str, Any] = {}
         for name, lp, _ in running:
             own = by_adapter[name]
-            grads.update({trainable_key(name, lp.key(k), self._active): v for k, v in own.items()})
+            grads.update({trainable_key(name, lp.key(k), self.book.active): v for k, v in own.items()})
         grads["input"] = dx
         return grads
 
     # -- prompt learning (prefix / prompt tuning; math in kinds/prompt.py) ----------------------------------
-    def prompt_table(self, name: str | None = None) -> np.ndarray:
+    def prompt_table(self, name: str | None = None) -> Array:
         """The virtual-token table P: prompt tuning [T·S, d], prepended to the input embeddings by
         ``kinds.prompt.prepend_virtual_tokens``; prefix tuning [T, 2L·d] (through the projection MLP when the
         adapter trains one)."""
         from peftdecl_numpy.kinds import prompt
 
         plan, params = self._prompt_adapter(name)
-        return prompt.table(plan.prompt, params)[0].copy()
+        return self.xp.asarray(prompt.table(plan.prompt, params)[0], copy=True)
 
-    def prefix_key_values(self, batch_size: int, name: str | None = None) -> list[tuple[np.ndarray, ...]]:
+    def prefix_key_values(self, batch_size: int, name: str | None = None) -> list[tuple[Array, ...]]:
         """Per decoder layer the prefix (K, V), each (batch, heads, T, head_dim), as PEFT's ``get_prompt``."""
         from peftdecl_numpy.kinds import prompt
 
@@ -232,118 +278,77 @@ class NumpyEngine:
             raise PeftdeclError(f"adapter is {plan.kind}; only prefix tuning has key/value prefixes")
         return prompt.key_values(plan.prompt, prompt.table(plan.prompt, params)[0], batch_size)
 
-    def prompt_backward(self, d_table: np.ndarray, name: str | None = None) -> dict[str, np.ndarray]:
+    def prompt_backward(self, d_table: Any, name: str | None = None) -> dict[str, Array]:
         """Gradients of the adapter's trainable tensors (by key) from dL/dP (for dL/dKV see kinds.prompt)."""
         from peftdecl_numpy.kinds import prompt
 
         plan, params = self._prompt_adapter(name)
         _, cache = prompt.table(plan.prompt, params)
-        return prompt.table_backward(plan.prompt, params, cache, np.asarray(d_table, dtype=np.float64))
+        return prompt.table_backward(plan.prompt, params, cache, self._asarray(d_table, copy=False))
 
-    def _prompt_adapter(self, name: str | None) -> tuple[Plan, dict[str, np.ndarray]]:
-        names = [name] if name is not None else [n for n in self._active if self._plans[n].prompt is not None]
-        if len(names) != 1 or names[0] not in self._plans or self._plans[names[0]].prompt is None:
-            found = sorted(n for n, p in self._plans.items() if p.prompt is not None)
+    def _prompt_adapter(self, name: str | None) -> tuple[Plan, Tensors]:
+        plans = self.book.plans
+        names = [name] if name is not None else [n for n in self.book.active if plans[n].prompt is not None]
+        if len(names) != 1 or names[0] not in plans or plans[names[0]].prompt is None:
+            found = sorted(n for n, p in plans.items() if p.prompt is not None)
             raise PeftdeclError(f"name one prompt-learning adapter (attached: {found}); got {name!r}")
-        return self._plans[names[0]], self._params[names[0]][""]
+        return plans[names[0]], self._params[names[0]][""]
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _running(self) -> tuple[str, ...]:
-        if not self._enabled:
-            return ()
-        return tuple(n for n in self._active if n not in self._merged)
+    def _asarray(self, value: Any, copy: bool = True) -> Array:
+        """``value`` as an array of the engine's namespace and dtype: a fresh one (never a view of the caller's
+        array) unless ``copy`` is False (inputs and output gradients, which are only read)."""
+        if not isinstance(value, np.ndarray) and hasattr(value, "__dlpack__"):
+            value = to_numpy(value)
+        host = np.array(value, dtype=self.dtype_name) if copy else np.asarray(value, dtype=self.dtype_name)
+        return self.xp.asarray(host, dtype=self.dtype)
 
-    def _layer_params(self, name: str, lp: LayerPlan) -> dict[str, np.ndarray]:
+    def _layer(self, module: str) -> BaseLayer:
+        layer = self._layers.get(module)
+        if layer is not None:
+            return layer
+        info = self._info.layers.get(module)
+        if info is not None and info.quantization is not None:
+            raise PeftdeclError(f"{module}: the base layer is quantised ({info.quantization}); not computed")
+        raise PeftdeclError(f"no layer named {module!r}; layers: {', '.join(list(self._layers)[:8])}")
+
+    def _layer_params(self, name: str, lp: LayerPlan) -> Tensors:
         return {**self._params[name].get("", {}), **self._params[name][lp.module]}
 
     def _mixed_forward(
-        self, module: str, base: BaseLayer, x: np.ndarray, names: list[str], ctx: Context
-    ) -> tuple[np.ndarray, dict[str, Any]]:
+        self, module: str, layer: BaseLayer, x: Array, names: list[str]
+    ) -> tuple[Array, dict[str, Any]]:
         if len(names) != x.shape[0]:
             raise PeftdeclError(f"adapter_names has {len(names)} entries for a batch of {x.shape[0]} rows")
-        check_adapter_names(names, self._plans, merged=bool(self._merged))
-        y = base.forward(x)
+        check_adapter_names(names, self.book.plans, merged=bool(self.book.merged))
+        xp = self.xp
+        y = layer.forward(x)
         for name in dict.fromkeys(names):
-            if name == BASE or module not in self._plans[name].targets:
+            if name == BASE or module not in self.book.plans[name].targets:
                 continue
-            lp = self._plans[name].layer(module)
-            if not ops_for(lp.kind).additive:
+            lp = self.book.plans[name].layer(module)
+            ops = ops_for(lp.kind)
+            if not ops.additive:
                 raise PeftdeclError(
                     f"adapter {name!r} is {lp.kind}; mixed batches support additive kinds only"
                 )
-            rows = np.array([n == name for n in names])
-            y_rows, _ = ops_for(lp.kind).forward(lp, base, self._layer_params(name, lp), x[rows], ctx)
-            y[rows] = y_rows
+            picked = [i for i, n in enumerate(names) if n == name]
+            rows = xp.asarray(picked, dtype=xp.int64)
+            y_rows = ops.forward(lp, layer, self._layer_params(name, lp), xp.take(x, rows, axis=0))
+            # row i of the batch takes row position[i] of y_rows where it runs this adapter
+            position = np.zeros(len(names), dtype=np.int64)
+            position[picked] = np.arange(len(picked))
+            chosen = np.zeros(len(names), dtype=bool)
+            chosen[picked] = True
+            where = xp.reshape(xp.asarray(chosen), (-1, *(1,) * (y.ndim - 1)))
+            y = xp.where(where, xp.take(y_rows, xp.asarray(position), axis=0), y)
         return y, {"x": x, "running": []}
 
 
 def inventory(
-    state_dict: Mapping[str, Any], layer_types: Mapping[str, Any] | None = None, **model_facts: Any
+    state_dict: Mapping[str, Any], layer_types: Mapping[str, Any] | None = None, **facts: Any
 ) -> ModelInfo:
-    """Layers of a state dict: every ``m.weight`` of 2+ dims (2-D: linear unless ``layer_types`` says otherwise).
+    """The layers of ``state_dict`` (:func:`peftdecl_numpy.inventory.inventory`)."""
+    from peftdecl_numpy.inventory import inventory as read
 
-    ``layer_types`` maps a module to ``"linear" | "embedding" | "conv1d" | "conv2d" | "gpt2_conv1d"`` or to a
-    dict / LayerInfo giving convolution settings (``stride``, ``padding``, ``dilation``, ``groups``).
-    """
-    layer_types = dict(layer_types or {})
-    layers: dict[str, LayerInfo] = {}
-    modules = []
-    for key, value in state_dict.items():
-        module, _, leaf = key.rpartition(".")
-        if module and module not in modules:
-            modules.append(module)
-        if leaf != "weight":
-            continue
-        shape = np.shape(value)
-        declared = layer_types.pop(module, None)
-        if declared is None and len(shape) != 2:
-            continue
-        layers[module] = _layer_info(key, shape, declared, f"{module}.bias" in state_dict)
-    if layer_types:
-        raise PeftdeclError(
-            f"layer_types names modules without a weight in the state dict: {sorted(layer_types)}"
-        )
-    return ModelInfo(layers=layers, modules=tuple(modules), **model_facts)
-
-
-def _layer_info(key: str, shape: tuple[int, ...], declared: Any, has_bias: bool) -> LayerInfo:
-    if isinstance(declared, LayerInfo):
-        return declared
-    settings = dict(declared) if isinstance(declared, Mapping) else {"type": declared or "linear"}
-    kind = settings.pop("type")
-    expected_ndim = {"linear": 2, "embedding": 2, "gpt2_conv1d": 2, "conv1d": 3, "conv2d": 4}
-    if kind not in expected_ndim:
-        raise PeftdeclError(
-            f"layer_types[{key[:-7]!r}]: unknown layer type {kind!r}; expected one of {list(expected_ndim)}"
-        )
-    if len(shape) != expected_ndim[kind]:
-        raise PeftdeclError(
-            f"{key}: a {kind} weight has {expected_ndim[kind]} dimensions, got shape {list(shape)}"
-        )
-    if kind == "gpt2_conv1d":
-        return LayerInfo(kind, shape[0], shape[1], has_bias)
-    if kind == "linear":
-        return LayerInfo(kind, shape[1], shape[0], has_bias)
-    if kind == "embedding":
-        return LayerInfo(kind, shape[0], shape[1], False)
-    dims = len(shape) - 2
-    groups = int(settings.pop("groups", 1))
-
-    def tup(name: str, default: int) -> tuple[int, ...]:
-        value = settings.pop(name, default)
-        return tuple(value) if isinstance(value, (list, tuple)) else (int(value),) * dims
-
-    info = LayerInfo(
-        kind,
-        shape[1] * groups,
-        shape[0],
-        has_bias,
-        kernel_size=tuple(shape[2:]),
-        stride=tup("stride", 1),
-        padding=tup("padding", 0),
-        dilation=tup("dilation", 1),
-        groups=groups,
-    )
-    if settings:
-        raise PeftdeclError(f"layer_types[{key[:-7]!r}]: unknown settings {sorted(settings)}")
-    return info
+    return read(state_dict, layer_types, **facts)

@@ -11,26 +11,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from peftdecl.plan import LayerPlan, Plan
 from peftdecl_numpy.conv import conv_backward, conv_forward
-from peftdecl_numpy.kinds import Context
-from peftdecl_numpy.layers import BaseLayer, dropout_mask
-
-Params = dict[str, np.ndarray]
-LAYER_TYPES = ("linear", "conv2d", "gpt2_conv1d")
+from peftdecl_numpy.kinds._base import AdditiveKind, Params, Tape
+from peftdecl_numpy.layers import BaseLayer, dropout_mask, rows
+from peftdecl_numpy.xp_ops import Array, Namespace, namespace
 
 
-def rank_mask(lp: LayerPlan) -> np.ndarray | None:
-    """Kept triplets as an (r, 1) float mask, or None when all are kept."""
+def rank_mask(lp: LayerPlan, like: Array) -> Array | None:
+    """Kept triplets as an (r, 1) float mask in ``like``'s namespace and dtype, or None when all are kept."""
     mask = lp.options.get("rank_mask")
-    return None if mask is None else np.asarray(mask, dtype=np.float64).reshape(-1, 1)
+    if mask is None:
+        return None
+    xp = namespace(like)
+    return xp.reshape(xp.asarray([1.0 if kept else 0.0 for kept in mask], dtype=like.dtype), (-1, 1))
 
 
-def singular_values(lp: LayerPlan, p: Params) -> np.ndarray:
+def singular_values(lp: LayerPlan, p: Params) -> Array:
     """Λ with the triplets outside the rank mask removed."""
-    mask = rank_mask(lp)
+    mask = rank_mask(lp, p["lora_E"])
     return p["lora_E"] if mask is None else p["lora_E"] * mask
 
 
@@ -38,97 +37,87 @@ def _conv_args(lp: LayerPlan) -> tuple[Any, Any, Any]:
     return lp.layer.stride, lp.layer.padding, lp.layer.dilation
 
 
-class AdaLoraOps:
+class AdaLoraOps(AdditiveKind):
     kind = "adalora"
-    additive = True
 
-    def forward(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, x: np.ndarray, ctx: Context
-    ) -> tuple[np.ndarray, dict[str, Any]]:
-        y = base.forward(x)
-        mask = dropout_mask(ctx.rng, x.shape, lp.options["dropout"]) if ctx.training else None
+    def delta_record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
+        mask = dropout_mask(layer, x.shape, lp.options["dropout"])
         h = x if mask is None else x * mask
-        qe = p["lora_A"] * singular_values(lp, p)
         if lp.layer.is_conv:
-            delta = self.delta_weight(lp, base, p)
-            return y + conv_forward(h, delta, *_conv_args(lp)), {"x": x, "h": h, "mask": mask}
-        u = h @ qe.T
-        return y + lp.scaling * (u @ p["lora_B"].T), {"x": x, "h": h, "u": u, "mask": mask}
+            return conv_forward(h, self.delta_weight(lp, layer, p), *_conv_args(lp)), {"h": h, "mask": mask}
+        u = h @ (p["lora_A"] * singular_values(lp, p)).T
+        return lp.scaling * (u @ p["lora_B"].T), {"h": h, "u": u, "mask": mask}
 
-    def backward(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, cache: dict[str, Any], dy: np.ndarray
-    ) -> tuple[np.ndarray | None, Params]:
-        s, x, h, mask = lp.scaling, cache["x"], cache["h"], cache["mask"]
+    def delta_backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, d_delta: Array
+    ) -> tuple[Array | None, Params]:
+        xp, s, h, mask = layer.xp, lp.scaling, tape["h"], tape["mask"]
         a, b, e = p["lora_A"], p["lora_B"], singular_values(lp, p)
         qe = a * e
         if lp.layer.is_conv:
-            dh, d_delta = conv_backward(h, self.delta_weight(lp, base, p), dy, *_conv_args(lp))
-            d_m = s * d_delta.reshape(d_delta.shape[0], -1)  # dL/d(P·QΛ)
+            dh, d_delta_w = conv_backward(h, self.delta_weight(lp, layer, p), d_delta, *_conv_args(lp))
+            d_m = s * xp.reshape(d_delta_w, (d_delta_w.shape[0], -1))  # dL/d(P·QΛ)
             grad_b = d_m @ qe.T
             grad_qe = b.T @ d_m
         else:
-            dv = s * dy
-            u = cache["u"]
-            grad_b = dv.reshape(-1, dv.shape[-1]).T @ u.reshape(-1, u.shape[-1])
+            dv = s * d_delta
+            grad_b = rows(dv).T @ rows(tape["u"])
             du = dv @ b
-            grad_qe = du.reshape(-1, du.shape[-1]).T @ h.reshape(-1, h.shape[-1])
+            grad_qe = rows(du).T @ rows(h)
             dh = du @ qe
-        grad_e = np.sum(grad_qe * a, axis=1, keepdims=True)
-        keep = rank_mask(lp)
+        grad_e = xp.sum(grad_qe * a, axis=1, keepdims=True)
+        keep = rank_mask(lp, e)
         grads = {"lora_A": grad_qe * e, "lora_E": grad_e if keep is None else grad_e * keep, "lora_B": grad_b}
-        dx = base.input_grad(x, dy)
-        assert dx is not None and dh is not None
-        return dx + (dh if mask is None else dh * mask), grads
+        assert dh is not None
+        return (dh if mask is None else dh * mask), grads
 
-    def delta_weight(self, lp: LayerPlan, base: BaseLayer, p: Params) -> np.ndarray:
+    def delta_weight(self, lp: LayerPlan, layer: BaseLayer, p: Params) -> Array:
         delta = lp.scaling * (p["lora_B"] @ (p["lora_A"] * singular_values(lp, p)))
-        return delta.reshape(base.weight.shape)
-
-    def merge(self, lp: LayerPlan, base: BaseLayer, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
-        return base.weight + self.delta_weight(lp, base, p), base.bias
-
-    def unmerge(self, lp: LayerPlan, base: BaseLayer, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
-        return base.weight - self.delta_weight(lp, base, p), base.bias
+        return layer.xp.reshape(delta, layer.weight.shape)
 
 
-def _gram_penalty(m: np.ndarray, rows: bool) -> tuple[float, np.ndarray]:
+def _gram_penalty(xp: Namespace, m: Array, rows: bool) -> tuple[Array, Array]:
     """‖M Mᵀ − I‖_F (rows) or ‖Mᵀ M − I‖_F (columns), and its gradient with respect to M."""
     gram = m @ m.T if rows else m.T @ m
-    c = gram - np.eye(gram.shape[0])
-    norm = float(np.linalg.norm(c))
-    if norm == 0.0:  # the norm's subgradient at an exactly orthonormal M: take 0, as torch does
-        return 0.0, np.zeros_like(m)
+    c = gram - xp.eye(gram.shape[0], dtype=m.dtype)
+    norm = xp.linalg.matrix_norm(c)
+    if float(norm) == 0.0:  # the norm's subgradient at an exactly orthonormal M: take 0, as torch does
+        return norm, xp.zeros_like(m)
     return norm, (2.0 * c @ m if rows else 2.0 * m @ c) / norm
 
 
 def orthogonal_regularizer(
-    plan: Plan, params: Mapping[str, np.ndarray], weight: float | None = None
-) -> tuple[float, dict[str, np.ndarray]]:
+    plan: Plan, params: Mapping[str, Array], weight: float | None = None
+) -> tuple[float, dict[str, Array]]:
     """HF PEFT's loss term w · mean(‖QQᵀ − I‖_F, ‖PᵀP − I‖_F over every layer) and its gradient by key.
 
     ``weight`` defaults to the spec's ``orth_reg_weight``; triplets outside a layer's rank mask do not
-    exist, as in the pruned modules PEFT loads. lora_E does not enter the term.
+    exist, as in the pruned modules PEFT loads. lora_E does not enter the term. The gradients are arrays of the
+    parameters' own namespace.
     """
     w = float(plan.spec.orth_reg_weight if weight is None else weight)
     total, grads = 0.0, {}
     count = 2 * len(plan.layers)
     for lp in plan.layers:
-        kept = (
-            np.ones(lp.r, bool)
-            if lp.options.get("rank_mask") is None
-            else np.asarray(lp.options["rank_mask"])
-        )
-        for name, rows in (("lora_A", True), ("lora_B", False)):
+        for name, by_rows in (("lora_A", True), ("lora_B", False)):
             key = lp.key(name)
             if key not in params:
                 raise KeyError(f"orthogonal_regularizer: no tensor {key} among the parameters given")
-            value = np.asarray(params[key], dtype=np.float64)
-            index = (kept,) if rows else (slice(None), kept)
-            norm, grad = _gram_penalty(value[index], rows)
-            full = np.zeros_like(value)
-            full[index] = grad * (w / count)
-            total += norm
-            grads[key] = full
+            value = params[key]
+            xp = namespace(value)
+            mask = lp.options.get("rank_mask")
+            kept = list(range(lp.r)) if mask is None else [i for i, k in enumerate(mask) if k]
+            index = xp.asarray(kept, dtype=xp.int64)
+            axis = 0 if by_rows else 1
+            norm, grad = _gram_penalty(xp, xp.take(value, index, axis=axis), by_rows)
+            # scatter the kept rows (columns) back: a one-hot [r, kept] selection
+            select = xp.astype(
+                xp.reshape(xp.arange(lp.r, dtype=xp.int64), (-1, 1)) == xp.reshape(index, (1, -1)),
+                value.dtype,
+            )
+            full = select @ grad if by_rows else grad @ select.T
+            total += float(norm)
+            grads[key] = full * (w / count)
     return (w * total / count if count else 0.0), grads
 
 

@@ -10,128 +10,123 @@ its first adapter for all of them, so it never mixes the two forms on one layer;
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
-
-from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
-from peftdecl_numpy.kinds import Context
-from peftdecl_numpy.layers import BaseLayer
+from peftdecl_numpy.kinds._base import ComposingKind, Params, Tape, Weights
+from peftdecl_numpy.layers import BaseLayer, rows
+from peftdecl_numpy.xp_ops import Array, namespace
 
-Params = dict[str, np.ndarray]
-LAYER_TYPES = ("linear", "conv2d", "gpt2_conv1d")
 UNMERGE_EPS = 1e-8  # HF PEFT's guard against division by zero
 
 
-def _on_features(lp: LayerPlan, l_vec: np.ndarray) -> np.ndarray:
+def _on_features(lp: LayerPlan, l_vec: Array) -> Array:
     # the stored (1, C, 1, 1) already broadcasts over [N, C, H, W]; linear vectors act on the last axis
-    return l_vec if lp.layer.is_conv else l_vec.reshape(-1)
+    return l_vec if lp.layer.is_conv else namespace(l_vec).reshape(l_vec, (-1,))
 
 
-def _sum_to(lp: LayerPlan, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _sum_to(lp: LayerPlan, t: Array, shape: tuple[int, ...]) -> Array:
+    xp = namespace(t)
     if lp.layer.is_conv:
-        return t.sum(axis=(0, *range(2, t.ndim))).reshape(shape)
-    return t.reshape(-1, t.shape[-1]).sum(axis=0).reshape(shape)
+        return xp.reshape(xp.sum(t, axis=(0, *range(2, t.ndim))), shape)
+    return xp.reshape(xp.sum(rows(t), axis=0), shape)
 
 
-class IA3Ops:
+class IA3Ops(ComposingKind):
     kind = "ia3"
     # several active IA3 adapters multiply their vectors in HF PEFT; they are not summed contributions
-    additive = False
     input_order = "active"  # diagonal scalings commute: any order gives the same product
 
-    def composition(self, lp: LayerPlan) -> str:
+    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
         """A feed-forward vector scales the input the base reads, any other the output built so far."""
-        return INPUT if lp.options["feedforward"] else OUTPUT
+        return "input" if lp.options["feedforward"] else "output"
 
-    def forward(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, x: np.ndarray, ctx: Context
-    ) -> tuple[np.ndarray, dict[str, Any]]:
+    def record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
         if lp.options["feedforward"]:
-            return base.forward(x * _on_features(lp, p["ia3_l"])), {"x": x}
-        return self.output_map(lp, base, p, x, base.forward(x), ctx)
+            return layer.forward(x * _on_features(lp, p["ia3_l"])), {"x": x}
+        return self.compose_output_record(lp, layer, p, x, layer.forward(x))
 
     def backward(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, cache: dict[str, Any], dy: np.ndarray
-    ) -> tuple[np.ndarray | None, Params]:
-        l_vec, x = p["ia3_l"], cache["x"]
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, dy: Array
+    ) -> tuple[Array | None, Params]:
+        l_vec, x = p["ia3_l"], tape["x"]
         scale = _on_features(lp, l_vec)
         if lp.options["feedforward"]:
-            dh = base.input_grad(x * scale, dy)
+            dh = layer.input_grad(x * scale, dy)
             assert dh is not None
             return dh * scale, {"ia3_l": _sum_to(lp, dh * x, l_vec.shape)}
-        dy_in, _, grads = self.output_map_backward(lp, base, p, cache, dy)
-        return base.input_grad(x, dy_in), grads
+        dy_in, _, grads = self.compose_output_backward(lp, layer, p, tape, dy)
+        return layer.input_grad(x, dy_in), grads
 
-    def output_map(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, x: np.ndarray, y: np.ndarray, ctx: Context
-    ) -> tuple[np.ndarray, dict[str, Any]]:
+    def compose_output_record(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array, y: Array
+    ) -> tuple[Array, Tape]:
         """y' = l ⊙ y: the output so far (bias included) scaled per output feature."""
         return y * _on_features(lp, p["ia3_l"]), {"x": x, "y": y}
 
-    def output_map_backward(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, cache: dict[str, Any], dy: np.ndarray
-    ) -> tuple[np.ndarray, None, Params]:
+    def compose_output_backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, dy: Array
+    ) -> tuple[Array, Array | None, Params]:
         l_vec = p["ia3_l"]
-        return dy * _on_features(lp, l_vec), None, {"ia3_l": _sum_to(lp, dy * cache["y"], l_vec.shape)}
+        return dy * _on_features(lp, l_vec), None, {"ia3_l": _sum_to(lp, dy * tape["y"], l_vec.shape)}
 
-    def weight_map(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, w: np.ndarray, ctx: Context
-    ) -> tuple[np.ndarray, dict[str, Any]]:
+    def compose_weight_record(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, weight: Array
+    ) -> tuple[Array, Tape]:
         """W' = W diag(l): the input scaled per input feature (per input channel of each group)."""
-        return w * self._weight_factor(lp, p["ia3_l"]), {"w": w}
+        return weight * self._weight_factor(lp, p["ia3_l"]), {"w": weight}
 
-    def weight_map_backward(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, cache: dict[str, Any], dw: np.ndarray
-    ) -> tuple[np.ndarray, Params]:
+    def compose_weight_backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, d_weight: Array
+    ) -> tuple[Array, Params]:
         l_vec = p["ia3_l"]
-        return dw * self._weight_factor(lp, l_vec), {
-            "ia3_l": self._factor_adjoint(lp, dw * cache["w"], l_vec)
+        return d_weight * self._weight_factor(lp, l_vec), {
+            "ia3_l": self._factor_adjoint(lp, d_weight * tape["w"], l_vec)
         }
 
-    def delta_weight(self, lp: LayerPlan, base: BaseLayer, p: Params) -> np.ndarray:
+    def delta_weight(self, lp: LayerPlan, layer: BaseLayer, p: Params) -> Array:
         """The change merging makes to the current base weight: W ⊙ l − W."""
-        return base.weight * self._weight_factor(lp, p["ia3_l"]) - base.weight
+        return layer.weight * self._weight_factor(lp, p["ia3_l"]) - layer.weight
 
-    def merge(self, lp: LayerPlan, base: BaseLayer, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
+    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
         l_vec = p["ia3_l"]
-        bias = base.bias if self._bias_kept(lp, base) else base.bias * l_vec.reshape(-1)
-        return base.weight * self._weight_factor(lp, l_vec), bias
+        bias = layer.bias if self._bias_kept(lp, layer) else layer.bias * layer.xp.reshape(l_vec, (-1,))
+        return layer.weight * self._weight_factor(lp, l_vec), bias
 
-    def unmerge(self, lp: LayerPlan, base: BaseLayer, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
+    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
         l_vec = p["ia3_l"] + UNMERGE_EPS
-        bias = base.bias if self._bias_kept(lp, base) else base.bias / l_vec.reshape(-1)
-        return base.weight / self._weight_factor(lp, l_vec), bias
+        bias = layer.bias if self._bias_kept(lp, layer) else layer.bias / layer.xp.reshape(l_vec, (-1,))
+        return layer.weight / self._weight_factor(lp, l_vec), bias
 
     @staticmethod
-    def _weight_factor(lp: LayerPlan, l_vec: np.ndarray) -> np.ndarray:
+    def _weight_factor(lp: LayerPlan, l_vec: Array) -> Array:
         """l broadcast over the IR weight [out, in(/groups), *kernel]: along rows, or along input columns."""
-        flat, extra = l_vec.reshape(-1), (1,) * len(lp.layer.kernel_size)
+        xp = namespace(l_vec)
+        flat, extra = xp.reshape(l_vec, (-1,)), (1,) * len(lp.layer.kernel_size)
         if not lp.options["feedforward"]:
-            return flat.reshape(-1, 1, *extra)
+            return xp.reshape(flat, (-1, 1, *extra))
         groups = lp.layer.groups
         if groups == 1:
-            return flat.reshape(1, -1, *extra)
+            return xp.reshape(flat, (1, -1, *extra))
         # grouped conv: output channel o of group k reads input channels k·(C/groups) ... (k+1)·(C/groups) − 1
-        per_group = flat.reshape(groups, 1, -1, *extra)
+        per_group = xp.reshape(flat, (groups, 1, -1, *extra))
         out = lp.layer.out_features
-        return np.broadcast_to(per_group, (groups, out // groups, *per_group.shape[2:])).reshape(
-            out, -1, *extra
-        )
+        spread = xp.broadcast_to(per_group, (groups, out // groups, *per_group.shape[2:]))
+        return xp.reshape(spread, (out, -1, *extra))
 
     @staticmethod
-    def _factor_adjoint(lp: LayerPlan, grad: np.ndarray, l_vec: np.ndarray) -> np.ndarray:
+    def _factor_adjoint(lp: LayerPlan, grad: Array, l_vec: Array) -> Array:
         """Σ of ``grad`` (shaped like the weight) over the entries each element of l was broadcast to by
         :meth:`_weight_factor` (feed-forward form)."""
+        xp = namespace(grad)
         groups, out = lp.layer.groups, lp.layer.out_features
-        per_group = grad.reshape(groups, out // groups, grad.shape[1], -1).sum(axis=(1, 3))
-        return per_group.reshape(l_vec.shape)
+        per_group = xp.sum(xp.reshape(grad, (groups, out // groups, grad.shape[1], -1)), axis=(1, 3))
+        return xp.reshape(per_group, l_vec.shape)
 
     @staticmethod
-    def _bias_kept(lp: LayerPlan, base: BaseLayer) -> bool:
+    def _bias_kept(lp: LayerPlan, layer: BaseLayer) -> bool:
         # a feed-forward vector scales the input, so the bias is untouched
-        return lp.options["feedforward"] or base.bias is None
+        return lp.options["feedforward"] or layer.bias is None
 
 
 OPS = IA3Ops()

@@ -6,8 +6,6 @@ with ``use_effective_conv2d``, the CP rebuild Pᵢ[o, c, k, l] = Σ tᵢ[i, j, k
 
 from __future__ import annotations
 
-import numpy as np
-
 from peftdecl.plan import LayerPlan
 from peftdecl_numpy.kinds._weight_delta import (
     Params,
@@ -16,24 +14,23 @@ from peftdecl_numpy.kinds._weight_delta import (
     rebuild_cp,
     rebuild_cp_grads,
 )
+from peftdecl_numpy.xp_ops import Array, namespace
 
-LAYER_TYPES = ("linear", "conv1d", "conv2d")
 
-
-def hadamard_factor(lp: LayerPlan, p: Params, i: int) -> np.ndarray:
+def hadamard_factor(lp: LayerPlan, p: Params, i: int) -> Array:
     """Pᵢ = wᵢa · wᵢb, or the CP rebuild from tᵢ."""
     a, b = p[f"hada_w{i}_a"], p[f"hada_w{i}_b"]
     return rebuild_cp(p[f"hada_t{i}"], a, b) if lp.options["effective_conv"] else a @ b
 
 
-def delta(lp: LayerPlan, p: Params) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+def rebuild(lp: LayerPlan, p: Params) -> tuple[Array, tuple[Array, Array]]:
     p1, p2 = hadamard_factor(lp, p, 1), hadamard_factor(lp, p, 2)
-    return (lp.scaling * (p1 * p2)).reshape(lp.layer.weight_shape), (p1, p2)
+    return namespace(p1).reshape(lp.scaling * (p1 * p2), lp.layer.weight_shape), (p1, p2)
 
 
-def delta_grads(lp: LayerPlan, p: Params, tape: tuple[np.ndarray, np.ndarray], g: np.ndarray) -> Params:
+def rebuild_grads(lp: LayerPlan, p: Params, tape: tuple[Array, Array], g: Array) -> Params:
     p1, p2 = tape
-    g = lp.scaling * g.reshape(p1.shape)
+    g = lp.scaling * namespace(g).reshape(g, p1.shape)
     grads: Params = {}
     for i, dp in ((1, g * p2), (2, g * p1)):
         a, b = p[f"hada_w{i}_a"], p[f"hada_w{i}_b"]
@@ -47,4 +44,4 @@ def delta_grads(lp: LayerPlan, p: Params, tape: tuple[np.ndarray, np.ndarray], g
 
 
 # HF PEFT always divides LoHa's rank-dropout mask by its mean
-OPS = WeightDeltaOps("loha", delta, delta_grads, renormalises_rank_dropout=lambda lp: True)
+OPS = WeightDeltaOps("loha", rebuild, rebuild_grads, renormalises_rank_dropout=lambda lp: True)

@@ -8,8 +8,6 @@ torch.kron and np.kron agree) and the reshape to ``[out, in, s]`` interleaves th
 
 from __future__ import annotations
 
-import numpy as np
-
 from peftdecl.plan import LayerPlan
 from peftdecl_numpy.kinds._weight_delta import (
     Params,
@@ -18,27 +16,27 @@ from peftdecl_numpy.kinds._weight_delta import (
     rebuild_cp,
     rebuild_cp_grads,
 )
+from peftdecl_numpy.xp_ops import Array, kron, namespace
 
-LAYER_TYPES = ("linear", "conv1d", "conv2d")
 
-
-def kron_grads(a: np.ndarray, b: np.ndarray, dk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def kron_grads(a: Array, b: Array, dk: Array) -> tuple[Array, Array]:
     """(dL/da, dL/db) of K = kron(a, b) given dL/dK (operands of unequal rank get leading unit axes)."""
+    xp = namespace(a, b, dk)
     nd = max(a.ndim, b.ndim)
-    a_full = a.reshape((1,) * (nd - a.ndim) + a.shape)
-    b_full = b.reshape((1,) * (nd - b.ndim) + b.shape)
+    a_full = xp.reshape(a, (1,) * (nd - a.ndim) + tuple(a.shape))
+    b_full = xp.reshape(b, (1,) * (nd - b.ndim) + tuple(b.shape))
     # K[i·|b| + j] = a[i] · b[j] along every axis, so K viewed as [a0, b0, a1, b1, ...] is the outer product
-    dk = dk.reshape([d for pair in zip(a_full.shape, b_full.shape, strict=True) for d in pair])
-    da = np.tensordot(dk, b_full, axes=(list(range(1, 2 * nd, 2)), list(range(nd))))
-    db = np.tensordot(dk, a_full, axes=(list(range(0, 2 * nd, 2)), list(range(nd))))
-    return da.reshape(a.shape), db.reshape(b.shape)
+    dk = xp.reshape(dk, tuple(d for pair in zip(a_full.shape, b_full.shape, strict=True) for d in pair))
+    da = xp.tensordot(dk, b_full, axes=(tuple(range(1, 2 * nd, 2)), tuple(range(nd))))
+    db = xp.tensordot(dk, a_full, axes=(tuple(range(0, 2 * nd, 2)), tuple(range(nd))))
+    return xp.reshape(da, a.shape), xp.reshape(db, b.shape)
 
 
-def factor_w1(p: Params) -> np.ndarray:
+def factor_w1(p: Params) -> Array:
     return p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
 
 
-def factor_w2(p: Params) -> np.ndarray:
+def factor_w2(p: Params) -> Array:
     if "lokr_w2" in p:
         return p["lokr_w2"]
     if "lokr_t2" in p:
@@ -46,20 +44,22 @@ def factor_w2(p: Params) -> np.ndarray:
     return p["lokr_w2_a"] @ p["lokr_w2_b"]
 
 
-Tape = tuple[np.ndarray, np.ndarray, tuple[int, ...]]
+Tape = tuple[Array, Array, tuple[int, ...]]
 
 
-def delta(lp: LayerPlan, p: Params) -> tuple[np.ndarray, Tape]:
+def rebuild(lp: LayerPlan, p: Params) -> tuple[Array, Tape]:
     w1, w2 = factor_w1(p), factor_w2(p)
-    lifted = w1[:, :, None, None] if w2.ndim == 4 else w1
-    k = np.kron(lifted, w2)
-    return (lp.scaling * k).reshape(lp.layer.weight_shape), (lifted, w2, k.shape)
+    xp = namespace(w1, w2)
+    lifted = xp.reshape(w1, (*w1.shape, 1, 1)) if w2.ndim == 4 else w1
+    k = kron(lifted, w2)
+    return xp.reshape(lp.scaling * k, lp.layer.weight_shape), (lifted, w2, tuple(k.shape))
 
 
-def delta_grads(lp: LayerPlan, p: Params, tape: Tape, g: np.ndarray) -> Params:
+def rebuild_grads(lp: LayerPlan, p: Params, tape: Tape, g: Array) -> Params:
     lifted, w2, k_shape = tape
-    dw1, dw2 = kron_grads(lifted, w2, lp.scaling * g.reshape(k_shape))
-    dw1 = dw1.reshape(dw1.shape[:2])  # undo the lift to [l, m, 1, 1]
+    xp = namespace(g)
+    dw1, dw2 = kron_grads(lifted, w2, lp.scaling * xp.reshape(g, k_shape))
+    dw1 = xp.reshape(dw1, dw1.shape[:2])  # undo the lift to [l, m, 1, 1]
     grads: Params = {}
     if "lokr_w1" in p:
         grads["lokr_w1"] = dw1
@@ -78,5 +78,8 @@ def delta_grads(lp: LayerPlan, p: Params, tape: Tape, g: np.ndarray) -> Params:
 
 # HF PEFT divides LoKr's rank-dropout mask by its mean only with rank_dropout_scale
 OPS = WeightDeltaOps(
-    "lokr", delta, delta_grads, renormalises_rank_dropout=lambda lp: bool(lp.options["rank_dropout_scale"])
+    "lokr",
+    rebuild,
+    rebuild_grads,
+    renormalises_rank_dropout=lambda lp: bool(lp.options["rank_dropout_scale"]),
 )

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl_numpy.conv import conv_backward, conv_forward
-from peftdecl_numpy.kinds import Context
-from peftdecl_numpy.layers import BaseLayer, dropout_mask
-
-Params = dict[str, np.ndarray]
-LAYER_TYPES = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
+from peftdecl_numpy.kinds._base import AdditiveKind, Params, Tape, Weights
+from peftdecl_numpy.layers import BaseLayer, dropout_mask, rows
+from peftdecl_numpy.xp_ops import Array, add_at_rows, einsum, namespace, take_rows
 
 
-def _conv_a(lp: LayerPlan, h: np.ndarray, a: np.ndarray) -> np.ndarray:
+def _conv_a(lp: LayerPlan, h: Array, a: Array) -> Array:
     # HF PEFT builds lora_A with the base's kernel, stride and padding, but no dilation
     return conv_forward(h, a, lp.layer.stride, lp.layer.padding, _ones(a.ndim - 2))
 
@@ -29,19 +25,28 @@ def _ones(n: int) -> tuple[int, ...]:
     return (1,) * n
 
 
-class LoraOps:
-    kind = "lora"
-    additive = True
+def embedding_delta(lp: LayerPlan, p: Params, x: Array) -> tuple[Array, Array]:
+    """(Aᵀ[x] Bᵀ, Aᵀ[x]): the unscaled low-rank term of an embedding, and its rank-r activations."""
+    u = take_rows(p["lora_embedding_A"].T, x)
+    return u @ p["lora_embedding_B"].T, u
 
-    def forward(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, x: np.ndarray, ctx: Context
-    ) -> tuple[np.ndarray, dict[str, Any]]:
-        s = lp.scaling
-        y = base.forward(x)
+
+def embedding_grads(p: Params, x: Array, u: Array, dv: Array) -> Params:
+    """dL/dA and dL/dB of v = Aᵀ[x] Bᵀ given dL/dv (the rows of Aᵀ picked by x get the gradient)."""
+    a_t = p["lora_embedding_A"].T
+    grad_a_t = add_at_rows(namespace(a_t).zeros_like(a_t), x, dv @ p["lora_embedding_B"])
+    return {"lora_embedding_A": grad_a_t.T, "lora_embedding_B": rows(dv).T @ rows(u)}
+
+
+class LoraOps(AdditiveKind):
+    kind = "lora"
+
+    def delta_record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
+        s, xp = lp.scaling, layer.xp
         if lp.layer.type == "embedding":
-            u = p["lora_embedding_A"].T[x]
-            return y + s * (u @ p["lora_embedding_B"].T), {"x": x, "u": u}
-        mask = dropout_mask(ctx.rng, x.shape, lp.options["dropout"]) if ctx.training else None
+            v, u = embedding_delta(lp, p, x)
+            return s * v, {"x": x, "u": u}
+        mask = dropout_mask(layer, x.shape, lp.options["dropout"])
         h = x if mask is None else x * mask
         a, b = p["lora_A.weight"], p["lora_B.weight"]
         if lp.layer.is_conv:
@@ -49,67 +54,62 @@ class LoraOps:
             u = _conv_a(lp, h, a)
             v = conv_forward(u, b, _ones(k), (0,) * k, _ones(k))
             if "lora_B.bias" in p:
-                v = v + p["lora_B.bias"].reshape(1, -1, *_ones(v.ndim - 2))
+                v = v + xp.reshape(p["lora_B.bias"], (1, -1, *_ones(v.ndim - 2)))
         else:
             u = h @ a.T
             v = u @ b.T
             if "lora_B.bias" in p:
                 v = v + p["lora_B.bias"]
-        return y + s * v, {"x": x, "h": h, "u": u, "mask": mask}
+        return s * v, {"x": x, "h": h, "u": u, "mask": mask}
 
-    def backward(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, cache: dict[str, Any], dy: np.ndarray
-    ) -> tuple[np.ndarray | None, Params]:
-        s, x, u = lp.scaling, cache["x"], cache["u"]
-        dv = s * dy
+    def delta_backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, d_delta: Array
+    ) -> tuple[Array | None, Params]:
+        u = tape["u"]
+        dv = lp.scaling * d_delta
         if lp.layer.type == "embedding":
-            b = p["lora_embedding_B"]
-            du = dv @ b
-            grad_a_t = np.zeros_like(p["lora_embedding_A"].T)
-            np.add.at(grad_a_t, x.reshape(-1), du.reshape(-1, du.shape[-1]))
-            grad_b = dv.reshape(-1, dv.shape[-1]).T @ u.reshape(-1, u.shape[-1])
-            return None, {"lora_embedding_A": grad_a_t.T, "lora_embedding_B": grad_b}
-        a, b, h, mask = p["lora_A.weight"], p["lora_B.weight"], cache["h"], cache["mask"]
+            return None, embedding_grads(p, tape["x"], u, dv)
+        a, b, h, mask = p["lora_A.weight"], p["lora_B.weight"], tape["h"], tape["mask"]
         grads: Params = {}
         if lp.layer.is_conv:
             k = b.ndim - 2
             du, grads["lora_B.weight"] = conv_backward(u, b, dv, _ones(k), (0,) * k, _ones(k))
             dh, grads["lora_A.weight"] = conv_backward(h, a, du, lp.layer.stride, lp.layer.padding, _ones(k))
         else:
-            grads["lora_B.weight"] = dv.reshape(-1, dv.shape[-1]).T @ u.reshape(-1, u.shape[-1])
+            grads["lora_B.weight"] = rows(dv).T @ rows(u)
             du = dv @ b
-            grads["lora_A.weight"] = du.reshape(-1, du.shape[-1]).T @ h.reshape(-1, h.shape[-1])
+            grads["lora_A.weight"] = rows(du).T @ rows(h)
             dh = du @ a
         if "lora_B.bias" in p:
-            grads["lora_B.bias"] = base.bias_shape_sum(dv)
-        dx = base.input_grad(x, dy)
-        assert dx is not None and dh is not None
-        return dx + (dh if mask is None else dh * mask), grads
+            grads["lora_B.bias"] = layer.bias_shape_sum(dv)
+        assert dh is not None
+        return (dh if mask is None else dh * mask), grads
 
-    def delta_weight(self, lp: LayerPlan, base: BaseLayer, p: Params) -> np.ndarray:
+    def delta_weight(self, lp: LayerPlan, layer: BaseLayer, p: Params) -> Array:
         s = lp.scaling
         if lp.layer.type == "embedding":
             return s * (p["lora_embedding_B"] @ p["lora_embedding_A"]).T
         a, b = p["lora_A.weight"], p["lora_B.weight"]
         if lp.layer.is_conv:
-            return s * np.einsum("or,ri...->oi...", b.reshape(b.shape[0], b.shape[1]), a)
+            b2 = namespace(b).reshape(b, (b.shape[0], b.shape[1]))
+            return s * einsum("or,ri...->oi...", b2, a)
         return s * (b @ a)
 
-    def merge(self, lp: LayerPlan, base: BaseLayer, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
-        return base.weight + self.delta_weight(lp, base, p), self._bias(lp, base, p, +1.0)
+    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+        return layer.weight + self.delta_weight(lp, layer, p), self._bias(lp, layer, p, +1.0)
 
-    def unmerge(self, lp: LayerPlan, base: BaseLayer, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
-        return base.weight - self.delta_weight(lp, base, p), self._bias(lp, base, p, -1.0)
+    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+        return layer.weight - self.delta_weight(lp, layer, p), self._bias(lp, layer, p, -1.0)
 
     @staticmethod
-    def _bias(lp: LayerPlan, base: BaseLayer, p: Params, sign: float) -> np.ndarray | None:
+    def _bias(lp: LayerPlan, layer: BaseLayer, p: Params, sign: float) -> Array | None:
         if "lora_B.bias" not in p:
-            return base.bias
-        if base.bias is None:
+            return layer.bias
+        if layer.bias is None:
             raise PeftdeclError(
                 f"{lp.module}: cannot merge lora_bias into a layer without a bias (as in HF PEFT)"
             )
-        return base.bias + sign * lp.scaling * p["lora_B.bias"]
+        return layer.bias + sign * lp.scaling * p["lora_B.bias"]
 
 
 OPS = LoraOps()

@@ -20,13 +20,13 @@ Choices, where HF PEFT 0.21.2 is not a well-defined reference:
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Literal
 
 import numpy as np
 
-from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
-from peftdecl_numpy.kinds import Context
+from peftdecl_numpy.kinds._base import ComposingKind, Params, Tape, Weights
 from peftdecl_numpy.layers import BaseLayer
 from peftdecl_numpy.rotation import (
     cayley,
@@ -40,9 +40,7 @@ from peftdecl_numpy.rotation import (
     skew_from_triu,
     triu_grad,
 )
-
-Params = dict[str, np.ndarray]
-LAYER_TYPES = ("linear", "embedding", "conv2d")
+from peftdecl_numpy.xp_ops import Array, eye_like, namespace, swap_last
 
 
 def param_name(lp: LayerPlan) -> str:
@@ -50,15 +48,17 @@ def param_name(lp: LayerPlan) -> str:
     return lp.params[0].name
 
 
-def project_coft(u: np.ndarray, block: int, eps: float) -> np.ndarray:
+def project_coft(u: Array, block: int, eps: float) -> Array:
     """Scale each row so that ‖Q_i‖_F ≤ eps/√rows (HF PEFT's ``_project_batch``); ‖Q_i‖_F = √2 ‖u_i‖."""
-    limit = eps / np.sqrt(u.shape[0])
-    norms = np.linalg.norm(skew_from_triu(u, block), axis=(1, 2))
-    factor = np.where(norms <= limit, 1.0, limit / np.where(norms > 0, norms, 1.0))
-    return u * factor[:, None]
+    xp = namespace(u)
+    limit = eps / math.sqrt(u.shape[0])
+    norms = xp.linalg.matrix_norm(skew_from_triu(u, block))
+    ones = xp.ones_like(norms)
+    factor = xp.where(norms <= limit, ones, limit / xp.where(norms > 0, norms, ones))
+    return u * xp.reshape(factor, (-1, 1))
 
 
-def block_rotations(lp: LayerPlan, p: Params) -> tuple[np.ndarray, np.ndarray]:
+def block_rotations(lp: LayerPlan, p: Params) -> tuple[Array, Array]:
     """(Q, R) of the stored blocks (one block with block_share); COFT projects the stored tensor first."""
     opts = lp.options
     u = p[param_name(lp)]
@@ -69,29 +69,31 @@ def block_rotations(lp: LayerPlan, p: Params) -> tuple[np.ndarray, np.ndarray]:
     return q, r
 
 
-def dropped_blocks(lp: LayerPlan, rows: int, ctx: Context) -> np.ndarray | None:
+def dropped_blocks(lp: LayerPlan, layer: BaseLayer, rows: int) -> Array | None:
     """Blocks replaced by I in training: int(p·rows) of them, chosen at random; none with a shared block."""
     rate = lp.options["module_dropout"]
-    if not ctx.training or rate <= 0.0 or rows == 1:
+    if not layer.training or rate <= 0.0 or rows == 1:
         return None
     mask = np.zeros(rows, dtype=bool)
-    mask[ctx.rng.permutation(rows)[: int(rate * rows)]] = True
-    return mask
+    mask[layer.rng.permutation(rows)[: int(rate * rows)]] = True
+    return layer.xp.asarray(mask)
 
 
-def full_rotation(lp: LayerPlan, r: np.ndarray, dropped: np.ndarray | None) -> np.ndarray:
+def full_rotation(lp: LayerPlan, r: Array, dropped: Array | None) -> Array:
     """The n blocks the layer applies: the shared block repeated, dropped blocks set to I."""
+    xp = namespace(r)
     if dropped is not None:
-        r = np.where(dropped[:, None, None], np.eye(r.shape[-1]), r)
-    return np.broadcast_to(r, (lp.options["n_blocks"], *r.shape[1:]))
+        r = xp.where(xp.reshape(dropped, (-1, 1, 1)), eye_like(r, r.shape[-1]), r)
+    return xp.broadcast_to(r, (lp.options["n_blocks"], *r.shape[1:]))
 
 
-def rotation_grads(lp: LayerPlan, cache: dict[str, Any], grad_rot: np.ndarray) -> Params:
+def rotation_grads(lp: LayerPlan, tape: Tape, grad_rot: Array) -> Params:
     """dL/du of the stored parameter from dL/d(the n blocks applied), through sharing, dropout and the map."""
-    grad_r = grad_rot.sum(axis=0, keepdims=True) if cache["r"].shape[0] == 1 else grad_rot
-    if cache["dropped"] is not None:
-        grad_r = np.where(cache["dropped"][:, None, None], 0.0, grad_r)
-    q, r, opts = cache["q"], cache["r"], lp.options
+    xp = namespace(grad_rot)
+    grad_r = xp.sum(grad_rot, axis=0, keepdims=True) if tape["r"].shape[0] == 1 else grad_rot
+    if tape["dropped"] is not None:
+        grad_r = xp.where(xp.reshape(tape["dropped"], (-1, 1, 1)), xp.zeros_like(grad_r), grad_r)
+    q, r, opts = tape["q"], tape["r"], lp.options
     if opts["use_cayley_neumann"]:
         grad_q = neumann_backward(q, opts["num_cayley_neumann_terms"], grad_r)
     else:
@@ -99,120 +101,115 @@ def rotation_grads(lp: LayerPlan, cache: dict[str, Any], grad_rot: np.ndarray) -
     return {param_name(lp): triu_grad(grad_q)}
 
 
-def _flat(w: np.ndarray) -> np.ndarray:
-    return w.reshape(w.shape[0], -1)
+def _flat(w: Array) -> Array:
+    return namespace(w).reshape(w, (w.shape[0], -1))
 
 
 def _conv_args(info: Any) -> tuple:
     return info.kernel_size, info.stride, info.padding, info.dilation
 
 
-class OftOps:
+class OftOps(ComposingKind):
     kind = "oft"
-    additive = False
     input_order = "active"  # HF PEFT rotates the input by each active adapter in turn: x ↦ x R_1 R_2 ⋯
 
-    def forward(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, x: np.ndarray, ctx: Context
-    ) -> tuple[np.ndarray, dict[str, Any]]:
-        cache = self._rotations(lp, p, ctx)
-        cache["x"] = x
-        rot = cache["rot"]
+    def record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
+        xp = layer.xp
+        tape = self._rotations(lp, layer, p)
+        tape["x"] = x
+        rot = tape["rot"]
         info = lp.layer
         if info.type == "embedding":
-            cache["h"] = base.forward(x)
-            return rotate_blocks(cache["h"], rot), cache
+            tape["h"] = layer.forward(x)
+            return rotate_blocks(tape["h"], rot), tape
         if info.type == "conv2d":
-            cache["h"] = conv_patches(x, *_conv_args(info))
-            y = rotate_blocks(cache["h"], rot) @ _flat(base.weight).T
-            if base.bias is not None:
-                y = y + base.bias
-            return np.moveaxis(y, -1, 1), cache
-        cache["h"] = x
-        cache["xr"] = rotate_blocks(x, rot)
-        return base.forward(cache["xr"]), cache
+            tape["h"] = conv_patches(x, *_conv_args(info))
+            y = rotate_blocks(tape["h"], rot) @ _flat(layer.weight).T
+            if layer.bias is not None:
+                y = y + layer.bias
+            return xp.moveaxis(y, -1, 1), tape
+        tape["h"] = x
+        tape["xr"] = rotate_blocks(x, rot)
+        return layer.forward(tape["xr"]), tape
 
     def backward(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, cache: dict[str, Any], dy: np.ndarray
-    ) -> tuple[np.ndarray | None, Params]:
-        info, rot = lp.layer, cache["rot"]
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, dy: Array
+    ) -> tuple[Array | None, Params]:
+        info, rot = lp.layer, tape["rot"]
         if info.type == "embedding":
             grad_h = dy
         elif info.type == "conv2d":
-            grad_h = np.moveaxis(dy, 1, -1) @ _flat(base.weight)
+            grad_h = layer.xp.moveaxis(dy, 1, -1) @ _flat(layer.weight)
         else:
-            grad_h = base.input_grad(cache["xr"], dy)
-        grad_in, grad_rot = rotate_blocks_backward(cache["h"], rot, grad_h)
+            grad_h = layer.input_grad(tape["xr"], dy)
+        grad_in, grad_rot = rotate_blocks_backward(tape["h"], rot, grad_h)
         dx = None
         if info.type == "conv2d":
-            dx = conv_patches_backward(grad_in, cache["x"].shape, *_conv_args(info))
+            dx = conv_patches_backward(grad_in, tape["x"].shape, *_conv_args(info))
         elif info.type != "embedding":
             dx = grad_in
-        return dx, rotation_grads(lp, cache, grad_rot)
+        return dx, rotation_grads(lp, tape, grad_rot)
 
     # -- with other adapters on the layer (peftdecl_numpy.compose) -----------------------------------------
-    def composition(self, lp: LayerPlan) -> str:
+    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
         """An embedding's rotation acts on the output built so far; any other layer's on its input."""
-        return OUTPUT if lp.layer.type == "embedding" else INPUT
+        return "output" if lp.layer.type == "embedding" else "input"
 
-    def output_map(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, x: np.ndarray, y: np.ndarray, ctx: Context
-    ) -> tuple[np.ndarray, dict[str, Any]]:
+    def compose_output_record(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array, y: Array
+    ) -> tuple[Array, Tape]:
         """y' = y R (an embedding's output so far, rotated blockwise)."""
-        cache = self._rotations(lp, p, ctx)
-        cache["y"] = y
-        return rotate_blocks(y, cache["rot"]), cache
+        tape = self._rotations(lp, layer, p)
+        tape["y"] = y
+        return rotate_blocks(y, tape["rot"]), tape
 
-    def output_map_backward(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, cache: dict[str, Any], dy: np.ndarray
-    ) -> tuple[np.ndarray, None, Params]:
-        grad_y, grad_rot = rotate_blocks_backward(cache["y"], cache["rot"], dy)
-        return grad_y, None, rotation_grads(lp, cache, grad_rot)
+    def compose_output_backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, dy: Array
+    ) -> tuple[Array, Array | None, Params]:
+        grad_y, grad_rot = rotate_blocks_backward(tape["y"], tape["rot"], dy)
+        return grad_y, None, rotation_grads(lp, tape, grad_rot)
 
-    def weight_map(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, w: np.ndarray, ctx: Context
-    ) -> tuple[np.ndarray, dict[str, Any]]:
+    def compose_weight_record(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, weight: Array
+    ) -> tuple[Array, Tape]:
         """W' = W Rᵀ (each row of the flattened weight rotated by the transposed blocks): y = base(x R)."""
-        cache = self._rotations(lp, p, ctx)
-        cache["w"] = _flat(w)
-        return rotate_blocks(cache["w"], cache["rot"].transpose(0, 2, 1)).reshape(w.shape), cache
+        tape = self._rotations(lp, layer, p)
+        tape["w"] = _flat(weight)
+        rotated = rotate_blocks(tape["w"], swap_last(tape["rot"]))
+        return layer.xp.reshape(rotated, weight.shape), tape
 
-    def weight_map_backward(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, cache: dict[str, Any], dw: np.ndarray
-    ) -> tuple[np.ndarray, Params]:
-        rot_t = cache["rot"].transpose(0, 2, 1)
-        grad_w, grad_rot_t = rotate_blocks_backward(cache["w"], rot_t, _flat(dw))
-        return grad_w.reshape(dw.shape), rotation_grads(lp, cache, grad_rot_t.transpose(0, 2, 1))
+    def compose_weight_backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, d_weight: Array
+    ) -> tuple[Array, Params]:
+        grad_w, grad_rot_t = rotate_blocks_backward(tape["w"], swap_last(tape["rot"]), _flat(d_weight))
+        return layer.xp.reshape(grad_w, d_weight.shape), rotation_grads(lp, tape, swap_last(grad_rot_t))
 
     @staticmethod
-    def _rotations(lp: LayerPlan, p: Params, ctx: Context) -> dict[str, Any]:
+    def _rotations(lp: LayerPlan, layer: BaseLayer, p: Params) -> Tape:
         q, r = block_rotations(lp, p)
-        dropped = dropped_blocks(lp, r.shape[0], ctx)
+        dropped = dropped_blocks(lp, layer, r.shape[0])
         return {"q": q, "r": r, "rot": full_rotation(lp, r, dropped), "dropped": dropped}
 
-    def rotation(self, lp: LayerPlan, p: Params) -> np.ndarray:
+    def rotation(self, lp: LayerPlan, p: Params) -> Array:
         """The n rotation blocks the adapter applies (eval mode)."""
         return full_rotation(lp, block_rotations(lp, p)[1], None)
 
-    def delta_weight(self, lp: LayerPlan, base: BaseLayer, p: Params) -> np.ndarray:
-        """W' − W (OFT is multiplicative; provided for inspection)."""
-        return self.merge(lp, base, p)[0] - base.weight
-
-    def merge(self, lp: LayerPlan, base: BaseLayer, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
+    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
         rot = self.rotation(lp, p)
         if lp.layer.type == "embedding":
-            return rotate_blocks(base.weight, rot), base.bias
+            return rotate_blocks(layer.weight, rot), layer.bias
         # W' = W Rᵀ: each row w ↦ w Rᵀ, i.e. a blockwise rotation by the transposed blocks
-        merged = rotate_blocks(_flat(base.weight), rot.transpose(0, 2, 1))
-        return merged.reshape(base.weight.shape), base.bias
+        merged = rotate_blocks(_flat(layer.weight), swap_last(rot))
+        return layer.xp.reshape(merged, layer.weight.shape), layer.bias
 
-    def unmerge(self, lp: LayerPlan, base: BaseLayer, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
+    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
         # the inverse, not the transpose: a Neumann R is only approximately orthogonal
-        inv = np.linalg.inv(self.rotation(lp, p))
+        xp = layer.xp
+        inv = xp.linalg.inv(self.rotation(lp, p))
         if lp.layer.type == "embedding":
-            return rotate_blocks(base.weight, inv), base.bias
-        restored = rotate_blocks(_flat(base.weight), inv.transpose(0, 2, 1))
-        return restored.reshape(base.weight.shape), base.bias
+            return rotate_blocks(layer.weight, inv), layer.bias
+        restored = rotate_blocks(_flat(layer.weight), swap_last(inv))
+        return xp.reshape(restored, layer.weight.shape), layer.bias
 
 
 OPS = OftOps()

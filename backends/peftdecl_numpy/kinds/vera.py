@@ -5,67 +5,52 @@ A and B are the shared frozen projections cut to the layer: A[:r, :in] and B[:ou
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
-
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.vera import register_projection_source
-from peftdecl_numpy.kinds import Context
-from peftdecl_numpy.layers import BaseLayer, dropout_mask
+from peftdecl_numpy.kinds._base import AdditiveKind, Params, Tape
+from peftdecl_numpy.layers import BaseLayer, dropout_mask, rows
 from peftdecl_numpy.torch_bridge import vera_projections
-
-Params = dict[str, np.ndarray]
-LAYER_TYPES = ("linear", "gpt2_conv1d")
+from peftdecl_numpy.xp_ops import Array
 
 # Files saved with save_projection=False are readable wherever torch can regenerate PEFT's projections.
 register_projection_source(vera_projections)
 
 
-def _projections(lp: LayerPlan, p: Params) -> tuple[np.ndarray, np.ndarray]:
+def _projections(lp: LayerPlan, p: Params) -> tuple[Array, Array]:
     return p["vera_A"][: lp.r, : lp.layer.in_features], p["vera_B"][: lp.layer.out_features, : lp.r]
 
 
-class VeraOps:
+class VeraOps(AdditiveKind):
     kind = "vera"
-    additive = True
 
-    def forward(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, x: np.ndarray, ctx: Context
-    ) -> tuple[np.ndarray, dict[str, Any]]:
+    def delta_record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
         a, b = _projections(lp, p)
-        mask = dropout_mask(ctx.rng, x.shape, lp.options["dropout"]) if ctx.training else None
+        mask = dropout_mask(layer, x.shape, lp.options["dropout"])
         h = x if mask is None else x * mask
         u = h @ a.T  # A x
         v = (p["vera_lambda_d"] * u) @ b.T  # B (λ_d ⊙ A x)
-        return base.forward(x) + p["vera_lambda_b"] * v, {"x": x, "h": h, "u": u, "v": v, "mask": mask}
+        return p["vera_lambda_b"] * v, {"u": u, "v": v, "mask": mask}
 
-    def backward(
-        self, lp: LayerPlan, base: BaseLayer, p: Params, cache: dict[str, Any], dy: np.ndarray
-    ) -> tuple[np.ndarray, Params]:
+    def delta_backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, d_delta: Array
+    ) -> tuple[Array | None, Params]:
+        xp = layer.xp
         a, b = _projections(lp, p)
-        lam_d, lam_b, u, v = p["vera_lambda_d"], p["vera_lambda_b"], cache["u"], cache["v"]
-        dv = dy * lam_b
+        lam_d, lam_b, u, v = p["vera_lambda_d"], p["vera_lambda_b"], tape["u"], tape["v"]
+        dv = d_delta * lam_b
         dw = dv @ b  # gradient at λ_d ⊙ A x
         grads = {
-            "vera_lambda_b": (dy * v).reshape(-1, v.shape[-1]).sum(axis=0),
-            "vera_lambda_d": (dw * u).reshape(-1, u.shape[-1]).sum(axis=0),
+            "vera_lambda_b": xp.sum(rows(d_delta * v), axis=0),
+            "vera_lambda_d": xp.sum(rows(dw * u), axis=0),
         }
         dh = (dw * lam_d) @ a
-        mask = cache["mask"]
-        dx = base.input_grad(cache["x"], dy)
-        assert dx is not None
-        return dx + (dh if mask is None else dh * mask), grads
+        mask = tape["mask"]
+        return (dh if mask is None else dh * mask), grads
 
-    def delta_weight(self, lp: LayerPlan, base: BaseLayer, p: Params) -> np.ndarray:
+    def delta_weight(self, lp: LayerPlan, layer: BaseLayer, p: Params) -> Array:
         a, b = _projections(lp, p)
-        return (p["vera_lambda_b"][:, None] * b) @ (p["vera_lambda_d"][:, None] * a)
-
-    def merge(self, lp: LayerPlan, base: BaseLayer, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
-        return base.weight + self.delta_weight(lp, base, p), base.bias
-
-    def unmerge(self, lp: LayerPlan, base: BaseLayer, p: Params) -> tuple[np.ndarray, np.ndarray | None]:
-        return base.weight - self.delta_weight(lp, base, p), base.bias
+        xp = layer.xp
+        return (xp.reshape(p["vera_lambda_b"], (-1, 1)) * b) @ (xp.reshape(p["vera_lambda_d"], (-1, 1)) * a)
 
 
 OPS = VeraOps()

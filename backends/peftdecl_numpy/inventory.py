@@ -1,0 +1,110 @@
+"""The layers of a state dict (name -> array) as the IR describes them, dtype and quantisation included.
+
+A module ``m`` owns ``m.weight`` (and ``m.bias``). A quantised module is recognised by the tensors its library
+saves next to the packed weight, so that attaching an adapter to it is refused by name instead of the packed
+integers being read as weights: MLX's affine quantisation (uint32 ``weight`` with ``scales`` and ``biases``) and
+bitsandbytes (int8/uint8 ``weight`` with ``SCB`` for 8 bits, ``weight.absmax`` / ``weight.quant_state.*`` for 4).
+A plain integer weight without such tensors is read as the numbers it holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from peftdecl.errors import PeftdeclError
+from peftdecl.plan import LayerInfo, ModelInfo
+
+ENGINE_OPTIONS = ("xp", "dtype")
+"""``attach`` / ``load_adapter`` options the engine reads (not model facts)."""
+_NDIM = {"linear": 2, "embedding": 2, "gpt2_conv1d": 2, "conv1d": 3, "conv2d": 4}
+
+
+def inventory(
+    state_dict: Mapping[str, Any], layer_types: Mapping[str, Any] | None = None, **model_facts: Any
+) -> ModelInfo:
+    """Layers of a state dict: every ``m.weight`` of 2+ dims (2-D: linear unless ``layer_types`` says otherwise).
+
+    ``layer_types`` maps a module to ``"linear" | "embedding" | "conv1d" | "conv2d" | "gpt2_conv1d"`` or to a
+    dict / LayerInfo giving convolution settings (``stride``, ``padding``, ``dilation``, ``groups``).
+    """
+    layer_types = dict(layer_types or {})
+    for option in ENGINE_OPTIONS:
+        model_facts.pop(option, None)
+    layers: dict[str, LayerInfo] = {}
+    modules = []
+    for key, value in state_dict.items():
+        module, _, leaf = key.rpartition(".")
+        if module and module not in modules:
+            modules.append(module)
+        if leaf != "weight":
+            continue
+        array = np.asarray(value)
+        declared = layer_types.pop(module, None)
+        if declared is None and array.ndim != 2:
+            continue
+        info = _layer_info(key, array.shape, declared, f"{module}.bias" in state_dict)
+        quantized = info.quantization or quantization(state_dict, module, array.dtype)
+        layers[module] = dataclasses.replace(
+            info, dtype=info.dtype or array.dtype.name, quantization=quantized
+        )
+    if layer_types:
+        raise PeftdeclError(
+            f"layer_types names modules without a weight in the state dict: {sorted(layer_types)}"
+        )
+    return ModelInfo(layers=layers, modules=tuple(modules), **model_facts)
+
+
+def quantization(state_dict: Mapping[str, Any], module: str, dtype: np.dtype) -> str | None:
+    """How ``module``'s weight is quantised (``LayerInfo.quantization``), from the tensors saved beside it."""
+    own = [key[len(module) + 1 :] for key in state_dict if key.startswith(module + ".")]
+    if "scales" in own and dtype == np.uint32:
+        return "mlx_affine"
+    if "SCB" in own or "weight_format" in own:
+        return "bnb_8bit"
+    if any(k.startswith(("weight.absmax", "weight.quant_state", "weight.quant_map")) for k in own):
+        return "bnb_4bit"
+    return None
+
+
+def _layer_info(key: str, shape: tuple[int, ...], declared: Any, has_bias: bool) -> LayerInfo:
+    if isinstance(declared, LayerInfo):
+        return declared
+    settings = dict(declared) if isinstance(declared, Mapping) else {"type": declared or "linear"}
+    kind = settings.pop("type")
+    if kind not in _NDIM:
+        raise PeftdeclError(
+            f"layer_types[{key[:-7]!r}]: unknown layer type {kind!r}; expected one of {list(_NDIM)}"
+        )
+    if len(shape) != _NDIM[kind]:
+        raise PeftdeclError(f"{key}: a {kind} weight has {_NDIM[kind]} dimensions, got shape {list(shape)}")
+    if kind == "gpt2_conv1d":
+        return LayerInfo(kind, shape[0], shape[1], has_bias)
+    if kind == "linear":
+        return LayerInfo(kind, shape[1], shape[0], has_bias)
+    if kind == "embedding":
+        return LayerInfo(kind, shape[0], shape[1], False)
+    dims = len(shape) - 2
+    groups = int(settings.pop("groups", 1))
+
+    def tup(name: str, default: int) -> tuple[int, ...]:
+        value = settings.pop(name, default)
+        return tuple(value) if isinstance(value, (list, tuple)) else (int(value),) * dims
+
+    info = LayerInfo(
+        kind,
+        shape[1] * groups,
+        shape[0],
+        has_bias,
+        kernel_size=tuple(shape[2:]),
+        stride=tup("stride", 1),
+        padding=tup("padding", 0),
+        dilation=tup("dilation", 1),
+        groups=groups,
+    )
+    if settings:
+        raise PeftdeclError(f"layer_types[{key[:-7]!r}]: unknown settings {sorted(settings)}")
+    return info

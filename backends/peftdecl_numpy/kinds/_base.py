@@ -1,0 +1,131 @@
+"""What every NumPy kind's ops share: the contract of :mod:`peftdecl.backend` (``KindOps`` with ``AdditiveOps`` or
+``ComposingOps``, and ``ExplicitGradientOps``) derived from the few methods a kind writes itself.
+
+An additive kind writes Δ(x) with its tape (``delta_record``), the tape's backward (``delta_backward``) and ΔW
+(``delta_weight``); :class:`AdditiveKind` makes y = base(x) + Δ(x), its backward and the merge W ± ΔW from them.
+A composing kind writes ``record``/``backward`` for the whole layer and the ``compose_output_record`` /
+``compose_weight_record`` pair(s) with their backwards for the way it composes; :class:`ComposingKind` gives the
+tape-free methods. Every method takes ``(lp, layer, p, ...)``: ``layer`` is the :class:`BaseLayer` handle, which
+also carries the training flag and the engine's generator.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from peftdecl.errors import PeftdeclError
+from peftdecl.plan import LayerPlan
+from peftdecl_numpy.layers import BaseLayer
+from peftdecl_numpy.xp_ops import Array
+
+Params = dict[str, Array]
+Tape = dict[str, Any]
+Weights = tuple[Array, Array | None]
+"""(W, b): a layer's weight in the IR layout and its bias."""
+
+
+class AdditiveKind:
+    """y = base(x) + Δ(x); merged, W' = W + ΔW."""
+
+    kind: str
+    additive = True
+
+    def delta_record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
+        """(Δ(x), the tape :meth:`delta_backward` reads)."""
+        raise NotImplementedError
+
+    def delta_backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, d_delta: Array
+    ) -> tuple[Array | None, Params]:
+        """(dL/dx through Δ only, dL/dp) from dL/dΔ."""
+        raise NotImplementedError
+
+    def delta_weight(self, lp: LayerPlan, layer: BaseLayer, p: Params) -> Array:
+        raise NotImplementedError
+
+    def delta(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> Array:
+        return self.delta_record(lp, layer, p, x)[0]
+
+    def forward(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> Array:
+        return self.record(lp, layer, p, x)[0]
+
+    def record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
+        delta, tape = self.delta_record(lp, layer, p, x)
+        return layer.forward(x) + delta, {"x": x, "delta": tape}
+
+    def backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, dy: Array
+    ) -> tuple[Array | None, Params]:
+        dx_delta, grads = self.delta_backward(lp, layer, p, tape["delta"], dy)
+        dx = layer.input_grad(tape["x"], dy)
+        if dx is None or dx_delta is None:
+            return dx, grads
+        return dx + dx_delta, grads
+
+    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+        return layer.weight + self.delta_weight(lp, layer, p), layer.bias
+
+    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+        return layer.weight - self.delta_weight(lp, layer, p), layer.bias
+
+
+class ComposingKind:
+    """A kind that transforms the output built so far or the input the base reads (:mod:`peftdecl.composition`)."""
+
+    kind: str
+    additive = False
+    input_order: Literal["active", "reversed"] = "active"
+
+    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
+        raise NotImplementedError
+
+    def record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
+        raise NotImplementedError
+
+    def backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, dy: Array
+    ) -> tuple[Array | None, Params]:
+        raise NotImplementedError
+
+    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+        raise NotImplementedError
+
+    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+        raise NotImplementedError
+
+    def forward(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> Array:
+        return self.record(lp, layer, p, x)[0]
+
+    def delta_weight(self, lp: LayerPlan, layer: BaseLayer, p: Params) -> Array:
+        """W' − W: the change merging makes to the current base weight (for inspection)."""
+        return self.merge(lp, layer, p, {})[0] - layer.weight
+
+    def compose_output_record(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array, y: Array
+    ) -> tuple[Array, Tape]:
+        """(φ(x, y), tape) for an OUTPUT kind."""
+        raise PeftdeclError(f"{lp.module}: {self.kind} composes on the input, not the output")
+
+    def compose_output_backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, dy: Array
+    ) -> tuple[Array, Array | None, Params]:
+        """(dL/dy, dL/dx outside y, dL/dp) from dL/dφ."""
+        raise PeftdeclError(f"{lp.module}: {self.kind} composes on the input, not the output")
+
+    def compose_weight_record(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, weight: Array
+    ) -> tuple[Array, Tape]:
+        """(W Tᵀ, tape) for an INPUT kind with input transform T."""
+        raise PeftdeclError(f"{lp.module}: {self.kind} composes on the output, not the input")
+
+    def compose_weight_backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, d_weight: Array
+    ) -> tuple[Array, Params]:
+        """(dL/dW, dL/dp) from dL/d(W Tᵀ)."""
+        raise PeftdeclError(f"{lp.module}: {self.kind} composes on the output, not the input")
+
+    def compose_output(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array, y: Array) -> Array:
+        return self.compose_output_record(lp, layer, p, x, y)[0]
+
+    def compose_weight(self, lp: LayerPlan, layer: BaseLayer, p: Params, weight: Array) -> Array:
+        return self.compose_weight_record(lp, layer, p, weight)[0]
