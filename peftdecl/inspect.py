@@ -2,18 +2,18 @@
 
 Every format ``load_adapter`` reads (HF PEFT, mlx-lm, peftdecl's native layout) is read through the format
 registry, so inspect parses nothing itself. A key is split into (module, tensor) at its first dotted component
-that starts with an adapter tensor prefix; the prefixes come from ``hf_peft.KIND_MARKERS`` (the tensor-name
-fragments that identify each kind) and mlx-lm's leaves from ``mlx_lm.LEAVES``, so no second table of tensor
-names exists here; ``<module>.base_layer.weight`` (the copy of an adapted embedding PEFT saves) is listed under
-its module. Keys with no such component (VeRA's projections, prompt tables, modules_to_save copies) are
-listed as shared tensors.
+that starts with an adapter tensor prefix; the prefixes come from each registered kind's ``tensor_names``
+(:mod:`peftdecl.kinds`) and mlx-lm's leaves from ``mlx_lm.LEAVES``, so no second table of tensor names exists
+here, and the rank column is the kind's own ``rank`` reading. ``<module>.base_layer.weight`` (the copy of an
+adapted embedding PEFT saves) is listed under its module. Keys with no such component (VeRA's projections,
+prompt tables, modules_to_save copies) are listed as shared tensors.
 """
 
 from __future__ import annotations
 
 import math
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import numpy as np
 from peftdecl.errors import AdapterFileError
 from peftdecl.formats import hf_peft, mlx_lm
 from peftdecl.formats.registry import AdapterFormat, detect_format, is_adapter_dir
+from peftdecl.kinds import cached, kinds
 from peftdecl.spec import SpecBase
 
 FORMAT_FILES = {
@@ -33,18 +34,17 @@ MAX_SUB_ADAPTERS = 1000
 """Sub-folders inspected at most (a folder with more is refused rather than walked for minutes)."""
 
 
-def _tensor_prefixes() -> tuple[str, ...]:
-    """``lora_``, ``hada_``, ``oft_``, …: the start of every per-layer tensor name, from the kind markers that
-    name a tensor after its module (those starting with a dot)."""
-    prefixes = set()
-    for markers in hf_peft.KIND_MARKERS.values():
-        for marker in markers:
-            if marker.startswith("."):
-                prefixes.add(marker[1:].split("_", 1)[0] + "_")
-    return tuple(sorted(prefixes))
+def tensor_prefixes() -> tuple[str, ...]:
+    """``lora_``, ``hada_``, ``oft_``, …: the start of every per-layer tensor name of every registered kind (the
+    part of its first component up to the first ``_``)."""
+
+    def build() -> tuple[str, ...]:
+        names = (name for decl in kinds().values() for name in decl.tensor_names)
+        return tuple(sorted({name.split(".", 1)[0].split("_", 1)[0] + "_" for name in names}))
+
+    return cached("tensor_prefixes", build)
 
 
-TENSOR_PREFIXES = _tensor_prefixes()
 BASE_LAYER = "base_layer"
 """The component under which PEFT saves a wrapped module's own weight (an adapted embedding's copy)."""
 
@@ -73,8 +73,9 @@ def split_key(key: str, file_format: str) -> tuple[str, str] | None:
     if file_format == "hf" and not key.startswith(hf_peft.MODEL_PREFIX):
         return None  # base_model.<name> (VeRA's projections), prompt tables, prompt learning's saved modules
     parts = key.removeprefix(hf_peft.MODEL_PREFIX).split(".")
+    prefixes = tensor_prefixes()
     for index in range(1, len(parts)):
-        if parts[index].startswith(TENSOR_PREFIXES) or parts[index] == BASE_LAYER:
+        if parts[index].startswith(prefixes) or parts[index] == BASE_LAYER:
             return ".".join(parts[:index]), ".".join(parts[index:])
     return None
 
@@ -135,52 +136,12 @@ def summarise_all(folder: Path) -> list[AdapterSummary]:
     return own + [summarise(path, name) for name, path in subs]
 
 
-def _lora_rank(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    for key in ("lora_A.weight", "lora_embedding_A", "lora_A", "hada_w1_b", "vera_lambda_d"):
-        if shapes.get(key):
-            return str(shapes[key][0])
-    if shapes.get("lora_a"):  # mlx-lm: lora_a is Aᵀ [in, r]
-        return str(shapes["lora_a"][-1])
-    return None
-
-
-def _oft_blocks(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    # OFT stores the strict upper triangle of each b×b skew block: n rows of b(b−1)/2 entries
-    for key in ("oft_R.weight", "oft_embedding_R.weight"):
-        if key in shapes and len(shapes[key]) == 2:
-            blocks, tri = shapes[key]
-            size = round((1 + math.sqrt(1 + 8 * tri)) / 2)
-            return f"{blocks}×{size}"
-    if "boft_R" in shapes and len(shapes["boft_R"]) == 4:
-        factors, blocks, size, _ = shapes["boft_R"]
-        return f"{factors}×{blocks}×{size}"
-    return None
-
-
-def _lokr_rank(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    # a low-rank factor w_a [l, r]; unfactored LoKr has no rank in its shapes
-    for key in ("lokr_w2_a", "lokr_w1_a"):
-        if key in shapes and len(shapes[key]) >= 2:
-            return str(shapes[key][1])
-    return None
-
-
-_RANKS: tuple[Callable[[Mapping[str, tuple[int, ...]]], str | None], ...] = (
-    _lora_rank,
-    _oft_blocks,
-    _lokr_rank,
-)
-
-
 def rank_of(spec: SpecBase, shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """A kind-appropriate size for one module: the rank, or the block layout for OFT/BOFT (blocks × size)."""
-    for rank in _RANKS:
-        found = rank(shapes)
-        if found is not None:
-            return found
-    if any(k.startswith("lokr_") for k in shapes):
-        return str(getattr(spec, "r", "-"))
-    return "-"
+    """What the rank column shows for one module: the kind's own ``rank`` reading of its tensor shapes (the
+    rank, or OFT/BOFT's block layout), ``-`` when the kind has none or is not registered here."""
+    decl = kinds().get(spec.kind)
+    found = None if decl is None else decl.rank(shapes, spec)
+    return "-" if found is None else found
 
 
 def _targets_line(spec: SpecBase, modules: Mapping[str, object]) -> str:

@@ -16,7 +16,8 @@ from typing import Any
 import msgspec
 
 from peftdecl.errors import PeftdeclError
-from peftdecl.spec import SPEC_TYPES, SpecBase
+from peftdecl.kinds import cached, spec_types
+from peftdecl.spec import SpecBase
 from peftdecl.spec.limits import MAX_FINITE, MAX_STRING
 from peftdecl.spec.rules import NOT_EXPRESSIBLE, kind_rules, not_expressible
 
@@ -30,10 +31,18 @@ def schema_file_name(peft_type: str) -> str:
     return f"{peft_type.lower()}.schema.json"
 
 
-@functools.cache
 def kind_schema(peft_type: str) -> dict[str, Any]:
-    """The self-contained JSON Schema of one adapter kind."""
-    cls: type[SpecBase] = SPEC_TYPES[peft_type]
+    """The self-contained JSON Schema of one adapter kind (any registered ``peft_type``)."""
+    types = spec_types()
+    if peft_type not in types:
+        raise KeyError(f"no adapter kind with peft_type {peft_type!r}; known: {', '.join(types)}")
+    return struct_schema(types[peft_type])
+
+
+@functools.cache
+def struct_schema(cls: type[SpecBase]) -> dict[str, Any]:
+    """The self-contained JSON Schema of one spec Struct, generated from its fields and their metadata."""
+    peft_type: str = cls.__struct_config__.tag  # type: ignore[assignment]
     generated = msgspec.json.schema(cls)
     defs = generated["$defs"]
     body = defs.pop(cls.__name__)
@@ -117,16 +126,21 @@ def _json(value: Any) -> str:
     return json.dumps(value)
 
 
-@functools.cache
 def union_schema() -> dict[str, Any]:
-    """A schema accepting any adapter kind, dispatched on ``peft_type``."""
-    defs = {peft_type: _without_meta(kind_schema(peft_type)) for peft_type in SPEC_TYPES}
+    """A schema accepting any registered adapter kind, dispatched on ``peft_type`` (cached by registry
+    version)."""
+    return cached("union_schema", _union_schema)
+
+
+def _union_schema() -> dict[str, Any]:
+    types = spec_types()
+    defs = {peft_type: _without_meta(kind_schema(peft_type)) for peft_type in types}
     branches = [
         {
             "if": {"properties": {"peft_type": {"const": t}}, "required": ["peft_type"]},
             "then": {"$ref": f"#/$defs/{t}"},
         }
-        for t in SPEC_TYPES
+        for t in types
     ]
     return {
         "$schema": SCHEMA_DIALECT,
@@ -135,7 +149,7 @@ def union_schema() -> dict[str, Any]:
         "description": "Any adapter spec; peft_type selects the kind.",
         "type": "object",
         "required": ["peft_type"],
-        "properties": {"peft_type": {"enum": list(SPEC_TYPES)}},
+        "properties": {"peft_type": {"enum": list(types)}},
         "allOf": branches,
         "$defs": defs,
     }
@@ -151,7 +165,7 @@ def _without_meta(schema: dict[str, Any]) -> dict[str, Any]:
 
 def render_all() -> dict[str, str]:
     """File name -> file text for every schema file."""
-    files = {schema_file_name(t): kind_schema(t) for t in SPEC_TYPES}
+    files = {schema_file_name(t): kind_schema(t) for t in spec_types()}
     files[UNION_FILE] = union_schema()
     return {name: json.dumps(schema, indent=2, ensure_ascii=False) + "\n" for name, schema in files.items()}
 

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from peftdecl.backend import Capabilities
+from peftdecl.kinds import BackendKinds, additive_kinds, layer_kinds
 from peftdecl.plan import ModelInfo
-from peftdecl_mlx.kinds import ADDITIVE_KINDS, supported_kinds
 
-_KINDS = supported_kinds()
-_ADDITIVE = tuple(k for k in ADDITIVE_KINDS if k in _KINDS)
-# every layer kind composes with the others on a layer (peftdecl.composition); prompt learning has no layers
-_LAYER_KINDS = tuple(k for k in _KINDS if k not in ("prefix_tuning", "prompt_tuning"))
+WRAPPED_LAYER_TYPES = ("linear", "embedding")
+"""mlx-lm models hold nn.Linear and nn.Embedding only: the layer types this backend wraps."""
+# every kind that declares MLX ops, on the wrapped layer types it adapts (read live from peftdecl.kinds)
+_KINDS = BackendKinds("mlx", WRAPPED_LAYER_TYPES)
 
 
 def _is_mlx_module(model: Any) -> bool:
@@ -37,8 +37,9 @@ class MlxBackend:
         gradients="autograd",
         devices=("cpu", "gpu"),
         dtypes=("float32", "bfloat16", "float16"),
-        mixed_batch=_ADDITIVE,
-        multi_active=_LAYER_KINDS,
+        mixed_batch=additive_kinds(_KINDS),
+        # every layer kind composes with the others on a layer (peftdecl.composition); prompt learning has none
+        multi_active=layer_kinds(_KINDS),
         requires=("mlx",),
     )
 

@@ -8,13 +8,11 @@ from typing import Any
 import numpy as np
 
 from peftdecl.backend import Capabilities
-from peftdecl.plan import ModelInfo
-from peftdecl_numpy.kinds import supported_kinds
+from peftdecl.kinds import BackendKinds, additive_kinds, layer_kinds
+from peftdecl.plan import LAYER_TYPES, ModelInfo
 
-_KINDS = supported_kinds()
-_ADDITIVE = tuple(k for k in ("lora", "adalora", "loha", "lokr", "vera") if k in _KINDS)
-# every layer kind composes with the others on a layer (peftdecl_numpy.compose); prompt learning has no layers
-_LAYER_KINDS = tuple(k for k in _KINDS if k not in ("prefix_tuning", "prompt_tuning"))
+# every kind that declares NumPy ops, on every IR layer type it adapts (read live from peftdecl.kinds)
+_KINDS = BackendKinds("numpy", LAYER_TYPES)
 
 
 class NumpyBackend:
@@ -27,8 +25,9 @@ class NumpyBackend:
         gradients="explicit",
         devices=("cpu",),
         dtypes=("float64",),
-        mixed_batch=_ADDITIVE,
-        multi_active=_LAYER_KINDS,
+        mixed_batch=additive_kinds(_KINDS),
+        # every layer kind composes with the others on a layer (peftdecl.composition); prompt learning has none
+        multi_active=layer_kinds(_KINDS),
         requires=("numpy",),
     )
 

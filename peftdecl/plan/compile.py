@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 from peftdecl.errors import PeftdeclError, TargetError
+from peftdecl.kinds import get_kind
 from peftdecl.plan.ir import ModelInfo, Plan
 from peftdecl.plan.kinds import KindLayout, registry
 from peftdecl.plan.targeting import TASK_MODULES_TO_SAVE, select_targets, task_modules_to_save
 from peftdecl.spec import SpecBase
 from peftdecl.spec.limits import ADAPTER_BYTES_ENV, max_adapter_bytes
 
-_LAYOUTS: dict[str, KindLayout] | None = None
-
 
 def layouts() -> dict[str, KindLayout]:
-    """Execution kind -> layout (cached)."""
-    global _LAYOUTS
-    if _LAYOUTS is None:
-        _LAYOUTS = registry()
-    return _LAYOUTS
+    """Execution kind -> layout, from the kind registry (cached until a kind is registered or removed)."""
+    return registry()
 
 
 def compile_plan(
@@ -69,13 +65,14 @@ def _compile(spec: SpecBase, info: ModelInfo) -> Plan:
             spec=spec, kind=kind, layers=(), shared=shared, modules_to_save=modules_to_save, prompt=prompt
         )
     assert layout.build_layer is not None
+    layer_types = get_kind(kind).layer_types
     layers = []
     for name in select_targets(spec, info):
         layer = info.layers[name]
-        if layer.type not in layout.layer_types:
+        if layer.type not in layer_types:
             raise TargetError(
                 f"{name} ({layer.type}) cannot be adapted: {spec.peft_type} supports "
-                f"{', '.join(layout.layer_types)} layers only"
+                f"{', '.join(layer_types)} layers only"
             )
         layers.append(layout.build_layer(spec, name, layer, info))
     shared = layout.build_shared(spec, layers, info) if layout.build_shared else ()

@@ -1,6 +1,12 @@
-"""Adapter specs: one frozen msgspec Struct per HF PEFT adapter kind, tagged by ``peft_type``."""
+"""Adapter specs: one frozen msgspec Struct per HF PEFT adapter kind, tagged by ``peft_type``.
+
+``SPEC_TYPES`` and ``AdapterSpec`` are read from the kind registry (:mod:`peftdecl.kinds`) on each access, so a
+kind registered at runtime is part of both.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from peftdecl.spec._base import SpecBase
 from peftdecl.spec.adalora import AdaLoraSpec
@@ -11,38 +17,37 @@ from peftdecl.spec.oft import BOFTSpec, OFTSpec
 from peftdecl.spec.prompt import PrefixTuningSpec, PromptTuningSpec
 from peftdecl.spec.vera import VeraSpec
 
-AdapterSpec = (
-    LoraSpec
-    | AdaLoraSpec
-    | IA3Spec
-    | LoHaSpec
-    | LoKrSpec
-    | OFTSpec
-    | BOFTSpec
-    | VeraSpec
-    | PrefixTuningSpec
-    | PromptTuningSpec
-)
-"""Any adapter spec; ``peft_type`` picks the member."""
+if TYPE_CHECKING:
+    from typing import TypeAlias
 
-SPEC_TYPES: dict[str, type[SpecBase]] = {
-    cls.__struct_config__.tag: cls  # type: ignore[misc]
-    for cls in (
-        LoraSpec,
-        AdaLoraSpec,
-        IA3Spec,
-        LoHaSpec,
-        LoKrSpec,
-        OFTSpec,
-        BOFTSpec,
-        VeraSpec,
-        PrefixTuningSpec,
-        PromptTuningSpec,
-    )
-}
-"""peft_type -> Struct class, in HF PEFT's order."""
+    AdapterSpec: TypeAlias = SpecBase
+    """Any adapter spec; ``peft_type`` picks the member."""
+    SPEC_TYPES: dict[str, type[SpecBase]]
+    """peft_type -> Struct class, in HF PEFT's order, then registered kinds."""
 
-from peftdecl.spec.load import load_spec  # noqa: E402  (load needs SPEC_TYPES)
+
+def spec_union() -> Any:
+    """The union of every registered spec Struct (msgspec decodes it by ``peft_type``), cached by registry
+    version."""
+    from typing import Union
+
+    from peftdecl import kinds
+
+    return kinds.cached("spec_union", lambda: Union[tuple(kinds.spec_types().values())])  # noqa: UP007
+
+
+def __getattr__(name: str) -> Any:
+    # computed on access, so that kinds registered after this module was imported are included
+    if name == "SPEC_TYPES":
+        from peftdecl.kinds import spec_types
+
+        return spec_types()
+    if name == "AdapterSpec":
+        return spec_union()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+from peftdecl.spec.load import load_spec  # noqa: E402  (load imports SpecBase from here)
 
 __all__ = [
     "SPEC_TYPES",
@@ -59,4 +64,5 @@ __all__ = [
     "SpecBase",
     "VeraSpec",
     "load_spec",
+    "spec_union",
 ]

@@ -20,8 +20,7 @@ import jsonschema
 import msgspec
 
 from peftdecl.errors import SpecError
-from peftdecl.spec import SPEC_TYPES, SpecBase
-from peftdecl.spec._base import deferred_checks
+from peftdecl.spec._base import SpecBase, deferred_checks
 from peftdecl.spec._read import read_source
 from peftdecl.spec._values import plain_json
 
@@ -52,29 +51,30 @@ def spec_from_dict(data: Any, origin: str | None = None) -> SpecBase:
     data = plain_json(data, origin)
     if not isinstance(data, Mapping):
         raise SpecError([("$", f"expected a mapping of spec fields, got {_json_type(data)}")], origin)
+    spec_types = _spec_types()
     peft_type = data.get("peft_type")
     if peft_type is None:
-        raise SpecError([("$.peft_type", f"is required; one of {', '.join(SPEC_TYPES)}")], origin)
-    if not isinstance(peft_type, str) or peft_type not in SPEC_TYPES:
+        raise SpecError([("$.peft_type", f"is required; one of {', '.join(spec_types)}")], origin)
+    if not isinstance(peft_type, str) or peft_type not in spec_types:
         # HF PEFT's PeftType is upper case and PEFT refuses "lora"; so does peftdecl, with the fix in the message
-        hint = _did_you_mean(peft_type.upper(), SPEC_TYPES) if isinstance(peft_type, str) else ""
+        hint = _did_you_mean(peft_type.upper(), spec_types) if isinstance(peft_type, str) else ""
         raise SpecError(
             [
                 (
                     "$.peft_type",
-                    f"unknown adapter kind {_preview(peft_type)}{hint}; expected one of {', '.join(SPEC_TYPES)}",
+                    f"unknown adapter kind {_preview(peft_type)}{hint}; expected one of {', '.join(spec_types)}",
                 )
             ],
             origin,
         )
-    cls = SPEC_TYPES[peft_type]
+    cls = spec_types[peft_type]
     data = _as_sets(data)
     problems = _unknown_fields(data, cls) + _schema_problems(data, cls)
     if problems:
         raise SpecError(problems, origin)
-    from peftdecl.schema import kind_schema
+    from peftdecl.schema import struct_schema
 
-    data = whole_floats_to_ints(data, kind_schema(peft_type))
+    data = whole_floats_to_ints(data, struct_schema(cls))
     with deferred_checks():
         try:
             spec = msgspec.convert(data, cls)
@@ -84,6 +84,13 @@ def spec_from_dict(data: Any, origin: str | None = None) -> SpecBase:
     if problems:
         raise SpecError(problems, origin)
     return spec
+
+
+def _spec_types() -> dict[str, type[SpecBase]]:
+    """peft_type -> Struct of every registered kind (read at call time: kinds can be registered at runtime)."""
+    from peftdecl.kinds import spec_types
+
+    return spec_types()
 
 
 SET_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules")
@@ -157,7 +164,7 @@ def _unknown_fields(data: Mapping[str, Any], cls: type[SpecBase]) -> list[tuple[
         if key in known:
             continue
         owners = [
-            t for t, other in SPEC_TYPES.items() if key in {f.name for f in msgspec.structs.fields(other)}
+            t for t, other in _spec_types().items() if key in {f.name for f in msgspec.structs.fields(other)}
         ]
         if owners:
             message = f"unknown field for {cls.__struct_config__.tag}; it belongs to {', '.join(owners)}"
@@ -175,7 +182,7 @@ def _did_you_mean(word: str, choices: Any) -> str:
 
 
 def _schema_problems(data: Mapping[str, Any], cls: type[SpecBase]) -> list[tuple[str, str]]:
-    validator = _validator(cls.__struct_config__.tag)
+    validator = _validator(cls)
     problems: dict[str, str] = {}
     for error in _errors(validator, data):
         if error.validator == "additionalProperties":
@@ -193,10 +200,11 @@ def _schema_problems(data: Mapping[str, Any], cls: type[SpecBase]) -> list[tuple
 
 
 @functools.cache
-def _validator(peft_type: str) -> jsonschema.Draft202012Validator:
-    from peftdecl.schema import kind_schema
+def _validator(cls: type[SpecBase]) -> jsonschema.Draft202012Validator:
+    # keyed by the Struct, not its peft_type: a kind registered again may bring a new Struct for the same name
+    from peftdecl.schema import struct_schema
 
-    return jsonschema.Draft202012Validator(kind_schema(peft_type))
+    return jsonschema.Draft202012Validator(struct_schema(cls))
 
 
 def _errors(validator: jsonschema.Draft202012Validator, data: Any) -> list[jsonschema.ValidationError]:

@@ -15,38 +15,17 @@ A kind module exposes ``OPS`` with ``kind``, ``additive`` and:
 ``layer`` is the :class:`peftdecl_mlx.layer.AdaptedLayer` (training flag, base weights, random draws); ``p`` maps
 the layer's tensor names (``lora_A.weight``) to ``mx.array``, shared tensors (VeRA's) included.
 
-This module must not import mlx: the backend's static Capabilities are read from the table below.
+The kinds this backend runs and their layer types are read from :mod:`peftdecl.kinds` (no mlx import).
 """
 
 from __future__ import annotations
 
-from peftdecl.backend import KindModules
+from typing import Any
 
-_LINEAR = ("linear",)
-_BOTH = ("linear", "embedding")
-
-# execution kind -> (module of this package, layer types it runs on); a module not written yet is not offered.
-# mlx-lm models hold nn.Linear and nn.Embedding only, so these are the layer types the backend wraps.
-_KIND_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "lora": ("lora", _BOTH),
-    "dora": ("dora", _BOTH),
-    "adalora": ("adalora", _LINEAR),
-    "ia3": ("ia3", _LINEAR),
-    "loha": ("loha", _LINEAR),
-    "lokr": ("lokr", _LINEAR),
-    "oft": ("oft", _BOTH),
-    "boft": ("boft", _LINEAR),
-    "vera": ("vera", _LINEAR),
-    "prefix_tuning": ("prompt", ()),
-    "prompt_tuning": ("prompt", ()),
-}
-
-ADDITIVE_KINDS = ("lora", "adalora", "loha", "lokr", "vera")
-"""Kinds whose output is base(x) + Δ(x): they take part in mixed batches."""
+from peftdecl import kinds
 
 
-_KINDS = KindModules(__name__, _KIND_MODULES, backend="mlx")
-supported_kinds = _KINDS.supported_kinds
-"""Execution kind -> layer types, for every kind module present (checked without importing it)."""
-ops_for = _KINDS.ops_for
-"""The ops object of an execution kind."""
+def ops_for(kind: str) -> Any:
+    """The mlx ops object of an execution kind, as its :class:`peftdecl.kinds.KindDecl` names it (``Any``: each
+    caller uses the part of the kind-ops Protocols it needs)."""
+    return kinds.ops_for(kind, "mlx")

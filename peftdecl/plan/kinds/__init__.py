@@ -1,6 +1,7 @@
 """Per-kind layouts: which tensors each adapter kind puts on a layer, with HF PEFT's names, shapes and inits.
 
-A layout module exposes ``LAYOUT``, a :class:`KindLayout`. ``compile_plan`` looks layouts up by execution kind.
+A layout module exposes ``LAYOUT``, a :class:`KindLayout` (or ``LAYOUTS``, several); each kind's
+:class:`~peftdecl.kinds.KindDecl` names it. ``compile_plan`` looks layouts up by execution kind.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ class KindLayout:
     """How one adapter kind is laid out on the layers it targets."""
 
     kind: str
-    layer_types: tuple[str, ...]
-    """Layer types the kind can wrap (HF PEFT's support table)."""
+    layer_types: tuple[str, ...] = ()
+    """Unused: the layer types a kind adapts are its :attr:`peftdecl.kinds.KindDecl.layer_types`."""
     build_layer: Callable[[Any, str, LayerInfo, ModelInfo], LayerPlan] | None = None
     build_shared: Callable[[Any, Sequence[LayerPlan], ModelInfo], tuple[ParamSpec, ...]] | None = None
     build_prompt: Callable[[Any, ModelInfo], tuple[PromptPlan, tuple[ParamSpec, ...]]] | None = None
@@ -30,19 +31,7 @@ class KindLayout:
 
 
 def registry() -> dict[str, KindLayout]:
-    """Execution kind -> layout, importing each layout module on first use."""
-    import importlib
-    import importlib.util
+    """Execution kind -> layout, for every kind of :mod:`peftdecl.kinds` (each layout imported on first use)."""
+    from peftdecl import kinds
 
-    layouts: dict[str, KindLayout] = {}
-    for module in _LAYOUT_MODULES:
-        if importlib.util.find_spec(f"peftdecl.plan.kinds.{module}") is None:
-            continue
-        mod = importlib.import_module(f"peftdecl.plan.kinds.{module}")
-        for layout in getattr(mod, "LAYOUTS", (mod.LAYOUT,) if hasattr(mod, "LAYOUT") else ()):
-            layouts[layout.kind] = layout
-    return layouts
-
-
-# Modules that define LAYOUT (one kind) or LAYOUTS (several), in HF PEFT's order.
-_LAYOUT_MODULES: list[str] = ["lora", "dora", "adalora", "ia3", "lycoris", "oft", "boft", "vera", "prompt"]
+    return kinds.cached("layouts", lambda: {name: decl.load_layout() for name, decl in kinds.kinds().items()})
