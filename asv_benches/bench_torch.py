@@ -4,8 +4,8 @@ Read each ``time_*_adapted / time_*_base`` pair as a ratio (benchmarks/compare_t
 with HF PEFT beside them). Linear 1024×1024, float32, r = 16 (VeRA 256, OFT/BOFT blocks of 32), non-zero adapter
 weights, 2 threads. Skipped when torch is not installed.
 
-``cpu_gemm`` is peftdecl_torch.gemm.ENGINE for the adapted layer: "auto" (oneDNN on x86 CPUs not made by Intel)
-or "blas" (torch's own matmul); the frozen nn.Linear always runs on torch's own.
+``fused`` is the engine option of that name: the hand-written autograd Functions of peftdecl_torch.kinds._fused
+(True) or composed torch ops (False). Both layers compute their products through torch's own library.
 
 Two token counts, one on each side of the cost rules in peftdecl_torch.kinds._fused: 2048 tokens (LoRA and AdaLoRA
 merge the update into the weight per call, OFT rotates the weight) and 64 tokens (they apply the update to the
@@ -36,18 +36,15 @@ SPECS: dict[str, dict[str, Any]] = {
 class TorchAdaptedLinear:
     """One adapted nn.Linear per kind; ``time_*_base`` is the same frozen Linear without the adapter."""
 
-    params = (list(SPECS), list(TOKENS), ["auto", "blas"])
-    param_names = ("kind", "tokens", "cpu_gemm")
+    params = (list(SPECS), list(TOKENS), [True, False])
+    param_names = ("kind", "tokens", "fused")
     timeout = 300
 
-    def setup(self, kind: str, tokens: int, cpu_gemm: str) -> None:
+    def setup(self, kind: str, tokens: int, fused: bool) -> None:
         try:
             import torch
-
-            from peftdecl_torch import gemm
         except ImportError as exc:
             raise NotImplementedError("torch is not installed") from exc
-        gemm.ENGINE = cpu_gemm
         self.torch = torch
         torch.set_num_threads(2)
         torch.manual_seed(0)
@@ -55,7 +52,8 @@ class TorchAdaptedLinear:
         holder = torch.nn.Sequential()
         holder.add_module("m", torch.nn.Linear(DIM, DIM))
         holder.m.load_state_dict(self.base.state_dict())
-        model = peftdecl.attach(holder, {**SPECS[kind], "target_modules": ["m"]}, seed=0)
+        spec = {**SPECS[kind], "target_modules": ["m"]}
+        model = peftdecl.attach(holder, spec, seed=0, engine_options={"fused": fused})
         with torch.no_grad():  # adapters that start as a no-op (B = 0, …) get non-zero values everywhere
             for param in model.trainable_parameters().values():
                 param.add_(0.01)
@@ -74,14 +72,14 @@ class TorchAdaptedLinear:
             param.grad = None
         layer(self.x_grad).backward(self.dy)
 
-    def time_forward_base(self, kind: str, tokens: int, cpu_gemm: str) -> None:
+    def time_forward_base(self, kind: str, tokens: int, fused: bool) -> None:
         self._forward(self.base)
 
-    def time_forward_adapted(self, kind: str, tokens: int, cpu_gemm: str) -> None:
+    def time_forward_adapted(self, kind: str, tokens: int, fused: bool) -> None:
         self._forward(self.adapted)
 
-    def time_forward_backward_base(self, kind: str, tokens: int, cpu_gemm: str) -> None:
+    def time_forward_backward_base(self, kind: str, tokens: int, fused: bool) -> None:
         self._forward_backward(self.base)
 
-    def time_forward_backward_adapted(self, kind: str, tokens: int, cpu_gemm: str) -> None:
+    def time_forward_backward_adapted(self, kind: str, tokens: int, fused: bool) -> None:
         self._forward_backward(self.adapted)

@@ -8,11 +8,8 @@ base layer:
     forward            y = layer(x) under torch.no_grad()
     forward+backward   y = layer(x); y.backward(dy), gradients w.r.t. the input and the adapter parameters
 
-GEMM library: on a CPU where peftdecl sends float32 products to oneDNN rather than torch's BLAS
-(peftdecl_torch.gemm: by default on x86 CPUs not made by Intel, where MKL is about half as fast), peftdecl's layer
-runs its base product there too, and so is faster than the plain frozen nn.Linear it is divided by. The "gemm"
-columns time that frozen layer with its product through peftdecl's library, and "ours/gemm" divides peftdecl's
-layer by it: what the adapter itself adds, on equal footing. ``PEFTDECL_CPU_GEMM=blas`` runs everything on BLAS.
+Equal footing: the frozen layer, PEFT's layer and peftdecl's layer compute their products through the same
+library (torch's own ops: the base layer or ``torch.nn.functional.linear``), so each ratio is what the adapter adds.
 
 Stability on a shared machine: a block during which other processes used the CPU (Linux: /proc/stat minus this
 process) is thrown away and timed again; each kind runs in several fresh processes ("trials") and the table shows
@@ -60,7 +57,6 @@ from _machine import minor_faults, others_busy  # benchmarks/_machine.py, beside
 from torch import nn
 
 import peftdecl
-from peftdecl_torch import gemm
 
 KINDS = ("lora", "dora", "adalora", "ia3", "loha", "lokr", "oft", "boft", "vera")
 
@@ -97,19 +93,6 @@ def configs(kind: str, r: int) -> tuple[object, dict]:
         fields = dict(r=256, target_modules=target, init_weights=False)
         return peft.VeraConfig(**fields), {"peft_type": "VERA", **fields}
     raise KeyError(kind)
-
-
-class SameGemmBase(nn.Module):
-    """The plain frozen layer with its product through peftdecl's CPU GEMM library (peftdecl_torch.gemm): the
-    base that shows what the adapter itself adds when peftdecl's products run on a faster library than
-    nn.Linear's."""
-
-    def __init__(self, layer: nn.Linear) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemm.linear(x, self.layer.weight, self.layer.bias)
 
 
 class Holder(nn.Module):
@@ -291,7 +274,7 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     x = torch.randn(args.tokens, args.dim, generator=gen).to(args.device, dtype)
     dy = torch.randn(args.tokens, args.dim, generator=gen).to(args.device, dtype)
     base, theirs, ours = build(kind, args.dim, args.rank, args.device, dtype)
-    layers = (base, theirs, ours, SameGemmBase(base))
+    layers = (base, theirs, ours)
     fwd, fwd_rounds, fwd_flt, fwd_redone = median_times(
         [forward(m, x, dy) for m in layers], args.rounds, args.block, watch_cpu=not x.is_cuda
     )
@@ -311,8 +294,6 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         "fwd_ours": fwd[2] / fwd[0],
         "fb_peft": fb[1] / fb[0],
         "fb_ours": fb[2] / fb[0],
-        "fwd_gemm": fwd[3] / fwd[0],
-        "fb_gemm": fb[3] / fb[0],
         "fwd_ours_quartiles": _spread(fwd_rounds, 2),
         "fb_ours_quartiles": _spread(fb_rounds, 2),
         "fwd_faults": fwd_flt,
@@ -355,18 +336,16 @@ def main() -> None:
     env = {**os.environ, **(STEADY_MALLOC if args.steady_malloc else {})}
     on_gpu = args.device.startswith("cuda")
     where = torch.cuda.get_device_name() if on_gpu else f"{args.threads} threads"
-    library = "torch's" if on_gpu or args.dtype != "float32" or not gemm.use_onednn() else "oneDNN"
     print(
         f"torch {torch.__version__}, {where}, Linear {args.dim}x{args.dim}, {args.tokens} tokens, "
         f"{args.dtype} base, median of {args.rounds}x{args.block} calls; {args.trials} trials per kind "
         f"{'in this process' if args.in_process else 'in fresh processes'}; "
-        f"allocator: {'steady (glibc thresholds raised)' if args.steady_malloc else 'glibc defaults'}; "
-        f"peftdecl's products: {library}"
+        f"allocator: {'steady (glibc thresholds raised)' if args.steady_malloc else 'glibc defaults'}"
     )
     header = (
         f"{'kind':8} | {'fwd PEFT':>8} {'fwd ours':>8} {'ours/PEFT':>9} {'range':>11} | "
         f"{'f+b PEFT':>8} {'f+b ours':>8} {'ours/PEFT':>9} {'range':>11} | {'saved MiB PEFT':>14} {'ours':>6} | "
-        f"{'gemm fwd':>8} {'f+b':>6} {'ours/gemm fwd':>13} {'f+b':>6} | {'flt f+b base/PEFT/ours':>22}"
+        f"{'flt f+b base/PEFT/ours':>22}"
     )
     print(header)
     print("-" * len(header))
@@ -384,15 +363,13 @@ def main() -> None:
         # trial whose base layer happened to run fast shows every ratio too high)
         med = {
             key: statistics.median(t[key] for t in trials)
-            for key in ("fwd_peft", "fwd_ours", "fb_peft", "fb_ours", "fwd_gemm", "fb_gemm")
+            for key in ("fwd_peft", "fwd_ours", "fb_peft", "fb_ours")
         }
         fwd_vs = sorted(t["fwd_ours"] / t["fwd_peft"] for t in trials)
         fb_vs = sorted(t["fb_ours"] / t["fb_peft"] for t in trials)
         fb_ours = sorted(t["fb_ours"] for t in trials)
         r = sorted(trials, key=lambda t: t["fb_ours"])[len(trials) // 2]  # the median trial, for the details
         faults = "/".join(f"{f:g}" for f in r["fb_faults"][:3])
-        own_fwd = statistics.median(t["fwd_ours"] / t["fwd_gemm"] for t in trials)
-        own_fb = statistics.median(t["fb_ours"] / t["fb_gemm"] for t in trials)
         peaks = f"; ours vs PEFT rel err {r['rel_err']:.1e}" + (
             "; peak f+b MiB base/PEFT/ours " + "/".join(f"{m:.1f}" for m in r["peak_mib"])
             if r["peak_mib"][0]
@@ -403,8 +380,7 @@ def main() -> None:
             f"{fwd_vs[0]:5.3f}-{fwd_vs[-1]:5.3f} | "
             f"{med['fb_peft']:8.3f} {med['fb_ours']:8.3f} {statistics.median(fb_vs):9.3f} "
             f"{fb_vs[0]:5.3f}-{fb_vs[-1]:5.3f} | "
-            f"{r['mem_peft']:14.2f} {r['mem_ours']:6.2f} | "
-            f"{med['fwd_gemm']:8.3f} {med['fb_gemm']:6.3f} {own_fwd:13.3f} {own_fb:6.3f} | {faults:>22}   "
+            f"{r['mem_peft']:14.2f} {r['mem_ours']:6.2f} | {faults:>22}   "
             f"(f+b ours over trials {fb_ours[0]:.3f}-{fb_ours[-1]:.3f}, per-round quartiles of the median trial "
             f"{'/'.join(f'{q:.3f}' for q in r['fb_ours_quartiles'])}; base {r['base_fwd_ms']:.1f} / "
             f"{r['base_fb_ms']:.2f} ms; {sum(t['redone_blocks'] for t in trials)} blocks redone{peaks})",
@@ -412,9 +388,8 @@ def main() -> None:
         )
     print(
         f"ratios are × the plain frozen Linear in the same process, medians over {args.trials} trials per kind; "
-        "range = ours/PEFT over the trials; gemm = the same frozen layer with its product through peftdecl's CPU "
-        "GEMM library, and ours/gemm what the adapter adds on equal footing; flt = median minor page faults per call "
-        "(median trial); saved MiB: see the module docstring"
+        "range = ours/PEFT over the trials; all products through torch's own library (equal footing); "
+        "flt = median minor page faults per call (median trial); saved MiB: see the module docstring"
     )
 
 

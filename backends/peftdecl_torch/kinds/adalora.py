@@ -106,19 +106,14 @@ def update_and_allocate(model: Any, allocator: Any, step: int) -> tuple[int, Any
     """HF PEFT's ``update_and_allocate`` for a torch-backed AdaLoRA adapter: call it after ``backward()`` and before
     the gradients are cleared.
 
-    ``allocator`` is any rank allocator taking NumPy arrays by full key, ``update_and_allocate(step, params,
-    grads) -> (budget, mask)``, which zeroes the masked Λ entries of ``params`` in place (the NumPy reference's
-    ``RankAllocator`` is one); the zeros are copied back into the live ``lora_E`` tensors.
+    ``allocator`` is a rank allocator over the backend's own arrays by full key, ``update_and_allocate(step,
+    params, grads) -> (budget, mask)``, which zeroes the masked Λ entries of ``params`` in place (the NumPy
+    reference's ``RankAllocator``, written against an array namespace, is one). The live tensors and their
+    gradients are handed over as detached views on their own device and in their own dtype: nothing is copied,
+    and the zeros land in the live ``lora_E`` parameters.
     """
     params = model.trainable_parameters()
-    arrays = {k: p.detach().to("cpu", torch.float64).numpy().copy() for k, p in params.items()}
-    grads = {
-        k: (torch.zeros_like(p) if p.grad is None else p.grad).detach().to("cpu", torch.float64).numpy()
-        for k, p in params.items()
-    }
-    budget, mask = allocator.update_and_allocate(step, arrays, grads)
     with torch.no_grad():
-        for key, param in params.items():
-            if key.endswith(".lora_E"):
-                param.copy_(torch.from_numpy(arrays[key]))
-    return budget, mask
+        live = {k: p.detach() for k, p in params.items()}
+        grads = {k: (torch.zeros_like(p) if p.grad is None else p.grad).detach() for k, p in params.items()}
+        return allocator.update_and_allocate(step, live, grads)
