@@ -18,7 +18,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from peftdecl.adapter_book import AdapterBook
-from peftdecl.backend import RngState, check_adapter_names, trainable_key
+from peftdecl.backend import RngState, check_adapter_names
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerPlan, ModelInfo, Plan
@@ -28,6 +28,7 @@ from peftdecl_mlx.inventory import flatten, get_module, set_module
 from peftdecl_mlx.kinds import prompt
 from peftdecl_mlx.layer import AdaptedLayer, AdapterParams, SavedModule
 from peftdecl_mlx.probes import to_numpy
+from peftdecl_mlx.trainable import Trainable, trainable_names, trainable_tensors
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -252,7 +253,9 @@ class MlxEngine:
         """The model's tree of the trainable arrays of ``names`` (default: the active adapters that are not
         frozen), nested as ``engine.model`` holds them: what ``nn.value_and_grad(engine.model, f)`` returns
         gradients for and ``optimizer.update(engine.model, grads)`` updates."""
-        tree: dict[str, Any] = tree_unflatten([(path, v) for _, path, v in self._trainable(self._names(names))])
+        tree: dict[str, Any] = tree_unflatten(
+            [(path, v) for _, path, v in self._trainable(self._names(names))]
+        )
         return tree
 
     def update_parameters(self, params: Mapping[str, mx.array], names: tuple[str, ...] | None = None) -> None:
@@ -296,27 +299,8 @@ class MlxEngine:
     def _names(self, names: tuple[str, ...] | None) -> tuple[str, ...]:
         return self._book.trainable(self._book.active if names is None else names)
 
-    def _trainable(self, names: tuple[str, ...]) -> Iterator[tuple[str, str, mx.array]]:
-        """(trainable_parameters key, path in the model's tree, array) of every trainable tensor of ``names``."""
-        names = self._book.trainable(names)
-        for name in names:
-            plan = self._book.plans[name]
-            for lp in plan.layers:
-                tensors = self._layers[lp.module].adapters[name].tensors()
-                for spec in lp.params:
-                    if spec.role == "trainable":
-                        path = f"{lp.module}.adapters.{name}.{spec.name}"
-                        yield trainable_key(name, lp.key(spec.name), names), path, tensors[spec.name]
-            if plan.prompt is not None:
-                tensors = self._model[prompt.ENCODER][name].tensors()
-                for spec in plan.shared:
-                    if spec.role == "trainable":
-                        path = f"{prompt.ENCODER}.{name}.{spec.name}"
-                        yield trainable_key(name, spec.name, names), path, tensors[spec.name]
-            for module in plan.modules_to_save:
-                for key, value in flatten(self._saved[module].copies[name].parameters()):
-                    path = f"{module}.copies.{name}.{key}"
-                    yield trainable_key(name, f"{module}.{key}", names), path, value
+    def _trainable(self, names: tuple[str, ...]) -> Iterator[Trainable]:
+        return trainable_tensors(self._model, self._book, self._layers, self._saved, names)
 
     def _array(self, value: Any) -> mx.array:
         return mx.array(np.asarray(value, dtype=np.float32), dtype=self._dtype)
@@ -373,21 +357,14 @@ class MlxEngine:
         trainable = book.trainable(book.active)
         for layer in self._layers.values():
             for name, params in layer.adapters.items():
-                specs = layer.adapter_state.plans[name].params
                 params.set_trainable(
-                    [p.name for p in specs if p.role == "trainable"] if name in trainable else []
+                    trainable_names(layer.adapter_state.plans[name].params, name in trainable)
                 )
         for saved in self._saved.values():
             for name, clone in saved.copies.items():
-                if name in trainable:
-                    clone.unfreeze()
-                else:
-                    clone.freeze()
+                clone.unfreeze() if name in trainable else clone.freeze()
         for name, params in self._model[prompt.ENCODER].items() if prompt.ENCODER in self._model else ():
-            specs = book.plans[name].shared
-            params.set_trainable(
-                [p.name for p in specs if p.role == "trainable"] if name in trainable else []
-            )
+            params.set_trainable(trainable_names(book.plans[name].shared, name in trainable))
 
     def _plain_layer(self, module: str, key: str) -> nn.Module:
         try:
