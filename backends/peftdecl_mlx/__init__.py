@@ -8,11 +8,16 @@ builds an inventory or an engine.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import Capabilities
 from peftdecl.kinds import BackendKinds, additive_kinds, layer_kinds
+from peftdecl.options import EngineOptions
 from peftdecl.plan import ModelInfo
+
+if TYPE_CHECKING:
+    from peftdecl_mlx.engine import MlxEngine
 
 WRAPPED_LAYER_TYPES = ("linear", "embedding")
 """mlx-lm models hold nn.Linear and nn.Embedding only: the layer types this backend wraps."""
@@ -52,12 +57,15 @@ class MlxBackend:
         check_options(options)
         return inventory(model)
 
-    def create(self, model: Any, info: ModelInfo, **options: Any) -> Any:
+    def create(
+        self, model: Any, info: ModelInfo, book: AdapterBook, options: EngineOptions, **model_options: Any
+    ) -> MlxEngine:
+        """An engine adapting ``model`` in place, reading ``book``; ``model_options``: ``adapter_dtype``."""
         from peftdecl_mlx.engine import MlxEngine
         from peftdecl_mlx.inventory import check_options
 
-        check_options(options)
-        return MlxEngine(model, info, **options)
+        check_options(model_options)
+        return MlxEngine(model, info, book, options, **model_options)
 
     def load_checkpoint(self, directory: str | Path) -> Any:
         """An mlx-lm model loaded from a local HF checkpoint folder (used by ``peftdecl equiv``)."""
