@@ -43,6 +43,8 @@ def to_numpy(x: Array) -> np.ndarray:
         return x.copy()
     if hasattr(x, "get"):  # CuPy: device to host
         return np.asarray(x.get())
+    if hasattr(x, "detach"):  # torch, wherever the tensor lives
+        return x.detach().cpu().numpy().copy()
     return np.from_dlpack(x).copy()
 
 
