@@ -7,8 +7,6 @@ families chose (GPT-2's ``n_layer``, T5's ``d_model``, ...); this module reads t
 
 from __future__ import annotations
 
-from typing import Any
-
 SIZE_KEYS: dict[str, tuple[str, ...]] = {
     "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
     "hidden_size": ("hidden_size", "n_embd", "d_model"),
@@ -20,11 +18,11 @@ SIZE_KEYS: dict[str, tuple[str, ...]] = {
 """ModelInfo size field -> the config attributes that may hold it; the first one holding an int wins."""
 
 
-def config_facts(config: Any, text: Any) -> dict[str, Any]:
+def config_facts(config: object, text: object) -> dict[str, str | int | None]:
     """The ModelInfo fields a config object provides: ``model_type`` from ``config`` (None when absent), and every
     field of :data:`SIZE_KEYS` that one of its attributes of ``text`` holds as an int (``text`` is the config's
     text part: ``config`` itself, or a multimodal config's text config). A size no attribute holds is left out."""
-    facts: dict[str, Any] = {"model_type": getattr(config, "model_type", None)}
+    facts: dict[str, str | int | None] = {"model_type": getattr(config, "model_type", None)}
     for field, keys in SIZE_KEYS.items():
         for key in keys:
             value = getattr(text, key, None)

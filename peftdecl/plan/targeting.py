@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
+
+import regex
 
 from peftdecl.errors import TargetError
 from peftdecl.plan.ir import ModelInfo
 from peftdecl.spec import patterns
+from peftdecl.spec._base import SpecBase
 
 ALL_LINEAR = "all-linear"
+
+_V = TypeVar("_V")
 
 # HF PEFT's per-architecture defaults when target_modules is null (the common decoder/encoder families).
 _QV = ("q_proj", "v_proj")
@@ -90,13 +95,16 @@ def matches_selector(key: str, selector: str | Sequence[str], field: str = "excl
 
 def is_module_to_save(key: str, modules_to_save: Sequence[str] | None) -> bool:
     """PEFT never targets a module inside or equal to a ``modules_to_save`` entry."""
-    return bool(modules_to_save) and any(
+    if not modules_to_save:
+        return False
+    return any(
         patterns.match(patterns.module_to_save_regex(m), key, "modules_to_save") for m in modules_to_save
     )
 
 
 def layer_index(key: str, layers_pattern: str | Sequence[str] | None) -> int | None:
     """The transformer-block index of a module name, or None."""
+    found: re.Match[str] | regex.Match[str] | None
     if not layers_pattern:
         found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
     else:
@@ -109,9 +117,10 @@ def layer_index(key: str, layers_pattern: str | Sequence[str] | None) -> int | N
     return int(found.group("idx")) if found else None
 
 
-def resolve_target_modules(spec: Any, info: ModelInfo) -> str | tuple[str, ...]:
+def resolve_target_modules(spec: SpecBase, info: ModelInfo) -> str | tuple[str, ...]:
     """The spec's ``target_modules`` with ``all-linear`` and null replaced as PEFT does before matching."""
-    targets = spec.target_modules
+    # every layer-targeting kind has the field; prompt learning never gets here
+    targets: str | tuple[str, ...] | None = getattr(spec, "target_modules")  # noqa: B009
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         linear = [name for name, layer in info.layers.items() if layer.type in ("linear", "gpt2_conv1d")]
         head = info.output_head
@@ -129,7 +138,7 @@ def resolve_target_modules(spec: Any, info: ModelInfo) -> str | tuple[str, ...]:
     return targets
 
 
-def task_modules_to_save(spec: Any) -> tuple[str, ...] | None:
+def task_modules_to_save(spec: SpecBase) -> tuple[str, ...] | None:
     """``spec.modules_to_save`` with the entries HF PEFT's wrapper for ``spec.task_type`` appends (SEQ_CLS and
     TOKEN_CLS: ``classifier``, ``score``; QUESTION_ANS: ``qa_outputs``), each at most once."""
     extra = TASK_MODULES_TO_SAVE.get(spec.task_type or "", ())
@@ -139,7 +148,7 @@ def task_modules_to_save(spec: Any) -> tuple[str, ...] | None:
     return own + tuple(m for m in extra if m not in own)
 
 
-def is_targeted(key: str, spec: Any, targets: str | Sequence[str]) -> bool:
+def is_targeted(key: str, spec: SpecBase, targets: str | Sequence[str]) -> bool:
     """PEFT's ``check_target_module_exists`` for one module name."""
     exclude = getattr(spec, "exclude_modules", None)
     if exclude and matches_selector(key, exclude):
@@ -161,7 +170,7 @@ def is_targeted(key: str, spec: Any, targets: str | Sequence[str]) -> bool:
     return index == wanted if isinstance(wanted, int) else index in wanted
 
 
-def select_targets(spec: Any, info: ModelInfo) -> list[str]:
+def select_targets(spec: SpecBase, info: ModelInfo) -> list[str]:
     """Names of the adaptable layers the spec wraps, in model order; errors if none or if a non-layer matches."""
     targets = resolve_target_modules(spec, info)
     chosen = [name for name in info.modules if is_targeted(name, spec, targets)]
@@ -177,7 +186,7 @@ def select_targets(spec: Any, info: ModelInfo) -> list[str]:
     return chosen
 
 
-def _nothing_matched(spec: Any, targets: str | Sequence[str], info: ModelInfo) -> str:
+def _nothing_matched(spec: SpecBase, targets: str | Sequence[str], info: ModelInfo) -> str:
     wanted = [targets] if isinstance(targets, str) else list(targets)
     leaves = sorted({name.rsplit(".", 1)[-1] for name in info.layers})
     close: list[str] = []
@@ -192,8 +201,8 @@ def _nothing_matched(spec: Any, targets: str | Sequence[str], info: ModelInfo) -
 
 
 def pattern_value(
-    table: dict[str, Any], module: str, default: Any, field: str = "rank_pattern/alpha_pattern"
-) -> Any:
+    table: Mapping[str, _V], module: str, default: _V, field: str = "rank_pattern/alpha_pattern"
+) -> _V:
     """``rank_pattern``/``alpha_pattern`` lookup: the first key (in order) whose regex matches a suffix."""
     for key, value in table.items():
         if patterns.match(patterns.pattern_key_regex(key), module, f"{field} key"):

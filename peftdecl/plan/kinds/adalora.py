@@ -13,13 +13,14 @@ model computes what PEFT computes with the pruned modules it loads. ``ranknum`` 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
+from peftdecl._json import JsonObject
 from peftdecl.errors import AdapterFileError, TargetError
 from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec, Plan
 from peftdecl.plan.kinds import KindLayout
+from peftdecl.spec.adalora import AdaLoraSpec
 
 RANKNUM_EPS = 1e-5
 """HF PEFT divides by ``ranknum + 1e-5`` (layer.py forward and get_delta_weight)."""
@@ -40,7 +41,7 @@ def pattern_module(key: str) -> str:
     )
 
 
-def rank_mask_for(spec: Any, module: str) -> tuple[bool, ...] | None:
+def rank_mask_for(spec: AdaLoraSpec, module: str) -> tuple[bool, ...] | None:
     """The kept-triplet mask ``rank_pattern`` gives ``module`` (None: the layer keeps all init_r triplets)."""
     for key, mask in (spec.rank_pattern or {}).items():
         if pattern_module(key) == module:
@@ -52,7 +53,7 @@ def rank_mask_for(spec: Any, module: str) -> tuple[bool, ...] | None:
     return None
 
 
-def build_adalora_params(spec: Any, layer: LayerInfo, r: int) -> tuple[ParamSpec, ...]:
+def build_adalora_params(spec: AdaLoraSpec, layer: LayerInfo, r: int) -> tuple[ParamSpec, ...]:
     """lora_A, lora_E, lora_B with HF PEFT's initialisation (any truthy init_lora_weights resets them)."""
     fan_in = layer.in_features * layer.kernel_numel
     if spec.init_lora_weights is False:  # PEFT keeps torch.randn for all three
@@ -66,7 +67,7 @@ def build_adalora_params(spec: Any, layer: LayerInfo, r: int) -> tuple[ParamSpec
     )
 
 
-def build_adalora_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
+def build_adalora_layer(spec: AdaLoraSpec, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
     """One SVD-shaped layer at rank init_r; its kept-rank mask comes from ``rank_pattern``."""
     if layer.is_conv and layer.groups != 1:
         raise TargetError(f"{module}: AdaLoRA cannot adapt a grouped convolution (groups = {layer.groups})")
@@ -91,7 +92,9 @@ def build_adalora_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInf
     )
 
 
-def check_rank_pattern(spec: Any, layers: Sequence[LayerPlan], info: ModelInfo) -> tuple[ParamSpec, ...]:
+def check_rank_pattern(
+    spec: AdaLoraSpec, layers: Sequence[LayerPlan], info: ModelInfo
+) -> tuple[ParamSpec, ...]:
     """Every ``rank_pattern`` key must name a targeted layer (AdaLoRA has no shared tensors)."""
     targets = {lp.module for lp in layers}
     stray = [key for key in (spec.rank_pattern or {}) if pattern_module(key) not in targets]
@@ -108,13 +111,14 @@ def _kept(lp: LayerPlan) -> np.ndarray | None:
     return None if mask is None or all(mask) else np.asarray(mask, dtype=bool)
 
 
-def prune_for_file(plan: Plan, arrays: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def prune_for_file(plan: Plan, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], JsonObject]:
     """Keep only the masked-in triplets (rows of A and E, columns of B) and write the masks as
     ``rank_pattern`` keyed ``<module>.lora_E``, as HF PEFT saves them."""
+    assert isinstance(plan.spec, AdaLoraSpec)
     if plan.spec.rank_pattern is None:
         return arrays, {}
     out = dict(arrays)
-    pattern = {}
+    pattern: dict[str, list[bool]] = {}
     for lp in plan.layers:
         mask = lp.options.get("rank_mask")
         if mask is None:
@@ -128,7 +132,7 @@ def prune_for_file(plan: Plan, arrays: dict[str, Any]) -> tuple[dict[str, Any], 
     return out, {"rank_pattern": pattern}
 
 
-def expand_from_file(plan: Plan, arrays: dict[str, Any]) -> dict[str, Any]:
+def expand_from_file(plan: Plan, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Put pruned tensors back at init_r, zero where the mask is False (full-size ones are masked too)."""
     out = dict(arrays)
     for lp in plan.layers:

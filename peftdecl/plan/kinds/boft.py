@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any
 
 import numpy as np
 
@@ -24,6 +23,7 @@ from peftdecl.errors import TargetError
 from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec, Plan
 from peftdecl.plan.kinds import KindLayout
 from peftdecl.plan.kinds.oft import rotated_width
+from peftdecl.spec.oft import BOFTSpec
 
 
 def butterfly_blocks(module: str, dim: int, block_size: int, block_num: int, factors: int) -> tuple[int, int]:
@@ -85,7 +85,7 @@ def butterfly_perms(width: int, block_num: int, block_size: int, factors: int) -
     )
 
 
-def build_boft_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
+def build_boft_layer(spec: BOFTSpec, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
     """One BOFT layer: the butterfly's block layout, its rotation blocks and the output scales."""
     dim = rotated_width(module, layer, "BOFT")
     factors = spec.boft_n_butterfly_factor
@@ -114,7 +114,7 @@ def build_boft_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) 
     )
 
 
-def boft_from_file(plan: Plan, arrays: dict[str, Any]) -> dict[str, Any]:
+def boft_from_file(plan: Plan, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Widen single-factor ``boft_R`` tensors (from a PEFT without its CUDA extension) to the planned N."""
     out = dict(arrays)
     widened = []
@@ -128,7 +128,7 @@ def boft_from_file(plan: Plan, arrays: dict[str, Any]) -> dict[str, Any]:
     if widened:
         warnings.warn(
             f"{widened[0]} (and {len(widened) - 1} more): the file holds 1 butterfly factor but its config "
-            f"says {plan.spec.boft_n_butterfly_factor} (HF PEFT without its CUDA extension builds one); "
+            f"says {plan.layers[0].options['n_butterfly_factor']} (HF PEFT without its CUDA extension builds one); "
             "the other factors are set to the identity",
             stacklevel=2,
         )

@@ -7,7 +7,6 @@ needs only ‖W‖², W·Aᵀ (out × r) and A·Aᵀ (r × r).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
@@ -15,6 +14,7 @@ from peftdecl.init import register_external_source
 from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec
 from peftdecl.plan.kinds import KindLayout
 from peftdecl.plan.kinds.lora import build_lora_layer
+from peftdecl.spec.lora import LoraSpec
 
 MAGNITUDE = "lora_magnitude_vector"
 MAGNITUDE_SOURCE = "dora_magnitude"
@@ -45,12 +45,13 @@ def factored_row_norm(w: np.ndarray, a: np.ndarray, b: np.ndarray, scaling: floa
     """‖W + s·B A‖ per row of 2-D W, without forming B A (memory O(rows·r) beyond W itself).
 
     Cancellation limits the precision to about eps·‖W_o‖²/n_o² relative; a sum that rounds below zero is 0."""
-    squared = (
+    squared: np.ndarray = (
         np.einsum("oi,oi->o", w, w)
         + 2.0 * scaling * np.einsum("or,or->o", b, w @ a.T)
         + scaling * scaling * np.einsum("or,or->o", b, b @ (a @ a.T))
     )
-    return np.sqrt(np.maximum(squared, 0.0))
+    norm: np.ndarray = np.sqrt(np.maximum(squared, 0.0))
+    return norm
 
 
 def dora_weight_norm(lp: LayerPlan, weight: np.ndarray, p: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -67,7 +68,7 @@ def _initial_magnitude(weight: np.ndarray, lp: LayerPlan, own: Mapping[str, np.n
 register_external_source(MAGNITUDE_SOURCE, _initial_magnitude)
 
 
-def build_dora_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
+def build_dora_layer(spec: LoraSpec, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
     """LoRA's layer plan with the magnitude tensor added and the execution kind set to ``dora``."""
     lora = build_lora_layer(spec, module, layer, info)
     magnitude = ParamSpec(

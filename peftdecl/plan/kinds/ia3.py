@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
 
 from peftdecl.errors import TargetError
 from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec
 from peftdecl.plan.kinds import KindLayout
 from peftdecl.plan.targeting import IA3_DEFAULT_TARGETS
+from peftdecl.spec.ia3 import IA3Spec
 
 
-def feedforward_selector(spec: Any, info: ModelInfo) -> str | Sequence[str]:
+def feedforward_selector(spec: IA3Spec, info: ModelInfo) -> str | Sequence[str]:
     """The spec's ``feedforward_modules``, or the model type's default when it is null (as HF PEFT)."""
     if spec.feedforward_modules is not None:
         return spec.feedforward_modules
@@ -46,7 +46,7 @@ def ia3_shape(layer: LayerInfo, feedforward: bool) -> tuple[int, ...]:
     return (1, layer.in_features) if feedforward else (layer.out_features, 1)
 
 
-def build_ia3_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
+def build_ia3_layer(spec: IA3Spec, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
     """One IA3 layer: its vector's orientation and initialisation (ones: a no-op; N(0, 1) when not)."""
     feedforward = is_feedforward(module, feedforward_selector(spec, info))
     init = Init("ones") if spec.init_ia3_weights else Init("normal", std=1.0)

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from peftdecl.errors import TargetError
 from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec
 from peftdecl.plan.kinds import KindLayout
 from peftdecl.plan.targeting import pattern_value
+from peftdecl.spec.lora import LoraSpec
+from peftdecl.spec.lycoris import LycorisSpec
 
 KAIMING_A = math.sqrt(5.0)
 
 
-def rank_and_alpha(spec: Any, module: str, alpha_field: str = "lora_alpha") -> tuple[int, float]:
+def rank_and_alpha(
+    spec: LoraSpec | LycorisSpec, module: str, alpha_field: str = "lora_alpha"
+) -> tuple[int, float]:
     """The layer's rank and alpha after ``rank_pattern`` / ``alpha_pattern``."""
     r = int(pattern_value(spec.rank_pattern or {}, module, spec.r))
-    alpha = pattern_value(spec.alpha_pattern or {}, module, getattr(spec, alpha_field))
+    default: float = getattr(spec, alpha_field)
+    alpha = pattern_value(spec.alpha_pattern or {}, module, default)
     return r, alpha
 
 
@@ -30,7 +34,7 @@ def linear_default_init(fan_in: int) -> Init:
     return Init("kaiming_uniform", fan_in=fan_in, a=KAIMING_A)
 
 
-def build_lora_params(spec: Any, layer: LayerInfo, r: int) -> tuple[ParamSpec, ...]:
+def build_lora_params(spec: LoraSpec, layer: LayerInfo, r: int) -> tuple[ParamSpec, ...]:
     """HF PEFT's LoRA tensors for one layer, with its initialisation rules."""
     init = spec.init_lora_weights
     if layer.type == "embedding":
@@ -68,7 +72,7 @@ def build_lora_params(spec: Any, layer: LayerInfo, r: int) -> tuple[ParamSpec, .
     return tuple(params)
 
 
-def build_lora_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
+def build_lora_layer(spec: LoraSpec, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
     """One LoRA layer: rank/alpha patterns, scaling and the A/B tensors."""
     r, alpha = rank_and_alpha(spec, module)
     return LayerPlan(

@@ -8,12 +8,12 @@ or, with ``use_effective_conv2d`` and a kernel larger than 1, kept in a CP core 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from peftdecl.errors import TargetError
 from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec
 from peftdecl.plan.kinds import KindLayout
 from peftdecl.plan.kinds.lora import KAIMING_A, rank_and_alpha
+from peftdecl.spec.lycoris import LoHaSpec, LoKrSpec, LycorisSpec
 
 LAYER_TYPES = ("linear", "conv1d", "conv2d")
 ZEROS = Init("zeros")
@@ -46,7 +46,7 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (n, m) if m > n else (m, n)
 
 
-def _effective(spec: Any, layer: LayerInfo) -> bool:
+def _effective(spec: LycorisSpec, layer: LayerInfo) -> bool:
     # PEFT silently uses the flattened form for 1x1 / size-1 kernels even when the CP form was asked for
     return bool(spec.use_effective_conv2d) and layer.is_conv and layer.kernel_numel > 1
 
@@ -64,14 +64,14 @@ def _check_layer(module: str, layer: LayerInfo) -> None:
         )
 
 
-def _rank_alpha(spec: Any, module: str) -> tuple[int, float]:
+def _rank_alpha(spec: LycorisSpec, module: str) -> tuple[int, float]:
     r, alpha = rank_and_alpha(spec, module, alpha_field="alpha")
     if r < 1:
         raise TargetError(f"{module}: rank_pattern gives r = {r}; a rank must be a positive integer")
     return r, float(alpha)
 
 
-def _options(spec: Any, effective: bool, **extra: Any) -> dict[str, Any]:
+def _options(spec: LycorisSpec, effective: bool, **extra: object) -> dict[str, object]:
     return {
         "rank_dropout": spec.rank_dropout,
         "module_dropout": spec.module_dropout,
@@ -81,7 +81,7 @@ def _options(spec: Any, effective: bool, **extra: Any) -> dict[str, Any]:
 
 
 # -- LoHa ----------------------------------------------------------------------------------------------------
-def loha_params(spec: Any, layer: LayerInfo, r: int) -> tuple[ParamSpec, ...]:
+def loha_params(spec: LoHaSpec, layer: LayerInfo, r: int) -> tuple[ParamSpec, ...]:
     """hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b (and the CP cores hada_t1, hada_t2) with PEFT's inits."""
     out, in_g = layer.out_features, layer.in_features // layer.groups
     if _effective(spec, layer):
@@ -106,7 +106,7 @@ def loha_params(spec: Any, layer: LayerInfo, r: int) -> tuple[ParamSpec, ...]:
     return tuple(params)
 
 
-def build_loha_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
+def build_loha_layer(spec: LoHaSpec, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
     """One LoHa layer: rank/alpha patterns, s = alpha / r, the Hadamard factors."""
     _check_layer(module, layer)
     r, alpha = _rank_alpha(spec, module)
@@ -123,7 +123,7 @@ def build_loha_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) 
 
 
 # -- LoKr ----------------------------------------------------------------------------------------------------
-def lokr_params(spec: Any, layer: LayerInfo, r: int) -> tuple[ParamSpec, ...]:
+def lokr_params(spec: LoKrSpec, layer: LayerInfo, r: int) -> tuple[ParamSpec, ...]:
     """w1 = lokr_w1 | w1_a·w1_b and w2 = lokr_w2 | w2_a·w2_b | CP(lokr_t2, w2_a, w2_b), with PEFT's inits."""
     in_g = layer.in_features // layer.groups
     m, n = factorization(in_g, spec.decompose_factor)
@@ -160,7 +160,7 @@ def lokr_params(spec: Any, layer: LayerInfo, r: int) -> tuple[ParamSpec, ...]:
     return tuple(params)
 
 
-def build_lokr_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
+def build_lokr_layer(spec: LoKrSpec, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
     """One LoKr layer: rank/alpha patterns, s = alpha / r (applied even when both factors are full)."""
     _check_layer(module, layer)
     r, alpha = _rank_alpha(spec, module)

@@ -8,11 +8,11 @@ does not divide d is moved to the nearest divisor, ties going down (HF PEFT's ``
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 from peftdecl.errors import TargetError
 from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec
 from peftdecl.plan.kinds import KindLayout
+from peftdecl.spec.oft import OFTSpec
 
 NEUMANN_FORMAT_VERSION = (0, 18, 0)
 """HF PEFT changed its Cayley–Neumann series in 0.18.0; older Neumann adapters compute other numbers."""
@@ -84,7 +84,7 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(digits)
 
 
-def build_oft_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
+def build_oft_layer(spec: OFTSpec, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
     """One OFT layer: block layout, the skew-parameter tensor and the rotation settings."""
     if layer.type == "conv2d" and any(d != 1 for d in layer.dilation):
         raise TargetError(

@@ -12,16 +12,17 @@ included (prefix tuning: d = head_dim·n_kv and n_kv heads).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from peftdecl._json import JsonObject
 from peftdecl.errors import PeftdeclError, TargetError
 from peftdecl.init import register_shared_source
 from peftdecl.plan.ir import Init, ModelInfo, ParamSpec, Plan, PromptPlan
 from peftdecl.plan.kinds import KindLayout
 from peftdecl.plan.kinds.lora import linear_default_init
+from peftdecl.spec.prompt import PrefixTuningSpec, PromptTuningSpec
 
 TABLE = "prompt_embeddings"
 PROJECTION = (
@@ -33,7 +34,7 @@ PROJECTION = (
 )
 
 
-def _fill(spec: Any, field: str, fact: str, info: ModelInfo) -> int:
+def _fill(spec: PrefixTuningSpec | PromptTuningSpec, field: str, fact: str, info: ModelInfo) -> int:
     value = getattr(spec, field)
     if value is None:
         value = getattr(info, fact)
@@ -45,7 +46,13 @@ def _fill(spec: Any, field: str, fact: str, info: ModelInfo) -> int:
     return int(value)
 
 
-def _sizes(spec: Any, info: ModelInfo, grouped_query: bool) -> dict[str, int]:
+def _virtual_tokens(spec: PrefixTuningSpec | PromptTuningSpec) -> int:
+    # a spec without num_virtual_tokens is refused when it is checked (cross_field_problems), before compiling
+    assert spec.num_virtual_tokens is not None, "num_virtual_tokens is required"
+    return spec.num_virtual_tokens
+
+
+def _sizes(spec: PrefixTuningSpec | PromptTuningSpec, info: ModelInfo, grouped_query: bool) -> dict[str, int]:
     """num_layers, token_dim, num_attention_heads, num_transformer_submodules as HF PEFT fills them."""
     sizes = {
         "num_layers": _fill(spec, "num_layers", "num_layers", info),
@@ -62,10 +69,10 @@ def _sizes(spec: Any, info: ModelInfo, grouped_query: bool) -> dict[str, int]:
     return sizes
 
 
-def build_prefix(spec: Any, info: ModelInfo) -> tuple[PromptPlan, tuple[ParamSpec, ...]]:
+def build_prefix(spec: PrefixTuningSpec, info: ModelInfo) -> tuple[PromptPlan, tuple[ParamSpec, ...]]:
     """The KV table (or, while training with prefix_projection, the embedding and its MLP)."""
     sizes = _sizes(spec, info, grouped_query=True)
-    t, d, layers = spec.num_virtual_tokens, sizes["token_dim"], sizes["num_layers"]
+    t, d, layers = _virtual_tokens(spec), sizes["token_dim"], sizes["num_layers"]
     if d % sizes["num_attention_heads"]:
         raise TargetError(
             f"$.token_dim {d} is not a multiple of num_attention_heads {sizes['num_attention_heads']}"
@@ -106,10 +113,10 @@ def build_prefix(spec: Any, info: ModelInfo) -> tuple[PromptPlan, tuple[ParamSpe
     return plan, params
 
 
-def build_prompt_tuning(spec: Any, info: ModelInfo) -> tuple[PromptPlan, tuple[ParamSpec, ...]]:
+def build_prompt_tuning(spec: PromptTuningSpec, info: ModelInfo) -> tuple[PromptPlan, tuple[ParamSpec, ...]]:
     """The prompt table, drawn N(0, 1), from random vocabulary rows, or from the init text's token rows."""
     sizes = _sizes(spec, info, grouped_query=False)
-    total = spec.num_virtual_tokens * sizes["num_transformer_submodules"]
+    total = _virtual_tokens(spec) * sizes["num_transformer_submodules"]
     init = Init("normal", std=1.0)
     # PEFT skips SAMPLE_VOCAB/TEXT in inference mode (a loaded adapter's values come from its file)
     if spec.prompt_tuning_init != "RANDOM" and not spec.inference_mode:
@@ -126,7 +133,7 @@ def build_prompt_tuning(spec: Any, info: ModelInfo) -> tuple[PromptPlan, tuple[P
             init = Init("external", source="prompt_token_rows", module=module, ids=tuple(ids))
     plan = PromptPlan(
         "prompt_tuning",
-        spec.num_virtual_tokens,
+        _virtual_tokens(spec),
         sizes["token_dim"],
         sizes["num_layers"],
         sizes["num_attention_heads"],
@@ -146,7 +153,7 @@ def repeat_to(ids: list[int], total: int) -> list[int]:
     return (ids * math.ceil(total / len(ids)))[:total]
 
 
-def text_token_ids(spec: Any) -> list[int]:
+def text_token_ids(spec: PromptTuningSpec) -> list[int]:
     """Token ids of ``prompt_tuning_init_text`` from ``AutoTokenizer.from_pretrained`` (transformers)."""
     try:
         from transformers import AutoTokenizer
@@ -169,7 +176,7 @@ def text_token_ids(spec: Any) -> list[int]:
 
 def _token_rows(
     base_weight_of: Callable[[str], np.ndarray], spec: ParamSpec, rng: np.random.Generator
-) -> Any:
+) -> np.ndarray:
     table = base_weight_of(spec.init.arg("module"))
     ids = np.asarray(spec.init.arg("ids"), dtype=np.int64)
     bad = ids[(ids < 0) | (ids >= table.shape[0])]
@@ -183,7 +190,7 @@ def _token_rows(
 
 def _sample_vocab(
     base_weight_of: Callable[[str], np.ndarray], spec: ParamSpec, rng: np.random.Generator
-) -> Any:
+) -> np.ndarray:
     table = base_weight_of(spec.init.arg("module"))
     return table[rng.integers(0, table.shape[0], size=spec.shape[0])]
 
@@ -192,13 +199,14 @@ register_shared_source("prompt_token_rows", _token_rows)
 register_shared_source("prompt_sample_vocab", _sample_vocab)
 
 
-def projected_prefix(params: dict[str, Any]) -> np.ndarray:
+def projected_prefix(params: Mapping[str, np.ndarray]) -> np.ndarray:
     """P = tanh(E W₀ᵀ + b₀) W₂ᵀ + b₂: the table a prefix_projection encoder produces."""
     hidden = np.tanh(params["embedding.weight"] @ params["transform.0.weight"].T + params["transform.0.bias"])
-    return hidden @ params["transform.2.weight"].T + params["transform.2.bias"]
+    table: np.ndarray = hidden @ params["transform.2.weight"].T + params["transform.2.bias"]
+    return table
 
 
-def _filled_config(plan: Plan) -> dict[str, Any]:
+def _filled_config(plan: Plan) -> JsonObject:
     prompt = plan.prompt
     assert prompt is not None
     extra = {
@@ -212,14 +220,14 @@ def _filled_config(plan: Plan) -> dict[str, Any]:
     return extra
 
 
-def prefix_to_file(plan: Plan, arrays: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def prefix_to_file(plan: Plan, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], JsonObject]:
     """Save the table (computed through the projection when training with one) and the filled sizes."""
     if TABLE not in arrays:
         arrays = {TABLE: projected_prefix({k: np.asarray(arrays[k], dtype=np.float64) for k in PROJECTION})}
     return arrays, _filled_config(plan)
 
 
-def prompt_to_file(plan: Plan, arrays: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def prompt_to_file(plan: Plan, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], JsonObject]:
     """Save the table and the sizes HF PEFT fills in."""
     return arrays, _filled_config(plan)
 

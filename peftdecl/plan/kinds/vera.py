@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 
+from peftdecl._json import JsonObject
 from peftdecl.errors import AdapterFileError, PeftdeclError
 from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec, Plan
 from peftdecl.plan.kinds import KindLayout
+from peftdecl.spec.vera import VeraSpec
 
 ProjectionSource = Callable[[int, int, int, int], "tuple[np.ndarray, np.ndarray] | None"]
 """(projection_prng_key, r, max_in, max_out) -> (A, B) as HF PEFT's torch generator gives them, or None."""
@@ -62,8 +63,8 @@ def check_family(first_name: str, first: Plan, plan: Plan) -> None:
 
 
 def inherit_projections(
-    first_name: str, first_arrays: dict[str, np.ndarray], plan: Plan, arrays: dict[str, Any]
-) -> dict[str, Any]:
+    first_name: str, first_arrays: dict[str, np.ndarray], plan: Plan, arrays: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """``arrays`` with this plan's A and B cut from the first VeRA adapter's (HF PEFT hands every later adapter
     the first one's projections and slices them in the forward), or an error where they are too small for it."""
     a, b = np.asarray(first_arrays["vera_A"]), np.asarray(first_arrays["vera_B"])
@@ -79,7 +80,7 @@ def inherit_projections(
     return {**arrays, "vera_A": a[:r, :max_in], "vera_B": b[:max_out, :r]}
 
 
-def build_vera_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
+def build_vera_layer(spec: VeraSpec, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
     """λ_b = 0 and λ_d = d_initial (a no-op); with ``init_weights=False`` λ_b = 1 and λ_d ~ N(0, 1)."""
     if spec.init_weights:
         b_init, d_init = Init("zeros"), Init("constant", value=spec.d_initial)
@@ -99,7 +100,7 @@ def build_vera_layer(spec: Any, module: str, layer: LayerInfo, info: ModelInfo) 
     )
 
 
-def build_vera_shared(spec: Any, layers: Sequence[LayerPlan], info: ModelInfo) -> tuple[ParamSpec, ...]:
+def build_vera_shared(spec: VeraSpec, layers: Sequence[LayerPlan], info: ModelInfo) -> tuple[ParamSpec, ...]:
     """The shared projections, sized by the largest targeted layer."""
     r = spec.r
     max_in = max(lp.layer.in_features for lp in layers)
@@ -118,7 +119,7 @@ def build_vera_shared(spec: Any, layers: Sequence[LayerPlan], info: ModelInfo) -
     )
 
 
-def vera_to_file(plan: Plan, arrays: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def vera_to_file(plan: Plan, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], JsonObject]:
     """Drop the projections when ``save_projection`` is false; record fan_in_fan_out as PEFT rewrites it."""
     if not plan.spec.save_projection:  # type: ignore[attr-defined]
         arrays = {k: v for k, v in arrays.items() if k not in ("vera_A", "vera_B")}
@@ -127,7 +128,7 @@ def vera_to_file(plan: Plan, arrays: dict[str, Any]) -> tuple[dict[str, Any], di
     return arrays, {"fan_in_fan_out": plan.layers[-1].layer.type == "gpt2_conv1d"}
 
 
-def vera_from_file(plan: Plan, arrays: dict[str, Any]) -> dict[str, Any]:
+def vera_from_file(plan: Plan, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Projections from the file (cut to this adapter's size) or, if they were not saved, regenerated."""
     r, max_in, max_out = projection_shapes(plan)
     spec = plan.spec
