@@ -183,3 +183,28 @@ def test_inventory_reads_the_base_dtype() -> None:
     base = Tiny()
     base.set_dtype(mx.bfloat16)
     assert {li.dtype for li in MlxBackend().inventory(base).layers.values()} == {"bfloat16"}
+
+
+def test_rank_allocator_runs_on_the_mlx_arrays_like_the_reference() -> None:
+    """AdaLoRA's allocator on the live mx arrays, the NumPy reference's on float64 copies of the same numbers,
+    both fed the same gradients: the same budgets and masks each step, and the model's own lora_E is masked."""
+    from peftdecl_mlx.rank_allocator import MlxRankAllocator
+    from peftdecl_numpy.rank_allocator import RankAllocator
+
+    spec = {"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "target_modules": ["q_proj", "down_proj"],
+            "total_step": 10, "tinit": 2, "tfinal": 3, "deltaT": 2}  # fmt: skip  (masks at 4, 6, then 7-10)
+    ours, ref = twin(Tiny(), spec)
+    allocators = MlxRankAllocator(ours.plan()), RankAllocator(ref.plan())
+    rng = np.random.default_rng(0)
+    masks = 0
+    for step in range(1, 11):
+        params, ref_params = ours.trainable_parameters(), ref.trainable_parameters()
+        grads = {k: rng.normal(size=v.shape) for k, v in ref_params.items()}
+        got = allocators[0].update_and_allocate(
+            step, params, {k: mx.array(g, mx.float32) for k, g in grads.items()}
+        )
+        assert got == allocators[1].update_and_allocate(step, ref_params, grads), step
+        masks += got[1] is not None
+        for key, value in ours.trainable_parameters().items():
+            assert rel_err(np.array(value), ref_params[key]) <= 1e-6, (step, key)
+    assert masks == 6 and sum(map(sum, allocators[0].rank_pattern.values())) == 4
