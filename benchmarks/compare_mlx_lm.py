@@ -25,10 +25,10 @@ its numbers are the medians of all its blocks. The table shows, per layer, milli
 the median over the trials of the ratio to nn.Linear in the same trial; below it, per kind, the median and the
 range over the trials of ours / mlx-lm (range below 1 everywhere: ours was faster in every trial).
 
-mlx[cpu] on Linux multiplies with the netlib reference BLAS, so x·Wᵀ takes milliseconds even at d = 256 and its
-speed depends on operand layout: an [in, out]-contiguous right operand runs about 1.6× faster than the transposed
-[out, in] weight that nn.Linear (and both adapter layers) use. The "x·Wᵀ, [in,out] copy" row shows that plain
-matmul for scale; neither library uses it.
+mlx[cpu] on Linux multiplies with the netlib reference BLAS, whose speed depends on operand layout: the "x·Wᵀ,
+[in,out] copy" row times the plain product with an [in, out]-contiguous right operand instead of the transposed
+[out, in] weight that nn.Linear (and both adapter layers) use, for scale; neither library uses it. Both adapter
+layers run their frozen product with the same MLX matmul as nn.Linear.
 
     .venv/bin/python benchmarks/compare_mlx_lm.py [--dim 256] [--tokens 256] [--rank 16] [--rounds 7]
         [--block 3] [--trials 3]

@@ -18,7 +18,7 @@ import peftdecl
 from peftdecl.cli import main
 from peftdecl.errors import AdapterFileError
 from tests.conftest import rel_err
-from tests.mlx_models import mx, tiny_llama, tree_flatten
+from tests.mlx_models import mx, tiny_llama
 
 SAME_TOL = 1e-5
 CROSS_TOL = 1e-4
@@ -196,4 +196,4 @@ def test_convert_refuses_dora_on_an_embedding(tmp_path) -> None:
     )
     with pytest.raises(AdapterFileError, match="DoRA on an embedding"):
         ours.save(tmp_path, format="mlx-lm")
-    assert {k for k, _ in tree_flatten(ours.trainable_parameters())}  # the model itself is fine
+    assert ours.trainable_parameters()  # the model itself is fine
