@@ -259,8 +259,8 @@ class MlxEngine:
         return tree
 
     def update_parameters(self, params: Mapping[str, mx.array], names: tuple[str, ...] | None = None) -> None:
-        """Put arrays keyed as :meth:`trainable_parameters` ``(names)`` keys them (default ``names``: the active
-        adapters that are not frozen) into the model; unknown keys are refused, naming them."""
+        """Write ``params`` into the model, keyed as :meth:`trainable_parameters` returns them for ``names``
+        (default: the active adapters that are not frozen); unknown keys are refused, naming them."""
         paths = {key: path for key, path, _ in self._trainable(self._names(names))}
         unknown = sorted(set(params) - set(paths))
         if unknown:
