@@ -21,20 +21,26 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from peftdecl.plan import LayerPlan
+
+if TYPE_CHECKING:
+    from peftdecl.backend import ComposingOps, KindOps
 
 ADD, OUTPUT, INPUT = "add", "output", "input"
 T = TypeVar("T")
 
 
-def role(ops: Any, lp: LayerPlan) -> str:
+def role(ops: KindOps[Any], lp: LayerPlan) -> str:
     """ADD, OUTPUT or INPUT: how the adapter of ``lp`` (run by the kind ops ``ops``) composes with the others."""
-    return ADD if ops.additive else ops.composition(lp)
+    # the layer handle's type does not matter here; a non-additive kind's ops are ComposingOps
+    return ADD if ops.additive else cast("ComposingOps[Any]", ops).composition(lp)
 
 
-def weight_map_order(entries: Iterable[T], ops_and_plan: Callable[[T], tuple[Any, LayerPlan]]) -> list[T]:
+def weight_map_order(
+    entries: Iterable[T], ops_and_plan: Callable[[T], tuple[KindOps[Any], LayerPlan]]
+) -> list[T]:
     """The INPUT adapters among ``entries`` (in active order) in the order their weight maps apply to W.
 
     An input transform T gives W' = W Tᵀ: an adapter that acts on the input after the others (T ← T R) maps W
@@ -43,7 +49,7 @@ def weight_map_order(entries: Iterable[T], ops_and_plan: Callable[[T], tuple[Any
     for entry in entries:
         ops, lp = ops_and_plan(entry)
         if role(ops, lp) == INPUT:
-            if ops.input_order == "active":
+            if cast("ComposingOps[Any]", ops).input_order == "active":
                 order.appendleft(entry)
             else:
                 order.append(entry)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from peftdecl.model import AdaptedModel
 
 DEMO_SPEC = """\
 peft_type: LORA
@@ -54,7 +57,22 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return diff / ref
 
 
-FACTS = {
+class _Facts(TypedDict):
+    """The model-fact keywords ``attach`` takes for a state dict (see :class:`~peftdecl.plan.ir.ModelInfo`)."""
+
+    layer_types: dict[str, str]
+    output_head: str
+    word_embeddings: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    model_class: tuple[str, str]
+
+
+FACTS: _Facts = {
     "layer_types": {"model.embed_tokens": "embedding"}, "output_head": "lm_head",
     "word_embeddings": "model.embed_tokens", "model_type": "llama", "num_layers": 2, "hidden_size": 64,
     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
@@ -72,7 +90,7 @@ MERGE_TOL = 1e-10
 """float64 merged weight vs the unmerged forward, compared on the adapter's delta."""
 
 
-def _input(model: Any, module: str, seed: int) -> np.ndarray:
+def _input(model: AdaptedModel, module: str, seed: int) -> np.ndarray:
     """Three rows of input for ``module``: token ids for an embedding, N(0, 1) features otherwise."""
     layer = model.info.layers[module]
     rng = np.random.default_rng(seed)
@@ -81,7 +99,7 @@ def _input(model: Any, module: str, seed: int) -> np.ndarray:
     return rng.normal(size=(3, layer.in_features))
 
 
-def _delta(model: Any, module: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _delta(model: AdaptedModel, module: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(the base output, the adapter's change to it) of ``module`` on ``x``."""
     adapted = model(module, x)
     with model.disable_adapters():

@@ -14,10 +14,10 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from peftdecl._json import JsonValue
 from peftdecl.backend import Capturing, CheckpointLoading, backends, get_backend
 from peftdecl.errors import PeftdeclError
 from peftdecl.formats.registry import is_adapter_dir
@@ -123,11 +123,11 @@ def checkpoint_state(directory: str | Path) -> dict[str, np.ndarray]:
     return state
 
 
-def _adapted(backend_name: str, model: Any, **options: Any) -> AdaptedModel:
-    return AdaptedModel.create(get_backend(backend_name), model, **options)
+def _adapted(backend_name: str, model: object, **options: object) -> AdaptedModel:
+    return AdaptedModel.create(get_backend(backend_name), model, engine_options=None, **options)
 
 
-def _numpy_options(info: ModelInfo, state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def _numpy_options(info: ModelInfo, state: Mapping[str, np.ndarray]) -> dict[str, object]:
     layer_types: dict[str, LayerInfo] = {m: li for m, li in info.layers.items() if f"{m}.weight" in state}
     facts = (
         "output_head", "classifier_head", "word_embeddings", "model_type", "num_layers", "hidden_size",
@@ -137,10 +137,10 @@ def _numpy_options(info: ModelInfo, state: Mapping[str, np.ndarray]) -> dict[str
 
 
 def run_equivalence(
-    source: Any,
+    source: object,
     *,
     model_dir: str | Path | None = None,
-    models: Mapping[str, Any] | None = None,
+    models: Mapping[str, object] | None = None,
     numpy_state: Mapping[str, np.ndarray] | None = None,
     backend_names: Sequence[str] | None = None,
     seed: int = 0,
@@ -167,6 +167,7 @@ def run_equivalence(
     runners = [n for n in names if n != "numpy"]
     skipped: dict[str, str] = {}
     adapted: dict[str, AdaptedModel] = {}
+    engines: dict[str, Capturing] = {}
     if model_dir is not None:
         _check_model_dir(Path(model_dir))
     folder = _adapter_folder(source)
@@ -184,6 +185,7 @@ def run_equivalence(
         if not isinstance(am.engine, Capturing):
             skipped[name] = "engine has no capture()"
             continue
+        engines[name] = am.engine
         if folder is not None:
             am.load_adapter(folder, ADAPTER, activate=True)
         else:
@@ -202,9 +204,15 @@ def run_equivalence(
         )
     first = next(iter(adapted.values()))
     if input_ids is None:
-        vocab = first.info.vocab_size or first.info.layers[first.info.word_embeddings].in_features
+        vocab = first.info.vocab_size
+        if not vocab:
+            if first.info.word_embeddings is None:
+                raise PeftdeclError(
+                    "the model facts give neither vocab_size nor word_embeddings: pass input_ids to compare on"
+                )
+            vocab = first.info.layers[first.info.word_embeddings].in_features
         input_ids = np.random.default_rng(seed).integers(0, vocab, size=(batch, seq_len))
-    captures = {name: am.engine.capture(np.asarray(input_ids)) for name, am in adapted.items()}
+    captures = {name: engines[name].capture(np.asarray(input_ids)) for name in adapted}
     rows: dict[str, dict[str, float | None]] = {}
     if "numpy" in names:
         state = numpy_state if numpy_state is not None else checkpoint_state(model_dir) if model_dir else None
@@ -221,11 +229,11 @@ def run_equivalence(
                 for module, (x, y) in layers.items():
                     x = x if x.dtype.kind in "iu" else x.astype(np.float64)
                     rows.setdefault(module, {})[name] = rel_err(y, ref(module, x))
-    with_logits = [n for n, (logits, _) in captures.items() if logits is not None]
-    reference = with_logits[0] if with_logits else None
-    if len(with_logits) > 1:
+    with_logits = {n: logits for n, (logits, _) in captures.items() if logits is not None}
+    reference = next(iter(with_logits), None)
+    if reference is not None and len(with_logits) > 1:
         rows["logits"] = {
-            n: rel_err(captures[n][0], captures[reference][0]) for n in with_logits if n != reference
+            n: rel_err(logits, with_logits[reference]) for n, logits in with_logits.items() if n != reference
         }
     kind = first.plan(ADAPTER).kind
     where = f"model {model_dir}" if model_dir else "the given models"
@@ -234,7 +242,7 @@ def run_equivalence(
     return EquivReport(title, list(adapted), rows, reference, skipped, layer_tol, logits_tol)
 
 
-def _adapter_folder(source: Any) -> Path | None:
+def _adapter_folder(source: object) -> Path | None:
     if not isinstance(source, (str, Path)):
         return None
     try:
@@ -253,7 +261,7 @@ def _check_model_dir(folder: Path) -> None:
         raise PeftdeclError(f"{folder}: no such folder (expected a save_pretrained checkpoint folder)")
 
 
-def load_source(text: str) -> Any:
+def load_source(text: str) -> Path | JsonValue:
     """A CLI argument: an adapter folder, a spec file, or inline JSON."""
     path = Path(text)
     try:

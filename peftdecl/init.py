@@ -93,7 +93,8 @@ def torch_cpu_uniform(seed: int, offset: int, bound: float, shape: tuple[int, ..
     lo = -hi
     span = np.float64(np.float32(hi - lo))  # torch forms (to - from) in float32
     u = (raw & 0xFFFFFF).astype(np.float64) * 2.0**-24
-    return (u * span + np.float64(lo)).astype(np.float32).astype(np.float64).reshape(shape)
+    values: np.ndarray = (u * span + np.float64(lo)).astype(np.float32).astype(np.float64).reshape(shape)
+    return values
 
 
 def init_params(plan: Plan, seed: int = 0, external: ExternalInit | None = None) -> dict[str, np.ndarray]:

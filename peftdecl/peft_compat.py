@@ -9,14 +9,21 @@ defined here (:class:`PeftCompat`, mixed into ``AdaptedModel``) or listed in :da
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import ModelInfo, Plan
+from peftdecl.spec import SpecBase
+
+if TYPE_CHECKING:
+    from peftdecl.backend import Engine
+
+_Model = TypeVar("_Model", bound="PeftCompat")
 
 
 class NotSupportedError(PeftdeclError, AttributeError):
@@ -95,7 +102,7 @@ PEFT_DEVIATIONS: dict[str, str] = {
 """PEFT names peftdecl keeps with its own, documented meaning."""
 
 
-PEFT_LOADING_DEFAULTS: dict[str, Any] = {
+PEFT_LOADING_DEFAULTS: dict[str, object] = {
     "torch_device": None,
     "autocast_adapter_dtype": True,
     "ephemeral_gpu_offload": False,
@@ -105,7 +112,7 @@ PEFT_LOADING_DEFAULTS: dict[str, Any] = {
 """Keywords of PEFT's ``add_adapter`` / ``load_adapter`` -> the value that is what peftdecl does."""
 
 
-def check_peft_options(method: str, options: dict[str, Any]) -> None:
+def check_peft_options(method: str, options: Mapping[str, object]) -> None:
     """Accept PEFT's ``add_adapter`` / ``load_adapter`` keywords where they ask for what peftdecl does anyway;
     raise NotSupportedError naming the others."""
     bad = sorted(
@@ -118,7 +125,7 @@ def check_peft_options(method: str, options: dict[str, Any]) -> None:
         )
 
 
-def base_model_fields(plan: Plan, info: ModelInfo) -> dict[str, Any]:
+def base_model_fields(plan: Plan, info: ModelInfo) -> dict[str, str]:
     """The ``adapter_config.json`` field HF PEFT fills from the base model where the spec leaves it null:
     ``base_model_name_or_path`` (the model's ``name_or_path``), which ``AutoPeftModel*.from_pretrained`` loads the
     base from. A null ``task_type`` stays null, as in PEFT's own save; the model's class is then recorded as
@@ -131,27 +138,37 @@ def base_model_fields(plan: Plan, info: ModelInfo) -> dict[str, Any]:
 class PeftCompat:
     """The ``PeftModel`` methods and attributes of an adapted model (mixed into ``AdaptedModel``)."""
 
-    # provided by AdaptedModel
-    _engine: Any
-    _base_model: Any
-    _plans: dict[str, Any]
-    _active: tuple[str, ...]
-    _merged: tuple[str, ...]
-    _frozen: set[str]
-    _enabled: bool
+    if TYPE_CHECKING:  # provided by AdaptedModel (the adapter state is read from its AdapterBook)
+        _engine: Engine
+        _base_model: Any  # the user's model, of whatever framework
 
-    if TYPE_CHECKING:
-
+        @property
+        def _plans(self) -> dict[str, Plan]: ...
+        @property
+        def _active(self) -> tuple[str, ...]: ...
+        @property
+        def _merged(self) -> tuple[str, ...]: ...
+        @property
+        def _frozen(self) -> set[str]: ...
+        @property
+        def _enabled(self) -> bool: ...
         def _name(self, name: str | None) -> str: ...
         def _set_frozen(self, name: str, frozen: bool) -> None: ...
         def _set_enabled(self, enabled: bool) -> None: ...
         def merge(self, names: str | Sequence[str] | None = None) -> None: ...
         def unmerge(self) -> None: ...
-        def save(self, directory: str | Path, format: str = "hf", **options: Any) -> None: ...
+        def save(
+            self,
+            directory: str | Path,
+            format: str = "hf",
+            *,
+            adapters: Sequence[str] | None = None,
+            dtype: npt.DTypeLike = np.float32,
+        ) -> None: ...
 
     # -- adapters ------------------------------------------------------------------------------------------
     @property
-    def peft_config(self) -> dict[str, Any]:
+    def peft_config(self) -> dict[str, SpecBase]:
         """Adapter name -> its spec (peftdecl's counterpart of PEFT's config object)."""
         return {name: plan.spec for name, plan in self._plans.items()}
 
@@ -161,13 +178,13 @@ class PeftCompat:
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
     @property
-    def active_peft_config(self) -> Any:
+    def active_peft_config(self) -> SpecBase:
         """The spec of the (single) active adapter."""
         return self._plans[self._name(None)].spec
 
     @property
     def peft_type(self) -> str:
-        return str(self.active_peft_config.peft_type)
+        return self.active_peft_config.peft_type
 
     @property
     def targeted_module_names(self) -> list[str]:
@@ -194,7 +211,7 @@ class PeftCompat:
         return self._base_model
 
     @property
-    def base_model_torch_dtype(self) -> Any:
+    def base_model_torch_dtype(self) -> object:
         return getattr(self._base_model, "dtype", None)
 
     # -- enabling and merging ------------------------------------------------------------------------------
@@ -260,7 +277,7 @@ class PeftCompat:
         save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
         path_initial_model_for_weight_conversion: str | None = None,
-        **kwargs: Any,
+        **kwargs: object,
     ) -> None:
         """Save the adapters (not the base model) in HF PEFT's layout: ``save("…", "hf", adapters=...)``."""
         if not safe_serialization:
@@ -278,14 +295,15 @@ class PeftCompat:
             self.save(save_directory, "hf", adapters=selected_adapters)
 
     # -- running and devices -------------------------------------------------------------------------------
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's ``generate`` with the adapters applied (torch)."""
-        if not hasattr(self._engine, "generate"):
+    def generate(self, *args: object, **kwargs: object) -> Any:
+        """The base model's ``generate`` with the adapters applied (torch); returns what it returns."""
+        generate = getattr(self._engine, "generate", None)
+        if generate is None:
             raise NotSupportedError(
                 "generate(): the torch backend's only; on MLX call mlx_lm.generate(adapted.get_base_model(), ...), "
                 "whose layers carry the adapters"
             )
-        return self._engine.generate(*args, **kwargs)
+        return generate(*args, **kwargs)
 
     @property
     def training(self) -> bool:
@@ -309,7 +327,7 @@ class PeftCompat:
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
-    def to(self, *args: Any, **kwargs: Any) -> Any:
+    def to(self: _Model, *args: object, **kwargs: object) -> _Model:
         """Move or cast the base model and its adapters together (torch's ``Module.to`` arguments); returns the
         adapted model."""
         mover = getattr(self._engine, "to", None)
@@ -321,27 +339,27 @@ class PeftCompat:
         mover(*args, **kwargs)
         return self
 
-    def cpu(self) -> Any:
+    def cpu(self: _Model) -> _Model:
         return self.to("cpu")
 
-    def cuda(self, device: Any = None) -> Any:
+    def cuda(self: _Model, device: object = None) -> _Model:
         return self.to(
             "cuda" if device is None else device if not isinstance(device, int) else f"cuda:{device}"
         )
 
-    def double(self) -> Any:
+    def double(self: _Model) -> _Model:
         return self._cast("float64")
 
-    def float(self) -> Any:
+    def float(self: _Model) -> _Model:
         return self._cast("float32")
 
-    def half(self) -> Any:
+    def half(self: _Model) -> _Model:
         return self._cast("float16")
 
-    def bfloat16(self) -> Any:
+    def bfloat16(self: _Model) -> _Model:
         return self._cast("bfloat16")
 
-    def _cast(self, dtype: str) -> Any:
+    def _cast(self: _Model, dtype: str) -> _Model:
         caster = getattr(self._engine, "cast", None)
         if caster is None:
             return self.to(dtype)  # raises the explanation
