@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from peftdecl_numpy.xp_ops import Array, einsum, namespace, pad_spatial
+from peftdecl_numpy.xp_ops import Array, einsum, kernel_at, namespace, pad_spatial, spatial
 
 
 def _windows(
@@ -45,8 +45,8 @@ def conv_forward(
     wg = xp.reshape(w, (groups, o // groups, cg, *w.shape[2:]))
     y = xp.zeros((n, groups, o // groups, *out), dtype=xp.result_type(x, w))
     for offset, slices in windows:
-        patch = xp.reshape(padded[(slice(None), slice(None), *slices)], (n, groups, cg, *out))
-        y += einsum("ngc...,goc->ngo...", patch, wg[(..., *offset)])
+        patch = xp.reshape(padded[spatial(slices)], (n, groups, cg, *out))
+        y += einsum("ngc...,goc->ngo...", patch, wg[kernel_at(offset)])
     return xp.reshape(y, (n, o, *out))
 
 
@@ -74,13 +74,13 @@ def conv_backward(
     for offset, slices in windows:
         index = (slice(None), slice(None), *slices)
         patch = xp.reshape(padded[index], (n, groups, cg, -1))
-        dw[(..., *offset)] = einsum("ngop,ngcp->goc", dyg_flat, patch)
+        dw[kernel_at(offset)] = einsum("ngop,ngcp->goc", dyg_flat, patch)
         if dxp is not None:
             dxp[index] += xp.reshape(
-                einsum("ngo...,goc->ngc...", dyg, wg[(..., *offset)]), (n, groups * cg, *out)
+                einsum("ngo...,goc->ngc...", dyg, wg[kernel_at(offset)]), (n, groups * cg, *out)
             )
     dx = None
     if dxp is not None:
         crop = tuple(slice(p, p + size) for p, size in zip(padding, x.shape[2:], strict=True))
-        dx = dxp[(slice(None), slice(None), *crop)]
+        dx = dxp[spatial(crop)]
     return dx, xp.reshape(dw, w.shape)

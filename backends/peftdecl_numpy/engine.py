@@ -19,7 +19,7 @@ from peftdecl.backend import BASE_ROW as BASE
 from peftdecl.backend import RngState, check_adapter_names, trainable_key
 from peftdecl.errors import PeftdeclError
 from peftdecl.options import EngineOptions
-from peftdecl.plan import LayerPlan, ModelInfo, Plan
+from peftdecl.plan import LayerPlan, ModelInfo, Plan, PromptPlan
 from peftdecl_numpy import compose
 from peftdecl_numpy.kinds import ops_for
 from peftdecl_numpy.layers import BaseLayer, Mode
@@ -266,33 +266,35 @@ class NumpyEngine:
         adapter trains one)."""
         from peftdecl_numpy.kinds import prompt
 
-        plan, params = self._prompt_adapter(name)
-        return self.xp.asarray(prompt.table(plan.prompt, params)[0], copy=True)
+        _, pp, params = self._prompt_adapter(name)
+        return self.xp.asarray(prompt.table(pp, params)[0], copy=True)
 
     def prefix_key_values(self, batch_size: int, name: str | None = None) -> list[tuple[Array, ...]]:
         """Per decoder layer the prefix (K, V), each (batch, heads, T, head_dim), as PEFT's ``get_prompt``."""
         from peftdecl_numpy.kinds import prompt
 
-        plan, params = self._prompt_adapter(name)
+        plan, pp, params = self._prompt_adapter(name)
         if plan.kind != "prefix_tuning":
             raise PeftdeclError(f"adapter is {plan.kind}; only prefix tuning has key/value prefixes")
-        return prompt.key_values(plan.prompt, prompt.table(plan.prompt, params)[0], batch_size)
+        return prompt.key_values(pp, prompt.table(pp, params)[0], batch_size)
 
     def prompt_backward(self, d_table: Any, name: str | None = None) -> dict[str, Array]:
         """Gradients of the adapter's trainable tensors (by key) from dL/dP (for dL/dKV see kinds.prompt)."""
         from peftdecl_numpy.kinds import prompt
 
-        plan, params = self._prompt_adapter(name)
-        _, cache = prompt.table(plan.prompt, params)
-        return prompt.table_backward(plan.prompt, params, cache, self._asarray(d_table, copy=False))
+        _, pp, params = self._prompt_adapter(name)
+        _, cache = prompt.table(pp, params)
+        return prompt.table_backward(pp, params, cache, self._asarray(d_table, copy=False))
 
-    def _prompt_adapter(self, name: str | None) -> tuple[Plan, Tensors]:
+    def _prompt_adapter(self, name: str | None) -> tuple[Plan, PromptPlan, Tensors]:
         plans = self.book.plans
         names = [name] if name is not None else [n for n in self.book.active if plans[n].prompt is not None]
         if len(names) != 1 or names[0] not in plans or plans[names[0]].prompt is None:
             found = sorted(n for n, p in plans.items() if p.prompt is not None)
             raise PeftdeclError(f"name one prompt-learning adapter (attached: {found}); got {name!r}")
-        return plans[names[0]], self._params[names[0]][""]
+        plan = plans[names[0]]
+        assert plan.prompt is not None
+        return plan, plan.prompt, self._params[names[0]][""]
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _asarray(self, value: Any, copy: bool = True) -> Array:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerInfo, ModelInfo
+from peftdecl.plan.ir import LayerType
 
 ENGINE_OPTIONS = ("xp", "dtype")
 """``attach`` / ``load_adapter`` options the engine reads (not model facts)."""
@@ -74,7 +75,7 @@ def _layer_info(key: str, shape: tuple[int, ...], declared: Any, has_bias: bool)
     if isinstance(declared, LayerInfo):
         return declared
     settings = dict(declared) if isinstance(declared, Mapping) else {"type": declared or "linear"}
-    kind = settings.pop("type")
+    kind = cast(LayerType, settings.pop("type"))
     if kind not in _NDIM:
         raise PeftdeclError(
             f"layer_types[{key[:-7]!r}]: unknown layer type {kind!r}; expected one of {list(_NDIM)}"

@@ -15,12 +15,14 @@ booleans per layer, come to the host at a masking step (they are the ``rank_patt
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import array_api_compat
 import numpy as np
 
 from peftdecl.plan import Plan
 from peftdecl.plan.kinds.adalora import E_SUFFIX, NAMES, kept_masks
+from peftdecl.spec.adalora import AdaLoraSpec
 from peftdecl_numpy.xp_ops import Array, namespace, to_numpy
 
 RankPattern = dict[str, list[bool]]
@@ -35,7 +37,7 @@ class RankAllocator:
     """
 
     def __init__(self, plan: Plan) -> None:
-        spec = plan.spec
+        spec = cast(AdaLoraSpec, plan.spec)
         if plan.kind != "adalora":
             raise ValueError(f"RankAllocator needs an AdaLoRA plan, got kind {plan.kind!r}")
         for field in ("beta1", "beta2"):
@@ -44,6 +46,8 @@ class RankAllocator:
                 raise ValueError(f"RankAllocator: {field} must lie strictly between 0 and 1, got {value}")
         self.plan = plan
         self.beta1, self.beta2 = float(spec.beta1), float(spec.beta2)
+        if spec.total_step is None:  # the spec's own check refuses this; kept for the type checker
+            raise ValueError("RankAllocator needs an AdaLoRA spec with total_step")
         self.total_step, self.tinit, self.tfinal, self.delta_t = (
             spec.total_step,
             spec.tinit,

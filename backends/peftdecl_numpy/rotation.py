@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from peftdecl.plan.kinds.oft import neumann_coefficients
-from peftdecl_numpy.xp_ops import Array, einsum, eye_like, namespace, pad_spatial, swap_last
+from peftdecl_numpy.xp_ops import Array, einsum, eye_like, namespace, pad_spatial, spatial, swap_last
 
 
 # -- skew-symmetric blocks from their strict upper triangle --------------------------------------------------
@@ -133,7 +133,7 @@ def conv_patches(
     xp = namespace(x)
     padded = pad_spatial(x, padding)
     out, windows = _windows(padded.shape[2:], kernel, stride, dilation)
-    stacked = xp.stack([padded[(slice(None), slice(None), *w)] for w in windows], axis=2)  # [N, C, K, *out]
+    stacked = xp.stack([padded[spatial(w)] for w in windows], axis=2)  # [N, C, K, *out]
     n, c, k = stacked.shape[:3]
     return xp.moveaxis(xp.reshape(stacked, (n, c * k, *out)), 1, -1)
 
@@ -154,6 +154,6 @@ def conv_patches_backward(
     g = xp.reshape(xp.moveaxis(grad, -1, 1), (n, c, len(windows), *out))
     dxp = xp.zeros((n, c, *padded), dtype=grad.dtype)
     for i, w in enumerate(windows):
-        dxp[(slice(None), slice(None), *w)] += g[:, :, i, ...]
+        dxp[spatial(w)] += g[:, :, i, ...]
     crop = tuple(slice(p, p + s) for p, s in zip(padding, x_shape[2:], strict=True))
-    return dxp[(slice(None), slice(None), *crop)]
+    return dxp[spatial(crop)]

@@ -9,7 +9,7 @@ and ``kron``). A backend for another array library overrides these hot paths and
 from __future__ import annotations
 
 import string
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import array_api_compat
@@ -40,12 +40,12 @@ def is_numpy(xp: Namespace) -> bool:
 def to_numpy(x: Array) -> np.ndarray:
     """A host NumPy copy of ``x`` in its own dtype."""
     if isinstance(x, np.ndarray):
-        return x.copy()
+        return np.array(x)
     if hasattr(x, "get"):  # CuPy: device to host
-        return np.asarray(x.get())
+        return np.array(x.get())
     if hasattr(x, "detach"):  # torch, wherever the tensor lives
-        return x.detach().cpu().numpy().copy()
-    return np.from_dlpack(x).copy()
+        return np.array(x.detach().cpu().numpy())
+    return np.array(np.from_dlpack(x))
 
 
 def einsum(subscripts: str, *operands: Array, optimize: bool = False) -> Array:
@@ -137,8 +137,18 @@ def pad_spatial(x: Array, padding: Sequence[int]) -> Array:
     xp = namespace(x)
     shape = (*x.shape[:2], *(n + 2 * p for n, p in zip(x.shape[2:], padding, strict=True)))
     out = xp.zeros(shape, dtype=x.dtype)
-    out[(slice(None), slice(None), *(slice(p, p + n) for p, n in zip(padding, x.shape[2:], strict=True)))] = x
+    out[spatial(slice(p, p + n) for p, n in zip(padding, x.shape[2:], strict=True))] = x
     return out
+
+
+def spatial(slices: Iterable[slice]) -> tuple[slice, ...]:
+    """The index ``[:, :, *slices]``: every sample and channel, ``slices`` over the spatial axes."""
+    return (slice(None), slice(None), *slices)
+
+
+def kernel_at(offset: Iterable[int]) -> tuple[Any, ...]:
+    """The index ``[..., *offset]``: one kernel position of a convolution weight."""
+    return (Ellipsis, *offset)
 
 
 def swap_last(x: Array) -> Array:

@@ -9,9 +9,10 @@ R = w · mean over {Q_l, P_l} of ‖Q Qᵀ − I‖_F and ‖Pᵀ P − I‖_F (
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from peftdecl.plan import LayerPlan, Plan
+from peftdecl.spec.adalora import AdaLoraSpec
 from peftdecl_numpy.conv import conv_backward, conv_forward
 from peftdecl_numpy.kinds._base import AdditiveKind, Params, Tape
 from peftdecl_numpy.layers import BaseLayer, dropout_mask, rows
@@ -95,7 +96,7 @@ def orthogonal_regularizer(
     exist, as in the pruned modules PEFT loads. lora_E does not enter the term. The gradients are arrays of the
     parameters' own namespace.
     """
-    w = float(plan.spec.orth_reg_weight if weight is None else weight)
+    w = float(cast(AdaLoraSpec, plan.spec).orth_reg_weight if weight is None else weight)
     total, grads = 0.0, {}
     count = 2 * len(plan.layers)
     for lp in plan.layers:
