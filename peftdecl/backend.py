@@ -140,7 +140,22 @@ class ComposingOps(KindOps[LayerT], Protocol[LayerT]):
 
 @runtime_checkable
 class ExplicitGradientOps(KindOps[LayerT], Protocol[LayerT]):
-    """A backend without autograd (the NumPy reference) also records a tape and runs the backward by hand."""
+    """A backend without autograd (the NumPy reference) also records a tape and runs the backward by hand.
+
+    Each way of running a kind has a ``*_record`` that returns (its result, a tape) and a ``*_backward`` that
+    takes the tape and the gradient of that result, with the same leading ``(lp, layer, p)``:
+
+    - the whole layer: :meth:`record` / :meth:`backward`;
+    - an additive kind's Δ(x): ``delta_record(lp, layer, p, x) -> (Δ, tape)``,
+      ``delta_backward(lp, layer, p, tape, dΔ) -> (dL/dx through Δ or None, grads)``;
+    - an OUTPUT kind: ``compose_output_record(lp, layer, p, x, y) -> (y', tape)``,
+      ``compose_output_backward(lp, layer, p, tape, dy') -> (dL/dy, dL/dx outside y or None, grads)``;
+    - an INPUT kind: ``compose_weight_record(lp, layer, p, weight) -> (W', tape)``,
+      ``compose_weight_backward(lp, layer, p, tape, dW') -> (dL/dW, grads)``.
+
+    ``grads`` maps each trainable tensor's name to dL/d(tensor); the tape-free methods of :class:`KindOps`,
+    :class:`AdditiveOps` and :class:`ComposingOps` return the first element of the matching ``*_record``.
+    """
 
     def record(self, lp: LayerPlan, layer: LayerT, p: Params, x: Any) -> tuple[Any, dict[str, Any]]:
         """(the output of :meth:`forward`, the tape its backward needs)."""
