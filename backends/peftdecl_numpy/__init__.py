@@ -1,22 +1,29 @@
-"""peftdecl's NumPy backend: the float64 reference every other backend is tested against."""
+"""peftdecl's NumPy backend: the float64 reference every other backend is tested against, written against the
+array API so that it also runs on other array namespaces (``xp=``) and dtypes (``dtype=``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import Capabilities
 from peftdecl.kinds import BackendKinds, additive_kinds, layer_kinds
+from peftdecl.options import EngineOptions
 from peftdecl.plan import LAYER_TYPES, ModelInfo
+
+if TYPE_CHECKING:
+    from peftdecl_numpy.engine import NumpyEngine
 
 # every kind that declares NumPy ops, on every IR layer type it adapts (read live from peftdecl.kinds)
 _KINDS = BackendKinds("numpy", LAYER_TYPES)
 
 
 class NumpyBackend:
-    """Runs plans on a state dict (a mapping of names to NumPy arrays), in float64, with explicit gradients."""
+    """Runs plans on a state dict (a mapping of names to NumPy arrays), in float64 unless ``dtype=`` says
+    otherwise, on NumPy unless ``xp=`` names another array-API namespace, with explicit gradients."""
 
     name = "numpy"
     capabilities = Capabilities(
@@ -37,14 +44,20 @@ class NumpyBackend:
         )
 
     def inventory(self, model: Any, **options: Any) -> ModelInfo:
-        from peftdecl_numpy.engine import inventory
+        """The state dict's layers; ``layer_types`` and model facts as options (``xp``/``dtype`` are the engine's)."""
+        from peftdecl_numpy.inventory import inventory
 
         return inventory(model, **options)
 
-    def create(self, model: Any, info: ModelInfo, **options: Any) -> Any:
+    def create(
+        self, model: Any, info: ModelInfo, book: AdapterBook, options: EngineOptions, **model_options: Any
+    ) -> NumpyEngine:
+        """An engine reading ``book``; ``xp`` (an array-API namespace, NumPy by default) and ``dtype`` (a dtype
+        name, ``float64`` by default) from ``model_options``, whose other entries the inventory has read."""
         from peftdecl_numpy.engine import NumpyEngine
 
-        return NumpyEngine(model, info)
+        xp, dtype = model_options.get("xp"), model_options.get("dtype", "float64")
+        return NumpyEngine(model, info, book, options, xp=xp, dtype=dtype)
 
 
 __all__ = ["NumpyBackend"]
