@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import os
 
+# Each pytest-xdist worker computes on one thread (set before torch or NumPy's BLAS start their pools): the
+# tests' layers are tiny, the workers already share the cores, and intra-op threads only add hand-offs (a
+# tiny torch convolution and its backward take several times longer on two threads than on one).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_variable, "1")
+
 import numpy as np
 import pytest
 

@@ -18,8 +18,8 @@ import peftdecl
 from tests.conftest import rel_err
 from tests.hf_models import peft, peft_model, perturb, tiny_llama, torch
 from tests.peft_parity import assert_training_step_like_peft
-from tests.test_torch_kinds import PAIRS, TOL, Holder, available, build
 from tests.test_torch_peft import KINDS, QV, ids, peft_trainable
+from tests.torch_cases import PAIRS, TOL, Holder, available, build
 
 DEVICE = os.environ.get("PEFTDECL_TEST_DEVICE", "cuda")
 pytestmark = [

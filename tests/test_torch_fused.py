@@ -4,7 +4,7 @@ float64 NumPy reference and torch.autograd.gradcheck.
 peftdecl_torch.kinds._fused picks a form by token count and layer size (merged weight or not for LoRA/AdaLoRA,
 rotated weight or rotated input for OFT) and OFT's backward pass by how close R is to orthogonal; on the tiny
 shapes here each form is forced in turn through the engine options (``PEFTDECL_FUSED_MERGED`` and
-``PEFTDECL_HALF_COMPUTE`` set the defaults of the engine each test creates). Tolerances as in test_torch_kinds:
+``PEFTDECL_HALF_COMPUTE`` set the defaults of the engine each test creates). Tolerances as in tests/torch_cases.py:
 float32 ≤ 1e-5, float64 ≤ 1e-10 relative; gradcheck in float64 with its default tolerances.
 """
 
@@ -21,7 +21,7 @@ from peftdecl_torch.kinds import _fused as fused  # noqa: E402
 from peftdecl_torch.kinds import dora as torch_dora  # noqa: E402
 from peftdecl_torch.kinds import lora as torch_lora  # noqa: E402
 from peftdecl_torch.kinds import oft as torch_oft  # noqa: E402
-from tests.test_torch_kinds import TOL, available, build  # noqa: E402
+from tests.torch_cases import TOL, available, build  # noqa: E402
 
 FORCED = [
     (case, layer)

@@ -13,7 +13,7 @@ import pytest
 
 import peftdecl
 from tests.conftest import rel_err
-from tests.test_torch_kinds import CASES, Holder, make_layer
+from tests.torch_cases import CASES, Holder, make_layer
 
 torch = pytest.importorskip("torch")
 
