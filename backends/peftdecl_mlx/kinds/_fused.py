@@ -76,8 +76,8 @@ def merge_pays(x: mx.array, w: mx.array, r: int, training: bool) -> bool:
 
 
 def use_merged(options: EngineOptions, x: mx.array, w: mx.array, r: int, training: bool) -> bool:
-    """Whether to run the product as x W′ᵀ: the engine option ``fused_merged`` where it is set, else
-    :func:`merge_pays`."""
+    """Whether to form W′ = W + s·B A for the product x W′ᵀ: the engine option ``fused_merged`` where it is set,
+    else :func:`merge_pays` (DoRA also uses a W′ it has just formed for its norm, which costs nothing more)."""
     if options.fused_merged is not None:
         return options.fused_merged
     return merge_pays(x, w, r, training)
