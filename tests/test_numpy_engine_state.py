@@ -111,6 +111,9 @@ def test_a_quantised_layer_is_described_and_refused_at_attach_by_name(quantizati
         peftdecl.attach(state, spec)
     model = peftdecl.attach(state, {**spec, "target_modules": ["v"]})  # the float layer still adapts
     assert model("v", np.ones((2, 8))).shape == (2, 6)
+    unloaded = model.merge_and_unload()  # the packed tensors come back as they were, never read as numbers
+    for key, value in QUANTISED[quantization].items():
+        assert unloaded[key].dtype == value.dtype and np.array_equal(unloaded[key], value), key
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

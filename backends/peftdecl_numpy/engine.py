@@ -147,7 +147,12 @@ class NumpyEngine:
 
     def unload(self) -> dict[str, np.ndarray]:
         """A new state dict: merged weights in the original layouts, modules_to_save copies swapped in."""
-        out = {k: np.array(v, dtype=self.dtype_name) for k, v in self._original.items()}
+        # float tensors in the engine's dtype; integer ones and a quantised layer's own tensors as they are
+        packed = tuple(f"{m}." for m, layer in self._info.layers.items() if layer.quantization is not None)
+        out = {
+            k: np.array(v) if k.startswith(packed) else _host_copy(v, self.dtype_name)
+            for k, v in self._original.items()
+        }
         for module, layer in self._layers.items():
             weight = to_numpy(layer.weight)
             out[f"{module}.weight"] = weight.T.copy() if layer.info.type == "gpt2_conv1d" else weight
@@ -345,6 +350,11 @@ class NumpyEngine:
             where = xp.reshape(xp.asarray(chosen), (-1, *(1,) * (y.ndim - 1)))
             y = xp.where(where, xp.take(y_rows, xp.asarray(position), axis=0), y)
         return y, {"x": x, "running": []}
+
+
+def _host_copy(value: Any, float_dtype: str) -> np.ndarray:
+    array = np.asarray(value)
+    return np.array(array, dtype=float_dtype) if array.dtype.kind == "f" else array.copy()
 
 
 def inventory(
