@@ -1,8 +1,9 @@
-"""Generate docs/capabilities.md from each installed backend's static Capabilities record.
+"""Generate docs/capabilities.md from the kind registry and each installed backend's static Capabilities record.
 
 Run as a script (``python docs/gen_capabilities.py``) or as a mkdocs hook (listed under ``hooks:`` in mkdocs.yml).
 Reading Capabilities imports no heavy library, so the page builds without torch or MLX installed; a backend that
-is not installed is listed with the reason.
+is not installed is listed with the reason. The kinds (rows) and layer types (columns) are those of
+:mod:`peftdecl.kinds`, so a newly declared kind appears here without editing this file.
 """
 
 from __future__ import annotations
@@ -12,34 +13,29 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "capabilities.md"
-KINDS = (
-    "lora",
-    "dora",
-    "adalora",
-    "ia3",
-    "loha",
-    "lokr",
-    "oft",
-    "boft",
-    "vera",
-    "prefix_tuning",
-    "prompt_tuning",
-)
-LAYERS = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
-
-
 def render() -> str:
     """The page text."""
     import peftdecl
+    from peftdecl.kinds import kinds
+    from peftdecl.plan import LAYER_TYPES
 
+    declared = kinds()
     entries = peftdecl.backends()
     lines = [
         "# Backend capabilities",
         "",
-        "Generated from each backend's `Capabilities` record (`peftdecl.backends()`); tests skip, with this reason,",
-        "whatever a backend does not list.",
+        "Generated from the kind registry (`peftdecl.kinds`) and each backend's `Capabilities` record",
+        "(`peftdecl.backends()`); tests skip, with this reason, whatever a backend does not list.",
         "",
+        "## Kinds",
+        "",
+        "| kind | peft_type | layer types | composes by | what it computes |",
+        "| --- | --- | --- | --- | --- |",
     ]
+    for decl in declared.values():
+        layers = ", ".join(decl.layer_types) or "model-level"
+        lines.append(f"| {decl.name} | {decl.peft_type} | {layers} | {decl.composition} | {decl.summary} |")
+    lines.append("")
     for name, entry in entries.items():
         caps = entry.capabilities
         lines += [f"## {name}", ""]
@@ -53,14 +49,14 @@ def render() -> str:
             f"- several active adapters on one layer: {_list(caps.multi_active)}",
             f"- requires: {_list(caps.requires)}",
             "",
-            "| kind | " + " | ".join(LAYERS) + " |",
-            "| --- | " + " | ".join("---" for _ in LAYERS) + " |",
+            "| kind | " + " | ".join(LAYER_TYPES) + " |",
+            "| --- | " + " | ".join("---" for _ in LAYER_TYPES) + " |",
         ]
-        for kind in KINDS:
-            if kind in ("prefix_tuning", "prompt_tuning"):
-                cells = ["model-level" if caps.supports(kind) else "—"] + [""] * (len(LAYERS) - 1)
+        for kind, decl in declared.items():
+            if decl.model_level:
+                cells = ["model-level" if caps.supports(kind) else "—"] + [""] * (len(LAYER_TYPES) - 1)
             else:
-                cells = ["✓" if caps.supports(kind, layer) else "—" for layer in LAYERS]
+                cells = ["✓" if caps.supports(kind, layer) else "—" for layer in LAYER_TYPES]
             lines.append(f"| {kind} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
