@@ -38,6 +38,7 @@ DEFAULT_ADAPTER = "default"
 HF_PEFT_FORMAT_VERSION = "0.21.2"
 """The HF PEFT release whose file format this module writes (recorded as ``peft_version`` when unset)."""
 
+
 def kind_markers() -> dict[str, tuple[str, ...]]:
     """peft_type -> the tensor-name fragments that identify it (its kinds' ``hf_markers``), to explain a
     config/tensor mismatch; read from :mod:`peftdecl.kinds`, so registered kinds are included."""
