@@ -295,14 +295,13 @@ def test_coft_projects_the_stored_tensor_during_training_like_the_reference(back
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    d_in=st.integers(2, 9),
-    d_out=st.integers(1, 9),
-    r=st.integers(1, 4),
+    dims=st.tuples(st.integers(2, 9), st.integers(1, 9), st.integers(1, 4)),  # in, out, rank
     dora=st.booleans(),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_property_linear_lora_and_dora_match_reference(backend, d_in, d_out, r, dora, bias, seed) -> None:
+def test_property_linear_lora_and_dora_match_reference(backend, dims, dora, bias, seed) -> None:
+    d_in, d_out, r = dims
     shapes = {"m.weight": (d_out, d_in), **({"m.bias": (d_out,)} if bias else {})}
     spec = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "use_dora": dora, "init_lora_weights": False,
             "target_modules": ["m"]}  # fmt: skip

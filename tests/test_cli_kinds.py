@@ -7,6 +7,7 @@ import pytest
 import peftdecl
 from peftdecl.cli import main
 from peftdecl.demo import llama_state_dict
+from peftdecl.kinds import kinds
 
 FACTS = {
     "layer_types": {"model.embed_tokens": "embedding"}, "output_head": "lm_head",
@@ -24,9 +25,13 @@ SPECS = {
     "oft": ({"peft_type": "OFT", "r": 0, "oft_block_size": 16, "target_modules": QV}, "4×16"),
     "boft": ({"peft_type": "BOFT", "boft_block_size": 8, "target_modules": QV}, "1×8×8"),
     "vera": ({"peft_type": "VERA", "r": 16, "target_modules": QV}, "16"),
-    "prefix": ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 5, "task_type": "CAUSAL_LM"}, None),
-    "prompt": ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 6, "task_type": "CAUSAL_LM"}, None),
+    "prefix_tuning": ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 5, "task_type": "CAUSAL_LM"}, None),
+    "prompt_tuning": ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 6, "task_type": "CAUSAL_LM"}, None),
 }  # fmt: skip
+
+
+def test_every_kind_is_inspected() -> None:
+    assert set(SPECS) == set(kinds())  # a new kind needs its inspect row here (and its rank reading)
 
 
 @pytest.mark.parametrize("kind", sorted(SPECS))
