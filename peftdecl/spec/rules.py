@@ -11,7 +11,6 @@ from __future__ import annotations
 from peftdecl._json import JsonObject
 from peftdecl.spec.limits import MAX_DIM, MAX_STEPS
 
-_TARGETING_KINDS = ("LORA", "ADALORA", "LOHA", "LOKR", "OFT", "BOFT", "VERA")
 _PROMPT_KINDS = ("PREFIX_TUNING", "PROMPT_TUNING")
 
 REGEX_RULE = "regex"
@@ -85,12 +84,21 @@ def _first_is(name: str, schema: JsonObject, default_matches: bool, message: str
     return {"required": [name], "properties": {name: {**schema, "x-error": message}}}
 
 
+def _has_targeting_fields(peft_type: str) -> bool:
+    """Whether the kind's spec has HF PEFT's layer-targeting fields (layers_to_transform and layers_pattern),
+    read from its Struct in :mod:`peftdecl.kinds` so that a registered kind gets their rules too."""
+    from peftdecl.kinds import spec_types
+
+    cls = spec_types().get(peft_type)
+    return cls is not None and {"layers_to_transform", "layers_pattern"} <= set(cls.__struct_fields__)
+
+
 def kind_rules(peft_type: str) -> tuple[list[JsonObject], list[str], dict[str, JsonObject]]:
     """``(allOf rules, extra required fields, property overrides)`` for one adapter kind."""
     rules: list[JsonObject] = []
     required: list[str] = []
     overrides: dict[str, JsonObject] = {}
-    if peft_type in _TARGETING_KINDS:
+    if _has_targeting_fields(peft_type):
         regex_only = "cannot be used when target_modules is a regex string; use a list"
         rules.append(
             _when(
