@@ -69,6 +69,8 @@ def _entry_point_kinds() -> dict[str, KindDecl]:
         for point in points:
             try:
                 for decl in _as_decls(point.load()):
+                    if builtin.get(decl.name) is decl:  # peftdecl's own entry point lists the built-ins
+                        continue
                     if decl.name in builtin:
                         raise ValueError(f"kind {decl.name!r} is built in")
                     found[decl.name] = decl
