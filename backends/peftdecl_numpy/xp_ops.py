@@ -119,7 +119,8 @@ def add_at_rows(target: Array, indices: Array, values: Array) -> Array:
 def kron(a: Array, b: Array) -> Array:
     """The Kronecker product; operands of unequal rank get leading unit axes, as ``np.kron``."""
     xp = namespace(a, b)
-    if hasattr(xp, "kron"):
+    # NumPy's and CuPy's own; torch.kron refuses some strided operands of unequal rank, so it takes the generic path
+    if is_numpy(xp) or array_api_compat.is_cupy_namespace(xp):
         return xp.kron(a, b)
     nd = max(a.ndim, b.ndim)
     a = xp.reshape(a, (1,) * (nd - a.ndim) + tuple(a.shape))
