@@ -18,13 +18,22 @@ import peftdecl
 
 
 def selected_backends() -> list[str]:
-    """Installed, available backends, narrowed by PEFTDECL_TEST_BACKENDS=numpy,torch,..."""
-    available = [name for name, entry in peftdecl.backends().items() if entry.available]
+    """Installed, available backends, narrowed by PEFTDECL_TEST_BACKENDS=numpy,torch,...
+
+    A backend named there that is not available stops the run (naming why): a CI job whose backend failed to
+    install must fail, not pass with that backend's tests quietly left out."""
+    entries = peftdecl.backends()
+    available = [name for name, entry in entries.items() if entry.available]
     wanted = os.environ.get("PEFTDECL_TEST_BACKENDS")
-    if wanted:
-        chosen = [b.strip() for b in wanted.split(",") if b.strip()]
-        return [b for b in chosen if b in available]
-    return available
+    if not wanted:
+        return available
+    chosen = [b.strip() for b in wanted.split(",") if b.strip()]
+    missing = {
+        b: entries[b].reason if b in entries else "not installed" for b in chosen if b not in available
+    }
+    if missing:
+        raise pytest.UsageError(f"PEFTDECL_TEST_BACKENDS={wanted!r} names unavailable backends: {missing}")
+    return chosen
 
 
 @pytest.fixture(params=selected_backends())
