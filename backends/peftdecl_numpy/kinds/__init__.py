@@ -3,7 +3,7 @@
 A kind module exposes ``OPS``, which implements the kind-ops Protocols of :mod:`peftdecl.backend`: ``KindOps``
 with ``AdditiveOps`` (additive kinds) or ``ComposingOps``, and ``ExplicitGradientOps`` (``record`` / ``backward``
 and the tape variants ``delta_record``, ``compose_output_record``, ``compose_weight_record`` with their
-``*_backward``); :mod:`peftdecl_numpy.kinds._base` derives the tape-free methods. ``layer`` is a
+``*_backward``); :mod:`peftdecl_numpy.kinds.base` derives the tape-free methods. ``layer`` is a
 :class:`peftdecl_numpy.layers.BaseLayer` (base weights, training flag, the engine's generator) and ``p`` maps the
 layer's tensor names (``lora_A.weight``) to arrays of the engine's namespace.
 """

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from peftdecl.plan import LayerPlan
-from peftdecl_numpy.kinds._base import AdditiveKind, Params, Tape
+from peftdecl_numpy.kinds.base import AdditiveKind, Params, Tape
 from peftdecl_numpy.layers import BaseLayer
 from peftdecl_numpy.xp_ops import Array, einsum
 

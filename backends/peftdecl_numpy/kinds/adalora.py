@@ -14,7 +14,7 @@ from typing import Any, cast
 from peftdecl.plan import LayerPlan, Plan
 from peftdecl.spec.adalora import AdaLoraSpec
 from peftdecl_numpy.conv import conv_backward, conv_forward
-from peftdecl_numpy.kinds._base import AdditiveKind, Params, Tape
+from peftdecl_numpy.kinds.base import AdditiveKind, Params, Tape
 from peftdecl_numpy.layers import BaseLayer, dropout_mask, rows
 from peftdecl_numpy.xp_ops import Array, Namespace, namespace
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.boft import butterfly_perms
-from peftdecl_numpy.kinds._base import ComposingKind, Params, Tape, Weights
+from peftdecl_numpy.kinds.base import ComposingKind, Params, Tape, Weights
 from peftdecl_numpy.layers import BaseLayer
 from peftdecl_numpy.rotation import (
     cayley,

@@ -22,7 +22,7 @@ from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.dora import MAGNITUDE
 from peftdecl_numpy.conv import conv_backward, conv_forward
-from peftdecl_numpy.kinds._base import ComposingKind, Params, Tape, Weights
+from peftdecl_numpy.kinds.base import ComposingKind, Params, Tape, Weights
 from peftdecl_numpy.kinds.lora import OPS as LORA
 from peftdecl_numpy.kinds.lora import embedding_delta, embedding_grads
 from peftdecl_numpy.layers import BaseLayer, dropout_mask, rows

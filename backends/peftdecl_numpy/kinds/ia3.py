@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from peftdecl.plan import LayerPlan
-from peftdecl_numpy.kinds._base import ComposingKind, Params, Tape, Weights
+from peftdecl_numpy.kinds.base import ComposingKind, Params, Tape, Weights
 from peftdecl_numpy.layers import BaseLayer, rows
 from peftdecl_numpy.xp_ops import Array, namespace
 

@@ -11,7 +11,7 @@ from typing import Any
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl_numpy.conv import conv_backward, conv_forward
-from peftdecl_numpy.kinds._base import AdditiveKind, Params, Tape, Weights
+from peftdecl_numpy.kinds.base import AdditiveKind, Params, Tape, Weights
 from peftdecl_numpy.layers import BaseLayer, dropout_mask, rows
 from peftdecl_numpy.xp_ops import Array, add_at_rows, einsum, namespace, take_rows
 

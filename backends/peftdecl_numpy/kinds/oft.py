@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from peftdecl.plan import LayerPlan
-from peftdecl_numpy.kinds._base import ComposingKind, Params, Tape, Weights
+from peftdecl_numpy.kinds.base import ComposingKind, Params, Tape, Weights
 from peftdecl_numpy.layers import BaseLayer
 from peftdecl_numpy.rotation import (
     cayley,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.vera import register_projection_source
-from peftdecl_numpy.kinds._base import AdditiveKind, Params, Tape
+from peftdecl_numpy.kinds.base import AdditiveKind, Params, Tape
 from peftdecl_numpy.layers import BaseLayer, dropout_mask, rows
 from peftdecl_numpy.torch_bridge import vera_projections
 from peftdecl_numpy.xp_ops import Array

@@ -6,7 +6,7 @@ An additive kind writes Δ(x) with its tape (``delta_record``), the tape's backw
 A composing kind writes ``record``/``backward`` for the whole layer and the ``compose_output_record`` /
 ``compose_weight_record`` pair(s) with their backwards for the way it composes; :class:`ComposingKind` gives the
 tape-free methods. Every method takes ``(lp, layer, p, ...)``: ``layer`` is the :class:`BaseLayer` handle, which
-also carries the training flag and the engine's generator.
+also carries the training flag and the engine's generator. A kind declared outside peftdecl can subclass these too.
 """
 
 from __future__ import annotations
