@@ -18,8 +18,7 @@ class KindLayout:
     """How one adapter kind is laid out on the layers it targets."""
 
     kind: str
-    layer_types: tuple[str, ...] = ()
-    """Unused: the layer types a kind adapts are its :attr:`peftdecl.kinds.KindDecl.layer_types`."""
+    """The execution kind; the layer types it adapts are declared once, in its :class:`peftdecl.kinds.KindDecl`."""
     build_layer: Callable[[Any, str, LayerInfo, ModelInfo], LayerPlan] | None = None
     build_shared: Callable[[Any, Sequence[LayerPlan], ModelInfo], tuple[ParamSpec, ...]] | None = None
     build_prompt: Callable[[Any, ModelInfo], tuple[PromptPlan, tuple[ParamSpec, ...]]] | None = None

@@ -177,7 +177,6 @@ def kept_masks(plan: Plan) -> Mapping[str, np.ndarray]:
 
 LAYOUT = KindLayout(
     kind="adalora",
-    layer_types=("linear", "conv2d", "gpt2_conv1d"),
     build_layer=build_adalora_layer,
     build_shared=check_rank_pattern,
     to_file=prune_for_file,

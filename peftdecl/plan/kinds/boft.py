@@ -135,6 +135,4 @@ def boft_from_file(plan: Plan, arrays: dict[str, np.ndarray]) -> dict[str, np.nd
     return out
 
 
-LAYOUT = KindLayout(
-    kind="boft", layer_types=("linear", "conv2d"), build_layer=build_boft_layer, from_file=boft_from_file
-)
+LAYOUT = KindLayout(kind="boft", build_layer=build_boft_layer, from_file=boft_from_file)

@@ -88,6 +88,5 @@ def build_dora_layer(spec: LoraSpec, module: str, layer: LayerInfo, info: ModelI
 
 LAYOUT = KindLayout(
     kind="dora",
-    layer_types=("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d"),
     build_layer=build_dora_layer,
 )

@@ -60,4 +60,4 @@ def build_ia3_layer(spec: IA3Spec, module: str, layer: LayerInfo, info: ModelInf
     )
 
 
-LAYOUT = KindLayout(kind="ia3", layer_types=("linear", "conv2d", "gpt2_conv1d"), build_layer=build_ia3_layer)
+LAYOUT = KindLayout(kind="ia3", build_layer=build_ia3_layer)

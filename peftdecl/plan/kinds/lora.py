@@ -93,6 +93,5 @@ def build_lora_layer(spec: LoraSpec, module: str, layer: LayerInfo, info: ModelI
 
 LAYOUT = KindLayout(
     kind="lora",
-    layer_types=("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d"),
     build_layer=build_lora_layer,
 )

@@ -15,7 +15,6 @@ from peftdecl.plan.kinds import KindLayout
 from peftdecl.plan.kinds.lora import KAIMING_A, rank_and_alpha
 from peftdecl.spec.lycoris import LoHaSpec, LoKrSpec, LycorisSpec
 
-LAYER_TYPES = ("linear", "conv1d", "conv2d")
 ZEROS = Init("zeros")
 
 
@@ -57,7 +56,7 @@ def _core_kernel(layer: LayerInfo) -> tuple[int, ...]:
 
 
 def _check_layer(module: str, layer: LayerInfo) -> None:
-    # compile_plan has already refused layer types outside LAYER_TYPES
+    # compile_plan has already refused layer types the kind does not declare
     if layer.is_conv and layer.in_features % layer.groups != 0:
         raise TargetError(
             f"{module}: in_channels {layer.in_features} is not divisible by groups {layer.groups}"
@@ -182,6 +181,6 @@ def build_lokr_layer(spec: LoKrSpec, module: str, layer: LayerInfo, info: ModelI
 
 
 LAYOUTS = (
-    KindLayout(kind="loha", layer_types=LAYER_TYPES, build_layer=build_loha_layer),
-    KindLayout(kind="lokr", layer_types=LAYER_TYPES, build_layer=build_lokr_layer),
+    KindLayout(kind="loha", build_layer=build_loha_layer),
+    KindLayout(kind="lokr", build_layer=build_lokr_layer),
 )

@@ -120,4 +120,4 @@ def build_oft_layer(spec: OFTSpec, module: str, layer: LayerInfo, info: ModelInf
     )
 
 
-LAYOUT = KindLayout(kind="oft", layer_types=("linear", "embedding", "conv2d"), build_layer=build_oft_layer)
+LAYOUT = KindLayout(kind="oft", build_layer=build_oft_layer)

@@ -235,14 +235,12 @@ def prompt_to_file(plan: Plan, arrays: dict[str, np.ndarray]) -> tuple[dict[str,
 LAYOUTS = (
     KindLayout(
         kind="prefix_tuning",
-        layer_types=(),
         build_prompt=build_prefix,
         mergeable=False,
         to_file=prefix_to_file,
     ),
     KindLayout(
         kind="prompt_tuning",
-        layer_types=(),
         build_prompt=build_prompt_tuning,
         mergeable=False,
         to_file=prompt_to_file,

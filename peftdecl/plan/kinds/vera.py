@@ -165,7 +165,6 @@ def vera_from_file(plan: Plan, arrays: dict[str, np.ndarray]) -> dict[str, np.nd
 
 LAYOUT = KindLayout(
     kind="vera",
-    layer_types=("linear", "gpt2_conv1d"),
     build_layer=build_vera_layer,
     build_shared=build_vera_shared,
     to_file=vera_to_file,
