@@ -6,14 +6,9 @@ import pytest
 
 import peftdecl
 from peftdecl.cli import main
-from peftdecl.demo import llama_state_dict
+from peftdecl.demo import FACTS, llama_state_dict  # the demo's synthetic Llama and its facts
 from peftdecl.kinds import kinds
 
-FACTS = {
-    "layer_types": {"model.embed_tokens": "embedding"}, "output_head": "lm_head",
-    "word_embeddings": "model.embed_tokens", "model_type": "llama", "num_layers": 2, "hidden_size": 64,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
-}  # fmt: skip
 QV = ["q_proj", "v_proj"]
 SPECS = {
     "lora": ({"peft_type": "LORA", "r": 4, "target_modules": QV}, "4"),
