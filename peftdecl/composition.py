@@ -21,14 +21,16 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from peftdecl.plan import LayerPlan
 
 if TYPE_CHECKING:
     from peftdecl.backend import ComposingOps, KindOps
 
-ADD, OUTPUT, INPUT = "add", "output", "input"
+ADD: Final = "add"
+OUTPUT: Final = "output"
+INPUT: Final = "input"
 T = TypeVar("T")
 
 

@@ -8,13 +8,16 @@ Plain torch ops throughout: autograd differentiates the composition.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 
-from peftdecl.backend import KindOps, Params
+from peftdecl.backend import AdditiveOps, ComposingOps, KindOps, Params
 from peftdecl.composition import ADD, INPUT, role, weight_map_order
 from peftdecl.plan import LayerPlan
+
+if TYPE_CHECKING:
+    from peftdecl_torch.layer import AdaptedLayer
 
 
 class Running(NamedTuple):
@@ -22,23 +25,24 @@ class Running(NamedTuple):
 
     name: str
     lp: LayerPlan
-    ops: Any  # a KindOps; Any because ComposingOps/AdditiveOps methods are called by role
+    ops: KindOps[AdaptedLayer]
     dtype: torch.dtype
     params: dict[str, torch.Tensor]
 
 
-def forward(layer: Any, x: torch.Tensor, running: list[Running]) -> torch.Tensor:
-    """The output of ``layer`` (an AdaptedLayer) with every adapter of ``running`` (in active order) applied."""
+def forward(layer: AdaptedLayer, x: torch.Tensor, running: list[Running]) -> torch.Tensor:
+    """The output of ``layer`` with every adapter of ``running`` (in active order) applied."""
     maps = weight_map_order(running, lambda e: (e.ops, e.lp))
     if maps:
         weight = layer.weight_ir()
         for entry in maps:
-            weight = entry.ops.compose_weight(entry.lp, layer, entry.params, weight.to(entry.dtype))
-        out_dtype = x.dtype if x.is_floating_point() else layer.base_layer.weight.dtype
+            composing = cast("ComposingOps[AdaptedLayer]", entry.ops)
+            weight = composing.compose_weight(entry.lp, layer, entry.params, weight.to(entry.dtype))
+        out_dtype = x.dtype if x.is_floating_point() else layer.base_weight.dtype
         bias = None if layer.bias is None else layer.bias.to(weight.dtype)
         result = layer.functional(x.to(weight.dtype) if x.is_floating_point() else x, weight, bias)
     else:
-        result = layer.base_layer(x)
+        result = layer.base_forward(x)
         out_dtype = result.dtype
     for entry in running:
         kind_role = role(entry.ops, entry.lp)
@@ -48,15 +52,24 @@ def forward(layer: Any, x: torch.Tensor, running: list[Running]) -> torch.Tensor
         if kind_role == ADD:
             result = accumulate(entry.ops, entry.lp, layer, entry.params, xa, result.to(entry.dtype))
         else:
-            result = entry.ops.compose_output(entry.lp, layer, entry.params, xa, result.to(entry.dtype))
+            composing = cast("ComposingOps[AdaptedLayer]", entry.ops)
+            result = composing.compose_output(entry.lp, layer, entry.params, xa, result.to(entry.dtype))
     return result.to(out_dtype)
 
 
 def accumulate(
-    ops: KindOps[Any], lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor
+    ops: KindOps[AdaptedLayer],
+    lp: LayerPlan,
+    layer: AdaptedLayer,
+    p: Params,
+    x: torch.Tensor,
+    result: torch.Tensor,
 ) -> torch.Tensor:
     """result + Δ(x) of an additive kind: its optional ``accumulate`` fast path, else ``result + delta(...)``."""
     fast = getattr(ops, "accumulate", None)
-    if fast is not None:
-        return fast(lp, layer, p, x, result)
-    return result + ops.delta(lp, layer, p, x)  # type: ignore[attr-defined]
+    out: torch.Tensor = (
+        fast(lp, layer, p, x, result)
+        if fast is not None
+        else result + cast("AdditiveOps[AdaptedLayer]", ops).delta(lp, layer, p, x)
+    )
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -80,8 +80,8 @@ class TorchEngine:
         for lp in plan.layers:
             layer = self._wrap(lp.module, lp.layer.type)
             links = {}
-            device = layer.base_layer.weight.device
-            dtype = adapter_dtype(layer.base_layer.weight, self._autocast)
+            device = layer.base_weight.device
+            dtype = adapter_dtype(layer.base_weight, self._autocast)
             for tensor_name, value in self._shared[name].items():
                 key = (tensor_name, device, dtype)
                 if key not in copies:
@@ -191,7 +191,8 @@ class TorchEngine:
         return self.model
 
     def base_weight(self, module: str) -> np.ndarray:
-        return self._weight_ir(module).detach().to("cpu", torch.float64).numpy().copy()
+        array: np.ndarray = self._weight_ir(module).detach().to("cpu", torch.float64).numpy().copy()
+        return array
 
     def load_base_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         for key, value in weights.items():
@@ -216,17 +217,18 @@ class TorchEngine:
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the adapters applied (rows repeated by beam search follow their name)."""
-        if not hasattr(self.model, "generate"):
+        generate: Callable[..., Any] | None = getattr(self.model, "generate", None)
+        if generate is None:
             raise PeftdeclError(f"{type(self.model).__name__} has no generate()")
         with self._rows(adapter_names, expand=True):
             prompt = self._active_prompt()
             if prompt is None:
-                return self.model.generate(*args, **kwargs)
+                return generate(*args, **kwargs)
             embed, dtype = self._embedding(), self._embedding().weight.dtype
             if self._info.is_encoder_decoder:
                 return seq2seq_generate(self.model, prompt, embed, dtype, args, kwargs)
             with generation_inputs(self.model, prompt, embed, dtype):
-                return self.model.generate(*args, **kwargs)
+                return generate(*args, **kwargs)
 
     def trainable_parameters(self, names: tuple[str, ...]) -> dict[str, nn.Parameter]:
         """Key -> the live parameter, for the adapters ``names`` (and their modules_to_save copies): the full IR key
@@ -318,13 +320,14 @@ class TorchEngine:
             return head_rules(task)
         return prompt_call
 
-    def _embedding(self) -> nn.Module:
+    def _embedding(self) -> nn.Embedding:
         """The input word embeddings (prompt tuning looks ids up there; their weight sets device and dtype)."""
         module = self._info.word_embeddings
         if module is not None:
-            return self.model.get_submodule(module)
-        if hasattr(self.model, "get_input_embeddings"):
-            return self.model.get_input_embeddings()
+            return cast(nn.Embedding, self.model.get_submodule(module))
+        getter: Callable[[], nn.Embedding] | None = getattr(self.model, "get_input_embeddings", None)
+        if getter is not None:
+            return getter()
         raise PeftdeclError(
             f"{type(self.model).__name__} names no input word embeddings (get_input_embeddings()); "
             "prompt-learning adapters need them"
@@ -413,4 +416,5 @@ class TorchEngine:
             raise PeftdeclError(
                 f"{key or module}: {module} is a {type(found).__name__}, not an adaptable layer"
             )
-        return found.weight.T if kind == "gpt2_conv1d" else found.weight
+        weight = cast(torch.Tensor, found.weight)
+        return weight.T if kind == "gpt2_conv1d" else weight

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from peftdecl.backend import check_options as check_backend_options
 from peftdecl.errors import BackendError
 from peftdecl.plan import LayerInfo, ModelInfo
 from peftdecl.plan.facts import config_facts
+from peftdecl.plan.ir import LayerType
 from peftdecl.plan.targeting import SEQ_CLS_HEAD_NAMES
 
 KNOWN_OPTIONS = ("autocast_adapter_dtype",)
@@ -49,7 +50,7 @@ def _dtype_name(module: nn.Module) -> str | None:
     return str(weight.dtype).removeprefix("torch.") if isinstance(weight, torch.Tensor) else None
 
 
-def layer_type(module: nn.Module) -> str | None:
+def layer_type(module: nn.Module) -> LayerType | None:
     """The IR layer type of a torch module, or None when peftdecl cannot adapt it."""
     if isinstance(module, nn.Linear):
         return "linear"
@@ -81,30 +82,38 @@ def layer_info(module: nn.Module) -> LayerInfo | None:
     has_bias = getattr(module, "bias", None) is not None
     dtype, quantized = _dtype_name(module), quantization(module)
     if kind == "linear":
+        linear = cast(nn.Linear, module)  # or a quantised linear layer, which has the same attributes
         return LayerInfo(
-            kind, module.in_features, module.out_features, has_bias, dtype=dtype, quantization=quantized
+            kind, linear.in_features, linear.out_features, has_bias, dtype=dtype, quantization=quantized
         )
     if kind == "gpt2_conv1d":
-        d_in, d_out = module.weight.shape
+        d_in, d_out = cast(torch.Tensor, module.weight).shape
         return LayerInfo(kind, d_in, d_out, has_bias, dtype=dtype, quantization=quantized)
     if kind == "embedding":
+        embedding = cast(nn.Embedding, module)
         return LayerInfo(
-            kind, module.num_embeddings, module.embedding_dim, False, dtype=dtype, quantization=quantized
+            kind,
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            False,
+            dtype=dtype,
+            quantization=quantized,
         )
-    if isinstance(module.padding, str):
+    conv = cast("nn.Conv1d | nn.Conv2d", module)
+    if isinstance(conv.padding, str):
         raise BackendError(
-            f"{type(module).__name__} with padding={module.padding!r} is not supported; use explicit integer padding"
+            f"{type(module).__name__} with padding={conv.padding!r} is not supported; use explicit integer padding"
         )
     return LayerInfo(
         kind,
-        module.in_channels,
-        module.out_channels,
+        conv.in_channels,
+        conv.out_channels,
         has_bias,
-        kernel_size=tuple(module.kernel_size),
-        stride=tuple(module.stride),
-        padding=tuple(module.padding),
-        dilation=tuple(module.dilation),
-        groups=module.groups,
+        kernel_size=tuple(conv.kernel_size),
+        stride=tuple(conv.stride),
+        padding=tuple(conv.padding),
+        dilation=tuple(conv.dilation),
+        groups=conv.groups,
         dtype=dtype,
         quantization=quantized,
     )
@@ -190,5 +199,7 @@ def load_checkpoint(directory: str | Path) -> nn.Module:
         raise BackendError(f"{folder}: no config.json (expected a save_pretrained checkpoint folder)")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    model: nn.Module = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, local_files_only=True
+    )
     return model.eval()

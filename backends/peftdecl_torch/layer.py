@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -158,7 +158,7 @@ class AdaptedLayer(nn.Module):
         ``lora_A.weight`` lives at ``lora_A[name].weight`` and ``ia3_l`` at ``ia3_l[name]``, as in HF PEFT's
         modules. ``shared`` maps tensor names the kind reads (VeRA's ``vera_A``) to buffers registered with
         :meth:`add_shared`."""
-        weight = self.base_layer.weight
+        weight = self.base_weight
         dtype = adapter_dtype(weight, autocast)
         slots = []
         for spec in lp.params:
@@ -248,32 +248,30 @@ class AdaptedLayer(nn.Module):
     # -- the base layer ------------------------------------------------------------------------------------
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer itself on x (its own module, hooks included)."""
-        return self.base_layer(x)
+        y: torch.Tensor = self.base_layer(x)
+        return y
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The base layer's weight as it stores it (GPT-2 Conv1D: ``[in, out]``)."""
+        return cast(torch.Tensor, self.base_layer.weight)
 
     def weight_ir(self) -> torch.Tensor:
         """The base weight in the IR layout ``[out, in]`` (a view: GPT-2 Conv1D stores ``[in, out]``)."""
-        weight = self.base_layer.weight
+        weight = self.base_weight
         return weight.T if self.info.type == "gpt2_conv1d" else weight
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return getattr(self.base_layer, "bias", None)
+        return cast("torch.Tensor | None", getattr(self.base_layer, "bias", None))
 
     def functional(
         self, x: torch.Tensor, weight_ir: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The base layer's operation with another weight (IR layout) and bias."""
-        info, base = self.info, self.base_layer
+        info = self.info
         if info.type == "embedding":
-            return F.embedding(
-                x,
-                weight_ir,
-                base.padding_idx,
-                base.max_norm,
-                base.norm_type,
-                base.scale_grad_by_freq,
-                base.sparse,
-            )
+            return self.embed(x, weight_ir)
         if info.type == "conv1d":
             return F.conv1d(x, weight_ir, bias, info.stride, info.padding, info.dilation, info.groups)
         if info.type == "conv2d":
@@ -282,7 +280,7 @@ class AdaptedLayer(nn.Module):
 
     def embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Look ``x`` up in ``table`` with the base embedding's settings (padding_idx gets no gradient)."""
-        base = self.base_layer
+        base = cast(nn.Embedding, self.base_layer)
         return F.embedding(
             x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
         )
@@ -290,10 +288,10 @@ class AdaptedLayer(nn.Module):
     def write_base(self, weight_ir: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Store a new base weight (IR layout) and bias in place, in the base layer's own dtype and layout."""
         with torch.no_grad():
-            target = self.base_layer.weight
-            target.copy_(weight_ir.T if self.info.type == "gpt2_conv1d" else weight_ir)
-            if bias is not None and self.base_layer.bias is not None:
-                self.base_layer.bias.copy_(bias)
+            self.base_weight.copy_(weight_ir.T if self.info.type == "gpt2_conv1d" else weight_ir)
+            target_bias = self.bias
+            if bias is not None and target_bias is not None:
+                target_bias.copy_(bias)
 
     # -- merging -------------------------------------------------------------------------------------------
     def merge(self, name: str, before: Sequence[str]) -> None:
@@ -341,26 +339,27 @@ class AdaptedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         book = self._context.book
         if not book.enabled:
-            return self.base_layer(x)
+            return self.base_forward(x)
         rows = ADAPTER_NAMES.get()
         if rows is not None:
             return self._mixed_forward(x, rows)
         running = [n for n in book.running() if n in self._plans]
         if not running:
-            return self.base_layer(x)
+            return self.base_forward(x)
         if len(running) == 1:
             name = running[0]
             lp = self._plans[name]
-            ops = ops_for(lp.kind)
+            ops: KindOps[AdaptedLayer] = ops_for(lp.kind)
             if not ops.additive or self._same_dtype(x, name) or self._half_fused(x, name, ops):
-                return ops.forward(lp, self, self.tensors(name), x)
+                y: torch.Tensor = ops.forward(lp, self, self.tensors(name), x)
+                return y
         return self._composed_forward(x, running)
 
     def _same_dtype(self, x: torch.Tensor, name: str) -> bool:
         dtype = self._dtypes[name]
-        return self.base_layer.weight.dtype == dtype and (x.dtype == dtype or not x.is_floating_point())
+        return self.base_weight.dtype == dtype and (x.dtype == dtype or not x.is_floating_point())
 
-    def _half_fused(self, x: torch.Tensor, name: str, ops: KindOps[Any]) -> bool:
+    def _half_fused(self, x: torch.Tensor, name: str, ops: KindOps[AdaptedLayer]) -> bool:
         """Whether a kind's fused Function runs float32 adapters in this half-precision base's dtype."""
         if not getattr(ops, "half_compute", False):
             return False
@@ -377,7 +376,7 @@ class AdaptedLayer(nn.Module):
 
     def _mixed_forward(self, x: torch.Tensor, row_adapters: RowAdapters) -> torch.Tensor:
         rows = row_adapters.for_batch(x.shape[0], self.module_name)
-        result = self.base_layer(x)
+        result = self.base_forward(x)
         for name in dict.fromkeys(rows):
             if name == BASE or name not in self._plans:
                 continue

@@ -16,7 +16,8 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     tensor = tensor.detach().to("cpu")
     if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.to(torch.float32)
-    return tensor.numpy().copy()
+    array: np.ndarray = tensor.numpy().copy()
+    return array
 
 
 def capture(

@@ -15,13 +15,26 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
 
 from peftdecl.errors import PeftdeclError
 from peftdecl_torch.kinds.prompt import PromptAdapter, key_values, prepend
+
+
+class GenerationModel(Protocol):
+    """What this module uses of a transformers generation model beyond ``nn.Module``."""
+
+    generate: Callable[..., Any]
+    prepare_inputs_for_generation: Callable[..., dict[str, Any]]
+
+
+def generating(model: nn.Module) -> GenerationModel:
+    """``model`` seen as a transformers generation model (the caller has checked it is one)."""
+    return cast(GenerationModel, model)
+
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")
 """The names transformers has given the KV-cache argument (5.x renamed ``past_key_values`` to ``cache``)."""
@@ -140,14 +153,15 @@ def prompt_call(
 def generation_override(model: nn.Module, prepare: Callable[..., dict[str, Any]]) -> Iterator[None]:
     """Install ``prepare`` as ``model.prepare_inputs_for_generation`` for the duration of the block."""
     original_own = model.__dict__.get("prepare_inputs_for_generation")
-    model.prepare_inputs_for_generation = prepare
+    target = generating(model)
+    target.prepare_inputs_for_generation = prepare
     try:
         yield
     finally:
         if original_own is not None:
-            model.prepare_inputs_for_generation = original_own
+            target.prepare_inputs_for_generation = original_own
         else:
-            del model.prepare_inputs_for_generation
+            del target.prepare_inputs_for_generation
 
 
 def is_prefill(kwargs: dict[str, Any], cache: Any) -> bool:
@@ -170,7 +184,7 @@ def generation_inputs(
     and prefix tuning's position ids are shifted by T.
     """
     check_decoder_only(adapter)
-    original = model.prepare_inputs_for_generation
+    original = generating(model).prepare_inputs_for_generation
     t = adapter.plan.num_virtual_tokens
     prefix = adapter.plan.kind == "prefix_tuning"
 
@@ -180,8 +194,8 @@ def generation_inputs(
         cache = inputs.get(key)
         first = is_prefill(kwargs, cache)
         ids = inputs["input_ids"]
-        filled = cache is not None and cache.get_seq_length() > 0
-        if filled and cache.get_seq_length() >= ids.shape[1]:
+        cached = 0 if cache is None else cache.get_seq_length()
+        if cached > 0 and cached >= ids.shape[1]:
             ids = inputs["input_ids"] = ids[:, -1:]  # the cache is longer than the ids: feed the last token
         mask = inputs.get("attention_mask")
         if mask is not None:

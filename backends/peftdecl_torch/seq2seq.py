@@ -31,6 +31,7 @@ from peftdecl_torch.prompting import (
     CACHE_ARGUMENTS,
     adjust_ids,
     cache_argument,
+    generating,
     generation_override,
     is_prefill,
     keyword_inputs,
@@ -110,8 +111,10 @@ def seq2seq_generate(
     adjust_ids(adapter, kwargs)
     if adapter.plan.kind != "prefix_tuning":
         kwargs.pop("encoder_outputs", None)  # HF PEFT ignores them too: the encoder must see the prompt
-        return model.generate(**_encoder_prompt(adapter, embed, kwargs.pop("input_ids"), None, kwargs))
-    original = model.prepare_inputs_for_generation
+        return generating(model).generate(
+            **_encoder_prompt(adapter, embed, kwargs.pop("input_ids"), None, kwargs)
+        )
+    original = generating(model).prepare_inputs_for_generation
 
     def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
         inputs = original(*args, **kwargs)
@@ -123,4 +126,4 @@ def seq2seq_generate(
         return inputs
 
     with generation_override(model, prepare):
-        return model.generate(**kwargs)
+        return generating(model).generate(**kwargs)

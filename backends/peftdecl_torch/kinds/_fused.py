@@ -27,12 +27,15 @@ The engine option ``fused_merged`` overrides both rules (True: always merge / ro
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.plan import LayerPlan
+
+if TYPE_CHECKING:
+    from peftdecl_torch.layer import AdaptedLayer
 
 SPLIT_K = 8
 """Row slices of :func:`tn` on the CPU (see there)."""
@@ -43,7 +46,7 @@ HALF = (torch.bfloat16, torch.float16)
 
 def fusable(
     lp: LayerPlan,
-    layer: Any,
+    layer: AdaptedLayer,
     x: torch.Tensor,
     dtype: torch.dtype,
     dropout: float = 0.0,
@@ -59,7 +62,7 @@ def fusable(
         or (layer.training and dropout > 0)
     ):
         return False
-    weight, bias = layer.base_layer.weight, layer.bias
+    weight, bias = layer.base_weight, layer.bias
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return False  # the hand-written backward gives no gradient to the base weights
     if torch.is_autocast_enabled(x.device.type) or x.dtype != weight.dtype:
@@ -90,7 +93,7 @@ def tokens(x: torch.Tensor) -> int:
     return x.numel() // max(x.shape[-1], 1)
 
 
-def merge_pays(lp: LayerPlan, layer: Any, x: torch.Tensor) -> bool:
+def merge_pays(lp: LayerPlan, layer: AdaptedLayer, x: torch.Tensor) -> bool:
     """Whether folding a low-rank update into the weight (out·in work) is cheaper than applying it to every
     token (tokens·(in + out) each): true beyond in·out / (in + out) tokens (or as ``fused_merged`` forces)."""
     forced = layer.options.fused_merged
@@ -100,7 +103,7 @@ def merge_pays(lp: LayerPlan, layer: Any, x: torch.Tensor) -> bool:
     return tokens(x) * (d_in + d_out) >= d_in * d_out
 
 
-def merge_for_training(lp: LayerPlan, layer: Any, x: torch.Tensor) -> bool:
+def merge_for_training(lp: LayerPlan, layer: AdaptedLayer, x: torch.Tensor) -> bool:
     """:func:`merge_pays` for a call that autograd records, float32/float64 only."""
     forced = layer.options.fused_merged
     if forced is not None:
@@ -108,7 +111,7 @@ def merge_for_training(lp: LayerPlan, layer: Any, x: torch.Tensor) -> bool:
     return x.dtype in (torch.float32, torch.float64) and merge_pays(lp, layer, x)
 
 
-def rotate_weight_pays(lp: LayerPlan, layer: Any, x: torch.Tensor) -> bool:
+def rotate_weight_pays(lp: LayerPlan, layer: AdaptedLayer, x: torch.Tensor) -> bool:
     """Whether rotating the weight (out·in·b work) is cheaper than rotating the input (tokens·in·b)."""
     forced = layer.options.fused_merged
     if forced is not None:

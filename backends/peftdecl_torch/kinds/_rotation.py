@@ -27,7 +27,8 @@ def skew_from_triu(u: torch.Tensor, block: int) -> torch.Tensor:
 def cayley(s: torch.Tensor) -> torch.Tensor:
     """R = (I − S)(I + S)⁻¹ for a batch [..., b, b], solved as R (I + S) = I − S."""
     eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
-    return torch.linalg.solve(eye + s, eye - s, left=False)
+    r: torch.Tensor = torch.linalg.solve(eye + s, eye - s, left=False)
+    return r
 
 
 def neumann(q: torch.Tensor, terms: int) -> torch.Tensor:

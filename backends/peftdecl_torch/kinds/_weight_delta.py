@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from peftdecl.plan import LayerPlan
+
+if TYPE_CHECKING:
+    from peftdecl_torch.layer import AdaptedLayer
+
 
 Params = dict[str, torch.Tensor]
 
@@ -25,7 +29,9 @@ def rebuild_cp(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return torch.einsum("ijkl,io,jc->ockl", t, a, b)
 
 
-def rank_keep(layer: Any, rows: int, p: float, renormalise: bool, like: torch.Tensor) -> torch.Tensor:
+def rank_keep(
+    layer: AdaptedLayer, rows: int, p: float, renormalise: bool, like: torch.Tensor
+) -> torch.Tensor:
     """Keep-mask over ΔW's rows (kept where u > p, as HF PEFT; u from the engine's generator), optionally divided
     by its mean."""
     keep = (layer.random((rows,), like.device) > p).to(like.dtype)
@@ -45,7 +51,7 @@ class WeightDeltaOps:
     additive: bool = True
     half_compute: bool = True  # a half-precision linear base adds x ΔWᵀ in its own dtype (see forward)
 
-    def _training_delta(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor | None:
+    def _training_delta(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor | None:
         """m ⊙ ΔW for this call, None when module dropout skips the adapter (training mode only)."""
         skip_p, rank_p = lp.options["module_dropout"], lp.options["rank_dropout"]
         if layer.training and skip_p > 0 and float(layer.random((), torch.device("cpu"))) <= skip_p:
@@ -56,7 +62,7 @@ class WeightDeltaOps:
             delta = delta * keep.reshape(-1, *(1,) * (delta.ndim - 1))
         return delta
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         """f(x; W + m ⊙ ΔW) + b: the base weight and ΔW through one operation."""
         delta = self._training_delta(lp, layer, p)
         if delta is None:
@@ -68,28 +74,30 @@ class WeightDeltaOps:
             return layer.base_forward(x) + layer.functional(x, delta.to(x.dtype), None)
         return layer.functional(x, layer.weight_ir() + delta, layer.bias)
 
-    def delta(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         delta = self._training_delta(lp, layer, p)
         if delta is None:  # skipped by module dropout: a zero contribution of the right shape
             return layer.functional(x, torch.zeros_like(self.build(lp, p)), None)
         return layer.functional(x, delta, None)
 
     def accumulate(
-        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor
     ) -> torch.Tensor:
         """result + Δ(x); nothing is computed when module dropout skips the adapter."""
         delta = self._training_delta(lp, layer, p)
         return result if delta is None else result + layer.functional(x, delta, None)
 
-    def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+    def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor:
         return self.build(lp, p)
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    def merge(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight + self.build(lp, p).to(weight.dtype), None
 
     def unmerge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
-    ) -> tuple[torch.Tensor, Any]:
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight - self.build(lp, p).to(weight.dtype), None

@@ -8,14 +8,20 @@ training-loss term w · mean over {Q, P} of ‖Q Qᵀ − I‖_F and ‖Pᵀ P �
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.plan import LayerPlan, Plan
+from peftdecl.spec.adalora import AdaLoraSpec
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds.lora import _add_expand, lora_linear
+
+if TYPE_CHECKING:
+    from peftdecl.model import AdaptedModel
+    from peftdecl_torch.layer import AdaptedLayer
+
 
 Params = dict[str, torch.Tensor]
 
@@ -34,22 +40,22 @@ class AdaLoraOps:
     additive = True
     half_compute = True  # the fused Function may run float32 adapters in a half base dtype (_fused)
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         if fused.fusable(lp, layer, x, p["lora_A"].dtype, lp.options["dropout"], half_compute=True):
             return lora_linear(lp, layer, x, p["lora_A"] * singular_values(lp, p), p["lora_B"])
         return self.accumulate(lp, layer, p, x, layer.base_forward(x))
 
-    def delta(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         return self._apply(lp, layer, p, x, None)
 
     def accumulate(
-        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor
     ) -> torch.Tensor:
         """result + Δ(x), the last product adding into the result (one addmm)."""
         return self._apply(lp, layer, p, x, result)
 
     def _apply(
-        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor | None
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor | None
     ) -> torch.Tensor:
         h = layer.dropout(x, lp.options["dropout"])
         if lp.layer.is_conv:
@@ -58,30 +64,32 @@ class AdaLoraOps:
         qe = p["lora_A"] * singular_values(lp, p)
         return _add_expand(result, F.linear(h, qe), p["lora_B"], lp.scaling)
 
-    def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+    def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor:
         delta = lp.scaling * (p["lora_B"] @ (p["lora_A"] * singular_values(lp, p)))
         return delta.reshape(lp.layer.weight_shape)
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    def merge(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight + self.delta_weight(lp, layer, p).to(weight.dtype), None
 
     def unmerge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
-    ) -> tuple[torch.Tensor, Any]:
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight - self.delta_weight(lp, layer, p).to(weight.dtype), None
 
 
 def orthogonal_regularizer(
     plan: Plan, params: Mapping[str, torch.Tensor], weight: float | None = None
-) -> Any:
+) -> torch.Tensor:
     """w · mean(‖Q Qᵀ − I‖_F, ‖Pᵀ P − I‖_F over every layer), as HF PEFT adds to the training loss.
 
     ``params`` maps full keys to the live tensors (``AdaptedModel.trainable_parameters()``); triplets outside a
     layer's rank mask are left out, as in the pruned modules PEFT loads.
     """
-    w = float(plan.spec.orth_reg_weight if weight is None else weight)
+    w = float(cast(AdaLoraSpec, plan.spec).orth_reg_weight if weight is None else weight)
     terms = []
     for lp in plan.layers:
         mask = lp.options.get("rank_mask")
@@ -102,7 +110,21 @@ def orthogonal_regularizer(
 OPS = AdaLoraOps()
 
 
-def update_and_allocate(model: Any, allocator: Any, step: int) -> tuple[int, Any]:
+RankPattern = dict[str, list[bool]]
+"""``<module>.lora_E`` -> which of its init_r triplets are kept (HF PEFT's ``rank_pattern``)."""
+
+
+class RankAllocating(Protocol):
+    """A rank allocator over a backend's own arrays (the NumPy reference's ``RankAllocator`` is one)."""
+
+    def update_and_allocate(
+        self, step: int, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]
+    ) -> tuple[int, RankPattern | None]: ...
+
+
+def update_and_allocate(
+    model: AdaptedModel, allocator: RankAllocating, step: int
+) -> tuple[int, RankPattern | None]:
     """HF PEFT's ``update_and_allocate`` for a torch-backed AdaLoRA adapter: call it after ``backward()`` and before
     the gradients are cleared.
 
@@ -112,7 +134,7 @@ def update_and_allocate(model: Any, allocator: Any, step: int) -> tuple[int, Any
     gradients are handed over as detached views on their own device and in their own dtype: nothing is copied,
     and the zeros land in the live ``lora_E`` parameters.
     """
-    params = model.trainable_parameters()
+    params: dict[str, torch.Tensor] = model.trainable_parameters()
     with torch.no_grad():
         live = {k: p.detach() for k, p in params.items()}
         grads = {k: (torch.zeros_like(p) if p.grad is None else p.grad).detach() for k, p in params.items()}

@@ -9,7 +9,7 @@ Several active adapters: y = ((x M_k ⋯ M_1) Wᵀ) ⊙ s_1 ⋯ s_k + b, HF PEFT
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
@@ -19,6 +19,10 @@ from peftdecl.errors import BackendError
 from peftdecl.plan import LayerPlan
 from peftdecl_torch.kinds._rotation import butterfly, butterfly_perms, cayley
 
+if TYPE_CHECKING:
+    from peftdecl_torch.layer import AdaptedLayer
+
+
 Params = dict[str, torch.Tensor]
 
 
@@ -27,7 +31,7 @@ def perms(lp: LayerPlan, device: torch.device) -> list:
     return butterfly_perms(o["width"], o["block_num"], o["block_size"], o["n_butterfly_factor"], device)
 
 
-def orthogonal_blocks(lp: LayerPlan, layer: Any, p: Params, training: bool) -> torch.Tensor:
+def orthogonal_blocks(lp: LayerPlan, layer: AdaptedLayer, p: Params, training: bool) -> torch.Tensor:
     """Q of every factor's blocks [N, D, H, H], with training-mode block dropout applied (drawn from the engine's
     generator)."""
     r = p["boft_R"]
@@ -56,7 +60,7 @@ class BoftOps:
     # HF PEFT multiplies the active adapters' butterflies as M_k ⋯ M_1: the last one transforms the input first
     input_order = "reversed"
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         q = orthogonal_blocks(lp, layer, p, layer.training)
         scale = p["boft_s"].reshape(-1)
         weight = layer.weight_ir()
@@ -77,28 +81,32 @@ class BoftOps:
         return INPUT
 
     def compose_output(
-        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, y: torch.Tensor
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
         raise BackendError(f"{lp.module}: BOFT composes on the layer's weight, not on its output")
 
-    def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: torch.Tensor) -> torch.Tensor:
+    def compose_weight(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, weight: torch.Tensor
+    ) -> torch.Tensor:
         """diag(s) W Mᵀ (its merge): y = ((x M) Wᵀ) ⊙ s + b."""
         q = orthogonal_blocks(lp, layer, p, layer.training)
         return self._scaled_kernel(weight.to(q.dtype), butterfly_matrix(lp, p, q), p["boft_s"].reshape(-1))
 
-    def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+    def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor:
         """W' − W (BOFT is multiplicative; provided for inspection)."""
         return self.merge(lp, layer, p, {})[0] - layer.weight_ir()
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    def merge(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         q = orthogonal_blocks(lp, layer, p, False)
         merged = self._scaled_kernel(weight.to(q.dtype), butterfly_matrix(lp, p, q), p["boft_s"].reshape(-1))
         return merged.to(weight.dtype), None
 
     def unmerge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
-    ) -> tuple[torch.Tensor, Any]:
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         q = orthogonal_blocks(lp, layer, p, False)
         flat = weight.reshape(weight.shape[0], -1).to(q.dtype) / p["boft_s"].reshape(-1, 1)

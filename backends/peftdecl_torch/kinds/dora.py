@@ -10,7 +10,7 @@ On a half-precision base the float32 adapter runs in the base dtype (:class:`Dor
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
@@ -23,11 +23,19 @@ from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds.lora import OPS as LORA
 from peftdecl_torch.kinds.lora import _add_expand, _conv, _ones
 
+if TYPE_CHECKING:
+    from peftdecl_torch.layer import AdaptedLayer
+
+
 Params = dict[str, torch.Tensor]
 
 
 def _factors(
-    lp: LayerPlan, layer: Any, p: Params, dtype: torch.dtype | None, weight: torch.Tensor | None = None
+    lp: LayerPlan,
+    layer: AdaptedLayer,
+    p: Params,
+    dtype: torch.dtype | None,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """2-D (W, A, B) whose rows are the directions DoRA normalises (an embedding's rows are its dimensions);
     W is the layer's current weight unless ``weight`` (IR layout) is given, cast to ``dtype`` unless None."""
@@ -41,7 +49,7 @@ def _factors(
 
 def weight_norm(
     lp: LayerPlan,
-    layer: Any,
+    layer: AdaptedLayer,
     p: Params,
     weight_sq: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
@@ -60,9 +68,9 @@ def weight_norm(
         return (weight_sq + 2.0 * s * cross + s * s * quad).clamp_min(0.0).sqrt()
 
 
-def _weight_sq(lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+def _weight_sq(lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor:
     # ‖W‖² per row changes only when the base weight does (a merge, or a user edit: both bump its version)
-    weight = layer.base_layer.weight
+    weight = layer.base_weight
     key = (weight.data_ptr(), weight._version, p[MAGNITUDE].dtype, lp.layer.type)
     cached = layer.scratch.setdefault("dora_weight_sq", {})
     if key not in cached:
@@ -70,7 +78,8 @@ def _weight_sq(lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
         with torch.no_grad():
             w = _factors(lp, layer, p, p[MAGNITUDE].dtype)[0]
             cached[key] = torch.einsum("oi,oi->o", w, w)
-    return cached[key]
+    found: torch.Tensor = cached[key]
+    return found
 
 
 def magnitude_scale(m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -96,7 +105,7 @@ class DoraLinearFunction(torch.autograd.Function):
         ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor,
-        bias: Any,
+        bias: torch.Tensor | None,
         a: torch.Tensor,
         b: torch.Tensor,
         m: torch.Tensor,
@@ -112,7 +121,7 @@ class DoraLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, y, weight, bias, a, b, m, n = ctx.saved_tensors
         s = ctx.scaling
         need_x, _, _, need_a, need_b, need_m = ctx.needs_input_grad[:6]
@@ -156,7 +165,7 @@ class DoraHalfLinearFunction(torch.autograd.Function):
         ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor,
-        bias: Any,
+        bias: torch.Tensor | None,
         a: torch.Tensor,
         b: torch.Tensor,
         m: torch.Tensor,
@@ -176,7 +185,7 @@ class DoraHalfLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, y, weight, bias, a, b, m, n, u = ctx.saved_tensors
         s = ctx.scaling
         need_x, _, _, need_a, need_b, need_m = ctx.needs_input_grad[:6]
@@ -222,10 +231,10 @@ def _row_slices(
     for start in range(0, tokens, rows):
         stop = min(start + rows, tokens)
         buf = scratch[: stop - start]
-        if need_m:
+        if dot is not None:
             torch.mul(dy2[start:stop], y[start:stop], out=buf)
             dot += torch.mv(buf.t(), ones[: stop - start])
-        if need_x:
+        if dx is not None:
             torch.mul(dy2[start:stop], g, out=buf)
             torch.mm(buf, w, out=dx[start:stop])
     return dx, dot
@@ -248,7 +257,7 @@ class DoraOps:
     )
     merge_reads_unmerged = True  # n is taken on the weight before earlier merges (AdaptedLayer keeps it)
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         dtype = p[MAGNITUDE].dtype
         s = lp.scaling
         n = weight_norm(lp, layer, p, _weight_sq(lp, layer, p))
@@ -259,9 +268,10 @@ class DoraOps:
         ):
             function = DoraLinearFunction if x.dtype == dtype else DoraHalfLinearFunction
             a, b = fused.compute_dtype(x, p["lora_A.weight"], p["lora_B.weight"])
-            return function.apply(
-                x, layer.base_layer.weight, layer.bias, a, b, m, n, s, lp.layer.type == "gpt2_conv1d"
+            y: torch.Tensor = function.apply(
+                x, layer.base_weight, layer.bias, a, b, m, n, s, lp.layer.type == "gpt2_conv1d"
             )
+            return y
         base_out = layer.base_forward(x)
         return self._compose(lp, layer, p, x, base_out.to(dtype), n).to(base_out.dtype)
 
@@ -271,17 +281,19 @@ class DoraOps:
         return OUTPUT
 
     def compose_output(
-        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, y: torch.Tensor
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
         """b + g ⊙ (y − b) + g ⊙ s·B A x for the output so far y (in the adapter dtype); embeddings
         g ⊙ (y + s·B A x); with dropout in training y + (g − 1) ⊙ W h + g ⊙ s·B A h."""
         return self._compose(lp, layer, p, x, y, None)
 
-    def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: torch.Tensor) -> torch.Tensor:
+    def compose_weight(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, weight: torch.Tensor
+    ) -> torch.Tensor:
         raise BackendError(f"{lp.module}: DoRA composes on the layer output, not on its weight")
 
     def _compose(
-        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor, n: Any
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor, n: Any
     ) -> torch.Tensor:
         dtype, s = p[MAGNITUDE].dtype, lp.scaling
         if n is None:
@@ -311,19 +323,21 @@ class DoraOps:
         direction = plain + s * v if v is not None else _add_expand(plain, F.linear(h, a), b, s)
         return gb * direction if bias is None else gb * direction + bias
 
-    def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+    def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor:
         """The change merging makes to the current base weight: g ⊙ (W + ΔW) − W."""
         return self._merged(lp, layer, p)[0] - layer.weight_ir()
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    def merge(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # n on the weight without the adapters merged before (the one forward reads), as in HF PEFT
         merged, n = self._merged(lp, layer, p, layer.unmerged_weight_ir())
         cache["n"] = n  # n cannot be recovered from the merged weight, whose rows have norm |m|
         return merged, None
 
     def unmerge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
-    ) -> tuple[torch.Tensor, Any]:
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if "n" not in cache:
             raise PeftdeclError(f"{lp.module}: DoRA unmerge without a matching merge (no cached weight norm)")
         g = magnitude_scale(p[MAGNITUDE], cache["n"])
@@ -334,7 +348,7 @@ class DoraOps:
         return restored.to(weight.dtype), None
 
     def _merged(
-        self, lp: LayerPlan, layer: Any, p: Params, norm_weight: torch.Tensor | None = None
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, norm_weight: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = weight_norm(lp, layer, p, weight=norm_weight)
         g = magnitude_scale(p[MAGNITUDE], n)

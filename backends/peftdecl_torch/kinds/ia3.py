@@ -11,12 +11,16 @@ inference scales the base output in place (docs/performance.md compares the alte
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
+
+if TYPE_CHECKING:
+    from peftdecl_torch.layer import AdaptedLayer
+
 
 Params = dict[str, torch.Tensor]
 UNMERGE_EPS = 1e-8  # HF PEFT's guard against division by zero
@@ -39,16 +43,18 @@ class IA3Ops:
         return INPUT if lp.options["feedforward"] else OUTPUT
 
     def compose_output(
-        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, y: torch.Tensor
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
         """l ⊙ y for the output so far y (bias included), as HF PEFT multiplies the active vectors."""
         return y * _on_features(lp, p["ia3_l"])
 
-    def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: torch.Tensor) -> torch.Tensor:
+    def compose_weight(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, weight: torch.Tensor
+    ) -> torch.Tensor:
         """W diag(l): the input scaled per input feature (per input channel of each group)."""
         return weight * self._weight_factor(lp, p["ia3_l"])
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         scale = _on_features(lp, p["ia3_l"])
         if lp.options["feedforward"]:
             return layer.base_forward((x.to(scale.dtype) * scale).to(x.dtype))
@@ -59,22 +65,24 @@ class IA3Ops:
             return y.mul_(scale)
         return (y * scale).to(y.dtype)  # type promotion: one float32 product for a half y, no up-cast copy
 
-    def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+    def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor:
         """The change merging makes to the current base weight: W ⊙ l − W."""
         return self.merge(lp, layer, p, {})[0] - layer.weight_ir()
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    def merge(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         l_vec = p["ia3_l"]
         return self._scaled(lp, layer, l_vec, l_vec.reshape(-1))
 
     def unmerge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
-    ) -> tuple[torch.Tensor, Any]:
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         l_vec = p["ia3_l"] + UNMERGE_EPS
         return self._scaled(lp, layer, 1.0 / l_vec, 1.0 / l_vec.reshape(-1))
 
     def _scaled(
-        self, lp: LayerPlan, layer: Any, factor: torch.Tensor, bias_factor: torch.Tensor
+        self, lp: LayerPlan, layer: AdaptedLayer, factor: torch.Tensor, bias_factor: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         merged = (weight.to(factor.dtype) * self._weight_factor(lp, factor)).to(weight.dtype)

@@ -18,7 +18,7 @@ A = Q ⊙ Λ), in one of three forms chosen by the cost rules of :mod:`._fused` 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
@@ -26,6 +26,10 @@ import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl_torch.kinds import _fused as fused
+
+if TYPE_CHECKING:
+    from peftdecl_torch.layer import AdaptedLayer
+
 
 Params = dict[str, torch.Tensor]
 
@@ -38,10 +42,10 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor,
-        bias: Any,
+        bias: torch.Tensor | None,
         a: torch.Tensor,
         b: torch.Tensor,
-        b_bias: Any,
+        b_bias: torch.Tensor | None,
         scaling: float,
         stored_in_out: bool,
         save_shrink: bool = True,
@@ -57,7 +61,7 @@ class LoraLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, a, b, u = ctx.saved_tensors
         s = ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -87,10 +91,10 @@ class MergedLoraLinearFunction(torch.autograd.Function):
         ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor,
-        bias: Any,
+        bias: torch.Tensor | None,
         a: torch.Tensor,
         b: torch.Tensor,
-        b_bias: Any,
+        b_bias: torch.Tensor | None,
         scaling: float,
         stored_in_out: bool,
     ) -> torch.Tensor:
@@ -112,7 +116,7 @@ class MergedLoraLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], d_out)
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, a, b, u = ctx.saved_tensors
         s = ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -140,7 +144,12 @@ class MergedLoraLinearFunction(torch.autograd.Function):
 
 
 def merged_linear(
-    lp: LayerPlan, layer: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, b_bias: Any = None
+    lp: LayerPlan,
+    layer: AdaptedLayer,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    b_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inference: one matmul with W + s·B A (and the bias plus s·b_B)."""
     s = lp.scaling
@@ -152,25 +161,34 @@ def merged_linear(
 
 
 def lora_linear(
-    lp: LayerPlan, layer: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, b_bias: Any = None
+    lp: LayerPlan,
+    layer: AdaptedLayer,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    b_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The whole layer in the form the cost rules pick (``a`` may be computed, e.g. AdaLoRA's Q ⊙ Λ)."""
     a, b, b_bias = fused.compute_dtype(x, a, b, b_bias)
     if not torch.is_grad_enabled() and fused.merge_pays(lp, layer, x):
         return merged_linear(lp, layer, x, a, b, b_bias)
     stored_in_out = lp.layer.type == "gpt2_conv1d"
-    weight, bias, s = layer.base_layer.weight, layer.bias, lp.scaling
+    weight, bias, s = layer.base_weight, layer.bias, lp.scaling
     if fused.merge_for_training(lp, layer, x):
-        return MergedLoraLinearFunction.apply(x, weight, bias, a, b, b_bias, s, stored_in_out)
+        merged: torch.Tensor = MergedLoraLinearFunction.apply(x, weight, bias, a, b, b_bias, s, stored_in_out)
+        return merged
     save_shrink = layer.options.save_shrink
-    return LoraLinearFunction.apply(x, weight, bias, a, b, b_bias, s, stored_in_out, save_shrink)
+    y: torch.Tensor = LoraLinearFunction.apply(x, weight, bias, a, b, b_bias, s, stored_in_out, save_shrink)
+    return y
 
 
 def _ones(n: int) -> tuple[int, ...]:
     return (1,) * n
 
 
-def _conv(x: torch.Tensor, w: torch.Tensor, bias: Any, stride: Any, padding: Any) -> torch.Tensor:
+def _conv(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride: Any, padding: Any
+) -> torch.Tensor:
     conv = F.conv1d if w.ndim == 3 else F.conv2d
     return conv(x, w, bias, stride, padding)
 
@@ -182,7 +200,7 @@ class LoraOps:
     additive = True
     half_compute = True  # the fused Function may run float32 adapters in a half base dtype (_fused)
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         """W x + b + Δ(x): the fused Function where it applies, else the base layer plus :meth:`accumulate`."""
         if "lora_A.weight" in p and fused.fusable(
             lp, layer, x, p["lora_A.weight"].dtype, lp.options["dropout"], half_compute=True
@@ -190,18 +208,18 @@ class LoraOps:
             return lora_linear(lp, layer, x, p["lora_A.weight"], p["lora_B.weight"], p.get("lora_B.bias"))
         return self.accumulate(lp, layer, p, x, layer.base_forward(x))
 
-    def delta(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         return self._apply(lp, layer, p, x, None)
 
     def accumulate(
-        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor
     ) -> torch.Tensor:
         """result + Δ(x), the last product adding into the result (one addmm)."""
         return self._apply(lp, layer, p, x, result)
 
     @staticmethod
     def _apply(
-        lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor | None
+        lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor | None
     ) -> torch.Tensor:
         s = lp.scaling
         if lp.layer.type == "embedding":
@@ -220,7 +238,7 @@ class LoraOps:
             return delta if result is None else result + delta
         return _add_expand(result, u, b, s)
 
-    def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+    def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor:
         s = lp.scaling
         if lp.layer.type == "embedding":
             return s * (p["lora_embedding_B"] @ p["lora_embedding_A"]).t()
@@ -229,18 +247,20 @@ class LoraOps:
             return s * torch.einsum("or,ri...->oi...", b.reshape(b.shape[0], b.shape[1]), a)
         return s * (b @ a)
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    def merge(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight + self.delta_weight(lp, layer, p).to(weight.dtype), self._bias(lp, layer, p, +1.0)
 
     def unmerge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
-    ) -> tuple[torch.Tensor, Any]:
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight - self.delta_weight(lp, layer, p).to(weight.dtype), self._bias(lp, layer, p, -1.0)
 
     @staticmethod
-    def _bias(lp: LayerPlan, layer: Any, p: Params, sign: float) -> Any:
+    def _bias(lp: LayerPlan, layer: AdaptedLayer, p: Params, sign: float) -> torch.Tensor | None:
         if "lora_B.bias" not in p:
             return None
         if layer.bias is None:

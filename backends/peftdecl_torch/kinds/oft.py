@@ -24,7 +24,7 @@ direct form runs there. Both forms return a row-major dx and allocate no T × d 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -32,6 +32,10 @@ from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds._rotation import cayley, neumann, rotate_blocks, skew_from_triu
+
+if TYPE_CHECKING:
+    from peftdecl_torch.layer import AdaptedLayer
+
 
 Params = dict[str, torch.Tensor]
 
@@ -47,7 +51,7 @@ def project_coft(u: torch.Tensor, block: int, eps: float) -> None:
         u.mul_(factor[:, None])
 
 
-def block_rotations(lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+def block_rotations(lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor:
     """R of the stored blocks (one block with block_share)."""
     opts = lp.options
     u = p[lp.params[0].name]
@@ -57,7 +61,7 @@ def block_rotations(lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
     return neumann(q, opts["num_cayley_neumann_terms"]) if opts["use_cayley_neumann"] else cayley(q)
 
 
-def full_rotation(lp: LayerPlan, layer: Any, r: torch.Tensor, training: bool) -> torch.Tensor:
+def full_rotation(lp: LayerPlan, layer: AdaptedLayer, r: torch.Tensor, training: bool) -> torch.Tensor:
     """The n blocks the layer applies: a shared block repeated; in training int(p·n) random blocks set to I (drawn
     from the engine's generator)."""
     rate, rows = lp.options["module_dropout"], r.shape[0]
@@ -69,7 +73,9 @@ def full_rotation(lp: LayerPlan, layer: Any, r: torch.Tensor, training: bool) ->
     return r.expand(lp.options["n_blocks"], *r.shape[1:])
 
 
-def _rotated_kernel(layer: Any, rot: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def _rotated_kernel(
+    layer: AdaptedLayer, rot: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """W Rᵀ, row by row, for the layer's weight or ``weight`` (IR layout)."""
     weight = layer.weight_ir() if weight is None else weight
     flat = weight.reshape(weight.shape[0], -1).to(rot.dtype)
@@ -87,7 +93,12 @@ class OftLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Any, rot: torch.Tensor, stored_in_out: bool
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        rot: torch.Tensor,
+        stored_in_out: bool,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         rotated_t = _rotate_rows_of_transpose(rot, fused.weight_ir(weight, stored_in_out))  # R Wᵀ, [in, out]
@@ -97,7 +108,7 @@ class OftLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, rot = ctx.saved_tensors
         n, b, _ = rot.shape
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -166,7 +177,7 @@ class OftOps:
     additive = False
     input_order = "active"  # HF PEFT rotates the input by each active adapter in turn: x ↦ x R₁ R₂ ⋯
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         rot = self._rotation(lp, layer, p, layer.training)
         if lp.layer.type == "embedding":
             y = layer.base_forward(x)
@@ -179,7 +190,8 @@ class OftOps:
             lp, layer, x
         ):
             (rot,) = fused.compute_dtype(x, rot)  # a half base rotates its weight in its own dtype (_fused)
-            return OftLinearFunction.apply(x, layer.base_layer.weight, layer.bias, rot, False)
+            out: torch.Tensor = OftLinearFunction.apply(x, layer.base_weight, layer.bias, rot, False)
+            return out
         return layer.base_forward(rotate_blocks(x.to(rot.dtype), rot).to(x.dtype))
 
     def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
@@ -187,38 +199,42 @@ class OftOps:
         return OUTPUT if lp.layer.type == "embedding" else INPUT
 
     def compose_output(
-        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, y: torch.Tensor
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
         """y R: an embedding's output so far, rotated blockwise."""
         return rotate_blocks(y, self._rotation(lp, layer, p, layer.training))
 
-    def compose_weight(self, lp: LayerPlan, layer: Any, p: Params, weight: torch.Tensor) -> torch.Tensor:
+    def compose_weight(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, weight: torch.Tensor
+    ) -> torch.Tensor:
         """W Rᵀ: the input rotated (y = base(x R))."""
         return _rotated_kernel(layer, self._rotation(lp, layer, p, layer.training), weight)
 
-    def rotation(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+    def rotation(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor:
         """The n rotation blocks the adapter applies (eval mode)."""
         return self._rotation(lp, layer, p, False)
 
     @staticmethod
-    def _rotation(lp: LayerPlan, layer: Any, p: Params, training: bool) -> torch.Tensor:
+    def _rotation(lp: LayerPlan, layer: AdaptedLayer, p: Params, training: bool) -> torch.Tensor:
         return full_rotation(lp, layer, block_rotations(lp, layer, p), training)
 
-    def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+    def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor:
         """W' − W (OFT is multiplicative; provided for inspection)."""
         return self.merge(lp, layer, p, {})[0] - layer.weight_ir()
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    def merge(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._apply(lp, layer, self.rotation(lp, layer, p)), None
 
     def unmerge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
-    ) -> tuple[torch.Tensor, Any]:
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # the inverse, not the transpose: a Neumann R is only approximately orthogonal
         return self._apply(lp, layer, torch.linalg.inv(self.rotation(lp, layer, p))), None
 
     @staticmethod
-    def _apply(lp: LayerPlan, layer: Any, rot: torch.Tensor) -> torch.Tensor:
+    def _apply(lp: LayerPlan, layer: AdaptedLayer, rot: torch.Tensor) -> torch.Tensor:
         weight = layer.weight_ir()
         if lp.layer.type == "embedding":
             return rotate_blocks(weight.to(rot.dtype), rot).to(weight.dtype)  # E' = E R

@@ -6,14 +6,20 @@ the adapter adds one ``addmm``: y = W x + b + (λ_d ⊙ x Aᵀ)(λ_b ⊙ B)ᵀ.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.plan import LayerPlan
+from peftdecl.plan.kinds.vera import kaiming_bound
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds.lora import _add_expand
+
+if TYPE_CHECKING:
+    from peftdecl_torch.layer import AdaptedLayer
+
 
 Params = dict[str, torch.Tensor]
 
@@ -32,7 +38,7 @@ class VeraLinearFunction(torch.autograd.Function):
         ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor,
-        bias: Any,
+        bias: torch.Tensor | None,
         a: torch.Tensor,
         b: torch.Tensor,
         lam_d: torch.Tensor,
@@ -46,7 +52,7 @@ class VeraLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, merged, a, b, lam_d, lam_b = ctx.saved_tensors
         need_x, _, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
@@ -66,45 +72,58 @@ class VeraOps:
     kind = "vera"
     additive = True
 
-    def forward(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         a, b = _projections(lp, p)
         if fused.fusable(lp, layer, x, b.dtype, lp.options["dropout"]):
             stored_in_out = lp.layer.type == "gpt2_conv1d"
             lam_d, lam_b = p["vera_lambda_d"], p["vera_lambda_b"]
-            weight, bias = layer.base_layer.weight, layer.bias
-            return VeraLinearFunction.apply(x, weight, bias, a, b, lam_d, lam_b, stored_in_out)
+            weight, bias = layer.base_weight, layer.bias
+            y: torch.Tensor = VeraLinearFunction.apply(x, weight, bias, a, b, lam_d, lam_b, stored_in_out)
+            return y
         return self.accumulate(lp, layer, p, x, layer.base_forward(x))
 
-    def delta(self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         return self._apply(lp, layer, p, x, None)
 
     def accumulate(
-        self, lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor
     ) -> torch.Tensor:
         """result + Δ(x) as one addmm."""
         return self._apply(lp, layer, p, x, result)
 
     @staticmethod
     def _apply(
-        lp: LayerPlan, layer: Any, p: Params, x: torch.Tensor, result: torch.Tensor | None
+        lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor | None
     ) -> torch.Tensor:
         a, b = _projections(lp, p)
         u = F.linear(layer.dropout(x, lp.options["dropout"]), a) * p["vera_lambda_d"]
         return _add_expand(result, u, b * p["vera_lambda_b"][:, None], 1.0)
 
-    def delta_weight(self, lp: LayerPlan, layer: Any, p: Params) -> torch.Tensor:
+    def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor:
         a, b = _projections(lp, p)
         return (p["vera_lambda_b"][:, None] * b) @ (p["vera_lambda_d"][:, None] * a)
 
-    def merge(self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    def merge(
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight + self.delta_weight(lp, layer, p).to(weight.dtype), None
 
     def unmerge(
-        self, lp: LayerPlan, layer: Any, p: Params, cache: dict[str, Any]
-    ) -> tuple[torch.Tensor, Any]:
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight - self.delta_weight(lp, layer, p).to(weight.dtype), None
 
 
 OPS = VeraOps()
+
+
+def projections(prng_key: int, r: int, max_in: int, max_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """HF PEFT's shared projections as it draws them (one CPU generator seeded with ``prng_key``: A ∈ R^{r×max_in}
+    first, then B ∈ R^{max_out×r}, each uniform in ±kaiming_bound), for files saved with save_projection=false."""
+    gen = torch.Generator(device="cpu").manual_seed(prng_key)
+    bound_a, bound_b = kaiming_bound(max_in), kaiming_bound(r)
+    a = torch.empty(r, max_in).uniform_(-bound_a, bound_a, generator=gen)
+    b = torch.empty(max_out, r).uniform_(-bound_b, bound_b, generator=gen)
+    return a.double().numpy(), b.double().numpy()
