@@ -1,9 +1,10 @@
 """The few array operations the reference needs beyond the array API standard, in one place.
 
-The reference's math runs on any array-API namespace ``xp`` (NumPy by default, ``array_api_strict``, CuPy). What
-the standard lacks — einsum, scatter-add, Kronecker products, padding — lives here, each with a generic version
-written in standard operations and a fast path where the namespace has its own (NumPy and CuPy have ``einsum``
-and ``kron``). A backend for another array library overrides these hot paths and keeps the math modules.
+The reference's math runs on any array-API namespace ``xp`` (NumPy by default, ``array_api_strict``, torch through
+array_api_compat, CuPy). What the standard lacks — einsum, scatter-add, Kronecker products, padding — lives here,
+each with a generic version written in standard operations and the namespace's own where it has one (NumPy's
+``einsum``/``kron``/``add.at``, torch's and CuPy's ``einsum``). These are the hot paths a backend built on the
+reference replaces with its library's kernels; the math modules stay as they are.
 """
 
 from __future__ import annotations
