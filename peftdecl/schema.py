@@ -129,12 +129,11 @@ def _json(value: Any) -> str:
 def union_schema() -> dict[str, Any]:
     """A schema accepting any registered adapter kind, dispatched on ``peft_type`` (cached by registry
     version)."""
-    return cached("union_schema", _union_schema)
+    return cached("union_schema", lambda: _union_schema(spec_types()))
 
 
-def _union_schema() -> dict[str, Any]:
-    types = spec_types()
-    defs = {peft_type: _without_meta(kind_schema(peft_type)) for peft_type in types}
+def _union_schema(types: dict[str, type[SpecBase]]) -> dict[str, Any]:
+    defs = {peft_type: _without_meta(struct_schema(cls)) for peft_type, cls in types.items()}
     branches = [
         {
             "if": {"properties": {"peft_type": {"const": t}}, "required": ["peft_type"]},
@@ -163,10 +162,22 @@ def _without_meta(schema: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def render_all() -> dict[str, str]:
-    """File name -> file text for every schema file."""
-    files = {schema_file_name(t): kind_schema(t) for t in spec_types()}
-    files[UNION_FILE] = union_schema()
+def builtin_spec_types() -> dict[str, type[SpecBase]]:
+    """peft_type -> Struct of the built-in kinds only: the published contract under ``schemas/``."""
+    from peftdecl.kinds.builtin import BUILTIN_KINDS
+
+    found: dict[str, type[SpecBase]] = {}
+    for decl in BUILTIN_KINDS:
+        found.setdefault(decl.peft_type, decl.spec_class)
+    return found
+
+
+def render_all(registered: bool = False) -> dict[str, str]:
+    """File name -> file text for every schema file: of the built-in kinds, or with ``registered`` of every kind
+    registered in this process (entry-point plugins included)."""
+    types = spec_types() if registered else builtin_spec_types()
+    files = {schema_file_name(t): struct_schema(cls) for t, cls in types.items()}
+    files[UNION_FILE] = _union_schema(types)
     return {name: json.dumps(schema, indent=2, ensure_ascii=False) + "\n" for name, schema in files.items()}
 
 
@@ -175,14 +186,14 @@ def default_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "schemas"
 
 
-def write(out_dir: Path) -> list[Path]:
-    """Write every schema file into ``out_dir`` (atomically, one file at a time)."""
+def write(out_dir: Path, registered: bool = False) -> list[Path]:
+    """Write every schema file of :func:`render_all` into ``out_dir`` (atomically, one file at a time)."""
     from peftdecl.formats.atomic import atomic_write_text
 
     written = []
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in render_all().items():
+        for name, text in render_all(registered).items():
             atomic_write_text(out_dir / name, text)
             written.append(out_dir / name)
     except OSError as exc:  # under a file, on a file, read-only, ...: the folder is the user's input
@@ -213,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=None, help="folder to write (default: the repo's schemas/)"
     )
     parser.add_argument("--check", action="store_true", help="exit 1 if the folder is stale")
+    parser.add_argument(
+        "--registered",
+        action="store_true",
+        help="write every kind registered in this process (plugins included), not only the built-in ones",
+    )
     args = parser.parse_args(argv)
     target = args.out or default_dir()
     if args.check:
@@ -224,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"schemas in {target} are up to date ({len(render_all())} files)")
         return 0
     try:
-        written = write(target)
+        written = write(target, args.registered)
     except PeftdeclError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -175,6 +175,19 @@ def test_the_new_kind_validates_against_its_generated_schema(scale_shift) -> Non
     assert "$.r" in str(other_kinds_field.value) and "LORA" in str(other_kinds_field.value)
 
 
+def test_published_schemas_stay_the_built_in_ones(scale_shift, tmp_path: Path) -> None:
+    from peftdecl.schema import default_dir, main, render_all, stale_files
+
+    assert stale_files(default_dir()) == []  # --check is not disturbed by a registered kind
+    files = render_all(registered=True)
+    assert "scale_shift.schema.json" in files and "scale_shift.schema.json" not in render_all()
+    assert "SCALE_SHIFT" in json.loads(files["adapter.schema.json"])["properties"]["peft_type"]["enum"]
+    assert main(["--out", str(tmp_path), "--registered"]) == 0
+    assert json.loads((tmp_path / "scale_shift.schema.json").read_text()) == json.loads(
+        files["scale_shift.schema.json"]
+    )
+
+
 def test_the_new_kind_compiles_runs_and_has_finite_difference_gradients(scale_shift) -> None:
     state, x = _base()
     model = peftdecl.attach(state, SPEC, backend="numpy", seed=3)
