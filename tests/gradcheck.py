@@ -12,8 +12,8 @@ FD_EPS = 1e-6
 FD_TOL = 1e-6  # relative error of a directional derivative, float64 central differences
 
 
-def _loss(model: Any, module: str, x: np.ndarray, weights: np.ndarray, seed: int) -> float:
-    model.engine.rng = np.random.default_rng(seed)  # the same dropout masks at every evaluation
+def _loss(model: Any, module: str, x: np.ndarray, weights: np.ndarray, state: dict[str, np.ndarray]) -> float:
+    model.engine.set_rng_state(state)  # the same dropout masks at every evaluation
     return float(np.sum(model(module, x) * weights))
 
 
@@ -24,6 +24,7 @@ def check_gradients(
     direction. Returns the keys checked; raises AssertionError on a mismatch."""
     engine = model.engine
     engine.rng = np.random.default_rng(seed)
+    state = engine.get_rng_state()  # from here on, every evaluation restarts from this generator state
     y, tape = engine.layer_forward(module, x)
     weights = np.random.default_rng(seed + 1).normal(size=y.shape)
     grads = engine.layer_backward(module, tape, weights)
@@ -38,9 +39,9 @@ def check_gradients(
         direction = direction_rng.normal(size=value.shape)
         original = value.copy()
         value[...] = original + FD_EPS * direction
-        plus = _loss(model, module, x, weights, seed)
+        plus = _loss(model, module, x, weights, state)
         value[...] = original - FD_EPS * direction
-        minus = _loss(model, module, x, weights, seed)
+        minus = _loss(model, module, x, weights, state)
         value[...] = original
         numeric = (plus - minus) / (2 * FD_EPS)
         analytic = float(np.sum(grads[key] * direction))
@@ -48,8 +49,8 @@ def check_gradients(
         checked.append(key)
     if check_input and grads.get("input") is not None:
         direction = direction_rng.normal(size=np.shape(x))
-        plus = _loss(model, module, x + FD_EPS * direction, weights, seed)
-        minus = _loss(model, module, x - FD_EPS * direction, weights, seed)
+        plus = _loss(model, module, x + FD_EPS * direction, weights, state)
+        minus = _loss(model, module, x - FD_EPS * direction, weights, state)
         numeric = (plus - minus) / (2 * FD_EPS)
         analytic = float(np.sum(grads["input"] * direction))
         assert abs(numeric - analytic) <= FD_TOL * max(1.0, abs(numeric)), ("input", numeric, analytic)
