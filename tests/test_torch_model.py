@@ -26,7 +26,8 @@ nn = torch.nn
 from peftdecl_torch import TorchBackend  # noqa: E402
 from peftdecl_torch.inventory import numpy_model  # noqa: E402
 from peftdecl_torch.kinds import lora as torch_lora  # noqa: E402
-from peftdecl_torch.layer import ADAPTER_NAMES, AdaptedLayer  # noqa: E402
+from peftdecl_torch.layer import AdaptedLayer  # noqa: E402
+from peftdecl_torch.mixed_batch import ADAPTER_NAMES  # noqa: E402
 from peftdecl_torch.saved import SavedModule  # noqa: E402
 
 LORA = {

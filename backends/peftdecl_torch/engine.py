@@ -7,8 +7,7 @@ wrappers through a context variable that is reset when the call ends, whether it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -16,15 +15,15 @@ import torch
 from torch import nn
 
 from peftdecl.adapter_book import AdapterBook
-from peftdecl.backend import RngState, check_adapter_names, trainable_key
+from peftdecl.backend import RngState, trainable_key
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.options import EngineOptions
 from peftdecl.plan import ModelInfo, Plan
 from peftdecl_torch.context import EngineContext
 from peftdecl_torch.inventory import layer_type
-from peftdecl_torch.kinds import ops_for
 from peftdecl_torch.kinds.prompt import PromptAdapter
-from peftdecl_torch.layer import ADAPTER_NAMES, BASE, AdaptedLayer, RowAdapters, adapter_dtype
+from peftdecl_torch.layer import AdaptedLayer, adapter_dtype
+from peftdecl_torch.mixed_batch import mixed_rows
 from peftdecl_torch.probes import capture, follow_mode, to_numpy
 from peftdecl_torch.prompting import generation_inputs, prompt_call
 from peftdecl_torch.saved import SavedModule
@@ -208,7 +207,7 @@ class TorchEngine:
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """Call the base model; ``adapter_names`` gives each batch row its adapter (``"__base__"``: none)."""
-        with self._rows(adapter_names, expand=False):
+        with mixed_rows(adapter_names, self.book, frozenset(self._prompts), expand=False):
             prompt = self._active_prompt()
             if prompt is None:
                 return self.model(*args, **kwargs)
@@ -220,7 +219,7 @@ class TorchEngine:
         generate: Callable[..., Any] | None = getattr(self.model, "generate", None)
         if generate is None:
             raise PeftdeclError(f"{type(self.model).__name__} has no generate()")
-        with self._rows(adapter_names, expand=True):
+        with mixed_rows(adapter_names, self.book, frozenset(self._prompts), expand=True):
             prompt = self._active_prompt()
             if prompt is None:
                 return generate(*args, **kwargs)
@@ -332,37 +331,6 @@ class TorchEngine:
             f"{type(self.model).__name__} names no input word embeddings (get_input_embeddings()); "
             "prompt-learning adapters need them"
         )
-
-    @contextmanager
-    def _rows(self, adapter_names: Sequence[str] | None, expand: bool) -> Iterator[None]:
-        if adapter_names is None:
-            yield
-            return
-        token = ADAPTER_NAMES.set(RowAdapters(self._check_rows(adapter_names), expand))
-        try:
-            yield
-        finally:
-            ADAPTER_NAMES.reset(token)
-
-    def _check_rows(self, adapter_names: Sequence[str]) -> tuple[str, ...]:
-        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
-            raise PeftdeclError("adapter_names must be a list of adapter names, one per batch row")
-        names = tuple(adapter_names)
-        check_adapter_names(names, self.book.plans, merged=bool(self.book.merged))
-        for name in dict.fromkeys(names):
-            if name == BASE:
-                continue
-            if name in self._prompts:
-                raise PeftdeclError(
-                    f"adapter {name!r} is {self.book.plans[name].kind}; mixed batches take layer adapters"
-                )
-            for kind in {lp.kind for lp in self.book.plans[name].layers}:
-                if not ops_for(kind).additive:
-                    raise PeftdeclError(
-                        f"adapter {name!r} is {kind}; mixed batches (adapter_names) support the additive kinds "
-                        "LoRA, AdaLoRA, LoHa, LoKr and VeRA only (HF PEFT also rejects DoRA here)"
-                    )
-        return names
 
     def _parent(self, module: str) -> tuple[nn.Module, str]:
         parent_name, _, child = module.rpartition(".")

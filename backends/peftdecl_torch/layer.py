@@ -10,9 +10,7 @@ options and generators through the shared :class:`peftdecl_torch.context.EngineC
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -29,29 +27,7 @@ from peftdecl_torch import compose
 from peftdecl_torch.context import EngineContext
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds import ops_for
-
-
-@dataclass(frozen=True)
-class RowAdapters:
-    """One adapter name per batch row for the call in progress. ``expand``: generation may have repeated each
-    row (beam search, several return sequences), so a batch k times longer repeats each name k times."""
-
-    names: tuple[str, ...]
-    expand: bool = False
-
-    def for_batch(self, batch: int, module: str) -> tuple[str, ...]:
-        n = len(self.names)
-        if batch == n:
-            return self.names
-        if self.expand and n and batch % n == 0:
-            return tuple(name for name in self.names for _ in range(batch // n))
-        raise PeftdeclError(f"{module}: adapter_names has {n} entries for an input of batch size {batch}")
-
-
-ADAPTER_NAMES: contextvars.ContextVar[RowAdapters | None] = contextvars.ContextVar(
-    "peftdecl_torch_adapter_names", default=None
-)
-"""The per-row adapters of the mixed-batch call in progress (None outside one)."""
+from peftdecl_torch.mixed_batch import ADAPTER_NAMES, RowAdapters
 
 
 class _Holder(nn.Module):

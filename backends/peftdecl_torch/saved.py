@@ -13,7 +13,7 @@ from torch import nn
 
 from peftdecl.errors import PeftdeclError
 from peftdecl_torch.context import EngineContext
-from peftdecl_torch.layer import ADAPTER_NAMES
+from peftdecl_torch.mixed_batch import ADAPTER_NAMES
 
 
 class SavedModule(nn.Module):
