@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import peftdecl
-from peftdecl.backend import AdditiveOps, ComposingOps, ExplicitGradientOps, KindOps, get_backend
+from peftdecl.backend import AdditiveOps, ComposingOps, Engine, ExplicitGradientOps, KindOps, get_backend
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.kinds import kinds
 from peftdecl_numpy.kinds import ops_for
@@ -57,6 +57,7 @@ def lora_with_dropout(seed: int = 0) -> tuple[peftdecl.AdaptedModel, np.ndarray]
 
 def test_the_rng_state_round_trips_and_the_seed_comes_from_the_engine_options() -> None:
     model, x = lora_with_dropout()
+    assert isinstance(model.engine, Engine)
     state = model.engine.get_rng_state()
     assert state and all(isinstance(v, np.ndarray) for v in state.values())
     first, second = model("m", x), model("m", x)
