@@ -36,12 +36,12 @@ def load_spec(source: SpecSource | Any) -> SpecBase:
     """
     if isinstance(source, SpecBase):
         # a Struct built in code skipped msgspec's type and bound checks; check it like any other mapping
-        origin = type(source).__name__
+        name = type(source).__name__
         try:
-            data = msgspec.to_builtins(source)
+            built = msgspec.to_builtins(source)
         except (TypeError, ValueError, OverflowError) as exc:
-            raise SpecError([("$", f"cannot read this spec's fields: {exc}")], origin) from None
-        return spec_from_dict(data, origin)
+            raise SpecError([("$", f"cannot read this spec's fields: {exc}")], name) from None
+        return spec_from_dict(built, name)
     data, origin = read_source(source)
     return spec_from_dict(data, origin)
 
@@ -98,7 +98,7 @@ SET_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules")
 a saved ``adapter_config.json`` lists them in arbitrary set order, so they are kept sorted and unique."""
 
 
-def _as_sets(data: dict[str, Any]) -> dict[str, Any]:
+def _as_sets(data: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(data)
     for name in SET_FIELDS:
         value = out.get(name)
