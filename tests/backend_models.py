@@ -227,10 +227,11 @@ class MlxDriver:
         holder.update(tree_map(lambda p, g: p - lr * g, holder.trainable_parameters(), param_grads))
 
 
-DRIVERS = {"numpy": NumpyDriver, "torch": TorchDriver, "mlx": MlxDriver}
+Driver = NumpyDriver | TorchDriver | MlxDriver
+DRIVERS: dict[str, type[Driver]] = {"numpy": NumpyDriver, "torch": TorchDriver, "mlx": MlxDriver}
 
 
-def driver(backend: str) -> NumpyDriver | TorchDriver | MlxDriver:
+def driver(backend: str) -> Driver:
     """The driver of ``backend`` (a skip when its framework is not installed or it has no driver here)."""
     if backend not in DRIVERS:
         pytest.skip(f"tests/backend_models.py has no driver for the {backend} backend")

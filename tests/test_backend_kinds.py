@@ -10,6 +10,9 @@ spec), on the layer shapes of tests/layer_cases.py, plus the spec variants below
 - merge gives the reference's merged weight (≤ 1e-6 float32, ≤ 1e-10 float64), the merged forward equals the
   adapter forward, and unmerge restores the base weight;
 - save (HF layout) and load_adapter on a fresh base give the same output.
+Then what the rows do not reach: training mode with dropout (the backend's draws replayed from the reference's
+generator, where the backend lets a test do that), two COFT training steps, random LoRA/DoRA linear shapes
+(hypothesis), and backend paths the tiny layers would not take (forced).
 A case the backend's Capabilities lacks is skipped with its ``why_not`` reason.
 """
 
@@ -27,7 +30,7 @@ import peftdecl
 from peftdecl.equiv import perturbed
 from peftdecl.kinds import kinds
 from tests import layer_cases
-from tests.backend_models import driver, float32_input, float32_state, layer_type, modules
+from tests.backend_models import Driver, driver, float32_input, float32_state, layer_type, modules
 from tests.conftest import rel_err
 from tests.gradcheck import check_gradients
 from tests.layer_cases import Layer
@@ -109,7 +112,7 @@ def capabilities(backend: str) -> peftdecl.Capabilities:
     return peftdecl.backends()[backend].capabilities  # read once: listing backends reads entry points
 
 
-def needs(backend: str, case: Case, dtype: str | None = None) -> Any:
+def needs(backend: str, case: Case, dtype: str | None = None) -> Driver:
     """The backend's driver; a skip when its Capabilities lack the case (or the dtype)."""
     caps = capabilities(backend)
     reason = caps.why_not(case.kind, layer_type(case.shapes))
@@ -123,7 +126,7 @@ def needs(backend: str, case: Case, dtype: str | None = None) -> Any:
 
 def twins(
     backend: str, case: Case, dtype: str, seed: int = SEED, **engine_options: Any
-) -> tuple[Any, Any, Any, np.ndarray]:
+) -> tuple[Driver, peftdecl.AdaptedModel, peftdecl.AdaptedModel, np.ndarray]:
     """(driver, the backend's model, the NumPy reference, an input), both models holding the same adapter
     numbers: the reference's seeded initialisation plus noise (so zero-initialised factors are exercised)."""
     run = needs(backend, case, dtype)
@@ -187,7 +190,7 @@ def only_m(result: tuple[np.ndarray, dict[str, np.ndarray]]) -> tuple[np.ndarray
     return y, {k: v for k, v in grads.items() if k == "input" or k.startswith("m.")}
 
 
-def highest(run: Any) -> str:
+def highest(run: Driver) -> str:
     return "float64" if "float64" in run.dtypes else run.dtypes[0]
 
 
@@ -223,7 +226,12 @@ def test_save_reload_merge_and_unmerge_match_reference(backend: str, case: Case,
 
 
 def check_like_reference(
-    run: Any, ours: Any, reference: Any, x: np.ndarray, dtype: str, seed: int = 1
+    run: Driver,
+    ours: peftdecl.AdaptedModel,
+    reference: peftdecl.AdaptedModel,
+    x: np.ndarray,
+    dtype: str,
+    seed: int = 1,
 ) -> None:
     """One layer's output and gradients (a random cotangent) on the backend against the reference's."""
     expected, tape = reference.engine.layer_forward("m", x)
