@@ -11,6 +11,7 @@ also carries the training flag and the engine's generator. A kind declared outsi
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Literal
 
 from peftdecl.errors import PeftdeclError
@@ -24,22 +25,25 @@ Weights = tuple[Array, Array | None]
 """(W, b): a layer's weight in the IR layout and its bias."""
 
 
-class AdditiveKind:
-    """y = base(x) + Δ(x); merged, W' = W + ΔW."""
+class AdditiveKind(ABC):
+    """y = base(x) + Δ(x); merged, W' = W + ΔW. A subclass writes the three abstract methods."""
 
     kind: str
     additive = True
 
+    @abstractmethod
     def delta_record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
         """(Δ(x), the tape :meth:`delta_backward` reads)."""
         raise NotImplementedError
 
+    @abstractmethod
     def delta_backward(
         self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, d_delta: Array
     ) -> tuple[Array | None, Params]:
         """(dL/dx through Δ only, dL/dp) from dL/dΔ."""
         raise NotImplementedError
 
+    @abstractmethod
     def delta_weight(self, lp: LayerPlan, layer: BaseLayer, p: Params) -> Array:
         raise NotImplementedError
 
@@ -69,27 +73,33 @@ class AdditiveKind:
         return layer.weight - self.delta_weight(lp, layer, p), layer.bias
 
 
-class ComposingKind:
-    """A kind that transforms the output built so far or the input the base reads (:mod:`peftdecl.composition`)."""
+class ComposingKind(ABC):
+    """A kind that transforms the output built so far or the input the base reads (:mod:`peftdecl.composition`).
+    A subclass writes the abstract methods and the ``compose_*_record``/``*_backward`` pair of its composition."""
 
     kind: str
     additive = False
     input_order: Literal["active", "reversed"] = "active"
 
+    @abstractmethod
     def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
         raise NotImplementedError
 
+    @abstractmethod
     def record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
         raise NotImplementedError
 
+    @abstractmethod
     def backward(
         self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, dy: Array
     ) -> tuple[Array | None, Params]:
         raise NotImplementedError
 
+    @abstractmethod
     def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
         raise NotImplementedError
 
+    @abstractmethod
     def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
         raise NotImplementedError
 
