@@ -100,16 +100,21 @@ def refresh() -> None:
     _changed()
 
 
+def _table() -> dict[str, KindDecl]:
+    # the registry's own (cached, not to be mutated) table; kinds() hands out copies
+    return cached("kinds", lambda: {**_builtins(), **_entry_point_kinds(), **_registered})
+
+
 def kinds() -> dict[str, KindDecl]:
     """Every kind by execution name: built-ins in HF PEFT's order, then entry points, then registered ones."""
-    return cached("kinds", lambda: {**_builtins(), **_entry_point_kinds(), **_registered})
+    return dict(_table())
 
 
 def register_kind(decl: KindDecl, *, replace: bool = False) -> None:
     """Add ``decl`` to the registry (``replace=True`` to redeclare a kind of the same name).
 
     A kind sharing another kind's ``peft_type`` must share its ``spec_class`` (one Struct per ``peft_type``)."""
-    current = kinds()
+    current = _table()
     if decl.name in current and not replace:
         raise ValueError(f"kind {decl.name!r} is already registered; pass replace=True to redeclare it")
     for other in current.values():
@@ -136,15 +141,15 @@ def unregister_kind(name: str) -> None:
 
 def get_kind(name: str) -> KindDecl:
     """The declaration of execution kind ``name``; KeyError naming the known kinds."""
-    found = kinds().get(name)
+    found = _table().get(name)
     if found is None:
-        raise KeyError(f"no adapter kind {name!r}; known kinds: {', '.join(kinds())}")
+        raise KeyError(f"no adapter kind {name!r}; known kinds: {', '.join(_table())}")
     return found
 
 
 def kinds_for_peft_type(peft_type: str) -> list[KindDecl]:
     """The kinds whose spec has this ``peft_type`` (``LORA``: lora and dora)."""
-    return [decl for decl in kinds().values() if decl.peft_type == peft_type]
+    return [decl for decl in _table().values() if decl.peft_type == peft_type]
 
 
 def spec_types() -> dict[str, type[SpecBase]]:
@@ -152,7 +157,7 @@ def spec_types() -> dict[str, type[SpecBase]]:
 
     def build() -> dict[str, type[SpecBase]]:
         found: dict[str, type[SpecBase]] = {}
-        for decl in kinds().values():
+        for decl in _table().values():
             found.setdefault(decl.peft_type, decl.spec_class)
         return found
 
@@ -160,17 +165,22 @@ def spec_types() -> dict[str, type[SpecBase]]:
 
 
 def ops_for(kind: str, backend: str) -> object:
-    """The ops object of ``kind`` on ``backend``, imported on first use; BackendError when it declares none."""
-    decl = kinds().get(kind)
+    """The ops object of ``kind`` on ``backend``, imported on first use; BackendError when it declares none.
+
+    Called on every adapted layer's forward, so a repeat call is one dictionary lookup."""
+    key = f"ops:{backend}:{kind}"
+    hit = _cache.get(key)
+    if hit is not None and hit[0] == _version:
+        return hit[1]
+    decl = _table().get(kind)
     if decl is None:
-        raise BackendError(
-            f"the {backend} backend cannot run kind {kind!r}: no such kind ({', '.join(kinds())})"
-        )
+        known = ", ".join(_table())
+        raise BackendError(f"the {backend} backend cannot run kind {kind!r}: no such kind ({known})")
     target = decl.ops.get(backend)
     if target is None:
         declared = ", ".join(decl.ops) or "none"
         raise BackendError(f"kind {kind!r} declares no ops for the {backend} backend (it has: {declared})")
-    return cached(f"ops:{backend}:{kind}", lambda: resolve(target, f"kind {kind!r} ops for {backend}"))
+    return cached(key, lambda: resolve(target, f"kind {kind!r} ops for {backend}"))
 
 
 def _present(target: str | object) -> bool:
@@ -191,7 +201,7 @@ def backend_kinds(backend: str, layer_types: Iterable[str]) -> dict[str, tuple[s
     def build() -> dict[str, tuple[str, ...]]:
         return {
             decl.name: tuple(t for t in decl.layer_types if t in wrapped)
-            for decl in kinds().values()
+            for decl in _table().values()
             if backend in decl.ops and _present(decl.ops[backend])
         }
 
@@ -229,7 +239,7 @@ class KindNames(Sequence[str]):
         self._test = test
 
     def _names(self) -> tuple[str, ...]:
-        every = kinds()
+        every = _table()
         return tuple(k for k in self._table if k in every and self._test(every[k]))
 
     def __getitem__(self, index: int) -> str:  # type: ignore[override]
