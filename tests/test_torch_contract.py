@@ -230,3 +230,45 @@ def test_quantised_layers_are_refused_at_attach_by_name(module: str, label: str)
     peftdecl.attach(
         base, {**LORA, "target_modules": ["a", "bf16"]}
     )  # float layers of the same model are fine
+
+
+def test_rank_allocator_runs_on_the_live_tensors() -> None:
+    """AdaLoRA's allocator gets the live parameters and gradients as torch tensors (no CPU float64 copies) and its
+    pruning lands in the live lora_E; the budget and mask equal those of the same allocator on NumPy copies."""
+    from peftdecl_numpy.rank_allocator import RankAllocator
+    from peftdecl_torch.kinds.adalora import update_and_allocate
+
+    spec = {
+        **RANDOM_SPECS["adalora"],
+        "lora_dropout": 0.0,
+        "tinit": 0,
+        "tfinal": 1,
+        "deltaT": 1,
+        "total_step": 3,
+    }
+    model = peftdecl.attach(Tiny(torch.float32), spec, seed=1)
+    seen: dict[str, torch.Tensor] = {}
+
+    class Spy(RankAllocator):
+        def update_and_allocate(self, step, params, grads):  # type: ignore[no-untyped-def]
+            seen.update(params)
+            seen.update({f"grad:{k}": v for k, v in grads.items()})
+            return super().update_and_allocate(step, params, grads)
+
+    allocator, twin = Spy(model.plan()), RankAllocator(model.plan())
+    live = model.trainable_parameters()
+    model(_x().float()).square().sum().backward()
+    copies = {k: p.detach().double().numpy().copy() for k, p in live.items()}
+    grads = {k: p.grad.double().numpy() for k, p in live.items()}
+    for step in (1, 2):  # a masking step on the schedule, then the final one (target_r per layer)
+        budget, mask = update_and_allocate(model, allocator, step)
+        assert (budget, mask) == twin.update_and_allocate(step, copies, grads)
+    for key, param in live.items():
+        assert isinstance(seen[key], torch.Tensor) and seen[key].data_ptr() == param.data_ptr()
+        assert seen[key].dtype == torch.float32 and seen[f"grad:{key}"].data_ptr() == param.grad.data_ptr()
+    assert budget == 4 and sum(map(sum, mask.values())) == 4
+    for module in ("a", "b"):
+        pruned = ~np.asarray(mask[f"{module}.lora_E"])
+        values = live[f"{module}.lora_E"].detach().numpy().ravel()
+        assert not values[pruned].any() and values[~pruned].all()  # zeroed in the live tensor, the rest kept
+        assert rel_err(values, copies[f"{module}.lora_E"].ravel()) <= 1e-6
