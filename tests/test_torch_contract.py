@@ -67,6 +67,41 @@ def test_every_kind_ops_satisfies_the_protocols(kind: str) -> None:
     assert isinstance(ops, ComposingOps) == (not ops.additive)
 
 
+@pytest.mark.parametrize("kind", ["lora", "dora", "adalora", "vera", "loha", "lokr", "ia3", "oft", "boft"])
+def test_forward_agrees_with_delta_or_composition(kind: str) -> None:
+    """forward(x) (the whole output with one adapter, fused where it can be) equals base(x) + delta(x) and the
+    accumulate fast path for an additive kind, and the composition of the base output or weight otherwise."""
+    from peftdecl_torch.kinds import ops_for
+
+    spec = {**RANDOM_SPECS.get(kind, {}), **CONTRACT_SPECS.get(kind, {})}
+    model = peftdecl.attach(Tiny(), spec, seed=1).eval()  # eval: no random draws
+    layer = model.engine.layer("a")
+    name = layer.adapter_names[0]
+    lp, p, ops, x = layer.plan(name), layer.tensors(name), ops_for(kind), _x()
+    with torch.no_grad():
+        y = ops.forward(lp, layer, p, x)
+        base = layer.base_forward(x)
+        if ops.additive:
+            expected = [base + ops.delta(lp, layer, p, x), ops.accumulate(lp, layer, p, x, base.clone())]
+        elif ops.composition(lp) == "output":
+            expected = [ops.compose_output(lp, layer, p, x, base)]
+        else:
+            expected = [layer.functional(x, ops.compose_weight(lp, layer, p, layer.weight_ir()), layer.bias)]
+    assert rel_err(base.numpy(), y.numpy()) > 1e-6  # the adapter does something
+    for other in expected:
+        assert rel_err(other.numpy(), y.numpy()) <= 1e-12
+
+
+CONTRACT_SPECS = {
+    "ia3": {
+        "peft_type": "IA3",
+        "target_modules": ["a", "b"],
+        "feedforward_modules": [],
+        "init_ia3_weights": False,
+    }
+}
+
+
 # one spec per kind with a random draw in training: dropout masks, rank and module dropout, block dropout
 RANDOM_SPECS = {
     "lora": {**LORA, "lora_dropout": 0.5},

@@ -7,7 +7,9 @@ either :class:`~peftdecl.backend.AdditiveOps` (``delta(lp, layer, p, x)``, plus 
 ``accumulate(lp, layer, p, x, result)`` = result + Δ(x)) or :class:`~peftdecl.backend.ComposingOps`
 (``composition``, ``compose_output``, ``compose_weight``, ``input_order``; :mod:`peftdecl.composition`).
 
-``layer`` is the :class:`peftdecl_torch.layer.AdaptedLayer` (its ``training`` flag, base layer and helpers);
+``layer`` is the :class:`peftdecl_torch.layer.AdaptedLayer` (its ``training`` flag, base layer, the engine's
+options and helpers; every random draw goes through its ``dropout``/``random``/``permutation``/``integers``, which
+use the engine's seeded generators);
 ``p`` maps the layer's tensor names (``lora_A.weight``) to tensors, shared tensors (VeRA's) included.
 
 The kinds this backend runs and their layer types are read from :mod:`peftdecl.kinds` (no torch import).
