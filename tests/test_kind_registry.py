@@ -167,6 +167,9 @@ def test_the_new_kind_validates_against_its_generated_schema(scale_shift) -> Non
     assert not jsonschema.Draft202012Validator(schema).is_valid({**SPEC, "init_weights": "yes"})
     spec = peftdecl.load_spec(SPEC)
     assert type(spec) is ScaleShiftSpec and spec.kind == "scale_shift"
+    # msgspec's tagged union of every registered Struct decodes it too (rebuilt when the registry changed)
+    decoded = msgspec.json.decode(json.dumps(SPEC).encode(), type=peftdecl.spec.spec_union())
+    assert decoded == spec
     with pytest.raises(SpecError) as bad_value:
         peftdecl.load_spec({**SPEC, "init_weights": "yes"})
     assert "$.init_weights" in str(bad_value.value)
