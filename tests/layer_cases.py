@@ -1,6 +1,6 @@
-"""One-layer fixtures for the NumPy-reference tests: per adapter kind, the layer types it is tested on (random
-base tensors of module ``m``, the layer type, an input shape), the spec it is tested with by default, and the
-spec variants several tests share.
+"""One-layer fixtures: per adapter kind, the layers it is tested on (random base tensors of module ``m``, the
+layer type, an input shape), the spec the NumPy-reference tests start from, and the spec variants several tests
+share. tests/test_backend_kinds.py builds the same layers on every backend.
 
 ``build(kind, layer)`` attaches that kind's adapter, randomly initialised, and draws an input for the layer.
 The random numbers depend only on ``seed``: base tensors, then (DoRA) the magnitude scaling, then the input,
@@ -132,6 +132,21 @@ BOFT_VARIANTS = {
     "three_factors": {"boft_block_size": 2, "boft_n_butterfly_factor": 3},
     "block_num": {"boft_block_size": 0, "boft_block_num": 2, "boft_n_butterfly_factor": 2},
     "dropout": {"boft_block_size": 2, "boft_n_butterfly_factor": 2, "boft_dropout": 0.5},
+}
+# named spec variants the kind registry's one example per layer type does not reach: name -> (kind, fields);
+# tests/test_backend_kinds.py runs them on every backend, tests/torch_cases.py names them for the torch tests
+SPEC_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora_rslora": ("lora", {"use_rslora": True}),
+    "lora_bias": ("lora", {"lora_bias": True}),
+    "adalora_masked": ("adalora", ADALORA_MASK),
+    "ia3_feedforward": ("ia3", {"feedforward_modules": ["m"]}),
+    "loha_effective": ("loha", {"r": 2, "use_effective_conv2d": True}),
+    "lokr_full": ("lokr", LOKR_VARIANTS["full"]),
+    "lokr_decomposed": ("lokr", LOKR_VARIANTS["both"]),
+    "lokr_effective": ("lokr", LOKR_VARIANTS["cp"]),
+    "oft_exact_cayley": ("oft", OFT_VARIANTS["exact"]),
+    "oft_block_share_coft": ("oft", {"block_share": True, "coft": True, "eps": 0.5}),
+    "boft_butterfly": ("boft", {"boft_n_butterfly_factor": 2}),
 }
 # two layers of different shapes, so the shared projections are cut differently for each
 VERA_LAYERS = {

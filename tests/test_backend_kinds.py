@@ -50,22 +50,23 @@ class Case(NamedTuple):
 
     @property
     def id(self) -> str:
-        return "-".join(filter(None, [self.kind, self.variant, self.layer]))
+        return f"{self.variant or self.kind}-{self.layer}"
 
 
-# (kind, variant, spec fields, layers): options the registry's one example per layer type does not reach
-VARIANTS: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
-    ("lora", "rslora_bias", {"use_rslora": True, "lora_bias": True}, ("linear", "conv1d", "conv2d", "gpt2_conv1d")),
-    ("adalora", "masked", layer_cases.ADALORA_MASK, ("linear",)),
-    ("ia3", "feedforward", {"feedforward_modules": ["m"]}, ("linear", "conv2d", "gpt2_conv1d")),
-    ("loha", "effective", {"r": 2, "use_effective_conv2d": True}, ("conv2d",)),
-    ("lokr", "full", layer_cases.LOKR_VARIANTS["full"], ("linear", "conv1d", "conv2d", "conv2d_1x1")),
-    ("lokr", "both", layer_cases.LOKR_VARIANTS["both"], ("linear", "conv2d")),
-    ("lokr", "cp", layer_cases.LOKR_VARIANTS["cp"], ("conv2d",)),
-    ("oft", "exact", layer_cases.OFT_VARIANTS["exact"], ("linear", "conv2d")),
-    ("oft", "share_coft", {"block_share": True, "coft": True, "eps": 0.5}, ("linear",)),
-    ("boft", "butterfly", {"boft_n_butterfly_factor": 2}, ("linear", "conv2d_1x1")),
-]  # fmt: skip
+# variant (tests/layer_cases.py's SPEC_VARIANTS) -> the layers of its kind it runs on
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "lora_rslora": ("linear", "conv2d"),
+    "lora_bias": ("linear", "conv1d", "conv2d", "gpt2_conv1d"),
+    "adalora_masked": ("linear",),
+    "ia3_feedforward": ("linear", "conv2d", "gpt2_conv1d"),
+    "loha_effective": ("conv2d",),
+    "lokr_full": ("linear", "conv1d", "conv2d", "conv2d_1x1"),
+    "lokr_decomposed": ("linear", "conv2d"),
+    "lokr_effective": ("conv2d",),
+    "oft_exact_cayley": ("linear", "conv2d"),
+    "oft_block_share_coft": ("linear",),
+    "boft_butterfly": ("linear", "conv2d_1x1"),
+}
 
 
 def kind_layers(kind: str) -> dict[str, Layer]:
@@ -89,10 +90,10 @@ def table() -> list[Case]:
         for layer, shapes in kind_layers(name).items():  # model-level kinds have no layer types: none here
             if layer_type(shapes) in decl.layer_types and layer_type(shapes) in decl.examples:
                 rows.append(Case(name, layer, spec_for(name, layer), shapes))
-    for kind, variant, fields, layers in VARIANTS:
+    for variant, layers in VARIANTS.items():
+        kind, fields = layer_cases.SPEC_VARIANTS[variant]
         rows += [
-            Case(kind, layer, spec_for(kind, layer, fields), kind_layers(kind)[layer], variant)
-            for layer in layers
+            Case(kind, lay, spec_for(kind, lay, fields), kind_layers(kind)[lay], variant) for lay in layers
         ]
     return rows
 
@@ -294,7 +295,7 @@ def test_training_mode_with_dropout_matches_reference(backend: str, case: Case, 
 def test_coft_projects_the_stored_tensor_during_training_like_the_reference(backend: str) -> None:
     """Two SGD steps: HF PEFT (and the reference) overwrite the parameter by its projection before each use, so
     each step starts from the projected value; the stored tensors agree afterwards."""
-    case = next(c for c in CASES if c.kind == "oft" and c.variant == "share_coft")
+    case = next(c for c in CASES if c.variant == "oft_block_share_coft")
     if backend == "numpy":
         pytest.skip("the reference against itself")
     dtype = highest(needs(backend, case))

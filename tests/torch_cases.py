@@ -1,6 +1,7 @@
 """Named adapter cases on one torch layer, for the torch-only tests (fused functions, several active adapters,
-devices): the specs are the kind registry's examples (``peftdecl.kinds``) plus the named variants below, built
-with the float64 NumPy reference beside them. Every kind on every backend is tests/test_backend_kinds.py.
+devices): the specs are the kind registry's examples (``peftdecl.kinds``) plus tests/layer_cases.py's
+SPEC_VARIANTS, built with the float64 NumPy reference beside them. Every kind on every backend:
+tests/test_backend_kinds.py.
 
 The same spec and seed on both backends give identical initial numbers (the core initialises in NumPy), and the
 torch layer is built from the same base weights; float32 relative error ≤ 1e-5, float64 ≤ 1e-10.
@@ -15,7 +16,7 @@ import pytest
 
 import peftdecl
 from peftdecl.kinds import kinds
-from tests.layer_cases import ADALORA_MASK
+from tests.layer_cases import SPEC_VARIANTS
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -25,23 +26,8 @@ from peftdecl_torch.inventory import numpy_model  # noqa: E402
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 LAYERS = ("linear", "embedding", "conv1d", "conv2d", "conv2d_1x1", "gpt2_conv1d")
 
-# case name -> (kind, spec fields on top of the kind's registry example)
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "lora_rslora": ("lora", {"use_rslora": True}),
-    "lora_bias": ("lora", {"lora_bias": True}),
-    "adalora_masked": ("adalora", ADALORA_MASK),
-    "ia3_feedforward": ("ia3", {"feedforward_modules": ["m"]}),
-    "loha_effective": ("loha", {"r": 2, "use_effective_conv2d": True}),
-    "lokr_decomposed": ("lokr", {"r": 1, "decompose_both": True}),
-    "lokr_effective": ("lokr", {"r": 1, "use_effective_conv2d": True}),
-    "oft_exact_cayley": ("oft", {"use_cayley_neumann": False}),
-    "oft_block_share_coft": ("oft", {"block_share": True, "coft": True, "eps": 0.5}),
-    "boft_butterfly": ("boft", {"boft_n_butterfly_factor": 2}),
-}
-NO_BIAS_ON = (
-    "embedding",
-    "conv2d_1x1",
-)  # lora_bias: PEFT has none on embeddings; the 1×1 conv has no base bias
+# lora_bias: PEFT has none on embeddings; the 1×1 conv has no base bias
+NO_BIAS_ON = ("embedding", "conv2d_1x1")
 
 
 def layer_type(layer: str) -> str:
@@ -51,7 +37,7 @@ def layer_type(layer: str) -> str:
 def _cases() -> dict[str, tuple[dict[str, Any], tuple[str, ...]]]:
     named = {name: (name, {}) for name, decl in kinds().items() if decl.layer_types}
     out = {}
-    for name, (kind, fields) in {**named, **VARIANTS}.items():
+    for name, (kind, fields) in {**named, **SPEC_VARIANTS}.items():
         decl = kinds()[kind]
         layers = tuple(lay for lay in LAYERS if layer_type(lay) in decl.layer_types)
         if fields.get("lora_bias"):
