@@ -29,6 +29,8 @@ T = TypeVar("T")
 class AdapterParams(nn.Module):
     """One adapter's tensors on one layer, nested at the IR name's dots (``lora_A.weight`` -> ``lora_A["weight"]``)."""
 
+    _ir_paths: tuple[tuple[str, tuple[str, ...]], ...]
+
     def __init__(self, arrays: Mapping[str, mx.array]) -> None:
         super().__init__()
         for name, value in arrays.items():
@@ -37,19 +39,18 @@ class AdapterParams(nn.Module):
             for head in heads:
                 node = node.setdefault(head, {})
             node[leaf] = value
+        # (IR name, path) of every tensor, outside the parameter tree (a plain attribute): tensors() runs on every
+        # call of the layer and walks these instead of the whole tree
+        object.__setattr__(self, "_ir_paths", tuple((n, tuple(n.split("."))) for n in arrays))
 
     def tensors(self) -> dict[str, mx.array]:
         """IR name -> array (read at call time, so tracers from ``mx.value_and_grad`` are picked up)."""
         out: dict[str, mx.array] = {}
-
-        def visit(prefix: str, node: Any) -> None:
-            for key, value in node.items():
-                if isinstance(value, dict):
-                    visit(f"{prefix}{key}.", value)
-                else:
-                    out[prefix + key] = value
-
-        visit("", self)
+        for name, path in self._ir_paths:
+            node: Any = self
+            for part in path:
+                node = node[part]
+            out[name] = node
         return out
 
     def set_trainable(self, names: Sequence[str]) -> None:
@@ -171,7 +172,9 @@ class AdaptedLayer(nn.Module):
 
     def params(self, name: str) -> dict[str, mx.array]:
         """The tensors one adapter's kind reads: its own and the shared ones."""
-        return {**self.adapter_state.shared[name], **self.adapters[name].tensors()}
+        own = self.adapters[name].tensors()
+        shared = self.adapter_state.shared[name]
+        return {**shared, **own} if shared else own
 
     def memo(self, lp: LayerPlan, inputs: tuple[mx.array, ...], compute: Callable[[], T]) -> T:
         """``compute()`` for one adapter's layer plan, reused while ``inputs`` are the very same array objects.
