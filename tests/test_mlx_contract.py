@@ -191,8 +191,9 @@ def test_rank_allocator_runs_on_the_mlx_arrays_like_the_reference() -> None:
     from peftdecl_mlx.rank_allocator import MlxRankAllocator
     from peftdecl_numpy.rank_allocator import RankAllocator
 
+    # masks at steps 4 and 6 (every deltaT after tinit), then the final one at 7 re-applied at 8, 9 and 10
     spec = {"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "target_modules": ["q_proj", "down_proj"],
-            "total_step": 10, "tinit": 2, "tfinal": 3, "deltaT": 2}  # fmt: skip  (masks at 4, 6, then 7-10)
+            "total_step": 10, "tinit": 2, "tfinal": 3, "deltaT": 2}  # fmt: skip
     ours, ref = twin(Tiny(), spec)
     allocators = MlxRankAllocator(ours.plan()), RankAllocator(ref.plan())
     rng = np.random.default_rng(0)
