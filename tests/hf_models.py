@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,15 @@ import numpy as np
 torch = __import__("pytest").importorskip("torch")
 transformers = __import__("pytest").importorskip("transformers")
 peft = __import__("pytest").importorskip("peft")
+
+
+SMALL = dict(num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)  # Llama's and BERT's
+
+
+def _seeded(seed: int, model_class: str, config: Any) -> Any:
+    """transformers' ``model_class`` built from ``config`` after seeding torch, in eval mode."""
+    torch.manual_seed(seed)
+    return getattr(transformers, model_class)(config).eval()
 
 
 LLAMA_HEADS = {
@@ -21,29 +31,18 @@ LLAMA_HEADS = {
 def tiny_llama(seed: int = 0, head: str = "causal", **overrides: Any) -> Any:
     """Hidden 64, 2 layers, 4 heads / 2 KV heads, vocab 128 (the reference page's fixture shape); ``head``
     "causal" (the LM head), "token" (3 labels, a ``score`` Linear) or "qa" (a ``qa_outputs`` Linear to 2)."""
-    torch.manual_seed(seed)
     if head == "token":
         overrides = {"num_labels": 3, **overrides}
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-        **overrides,
-    )
-    return getattr(transformers, LLAMA_HEADS[head])(config).eval()
+    sizes = dict(hidden_size=64, intermediate_size=128, num_key_value_heads=2, vocab_size=128)
+    return _seeded(seed, LLAMA_HEADS[head], transformers.LlamaConfig(**{**SMALL, **sizes, **overrides}))
 
 
 def tiny_gpt2(seed: int = 0) -> Any:
     """GPT-2 with Conv1D projections: 32 wide, 2 layers, 2 heads, vocab 100."""
-    torch.manual_seed(seed)
     config = transformers.GPT2Config(
         n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0
     )
-    return transformers.GPT2LMHeadModel(config).eval()
+    return _seeded(seed, "GPT2LMHeadModel", config)
 
 
 def tiny_t5(seed: int = 0) -> Any:
@@ -75,17 +74,8 @@ def tiny_bert(seed: int = 0, head: str = "classification") -> Any:
     """BERT: hidden 32, 2 layers, 4 heads, intermediate 64, vocab 100; ``head`` "classification" (3 labels,
     a ``classifier`` Linear), "token" (3 labels per token, a ``classifier`` Linear), "qa" (a ``qa_outputs``
     Linear to 2: start and end) or "none" (the bare BertModel with its pooler)."""
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2 if head == "qa" else 3,
-    )
-    return getattr(transformers, BERT_HEADS[head])(config).eval()
+    sizes = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_labels=2 if head == "qa" else 3)
+    return _seeded(seed, BERT_HEADS[head], transformers.BertConfig(**SMALL, **sizes))
 
 
 def numpy_inputs(model: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -115,3 +105,14 @@ def perturb(peft_wrapped: Any, seed: int = 7, scale: float = 0.05) -> None:
         for param in peft_wrapped.parameters():
             if param.requires_grad:
                 param.add_(scale * torch.randn(param.shape, generator=gen).to(param.device))
+
+
+class Layers(torch.nn.Module):
+    """A bare torch module holding the layers ``build()`` returns by name, created after seeding torch with 0 so
+    every instance has the same weights (a custom, non-transformers base for PEFT)."""
+
+    def __init__(self, build: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        for name, layer in build().items():
+            self.add_module(name, layer)

@@ -8,6 +8,7 @@ reference).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 
 import peftdecl
 from tests.conftest import rel_err
-from tests.hf_models import peft, tiny_llama, torch
+from tests.hf_models import merged_state, numpy_inputs, peft, peft_model, perturb, tiny_llama, torch
 
 MERGE_TOL = 1e-6  # merged weights: float32 PEFT vs the float64 reference on float32 files
 OUTPUT_TOL = 1e-5  # one layer's output: PEFT's float32 forward vs the float64 reference
@@ -66,6 +67,50 @@ def assert_layers_like_peft(ours: peftdecl.AdaptedModel, wrapped: Any, inputs: d
     assert inputs
     for module, x in inputs.items():
         assert rel_err(ours(module, x), peft_layer_output(wrapped, module, x)) <= OUTPUT_TOL, module
+
+
+def load_peft_saved(
+    make: Callable[[], Any], config: Any, folder: str | Path, perturbed: bool = True, **load: Any
+) -> tuple[Any, peftdecl.AdaptedModel]:
+    """PEFT wraps ``make()`` with ``config`` (seeded), perturbs its adapter tensors unless told not to and saves
+    it to ``folder``; peftdecl's NumPy reference loads that folder onto a fresh ``make()``. Returns both."""
+    wrapped = peft_model(make(), config)
+    if perturbed:
+        perturb(wrapped)
+    wrapped.save_pretrained(folder)
+    state, options = numpy_inputs(make())
+    return wrapped, peftdecl.load_adapter(state, folder, **load, **options)
+
+
+def round_trip(
+    make: Callable[[], Any], config: Any, folder: Path, inputs: dict[str, np.ndarray]
+) -> tuple[peftdecl.AdaptedModel, Any]:
+    """PEFT's file (in ``folder / "theirs"``) loads with PEFT's outputs on ``inputs``, and what we save from it
+    (``folder / "ours"``) loads in PEFT. Returns (ours, PEFT's model loaded from our file)."""
+    wrapped, ours = load_peft_saved(make, config, folder / "theirs")
+    assert_layers_like_peft(ours, wrapped, inputs)
+    ours.save(folder / "ours")
+    return ours, peft.PeftModel.from_pretrained(make(), folder / "ours")
+
+
+def save_for_peft(
+    make: Callable[[], Any], spec: Any, folder: str | Path, seed: int = 3
+) -> tuple[peftdecl.AdaptedModel, Any]:
+    """peftdecl attaches ``spec`` to ``make()`` (seeded) and saves it to ``folder``; PEFT loads that folder onto a
+    fresh ``make()``. Returns (ours, PEFT's loaded model)."""
+    state, options = numpy_inputs(make())
+    ours = peftdecl.attach(state, spec, seed=seed, **options)
+    ours.save(folder)
+    return ours, peft.PeftModel.from_pretrained(make(), folder)
+
+
+def assert_computes_like_peft(
+    ours: peftdecl.AdaptedModel, wrapped: Any, inputs: dict[str, np.ndarray]
+) -> None:
+    """Each module's output on ``inputs`` within OUTPUT_TOL of PEFT's, then the merged weights within
+    MERGE_TOL (the merge unloads ``ours``)."""
+    assert_layers_like_peft(ours, wrapped, inputs)
+    assert_merged_equal(ours.merge_and_unload(), merged_state(wrapped))
 
 
 def assert_saved_like_peft(folder: str | Path, reference: Any, shapes: bool = False) -> dict[str, Any]:

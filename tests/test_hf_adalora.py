@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from peftdecl_numpy.kinds.adalora import orthogonal_regularizer
 from peftdecl_numpy.rank_allocator import RankAllocator
 from tests.conftest import rel_err
 from tests.hf_models import (
+    Layers,
     merged_state,
     numpy_inputs,
     peft,
@@ -32,11 +34,15 @@ from tests.hf_models import (
 from tests.peft_parity import (
     MERGE_TOL,
     OUTPUT_TOL,
+    assert_computes_like_peft,
     assert_config_like_peft,
     assert_layers_like_peft,
     assert_merged_equal,
     assert_saved_like_peft,
+    load_peft_saved,
     peft_layer_output,
+    round_trip,
+    save_for_peft,
 )
 
 ALLOC_TOL = 1e-6  # allocator lora_E values and the regulariser: PEFT float32 vs NumPy float64
@@ -61,6 +67,16 @@ def ir_key(peft_name: str) -> str:
     return peft_name.removeprefix("base_model.model.").replace(".default", "")
 
 
+def assert_files_alike(ours: Path, theirs: Path, tol: float) -> None:
+    """The adapter files in both folders hold the same tensor names and shapes, each within ``tol`` (relative)."""
+    ours_file = peft.utils.load_peft_weights(str(ours))
+    theirs_file = peft.utils.load_peft_weights(str(theirs))
+    assert {k: tuple(v.shape) for k, v in ours_file.items()} == {
+        k: tuple(v.shape) for k, v in theirs_file.items()
+    }
+    assert all(rel_err(ours_file[k].numpy(), theirs_file[k].numpy()) <= tol for k in theirs_file)
+
+
 def allocate_in_peft(wrapped, steps: int, seed: int = 0, lr: float = 0.01) -> None:
     """Drive PEFT's allocator with synthetic gradients and plain SGD steps."""
     gen = torch.Generator().manual_seed(seed)
@@ -76,24 +92,19 @@ def allocate_in_peft(wrapped, steps: int, seed: int = 0, lr: float = 0.01) -> No
 @pytest.mark.peft
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_saved_adalora_loads_and_computes_like_peft(case: str, tmp_path) -> None:
-    wrapped = peft_model(tiny_llama(), config(init_lora_weights=False, **CASES[case])).eval()
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path)
-    state, options = numpy_inputs(tiny_llama())
-    ours = peftdecl.load_adapter(state, tmp_path, **options)
+    config_ = config(init_lora_weights=False, **CASES[case])
+    wrapped, ours = load_peft_saved(tiny_llama, config_, tmp_path)
+    wrapped.eval()  # no dropout on PEFT's side
     module = ours.plan().targets[0]
     x = np.random.default_rng(0).normal(size=(3, ours.info.layers[module].in_features))
-    assert_layers_like_peft(ours, wrapped, {module: x})
-    assert_merged_equal(ours.merge_and_unload(), merged_state(wrapped))
+    assert_computes_like_peft(ours, wrapped, {module: x})
 
 
 @pytest.mark.peft
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peftdecl_saved_adalora_loads_in_peft(case: str, tmp_path) -> None:
-    state, options = numpy_inputs(tiny_llama())
     spec = {"peft_type": "ADALORA", "init_lora_weights": False, **SCHEDULE, **CASES[case]}
-    ours = peftdecl.attach(state, spec, seed=3, **options)
-    ours.save(tmp_path)
+    ours, loaded = save_for_peft(tiny_llama, spec, tmp_path)
     module = ours.plan().targets[0]
     x = np.random.default_rng(1).normal(size=(2, ours.info.layers[module].in_features))
     expected_out = ours(module, x)
@@ -101,7 +112,6 @@ def test_peftdecl_saved_adalora_loads_in_peft(case: str, tmp_path) -> None:
 
     reference = peft_model(tiny_llama(), config(init_lora_weights=False, **CASES[case]))
     assert_saved_like_peft(tmp_path, reference)
-    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert rel_err(peft_layer_output(loaded, module, x), expected_out) <= OUTPUT_TOL
     assert_merged_equal(expected_merge, merged_state(loaded))
 
@@ -148,12 +158,7 @@ def test_pruned_peft_file_loads_and_round_trips(allocated) -> None:
     assert_layers_like_peft(ours, wrapped, dict.fromkeys(ours.plan().targets, x))
 
     ours.save(tmp_path / "ours")
-    theirs_file = peft.utils.load_peft_weights(str(tmp_path / "theirs"))
-    ours_file = peft.utils.load_peft_weights(str(tmp_path / "ours"))
-    assert {k: tuple(v.shape) for k, v in ours_file.items()} == {
-        k: tuple(v.shape) for k, v in theirs_file.items()
-    }
-    assert all(rel_err(ours_file[k].numpy(), theirs_file[k].numpy()) <= MERGE_TOL for k in theirs_file)
+    assert_files_alike(tmp_path / "ours", tmp_path / "theirs", MERGE_TOL)
     assert (
         json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["rank_pattern"]
         == saved["rank_pattern"]
@@ -196,11 +201,7 @@ def test_pruned_peftdecl_file_with_alpha_zero_loads_in_peft(tmp_path) -> None:
 @pytest.mark.peft
 def test_rank_allocator_matches_peft_step_for_step(tmp_path) -> None:
     fields = dict(init_r=6, target_r=3, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
-    wrapped = peft_model(tiny_llama(), config(**fields))
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path / "start")
-    state, options = numpy_inputs(tiny_llama())
-    ours = peftdecl.load_adapter(state, tmp_path / "start", is_trainable=True, **options)
+    wrapped, ours = load_peft_saved(tiny_llama, config(**fields), tmp_path / "start", is_trainable=True)
     allocator = RankAllocator(ours.plan())
     params = ours.trainable_parameters()
     gen, lr = torch.Generator().manual_seed(11), 0.01
@@ -228,12 +229,7 @@ def test_rank_allocator_matches_peft_step_for_step(tmp_path) -> None:
     ours.update_spec(rank_pattern=allocator.rank_pattern)
     ours.save(tmp_path / "ours")
     wrapped.save_pretrained(tmp_path / "theirs")
-    ours_file = peft.utils.load_peft_weights(str(tmp_path / "ours"))
-    theirs_file = peft.utils.load_peft_weights(str(tmp_path / "theirs"))
-    assert {k: tuple(v.shape) for k, v in ours_file.items()} == {
-        k: tuple(v.shape) for k, v in theirs_file.items()
-    }
-    assert all(rel_err(ours_file[k].numpy(), theirs_file[k].numpy()) <= ALLOC_TOL for k in theirs_file)
+    assert_files_alike(tmp_path / "ours", tmp_path / "theirs", ALLOC_TOL)
 
 
 @pytest.mark.peft
@@ -265,43 +261,39 @@ def test_orthogonal_regularizer_matches_peft_loss_term(pruned: bool, tmp_path) -
     assert abs(value - (total - plain)) <= ALLOC_TOL * max(1.0, abs(total)) + 1e-6  # float32 loss sum in PEFT
 
 
+def tiny_conv_net() -> Layers:
+    return Layers(
+        lambda: {
+            "conv": torch.nn.Conv2d(3, 5, (3, 2), stride=2, padding=1, dilation=(1, 2)),
+            "proj": torch.nn.Linear(5, 4),
+        }
+    )
+
+
+BOTH_WAYS = {  # base, fields, probed module, its input shape
+    "gpt2_conv1d": (
+        tiny_gpt2,
+        dict(init_r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+        "transformer.h.0.attn.c_attn",
+        (3, 32),
+    ),
+    "conv2d": (
+        tiny_conv_net,
+        dict(init_r=3, lora_alpha=6, target_modules=["conv", "proj"]),
+        "conv",
+        (2, 3, 7, 8),
+    ),
+}
+
+
 @pytest.mark.peft
-def test_gpt2_conv1d_both_ways(tmp_path) -> None:
-    fields = dict(init_r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
-    wrapped = peft_model(tiny_gpt2(), config(init_lora_weights=False, **fields))
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path / "theirs")
-    state, options = numpy_inputs(tiny_gpt2())
-    model = peftdecl.load_adapter(state, tmp_path / "theirs", **options)
-    x = np.random.default_rng(0).normal(size=(3, 32))
-    module = "transformer.h.0.attn.c_attn"
-    assert_layers_like_peft(model, wrapped, {module: x})
-    model.save(tmp_path / "ours")
-    loaded = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours")
-    assert_merged_equal(model.merge_and_unload(), merged_state(loaded))
-
-
-class TinyConvNet(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 5, (3, 2), stride=2, padding=1, dilation=(1, 2))
-        self.proj = torch.nn.Linear(5, 4)
-
-
-@pytest.mark.peft
-def test_conv2d_both_ways(tmp_path) -> None:
-    fields = dict(init_r=3, lora_alpha=6, target_modules=["conv", "proj"])
-    wrapped = peft_model(TinyConvNet(), config(init_lora_weights=False, **fields))
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path / "theirs")
-    state, options = numpy_inputs(TinyConvNet())
-    model = peftdecl.load_adapter(state, tmp_path / "theirs", **options)
-    assert model.state_dict()["conv.lora_A"].shape == (3, 3 * 3 * 2)
-    x = np.random.default_rng(0).normal(size=(2, 3, 7, 8))
-    assert_layers_like_peft(model, wrapped, {"conv": x})
-    model.save(tmp_path / "ours")
-    loaded = peft.PeftModel.from_pretrained(TinyConvNet(), tmp_path / "ours")
+@pytest.mark.parametrize("case", sorted(BOTH_WAYS))
+def test_both_ways(case: str, tmp_path) -> None:
+    make, fields, module, shape = BOTH_WAYS[case]
+    x = np.random.default_rng(0).normal(size=shape)
+    model, loaded = round_trip(make, config(init_lora_weights=False, **fields), tmp_path, {module: x})
+    if case == "conv2d":  # the conv's A is flattened over its 3×(3×2) input patch
+        assert model.state_dict()["conv.lora_A"].shape == (3, 3 * 3 * 2)
     assert_merged_equal(model.merge_and_unload(), merged_state(loaded))
 
 

@@ -13,37 +13,26 @@ import pytest
 
 import peftdecl
 from tests.conftest import rel_err
-from tests.hf_models import (
-    merged_state,
-    numpy_inputs,
-    peft,
-    peft_model,
-    perturb,
-    tiny_gpt2,
-    tiny_llama,
-    torch,
-)
+from tests.hf_models import Layers, peft, peft_model, tiny_gpt2, tiny_llama, torch
 from tests.peft_parity import (
     OUTPUT_TOL,
-    assert_layers_like_peft,
-    assert_merged_equal,
+    assert_computes_like_peft,
     assert_saved_like_peft,
     llama_with_bias,
+    load_peft_saved,
     probe_inputs,
+    save_for_peft,
 )
 
 
-class Convs(torch.nn.Module):
+def convs() -> Layers:
     """A plain torch module with the convolution types DoRA supports."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.c1 = torch.nn.Conv1d(3, 4, 3, padding=1, stride=2)
-        self.c2 = torch.nn.Conv2d(3, 5, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c2(x)
+    return Layers(
+        lambda: {
+            "c1": torch.nn.Conv1d(3, 4, 3, padding=1, stride=2),
+            "c2": torch.nn.Conv2d(3, 5, 3, padding=1),
+        }
+    )
 
 
 CASES = {
@@ -54,7 +43,7 @@ CASES = {
         tiny_gpt2,
         dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
     ),
-    "convs": (Convs, dict(r=2, lora_alpha=4, target_modules=["c1", "c2"])),
+    "convs": (convs, dict(r=2, lora_alpha=4, target_modules=["c1", "c2"])),
 }
 PROBES = {  # module -> input shape, or a builder (token ids); one per layer type in the cases
     "model.layers.0.self_attn.q_proj": (2, 3, 64),
@@ -72,35 +61,23 @@ PROBES = {  # module -> input shape, or a builder (token ids); one per layer typ
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_saved_dora_loads_with_peft_outputs_and_merge(case: str, tmp_path) -> None:
     make, config = CASES[case]
-    wrapped = peft_model(make(), peft.LoraConfig(use_dora=True, init_lora_weights=False, **config))
-    perturb(wrapped)  # moves m away from ‖W + sBA‖, so g ≠ 1
-    wrapped.save_pretrained(tmp_path)
-    state, options = numpy_inputs(make())
-    ours = peftdecl.load_adapter(state, tmp_path, **options)
+    # perturbing moves m away from ‖W + sBA‖, so g ≠ 1
+    wrapped, ours = load_peft_saved(
+        make, peft.LoraConfig(use_dora=True, init_lora_weights=False, **config), tmp_path
+    )
     assert ours.plan().kind == "dora"
-    assert_layers_like_peft(ours, wrapped, probe_inputs(ours, PROBES))
-    assert_merged_equal(ours.merge_and_unload(), merged_state(wrapped))
+    assert_computes_like_peft(ours, wrapped, probe_inputs(ours, PROBES))
 
 
 @pytest.mark.peft
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peftdecl_saved_dora_loads_in_peft(case: str, tmp_path) -> None:
     make, config = CASES[case]
-    state, options = numpy_inputs(make())
-    ours = peftdecl.attach(
-        state,
-        {"peft_type": "LORA", "use_dora": True, "init_lora_weights": False, **config},
-        seed=3,
-        **options,
-    )
-    ours.save(tmp_path)
-
+    spec = {"peft_type": "LORA", "use_dora": True, "init_lora_weights": False, **config}
+    ours, loaded = save_for_peft(make, spec, tmp_path)
     reference = peft_model(make(), peft.LoraConfig(use_dora=True, init_lora_weights=False, **config))
     assert_saved_like_peft(tmp_path, reference)
-
-    loaded = peft.PeftModel.from_pretrained(make(), tmp_path)
-    assert_layers_like_peft(ours, loaded, probe_inputs(ours, PROBES))
-    assert_merged_equal(ours.merge_and_unload(), merged_state(loaded))
+    assert_computes_like_peft(ours, loaded, probe_inputs(ours, PROBES))
 
 
 @pytest.mark.peft
@@ -109,11 +86,9 @@ def test_training_forward_and_gradients_match_peft(tmp_path) -> None:
     recomputes the base term on the dropped input, and its autograd (n detached) gives the gradients."""
     p_drop, module = 0.3, "model.layers.0.self_attn.q_proj"
     config = dict(r=4, lora_alpha=8, lora_dropout=p_drop, target_modules=["q_proj"])
-    wrapped = peft_model(tiny_llama(), peft.LoraConfig(use_dora=True, init_lora_weights=False, **config))
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path)
-    state, options = numpy_inputs(tiny_llama())
-    ours = peftdecl.load_adapter(state, tmp_path, **options)
+    wrapped, ours = load_peft_saved(
+        tiny_llama, peft.LoraConfig(use_dora=True, init_lora_weights=False, **config), tmp_path
+    )
 
     rng = np.random.default_rng(0)
     x, dy = rng.normal(size=(2, 3, 64)), rng.normal(size=(2, 3, 64))

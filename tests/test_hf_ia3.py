@@ -14,32 +14,20 @@ import numpy as np
 import pytest
 
 import peftdecl
-from tests.hf_models import merged_state, numpy_inputs, peft, peft_model, tiny_gpt2, tiny_llama, torch
-from tests.peft_parity import (
-    assert_layers_like_peft,
-    assert_merged_equal,
-    assert_saved_like_peft,
-    llama_with_bias,
-    probe_inputs,
-)
+from tests import peft_parity as parity
+from tests.hf_models import Layers, numpy_inputs, peft, peft_model, tiny_gpt2, tiny_llama, torch
 
 
-class Convs(torch.nn.Module):
+def convs() -> Layers:
     """Two Conv2d layers: one scaled at its output, one (feed-forward) at its input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.attn = torch.nn.Conv2d(3, 5, 3, padding=1)
-        self.ff = torch.nn.Conv2d(4, 6, 1, groups=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attn(x)
+    return Layers(
+        lambda: {"attn": torch.nn.Conv2d(3, 5, 3, padding=1), "ff": torch.nn.Conv2d(4, 6, 1, groups=2)}
+    )
 
 
 CASES = {
     "llama": (
-        llama_with_bias,
+        parity.llama_with_bias,
         dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
     ),
     "llama_defaults": (tiny_llama, dict()),
@@ -49,7 +37,7 @@ CASES = {
     ),
     "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"])),
     "gpt2_defaults": (tiny_gpt2, dict()),
-    "convs": (Convs, dict(target_modules=["attn", "ff"], feedforward_modules=["ff"])),
+    "convs": (convs, dict(target_modules=["attn", "ff"], feedforward_modules=["ff"])),
 }
 PROBES = {  # module -> input shape
     "model.layers.0.self_attn.k_proj": (2, 3, 64),
@@ -75,36 +63,30 @@ def feedforward_of(wrapped) -> dict[str, bool]:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_saved_ia3_loads_with_peft_outputs_and_merge(case: str, tmp_path) -> None:
     make, config = CASES[case]
-    wrapped = peft_model(make(), peft.IA3Config(init_ia3_weights=False, **config))  # l ~ N(0, 1)
-    wrapped.save_pretrained(tmp_path)
-    state, options = numpy_inputs(make())
-    ours = peftdecl.load_adapter(state, tmp_path, **options)
+    # l ~ N(0, 1), left as drawn
+    config = peft.IA3Config(init_ia3_weights=False, **config)
+    wrapped, ours = parity.load_peft_saved(make, config, tmp_path, perturbed=False)
     assert {lp.module: lp.options["feedforward"] for lp in ours.plan().layers} == feedforward_of(wrapped)
-    assert_layers_like_peft(ours, wrapped, probe_inputs(ours, PROBES))
-    assert_merged_equal(ours.merge_and_unload(), merged_state(wrapped))
+    parity.assert_computes_like_peft(ours, wrapped, parity.probe_inputs(ours, PROBES))
 
 
 @pytest.mark.peft
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peftdecl_saved_ia3_loads_in_peft(case: str, tmp_path) -> None:
     make, config = CASES[case]
-    state, options = numpy_inputs(make())
-    ours = peftdecl.attach(
-        state, {"peft_type": "IA3", "init_ia3_weights": False, **config}, seed=3, **options
+    ours, loaded = parity.save_for_peft(
+        make, {"peft_type": "IA3", "init_ia3_weights": False, **config}, tmp_path
     )
-    ours.save(tmp_path)
 
     reference = peft_model(make(), peft.IA3Config(init_ia3_weights=False, **config))
-    assert_saved_like_peft(tmp_path, reference)
+    parity.assert_saved_like_peft(tmp_path, reference)
     reference.save_pretrained(tmp_path / "theirs")
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert set(saved) == set(json.loads((tmp_path / "theirs" / "adapter_config.json").read_text()))
     assert saved["peft_type"] == "IA3"
 
-    loaded = peft.PeftModel.from_pretrained(make(), tmp_path)
     assert {lp.module: lp.options["feedforward"] for lp in ours.plan().layers} == feedforward_of(loaded)
-    assert_layers_like_peft(ours, loaded, probe_inputs(ours, PROBES))
-    assert_merged_equal(ours.merge_and_unload(), merged_state(loaded))
+    parity.assert_computes_like_peft(ours, loaded, parity.probe_inputs(ours, PROBES))
 
 
 @pytest.mark.peft

@@ -12,15 +12,9 @@ import numpy as np
 import pytest
 
 import peftdecl
+from tests import peft_parity as parity
 from tests.conftest import rel_err
 from tests.hf_models import merged_state, numpy_inputs, peft, peft_model, perturb, tiny_gpt2, tiny_llama
-from tests.peft_parity import (
-    OUTPUT_TOL,
-    assert_config_like_peft,
-    assert_merged_equal,
-    assert_saved_like_peft,
-    peft_layer_output,
-)
 
 LLAMA_CASES = {
     "plain": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
@@ -49,46 +43,30 @@ def base_for(case: str):
 @pytest.mark.peft
 @pytest.mark.parametrize("case", sorted(LLAMA_CASES))
 def test_peft_saved_lora_loads_and_merges_like_peft(case: str, tmp_path) -> None:
-    wrapped = peft_model(base_for(case), peft.LoraConfig(init_lora_weights=False, **LLAMA_CASES[case]))
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path)
-    state, options = numpy_inputs(base_for(case))
-    ours = peftdecl.load_adapter(state, tmp_path, **options).merge_and_unload()
-    assert_merged_equal(ours, merged_state(wrapped))
+    config = peft.LoraConfig(init_lora_weights=False, **LLAMA_CASES[case])
+    wrapped, ours = parity.load_peft_saved(lambda: base_for(case), config, tmp_path)
+    parity.assert_merged_equal(ours.merge_and_unload(), merged_state(wrapped))
 
 
 @pytest.mark.peft
 @pytest.mark.parametrize("case", sorted(LLAMA_CASES))
 def test_peftdecl_saved_lora_loads_in_peft(case: str, tmp_path) -> None:
-    state, options = numpy_inputs(base_for(case))
     spec = {"peft_type": "LORA", "init_lora_weights": False, **LLAMA_CASES[case]}
-    ours = peftdecl.attach(state, spec, seed=3, **options)
-    ours.save(tmp_path)
-    expected_merge = ours.merge_and_unload()
-
+    ours, loaded = parity.save_for_peft(lambda: base_for(case), spec, tmp_path)
     reference = peft_model(
         base_for(case), peft.LoraConfig(**{**LLAMA_CASES[case], "init_lora_weights": False})
     )
-    assert_saved_like_peft(tmp_path, reference)
-
-    loaded = peft.PeftModel.from_pretrained(base_for(case), tmp_path)
-    assert_merged_equal(expected_merge, merged_state(loaded))
+    parity.assert_saved_like_peft(tmp_path, reference)
+    parity.assert_merged_equal(ours.merge_and_unload(), merged_state(loaded))
 
 
 @pytest.mark.peft
 def test_gpt2_conv1d_both_ways(tmp_path) -> None:
     config = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
-    wrapped = peft_model(tiny_gpt2(), peft.LoraConfig(init_lora_weights=False, **config))
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path / "theirs")
-    state, options = numpy_inputs(tiny_gpt2())
-    model = peftdecl.load_adapter(state, tmp_path / "theirs", **options)
     x = np.random.default_rng(0).normal(size=(3, 32))
-    module = "transformer.h.0.attn.c_attn"
-    assert rel_err(model(module, x), peft_layer_output(wrapped, module, x)) <= OUTPUT_TOL
-    model.save(tmp_path / "ours")
-    loaded = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours")
-    assert_merged_equal(model.merge_and_unload(), merged_state(loaded))
+    config = peft.LoraConfig(init_lora_weights=False, **config)
+    model, loaded = parity.round_trip(tiny_gpt2, config, tmp_path, {"transformer.h.0.attn.c_attn": x})
+    parity.assert_merged_equal(model.merge_and_unload(), merged_state(loaded))
 
 
 @pytest.mark.peft
@@ -108,8 +86,8 @@ def test_two_adapters_in_one_folder(tmp_path) -> None:
     ours.set_adapter("other")
     wrapped.set_adapter("other")
     x, module = np.random.default_rng(1).normal(size=(2, 64)), "model.layers.0.self_attn.o_proj"
-    expected = peft_layer_output(wrapped, module, x)
-    assert rel_err(ours(module, x), expected) <= OUTPUT_TOL
+    expected = parity.peft_layer_output(wrapped, module, x)
+    assert rel_err(ours(module, x), expected) <= parity.OUTPUT_TOL
 
     ours.save(tmp_path / "resaved")
     assert json.loads((tmp_path / "resaved" / "other" / "adapter_config.json").read_text())["r"] == 4
@@ -117,7 +95,7 @@ def test_two_adapters_in_one_folder(tmp_path) -> None:
     both.load_adapter(tmp_path / "resaved" / "other", adapter_name="other")
     both.set_adapter("other")
     # PEFT on PEFT, both float32: the adapter read back from our file, against the one PEFT saved
-    assert rel_err(peft_layer_output(both, module, x), expected) <= 1e-6
+    assert rel_err(parity.peft_layer_output(both, module, x), expected) <= 1e-6
 
 
 @pytest.mark.peft
@@ -128,7 +106,7 @@ def test_saved_config_matches_peft_fields(tmp_path) -> None:
     peft_model(tiny_llama(), peft.LoraConfig(target_modules="all-linear")).save_pretrained(
         tmp_path / "theirs"
     )
-    mine, _ = assert_config_like_peft(
+    mine, _ = parity.assert_config_like_peft(
         tmp_path / "ours", tmp_path / "theirs", ignore=("peft_version", "base_model_name_or_path")
     )
     assert list(mine) == sorted(mine)
@@ -148,5 +126,5 @@ def test_null_module_lists_are_saved_as_the_defaults_peft_resolved(spec, config,
     peftdecl.attach(state, spec, **options).save(tmp_path / "ours")
     peft_model(tiny_llama(), config()).save_pretrained(tmp_path / "theirs")
     lists = ("target_modules", "feedforward_modules") if spec["peft_type"] == "IA3" else ("target_modules",)
-    mine, _ = assert_config_like_peft(tmp_path / "ours", tmp_path / "theirs", as_sets=lists)
+    mine, _ = parity.assert_config_like_peft(tmp_path / "ours", tmp_path / "theirs", as_sets=lists)
     assert all(mine[key] for key in lists)  # not null: the model type's defaults, as PEFT wrote them

@@ -19,15 +19,16 @@ from hypothesis import strategies as st
 import peftdecl
 from peftdecl.plan.kinds.lycoris import factorization
 from tests.conftest import rel_err
-from tests.hf_models import merged_state, numpy_inputs, peft, peft_model, perturb, tiny_llama, torch
+from tests.hf_models import Layers, numpy_inputs, peft, peft_model, tiny_llama, torch
 from tests.peft_parity import (
     MERGE_TOL,
+    assert_computes_like_peft,
     assert_config_like_peft,
-    assert_layers_like_peft,
-    assert_merged_equal,
     assert_saved_like_peft,
+    load_peft_saved,
     peft_layer_output,
     probe_inputs,
+    save_for_peft,
 )
 
 CONFIGS = {"LOHA": peft.LoHaConfig, "LOKR": peft.LoKrConfig}
@@ -65,17 +66,17 @@ LLAMA_CASES = {
 LLAMA_PROBES = {"model.layers.0.self_attn.q_proj": (3, 64), "model.layers.1.self_attn.v_proj": (3, 64)}
 
 
-class ConvNet(torch.nn.Module):
+def conv_net() -> Layers:
     """Conv2d (strided, grouped + dilated, 1x1), Conv1d and Linear layers LyCORIS factors differently."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.c2 = torch.nn.Conv2d(4, 6, 3, padding=1, stride=2)
-        self.c2g = torch.nn.Conv2d(4, 6, (3, 2), groups=2, dilation=2, bias=False)
-        self.p1 = torch.nn.Conv2d(4, 8, 1)
-        self.c1 = torch.nn.Conv1d(6, 4, 3, padding=1)
-        self.lin = torch.nn.Linear(8, 12)
+    return Layers(
+        lambda: {
+            "c2": torch.nn.Conv2d(4, 6, 3, padding=1, stride=2),
+            "c2g": torch.nn.Conv2d(4, 6, (3, 2), groups=2, dilation=2, bias=False),
+            "p1": torch.nn.Conv2d(4, 8, 1),
+            "c1": torch.nn.Conv1d(6, 4, 3, padding=1),
+            "lin": torch.nn.Linear(8, 12),
+        }
+    )
 
 
 CONV_TARGETS = ["c2", "c2g", "p1", "c1", "lin"]
@@ -101,7 +102,7 @@ CASES = {
         for k, (peft_type, cfg) in LLAMA_CASES.items()
     },
     **{
-        f"conv-{k}": (ConvNet, peft_type, {"target_modules": CONV_TARGETS, **cfg}, CONV_PROBES)
+        f"conv-{k}": (conv_net, peft_type, {"target_modules": CONV_TARGETS, **cfg}, CONV_PROBES)
         for k, (peft_type, cfg) in CONV_CASES.items()
     },
 }
@@ -115,32 +116,20 @@ def peft_config(peft_type: str, fields: dict, **overrides):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_saved_adapter_loads_and_computes_like_peft(case: str, tmp_path) -> None:
     make_base, peft_type, fields, probes = CASES[case]
-    wrapped = peft_model(make_base(), peft_config(peft_type, fields, init_weights=False))
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path)
-    state, options = numpy_inputs(make_base())
-    ours = peftdecl.load_adapter(state, tmp_path, **options)
-    assert_layers_like_peft(ours, wrapped, probe_inputs(ours, probes))
-    assert_merged_equal(ours.merge_and_unload(), merged_state(wrapped))
+    wrapped, ours = load_peft_saved(make_base, peft_config(peft_type, fields, init_weights=False), tmp_path)
+    assert_computes_like_peft(ours, wrapped, probe_inputs(ours, probes))
 
 
 @pytest.mark.peft
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peftdecl_saved_adapter_loads_in_peft(case: str, tmp_path) -> None:
     make_base, peft_type, fields, probes = CASES[case]
-    state, options = numpy_inputs(make_base())
-    ours = peftdecl.attach(
-        state, {"peft_type": peft_type, **fields, "init_weights": False}, seed=3, **options
+    ours, loaded = save_for_peft(
+        make_base, {"peft_type": peft_type, **fields, "init_weights": False}, tmp_path
     )
-    ours.save(tmp_path)
-
     reference = peft_model(make_base(), peft_config(peft_type, fields, init_weights=False))
     assert_saved_like_peft(tmp_path, reference)
-
-    loaded = peft.PeftModel.from_pretrained(make_base(), tmp_path)
-    inputs = probe_inputs(ours, probes)
-    assert_layers_like_peft(ours, loaded, inputs)
-    assert_merged_equal(ours.merge_and_unload(), merged_state(loaded))
+    assert_computes_like_peft(ours, loaded, probe_inputs(ours, probes))
 
 
 @pytest.mark.peft
@@ -151,9 +140,7 @@ def test_lokr_conv1d_cp_factor_matches_peft_building_blocks(tmp_path) -> None:
     from peft.tuners.lokr.layer import make_weight_cp
 
     fields = dict(r=1, alpha=3, decompose_both=True, use_effective_conv2d=True, target_modules=["c1"])
-    wrapped = peft_model(ConvNet(), peft.LoKrConfig(init_weights=False, **fields))
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path)
+    wrapped, ours = load_peft_saved(conv_net, peft.LoKrConfig(init_weights=False, **fields), tmp_path)
     layer = wrapped.base_model.model.c1
     with torch.no_grad():
         w1 = (
@@ -169,13 +156,11 @@ def test_lokr_conv1d_cp_factor_matches_peft_building_blocks(tmp_path) -> None:
             layer.weight.shape
         )
 
-    state, options = numpy_inputs(ConvNet())
-    ours = peftdecl.load_adapter(state, tmp_path, **options)
     assert "lokr_t2" in {p.name for p in ours.plan().layer("c1").params}
     ours.save(tmp_path / "ours")
     assert_saved_like_peft(tmp_path / "ours", wrapped)
     merged = ours.merge_and_unload()["c1.weight"]
-    assert rel_err(merged - state["c1.weight"], expected.double().numpy()) <= MERGE_TOL
+    assert rel_err(merged - numpy_inputs(conv_net())[0]["c1.weight"], expected.double().numpy()) <= MERGE_TOL
 
 
 def _kaiming_bound(fan_in: int) -> float:

@@ -21,14 +21,16 @@ from peftdecl.plan.kinds.boft import block_butterfly_perm
 from peftdecl.plan.kinds.oft import nearest_divisor
 from peftdecl_numpy.rotation import neumann, skew_from_triu
 from tests.conftest import rel_err
-from tests.hf_models import merged_state, numpy_inputs, peft, peft_model, perturb, tiny_llama, torch
+from tests.hf_models import Layers, merged_state, numpy_inputs, peft, peft_model, perturb, tiny_llama, torch
 from tests.peft_parity import (
     OUTPUT_TOL,
+    assert_computes_like_peft,
     assert_config_like_peft,
-    assert_layers_like_peft,
     assert_merged_equal,
     assert_saved_like_peft,
+    load_peft_saved,
     peft_layer_output,
+    save_for_peft,
 )
 
 OFT_CASES = {
@@ -50,6 +52,8 @@ BOFT_CASES = {
     "block_num": dict(boft_block_size=0, boft_block_num=4, target_modules=["q_proj", "o_proj"]),
     "bias": dict(boft_block_size=8, target_modules=["o_proj"]),
 }
+CASES = {"OFT": OFT_CASES, "BOFT": BOFT_CASES}
+KIND_CASES = [(kind, case) for kind, cases in CASES.items() for case in sorted(cases)]
 BUTTERFLY_CASES = {
     "two_factors": dict(boft_block_size=8, boft_n_butterfly_factor=2, target_modules=["q_proj", "v_proj"]),
     "three_factors": dict(
@@ -58,14 +62,8 @@ BUTTERFLY_CASES = {
 }
 
 
-class ConvNet(torch.nn.Module):
-    def __init__(self, kernel: int, stride: int = 1, padding: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(4, 6, kernel, stride=stride, padding=padding)
-
-    def forward(self, x):
-        return self.conv(x)
+def conv_net(kernel: int, stride: int = 1, padding: int = 0) -> Layers:
+    return Layers(lambda: {"conv": torch.nn.Conv2d(4, 6, kernel, stride=stride, padding=padding)})
 
 
 def llama(case: str):
@@ -88,25 +86,17 @@ def layer_input(base, module: str, rng: np.random.Generator) -> np.ndarray:
 
 def peft_saved_loads_like_peft(kind: str, fields: dict, make_base, tmp_path) -> peftdecl.AdaptedModel:
     """PEFT creates, perturbs and saves; peftdecl loads: same per-layer outputs and merged weights."""
-    wrapped = peft_model(make_base(), config_for(kind, fields))
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path)
-    state, options = numpy_inputs(make_base())
-    ours = peftdecl.load_adapter(state, tmp_path, **options)
+    wrapped, ours = load_peft_saved(make_base, config_for(kind, fields), tmp_path)
     rng = np.random.default_rng(0)
     inputs = {module: layer_input(make_base(), module, rng) for module in ours.plan().targets}
-    assert_layers_like_peft(ours, wrapped, inputs)
-    assert_merged_equal(ours.merge_and_unload(), merged_state(wrapped))
+    assert_computes_like_peft(ours, wrapped, inputs)
     return ours
 
 
 def peftdecl_saved_loads_in_peft(kind: str, fields: dict, make_base, tmp_path) -> None:
     """peftdecl creates and saves; PEFT loads it with its own keys and shapes, same outputs and merges."""
-    state, options = numpy_inputs(make_base())
-    ours = peftdecl.attach(state, {"peft_type": kind, "init_weights": False, **fields}, seed=3, **options)
-    ours.save(tmp_path)
+    ours, loaded = save_for_peft(make_base, {"peft_type": kind, "init_weights": False, **fields}, tmp_path)
     assert_saved_like_peft(tmp_path, peft_model(make_base(), config_for(kind, fields)), shapes=True)
-    loaded = peft.PeftModel.from_pretrained(make_base(), tmp_path)
     rng = np.random.default_rng(1)
     for module in ours.plan().targets:
         x = layer_input(make_base(), module, rng)
@@ -130,23 +120,23 @@ def cpu_butterfly(monkeypatch):
 
 # -- OFT -----------------------------------------------------------------------------------------------------
 @pytest.mark.peft
-@pytest.mark.parametrize("case", sorted(OFT_CASES))
-def test_peft_saved_oft_loads_like_peft(case: str, tmp_path) -> None:
-    peft_saved_loads_like_peft("OFT", OFT_CASES[case], lambda: llama(case), tmp_path)
+@pytest.mark.parametrize(("kind", "case"), KIND_CASES)
+def test_peft_saved_file_loads_like_peft(kind: str, case: str, tmp_path) -> None:
+    peft_saved_loads_like_peft(kind, CASES[kind][case], lambda: llama(case), tmp_path)
 
 
 @pytest.mark.peft
-@pytest.mark.parametrize("case", sorted(OFT_CASES))
-def test_peftdecl_saved_oft_loads_in_peft(case: str, tmp_path) -> None:
-    peftdecl_saved_loads_in_peft("OFT", OFT_CASES[case], lambda: llama(case), tmp_path)
+@pytest.mark.parametrize(("kind", "case"), KIND_CASES)
+def test_peftdecl_saved_file_loads_in_peft(kind: str, case: str, tmp_path) -> None:
+    peftdecl_saved_loads_in_peft(kind, CASES[kind][case], lambda: llama(case), tmp_path)
 
 
 @pytest.mark.peft
 @pytest.mark.parametrize("stride_padding", [(1, 0), (2, 1)])
 def test_oft_conv_1x1_both_ways(stride_padding, tmp_path) -> None:
     fields = dict(oft_block_size=2, target_modules=["conv"])
-    peft_saved_loads_like_peft("OFT", fields, lambda: ConvNet(1, *stride_padding), tmp_path / "theirs")
-    peftdecl_saved_loads_in_peft("OFT", fields, lambda: ConvNet(1, *stride_padding), tmp_path / "ours")
+    peft_saved_loads_like_peft("OFT", fields, lambda: conv_net(1, *stride_padding), tmp_path / "theirs")
+    peftdecl_saved_loads_in_peft("OFT", fields, lambda: conv_net(1, *stride_padding), tmp_path / "ours")
 
 
 @pytest.mark.peft
@@ -156,27 +146,27 @@ def test_oft_conv_3x3_follows_peft_merged_weight_where_peft_forward_disagrees(tm
     # weight.
     fields = dict(oft_block_size=4, target_modules=["conv"])
     x = np.random.default_rng(2).normal(size=(2, 4, 7, 7))
-    fresh = peft_model(ConvNet(3, 1, 1), config_for("OFT", fields, init_weights=True))
+    fresh = peft_model(conv_net(3, 1, 1), config_for("OFT", fields, init_weights=True))
     assert (
         rel_err(
             peft_layer_output(fresh, "conv", x),
-            ConvNet(3, 1, 1)(torch.tensor(x, dtype=torch.float32)).detach().double().numpy(),
+            conv_net(3, 1, 1).conv(torch.tensor(x, dtype=torch.float32)).detach().double().numpy(),
         )
         > 1e-2
     )  # PEFT: default init is not a no-op
 
-    wrapped = peft_model(ConvNet(3, 1, 1), config_for("OFT", fields))
+    wrapped = peft_model(conv_net(3, 1, 1), config_for("OFT", fields))
     perturb(wrapped)
     wrapped.save_pretrained(tmp_path)
     peft_forward = peft_layer_output(wrapped, "conv", x)
     theirs = merged_state(wrapped)
-    merged_conv = ConvNet(3, 1, 1)
+    merged_conv = conv_net(3, 1, 1)
     merged_conv.load_state_dict({k: torch.tensor(v, dtype=torch.float32) for k, v in theirs.items()})
     with torch.no_grad():
-        peft_merged_forward = merged_conv(torch.tensor(x, dtype=torch.float32)).double().numpy()
+        peft_merged_forward = merged_conv.conv(torch.tensor(x, dtype=torch.float32)).double().numpy()
     assert rel_err(peft_forward, peft_merged_forward) > 1e-2  # PEFT: forward ≠ forward of its merged weight
 
-    state, options = numpy_inputs(ConvNet(3, 1, 1))
+    state, options = numpy_inputs(conv_net(3, 1, 1))
     ours = peftdecl.load_adapter(state, tmp_path, **options)
     assert rel_err(ours("conv", x), peft_merged_forward) <= OUTPUT_TOL
     assert_merged_equal(ours.merge_and_unload(), theirs)
@@ -185,12 +175,8 @@ def test_oft_conv_3x3_follows_peft_merged_weight_where_peft_forward_disagrees(tm
 @pytest.mark.peft
 def test_oft_conv_3x3_saved_by_peftdecl_merges_like_peft(tmp_path) -> None:
     peftdecl_saved = dict(oft_block_size=4, target_modules=["conv"])
-    state, options = numpy_inputs(ConvNet(3, 2, 1))
-    ours = peftdecl.attach(
-        state, {"peft_type": "OFT", "init_weights": False, **peftdecl_saved}, seed=5, **options
-    )
-    ours.save(tmp_path)
-    loaded = peft.PeftModel.from_pretrained(ConvNet(3, 2, 1), tmp_path)
+    spec = {"peft_type": "OFT", "init_weights": False, **peftdecl_saved}
+    ours, loaded = save_for_peft(lambda: conv_net(3, 2, 1), spec, tmp_path, seed=5)
     assert_merged_equal(ours.merge_and_unload(), merged_state(loaded))
 
 
@@ -216,23 +202,11 @@ def test_block_adjustment_matches_peft(dim: int, value: int) -> None:
 
 # -- BOFT ----------------------------------------------------------------------------------------------------
 @pytest.mark.peft
-@pytest.mark.parametrize("case", sorted(BOFT_CASES))
-def test_peft_saved_boft_loads_like_peft(case: str, tmp_path) -> None:
-    peft_saved_loads_like_peft("BOFT", BOFT_CASES[case], lambda: llama(case), tmp_path)
-
-
-@pytest.mark.peft
-@pytest.mark.parametrize("case", sorted(BOFT_CASES))
-def test_peftdecl_saved_boft_loads_in_peft(case: str, tmp_path) -> None:
-    peftdecl_saved_loads_in_peft("BOFT", BOFT_CASES[case], lambda: llama(case), tmp_path)
-
-
-@pytest.mark.peft
 @pytest.mark.parametrize("kernel_stride_padding", [(1, 1, 0), (3, 2, 1)])
 def test_boft_conv_both_ways(kernel_stride_padding, tmp_path) -> None:
     fields = dict(boft_block_size=4, target_modules=["conv"])
-    peft_saved_loads_like_peft("BOFT", fields, lambda: ConvNet(*kernel_stride_padding), tmp_path / "theirs")
-    peftdecl_saved_loads_in_peft("BOFT", fields, lambda: ConvNet(*kernel_stride_padding), tmp_path / "ours")
+    peft_saved_loads_like_peft("BOFT", fields, lambda: conv_net(*kernel_stride_padding), tmp_path / "theirs")
+    peftdecl_saved_loads_in_peft("BOFT", fields, lambda: conv_net(*kernel_stride_padding), tmp_path / "ours")
 
 
 @pytest.mark.peft
@@ -261,8 +235,8 @@ def test_several_butterfly_factors_both_ways(case: str, cpu_butterfly, tmp_path)
 @pytest.mark.peft
 def test_several_butterfly_factors_on_a_conv_both_ways(cpu_butterfly, tmp_path) -> None:
     fields = dict(boft_block_size=2, boft_n_butterfly_factor=2, target_modules=["conv"])  # width 4·3·3 = 36
-    peft_saved_loads_like_peft("BOFT", fields, lambda: ConvNet(3, 2, 1), tmp_path / "theirs")
-    peftdecl_saved_loads_in_peft("BOFT", fields, lambda: ConvNet(3, 2, 1), tmp_path / "ours")
+    peft_saved_loads_like_peft("BOFT", fields, lambda: conv_net(3, 2, 1), tmp_path / "theirs")
+    peftdecl_saved_loads_in_peft("BOFT", fields, lambda: conv_net(3, 2, 1), tmp_path / "ours")
 
 
 @pytest.mark.peft
@@ -299,12 +273,8 @@ GRAD_TOL = 1e-5  # PEFT's float32 autograd vs the float64 reference's explicit g
     ],
 )
 def test_gradients_match_peft_autograd(kind: str, case: str, tmp_path) -> None:
-    fields = (OFT_CASES if kind == "OFT" else BOFT_CASES)[case]
-    wrapped = peft_model(llama(case), config_for(kind, fields))
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path)
-    state, options = numpy_inputs(llama(case))
-    ours = peftdecl.load_adapter(state, tmp_path, **options)
+    fields = CASES[kind][case]
+    wrapped, ours = load_peft_saved(lambda: llama(case), config_for(kind, fields), tmp_path)
     module = ours.plan().targets[0]
     rng = np.random.default_rng(4)
     x = layer_input(llama(case), module, rng)

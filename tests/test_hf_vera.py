@@ -16,21 +16,14 @@ from peftdecl.init import init_tensor
 from peftdecl.plan import LayerInfo, LayerPlan
 from peftdecl.plan.kinds import vera as vera_layout
 from peftdecl_numpy.torch_bridge import vera_projections
-from tests.hf_models import (
-    merged_state,
-    numpy_inputs,
-    peft,
-    peft_model,
-    perturb,
-    tiny_gpt2,
-    tiny_llama,
-    torch,
-)
+from tests.hf_models import numpy_inputs, peft, peft_model, perturb, tiny_gpt2, tiny_llama, torch
 from tests.peft_parity import (
+    assert_computes_like_peft,
     assert_config_like_peft,
     assert_layers_like_peft,
-    assert_merged_equal,
     assert_saved_like_peft,
+    load_peft_saved,
+    save_for_peft,
 )
 
 LLAMA = dict(r=16, target_modules=["q_proj", "v_proj"])
@@ -41,12 +34,11 @@ GPT2_LAYERS = ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_proj", "tr
 pytestmark = pytest.mark.peft
 
 
-def assert_layers_equal(ours: peftdecl.AdaptedModel, wrapped, modules: list[str]) -> None:
-    """Our output of each module within OUTPUT_TOL of PEFT's, on 3 random rows as wide as the layer."""
+def layer_inputs(wrapped, modules: list[str]) -> dict[str, np.ndarray]:
+    """3 random rows as wide as each module's layer."""
     rng = np.random.default_rng(0)
     base = wrapped.get_base_model()
-    inputs = {m: rng.normal(size=(3, base.get_submodule(m).in_features)) for m in modules}
-    assert_layers_like_peft(ours, wrapped, inputs)
+    return {m: rng.normal(size=(3, base.get_submodule(m).in_features)) for m in modules}
 
 
 def bits_equal_or_one_ulp(ours: np.ndarray, theirs: np.ndarray) -> None:
@@ -63,13 +55,8 @@ def bits_equal_or_one_ulp(ours: np.ndarray, theirs: np.ndarray) -> None:
     ("base", "config", "modules"), [(tiny_llama, LLAMA, LLAMA_LAYERS), (tiny_gpt2, GPT2, GPT2_LAYERS)]
 )
 def test_peft_saved_vera_loads_and_computes_like_peft(base, config, modules, tmp_path) -> None:
-    wrapped = peft_model(base(), peft.VeraConfig(init_weights=False, **config))
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path)
-    state, options = numpy_inputs(base())
-    ours = peftdecl.load_adapter(state, tmp_path, **options)
-    assert_layers_equal(ours, wrapped, modules)
-    assert_merged_equal(ours.merge_and_unload(), merged_state(wrapped))
+    wrapped, ours = load_peft_saved(base, peft.VeraConfig(init_weights=False, **config), tmp_path)
+    assert_computes_like_peft(ours, wrapped, layer_inputs(wrapped, modules))
 
 
 @pytest.mark.parametrize(
@@ -77,25 +64,17 @@ def test_peft_saved_vera_loads_and_computes_like_peft(base, config, modules, tmp
 )
 @pytest.mark.parametrize("save_projection", [True, False])
 def test_peftdecl_saved_vera_loads_in_peft(base, config, modules, save_projection, tmp_path) -> None:
-    state, options = numpy_inputs(base())
     spec = {"peft_type": "VERA", "init_weights": False, "save_projection": save_projection, **config}
-    ours = peftdecl.attach(state, spec, seed=3, **options)
-    ours.save(tmp_path)
-
+    ours, loaded = save_for_peft(base, spec, tmp_path)
     reference = peft_model(
         base(), peft.VeraConfig(init_weights=False, save_projection=save_projection, **config)
     )
     assert_saved_like_peft(tmp_path, reference)
-    bits_equal_or_one_ulp(
-        ours.state_dict()["vera_A"], reference.base_model.vera_A["default"].double().numpy()
-    )
-    bits_equal_or_one_ulp(
-        ours.state_dict()["vera_B"], reference.base_model.vera_B["default"].double().numpy()
-    )
-
-    loaded = peft.PeftModel.from_pretrained(base(), tmp_path)
-    assert_layers_equal(ours, loaded, modules)
-    assert_merged_equal(ours.merge_and_unload(), merged_state(loaded))
+    for name in ("vera_A", "vera_B"):
+        bits_equal_or_one_ulp(
+            ours.state_dict()[name], getattr(reference.base_model, name)["default"].double().numpy()
+        )
+    assert_computes_like_peft(ours, loaded, layer_inputs(loaded, modules))
 
 
 def test_saved_config_matches_peft_fields(tmp_path) -> None:
@@ -107,16 +86,13 @@ def test_saved_config_matches_peft_fields(tmp_path) -> None:
 
 
 def test_peft_file_without_projections_is_regenerated_bit_exactly(tmp_path) -> None:
-    wrapped = peft_model(tiny_llama(), peft.VeraConfig(init_weights=False, save_projection=False, **LLAMA))
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path)
+    config = peft.VeraConfig(init_weights=False, save_projection=False, **LLAMA)
+    wrapped, ours = load_peft_saved(tiny_llama, config, tmp_path)  # regenerated through torch, as PEFT does
     assert "base_model.vera_A" not in peft.utils.load_peft_weights(str(tmp_path))
-    state, options = numpy_inputs(tiny_llama())
-    ours = peftdecl.load_adapter(state, tmp_path, **options)  # regenerated through torch, as PEFT does
     for name in ("vera_A", "vera_B"):
         expected = getattr(wrapped.base_model, name)["default"].double().numpy()
         np.testing.assert_array_equal(ours.state_dict()[name], expected)
-    assert_layers_equal(ours, wrapped, LLAMA_LAYERS)
+    assert_layers_like_peft(ours, wrapped, layer_inputs(wrapped, LLAMA_LAYERS))
 
 
 def test_peft_file_without_projections_is_refused_when_nothing_can_regenerate_them(
@@ -146,7 +122,11 @@ def test_later_peft_adapter_carries_the_first_adapters_projections(tmp_path) -> 
     assert ours.state_dict("other")["vera_B"].shape == (32, 16)  # cut to the adapter's own widest layer
     ours.set_adapter("other")
     wrapped.set_adapter("other")
-    assert_layers_equal(ours, wrapped, ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"])
+    assert_layers_like_peft(
+        ours,
+        wrapped,
+        layer_inputs(wrapped, ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]),
+    )
 
 
 def test_peft_written_config_is_a_valid_spec(tmp_path) -> None:
@@ -198,7 +178,9 @@ def test_a_later_vera_adapter_uses_the_first_ones_projections_as_peft_does(tmp_p
     ours.load_adapter(tmp_path, "other")
     ours.set_adapter("other")
     wrapped.base_model.set_adapter("other")
-    assert_layers_equal(ours, wrapped, ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"])
+    assert_layers_like_peft(
+        ours, wrapped, layer_inputs(wrapped, ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"])
+    )
 
     fresh = peftdecl.attach(state, {"peft_type": "VERA", **first}, backend="numpy", **options)
     fresh.add_adapter("other", {"peft_type": "VERA", **second})
