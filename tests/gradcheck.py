@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,18 @@ from peftdecl.backend import ADAPTER_KEY_SEPARATOR
 
 FD_EPS = 1e-6
 FD_TOL = 1e-6  # relative error of a directional derivative, float64 central differences
+
+
+def central_difference(loss: Callable[[], float], value: np.ndarray, direction: np.ndarray) -> float:
+    """(loss at value + ε·direction − loss at value − ε·direction) / 2ε, with ε = FD_EPS: ``value`` is shifted
+    in place and restored."""
+    original = value.copy()
+    value[...] = original + FD_EPS * direction
+    plus = loss()
+    value[...] = original - FD_EPS * direction
+    minus = loss()
+    value[...] = original
+    return (plus - minus) / (2 * FD_EPS)
 
 
 def _loss(model: Any, module: str, x: np.ndarray, weights: np.ndarray, state: dict[str, np.ndarray]) -> float:
@@ -37,13 +50,7 @@ def check_gradients(
             continue
         assert key in grads, f"no gradient for {key}"
         direction = direction_rng.normal(size=value.shape)
-        original = value.copy()
-        value[...] = original + FD_EPS * direction
-        plus = _loss(model, module, x, weights, state)
-        value[...] = original - FD_EPS * direction
-        minus = _loss(model, module, x, weights, state)
-        value[...] = original
-        numeric = (plus - minus) / (2 * FD_EPS)
+        numeric = central_difference(lambda: _loss(model, module, x, weights, state), value, direction)
         analytic = float(np.sum(grads[key] * direction))
         assert abs(numeric - analytic) <= FD_TOL * max(1.0, abs(numeric)), (key, numeric, analytic)
         checked.append(key)

@@ -23,8 +23,9 @@ from peftdecl_numpy.kinds.adalora import orthogonal_regularizer
 from peftdecl_numpy.rank_allocator import RankAllocator
 from tests import layer_cases
 from tests.conftest import rel_err
-from tests.gradcheck import FD_EPS, FD_TOL, check_gradients
-from tests.layer_cases import base_output, check_unmerged_gradients, dense_merged_output
+from tests.gradcheck import FD_TOL, central_difference, check_gradients
+from tests.layer_cases import base_output
+from tests.numpy_checks import SEEDS, assert_dense_merge_and_gradients, assert_merge_and_gradients, sizes
 
 LAYERS = layer_cases.ADALORA_LAYERS
 MASK = layer_cases.ADALORA_MASK
@@ -74,16 +75,6 @@ def test_masked_triplet_does_not_exist(layer: str) -> None:
     assert grads["m.lora_E"][1, 0] == 0.0
 
 
-def _numeric_gradient_along(fn, value: np.ndarray, direction: np.ndarray) -> float:
-    original = value.copy()
-    value[...] = original + FD_EPS * direction
-    plus = fn()
-    value[...] = original - FD_EPS * direction
-    minus = fn()
-    value[...] = original
-    return (plus - minus) / (2 * FD_EPS)
-
-
 @pytest.mark.parametrize("fields", [{}, {"rank_pattern": {"m.lora_E": [False, True, True]}}])
 def test_orthogonal_regularizer_gradient_and_value(fields: dict) -> None:
     rng = np.random.default_rng(3)
@@ -104,7 +95,7 @@ def test_orthogonal_regularizer_gradient_and_value(fields: dict) -> None:
     directions = np.random.default_rng(4)
     for key, param in params.items():
         direction = directions.normal(size=param.shape)
-        numeric = _numeric_gradient_along(
+        numeric = central_difference(
             lambda: orthogonal_regularizer(model.plan(), params)[0], param, direction
         )
         analytic = float(np.sum(grads[key] * direction)) if key in grads else 0.0  # lora_E does not enter R
@@ -236,14 +227,7 @@ def test_bad_rank_patterns_and_files_are_named() -> None:
 
 
 @settings(max_examples=20, deadline=None)
-@given(
-    d_in=st.integers(1, 8),
-    d_out=st.integers(1, 8),
-    init_r=st.integers(1, 5),
-    tokens=st.integers(1, 4),
-    keep_bits=st.integers(0, 31),
-    seed=st.integers(0, 2**16),
-)
+@given(**sizes(d_in=(1, 8), d_out=(1, 8), init_r=(1, 5), tokens=(1, 4), keep_bits=(0, 31)), seed=SEEDS)
 def test_linear_forward_matches_merged_weight_property(d_in, d_out, init_r, tokens, keep_bits, seed) -> None:
     rng = np.random.default_rng(seed)
     state = {"m.weight": rng.normal(size=(d_out, d_in))}
@@ -251,21 +235,14 @@ def test_linear_forward_matches_merged_weight_property(d_in, d_out, init_r, toke
     model = peftdecl.attach(
         state, spec_for(init_r=init_r, target_r=1, rank_pattern={"m.lora_E": mask}), seed=seed
     )
-    x = rng.normal(size=(tokens, d_in))
-    adapted = model("m", x)
-    np.testing.assert_allclose(adapted, dense_merged_output(model, x), rtol=1e-10, atol=1e-12)
-    check_unmerged_gradients(model, x, seed)
+    assert_dense_merge_and_gradients(model, rng.normal(size=(tokens, d_in)), seed)
 
 
 @settings(max_examples=10, deadline=None)
 @given(
-    channels=st.integers(1, 3),
-    out=st.integers(1, 3),
+    **sizes(channels=(1, 3), out=(1, 3), stride=(1, 2), padding=(0, 1), init_r=(1, 4)),
     kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-    stride=st.integers(1, 2),
-    padding=st.integers(0, 1),
-    init_r=st.integers(1, 4),
-    seed=st.integers(0, 2**16),
+    seed=SEEDS,
 )
 def test_conv2d_forward_matches_merged_weight_property(
     channels, out, kernel, stride, padding, init_r, seed
@@ -274,8 +251,4 @@ def test_conv2d_forward_matches_merged_weight_property(
     state = {"m.weight": rng.normal(size=(out, channels, *kernel))}
     layer = {"type": "conv2d", "stride": stride, "padding": padding}
     model = peftdecl.attach(state, spec_for(init_r=init_r, target_r=1), layer_types={"m": layer}, seed=seed)
-    x = rng.normal(size=(2, channels, 5, 4))
-    adapted = model("m", x)
-    model.merge()
-    assert rel_err(model("m", x), adapted) <= 1e-10
-    check_unmerged_gradients(model, x, seed)
+    assert_merge_and_gradients(model, rng.normal(size=(2, channels, 5, 4)), seed, tol=1e-10)

@@ -22,8 +22,9 @@ from peftdecl_numpy.kinds.dora import OPS as DORA
 from peftdecl_numpy.kinds.lora import OPS as LORA
 from tests import layer_cases
 from tests.conftest import rel_err
-from tests.gradcheck import FD_EPS, FD_TOL, check_gradients
-from tests.layer_cases import dense_merged_output, layer_params
+from tests.gradcheck import FD_EPS, FD_TOL, central_difference, check_gradients
+from tests.layer_cases import layer_params
+from tests.numpy_checks import SEEDS, assert_dense_merge_and_gradients, assert_merge_and_gradients, sizes
 
 LAYERS = layer_cases.LORA_LAYERS
 SPEC = layer_cases.KINDS["dora"].spec
@@ -63,6 +64,15 @@ def frozen_norm(model: peftdecl.AdaptedModel, module: str = "m") -> Iterator[np.
         yield n
 
 
+def frozen_gradients(model: peftdecl.AdaptedModel, x: np.ndarray, seed: int) -> None:
+    """Unmerge, train, and compare the gradients with central differences with the norm frozen (DoRA detaches
+    ‖W + sBA‖ from the graph)."""
+    model.unmerge()
+    model.train()
+    with frozen_norm(model):
+        check_gradients(model, "m", x, seed=seed)
+
+
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 @pytest.mark.parametrize("fields", [{}, {"use_rslora": True}, {"lora_dropout": 0.3}])
 def test_gradients_match_finite_differences_with_the_norm_frozen(layer: str, fields: dict) -> None:
@@ -91,19 +101,10 @@ def test_analytic_gradient_is_the_detached_one(layer: str) -> None:
     def loss(inputs: np.ndarray = x) -> float:
         return float(np.sum(model("m", inputs) * weights))
 
-    def central(value: np.ndarray, direction: np.ndarray) -> float:
-        original = value.copy()
-        value[...] = original + FD_EPS * direction
-        plus = loss()
-        value[...] = original - FD_EPS * direction
-        minus = loss()
-        value[...] = original
-        return (plus - minus) / (2 * FD_EPS)
-
     for key, value in params.items():
         direction = rng.normal(size=value.shape)
         analytic = float(np.sum(grads[key] * direction))
-        total = central(value, direction)
+        total = central_difference(loss, value, direction)
         if key.endswith(MAGNITUDE):
             assert abs(total - analytic) <= FD_TOL * max(1.0, abs(total)), key  # m does not enter n
             continue
@@ -142,13 +143,7 @@ def test_factored_norm_equals_direct_norm_and_initial_magnitude(layer: str) -> N
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    rows=st.integers(1, 8),
-    cols=st.integers(1, 8),
-    r=st.integers(1, 5),
-    s=st.floats(0.1, 4.0),
-    seed=st.integers(0, 99),
-)
+@given(**sizes(rows=(1, 8), cols=(1, 8), r=(1, 5)), s=st.floats(0.1, 4.0), seed=st.integers(0, 99))
 def test_factored_row_norm_property(rows, cols, r, s, seed) -> None:
     rng = np.random.default_rng(seed)
     w, a, b = rng.normal(size=(rows, cols)), rng.normal(size=(r, cols)), rng.normal(size=(rows, r))
@@ -208,37 +203,16 @@ def test_dora_refuses_mixed_batches_and_lora_bias() -> None:
 
 
 @settings(max_examples=20, deadline=None)
-@given(
-    d_in=st.integers(1, 7),
-    d_out=st.integers(1, 7),
-    r=st.integers(1, 5),
-    tokens=st.integers(1, 4),
-    rslora=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**sizes(d_in=(1, 7), d_out=(1, 7), r=(1, 5), tokens=(1, 4)), rslora=st.booleans(), seed=SEEDS)
 def test_linear_forward_matches_merged_weight_property(d_in, d_out, r, tokens, rslora, seed) -> None:
     rng = np.random.default_rng(seed)
     state = {"m.weight": rng.normal(size=(d_out, d_in)), "m.bias": rng.normal(size=d_out)}
     model, _ = build("linear", seed=seed, state=state, r=r, lora_alpha=2 * r, use_rslora=rslora)
-    x = rng.normal(size=(tokens, d_in))
-    adapted = model("m", x)
-    np.testing.assert_allclose(adapted, dense_merged_output(model, x), rtol=1e-10, atol=1e-12)
-    model.unmerge()
-    model.train()
-    with frozen_norm(model):
-        check_gradients(model, "m", x, seed=seed)
+    assert_dense_merge_and_gradients(model, rng.normal(size=(tokens, d_in)), seed, gradients=frozen_gradients)
 
 
 @settings(max_examples=10, deadline=None)
-@given(
-    c_in=st.integers(1, 3),
-    c_out=st.integers(1, 3),
-    kernel=st.integers(1, 3),
-    stride=st.integers(1, 2),
-    padding=st.integers(0, 1),
-    r=st.integers(1, 3),
-    seed=st.integers(0, 2**16),
-)
+@given(**sizes(c_in=(1, 3), c_out=(1, 3), kernel=(1, 3), stride=(1, 2), padding=(0, 1), r=(1, 3)), seed=SEEDS)
 def test_conv2d_merge_and_gradients_property(c_in, c_out, kernel, stride, padding, r, seed) -> None:
     rng = np.random.default_rng(seed)
     state = {"m.weight": rng.normal(size=(c_out, c_in, kernel, kernel)), "m.bias": rng.normal(size=c_out)}
@@ -246,11 +220,6 @@ def test_conv2d_merge_and_gradients_property(c_in, c_out, kernel, stride, paddin
     spec = {**SPEC, "r": r, "init_lora_weights": False}
     model = peftdecl.attach(state, spec, layer_types={"m": layer_type}, seed=seed)
     model.trainable_parameters()[f"m.{MAGNITUDE}"][...] *= rng.uniform(0.5, 1.5, size=(1, c_out, 1, 1))
-    x = rng.normal(size=(2, c_in, 4, 4))
-    adapted = model("m", x)
-    model.merge()
-    assert rel_err(model("m", x), adapted) <= 1e-11
-    model.unmerge()
-    model.train()
-    with frozen_norm(model):
-        check_gradients(model, "m", x, seed=seed)
+    assert_merge_and_gradients(
+        model, rng.normal(size=(2, c_in, 4, 4)), seed, tol=1e-11, gradients=frozen_gradients
+    )

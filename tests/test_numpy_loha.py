@@ -15,12 +15,13 @@ import peftdecl
 from tests import layer_cases
 from tests.conftest import rel_err
 from tests.gradcheck import check_gradients
-from tests.layer_cases import (
-    adapter_deltas,
-    base_output,
-    check_unmerged_gradients,
-    layer_params,
-    random_layer,
+from tests.layer_cases import base_output, layer_params, random_layer
+from tests.numpy_checks import (
+    SEEDS,
+    add_second_adapter,
+    assert_active_pair_sums,
+    assert_merge_and_gradients,
+    sizes,
 )
 
 LAYERS = layer_cases.LOHA_LAYERS
@@ -114,16 +115,12 @@ def test_module_dropout_skips_the_whole_adapter_only_in_training() -> None:
 
 def test_mixed_batch_and_two_active_adapters() -> None:
     model, x = build("linear")
-    model.add_adapter(
-        "b", {"peft_type": "LOHA", "r": 2, "target_modules": ["m"], "init_weights": False}, seed=9
-    )
-    base, deltas = adapter_deltas(model, x)
+    base, deltas = add_second_adapter(model, x, peft_type="LOHA", r=2, init_weights=False)
     mixed = model("m", x, adapter_names=["default", "b", "__base__", "b"])
     np.testing.assert_allclose(mixed[[1, 3]], (base + deltas["b"])[[1, 3]], rtol=1e-13)
     np.testing.assert_allclose(mixed[0], (base + deltas["default"])[0], rtol=1e-13)
     np.testing.assert_allclose(mixed[2], base[2], rtol=1e-13)
-    model.set_adapter(["default", "b"])
-    np.testing.assert_allclose(model("m", x), base + deltas["default"] + deltas["b"], rtol=1e-12)
+    assert_active_pair_sums(model, x, base, deltas)
     model.train()
     check_gradients(model, "m", x)
 
@@ -155,13 +152,11 @@ def test_embedding_is_refused_with_a_clear_error() -> None:
 
 @settings(max_examples=20, deadline=None)
 @given(
-    d_in=st.integers(1, 7),
-    d_out=st.integers(1, 7),
-    r=st.integers(1, 5),
+    **sizes(d_in=(1, 7), d_out=(1, 7), r=(1, 5)),
     kernel=st.sampled_from([None, (1,), (2,), (1, 1), (2, 3)]),
     effective=st.booleans(),
     rank_dropout=st.sampled_from([0.0, 0.3]),
-    seed=st.integers(0, 2**16),
+    seed=SEEDS,
 )
 def test_forward_matches_merged_weight_and_gradients_property(
     d_in, d_out, r, kernel, effective, rank_dropout, seed
@@ -175,7 +170,4 @@ def test_forward_matches_merged_weight_and_gradients_property(
         "rank_dropout": rank_dropout,
     }
     model = peftdecl.attach(state, spec, layer_types=layer_types, seed=seed)
-    adapted = model("m", x)
-    model.merge()
-    assert rel_err(model("m", x), adapted) <= 1e-11  # float64 round-off only
-    check_unmerged_gradients(model, x, seed)
+    assert_merge_and_gradients(model, x, seed, tol=1e-11)  # float64 round-off only

@@ -18,12 +18,13 @@ from peftdecl_numpy.kinds.lokr import kron_grads
 from tests import layer_cases
 from tests.conftest import rel_err
 from tests.gradcheck import check_gradients
-from tests.layer_cases import (
-    adapter_deltas,
-    base_output,
-    check_unmerged_gradients,
-    layer_params,
-    random_layer,
+from tests.layer_cases import base_output, layer_params, random_layer
+from tests.numpy_checks import (
+    SEEDS,
+    add_second_adapter,
+    assert_active_pair_sums,
+    assert_merge_and_gradients,
+    sizes,
 )
 
 LAYERS = layer_cases.LOKR_LAYERS
@@ -103,16 +104,12 @@ def test_rank_dropout_drops_output_rows_rescaled_only_with_rank_dropout_scale(sc
 
 def test_mixed_batch_and_two_active_adapters() -> None:
     model, x = build("linear")
-    model.add_adapter(
-        "b", {"peft_type": "LOKR", "r": 1, "target_modules": ["m"], "init_weights": False}, seed=9
-    )
-    base, deltas = adapter_deltas(model, x)
+    base, deltas = add_second_adapter(model, x, peft_type="LOKR", r=1, init_weights=False)
     mixed = model("m", x, adapter_names=["b", "__base__", "default"])
     np.testing.assert_allclose(
         mixed, np.stack([(base + deltas["b"])[0], base[1], (base + deltas["default"])[2]]), rtol=1e-13
     )
-    model.set_adapter(["default", "b"])
-    np.testing.assert_allclose(model("m", x), base + deltas["default"] + deltas["b"], rtol=1e-12)
+    assert_active_pair_sums(model, x, base, deltas)
     model.train()
     check_gradients(model, "m", x)
 
@@ -135,7 +132,7 @@ def test_factorization_property(dimension: int, factor: int) -> None:
 @given(
     a_shape=st.lists(st.integers(1, 3), min_size=1, max_size=4),
     b_shape=st.lists(st.integers(1, 3), min_size=1, max_size=4),
-    seed=st.integers(0, 2**16),
+    seed=SEEDS,
 )
 def test_kron_gradients_are_the_adjoint_of_kron(a_shape, b_shape, seed) -> None:
     rng = np.random.default_rng(seed)
@@ -150,14 +147,12 @@ def test_kron_gradients_are_the_adjoint_of_kron(a_shape, b_shape, seed) -> None:
 
 @settings(max_examples=20, deadline=None)
 @given(
-    d_in=st.integers(1, 12),
-    d_out=st.integers(1, 12),
-    r=st.integers(1, 4),
+    **sizes(d_in=(1, 12), d_out=(1, 12), r=(1, 4)),
     kernel=st.sampled_from([None, (1,), (3,), (1, 1), (2, 3)]),
     decompose_both=st.booleans(),
     effective=st.booleans(),
     factor=st.sampled_from([-1, 2, 3]),
-    seed=st.integers(0, 2**16),
+    seed=SEEDS,
 )
 def test_forward_matches_merged_weight_and_gradients_property(
     d_in, d_out, r, kernel, decompose_both, effective, factor, seed
@@ -172,7 +167,4 @@ def test_forward_matches_merged_weight_and_gradients_property(
         "decompose_factor": factor,
     }
     model = peftdecl.attach(state, spec, layer_types=layer_types, seed=seed)
-    adapted = model("m", x)
-    model.merge()
-    assert rel_err(model("m", x), adapted) <= 1e-11  # float64 round-off only
-    check_unmerged_gradients(model, x, seed)
+    assert_merge_and_gradients(model, x, seed, tol=1e-11)  # float64 round-off only

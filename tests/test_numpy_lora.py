@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 import peftdecl
 from tests import layer_cases
 from tests.gradcheck import check_gradients
-from tests.layer_cases import adapter_deltas, base_output, check_unmerged_gradients, dense_merged_output
+from tests.layer_cases import base_output
+from tests.numpy_checks import (
+    SEEDS,
+    add_second_adapter,
+    assert_active_pair_sums,
+    assert_dense_merge_and_gradients,
+    sizes,
+)
 
 build = partial(layer_cases.build, "lora")
 LAYERS = layer_cases.LORA_LAYERS
@@ -48,12 +55,8 @@ def test_mixed_batch_rows_match_single_adapter_runs() -> None:
 
 def test_two_active_adapters_sum_their_contributions() -> None:
     model, x = build("linear")
-    model.add_adapter(
-        "b", {"peft_type": "LORA", "r": 2, "target_modules": ["m"], "init_lora_weights": False}, seed=9
-    )
-    base, deltas = adapter_deltas(model, x)
-    model.set_adapter(["default", "b"])
-    np.testing.assert_allclose(model("m", x), base + deltas["default"] + deltas["b"], rtol=1e-12)
+    base, deltas = add_second_adapter(model, x, peft_type="LORA", r=2, init_lora_weights=False)
+    assert_active_pair_sums(model, x, base, deltas)
     model.train()
     checked = check_gradients(model, "m", x)
     # several active adapters: every tensor keyed "<adapter>/<full key>", as on the torch backend
@@ -61,14 +64,7 @@ def test_two_active_adapters_sum_their_contributions() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    d_in=st.integers(1, 9),
-    d_out=st.integers(1, 9),
-    r=st.integers(1, 6),
-    tokens=st.integers(1, 5),
-    rslora=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**sizes(d_in=(1, 9), d_out=(1, 9), r=(1, 6), tokens=(1, 5)), rslora=st.booleans(), seed=SEEDS)
 def test_linear_forward_matches_merged_weight_property(d_in, d_out, r, tokens, rslora, seed) -> None:
     rng = np.random.default_rng(seed)
     state = {"m.weight": rng.normal(size=(d_out, d_in))}
@@ -81,7 +77,4 @@ def test_linear_forward_matches_merged_weight_property(d_in, d_out, r, tokens, r
         "init_lora_weights": False,
     }
     model = peftdecl.attach(state, spec, seed=seed)
-    x = rng.normal(size=(tokens, d_in))
-    adapted = model("m", x)
-    np.testing.assert_allclose(adapted, dense_merged_output(model, x), rtol=1e-10, atol=1e-12)
-    check_unmerged_gradients(model, x, seed)
+    assert_dense_merge_and_gradients(model, rng.normal(size=(tokens, d_in)), seed)

@@ -21,7 +21,7 @@ from peftdecl_numpy.rotation import cayley, neumann, neumann_coefficients, skew_
 from tests import layer_cases
 from tests.conftest import rel_err
 from tests.gradcheck import check_gradients
-from tests.layer_cases import check_unmerged_gradients, dense_merged_output
+from tests.numpy_checks import SEEDS, assert_dense_merge_and_gradients, sizes
 
 TOL = 1e-10  # float64 consistency
 
@@ -162,13 +162,10 @@ def test_save_and_reload_round_trip(tmp_path) -> None:
 
 @settings(max_examples=20, deadline=None)
 @given(
-    blocks=st.integers(1, 4),
-    block=st.integers(2, 5),
-    d_out=st.integers(1, 4),
+    **sizes(blocks=(1, 4), block=(2, 5), d_out=(1, 4), terms=(2, 7)),
     share=st.booleans(),
     exact=st.booleans(),
-    terms=st.integers(2, 7),
-    seed=st.integers(0, 2**16),
+    seed=SEEDS,
 )
 def test_linear_forward_matches_merged_weight_property(
     blocks, block, d_out, share, exact, terms, seed
@@ -187,9 +184,7 @@ def test_linear_forward_matches_merged_weight_property(
     }
     model = peftdecl.attach(state, spec, seed=seed)
     x = rng.normal(size=(2, d_in))
-    adapted = model("m", x)
-    assert rel_err(dense_merged_output(model, x), adapted) <= TOL
-    check_unmerged_gradients(model, x, seed)
+    assert_dense_merge_and_gradients(model, x, seed, tol=TOL)
 
 
 def test_neumann_adapters_from_before_peft_0_18_warn() -> None:

@@ -16,6 +16,7 @@ from peftdecl.plan import PromptPlan
 from peftdecl_numpy.kinds import prompt as prompt_math
 from tests.conftest import rel_err
 from tests.gradcheck import FD_EPS, FD_TOL
+from tests.numpy_checks import SEEDS, sizes
 
 VOCAB, HIDDEN = 11, 8
 # a model described by facts only: 3 layers, hidden 8, 4 heads, 2 key/value heads of size 2
@@ -218,13 +219,9 @@ def test_save_writes_the_table_and_filled_sizes(spec: dict, tmp_path) -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(
-    tokens=st.integers(1, 4),
-    layers=st.integers(1, 3),
-    heads=st.integers(1, 3),
-    head_dim=st.integers(1, 3),
+    **sizes(tokens=(1, 4), layers=(1, 3), heads=(1, 3), head_dim=(1, 3), batch=(1, 3)),
     submodules=st.sampled_from([1, 2]),
-    batch=st.integers(1, 3),
-    seed=st.integers(0, 2**16),
+    seed=SEEDS,
 )
 def test_kv_split_and_its_adjoint_property(tokens, layers, heads, head_dim, submodules, batch, seed) -> None:
     pp = PromptPlan("prefix_tuning", tokens, heads * head_dim, layers, heads, submodules)

@@ -21,7 +21,8 @@ from peftdecl.plan.kinds import vera as vera_layout
 from tests import layer_cases
 from tests.conftest import rel_err
 from tests.gradcheck import check_gradients
-from tests.layer_cases import adapter_deltas, base_output
+from tests.layer_cases import base_output
+from tests.numpy_checks import add_second_adapter, assert_active_pair_sums
 
 LAYERS = layer_cases.VERA_LAYERS  # modules m and n: the shared projections are cut differently for each
 build = partial(layer_cases.build, "vera")
@@ -65,12 +66,8 @@ def test_init_weights_false_gives_unit_lambda_b_and_random_lambda_d() -> None:
 
 def test_two_active_adapters_and_mixed_batches() -> None:
     model, x = build("linear")
-    model.add_adapter(
-        "b", {"peft_type": "VERA", "r": 2, "target_modules": ["m"], "init_weights": False}, seed=9
-    )
-    base, deltas = adapter_deltas(model, x)
-    model.set_adapter(["default", "b"])
-    np.testing.assert_allclose(model("m", x), base + deltas["default"] + deltas["b"], rtol=1e-12)
+    base, deltas = add_second_adapter(model, x, peft_type="VERA", r=2, init_weights=False)
+    assert_active_pair_sums(model, x, base, deltas)
     mixed = model("m", x, adapter_names=["b", "__base__", "default", "b"])
     np.testing.assert_allclose(mixed[[0, 3]], (base + deltas["b"])[[0, 3]], rtol=1e-13)
     np.testing.assert_allclose(mixed[2], (base + deltas["default"])[2], rtol=1e-13)

@@ -22,14 +22,7 @@ from peftdecl_numpy.kinds import prompt as prompt_math
 from peftdecl_numpy.kinds.adalora import orthogonal_regularizer
 from peftdecl_numpy.xp_ops import namespace, to_numpy
 from tests.conftest import rel_err
-from tests.layer_cases import (
-    ADALORA_MASK,
-    BOFT_VARIANTS,
-    KINDS,
-    LINEAR_8_IN,
-    LOKR_VARIANTS,
-    OFT_VARIANTS,
-)
+from tests.layer_cases import ADALORA_MASK, BOFT_VARIANTS, KINDS, LINEAR_8_IN, LOKR_VARIANTS, OFT_VARIANTS
 
 TOL = 1e-12
 # the spec variants each kind runs with (every layer type of its table in tests/layer_cases.py)
@@ -82,6 +75,15 @@ def build(kind: str, layer: str, fields: dict[str, Any], xp: Any) -> tuple[peftd
         scaled = to_numpy(magnitude) * rng.uniform(0.5, 1.5, size=magnitude.shape)
         magnitude[...] = namespace(magnitude).asarray(scaled)
     return model, case.random_input(rng)
+
+
+def attach_linear(
+    spec: dict[str, Any], options: dict[str, Any], **kwargs: Any
+) -> tuple[peftdecl.AdaptedModel, np.random.Generator]:
+    """``spec`` on tests/layer_cases.py's 8-input linear module ``m``, its tensors drawn from a generator seeded
+    0; returns the model and that generator (for the input)."""
+    rng = np.random.default_rng(0)
+    return peftdecl.attach(LINEAR_8_IN.random_state(rng), spec, seed=0, **kwargs, **options), rng
 
 
 def run(model: peftdecl.AdaptedModel, x: np.ndarray) -> dict[str, Any]:
@@ -142,11 +144,8 @@ def test_several_active_adapters_compose_the_same_on_another_namespace(
         "boft": {**KINDS["boft"].spec, **BOFT_VARIANTS["dropout"]},
     }
     runs = []
-    for xp in (None, other):
-        rng = np.random.default_rng(0)
-        options = {} if xp is None else {"xp": xp}
-        state = LINEAR_8_IN.random_state(rng)
-        model = peftdecl.attach(state, specs[active[0]], name=active[0], seed=0, **options)
+    for options in ({}, {"xp": other}):  # NumPy, then the other namespace
+        model, rng = attach_linear(specs[active[0]], options, name=active[0])
         for name in active[1:]:
             model.add_adapter(name, specs[name])
         model.set_adapter(list(active))
@@ -157,10 +156,8 @@ def test_several_active_adapters_compose_the_same_on_another_namespace(
 
 def test_a_mixed_batch_runs_the_same_on_another_namespace(other: Any) -> None:
     outputs = []
-    for xp in (None, other):
-        rng = np.random.default_rng(0)
-        options = {} if xp is None else {"xp": xp}
-        model = peftdecl.attach(LINEAR_8_IN.random_state(rng), KINDS["lora"].spec, seed=0, **options)
+    for options in ({}, {"xp": other}):  # NumPy, then the other namespace
+        model, rng = attach_linear(KINDS["lora"].spec, options)
         model.add_adapter("b", {**KINDS["vera"].spec, "target_modules": ["m"]})
         x = rng.normal(size=(4, 8))
         outputs.append(model("m", x, adapter_names=["b", "default", "__base__", "b"]))
@@ -182,8 +179,7 @@ def test_prompt_tables_and_their_gradients_are_the_same_on_another_namespace(
     facts = {"num_layers": 2, "hidden_size": 8, "num_attention_heads": 2, "word_embeddings": "embed"}
     state = {"embed.weight": np.random.default_rng(0).normal(size=(11, 8))}
     runs = []
-    for xp in (None, other):
-        options = {} if xp is None else {"xp": xp}
+    for options in ({}, {"xp": other}):  # NumPy, then the other namespace
         model = peftdecl.attach(state, spec, layer_types={"embed": "embedding"}, seed=0, **facts, **options)
         table = model.engine.prompt_table()
         kv = model.engine.prefix_key_values(batch_size=2)
@@ -197,11 +193,8 @@ def test_prompt_tables_and_their_gradients_are_the_same_on_another_namespace(
 
 def test_the_orthogonal_regularizer_is_the_same_on_another_namespace(other: Any) -> None:
     terms = []
-    for xp in (None, other):
-        rng = np.random.default_rng(0)
-        options = {} if xp is None else {"xp": xp}
-        spec = {**KINDS["adalora"].spec, **ADALORA_MASK}
-        model = peftdecl.attach(LINEAR_8_IN.random_state(rng), spec, seed=0, **options)
+    for options in ({}, {"xp": other}):  # NumPy, then the other namespace
+        model, _ = attach_linear({**KINDS["adalora"].spec, **ADALORA_MASK}, options)
         terms.append(orthogonal_regularizer(model.plan(), model.trainable_parameters()))
     (value_np, grads_np), (value_strict, grads_strict) = terms
     assert abs(value_strict - value_np) <= TOL * abs(value_np)
