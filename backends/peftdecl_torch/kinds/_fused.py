@@ -27,7 +27,7 @@ The engine option ``fused_merged`` overrides both rules (True: always merge / ro
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
@@ -39,6 +39,32 @@ if TYPE_CHECKING:
 
 SPLIT_K = 8
 """Row slices of :func:`tn` on the CPU (see there)."""
+
+
+class FunctionContext(Protocol):
+    """The ``ctx`` torch hands this package's autograd Functions (its stubs say Any), as their backward reads it.
+
+    ``saved_tensors`` returns what the forward passed to ``save_for_backward``, None where it passed None (a
+    backward annotates such an entry as optional where it unpacks it). The Python values a forward stores on the
+    ctx are declared by each Function's own context Protocol, derived from this one."""
+
+    @property
+    def saved_tensors(self) -> tuple[torch.Tensor, ...]: ...
+    @property
+    def needs_input_grad(self) -> tuple[bool, ...]: ...
+    def save_for_backward(self, *tensors: torch.Tensor | None) -> None: ...
+
+
+class WeightContext(FunctionContext, Protocol):
+    """The ctx of a Function on a base weight stored as PEFT stores it (GPT-2 Conv1D: [in, out])."""
+
+    stored_in_out: bool
+
+
+class ScaledContext(WeightContext, Protocol):
+    """The ctx of a Function that also scales a low-rank update by s."""
+
+    scaling: float
 
 
 HALF = (torch.bfloat16, torch.float16)
@@ -72,8 +98,8 @@ def fusable(
     )
 
 
-def compute_dtype(x: torch.Tensor, *tensors: Any) -> tuple[Any, ...]:
-    """``tensors`` (None passes through) cast to the input's dtype: a no-op unless a half-precision base runs
+def compute_dtype(x: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` cast to the input's dtype: a no-op unless a half-precision base runs
     float32 adapters, whose products then run in the base dtype with float32 accumulation, as under autocast;
     autograd returns their gradients to the float32 parameters."""
     return tuple(None if t is None else t.to(x.dtype) for t in tensors)

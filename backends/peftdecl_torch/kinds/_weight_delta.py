@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -91,13 +91,13 @@ class WeightDeltaOps:
         return self.build(lp, p)
 
     def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight + self.build(lp, p).to(weight.dtype), None
 
     def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight - self.build(lp, p).to(weight.dtype), None

@@ -8,7 +8,7 @@ training-loss term w · mean over {Q, P} of ‖Q Qᵀ − I‖_F and ‖Pᵀ P �
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
@@ -69,13 +69,13 @@ class AdaLoraOps:
         return delta.reshape(lp.layer.weight_shape)
 
     def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight + self.delta_weight(lp, layer, p).to(weight.dtype), None
 
     def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight - self.delta_weight(lp, layer, p).to(weight.dtype), None

@@ -9,7 +9,7 @@ Several active adapters: y = ((x M_k ⋯ M_1) Wᵀ) ⊙ s_1 ⋯ s_k + b, HF PEFT
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
@@ -97,7 +97,7 @@ class BoftOps:
         return self.merge(lp, layer, p, {})[0] - layer.weight_ir()
 
     def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         q = orthogonal_blocks(lp, layer, p, False)
@@ -105,7 +105,7 @@ class BoftOps:
         return merged.to(weight.dtype), None
 
     def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         q = orthogonal_blocks(lp, layer, p, False)

@@ -10,7 +10,7 @@ On a half-precision base the float32 adapter runs in the base dtype (:class:`Dor
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
@@ -102,7 +102,7 @@ class DoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any,
+        ctx: fused.ScaledContext,
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -121,8 +121,10 @@ class DoraLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, y, weight, bias, a, b, m, n = ctx.saved_tensors
+    def backward(ctx: fused.ScaledContext, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, y, weight = ctx.saved_tensors[:3]
+        bias: torch.Tensor | None = ctx.saved_tensors[3]  # None on a layer without a bias
+        a, b, m, n = ctx.saved_tensors[4:]
         s = ctx.scaling
         need_x, _, _, need_a, need_b, need_m = ctx.needs_input_grad[:6]
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
@@ -162,7 +164,7 @@ class DoraHalfLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any,
+        ctx: fused.ScaledContext,
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -185,8 +187,10 @@ class DoraHalfLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, y, weight, bias, a, b, m, n, u = ctx.saved_tensors
+    def backward(ctx: fused.ScaledContext, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, y, weight = ctx.saved_tensors[:3]
+        bias: torch.Tensor | None = ctx.saved_tensors[3]  # None on a layer without a bias
+        a, b, m, n, u = ctx.saved_tensors[4:]
         s = ctx.scaling
         need_x, _, _, need_a, need_b, need_m = ctx.needs_input_grad[:6]
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
@@ -200,10 +204,10 @@ class DoraHalfLinearFunction(torch.autograd.Function):
             db = torch.mm(u.t(), dy2).t().mul_(g[:, None] * s)  # s · (dy ⊙ g)ᵀ u
         if need_x or need_m:
             dx, dot = _row_slices(dy2, y, x2, fused.weight_ir(weight, ctx.stored_in_out), g, need_x, need_m)
-            if need_x:
+            if dx is not None:  # need_x
                 dx.addmm_(dyg_b, a, alpha=s)
                 dx = dx.view(x.shape)
-            if need_m:
+            if dot is not None:  # need_m
                 if bias is not None:
                     dot = dot - bias.to(dot.dtype) * torch.mv(dy2.t(), dy2.new_ones(dy2.shape[0])).to(
                         dot.dtype
@@ -220,8 +224,9 @@ def _row_slices(
     g: torch.Tensor,
     need_x: bool,
     need_m: bool,
-) -> tuple[Any, Any]:
-    """((dy ⊙ g) W, Σ_t dy ⊙ y in float32), slice by slice of token rows through one fixed-size scratch."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """((dy ⊙ g) W, Σ_t dy ⊙ y in float32), slice by slice of token rows through one fixed-size scratch; None for
+    a part that is not ``need_x`` / ``need_m``."""
     tokens, d_out = dy2.shape
     rows = max(1, ROW_SLICE_ELEMENTS // max(d_out, 1))
     scratch = dy2.new_empty(min(rows, tokens), d_out)
@@ -293,7 +298,13 @@ class DoraOps:
         raise BackendError(f"{lp.module}: DoRA composes on the layer output, not on its weight")
 
     def _compose(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor, n: Any
+        self,
+        lp: LayerPlan,
+        layer: AdaptedLayer,
+        p: Params,
+        x: torch.Tensor,
+        result: torch.Tensor,
+        n: torch.Tensor | None,
     ) -> torch.Tensor:
         dtype, s = p[MAGNITUDE].dtype, lp.scaling
         if n is None:
@@ -328,7 +339,7 @@ class DoraOps:
         return self._merged(lp, layer, p)[0] - layer.weight_ir()
 
     def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # n on the weight without the adapters merged before (the one forward reads), as in HF PEFT
         merged, n = self._merged(lp, layer, p, layer.unmerged_weight_ir())
@@ -336,7 +347,7 @@ class DoraOps:
         return merged, None
 
     def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if "n" not in cache:
             raise PeftdeclError(f"{lp.module}: DoRA unmerge without a matching merge (no cached weight norm)")

@@ -11,7 +11,7 @@ inference scales the base output in place (docs/performance.md compares the alte
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -70,13 +70,13 @@ class IA3Ops:
         return self.merge(lp, layer, p, {})[0] - layer.weight_ir()
 
     def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         l_vec = p["ia3_l"]
         return self._scaled(lp, layer, l_vec, l_vec.reshape(-1))
 
     def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         l_vec = p["ia3_l"] + UNMERGE_EPS
         return self._scaled(lp, layer, 1.0 / l_vec, 1.0 / l_vec.reshape(-1))

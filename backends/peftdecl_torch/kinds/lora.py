@@ -18,7 +18,7 @@ A = Q ⊙ Λ), in one of three forms chosen by the cost rules of :mod:`._fused` 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
@@ -39,7 +39,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any,
+        ctx: fused.ScaledContext,
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -61,8 +61,9 @@ class LoraLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, a, b, u = ctx.saved_tensors
+    def backward(ctx: fused.ScaledContext, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, a, b = ctx.saved_tensors[:4]
+        u: torch.Tensor | None = ctx.saved_tensors[4]  # None unless the forward kept it (save_shrink)
         s = ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
@@ -88,7 +89,7 @@ class MergedLoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any,
+        ctx: fused.ScaledContext,
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -116,7 +117,7 @@ class MergedLoraLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], d_out)
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: fused.ScaledContext, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, a, b, u = ctx.saved_tensors
         s = ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -169,7 +170,9 @@ def lora_linear(
     b_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The whole layer in the form the cost rules pick (``a`` may be computed, e.g. AdaLoRA's Q ⊙ Λ)."""
-    a, b, b_bias = fused.compute_dtype(x, a, b, b_bias)
+    a, b = fused.compute_dtype(x, a, b)
+    if b_bias is not None:
+        (b_bias,) = fused.compute_dtype(x, b_bias)
     if not torch.is_grad_enabled() and fused.merge_pays(lp, layer, x):
         return merged_linear(lp, layer, x, a, b, b_bias)
     stored_in_out = lp.layer.type == "gpt2_conv1d"
@@ -187,7 +190,11 @@ def _ones(n: int) -> tuple[int, ...]:
 
 
 def _conv(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride: Any, padding: Any
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
 ) -> torch.Tensor:
     conv = F.conv1d if w.ndim == 3 else F.conv2d
     return conv(x, w, bias, stride, padding)
@@ -248,13 +255,13 @@ class LoraOps:
         return s * (b @ a)
 
     def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight + self.delta_weight(lp, layer, p).to(weight.dtype), self._bias(lp, layer, p, +1.0)
 
     def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight - self.delta_weight(lp, layer, p).to(weight.dtype), self._bias(lp, layer, p, -1.0)

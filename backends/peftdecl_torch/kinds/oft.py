@@ -24,7 +24,7 @@ direct form runs there. Both forms return a row-major dx and allocate no T × d 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -93,7 +93,7 @@ class OftLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any,
+        ctx: fused.WeightContext,
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -108,7 +108,7 @@ class OftLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: fused.WeightContext, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, rot = ctx.saved_tensors
         n, b, _ = rot.shape
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -223,12 +223,12 @@ class OftOps:
         return self.merge(lp, layer, p, {})[0] - layer.weight_ir()
 
     def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._apply(lp, layer, self.rotation(lp, layer, p)), None
 
     def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # the inverse, not the transpose: a Neumann R is only approximately orthogonal
         return self._apply(lp, layer, torch.linalg.inv(self.rotation(lp, layer, p))), None

@@ -6,7 +6,7 @@ the adapter adds one ``addmm``: y = W x + b + (λ_d ⊙ x Aᵀ)(λ_b ⊙ B)ᵀ.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ class VeraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any,
+        ctx: fused.FunctionContext,
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -52,7 +52,7 @@ class VeraLinearFunction(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: fused.FunctionContext, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, merged, a, b, lam_d, lam_b = ctx.saved_tensors
         need_x, _, _, _, _, need_d, need_b = ctx.needs_input_grad[:7]
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
@@ -104,13 +104,13 @@ class VeraOps:
         return (p["vera_lambda_b"][:, None] * b) @ (p["vera_lambda_d"][:, None] * a)
 
     def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight + self.delta_weight(lp, layer, p).to(weight.dtype), None
 
     def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
         return weight - self.delta_weight(lp, layer, p).to(weight.dtype), None
