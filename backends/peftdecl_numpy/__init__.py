@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import Capabilities
@@ -38,19 +39,24 @@ class NumpyBackend:
         requires=("numpy",),
     )
 
-    def accepts(self, model: Any) -> bool:
+    def accepts(self, model: object) -> bool:
         return isinstance(model, Mapping) and all(
             isinstance(v, (np.ndarray, np.generic, list)) for v in list(model.values())[:8]
         )
 
-    def inventory(self, model: Any, **options: Any) -> ModelInfo:
+    def inventory(self, model: Mapping[str, npt.ArrayLike], **options: Any) -> ModelInfo:
         """The state dict's layers; ``layer_types`` and model facts as options (``xp``/``dtype`` are the engine's)."""
         from peftdecl_numpy.inventory import inventory
 
         return inventory(model, **options)
 
     def create(
-        self, model: Any, info: ModelInfo, book: AdapterBook, options: EngineOptions, **model_options: Any
+        self,
+        model: Mapping[str, npt.ArrayLike],
+        info: ModelInfo,
+        book: AdapterBook,
+        options: EngineOptions,
+        **model_options: Any,
     ) -> NumpyEngine:
         """An engine reading ``book``; ``xp`` (an array-API namespace, NumPy by default) and ``dtype`` (a dtype
         name, ``float64`` by default) from ``model_options``, whose other entries the inventory has read."""

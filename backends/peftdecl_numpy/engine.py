@@ -10,9 +10,10 @@ default) in one ``dtype`` (float64 by default); which adapters run comes from th
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
+import numpy.typing as npt
 
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import BASE_ROW as BASE
@@ -21,7 +22,9 @@ from peftdecl.errors import PeftdeclError
 from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerPlan, ModelInfo, Plan, PromptPlan
 from peftdecl_numpy import compose
+from peftdecl_numpy.inventory import LayerDeclaration
 from peftdecl_numpy.kinds import ops_for
+from peftdecl_numpy.kinds.base import MergeCache, Tape
 from peftdecl_numpy.layers import BaseLayer, Mode
 from peftdecl_numpy.rng_state import generator_state, restore_generator
 from peftdecl_numpy.xp_ops import Array, Namespace, resolve, to_numpy
@@ -29,12 +32,25 @@ from peftdecl_numpy.xp_ops import Array, Namespace, resolve, to_numpy
 Tensors = dict[str, Array]
 
 
+class _LayerTapeBase(TypedDict):
+    x: Array
+    running: list[tuple[str, LayerPlan, Tape | None]]
+    """(adapter, layer plan, its own tape: set when it runs alone, None when ``composed`` holds the tapes)."""
+
+
+class LayerTape(_LayerTapeBase, total=False):
+    """What :meth:`NumpyEngine.layer_forward` records for :meth:`NumpyEngine.layer_backward`."""
+
+    composed: compose.ComposedTape
+    """Set when several adapters run on the layer."""
+
+
 class NumpyEngine:
     """Adapters on a state dict, every number in one namespace and dtype (float64 NumPy by default)."""
 
     def __init__(
         self,
-        state_dict: Mapping[str, Any],
+        state_dict: Mapping[str, npt.ArrayLike],
         info: ModelInfo,
         book: AdapterBook | None = None,
         options: EngineOptions | None = None,
@@ -62,9 +78,7 @@ class NumpyEngine:
             self._layers[module] = BaseLayer(layer, self._asarray(weight), own_bias, self._mode)
         self._params: dict[str, dict[str, Tensors]] = {}  # adapter -> module ("" shared) -> name -> array
         self._saved: dict[str, Tensors] = {}  # adapter -> modules_to_save copies
-        self._merge_caches: dict[
-            tuple[str, str], dict[str, Any]
-        ] = {}  # (adapter, module) -> kept until unmerge
+        self._merge_caches: dict[tuple[str, str], MergeCache] = {}  # (adapter, module) -> kept until unmerge
 
     @property
     def training(self) -> bool:
@@ -90,7 +104,7 @@ class NumpyEngine:
         saved = {}
         for module in plan.modules_to_save:
             prefix = module + "."
-            own = {k: v for k, v in arrays.items() if k.startswith(prefix)}
+            own: dict[str, npt.ArrayLike] = {k: v for k, v in arrays.items() if k.startswith(prefix)}
             if not own:
                 own = {k: v for k, v in self._original.items() if k.startswith(prefix)}
             saved.update({k: self._asarray(v) for k, v in own.items()})
@@ -178,7 +192,7 @@ class NumpyEngine:
                 )
             self._layers[module].weight = self._asarray(array)
 
-    def forward(self, module: str, x: Any, *, adapter_names: Sequence[str] | None = None) -> Array:
+    def forward(self, module: str, x: Array, *, adapter_names: Sequence[str] | None = None) -> Array:
         """The output of one layer (``adapter_names``: one adapter per row of a batch, ``"__base__"`` for none)."""
         y, _ = self.layer_forward(module, x, adapter_names=adapter_names)
         return y
@@ -223,8 +237,8 @@ class NumpyEngine:
 
     # -- explicit forward / backward -----------------------------------------------------------------------
     def layer_forward(
-        self, module: str, x: Any, *, adapter_names: Sequence[str] | None = None
-    ) -> tuple[Array, dict[str, Any]]:
+        self, module: str, x: Array, *, adapter_names: Sequence[str] | None = None
+    ) -> tuple[Array, LayerTape]:
         """(y, tape) for one layer; pass the tape to :meth:`layer_backward`."""
         layer = self._layer(module)
         x = self.xp.asarray(np.asarray(x)) if layer.info.type == "embedding" else self._asarray(x, copy=False)
@@ -243,7 +257,7 @@ class NumpyEngine:
         y, composed = compose.forward(layer, running, x)
         return y, {"x": x, "running": [(name, lp, None) for name, lp, _, _ in running], "composed": composed}
 
-    def layer_backward(self, module: str, tape: dict[str, Any], dy: Any) -> dict[str, Any]:
+    def layer_backward(self, module: str, tape: LayerTape, dy: Array) -> dict[str, Array | None]:
         """Gradients: ``"input"`` -> dL/dx, and each trainable tensor -> its gradient, keyed as
         ``trainable_parameters`` of the active adapters keys it (``"<adapter>/<full key>"`` when several)."""
         layer = self._layer(module)
@@ -255,9 +269,10 @@ class NumpyEngine:
             dx, by_adapter = compose.backward(layer, tape["composed"], dy)
         else:
             name, lp, own_tape = running[0]
+            assert own_tape is not None  # one adapter alone records its own tape
             dx, own = ops_for(lp.kind).backward(lp, layer, self._layer_params(name, lp), own_tape, dy)
             by_adapter = {name: own}
-        grads: dict[str, Any] = {}
+        grads: dict[str, Array | None] = {}
         for name, lp, _ in running:
             own = by_adapter[name]
             grads.update({trainable_key(name, lp.key(k), self.book.active): v for k, v in own.items()})
@@ -283,7 +298,7 @@ class NumpyEngine:
             raise PeftdeclError(f"adapter is {plan.kind}; only prefix tuning has key/value prefixes")
         return prompt.key_values(pp, prompt.table(pp, params)[0], batch_size)
 
-    def prompt_backward(self, d_table: Any, name: str | None = None) -> dict[str, Array]:
+    def prompt_backward(self, d_table: Array, name: str | None = None) -> dict[str, Array]:
         """Gradients of the adapter's trainable tensors (by key) from dL/dP (for dL/dKV see kinds.prompt)."""
         from peftdecl_numpy.kinds import prompt
 
@@ -302,7 +317,7 @@ class NumpyEngine:
         return plan, plan.prompt, self._params[names[0]][""]
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _asarray(self, value: Any, copy: bool = True) -> Array:
+    def _asarray(self, value: Array | npt.ArrayLike, copy: bool = True) -> Array:
         """``value`` as an array of the engine's namespace and dtype: a fresh one (never a view of the caller's
         array) unless ``copy`` is False (inputs and output gradients, which are only read)."""
         if not isinstance(value, np.ndarray) and hasattr(value, "__dlpack__"):
@@ -324,7 +339,7 @@ class NumpyEngine:
 
     def _mixed_forward(
         self, module: str, layer: BaseLayer, x: Array, names: list[str]
-    ) -> tuple[Array, dict[str, Any]]:
+    ) -> tuple[Array, LayerTape]:
         if len(names) != x.shape[0]:
             raise PeftdeclError(f"adapter_names has {len(names)} entries for a batch of {x.shape[0]} rows")
         check_adapter_names(names, self.book.plans, merged=bool(self.book.merged))
@@ -352,13 +367,15 @@ class NumpyEngine:
         return y, {"x": x, "running": []}
 
 
-def _host_copy(value: Any, float_dtype: str) -> np.ndarray:
+def _host_copy(value: npt.ArrayLike, float_dtype: str) -> np.ndarray:
     array = np.asarray(value)
     return np.array(array, dtype=float_dtype) if array.dtype.kind == "f" else array.copy()
 
 
 def inventory(
-    state_dict: Mapping[str, Any], layer_types: Mapping[str, Any] | None = None, **facts: Any
+    state_dict: Mapping[str, npt.ArrayLike],
+    layer_types: Mapping[str, LayerDeclaration] | None = None,
+    **facts: object,
 ) -> ModelInfo:
     """The layers of ``state_dict`` (:func:`peftdecl_numpy.inventory.inventory`)."""
     from peftdecl_numpy.inventory import inventory as read

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any, SupportsInt, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerInfo, ModelInfo
@@ -21,11 +22,15 @@ from peftdecl.plan.ir import LayerType
 
 ENGINE_OPTIONS = ("xp", "dtype")
 """``attach`` / ``load_adapter`` options the engine reads (not model facts)."""
+LayerDeclaration = str | Mapping[str, object] | LayerInfo
+"""A ``layer_types`` entry: a layer type name, a mapping of ``type`` and convolution settings, or a LayerInfo."""
 _NDIM = {"linear": 2, "embedding": 2, "gpt2_conv1d": 2, "conv1d": 3, "conv2d": 4}
 
 
 def inventory(
-    state_dict: Mapping[str, Any], layer_types: Mapping[str, Any] | None = None, **model_facts: Any
+    state_dict: Mapping[str, npt.ArrayLike],
+    layer_types: Mapping[str, LayerDeclaration] | None = None,
+    **model_facts: Any,
 ) -> ModelInfo:
     """Layers of a state dict: every ``m.weight`` of 2+ dims (2-D: linear unless ``layer_types`` says otherwise).
 
@@ -59,7 +64,7 @@ def inventory(
     return ModelInfo(layers=layers, modules=tuple(modules), **model_facts)
 
 
-def quantization(state_dict: Mapping[str, Any], module: str, dtype: np.dtype) -> str | None:
+def quantization(state_dict: Mapping[str, npt.ArrayLike], module: str, dtype: np.dtype) -> str | None:
     """How ``module``'s weight is quantised (``LayerInfo.quantization``), from the tensors saved beside it."""
     own = [key[len(module) + 1 :] for key in state_dict if key.startswith(module + ".")]
     if "scales" in own and dtype == np.uint32:
@@ -71,10 +76,14 @@ def quantization(state_dict: Mapping[str, Any], module: str, dtype: np.dtype) ->
     return None
 
 
-def _layer_info(key: str, shape: tuple[int, ...], declared: Any, has_bias: bool) -> LayerInfo:
+def _layer_info(
+    key: str, shape: tuple[int, ...], declared: LayerDeclaration | None, has_bias: bool
+) -> LayerInfo:
     if isinstance(declared, LayerInfo):
         return declared
-    settings = dict(declared) if isinstance(declared, Mapping) else {"type": declared or "linear"}
+    settings: dict[str, object] = (
+        dict(declared) if isinstance(declared, Mapping) else {"type": declared or "linear"}
+    )
     kind = cast(LayerType, settings.pop("type"))
     if kind not in _NDIM:
         raise PeftdeclError(
@@ -89,11 +98,11 @@ def _layer_info(key: str, shape: tuple[int, ...], declared: Any, has_bias: bool)
     if kind == "embedding":
         return LayerInfo(kind, shape[0], shape[1], False)
     dims = len(shape) - 2
-    groups = int(settings.pop("groups", 1))
+    groups = _int(settings.pop("groups", 1))
 
     def tup(name: str, default: int) -> tuple[int, ...]:
         value = settings.pop(name, default)
-        return tuple(value) if isinstance(value, (list, tuple)) else (int(value),) * dims
+        return tuple(value) if isinstance(value, (list, tuple)) else (_int(value),) * dims
 
     info = LayerInfo(
         kind,
@@ -109,3 +118,8 @@ def _layer_info(key: str, shape: tuple[int, ...], declared: Any, has_bias: bool)
     if settings:
         raise PeftdeclError(f"layer_types[{key[:-7]!r}]: unknown settings {sorted(settings)}")
     return info
+
+
+def _int(value: object) -> int:
+    """A user's setting as an int; what int() refuses raises its own TypeError/ValueError, as it always did."""
+    return int(cast("SupportsInt | str", value))

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import string
 from collections.abc import Iterable, Sequence
+from types import EllipsisType, ModuleType
 from typing import Any
 
 import array_api_compat
 import numpy as np
+import numpy.typing as npt
 
 Array = Any
 """An array of the namespace in use (NumPy, CuPy, array_api_strict ...): the standard has no common type."""
-Namespace = Any
-"""An array-API namespace module."""
+Namespace = ModuleType
+"""An array-API namespace module (its functions are looked up by name, so typed loosely by ModuleType)."""
 
 
 def namespace(*arrays: Array) -> Namespace:
@@ -148,7 +150,7 @@ def spatial(slices: Iterable[slice]) -> tuple[slice, ...]:
     return (slice(None), slice(None), *slices)
 
 
-def kernel_at(offset: Iterable[int]) -> tuple[Any, ...]:
+def kernel_at(offset: Iterable[int]) -> tuple[EllipsisType | int, ...]:
     """The index ``[..., *offset]``: one kernel position of a convolution weight."""
     return (Ellipsis, *offset)
 
@@ -164,6 +166,6 @@ def eye_like(x: Array, n: int) -> Array:
     return xp.eye(n, dtype=x.dtype)
 
 
-def from_host(xp: Namespace, value: Any, dtype: Any = None) -> Array:
+def from_host(xp: Namespace, value: npt.ArrayLike, dtype: object = None) -> Array:
     """A host value (NumPy array, list, scalar) as an array of ``xp``."""
     return xp.asarray(np.asarray(value) if not isinstance(value, (bool, int, float)) else value, dtype=dtype)

@@ -10,12 +10,16 @@ layer's tensor names (``lora_A.weight``) to arrays of the engine's namespace.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from peftdecl import kinds
 
+if TYPE_CHECKING:
+    from peftdecl_numpy.kinds.base import NumpyOps
 
-def ops_for(kind: str) -> Any:
-    """The NumPy ops object of an execution kind, as its :class:`peftdecl.kinds.KindDecl` names it (``Any``: each
-    caller uses the part of the kind-ops Protocols it needs)."""
-    return kinds.ops_for(kind, "numpy")
+
+def ops_for(kind: str) -> NumpyOps:
+    """The NumPy ops object of an execution kind, as its :class:`peftdecl.kinds.KindDecl` names it; the registry
+    holds it untyped, so this says what every NumPy kind provides (callers narrow to the additive or composing
+    part by ``additive`` or :func:`peftdecl.composition.role`)."""
+    return cast("NumpyOps", kinds.ops_for(kind, "numpy"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -46,19 +46,21 @@ def rank_dropout_mask(rng: np.random.Generator, rows: int, p: float, renormalise
     return keep / mean if renormalise and mean > 0 else keep
 
 
-RebuildFn = Callable[[LayerPlan, Params], tuple[Array, Any]]
+RebuildTape = TypeVar("RebuildTape")
+"""What a kind's rebuild keeps for its gradients (its own choice: the factors, their shapes ...)."""
+RebuildFn = Callable[[LayerPlan, Params], tuple[Array, RebuildTape]]
 """ΔW in the base weight's layout (scaling included) and a tape for the gradients."""
-RebuildGradsFn = Callable[[LayerPlan, Params, Any, Array], Params]
+RebuildGradsFn = Callable[[LayerPlan, Params, RebuildTape, Array], Params]
 """dL/dp for every tensor of the layer, given the tape and dL/dΔW."""
 
 
 @dataclass(frozen=True)
-class WeightDeltaOps(AdditiveKind):
+class WeightDeltaOps(AdditiveKind, Generic[RebuildTape]):
     """Forward, gradients and merging for a kind whose whole effect is an additive ΔW."""
 
     kind: str
-    rebuild: RebuildFn
-    rebuild_grads: RebuildGradsFn
+    rebuild: RebuildFn[RebuildTape]
+    rebuild_grads: RebuildGradsFn[RebuildTape]
     renormalises_rank_dropout: Callable[[LayerPlan], bool]
 
     def delta_record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:

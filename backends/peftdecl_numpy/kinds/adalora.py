@@ -9,7 +9,7 @@ R = w · mean over {Q_l, P_l} of ‖Q Qᵀ − I‖_F and ‖Pᵀ P − I‖_F (
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import cast
 
 from peftdecl.plan import LayerPlan, Plan
 from peftdecl.spec.adalora import AdaLoraSpec
@@ -34,7 +34,7 @@ def singular_values(lp: LayerPlan, p: Params) -> Array:
     return p["lora_E"] if mask is None else p["lora_E"] * mask
 
 
-def _conv_args(lp: LayerPlan) -> tuple[Any, Any, Any]:
+def _conv_args(lp: LayerPlan) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     return lp.layer.stride, lp.layer.padding, lp.layer.dilation
 
 

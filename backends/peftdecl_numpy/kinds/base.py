@@ -12,17 +12,69 @@ also carries the training flag and the engine's generator. A kind declared outsi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol
 
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl_numpy.layers import BaseLayer
 from peftdecl_numpy.xp_ops import Array
 
-Params = dict[str, Array]
+Params = Mapping[str, Array]
+"""A layer's adapter tensors (or their gradients) by HF PEFT name, shared tensors included."""
 Tape = dict[str, Any]
+"""What a ``*_record`` keeps for its backward: each kind's own record of arrays, flags and nested tapes."""
+MergeCache = dict[str, Array]
+"""What a kind keeps from a merge for its unmerge (DoRA's weight norm), per adapter and layer."""
 Weights = tuple[Array, Array | None]
 """(W, b): a layer's weight in the IR layout and its bias."""
+
+
+class NumpyOps(Protocol):
+    """What the engine calls on every NumPy kind's ops (the layer-level part of :mod:`peftdecl.backend`'s
+    ``KindOps`` and ``ExplicitGradientOps``); :class:`AdditiveKind` and :class:`ComposingKind` provide it."""
+
+    kind: str
+    additive: bool
+
+    def forward(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> Array: ...
+    def delta_weight(self, lp: LayerPlan, layer: BaseLayer, p: Params) -> Array: ...
+    def record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]: ...
+    def backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, dy: Array
+    ) -> tuple[Array | None, Params]: ...
+    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights: ...
+    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights: ...
+
+
+class NumpyAdditiveOps(NumpyOps, Protocol):
+    """An additive kind's ops (``additive`` true): Δ(x) with its tape and backward."""
+
+    def delta(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> Array: ...
+    def delta_record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]: ...
+    def delta_backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, d_delta: Array
+    ) -> tuple[Array | None, Params]: ...
+
+
+class NumpyComposingOps(NumpyOps, Protocol):
+    """A composing kind's ops (``additive`` false): the record/backward pair of its composition."""
+
+    input_order: Literal["active", "reversed"]
+
+    def composition(self, lp: LayerPlan) -> Literal["output", "input"]: ...
+    def compose_output_record(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array, y: Array
+    ) -> tuple[Array, Tape]: ...
+    def compose_output_backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, dy: Array
+    ) -> tuple[Array, Array | None, Params]: ...
+    def compose_weight_record(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, weight: Array
+    ) -> tuple[Array, Tape]: ...
+    def compose_weight_backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, d_weight: Array
+    ) -> tuple[Array, Params]: ...
 
 
 class AdditiveKind(ABC):
@@ -66,10 +118,10 @@ class AdditiveKind(ABC):
             return dx, grads
         return dx + dx_delta, grads
 
-    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
         return layer.weight + self.delta_weight(lp, layer, p), layer.bias
 
-    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
         return layer.weight - self.delta_weight(lp, layer, p), layer.bias
 
 
@@ -96,11 +148,11 @@ class ComposingKind(ABC):
         raise NotImplementedError
 
     @abstractmethod
-    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
         raise NotImplementedError
 
     @abstractmethod
-    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
         raise NotImplementedError
 
     def forward(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> Array:

@@ -13,13 +13,13 @@ differ only with its CUDA extension: without it every adapter has one factor and
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
-from peftdecl.plan import LayerPlan
+from peftdecl.plan import LayerInfo, LayerPlan
 from peftdecl.plan.kinds.boft import butterfly_perms
-from peftdecl_numpy.kinds.base import ComposingKind, Params, Tape, Weights
+from peftdecl_numpy.kinds.base import ComposingKind, MergeCache, Params, Tape, Weights
 from peftdecl_numpy.layers import BaseLayer
 from peftdecl_numpy.rotation import (
     cayley,
@@ -169,12 +169,12 @@ class BoftOps(ComposingKind):
         grads = {"boft_R": _rotation_grad(tape, grad_q), "boft_s": grad_s}
         return xp.reshape(grad_rotated @ tape["m"], d_weight.shape), grads
 
-    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
         xp = layer.xp
         merged = xp.reshape(p["boft_s"], (-1, 1)) * (_rows(layer.weight) @ butterfly_matrix(lp, p).T)
         return xp.reshape(merged, layer.weight.shape), layer.bias
 
-    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
         xp = layer.xp
         restored = (_rows(layer.weight) / xp.reshape(p["boft_s"], (-1, 1))) @ butterfly_matrix(lp, p)
         return xp.reshape(restored, layer.weight.shape), layer.bias
@@ -190,7 +190,8 @@ def _rotation_grad(tape: Tape, grad_q: Array) -> Array:
     return 0.5 * (grad_skew - swap_last(grad_skew))
 
 
-def _conv_args(info: Any) -> tuple:
+def _conv_args(info: LayerInfo) -> tuple[tuple[int, ...], ...]:
+    """(kernel size, stride, padding, dilation) of a convolution layer."""
     return info.kernel_size, info.stride, info.padding, info.dilation
 
 

@@ -16,13 +16,13 @@ With other adapters on the layer DoRA rescales the output they built (:meth:`Dor
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.dora import MAGNITUDE
 from peftdecl_numpy.conv import conv_backward, conv_forward
-from peftdecl_numpy.kinds.base import ComposingKind, Params, Tape, Weights
+from peftdecl_numpy.kinds.base import ComposingKind, MergeCache, Params, Tape, Weights
 from peftdecl_numpy.kinds.lora import OPS as LORA
 from peftdecl_numpy.kinds.lora import embedding_delta, embedding_grads
 from peftdecl_numpy.layers import BaseLayer, dropout_mask, rows
@@ -154,8 +154,7 @@ class DoraOps(ComposingKind):
         gb = _along_out(lp, g, dy.ndim)
         dv = s * gb * dy
         if lp.layer.type == "embedding":
-            grads = {**embedding_grads(p, tape["x"], u, dv), MAGNITUDE: grad_m}
-            return gb * dy, None, grads
+            return gb * dy, None, {**embedding_grads(p, tape["x"], u, dv), MAGNITUDE: grad_m}
         h, mask = tape["h"], tape["mask"]
         dh, grads = _low_rank_backward(lp, p, h, u, dv)
         if mask is None:
@@ -168,13 +167,13 @@ class DoraOps(ComposingKind):
         """The change merging makes to the current base weight: g ⊙ (W + ΔW) − W."""
         return self._merged_weight(lp, layer, p)[0] - layer.weight
 
-    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
         merged, n = self._merged_weight(lp, layer, p)
         # n cannot be recovered from the merged weight (its rows have norm |m|), so keep it for unmerge
         cache["n"] = n
         return merged, layer.bias
 
-    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
         n = cache.get("n")
         if n is None:
             raise PeftdeclError(f"{lp.module}: DoRA unmerge without a matching merge (no cached weight norm)")

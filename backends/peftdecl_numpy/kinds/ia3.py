@@ -10,10 +10,10 @@ its first adapter for all of them, so it never mixes the two forms on one layer;
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from peftdecl.plan import LayerPlan
-from peftdecl_numpy.kinds.base import ComposingKind, Params, Tape, Weights
+from peftdecl_numpy.kinds.base import ComposingKind, MergeCache, Params, Tape, Weights
 from peftdecl_numpy.layers import BaseLayer, rows
 from peftdecl_numpy.xp_ops import Array, namespace
 
@@ -88,12 +88,12 @@ class IA3Ops(ComposingKind):
         """The change merging makes to the current base weight: W ⊙ l − W."""
         return layer.weight * self._weight_factor(lp, p["ia3_l"]) - layer.weight
 
-    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
         l_vec = p["ia3_l"]
         bias = layer.bias if self._bias_kept(lp, layer) else layer.bias * layer.xp.reshape(l_vec, (-1,))
         return layer.weight * self._weight_factor(lp, l_vec), bias
 
-    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
         l_vec = p["ia3_l"] + UNMERGE_EPS
         bias = layer.bias if self._bias_kept(lp, layer) else layer.bias / layer.xp.reshape(l_vec, (-1,))
         return layer.weight / self._weight_factor(lp, l_vec), bias

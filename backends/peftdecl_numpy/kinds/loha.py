@@ -31,7 +31,7 @@ def rebuild(lp: LayerPlan, p: Params) -> tuple[Array, tuple[Array, Array]]:
 def rebuild_grads(lp: LayerPlan, p: Params, tape: tuple[Array, Array], g: Array) -> Params:
     p1, p2 = tape
     g = lp.scaling * namespace(g).reshape(g, p1.shape)
-    grads: Params = {}
+    grads: dict[str, Array] = {}
     for i, dp in ((1, g * p2), (2, g * p1)):
         a, b = p[f"hada_w{i}_a"], p[f"hada_w{i}_b"]
         if lp.options["effective_conv"]:

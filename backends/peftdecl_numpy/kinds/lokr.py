@@ -60,7 +60,7 @@ def rebuild_grads(lp: LayerPlan, p: Params, tape: Tape, g: Array) -> Params:
     xp = namespace(g)
     dw1, dw2 = kron_grads(lifted, w2, lp.scaling * xp.reshape(g, k_shape))
     dw1 = xp.reshape(dw1, dw1.shape[:2])  # undo the lift to [l, m, 1, 1]
-    grads: Params = {}
+    grads: dict[str, Array] = {}
     if "lokr_w1" in p:
         grads["lokr_w1"] = dw1
     else:

@@ -6,12 +6,10 @@ Embedding: y = E[x] + s · (Aᵀ[x]) Bᵀ, ΔE = s · (B A)ᵀ. Convolution: A i
 
 from __future__ import annotations
 
-from typing import Any
-
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl_numpy.conv import conv_backward, conv_forward
-from peftdecl_numpy.kinds.base import AdditiveKind, Params, Tape, Weights
+from peftdecl_numpy.kinds.base import AdditiveKind, MergeCache, Params, Tape, Weights
 from peftdecl_numpy.layers import BaseLayer, dropout_mask, rows
 from peftdecl_numpy.xp_ops import Array, add_at_rows, einsum, namespace, take_rows
 
@@ -70,7 +68,7 @@ class LoraOps(AdditiveKind):
         if lp.layer.type == "embedding":
             return None, embedding_grads(p, tape["x"], u, dv)
         a, b, h, mask = p["lora_A.weight"], p["lora_B.weight"], tape["h"], tape["mask"]
-        grads: Params = {}
+        grads: dict[str, Array] = {}
         if lp.layer.is_conv:
             k = b.ndim - 2
             du, grads["lora_B.weight"] = conv_backward(u, b, dv, _ones(k), (0,) * k, _ones(k))
@@ -95,10 +93,10 @@ class LoraOps(AdditiveKind):
             return s * einsum("or,ri...->oi...", b2, a)
         return s * (b @ a)
 
-    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
         return layer.weight + self.delta_weight(lp, layer, p), self._bias(lp, layer, p, +1.0)
 
-    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
         return layer.weight - self.delta_weight(lp, layer, p), self._bias(lp, layer, p, -1.0)
 
     @staticmethod

@@ -21,12 +21,12 @@ Choices, where HF PEFT 0.21.2 is not a well-defined reference:
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
-from peftdecl.plan import LayerPlan
-from peftdecl_numpy.kinds.base import ComposingKind, Params, Tape, Weights
+from peftdecl.plan import LayerInfo, LayerPlan
+from peftdecl_numpy.kinds.base import ComposingKind, MergeCache, Params, Tape, Weights
 from peftdecl_numpy.layers import BaseLayer
 from peftdecl_numpy.rotation import (
     cayley,
@@ -105,7 +105,8 @@ def _flat(w: Array) -> Array:
     return namespace(w).reshape(w, (w.shape[0], -1))
 
 
-def _conv_args(info: Any) -> tuple:
+def _conv_args(info: LayerInfo) -> tuple[tuple[int, ...], ...]:
+    """(kernel size, stride, padding, dilation) of a convolution layer."""
     return info.kernel_size, info.stride, info.padding, info.dilation
 
 
@@ -194,7 +195,7 @@ class OftOps(ComposingKind):
         """The n rotation blocks the adapter applies (eval mode)."""
         return full_rotation(lp, block_rotations(lp, p)[1], None)
 
-    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+    def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
         rot = self.rotation(lp, p)
         if lp.layer.type == "embedding":
             return rotate_blocks(layer.weight, rot), layer.bias
@@ -202,7 +203,7 @@ class OftOps(ComposingKind):
         merged = rotate_blocks(_flat(layer.weight), swap_last(rot))
         return layer.xp.reshape(merged, layer.weight.shape), layer.bias
 
-    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: dict[str, Any]) -> Weights:
+    def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
         # the inverse, not the transpose: a Neumann R is only approximately orthogonal
         xp = layer.xp
         inv = xp.linalg.inv(self.rotation(lp, p))

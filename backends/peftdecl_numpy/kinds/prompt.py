@@ -9,8 +9,6 @@ Neither touches a layer's weights: there is no per-layer forward and nothing to 
 
 from __future__ import annotations
 
-from typing import Any
-
 from peftdecl.plan import PromptPlan
 from peftdecl_numpy.xp_ops import Array, namespace
 
@@ -30,7 +28,7 @@ class PromptOps:
 OPS = PromptOps()
 
 
-def table(pp: PromptPlan, p: Params) -> tuple[Array, dict[str, Any]]:
+def table(pp: PromptPlan, p: Params) -> tuple[Array, dict[str, Array]]:
     """(P, cache): the virtual-token table, through the projection MLP when the adapter trains one."""
     if "prompt_embeddings" in p:
         return p["prompt_embeddings"], {}
@@ -39,7 +37,7 @@ def table(pp: PromptPlan, p: Params) -> tuple[Array, dict[str, Any]]:
     return hidden @ p["transform.2.weight"].T + p["transform.2.bias"], {"hidden": hidden}
 
 
-def table_backward(pp: PromptPlan, p: Params, cache: dict[str, Any], d_table: Array) -> Params:
+def table_backward(pp: PromptPlan, p: Params, cache: dict[str, Array], d_table: Array) -> Params:
     """dL/d(trainable tensors) from dL/dP."""
     if "prompt_embeddings" in p:
         return {"prompt_embeddings": d_table}
