@@ -7,7 +7,7 @@ torch is imported when the backend builds an inventory or an engine.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import Capabilities
@@ -16,13 +16,15 @@ from peftdecl.options import EngineOptions
 from peftdecl.plan import LAYER_TYPES, ModelInfo
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from peftdecl_torch.engine import TorchEngine
 
 # every kind that declares torch ops, on every IR layer type it adapts (read live from peftdecl.kinds)
 _KINDS = BackendKinds("torch", LAYER_TYPES)
 
 
-def _is_torch_module(model: Any) -> bool:
+def _is_torch_module(model: object) -> bool:
     # by name, so that asking whether a model is a torch module never imports torch
     return any(
         cls.__name__ == "Module" and cls.__module__.startswith("torch.nn.modules")
@@ -48,10 +50,10 @@ class TorchBackend:
         requires=("torch",),
     )
 
-    def accepts(self, model: Any) -> bool:
+    def accepts(self, model: object) -> bool:
         return _is_torch_module(model)
 
-    def inventory(self, model: Any, **options: Any) -> ModelInfo:
+    def inventory(self, model: nn.Module, **options: object) -> ModelInfo:
         from peftdecl.plan.kinds.vera import register_projection_source
         from peftdecl_torch.inventory import check_options, inventory
         from peftdecl_torch.kinds.vera import projections
@@ -62,7 +64,12 @@ class TorchBackend:
         return inventory(model)
 
     def create(
-        self, model: Any, info: ModelInfo, book: AdapterBook, options: EngineOptions, **model_options: Any
+        self,
+        model: nn.Module,
+        info: ModelInfo,
+        book: AdapterBook,
+        options: EngineOptions,
+        **model_options: bool,
     ) -> TorchEngine:
         """A :class:`peftdecl_torch.engine.TorchEngine` reading ``book``; ``model_options``:
         ``autocast_adapter_dtype``."""
@@ -72,7 +79,7 @@ class TorchBackend:
         check_options(model_options)
         return TorchEngine(model, info, book, options, **model_options)
 
-    def load_checkpoint(self, directory: str | Path) -> Any:
+    def load_checkpoint(self, directory: str | Path) -> nn.Module:
         """A transformers causal LM from a local HF checkpoint folder, float32, in eval mode (``peftdecl equiv``)."""
         from peftdecl_torch.inventory import load_checkpoint
 

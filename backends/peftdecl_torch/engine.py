@@ -25,7 +25,7 @@ from peftdecl_torch.kinds.prompt import PromptAdapter
 from peftdecl_torch.layer import AdaptedLayer, adapter_dtype
 from peftdecl_torch.mixed_batch import mixed_rows
 from peftdecl_torch.probes import capture, follow_mode, to_numpy
-from peftdecl_torch.prompting import generation_inputs, prompt_call
+from peftdecl_torch.prompting import PromptCall, generation_inputs, prompt_call
 from peftdecl_torch.saved import SavedModule
 from peftdecl_torch.seq2seq import seq2seq_call, seq2seq_generate
 from peftdecl_torch.task_heads import HEAD_TASKS, head_rules
@@ -216,7 +216,7 @@ class TorchEngine:
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the adapters applied (rows repeated by beam search follow their name)."""
-        generate: Callable[..., Any] | None = getattr(self.model, "generate", None)
+        generate: Callable[..., object] | None = getattr(self.model, "generate", None)
         if generate is None:
             raise PeftdeclError(f"{type(self.model).__name__} has no generate()")
         with mixed_rows(adapter_names, self.book, frozenset(self._prompts), expand=True):
@@ -308,7 +308,7 @@ class TorchEngine:
             raise PeftdeclError(f"only one prompt-learning adapter can be active at a time, not {found}")
         return self._prompts[found[0]] if found else None
 
-    def _prompt_rules(self, prompt: PromptAdapter) -> Callable[..., Any]:
+    def _prompt_rules(self, prompt: PromptAdapter) -> PromptCall:
         """How HF PEFT feeds this prompt adapter: its seq2seq, task-head (SEQ_CLS, TOKEN_CLS, QUESTION_ANS) or
         language-model rules."""
         if self._info.is_encoder_decoder:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import TypedDict, cast
 
 import numpy as np
 import torch
@@ -24,7 +24,30 @@ from peftdecl.plan.targeting import SEQ_CLS_HEAD_NAMES
 KNOWN_OPTIONS = ("autocast_adapter_dtype",)
 
 
-def check_options(options: Mapping[str, Any]) -> None:
+class ModelFacts(TypedDict, total=False):
+    """The :class:`peftdecl.plan.ModelInfo` fields a model provides besides its layers (a field it does not
+    provide is absent and keeps ModelInfo's default)."""
+
+    model_class: tuple[str, str]
+    output_head: str | None
+    word_embeddings: str | None
+    classifier_head: str | None
+    model_type: str | None
+    num_layers: int | None
+    hidden_size: int | None
+    num_attention_heads: int | None
+    num_key_value_heads: int | None
+    head_dim: int | None
+    vocab_size: int | None
+    is_encoder_decoder: bool
+    name_or_path: str | None
+
+
+LayerTypeEntry = str | dict[str, str | int | list[int]]
+"""A ``layer_types`` entry of the NumPy reference: the IR layer type, or a conv layer's type and settings."""
+
+
+def check_options(options: Mapping[str, object]) -> None:
     """Reject options the torch backend does not understand (the NumPy backend's ``layer_types`` included)."""
     check_backend_options("torch", options, KNOWN_OPTIONS, "the nn.Module itself")
 
@@ -141,20 +164,24 @@ def inventory(model: nn.Module) -> ModelInfo:
     return ModelInfo(layers=layers, modules=tuple(modules), **model_facts(model))
 
 
-def model_facts(model: nn.Module) -> dict[str, Any]:
-    """The ModelInfo fields a transformers model's config and embeddings provide (empty for a plain module)."""
+def _embedding_name(model: nn.Module, getter: str, names: Mapping[int, str]) -> str | None:
+    """The module name of the layer ``model.<getter>()`` returns (None where the model has no such layer)."""
+    try:
+        found = getattr(model, getter)()
+    except NotImplementedError:  # transformers raises this for models without such a layer
+        found = None
+    return names.get(id(found)) if found is not None else None
+
+
+def model_facts(model: nn.Module) -> ModelFacts:
+    """The ModelInfo fields a transformers model's config and embeddings provide (only ``model_class`` for a plain
+    module)."""
     names = {id(sub): name for name, sub in model.named_modules()}
-    facts: dict[str, Any] = {"model_class": (type(model).__name__, type(model).__module__)}
-    for field, getter in (
-        ("output_head", "get_output_embeddings"),
-        ("word_embeddings", "get_input_embeddings"),
-    ):
-        if hasattr(model, getter):
-            try:
-                found = getattr(model, getter)()
-            except NotImplementedError:  # transformers raises this for models without such a layer
-                found = None
-            facts[field] = names.get(id(found)) if found is not None else None
+    facts = ModelFacts(model_class=(type(model).__name__, type(model).__module__))
+    if hasattr(model, "get_output_embeddings"):
+        facts["output_head"] = _embedding_name(model, "get_output_embeddings", names)
+    if hasattr(model, "get_input_embeddings"):
+        facts["word_embeddings"] = _embedding_name(model, "get_input_embeddings", names)
     config = getattr(model, "config", None)
     if config is not None:
         # HF PEFT's SEQ_CLS head: the first of the model's own attributes "score", "classifier" that is a module
@@ -162,7 +189,8 @@ def model_facts(model: nn.Module) -> dict[str, Any]:
         head = next((h for h in heads if isinstance(h, nn.Module)), None)
         facts["classifier_head"] = names.get(id(head)) if head is not None else None
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        facts.update(config_facts(config, text))
+        # config_facts returns ModelInfo's model_type and size fields
+        facts.update(cast(ModelFacts, config_facts(config, text)))
         facts["is_encoder_decoder"] = bool(getattr(config, "is_encoder_decoder", False))
         facts["name_or_path"] = (
             getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
@@ -170,11 +198,11 @@ def model_facts(model: nn.Module) -> dict[str, Any]:
     return facts
 
 
-def numpy_model(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+def numpy_model(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, LayerTypeEntry], ModelFacts]:
     """``(state_dict, layer_types, model_facts)`` for ``peftdecl.attach(state_dict, spec, layer_types=..., **facts)``
     on the NumPy reference: the same layers and facts the torch backend sees, weights as float64."""
     state = {k: v.detach().to("cpu", torch.float64).numpy() for k, v in model.state_dict().items()}
-    layer_types: dict[str, Any] = {}
+    layer_types: dict[str, LayerTypeEntry] = {}
     for name, sub in model.named_modules():
         info = layer_info(sub) if name else None
         if info is None or f"{name}.weight" not in state:

@@ -10,8 +10,8 @@ options and generators through the shared :class:`peftdecl_torch.context.EngineC
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Hashable, Mapping, Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ class _BufferDict(nn.Module):
     """Adapter name -> frozen tensor (a buffer, so it follows ``.to()`` but is never trained)."""
 
 
-def _to_tensor(value: Any, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _to_tensor(value: np.ndarray, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # a copy: the caller's array must not become the live (trained) parameter
     tensor = torch.tensor(np.asarray(value))
     return tensor.to(device=like.device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
@@ -70,8 +70,8 @@ class AdaptedLayer(nn.Module):
         self._slots: dict[str, list[tuple[str, str, str]]] = {}  # adapter -> (tensor, attribute, leaf)
         self._shared: dict[str, dict[str, str]] = {}
         self._dtypes: dict[str, torch.dtype] = {}
-        self._caches: dict[str, dict[str, Any]] = {}
-        self.scratch: dict[str, Any] = {}
+        self._caches: dict[str, dict[str, torch.Tensor]] = {}
+        self.scratch: dict[str, dict[Hashable, torch.Tensor]] = {}
         """Kind-level caches keyed by what they depend on (e.g. DoRA's ‖W‖² by the weight's version)."""
         self._unmerged: torch.Tensor | None = None
 
@@ -124,7 +124,7 @@ class AdaptedLayer(nn.Module):
         self,
         name: str,
         lp: LayerPlan,
-        arrays: Mapping[str, Any],
+        arrays: Mapping[str, np.ndarray],
         *,
         autocast: bool = True,
         shared: Mapping[str, str] | None = None,

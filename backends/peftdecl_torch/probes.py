@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,15 +22,16 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
 def capture(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
-    forward: Callable[..., Any],
+    forward: Callable[..., object],
     input_ids: np.ndarray,
 ) -> tuple[np.ndarray | None, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Run the model on ``input_ids`` without gradients and return (final logits, {adapted module: (its input,
     its output) on its first call}), as NumPy, read by forward hooks on the wrappers (removed afterwards)."""
     records: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def hook(module: str) -> Any:
-        def record(_: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    def hook(module: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], object], None]:
+        # on an AdaptedLayer, whose forward takes one tensor
+        def record(_: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
             if module not in records and inputs and isinstance(output, torch.Tensor):
                 records[module] = (to_numpy(inputs[0]), to_numpy(output))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -23,12 +23,34 @@ from torch import nn
 from peftdecl.errors import PeftdeclError
 from peftdecl_torch.kinds.prompt import PromptAdapter, key_values, prepend
 
+if TYPE_CHECKING:
+    from transformers import Cache, DynamicCache
+
+ModelInputs = dict[str, Any]
+"""A model call's keyword inputs (tensors, caches, flags, whatever else the user's model takes): values are
+genuinely any, they are forwarded to the user's model."""
+
+
+class PromptCall(Protocol):
+    """How a prompt adapter's virtual tokens reach a model call: ``call(**inputs)`` with them added, by one of HF
+    PEFT's rule sets (language model, seq2seq, task head); ``args``/``kwargs`` are the user's call arguments."""
+
+    def __call__(
+        self,
+        call: nn.Module,
+        adapter: PromptAdapter,
+        embed: nn.Module,
+        dtype: torch.dtype,
+        args: tuple[object, ...],
+        kwargs: ModelInputs,
+    ) -> object: ...
+
 
 class GenerationModel(Protocol):
     """What this module uses of a transformers generation model beyond ``nn.Module``."""
 
-    generate: Callable[..., Any]
-    prepare_inputs_for_generation: Callable[..., dict[str, Any]]
+    generate: Callable[..., object]
+    prepare_inputs_for_generation: Callable[..., ModelInputs]
 
 
 def generating(model: nn.Module) -> GenerationModel:
@@ -40,7 +62,7 @@ CACHE_ARGUMENTS = ("cache", "past_key_values")
 """The names transformers has given the KV-cache argument (5.x renamed ``past_key_values`` to ``cache``)."""
 
 
-def cache_argument(model: Any) -> str:
+def cache_argument(model: Callable[..., object]) -> str:
     """The name under which ``model``'s forward takes its KV cache (``cache`` in recent transformers)."""
     forward = getattr(model, "forward", model)
     try:
@@ -50,7 +72,7 @@ def cache_argument(model: Any) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def accepts_cache(model: Any) -> bool:
+def accepts_cache(model: Callable[..., object]) -> bool:
     """Whether ``model``'s forward takes a KV cache argument at all (BERT under transformers 5 does not)."""
     try:
         parameters = inspect.signature(getattr(model, "forward", model)).parameters
@@ -59,7 +81,7 @@ def accepts_cache(model: Any) -> bool:
     return any(name in parameters for name in CACHE_ARGUMENTS)
 
 
-def keyword_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def keyword_inputs(args: tuple[object, ...], kwargs: ModelInputs) -> ModelInputs:
     """A copy of ``kwargs`` with one positional argument taken as ``input_ids`` (more are refused)."""
     kwargs = dict(kwargs)
     if args:
@@ -73,8 +95,8 @@ def keyword_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, A
 
 
 def split_inputs(
-    args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None, int]:
+    args: tuple[object, ...], kwargs: ModelInputs
+) -> tuple[ModelInputs, torch.Tensor | None, torch.Tensor | None, int]:
     """``(other inputs, input_ids, inputs_embeds, batch size)`` of a call's arguments, read as
     :func:`keyword_inputs` reads them; the other inputs are a copy, the caller's ``kwargs`` stay as they are."""
     kwargs = keyword_inputs(args, kwargs)
@@ -82,14 +104,14 @@ def split_inputs(
     return kwargs, input_ids, embeds, batch_size(input_ids, embeds)
 
 
-def set_cache(inputs: dict[str, Any], key: str, cache: Any) -> None:
+def set_cache(inputs: ModelInputs, key: str, cache: object) -> None:
     """Put ``cache`` in ``inputs`` under ``key``, in place, after dropping the KV cache passed under any name."""
     for name in CACHE_ARGUMENTS:
         inputs.pop(name, None)
     inputs[key] = cache
 
 
-def adjust_ids(adapter: PromptAdapter, kwargs: dict[str, Any]) -> None:
+def adjust_ids(adapter: PromptAdapter, kwargs: ModelInputs) -> None:
     """HF PEFT's ``_adjust_prompt_learning_kwargs``, in place: explicit position ids are shifted by T for prefix
     tuning (the cache already holds T positions) and dropped for prompt tuning; token type ids are dropped."""
     if kwargs.get("position_ids") is not None:
@@ -107,7 +129,7 @@ def batch_size(input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> i
     return int((input_ids if input_ids is not None else embeds).shape[0])  # type: ignore[union-attr]
 
 
-def prefix_cache(adapter: PromptAdapter, batch: int, dtype: torch.dtype) -> Any:
+def prefix_cache(adapter: PromptAdapter, batch: int, dtype: torch.dtype) -> DynamicCache:
     """A transformers DynamicCache holding every layer's (K, V) prefix for ``batch`` rows."""
     from transformers import DynamicCache
 
@@ -125,13 +147,13 @@ def check_decoder_only(adapter: PromptAdapter) -> None:
 
 
 def prompt_call(
-    call: Callable[..., Any],
+    call: nn.Module,
     adapter: PromptAdapter,
     embed: nn.Module,
     dtype: torch.dtype,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
+    args: tuple[object, ...],
+    kwargs: ModelInputs,
+) -> object:
     """``call(**inputs)`` with the adapter's virtual tokens added to the inputs (HF PEFT's causal-LM rules)."""
     check_decoder_only(adapter)
     kwargs, input_ids, embeds, batch = split_inputs(args, kwargs)
@@ -150,7 +172,7 @@ def prompt_call(
 
 
 @contextmanager
-def generation_override(model: nn.Module, prepare: Callable[..., dict[str, Any]]) -> Iterator[None]:
+def generation_override(model: nn.Module, prepare: Callable[..., ModelInputs]) -> Iterator[None]:
     """Install ``prepare`` as ``model.prepare_inputs_for_generation`` for the duration of the block."""
     original_own = model.__dict__.get("prepare_inputs_for_generation")
     target = generating(model)
@@ -164,7 +186,7 @@ def generation_override(model: nn.Module, prepare: Callable[..., dict[str, Any]]
             del target.prepare_inputs_for_generation
 
 
-def is_prefill(kwargs: dict[str, Any], cache: Any) -> bool:
+def is_prefill(kwargs: ModelInputs, cache: Cache | None) -> bool:
     """Whether a generation step is the first (``is_first_iteration`` where transformers passes it, else an empty
     cache, as HF PEFT decides)."""
     first = kwargs.get("is_first_iteration")
@@ -188,7 +210,7 @@ def generation_inputs(
     t = adapter.plan.num_virtual_tokens
     prefix = adapter.plan.kind == "prefix_tuning"
 
-    def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    def prepare(*args: Any, **kwargs: Any) -> ModelInputs:
         inputs = original(*args, **kwargs)
         key = next((k for k in CACHE_ARGUMENTS if k in inputs), cache_argument(model))
         cache = inputs.get(key)

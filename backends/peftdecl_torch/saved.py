@@ -26,7 +26,7 @@ class SavedModule(nn.Module):
         self.module_name = module_name
         self._context = context
 
-    def add(self, name: str, values: Mapping[str, Any]) -> None:
+    def add(self, name: str, values: Mapping[str, np.ndarray]) -> None:
         """A trainable copy of the original for adapter ``name`` (its tensors replaced by ``values`` if given)."""
         clone = copy.deepcopy(self.original)
         if values:
@@ -55,7 +55,7 @@ class SavedModule(nn.Module):
                     return self.copies[name]
         return self.original
 
-    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> object:
         row_adapters = ADAPTER_NAMES.get()
         if row_adapters is None or not self._context.book.enabled:
             return self.active_module()(x, *args, **kwargs)

@@ -19,8 +19,7 @@ equals the argmax loop over PEFT's own forward.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +28,7 @@ from peftdecl.errors import PeftdeclError
 from peftdecl_torch.kinds.prompt import PromptAdapter, key_values, prepend
 from peftdecl_torch.prompting import (
     CACHE_ARGUMENTS,
+    ModelInputs,
     adjust_ids,
     cache_argument,
     generating,
@@ -39,6 +39,9 @@ from peftdecl_torch.prompting import (
     split_inputs,
 )
 
+if TYPE_CHECKING:
+    from transformers import EncoderDecoderCache
+
 
 def _check(adapter: PromptAdapter) -> None:
     if adapter.plan.kind == "prefix_tuning" and adapter.plan.num_transformer_submodules != 2:
@@ -48,7 +51,7 @@ def _check(adapter: PromptAdapter) -> None:
         )
 
 
-def encoder_decoder_cache(adapter: PromptAdapter, batch: int, dtype: torch.dtype) -> Any:
+def encoder_decoder_cache(adapter: PromptAdapter, batch: int, dtype: torch.dtype) -> EncoderDecoderCache:
     """An ``EncoderDecoderCache``: each decoder layer's self-attention (K, V) prefix, cross-attention empty."""
     from transformers import DynamicCache, EncoderDecoderCache
 
@@ -57,13 +60,13 @@ def encoder_decoder_cache(adapter: PromptAdapter, batch: int, dtype: torch.dtype
 
 
 def seq2seq_call(
-    call: Callable[..., Any],
+    call: nn.Module,
     adapter: PromptAdapter,
     embed: nn.Module,
     dtype: torch.dtype,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
+    args: tuple[object, ...],
+    kwargs: ModelInputs,
+) -> object:
     """``call(**inputs)`` with the adapter's virtual tokens added to the inputs (HF PEFT's seq2seq rules)."""
     _check(adapter)
     kwargs, input_ids, embeds, batch = split_inputs(args, kwargs)
@@ -85,8 +88,8 @@ def _encoder_prompt(
     embed: nn.Module,
     input_ids: torch.Tensor | None,
     embeds: torch.Tensor | None,
-    kwargs: dict[str, Any],
-) -> dict[str, Any]:
+    kwargs: ModelInputs,
+) -> ModelInputs:
     """``kwargs`` with ``inputs_embeds`` = [P[:T]; X] and the encoder mask extended (prompt tuning)."""
     if embeds is None:
         embeds = embed(input_ids)
@@ -100,9 +103,9 @@ def seq2seq_generate(
     adapter: PromptAdapter,
     embed: nn.Module,
     dtype: torch.dtype,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
+    args: tuple[object, ...],
+    kwargs: ModelInputs,
+) -> object:
     """``model.generate(**inputs)`` with the adapter's virtual tokens (HF PEFT's seq2seq ``generate``)."""
     _check(adapter)
     kwargs = keyword_inputs(args, kwargs)
@@ -116,7 +119,7 @@ def seq2seq_generate(
         )
     original = generating(model).prepare_inputs_for_generation
 
-    def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    def prepare(*args: Any, **kwargs: Any) -> ModelInputs:
         inputs = original(*args, **kwargs)
         key = next((k for k in CACHE_ARGUMENTS if k in inputs), cache_argument(model))
         if is_prefill(kwargs, inputs.get(key)):

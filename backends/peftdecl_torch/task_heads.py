@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +21,8 @@ from torch import nn
 from peftdecl.errors import PeftdeclError
 from peftdecl_torch.kinds.prompt import PromptAdapter, prepend
 from peftdecl_torch.prompting import (
+    ModelInputs,
+    PromptCall,
     accepts_cache,
     adjust_ids,
     cache_argument,
@@ -38,7 +39,7 @@ PEFT_CACHE_ARGUMENT = "past_key_values"
 QUESTION_ANS)."""
 
 
-def head_rules(task: str) -> Callable[..., Any]:
+def head_rules(task: str) -> PromptCall:
     """:func:`head_call` for ``task``, with the signature of the other prompt calls."""
     if task not in HEAD_TASKS:
         raise PeftdeclError(f"task_type {task} has no task-head rules; these do: {', '.join(HEAD_TASKS)}")
@@ -47,13 +48,13 @@ def head_rules(task: str) -> Callable[..., Any]:
 
 def head_call(
     task: str,
-    call: Callable[..., Any],
+    call: nn.Module,
     adapter: PromptAdapter,
     embed: nn.Module,
     dtype: torch.dtype,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
+    args: tuple[object, ...],
+    kwargs: ModelInputs,
+) -> object:
     """``call(**inputs)`` with the adapter's virtual tokens added by HF PEFT's rules for ``task``: the mask becomes
     [1_T, mask]; prompt tuning feeds [P; embed(ids)] and token types [0_T, types]; prefix tuning feeds the cache."""
     check_decoder_only(adapter)
@@ -84,7 +85,7 @@ def head_call(
     return call(inputs_embeds=embeds, attention_mask=mask, **kwargs)
 
 
-def check_prefix(task: str, model: Any) -> None:
+def check_prefix(task: str, model: Callable[..., object]) -> None:
     """Refuse prefix tuning where HF PEFT refuses it. SEQ_CLS: a forward that takes no KV cache under any name.
     TOKEN_CLS and QUESTION_ANS: a forward without a ``past_key_values`` argument, the only name PEFT hands the
     prefix under (transformers 5 calls the cache ``cache``, so PEFT refuses these tasks on every model there)."""
@@ -110,7 +111,7 @@ def check_prefix(task: str, model: Any) -> None:
     )
 
 
-def check_token_labels(labels: Any, t: int, length: int) -> None:
+def check_token_labels(labels: object, t: int, length: int) -> None:
     """Token-classification labels must cover the T virtual positions the logits keep (PEFT fails on S columns
     with a bare shape mismatch)."""
     if not isinstance(labels, torch.Tensor) or labels.dim() < 2 or labels.shape[1] == t + length:
@@ -122,7 +123,7 @@ def check_token_labels(labels: Any, t: int, length: int) -> None:
     )
 
 
-def forward_parameters(model: Any) -> tuple[str, ...]:
+def forward_parameters(model: Callable[..., object]) -> tuple[str, ...]:
     """The argument names of ``model``'s forward (empty where they cannot be read)."""
     try:
         return tuple(inspect.signature(getattr(model, "forward", model)).parameters)

@@ -17,12 +17,17 @@ The kinds this backend runs and their layer types are read from :mod:`peftdecl.k
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from peftdecl import kinds
+from peftdecl.backend import KindOps
+
+if TYPE_CHECKING:
+    from peftdecl_torch.layer import AdaptedLayer
 
 
-def ops_for(kind: str) -> Any:
-    """The torch ops object of an execution kind, as its :class:`peftdecl.kinds.KindDecl` names it (``Any``: each
-    caller uses the part of the kind-ops Protocols it needs)."""
-    return kinds.ops_for(kind, "torch")
+def ops_for(kind: str) -> KindOps[AdaptedLayer]:
+    """The torch ops object of a layer kind, as its :class:`peftdecl.kinds.KindDecl` names it; callers narrow it to
+    :class:`~peftdecl.backend.AdditiveOps` or :class:`~peftdecl.backend.ComposingOps` by its ``additive`` flag.
+    (Prompt learning's ops only mark their kind: callers read no more than ``additive`` of them.)"""
+    return cast("KindOps[AdaptedLayer]", kinds.ops_for(kind, "torch"))

@@ -42,7 +42,7 @@ SPLIT_K = 8
 
 
 class FunctionContext(Protocol):
-    """The ``ctx`` torch hands this package's autograd Functions (its stubs say Any), as their backward reads it.
+    """The ``ctx`` torch hands this package's autograd Functions (its stubs leave it untyped), as backwards read it.
 
     ``saved_tensors`` returns what the forward passed to ``save_for_backward``, None where it passed None (a
     backward annotates such an entry as optional where it unpacks it). The Python values a forward stores on the

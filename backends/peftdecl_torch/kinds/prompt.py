@@ -10,7 +10,6 @@ No layer is touched, so there is nothing to merge.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ class PromptAdapter(nn.Module):
         self,
         pp: PromptPlan,
         specs: tuple[ParamSpec, ...],
-        arrays: Mapping[str, Any],
+        arrays: Mapping[str, np.ndarray],
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
