@@ -151,6 +151,33 @@ def live_config(wrapped: Any) -> dict[str, Any]:
     return {**config, "inference_mode": False}
 
 
+def prompt_configs(task_type: str, tokens: int) -> dict[str, Callable[[], Any]]:
+    """PEFT prompt-learning configs by name, ``tokens`` virtual tokens each: "prompt" (prompt tuning), "prefix"
+    (prefix tuning) and "prefix_projection" (prefix tuning through a 16-wide encoder)."""
+    return {
+        "prompt": lambda: peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=tokens),
+        "prefix": lambda: peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=tokens),
+        "prefix_projection": lambda: peft.PrefixTuningConfig(
+            task_type=task_type, num_virtual_tokens=tokens, prefix_projection=True, encoder_hidden_size=16
+        ),
+    }
+
+
+def peft_prompt_model(make: Callable[[], Any], config: Any) -> Any:
+    """``get_peft_model(make(), config)`` with torch seeded 1234 before ``make()`` builds the base (which seeds
+    itself), so the adapter's initial values follow on from the base model's draws."""
+    torch.manual_seed(1234)
+    return peft.get_peft_model(make(), config)
+
+
+def load_peft_saved_prompt(make: Callable[[], Any], config: Any, folder: str | Path) -> tuple[Any, Any]:
+    """PEFT wraps ``make()`` with the prompt-learning ``config`` (peft_prompt_model) and saves it to ``folder``;
+    peftdecl loads that folder onto a fresh ``make()`` (a torch model: the torch backend). Returns both."""
+    wrapped = peft_prompt_model(make, config)
+    wrapped.save_pretrained(folder)
+    return wrapped, peftdecl.load_adapter(make(), folder)
+
+
 def prompt_key(peft_name: str) -> str:
     """PEFT's name for a trainable parameter of a prompt-learning model -> peftdecl's key: the prompt encoder's
     tensors lose their prefix, a modules_to_save copy its adapter level (no tuner model sits between PeftModel and
@@ -159,10 +186,12 @@ def prompt_key(peft_name: str) -> str:
     return key.replace(".modules_to_save.default.", ".")
 
 
-def assert_prompt_training_like_peft(wrapped: Any, base: Any, tol: float, **batch: Any) -> None:
+def assert_prompt_training_like_peft(
+    wrapped: Any, base: Any, tol: float, **batch: Any
+) -> peftdecl.AdaptedModel:
     """A prompt-learning adapter attached from PEFT's live config and values gives PEFT's loss and gradients
     (relative ≤ ``tol``), modules_to_save copies included; both models run in eval mode so the base model's own
-    dropout draws no masks."""
+    dropout draws no masks. Returns the adapter attached here."""
     trained = peftdecl.attach(base, live_config(wrapped), seed=0)
     params = trained.trainable_parameters()
     theirs = {prompt_key(k): p for k, p in wrapped.named_parameters() if p.requires_grad}
@@ -174,17 +203,25 @@ def assert_prompt_training_like_peft(wrapped: Any, base: Any, tol: float, **batc
             param.copy_(theirs[key])
     wrapped.eval()
     trained.eval()
-    loss_theirs = wrapped(**batch).loss
-    loss_ours = trained(**batch).loss
-    assert rel_err(loss_ours.item(), loss_theirs.item()) <= tol
-    loss_theirs.backward()
-    loss_ours.backward()
-    for key, param in params.items():
-        assert rel_err(param.grad.numpy(), theirs[key].grad.numpy()) <= tol, key
+    assert_loss_and_gradients_like_peft(wrapped, trained, theirs, tol, batch)
+    return trained
 
 
 def _host(t: Any) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
+
+
+def assert_loss_and_gradients_like_peft(
+    wrapped: Any, ours: Any, theirs: dict[str, Any], tol: float, batch: dict[str, Any]
+) -> None:
+    """Both models' loss on ``batch`` (relative ≤ ``tol``), then, after both backward passes, the gradient of each
+    of our trainable parameters against PEFT's parameter of the same key in ``theirs``."""
+    loss_theirs, loss_ours = wrapped(**batch).loss, ours(**batch).loss
+    assert rel_err(loss_ours.item(), loss_theirs.item()) <= tol
+    loss_theirs.backward()
+    loss_ours.backward()
+    for key, param in ours.trainable_parameters().items():
+        assert rel_err(_host(param.grad), _host(theirs[key].grad)) <= tol, key
 
 
 def assert_training_step_like_peft(

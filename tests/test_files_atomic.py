@@ -29,6 +29,7 @@ from peftdecl.formats import atomic
 from peftdecl.formats.mlx_lm import convert_adapter
 from peftdecl.formats.registry import is_adapter_dir
 from peftdecl.formats.safetensors_io import read_safetensors
+from tests.assertions import lora_spec
 
 REPO = Path(__file__).resolve().parents[1]
 STATE = {
@@ -41,28 +42,14 @@ needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 def old_model() -> peftdecl.AdaptedModel:
     """The adapter on disk before the save: alpha 4, plus a sub-adapter the new save does not have."""
-    spec = {
-        "peft_type": "LORA",
-        "r": 2,
-        "lora_alpha": 4,
-        "target_modules": ["q", "v"],
-        "init_lora_weights": False,
-    }
-    model = peftdecl.attach(dict(STATE), spec, seed=1)
+    model = peftdecl.attach(dict(STATE), lora_spec(["q", "v"], r=2, alpha=4), seed=1)
     model.add_adapter("second", {"peft_type": "LORA", "r": 1, "target_modules": ["q"]}, seed=2)
     return model
 
 
 def new_model() -> peftdecl.AdaptedModel:
     """The adapter being saved: same shapes, other values and scaling (a mix would load silently wrong)."""
-    spec = {
-        "peft_type": "LORA",
-        "r": 2,
-        "lora_alpha": 16,
-        "target_modules": ["q", "v"],
-        "init_lora_weights": False,
-    }
-    return peftdecl.attach(dict(STATE), spec, seed=3)
+    return peftdecl.attach(dict(STATE), lora_spec(["q", "v"], r=2, alpha=16), seed=3)
 
 
 def snapshot(folder: Path) -> dict[str, object] | None:

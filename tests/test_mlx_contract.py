@@ -12,19 +12,18 @@ import numpy as np
 import pytest
 
 import peftdecl
-from peftdecl.backend import AdditiveOps, ComposingOps, KindOps
 from peftdecl.errors import BackendError, PeftdeclError
+from tests.assertions import assert_kind_ops_protocols, layer_kinds
 from tests.conftest import rel_err
 from tests.mlx_models import Tiny, mx, nn, tree_flatten, twin
 
 LORA = {"peft_type": "LORA", "r": 3, "lora_alpha": 6, "init_lora_weights": False}
-PROMPT_KINDS = ("prefix_tuning", "prompt_tuning")
 
 
 def _kinds() -> list[str]:
     from peftdecl_mlx import MlxBackend
 
-    return sorted(k for k in MlxBackend.capabilities.kinds if k not in PROMPT_KINDS)
+    return layer_kinds(MlxBackend.capabilities.kinds)
 
 
 @pytest.mark.parametrize("kind", _kinds())
@@ -32,9 +31,7 @@ def test_every_kind_ops_satisfies_the_protocols(kind: str) -> None:
     from peftdecl_mlx.kinds import ops_for
 
     ops = ops_for(kind)
-    assert isinstance(ops, KindOps)
-    assert isinstance(ops, AdditiveOps) == ops.additive
-    assert isinstance(ops, ComposingOps) == (not ops.additive)
+    assert_kind_ops_protocols(ops)
 
 
 def _dropout_model(seed: int | None = None) -> peftdecl.AdaptedModel:

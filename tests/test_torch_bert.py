@@ -14,7 +14,12 @@ import peftdecl
 from peftdecl.errors import PeftdeclError
 from tests.conftest import rel_err
 from tests.hf_models import numpy_inputs, peft, peft_model, perturb, tiny_bert, torch
-from tests.peft_parity import assert_config_like_peft, assert_saved_like_peft
+from tests.peft_parity import (
+    assert_config_like_peft,
+    assert_loss_and_gradients_like_peft,
+    assert_prompt_training_like_peft,
+    assert_saved_like_peft,
+)
 
 pytestmark = pytest.mark.peft
 
@@ -102,12 +107,7 @@ def test_same_loss_gradients_and_sgd_step_as_peft(kind: str, tmp_path) -> None:
     wrapped.eval()  # BERT's own dropout would draw different masks; gradients flow in eval mode too
     ours.eval()
     batch = inputs(seed=1)
-    loss_theirs, loss_ours = wrapped(**batch).loss, ours(**batch).loss
-    assert rel_err(loss_ours.item(), loss_theirs.item()) <= TOL
-    loss_theirs.backward()
-    loss_ours.backward()
-    for key, param in params.items():
-        assert rel_err(param.grad.numpy(), theirs[key].grad.numpy()) <= TOL, key
+    assert_loss_and_gradients_like_peft(wrapped, ours, theirs, TOL, batch)
     torch.optim.SGD(list(params.values()), lr=0.5).step()
     torch.optim.SGD(list(theirs.values()), lr=0.5).step()
     with torch.no_grad():
@@ -159,22 +159,12 @@ def test_seq_cls_prompt_tuning_like_peft(tmp_path) -> None:
     assert rel_err(got.logits.numpy(), expected.logits.numpy()) <= TOL
     assert rel_err(got.loss.item(), expected.loss.item()) <= TOL
 
-    trained = peftdecl.attach(tiny_bert(), {**json.loads(json.dumps(config.to_dict(), default=sorted))})
-    params = trained.trainable_parameters()
-    theirs = {ir_key(n): p for n, p in wrapped.named_parameters() if p.requires_grad}
-    theirs["prompt_embeddings"] = theirs.pop("prompt_encoder.embedding.weight")
-    assert set(params) == set(theirs) == {"prompt_embeddings", "classifier.weight", "classifier.bias"}
-    with torch.no_grad():
-        for key, param in params.items():
-            param.copy_(theirs[key])
-    wrapped.eval()
-    trained.eval()
-    loss_theirs, loss_ours = wrapped(**batch).loss, trained(**batch).loss
-    assert rel_err(loss_ours.item(), loss_theirs.item()) <= TOL
-    loss_theirs.backward()
-    loss_ours.backward()
-    for key, param in params.items():
-        assert rel_err(param.grad.numpy(), theirs[key].grad.numpy()) <= TOL, key
+    trained = assert_prompt_training_like_peft(wrapped, tiny_bert(), TOL, **batch)
+    assert set(trained.trainable_parameters()) == {
+        "prompt_embeddings",
+        "classifier.weight",
+        "classifier.bias",
+    }
 
 
 def test_seq_cls_prefix_tuning_on_bert_is_refused_clearly() -> None:

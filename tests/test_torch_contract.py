@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import peftdecl
-from peftdecl.backend import AdditiveOps, ComposingOps, KindOps
 from peftdecl.errors import BackendError
+from tests.assertions import assert_kind_ops_protocols, layer_kinds, lora_spec
 from tests.conftest import rel_err
 
 torch = pytest.importorskip("torch")
@@ -23,14 +23,7 @@ nn = torch.nn
 from peftdecl_torch import TorchBackend  # noqa: E402
 from peftdecl_torch.inventory import inventory  # noqa: E402
 
-PROMPT_KINDS = ("prefix_tuning", "prompt_tuning")
-LORA = {
-    "peft_type": "LORA",
-    "r": 2,
-    "lora_alpha": 4,
-    "target_modules": ["a", "b"],
-    "init_lora_weights": False,
-}
+LORA = lora_spec(["a", "b"], r=2, alpha=4)
 
 
 class Tiny(nn.Module):
@@ -53,18 +46,12 @@ def _x(rows: int = 6) -> torch.Tensor:
     return torch.randn(rows, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
-def _kinds() -> list[str]:
-    return sorted(k for k in TorchBackend.capabilities.kinds if k not in PROMPT_KINDS)
-
-
-@pytest.mark.parametrize("kind", _kinds())
+@pytest.mark.parametrize("kind", layer_kinds(TorchBackend.capabilities.kinds))
 def test_every_kind_ops_satisfies_the_protocols(kind: str) -> None:
     from peftdecl_torch.kinds import ops_for
 
     ops = ops_for(kind)
-    assert isinstance(ops, KindOps)
-    assert isinstance(ops, AdditiveOps) == ops.additive
-    assert isinstance(ops, ComposingOps) == (not ops.additive)
+    assert_kind_ops_protocols(ops)
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "adalora", "vera", "loha", "lokr", "ia3", "oft", "boft"])

@@ -18,7 +18,7 @@ import peftdecl
 from tests.conftest import rel_err
 from tests.hf_models import peft, peft_model, perturb, tiny_llama, torch
 from tests.peft_parity import assert_training_step_like_peft
-from tests.test_torch_peft import KINDS, QV, ids, peft_trainable
+from tests.test_torch_peft import KINDS, ids, peft_trainable, two_peft_loras
 from tests.torch_cases import PAIRS, TOL, Holder, available, build
 
 DEVICE = os.environ.get("PEFTDECL_TEST_DEVICE", "cuda")
@@ -147,15 +147,8 @@ def test_saved_from_device_loads_in_peft_and_generates_like_it(tmp_path) -> None
 
 
 def test_mixed_batch_on_device_matches_peft(tmp_path) -> None:
-    wrapped = peft_model(llama_on_device(), peft.LoraConfig(r=4, target_modules=QV, init_lora_weights=False))
-    wrapped.add_adapter(
-        "other", peft.LoraConfig(r=2, target_modules=["q_proj", "o_proj"], init_lora_weights=False)
-    )
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path)
+    wrapped, ours = two_peft_loras(llama_on_device, tmp_path, other=["q_proj", "o_proj"])
     wrapped.eval()
-    ours = peftdecl.load_adapter(llama_on_device(), tmp_path)
-    ours.load_adapter(tmp_path, "other")
     names = ["other", "__base__", "default", "other"]
     x = ids(batch=4, seed=4).to(DEVICE)
     with torch.no_grad():

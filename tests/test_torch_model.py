@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import peftdecl
 from peftdecl.errors import BackendError, PeftdeclError
+from tests.assertions import lora_spec
 from tests.conftest import rel_err
 
 torch = pytest.importorskip("torch")
@@ -30,13 +31,7 @@ from peftdecl_torch.layer import AdaptedLayer  # noqa: E402
 from peftdecl_torch.mixed_batch import ADAPTER_NAMES  # noqa: E402
 from peftdecl_torch.saved import SavedModule  # noqa: E402
 
-LORA = {
-    "peft_type": "LORA",
-    "r": 3,
-    "lora_alpha": 6,
-    "target_modules": ["a", "b"],
-    "init_lora_weights": False,
-}
+LORA = lora_spec(["a", "b"], r=3, alpha=6)
 ADDITIVE = {
     "lora": {**LORA, "r": 2},
     "adalora": {

@@ -8,6 +8,9 @@ the same logits, the same loss, the same gradients and the same parameters after
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,6 +46,20 @@ KINDS = {
     "boft": lambda: peft.BOFTConfig(boft_block_size=8, target_modules=QV, init_weights=False),
     "vera": lambda: peft.VeraConfig(r=8, target_modules=QV, init_weights=False),
 }
+
+
+def two_peft_loras(
+    make: Callable[[], Any], folder: Path, other: list[str]
+) -> tuple[Any, peftdecl.AdaptedModel]:
+    """PEFT's LoRA "default" (r 4 on q/v) and "other" (r 2 on ``other``) on ``make()``, perturbed and saved to
+    ``folder``; peftdecl loads both from there onto a fresh ``make()``. Returns (PEFT's model, ours)."""
+    wrapped = peft_model(make(), peft.LoraConfig(r=4, target_modules=QV, init_lora_weights=False))
+    wrapped.add_adapter("other", peft.LoraConfig(r=2, target_modules=other, init_lora_weights=False))
+    perturb(wrapped)
+    wrapped.save_pretrained(folder)
+    ours = peftdecl.load_adapter(make(), folder)
+    ours.load_adapter(folder, "other")
+    return wrapped, ours
 
 
 def ids(batch: int = 2, length: int = 7, seed: int = 0) -> torch.Tensor:
@@ -132,15 +149,8 @@ def test_greedy_generate_matches_peft(kind: str, tmp_path) -> None:
 
 
 def test_mixed_batch_matches_peft_adapter_names(tmp_path) -> None:
-    wrapped = peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=QV, init_lora_weights=False))
-    wrapped.add_adapter(
-        "other", peft.LoraConfig(r=2, target_modules=["q_proj", "o_proj"], init_lora_weights=False)
-    )
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path)
+    wrapped, ours = two_peft_loras(tiny_llama, tmp_path, other=["q_proj", "o_proj"])
     wrapped.eval()  # PEFT refuses adapter_names in training mode
-    ours = peftdecl.load_adapter(tiny_llama(), tmp_path)
-    ours.load_adapter(tmp_path, "other")
     names = ["other", "__base__", "default", "other"]
     x = ids(batch=4, seed=4)
     with torch.no_grad():
@@ -154,13 +164,8 @@ def test_mixed_batch_matches_peft_adapter_names(tmp_path) -> None:
 
 
 def test_two_active_adapters_sum_like_peft(tmp_path) -> None:
-    wrapped = peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=QV, init_lora_weights=False))
-    wrapped.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
-    perturb(wrapped)
-    wrapped.save_pretrained(tmp_path)
+    wrapped, ours = two_peft_loras(tiny_llama, tmp_path, other=["q_proj"])
     wrapped.base_model.set_adapter(["default", "other"])
-    ours = peftdecl.load_adapter(tiny_llama(), tmp_path)
-    ours.load_adapter(tmp_path, "other")
     ours.set_adapter(["default", "other"])
     x = ids(seed=6)
     with torch.no_grad():

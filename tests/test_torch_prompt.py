@@ -11,19 +11,18 @@ import peftdecl
 from peftdecl.errors import PeftdeclError
 from tests.conftest import rel_err
 from tests.hf_models import peft, tiny_gpt2, tiny_llama, torch
-from tests.peft_parity import assert_prompt_training_like_peft
+from tests.peft_parity import (
+    assert_prompt_training_like_peft,
+    load_peft_saved_prompt,
+    peft_prompt_model,
+    prompt_configs,
+)
 
 pytestmark = pytest.mark.peft
 
 TOL = 1e-5
 T = 5
-CONFIGS = {
-    "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=T),
-    "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=T),
-    "prefix_projection": lambda: peft.PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=T, prefix_projection=True, encoder_hidden_size=16
-    ),
-}
+CONFIGS = prompt_configs("CAUSAL_LM", T)
 MODELS = {"llama": (tiny_llama, 128), "gpt2": (tiny_gpt2, 100)}
 
 
@@ -34,18 +33,11 @@ def batch(vocab: int, rows: int = 2, length: int = 6, seed: int = 0):
     return ids, mask
 
 
-def peft_prompt_model(kind: str, make):
-    torch.manual_seed(1234)
-    return peft.get_peft_model(make(), CONFIGS[kind]())
-
-
 @pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_same_logits_loss_and_table_gradient_as_peft(kind: str, model: str, tmp_path) -> None:
     make, vocab = MODELS[model]
-    wrapped = peft_prompt_model(kind, make)
-    wrapped.save_pretrained(tmp_path)
-    ours = peftdecl.load_adapter(make(), tmp_path)
+    wrapped, ours = load_peft_saved_prompt(make, CONFIGS[kind](), tmp_path)
     ids, mask = batch(vocab)
     with torch.no_grad():
         expected = wrapped(input_ids=ids, attention_mask=mask).logits
@@ -64,10 +56,8 @@ def test_greedy_generation_equals_greedy_decoding_by_peft_forward(kind: str, tmp
     # sets its prefix beside the model's own (empty) cache, which wins. The reference is therefore the argmax loop
     # over PEFT's forward; for prefix tuning with the position ids generate derives from the mask (cumsum − 1, 1 on
     # padding; PEFT shifts them by T), prompt tuning drops position ids in both.
-    wrapped = peft_prompt_model(kind, tiny_llama)
-    wrapped.save_pretrained(tmp_path)
+    wrapped, ours = load_peft_saved_prompt(tiny_llama, CONFIGS[kind](), tmp_path)
     wrapped.eval()
-    ours = peftdecl.load_adapter(tiny_llama(), tmp_path)
     ids, mask = batch(128, length=4, seed=3)
     settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     got = ours.generate(input_ids=ids, attention_mask=mask, **settings)
@@ -113,7 +103,7 @@ def test_projection_training_saves_the_projected_table_for_peft(tmp_path) -> Non
 
 
 def test_prompt_adapters_refuse_mixed_batches_and_positional_extras(tmp_path) -> None:
-    peft_prompt_model("prompt", tiny_llama).save_pretrained(tmp_path)
+    peft_prompt_model(tiny_llama, CONFIGS["prompt"]()).save_pretrained(tmp_path)
     ours = peftdecl.load_adapter(tiny_llama(), tmp_path)
     ids, mask = batch(128)
     with pytest.raises(PeftdeclError, match="mixed batches"):

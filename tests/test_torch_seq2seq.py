@@ -11,20 +11,20 @@ import peftdecl
 from peftdecl.errors import PeftdeclError
 from tests.conftest import rel_err
 from tests.hf_models import peft, tiny_t5, torch
-from tests.peft_parity import assert_prompt_training_like_peft, live_config
+from tests.peft_parity import (
+    assert_prompt_training_like_peft,
+    live_config,
+    load_peft_saved_prompt,
+    peft_prompt_model,
+    prompt_configs,
+)
 
 pytestmark = pytest.mark.peft
 
 TOL = 1e-5
 T = 3
 VOCAB = 64
-CONFIGS = {
-    "prompt": lambda: peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=T),
-    "prefix": lambda: peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=T),
-    "prefix_projection": lambda: peft.PrefixTuningConfig(
-        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=T, prefix_projection=True, encoder_hidden_size=16
-    ),
-}
+CONFIGS = prompt_configs("SEQ_2_SEQ_LM", T)
 
 
 def batch(rows: int = 2, length: int = 5, target: int = 4):
@@ -36,16 +36,9 @@ def batch(rows: int = 2, length: int = 5, target: int = 4):
     return ids, mask, labels
 
 
-def peft_t5(kind: str):
-    torch.manual_seed(1234)
-    return peft.get_peft_model(tiny_t5(), CONFIGS[kind]())
-
-
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_same_logits_loss_and_gradients_as_peft(kind: str, tmp_path) -> None:
-    wrapped = peft_t5(kind)
-    wrapped.save_pretrained(tmp_path)
-    ours = peftdecl.load_adapter(tiny_t5(), tmp_path)
+    wrapped, ours = load_peft_saved_prompt(tiny_t5, CONFIGS[kind](), tmp_path)
     assert ours.plan().prompt.num_transformer_submodules == 2
     ids, mask, labels = batch()
     decoder = dict(decoder_input_ids=labels, decoder_attention_mask=torch.ones_like(labels))
@@ -65,10 +58,8 @@ def test_same_logits_loss_and_gradients_as_peft(kind: str, tmp_path) -> None:
 
 
 def test_prompt_tuning_generation_matches_peft(tmp_path) -> None:
-    wrapped = peft_t5("prompt")
-    wrapped.save_pretrained(tmp_path)
+    wrapped, ours = load_peft_saved_prompt(tiny_t5, CONFIGS["prompt"](), tmp_path)
     wrapped.eval()
-    ours = peftdecl.load_adapter(tiny_t5(), tmp_path)
     ids, mask, _ = batch()
     settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
     expected = wrapped.generate(input_ids=ids, **settings)
@@ -90,10 +81,8 @@ def greedy_by_forward(model, ids, mask, steps: int):
 def test_prefix_tuning_generation_equals_greedy_decoding_by_peft_forward(tmp_path) -> None:
     # PEFT 0.21.2's own seq2seq generate drops the prefix under transformers 5 (it sets past_key_values beside the
     # model's cache, which wins), so the reference is the argmax loop over PEFT's forward, which does use it
-    wrapped = peft_t5("prefix")
-    wrapped.save_pretrained(tmp_path)
+    wrapped, ours = load_peft_saved_prompt(tiny_t5, CONFIGS["prefix"](), tmp_path)
     wrapped.eval()
-    ours = peftdecl.load_adapter(tiny_t5(), tmp_path)
     ids, mask, _ = batch()
     got = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     assert torch.equal(got, greedy_by_forward(wrapped, ids, mask, 5))
@@ -102,7 +91,7 @@ def test_prefix_tuning_generation_equals_greedy_decoding_by_peft_forward(tmp_pat
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix_projection"])
 def test_our_file_loads_in_peft_with_the_same_logits(kind: str, tmp_path) -> None:
-    spec = live_config(peft_t5(kind))
+    spec = live_config(peft_prompt_model(tiny_t5, CONFIGS[kind]()))
     ours = peftdecl.attach(tiny_t5(), spec, seed=3)
     ours.save(tmp_path)
     loaded = peft.PeftModel.from_pretrained(tiny_t5(), tmp_path)
