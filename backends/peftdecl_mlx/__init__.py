@@ -8,7 +8,7 @@ builds an inventory or an engine.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import Capabilities
@@ -17,6 +17,8 @@ from peftdecl.options import EngineOptions
 from peftdecl.plan import ModelInfo
 
 if TYPE_CHECKING:
+    import mlx.nn as nn
+
     from peftdecl_mlx.engine import MlxEngine
 
 WRAPPED_LAYER_TYPES = ("linear", "embedding")
@@ -25,7 +27,7 @@ WRAPPED_LAYER_TYPES = ("linear", "embedding")
 _KINDS = BackendKinds("mlx", WRAPPED_LAYER_TYPES)
 
 
-def _is_mlx_module(model: Any) -> bool:
+def _is_mlx_module(model: object) -> bool:
     # by name, so that asking whether a model is an MLX module never imports mlx
     return any(
         cls.__name__ == "Module" and cls.__module__.startswith("mlx.nn") for cls in type(model).__mro__
@@ -48,17 +50,22 @@ class MlxBackend:
         requires=("mlx",),
     )
 
-    def accepts(self, model: Any) -> bool:
+    def accepts(self, model: object) -> bool:
         return _is_mlx_module(model)
 
-    def inventory(self, model: Any, **options: Any) -> ModelInfo:
+    def inventory(self, model: nn.Module, **options: object) -> ModelInfo:
         from peftdecl_mlx.inventory import check_options, inventory
 
         check_options(options)
         return inventory(model)
 
     def create(
-        self, model: Any, info: ModelInfo, book: AdapterBook, options: EngineOptions, **model_options: Any
+        self,
+        model: nn.Module,
+        info: ModelInfo,
+        book: AdapterBook,
+        options: EngineOptions,
+        **model_options: str,
     ) -> MlxEngine:
         """An engine adapting ``model`` in place, reading ``book``; ``model_options``: ``adapter_dtype``."""
         from peftdecl_mlx.engine import MlxEngine
@@ -67,7 +74,7 @@ class MlxBackend:
         check_options(model_options)
         return MlxEngine(model, info, book, options, **model_options)
 
-    def load_checkpoint(self, directory: str | Path) -> Any:
+    def load_checkpoint(self, directory: str | Path) -> nn.Module:
         """An mlx-lm model loaded from a local HF checkpoint folder (used by ``peftdecl equiv``)."""
         from peftdecl_mlx.inventory import load_checkpoint
 

@@ -7,7 +7,7 @@ the result has the input's dtype (an embedding's: the base weight's). ``mx.value
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import mlx.core as mx
 
@@ -15,6 +15,7 @@ from peftdecl.composition import ADD, INPUT, role, weight_map_order
 from peftdecl.plan import LayerPlan
 
 if TYPE_CHECKING:
+    from peftdecl_mlx.kinds._protocols import MlxAdditiveOps, MlxComposingOps, MlxOps, Params
     from peftdecl_mlx.layer import AdaptedLayer
 
 
@@ -22,8 +23,8 @@ class Running(NamedTuple):
     """One running adapter on the layer: its layer plan, kind ops and tensors."""
 
     lp: LayerPlan
-    ops: Any
-    params: dict[str, mx.array]
+    ops: MlxOps
+    params: Params
 
 
 def forward(layer: AdaptedLayer, x: mx.array, running: list[Running]) -> mx.array:
@@ -33,15 +34,25 @@ def forward(layer: AdaptedLayer, x: mx.array, running: list[Running]) -> mx.arra
     if maps:
         weight = layer.weight.astype(layer.adapter_dtype)
         for entry in maps:
-            weight = entry.ops.compose_weight(entry.lp, layer, entry.params, weight)
+            weight = _composing(entry).compose_weight(entry.lp, layer, entry.params, weight)
         y = layer.base_forward(xa, weight=weight)
     else:
         y = layer.base_layer(x)
     for entry in running:
         kind_role = role(entry.ops, entry.lp)
         if kind_role == ADD:
-            delta = entry.ops.delta(entry.lp, layer, entry.params, xa)
+            delta = _additive(entry).delta(entry.lp, layer, entry.params, xa)
             y = y + (delta if delta.dtype == y.dtype else delta.astype(y.dtype))
         elif kind_role != INPUT:
-            y = entry.ops.compose_output(entry.lp, layer, entry.params, xa, y)
+            y = _composing(entry).compose_output(entry.lp, layer, entry.params, xa, y)
     return y if layer.layer_type == "embedding" or y.dtype == x.dtype else y.astype(x.dtype)
+
+
+def _additive(entry: Running) -> MlxAdditiveOps:
+    # role() said ADD: the kind is additive (built-in or not, it need not subclass AdditiveKind)
+    return cast("MlxAdditiveOps", entry.ops)
+
+
+def _composing(entry: Running) -> MlxComposingOps:
+    # role() said OUTPUT or INPUT: a composing kind's ops
+    return cast("MlxComposingOps", entry.ops)

@@ -15,6 +15,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import numpy.typing as npt
 from mlx.utils import tree_unflatten
 
 from peftdecl.adapter_book import AdapterBook
@@ -24,7 +25,7 @@ from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerPlan, ModelInfo, Plan
 from peftdecl_mlx import probes
 from peftdecl_mlx.generator import Generator
-from peftdecl_mlx.inventory import flatten, get_module, set_module
+from peftdecl_mlx.inventory import ParameterTree, flatten, get_module, set_module
 from peftdecl_mlx.kinds import prompt
 from peftdecl_mlx.layer import AdaptedLayer, AdapterParams, SavedModule
 from peftdecl_mlx.probes import to_numpy
@@ -225,7 +226,7 @@ class MlxEngine:
             for layer in self._layers.values():
                 layer.adapter_state.rows = None
 
-    def prompt_cache(self, batch: int = 1) -> list[Any]:
+    def prompt_cache(self, batch: int = 1) -> list[prompt.KVCache]:
         """KV caches holding the running prefix-tuning adapter's prefix, for step-by-step generation: pass them
         as ``cache=`` to every call (the forward then leaves them as they are)."""
         running = [n for n in self._book.running() if self._book.plans[n].kind == "prefix_tuning"]
@@ -249,11 +250,11 @@ class MlxEngine:
         write it back with :meth:`update_parameters`."""
         return {key: value for key, _, value in self._trainable(names)}
 
-    def parameter_tree(self, names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    def parameter_tree(self, names: tuple[str, ...] | None = None) -> ParameterTree:
         """The model's tree of the trainable arrays of ``names`` (default: the active adapters that are not
         frozen), nested as ``engine.model`` holds them: what ``nn.value_and_grad(engine.model, f)`` returns
         gradients for and ``optimizer.update(engine.model, grads)`` updates."""
-        tree: dict[str, Any] = tree_unflatten(
+        tree: ParameterTree = tree_unflatten(
             [(path, v) for _, path, v in self._trainable(self._names(names))]
         )
         return tree
@@ -291,7 +292,9 @@ class MlxEngine:
         """Run the model on ``input_ids`` and return (logits, {adapted module: (its input, its output)})."""
         return probes.capture(self, input_ids)
 
-    def layer_vjp(self, module: str, x: Any, dy: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def layer_vjp(
+        self, module: str, x: npt.ArrayLike, dy: npt.ArrayLike
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(y, grads) of one adapted layer for the loss Σ y ⊙ dy; see :func:`peftdecl_mlx.probes.layer_vjp`."""
         return probes.layer_vjp(self, self.layer(module), dy=dy, x=x, active=self._book.active)
 
@@ -302,7 +305,7 @@ class MlxEngine:
     def _trainable(self, names: tuple[str, ...]) -> Iterator[Trainable]:
         return trainable_tensors(self._model, self._book, self._layers, self._saved, names)
 
-    def _array(self, value: Any) -> mx.array:
+    def _array(self, value: npt.ArrayLike) -> mx.array:
         return mx.array(np.asarray(value, dtype=np.float32), dtype=self._dtype)
 
     def _wrap(self, lp: LayerPlan) -> AdaptedLayer:

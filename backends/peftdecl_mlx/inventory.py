@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,14 +21,17 @@ from peftdecl.plan.facts import config_facts
 
 KNOWN_OPTIONS = ("adapter_dtype",)
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+TreeNode: TypeAlias = "mx.array | dict[str, TreeNode] | list[TreeNode]"
+"""A node of an MLX parameter tree (``nn.Module.parameters()``): an array, or dicts and lists of nodes."""
+ParameterTree: TypeAlias = "dict[str, TreeNode]"
 
 
-def check_options(options: Mapping[str, Any]) -> None:
+def check_options(options: Mapping[str, object]) -> None:
     """Reject options the MLX backend does not understand (the NumPy backend's ``layer_types`` included)."""
     check_backend_options("mlx", options, KNOWN_OPTIONS, "the mlx model itself")
 
 
-def flatten(tree: Any) -> list[tuple[str, mx.array]]:
+def flatten(tree: ParameterTree | list[TreeNode]) -> list[tuple[str, mx.array]]:
     """``mlx.utils.tree_flatten`` as a list of (dotted path, array)."""
     from mlx.utils import tree_flatten
 
@@ -43,7 +46,7 @@ def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]
         yield from _walk_value(f"{prefix}{key}", value)
 
 
-def _walk_value(name: str, value: Any) -> Iterator[tuple[str, nn.Module]]:
+def _walk_value(name: str, value: object) -> Iterator[tuple[str, nn.Module]]:
     if isinstance(value, nn.Module):
         yield name, value
         yield from walk(value, name + ".")
@@ -55,9 +58,14 @@ def _walk_value(name: str, value: Any) -> Iterator[tuple[str, nn.Module]]:
             yield from _walk_value(f"{name}.{index}", item)
 
 
-def get_module(root: nn.Module, name: str) -> Any:
+def get_module(root: nn.Module, name: str) -> nn.Module:
     """The sub-module at a dotted path (list entries by index)."""
-    node: Any = root
+    return cast(nn.Module, _node(root, name))
+
+
+def _node(root: nn.Module, name: str) -> nn.Module | list[nn.Module]:
+    # a path may end at a list of modules (``model.layers``): set_module's parent
+    node: nn.Module | list[nn.Module] = root
     for part in name.split("."):
         node = node[int(part)] if isinstance(node, list) else node[part]
     return node
@@ -66,7 +74,7 @@ def get_module(root: nn.Module, name: str) -> Any:
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the sub-module at a dotted path in place."""
     parent_name, _, leaf = name.rpartition(".")
-    parent = get_module(root, parent_name) if parent_name else root
+    parent = _node(root, parent_name) if parent_name else root
     if isinstance(parent, list):
         parent[int(leaf)] = new
     else:
@@ -119,7 +127,7 @@ def inventory(model: nn.Module) -> ModelInfo:
 
 def model_facts(model: nn.Module, layers: Mapping[str, LayerInfo]) -> dict[str, Any]:
     """The ModelInfo fields an mlx-lm model's ``args`` and module names provide (empty for a plain module)."""
-    facts: dict[str, Any] = {}
+    facts: dict[str, str | int | None] = {}
     embeddings = [n for n, info in layers.items() if info.type == "embedding"]
     named = [n for n in embeddings if n.rsplit(".", 1)[-1] in ("embed_tokens", "wte", "word_embeddings")]
     if named or embeddings:
@@ -147,15 +155,15 @@ def load_checkpoint(directory: str | Path) -> nn.Module:
     return model
 
 
-def numpy_model(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+def numpy_model(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, object]]:
     """``(state_dict, layer_types, model_facts)`` for ``peftdecl.attach(state_dict, spec, layer_types=..., **facts)``
     on the NumPy reference: the same layers and facts the MLX backend sees, weights as float64."""
     info = inventory(model)
     params = flatten(model.parameters())
     mx.eval([v for _, v in params])
     state = {k: np.array(v.astype(mx.float32), dtype=np.float64) for k, v in params}
-    layer_types = {name: li.type for name, li in info.layers.items() if li.type != "linear"}
-    facts = {
+    layer_types: dict[str, str] = {name: li.type for name, li in info.layers.items() if li.type != "linear"}
+    facts: dict[str, object] = {
         f: getattr(info, f)
         for f in (
             "output_head",

@@ -22,6 +22,7 @@ from peftdecl.plan import LayerPlan
 from peftdecl_mlx import compose
 from peftdecl_mlx.generator import Generator
 from peftdecl_mlx.kinds import ops_for
+from peftdecl_mlx.kinds._protocols import MergeCache, MlxAdditiveOps, MlxOps
 
 T = TypeVar("T")
 
@@ -35,9 +36,9 @@ class AdapterParams(nn.Module):
         super().__init__()
         for name, value in arrays.items():
             *heads, leaf = name.split(".")
-            node: Any = self
+            node: dict[str, object] = self
             for head in heads:
-                node = node.setdefault(head, {})
+                node = cast("dict[str, object]", node.setdefault(head, {}))
             node[leaf] = value
         # (IR name, path) of every tensor, outside the parameter tree (a plain attribute): tensors() runs on every
         # call of the layer and walks these instead of the whole tree
@@ -47,10 +48,10 @@ class AdapterParams(nn.Module):
         """IR name -> array (read at call time, so tracers from ``mx.value_and_grad`` are picked up)."""
         out: dict[str, mx.array] = {}
         for name, path in self._ir_paths:
-            node: Any = self
+            node: object = self
             for part in path:
-                node = node[part]
-            out[name] = node
+                node = cast("dict[str, object]", node)[part]
+            out[name] = cast(mx.array, node)
         return out
 
     def set_trainable(self, names: Sequence[str]) -> None:
@@ -68,15 +69,17 @@ class LayerState:
     shared: dict[str, dict[str, mx.array]] = field(default_factory=dict)
     running: tuple[str, ...] = ()
     merged: list[str] = field(default_factory=list)
-    merge_cache: dict[str, dict[str, Any]] = field(default_factory=dict)
+    merge_cache: dict[str, MergeCache] = field(default_factory=dict)
     unmerged: mx.array | None = None
     """The base weight before the first merged adapter, kept while any is merged where a later merge reads it."""
     rows: tuple[str, ...] | None = None
     """Mixed batch: one adapter name per batch row for the current call."""
     capture: list[tuple[mx.array, mx.array]] | None = None
-    norm_cache: tuple[Any, mx.array] | None = None
-    ops: dict[str, Any] = field(default_factory=dict)
-    memo: dict[int, tuple[tuple[Any, ...], Any]] = field(default_factory=dict)
+    norm_cache: tuple[mx.array, mx.array] | None = None
+    """(the weight array, its rows' Σ W²): valid while the base weight is that very array."""
+    ops: dict[str, MlxOps] = field(default_factory=dict)
+    memo: dict[int, tuple[tuple[mx.array, ...], object]] = field(default_factory=dict)
+    """id(layer plan) -> (the input arrays, what :meth:`AdaptedLayer.memo` computed from them)."""
 
 
 class AdaptedLayer(nn.Module):
@@ -206,9 +209,9 @@ class AdaptedLayer(nn.Module):
         """Replace one stored adapter tensor (COFT's in-place projection, as HF PEFT does)."""
         name = next(n for n, plan in self.adapter_state.plans.items() if plan is lp)
         *heads, leaf = tensor.split(".")
-        node: Any = self.adapters[name]
+        node: dict[str, object] = self.adapters[name]
         for head in heads:
-            node = node[head]
+            node = cast("dict[str, object]", node[head])
         node[leaf] = value
 
     def dropout(self, x: mx.array, p: float) -> mx.array:
@@ -296,7 +299,7 @@ class AdaptedLayer(nn.Module):
                     f"adapter {name!r} is {lp.kind}; mixed batches support additive kinds only"
                 )
             index = mx.array([i for i, n in enumerate(rows) if n == name])
-            delta = ops.delta(lp, self, self.params(name), xa[index])
+            delta = cast("MlxAdditiveOps", ops).delta(lp, self, self.params(name), xa[index])
             y = y.at[index].add(delta.astype(y.dtype))
         return y
 

@@ -3,13 +3,14 @@ layer's gradients by ``mx.value_and_grad`` (the tests hold them against the NumP
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
+import numpy.typing as npt
 
 from peftdecl.backend import LayerCapture, trainable_key
-from peftdecl_mlx.inventory import flatten
+from peftdecl_mlx.inventory import ParameterTree, flatten
 
 if TYPE_CHECKING:
     from peftdecl_mlx.engine import MlxEngine
@@ -41,7 +42,7 @@ def capture(engine: MlxEngine, input_ids: np.ndarray) -> tuple[np.ndarray | None
 
 
 def layer_vjp(
-    engine: MlxEngine, layer: AdaptedLayer, x: Any, dy: Any, active: tuple[str, ...]
+    engine: MlxEngine, layer: AdaptedLayer, x: npt.ArrayLike, dy: npt.ArrayLike, active: tuple[str, ...]
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(y, grads) of one adapted layer for the loss Σ y ⊙ dy: ``"input"`` -> dL/dx (not for embeddings) and each
     trainable tensor's full IR key (``"<adapter>/<key>"`` while several are ``active``, as the NumPy engine keys
@@ -54,7 +55,7 @@ def layer_vjp(
     original = layer.trainable_parameters()
     wants_input = layer.layer_type != "embedding"
 
-    def loss(params: Any, xs: mx.array) -> tuple[mx.array, mx.array]:
+    def loss(params: ParameterTree, xs: mx.array) -> tuple[mx.array, mx.array]:
         layer.update(params)
         out = layer(xs)
         return mx.sum(out.astype(mx.float32) * cotangent), out

@@ -12,12 +12,16 @@ The kinds this backend runs and their layer types are read from :mod:`peftdecl.k
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from peftdecl import kinds
 
+if TYPE_CHECKING:
+    from peftdecl_mlx.kinds._protocols import MlxOps
 
-def ops_for(kind: str) -> Any:
-    """The mlx ops object of an execution kind, as its :class:`peftdecl.kinds.KindDecl` names it (``Any``: each
-    caller uses the part of the kind-ops Protocols it needs)."""
-    return kinds.ops_for(kind, "mlx")
+
+def ops_for(kind: str) -> MlxOps:
+    """The mlx ops object of an execution kind, as its :class:`peftdecl.kinds.KindDecl` names it; the registry
+    holds it untyped, so this says what every MLX kind provides (callers narrow to the additive or composing part
+    by ``additive`` or :func:`peftdecl.composition.role`)."""
+    return cast("MlxOps", kinds.ops_for(kind, "mlx"))

@@ -7,17 +7,16 @@ functions), None where it cannot.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from peftdecl.plan import LayerPlan
 from peftdecl_mlx import compose
+from peftdecl_mlx.kinds._protocols import MergeCache, Params
 
 if TYPE_CHECKING:
     from peftdecl_mlx.layer import AdaptedLayer
-
-Params = dict[str, mx.array]
 
 
 class AdditiveKind:
@@ -41,13 +40,13 @@ class AdditiveKind:
         return y if y is not None else compose.forward(layer, x, [compose.Running(lp, self, p)])
 
     def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: MergeCache
     ) -> tuple[mx.array, mx.array | None]:
         """(W + ΔW, b)."""
         return layer.weight + self.delta_weight(lp, layer, p), self.merged_bias(lp, layer, p, 1.0)
 
     def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: MergeCache
     ) -> tuple[mx.array, mx.array | None]:
         """(W − ΔW, b)."""
         return layer.weight - self.delta_weight(lp, layer, p), self.merged_bias(lp, layer, p, -1.0)

@@ -9,7 +9,7 @@ HF PEFT's product, which is also their merge in turn.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
@@ -18,12 +18,11 @@ from peftdecl.composition import INPUT
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.boft import butterfly_perms
+from peftdecl_mlx.kinds._protocols import MergeCache, Params
 from peftdecl_mlx.rotation import butterfly, cayley
 
 if TYPE_CHECKING:
     from peftdecl_mlx.layer import AdaptedLayer
-
-Params = dict[str, mx.array]
 
 
 def perms(lp: LayerPlan) -> tuple[np.ndarray, ...]:
@@ -85,13 +84,13 @@ class BoftOps:
         return self.merge(lp, layer, p, {})[0] - layer.weight
 
     def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: MergeCache
     ) -> tuple[mx.array, mx.array | None]:
         """(diag(s) W Mᵀ, b)."""
         return p["boft_s"].reshape(-1, 1) * (layer.weight @ butterfly_matrix(lp, p).T), layer.bias
 
     def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: MergeCache
     ) -> tuple[mx.array, mx.array | None]:
         """(diag(1/s) W M, b), as M⁻¹ = Mᵀ."""
         return (layer.weight / p["boft_s"].reshape(-1, 1)) @ butterfly_matrix(lp, p), layer.bias

@@ -10,7 +10,7 @@ adapters merged before, as HF PEFT does.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
@@ -19,12 +19,11 @@ from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.dora import MAGNITUDE
 from peftdecl_mlx.kinds import _fused
+from peftdecl_mlx.kinds._protocols import MergeCache, Params
 from peftdecl_mlx.kinds.lora import OPS as LORA
 
 if TYPE_CHECKING:
     from peftdecl_mlx.layer import AdaptedLayer
-
-Params = dict[str, mx.array]
 
 
 def _low_rank(lp: LayerPlan, p: Params) -> tuple[mx.array, mx.array]:
@@ -130,7 +129,7 @@ class DoraOps:
         return self.merge(lp, layer, p, {})[0] - layer.weight
 
     def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: MergeCache
     ) -> tuple[mx.array, mx.array | None]:
         """(g ⊙ (W + s·B A), b) with n taken on the weight without earlier merges."""
         # n on the weight without the adapters merged before (the one forward reads), as in HF PEFT
@@ -141,7 +140,7 @@ class DoraOps:
         return self._rows(lp, g) * (layer.weight + LORA.delta_weight(lp, layer, p)), layer.bias
 
     def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: MergeCache
     ) -> tuple[mx.array, mx.array | None]:
         """(W / g − s·B A, b) with the n kept by the merge."""
         if "norm" not in cache:

@@ -6,17 +6,17 @@ Several active adapters multiply their vectors (peftdecl.composition), each on i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
+from peftdecl_mlx.kinds._protocols import MergeCache, Params
 
 if TYPE_CHECKING:
     from peftdecl_mlx.layer import AdaptedLayer
 
-Params = dict[str, mx.array]
 UNMERGE_EPS = 1e-8  # HF PEFT's guard against division by zero
 
 
@@ -52,13 +52,13 @@ class IA3Ops:
         return self._scaled(lp, layer, p["ia3_l"].reshape(-1))[0] - layer.weight
 
     def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: MergeCache
     ) -> tuple[mx.array, mx.array | None]:
         """(diag(l) W, l ⊙ b) or (W diag(l), b)."""
         return self._scaled(lp, layer, p["ia3_l"].reshape(-1))
 
     def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: MergeCache
     ) -> tuple[mx.array, mx.array | None]:
         return self._scaled(lp, layer, 1.0 / (p["ia3_l"].reshape(-1) + UNMERGE_EPS))
 

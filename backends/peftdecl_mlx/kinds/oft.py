@@ -11,19 +11,18 @@ reversed order, as in HF PEFT).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 
 from peftdecl.composition import INPUT, OUTPUT
 from peftdecl.plan import LayerPlan
+from peftdecl_mlx.kinds._protocols import MergeCache, Params
 from peftdecl_mlx.rotation import cayley, neumann, rotate_blocks, skew_from_triu
 
 if TYPE_CHECKING:
     from peftdecl_mlx.layer import AdaptedLayer
-
-Params = dict[str, mx.array]
 
 
 def project_coft(u: mx.array, eps: float) -> mx.array:
@@ -92,7 +91,7 @@ class OftOps:
         return self.merge(lp, layer, p, {})[0] - layer.weight
 
     def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: MergeCache
     ) -> tuple[mx.array, mx.array | None]:
         """(W Rᵀ, b); an embedding's (E R, None)."""
         rot = self.rotation(lp, layer, p)
@@ -102,7 +101,7 @@ class OftOps:
         return rotate_blocks(layer.weight, rot.swapaxes(-1, -2)), layer.bias
 
     def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, Any]
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: MergeCache
     ) -> tuple[mx.array, mx.array | None]:
         """(W R⁻ᵀ, b): R⁻¹ rather than Rᵀ, since the Neumann series is not exactly orthogonal."""
         inverse = mx.linalg.inv(self.rotation(lp, layer, p), stream=mx.cpu)

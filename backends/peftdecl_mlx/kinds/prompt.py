@@ -11,7 +11,7 @@ that ``mx.value_and_grad`` trains them; nothing here touches a layer, and nothin
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +21,12 @@ from peftdecl.plan import Plan, PromptPlan
 
 ENCODER = "prompt_encoder"
 Params = dict[str, mx.array]
+
+
+class KVCache(Protocol):
+    """What prefix tuning needs of an mlx-lm KV cache (``mlx_lm.models.cache.KVCache`` and its kin)."""
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]: ...
 
 
 class PromptOps:
@@ -72,11 +78,13 @@ def check_model(model: nn.Module, plan: Plan) -> None:
         )
 
 
-def prefilled_cache(model: nn.Module, pp: PromptPlan, p: Params, batch: int) -> list[Any]:
+def prefilled_cache(model: nn.Module, pp: PromptPlan, p: Params, batch: int) -> list[KVCache]:
     """The model's KV caches, each holding its layer's prefix (pass them to later generation steps)."""
-    from mlx_lm.models.cache import KVCache
+    from mlx_lm.models import cache as mlx_lm_cache
 
-    caches = model.make_cache() if hasattr(model, "make_cache") else [KVCache() for _ in model.layers]
+    caches: list[KVCache] = (
+        model.make_cache() if hasattr(model, "make_cache") else [mlx_lm_cache.KVCache() for _ in model.layers]
+    )
     if len(caches) != pp.num_layers:
         raise BackendError(
             f"the prefix has {pp.num_layers} layers, {type(model).__name__} has {len(caches)} caches"
@@ -87,7 +95,7 @@ def prefilled_cache(model: nn.Module, pp: PromptPlan, p: Params, batch: int) -> 
 
 
 def forward(
-    model: nn.Module, pp: PromptPlan, p: Params, embed: Any, inputs: mx.array, *args: Any, **kwargs: Any
+    model: nn.Module, pp: PromptPlan, p: Params, embed: nn.Module, inputs: mx.array, *args: Any, **kwargs: Any
 ) -> Any:
     """The model's call with the virtual tokens in place (token ids ``inputs`` [B, S])."""
     batch = inputs.shape[0]
