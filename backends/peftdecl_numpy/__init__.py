@@ -17,6 +17,7 @@ from peftdecl.plan import LAYER_TYPES, ModelInfo
 
 if TYPE_CHECKING:
     from peftdecl_numpy.engine import NumpyEngine
+    from peftdecl_numpy.xp_ops import Namespace
 
 # every kind that declares NumPy ops, on every IR layer type it adapts (read live from peftdecl.kinds)
 _KINDS = BackendKinds("numpy", LAYER_TYPES)
@@ -56,13 +57,15 @@ class NumpyBackend:
         info: ModelInfo,
         book: AdapterBook,
         options: EngineOptions,
-        **model_options: Any,
+        *,
+        xp: Namespace | None = None,
+        dtype: str = "float64",
+        **model_options: object,
     ) -> NumpyEngine:
-        """An engine reading ``book``; ``xp`` (an array-API namespace, NumPy by default) and ``dtype`` (a dtype
-        name, ``float64`` by default) from ``model_options``, whose other entries the inventory has read."""
+        """An engine reading ``book``, on ``xp`` (an array-API namespace, NumPy by default) in ``dtype`` (a dtype
+        name, ``float64`` by default); the other ``model_options`` are the inventory's (layer types, facts)."""
         from peftdecl_numpy.engine import NumpyEngine
 
-        xp, dtype = model_options.get("xp"), model_options.get("dtype", "float64")
         return NumpyEngine(model, info, book, options, xp=xp, dtype=dtype)
 
 
