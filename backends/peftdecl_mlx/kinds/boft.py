@@ -9,7 +9,7 @@ HF PEFT's product, which is also their merge in turn.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import mlx.core as mx
 import numpy as np
@@ -55,7 +55,7 @@ class BoftOps:
     kind = "boft"
     additive = False
     # HF PEFT multiplies the active adapters' butterflies as M_k ⋯ M_1: the last one transforms the input first
-    input_order = "reversed"
+    input_order: Literal["active", "reversed"] = "reversed"
 
     def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array:
         """y = ((x M) Wᵀ) ⊙ s + b."""
@@ -63,7 +63,7 @@ class BoftOps:
         y = (rotated @ layer.weight.T) * p["boft_s"].reshape(-1)
         return y if layer.bias is None else y + layer.bias
 
-    def composition(self, lp: LayerPlan) -> str:
+    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
         """BOFT rotates the input the base reads and scales its output rows: a map of the weight."""
         return INPUT
 

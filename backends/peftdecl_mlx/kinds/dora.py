@@ -10,7 +10,7 @@ adapters merged before, as HF PEFT does.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import mlx.core as mx
 
@@ -83,7 +83,8 @@ class DoraOps:
     kind = "dora"
     # g rescales the base output, so DoRA is neither summed with other adapters nor used in mixed batches
     additive = False
-    input_order = "active"  # unused: DoRA composes on the output side only
+    # unused: DoRA composes on the output side only
+    input_order: Literal["active", "reversed"] = "active"
 
     def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array:
         """y = g ⊙ (W x + s·B A x) + b (an embedding's: g ⊙ (E[x] + s·Aᵀ[x] Bᵀ))."""
@@ -152,7 +153,7 @@ class DoraOps:
             )
         return layer.weight / self._rows(lp, g) - LORA.delta_weight(lp, layer, p), layer.bias
 
-    def composition(self, lp: LayerPlan) -> str:
+    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
         """With other adapters on the layer, g rescales the output they built (HF PEFT's DoRA takes the running
         result as its base result)."""
         return OUTPUT

@@ -6,7 +6,7 @@ Several active adapters multiply their vectors (peftdecl.composition), each on i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import mlx.core as mx
 
@@ -24,7 +24,8 @@ class IA3Ops:
     kind = "ia3"
     # several active IA3 adapters multiply their vectors in HF PEFT; they are not summed contributions
     additive = False
-    input_order = "active"  # diagonal scalings commute: any order gives the same product
+    # diagonal scalings commute: any order gives the same product
+    input_order: Literal["active", "reversed"] = "active"
 
     def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array:
         """y = l ⊙ (W x + b), or W (l ⊙ x) + b for a feed-forward layer."""
@@ -33,7 +34,7 @@ class IA3Ops:
             return layer.base_forward(x * scale)
         return layer.base_forward(x) * scale
 
-    def composition(self, lp: LayerPlan) -> str:
+    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
         """A feed-forward vector scales the input the base reads, any other the output built so far."""
         return INPUT if lp.options["feedforward"] else OUTPUT
 

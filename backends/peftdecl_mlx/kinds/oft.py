@@ -11,7 +11,7 @@ reversed order, as in HF PEFT).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import mlx.core as mx
 import numpy as np
@@ -58,7 +58,8 @@ def full_rotation(lp: LayerPlan, layer: AdaptedLayer, r: mx.array, training: boo
 class OftOps:
     kind = "oft"
     additive = False
-    input_order = "active"  # HF PEFT rotates the input by each active adapter in turn: x ↦ x R₁ R₂ ⋯
+    # HF PEFT rotates the input by each active adapter in turn: x ↦ x R₁ R₂ ⋯
+    input_order: Literal["active", "reversed"] = "active"
 
     def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array:
         """y = base(x R) (an embedding's: E[x] R)."""
@@ -67,7 +68,7 @@ class OftOps:
             return rotate_blocks(layer.base_forward(x), rot)
         return layer.base_forward(rotate_blocks(x, rot))
 
-    def composition(self, lp: LayerPlan) -> str:
+    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
         """An embedding's rotation acts on the output built so far; a linear layer's on its input."""
         return OUTPUT if lp.layer.type == "embedding" else INPUT
 

@@ -106,7 +106,7 @@ def _rows(w: Array) -> Array:
 class BoftOps(ComposingKind):
     kind = "boft"
     # HF PEFT multiplies the active adapters' butterflies as M_k ⋯ M_1: the last one transforms the input first
-    input_order = "reversed"
+    input_order: Literal["active", "reversed"] = "reversed"
 
     def record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
         xp = layer.xp

@@ -35,7 +35,8 @@ def _sum_to(lp: LayerPlan, t: Array, shape: tuple[int, ...]) -> Array:
 class IA3Ops(ComposingKind):
     kind = "ia3"
     # several active IA3 adapters multiply their vectors in HF PEFT; they are not summed contributions
-    input_order = "active"  # diagonal scalings commute: any order gives the same product
+    # diagonal scalings commute: any order gives the same product
+    input_order: Literal["active", "reversed"] = "active"
 
     def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
         """A feed-forward vector scales the input the base reads, any other the output built so far."""

@@ -112,7 +112,8 @@ def _conv_args(info: LayerInfo) -> tuple[tuple[int, ...], ...]:
 
 class OftOps(ComposingKind):
     kind = "oft"
-    input_order = "active"  # HF PEFT rotates the input by each active adapter in turn: x ↦ x R_1 R_2 ⋯
+    # HF PEFT rotates the input by each active adapter in turn: x ↦ x R_1 R_2 ⋯
+    input_order: Literal["active", "reversed"] = "active"
 
     def record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
         xp = layer.xp
