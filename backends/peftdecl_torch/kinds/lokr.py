@@ -28,7 +28,21 @@ def factor_w2(p: Params) -> torch.Tensor:
 def delta_weight(lp: LayerPlan, p: Params) -> torch.Tensor:
     w1, w2 = factor_w1(p), factor_w2(p)
     lifted = w1[:, :, None, None] if w2.ndim == 4 else w1
-    return (lp.scaling * torch.kron(lifted, w2)).reshape(lp.layer.weight_shape)
+    return (lp.scaling * kron(lifted, w2)).reshape(lp.layer.weight_shape)
+
+
+def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """kron(a, b): out[i·B + j] = a[i] b[j] on every axis, the tensor with fewer axes taking leading size-1 ones.
+
+    torch.kron views its inputs and fails on a size-1 axis with an odd stride (the CP rebuild of a conv1d factor
+    has one), so the product is formed by broadcasting instead."""
+    ndim = max(a.ndim, b.ndim)
+    a = a.reshape((1,) * (ndim - a.ndim) + tuple(a.shape))
+    b = b.reshape((1,) * (ndim - b.ndim) + tuple(b.shape))
+    a_shape = [d for n in a.shape for d in (n, 1)]
+    b_shape = [d for n in b.shape for d in (1, n)]
+    product = a.reshape(a_shape) * b.reshape(b_shape)
+    return product.reshape([m * n for m, n in zip(a.shape, b.shape, strict=True)])
 
 
 # HF PEFT divides LoKr's rank-dropout mask by its mean only with rank_dropout_scale
