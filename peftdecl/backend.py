@@ -308,9 +308,10 @@ def _entry_points() -> dict[str, str]:
     return found
 
 
-def _backend_class(target: str) -> type:
+def _backend_class(target: str) -> type[Backend]:
     module_name, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    found: type[Backend] = getattr(importlib.import_module(module_name), attr)
+    return found
 
 
 def backends() -> dict[str, BackendEntry]:

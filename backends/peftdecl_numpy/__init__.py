@@ -33,7 +33,7 @@ class NumpyBackend:
         kinds=_KINDS,
         gradients="explicit",
         devices=("cpu",),
-        dtypes=("float64",),
+        dtypes=("float64", "float32"),
         mixed_batch=additive_kinds(_KINDS),
         # every layer kind composes with the others on a layer (peftdecl.composition); prompt learning has none
         multi_active=layer_kinds(_KINDS),
