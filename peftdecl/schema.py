@@ -11,10 +11,10 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
+from peftdecl._json import JsonObject, JsonValue
 from peftdecl.errors import PeftdeclError
 from peftdecl.kinds import cached, spec_types
 from peftdecl.spec import SpecBase
@@ -31,7 +31,7 @@ def schema_file_name(peft_type: str) -> str:
     return f"{peft_type.lower()}.schema.json"
 
 
-def kind_schema(peft_type: str) -> dict[str, Any]:
+def kind_schema(peft_type: str) -> JsonObject:
     """The self-contained JSON Schema of one adapter kind (any registered ``peft_type``)."""
     types = spec_types()
     if peft_type not in types:
@@ -40,7 +40,7 @@ def kind_schema(peft_type: str) -> dict[str, Any]:
 
 
 @functools.cache
-def struct_schema(cls: type[SpecBase]) -> dict[str, Any]:
+def struct_schema(cls: type[SpecBase]) -> JsonObject:
     """The self-contained JSON Schema of one spec Struct, generated from its fields and their metadata."""
     peft_type: str = cls.__struct_config__.tag  # type: ignore[assignment]
     generated = msgspec.json.schema(cls)
@@ -68,10 +68,10 @@ def _unstated(peft_type: str) -> str:
     return " Also enforced by peftdecl, but not expressible in JSON Schema: " + "; ".join(rules) + "."
 
 
-def _apply_rules(body: dict[str, Any], cls: type[SpecBase], peft_type: str) -> None:
+def _apply_rules(body: JsonObject, cls: type[SpecBase], peft_type: str) -> None:
     """Bound every value, pin unsupported fields to their default and add the cross-field rules (see
     :mod:`peftdecl.spec.rules`), so the schema accepts exactly what ``load_spec`` accepts."""
-    props: dict[str, Any] = body["properties"]
+    props: JsonObject = body["properties"]
     rules, required, overrides = kind_rules(peft_type)
     for name, override in overrides.items():
         kept = {k: props[name][k] for k in ("description", "default") if k in props[name]}
@@ -98,7 +98,7 @@ _NAN_GUARD = {"not": {"type": "number", "minimum": 0, "exclusiveMaximum": 0}}
 passes both bounds and the ``not`` refuses it (JSON itself has no NaN; Python's json and YAML's .nan do)."""
 
 
-def harden(schema: Any) -> Any:
+def harden(schema: JsonValue) -> JsonValue:
     """A copy of ``schema`` where every number is finite and every string and key at most MAX_STRING long."""
     if isinstance(schema, list):
         return [harden(item) for item in schema]
@@ -122,17 +122,17 @@ def harden(schema: Any) -> Any:
     return out
 
 
-def _json(value: Any) -> str:
+def _json(value: object) -> str:
     return json.dumps(value)
 
 
-def union_schema() -> dict[str, Any]:
+def union_schema() -> JsonObject:
     """A schema accepting any registered adapter kind, dispatched on ``peft_type`` (cached by registry
     version)."""
     return cached("union_schema", lambda: _union_schema(spec_types()))
 
 
-def _union_schema(types: dict[str, type[SpecBase]]) -> dict[str, Any]:
+def _union_schema(types: dict[str, type[SpecBase]]) -> JsonObject:
     defs = {peft_type: _without_meta(struct_schema(cls)) for peft_type, cls in types.items()}
     branches = [
         {
@@ -154,7 +154,7 @@ def _union_schema(types: dict[str, type[SpecBase]]) -> dict[str, Any]:
     }
 
 
-def _without_meta(schema: dict[str, Any]) -> dict[str, Any]:
+def _without_meta(schema: JsonObject) -> JsonObject:
     body = {k: v for k, v in schema.items() if k not in ("$schema", "$id")}
     # nested $defs of a kind are rare (none today); refuse rather than mis-resolve references
     if "$defs" in body:
