@@ -8,7 +8,7 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from peftdecl.errors import PeftdeclError, SpecError
 
@@ -19,6 +19,7 @@ MAX_LAYERS = 100_000
 MAX_MESSAGE = 2000
 """Characters of an error message printed at most (a message quoting a huge input stays one readable line)."""
 REPORT_HINT = "this is a bug in peftdecl; please report it with the command line and the input"
+NumberT = TypeVar("NumberT", int, float)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -102,36 +103,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _int_in(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: an integer in [low, high] (bounds keep a typo from allocating or running for hours)."""
+def _number_in(
+    convert: Callable[[str], NumberT], low: NumberT, high: NumberT, noun: str, bounds: str
+) -> Callable[[str], NumberT]:
+    """An argparse type: ``convert(text)``, finite and in [low, high] (bounds keep a typo from allocating or
+    running for hours); ``noun`` and ``bounds`` word the two errors."""
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> NumberT:
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text[:40]!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {text[:40]}")
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text[:40]!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text[:40]}")
         return value
 
     return parse
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+    return _number_in(int, low, high, "an integer", f"between {low} and {high}")
 
 
 def _float_in(low: float, high: float) -> Callable[[str], float]:
     """An argparse type: a finite number in [low, high]."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text[:40]!r}") from None
-        if not (math.isfinite(value) and low <= value <= high):
-            raise argparse.ArgumentTypeError(
-                f"must be a finite number between {low:g} and {high:g}, got {text[:40]}"
-            )
-        return value
-
-    return parse
+    return _number_in(float, low, high, "a number", f"a finite number between {low:g} and {high:g}")
 
 
 def build_parser() -> argparse.ArgumentParser:
