@@ -16,12 +16,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from peftdecl.plan import LayerPlan
+from peftdecl_torch.kinds._additive import FoldedMerge, Params
 
 if TYPE_CHECKING:
     from peftdecl_torch.layer import AdaptedLayer
-
-
-Params = dict[str, torch.Tensor]
 
 
 def rebuild_cp(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -41,7 +39,7 @@ def rank_keep(
 
 
 @dataclass(frozen=True)
-class WeightDeltaOps:
+class WeightDeltaOps(FoldedMerge):
     """:class:`peftdecl.backend.AdditiveOps` of a kind whose whole effect is ΔW = build(lp, p) (IR layout):
     Δ(x) = f(x; m ⊙ ΔW), f the base layer's operation."""
 
@@ -89,15 +87,3 @@ class WeightDeltaOps:
 
     def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor:
         return self.build(lp, p)
-
-    def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = layer.weight_ir()
-        return weight + self.build(lp, p).to(weight.dtype), None
-
-    def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = layer.weight_ir()
-        return weight - self.build(lp, p).to(weight.dtype), None

@@ -16,14 +16,12 @@ import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from peftdecl.plan import LayerPlan, Plan
 from peftdecl.spec.adalora import AdaLoraSpec
 from peftdecl_torch.kinds import _fused as fused
+from peftdecl_torch.kinds._additive import AddedProduct, Params
 from peftdecl_torch.kinds.lora import _add_expand, lora_linear
 
 if TYPE_CHECKING:
     from peftdecl.model import AdaptedModel
     from peftdecl_torch.layer import AdaptedLayer
-
-
-Params = dict[str, torch.Tensor]
 
 
 def singular_values(lp: LayerPlan, p: Params) -> torch.Tensor:
@@ -33,7 +31,7 @@ def singular_values(lp: LayerPlan, p: Params) -> torch.Tensor:
     return e if mask is None else e * torch.tensor(mask, dtype=e.dtype, device=e.device).reshape(-1, 1)
 
 
-class AdaLoraOps:
+class AdaLoraOps(AddedProduct):
     """AdaLoRA's :class:`peftdecl.backend.AdditiveOps`: Δ(x) = s · P (Q ⊙ Λ) dropout(x)."""
 
     kind = "adalora"
@@ -43,16 +41,7 @@ class AdaLoraOps:
     def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         if fused.fusable(lp, layer, x, p["lora_A"].dtype, lp.options["dropout"], half_compute=True):
             return lora_linear(lp, layer, x, p["lora_A"] * singular_values(lp, p), p["lora_B"])
-        return self.accumulate(lp, layer, p, x, layer.base_forward(x))
-
-    def delta(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
-        return self._apply(lp, layer, p, x, None)
-
-    def accumulate(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor
-    ) -> torch.Tensor:
-        """result + Δ(x), the last product adding into the result (one addmm)."""
-        return self._apply(lp, layer, p, x, result)
+        return self.unfused(lp, layer, p, x)
 
     def _apply(
         self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor | None
@@ -67,18 +56,6 @@ class AdaLoraOps:
     def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor:
         delta = lp.scaling * (p["lora_B"] @ (p["lora_A"] * singular_values(lp, p)))
         return delta.reshape(lp.layer.weight_shape)
-
-    def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = layer.weight_ir()
-        return weight + self.delta_weight(lp, layer, p).to(weight.dtype), None
-
-    def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = layer.weight_ir()
-        return weight - self.delta_weight(lp, layer, p).to(weight.dtype), None
 
 
 def orthogonal_regularizer(

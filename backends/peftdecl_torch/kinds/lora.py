@@ -26,12 +26,10 @@ import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl_torch.kinds import _fused as fused
+from peftdecl_torch.kinds._additive import AddedProduct, Params
 
 if TYPE_CHECKING:
     from peftdecl_torch.layer import AdaptedLayer
-
-
-Params = dict[str, torch.Tensor]
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -200,7 +198,7 @@ def _conv(
     return conv(x, w, bias, stride, padding)
 
 
-class LoraOps:
+class LoraOps(AddedProduct):
     """LoRA's :class:`peftdecl.backend.AdditiveOps`: Δ(x) = s · B A dropout(x)."""
 
     kind = "lora"
@@ -208,25 +206,15 @@ class LoraOps:
     half_compute = True  # the fused Function may run float32 adapters in a half base dtype (_fused)
 
     def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
-        """W x + b + Δ(x): the fused Function where it applies, else the base layer plus :meth:`accumulate`."""
+        """W x + b + Δ(x): the fused Function where it applies, else the base layer plus Δ(x)."""
         if "lora_A.weight" in p and fused.fusable(
             lp, layer, x, p["lora_A.weight"].dtype, lp.options["dropout"], half_compute=True
         ):
             return lora_linear(lp, layer, x, p["lora_A.weight"], p["lora_B.weight"], p.get("lora_B.bias"))
-        return self.accumulate(lp, layer, p, x, layer.base_forward(x))
+        return self.unfused(lp, layer, p, x)
 
-    def delta(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
-        return self._apply(lp, layer, p, x, None)
-
-    def accumulate(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor
-    ) -> torch.Tensor:
-        """result + Δ(x), the last product adding into the result (one addmm)."""
-        return self._apply(lp, layer, p, x, result)
-
-    @staticmethod
     def _apply(
-        lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor | None
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor | None
     ) -> torch.Tensor:
         s = lp.scaling
         if lp.layer.type == "embedding":
@@ -254,20 +242,8 @@ class LoraOps:
             return s * torch.einsum("or,ri...->oi...", b.reshape(b.shape[0], b.shape[1]), a)
         return s * (b @ a)
 
-    def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = layer.weight_ir()
-        return weight + self.delta_weight(lp, layer, p).to(weight.dtype), self._bias(lp, layer, p, +1.0)
-
-    def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = layer.weight_ir()
-        return weight - self.delta_weight(lp, layer, p).to(weight.dtype), self._bias(lp, layer, p, -1.0)
-
-    @staticmethod
-    def _bias(lp: LayerPlan, layer: AdaptedLayer, p: Params, sign: float) -> torch.Tensor | None:
+    def merged_bias(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, sign: float) -> torch.Tensor | None:
+        """b ± s · b_B where the adapter has a bias (``lora_bias``)."""
         if "lora_B.bias" not in p:
             return None
         if layer.bias is None:

@@ -15,13 +15,11 @@ import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.vera import kaiming_bound
 from peftdecl_torch.kinds import _fused as fused
+from peftdecl_torch.kinds._additive import AddedProduct, Params
 from peftdecl_torch.kinds.lora import _add_expand
 
 if TYPE_CHECKING:
     from peftdecl_torch.layer import AdaptedLayer
-
-
-Params = dict[str, torch.Tensor]
 
 
 def _projections(lp: LayerPlan, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +64,7 @@ class VeraLinearFunction(torch.autograd.Function):
         return dx, None, None, None, None, d_lam_d, d_lam_b, None
 
 
-class VeraOps:
+class VeraOps(AddedProduct):
     """VeRA's :class:`peftdecl.backend.AdditiveOps`: Δ(x) = λ_b ⊙ B (λ_d ⊙ A dropout(x))."""
 
     kind = "vera"
@@ -80,20 +78,10 @@ class VeraOps:
             weight, bias = layer.base_weight, layer.bias
             y: torch.Tensor = VeraLinearFunction.apply(x, weight, bias, a, b, lam_d, lam_b, stored_in_out)
             return y
-        return self.accumulate(lp, layer, p, x, layer.base_forward(x))
+        return self.unfused(lp, layer, p, x)
 
-    def delta(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
-        return self._apply(lp, layer, p, x, None)
-
-    def accumulate(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor
-    ) -> torch.Tensor:
-        """result + Δ(x) as one addmm."""
-        return self._apply(lp, layer, p, x, result)
-
-    @staticmethod
     def _apply(
-        lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor | None
+        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, result: torch.Tensor | None
     ) -> torch.Tensor:
         a, b = _projections(lp, p)
         u = F.linear(layer.dropout(x, lp.options["dropout"]), a) * p["vera_lambda_d"]
@@ -102,18 +90,6 @@ class VeraOps:
     def delta_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor:
         a, b = _projections(lp, p)
         return (p["vera_lambda_b"][:, None] * b) @ (p["vera_lambda_d"][:, None] * a)
-
-    def merge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = layer.weight_ir()
-        return weight + self.delta_weight(lp, layer, p).to(weight.dtype), None
-
-    def unmerge(
-        self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = layer.weight_ir()
-        return weight - self.delta_weight(lp, layer, p).to(weight.dtype), None
 
 
 OPS = VeraOps()
