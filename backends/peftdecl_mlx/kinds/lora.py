@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl_mlx.kinds import _fused
 from peftdecl_mlx.kinds._additive import AdditiveKind, Params
+from peftdecl_numpy.kinds.lora import merged_bias
 
 if TYPE_CHECKING:
     from peftdecl_mlx.layer import AdaptedLayer
@@ -62,14 +62,8 @@ class LoraOps(AdditiveKind):
         return s * (p["lora_B.weight"] @ p["lora_A.weight"])
 
     def merged_bias(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, sign: float) -> mx.array | None:
-        """b ± s · b_B with ``lora_bias``."""
-        if "lora_B.bias" not in p:
-            return layer.bias
-        if layer.bias is None:
-            raise PeftdeclError(
-                f"{lp.module}: cannot merge lora_bias into a layer without a bias (as in HF PEFT)"
-            )
-        return layer.bias + sign * lp.scaling * p["lora_B.bias"]
+        """b ± s · b_B with ``lora_bias`` (the reference's rule)."""
+        return merged_bias(lp, layer.bias, p, sign)
 
 
 OPS = LoraOps()

@@ -94,20 +94,22 @@ class LoraOps(AdditiveKind):
         return s * (b @ a)
 
     def merge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
-        return layer.weight + self.delta_weight(lp, layer, p), self._bias(lp, layer, p, +1.0)
+        return layer.weight + self.delta_weight(lp, layer, p), merged_bias(lp, layer.bias, p, +1.0)
 
     def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
-        return layer.weight - self.delta_weight(lp, layer, p), self._bias(lp, layer, p, -1.0)
+        return layer.weight - self.delta_weight(lp, layer, p), merged_bias(lp, layer.bias, p, -1.0)
 
-    @staticmethod
-    def _bias(lp: LayerPlan, layer: BaseLayer, p: Params, sign: float) -> Array | None:
-        if "lora_B.bias" not in p:
-            return layer.bias
-        if layer.bias is None:
-            raise PeftdeclError(
-                f"{lp.module}: cannot merge lora_bias into a layer without a bias (as in HF PEFT)"
-            )
-        return layer.bias + sign * lp.scaling * p["lora_B.bias"]
+
+def merged_bias(lp: LayerPlan, bias: Array | None, p: Params, sign: float) -> Array | None:
+    """b ± s · b_B with ``lora_bias`` (b unchanged without it), on any array type with ``+`` and ``*``: the MLX
+    backend merges with it too."""
+    if "lora_B.bias" not in p:
+        return bias
+    if bias is None:
+        raise PeftdeclError(
+            f"{lp.module}: cannot merge lora_bias into a layer without a bias (as in HF PEFT)"
+        )
+    return bias + sign * lp.scaling * p["lora_B.bias"]
 
 
 OPS = LoraOps()
