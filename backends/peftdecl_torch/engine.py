@@ -25,7 +25,7 @@ from peftdecl_torch.kinds.prompt import PromptAdapter
 from peftdecl_torch.layer import AdaptedLayer, adapter_dtype
 from peftdecl_torch.mixed_batch import mixed_rows
 from peftdecl_torch.probes import capture, follow_mode, to_numpy
-from peftdecl_torch.prompting import PromptCall, generation_inputs, prompt_call
+from peftdecl_torch.prompting import PromptCall, PromptSite, generation_inputs, prompt_call
 from peftdecl_torch.saved import SavedModule
 from peftdecl_torch.seq2seq import seq2seq_call, seq2seq_generate
 from peftdecl_torch.task_heads import HEAD_TASKS, head_rules
@@ -211,8 +211,7 @@ class TorchEngine:
             prompt = self._active_prompt()
             if prompt is None:
                 return self.model(*args, **kwargs)
-            call = self._prompt_rules(prompt)
-            return call(self.model, prompt, self._embedding(), self._embedding().weight.dtype, args, kwargs)
+            return self._prompt_rules(prompt)(self._prompt_site(prompt), args, kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the adapters applied (rows repeated by beam search follow their name)."""
@@ -223,10 +222,10 @@ class TorchEngine:
             prompt = self._active_prompt()
             if prompt is None:
                 return generate(*args, **kwargs)
-            embed, dtype = self._embedding(), self._embedding().weight.dtype
+            site = self._prompt_site(prompt)
             if self._info.is_encoder_decoder:
-                return seq2seq_generate(self.model, prompt, embed, dtype, args, kwargs)
-            with generation_inputs(self.model, prompt, embed, dtype):
+                return seq2seq_generate(site, args, kwargs)
+            with generation_inputs(site):
                 return generate(*args, **kwargs)
 
     def trainable_parameters(self, names: tuple[str, ...]) -> dict[str, nn.Parameter]:
@@ -318,6 +317,11 @@ class TorchEngine:
         if task in HEAD_TASKS:
             return head_rules(task)
         return prompt_call
+
+    def _prompt_site(self, prompt: PromptAdapter) -> PromptSite:
+        """The model, ``prompt``, the input word embeddings and their dtype (the virtual tokens take it)."""
+        embed = self._embedding()
+        return PromptSite(self.model, prompt, embed, embed.weight.dtype)
 
     def _embedding(self) -> nn.Embedding:
         """The input word embeddings (prompt tuning looks ids up there; their weight sets device and dtype)."""

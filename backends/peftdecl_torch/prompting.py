@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
@@ -31,19 +32,35 @@ ModelInputs = dict[str, Any]
 genuinely any, they are forwarded to the user's model."""
 
 
-class PromptCall(Protocol):
-    """How a prompt adapter's virtual tokens reach a model call: ``call(**inputs)`` with them added, by one of HF
-    PEFT's rule sets (language model, seq2seq, task head); ``args``/``kwargs`` are the user's call arguments."""
+@dataclass(frozen=True)
+class PromptSite:
+    """Where a prompt adapter's virtual tokens enter a model call: the model (or its call), the adapter, the input
+    word embeddings (prompt tuning looks ids up there) and the dtype the virtual tokens take."""
 
-    def __call__(
-        self,
-        call: nn.Module,
-        adapter: PromptAdapter,
-        embed: nn.Module,
-        dtype: torch.dtype,
-        args: tuple[object, ...],
-        kwargs: ModelInputs,
-    ) -> object: ...
+    model: nn.Module
+    adapter: PromptAdapter
+    embed: nn.Module
+    dtype: torch.dtype
+
+    @property
+    def tokens(self) -> int:
+        """T, the number of virtual tokens."""
+        return self.adapter.plan.num_virtual_tokens
+
+    @property
+    def prefix(self) -> bool:
+        """Prefix tuning (a KV-cache prefix) rather than prompt tuning (embeddings before the input's)."""
+        return self.adapter.plan.kind == "prefix_tuning"
+
+
+PromptCall = Callable[[PromptSite, tuple[object, ...], ModelInputs], object]
+"""How a prompt adapter's virtual tokens reach a model call: ``call(site, args, kwargs)`` runs ``site.model`` on the
+user's call arguments with them added, by one of HF PEFT's rule sets (language model, seq2seq, task head)."""
+
+
+def ones_before(mask: torch.Tensor | None, batch: int, t: int) -> torch.Tensor | None:
+    """[1_T, mask]: an attention mask covering T virtual positions first (None stays None)."""
+    return None if mask is None else torch.cat([mask.new_ones(batch, t), mask], dim=1)
 
 
 class GenerationModel(Protocol):
@@ -129,11 +146,11 @@ def batch_size(input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> i
     return int((input_ids if input_ids is not None else embeds).shape[0])  # type: ignore[union-attr]
 
 
-def prefix_cache(adapter: PromptAdapter, batch: int, dtype: torch.dtype) -> DynamicCache:
+def prefix_cache(site: PromptSite, batch: int) -> DynamicCache:
     """A transformers DynamicCache holding every layer's (K, V) prefix for ``batch`` rows."""
     from transformers import DynamicCache
 
-    layers = key_values(adapter.plan, adapter.table().to(dtype), batch)
+    layers = key_values(site.adapter.plan, site.adapter.table().to(site.dtype), batch)
     return DynamicCache([(k, v) for k, v, *_ in layers])
 
 
@@ -146,29 +163,20 @@ def check_decoder_only(adapter: PromptAdapter) -> None:
         )
 
 
-def prompt_call(
-    call: nn.Module,
-    adapter: PromptAdapter,
-    embed: nn.Module,
-    dtype: torch.dtype,
-    args: tuple[object, ...],
-    kwargs: ModelInputs,
-) -> object:
-    """``call(**inputs)`` with the adapter's virtual tokens added to the inputs (HF PEFT's causal-LM rules)."""
-    check_decoder_only(adapter)
+def prompt_call(site: PromptSite, args: tuple[object, ...], kwargs: ModelInputs) -> object:
+    """``site.model(**inputs)`` with the adapter's virtual tokens added to the inputs (HF PEFT's causal-LM rules)."""
+    check_decoder_only(site.adapter)
     kwargs, input_ids, embeds, batch = split_inputs(args, kwargs)
-    t = adapter.plan.num_virtual_tokens
     mask = kwargs.pop("attention_mask", None)
-    adjust_ids(adapter, kwargs)
-    if adapter.plan.kind == "prefix_tuning":
-        if mask is not None:
-            mask = torch.cat([mask.new_ones(batch, t), mask], dim=1)
-        set_cache(kwargs, cache_argument(call), prefix_cache(adapter, batch, dtype))
-        return call(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
+    adjust_ids(site.adapter, kwargs)
+    if site.prefix:
+        set_cache(kwargs, cache_argument(site.model), prefix_cache(site, batch))
+        mask = ones_before(mask, batch, site.tokens)
+        return site.model(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
     if embeds is None:
-        embeds = embed(input_ids)
-    embeds, mask, labels = prepend(adapter.table(), embeds, mask, kwargs.pop("labels", None))
-    return call(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
+        embeds = site.embed(input_ids)
+    embeds, mask, labels = prepend(site.adapter.table(), embeds, mask, kwargs.pop("labels", None))
+    return site.model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
 
 
 @contextmanager
@@ -196,19 +204,17 @@ def is_prefill(kwargs: ModelInputs, cache: Cache | None) -> bool:
 
 
 @contextmanager
-def generation_inputs(
-    model: nn.Module, adapter: PromptAdapter, embed: nn.Module, dtype: torch.dtype
-) -> Iterator[None]:
-    """Override ``model.prepare_inputs_for_generation`` for the duration of one ``generate`` call.
+def generation_inputs(site: PromptSite) -> Iterator[None]:
+    """Override ``site.model.prepare_inputs_for_generation`` for the duration of one ``generate`` call.
 
     On the first step prefix tuning puts its cache in place of the empty one (under whichever name the model's
     inputs use) and prompt tuning feeds [P; embed(ids)]; on every step the 2-D attention mask gets T leading ones
     and prefix tuning's position ids are shifted by T.
     """
-    check_decoder_only(adapter)
+    check_decoder_only(site.adapter)
+    model = site.model
     original = generating(model).prepare_inputs_for_generation
-    t = adapter.plan.num_virtual_tokens
-    prefix = adapter.plan.kind == "prefix_tuning"
+    t, prefix = site.tokens, site.prefix
 
     def prepare(*args: Any, **kwargs: Any) -> ModelInputs:
         inputs = original(*args, **kwargs)
@@ -223,14 +229,14 @@ def generation_inputs(
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
                 raise PeftdeclError("prompt-learning generation needs a 2-D attention mask")
-            inputs["attention_mask"] = torch.cat([mask.new_ones(ids.shape[0], t), mask], dim=1)
+            inputs["attention_mask"] = ones_before(mask, ids.shape[0], t)
         if inputs.get("position_ids") is not None:
             inputs["position_ids"] = inputs["position_ids"] + t if prefix else None
         if first:
             if prefix:
-                set_cache(inputs, key, prefix_cache(adapter, ids.shape[0], dtype))
+                set_cache(inputs, key, prefix_cache(site, ids.shape[0]))
             else:
-                inputs["inputs_embeds"] = prepend(adapter.table(), embed(ids), None, None)[0]
+                inputs["inputs_embeds"] = prepend(site.adapter.table(), site.embed(ids), None, None)[0]
                 inputs["input_ids"] = None
         position = inputs.get("cache_position")  # transformers < 5 only
         if position is not None:

@@ -22,19 +22,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from peftdecl.errors import PeftdeclError
 from peftdecl_torch.kinds.prompt import PromptAdapter, key_values, prepend
 from peftdecl_torch.prompting import (
     CACHE_ARGUMENTS,
     ModelInputs,
+    PromptSite,
     adjust_ids,
     cache_argument,
     generating,
     generation_override,
     is_prefill,
     keyword_inputs,
+    ones_before,
     set_cache,
     split_inputs,
 )
@@ -51,82 +52,59 @@ def _check(adapter: PromptAdapter) -> None:
         )
 
 
-def encoder_decoder_cache(adapter: PromptAdapter, batch: int, dtype: torch.dtype) -> EncoderDecoderCache:
+def encoder_decoder_cache(site: PromptSite, batch: int) -> EncoderDecoderCache:
     """An ``EncoderDecoderCache``: each decoder layer's self-attention (K, V) prefix, cross-attention empty."""
     from transformers import DynamicCache, EncoderDecoderCache
 
-    groups = key_values(adapter.plan, adapter.table().to(dtype), batch)
+    groups = key_values(site.adapter.plan, site.adapter.table().to(site.dtype), batch)
     return EncoderDecoderCache(DynamicCache([(g[0], g[1]) for g in groups]), DynamicCache())
 
 
-def seq2seq_call(
-    call: nn.Module,
-    adapter: PromptAdapter,
-    embed: nn.Module,
-    dtype: torch.dtype,
-    args: tuple[object, ...],
-    kwargs: ModelInputs,
-) -> object:
-    """``call(**inputs)`` with the adapter's virtual tokens added to the inputs (HF PEFT's seq2seq rules)."""
-    _check(adapter)
+def seq2seq_call(site: PromptSite, args: tuple[object, ...], kwargs: ModelInputs) -> object:
+    """``site.model(**inputs)`` with the adapter's virtual tokens added to the inputs (HF PEFT's seq2seq rules)."""
+    _check(site.adapter)
     kwargs, input_ids, embeds, batch = split_inputs(args, kwargs)
-    t = adapter.plan.num_virtual_tokens
-    adjust_ids(adapter, kwargs)
-    if adapter.plan.kind == "prefix_tuning":
-        decoder_mask = kwargs.get("decoder_attention_mask")
-        if decoder_mask is not None:
-            kwargs["decoder_attention_mask"] = torch.cat(
-                [decoder_mask.new_ones(batch, t), decoder_mask], dim=1
+    adjust_ids(site.adapter, kwargs)
+    if site.prefix:
+        if kwargs.get("decoder_attention_mask") is not None:
+            kwargs["decoder_attention_mask"] = ones_before(
+                kwargs["decoder_attention_mask"], batch, site.tokens
             )
-        set_cache(kwargs, cache_argument(call), encoder_decoder_cache(adapter, batch, dtype))
-        return call(input_ids=input_ids, inputs_embeds=embeds, **kwargs)
-    return call(**_encoder_prompt(adapter, embed, input_ids, embeds, kwargs))
+        set_cache(kwargs, cache_argument(site.model), encoder_decoder_cache(site, batch))
+        return site.model(input_ids=input_ids, inputs_embeds=embeds, **kwargs)
+    return site.model(**_encoder_prompt(site, input_ids, embeds, kwargs))
 
 
 def _encoder_prompt(
-    adapter: PromptAdapter,
-    embed: nn.Module,
-    input_ids: torch.Tensor | None,
-    embeds: torch.Tensor | None,
-    kwargs: ModelInputs,
+    site: PromptSite, input_ids: torch.Tensor | None, embeds: torch.Tensor | None, kwargs: ModelInputs
 ) -> ModelInputs:
     """``kwargs`` with ``inputs_embeds`` = [P[:T]; X] and the encoder mask extended (prompt tuning)."""
     if embeds is None:
-        embeds = embed(input_ids)
-    t = adapter.plan.num_virtual_tokens
-    embeds, mask, _ = prepend(adapter.table()[:t], embeds, kwargs.pop("attention_mask", None), None)
+        embeds = site.embed(input_ids)
+    table = site.adapter.table()[: site.tokens]
+    embeds, mask, _ = prepend(table, embeds, kwargs.pop("attention_mask", None), None)
     return {**kwargs, "inputs_embeds": embeds, "attention_mask": mask}
 
 
-def seq2seq_generate(
-    model: nn.Module,
-    adapter: PromptAdapter,
-    embed: nn.Module,
-    dtype: torch.dtype,
-    args: tuple[object, ...],
-    kwargs: ModelInputs,
-) -> object:
-    """``model.generate(**inputs)`` with the adapter's virtual tokens (HF PEFT's seq2seq ``generate``)."""
-    _check(adapter)
+def seq2seq_generate(site: PromptSite, args: tuple[object, ...], kwargs: ModelInputs) -> object:
+    """``site.model.generate(**inputs)`` with the adapter's virtual tokens (HF PEFT's seq2seq ``generate``)."""
+    _check(site.adapter)
+    model = generating(site.model)
     kwargs = keyword_inputs(args, kwargs)
     if kwargs.get("input_ids") is None:
         raise PeftdeclError("generate with a prompt-learning adapter needs input_ids=...")
-    adjust_ids(adapter, kwargs)
-    if adapter.plan.kind != "prefix_tuning":
+    adjust_ids(site.adapter, kwargs)
+    if not site.prefix:
         kwargs.pop("encoder_outputs", None)  # HF PEFT ignores them too: the encoder must see the prompt
-        return generating(model).generate(
-            **_encoder_prompt(adapter, embed, kwargs.pop("input_ids"), None, kwargs)
-        )
-    original = generating(model).prepare_inputs_for_generation
+        return model.generate(**_encoder_prompt(site, kwargs.pop("input_ids"), None, kwargs))
+    original = model.prepare_inputs_for_generation
 
     def prepare(*args: Any, **kwargs: Any) -> ModelInputs:
         inputs = original(*args, **kwargs)
-        key = next((k for k in CACHE_ARGUMENTS if k in inputs), cache_argument(model))
+        key = next((k for k in CACHE_ARGUMENTS if k in inputs), cache_argument(site.model))
         if is_prefill(kwargs, inputs.get(key)):
-            set_cache(
-                inputs, key, encoder_decoder_cache(adapter, inputs["decoder_input_ids"].shape[0], dtype)
-            )
+            set_cache(inputs, key, encoder_decoder_cache(site, inputs["decoder_input_ids"].shape[0]))
         return inputs
 
-    with generation_override(model, prepare):
-        return generating(model).generate(**kwargs)
+    with generation_override(site.model, prepare):
+        return model.generate(**kwargs)

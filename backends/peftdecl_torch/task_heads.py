@@ -16,17 +16,18 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from torch import nn
 
 from peftdecl.errors import PeftdeclError
-from peftdecl_torch.kinds.prompt import PromptAdapter, prepend
+from peftdecl_torch.kinds.prompt import prepend
 from peftdecl_torch.prompting import (
     ModelInputs,
     PromptCall,
+    PromptSite,
     accepts_cache,
     adjust_ids,
     cache_argument,
     check_decoder_only,
+    ones_before,
     prefix_cache,
     set_cache,
     split_inputs,
@@ -46,43 +47,34 @@ def head_rules(task: str) -> PromptCall:
     return partial(head_call, task)
 
 
-def head_call(
-    task: str,
-    call: nn.Module,
-    adapter: PromptAdapter,
-    embed: nn.Module,
-    dtype: torch.dtype,
-    args: tuple[object, ...],
-    kwargs: ModelInputs,
-) -> object:
-    """``call(**inputs)`` with the adapter's virtual tokens added by HF PEFT's rules for ``task``: the mask becomes
-    [1_T, mask]; prompt tuning feeds [P; embed(ids)] and token types [0_T, types]; prefix tuning feeds the cache."""
-    check_decoder_only(adapter)
+def head_call(task: str, site: PromptSite, args: tuple[object, ...], kwargs: ModelInputs) -> object:
+    """``site.model(**inputs)`` with the adapter's virtual tokens added by HF PEFT's rules for ``task``: the mask
+    becomes [1_T, mask]; prompt tuning feeds [P; embed(ids)] and token types [0_T, types]; prefix tuning feeds the
+    cache."""
+    check_decoder_only(site.adapter)
     kwargs, input_ids, embeds, batch = split_inputs(args, kwargs)
-    t = adapter.plan.num_virtual_tokens
-    mask = kwargs.pop("attention_mask", None)
-    if mask is not None:
-        mask = torch.cat([mask.new_ones(batch, t), mask], dim=1)
+    t = site.tokens
+    mask = ones_before(kwargs.pop("attention_mask", None), batch, t)
     if task == "QUESTION_ANS":
         # PEFT's QA wrapper takes both by name and never hands them to the model
         kwargs.pop("token_type_ids", None)
         kwargs.pop("position_ids", None)
     types = kwargs.pop("token_type_ids", None)  # kept, unlike in the language-model rules
-    adjust_ids(adapter, kwargs)
-    if adapter.plan.kind == "prefix_tuning":
-        check_prefix(task, call)
-        set_cache(kwargs, cache_argument(call), prefix_cache(adapter, batch, dtype))
+    adjust_ids(site.adapter, kwargs)
+    if site.prefix:
+        check_prefix(task, site.model)
+        set_cache(kwargs, cache_argument(site.model), prefix_cache(site, batch))
         if types is not None:
             kwargs["token_type_ids"] = types
-        return call(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        return site.model(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
     if embeds is None:
-        embeds = embed(input_ids)
+        embeds = site.embed(input_ids)
     if task == "TOKEN_CLS":
         check_token_labels(kwargs.get("labels"), t, int(embeds.shape[1]))
     if types is not None:
         kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, t), types], dim=1)
-    embeds = prepend(adapter.table(), embeds, None, None)[0]
-    return call(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+    embeds = prepend(site.adapter.table(), embeds, None, None)[0]
+    return site.model(inputs_embeds=embeds, attention_mask=mask, **kwargs)
 
 
 def check_prefix(task: str, model: Callable[..., object]) -> None:
