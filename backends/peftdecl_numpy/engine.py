@@ -25,7 +25,7 @@ from peftdecl_numpy import compose
 from peftdecl_numpy.inventory import LayerDeclaration
 from peftdecl_numpy.kinds import ops_for
 from peftdecl_numpy.kinds.base import MergeCache, Tape
-from peftdecl_numpy.layers import BaseLayer, Mode
+from peftdecl_numpy.layers import BaseLayer, Mode, ModeView
 from peftdecl_numpy.rng_state import generator_state, restore_generator
 from peftdecl_numpy.xp_ops import Array, Namespace, resolve, to_numpy
 
@@ -45,7 +45,7 @@ class LayerTape(_LayerTapeBase, total=False):
     """Set when several adapters run on the layer."""
 
 
-class NumpyEngine:
+class NumpyEngine(ModeView):
     """Adapters on a state dict, every number in one namespace and dtype (float64 NumPy by default)."""
 
     def __init__(
@@ -65,7 +65,7 @@ class NumpyEngine:
         self.dtype = getattr(self.xp, dtype)
         self._original = dict(state_dict)
         self._info = info
-        self._mode = Mode(rng=np.random.default_rng(self.options.seed))
+        self.mode = Mode(rng=np.random.default_rng(self.options.seed))  # shared by every layer
         self._layers: dict[str, BaseLayer] = {}
         for module, layer in info.layers.items():
             if layer.quantization is not None:
@@ -75,23 +75,10 @@ class NumpyEngine:
                 weight = weight.T  # GPT-2 Conv1D stores [in, out]; the IR is [out, in]
             bias = state_dict.get(f"{module}.bias")
             own_bias = None if bias is None else self._asarray(bias)
-            self._layers[module] = BaseLayer(layer, self._asarray(weight), own_bias, self._mode)
+            self._layers[module] = BaseLayer(layer, self._asarray(weight), own_bias, self.mode)
         self._params: dict[str, dict[str, Tensors]] = {}  # adapter -> module ("" shared) -> name -> array
         self._saved: dict[str, Tensors] = {}  # adapter -> modules_to_save copies
         self._merge_caches: dict[tuple[str, str], MergeCache] = {}  # (adapter, module) -> kept until unmerge
-
-    @property
-    def training(self) -> bool:
-        return self._mode.training
-
-    @property
-    def rng(self) -> np.random.Generator:
-        """The engine's generator: every dropout mask and random block choice is drawn from it."""
-        return self._mode.rng
-
-    @rng.setter
-    def rng(self, generator: np.random.Generator) -> None:
-        self._mode.rng = generator
 
     # -- Engine protocol -----------------------------------------------------------------------------------
     def add(self, name: str, plan: Plan, arrays: Mapping[str, np.ndarray]) -> None:
@@ -227,13 +214,13 @@ class NumpyEngine:
         return trainable, base + sum(every.values())
 
     def train(self, mode: bool) -> None:
-        self._mode.training = mode
+        self.mode.training = mode
 
     def get_rng_state(self) -> RngState:
-        return generator_state(self._mode.rng)
+        return generator_state(self.mode.rng)
 
     def set_rng_state(self, state: RngState) -> None:
-        restore_generator(self._mode.rng, state)
+        restore_generator(self.mode.rng, state)
 
     # -- explicit forward / backward -----------------------------------------------------------------------
     def layer_forward(

@@ -30,8 +30,27 @@ class Mode:
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
 
 
+class ModeView:
+    """Reads an engine's shared :class:`Mode`: the engine itself and each of its layers are such views."""
+
+    mode: Mode
+
+    @property
+    def training(self) -> bool:
+        return self.mode.training
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The engine's generator: every dropout mask and random block choice is drawn from it."""
+        return self.mode.rng
+
+    @rng.setter
+    def rng(self, generator: np.random.Generator) -> None:
+        self.mode.rng = generator
+
+
 @dataclass
-class BaseLayer:
+class BaseLayer(ModeView):
     """A frozen layer: y = f(x; W) + b."""
 
     info: LayerInfo
@@ -44,14 +63,6 @@ class BaseLayer:
     @property
     def xp(self) -> Namespace:
         return namespace(self.weight)
-
-    @property
-    def training(self) -> bool:
-        return self.mode.training
-
-    @property
-    def rng(self) -> np.random.Generator:
-        return self.mode.rng
 
     def unmerged_weight(self) -> Array:
         """The weight with no adapter merged in: what DoRA's norm is taken on when merging, as in HF PEFT."""
