@@ -12,7 +12,7 @@ import importlib.util
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from peftdecl.adapter_book import AdapterBook
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.options import EngineOptions
 from peftdecl.plan.ir import LayerPlan, ModelInfo, Plan
+
+if TYPE_CHECKING:
+    from peftdecl.kinds import BackendKinds
 
 ENTRY_POINT_GROUP = "peftdecl.backends"
 # Shipped in the peftdecl wheel; used when entry points are unavailable (e.g. running from a source tree).
@@ -69,6 +72,27 @@ class Capabilities:
         if layer_type is not None and layer_type not in self.kinds[kind]:
             return f"the {self.name} backend does not run {kind} on {layer_type} layers"
         return None
+
+    @classmethod
+    def of_kinds(
+        cls,
+        kinds: BackendKinds,
+        gradients: Literal["autograd", "explicit", "none"],
+        **fields: tuple[str, ...],
+    ) -> Capabilities:
+        """A backend's capabilities from its registry-backed kind table: its additive kinds run in mixed batches
+        and every layer kind composes with the others on a layer (:mod:`peftdecl.composition`); prompt learning
+        has none. ``fields``: devices, dtypes, fused_kernels, requires, quantizations."""
+        from peftdecl.kinds import additive_kinds, layer_kinds
+
+        return cls(
+            name=kinds.backend,
+            kinds=kinds,
+            gradients=gradients,
+            mixed_batch=additive_kinds(kinds),
+            multi_active=layer_kinds(kinds),
+            **fields,
+        )
 
 
 ArrayT = TypeVar("ArrayT")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import Capabilities
-from peftdecl.kinds import BackendKinds, additive_kinds, layer_kinds
+from peftdecl.kinds import BackendKinds
 from peftdecl.options import EngineOptions
 from peftdecl.plan import ModelInfo
 
@@ -38,15 +38,11 @@ class MlxBackend:
     """Runs plans on an ``mlx.nn.Module``: each targeted layer is replaced by a wrapper holding its adapters."""
 
     name = "mlx"
-    capabilities = Capabilities(
-        name="mlx",
-        kinds=_KINDS,
-        gradients="autograd",
+    capabilities = Capabilities.of_kinds(
+        _KINDS,
+        "autograd",
         devices=("cpu", "gpu"),
         dtypes=("float32", "bfloat16", "float16"),
-        mixed_batch=additive_kinds(_KINDS),
-        # every layer kind composes with the others on a layer (peftdecl.composition); prompt learning has none
-        multi_active=layer_kinds(_KINDS),
         requires=("mlx",),
     )
 

@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import Capabilities
-from peftdecl.kinds import BackendKinds, additive_kinds, layer_kinds
+from peftdecl.kinds import BackendKinds
 from peftdecl.options import EngineOptions
 from peftdecl.plan import LAYER_TYPES, ModelInfo
 
@@ -28,16 +28,8 @@ class NumpyBackend:
     otherwise, on NumPy unless ``xp=`` names another array-API namespace, with explicit gradients."""
 
     name = "numpy"
-    capabilities = Capabilities(
-        name="numpy",
-        kinds=_KINDS,
-        gradients="explicit",
-        devices=("cpu",),
-        dtypes=("float64", "float32"),
-        mixed_batch=additive_kinds(_KINDS),
-        # every layer kind composes with the others on a layer (peftdecl.composition); prompt learning has none
-        multi_active=layer_kinds(_KINDS),
-        requires=("numpy",),
+    capabilities = Capabilities.of_kinds(
+        _KINDS, "explicit", devices=("cpu",), dtypes=("float64", "float32"), requires=("numpy",)
     )
 
     def accepts(self, model: object) -> bool:

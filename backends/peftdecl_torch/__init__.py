@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import Capabilities
-from peftdecl.kinds import BackendKinds, additive_kinds, layer_kinds
+from peftdecl.kinds import BackendKinds
 from peftdecl.options import EngineOptions
 from peftdecl.plan import LAYER_TYPES, ModelInfo
 
@@ -36,15 +36,11 @@ class TorchBackend:
     """Runs plans on a torch ``nn.Module``: each targeted layer is replaced by a wrapper holding its adapters."""
 
     name = "torch"
-    capabilities = Capabilities(
-        name="torch",
-        kinds=_KINDS,
-        gradients="autograd",
+    capabilities = Capabilities.of_kinds(
+        _KINDS,
+        "autograd",
         devices=("cpu", "cuda"),
         dtypes=("float32", "float64", "bfloat16", "float16"),
-        mixed_batch=additive_kinds(_KINDS),
-        # every layer kind composes with the others on a layer (peftdecl.composition); prompt learning has none
-        multi_active=layer_kinds(_KINDS),
         # linear layers of these kinds run hand-written autograd Functions (kinds/_fused.py)
         fused_kernels=tuple(k for k in ("lora", "adalora", "dora", "oft", "vera") if k in _KINDS),
         requires=("torch",),
