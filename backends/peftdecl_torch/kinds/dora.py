@@ -5,12 +5,12 @@ base weight is unchanged). Rows with n = 0 use g = 1 (the NumPy reference's rule
 base term is recomputed on the dropped input h: y = W x + b + (g − 1) ⊙ W h + g ⊙ s·B A h. Merge: W' = g ⊙ (W + ΔW)
 with n cached for unmerge, W = W' / g − ΔW; n is taken on the weight without earlier merged adapters, as in HF
 PEFT. With other adapters on the layer, g rescales the output they built (:meth:`DoraOps.compose_output`).
-On a half-precision base the float32 adapter runs in the base dtype (:class:`DoraHalfLinearFunction`, see _fused).
+On a half-precision base the float32 adapter runs in the base dtype (:class:`DoraLinearFunction`, see _fused).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
@@ -93,16 +93,28 @@ def _along_out(lp: LayerPlan, g: torch.Tensor, ndim: int) -> torch.Tensor:
     return g.reshape(1, -1, *(1,) * (ndim - 2)) if lp.layer.is_conv else g
 
 
-class DoraLinearFunction(torch.autograd.Function):
-    """y = g ⊙ (x (W + s·B A)ᵀ) + b for a frozen W, run as one matmul with the merged weight W' = g ⊙ (W + s·B A).
+class DoraContext(fused.ScaledContext, Protocol):
+    """The ctx of :class:`DoraLinearFunction`: which of its two forms ran."""
 
-    Backward keeps x and y only: g ⊙ z = y − b recovers the direction term z (so every m must be non-zero), and
-    W' is rebuilt for dL/dx instead of being stored. n is an input without gradient (detached, as in DoRA).
+    half: bool
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """y = g ⊙ (x (W + s·B A)ᵀ) + b for a frozen W (g = m / n; n an input without gradient, detached as in DoRA).
+
+    One dtype throughout: one matmul with the merged weight W' = g ⊙ (W + s·B A). Backward keeps x and y only:
+    g ⊙ z = y − b recovers the direction term z (so every m must be non-zero), and W' is rebuilt for dL/dx
+    instead of being stored.
+
+    A half-precision base (A, B cast to it, m and n float32): the update is applied per token, not merged into W
+    (W + s·B A rounded to half precision would blur a small update), and the forward keeps what LoRA's does: y and
+    u = x Aᵀ. The backward runs through token-row slices so its scratch has a fixed size: Σ_t dy ⊙ (y − b) / m for
+    dL/dm, and (dy ⊙ g) W + s·((dy ⊙ g) B) A for dL/dx.
     """
 
     @staticmethod
     def forward(
-        ctx: fused.ScaledContext,
+        ctx: DoraContext,
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -115,105 +127,109 @@ class DoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         w = fused.weight_ir(weight, stored_in_out)
-        y = fused.linear(x2, _merged(w, a, b, m, n, scaling), bias)
-        ctx.scaling, ctx.stored_in_out = scaling, stored_in_out
-        ctx.save_for_backward(x, y, weight, bias, a, b, m, n)
+        ctx.scaling, ctx.stored_in_out, ctx.half = scaling, stored_in_out, x.dtype != m.dtype
+        if not ctx.half:
+            y = fused.linear(x2, _merged(w, a, b, m, n, scaling), bias)
+            ctx.save_for_backward(x, y, weight, bias, a, b, m, n)
+        else:
+            u = torch.mm(x2, a.t())
+            y = torch.mm(x2, w.t())
+            y.addmm_(u, b.t(), alpha=scaling)
+            y.mul_(m.reshape(-1) / n)  # a float32 g on a half y: computed in float32, rounded once
+            if bias is not None:
+                y.add_(bias)
+            ctx.save_for_backward(x, y, weight, bias, a, b, m, n, u)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: fused.ScaledContext, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: DoraContext, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, y, weight = ctx.saved_tensors[:3]
         bias: torch.Tensor | None = ctx.saved_tensors[3]  # None on a layer without a bias
-        a, b, m, n = ctx.saved_tensors[4:]
-        s = ctx.scaling
+        a, b, m, n = ctx.saved_tensors[4:8]
+        u = ctx.saved_tensors[8] if ctx.half else None
         need_x, _, _, need_a, need_b, need_m = ctx.needs_input_grad[:6]
-        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-        g = m.reshape(-1) / n
-        dx = da = db = dm = scratch = None
-        if need_m:  # dL/dm = Σ_t dy ⊙ z / n with z = (y − b) / g, i.e. Σ_t dy ⊙ (y − b) / m
-            # sums over tokens as products with a ones vector: a CUDA reduction over dim 0 stages partial sums in
-            # a workspace twice the size of its input; the product buffer is reused for dL/dx below
-            ones = dy2.new_ones(dy2.shape[0])
-            scratch = torch.mul(dy2, y)
-            dot = torch.mv(scratch.t(), ones)
-            if bias is not None:
-                dot = dot - bias * torch.mv(dy2.t(), ones)
-            dm = (dot / m.reshape(-1)).reshape(m.shape)
-        if need_x:
-            merged = _merged(fused.weight_ir(weight, ctx.stored_in_out), a, b, m, n, s)
-            reuse = scratch is not None and scratch.shape == (dy2.shape[0], merged.shape[1])
-            dx = (torch.mm(dy2, merged, out=scratch) if reuse else torch.mm(dy2, merged)).view(x.shape)
-        if need_a:
-            da = (torch.mm(dy2, b * g[:, None]).t() @ x2).mul_(s)  # s · ((dy ⊙ g) B)ᵀ x
-        if need_b:
-            db = (torch.mm(x2, a.t()).t() @ dy2).t().mul_(s * g[:, None])  # s · (dy ⊙ g)ᵀ (x Aᵀ)
-        return dx, None, None, da, db, dm, None, None, None
+        w = fused.weight_ir(weight, ctx.stored_in_out)
+        dy2, x2, g = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), m.reshape(-1) / n
+        saved = Saved(dy2, x2, y, u, w, bias, a, b, m, n, g, ctx.scaling, need_x, need_a, need_b, need_m)
+        dx, da, db, dm = _half_grads(saved) if ctx.half else _merged_grads(saved)
+        return None if dx is None else dx.view(x.shape), None, None, da, db, dm, None, None, None
+
+
+class Saved(NamedTuple):
+    """What the backward of either form reads: rows of dy and x, the saved y (and u = x Aᵀ, half form only), W in
+    the IR layout, the inputs, g = m / n, s and which gradients are needed."""
+
+    dy2: torch.Tensor
+    x2: torch.Tensor
+    y: torch.Tensor
+    u: torch.Tensor | None
+    w: torch.Tensor
+    bias: torch.Tensor | None
+    a: torch.Tensor
+    b: torch.Tensor
+    m: torch.Tensor
+    n: torch.Tensor
+    g: torch.Tensor
+    s: float
+    need_x: bool
+    need_a: bool
+    need_b: bool
+    need_m: bool
+
+
+Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+"""(dL/dx [T, in], dL/dA, dL/dB, dL/dm), None where not needed."""
+
+
+def _merged_grads(v: Saved) -> Grads:
+    """The one-dtype form's gradients: x, y and the rebuilt W' only."""
+    dy2, x2, y, m, g, s = v.dy2, v.x2, v.y, v.m, v.g, v.s
+    dx = da = db = dm = scratch = None
+    if v.need_m:  # dL/dm = Σ_t dy ⊙ z / n with z = (y − b) / g, i.e. Σ_t dy ⊙ (y − b) / m
+        # sums over tokens as products with a ones vector: a CUDA reduction over dim 0 stages partial sums in
+        # a workspace twice the size of its input; the product buffer is reused for dL/dx below
+        ones = dy2.new_ones(dy2.shape[0])
+        scratch = torch.mul(dy2, y)
+        dot = torch.mv(scratch.t(), ones)
+        if v.bias is not None:
+            dot = dot - v.bias * torch.mv(dy2.t(), ones)
+        dm = (dot / m.reshape(-1)).reshape(m.shape)
+    if v.need_x:
+        merged = _merged(v.w, v.a, v.b, m, v.n, s)
+        reuse = scratch is not None and scratch.shape == (dy2.shape[0], merged.shape[1])
+        dx = torch.mm(dy2, merged, out=scratch) if reuse else torch.mm(dy2, merged)
+    if v.need_a:
+        da = (torch.mm(dy2, v.b * g[:, None]).t() @ x2).mul_(s)  # s · ((dy ⊙ g) B)ᵀ x
+    if v.need_b:
+        db = (torch.mm(x2, v.a.t()).t() @ dy2).t().mul_(s * g[:, None])  # s · (dy ⊙ g)ᵀ (x Aᵀ)
+    return dx, da, db, dm
 
 
 ROW_SLICE_ELEMENTS = 1 << 22
-"""Elements of one token-row slice in :class:`DoraHalfLinearFunction`'s backward: its fixed-size scratch."""
+"""Elements of one token-row slice in the half-precision form's backward: its fixed-size scratch."""
 
 
-class DoraHalfLinearFunction(torch.autograd.Function):
-    """y = g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b on a half-precision base (A, B cast to it, m and n float32).
-
-    The update is applied per token, not merged into W (W + s·B A rounded to half precision would blur a small
-    update), and the forward keeps what LoRA's does: y and u = x Aᵀ. The backward runs through token-row slices so
-    its scratch has a fixed size: Σ_t dy ⊙ (y − b) / m for dL/dm, and (dy ⊙ g) W + s·((dy ⊙ g) B) A for dL/dx.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: fused.ScaledContext,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        m: torch.Tensor,
-        n: torch.Tensor,
-        scaling: float,
-        stored_in_out: bool,
-    ) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        u = torch.mm(x2, a.t())
-        y = torch.mm(x2, fused.weight_ir(weight, stored_in_out).t())
-        y.addmm_(u, b.t(), alpha=scaling)
-        y.mul_(m.reshape(-1) / n)  # a float32 g on a half y: computed in float32, rounded once
-        if bias is not None:
-            y.add_(bias)
-        ctx.scaling, ctx.stored_in_out = scaling, stored_in_out
-        ctx.save_for_backward(x, y, weight, bias, a, b, m, n, u)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx: fused.ScaledContext, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, y, weight = ctx.saved_tensors[:3]
-        bias: torch.Tensor | None = ctx.saved_tensors[3]  # None on a layer without a bias
-        a, b, m, n, u = ctx.saved_tensors[4:]
-        s = ctx.scaling
-        need_x, _, _, need_a, need_b, need_m = ctx.needs_input_grad[:6]
-        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-        g = m.reshape(-1) / n
-        dx = da = db = dm = None
-        if need_a or need_x:
-            dyg_b = torch.mm(dy2, (b * g[:, None]).to(b.dtype))  # (dy ⊙ g) B, [T, r]
-            if need_a:
-                da = torch.mm(dyg_b.t(), x2).mul_(s)
-        if need_b:
-            db = torch.mm(u.t(), dy2).t().mul_(g[:, None] * s)  # s · (dy ⊙ g)ᵀ u
-        if need_x or need_m:
-            dx, dot = _row_slices(dy2, y, x2, fused.weight_ir(weight, ctx.stored_in_out), g, need_x, need_m)
-            if dx is not None:  # need_x
-                dx.addmm_(dyg_b, a, alpha=s)
-                dx = dx.view(x.shape)
-            if dot is not None:  # need_m
-                if bias is not None:
-                    dot = dot - bias.to(dot.dtype) * torch.mv(dy2.t(), dy2.new_ones(dy2.shape[0])).to(
-                        dot.dtype
-                    )
-                dm = (dot / m.reshape(-1)).reshape(m.shape)
-        return dx, None, None, da, db, dm, None, None, None
+def _half_grads(v: Saved) -> Grads:
+    """The half-precision form's gradients, through token-row slices (:func:`_row_slices`) and the kept u."""
+    dy2, m, g, s = v.dy2, v.m, v.g, v.s
+    dx = da = db = dm = None
+    if v.need_a or v.need_x:
+        dyg_b = torch.mm(dy2, (v.b * g[:, None]).to(v.b.dtype))  # (dy ⊙ g) B, [T, r]
+        if v.need_a:
+            da = torch.mm(dyg_b.t(), v.x2).mul_(s)
+    if v.need_b:
+        assert v.u is not None  # the half form keeps u
+        db = torch.mm(v.u.t(), dy2).t().mul_(g[:, None] * s)  # s · (dy ⊙ g)ᵀ u
+    if v.need_x or v.need_m:
+        dx, dot = _row_slices(dy2, v.y, v.x2, v.w, g, v.need_x, v.need_m)
+        if dx is not None:  # need_x
+            dx.addmm_(dyg_b, v.a, alpha=s)
+        if dot is not None:  # need_m
+            if v.bias is not None:
+                ones = dy2.new_ones(dy2.shape[0])
+                dot = dot - v.bias.to(dot.dtype) * torch.mv(dy2.t(), ones).to(dot.dtype)
+            dm = (dot / m.reshape(-1)).reshape(m.shape)
+    return dx, da, db, dm
 
 
 def _row_slices(
@@ -271,9 +287,8 @@ class DoraOps:
         if fused.fusable(lp, layer, x, dtype, dropout, half_compute=True) and bool(
             (n > 0).all() & (m != 0).all()
         ):
-            function = DoraLinearFunction if x.dtype == dtype else DoraHalfLinearFunction
             a, b = fused.compute_dtype(x, p["lora_A.weight"], p["lora_B.weight"])
-            y: torch.Tensor = function.apply(
+            y: torch.Tensor = DoraLinearFunction.apply(
                 x, layer.base_weight, layer.bias, a, b, m, n, s, lp.layer.type == "gpt2_conv1d"
             )
             return y
