@@ -68,27 +68,6 @@ class AdaptedModel(PeftCompat):
         engine = backend.create(base_model, info, book, EngineOptions.from_env(engine_options), **options)
         return cls(backend, engine, info, base_model, book)
 
-    # the book's fields under the names PeftCompat and the methods below read
-    @property
-    def _plans(self) -> dict[str, Plan]:
-        return self._book.plans
-
-    @property
-    def _active(self) -> tuple[str, ...]:
-        return self._book.active
-
-    @property
-    def _merged(self) -> tuple[str, ...]:
-        return tuple(self._book.merged)
-
-    @property
-    def _frozen(self) -> set[str]:
-        return self._book.frozen
-
-    @property
-    def _enabled(self) -> bool:
-        return self._book.enabled
-
     def _set_enabled(self, enabled: bool) -> None:
         self._book.enabled = enabled
         self._engine.sync()
@@ -113,18 +92,18 @@ class AdaptedModel(PeftCompat):
     @property
     def adapters(self) -> dict[str, Plan]:
         """Adapter name -> its compiled plan."""
-        return dict(self._plans)
+        return dict(self._book.plans)
 
     @property
     def active_adapters(self) -> list[str]:
-        return list(self._active)
+        return list(self._book.active)
 
     @property
     def merged_adapters(self) -> tuple[str, ...]:
-        return self._merged
+        return tuple(self._book.merged)
 
     def plan(self, name: str | None = None) -> Plan:
-        return self._plans[self._name(name)]
+        return self._book.plans[self._name(name)]
 
     def spec(self, name: str | None = None) -> SpecBase:
         return self.plan(name).spec
@@ -147,25 +126,25 @@ class AdaptedModel(PeftCompat):
         spec = peft_alias("add_adapter", "spec", spec, "peft_config", peft_options)
         check_peft_options("add_adapter", peft_options)
         check_adapter_name(name)
-        if name in self._plans:
+        if name in self._book.plans:
             raise PeftdeclError(f"an adapter named {name!r} is already attached")
         if name == "__base__":
             raise PeftdeclError("'__base__' is reserved for rows without an adapter")
         plan = compile_plan(load_spec(spec), self._info, name)
-        check_compatible(self._plans, plan, self._backend.capabilities)
+        check_compatible(self._book.plans, plan, self._backend.capabilities)
         if arrays is None:
             values = init_params(plan, seed, external=self._external_init(plan, seed))
         else:
             values = {k: np.asarray(v) for k, v in arrays.items()}
             check_arrays(plan, values, origin=f"adapter {name!r}")
         values = self._shared_family_arrays(plan, values)
-        self._plans[name] = plan
+        self._book.plans[name] = plan
         try:
             self._engine.add(name, plan, values)
         except BaseException:
-            del self._plans[name]
+            del self._book.plans[name]
             raise
-        if activate or not self._active:
+        if activate or not self._book.active:
             self.set_adapter(name)
         return plan
 
@@ -209,20 +188,20 @@ class AdaptedModel(PeftCompat):
             except AdapterFileError as exc:
                 raise AdapterFileError(f"{origin}: {exc}") from exc
         check_arrays(plan, adapter_arrays, origin=str(origin))
-        check_compatible(self._plans, plan, self._backend.capabilities)
-        if name in self._plans:
+        check_compatible(self._book.plans, plan, self._backend.capabilities)
+        if name in self._book.plans:
             raise PeftdeclError(f"an adapter named {name!r} is already attached")
         adapter_arrays = self._shared_family_arrays(plan, adapter_arrays)
         if base_overrides:
             self._engine.load_base_weights(base_overrides)
-        self._plans[name] = plan
+        self._book.plans[name] = plan
         try:
             self._engine.add(name, plan, {**adapter_arrays, **saved_modules})
         except BaseException:
-            del self._plans[name]
+            del self._book.plans[name]
             raise
         self._set_frozen(name, not is_trainable)
-        if activate or not self._active:
+        if activate or not self._book.active:
             self._activate((name,))
         if not is_trainable:
             self.eval()
@@ -253,40 +232,44 @@ class AdaptedModel(PeftCompat):
         """Change config fields of an attached adapter whose tensors keep their shapes (e.g. AdaLoRA's
         ``rank_pattern`` after rank allocation); the adapter is recompiled and keeps its current values."""
         name = self._name(name)
-        if name in self._merged:
+        if name in self._book.merged:
             raise PeftdeclError(f"adapter {name!r} is merged; call unmerge() before changing its spec")
-        old = self._plans[name]
+        old = self._book.plans[name]
         plan = compile_plan(old.spec.replace(**changes), self._info)
         shapes = {k: p.shape for k, p in plan.param_specs().items()}
         if shapes != {k: p.shape for k, p in old.param_specs().items()}:
             raise PeftdeclError(f"update_spec{sorted(changes)} would change the tensors of adapter {name!r}")
-        self._plans[name] = plan
+        self._book.plans[name] = plan
         try:
             self._engine.replace_plan(name, plan)
         except BaseException:
-            self._plans[name] = old
+            self._book.plans[name] = old
             raise
         return plan
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter; merged adapters must be unmerged first."""
         self._name(name)
-        if name in self._merged:
+        if name in self._book.merged:
             raise PeftdeclError(f"adapter {name!r} is merged; call unmerge() before deleting it")
         self._engine.remove(name)
-        del self._plans[name]
+        del self._book.plans[name]
         self._book.frozen.discard(name)
-        self._book.active = tuple(n for n in self._active if n != name)
+        self._book.active = tuple(n for n in self._book.active if n != name)
         self._engine.sync()
 
     # -- merging -------------------------------------------------------------------------------------------
     def merge(self, names: str | Sequence[str] | None = None) -> None:
         """Fold the adapters (default: the active ones) into the base weights."""
-        wanted = self._active if names is None else ((names,) if isinstance(names, str) else tuple(names))
+        wanted = (
+            self._book.active if names is None else ((names,) if isinstance(names, str) else tuple(names))
+        )
         for name in wanted:
-            if not self._plans[self._name(name)].layers and self._plans[name].prompt is not None:
-                raise PeftdeclError(f"adapter {name!r} is {self._plans[name].kind}, which cannot be merged")
-        todo = tuple(n for n in wanted if n not in self._merged)
+            if not self._book.plans[self._name(name)].layers and self._book.plans[name].prompt is not None:
+                raise PeftdeclError(
+                    f"adapter {name!r} is {self._book.plans[name].kind}, which cannot be merged"
+                )
+        todo = tuple(n for n in wanted if n not in self._book.merged)
         self._engine.merge(todo)
         self._book.merged.extend(todo)
 
@@ -313,12 +296,12 @@ class AdaptedModel(PeftCompat):
         ``format``: "hf" (HF PEFT, the default), "mlx-lm" (LoRA/DoRA only) or "native" (peftdecl's lossless
         layout: the spec plus every tensor as it lives in memory, e.g. a prefix projection MLP mid-training)."""
         file_format = get_format(format)
-        names = tuple(adapters) if adapters is not None else tuple(self._plans)
+        names = tuple(adapters) if adapters is not None else tuple(self._book.plans)
         for name in names:  # each becomes a sub-folder of ``directory``
             check_adapter_name(name)
         payload = {}
         for name in names:
-            plan = self._plans[self._name(name)]
+            plan = self._book.plans[self._name(name)]
             arrays: dict[str, Any] = self._engine.export(name)
             # what HF PEFT records of the base model, so that AutoPeftModel can rebuild it
             extra: dict[str, Any] = base_model_fields(plan, self._info) if file_format.name == "hf" else {}
@@ -350,7 +333,7 @@ class AdaptedModel(PeftCompat):
     def trainable_parameters(self) -> Any:
         """Backend-native parameters of the active adapters that are not frozen (and their modules_to_save
         copies); an empty dict when there is none, e.g. after an inference-mode ``load_adapter``."""
-        names = self._book.trainable(self._active)
+        names = self._book.trainable(self._book.active)
         return self._engine.trainable_parameters(names) if names else {}
 
     def __getattr__(self, attr: str) -> Any:
@@ -370,21 +353,21 @@ class AdaptedModel(PeftCompat):
         )
 
     def __repr__(self) -> str:
-        kinds = ", ".join(f"{n}={p.kind}" for n, p in self._plans.items())
-        return f"AdaptedModel(backend={self._backend.name}, adapters=[{kinds}], active={list(self._active)})"
+        kinds = ", ".join(f"{n}={p.kind}" for n, p in self._book.plans.items())
+        return f"AdaptedModel(backend={self._backend.name}, adapters=[{kinds}], active={list(self._book.active)})"
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _name(self, name: str | None) -> str:
         if name is None:
-            if len(self._active) != 1:
-                raise PeftdeclError(f"name an adapter; active adapters are {list(self._active)}")
-            return self._active[0]
-        if name not in self._plans:
-            raise PeftdeclError(f"no adapter named {name!r}; attached: {sorted(self._plans)}")
+            if len(self._book.active) != 1:
+                raise PeftdeclError(f"name an adapter; active adapters are {list(self._book.active)}")
+            return self._book.active[0]
+        if name not in self._book.plans:
+            raise PeftdeclError(f"no adapter named {name!r}; attached: {sorted(self._book.plans)}")
         return name
 
     def _shared_family_arrays(self, plan: Plan, arrays: dict[str, Any]) -> dict[str, Any]:
-        first = first_vera(self._plans, plan)
+        first = first_vera(self._book.plans, plan)
         return (
             arrays if first is None else inherit_projections(first, self._engine.export(first), plan, arrays)
         )

@@ -21,6 +21,7 @@ from peftdecl.plan import ModelInfo, Plan
 from peftdecl.spec import SpecBase
 
 if TYPE_CHECKING:
+    from peftdecl.adapter_book import AdapterBook
     from peftdecl.backend import Engine
 
 _Model = TypeVar("_Model", bound="PeftCompat")
@@ -138,20 +139,11 @@ def base_model_fields(plan: Plan, info: ModelInfo) -> dict[str, str]:
 class PeftCompat:
     """The ``PeftModel`` methods and attributes of an adapted model (mixed into ``AdaptedModel``)."""
 
-    if TYPE_CHECKING:  # provided by AdaptedModel (the adapter state is read from its AdapterBook)
+    if TYPE_CHECKING:  # provided by AdaptedModel, whose AdapterBook holds the adapter state
         _engine: Engine
         _base_model: Any  # the user's model, of whatever framework
+        _book: AdapterBook
 
-        @property
-        def _plans(self) -> dict[str, Plan]: ...
-        @property
-        def _active(self) -> tuple[str, ...]: ...
-        @property
-        def _merged(self) -> tuple[str, ...]: ...
-        @property
-        def _frozen(self) -> set[str]: ...
-        @property
-        def _enabled(self) -> bool: ...
         def _name(self, name: str | None) -> str: ...
         def _set_frozen(self, name: str, frozen: bool) -> None: ...
         def _set_enabled(self, enabled: bool) -> None: ...
@@ -170,17 +162,17 @@ class PeftCompat:
     @property
     def peft_config(self) -> dict[str, SpecBase]:
         """Adapter name -> its spec (peftdecl's counterpart of PEFT's config object)."""
-        return {name: plan.spec for name, plan in self._plans.items()}
+        return {name: plan.spec for name, plan in self._book.plans.items()}
 
     @property
     def active_adapter(self) -> str | list[str]:
         """The active adapter's name (a list when several are active, as PEFT's tuner gives)."""
-        return self._active[0] if len(self._active) == 1 else list(self._active)
+        return self._book.active[0] if len(self._book.active) == 1 else list(self._book.active)
 
     @property
     def active_peft_config(self) -> SpecBase:
         """The spec of the (single) active adapter."""
-        return self._plans[self._name(None)].spec
+        return self._book.plans[self._name(None)].spec
 
     @property
     def peft_type(self) -> str:
@@ -189,16 +181,16 @@ class PeftCompat:
     @property
     def targeted_module_names(self) -> list[str]:
         """Every module some attached adapter adapts, in model order of first appearance."""
-        return list(dict.fromkeys(m for plan in self._plans.values() for m in plan.targets))
+        return list(dict.fromkeys(m for plan in self._book.plans.values() for m in plan.targets))
 
     @property
     def modules_to_save(self) -> set[str] | None:
-        modules = {m for plan in self._plans.values() for m in plan.modules_to_save}
+        modules = {m for plan in self._book.plans.values() for m in plan.modules_to_save}
         return modules or None
 
     @property
     def has_active_enabled_adapter(self) -> bool:
-        return bool(self._active) and self._enabled
+        return bool(self._book.active) and self._book.enabled
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Make adapters trainable or frozen (only active adapters are ever trainable in peftdecl)."""
@@ -224,7 +216,7 @@ class PeftCompat:
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
         """Within the block the model computes as its base (merged adapters are unmerged first)."""
-        was = self._enabled
+        was = self._book.enabled
         self.disable_adapter_layers()
         try:
             yield
@@ -233,7 +225,7 @@ class PeftCompat:
 
     def disable_adapter_layers(self) -> None:
         """Turn every adapter off until :meth:`enable_adapter_layers` (merged ones are unmerged, as PEFT does)."""
-        if self._merged:
+        if self._book.merged:
             self.unmerge()
         self._set_enabled(False)
 
@@ -255,7 +247,7 @@ class PeftCompat:
         is accepted and ignored."""
         self.merge(adapter_names)
         if safe_merge:
-            modules = {m for name in self._merged for m in self._plans[name].targets}
+            modules = {m for name in self._book.merged for m in self._book.plans[name].targets}
             bad = sorted(m for m in modules if not np.isfinite(self._engine.base_weight(m)).all())
             if bad:
                 self.unmerge()
@@ -264,7 +256,7 @@ class PeftCompat:
 
     def unload(self) -> Any:
         """The base model as it was: merged adapters are taken out again, every adapter removed."""
-        if self._merged:
+        if self._book.merged:
             self.unmerge()
         return self._engine.unload()
 
