@@ -7,8 +7,8 @@ model.save("out/")
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import Backend, BackendEntry, Capabilities, Engine, backend_for, get_backend
@@ -19,6 +19,7 @@ from peftdecl.options import EngineOptions
 from peftdecl.peft_compat import NotSupportedError
 from peftdecl.plan import ModelInfo, Plan, compile_plan
 from peftdecl.spec import AdapterSpec, load_spec
+from peftdecl.spec.load import SpecSource
 
 __version__ = "0.1.0"
 
@@ -28,7 +29,7 @@ def backends() -> dict[str, BackendEntry]:
     return _backends()
 
 
-def _resolve_backend(base_model: Any, backend: str | Backend | None) -> Backend:
+def _resolve_backend(base_model: object, backend: str | Backend | None) -> Backend:
     if backend is None:
         return backend_for(base_model)
     if isinstance(backend, str):
@@ -36,19 +37,24 @@ def _resolve_backend(base_model: Any, backend: str | Backend | None) -> Backend:
     return backend
 
 
-def _adapted(base_model: Any, backend: str | Backend | None, options: dict[str, Any]) -> AdaptedModel:
-    engine_options = options.pop("engine_options", None)
+def _adapted(
+    base_model: object,
+    backend: str | Backend | None,
+    engine_options: Mapping[str, object] | None,
+    options: Mapping[str, object],
+) -> AdaptedModel:
     return AdaptedModel.create(_resolve_backend(base_model, backend), base_model, engine_options, **options)
 
 
 def attach(
-    base_model: Any,
-    spec: Any,
+    base_model: object,
+    spec: SpecSource | object,
     name: str = "default",
     backend: str | Backend | None = None,
     *,
     seed: int = 0,
-    **options: Any,
+    engine_options: Mapping[str, object] | None = None,
+    **options: object,
 ) -> AdaptedModel:
     """Attach a freshly initialised adapter described by ``spec`` to ``base_model``.
 
@@ -58,30 +64,32 @@ def attach(
     :class:`peftdecl.options.EngineOptions` fields (e.g. ``{"seed": 1, "fused": False}``); each defaults to its
     ``PEFTDECL_<NAME>`` environment variable.
     """
-    model = _adapted(base_model, backend, options)
+    model = _adapted(base_model, backend, engine_options, options)
     model.add_adapter(name, spec, seed=seed, activate=True)
     return model
 
 
 def load_adapter(
-    base_model: Any,
+    base_model: object,
     directory: str | Path,
     name: str = "default",
     backend: str | Backend | None = None,
     *,
     is_trainable: bool = False,
-    **options: Any,
+    adapter_name: str | None = None,
+    engine_options: Mapping[str, object] | None = None,
+    **options: object,
 ) -> AdaptedModel:
     """Attach an adapter saved by HF PEFT or peftdecl (format detected from the folder).
 
     As HF PEFT's ``PeftModel.from_pretrained``: the adapter is for inference (frozen, the model in eval mode)
     unless ``is_trainable=True``, which gives a trainable adapter and leaves the model's mode as it is. PEFT's
     keyword ``adapter_name`` is accepted for ``name``; ``engine_options`` as for :func:`attach`."""
-    if "adapter_name" in options:
+    if adapter_name is not None:
         if name != "default":
             raise TypeError("load_adapter() got 'name' and PEFT's 'adapter_name' for the same argument")
-        name = options.pop("adapter_name")
-    model = _adapted(base_model, backend, options)
+        name = adapter_name
+    model = _adapted(base_model, backend, engine_options, options)
     model.load_adapter(directory, name, is_trainable, activate=True)
     return model
 

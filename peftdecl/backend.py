@@ -11,6 +11,7 @@ import importlib.metadata
 import importlib.util
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
@@ -95,18 +96,25 @@ class Capabilities:
         )
 
 
-ArrayT = TypeVar("ArrayT")
 LayerT = TypeVar("LayerT", contravariant=True)
-Params = Mapping[str, Any]
+if TYPE_CHECKING:
+    # PEP 696 default, for the checker only: a backend may write ``KindOps[Handle]`` without naming its array type
+    from typing_extensions import TypeVar as DefaultingTypeVar
+
+    ArrayT = DefaultingTypeVar("ArrayT", default=Any)
+else:
+    ArrayT = TypeVar("ArrayT")
+Params = Mapping[str, ArrayT]
 """A layer's adapter tensors by HF PEFT suffix (``lora_A.weight``), shared tensors (VeRA's) included."""
 
 
 @runtime_checkable
-class KindOps(Protocol[LayerT]):
+class KindOps(Protocol[LayerT, ArrayT]):
     """The math of one adapter kind on one backend: the same names and arguments on every backend.
 
     ``lp`` is the layer's plan, ``layer`` the backend's handle on the adapted layer (its base weights, training
-    flag and the engine's generator for random draws), ``p`` the adapter's tensors, ``x`` the layer input.
+    flag and the engine's generator for random draws), ``p`` the adapter's tensors, ``x`` the layer input;
+    ``ArrayT`` is the backend's array type (``torch.Tensor``, ``mx.array``, the NumPy reference's arrays).
     Prompt learning (prefix and prompt tuning) acts on the model, not a layer, and has its own model-level ops.
     """
 
@@ -114,25 +122,29 @@ class KindOps(Protocol[LayerT]):
     additive: bool
     """True when the output is base(x) + Δ(x) (:class:`AdditiveOps`); otherwise :class:`ComposingOps`."""
 
-    def forward(self, lp: LayerPlan, layer: LayerT, p: Params, x: Any) -> Any:
+    def forward(self, lp: LayerPlan, layer: LayerT, p: Params[ArrayT], x: ArrayT) -> ArrayT:
         """The whole layer output, base included, with only this adapter running."""
         ...
 
-    def delta_weight(self, lp: LayerPlan, layer: LayerT, p: Params) -> Any:
+    def delta_weight(self, lp: LayerPlan, layer: LayerT, p: Params[ArrayT]) -> ArrayT:
         """ΔW in the IR layout, such that merging gives W + ΔW (for multiplicative kinds: the merged W − W)."""
         ...
 
-    def merge(self, lp: LayerPlan, layer: LayerT, p: Params, cache: dict[str, Any]) -> tuple[Any, Any]:
+    def merge(
+        self, lp: LayerPlan, layer: LayerT, p: Params[ArrayT], cache: dict[str, ArrayT]
+    ) -> tuple[ArrayT, ArrayT | None]:
         """(W, b) with the adapter folded into the current base weights; ``cache`` lives until the unmerge."""
         ...
 
-    def unmerge(self, lp: LayerPlan, layer: LayerT, p: Params, cache: dict[str, Any]) -> tuple[Any, Any]:
+    def unmerge(
+        self, lp: LayerPlan, layer: LayerT, p: Params[ArrayT], cache: dict[str, ArrayT]
+    ) -> tuple[ArrayT, ArrayT | None]:
         """(W, b) with the adapter taken out again."""
         ...
 
 
 @runtime_checkable
-class AdditiveOps(KindOps[LayerT], Protocol[LayerT]):
+class AdditiveOps(KindOps[LayerT, ArrayT], Protocol[LayerT, ArrayT]):
     """A kind whose output is base(x) + Δ(x): it stacks with others by addition and runs in mixed batches.
 
     Optional fast path: ``accumulate(lp, layer, p, x, result) -> result + Δ(x)`` (e.g. one fused multiply-add into
@@ -140,30 +152,34 @@ class AdditiveOps(KindOps[LayerT], Protocol[LayerT]):
     Optional fast path: ``alone(lp, layer, p, x) -> y | None``, the whole output with this adapter alone where it
     can beat base(x) + Δ(x) (MLX LoRA's fused functions), None where it cannot; ``forward`` falls back then."""
 
-    def delta(self, lp: LayerPlan, layer: LayerT, p: Params, x: Any) -> Any:
+    def delta(self, lp: LayerPlan, layer: LayerT, p: Params[ArrayT], x: ArrayT) -> ArrayT:
         """Δ(x): the adapter's contribution to the layer output."""
         ...
 
 
 @runtime_checkable
-class ComposingOps(KindOps[LayerT], Protocol[LayerT]):
+class ComposingOps(KindOps[LayerT, ArrayT], Protocol[LayerT, ArrayT]):
     """A kind that transforms the output built so far (OUTPUT) or the input the base reads (INPUT); see
     :mod:`peftdecl.composition` for how several active adapters combine."""
 
     input_order: Literal["active", "reversed"]
 
     def composition(self, lp: LayerPlan) -> Literal["output", "input"]: ...
-    def compose_output(self, lp: LayerPlan, layer: LayerT, p: Params, x: Any, y: Any) -> Any:
+    def compose_output(self, lp: LayerPlan, layer: LayerT, p: Params[ArrayT], x: ArrayT, y: ArrayT) -> ArrayT:
         """OUTPUT: y ← φ(x, y), the output so far transformed."""
         ...
 
-    def compose_weight(self, lp: LayerPlan, layer: LayerT, p: Params, weight: Any) -> Any:
+    def compose_weight(self, lp: LayerPlan, layer: LayerT, p: Params[ArrayT], weight: ArrayT) -> ArrayT:
         """INPUT: the weight the base operation runs with, W ↦ W Tᵀ for the input transform T."""
         ...
 
 
+Tape = dict[str, object]
+"""What a ``*_record`` keeps for its backward: each kind's own record of arrays, flags and nested tapes."""
+
+
 @runtime_checkable
-class ExplicitGradientOps(KindOps[LayerT], Protocol[LayerT]):
+class ExplicitGradientOps(KindOps[LayerT, ArrayT], Protocol[LayerT, ArrayT]):
     """A backend without autograd (the NumPy reference) also records a tape and runs the backward by hand.
 
     Each way of running a kind has a ``*_record`` that returns (its result, a tape) and a ``*_backward`` that
@@ -181,13 +197,13 @@ class ExplicitGradientOps(KindOps[LayerT], Protocol[LayerT]):
     :class:`AdditiveOps` and :class:`ComposingOps` return the first element of the matching ``*_record``.
     """
 
-    def record(self, lp: LayerPlan, layer: LayerT, p: Params, x: Any) -> tuple[Any, dict[str, Any]]:
+    def record(self, lp: LayerPlan, layer: LayerT, p: Params[ArrayT], x: ArrayT) -> tuple[ArrayT, Tape]:
         """(the output of :meth:`forward`, the tape its backward needs)."""
         ...
 
     def backward(
-        self, lp: LayerPlan, layer: LayerT, p: Params, tape: dict[str, Any], dy: Any
-    ) -> tuple[Any, dict[str, Any]]:
+        self, lp: LayerPlan, layer: LayerT, p: Params[ArrayT], tape: Tape, dy: ArrayT
+    ) -> tuple[ArrayT | None, dict[str, ArrayT]]:
         """(dL/dx, dL/dp for every trainable tensor by name) from dL/dy."""
         ...
 
@@ -219,7 +235,10 @@ class Engine(Protocol):
     def export(self, name: str) -> dict[str, np.ndarray]: ...
     def merge(self, names: tuple[str, ...]) -> None: ...
     def unmerge(self) -> None: ...
-    def unload(self) -> Any: ...
+    def unload(self) -> object:
+        """The base model (of the backend's framework) with every adapter layer removed; merged weights stay."""
+        ...
+
     def base_weight(self, module: str) -> np.ndarray:
         """The base weight in the IR layout, as NumPy in its own dtype (float64 for the reference)."""
         ...
@@ -251,7 +270,7 @@ def trainable_key(adapter: str, key: str, adapters: Sequence[str]) -> str:
     return f"{adapter}{ADAPTER_KEY_SEPARATOR}{key}" if len(adapters) > 1 else key
 
 
-def check_options(backend: str, options: Mapping[str, Any], known: Sequence[str], source: str) -> None:
+def check_options(backend: str, options: Mapping[str, object], known: Sequence[str], source: str) -> None:
     """Refuse the ``options`` of ``attach`` / ``load_adapter`` that ``backend`` does not accept (``known``): raises
     BackendError naming them and ``source``, where that backend reads layer types and model facts instead."""
     unknown = sorted(set(options) - set(known))
@@ -283,7 +302,7 @@ class Backend(Protocol):
     name: str
     capabilities: Capabilities
 
-    def accepts(self, model: Any) -> bool: ...
+    def accepts(self, model: object) -> bool: ...
     def inventory(self, model: Any, **options: Any) -> ModelInfo: ...
     def create(
         self, model: Any, info: ModelInfo, book: AdapterBook, options: EngineOptions, **model_options: Any
@@ -307,7 +326,7 @@ class CheckpointLoading(Protocol):
     """Optional Backend method (used by :mod:`peftdecl.equiv`): the backend's model built from a local HF
     checkpoint folder (``config.json`` + ``model*.safetensors``, as ``save_pretrained`` writes it), offline."""
 
-    def load_checkpoint(self, directory: Any) -> Any: ...
+    def load_checkpoint(self, directory: str | Path) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -368,7 +387,7 @@ def get_backend(name: str) -> Backend:
     return _INSTANCES[name]
 
 
-def backend_for(model: Any) -> Backend:
+def backend_for(model: object) -> Backend:
     """The first available backend whose ``accepts`` takes ``model``."""
     for name, entry in backends().items():
         if entry.available:

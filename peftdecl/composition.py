@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Final, TypeVar, cast
 
 from peftdecl.plan import LayerPlan
 
@@ -32,16 +32,18 @@ ADD: Final = "add"
 OUTPUT: Final = "output"
 INPUT: Final = "input"
 T = TypeVar("T")
+Layer = TypeVar("Layer")
+Array = TypeVar("Array")
 
 
-def role(ops: KindOps[Any], lp: LayerPlan) -> str:
+def role(ops: KindOps[Layer, Array], lp: LayerPlan) -> str:
     """ADD, OUTPUT or INPUT: how the adapter of ``lp`` (run by the kind ops ``ops``) composes with the others."""
-    # the layer handle's type does not matter here; a non-additive kind's ops are ComposingOps
-    return ADD if ops.additive else cast("ComposingOps[Any]", ops).composition(lp)
+    # any backend's layer handle and array type; a non-additive kind's ops are ComposingOps
+    return ADD if ops.additive else cast("ComposingOps[Layer, Array]", ops).composition(lp)
 
 
 def weight_map_order(
-    entries: Iterable[T], ops_and_plan: Callable[[T], tuple[KindOps[Any], LayerPlan]]
+    entries: Iterable[T], ops_and_plan: Callable[[T], tuple[KindOps[Layer, Array], LayerPlan]]
 ) -> list[T]:
     """The INPUT adapters among ``entries`` (in active order) in the order their weight maps apply to W.
 
@@ -51,7 +53,7 @@ def weight_map_order(
     for entry in entries:
         ops, lp = ops_and_plan(entry)
         if role(ops, lp) == INPUT:
-            if cast("ComposingOps[Any]", ops).input_order == "active":
+            if cast("ComposingOps[Layer, Array]", ops).input_order == "active":
                 order.appendleft(entry)
             else:
                 order.append(entry)

@@ -11,6 +11,8 @@ from typing import Any
 from peftdecl.errors import BackendError
 
 ENV_PREFIX = "PEFTDECL_"
+OptionValue = int | bool | None
+"""The value of an engine option: the seed, a switch, or None for "decide by cost"."""
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,9 @@ class EngineOptions:
     """Fused LoRA training: keep the rank-r shrink for the backward instead of recomputing it."""
 
     @classmethod
-    def from_env(cls, overrides: Mapping[str, Any] | None = None) -> EngineOptions:
+    def from_env(cls, overrides: Mapping[str, object] | None = None) -> EngineOptions:
         """Defaults from the environment, then ``overrides`` (unknown names are refused, naming the known ones)."""
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = {}  # each field's own type, by name
         for f in fields(cls):
             raw = os.environ.get(ENV_PREFIX + f.name.upper())
             if raw is not None and raw.strip() != "":
@@ -48,7 +50,7 @@ class EngineOptions:
         return replace(self, **changes)
 
 
-def _parse(name: str, raw: str, default: Any) -> Any:
+def _parse(name: str, raw: str, default: object) -> OptionValue:
     text = raw.strip().lower()
     if name == "seed":
         try:

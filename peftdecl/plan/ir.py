@@ -92,6 +92,10 @@ class ModelInfo:
             object.__setattr__(self, "modules", tuple(self.layers))
 
 
+InitArg = str | int | float | tuple[int, ...]
+"""An argument of an initialisation rule: a number, a source name or token ids."""
+
+
 @dataclass(frozen=True)
 class Init:
     """A deterministic initialisation rule, e.g. ``Init("kaiming_uniform", fan_in=64)``."""
@@ -99,13 +103,14 @@ class Init:
     rule: Literal[
         "zeros", "ones", "constant", "normal", "uniform", "kaiming_uniform", "torch_cpu_uniform", "external"
     ]
-    args: tuple[tuple[str, Any], ...] = ()
+    args: tuple[tuple[str, InitArg], ...] = ()
 
-    def __init__(self, rule: str, **args: Any) -> None:
+    def __init__(self, rule: str, **args: InitArg) -> None:
         object.__setattr__(self, "rule", rule)
         object.__setattr__(self, "args", tuple(sorted(args.items())))
 
-    def arg(self, name: str, default: Any = None) -> Any:
+    def arg(self, name: str, default: InitArg | None = None) -> Any:
+        # Any: each rule knows its arguments' types and converts (float(...), int(...)) where it reads them
         return dict(self.args).get(name, default)
 
 

@@ -13,21 +13,21 @@ import difflib
 import functools
 import json
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 import jsonschema
 import msgspec
 
+from peftdecl._json import JsonObject, JsonValue
 from peftdecl.errors import SpecError
 from peftdecl.spec._base import SpecBase, deferred_checks
 from peftdecl.spec._read import read_source
 from peftdecl.spec._values import plain_json
 
-SpecSource = str | bytes | os.PathLike[str] | Mapping[str, Any] | SpecBase
+SpecSource = str | bytes | os.PathLike[str] | Mapping[str, JsonValue] | SpecBase
 
 
-def load_spec(source: SpecSource | Any) -> SpecBase:
+def load_spec(source: SpecSource | object) -> SpecBase:
     """Load and check an adapter spec from a path, JSON/YAML text, bytes, a dict, an existing spec, or an HF PEFT
     config object (``peft.LoraConfig(...)``: anything with PEFT's ``to_dict()`` and ``peft_type``).
 
@@ -46,7 +46,7 @@ def load_spec(source: SpecSource | Any) -> SpecBase:
     return spec_from_dict(data, origin)
 
 
-def spec_from_dict(data: Any, origin: str | None = None) -> SpecBase:
+def spec_from_dict(data: object, origin: str | None = None) -> SpecBase:
     """Check and decode an already-parsed spec mapping."""
     data = plain_json(data, origin)
     if not isinstance(data, Mapping):
@@ -98,7 +98,7 @@ SET_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules")
 a saved ``adapter_config.json`` lists them in arbitrary set order, so they are kept sorted and unique."""
 
 
-def _as_sets(data: Mapping[str, Any]) -> dict[str, Any]:
+def _as_sets(data: Mapping[str, JsonValue]) -> JsonObject:
     out = dict(data)
     for name in SET_FIELDS:
         value = out.get(name)
@@ -107,7 +107,7 @@ def _as_sets(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def whole_floats_to_ints(value: Any, schema: Any) -> Any:
+def whole_floats_to_ints(value: JsonValue, schema: JsonValue) -> JsonValue:
     """``8.0`` -> ``8`` wherever ``schema`` wants an integer (JSON Schema's "integer" accepts 8.0, msgspec does not;
     the value is the same number, so load_spec takes it as the integer, as the schema says)."""
     if not isinstance(schema, Mapping):
@@ -138,7 +138,7 @@ def whole_floats_to_ints(value: Any, schema: Any) -> Any:
     return value
 
 
-def _wants_integer(schema: Mapping[str, Any]) -> bool:
+def _wants_integer(schema: Mapping[str, JsonValue]) -> bool:
     kinds = {schema.get("type")} | {b.get("type") for b in schema.get("anyOf", ()) if isinstance(b, Mapping)}
     for branch in schema.get("allOf", ()):
         if isinstance(branch, Mapping):
@@ -146,7 +146,7 @@ def _wants_integer(schema: Mapping[str, Any]) -> bool:
     return "integer" in kinds and "number" not in kinds
 
 
-def _json_type(value: Any) -> str:
+def _json_type(value: JsonValue) -> str:
     names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "a number"}
     return "null" if value is None else names.get(type(value), "a number")
 
@@ -157,7 +157,7 @@ def _msgspec_problem(message: str) -> tuple[str, str]:
     return (where.rstrip("`"), text) if sep else ("$", message)
 
 
-def _unknown_fields(data: Mapping[str, Any], cls: type[SpecBase]) -> list[tuple[str, str]]:
+def _unknown_fields(data: Mapping[str, JsonValue], cls: type[SpecBase]) -> list[tuple[str, str]]:
     known = {f.encode_name for f in msgspec.structs.fields(cls)} | {"peft_type"}
     problems = []
     for key in data:
@@ -174,14 +174,14 @@ def _unknown_fields(data: Mapping[str, Any], cls: type[SpecBase]) -> list[tuple[
     return problems
 
 
-def _did_you_mean(word: str, choices: Any) -> str:
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     if len(word) > 100:  # no field name is this long; difflib's cost grows with the length
         return ""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _schema_problems(data: Mapping[str, Any], cls: type[SpecBase]) -> list[tuple[str, str]]:
+def _schema_problems(data: Mapping[str, JsonValue], cls: type[SpecBase]) -> list[tuple[str, str]]:
     validator = _validator(cls)
     problems: dict[str, str] = {}
     for error in _errors(validator, data):
@@ -207,7 +207,7 @@ def _validator(cls: type[SpecBase]) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(struct_schema(cls))
 
 
-def _errors(validator: jsonschema.Draft202012Validator, data: Any) -> list[jsonschema.ValidationError]:
+def _errors(validator: jsonschema.Draft202012Validator, data: JsonValue) -> list[jsonschema.ValidationError]:
     try:
         return sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
     except RecursionError:  # plain_json bounds nesting, so this is a safety net
@@ -223,7 +223,7 @@ def _missing_name(error: jsonschema.ValidationError) -> str:
     return next((str(n) for n in wanted if n not in instance), "?")
 
 
-def json_path(parts: Any) -> str:
+def json_path(parts: Iterable[str | int]) -> str:
     """``['target_modules', 1]`` -> ``$.target_modules[1]``."""
     path = "$"
     for part in parts:
@@ -249,7 +249,7 @@ def describe_error(error: jsonschema.ValidationError) -> str:
     return f"{error.message}"
 
 
-def describe_schema(schema: Any) -> str:
+def describe_schema(schema: JsonValue) -> str:
     """A short English description of what a (sub)schema accepts."""
     if not isinstance(schema, Mapping):
         return "any value"
@@ -300,7 +300,7 @@ def _plural(text: str) -> str:
     return text
 
 
-def _preview(value: Any) -> str:
+def _preview(value: object) -> str:
     try:
         text = json.dumps(value, default=str)
     except (ValueError, TypeError, RecursionError):  # a huge int, NaN in a strange place, a cycle

@@ -10,6 +10,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from peftdecl._json import JsonObject
 from peftdecl.plan.ir import LayerInfo, LayerPlan, ModelInfo, ParamSpec, Plan, PromptPlan
 
 
@@ -23,9 +26,9 @@ class KindLayout:
     build_shared: Callable[[Any, Sequence[LayerPlan], ModelInfo], tuple[ParamSpec, ...]] | None = None
     build_prompt: Callable[[Any, ModelInfo], tuple[PromptPlan, tuple[ParamSpec, ...]]] | None = None
     mergeable: bool = True
-    to_file: Callable[[Plan, dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] | None = None
+    to_file: Callable[[Plan, dict[str, np.ndarray]], tuple[dict[str, np.ndarray], JsonObject]] | None = None
     """Adjust tensors (IR keys) and config fields before saving in HF PEFT's layout (e.g. AdaLoRA's pruning)."""
-    from_file: Callable[[Plan, dict[str, Any]], dict[str, Any]] | None = None
+    from_file: Callable[[Plan, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
     """Turn tensors read from an HF PEFT file (IR keys) into the plan's full shapes (e.g. AdaLoRA's re-expansion)."""
 
 
