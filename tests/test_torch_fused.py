@@ -40,7 +40,9 @@ FORCED = [
 ]
 
 
-def _check_against_reference(case: str, layer: str, dtype, function: str | None = None) -> None:
+def _check_against_reference(
+    case: str, layer: str, dtype, function: str | None = None, merged: bool | None = None
+) -> None:
     reason = available(case, layer)
     if reason:
         pytest.skip(reason)
@@ -54,6 +56,8 @@ def _check_against_reference(case: str, layer: str, dtype, function: str | None 
     y = ours(xt)
     if function is not None:  # the form asked for really ran (None: not a hand-written Function)
         assert type(y.grad_fn).__name__ == f"{function}Backward"
+    if merged is not None:  # and in the form asked for (the Function's ctx records it)
+        assert y.grad_fn.merged is merged
     assert y.is_contiguous()
     assert rel_err(y.detach().numpy(), expected) <= tol
     y.backward(torch.tensor(dy, dtype=dtype))
@@ -69,12 +73,12 @@ def _check_against_reference(case: str, layer: str, dtype, function: str | None 
 def test_each_form_matches_numpy_reference(case: str, layer: str, dtype, merged: bool, monkeypatch) -> None:
     # merged: LoRA/AdaLoRA fold the update into the weight, OFT rotates the weight; unmerged: the other form
     monkeypatch.setenv("PEFTDECL_FUSED_MERGED", str(merged))
-    function = None
+    function, form = None, None
     if case.startswith(("lora", "adalora")):
-        function = "MergedLoraLinearFunction" if merged else "LoraLinearFunction"
+        function, form = "LoraLinearFunction", merged
     elif case.startswith("oft") and merged:
         function = "OftLinearFunction"
-    _check_against_reference(case, layer, dtype, function)
+    _check_against_reference(case, layer, dtype, function, form)
 
 
 @pytest.mark.parametrize("backward", ["inversion", "direct"])
@@ -92,6 +96,11 @@ def test_both_oft_backward_forms_match_numpy_reference(case: str, dtype, backwar
         if not torch_oft._invertible(rot):
             pytest.skip("the test rotation is too far from orthogonal for the inversion form")
     _check_against_reference(case, "linear", dtype, "OftLinearFunction")
+
+
+def _merged_lora(*args):
+    """LoRA's Function in its merged form (save_shrink is moot there: u is always kept)."""
+    return torch_lora.LoraLinearFunction.apply(*args, True, True)
 
 
 def _gen_tensor(gen, *shape, grad: bool = True):
@@ -113,8 +122,8 @@ def test_merged_lora_function_gradcheck(layout: str, biases: str) -> None:
         1.5,
         layout == "gpt2_conv1d",
     )
-    assert torch.autograd.gradcheck(torch_lora.MergedLoraLinearFunction.apply, args)
-    y = torch_lora.MergedLoraLinearFunction.apply(*args)
+    assert torch.autograd.gradcheck(_merged_lora, args)
+    y = _merged_lora(*args)
     expected = torch_lora.LoraLinearFunction.apply(*args)
     assert y.is_contiguous() and torch.allclose(y, expected, rtol=1e-12, atol=1e-12)
 
@@ -124,7 +133,7 @@ def test_merged_lora_function_without_input_gradient() -> None:
     x, a, b = _gen_tensor(gen, 4, 5, grad=False), _gen_tensor(gen, 2, 5), _gen_tensor(gen, 6, 2)
     weight = _gen_tensor(gen, 6, 5, grad=False)
     assert torch.autograd.gradcheck(
-        lambda a_, b_: torch_lora.MergedLoraLinearFunction.apply(x, weight, None, a_, b_, None, 0.5, False),
+        lambda a_, b_: _merged_lora(x, weight, None, a_, b_, None, 0.5, False),
         (a, b),
     )
 

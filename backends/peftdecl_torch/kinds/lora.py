@@ -7,18 +7,18 @@ A linear layer without dropout runs as one autograd Function (``lora_linear``, w
 A = Q ⊙ Λ), in one of three forms chosen by the cost rules of :mod:`._fused` (T tokens, W d_out × d_in, rank r):
 
 - inference on many tokens (T·(d_in + d_out) ≥ d_in·d_out): one matmul with W' = W + s·B A;
-- training on many tokens, float32/float64 (:class:`MergedLoraLinearFunction`): forward y = x W'ᵀ + b and
+- training on many tokens, float32/float64 (:class:`LoraLinearFunction`, ``merged``): forward y = x W'ᵀ + b and
   u = x Aᵀ; backward dx = dy W', then dA = (s·dy B)ᵀ x and dB = s·dyᵀ u. W' is rebuilt in backward
   (d_in·d_out·r work) rather than kept, so only x and u (T·r numbers) stay alive between the passes; no
   T × d_out update is ever materialised. The thin products are stacked onto the big ones,
   [y | u] = x [W'; A]ᵀ and [dx | s·dy B] = dy [W' | s·B];
-- otherwise (:class:`LoraLinearFunction`): ``addmm(W x + b, x Aᵀ, Bᵀ, alpha=s)`` and a hand-written backward,
+- otherwise (the same Function, not ``merged``): ``addmm(W x + b, x Aᵀ, Bᵀ, alpha=s)`` and a hand-written backward,
   which keeps u = x Aᵀ for dB when the engine option ``save_shrink`` is on (else recomputes it from x).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
@@ -32,12 +32,22 @@ if TYPE_CHECKING:
     from peftdecl_torch.layer import AdaptedLayer
 
 
+class LoraContext(fused.ScaledContext, Protocol):
+    """The ctx of :class:`LoraLinearFunction`: which of its two forms ran."""
+
+    merged: bool
+
+
 class LoraLinearFunction(torch.autograd.Function):
-    """y = x Wᵀ + b + s·(x Aᵀ) Bᵀ (+ s·b_B) with a frozen W; the backward pass needs only x (and x Aᵀ)."""
+    """y = x Wᵀ + b + s·(x Aᵀ) Bᵀ (+ s·b_B) with a frozen W; the backward pass needs only x (and u = x Aᵀ).
+
+    Two forms (the math of the module docstring): ``merged`` stacks the thin products onto the big ones through
+    W' = W + s·B A, rebuilt in backward rather than kept (u is always kept); otherwise the update is added with
+    ``addmm`` and u is kept only with ``save_shrink``. Both share the gradients of A, B and b_B."""
 
     @staticmethod
     def forward(
-        ctx: fused.ScaledContext,
+        ctx: LoraContext,
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -47,29 +57,39 @@ class LoraLinearFunction(torch.autograd.Function):
         scaling: float,
         stored_in_out: bool,
         save_shrink: bool = True,
+        merged: bool = False,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        y = fused.linear(x2, fused.weight_ir(weight, stored_in_out), bias)
-        u = torch.mm(x2, a.t())
-        y.addmm_(u, b.t(), alpha=scaling)
-        if b_bias is not None:
-            y.add_(b_bias, alpha=scaling)
-        ctx.scaling, ctx.stored_in_out = scaling, stored_in_out
-        ctx.save_for_backward(x, weight, a, b, u if save_shrink else None)
+        w = fused.weight_ir(weight, stored_in_out)
+        ctx.scaling, ctx.stored_in_out, ctx.merged = scaling, stored_in_out, merged
+        if merged:
+            y, u = _merged_forward(x2, w, bias, a, b, b_bias, scaling)
+        else:
+            y = fused.linear(x2, w, bias)
+            u = torch.mm(x2, a.t())
+            y.addmm_(u, b.t(), alpha=scaling)
+            if b_bias is not None:
+                y.add_(b_bias, alpha=scaling)
+        ctx.save_for_backward(x, weight, a, b, u if merged or save_shrink else None)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: fused.ScaledContext, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: LoraContext, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, a, b = ctx.saved_tensors[:4]
-        u: torch.Tensor | None = ctx.saved_tensors[4]  # None unless the forward kept it (save_shrink)
+        u: torch.Tensor | None = ctx.saved_tensors[4]  # None unless the forward kept it
         s = ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         need_x, _, _, need_a, need_b, need_bias = ctx.needs_input_grad[:6]
-        dyb = torch.mm(dy2, b).mul_(s)  # s · dy B, [T, r]
+        w = fused.weight_ir(weight, ctx.stored_in_out)
         dx = da = db = dbias = None
-        if need_x:
-            dx = torch.mm(dy2, fused.weight_ir(weight, ctx.stored_in_out)).addmm_(dyb, a).view(x.shape)
+        if need_x and ctx.merged:
+            dx, dyb = _merged_input_grad(dy2, w, a, b, s)
+            dx = dx.view(x.shape)
+        else:
+            dyb = torch.mm(dy2, b).mul_(s)  # s · dy B, [T, r]
+            if need_x:
+                dx = torch.mm(dy2, w).addmm_(dyb, a).view(x.shape)
         if need_a:
             da = fused.tn(dyb, x2)
         if need_b:
@@ -77,69 +97,42 @@ class LoraLinearFunction(torch.autograd.Function):
             db = fused.tn(shrink, dy2).mul_(s).t()
         if need_bias:
             dbias = dy2.sum(0).mul_(s)
-        return dx, None, None, da, db, dbias, None, None, None
+        return dx, None, None, da, db, dbias, None, None, None, None
 
 
-class MergedLoraLinearFunction(torch.autograd.Function):
-    """The same layer with the update merged into the weight per call; the math of the module docstring.
+def _merged_forward(
+    x2: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    b_bias: torch.Tensor | None,
+    s: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, u) = (x W'ᵀ + b + s·b_B, x Aᵀ) as one product [y | u] = x [W'; A]ᵀ, W' = W + s·B A; W' is not kept."""
+    d_out, d_in, r = b.shape[0], a.shape[1], a.shape[0]
+    full_bias = bias
+    if b_bias is not None:
+        full_bias = b_bias * s if bias is None else torch.add(bias, b_bias, alpha=s)
+    stacked = x2.new_empty(d_out + r, d_in)  # [W + s·B A ; A]
+    torch.addmm(w, b, a, alpha=s, out=stacked[:d_out])
+    stacked[d_out:].copy_(a)
+    yu = torch.mm(x2, stacked.t())
+    # a contiguous y (the bias added on the way); u copied out so that it does not keep yu alive
+    y = yu[:, :d_out].contiguous() if full_bias is None else torch.add(yu[:, :d_out], full_bias)
+    return y, yu[:, d_out:].contiguous()
 
-    Saves x, A, B and u = x Aᵀ, never W' (an out × in matrix per layer would outlive the forward pass)."""
 
-    @staticmethod
-    def forward(
-        ctx: fused.ScaledContext,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        b_bias: torch.Tensor | None,
-        scaling: float,
-        stored_in_out: bool,
-    ) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        d_out, d_in, r = b.shape[0], a.shape[1], a.shape[0]
-        w = fused.weight_ir(weight, stored_in_out)
-        full_bias = bias
-        if b_bias is not None:
-            full_bias = b_bias * scaling if bias is None else torch.add(bias, b_bias, alpha=scaling)
-        ctx.scaling, ctx.stored_in_out = scaling, stored_in_out
-        stacked = x2.new_empty(d_out + r, d_in)  # [W + s·B A ; A]
-        torch.addmm(w, b, a, alpha=scaling, out=stacked[:d_out])
-        stacked[d_out:].copy_(a)
-        yu = torch.mm(x2, stacked.t())
-        # a contiguous y (the bias added on the way); u copied out so that it does not keep yu alive
-        y = yu[:, :d_out].contiguous() if full_bias is None else torch.add(yu[:, :d_out], full_bias)
-        u = yu[:, d_out:].contiguous()
-        ctx.save_for_backward(x, weight, a, b, u)
-        return y.view(*x.shape[:-1], d_out)
-
-    @staticmethod
-    def backward(ctx: fused.ScaledContext, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, a, b, u = ctx.saved_tensors
-        s = ctx.scaling
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        need_x, _, _, need_a, need_b, need_bias = ctx.needs_input_grad[:6]
-        d_in = a.shape[1]
-        dx = da = db = dbias = None
-        w = fused.weight_ir(weight, ctx.stored_in_out)
-        if need_x:
-            stacked = dy2.new_empty(b.shape[0], d_in + a.shape[0])  # [W + s·B A | s·B]
-            torch.addmm(w, b, a, alpha=s, out=stacked[:, :d_in])
-            torch.mul(b, s, out=stacked[:, d_in:])
-            out = torch.mm(dy2, stacked)
-            dx = out[:, :d_in].contiguous().view(x.shape)
-            dyb = out[:, d_in:]  # s · dy B, [T, r]
-        else:
-            dyb = torch.mm(dy2, b).mul_(s)
-        if need_a:
-            da = fused.tn(dyb, x2)
-        if need_b:
-            db = fused.tn(u, dy2).mul_(s).t()
-        if need_bias:
-            dbias = dy2.sum(0).mul_(s)
-        return dx, None, None, da, db, dbias, None, None
+def _merged_input_grad(
+    dy2: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dx, s · dy B) as one product [dx | s·dy B] = dy [W' | s·B], W' = W + s·B A rebuilt."""
+    d_in = a.shape[1]
+    stacked = dy2.new_empty(b.shape[0], d_in + a.shape[0])  # [W + s·B A | s·B]
+    torch.addmm(w, b, a, alpha=s, out=stacked[:, :d_in])
+    torch.mul(b, s, out=stacked[:, d_in:])
+    out = torch.mm(dy2, stacked)
+    return out[:, :d_in].contiguous(), out[:, d_in:]
 
 
 def merged_linear(
@@ -175,11 +168,10 @@ def lora_linear(
         return merged_linear(lp, layer, x, a, b, b_bias)
     stored_in_out = lp.layer.type == "gpt2_conv1d"
     weight, bias, s = layer.base_weight, layer.bias, lp.scaling
-    if fused.merge_for_training(lp, layer, x):
-        merged: torch.Tensor = MergedLoraLinearFunction.apply(x, weight, bias, a, b, b_bias, s, stored_in_out)
-        return merged
-    save_shrink = layer.options.save_shrink
-    y: torch.Tensor = LoraLinearFunction.apply(x, weight, bias, a, b, b_bias, s, stored_in_out, save_shrink)
+    merged, save_shrink = fused.merge_for_training(lp, layer, x), layer.options.save_shrink
+    y: torch.Tensor = LoraLinearFunction.apply(
+        x, weight, bias, a, b, b_bias, s, stored_in_out, save_shrink, merged
+    )
     return y
 
 
