@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from peftdecl.kinds._decl import KindDecl, Shapes
+from peftdecl.kinds._decl import Composition, KindDecl, RankReader, Shapes, no_rank
 from peftdecl.spec._base import SpecBase
 from peftdecl.spec.adalora import AdaLoraSpec
 from peftdecl.spec.ia3 import IA3Spec
@@ -88,177 +88,184 @@ def vera_rank(shapes: Shapes, spec: SpecBase) -> str | None:
 
 # --- the declarations --------------------------------------------------------------------------------------------
 
+
+def _builtin(
+    name: str,
+    spec_class: type[SpecBase],
+    *,
+    layout: str,
+    tensors: tuple[str, ...],
+    markers: tuple[str, ...],
+    layers: tuple[str, ...],
+    composition: Composition,
+    example: Mapping[str, Any],
+    summary: str,
+    rank: RankReader = no_rank,
+    ops: str | None = None,
+) -> KindDecl:
+    """A built-in kind: its peft_type is its spec's tag, its ops are ``OPS`` of ``peftdecl_<backend>.kinds.<ops>``
+    (default: the kind's name) on every built-in backend, and ``example`` is its test spec on each layer type."""
+    return KindDecl(
+        name=name,
+        peft_type=str(spec_class.__struct_config__.tag),
+        spec_class=spec_class,
+        layout=layout,
+        tensor_names=tensors,
+        hf_markers=markers,
+        layer_types=layers,
+        composition=composition,
+        rank=rank,
+        ops=_ops(ops or name),
+        examples=_examples(example, layers),
+        summary=summary,
+    )
+
+
+def _prompt_learning(
+    name: str, spec_class: type[PrefixTuningSpec | PromptTuningSpec], summary: str
+) -> KindDecl:
+    """Prefix or prompt tuning: model-level, one shared ``prompt_embeddings`` table, one set of ops for both."""
+    peft_type = str(spec_class.__struct_config__.tag)
+    return KindDecl(
+        name=name,
+        peft_type=peft_type,
+        spec_class=spec_class,
+        layout="peftdecl.plan.kinds.prompt:LAYOUTS",
+        tensor_names=(),
+        hf_markers=("prompt_embeddings",),
+        layer_types=(),
+        composition="model",
+        ops=_ops("prompt"),
+        examples={"model": {"peft_type": peft_type, "task_type": "CAUSAL_LM", "num_virtual_tokens": 2}},
+        summary=summary,
+    )
+
+
 _LORA_SPEC = {"peft_type": "LORA", "r": 3, "lora_alpha": 6, "init_lora_weights": False}
 _LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B")
 _LYCORIS_LAYERS = ("linear", "conv1d", "conv2d")
 _ADALORA_LAYERS = ("linear", "conv2d", "gpt2_conv1d")
 _OFT_LAYERS = ("linear", "embedding", "conv2d")
-_PROMPT = {"task_type": "CAUSAL_LM", "num_virtual_tokens": 2}
 
-LORA = KindDecl(
-    name="lora",
-    peft_type="LORA",
-    spec_class=LoraSpec,
+LORA = _builtin(
+    "lora",
+    LoraSpec,
     layout="peftdecl.plan.kinds.lora:LAYOUT",
-    tensor_names=_LORA_TENSORS,
-    hf_markers=(".lora_A.", ".lora_B.", ".lora_embedding_A"),
-    layer_types=ALL_LAYERS,
+    tensors=_LORA_TENSORS,
+    markers=(".lora_A.", ".lora_B.", ".lora_embedding_A"),
+    layers=ALL_LAYERS,
     composition="add",
     rank=lora_rank,
-    ops=_ops("lora"),
-    examples=_examples(_LORA_SPEC, ALL_LAYERS),
+    example=_LORA_SPEC,
     summary="y = W x + s · B A x: a low-rank update of the weight",
 )
-DORA = KindDecl(
-    name="dora",
-    peft_type="LORA",
-    spec_class=LoraSpec,
+DORA = _builtin(
+    "dora",
+    LoraSpec,
     layout="peftdecl.plan.kinds.dora:LAYOUT",
-    tensor_names=(*_LORA_TENSORS, "lora_magnitude_vector"),
-    hf_markers=(".lora_magnitude_vector",),
-    layer_types=ALL_LAYERS,
+    tensors=(*_LORA_TENSORS, "lora_magnitude_vector"),
+    markers=(".lora_magnitude_vector",),
+    layers=ALL_LAYERS,
     composition="output",
     rank=lora_rank,
-    ops=_ops("dora"),
-    examples=_examples({**_LORA_SPEC, "use_dora": True}, ALL_LAYERS),
+    example={**_LORA_SPEC, "use_dora": True},
     summary="W' = m · (W + s B A) / ‖W + s B A‖: LoRA with the column norm learnt apart (use_dora)",
 )
-ADALORA = KindDecl(
-    name="adalora",
-    peft_type="ADALORA",
-    spec_class=AdaLoraSpec,
+ADALORA = _builtin(
+    "adalora",
+    AdaLoraSpec,
     layout="peftdecl.plan.kinds.adalora:LAYOUT",
-    tensor_names=("lora_A", "lora_E", "lora_B"),
-    hf_markers=(".lora_E",),
-    layer_types=_ADALORA_LAYERS,
+    tensors=("lora_A", "lora_E", "lora_B"),
+    markers=(".lora_E",),
+    layers=_ADALORA_LAYERS,
     composition="add",
     rank=lora_rank,
-    ops=_ops("adalora"),
-    examples=_examples(
-        {
-            "peft_type": "ADALORA",
-            "init_r": 3,
-            "target_r": 2,
-            "lora_alpha": 6,
-            "total_step": 10,
-            "init_lora_weights": False,
-        },
-        _ADALORA_LAYERS,
-    ),
+    example={
+        "peft_type": "ADALORA",
+        "init_r": 3,
+        "target_r": 2,
+        "lora_alpha": 6,
+        "total_step": 10,
+        "init_lora_weights": False,
+    },
     summary="y = W x + s · B (E ⊙ A x): an SVD-shaped update whose rank is pruned during training",
 )
-IA3 = KindDecl(
-    name="ia3",
-    peft_type="IA3",
-    spec_class=IA3Spec,
+IA3 = _builtin(
+    "ia3",
+    IA3Spec,
     layout="peftdecl.plan.kinds.ia3:LAYOUT",
-    tensor_names=("ia3_l",),
-    hf_markers=(".ia3_l",),
-    layer_types=_ADALORA_LAYERS,
+    tensors=("ia3_l",),
+    markers=(".ia3_l",),
+    layers=_ADALORA_LAYERS,
     composition="per-layer",
-    ops=_ops("ia3"),
-    examples=_examples(
-        {"peft_type": "IA3", "feedforward_modules": [], "init_ia3_weights": False}, _ADALORA_LAYERS
-    ),
+    example={"peft_type": "IA3", "feedforward_modules": [], "init_ia3_weights": False},
     summary="y = l ⊙ (W x), or W (l ⊙ x) on feed-forward layers: a learnt rescaling",
 )
-LOHA = KindDecl(
-    name="loha",
-    peft_type="LOHA",
-    spec_class=LoHaSpec,
+LOHA = _builtin(
+    "loha",
+    LoHaSpec,
     layout="peftdecl.plan.kinds.lycoris:LAYOUTS",
-    tensor_names=("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
-    hf_markers=(".hada_",),
-    layer_types=_LYCORIS_LAYERS,
+    tensors=("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    markers=(".hada_",),
+    layers=_LYCORIS_LAYERS,
     composition="add",
     rank=loha_rank,
-    ops=_ops("loha"),
-    examples=_examples({"peft_type": "LOHA", "r": 3, "alpha": 6, "init_weights": False}, _LYCORIS_LAYERS),
+    example={"peft_type": "LOHA", "r": 3, "alpha": 6, "init_weights": False},
     summary="ΔW = s · (W1a W1b) ⊙ (W2a W2b): a Hadamard product of two low-rank factors",
 )
-LOKR = KindDecl(
-    name="lokr",
-    peft_type="LOKR",
-    spec_class=LoKrSpec,
+LOKR = _builtin(
+    "lokr",
+    LoKrSpec,
     layout="peftdecl.plan.kinds.lycoris:LAYOUTS",
-    tensor_names=("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
-    hf_markers=(".lokr_",),
-    layer_types=_LYCORIS_LAYERS,
+    tensors=("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+    markers=(".lokr_",),
+    layers=_LYCORIS_LAYERS,
     composition="add",
     rank=lokr_rank,
-    ops=_ops("lokr"),
-    examples=_examples({"peft_type": "LOKR", "r": 3, "alpha": 5, "init_weights": False}, _LYCORIS_LAYERS),
+    example={"peft_type": "LOKR", "r": 3, "alpha": 5, "init_weights": False},
     summary="ΔW = s · W1 ⊗ W2: a Kronecker product, either factor optionally low-rank",
 )
-OFT = KindDecl(
-    name="oft",
-    peft_type="OFT",
-    spec_class=OFTSpec,
+OFT = _builtin(
+    "oft",
+    OFTSpec,
     layout="peftdecl.plan.kinds.oft:LAYOUT",
-    tensor_names=("oft_R.weight", "oft_embedding_R.weight"),
-    hf_markers=(".oft_R.", ".oft_embedding_R."),
-    layer_types=_OFT_LAYERS,
+    tensors=("oft_R.weight", "oft_embedding_R.weight"),
+    markers=(".oft_R.", ".oft_embedding_R."),
+    layers=_OFT_LAYERS,
     composition="per-layer",
     rank=oft_blocks,
-    ops=_ops("oft"),
-    examples=_examples({"peft_type": "OFT", "r": 0, "oft_block_size": 2, "init_weights": False}, _OFT_LAYERS),
+    example={"peft_type": "OFT", "r": 0, "oft_block_size": 2, "init_weights": False},
     summary="W' = W Rᵀ with R block-diagonal orthogonal (Cayley of skew blocks); embeddings rotate the output",
 )
-BOFT = KindDecl(
-    name="boft",
-    peft_type="BOFT",
-    spec_class=BOFTSpec,
+BOFT = _builtin(
+    "boft",
+    BOFTSpec,
     layout="peftdecl.plan.kinds.boft:LAYOUT",
-    tensor_names=("boft_R", "boft_s"),
-    hf_markers=(".boft_R", ".boft_s"),
-    layer_types=("linear", "conv2d"),
+    tensors=("boft_R", "boft_s"),
+    markers=(".boft_R", ".boft_s"),
+    layers=("linear", "conv2d"),
     composition="input",
     rank=boft_blocks,
-    ops=_ops("boft"),
-    examples=_examples(
-        {"peft_type": "BOFT", "boft_block_size": 2, "init_weights": False}, ("linear", "conv2d")
-    ),
+    example={"peft_type": "BOFT", "boft_block_size": 2, "init_weights": False},
     summary="W' = s ⊙ (W Rᵀ), R a product of butterfly-permuted block-orthogonal factors",
 )
-VERA = KindDecl(
-    name="vera",
-    peft_type="VERA",
-    spec_class=VeraSpec,
+VERA = _builtin(
+    "vera",
+    VeraSpec,
     layout="peftdecl.plan.kinds.vera:LAYOUT",
-    tensor_names=("vera_lambda_b", "vera_lambda_d"),
-    hf_markers=(".vera_lambda_", "vera_A"),
-    layer_types=("linear", "gpt2_conv1d"),
+    tensors=("vera_lambda_b", "vera_lambda_d"),
+    markers=(".vera_lambda_", "vera_A"),
+    layers=("linear", "gpt2_conv1d"),
     composition="add",
     rank=vera_rank,
-    ops=_ops("vera"),
-    examples=_examples({"peft_type": "VERA", "r": 4, "init_weights": False}, ("linear", "gpt2_conv1d")),
+    example={"peft_type": "VERA", "r": 4, "init_weights": False},
     summary="y = W x + λ_b ⊙ B (λ_d ⊙ A x), A and B random, frozen and shared by all layers",
 )
-PREFIX_TUNING = KindDecl(
-    name="prefix_tuning",
-    peft_type="PREFIX_TUNING",
-    spec_class=PrefixTuningSpec,
-    layout="peftdecl.plan.kinds.prompt:LAYOUTS",
-    tensor_names=(),
-    hf_markers=("prompt_embeddings",),
-    layer_types=(),
-    composition="model",
-    ops=_ops("prompt"),
-    examples={"model": {"peft_type": "PREFIX_TUNING", **_PROMPT}},
-    summary="learnt key/value prefixes prepended to every attention layer",
+PREFIX_TUNING = _prompt_learning(
+    "prefix_tuning", PrefixTuningSpec, "learnt key/value prefixes prepended to every attention layer"
 )
-PROMPT_TUNING = KindDecl(
-    name="prompt_tuning",
-    peft_type="PROMPT_TUNING",
-    spec_class=PromptTuningSpec,
-    layout="peftdecl.plan.kinds.prompt:LAYOUTS",
-    tensor_names=(),
-    hf_markers=("prompt_embeddings",),
-    layer_types=(),
-    composition="model",
-    ops=_ops("prompt"),
-    examples={"model": {"peft_type": "PROMPT_TUNING", **_PROMPT}},
-    summary="learnt virtual token embeddings prepended to the input",
+PROMPT_TUNING = _prompt_learning(
+    "prompt_tuning", PromptTuningSpec, "learnt virtual token embeddings prepended to the input"
 )
 
 BUILTIN_KINDS: tuple[KindDecl, ...] = (
