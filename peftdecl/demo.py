@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, TypedDict, cast
 
 import numpy as np
 
@@ -171,7 +172,8 @@ def run_demo(spec_path: Path | None = None, out: Path | None = None) -> int:
 
     layer_type = model.info.layers[module].type
     if layer_type in ("linear", "embedding"):
-        merged = model.merge_and_unload()
+        # the NumPy reference's base model is its mapping of weight names to arrays
+        merged = cast("Mapping[str, np.ndarray]", model.merge_and_unload())
         weight = np.asarray(merged[f"{module}.weight"], dtype=np.float64)
         # the merged weight applied on its own: a product (linear) or a row lookup (embedding)
         dense = x @ weight.T if layer_type == "linear" else weight[x]

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
+from peftdecl._json import JsonObject
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.adapter_files import embedding_copies, is_base_override, module_of
 from peftdecl.backend import Backend, Engine
@@ -22,7 +24,14 @@ from peftdecl.compatibility import check_compatible, first_vera
 from peftdecl.errors import AdapterFileError, PeftdeclError
 from peftdecl.formats import hf_peft
 from peftdecl.formats.registry import detect_format, get_format, is_adapter_dir
-from peftdecl.init import EXTERNAL_SOURCES, SHARED_SOURCES, check_arrays, generator_for, init_params
+from peftdecl.init import (
+    EXTERNAL_SOURCES,
+    SHARED_SOURCES,
+    ExternalInit,
+    check_arrays,
+    generator_for,
+    init_params,
+)
 from peftdecl.names import check_adapter_name
 from peftdecl.options import EngineOptions
 from peftdecl.peft_compat import (
@@ -36,6 +45,7 @@ from peftdecl.peft_compat import (
 )
 from peftdecl.plan import ModelInfo, Plan, compile_plan
 from peftdecl.plan.compile import layouts
+from peftdecl.plan.ir import ParamSpec
 from peftdecl.plan.kinds.vera import inherit_projections
 from peftdecl.spec import SpecBase, load_spec
 
@@ -44,7 +54,7 @@ class AdaptedModel(PeftCompat):
     """A base model with named adapters attached through one backend."""
 
     def __init__(
-        self, backend: Backend, engine: Engine, info: ModelInfo, base_model: Any, book: AdapterBook
+        self, backend: Backend, engine: Engine, info: ModelInfo, base_model: object, book: AdapterBook
     ) -> None:
         self._backend = backend
         self._engine = engine
@@ -57,9 +67,9 @@ class AdaptedModel(PeftCompat):
     def create(
         cls,
         backend: Backend,
-        base_model: Any,
-        engine_options: Mapping[str, Any] | None = None,
-        **options: Any,
+        base_model: object,
+        engine_options: Mapping[str, object] | None = None,
+        **options: object,
     ) -> AdaptedModel:
         """``base_model`` adapted by ``backend``: its inventory, a new AdapterBook and an engine reading it.
         ``engine_options``: :class:`peftdecl.options.EngineOptions` fields (defaults from the environment)."""
@@ -86,7 +96,7 @@ class AdaptedModel(PeftCompat):
         return self._info
 
     @property
-    def base_model(self) -> Any:
+    def base_model(self) -> object:
         return self._base_model
 
     @property
@@ -112,12 +122,12 @@ class AdaptedModel(PeftCompat):
     def add_adapter(
         self,
         name: str | None = None,
-        spec: Any = None,
+        spec: object = None,
         *,
         seed: int = 0,
         activate: bool = False,
-        arrays: Mapping[str, Any] | None = None,
-        **peft_options: Any,
+        arrays: Mapping[str, npt.ArrayLike] | None = None,
+        **peft_options: object,
     ) -> Plan:
         """Compile ``spec`` for this model and attach it as ``name`` (initialised from ``seed`` unless ``arrays``).
         PEFT's keyword names ``adapter_name`` and ``peft_config`` are accepted for ``name`` and ``spec``;
@@ -155,7 +165,7 @@ class AdaptedModel(PeftCompat):
         is_trainable: bool = False,
         *,
         activate: bool = False,
-        **peft_options: Any,
+        **peft_options: object,
     ) -> Plan:
         """Read a saved adapter (HF PEFT, mlx-lm or peftdecl's native layout, detected) and attach it as ``name``.
 
@@ -228,7 +238,7 @@ class AdaptedModel(PeftCompat):
             self._book.frozen.discard(name)
         self._engine.sync()
 
-    def update_spec(self, name: str | None = None, **changes: Any) -> Plan:
+    def update_spec(self, name: str | None = None, **changes: object) -> Plan:
         """Change config fields of an attached adapter whose tensors keep their shapes (e.g. AdaLoRA's
         ``rank_pattern`` after rank allocation); the adapter is recompiled and keeps its current values."""
         name = self._name(name)
@@ -289,7 +299,7 @@ class AdaptedModel(PeftCompat):
         format: str = "hf",
         *,
         adapters: Sequence[str] | None = None,
-        dtype: Any = np.float32,
+        dtype: npt.DTypeLike = np.float32,
     ) -> None:
         """Save adapters (default: all): the default in ``directory``, any other ``X`` in ``directory/X``.
 
@@ -302,9 +312,9 @@ class AdaptedModel(PeftCompat):
         payload = {}
         for name in names:
             plan = self._book.plans[self._name(name)]
-            arrays: dict[str, Any] = self._engine.export(name)
+            arrays = self._engine.export(name)
             # what HF PEFT records of the base model, so that AutoPeftModel can rebuild it
-            extra: dict[str, Any] = base_model_fields(plan, self._info) if file_format.name == "hf" else {}
+            extra: JsonObject = base_model_fields(plan, self._info) if file_format.name == "hf" else {}
             layout = layouts()[plan.kind]
             if layout.to_file is not None and not file_format.lossless:
                 arrays, kind_fields = layout.to_file(plan, arrays)
@@ -366,14 +376,14 @@ class AdaptedModel(PeftCompat):
             raise PeftdeclError(f"no adapter named {name!r}; attached: {sorted(self._book.plans)}")
         return name
 
-    def _shared_family_arrays(self, plan: Plan, arrays: dict[str, Any]) -> dict[str, Any]:
+    def _shared_family_arrays(self, plan: Plan, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         first = first_vera(self._book.plans, plan)
         return (
             arrays if first is None else inherit_projections(first, self._engine.export(first), plan, arrays)
         )
 
-    def _external_init(self, plan: Plan, seed: int = 0) -> Any:
-        def supply(key: str, spec: Any, drawn: Mapping[str, np.ndarray]) -> np.ndarray:
+    def _external_init(self, plan: Plan, seed: int = 0) -> ExternalInit:
+        def supply(key: str, spec: ParamSpec, drawn: Mapping[str, np.ndarray]) -> np.ndarray:
             source = spec.init.arg("source")
             if key == spec.name and source in SHARED_SOURCES:  # a shared tensor, e.g. prompt tuning's table
                 return SHARED_SOURCES[source](self._engine.base_weight, spec, generator_for(seed, key))

@@ -141,7 +141,7 @@ class PeftCompat:
 
     if TYPE_CHECKING:  # provided by AdaptedModel, whose AdapterBook holds the adapter state
         _engine: Engine
-        _base_model: Any  # the user's model, of whatever framework
+        _base_model: object  # the user's model, of whatever framework, passed through untouched
         _book: AdapterBook
 
         def _name(self, name: str | None) -> str: ...
@@ -198,7 +198,7 @@ class PeftCompat:
         for name in names:
             self._set_frozen(self._name(name), not requires_grad)
 
-    def get_base_model(self) -> Any:
+    def get_base_model(self) -> object:
         """The base model, adapted in place (torch / MLX: its targeted layers are peftdecl wrappers)."""
         return self._base_model
 
@@ -241,7 +241,7 @@ class PeftCompat:
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
-    ) -> Any:
+    ) -> object:
         """The base model with the adapters (default: the active ones) merged in and every adapter removed (same
         type as the base). ``safe_merge``: refuse, unmerged, when a merged weight is not finite. ``progressbar``
         is accepted and ignored."""
@@ -254,7 +254,7 @@ class PeftCompat:
                 raise PeftdeclError(f"merging gives non-finite weights in {bad}; the adapters were unmerged")
         return self._engine.unload()
 
-    def unload(self) -> Any:
+    def unload(self) -> object:
         """The base model as it was: merged adapters are taken out again, every adapter removed."""
         if self._book.merged:
             self.unmerge()

@@ -110,7 +110,7 @@ class Init:
         object.__setattr__(self, "args", tuple(sorted(args.items())))
 
     def arg(self, name: str, default: InitArg | None = None) -> Any:
-        # Any: each rule knows its arguments' types and converts (float(...), int(...)) where it reads them
+        # untyped on purpose: each rule knows its arguments and converts them (float(...), int(...)) where read
         return dict(self.args).get(name, default)
 
 
