@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Literal
 import mlx.core as mx
 import numpy as np
 
-from peftdecl.composition import INPUT
 from peftdecl.errors import PeftdeclError
+from peftdecl.kinds import compositions
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.boft import butterfly_perms
 from peftdecl_mlx.kinds._protocols import MergeCache, Params
@@ -63,9 +63,7 @@ class BoftOps:
         y = (rotated @ layer.weight.T) * p["boft_s"].reshape(-1)
         return y if layer.bias is None else y + layer.bias
 
-    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
-        """BOFT rotates the input the base reads and scales its output rows: a map of the weight."""
-        return INPUT
+    composition = staticmethod(compositions.boft)
 
     def compose_weight(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, weight: mx.array) -> mx.array:
         """diag(s) W Mᵀ (its merge): y = ((x M) Wᵀ) ⊙ s + b."""

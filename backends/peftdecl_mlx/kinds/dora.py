@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Literal
 
 import mlx.core as mx
 
-from peftdecl.composition import OUTPUT
 from peftdecl.errors import PeftdeclError
+from peftdecl.kinds import compositions
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.dora import MAGNITUDE
 from peftdecl_mlx.kinds import _fused
@@ -153,10 +153,7 @@ class DoraOps:
             )
         return layer.weight / self._rows(lp, g) - LORA.delta_weight(lp, layer, p), layer.bias
 
-    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
-        """With other adapters on the layer, g rescales the output they built (HF PEFT's DoRA takes the running
-        result as its base result)."""
-        return OUTPUT
+    composition = staticmethod(compositions.dora)
 
     def compose_output(
         self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array, y: mx.array

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 
 import mlx.core as mx
 
-from peftdecl.composition import INPUT, OUTPUT
+from peftdecl.kinds import compositions
 from peftdecl.plan import LayerPlan
 from peftdecl_mlx.kinds._protocols import MergeCache, Params
 
@@ -34,9 +34,7 @@ class IA3Ops:
             return layer.base_forward(x * scale)
         return layer.base_forward(x) * scale
 
-    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
-        """A feed-forward vector scales the input the base reads, any other the output built so far."""
-        return INPUT if lp.options["feedforward"] else OUTPUT
+    composition = staticmethod(compositions.ia3)
 
     def compose_output(
         self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array, y: mx.array

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import mlx.core as mx
 import numpy as np
 
-from peftdecl.composition import INPUT, OUTPUT
+from peftdecl.kinds import compositions
 from peftdecl.plan import LayerPlan
 from peftdecl_mlx.kinds._protocols import MergeCache, Params
 from peftdecl_mlx.rotation import cayley, neumann, rotate_blocks, skew_from_triu
@@ -68,9 +68,7 @@ class OftOps:
             return rotate_blocks(layer.base_forward(x), rot)
         return layer.base_forward(rotate_blocks(x, rot))
 
-    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
-        """An embedding's rotation acts on the output built so far; a linear layer's on its input."""
-        return OUTPUT if lp.layer.type == "embedding" else INPUT
+    composition = staticmethod(compositions.oft)
 
     def compose_output(
         self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array, y: mx.array

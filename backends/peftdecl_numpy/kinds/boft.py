@@ -17,6 +17,7 @@ from typing import Literal
 
 import numpy as np
 
+from peftdecl.kinds import compositions
 from peftdecl.plan import LayerInfo, LayerPlan
 from peftdecl.plan.kinds.boft import butterfly_perms
 from peftdecl_numpy.kinds.base import ComposingKind, MergeCache, Params, Tape, Weights
@@ -138,9 +139,7 @@ class BoftOps(ComposingKind):
         return dx, {"boft_R": _rotation_grad(tape, grad_q), "boft_s": grad_s}
 
     # -- with other adapters on the layer (peftdecl_numpy.compose) -----------------------------------------
-    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
-        """BOFT rotates the input the base reads and scales its output rows: a map of the weight."""
-        return "input"
+    composition = staticmethod(compositions.boft)
 
     def compose_weight_record(
         self, lp: LayerPlan, layer: BaseLayer, p: Params, weight: Array

@@ -16,9 +16,8 @@ With other adapters on the layer DoRA rescales the output they built (:meth:`Dor
 
 from __future__ import annotations
 
-from typing import Literal
-
 from peftdecl.errors import PeftdeclError
+from peftdecl.kinds import compositions
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.dora import MAGNITUDE
 from peftdecl_numpy.conv import conv_backward, conv_forward
@@ -98,10 +97,7 @@ class DoraOps(ComposingKind):
     kind = "dora"
     # not additive: HF PEFT refuses DoRA in mixed batches, and g rescales the base output
 
-    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
-        """With other adapters on the layer, g rescales the output they built (HF PEFT's DoRA takes the running
-        result as its base result)."""
-        return "output"
+    composition = staticmethod(compositions.dora)
 
     def weight_norm(self, lp: LayerPlan, layer: BaseLayer, p: Params) -> Array:
         """n = ‖W + s·ΔW‖ per row of the current base weight, a constant for the gradients."""

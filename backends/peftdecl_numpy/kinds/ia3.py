@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from peftdecl.kinds import compositions
 from peftdecl.plan import LayerPlan
 from peftdecl_numpy.kinds.base import ComposingKind, MergeCache, Params, Tape, Weights
 from peftdecl_numpy.layers import BaseLayer, rows
@@ -38,9 +39,7 @@ class IA3Ops(ComposingKind):
     # diagonal scalings commute: any order gives the same product
     input_order: Literal["active", "reversed"] = "active"
 
-    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
-        """A feed-forward vector scales the input the base reads, any other the output built so far."""
-        return "input" if lp.options["feedforward"] else "output"
+    composition = staticmethod(compositions.ia3)
 
     def record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
         if lp.options["feedforward"]:

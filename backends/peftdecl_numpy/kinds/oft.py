@@ -25,6 +25,7 @@ from typing import Literal
 
 import numpy as np
 
+from peftdecl.kinds import compositions
 from peftdecl.plan import LayerInfo, LayerPlan
 from peftdecl_numpy.kinds.base import ComposingKind, MergeCache, Params, Tape, Weights
 from peftdecl_numpy.layers import BaseLayer
@@ -153,9 +154,7 @@ class OftOps(ComposingKind):
         return dx, rotation_grads(lp, tape, grad_rot)
 
     # -- with other adapters on the layer (peftdecl_numpy.compose) -----------------------------------------
-    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
-        """An embedding's rotation acts on the output built so far; any other layer's on its input."""
-        return "output" if lp.layer.type == "embedding" else "input"
+    composition = staticmethod(compositions.oft)
 
     def compose_output_record(
         self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array, y: Array
