@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import numpy.typing as npt
 
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import ModelInfo, Plan
@@ -149,13 +148,9 @@ class PeftCompat:
         def _set_enabled(self, enabled: bool) -> None: ...
         def merge(self, names: str | Sequence[str] | None = None) -> None: ...
         def unmerge(self) -> None: ...
+        # the part of AdaptedModel.save that save_pretrained calls
         def save(
-            self,
-            directory: str | Path,
-            format: str = "hf",
-            *,
-            adapters: Sequence[str] | None = None,
-            dtype: npt.DTypeLike = np.float32,
+            self, directory: str | Path, format: str = "hf", *, adapters: Sequence[str] | None = None
         ) -> None: ...
 
     # -- adapters ------------------------------------------------------------------------------------------
