@@ -77,10 +77,30 @@ class NumpyComposingOps(NumpyOps, Protocol):
     ) -> tuple[Array, Params]: ...
 
 
-class AdditiveKind(ABC):
-    """y = base(x) + Δ(x); merged, W' = W + ΔW. A subclass writes the three abstract methods."""
+class _Kind(ABC):
+    """What both families share: the layer output with its tape, its backward, and the output alone."""
 
     kind: str
+
+    @abstractmethod
+    def record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
+        """(y, the tape :meth:`backward` reads) with only this adapter running."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def backward(
+        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, dy: Array
+    ) -> tuple[Array | None, Params]:
+        """(dL/dx, dL/dp) from dL/dy."""
+        raise NotImplementedError
+
+    def forward(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> Array:
+        return self.record(lp, layer, p, x)[0]
+
+
+class AdditiveKind(_Kind):
+    """y = base(x) + Δ(x); merged, W' = W + ΔW. A subclass writes the three abstract methods."""
+
     additive = True
 
     @abstractmethod
@@ -102,9 +122,6 @@ class AdditiveKind(ABC):
     def delta(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> Array:
         return self.delta_record(lp, layer, p, x)[0]
 
-    def forward(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> Array:
-        return self.record(lp, layer, p, x)[0]
-
     def record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
         delta, tape = self.delta_record(lp, layer, p, x)
         return layer.forward(x) + delta, {"x": x, "delta": tape}
@@ -125,26 +142,15 @@ class AdditiveKind(ABC):
         return layer.weight - self.delta_weight(lp, layer, p), layer.bias
 
 
-class ComposingKind(ABC):
+class ComposingKind(_Kind):
     """A kind that transforms the output built so far or the input the base reads (:mod:`peftdecl.composition`).
     A subclass writes the abstract methods and the ``compose_*_record``/``*_backward`` pair of its composition."""
 
-    kind: str
     additive = False
     input_order: Literal["active", "reversed"] = "active"
 
     @abstractmethod
     def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
-        raise NotImplementedError
-
-    @abstractmethod
-    def record(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> tuple[Array, Tape]:
-        raise NotImplementedError
-
-    @abstractmethod
-    def backward(
-        self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, dy: Array
-    ) -> tuple[Array | None, Params]:
         raise NotImplementedError
 
     @abstractmethod
@@ -154,9 +160,6 @@ class ComposingKind(ABC):
     @abstractmethod
     def unmerge(self, lp: LayerPlan, layer: BaseLayer, p: Params, cache: MergeCache) -> Weights:
         raise NotImplementedError
-
-    def forward(self, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> Array:
-        return self.record(lp, layer, p, x)[0]
 
     def delta_weight(self, lp: LayerPlan, layer: BaseLayer, p: Params) -> Array:
         """W' − W: the change merging makes to the current base weight (for inspection)."""
