@@ -2,7 +2,7 @@
 
 A spec, an ``adapter_config.json`` or a JSON Schema is read into plain Python values (dict, list, str, int, float,
 bool, None) whose shape is checked by validation (JSON Schema, msgspec), not by the type checker; these aliases say
-so once instead of scattering ``Any`` over every signature that passes such a value along.
+so once instead of leaving every signature that passes such a value along untyped.
 """
 
 from __future__ import annotations

@@ -338,7 +338,7 @@ class BackendEntry:
     capabilities: Capabilities | None = None
     available: bool = True
     reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
 
 
 def _entry_points() -> dict[str, str]:

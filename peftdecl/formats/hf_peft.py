@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -53,7 +53,7 @@ def kind_markers() -> dict[str, tuple[str, ...]]:
     return dict(cached("hf_markers", build))
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name == "KIND_MARKERS":  # the name earlier releases exported, now computed on access
         return kind_markers()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

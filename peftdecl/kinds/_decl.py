@@ -6,8 +6,9 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
+from peftdecl._json import JsonObject
 from peftdecl.spec._base import SpecBase
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class KindDecl:
     """inspect's rank reading for one module."""
     ops: Mapping[str, str | object] = field(default_factory=dict)
     """Backend name -> the kind's ops object, or ``"module:ATTR"`` imported on first use."""
-    examples: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    examples: Mapping[str, JsonObject] = field(default_factory=dict)
     """Layer type (``"model"`` for a model-level kind) -> a minimal spec dict targeting module ``m``."""
     summary: str = ""
     """One line for the docs: what the kind computes."""

@@ -7,9 +7,8 @@ imports neither torch nor MLX.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
+from peftdecl._json import JsonObject
 from peftdecl.kinds._decl import Composition, KindDecl, RankReader, Shapes, no_rank
 from peftdecl.spec._base import SpecBase
 from peftdecl.spec.adalora import AdaLoraSpec
@@ -30,8 +29,8 @@ def _ops(module: str) -> dict[str, str]:
 
 
 def _examples(
-    spec: Mapping[str, Any], layer_types: tuple[str, ...], **per_layer: Mapping[str, Any]
-) -> dict[str, dict[str, Any]]:
+    spec: JsonObject, layer_types: tuple[str, ...], **per_layer: JsonObject
+) -> dict[str, JsonObject]:
     """One spec per layer type (``per_layer`` adds fields for one of them), each targeting module ``m``."""
     return {t: {**spec, "target_modules": ["m"], **per_layer.get(t, {})} for t in layer_types}
 
@@ -98,7 +97,7 @@ def _builtin(
     markers: tuple[str, ...],
     layers: tuple[str, ...],
     composition: Composition,
-    example: Mapping[str, Any],
+    example: JsonObject,
     summary: str,
     rank: RankReader = no_rank,
     ops: str | None = None,

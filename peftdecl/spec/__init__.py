@@ -6,7 +6,7 @@ kind registered at runtime is part of both.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from peftdecl.spec._base import SpecBase
 from peftdecl.spec.adalora import AdaLoraSpec
@@ -21,12 +21,12 @@ if TYPE_CHECKING:
     from typing import TypeAlias
 
     AdapterSpec: TypeAlias = SpecBase
-    """Any adapter spec; ``peft_type`` picks the member."""
+    """An adapter spec of whichever kind; ``peft_type`` picks the member."""
     SPEC_TYPES: dict[str, type[SpecBase]]
     """peft_type -> Struct class, in HF PEFT's order, then registered kinds."""
 
 
-def spec_union() -> Any:
+def spec_union() -> object:
     """The union of every registered spec Struct (msgspec decodes it by ``peft_type``), cached by registry
     version."""
     from typing import Union
@@ -36,7 +36,7 @@ def spec_union() -> Any:
     return kinds.cached("spec_union", lambda: Union[tuple(kinds.spec_types().values())])  # noqa: UP007
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     # computed on access, so that kinds registered after this module was imported are included
     if name == "SPEC_TYPES":
         from peftdecl.kinds import spec_types
