@@ -6,11 +6,13 @@ file under ``hooks:``, so ``mkdocs build`` regenerates the page before it collec
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+import _page
+from _page import write_if_changed
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_DIR = ROOT / "schemas"
@@ -152,11 +154,7 @@ def render(schema_dir: Path = SCHEMA_DIR) -> str:
 
 def write(output: Path = OUTPUT, schema_dir: Path = SCHEMA_DIR) -> bool:
     """Write the page if its text changed; True when it was written."""
-    text = render(schema_dir)
-    if output.is_file() and output.read_text(encoding="utf-8") == text:
-        return False
-    output.write_text(text, encoding="utf-8")
-    return True
+    return write_if_changed(output, render(schema_dir))
 
 
 def on_pre_build(config: Any) -> None:
@@ -165,16 +163,7 @@ def on_pre_build(config: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=OUTPUT, help="page to write (default: %(default)s)")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the page is missing or stale")
-    args = parser.parse_args(argv)
-    if args.check:
-        fresh = args.out.is_file() and args.out.read_text(encoding="utf-8") == render()
-        print(f"{args.out} is {'up to date' if fresh else 'stale'}", file=sys.stdout if fresh else sys.stderr)
-        return 0 if fresh else 1
-    print(f"{'wrote' if write(args.out) else 'unchanged'}: {args.out}")
-    return 0
+    return _page.main(__doc__.splitlines()[0], OUTPUT, lambda current: render(), argv)
 
 
 if __name__ == "__main__":
