@@ -62,8 +62,18 @@ class LoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         w = fused.weight_ir(weight, stored_in_out)
         ctx.scaling, ctx.stored_in_out, ctx.merged = scaling, stored_in_out, merged
-        if merged:
-            y, u = _merged_forward(x2, w, bias, a, b, b_bias, scaling)
+        if merged:  # [y | u] = x [W'; A]ᵀ, W' = W + s·B A (not kept), the bias plus s·b_B added on the way
+            d_out, d_in, r = b.shape[0], a.shape[1], a.shape[0]
+            full_bias = bias
+            if b_bias is not None:
+                full_bias = b_bias * scaling if bias is None else torch.add(bias, b_bias, alpha=scaling)
+            stacked = x2.new_empty(d_out + r, d_in)  # [W + s·B A ; A]
+            torch.addmm(w, b, a, alpha=scaling, out=stacked[:d_out])
+            stacked[d_out:].copy_(a)
+            yu = torch.mm(x2, stacked.t())
+            # a contiguous y; u copied out so that it does not keep yu alive
+            y = yu[:, :d_out].contiguous() if full_bias is None else torch.add(yu[:, :d_out], full_bias)
+            u = yu[:, d_out:].contiguous()
         else:
             y = fused.linear(x2, w, bias)
             u = torch.mm(x2, a.t())
@@ -100,29 +110,6 @@ class LoraLinearFunction(torch.autograd.Function):
         return dx, None, None, da, db, dbias, None, None, None, None
 
 
-def _merged_forward(
-    x2: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    b_bias: torch.Tensor | None,
-    s: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, u) = (x W'ᵀ + b + s·b_B, x Aᵀ) as one product [y | u] = x [W'; A]ᵀ, W' = W + s·B A; W' is not kept."""
-    d_out, d_in, r = b.shape[0], a.shape[1], a.shape[0]
-    full_bias = bias
-    if b_bias is not None:
-        full_bias = b_bias * s if bias is None else torch.add(bias, b_bias, alpha=s)
-    stacked = x2.new_empty(d_out + r, d_in)  # [W + s·B A ; A]
-    torch.addmm(w, b, a, alpha=s, out=stacked[:d_out])
-    stacked[d_out:].copy_(a)
-    yu = torch.mm(x2, stacked.t())
-    # a contiguous y (the bias added on the way); u copied out so that it does not keep yu alive
-    y = yu[:, :d_out].contiguous() if full_bias is None else torch.add(yu[:, :d_out], full_bias)
-    return y, yu[:, d_out:].contiguous()
-
-
 def _merged_input_grad(
     dy2: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,23 +122,6 @@ def _merged_input_grad(
     return out[:, :d_in].contiguous(), out[:, d_in:]
 
 
-def merged_linear(
-    lp: LayerPlan,
-    layer: AdaptedLayer,
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    b_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Inference: one matmul with W + s·B A (and the bias plus s·b_B)."""
-    s = lp.scaling
-    weight = torch.addmm(layer.weight_ir(), b, a, alpha=s)
-    bias = layer.bias
-    if b_bias is not None:
-        bias = b_bias * s if bias is None else bias + s * b_bias
-    return F.linear(x, weight, bias)
-
-
 def lora_linear(
     lp: LayerPlan,
     layer: AdaptedLayer,
@@ -160,14 +130,17 @@ def lora_linear(
     b: torch.Tensor,
     b_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The whole layer in the form the cost rules pick (``a`` may be computed, e.g. AdaLoRA's Q ⊙ Λ)."""
+    """The whole layer in the form the cost rules pick (``a`` may be computed, e.g. AdaLoRA's Q ⊙ Λ); inference
+    on many tokens is one matmul with W + s·B A (and the bias plus s·b_B)."""
     a, b = fused.compute_dtype(x, a, b)
     if b_bias is not None:
         (b_bias,) = fused.compute_dtype(x, b_bias)
-    if not torch.is_grad_enabled() and fused.merge_pays(lp, layer, x):
-        return merged_linear(lp, layer, x, a, b, b_bias)
-    stored_in_out = lp.layer.type == "gpt2_conv1d"
     weight, bias, s = layer.base_weight, layer.bias, lp.scaling
+    if not torch.is_grad_enabled() and fused.merge_pays(lp, layer, x):
+        if b_bias is not None:
+            bias = b_bias * s if bias is None else bias + s * b_bias
+        return F.linear(x, torch.addmm(layer.weight_ir(), b, a, alpha=s), bias)
+    stored_in_out = lp.layer.type == "gpt2_conv1d"
     merged, save_shrink = fused.merge_for_training(lp, layer, x), layer.options.save_shrink
     y: torch.Tensor = LoraLinearFunction.apply(
         x, weight, bias, a, b, b_bias, s, stored_in_out, save_shrink, merged
