@@ -9,13 +9,13 @@ Several active adapters: y = ((x M_k ⋯ M_1) Wᵀ) ⊙ s_1 ⋯ s_k + b, HF PEFT
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
-from peftdecl.composition import INPUT
 from peftdecl.errors import BackendError
+from peftdecl.kinds import compositions
 from peftdecl.plan import LayerPlan
 from peftdecl_torch.kinds._rotation import butterfly, butterfly_perms, cayley
 
@@ -76,9 +76,7 @@ class BoftOps:
             y = y + bias.to(q.dtype)
         return y.to(x.dtype)
 
-    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
-        """BOFT rotates the input the base reads and scales its output rows: a map of the weight."""
-        return INPUT
+    composition = staticmethod(compositions.boft)
 
     def compose_output(
         self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, y: torch.Tensor

@@ -10,13 +10,13 @@ On a half-precision base the float32 adapter runs in the base dtype (:class:`Dor
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
-from peftdecl.composition import OUTPUT
 from peftdecl.errors import BackendError, PeftdeclError
+from peftdecl.kinds import compositions
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.dora import MAGNITUDE
 from peftdecl_torch.kinds import _fused as fused
@@ -295,10 +295,7 @@ class DoraOps:
         base_out = layer.base_forward(x)
         return self._compose(lp, layer, p, x, base_out.to(dtype), n).to(base_out.dtype)
 
-    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
-        """With other adapters on the layer, g rescales the output they built (HF PEFT's DoRA takes the running
-        result as its base result)."""
-        return OUTPUT
+    composition = staticmethod(compositions.dora)
 
     def compose_output(
         self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, y: torch.Tensor

@@ -11,11 +11,11 @@ inference scales the base output in place (docs/performance.md compares the alte
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 
-from peftdecl.composition import INPUT, OUTPUT
+from peftdecl.kinds import compositions
 from peftdecl.plan import LayerPlan
 
 if TYPE_CHECKING:
@@ -38,9 +38,7 @@ class IA3Ops:
     additive = False
     input_order = "active"  # diagonal scalings commute: any order gives the same product
 
-    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
-        """A feed-forward vector scales the input the base reads, any other the output built so far."""
-        return INPUT if lp.options["feedforward"] else OUTPUT
+    composition = staticmethod(compositions.ia3)
 
     def compose_output(
         self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, y: torch.Tensor

@@ -24,11 +24,11 @@ direct form runs there. Both forms return a row-major dx and allocate no T × d 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 
-from peftdecl.composition import INPUT, OUTPUT
+from peftdecl.kinds import compositions
 from peftdecl.plan import LayerPlan
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds._rotation import cayley, neumann, rotate_blocks, skew_from_triu
@@ -194,9 +194,7 @@ class OftOps:
             return out
         return layer.base_forward(rotate_blocks(x.to(rot.dtype), rot).to(x.dtype))
 
-    def composition(self, lp: LayerPlan) -> Literal["output", "input"]:
-        """An embedding's rotation acts on the output built so far; any other layer's on its input."""
-        return OUTPUT if lp.layer.type == "embedding" else INPUT
+    composition = staticmethod(compositions.oft)
 
     def compose_output(
         self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor, y: torch.Tensor
