@@ -62,7 +62,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "loha_effective": ("conv2d",),
     "lokr_full": ("linear", "conv1d", "conv2d", "conv2d_1x1"),
     "lokr_decomposed": ("linear", "conv2d"),
-    "lokr_effective": ("conv2d",),
+    "lokr_effective": ("conv1d", "conv2d"),
     "oft_exact_cayley": ("linear", "conv2d"),
     "oft_block_share_coft": ("linear",),
     "boft_butterfly": ("linear", "conv2d_1x1"),
