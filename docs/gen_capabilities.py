@@ -13,6 +13,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "capabilities.md"
+
+
 def render() -> str:
     """The page text."""
     import peftdecl
