@@ -12,14 +12,15 @@ Deterministic: the same code gives the same bytes.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import json
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import _page
+from _page import write_if_changed
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "ir.md"
@@ -308,14 +309,16 @@ def render(current: str) -> str:
     return head + render_generated() + tail.lstrip("\n")
 
 
+def regenerate(current: str | None) -> str:
+    """The page with its generated part renewed (a missing page starts with its title)."""
+    return render("# The IR\n\n" if current is None else current)
+
+
 def write(output: Path = OUTPUT) -> bool:
     """Regenerate the page; True when its text changed."""
-    current = output.read_text(encoding="utf-8") if output.is_file() else "# The IR\n\n"
-    text = render(current)
-    if text == current:
-        return False
-    output.write_text(text, encoding="utf-8")
-    return True
+    return write_if_changed(
+        output, regenerate(output.read_text(encoding="utf-8") if output.is_file() else None)
+    )
 
 
 def on_pre_build(config: Any, **kwargs: Any) -> None:
@@ -324,16 +327,7 @@ def on_pre_build(config: Any, **kwargs: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the page's generated part is stale")
-    args = parser.parse_args(argv)
-    if args.check:
-        current = OUTPUT.read_text(encoding="utf-8") if OUTPUT.is_file() else ""
-        fresh = render(current) == current
-        print(f"{OUTPUT} is {'up to date' if fresh else 'stale'}", file=sys.stdout if fresh else sys.stderr)
-        return 0 if fresh else 1
-    print(f"{'wrote' if write() else 'unchanged'}: {OUTPUT}")
-    return 0
+    return _page.main((__doc__ or "").splitlines()[0], OUTPUT, regenerate, argv)
 
 
 if __name__ == "__main__":

@@ -47,12 +47,17 @@ def test_every_api_reference_target_exists(target: str) -> None:
 
 
 def load_gen_ir() -> ModuleType:
-    """docs/gen_ir.py, which is a script, not a package module."""
+    """docs/gen_ir.py, which is a script, not a package module: loaded as mkdocs loads a hook, with docs/ on
+    sys.path meanwhile (for its sibling module docs/_page.py)."""
     spec = importlib.util.spec_from_file_location("gen_ir", DOCS / "gen_ir.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["gen_ir"] = module
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(DOCS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(DOCS))
     return module
 
 
