@@ -35,7 +35,9 @@ def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """kron(a, b): out[i·B + j] = a[i] b[j] on every axis, the tensor with fewer axes taking leading size-1 ones.
 
     torch.kron views its inputs and fails on a size-1 axis with an odd stride (the CP rebuild of a conv1d factor
-    has one), so the product is formed by broadcasting instead."""
+    has one), so convolution factors are multiplied by broadcasting; matrices keep torch.kron, which is faster."""
+    if a.ndim == b.ndim == 2:
+        return torch.kron(a, b)
     ndim = max(a.ndim, b.ndim)
     a = a.reshape((1,) * (ndim - a.ndim) + tuple(a.shape))
     b = b.reshape((1,) * (ndim - b.ndim) + tuple(b.shape))
