@@ -115,7 +115,7 @@ def peft_saved_on_device(kind: str, folder):
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_peft_file_on_device_gives_peft_logits_loss_gradients_and_step(kind: str, tmp_path) -> None:
     wrapped = peft_saved_on_device(kind, tmp_path)
-    ours = peftdecl.load_adapter(llama_on_device(), tmp_path)
+    ours = peftdecl.load_adapter(llama_on_device(), tmp_path, is_trainable=True)
     x = ids(seed=1).to(DEVICE)
     with torch.no_grad():
         assert rel_err(host(ours(input_ids=x).logits), host(wrapped(input_ids=x).logits)) <= MODEL_TOL
@@ -182,7 +182,7 @@ def test_prompt_learning_on_device_matches_peft(kind: str, tmp_path) -> None:
 @pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "oft"])
 def test_half_precision_base_on_device(kind: str, dtype, tmp_path) -> None:
     peft_saved_on_device(kind, tmp_path)
-    ours = peftdecl.load_adapter(llama_on_device().to(dtype), tmp_path)
+    ours = peftdecl.load_adapter(llama_on_device().to(dtype), tmp_path, is_trainable=True)
     assert all(
         p.dtype == torch.float32 and p.device.type == DEVICE for p in ours.trainable_parameters().values()
     )
