@@ -50,13 +50,9 @@ class TorchBackend:
         return _is_torch_module(model)
 
     def inventory(self, model: nn.Module, **options: object) -> ModelInfo:
-        from peftdecl.plan.kinds.vera import register_projection_source
         from peftdecl_torch.inventory import check_options, inventory
-        from peftdecl_torch.kinds.vera import projections
 
         check_options(options)
-        # VeRA files saved without their projections are regenerated with torch, as HF PEFT draws them
-        register_projection_source(projections)
         return inventory(model)
 
     def create(

@@ -6,14 +6,9 @@ A and B are the shared frozen projections cut to the layer: A[:r, :in] and B[:ou
 from __future__ import annotations
 
 from peftdecl.plan import LayerPlan
-from peftdecl.plan.kinds.vera import register_projection_source
 from peftdecl_numpy.kinds.base import AdditiveKind, Params, Tape
 from peftdecl_numpy.layers import BaseLayer, dropout_mask, rows
-from peftdecl_numpy.torch_bridge import vera_projections
 from peftdecl_numpy.xp_ops import Array
-
-# Files saved with save_projection=False are readable wherever torch can regenerate PEFT's projections.
-register_projection_source(vera_projections)
 
 
 def _projections(lp: LayerPlan, p: Params) -> tuple[Array, Array]:

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.plan import LayerPlan
-from peftdecl.plan.kinds.vera import kaiming_bound
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds._additive import AddedProduct, Params
 from peftdecl_torch.kinds.lora import _add_expand
@@ -93,13 +91,3 @@ class VeraOps(AddedProduct):
 
 
 OPS = VeraOps()
-
-
-def projections(prng_key: int, r: int, max_in: int, max_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """HF PEFT's shared projections as it draws them (one CPU generator seeded with ``prng_key``: A ∈ R^{r×max_in}
-    first, then B ∈ R^{max_out×r}, each uniform in ±kaiming_bound), for files saved with save_projection=false."""
-    gen = torch.Generator(device="cpu").manual_seed(prng_key)
-    bound_a, bound_b = kaiming_bound(max_in), kaiming_bound(r)
-    a = torch.empty(r, max_in).uniform_(-bound_a, bound_a, generator=gen)
-    b = torch.empty(max_out, r).uniform_(-bound_b, bound_b, generator=gen)
-    return a.double().numpy(), b.double().numpy()

@@ -14,6 +14,7 @@ shapes no larger than the first's; a later adapter's A and B are the first's cut
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -28,13 +29,26 @@ from peftdecl.spec.vera import VeraSpec
 ProjectionSource = Callable[[int, int, int, int], "tuple[np.ndarray, np.ndarray] | None"]
 """(projection_prng_key, r, max_in, max_out) -> (A, B) as HF PEFT's torch generator gives them, or None."""
 
-_PROJECTION_SOURCES: list[ProjectionSource] = []
+_PROJECTION_SOURCES: list[ProjectionSource | str] = ["peftdecl_numpy.torch_bridge:vera_projections"]
+"""Ways to regenerate PEFT's projections bit for bit, tried in order: callables, or ``"module:function"`` names
+imported when first needed (the built-in one draws with torch when torch is installed, whichever backend runs)."""
 
 
 def register_projection_source(fn: ProjectionSource) -> None:
-    """Offer a way to regenerate PEFT's projections bit for bit (backends that can run torch register one)."""
+    """Offer another way to regenerate PEFT's projections bit for bit."""
     if fn not in _PROJECTION_SOURCES:
         _PROJECTION_SOURCES.append(fn)
+
+
+def _resolved(source: ProjectionSource | str) -> ProjectionSource | None:
+    if not isinstance(source, str):
+        return source
+    module, _, name = source.partition(":")
+    try:
+        found: ProjectionSource = getattr(importlib.import_module(module), name)
+    except ImportError:
+        return None
+    return found
 
 
 def kaiming_bound(fan_in: int) -> float:
@@ -152,7 +166,8 @@ def vera_from_file(plan: Plan, arrays: dict[str, np.ndarray]) -> dict[str, np.nd
         )
     key = spec.projection_prng_key  # type: ignore[attr-defined]
     for source in _PROJECTION_SOURCES:
-        found = source(key, r, max_in, max_out)
+        fn = _resolved(source)
+        found = None if fn is None else fn(key, r, max_in, max_out)
         if found is not None:
             return {**arrays, "vera_A": found[0], "vera_B": found[1]}
     raise AdapterFileError(
