@@ -8,7 +8,7 @@ follow.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from peftdecl.plan.ir import LayerPlan, Plan
@@ -47,7 +47,3 @@ class AdapterBook:
     def trainable(self, names: Sequence[str]) -> tuple[str, ...]:
         """``names`` less the frozen adapters: those whose tensors ``trainable_parameters`` lists."""
         return tuple(name for name in names if name not in self.frozen)
-
-    def layer_plans(self, name: str) -> Iterator[LayerPlan]:
-        """The layer plans of adapter ``name``."""
-        return iter(self.plans[name].layers)
