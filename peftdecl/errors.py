@@ -30,3 +30,12 @@ class AdapterFileError(PeftdeclError, ValueError):
 
 class BackendError(PeftdeclError, RuntimeError):
     """No backend can run the request, or a backend lacks a capability."""
+
+
+class TrainConfigError(SpecError):
+    """A training file (or a ``--set`` override) is invalid; ``problems`` holds ``(json_path, message)`` pairs."""
+
+
+class DataError(PeftdeclError, ValueError):
+    """A training or evaluation data file is missing or holds a line of the wrong shape (the message names the
+    file and the line number)."""

@@ -1,0 +1,146 @@
+"""The training file: msgspec Structs whose JSON Schema is published as ``schemas/train.schema.json``.
+
+Field names under ``training`` are transformers ``TrainingArguments`` names; under ``data`` they follow mlx-lm.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+PositiveInt = Annotated[int, Meta(ge=1, le=2**31 - 1)]
+NonNegativeInt = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+PositiveFloat = Annotated[float, Meta(gt=0.0, le=1.0e6)]
+NonNegativeFloat = Annotated[float, Meta(ge=0.0, le=1.0e6)]
+Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
+OpenFraction = Annotated[float, Meta(ge=0.0, lt=1.0)]
+
+DataFormat = Literal["auto", "text", "prompt_completion", "chat"]
+SchedulerType = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+Optimizer = Literal["adamw", "sgd"]
+SaveFormat = Literal["hf", "mlx-lm"]
+
+
+class _Section(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Base of every section: unknown fields are errors."""
+
+
+class DataConfig(_Section):
+    """Where the examples come from and how they become token sequences."""
+
+    train: Annotated[str, Meta(min_length=1, description="JSON Lines file of training examples.")]
+    valid: Annotated[str | None, Meta(description="JSON Lines file of held-out examples (eval loss).")] = None
+    format: Annotated[
+        DataFormat,
+        Meta(description="Example shape: {text}, {prompt, completion} or chat {messages}; auto detects it."),
+    ] = "auto"
+    mask_prompt: Annotated[
+        bool, Meta(description="Count the loss only on completion / assistant tokens.")
+    ] = False
+    max_seq_length: Annotated[
+        int, Meta(ge=2, le=1_048_576, description="Longer sequences are truncated (with a warning).")
+    ] = 2048
+
+
+class TrainingConfig(_Section):
+    """Optimisation settings; the names and meanings are transformers ``TrainingArguments``'."""
+
+    learning_rate: Annotated[float, Meta(gt=0.0, le=10.0, description="Peak learning rate.")] = 5.0e-5
+    lr_scheduler_type: Annotated[SchedulerType, Meta(description="transformers' get_scheduler name.")] = (
+        "linear"
+    )
+    lr_scheduler_kwargs: Annotated[
+        dict[str, float],
+        Meta(
+            description="Extra scheduler arguments: num_cycles (cosine kinds), power and lr_end (polynomial)."
+        ),
+    ] = field(default_factory=dict)
+    warmup_steps: Annotated[
+        NonNegativeInt, Meta(description="Linear warm-up steps; overrides warmup_ratio.")
+    ] = 0
+    warmup_ratio: Annotated[Fraction, Meta(description="Warm-up as a fraction of the total steps.")] = 0.0
+    max_steps: Annotated[
+        PositiveInt | None, Meta(description="Optimizer steps to run; overrides num_train_epochs.")
+    ] = None
+    num_train_epochs: Annotated[PositiveFloat, Meta(description="Passes over the training data.")] = 3.0
+    per_device_train_batch_size: Annotated[PositiveInt, Meta(description="Sequences per micro-batch.")] = 8
+    per_device_eval_batch_size: Annotated[PositiveInt, Meta(description="Sequences per eval batch.")] = 8
+    gradient_accumulation_steps: Annotated[
+        PositiveInt, Meta(description="Micro-batches summed into one optimizer step.")
+    ] = 1
+    max_grad_norm: Annotated[
+        NonNegativeFloat, Meta(description="Clip the global gradient norm to this (0: no clipping).")
+    ] = 1.0
+    optim: Annotated[Optimizer, Meta(description="adamw (decoupled weight decay) or sgd.")] = "adamw"
+    adam_beta1: Annotated[OpenFraction, Meta(description="AdamW's first-moment decay.")] = 0.9
+    adam_beta2: Annotated[OpenFraction, Meta(description="AdamW's second-moment decay.")] = 0.999
+    adam_epsilon: Annotated[PositiveFloat, Meta(description="AdamW's denominator epsilon.")] = 1.0e-8
+    weight_decay: Annotated[
+        NonNegativeFloat, Meta(description="Decoupled weight decay (AdamW) or L2 (SGD).")
+    ] = 0.0
+    seed: Annotated[NonNegativeInt, Meta(description="Seeds adapter init, dropout and data order.")] = 42
+    logging_steps: Annotated[PositiveInt, Meta(description="Log (and print) every this many steps.")] = 10
+    eval_steps: Annotated[
+        PositiveInt | None, Meta(description="Evaluate on data.valid every this many steps (and at the end).")
+    ] = None
+    save_steps: Annotated[
+        PositiveInt | None, Meta(description="Write a checkpoint every this many steps.")
+    ] = None
+    save_total_limit: Annotated[
+        PositiveInt | None, Meta(description="Keep at most this many checkpoints (oldest pruned).")
+    ] = None
+    gradient_checkpointing: Annotated[
+        bool, Meta(description="Recompute activations in the backward pass to save memory.")
+    ] = False
+
+
+class GenerationCheck(_Section):
+    """A held-out generation metric printed before and after training: greedy completions of prompts scored by
+    exact match against their reference completions."""
+
+    data: Annotated[
+        str | None, Meta(description="prompt/completion JSON Lines file; default: data.valid.")
+    ] = None
+    max_new_tokens: Annotated[int, Meta(ge=1, le=4096, description="Tokens generated per prompt.")] = 32
+    limit: Annotated[PositiveInt, Meta(description="Examples scored at most.")] = 64
+    show: Annotated[NonNegativeInt, Meta(description="Sample generations printed.")] = 2
+
+
+class TrainFile(_Section):
+    """A ``peftdecl train`` run: the model, the adapter, the data, the optimisation and where results go."""
+
+    model: Annotated[
+        str, Meta(min_length=1, description="Local HF checkpoint folder (config, weights, tokenizer).")
+    ]
+    adapter: Annotated[
+        str | dict[str, Any],
+        Meta(description="Adapter spec: a path, or an inline spec of any of the 11 kinds."),
+    ]
+    data: DataConfig
+    output_dir: Annotated[str, Meta(min_length=1, description="Where logs, checkpoints and the adapter go.")]
+    backend: Annotated[
+        Literal["torch", "mlx"] | None, Meta(description="Default: mlx on Apple silicon, otherwise torch.")
+    ] = None
+    device: Annotated[Literal["cpu", "cuda", "auto"], Meta(description="torch only: where to train.")] = (
+        "auto"
+    )
+    dtype: Annotated[
+        Literal["float32", "bfloat16", "float16"], Meta(description="dtype the base model is loaded in.")
+    ] = "float32"
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    save_formats: Annotated[
+        list[SaveFormat], Meta(min_length=1, description="Formats of the final adapter (output_dir/adapter).")
+    ] = field(default_factory=lambda: ["hf"])
+    generation_check: Annotated[
+        GenerationCheck | None, Meta(description="Optional held-out generation metric, before and after.")
+    ] = None
+
+
+def to_dict(config: TrainFile) -> dict[str, Any]:
+    """The file as plain JSON-able data (defaults included), e.g. for ``trainer_state.json``."""
+    data: dict[str, Any] = msgspec.to_builtins(config)
+    return data
