@@ -220,6 +220,8 @@ def _tokenise(
     tokens = _template(tokenizer, messages, where, **tools)
     if not mask_prompt:
         return tokens, 0
+    if len(messages) < 2:
+        raise DataError(f"{where}: with data.mask_prompt a chat example needs a message before the last one")
     # mlx-lm's rule: the prompt is every message but the last, with the assistant header when the last speaks
     generation = messages[-1].get("role") == "assistant"
     return tokens, len(_template(tokenizer, messages[:-1], where, add_generation_prompt=generation, **tools))
