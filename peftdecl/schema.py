@@ -174,10 +174,13 @@ def builtin_spec_types() -> dict[str, type[SpecBase]]:
 
 def render_all(registered: bool = False) -> dict[str, str]:
     """File name -> file text for every schema file: of the built-in kinds, or with ``registered`` of every kind
-    registered in this process (entry-point plugins included)."""
+    registered in this process (entry-point plugins included), and the training file's."""
     types = spec_types() if registered else builtin_spec_types()
     files = {schema_file_name(t): struct_schema(cls) for t, cls in types.items()}
     files[UNION_FILE] = _union_schema(types)
+    from peftdecl.train.config import SCHEMA_FILE, train_schema
+
+    files[SCHEMA_FILE] = train_schema()  # the training file's, whose inline adapter refers to UNION_FILE
     return {name: json.dumps(schema, indent=2, ensure_ascii=False) + "\n" for name, schema in files.items()}
 
 

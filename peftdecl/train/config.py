@@ -1,6 +1,7 @@
 """The training file: msgspec Structs whose JSON Schema is published as ``schemas/train.schema.json``.
 
 Field names under ``training`` are transformers ``TrainingArguments`` names; under ``data`` they follow mlx-lm.
+Reading, validating and checking a file is :mod:`peftdecl.train.load`'s job.
 """
 
 from __future__ import annotations
@@ -133,11 +134,62 @@ class TrainFile(_Section):
     ] = "float32"
     training: TrainingConfig = field(default_factory=TrainingConfig)
     save_formats: Annotated[
-        list[SaveFormat], Meta(min_length=1, description="Formats of the final adapter (output_dir/adapter).")
+        list[SaveFormat],
+        Meta(
+            min_length=1,
+            description="Formats of the final adapter (output_dir/adapter); mlx-lm adds adapters.safetensors.",
+            extra_json_schema={"uniqueItems": True},
+        ),
     ] = field(default_factory=lambda: ["hf"])
     generation_check: Annotated[
         GenerationCheck | None, Meta(description="Optional held-out generation metric, before and after.")
     ] = None
+
+
+SCHEMA_FILE = "train.schema.json"
+_SECTIONS = {"DataConfig": DataConfig, "TrainingConfig": TrainingConfig, "GenerationCheck": GenerationCheck}
+
+
+def train_schema(published: bool = True) -> dict[str, Any]:
+    """The training file's JSON Schema, generated from :class:`TrainFile` with every section inlined.
+
+    ``published`` (the ``schemas/train.schema.json`` text): ``adapter``'s inline branch is a ``$ref`` to
+    ``adapter.schema.json``. Otherwise (validation in memory) that branch is any object, which
+    :func:`peftdecl.load_spec` then checks, so the adapter's errors come from one place.
+    """
+    from peftdecl.schema import SCHEMA_BASE_URL, SCHEMA_DIALECT, UNION_FILE, harden
+
+    generated = msgspec.json.schema(TrainFile)
+    defs: dict[str, Any] = generated["$defs"]
+    body = _inline(defs.pop("TrainFile"), defs)
+    props: dict[str, Any] = body["properties"]
+    for name, section in (("data", DataConfig), ("training", TrainingConfig)):
+        props[name] = {"description": _first_line(section.__doc__), **props[name]}
+    inline: dict[str, Any] = {"$ref": UNION_FILE} if published else {"type": "object"}
+    props["adapter"]["anyOf"] = [{"type": "string", "minLength": 1}, inline]
+    body["title"] = "peftdecl training file"
+    body["description"] = _first_line(TrainFile.__doc__)
+    hardened: dict[str, Any] = harden(body)
+    return {"$schema": SCHEMA_DIALECT, "$id": SCHEMA_BASE_URL + SCHEMA_FILE, **hardened}
+
+
+def _inline(schema: Any, defs: dict[str, Any]) -> Any:
+    """``schema`` with each ``{"$ref": "#/$defs/X"}`` replaced by X's body (the sections are not recursive)."""
+    if isinstance(schema, list):
+        return [_inline(item, defs) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        target = dict(defs[ref.removeprefix("#/$defs/")])
+        target.pop("title", None)
+        target["description"] = " ".join(str(target.get("description", "")).split())
+        return _inline({**target, **{k: v for k, v in schema.items() if k != "$ref"}}, defs)
+    return {key: _inline(value, defs) for key, value in schema.items()}
+
+
+def _first_line(doc: str | None) -> str:
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
 def to_dict(config: TrainFile) -> dict[str, Any]:
