@@ -1,0 +1,510 @@
+"""An ``mlx_lm.lora`` YAML config read as a training file: each option mapped to its equivalent, or refused.
+
+mlx-lm fills every option the file leaves out from its ``CONFIG_DEFAULTS`` (copied in :data:`MLX_LM_DEFAULTS`;
+a test compares the copy with the installed mlx-lm), so a config means the same run here as there: e.g. no
+``num_layers`` still trains only the last 16 blocks, no ``lr_schedule`` is a constant learning rate, and no
+gradient clipping happens. An option the file sets and peftdecl cannot honour exactly (``fine_tune_type: full``,
+``test: true``, a Hugging Face dataset name, an optimizer or schedule peftdecl lacks, ...) is a TrainConfigError
+naming the option (JSON path into the mlx-lm file) and why; a value that changes nothing (``test: false``,
+``report_to: null``) is accepted. The docs' Fine-tuning page lists where the meanings differ.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+from peftdecl._json import JsonObject, JsonValue
+from peftdecl.errors import TrainConfigError
+from peftdecl.train.overrides import EXPONENT_FLOAT
+
+MLX_LM_DEFAULTS: JsonObject = {
+    "model": "Qwen/Qwen3-0.6b",
+    "train": False,
+    "fine_tune_type": "lora",
+    "optimizer": "adam",
+    "optimizer_config": {"adam": {}, "adamw": {}, "muon": {}, "sgd": {}, "adafactor": {}},
+    "data": "mlx-community/WikiSQL",
+    "seed": 0,
+    "num_layers": 16,
+    "batch_size": 4,
+    "iters": 1000,
+    "val_batches": 25,
+    "learning_rate": 1e-5,
+    "steps_per_report": 10,
+    "steps_per_eval": 200,
+    "resume_adapter_file": None,
+    "adapter_path": "adapters",
+    "save_every": 100,
+    "test": False,
+    "test_batches": 500,
+    "max_seq_length": 2048,
+    "config": None,
+    "grad_checkpoint": False,
+    "grad_accumulation_steps": 1,
+    "clear_cache_threshold": 0,
+    "lr_schedule": None,
+    "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 20.0},
+    "mask_prompt": False,
+    "report_to": None,
+    "project_name": None,
+    "trust_remote_code": False,
+}
+"""mlx-lm 0.32's ``mlx_lm.lora.CONFIG_DEFAULTS`` (mlx-lm itself imports MLX, which the core never does)."""
+
+DATASET_KEYS: JsonObject = {
+    "text_feature": "text",
+    "prompt_feature": "prompt",
+    "completion_feature": "completion",
+    "chat_feature": "messages",
+}
+"""mlx-lm's dataset key options and their defaults; peftdecl reads those fixed keys only."""
+
+KNOWN_KEYS = frozenset(MLX_LM_DEFAULTS) | frozenset(DATASET_KEYS) | {"hf_dataset"}
+"""Every option an ``mlx_lm.lora`` config can hold."""
+
+TRAIN_FILE_ONLY_KEYS = frozenset(
+    {"adapter", "training", "output_dir", "save_formats", "generation_check", "backend", "device", "dtype"}
+)
+
+# mlx.optimizers' defaults for the options each optimizer takes (betas, eps, weight decay of AdamW 0.01)
+_ADAM_OPTIONS = {"betas": [0.9, 0.999], "eps": 1e-8, "bias_correction": False}
+_OPTIMIZER_OPTIONS: dict[str, JsonObject] = {
+    "adam": _ADAM_OPTIONS,
+    "adamw": {**_ADAM_OPTIONS, "weight_decay": 0.01},
+    "sgd": {"momentum": 0.0, "weight_decay": 0.0, "dampening": 0.0, "nesterov": False},
+}
+
+
+def is_mlx_lm_config(data: object) -> bool:
+    """True for a mapping that is an ``mlx_lm.lora`` config: ``data`` (if any) is a folder name, not a mapping, no
+    key is a training-file-only one (``adapter``, ``training``, ``output_dir``, ...), and some key is mlx-lm's."""
+    if not isinstance(data, Mapping) or isinstance(data.get("data"), Mapping):
+        return False
+    keys = set(data)
+    return not keys & TRAIN_FILE_ONLY_KEYS and bool(keys & (KNOWN_KEYS - {"model"}))
+
+
+def from_mlx_lm(data: Mapping[str, JsonValue], model_config: Mapping[str, JsonValue] | None) -> JsonObject:
+    """The training-file dict equivalent to the ``mlx_lm.lora`` config ``data``.
+
+    ``model_config`` is the model folder's ``config.json`` (``num_hidden_layers`` turns ``num_layers`` into
+    ``layers_to_transform``: the last ``num_layers`` blocks). Raises TrainConfigError listing every option that
+    has no exact equivalent, with its JSON path in ``data``.
+    """
+    mapper = _Mapper(data, model_config)
+    out = mapper.run()
+    if mapper.problems:
+        raise TrainConfigError(mapper.problems)
+    return out
+
+
+class _Mapper:
+    """One mapping run: the given options, mlx-lm's defaults for the rest, and the problems found."""
+
+    def __init__(self, given: Mapping[str, JsonValue], model_config: Mapping[str, JsonValue] | None) -> None:
+        self.given = given
+        self.options: JsonObject = {**MLX_LM_DEFAULTS, **given}
+        self.model_config = model_config
+        self.problems: list[tuple[str, str]] = []
+
+    def refuse(self, path: str, message: str) -> None:
+        self.problems.append((path, message))
+
+    def run(self) -> JsonObject:
+        for key in self.given:
+            if key not in KNOWN_KEYS:
+                close = difflib.get_close_matches(str(key)[:100], sorted(KNOWN_KEYS), n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.refuse(f"$.{key}", f"not an mlx_lm.lora option{hint}")
+        self._check_no_ops()
+        accumulation = self.integer("grad_accumulation_steps", 1)
+        training: JsonObject = {
+            "per_device_train_batch_size": self.integer("batch_size", 1),
+            "per_device_eval_batch_size": self.integer("batch_size", 1),
+            "gradient_accumulation_steps": accumulation,
+            "max_steps": self._steps("iters", accumulation),
+            "logging_steps": self._steps("steps_per_report", accumulation),
+            "save_steps": self._steps("save_every", accumulation),
+            "seed": self.integer("seed", 0),
+            "gradient_checkpointing": self.boolean("grad_checkpoint"),
+            "max_grad_norm": 0.0,  # mlx-lm does not clip gradients
+            **self._optimizer(),
+            **self._schedule(),
+        }
+        data = self._data()
+        if "valid" in data:
+            training["eval_steps"] = self._steps("steps_per_eval", accumulation)
+        out: JsonObject = {
+            "model": self._model(),
+            "adapter": self._adapter(),
+            "data": data,
+            "training": {k: v for k, v in training.items() if v is not None},
+            "output_dir": self.string("adapter_path"),
+            "save_formats": ["hf", "mlx-lm"],
+        }
+        return out
+
+    # typed reads of one option (the given value or mlx-lm's default), problems recorded with the option's path
+
+    def value(self, key: str) -> JsonValue:
+        return self.options.get(key)
+
+    def integer(self, key: str, minimum: int) -> int | None:
+        value = self.value(key)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            self.refuse(f"$.{key}", f"expected an integer >= {minimum}, got {_show(value)}")
+            return None
+        return value
+
+    def number(self, path: str, value: JsonValue) -> float | None:
+        if isinstance(value, str) and EXPONENT_FLOAT.fullmatch(value.strip()):
+            value = float(
+                value
+            )  # mlx-lm's YAML loader reads 1e-5 (no dot) as a float; PyYAML's resolver does not
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            self.refuse(path, f"expected a finite number, got {_show(value)}")
+            return None
+        return float(value)
+
+    def boolean(self, key: str) -> bool | None:
+        value = self.value(key)
+        if not isinstance(value, bool):
+            self.refuse(f"$.{key}", f"expected true or false, got {_show(value)}")
+            return None
+        return value
+
+    def string(self, key: str) -> str | None:
+        value = self.value(key)
+        if not isinstance(value, str) or not value:
+            self.refuse(f"$.{key}", f"expected a non-empty string, got {_show(value)}")
+            return None
+        return value
+
+    def _steps(self, key: str, accumulation: int | None) -> int | None:
+        """mlx-lm counts iterations (micro-batches); the training file counts optimizer steps."""
+        iterations = self.integer(key, 1)
+        if iterations is None or accumulation is None:
+            return None
+        if key == "iters":
+            if iterations < accumulation:
+                self.refuse(
+                    "$.iters",
+                    f"{iterations} iterations make no optimizer step with "
+                    f"grad_accumulation_steps {accumulation}",
+                )
+                return None
+            return iterations // accumulation  # mlx-lm's trailing partial accumulation is never applied
+        if iterations % accumulation:
+            self.refuse(
+                f"$.{key}",
+                f"{iterations} iterations is not a whole number of optimizer steps of "
+                f"grad_accumulation_steps {accumulation} micro-batches",
+            )
+            return None
+        return iterations // accumulation
+
+    def _check_no_ops(self) -> None:
+        """Options accepted only at a value that changes nothing here; any other value is refused."""
+        rules: list[tuple[str, tuple[JsonValue, ...], str]] = [
+            ("train", (True,), "peftdecl train always trains; false would make mlx-lm only test"),
+            ("test", (False,), "peftdecl train does not evaluate a test split; run it separately"),
+            ("resume_adapter_file", (None,), "resume with `peftdecl train FILE --resume [CHECKPOINT_DIR]`"),
+            (
+                "report_to",
+                (None, ""),
+                "peftdecl writes output_dir/log.jsonl and loss.png, no tracking service",
+            ),
+            ("trust_remote_code", (False,), "peftdecl never runs code from a model folder"),
+            ("config", (None,), "a config file inside a config file is not read"),
+            ("clear_cache_threshold", (0,), "peftdecl has no allocator cache threshold"),
+            (
+                "val_batches",
+                (-1,),
+                "peftdecl evaluates all of data.valid, as -1 does; trim valid.jsonl instead",
+            ),
+            ("hf_dataset", (None,), "peftdecl reads local JSON Lines files only"),
+        ]
+        for key, accepted, why in rules:
+            if key in self.given and not any(_same(self.given[key], ok) for ok in accepted):
+                allowed = " or ".join(_show(ok) for ok in accepted)
+                self.refuse(
+                    f"$.{key}",
+                    f"{_show(self.given[key])} has no equivalent ({why}); only {allowed} is accepted",
+                )
+        for key, default in DATASET_KEYS.items():
+            if key in self.given and self.given[key] != default:
+                self.refuse(f"$.{key}", f"peftdecl reads the fixed key {default!r} of each example")
+        # project_name and test_batches only matter with report_to / test, refused above unless no-ops
+
+    def _model(self) -> str | None:
+        if "model" not in self.given:
+            self.refuse(
+                "$.model",
+                f"is required: mlx-lm's default {MLX_LM_DEFAULTS['model']!r} is a Hugging "
+                "Face repository, and peftdecl trains a local model folder",
+            )
+            return None
+        return self.string("model")
+
+    def _data(self) -> JsonObject:
+        folder = self.value("data")
+        out: JsonObject = {"format": "auto"}
+        mask = self.boolean("mask_prompt")
+        length = self.integer("max_seq_length", 2)
+        out.update({k: v for k, v in (("mask_prompt", mask), ("max_seq_length", length)) if v is not None})
+        where = "$.data" if "data" in self.given else "$.data (mlx-lm's default)"
+        if not isinstance(folder, str) or not folder:
+            self.refuse("$.data", f"expected a folder name, got {_show(folder)}")
+            return {**out, "train": "train.jsonl"}
+        if not _is_dir(Path(folder)):
+            self.refuse(
+                where,
+                f"{folder!r} is not a local folder; a Hugging Face dataset name is not read "
+                "(peftdecl reads train.jsonl and valid.jsonl from a local folder)",
+            )
+        out["train"] = str(Path(folder) / "train.jsonl")
+        valid = Path(folder) / "valid.jsonl"
+        if valid.is_file():  # as in mlx-lm, training goes on without validation when there is none
+            out["valid"] = str(valid)
+        return out
+
+    def _adapter(self) -> JsonObject:
+        kind = self.value("fine_tune_type")
+        if kind not in ("lora", "dora"):
+            why = "peftdecl trains adapters, not full weights" if kind == "full" else "expected lora or dora"
+            self.refuse("$.fine_tune_type", f"{_show(kind)} has no equivalent: {why}")
+        params = self.value("lora_parameters")
+        if not isinstance(params, Mapping):
+            self.refuse("$.lora_parameters", f"expected a mapping, got {_show(params)}")
+            params = {}
+        spec: JsonObject = {"peft_type": "LORA"}
+        for key in params:
+            if key not in ("rank", "scale", "dropout", "keys"):
+                self.refuse(
+                    f"$.lora_parameters.{key}", "not an mlx-lm LoRA parameter (rank, scale, dropout, keys)"
+                )
+        for key in ("rank", "scale", "dropout"):
+            if key not in params:  # mlx-lm reads all three and has no default once lora_parameters is given
+                self.refuse(f"$.lora_parameters.{key}", "is required (mlx-lm has no default for it here)")
+        if any(key not in params for key in ("rank", "scale", "dropout")):
+            return spec
+        rank = params.get("rank")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            self.refuse("$.lora_parameters.rank", f"expected an integer >= 1, got {_show(rank)}")
+            rank = None
+        scale = self.number("$.lora_parameters.scale", params.get("scale"))
+        dropout = self.number("$.lora_parameters.dropout", params.get("dropout"))
+        if rank is not None:
+            spec["r"] = rank
+            if scale is not None:  # mlx-lm adds scale * B A x; PEFT adds (lora_alpha / r) * B A x
+                alpha = scale * rank
+                spec["lora_alpha"] = int(alpha) if alpha.is_integer() else alpha
+        if dropout is not None:
+            spec["lora_dropout"] = dropout
+        keys = params.get("keys")
+        if keys is None:
+            spec["target_modules"] = "all-linear"  # mlx-lm's default: every linear layer of the chosen blocks
+        elif isinstance(keys, list) and keys and all(isinstance(k, str) and k for k in keys):
+            spec["target_modules"] = list(keys)  # block-relative names match as PEFT suffixes
+        else:
+            self.refuse("$.lora_parameters.keys", f"expected a list of module names, got {_show(keys)}")
+        if kind == "dora":
+            spec["use_dora"] = True
+        layers = self._layers()
+        if layers is not None:
+            spec["layers_to_transform"] = layers
+        return spec
+
+    def _layers(self) -> list[int] | None:
+        """mlx-lm adapts ``model.layers[-max(num_layers, 0):]``: the last num_layers blocks; -1 and 0 mean all."""
+        count = self.value("num_layers")
+        if not isinstance(count, int) or isinstance(count, bool) or count < -1:
+            self.refuse("$.num_layers", f"expected an integer >= -1, got {_show(count)}")
+            return None
+        if count <= 0:
+            return None
+        total = self.model_config.get("num_hidden_layers") if self.model_config is not None else None
+        where = "$.num_layers" if "num_layers" in self.given else "$.num_layers (mlx-lm's default 16)"
+        if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+            self.refuse(
+                where,
+                "needs num_hidden_layers from the model folder's config.json to pick the last "
+                f"{count} blocks, and it is not readable (use -1 for every block)",
+            )
+            return None
+        if count > total:
+            self.refuse(
+                where, f"{count} blocks requested, but the model has {total} (use -1 for every block)"
+            )
+            return None
+        return None if count == total else list(range(total - count, total))
+
+    def _optimizer(self) -> JsonObject:
+        name = self.value("optimizer")
+        if name not in _OPTIMIZER_OPTIONS:
+            self.refuse(
+                "$.optimizer", f"{_show(name)} has no equivalent; peftdecl has adam/adamw (as adamw) and sgd"
+            )
+            return {}
+        configs = self.value("optimizer_config")
+        if not isinstance(configs, Mapping):
+            self.refuse("$.optimizer_config", f"expected a mapping of optimizer names, got {_show(configs)}")
+            return {}
+        given = configs.get(name) or {}
+        path = f"$.optimizer_config.{name}"
+        if not isinstance(given, Mapping):
+            self.refuse(path, f"expected a mapping, got {_show(given)}")
+            return {}
+        for key in given:
+            if key not in _OPTIMIZER_OPTIONS[name]:
+                self.refuse(
+                    f"{path}.{key}",
+                    f"not an option of mlx's {name} that peftdecl can honour "
+                    f"({', '.join(_OPTIMIZER_OPTIONS[name])})",
+                )
+        options = {**_OPTIMIZER_OPTIONS[name], **given}
+        if name == "sgd":
+            for key, none in (("momentum", 0.0), ("nesterov", False)):
+                if not _same(options[key], none):
+                    self.refuse(
+                        f"{path}.{key}",
+                        f"{_show(options[key])} has no equivalent: peftdecl's sgd has no momentum",
+                    )
+            return {
+                "optim": "sgd",
+                "weight_decay": self.number(f"{path}.weight_decay", options["weight_decay"]),
+            }
+        if not isinstance(options["bias_correction"], bool):
+            self.refuse(
+                f"{path}.bias_correction", f"expected true or false, got {_show(options['bias_correction'])}"
+            )
+        betas = options["betas"]
+        if not (isinstance(betas, list) and len(betas) == 2):
+            self.refuse(f"{path}.betas", f"expected [beta1, beta2], got {_show(betas)}")
+            betas = [None, None]
+        return {
+            "optim": "adamw",
+            "adam_beta1": self.number(f"{path}.betas[0]", betas[0]) if betas[0] is not None else None,
+            "adam_beta2": self.number(f"{path}.betas[1]", betas[1]) if betas[1] is not None else None,
+            "adam_epsilon": self.number(f"{path}.eps", options["eps"]),
+            "weight_decay": self.number(f"{path}.weight_decay", options.get("weight_decay", 0.0)),
+        }
+
+    def _schedule(self) -> JsonObject:
+        """mlx-lm's ``lr_schedule`` as transformers' schedule, where the two agree at every step."""
+        schedule = self.value("lr_schedule")
+        if schedule is None:
+            return {
+                "learning_rate": self.number("$.learning_rate", self.value("learning_rate")),
+                "lr_scheduler_type": "constant",
+            }
+        if not isinstance(schedule, Mapping):
+            self.refuse("$.lr_schedule", f"expected a mapping with name and arguments, got {_show(schedule)}")
+            return {}
+        for key in schedule:
+            if key not in ("name", "arguments", "warmup", "warmup_init"):
+                self.refuse(f"$.lr_schedule.{key}", "not an mlx-lm lr_schedule option")
+        warmup = schedule.get("warmup", 0)
+        if warmup not in (0, None):
+            # mlx-lm warms up over warmup + 1 steps and restarts its decay after them; transformers' warmup
+            # hands over to the decay at step `warmup`: the two differ from step warmup + 1 on
+            self.refuse(
+                "$.lr_schedule.warmup",
+                "mlx-lm's warm-up is one step longer than transformers' and "
+                "cannot be written exactly; use lr_scheduler_type and warmup_steps in a training file",
+            )
+            return {}
+        name = schedule.get("name")
+        args = schedule.get("arguments")
+        if not isinstance(args, list) or not args:
+            self.refuse("$.lr_schedule.arguments", f"expected a list of arguments, got {_show(args)}")
+            return {}
+        numbers = [self.number(f"$.lr_schedule.arguments[{i}]", a) for i, a in enumerate(args)]
+        if any(n is None for n in numbers):
+            return {}
+        values = [float(n) for n in numbers if n is not None]
+        total = self._steps_total()
+        if name == "cosine_decay" and len(values) in (2, 3):
+            return self._cosine(values, total)
+        if name == "linear_schedule" and len(values) == 3:
+            return self._linear(values, total)
+        self.refuse(
+            "$.lr_schedule",
+            f"{_show(name)} with {len(values)} arguments has no transformers equivalent "
+            "(cosine_decay [init, decay_steps] and linear_schedule [init, end, steps] map)",
+        )
+        return {}
+
+    def _steps_total(self) -> int | None:
+        iters = self.value("iters")
+        accumulation = self.value("grad_accumulation_steps")
+        if isinstance(iters, int) and isinstance(accumulation, int) and accumulation >= 1:
+            return iters // accumulation
+        return None
+
+    def _cosine(self, values: list[float], total: int | None) -> JsonObject:
+        init, decay_steps = values[0], values[1]
+        end = values[2] if len(values) == 3 else 0.0
+        if end != 0.0:
+            self.refuse(
+                "$.lr_schedule.arguments[2]",
+                "transformers' cosine decays to 0; a non-zero end has no equivalent",
+            )
+            return {}
+        if total is None or decay_steps < total:
+            self.refuse(
+                "$.lr_schedule.arguments[1]",
+                f"decay_steps {decay_steps:g} < the run's {total} optimizer "
+                "steps: mlx-lm then holds the end value, transformers' cosine rises again",
+            )
+            return {}
+        # init * (1 + cos(pi * step / decay_steps)) / 2 is transformers' cosine with num_cycles total / (2 decay)
+        kwargs = {} if decay_steps == total else {"num_cycles": total / (2.0 * decay_steps)}
+        return {"learning_rate": init, "lr_scheduler_type": "cosine", "lr_scheduler_kwargs": kwargs}
+
+    def _linear(self, values: list[float], total: int | None) -> JsonObject:
+        init, end, steps = values
+        if init == end:
+            return {"learning_rate": init, "lr_scheduler_type": "constant"}
+        if total is None or steps != total or end > init:
+            self.refuse(
+                "$.lr_schedule.arguments",
+                "linear_schedule maps only as a decay over exactly the run's "
+                f"{total} optimizer steps (steps == iters / grad_accumulation_steps, end < init)",
+            )
+            return {}
+        if end == 0.0:
+            return {"learning_rate": init, "lr_scheduler_type": "linear"}
+        # polynomial with power 1: lr_end + (init - lr_end) * (1 - step / total), mlx-lm's line exactly
+        return {
+            "learning_rate": init,
+            "lr_scheduler_type": "polynomial",
+            "lr_scheduler_kwargs": {"power": 1.0, "lr_end": end},
+        }
+
+
+def _same(value: JsonValue, accepted: JsonValue) -> bool:
+    """Equal and of the same kind (``0`` is not ``false``)."""
+    return isinstance(value, bool) == isinstance(accepted, bool) and value == accepted
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+def _show(value: JsonValue) -> str:
+    import json
+
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
