@@ -137,10 +137,14 @@ def test_prompt_completion_with_template_matches_mlx_lm(tmp_path, chat_tokenizer
     path = write_lines(tmp_path / "pc.jsonl", PAIRS)
     got = load_dataset(path, chat_tokenizer, config(mask_prompt=mask_prompt))
     assert got.format == "prompt_completion"
+    for (tokens, offset), row in zip(as_lists(got), PAIRS, strict=True):
+        conversation = f"<s>user:{row['prompt']}</s><s>assistant:{row['completion']}</s>"
+        assert chat_tokenizer.decode(tokens) == conversation
+        counted = (
+            row["completion"] + "</s>" if mask_prompt else conversation
+        )  # the completion and its turn's end
+        assert chat_tokenizer.decode(tokens[offset:]) == counted
     assert as_lists(got) == mlx_lm_processed("prompt_completion", PAIRS, chat_tokenizer, mask_prompt)
-    if mask_prompt:  # the counted part decodes to the completion and the end of its turn
-        for (tokens, offset), row in zip(as_lists(got), PAIRS, strict=True):
-            assert chat_tokenizer.decode(tokens[offset:]) == row["completion"] + "</s>"
 
 
 @pytest.mark.parametrize("mask_prompt", [False, True])
