@@ -47,6 +47,18 @@ def test_log_resume_drops_records_after_the_checkpoint(tmp_path: Path) -> None:
     assert LogFile(tmp_path / "new.jsonl", resume_step=4).records() == []  # nothing to keep
 
 
+def test_log_resume_from_a_checkpoints_history(tmp_path: Path) -> None:
+    """A checkpoint copied into a fresh output_dir brings its log records; they replace whatever the file held."""
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1, "loss": 9.0}\n')  # another run's log: not this checkpoint's
+    history = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4)]  # the checkpoint holds steps up to 4
+    log = LogFile(path, resume_step=3, history=history)
+    assert log.records() == history[:3]
+    log.write({"step": 4, "loss": 0.2})
+    assert [r["loss"] for r in read_log(path)] == [1.0, 0.5, 1.0 / 3, 0.2]
+    assert LogFile(path, history=history).records() == []  # no resume: history is not used
+
+
 def test_log_with_a_bad_line_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "log.jsonl"
     path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')

@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, TextIO
@@ -65,13 +65,22 @@ class LogFile:
     """``log.jsonl``: one JSON object per logged step, appended and flushed as it is written.
 
     ``resume_step`` N > 0 keeps the records with ``step`` ≤ N (what was logged up to the checkpoint resumed from;
-    the file is rewritten atomically) and appends after them; None or 0 starts an empty log."""
+    the file is rewritten atomically) and appends after them; None or 0 starts an empty log. ``history``, when
+    given with ``resume_step``, is where those records come from instead of the file (a checkpoint's own copy of
+    the log, so that a checkpoint moved to a new output_dir resumes with its log)."""
 
-    def __init__(self, path: Path, *, resume_step: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        resume_step: int | None = None,
+        history: Sequence[Mapping[str, JsonValue]] | None = None,
+    ) -> None:
         self.path = Path(path)
-        kept: list[JsonObject] = []
+        kept: list[Mapping[str, JsonValue]] = []
         if resume_step:
-            kept = [r for r in read_log(self.path) if not _after(r, resume_step)]
+            earlier = read_log(self.path) if history is None else history
+            kept = [r for r in earlier if not _after(r, resume_step)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, "".join(_line(r) for r in kept))
 
@@ -86,7 +95,7 @@ class LogFile:
         return read_log(self.path)
 
 
-def _after(record: JsonObject, step: int) -> bool:
+def _after(record: Mapping[str, JsonValue], step: int) -> bool:
     value = record.get("step")
     return isinstance(value, (int, float)) and value > step
 
