@@ -1,0 +1,196 @@
+"""Whole models on torch: load a local transformers checkpoint, greedy generation through the adapters, and the
+merged model written as a sharded safetensors checkpoint (atomically: ``out`` appears complete or not at all)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+import torch
+from torch import nn
+
+from peftdecl.errors import PeftdeclError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from peftdecl.model import AdaptedModel
+    from peftdecl.train.runtime import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_SHARD_SIZE = "5GB"
+"""Largest safetensors shard of a merged checkpoint (transformers' size string or bytes)."""
+TOKENIZER_FILE_PREFIXES = (
+    "tokenizer",
+    "special_tokens_map",
+    "added_tokens",
+    "vocab",
+    "merges",
+    "chat_template",
+)
+TOKENIZER_FILE_SUFFIXES = (".model", ".tiktoken", ".jinja")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype named ``float32``, ``bfloat16`` or ``float16``."""
+    if name not in DTYPES:
+        raise PeftdeclError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu``, ``cuda`` (which must be available) or ``auto`` (cuda when available, else cpu)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PeftdeclError("device 'cuda' was asked for, but torch sees no CUDA device (use cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise PeftdeclError(f"device {device!r} is not one of cpu, cuda, auto")
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # torchrun: one GPU per process
+    return torch.device(device)
+
+
+def _quiet_transformers() -> None:
+    """No progress bars or info chatter from transformers (the CLI owns the terminal)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def load_pretrained(directory: Path, *, device: str, dtype: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The causal LM and tokenizer of a local HF checkpoint folder (never the network), on ``device`` in
+    ``dtype``, in eval mode."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PeftdeclError(f"model folder {directory} does not exist")
+    if not (directory / "config.json").is_file():
+        raise PeftdeclError(f"model folder {directory} has no config.json (expected a HF checkpoint folder)")
+    target = resolve_device(device)
+    wanted = torch_dtype(dtype)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=wanted, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise PeftdeclError(f"model folder {directory}: transformers cannot load it: {exc}") from exc
+    model.to(target)  # type: ignore[arg-type]  # transformers' stub of .to is narrower than nn.Module's
+    model.eval()
+    return cast(nn.Module, model), tokenizer
+
+
+def model_device(model: AdaptedModel) -> torch.device:
+    """Where the adapted model's base weights live (inputs go there)."""
+    base = cast(nn.Module, model.base_model)
+    first = next(base.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def generate(
+    model: AdaptedModel, prompt_ids: Sequence[int], max_new_tokens: int, eos: int | None
+) -> list[int]:
+    """Greedy continuation of one prompt through the active adapters (prompt and prefix tuning included): the
+    new tokens only, ending with ``eos`` when it was produced. The model's train/eval mode is restored after."""
+    if not prompt_ids:
+        raise PeftdeclError("generate needs a prompt of at least one token")
+    base = cast(nn.Module, model.base_model)
+    was_training = base.training
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model_device(model))
+    extra: dict[str, object] = {} if eos is None else {"eos_token_id": eos, "pad_token_id": eos}
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                **extra,
+            )
+    finally:
+        model.train(was_training)
+    sequence = cast(torch.Tensor, out)[0].tolist()
+    # decoder-only generate returns the prompt followed by the new tokens
+    new = sequence[len(prompt_ids) :] if sequence[: len(prompt_ids)] == list(prompt_ids) else sequence
+    if eos is not None and eos in new:
+        new = new[: new.index(eos) + 1]
+    return [int(t) for t in new]
+
+
+def _tokenizer_files(source: Path) -> list[Path]:
+    """Tokenizer files of a checkpoint folder (sentencepiece models, vocabularies, templates ...)."""
+    return [
+        p
+        for p in sorted(source.iterdir())
+        if p.is_file()
+        and (p.name.startswith(TOKENIZER_FILE_PREFIXES) or p.name.endswith(TOKENIZER_FILE_SUFFIXES))
+    ]
+
+
+def _check_out(out: Path) -> None:
+    if out.is_file() or out.is_symlink():
+        raise PeftdeclError(f"--out {out}: a file is in the way")
+    if out.is_dir() and any(out.iterdir()):
+        raise PeftdeclError(f"--out {out}: the folder exists and is not empty")
+
+
+def save_merged(
+    model: AdaptedModel,
+    tokenizer: Tokenizer,
+    source: Path,
+    out: Path,
+    dtype: str | None,
+    *,
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+) -> None:
+    """Merge the active adapters into the base (the adapted model is consumed), cast to ``dtype`` and write a
+    transformers checkpoint (sharded safetensors, an index when several shards) with ``source``'s tokenizer files
+    into ``out``, which must be absent or empty; nothing is left behind on failure."""
+    out, source = Path(out), Path(source)
+    for name in model.active_adapters:
+        if model.plan(name).prompt is not None:
+            raise PeftdeclError(
+                f"adapter {name!r} is {model.plan(name).kind}: prompt-learning adapters have no weights to merge "
+                "into the base model (use it with --adapter instead)"
+            )
+    _check_out(out)
+    wanted = torch_dtype(dtype) if dtype is not None else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        merged = cast(nn.Module, model.merge_and_unload())
+        if wanted is not None:
+            merged.to(wanted)
+        save = getattr(merged, "save_pretrained", None)
+        if save is None:
+            raise PeftdeclError(
+                f"{type(merged).__name__} has no save_pretrained(); it is not a transformers model"
+            )
+        options: dict[str, object] = {"max_shard_size": max_shard_size}
+        if (
+            "safe_serialization" in inspect.signature(save).parameters
+        ):  # transformers 4 (5: always safetensors)
+            options["safe_serialization"] = True
+        save(str(staging), **options)
+        save_tokenizer = getattr(tokenizer, "save_pretrained", None)
+        if save_tokenizer is not None:
+            save_tokenizer(str(staging))
+        for path in _tokenizer_files(source):
+            if not (staging / path.name).exists():
+                shutil.copy2(path, staging / path.name)
+        _check_out(out)  # again: something may have appeared meanwhile
+        if out.is_dir():
+            out.rmdir()  # empty (checked): rename needs the name free
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
