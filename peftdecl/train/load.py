@@ -15,6 +15,7 @@ import difflib
 import functools
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def load_train_file(
     data, origin = read_train_data(source)
     try:
         if is_mlx_lm_config(data):
-            data = from_mlx_lm(data, _model_config(data.get("model")))
+            model = data.get("model")
+            data = from_mlx_lm(data, _model_config(model), block_linears(model))
         data = apply_overrides(data, overrides)
         return train_file_from_dict(data)
     except TrainConfigError as exc:
@@ -203,7 +205,7 @@ def _schema_problems(data: JsonObject) -> list[tuple[str, str]]:
     except RecursionError:  # plain_json bounds nesting, so this is a safety net
         return [("$", "nested too deeply to validate")]
     problems: dict[str, str] = {}
-    for error in errors:
+    for error in _within_branches(errors):
         path = list(error.absolute_path)
         if error.validator == "additionalProperties" and isinstance(error.schema, Mapping):
             known = list(error.schema.get("properties", {}))
@@ -212,13 +214,37 @@ def _schema_problems(data: JsonObject) -> list[tuple[str, str]]:
                     problems.setdefault(json_path([*path, key]), f"unknown field{_did_you_mean(key, known)}")
             continue
         message = describe_error(error)
-        if error.validator == "required":
-            missing = [n for n in error.validator_value if n not in error.instance]
-            for name in missing:
+        if error.validator == "required" and isinstance(error.instance, Mapping):
+            wanted = error.validator_value if isinstance(error.validator_value, list) else []
+            for name in (n for n in wanted if n not in error.instance):
                 problems.setdefault(json_path([*path, name]), "is required")
             continue
         problems.setdefault(json_path(path), message)
     return list(problems.items())
+
+
+def _within_branches(errors: Sequence[jsonschema.ValidationError]) -> list[jsonschema.ValidationError]:
+    """Errors with each ``anyOf`` replaced by the errors inside the one branch whose type the value has (a
+    section that may be null, an integer that may be null), so that the path and the message are precise."""
+    found: list[jsonschema.ValidationError] = []
+    for error in errors:
+        if error.validator == "anyOf" and error.context:
+            branches: dict[object, list[jsonschema.ValidationError]] = {}
+            for sub in error.context:
+                branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+            here = list(error.absolute_path)
+            fitting = [
+                subs
+                for subs in branches.values()
+                if not any(
+                    s.validator in ("type", "enum", "const") and list(s.absolute_path) == here for s in subs
+                )
+            ]
+            if len(fitting) == 1:
+                found += _within_branches(sorted(fitting[0], key=lambda e: [str(p) for p in e.absolute_path]))
+                continue
+        found.append(error)
+    return found
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -279,6 +305,40 @@ def _model_config(model: JsonValue) -> JsonObject | None:
     except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
+
+
+_BLOCK_WEIGHT = re.compile(r"(?:.*\.)?layers\.\d+\.(.+)\.weight")
+MAX_HEADER_BYTES = 64 << 20
+"""A safetensors header read at most (a 1000-layer model's header is a few MiB)."""
+
+
+def block_linears(model: JsonValue) -> list[str] | None:
+    """Block-relative names of the linear layers in a model folder's blocks (``self_attn.q_proj``, ...): the
+    matrices (2-D weights) under ``layers.N.``, read from the safetensors headers; None when unreadable."""
+    if not isinstance(model, str) or not model or not _is_dir(Path(model)):
+        return None
+    names: set[str] = set()
+    try:
+        for path in sorted(Path(model).glob("*.safetensors")):
+            for key, info in _safetensors_header(path).items():
+                found = _BLOCK_WEIGHT.fullmatch(key)
+                if found and isinstance(info, dict) and len(info.get("shape", ())) == 2:
+                    names.add(found.group(1))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return sorted(names) or None
+
+
+def _safetensors_header(path: Path) -> JsonObject:
+    """The JSON header of a safetensors file (an 8-byte little-endian length, then that much JSON)."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 0 < size <= MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: header of {size} bytes")
+        header = json.loads(handle.read(size))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header is not a mapping")
+    return header
 
 
 def _is_adapter_path(text: str) -> bool:

@@ -6,14 +6,15 @@ a test compares the copy with the installed mlx-lm), so a config means the same 
 gradient clipping happens. An option the file sets and peftdecl cannot honour exactly (``fine_tune_type: full``,
 ``test: true``, a Hugging Face dataset name, an optimizer or schedule peftdecl lacks, ...) is a TrainConfigError
 naming the option (JSON path into the mlx-lm file) and why; a value that changes nothing (``test: false``,
-``report_to: null``) is accepted. The docs' Fine-tuning page lists where the meanings differ.
+``report_to: null``) is accepted, and so is ``val_batches``, which only bounds how much of the validation set
+mlx-lm evaluates. The docs' Fine-tuning page lists where the meanings differ.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from peftdecl._json import JsonObject, JsonValue
@@ -87,14 +88,20 @@ def is_mlx_lm_config(data: object) -> bool:
     return not keys & TRAIN_FILE_ONLY_KEYS and bool(keys & (KNOWN_KEYS - {"model"}))
 
 
-def from_mlx_lm(data: Mapping[str, JsonValue], model_config: Mapping[str, JsonValue] | None) -> JsonObject:
+def from_mlx_lm(
+    data: Mapping[str, JsonValue],
+    model_config: Mapping[str, JsonValue] | None,
+    block_linears: Sequence[str] | None = None,
+) -> JsonObject:
     """The training-file dict equivalent to the ``mlx_lm.lora`` config ``data``.
 
     ``model_config`` is the model folder's ``config.json`` (``num_hidden_layers`` turns ``num_layers`` into
-    ``layers_to_transform``: the last ``num_layers`` blocks). Raises TrainConfigError listing every option that
-    has no exact equivalent, with its JSON path in ``data``.
+    ``layers_to_transform``: the last ``num_layers`` blocks). ``block_linears`` are the block-relative names of
+    the blocks' linear layers (``self_attn.q_proj``, ...), needed only when the config names no ``keys`` and
+    adapts only some blocks (HF PEFT takes ``all-linear`` only for every block). Raises TrainConfigError listing
+    every option that has no exact equivalent, with its JSON path in ``data``.
     """
-    mapper = _Mapper(data, model_config)
+    mapper = _Mapper(data, model_config, block_linears)
     out = mapper.run()
     if mapper.problems:
         raise TrainConfigError(mapper.problems)
@@ -104,8 +111,14 @@ def from_mlx_lm(data: Mapping[str, JsonValue], model_config: Mapping[str, JsonVa
 class _Mapper:
     """One mapping run: the given options, mlx-lm's defaults for the rest, and the problems found."""
 
-    def __init__(self, given: Mapping[str, JsonValue], model_config: Mapping[str, JsonValue] | None) -> None:
+    def __init__(
+        self,
+        given: Mapping[str, JsonValue],
+        model_config: Mapping[str, JsonValue] | None,
+        block_linears: Sequence[str] | None,
+    ) -> None:
         self.given = given
+        self.block_linears = block_linears
         self.options: JsonObject = {**MLX_LM_DEFAULTS, **given}
         self.model_config = model_config
         self.problems: list[tuple[str, str]] = []
@@ -221,12 +234,6 @@ class _Mapper:
             ),
             ("trust_remote_code", (False,), "peftdecl never runs code from a model folder"),
             ("config", (None,), "a config file inside a config file is not read"),
-            ("clear_cache_threshold", (0,), "peftdecl has no allocator cache threshold"),
-            (
-                "val_batches",
-                (-1,),
-                "peftdecl evaluates all of data.valid, as -1 does; trim valid.jsonl instead",
-            ),
             ("hf_dataset", (None,), "peftdecl reads local JSON Lines files only"),
         ]
         for key, accepted, why in rules:
@@ -239,7 +246,10 @@ class _Mapper:
         for key, default in DATASET_KEYS.items():
             if key in self.given and self.given[key] != default:
                 self.refuse(f"$.{key}", f"peftdecl reads the fixed key {default!r} of each example")
-        # project_name and test_batches only matter with report_to / test, refused above unless no-ops
+        # accepted at any value: project_name and test_batches only matter with report_to / test (refused above
+        # unless no-ops); clear_cache_threshold is a memory knob of mlx-lm's loop that changes no number;
+        # val_batches bounds mlx-lm's eval to that many random full batches, where peftdecl evaluates all of
+        # data.valid: only the reported eval loss can differ (the Fine-tuning page says so)
 
     def _model(self) -> str | None:
         if "model" not in self.given:
@@ -257,14 +267,14 @@ class _Mapper:
         mask = self.boolean("mask_prompt")
         length = self.integer("max_seq_length", 2)
         out.update({k: v for k, v in (("mask_prompt", mask), ("max_seq_length", length)) if v is not None})
-        where = "$.data" if "data" in self.given else "$.data (mlx-lm's default)"
+        default = "" if "data" in self.given else " (mlx-lm's default, as the file sets no data)"
         if not isinstance(folder, str) or not folder:
             self.refuse("$.data", f"expected a folder name, got {_show(folder)}")
             return {**out, "train": "train.jsonl"}
         if not _is_dir(Path(folder)):
             self.refuse(
-                where,
-                f"{folder!r} is not a local folder; a Hugging Face dataset name is not read "
+                "$.data",
+                f"{folder!r}{default} is not a local folder; a Hugging Face dataset name is not read "
                 "(peftdecl reads train.jsonl and valid.jsonl from a local folder)",
             )
         out["train"] = str(Path(folder) / "train.jsonl")
@@ -307,15 +317,23 @@ class _Mapper:
         if dropout is not None:
             spec["lora_dropout"] = dropout
         keys = params.get("keys")
-        if keys is None:
-            spec["target_modules"] = "all-linear"  # mlx-lm's default: every linear layer of the chosen blocks
+        layers = self._layers()
+        if keys is None and layers is None:
+            spec["target_modules"] = "all-linear"  # mlx-lm's default: every linear layer of the blocks
+        elif keys is None and self.block_linears:
+            spec["target_modules"] = sorted(set(self.block_linears))  # ... of the chosen blocks, named
+        elif keys is None:
+            self.refuse(
+                "$.lora_parameters.keys",
+                "needed to adapt only some blocks: mlx-lm's default (every linear layer of those blocks) could "
+                "not be listed from the model folder's weights",
+            )
         elif isinstance(keys, list) and keys and all(isinstance(k, str) and k for k in keys):
             spec["target_modules"] = list(keys)  # block-relative names match as PEFT suffixes
         else:
             self.refuse("$.lora_parameters.keys", f"expected a list of module names, got {_show(keys)}")
         if kind == "dora":
             spec["use_dora"] = True
-        layers = self._layers()
         if layers is not None:
             spec["layers_to_transform"] = layers
         return spec
@@ -329,17 +347,18 @@ class _Mapper:
         if count <= 0:
             return None
         total = self.model_config.get("num_hidden_layers") if self.model_config is not None else None
-        where = "$.num_layers" if "num_layers" in self.given else "$.num_layers (mlx-lm's default 16)"
+        default = "" if "num_layers" in self.given else f" (mlx-lm's default {count}, as the file sets none)"
         if not isinstance(total, int) or isinstance(total, bool) or total < 1:
             self.refuse(
-                where,
-                "needs num_hidden_layers from the model folder's config.json to pick the last "
-                f"{count} blocks, and it is not readable (use -1 for every block)",
+                "$.num_layers",
+                f"{count}{default} needs num_hidden_layers from the model folder's config.json to pick the "
+                "last blocks, and it is not readable (use -1 for every block)",
             )
             return None
         if count > total:
             self.refuse(
-                where, f"{count} blocks requested, but the model has {total} (use -1 for every block)"
+                "$.num_layers",
+                f"{count}{default} blocks requested, but the model has {total} (use -1 for every block)",
             )
             return None
         return None if count == total else list(range(total - count, total))
