@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
+from peftdecl.cli_model import add_model_commands
 from peftdecl.errors import PeftdeclError, SpecError
 
 MAX_BATCH = 256
@@ -24,11 +25,20 @@ NumberT = TypeVar("NumberT", int, float)
 
 def _validate(args: argparse.Namespace) -> int:
     from peftdecl.spec import load_spec
+    from peftdecl.train.load import is_train_file, load_train_file, read_train_data, resolve_adapter_spec
+    from peftdecl.train.mlx_lm_config import is_mlx_lm_config
 
     failed = False
     for name in args.files:
         path = Path(name)
         try:
+            data = _train_data(path, read_train_data)
+            if data is not None and is_train_file(data):
+                # a training file (or an mlx_lm.lora config): the file, then the adapter spec it names
+                spec = resolve_adapter_spec(load_train_file(path.absolute()))
+                what = "mlx_lm.lora config" if is_mlx_lm_config(data) else "training file"
+                print(f"{name}: ok ({what}, {spec.peft_type})")
+                continue
             spec = load_spec(path if _is_dir(path) else path.absolute())
         except SpecError as exc:
             failed = True
@@ -40,6 +50,17 @@ def _validate(args: argparse.Namespace) -> int:
         else:
             print(f"{name}: ok ({spec.peft_type})")
     return 1 if failed else 0
+
+
+def _train_data(path: Path, read: Callable[[Path], tuple[dict[str, object], str | None]]) -> object:
+    """The file's parsed data when it can be read as a training file, else None (``load_spec`` then reads it and
+    reports whatever is wrong, as it did before training files existed)."""
+    if _is_dir(path):
+        return None
+    try:
+        return read(path.absolute())[0]
+    except SpecError:
+        return None
 
 
 def _is_dir(path: Path) -> bool:
@@ -183,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     equiv.add_argument("--batch", type=_int_in(1, MAX_BATCH), default=2)
     equiv.add_argument("--seq-len", type=_int_in(1, MAX_SEQ_LEN), default=6)
     equiv.set_defaults(run=_equiv)
+    add_model_commands(sub)
     return parser
 
 
