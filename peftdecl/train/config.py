@@ -167,6 +167,7 @@ def train_schema(published: bool = True) -> dict[str, Any]:
         props[name] = {"description": _first_line(section.__doc__), **props[name]}
     inline: dict[str, Any] = {"$ref": UNION_FILE} if published else {"type": "object"}
     props["adapter"]["anyOf"] = [{"type": "string", "minLength": 1}, inline]
+    props["save_formats"]["default"] = ["hf"]  # a default_factory, which msgspec leaves out of the schema
     body["title"] = "peftdecl training file"
     body["description"] = _first_line(TrainFile.__doc__)
     hardened: dict[str, Any] = harden(body)
@@ -183,13 +184,14 @@ def _inline(schema: Any, defs: dict[str, Any]) -> Any:
     if isinstance(ref, str) and ref.startswith("#/$defs/"):
         target = dict(defs[ref.removeprefix("#/$defs/")])
         target.pop("title", None)
-        target["description"] = " ".join(str(target.get("description", "")).split())
+        target["description"] = _first_line(str(target.get("description", "")))
         return _inline({**target, **{k: v for k, v in schema.items() if k != "$ref"}}, defs)
     return {key: _inline(value, defs) for key, value in schema.items()}
 
 
 def _first_line(doc: str | None) -> str:
-    return " ".join((doc or "").strip().split("\n\n")[0].split())
+    """A docstring's first paragraph on one line, with Markdown's single backticks for code."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split()).replace("``", "`")
 
 
 def to_dict(config: TrainFile) -> dict[str, Any]:
