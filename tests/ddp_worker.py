@@ -1,11 +1,13 @@
 """torchrun worker of tests/test_train_torch.py: each of the processes trains one optimizer step on its half of a
-fixed global batch, and rank 0 writes the loss and the updated adapter tensors of each kind to ``OUT/<kind>.npz``.
+fixed global batch (each rank seeded differently, so the runtime's broadcast of rank 0's adapter values matters),
+and rank 0 writes the loss and the updated adapter tensors of each kind to ``OUT/<kind>.npz``.
 
 Usage: ``python -m torch.distributed.run --nproc-per-node 2 tests/ddp_worker.py MODEL_DIR OUT KIND...``
 (with the repository root on PYTHONPATH)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -49,8 +51,10 @@ def main(model_dir: str, out: str, kinds: list[str]) -> None:
     from tests.test_train_torch import SPECS, runtime
 
     opened = []
+    rank = int(os.environ["RANK"])
     for kind in kinds:
-        rt = runtime(Path(model_dir), SPECS[kind], seed=SEED)  # the first creates the process group
+        # each process initialises differently: the runtime must start every rank from rank 0's values
+        rt = runtime(Path(model_dir), SPECS[kind], seed=SEED + rank)  # the first creates the process group
         assert rt.world_size == 2, rt.world_size
         opened.append(rt)
         loss, _ = run_step(rt, GLOBAL_BATCH)

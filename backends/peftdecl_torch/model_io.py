@@ -17,8 +17,6 @@ from torch import nn
 from peftdecl.errors import PeftdeclError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
     from peftdecl.model import AdaptedModel
     from peftdecl.train.runtime import Tokenizer
 
@@ -64,9 +62,9 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
-def load_pretrained(directory: Path, *, device: str, dtype: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """The causal LM and tokenizer of a local HF checkpoint folder (never the network), on ``device`` in
-    ``dtype``, in eval mode."""
+def load_pretrained(directory: Path, *, device: str, dtype: str) -> tuple[nn.Module, Tokenizer]:
+    """The causal LM and tokenizer (a transformers ``PreTrainedTokenizerBase``) of a local HF checkpoint folder
+    (never the network), on ``device`` in ``dtype``, in eval mode."""
     directory = Path(directory)
     if not directory.is_dir():
         raise PeftdeclError(f"model folder {directory} does not exist")
@@ -85,7 +83,7 @@ def load_pretrained(directory: Path, *, device: str, dtype: str) -> tuple[nn.Mod
         raise PeftdeclError(f"model folder {directory}: transformers cannot load it: {exc}") from exc
     model.to(target)  # type: ignore[arg-type]  # transformers' stub of .to is narrower than nn.Module's
     model.eval()
-    return cast(nn.Module, model), tokenizer
+    return cast(nn.Module, model), cast("Tokenizer", tokenizer)
 
 
 def model_device(model: AdaptedModel) -> torch.device:

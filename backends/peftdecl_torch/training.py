@@ -89,12 +89,7 @@ class TorchTrainingRuntime:
         self._owns_group = False
         self._connect()
         if self.training.gradient_checkpointing:
-            enable = getattr(model.base_model, "gradient_checkpointing_enable", None)
-            if enable is None:
-                raise PeftdeclError(
-                    "training.gradient_checkpointing: the model has no gradient_checkpointing_enable()"
-                )
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._enable_checkpointing()
         found: dict[str, nn.Parameter] = model.trainable_parameters()
         if not found:
             raise PeftdeclError("the adapter has no trainable parameters (is it loaded in inference mode?)")
@@ -128,6 +123,20 @@ class TorchTrainingRuntime:
                 f"torch.distributed says rank {self.rank} of {self.world_size}, "
                 f"torchrun's environment {rank} of {world}"
             )
+
+    def _enable_checkpointing(self) -> None:
+        """transformers' activation checkpointing, non-reentrant (the base is frozen: its inputs need no grad)."""
+        base = self.model.base_model
+        enable = getattr(base, "activation_checkpointing_enable", None)  # transformers ≥ 5.x
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            return
+        enable = getattr(base, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise PeftdeclError(
+                "training.gradient_checkpointing: the model has no gradient_checkpointing_enable()"
+            )
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _broadcast_parameters(self) -> None:
         """Every process starts from rank 0's adapter values (one broadcast of a flat buffer)."""
