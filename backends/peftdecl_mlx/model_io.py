@@ -1,0 +1,208 @@
+"""Whole models on MLX for ``peftdecl train``, ``generate`` and ``merge``: load an HF checkpoint folder with
+mlx-lm (and its tokenizer with transformers), greedy generation with a KV cache, and the merged model written
+back as an HF checkpoint folder.
+
+mlx-lm's Llama-family modules hold their weights under the Hugging Face names, so the merged arrays are written
+under their own names; :func:`save_merged` checks every name and shape against the source checkpoint and refuses
+an architecture whose names differ rather than write a folder transformers would misread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import cast
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from peftdecl.errors import PeftdeclError
+from peftdecl.model import AdaptedModel
+from peftdecl.train.runtime import Tokenizer
+from peftdecl_mlx.engine import MlxEngine
+from peftdecl_mlx.inventory import flatten
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+DEVICES = ("auto", "cpu")
+DEFAULT_SHARD_BYTES = 5 << 30
+"""Largest safetensors shard :func:`save_merged` writes (a larger single tensor gets a shard of its own)."""
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
+)  # fmt: skip
+"""Files of a checkpoint folder copied unchanged into a merged one (those that exist)."""
+
+
+def load_pretrained(directory: Path, *, device: str, dtype: str) -> tuple[nn.Module, Tokenizer]:
+    """The mlx-lm model of a local HF checkpoint folder, its floating arrays cast to ``dtype``, and the folder's
+    tokenizer as ``transformers.AutoTokenizer`` loads it (so the data is tokenised as on torch).
+
+    ``device``: auto (MLX's default device) or cpu (made the default device); cuda is torch's."""
+    folder = Path(directory)
+    if device not in DEVICES:
+        raise PeftdeclError(
+            f"device {device!r}: the mlx backend runs on {' or '.join(DEVICES)} (cuda is torch's)"
+        )
+    if dtype not in DTYPES:
+        raise PeftdeclError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    if not (folder / "config.json").is_file():
+        raise PeftdeclError(f"{folder}: no config.json (expected a local HF checkpoint folder)")
+    from mlx_lm.utils import load_model
+    from transformers import AutoTokenizer
+
+    if device == "cpu":
+        mx.set_default_device(mx.cpu)
+    try:
+        model, _ = load_model(folder)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise PeftdeclError(f"{folder}: mlx-lm cannot load this checkpoint ({exc})") from None
+    model.set_dtype(DTYPES[dtype])
+    mx.eval(model.parameters())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise PeftdeclError(f"{folder}: cannot load its tokenizer ({exc})") from None
+    return model, cast(Tokenizer, tokenizer)
+
+
+def generate(
+    model: AdaptedModel, prompt_ids: Sequence[int], max_new_tokens: int, eos: int | None
+) -> list[int]:
+    """Greedy continuation of ``prompt_ids`` (new tokens only, ``eos`` included when reached) with a KV cache:
+    the prompt in one call, then one token per call. Prefix tuning starts from the engine's prefilled cache;
+    prompt tuning puts its virtual tokens into the cache on the first call. Eval mode while generating."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    ids = [int(i) for i in prompt_ids]
+    if not ids:
+        raise PeftdeclError("generate: the prompt has no tokens")
+    engine = cast(MlxEngine, model.engine)
+    prefix = any(model.plan(n).kind == "prefix_tuning" for n in model.active_adapters)
+    was_training = bool(engine.model.training)
+    model.eval()
+    try:
+        cache = engine.prompt_cache(1) if prefix else make_prompt_cache(engine.model)
+        logits = model(mx.array([ids]), cache=cache)
+        new: list[int] = []
+        while len(new) < max_new_tokens:
+            token = int(np.asarray(mx.argmax(logits[0, -1])))
+            new.append(token)
+            if token == eos:
+                break
+            logits = model(mx.array([[token]]), cache=cache)
+        return new
+    finally:
+        model.train(was_training)
+
+
+def save_merged(
+    model: AdaptedModel,
+    tokenizer: Tokenizer,
+    source: Path,
+    out: Path,
+    dtype: str | None,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> None:
+    """Merge the active adapters into the base (``model`` is used up: merge_and_unload) and write ``out``:
+    safetensors shards under the HF names (with ``model.safetensors.index.json`` when there are several),
+    ``source``'s config.json with the written dtype, and ``source``'s tokenizer files. ``out`` appears complete
+    or not at all; an existing non-empty ``out`` is refused."""
+    source, out = Path(source), Path(out)
+    if dtype is not None and dtype not in DTYPES:
+        raise PeftdeclError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    for name in model.active_adapters:
+        if model.plan(name).prompt is not None:
+            raise PeftdeclError(
+                f"adapter {name!r} is {model.plan(name).kind}: virtual tokens cannot be merged into weights"
+            )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PeftdeclError(f"{out}: exists and is not empty; merge into a new folder")
+    config = json.loads((source / "config.json").read_text())
+    merged = cast(nn.Module, model.merge_and_unload())
+    weights = dict(flatten(merged.parameters()))
+    if dtype is not None:
+        weights = {k: v.astype(DTYPES[dtype]) if _floating(v) else v for k, v in weights.items()}
+    mx.eval(list(weights.values()))
+    _check_names(weights, source)
+    written = next((str(v.dtype).removeprefix("mlx.core.") for v in weights.values() if _floating(v)), None)
+    if written is not None:
+        for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+            config[key] = written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.peftdecl-merge-", dir=out.parent))
+    try:
+        os.chmod(stage, 0o755)
+        _write_shards(stage, weights, max_shard_bytes)
+        (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copied = [n for n in TOKENIZER_FILES if (source / n).is_file()]
+        for name in copied:
+            shutil.copy2(source / name, stage / name)
+        if not any(n.startswith("tokenizer") for n in copied):
+            tokenizer.save_pretrained(str(stage))  # type: ignore[attr-defined]
+        for path in stage.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        if out.exists():
+            out.rmdir()
+        os.rename(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _floating(value: mx.array) -> bool:
+    return bool(mx.issubdtype(value.dtype, mx.floating))
+
+
+def _write_shards(folder: Path, weights: dict[str, mx.array], max_bytes: int) -> None:
+    shards: list[dict[str, mx.array]] = []
+    size = 0
+    for key, value in weights.items():
+        if not shards or size + value.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    if len(shards) == 1:
+        mx.save_safetensors(str(folder / "model.safetensors"), shards[0], metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(folder / name), shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _source_shapes(source: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape of every safetensors file of a checkpoint folder (headers only)."""
+    shapes: dict[str, list[int]] = {}
+    for path in sorted(source.glob("*.safetensors")):
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def _check_names(weights: dict[str, mx.array], source: Path) -> None:
+    """Every merged array must carry a name and shape of the source checkpoint (mlx-lm renames or reshapes some
+    architectures' weights; such a folder would not load in transformers)."""
+    known = _source_shapes(source)
+    if not known:
+        return  # a source without safetensors (e.g. .bin only): nothing to compare against
+    foreign = sorted(k for k in weights if k not in known)
+    reshaped = sorted(k for k in weights if k in known and list(weights[k].shape) != known[k])
+    if foreign or reshaped:
+        raise PeftdeclError(
+            f"mlx-lm holds this architecture's weights under other names or shapes than {source} "
+            f"(e.g. {(foreign or reshaped)[:3]}); the merged model cannot be written as an HF checkpoint"
+        )
