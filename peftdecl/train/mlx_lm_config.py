@@ -118,9 +118,9 @@ class _Mapper:
         block_linears: Sequence[str] | None,
     ) -> None:
         self.given = given
-        self.block_linears = block_linears
         self.options: JsonObject = {**MLX_LM_DEFAULTS, **given}
-        self.model_config = model_config
+        self.model_config = model_config or {}
+        self.block_linears = block_linears
         self.problems: list[tuple[str, str]] = []
 
     def refuse(self, path: str, message: str) -> None:
@@ -145,12 +145,12 @@ class _Mapper:
             "gradient_checkpointing": self.boolean("grad_checkpoint"),
             "max_grad_norm": 0.0,  # mlx-lm does not clip gradients
             **self._optimizer(),
-            **self._schedule(),
         }
+        training.update(self._schedule(training["max_steps"]))
         data = self._data()
-        if "valid" in data:
+        if "valid" in data:  # as in mlx-lm, no validation set: no evaluation
             training["eval_steps"] = self._steps("steps_per_eval", accumulation)
-        out: JsonObject = {
+        return {
             "model": self._model(),
             "adapter": self._adapter(),
             "data": data,
@@ -158,68 +158,57 @@ class _Mapper:
             "output_dir": self.string("adapter_path"),
             "save_formats": ["hf", "mlx-lm"],
         }
-        return out
 
-    # typed reads of one option (the given value or mlx-lm's default), problems recorded with the option's path
+    # typed reads of one option (the given value or mlx-lm's default); a problem names the option's path
 
     def value(self, key: str) -> JsonValue:
         return self.options.get(key)
 
-    def integer(self, key: str, minimum: int) -> int | None:
-        value = self.value(key)
+    def integer(self, key: str, minimum: int, value: JsonValue = None, path: str = "") -> int | None:
+        value = self.value(key) if value is None else value
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            self.refuse(f"$.{key}", f"expected an integer >= {minimum}, got {_show(value)}")
-            return None
-        return value
+        if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+            return value
+        self.refuse(path or f"$.{key}", f"expected an integer >= {minimum}, got {_show(value)}")
+        return None
 
     def number(self, path: str, value: JsonValue) -> float | None:
         if isinstance(value, str) and EXPONENT_FLOAT.fullmatch(value.strip()):
-            value = float(
-                value
-            )  # mlx-lm's YAML loader reads 1e-5 (no dot) as a float; PyYAML's resolver does not
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            self.refuse(path, f"expected a finite number, got {_show(value)}")
-            return None
-        return float(value)
+            value = float(value)  # mlx-lm's YAML loader reads 1e-5 (no dot) as a float; PyYAML does not
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        self.refuse(path, f"expected a finite number, got {_show(value)}")
+        return None
 
     def boolean(self, key: str) -> bool | None:
         value = self.value(key)
-        if not isinstance(value, bool):
-            self.refuse(f"$.{key}", f"expected true or false, got {_show(value)}")
-            return None
-        return value
+        if isinstance(value, bool):
+            return value
+        self.refuse(f"$.{key}", f"expected true or false, got {_show(value)}")
+        return None
 
     def string(self, key: str) -> str | None:
         value = self.value(key)
-        if not isinstance(value, str) or not value:
-            self.refuse(f"$.{key}", f"expected a non-empty string, got {_show(value)}")
-            return None
-        return value
+        if isinstance(value, str) and value:
+            return value
+        self.refuse(f"$.{key}", f"expected a non-empty string, got {_show(value)}")
+        return None
 
     def _steps(self, key: str, accumulation: int | None) -> int | None:
         """mlx-lm counts iterations (micro-batches); the training file counts optimizer steps."""
         iterations = self.integer(key, 1)
         if iterations is None or accumulation is None:
             return None
-        if key == "iters":
-            if iterations < accumulation:
-                self.refuse(
-                    "$.iters",
-                    f"{iterations} iterations make no optimizer step with "
-                    f"grad_accumulation_steps {accumulation}",
-                )
-                return None
-            return iterations // accumulation  # mlx-lm's trailing partial accumulation is never applied
-        if iterations % accumulation:
+        if key == "iters" and iterations < accumulation:
+            self.refuse("$.iters", f"{iterations} iterations make no step of {accumulation} micro-batches")
+        elif key != "iters" and iterations % accumulation:
             self.refuse(
-                f"$.{key}",
-                f"{iterations} iterations is not a whole number of optimizer steps of "
-                f"grad_accumulation_steps {accumulation} micro-batches",
+                f"$.{key}", f"{iterations} is not a whole number of steps of {accumulation} micro-batches"
             )
-            return None
-        return iterations // accumulation
+        else:
+            return iterations // accumulation  # mlx-lm never applies a trailing partial accumulation
+        return None
 
     def _check_no_ops(self) -> None:
         """Options accepted only at a value that changes nothing here; any other value is refused."""
@@ -239,10 +228,8 @@ class _Mapper:
         for key, accepted, why in rules:
             if key in self.given and not any(_same(self.given[key], ok) for ok in accepted):
                 allowed = " or ".join(_show(ok) for ok in accepted)
-                self.refuse(
-                    f"$.{key}",
-                    f"{_show(self.given[key])} has no equivalent ({why}); only {allowed} is accepted",
-                )
+                message = f"{_show(self.given[key])} has no equivalent ({why}); only {allowed} is accepted"
+                self.refuse(f"$.{key}", message)
         for key, default in DATASET_KEYS.items():
             if key in self.given and self.given[key] != default:
                 self.refuse(f"$.{key}", f"peftdecl reads the fixed key {default!r} of each example")
@@ -252,82 +239,66 @@ class _Mapper:
         # data.valid: only the reported eval loss can differ (the Fine-tuning page says so)
 
     def _model(self) -> str | None:
-        if "model" not in self.given:
-            self.refuse(
-                "$.model",
-                f"is required: mlx-lm's default {MLX_LM_DEFAULTS['model']!r} is a Hugging "
-                "Face repository, and peftdecl trains a local model folder",
-            )
-            return None
-        return self.string("model")
+        if "model" in self.given:
+            return self.string("model")
+        default = MLX_LM_DEFAULTS["model"]
+        self.refuse("$.model", f"is required: mlx-lm's default {default!r} is not a local model folder")
+        return None
 
     def _data(self) -> JsonObject:
         folder = self.value("data")
-        out: JsonObject = {"format": "auto"}
-        mask = self.boolean("mask_prompt")
-        length = self.integer("max_seq_length", 2)
-        out.update({k: v for k, v in (("mask_prompt", mask), ("max_seq_length", length)) if v is not None})
-        default = "" if "data" in self.given else " (mlx-lm's default, as the file sets no data)"
+        out: JsonObject = {"format": "auto", "mask_prompt": self.boolean("mask_prompt")}
+        out["max_seq_length"] = self.integer("max_seq_length", 2)
+        out = {k: v for k, v in out.items() if v is not None}
         if not isinstance(folder, str) or not folder:
             self.refuse("$.data", f"expected a folder name, got {_show(folder)}")
             return {**out, "train": "train.jsonl"}
         if not _is_dir(Path(folder)):
-            self.refuse(
-                "$.data",
-                f"{folder!r}{default} is not a local folder; a Hugging Face dataset name is not read "
-                "(peftdecl reads train.jsonl and valid.jsonl from a local folder)",
+            default = "" if "data" in self.given else " (mlx-lm's default, as the file sets no data)"
+            why = (
+                "a Hugging Face dataset name is not read; peftdecl reads train.jsonl and valid.jsonl from one"
             )
+            self.refuse("$.data", f"{folder!r}{default} is not a local folder: {why}")
         out["train"] = str(Path(folder) / "train.jsonl")
-        valid = Path(folder) / "valid.jsonl"
-        if valid.is_file():  # as in mlx-lm, training goes on without validation when there is none
-            out["valid"] = str(valid)
+        if (Path(folder) / "valid.jsonl").is_file():
+            out["valid"] = str(Path(folder) / "valid.jsonl")
         return out
 
     def _adapter(self) -> JsonObject:
         kind = self.value("fine_tune_type")
+        spec: JsonObject = {"peft_type": "LORA"}
         if kind not in ("lora", "dora"):
             why = "peftdecl trains adapters, not full weights" if kind == "full" else "expected lora or dora"
             self.refuse("$.fine_tune_type", f"{_show(kind)} has no equivalent: {why}")
         params = self.value("lora_parameters")
         if not isinstance(params, Mapping):
             self.refuse("$.lora_parameters", f"expected a mapping, got {_show(params)}")
-            params = {}
-        spec: JsonObject = {"peft_type": "LORA"}
+            return spec
         for key in params:
             if key not in ("rank", "scale", "dropout", "keys"):
                 self.refuse(
-                    f"$.lora_parameters.{key}", "not an mlx-lm LoRA parameter (rank, scale, dropout, keys)"
+                    f"$.lora_parameters.{key}", "not an mlx-lm LoRA option (rank, scale, dropout, keys)"
                 )
-        for key in ("rank", "scale", "dropout"):
-            if key not in params:  # mlx-lm reads all three and has no default once lora_parameters is given
-                self.refuse(f"$.lora_parameters.{key}", "is required (mlx-lm has no default for it here)")
-        if any(key not in params for key in ("rank", "scale", "dropout")):
+        missing = [key for key in ("rank", "scale", "dropout") if key not in params]
+        for key in missing:  # mlx-lm reads all three, with no default once lora_parameters is given
+            self.refuse(f"$.lora_parameters.{key}", "is required (mlx-lm has no default for it here)")
+        if missing:
             return spec
-        rank = params.get("rank")
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            self.refuse("$.lora_parameters.rank", f"expected an integer >= 1, got {_show(rank)}")
-            rank = None
-        scale = self.number("$.lora_parameters.scale", params.get("scale"))
-        dropout = self.number("$.lora_parameters.dropout", params.get("dropout"))
-        if rank is not None:
-            spec["r"] = rank
-            if scale is not None:  # mlx-lm adds scale * B A x; PEFT adds (lora_alpha / r) * B A x
-                alpha = scale * rank
-                spec["lora_alpha"] = int(alpha) if alpha.is_integer() else alpha
-        if dropout is not None:
-            spec["lora_dropout"] = dropout
+        rank = self.integer("", 1, params["rank"], "$.lora_parameters.rank")
+        scale = self.number("$.lora_parameters.scale", params["scale"])
+        spec["lora_dropout"] = self.number("$.lora_parameters.dropout", params["dropout"])
+        if rank is not None and scale is not None:  # mlx-lm adds scale·BAx; PEFT adds (lora_alpha / r)·BAx
+            alpha = scale * rank
+            spec.update(r=rank, lora_alpha=int(alpha) if alpha.is_integer() else alpha)
         keys = params.get("keys")
         layers = self._layers()
         if keys is None and layers is None:
-            spec["target_modules"] = "all-linear"  # mlx-lm's default: every linear layer of the blocks
+            spec["target_modules"] = "all-linear"  # mlx-lm's default: every linear layer of every block
         elif keys is None and self.block_linears:
-            spec["target_modules"] = sorted(set(self.block_linears))  # ... of the chosen blocks, named
+            spec["target_modules"] = sorted(set(self.block_linears))  # ... of the chosen blocks, by name
         elif keys is None:
-            self.refuse(
-                "$.lora_parameters.keys",
-                "needed to adapt only some blocks: mlx-lm's default (every linear layer of those blocks) could "
-                "not be listed from the model folder's weights",
-            )
+            why = "mlx-lm's default, every linear layer of those blocks, is not listable from the model's weights"
+            self.refuse("$.lora_parameters.keys", f"needed to adapt only some blocks: {why}")
         elif isinstance(keys, list) and keys and all(isinstance(k, str) and k for k in keys):
             spec["target_modules"] = list(keys)  # block-relative names match as PEFT suffixes
         else:
@@ -336,175 +307,128 @@ class _Mapper:
             spec["use_dora"] = True
         if layers is not None:
             spec["layers_to_transform"] = layers
-        return spec
+        return {k: v for k, v in spec.items() if v is not None}
 
     def _layers(self) -> list[int] | None:
         """mlx-lm adapts ``model.layers[-max(num_layers, 0):]``: the last num_layers blocks; -1 and 0 mean all."""
-        count = self.value("num_layers")
-        if not isinstance(count, int) or isinstance(count, bool) or count < -1:
-            self.refuse("$.num_layers", f"expected an integer >= -1, got {_show(count)}")
+        count = self.integer("num_layers", -1)
+        if count is None or count <= 0:
             return None
-        if count <= 0:
-            return None
-        total = self.model_config.get("num_hidden_layers") if self.model_config is not None else None
+        total = self.model_config.get("num_hidden_layers")
         default = "" if "num_layers" in self.given else f" (mlx-lm's default {count}, as the file sets none)"
         if not isinstance(total, int) or isinstance(total, bool) or total < 1:
-            self.refuse(
-                "$.num_layers",
-                f"{count}{default} needs num_hidden_layers from the model folder's config.json to pick the "
-                "last blocks, and it is not readable (use -1 for every block)",
-            )
-            return None
-        if count > total:
-            self.refuse(
-                "$.num_layers",
-                f"{count}{default} blocks requested, but the model has {total} (use -1 for every block)",
-            )
-            return None
-        return None if count == total else list(range(total - count, total))
+            why = "needs num_hidden_layers from the model folder's config.json, which is not readable"
+            self.refuse("$.num_layers", f"{count}{default} {why} (use -1 for every block)")
+        elif count > total:
+            self.refuse("$.num_layers", f"{count}{default} blocks requested, but the model has {total}")
+        else:
+            return None if count == total else list(range(total - count, total))
+        return None
 
     def _optimizer(self) -> JsonObject:
         name = self.value("optimizer")
-        if name not in _OPTIMIZER_OPTIONS:
-            self.refuse(
-                "$.optimizer", f"{_show(name)} has no equivalent; peftdecl has adam/adamw (as adamw) and sgd"
-            )
-            return {}
         configs = self.value("optimizer_config")
-        if not isinstance(configs, Mapping):
-            self.refuse("$.optimizer_config", f"expected a mapping of optimizer names, got {_show(configs)}")
+        if name not in _OPTIMIZER_OPTIONS:
+            self.refuse("$.optimizer", f"{_show(name)} has no equivalent; peftdecl has adam, adamw and sgd")
             return {}
-        given = configs.get(name) or {}
+        given = configs.get(name) or {} if isinstance(configs, Mapping) else None
         path = f"$.optimizer_config.{name}"
         if not isinstance(given, Mapping):
-            self.refuse(path, f"expected a mapping, got {_show(given)}")
+            self.refuse(path, f"expected a mapping of {name}'s options, got {_show(given)}")
             return {}
+        allowed = _OPTIMIZER_OPTIONS[name]
         for key in given:
-            if key not in _OPTIMIZER_OPTIONS[name]:
+            if key not in allowed:
                 self.refuse(
-                    f"{path}.{key}",
-                    f"not an option of mlx's {name} that peftdecl can honour "
-                    f"({', '.join(_OPTIMIZER_OPTIONS[name])})",
+                    f"{path}.{key}", f"not an option of mlx's {name} honoured here ({', '.join(allowed)})"
                 )
-        options = {**_OPTIMIZER_OPTIONS[name], **given}
+        options = {**allowed, **given}
         if name == "sgd":
             for key, none in (("momentum", 0.0), ("nesterov", False)):
                 if not _same(options[key], none):
-                    self.refuse(
-                        f"{path}.{key}",
-                        f"{_show(options[key])} has no equivalent: peftdecl's sgd has no momentum",
-                    )
+                    self.refuse(f"{path}.{key}", f"{_show(options[key])}: peftdecl's sgd has no momentum")
             return {
                 "optim": "sgd",
                 "weight_decay": self.number(f"{path}.weight_decay", options["weight_decay"]),
             }
         if not isinstance(options["bias_correction"], bool):
             self.refuse(
-                f"{path}.bias_correction", f"expected true or false, got {_show(options['bias_correction'])}"
+                f"{path}.bias_correction", f"expected a boolean, got {_show(options['bias_correction'])}"
             )
         betas = options["betas"]
         if not (isinstance(betas, list) and len(betas) == 2):
             self.refuse(f"{path}.betas", f"expected [beta1, beta2], got {_show(betas)}")
-            betas = [None, None]
+            return {"optim": "adamw"}
         return {
             "optim": "adamw",
-            "adam_beta1": self.number(f"{path}.betas[0]", betas[0]) if betas[0] is not None else None,
-            "adam_beta2": self.number(f"{path}.betas[1]", betas[1]) if betas[1] is not None else None,
+            "adam_beta1": self.number(f"{path}.betas[0]", betas[0]),
+            "adam_beta2": self.number(f"{path}.betas[1]", betas[1]),
             "adam_epsilon": self.number(f"{path}.eps", options["eps"]),
             "weight_decay": self.number(f"{path}.weight_decay", options.get("weight_decay", 0.0)),
         }
 
-    def _schedule(self) -> JsonObject:
-        """mlx-lm's ``lr_schedule`` as transformers' schedule, where the two agree at every step."""
+    def _schedule(self, total: int | None) -> JsonObject:
+        """mlx-lm's ``lr_schedule`` as transformers' schedule over the run's ``total`` optimizer steps, where the
+        two agree at every step: mlx evaluates a schedule at its update count (0 first), as transformers does."""
         schedule = self.value("lr_schedule")
         if schedule is None:
-            return {
-                "learning_rate": self.number("$.learning_rate", self.value("learning_rate")),
-                "lr_scheduler_type": "constant",
-            }
+            rate = self.number("$.learning_rate", self.value("learning_rate"))
+            return {"learning_rate": rate, "lr_scheduler_type": "constant"}
         if not isinstance(schedule, Mapping):
             self.refuse("$.lr_schedule", f"expected a mapping with name and arguments, got {_show(schedule)}")
             return {}
         for key in schedule:
             if key not in ("name", "arguments", "warmup", "warmup_init"):
                 self.refuse(f"$.lr_schedule.{key}", "not an mlx-lm lr_schedule option")
-        warmup = schedule.get("warmup", 0)
-        if warmup not in (0, None):
-            # mlx-lm warms up over warmup + 1 steps and restarts its decay after them; transformers' warmup
-            # hands over to the decay at step `warmup`: the two differ from step warmup + 1 on
-            self.refuse(
-                "$.lr_schedule.warmup",
-                "mlx-lm's warm-up is one step longer than transformers' and "
-                "cannot be written exactly; use lr_scheduler_type and warmup_steps in a training file",
-            )
+        if schedule.get("warmup") not in (0, None):
+            # mlx-lm ramps up over steps 0..warmup and restarts the decay at warmup + 1; transformers' decay
+            # starts at step warmup: the two differ from step warmup + 1 on
+            why = "one step longer than transformers', so no training-file schedule equals it"
+            self.refuse("$.lr_schedule.warmup", f"mlx-lm's warm-up is {why}; write warmup_steps instead")
             return {}
-        name = schedule.get("name")
         args = schedule.get("arguments")
         if not isinstance(args, list) or not args:
             self.refuse("$.lr_schedule.arguments", f"expected a list of arguments, got {_show(args)}")
             return {}
-        numbers = [self.number(f"$.lr_schedule.arguments[{i}]", a) for i, a in enumerate(args)]
-        if any(n is None for n in numbers):
+        values = [self.number(f"$.lr_schedule.arguments[{i}]", a) for i, a in enumerate(args)]
+        name = schedule.get("name")
+        if None in values or total is None:
             return {}
-        values = [float(n) for n in numbers if n is not None]
-        total = self._steps_total()
         if name == "cosine_decay" and len(values) in (2, 3):
-            return self._cosine(values, total)
+            return self._cosine(*[float(v) for v in values if v is not None], total=total)
         if name == "linear_schedule" and len(values) == 3:
-            return self._linear(values, total)
-        self.refuse(
-            "$.lr_schedule",
-            f"{_show(name)} with {len(values)} arguments has no transformers equivalent "
-            "(cosine_decay [init, decay_steps] and linear_schedule [init, end, steps] map)",
-        )
+            return self._linear(*[float(v) for v in values if v is not None], total=total)
+        maps = "cosine_decay [init, decay_steps] and linear_schedule [init, end, steps] map"
+        message = f"{_show(name)} with {len(values)} arguments has no transformers equivalent ({maps})"
+        self.refuse("$.lr_schedule", message)
         return {}
 
-    def _steps_total(self) -> int | None:
-        iters = self.value("iters")
-        accumulation = self.value("grad_accumulation_steps")
-        if isinstance(iters, int) and isinstance(accumulation, int) and accumulation >= 1:
-            return iters // accumulation
-        return None
-
-    def _cosine(self, values: list[float], total: int | None) -> JsonObject:
-        init, decay_steps = values[0], values[1]
-        end = values[2] if len(values) == 3 else 0.0
+    def _cosine(self, init: float, decay_steps: float, end: float = 0.0, *, total: int) -> JsonObject:
         if end != 0.0:
             self.refuse(
                 "$.lr_schedule.arguments[2]",
-                "transformers' cosine decays to 0; a non-zero end has no equivalent",
+                "transformers' cosine decays to 0: a non-zero end has no equivalent",
             )
-            return {}
-        if total is None or decay_steps < total:
-            self.refuse(
-                "$.lr_schedule.arguments[1]",
-                f"decay_steps {decay_steps:g} < the run's {total} optimizer "
-                "steps: mlx-lm then holds the end value, transformers' cosine rises again",
-            )
-            return {}
-        # init * (1 + cos(pi * step / decay_steps)) / 2 is transformers' cosine with num_cycles total / (2 decay)
-        kwargs = {} if decay_steps == total else {"num_cycles": total / (2.0 * decay_steps)}
-        return {"learning_rate": init, "lr_scheduler_type": "cosine", "lr_scheduler_kwargs": kwargs}
+        elif decay_steps < total:
+            why = "mlx-lm then holds the end value, transformers' cosine rises again"
+            self.refuse("$.lr_schedule.arguments[1]", f"{decay_steps:g} < the run's {total} steps: {why}")
+        else:  # init (1 + cos(pi step / decay_steps)) / 2 is transformers' cosine with num_cycles total / (2 decay)
+            kwargs = {} if decay_steps == total else {"num_cycles": total / (2.0 * decay_steps)}
+            return {"learning_rate": init, "lr_scheduler_type": "cosine", "lr_scheduler_kwargs": kwargs}
+        return {}
 
-    def _linear(self, values: list[float], total: int | None) -> JsonObject:
-        init, end, steps = values
+    def _linear(self, init: float, end: float, steps: float, *, total: int) -> JsonObject:
         if init == end:
             return {"learning_rate": init, "lr_scheduler_type": "constant"}
-        if total is None or steps != total or end > init:
-            self.refuse(
-                "$.lr_schedule.arguments",
-                "linear_schedule maps only as a decay over exactly the run's "
-                f"{total} optimizer steps (steps == iters / grad_accumulation_steps, end < init)",
-            )
+        if steps != total or end > init:
+            why = f"only as a decay (end < init) over exactly the run's {total} steps (iters / grad_accumulation_steps)"
+            self.refuse("$.lr_schedule.arguments", f"linear_schedule maps {why}")
             return {}
         if end == 0.0:
             return {"learning_rate": init, "lr_scheduler_type": "linear"}
-        # polynomial with power 1: lr_end + (init - lr_end) * (1 - step / total), mlx-lm's line exactly
-        return {
-            "learning_rate": init,
-            "lr_scheduler_type": "polynomial",
-            "lr_scheduler_kwargs": {"power": 1.0, "lr_end": end},
-        }
+        # polynomial with power 1: lr_end + (init - lr_end) (1 - step / total), mlx-lm's line exactly
+        kwargs = {"power": 1.0, "lr_end": end}
+        return {"learning_rate": init, "lr_scheduler_type": "polynomial", "lr_scheduler_kwargs": kwargs}
 
 
 def _same(value: JsonValue, accepted: JsonValue) -> bool:
