@@ -249,20 +249,7 @@ def test_two_micro_batches_equal_one_batch(kind: str, folder: Path) -> None:
         )
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "loha",
-        pytest.param(
-            "lora",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the fused LoRA/DoRA autograd Functions read ctx.saved_tensors more than once, which "
-                "non-reentrant checkpointing refuses (kinds/lora.py, kinds/dora.py backward)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind", ["loha", "lora", "dora"])
 def test_gradient_checkpointing_gives_the_same_gradients(kind: str, folder: Path) -> None:
     plain = runtime(folder, SPECS[kind])
     checkpointed = runtime(folder, SPECS[kind], gradient_checkpointing=True)

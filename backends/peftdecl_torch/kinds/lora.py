@@ -85,8 +85,9 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: LoraContext, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, a, b = ctx.saved_tensors[:4]
-        u: torch.Tensor | None = ctx.saved_tensors[4]  # None unless the forward kept it
+        saved = ctx.saved_tensors  # read once: non-reentrant activation checkpointing unpacks on each read
+        x, weight, a, b = saved[:4]
+        u: torch.Tensor | None = saved[4]  # None unless the forward kept it
         s = ctx.scaling
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
