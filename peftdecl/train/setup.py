@@ -13,7 +13,7 @@ import msgspec
 
 from peftdecl._json import JsonObject
 from peftdecl.backend import Backend, get_backend
-from peftdecl.errors import PeftdeclError, TrainConfigError
+from peftdecl.errors import DataError, PeftdeclError, TrainConfigError
 from peftdecl.model import AdaptedModel
 from peftdecl.spec import SpecBase, load_spec
 from peftdecl.train.batching import BatchOrder
@@ -91,7 +91,10 @@ def prepare(config: TrainFile, checkpoint: tuple[JsonObject, dict[str, object]] 
     _, world_size = world()
     training = config.training
     global_batch = training.per_device_train_batch_size * training.gradient_accumulation_steps * world_size
-    order = BatchOrder([len(e.tokens) for e in train.examples], global_batch, training.seed)
+    try:
+        order = BatchOrder([len(e.tokens) for e in train.examples], global_batch, training.seed)
+    except DataError as exc:
+        raise DataError(f"{config.data.train}: {exc}") from None
     steps = total_steps(config, order)
     model = AdaptedModel.create(backend, base, {"seed": training.seed})
     if checkpoint is None:
