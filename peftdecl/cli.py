@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="peftdecl", description="Declarative PEFT adapters, HF PEFT compatible.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    validate = sub.add_parser("validate", help="check spec files (JSON/YAML/adapter_config.json)")
+    validate = sub.add_parser("validate", help="check spec or training files (JSON/YAML/adapter_config.json)")
     validate.add_argument("files", nargs="+", help="spec files or adapter folders")
     validate.set_defaults(run=_validate)
 

@@ -81,8 +81,8 @@ def with_run_length(spec: SpecBase, steps: int) -> SpecBase:
 def prepare(config: TrainFile, checkpoint: tuple[JsonObject, dict[str, object]] | None = None) -> Run:
     """Check the file's paths and adapter, load the model, tokenise the data, attach the adapter (from the
     checkpoint's arrays when resuming) and build the runtime. Writes nothing."""
-    spec = resolve_adapter_spec(config)
     check_paths(config)
+    spec = resolve_adapter_spec(config)
     backend = training_backend(config)
     trainer = cast(TrainingBackend, backend)
     base, tokenizer = trainer.load_pretrained(Path(config.model), device=config.device, dtype=config.dtype)
