@@ -7,7 +7,8 @@ gradient clipping happens. An option the file sets and peftdecl cannot honour ex
 ``test: true``, a Hugging Face dataset name, an optimizer or schedule peftdecl lacks, ...) is a TrainConfigError
 naming the option (JSON path into the mlx-lm file) and why; a value that changes nothing (``test: false``,
 ``report_to: null``) is accepted, and so is ``val_batches``, which only bounds how much of the validation set
-mlx-lm evaluates. The docs' Fine-tuning page lists where the meanings differ.
+mlx-lm evaluates. ``lr_schedule`` is mapped in :mod:`.mlx_lm_schedule`. The docs' Fine-tuning page lists where
+the meanings differ.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from peftdecl._json import JsonObject, JsonValue
 from peftdecl.errors import TrainConfigError
+from peftdecl.train.mlx_lm_schedule import schedule_options
+from peftdecl.train.mlx_lm_schedule import show_option as _show
 from peftdecl.train.overrides import EXPONENT_FLOAT
 
 MLX_LM_DEFAULTS: JsonObject = {
@@ -146,7 +149,8 @@ class _Mapper:
             "max_grad_norm": 0.0,  # mlx-lm does not clip gradients
             **self._optimizer(),
         }
-        training.update(self._schedule(training["max_steps"]))
+        schedule, rate = self.value("lr_schedule"), self.value("learning_rate")
+        training.update(schedule_options(schedule, rate, training["max_steps"], self))
         data = self._data()
         if "valid" in data:  # as in mlx-lm, no validation set: no evaluation
             training["eval_steps"] = self._steps("steps_per_eval", accumulation)
@@ -367,69 +371,6 @@ class _Mapper:
             "weight_decay": self.number(f"{path}.weight_decay", options.get("weight_decay", 0.0)),
         }
 
-    def _schedule(self, total: int | None) -> JsonObject:
-        """mlx-lm's ``lr_schedule`` as transformers' schedule over the run's ``total`` optimizer steps, where the
-        two agree at every step: mlx evaluates a schedule at its update count (0 first), as transformers does."""
-        schedule = self.value("lr_schedule")
-        if schedule is None:
-            rate = self.number("$.learning_rate", self.value("learning_rate"))
-            return {"learning_rate": rate, "lr_scheduler_type": "constant"}
-        if not isinstance(schedule, Mapping):
-            self.refuse("$.lr_schedule", f"expected a mapping with name and arguments, got {_show(schedule)}")
-            return {}
-        for key in schedule:
-            if key not in ("name", "arguments", "warmup", "warmup_init"):
-                self.refuse(f"$.lr_schedule.{key}", "not an mlx-lm lr_schedule option")
-        if schedule.get("warmup") not in (0, None):
-            # mlx-lm ramps up over steps 0..warmup and restarts the decay at warmup + 1; transformers' decay
-            # starts at step warmup: the two differ from step warmup + 1 on
-            why = "one step longer than transformers', so no training-file schedule equals it"
-            self.refuse("$.lr_schedule.warmup", f"mlx-lm's warm-up is {why}; write warmup_steps instead")
-            return {}
-        args = schedule.get("arguments")
-        if not isinstance(args, list) or not args:
-            self.refuse("$.lr_schedule.arguments", f"expected a list of arguments, got {_show(args)}")
-            return {}
-        values = [self.number(f"$.lr_schedule.arguments[{i}]", a) for i, a in enumerate(args)]
-        name = schedule.get("name")
-        if None in values or total is None:
-            return {}
-        if name == "cosine_decay" and len(values) in (2, 3):
-            return self._cosine(*[float(v) for v in values if v is not None], total=total)
-        if name == "linear_schedule" and len(values) == 3:
-            return self._linear(*[float(v) for v in values if v is not None], total=total)
-        maps = "cosine_decay [init, decay_steps] and linear_schedule [init, end, steps] map"
-        message = f"{_show(name)} with {len(values)} arguments has no transformers equivalent ({maps})"
-        self.refuse("$.lr_schedule", message)
-        return {}
-
-    def _cosine(self, init: float, decay_steps: float, end: float = 0.0, *, total: int) -> JsonObject:
-        if end != 0.0:
-            self.refuse(
-                "$.lr_schedule.arguments[2]",
-                "transformers' cosine decays to 0: a non-zero end has no equivalent",
-            )
-        elif decay_steps < total:
-            why = "mlx-lm then holds the end value, transformers' cosine rises again"
-            self.refuse("$.lr_schedule.arguments[1]", f"{decay_steps:g} < the run's {total} steps: {why}")
-        else:  # init (1 + cos(pi step / decay_steps)) / 2 is transformers' cosine with num_cycles total / (2 decay)
-            kwargs = {} if decay_steps == total else {"num_cycles": total / (2.0 * decay_steps)}
-            return {"learning_rate": init, "lr_scheduler_type": "cosine", "lr_scheduler_kwargs": kwargs}
-        return {}
-
-    def _linear(self, init: float, end: float, steps: float, *, total: int) -> JsonObject:
-        if init == end:
-            return {"learning_rate": init, "lr_scheduler_type": "constant"}
-        if steps != total or end > init:
-            why = f"only as a decay (end < init) over exactly the run's {total} steps (iters / grad_accumulation_steps)"
-            self.refuse("$.lr_schedule.arguments", f"linear_schedule maps {why}")
-            return {}
-        if end == 0.0:
-            return {"learning_rate": init, "lr_scheduler_type": "linear"}
-        # polynomial with power 1: lr_end + (init - lr_end) (1 - step / total), mlx-lm's line exactly
-        kwargs = {"power": 1.0, "lr_end": end}
-        return {"learning_rate": init, "lr_scheduler_type": "polynomial", "lr_scheduler_kwargs": kwargs}
-
 
 def _same(value: JsonValue, accepted: JsonValue) -> bool:
     """Equal and of the same kind (``0`` is not ``false``)."""
@@ -441,13 +382,3 @@ def _is_dir(path: Path) -> bool:
         return path.is_dir()
     except (OSError, ValueError):
         return False
-
-
-def _show(value: JsonValue) -> str:
-    import json
-
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
