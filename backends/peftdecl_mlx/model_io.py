@@ -37,6 +37,8 @@ TOKENIZER_FILES = (
     "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )  # fmt: skip
 """Files of a checkpoint folder copied unchanged into a merged one (those that exist)."""
+MAX_HEADER_BYTES = 100_000_000
+"""The safetensors format's own limit on a header."""
 
 
 def load_pretrained(directory: Path, *, device: str, dtype: str) -> tuple[nn.Module, Tokenizer]:
@@ -188,6 +190,8 @@ def _source_shapes(source: Path) -> dict[str, list[int]]:
     for path in sorted(source.glob("*.safetensors")):
         with open(path, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
+            if length > MAX_HEADER_BYTES:
+                raise PeftdeclError(f"{path}: a safetensors header of {length} bytes; is the file corrupt?")
             header = json.loads(handle.read(length))
         shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
     return shapes

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,7 +24,7 @@ from peftdecl._json import JsonObject
 from peftdecl.errors import PeftdeclError
 from peftdecl.model import AdaptedModel
 from peftdecl.train.config import TrainFile
-from peftdecl.train.runtime import MicroBatch, Tokenizer
+from peftdecl.train.runtime import MicroBatch, Tokenizer, TrainingRuntime
 from peftdecl_mlx.engine import MlxEngine
 from peftdecl_mlx.inventory import flatten
 from peftdecl_mlx.rank_allocator import MlxRankAllocator
@@ -84,8 +84,8 @@ class MlxTrainingRuntime:
         wanted = compile if compile is not None else os.environ.get(COMPILE_VARIABLE, "1") != "0"
         if wanted and on_host:
             warnings.warn(
-                f"training uncompiled: {on_host[0]} draws its module dropout on the host, which a compiled "
-                "step cannot do",
+                f"training uncompiled: {on_host[0]} draws its module (or block) dropout on the host, which a "
+                "compiled step cannot do",
                 stacklevel=2,
             )
         self.compiled = wanted and not on_host
@@ -342,3 +342,7 @@ def _set_path(tree: _Tree, path: str, value: mx.array) -> None:
         node[int(leaf)] = value
     else:
         node[leaf] = value
+
+
+if TYPE_CHECKING:
+    _conforms: type[TrainingRuntime] = MlxTrainingRuntime
