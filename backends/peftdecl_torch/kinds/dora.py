@@ -143,11 +143,11 @@ class DoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: DoraContext, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        saved = ctx.saved_tensors  # read once: non-reentrant activation checkpointing unpacks on each read
-        x, y, weight = saved[:3]
-        bias: torch.Tensor | None = saved[3]  # None on a layer without a bias
-        a, b, m, n = saved[4:8]
-        u = saved[8] if ctx.half else None
+        kept = ctx.saved_tensors  # read once: non-reentrant activation checkpointing unpacks on each read
+        x, y, weight = kept[:3]
+        bias: torch.Tensor | None = kept[3]  # None on a layer without a bias
+        a, b, m, n = kept[4:8]
+        u = kept[8] if ctx.half else None
         need_x, _, _, need_a, need_b, need_m = ctx.needs_input_grad[:6]
         w = fused.weight_ir(weight, ctx.stored_in_out)
         dy2, x2, g = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), m.reshape(-1) / n
