@@ -1,0 +1,528 @@
+"""Training throughput of ``peftdecl train`` next to its peers, on the same model, data, adapter and batch.
+
+    torch   ``peftdecl train`` (backend torch)   vs  PEFT + transformers ``Trainer``
+    mlx     ``peftdecl train`` (backend mlx)     vs  ``mlx_lm.lora`` (its YAML config through its Python entry)
+
+Every run is a fresh subprocess training a random tiny Llama (``peftdecl.train.tiny_model``) with LoRA (rank 16,
+alpha 32, no dropout) on q/k/v/o/gate/up/down of every layer, AdamW at a constant learning rate, on text lines that
+all tokenise to exactly ``seq`` tokens (end-of-sequence included), so every step of every tool sees the same
+``batch × seq`` input and counts the same ``batch × (seq − 1)`` target tokens. Both sides pad rows to one more than
+a multiple of 32 and feed ``ids[:, :-1]``, so the model computes on ``seq`` positions on both sides.
+
+tokens/s = counted target tokens of steps ``warmup+1 … steps`` / wall time from the end of step ``warmup`` to the
+end of the last step. Each tool logs every ``warmup`` steps (peftdecl's ``logging_steps``, Trainer's
+``logging_steps``, mlx-lm's ``steps_per_report``), so logging costs the same share of the window on every side.
+The window's ends are read from peftdecl's log.jsonl (each record's ``tokens_per_second`` covers the steps since
+the previous record), from a Trainer callback's ``on_step_end`` and from an mlx-lm callback's
+``on_train_loss_report``. Nothing evaluates or saves inside the window: no validation data, checkpoints off
+(Trainer ``save_strategy="no"``, mlx-lm ``save_every`` past the last step), Trainer's data loader in-process
+(``dataloader_num_workers=0``), ``report_to="none"``, gradient checkpointing off everywhere. mlx-lm clips no
+gradients, so the MLX pair runs with ``max_grad_norm: 0``; Trainer clips at 1.0 by default, so the torch pair
+does.
+
+Memory: the child's peak resident set (``resource.getrusage``) after training, and the peak device memory where
+there is one (``torch.cuda.max_memory_allocated`` on CUDA, ``mx.get_peak_memory`` under MLX).
+
+Overhead: one more ``peftdecl train`` run per backend at ``logging_steps: 1`` with a checkpoint every half of the
+run reads ``summary.json``: ``overhead_seconds`` (batching, logging, checkpoints: the loop's time between steps)
+over ``step_seconds`` (time inside the runtime's forward_backward and optimizer_step).
+
+Sizes: MLX's Linux CPU build multiplies matrices about 100 times slower than torch's CPU kernels, so the MLX pair
+uses a smaller model than the torch pair (see ``SIZES``).
+
+    .venv/bin/python benchmarks/compare_train.py [--frameworks torch mlx] [--trials 3] [--device cpu|cuda]
+        [--out benchmarks/results/cpu/train] [--quick]
+
+``--quick`` trains a toy model for a few steps (seconds; a smoke test, its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MLX_KEYS = tuple(f"self_attn.{t}" for t in TARGETS[:4]) + tuple(f"mlp.{t}" for t in TARGETS[4:])
+RANK, ALPHA, LEARNING_RATE, SEED = 16, 32, 1.0e-4, 0
+
+
+@dataclass(frozen=True)
+class Size:
+    """A benchmark shape: the model (build_tiny_llama's arguments), the sequence length and the schedule."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    seq: int
+    batch: int
+    warmup: int
+    """Steps before the timed window; also every tool's logging interval."""
+    steps: int
+    """All steps, warm-up included (a multiple of ``warmup``)."""
+
+    def model(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate")}
+
+
+SIZES = {
+    "torch": Size(
+        hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1536, seq=256, batch=4, warmup=4, steps=24
+    ),
+    "mlx": Size(
+        hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, seq=128, batch=4, warmup=4, steps=24
+    ),
+}
+QUICK = Size(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, seq=32, batch=2, warmup=2, steps=6)
+SIDES = {"torch": ("peftdecl", "trainer"), "mlx": ("peftdecl", "mlx_lm")}
+PEER_NAME = {"trainer": "PEFT + Trainer", "mlx_lm": "mlx_lm.lora"}
+
+
+# -- the shared inputs ------------------------------------------------------------------------------------------
+def write_inputs(work: Path, framework: str, size: Size) -> None:
+    """The model folder and a data folder (train.jsonl: text lines of ``seq − 1`` characters, one token each)."""
+    from peftdecl.train.tiny_model import build_tiny_llama
+
+    build_tiny_llama(work / "model", seed=SEED, **size.model())
+    rng = random.Random(SEED)
+    alphabet = "abcdefghijklmnopqrstuvwxyz     "
+    lines = ["".join(rng.choice(alphabet) for _ in range(size.seq - 1)) for _ in range(8 * size.batch)]
+    (work / "data").mkdir()
+    (work / "data" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+
+
+def peftdecl_file(work: Path, framework: str, size: Size, device: str, *, overhead: bool) -> dict:
+    """The ``peftdecl train`` file of a throughput run (or, with ``overhead``, of the overhead run)."""
+    return {
+        "model": str(work / "model"),
+        "backend": framework,
+        "device": device,
+        "adapter": {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": RANK,
+            "lora_alpha": ALPHA,
+            "lora_dropout": 0.0,
+            "target_modules": list(TARGETS),
+        },
+        "data": {
+            "train": str(work / "data" / "train.jsonl"),
+            "format": "text",
+            "max_seq_length": size.seq + 1,
+        },
+        "training": {
+            "learning_rate": LEARNING_RATE,
+            "lr_scheduler_type": "constant",
+            "max_steps": size.steps,
+            "per_device_train_batch_size": size.batch,
+            "max_grad_norm": 1.0 if framework == "torch" else 0.0,
+            "optim": "adamw",
+            "weight_decay": 0.0,
+            "seed": SEED,
+            "logging_steps": 1 if overhead else size.warmup,
+            **({"save_steps": size.steps // 2} if overhead else {}),
+        },
+        "output_dir": str(work / ("out-overhead" if overhead else "out")),
+    }
+
+
+def mlx_lm_config(work: Path, size: Size) -> dict:
+    """mlx_lm.lora's YAML config for the same run."""
+    return {
+        "model": str(work / "model"),
+        "train": True,
+        "data": str(work / "data"),
+        "fine_tune_type": "lora",
+        "optimizer": "adamw",
+        "optimizer_config": {"adamw": {"weight_decay": 0.0}},
+        "seed": SEED,
+        "num_layers": size.layers,
+        "batch_size": size.batch,
+        "iters": size.steps,
+        "learning_rate": LEARNING_RATE,
+        "steps_per_report": size.warmup,
+        "steps_per_eval": size.steps + 1,
+        "save_every": size.steps + 1,
+        "adapter_path": str(work / "out-mlx-lm"),
+        "max_seq_length": size.seq + 1,
+        "grad_checkpoint": False,
+        "lora_parameters": {"rank": RANK, "scale": ALPHA / RANK, "dropout": 0.0, "keys": list(MLX_KEYS)},
+    }
+
+
+# -- children: one training run each, printing one JSON line -----------------------------------------------------
+def _peak_rss_mib() -> float:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kib / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def _window(size: Size, ends: dict[int, float]) -> dict:
+    """Rates from the times at which steps ``warmup, 2·warmup, …, steps`` ended: over the whole window, and the
+    median over its ``warmup``-step parts (less moved by a burst of another process on a shared machine)."""
+    marks = list(range(size.warmup, size.steps + 1, size.warmup))
+    if any(step not in ends for step in marks):
+        raise RuntimeError(f"the ends of steps {marks} were not all seen (saw {sorted(ends)})")
+    per_step = size.batch * (size.seq - 1)
+    parts = [size.warmup * per_step / (ends[b] - ends[a]) for a, b in itertools.pairwise(marks)]
+    tokens = (size.steps - size.warmup) * per_step
+    seconds = ends[size.steps] - ends[size.warmup]
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+        "window_tokens_per_second": parts,
+        "median_window_tokens_per_second": statistics.median(parts),
+    }
+
+
+def child_peftdecl(work: Path, framework: str, size: Size, device: str, overhead: bool) -> dict:
+    from peftdecl.cli import main as cli_main
+
+    path = work / ("train-overhead.yaml" if overhead else "train.yaml")
+    path.write_text(yaml.safe_dump(peftdecl_file(work, framework, size, device, overhead=overhead)))
+    code = cli_main(["train", str(path)])
+    if code not in (0, None):
+        raise RuntimeError(f"peftdecl train exited with {code}")
+    out = work / ("out-overhead" if overhead else "out")
+    summary = json.loads((out / "summary.json").read_text())
+    result: dict = {"step_seconds": summary["step_seconds"], "overhead_seconds": summary["overhead_seconds"]}
+    if not overhead:
+        records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+        first = next(r for r in records if r["step"] == size.warmup)
+        ends, previous = {size.warmup: 0.0}, first
+        for record in records[
+            records.index(first) + 1 :
+        ]:  # a rate covers the steps since the previous record
+            ends[record["step"]] = ends[previous["step"]] + (
+                (record["tokens"] - previous["tokens"]) / record["tokens_per_second"]
+            )
+            previous = record
+        result |= _window(size, ends)
+        counted = records[-1]["tokens"] - first["tokens"]
+        if counted != result["tokens"]:
+            raise RuntimeError(
+                f"peftdecl counted {counted} target tokens in the window, expected {result['tokens']}"
+            )
+    result["peak_device_mib"] = _device_peak(framework, device)
+    return result
+
+
+def child_trainer(work: Path, size: Size, device: str) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    torch.manual_seed(SEED)
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+    config = LoraConfig(
+        r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS), task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(model, config)
+    rows = []
+    for line in (work / "data" / "train.jsonl").read_text().splitlines():
+        ids = [*tokenizer.encode(json.loads(line)["text"]), tokenizer.eos_token_id]
+        assert len(ids) == size.seq, (len(ids), size.seq)
+        rows.append({"input_ids": ids, "labels": ids, "attention_mask": [1] * len(ids)})
+    ends: dict[int, float] = {}
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ends[state.global_step] = time.perf_counter()
+
+    args = TrainingArguments(
+        output_dir=str(work / "out-trainer"),
+        max_steps=size.steps,
+        per_device_train_batch_size=size.batch,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=size.warmup,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=SEED,
+        use_cpu=device == "cpu",
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=default_data_collator,
+        callbacks=[StepEnds()],
+    )
+    trainer.train()
+    result = _window(size, ends)
+    result["optim"] = str(args.optim)
+    result["peak_device_mib"] = _device_peak("torch", device)
+    return result
+
+
+def child_mlx_lm(work: Path, size: Size) -> dict:
+    import types
+
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import lora
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.datasets import load_dataset
+    from mlx_lm.utils import load
+
+    path = work / "mlx_lm.yaml"
+    path.write_text(yaml.safe_dump(mlx_lm_config(work, size)))
+    # what mlx_lm.lora's main() does with `-c mlx_lm.yaml`: the file's values over CONFIG_DEFAULTS
+    options = dict(lora.CONFIG_DEFAULTS) | yaml.safe_load(path.read_text())
+    args = types.SimpleNamespace(**options)
+    ends: dict[int, float] = {}
+
+    class ReportTimes(TrainingCallback):
+        def on_train_loss_report(self, train_info: dict) -> None:
+            ends[int(train_info["iteration"])] = time.perf_counter()
+
+    np.random.seed(args.seed)  # as lora.run() does; run() itself would replace our callback
+    model, tokenizer = load(args.model)
+    train_set, valid_set, _ = load_dataset(args, tokenizer)
+    lora.train_model(args, model, train_set, valid_set, ReportTimes())
+    result = _window(size, ends)
+    result["peak_device_mib"] = mx.get_peak_memory() / 2**20
+    return result
+
+
+def _device_peak(framework: str, device: str) -> float | None:
+    if framework == "mlx":
+        import mlx.core as mx
+
+        return mx.get_peak_memory() / 2**20
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return None
+
+
+def child(args: argparse.Namespace) -> None:
+    size = QUICK if args.quick else SIZES[args.framework]
+    work = Path(args.work)
+    if args.side == "peftdecl":
+        result = child_peftdecl(work, args.framework, size, args.device, args.overhead)
+    elif args.side == "trainer":
+        result = child_trainer(work, size, args.device)
+    else:
+        result = child_mlx_lm(work, size)
+    result["peak_rss_mib"] = _peak_rss_mib()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# -- the parent: runs, table, files -----------------------------------------------------------------------------
+@dataclass
+class Run:
+    framework: str
+    side: str
+    trial: int
+    result: dict
+
+
+def run_child(
+    framework: str, side: str, work: Path, args: argparse.Namespace, overhead: bool = False
+) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--framework", framework]
+    command += ["--work", str(work), "--device", args.device] + (["--quick"] if args.quick else [])
+    command += ["--overhead"] if overhead else []
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=work, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(
+            f"{framework}/{side} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def fresh_work(root: Path, framework: str, size: Size, name: str) -> Path:
+    """A fresh folder with the shared inputs (a run never sees another run's outputs)."""
+    work = root / name
+    work.mkdir()
+    write_inputs(work, framework, size)
+    return work
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs"}
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("torch", "transformers", "peft", "mlx", "mlx-lm"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        found["peftdecl commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
+        ).stdout.strip()
+    return found
+
+
+def table(runs: list[Run], overhead: dict[str, list[float]], frameworks: list[str], quick: bool) -> list[str]:
+    """Per side: medians over trials of the whole-window rate (with its range), of the median part rate, and of
+    the peak memories; then the ratios ours/peer and the loop's overhead."""
+
+    def values(framework: str, side: str, key: str) -> list[float]:
+        found = [r.result.get(key) for r in runs if (r.framework, r.side) == (framework, side)]
+        return [v for v in found if v is not None]
+
+    def median(framework: str, side: str, key: str) -> float:
+        found = values(framework, side, key)
+        return statistics.median(found) if found else float("nan")
+
+    lines = [
+        f"{'framework':9} {'side':15} {'tokens/s':>9} {'range':>13} {'part median':>11} {'peak RSS MiB':>12} "
+        f"{'peak dev MiB':>12}",
+    ]
+    ratios = []
+    for framework in frameworks:
+        for side in SIDES[framework]:
+            rates = values(framework, side, "tokens_per_second")
+            device = median(framework, side, "peak_device_mib")
+            lines.append(
+                f"{framework:9} {PEER_NAME.get(side, 'peftdecl train'):15} {statistics.median(rates):9.0f} "
+                f"{f'{min(rates):.0f}–{max(rates):.0f}':>13} "
+                f"{median(framework, side, 'median_window_tokens_per_second'):11.0f} "
+                f"{median(framework, side, 'peak_rss_mib'):12.0f} {'-' if device != device else f'{device:.0f}':>12}"
+            )
+        ours, peer = SIDES[framework]
+        ratio = median(framework, ours, "tokens_per_second") / median(framework, peer, "tokens_per_second")
+        parts = median(framework, ours, "median_window_tokens_per_second") / median(
+            framework, peer, "median_window_tokens_per_second"
+        )
+        rss = median(framework, ours, "peak_rss_mib") / median(framework, peer, "peak_rss_mib")
+        ratios.append(
+            f"{framework}: ours/peer tokens/s {ratio:.2f} (part medians {parts:.2f}); peak RSS {rss:.2f}"
+        )
+        if overhead.get(framework):
+            fractions = overhead[framework]
+            where = "(throughput run)" if quick else "at logging_steps 1 with 2 checkpoints"
+            ratios.append(
+                f"{framework}: loop overhead {where} = {statistics.median(fractions):.2%} "
+                f"of step time (range {min(fractions):.2%}–{max(fractions):.2%})"
+            )
+    return [*lines, "", *ratios]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frameworks", nargs="+", choices=sorted(SIDES), default=None)
+    parser.add_argument("--trials", type=int, default=3, help="runs of each side, interleaved (median shown)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch's device")
+    parser.add_argument("--out", type=Path, default=None, help="write compare_train.txt/.json here")
+    parser.add_argument("--quick", action="store_true", help="toy sizes, one trial: a smoke test")
+    parser.add_argument("--child", choices=("peftdecl", "trainer", "mlx_lm"), help=argparse.SUPPRESS)
+    parser.add_argument("--framework", choices=sorted(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--overhead", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.side = args.child
+        child(args)
+        return
+    frameworks = args.frameworks or [f for f in SIDES if _available(f)]
+    trials = 1 if args.quick else args.trials
+    runs: list[Run] = []
+    overhead: dict[str, list[float]] = {}
+    began = time.time()
+    with tempfile.TemporaryDirectory(prefix="compare_train_") as tmp:
+        root = Path(tmp)
+        for framework in frameworks:
+            size = QUICK if args.quick else SIZES[framework]
+            for trial in range(trials):
+                sides = list(SIDES[framework])
+                if trial % 2:  # alternate who goes first: drift on a shared machine hits both sides alike
+                    sides.reverse()
+                for side in sides:
+                    work = fresh_work(root, framework, size, f"{framework}-{side}-{trial}")
+                    result = run_child(framework, side, work, args)
+                    runs.append(Run(framework, side, trial, result))
+                    print(
+                        f"{framework} {side} trial {trial}: {result['tokens_per_second']:.0f} tokens/s",
+                        flush=True,
+                    )
+                if args.quick:  # no separate run: the throughput run's own summary (logging every warm-up)
+                    result = next(
+                        r.result for r in runs[::-1] if (r.framework, r.side) == (framework, "peftdecl")
+                    )
+                else:
+                    work = fresh_work(root, framework, size, f"{framework}-overhead-{trial}")
+                    result = run_child(framework, "peftdecl", work, args, overhead=True)
+                overhead.setdefault(framework, []).append(result["overhead_seconds"] / result["step_seconds"])
+    lines = table(runs, overhead, frameworks, args.quick)
+    header = header_lines(args, frameworks, trials, time.time() - began)
+    print("\n".join([*header, "", *lines]))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "compare_train.txt").write_text("\n".join([*header, "", *lines]) + "\n")
+        data = {
+            "versions": versions(),
+            "sizes": {f: asdict(QUICK if args.quick else SIZES[f]) for f in frameworks},
+            "peftdecl_files": {
+                f: peftdecl_file(Path("WORK"), f, SIZES[f], args.device, overhead=False) for f in frameworks
+            },
+            "mlx_lm_config": mlx_lm_config(Path("WORK"), SIZES["mlx"]) if "mlx" in frameworks else None,
+            "runs": [asdict(r) for r in runs],
+            "overhead_fraction": overhead,
+        }
+        (args.out / "compare_train.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def header_lines(args: argparse.Namespace, frameworks: list[str], trials: int, seconds: float) -> list[str]:
+    found = versions()
+    lines = [
+        "# " + " ".join(["python", "benchmarks/compare_train.py", *sys.argv[1:]]),
+        "# " + ", ".join(f"{k} {v}" for k, v in found.items()),
+        f"# device {args.device}; {trials} trial(s) per side, interleaved; medians; {seconds:.0f} s in all; "
+        f"load average at the end {os.getloadavg()[0]:.1f}",
+    ]
+    for framework in frameworks:
+        s = QUICK if args.quick else SIZES[framework]
+        lines.append(
+            f"# {framework}: Llama hidden {s.hidden}, {s.layers} layers, {s.heads} heads ({s.kv_heads} kv), "
+            f"MLP {s.intermediate}; LoRA r {RANK} alpha {ALPHA} on {'/'.join(TARGETS)}; batch {s.batch} × {s.seq} "
+            f"tokens; {s.steps} steps, the first {s.warmup} untimed"
+        )
+    return lines
+
+
+def _available(framework: str) -> bool:
+    import importlib.util
+
+    needed = ("torch", "transformers", "peft") if framework == "torch" else ("mlx", "mlx_lm")
+    return all(importlib.util.find_spec(name) is not None for name in needed)
+
+
+if __name__ == "__main__":
+    main()
