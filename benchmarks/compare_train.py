@@ -10,8 +10,10 @@ all tokenise to exactly ``seq`` tokens (end-of-sequence included), so every step
 a multiple of 32 and feed ``ids[:, :-1]``, so the model computes on ``seq`` positions on both sides.
 
 tokens/s = counted target tokens of steps ``warmup+1 … steps`` / wall time from the end of step ``warmup`` to the
-end of the last step. Each tool logs every ``warmup`` steps (peftdecl's ``logging_steps``, Trainer's
-``logging_steps``, mlx-lm's ``steps_per_report``), so logging costs the same share of the window on every side.
+end of the last step; "part median" is the median of the same rate over each ``warmup``-step part of that window
+(less moved by a burst of another process on a shared machine). Each tool logs every ``warmup`` steps
+(peftdecl's ``logging_steps``, Trainer's ``logging_steps``, mlx-lm's ``steps_per_report``), so logging costs the
+same share of the window on every side.
 The window's ends are read from peftdecl's log.jsonl (each record's ``tokens_per_second`` covers the steps since
 the previous record), from a Trainer callback's ``on_step_end`` and from an mlx-lm callback's
 ``on_train_loss_report``. Nothing evaluates or saves inside the window: no validation data, checkpoints off
