@@ -231,7 +231,8 @@ class _Loop:
                 first_eval = self.evaluate()
                 if first_eval is not None:
                     self._record(log, progress, {"step": 0, "eval_loss": first_eval, "tokens": 0})
-            overhead_began = time.perf_counter()
+            overhead_began, eval_before_steps = time.perf_counter(), self.eval_seconds
+            window_began, window_eval = overhead_began, self.eval_seconds
             for step in range(self.start_step, run.total_steps):
                 batch_indices = run.order.indices(step)
                 micro = micro_batches(
@@ -256,7 +257,8 @@ class _Loop:
                 window_tokens += int(counted)
                 record: dict[str, JsonValue] = {}
                 if done % t.logging_steps == 0 or done == run.total_steps:
-                    elapsed = time.perf_counter() - window_began
+                    # evaluation inside the window is not training time
+                    elapsed = time.perf_counter() - window_began - (self.eval_seconds - window_eval)
                     record = {
                         "step": done,
                         "epoch": round(epoch_of(done, run.order.steps_per_epoch), 4),
@@ -267,9 +269,13 @@ class _Loop:
                         "tokens_per_second": window_tokens / elapsed if elapsed > 0 else 0.0,
                     }
                     window_loss, window_steps, window_tokens, window_began = 0.0, 0, 0, time.perf_counter()
+                    window_eval = self.eval_seconds
                 eval_due = t.eval_steps is not None and (done % t.eval_steps == 0 or done == run.total_steps)
                 if eval_due or (run.valid is not None and done == run.total_steps):
-                    record = {"step": done, "tokens": self.tokens, **record, "eval_loss": self.evaluate()}
+                    record = {
+                        **(record or {"step": done, "tokens": self.tokens}),
+                        "eval_loss": self.evaluate(),
+                    }
                 if record:
                     self._record(log, progress, record)
                 speed = record.get("tokens_per_second")
@@ -282,6 +288,7 @@ class _Loop:
                 if t.save_steps is not None and done % t.save_steps == 0:
                     self.checkpoint(done)
             overhead_total = time.perf_counter() - overhead_began
+            loop_eval_seconds = self.eval_seconds - eval_before_steps
             after = self.generation(progress, "after")
         summary = Summary(
             steps=run.total_steps,
@@ -291,7 +298,7 @@ class _Loop:
             truncated=run.train.truncated,
             train_seconds=time.perf_counter() - started,
             step_seconds=self.step_seconds,
-            overhead_seconds=max(0.0, overhead_total - self.step_seconds - self.eval_seconds),
+            overhead_seconds=max(0.0, overhead_total - self.step_seconds - loop_eval_seconds),
             eval_seconds=self.eval_seconds,
             peak_memory=rt.peak_memory(),
             generation={f"{k}_before": v for k, v in self.before.items()}
