@@ -15,15 +15,11 @@ from peftdecl.backend import Capabilities
 from peftdecl.kinds import BackendKinds
 from peftdecl.options import EngineOptions
 from peftdecl.plan import ModelInfo
+from peftdecl.train.runtime import TrainingFromModules
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     import mlx.nn as nn
 
-    from peftdecl.model import AdaptedModel
-    from peftdecl.train.config import TrainFile
-    from peftdecl.train.runtime import Tokenizer, TrainingRuntime
     from peftdecl_mlx.engine import MlxEngine
 
 WRAPPED_LAYER_TYPES = ("linear", "embedding")
@@ -39,10 +35,14 @@ def _is_mlx_module(model: object) -> bool:
     )
 
 
-class MlxBackend:
+class MlxBackend(TrainingFromModules):
     """Runs plans on an ``mlx.nn.Module``: each targeted layer is replaced by a wrapper holding its adapters."""
 
     name = "mlx"
+    package = "peftdecl_mlx"
+    runtime_class = "MlxTrainingRuntime"
+    """peftdecl train/merge/generate run through ``peftdecl_mlx.model_io`` and
+    ``peftdecl_mlx.training.MlxTrainingRuntime``."""
     capabilities = Capabilities.of_kinds(
         _KINDS,
         "autograd",
@@ -80,34 +80,6 @@ class MlxBackend:
         from peftdecl_mlx.inventory import load_checkpoint
 
         return load_checkpoint(directory)
-
-    # -- optional TrainingBackend methods (peftdecl train / merge / generate) --------------------------------
-    def load_pretrained(self, directory: Path, *, device: str, dtype: str) -> tuple[nn.Module, Tokenizer]:
-        """An mlx-lm model (``dtype`` an MLX dtype name; ``device`` must be auto or cpu) and its tokenizer."""
-        from peftdecl_mlx.model_io import load_pretrained
-
-        return load_pretrained(directory, device=device, dtype=dtype)
-
-    def training_runtime(
-        self, model: AdaptedModel, tokenizer: Tokenizer, config: TrainFile
-    ) -> TrainingRuntime:
-        from peftdecl_mlx.training import MlxTrainingRuntime
-
-        return MlxTrainingRuntime(model, tokenizer, config)
-
-    def generate(
-        self, model: AdaptedModel, prompt_ids: Sequence[int], max_new_tokens: int, eos: int | None
-    ) -> list[int]:
-        from peftdecl_mlx.model_io import generate
-
-        return generate(model, prompt_ids, max_new_tokens, eos)
-
-    def save_merged(
-        self, model: AdaptedModel, tokenizer: Tokenizer, source: Path, out: Path, dtype: str | None
-    ) -> None:
-        from peftdecl_mlx.model_io import save_merged
-
-        save_merged(model, tokenizer, source, out, dtype)
 
 
 __all__ = ["MlxBackend"]

@@ -14,15 +14,11 @@ from peftdecl.backend import Capabilities
 from peftdecl.kinds import BackendKinds
 from peftdecl.options import EngineOptions
 from peftdecl.plan import LAYER_TYPES, ModelInfo
+from peftdecl.train.runtime import TrainingFromModules
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from torch import nn
 
-    from peftdecl.model import AdaptedModel
-    from peftdecl.train.config import TrainFile
-    from peftdecl.train.runtime import Tokenizer, TrainingRuntime
     from peftdecl_torch.engine import TorchEngine
 
 # every kind that declares torch ops, on every IR layer type it adapts (read live from peftdecl.kinds)
@@ -37,10 +33,14 @@ def _is_torch_module(model: object) -> bool:
     )
 
 
-class TorchBackend:
+class TorchBackend(TrainingFromModules):
     """Runs plans on a torch ``nn.Module``: each targeted layer is replaced by a wrapper holding its adapters."""
 
     name = "torch"
+    package = "peftdecl_torch"
+    runtime_class = "TorchTrainingRuntime"
+    """peftdecl train/merge/generate run through ``peftdecl_torch.model_io`` and
+    ``peftdecl_torch.training.TorchTrainingRuntime``."""
     capabilities = Capabilities.of_kinds(
         _KINDS,
         "autograd",
@@ -81,34 +81,6 @@ class TorchBackend:
         from peftdecl_torch.inventory import load_checkpoint
 
         return load_checkpoint(directory)
-
-    # -- optional TrainingBackend methods (peftdecl train / merge / generate) --------------------------------
-    def load_pretrained(self, directory: Path, *, device: str, dtype: str) -> tuple[nn.Module, Tokenizer]:
-        """A transformers causal LM (``device``: cpu | cuda | auto; ``dtype`` a torch dtype name) and its tokenizer."""
-        from peftdecl_torch.model_io import load_pretrained
-
-        return load_pretrained(directory, device=device, dtype=dtype)
-
-    def training_runtime(
-        self, model: AdaptedModel, tokenizer: Tokenizer, config: TrainFile
-    ) -> TrainingRuntime:
-        from peftdecl_torch.training import TorchTrainingRuntime
-
-        return TorchTrainingRuntime(model, tokenizer, config)
-
-    def generate(
-        self, model: AdaptedModel, prompt_ids: Sequence[int], max_new_tokens: int, eos: int | None
-    ) -> list[int]:
-        from peftdecl_torch.model_io import generate
-
-        return generate(model, prompt_ids, max_new_tokens, eos)
-
-    def save_merged(
-        self, model: AdaptedModel, tokenizer: Tokenizer, source: Path, out: Path, dtype: str | None
-    ) -> None:
-        from peftdecl_torch.model_io import save_merged
-
-        save_merged(model, tokenizer, source, out, dtype)
 
 
 __all__ = ["TorchBackend"]

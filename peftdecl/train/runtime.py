@@ -9,10 +9,11 @@ processes), so that accumulation and data parallelism equal one larger batch.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -137,3 +138,40 @@ class TrainingBackend(Protocol):
         """The adapter merged into the base, written to ``out`` as sharded safetensors with ``source``'s config
         (dtype changed when ``dtype`` is given) and the tokenizer; atomic (``out`` appears complete or not)."""
         ...
+
+
+class TrainingFromModules:
+    """The :class:`TrainingBackend` methods of a backend package that keeps them in two modules,
+    ``<package>.model_io`` (load_pretrained, generate, save_merged) and ``<package>.training`` (the runtime class
+    named by ``runtime_class``), imported on first use so that listing backends imports no framework."""
+
+    package: str
+    runtime_class: str
+
+    def _module(self, name: str) -> Any:
+        return importlib.import_module(f"{self.package}.{name}")
+
+    def load_pretrained(self, directory: Path, *, device: str, dtype: str) -> tuple[object, Tokenizer]:
+        """The backend's model and the tokenizer of a local HF checkpoint folder (see ``model_io``)."""
+        loaded: tuple[object, Tokenizer] = self._module("model_io").load_pretrained(
+            directory, device=device, dtype=dtype
+        )
+        return loaded
+
+    def training_runtime(
+        self, model: AdaptedModel, tokenizer: Tokenizer, config: TrainFile
+    ) -> TrainingRuntime:
+        runtime: TrainingRuntime = getattr(self._module("training"), self.runtime_class)(
+            model, tokenizer, config
+        )
+        return runtime
+
+    def generate(
+        self, model: AdaptedModel, prompt_ids: Sequence[int], max_new_tokens: int, eos: int | None
+    ) -> list[int]:
+        return list(self._module("model_io").generate(model, prompt_ids, max_new_tokens, eos))
+
+    def save_merged(
+        self, model: AdaptedModel, tokenizer: Tokenizer, source: Path, out: Path, dtype: str | None
+    ) -> None:
+        self._module("model_io").save_merged(model, tokenizer, source, out, dtype)
