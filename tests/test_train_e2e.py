@@ -239,6 +239,8 @@ def test_long_sequences_are_truncated_with_a_warning_and_counted(tmp_path, model
         out, summary = run(tmp_path, model_dir, (long_file, data[1]), max_steps=1)
     assert summary.truncated == 8
     assert json.loads((out / "summary.json").read_text())["truncated"] == 8
+    first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert first == {"step": 0, "truncated_train": 8, "truncated_valid": 0}
 
 
 # -- companion commands ------------------------------------------------------------------------------------

@@ -222,11 +222,10 @@ class _Loop:
         quiet = io.StringIO()  # other processes train silently
         stream = self.stream if self.writer else quiet
         with Progress(run.total_steps, self.start_step, stream=stream) as progress:
-            if run.train.truncated and self.writer:
-                progress.message(
-                    f"{run.train.truncated} training sequences truncated to {self.config.data.max_seq_length} tokens"
-                )
             if self.start_step == 0:
+                cut = {name: d.truncated for name, d in (("train", run.train), ("valid", run.valid)) if d}
+                if any(cut.values()):  # the warning was issued while reading; the log keeps the count
+                    self._record(log, progress, {"step": 0, **{f"truncated_{k}": n for k, n in cut.items()}})
                 self.before = self.generation(progress, "before")
                 first_eval = self.evaluate()
                 if first_eval is not None:
