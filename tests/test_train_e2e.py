@@ -282,3 +282,41 @@ def test_train_command_reads_overrides(tmp_path, model_dir, data):
     assert main(["train", str(path), "--set", "training.max_steps=2", "--set", "training.eval_steps=1"]) == 0
     assert sorted(losses(tmp_path / "run")) == [1, 2]
     assert main(["train", str(path), "--set", "training.max_steps=zero"]) == 2
+
+
+def test_an_mlx_lm_lora_config_trains_unchanged(tmp_path, model_dir, data):
+    needs("torch")
+    import yaml
+
+    folder = data[0].parent  # holds train.jsonl and valid.jsonl, as mlx_lm.lora's --data expects
+    config = {
+        "model": str(model_dir),
+        "train": True,
+        "data": str(folder),
+        "fine_tune_type": "lora",
+        "num_layers": 2,
+        "batch_size": 4,
+        "iters": 3,
+        "learning_rate": 1e-3,
+        "steps_per_report": 1,
+        "steps_per_eval": 3,
+        "adapter_path": str(tmp_path / "adapters"),
+        "max_seq_length": 64,
+        "lora_parameters": {
+            "keys": ["self_attn.q_proj", "self_attn.v_proj"],
+            "rank": 4,
+            "scale": 2.0,
+            "dropout": 0.0,
+        },
+    }
+    path = tmp_path / "lora_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    from peftdecl.cli import main
+
+    assert main(["train", str(path), "--set", "backend=torch"]) == 0
+    out = tmp_path / "adapters"
+    assert sorted(losses(out)) == [1, 2, 3]
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and saved["lora_alpha"] == 8  # mlx-lm's scale is alpha / r
+    assert (out / "adapter-mlx-lm" / "adapters.safetensors").is_file()
+    assert_loads_in_peft(model_dir, out / "adapter")
