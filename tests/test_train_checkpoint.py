@@ -116,7 +116,7 @@ def test_failure_leaves_previous_checkpoint_intact(
     elif where == "state":
         monkeypatch.setattr(ckpt, "atomic_write_text", boom)
     elif where == "swap":
-        monkeypatch.setattr(ckpt, "_swap", boom)
+        monkeypatch.setattr(ckpt, "swap_into_place", boom)
     for step in (5, 10):  # neither a replacement of step 5 nor a new step 10 may appear
         with pytest.raises((RuntimeError, OSError)):
             write(tmp_path, step, writer)

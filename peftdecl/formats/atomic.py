@@ -141,13 +141,13 @@ def staged_directory(target: Path) -> Iterator[Path]:
             _step("staged")
             carry_over(target, stage)
             _step("carried")
-            _fsync_tree(stage)
+            fsync_tree(stage)
             _step("synced")
-            _swap(stage, target)
+            swap_into_place(stage, target)
         finally:
             _remove(stage)  # after a swap: the old folder; after an error: the partial new one
         _step("removed-old")
-        _fsync_dir(parent)
+        fsync_dir(parent)
     _step("done")
 
 
@@ -208,7 +208,7 @@ def _recover(target: Path) -> None:
         # the crash fell between the two renames: the newest moved-aside folder is the last complete save
         newest = max(old, key=lambda p: p.stat().st_mtime)
         os.rename(newest, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     for leftover in _siblings(target, STAGING) + _siblings(target, OLD):
         _remove(leftover)
 
@@ -228,7 +228,8 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync one folder, so that renames inside it survive a crash."""
     if sys.platform == "win32":  # folders cannot be opened for fsync there
         return
     fd = os.open(folder, os.O_RDONLY)
@@ -238,7 +239,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     """fsync every file and folder under ``root`` (folders after their contents)."""
     for here, _dirs, files in os.walk(root, topdown=False):
         for name in files:
@@ -247,10 +248,10 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(here))
+        fsync_dir(Path(here))
 
 
-def _swap(stage: Path, target: Path) -> None:
+def swap_into_place(stage: Path, target: Path) -> None:
     """Put ``stage`` at ``target``; afterwards ``stage`` holds the old folder (if there was one)."""
     if not os.path.lexists(target):
         os.rename(stage, target)

@@ -25,7 +25,7 @@ import numpy as np
 
 from peftdecl._json import JsonObject
 from peftdecl.errors import PeftdeclError
-from peftdecl.formats.atomic import OLD, _fsync_dir, _fsync_tree, _swap, atomic_write_text, recover
+from peftdecl.formats.atomic import OLD, atomic_write_text, fsync_dir, fsync_tree, recover, swap_into_place
 from peftdecl.formats.safetensors_io import read_safetensors, write_safetensors
 
 FORMAT_VERSION = 1
@@ -73,11 +73,11 @@ def write_checkpoint(
         write_safetensors(built / TENSORS_FILE, tensors, {"format": "peftdecl-checkpoint"})
         record = {**state, "step": step, "checkpoint_format": FORMAT_VERSION}
         atomic_write_text(built / STATE_FILE, json.dumps(record, indent=1, allow_nan=True) + "\n")
-        _fsync_tree(built)
-        _swap(
+        fsync_tree(built)
+        swap_into_place(
             built, target
         )  # afterwards ``built`` holds the replaced checkpoint of this step, if there was one
-        _fsync_dir(output_dir)
+        fsync_dir(output_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
@@ -164,7 +164,7 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
         os.rename(folder, trash)
         shutil.rmtree(trash, ignore_errors=True)
     if removed:
-        _fsync_dir(Path(output_dir))
+        fsync_dir(Path(output_dir))
     return removed
 
 
