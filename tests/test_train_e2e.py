@@ -91,7 +91,7 @@ def test_two_processes_equal_one(tmp_path, model_dir, data):
     }
     path = tmp_path / "two.json"
     path.write_text(json.dumps(mapping))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PEFTDECL_TEST_DDP": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(_free_port()), "-m", "peftdecl", "train", str(path)]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
