@@ -18,6 +18,7 @@ from peftdecl.backend import check_options as check_backend_options
 from peftdecl.errors import BackendError
 from peftdecl.plan import LayerInfo, ModelInfo
 from peftdecl.plan.facts import config_facts
+from peftdecl.quant.scheme import QuantScheme
 
 KNOWN_OPTIONS = ("adapter_dtype",)
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
@@ -93,10 +94,25 @@ def layer_info(module: nn.Module) -> LayerInfo | None:
         rows, packed = module.weight.shape
         unpacked = packed * 32 // module.bits
         mode = f"mlx_{getattr(module, 'mode', 'affine')}"
+        scheme = (
+            QuantScheme("affine", bits=module.bits, group_size=module.group_size)
+            if mode == "mlx_affine"
+            else None
+        )
         dtype = dtype_name(module.scales.dtype)
         if isinstance(module, nn.QuantizedLinear):
-            return LayerInfo("linear", unpacked, rows, "bias" in module, dtype=dtype, quantization=mode)
-        return LayerInfo("embedding", rows, unpacked, False, dtype=dtype, quantization=mode)
+            return LayerInfo(
+                "linear",
+                unpacked,
+                rows,
+                "bias" in module,
+                dtype=dtype,
+                quantization=mode,
+                quant_scheme=scheme,
+            )
+        return LayerInfo(
+            "embedding", rows, unpacked, False, dtype=dtype, quantization=mode, quant_scheme=scheme
+        )
     if isinstance(module, nn.Linear):
         out, d_in = module.weight.shape
         return LayerInfo("linear", d_in, out, "bias" in module, dtype=dtype_name(module.weight.dtype))

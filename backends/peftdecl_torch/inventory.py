@@ -20,6 +20,7 @@ from peftdecl.plan import LayerInfo, ModelInfo
 from peftdecl.plan.facts import config_facts
 from peftdecl.plan.ir import LayerType
 from peftdecl.plan.targeting import SEQ_CLS_HEAD_NAMES
+from peftdecl.quant.scheme import QuantScheme
 
 KNOWN_OPTIONS = ("autocast_adapter_dtype",)
 
@@ -68,6 +69,27 @@ def quantization(module: nn.Module) -> str | None:
     return None
 
 
+def quant_scheme(module: nn.Module) -> QuantScheme | None:
+    """The scheme of a bitsandbytes layer's weight, read from its quantisation state (None for other layers, and
+    for a 4-bit layer not yet quantised, which has no state)."""
+    name = quantization(module)
+    if name == "bnb_8bit":
+        state = getattr(module, "state", None)
+        return QuantScheme("int8", threshold=float(getattr(state, "threshold", 0.0) or 0.0))
+    if name != "bnb_4bit":
+        return None
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    if state is None:
+        return None
+    nested = getattr(state, "state2", None)
+    return QuantScheme(
+        state.quant_type,
+        block_size=int(state.blocksize),
+        double_quant=bool(getattr(state, "nested", False)),
+        nested_block_size=int(nested.blocksize) if nested is not None else 256,
+    )
+
+
 def _dtype_name(module: nn.Module) -> str | None:
     weight = getattr(module, "weight", None)
     return str(weight.dtype).removeprefix("torch.") if isinstance(weight, torch.Tensor) else None
@@ -103,15 +125,23 @@ def layer_info(module: nn.Module) -> LayerInfo | None:
     if kind is None:
         return None
     has_bias = getattr(module, "bias", None) is not None
-    dtype, quantized = _dtype_name(module), quantization(module)
+    dtype, quantized, scheme = _dtype_name(module), quantization(module), quant_scheme(module)
     if kind == "linear":
         linear = cast(nn.Linear, module)  # or a quantised linear layer, which has the same attributes
         return LayerInfo(
-            kind, linear.in_features, linear.out_features, has_bias, dtype=dtype, quantization=quantized
+            kind,
+            linear.in_features,
+            linear.out_features,
+            has_bias,
+            dtype=dtype,
+            quantization=quantized,
+            quant_scheme=scheme,
         )
     if kind == "gpt2_conv1d":
         d_in, d_out = cast(torch.Tensor, module.weight).shape
-        return LayerInfo(kind, d_in, d_out, has_bias, dtype=dtype, quantization=quantized)
+        return LayerInfo(
+            kind, d_in, d_out, has_bias, dtype=dtype, quantization=quantized, quant_scheme=scheme
+        )
     if kind == "embedding":
         embedding = cast(nn.Embedding, module)
         return LayerInfo(
@@ -121,6 +151,7 @@ def layer_info(module: nn.Module) -> LayerInfo | None:
             False,
             dtype=dtype,
             quantization=quantized,
+            quant_scheme=scheme,
         )
     conv = cast("nn.Conv1d | nn.Conv2d", module)
     if isinstance(conv.padding, str):
@@ -139,6 +170,7 @@ def layer_info(module: nn.Module) -> LayerInfo | None:
         groups=conv.groups,
         dtype=dtype,
         quantization=quantized,
+        quant_scheme=scheme,
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from peftdecl.quant.scheme import QuantScheme
 from peftdecl.spec import SpecBase
 
 LayerType = Literal["linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d"]
@@ -38,6 +39,9 @@ class LayerInfo:
     quantization: str | None = None
     """How the base weight is quantised (``bnb_4bit``, ``bnb_8bit``, ``mlx_affine``, ``unknown``); None: it is
     not. A backend refuses to adapt a layer whose quantisation its Capabilities do not list."""
+    quant_scheme: QuantScheme | None = None
+    """The full scheme of a quantised weight (NF4/FP4 block size and double quantisation, int8 threshold, MLX bits
+    and group size) where the backend can read it; its ``name`` equals ``quantization``."""
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
