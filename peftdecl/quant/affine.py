@@ -138,7 +138,8 @@ def quantize_affine(w: np.ndarray, scheme: QuantScheme, *, dtype: FloatName | No
             f"cannot quantise a weight of shape {w.shape}: its group {where} spans more than float32's range "
             f"(max − min = {float(w_max[where]):g} − {float(w_min[where]):g} overflows)"
         )
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # a huge constant group overflows edge / step: scale 0, codes 0/0 → 0, the bias holds it (as in MLX)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         scale, bias = (step, w_min) if bits == 1 else _exact_edge(w_min, w_max, step)
         codes = np.rint((groups - bias[..., None]) / scale[..., None])
     codes = np.clip(np.nan_to_num(codes, nan=0.0), 0, n_bins).astype(np.uint8).reshape(w.shape)
