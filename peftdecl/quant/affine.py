@@ -107,7 +107,7 @@ def quantize_affine(w: np.ndarray, scheme: QuantScheme, *, dtype: FloatName | No
 
     Returns codes (uint32, last axis ·bits/32), scales and ``extras["biases"]`` (last axis /group_size) in the
     input's dtype (float32 holding bfloat16 values for ``dtype="bfloat16"``; a float32 ``w`` is then rounded to
-    bfloat16 first, as ``astype(mx.bfloat16)`` does) and ``extras["dtype"]`` naming that dtype."""
+    bfloat16 first, as ``astype(mx.bfloat16)`` does) and ``dtype`` naming that dtype."""
     bits, group_size = _check_scheme(scheme)
     w = np.asarray(w)
     name = _input_dtype(w, dtype)
@@ -150,21 +150,17 @@ def quantize_affine(w: np.ndarray, scheme: QuantScheme, *, dtype: FloatName | No
         codes=pack_codes(codes, bits),
         scales=_round_to(scale, name).astype(out_dtype),
         shape=tuple(w.shape),
-        extras={"biases": _round_to(bias, name).astype(out_dtype), "dtype": np.array(name)},
+        extras={"biases": _round_to(bias, name).astype(out_dtype)},
+        dtype=name,
     )
 
 
 def _stored_dtype(q: Quantized) -> FloatName:
-    """The dtype ``q``'s scales stand for: ``extras["dtype"]``, else that of the scales array."""
-    if "dtype" not in q.extras:
-        return "float16" if q.scales.dtype == np.float16 else "float32"
-    stored = str(q.extras["dtype"])
+    """The dtype ``q``'s scales stand for (``Quantized.dtype``)."""
     for name in _FLOAT_NAMES:
-        if stored == name:
+        if q.dtype == name:
             return name
-    raise PeftdeclError(
-        f"an affine Quantized's extras['dtype'] must be one of {_FLOAT_NAMES}, got {stored!r}"
-    )
+    raise PeftdeclError(f"an affine Quantized's dtype must be one of {_FLOAT_NAMES}, got {q.dtype!r}")
 
 
 def dequantize_affine(q: Quantized) -> np.ndarray:

@@ -19,7 +19,7 @@ class QuantScheme:
       their mean (bitsandbytes' ``compress_statistics``).
     - ``int8`` (bitsandbytes LLM.int8): one absmax per output row (``SCB``); ``threshold`` > 0 marks outlier
       input columns kept in 16 bits at run time.
-    - ``affine`` (MLX): ``bits`` ∈ {2, 3, 4, 5, 6, 8} per weight, a scale and a bias per ``group_size`` weights
+    - ``affine`` (MLX): ``bits`` ∈ {1, 2, 3, 4, 5, 6, 8} per weight, a scale and a bias per ``group_size`` weights
       along the input dimension.
     """
 
@@ -45,10 +45,12 @@ class Quantized:
 
     ``codes``: the packed or unpacked integer codes; ``scales``: absmax / SCB / MLX scales (float32, or uint8 codes
     with double quantisation); ``extras``: the rest (``nested_absmax``, ``offset``, ``biases``, ...); ``shape``:
-    the dequantised weight's shape."""
+    the dequantised weight's shape; ``dtype``: the float dtype the scales stand for (``float32``, ``float16``,
+    ``bfloat16``; NumPy holds bfloat16 values in float32 arrays)."""
 
     scheme: QuantScheme
     codes: np.ndarray
     scales: np.ndarray
     shape: tuple[int, ...]
     extras: dict[str, np.ndarray]
+    dtype: str = "float32"
