@@ -101,6 +101,7 @@ def _builtin(
     summary: str,
     rank: RankReader = no_rank,
     ops: str | None = None,
+    needs_dense_weight: bool = True,
 ) -> KindDecl:
     """A built-in kind: its peft_type is its spec's tag, its ops are ``OPS`` of ``peftdecl_<backend>.kinds.<ops>``
     (default: the kind's name) on every built-in backend, and ``example`` is its test spec on each layer type."""
@@ -117,6 +118,7 @@ def _builtin(
         ops=_ops(ops or name),
         examples=_examples(example, layers),
         summary=summary,
+        needs_dense_weight=needs_dense_weight,
     )
 
 
@@ -157,6 +159,7 @@ LORA = _builtin(
     rank=lora_rank,
     example=_LORA_SPEC,
     summary="y = W x + s · B A x: a low-rank update of the weight",
+    needs_dense_weight=False,
 )
 DORA = _builtin(
     "dora",
@@ -188,6 +191,7 @@ ADALORA = _builtin(
         "init_lora_weights": False,
     },
     summary="y = W x + s · B (E ⊙ A x): an SVD-shaped update whose rank is pruned during training",
+    needs_dense_weight=False,
 )
 IA3 = _builtin(
     "ia3",
@@ -199,6 +203,7 @@ IA3 = _builtin(
     composition="per-layer",
     example={"peft_type": "IA3", "feedforward_modules": [], "init_ia3_weights": False},
     summary="y = l ⊙ (W x), or W (l ⊙ x) on feed-forward layers: a learnt rescaling",
+    needs_dense_weight=False,
 )
 LOHA = _builtin(
     "loha",
@@ -259,6 +264,7 @@ VERA = _builtin(
     rank=vera_rank,
     example={"peft_type": "VERA", "r": 4, "init_weights": False},
     summary="y = W x + λ_b ⊙ B (λ_d ⊙ A x), A and B random, frozen and shared by all layers",
+    needs_dense_weight=False,
 )
 PREFIX_TUNING = _prompt_learning(
     "prefix_tuning", PrefixTuningSpec, "learnt key/value prefixes prepended to every attention layer"
