@@ -49,6 +49,7 @@ class TorchBackend(TrainingFromModules):
         # linear layers of these kinds run hand-written autograd Functions (kinds/_fused.py)
         fused_kernels=tuple(k for k in ("lora", "adalora", "dora", "oft", "vera") if k in _KINDS),
         requires=("torch",),
+        quantizations=("bnb_4bit", "bnb_8bit"),
     )
 
     def accepts(self, model: object) -> bool:

@@ -234,8 +234,20 @@ class AdaptedLayer(nn.Module):
 
     def weight_ir(self) -> torch.Tensor:
         """The base weight in the IR layout ``[out, in]`` (a view: GPT-2 Conv1D stores ``[in, out]``)."""
+        self._refuse_quantized("reading the dense weight of")
         weight = self.base_weight
         return weight.T if self.info.type == "gpt2_conv1d" else weight
+
+    def _refuse_quantized(self, action: str) -> None:
+        """PeftdeclError when the base weight is quantised: its stored bytes are codes, not the weight (kinds that
+        run over it never come here; compatibility refuses the others at attach)."""
+        quantization = self.info.quantization
+        if quantization is not None:
+            raise PeftdeclError(
+                f"{self.module_name}: {action} a quantised base layer ({quantization}) is not supported yet "
+                "(merge, unmerge, merge_and_unload and weight-side adapters need the dense weight); "
+                "dequantise the model first"
+            )
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -273,6 +285,7 @@ class AdaptedLayer(nn.Module):
     def merge(self, name: str, before: Sequence[str]) -> None:
         """Fold adapter ``name`` into the base weight as it is; ``before``: the adapters merged before it (they stay
         in)."""
+        self._refuse_quantized("merging an adapter into")
         lp = self._plans[name]
         if not self._merged_here(before) and self._keeps_unmerged():
             self._unmerged = self.weight_ir().detach().clone()
