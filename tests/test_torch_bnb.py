@@ -157,9 +157,10 @@ def test_kinds_that_need_the_dense_weight_are_refused_naming_the_layer(
 
 
 def test_merge_into_a_quantised_layer_is_refused_and_leaves_the_model_as_it_was(folder: Path) -> None:
+    """The float embedding comes first in the plan: it must not be merged before a quantised layer refuses."""
     ours = peftdecl.attach(
         quantized(folder, "nf4-double"),
-        {"peft_type": "LORA", "r": 4, "target_modules": QV, "init_lora_weights": False},
+        {"peft_type": "LORA", "r": 4, "target_modules": ["embed_tokens", *QV], "init_lora_weights": False},
     )
     ours.eval()
     x = token_ids(ours.base_model)

@@ -165,6 +165,9 @@ class TorchEngine:
     def merge(self, names: tuple[str, ...]) -> None:
         """Fold ``names`` into the base weights in turn (the model adds them to ``book.merged`` afterwards)."""
         before = list(self.book.merged)
+        for name in names:  # all or nothing: no weight is written while a later layer would refuse
+            for lp in self.book.plans[name].layers:
+                self._layers[lp.module].check_mergeable()
         for name in names:
             for lp in self.book.plans[name].layers:
                 self._layers[lp.module].merge(name, before)

@@ -238,6 +238,10 @@ class AdaptedLayer(nn.Module):
         weight = self.base_weight
         return weight.T if self.info.type == "gpt2_conv1d" else weight
 
+    def check_mergeable(self) -> None:
+        """PeftdeclError when a merge into this layer would be refused (checked on every layer before any merge)."""
+        self._refuse_quantized("merging an adapter into")
+
     def _refuse_quantized(self, action: str) -> None:
         """PeftdeclError when the base weight is quantised: its stored bytes are codes, not the weight (kinds that
         run over it never come here; compatibility refuses the others at attach)."""
