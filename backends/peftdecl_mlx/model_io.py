@@ -10,10 +10,8 @@ an architecture whose names differ rather than write a folder transformers would
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
@@ -23,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from peftdecl.errors import PeftdeclError
+from peftdecl.merged_checkpoint import carried_files, check_new_folder, new_folder, refuse_prompt_adapters
 from peftdecl.model import AdaptedModel
 from peftdecl.train.runtime import Tokenizer
 from peftdecl_mlx.engine import MlxEngine
@@ -32,11 +31,6 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 DEVICES = ("auto", "cpu")
 DEFAULT_SHARD_BYTES = 5 << 30
 """Largest safetensors shard :func:`save_merged` writes (a larger single tensor gets a shard of its own)."""
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
-    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
-)  # fmt: skip
-"""Files of a checkpoint folder copied unchanged into a merged one (those that exist)."""
 MAX_HEADER_BYTES = 100_000_000
 """The safetensors format's own limit on a header."""
 
@@ -119,13 +113,8 @@ def save_merged(
     source, out = Path(source), Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise PeftdeclError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    for name in model.active_adapters:
-        if model.plan(name).prompt is not None:
-            raise PeftdeclError(
-                f"adapter {name!r} is {model.plan(name).kind}: virtual tokens cannot be merged into weights"
-            )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PeftdeclError(f"{out}: exists and is not empty; merge into a new folder")
+    refuse_prompt_adapters(model)
+    check_new_folder(out)  # before the merge consumes the model
     config = json.loads((source / "config.json").read_text())
     merged = cast(nn.Module, model.merge_and_unload())
     weights = dict(flatten(merged.parameters()))
@@ -137,26 +126,14 @@ def save_merged(
     if written is not None:
         for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
             config[key] = written
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.peftdecl-merge-", dir=out.parent))
-    try:
-        os.chmod(stage, 0o755)
+    with new_folder(out) as stage:
         _write_shards(stage, weights, max_shard_bytes)
         (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copied = [n for n in TOKENIZER_FILES if (source / n).is_file()]
-        for name in copied:
-            shutil.copy2(source / name, stage / name)
-        if not any(n.startswith("tokenizer") for n in copied):
+        copied = carried_files(source)
+        for path in copied:
+            shutil.copy2(path, stage / path.name)
+        if not any(p.name.startswith("tokenizer") for p in copied):
             tokenizer.save_pretrained(str(stage))  # type: ignore[attr-defined]
-        for path in stage.iterdir():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        if out.exists():
-            out.rmdir()
-        os.rename(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
 
 
 def _floating(value: mx.array) -> bool:

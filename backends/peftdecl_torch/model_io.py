@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from peftdecl.errors import PeftdeclError
+from peftdecl.merged_checkpoint import carried_files, new_folder, refuse_prompt_adapters
 
 if TYPE_CHECKING:
     from peftdecl.model import AdaptedModel
@@ -23,15 +23,6 @@ if TYPE_CHECKING:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHARD_SIZE = "5GB"
 """Largest safetensors shard of a merged checkpoint (transformers' size string or bytes)."""
-TOKENIZER_FILE_PREFIXES = (
-    "tokenizer",
-    "special_tokens_map",
-    "added_tokens",
-    "vocab",
-    "merges",
-    "chat_template",
-)
-TOKENIZER_FILE_SUFFIXES = (".model", ".tiktoken", ".jinja")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -124,23 +115,6 @@ def generate(
     return [int(t) for t in new]
 
 
-def _tokenizer_files(source: Path) -> list[Path]:
-    """Tokenizer files of a checkpoint folder (sentencepiece models, vocabularies, templates ...)."""
-    return [
-        p
-        for p in sorted(source.iterdir())
-        if p.is_file()
-        and (p.name.startswith(TOKENIZER_FILE_PREFIXES) or p.name.endswith(TOKENIZER_FILE_SUFFIXES))
-    ]
-
-
-def _check_out(out: Path) -> None:
-    if out.is_file() or out.is_symlink():
-        raise PeftdeclError(f"--out {out}: a file is in the way")
-    if out.is_dir() and any(out.iterdir()):
-        raise PeftdeclError(f"--out {out}: the folder exists and is not empty")
-
-
 def save_merged(
     model: AdaptedModel,
     tokenizer: Tokenizer,
@@ -154,17 +128,9 @@ def save_merged(
     transformers checkpoint (sharded safetensors, an index when several shards) with ``source``'s tokenizer files
     into ``out``, which must be absent or empty; nothing is left behind on failure."""
     out, source = Path(out), Path(source)
-    for name in model.active_adapters:
-        if model.plan(name).prompt is not None:
-            raise PeftdeclError(
-                f"adapter {name!r} is {model.plan(name).kind}: prompt-learning adapters have no weights to merge "
-                "into the base model (use it with --adapter instead)"
-            )
-    _check_out(out)
+    refuse_prompt_adapters(model)
     wanted = torch_dtype(dtype) if dtype is not None else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with new_folder(out) as staging:
         merged = cast(nn.Module, model.merge_and_unload())
         if wanted is not None:
             merged.to(wanted)
@@ -182,13 +148,6 @@ def save_merged(
         save_tokenizer = getattr(tokenizer, "save_pretrained", None)
         if save_tokenizer is not None:
             save_tokenizer(str(staging))
-        for path in _tokenizer_files(source):
+        for path in carried_files(source):
             if not (staging / path.name).exists():
                 shutil.copy2(path, staging / path.name)
-        _check_out(out)  # again: something may have appeared meanwhile
-        if out.is_dir():
-            out.rmdir()  # empty (checked): rename needs the name free
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
