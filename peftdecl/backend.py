@@ -54,6 +54,9 @@ class Capabilities:
     """Python modules the backend imports when created (checked without importing them)."""
     quantizations: tuple[str, ...] = ()
     """Quantised base layers (``LayerInfo.quantization`` values) the backend can adapt."""
+    dequantizes: bool = False
+    """Kinds that read the base weight (``KindDecl.needs_dense_weight``) run over a quantised layer by
+    dequantising its weight on the fly; False: the backend refuses them there."""
 
     def __post_init__(self) -> None:
         from peftdecl.kinds import BackendKinds
@@ -79,6 +82,7 @@ class Capabilities:
         cls,
         kinds: BackendKinds,
         gradients: Literal["autograd", "explicit", "none"],
+        dequantizes: bool = False,
         **fields: tuple[str, ...],
     ) -> Capabilities:
         """A backend's capabilities from its registry-backed kind table: its additive kinds run in mixed batches
@@ -92,6 +96,7 @@ class Capabilities:
             gradients=gradients,
             mixed_batch=additive_kinds(kinds),
             multi_active=layer_kinds(kinds),
+            dequantizes=dequantizes,
             **fields,
         )
 
@@ -235,12 +240,14 @@ class Engine(Protocol):
     def export(self, name: str) -> dict[str, np.ndarray]: ...
     def merge(self, names: tuple[str, ...]) -> None: ...
     def unmerge(self) -> None: ...
-    def unload(self) -> object:
-        """The base model (of the backend's framework) with every adapter layer removed; merged weights stay."""
+    def unload(self, dequantize: bool = False) -> object:
+        """The base model (of the backend's framework) with every adapter layer removed; merged weights stay.
+        ``dequantize``: every quantised base layer becomes a float layer holding its dequantised weight."""
         ...
 
     def base_weight(self, module: str) -> np.ndarray:
-        """The base weight in the IR layout, as NumPy in its own dtype (float64 for the reference)."""
+        """The base weight in the IR layout, as NumPy in its own dtype (float64 for the reference); a quantised
+        layer's weight dequantised."""
         ...
 
     def load_base_weights(self, weights: Mapping[str, np.ndarray]) -> None: ...

@@ -47,11 +47,11 @@ def check_compatible(attached: Mapping[str, Plan], plan: Plan, caps: Capabilitie
                 f"{layer.module}: the base layer is quantised ({quantization}) but its quantisation state could not "
                 "be read (not yet quantised, or not a bitsandbytes layer): load the model with BitsAndBytesConfig"
             )
-        if get_kind(layer.kind).needs_dense_weight:
+        if get_kind(layer.kind).needs_dense_weight and not caps.dequantizes:
             raise BackendError(
                 f"{layer.module}: {layer.kind} needs the dense base weight, and this layer is quantised "
-                f"({quantization}); adapters over quantised layers are {', '.join(quantized_kinds())} for now: "
-                "dequantise the model or leave the layer out of target_modules"
+                f"({quantization}), which the {caps.name} backend does not dequantise; over quantised layers it runs "
+                f"{', '.join(quantized_kinds())}: dequantise the model or leave the layer out of target_modules"
             )
 
 

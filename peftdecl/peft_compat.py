@@ -235,11 +235,17 @@ class PeftCompat:
         self.unmerge()
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Sequence[str] | None = None,
+        dequantize: bool = False,
     ) -> object:
         """The base model with the adapters (default: the active ones) merged in and every adapter removed (same
-        type as the base). ``safe_merge``: refuse, unmerged, when a merged weight is not finite. ``progressbar``
-        is accepted and ignored."""
+        type as the base). ``safe_merge``: refuse, unmerged, when a merged weight is not finite. ``dequantize``:
+        quantised base layers come back as float layers holding the merged weight, not re-quantised (a
+        quantised layer otherwise gets its merged weight re-quantised, with a rounding warning).
+        ``progressbar`` is accepted and ignored."""
         self.merge(adapter_names)
         if safe_merge:
             modules = {m for name in self._book.merged for m in self._book.plans[name].targets}
@@ -247,7 +253,7 @@ class PeftCompat:
             if bad:
                 self.unmerge()
                 raise PeftdeclError(f"merging gives non-finite weights in {bad}; the adapters were unmerged")
-        return self._engine.unload()
+        return self._engine.unload(dequantize=dequantize)
 
     def unload(self) -> object:
         """The base model as it was: merged adapters are taken out again, every adapter removed."""

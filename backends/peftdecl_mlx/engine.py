@@ -162,7 +162,7 @@ class MlxEngine:
         # the model clears the book's merged list after this returns
         self._refresh(())
 
-    def unload(self) -> nn.Module:
+    def unload(self, dequantize: bool = False) -> nn.Module:
         """The MLX model with every wrapper replaced by its (possibly merged) base layer and the running adapters'
         modules_to_save copies swapped in. The base stays frozen, as HF PEFT leaves it."""
         for module, layer in self._layers.items():

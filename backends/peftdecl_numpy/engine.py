@@ -146,7 +146,7 @@ class NumpyEngine(ModeView):
         for layer in self._layers.values():
             layer.unmerged = None
 
-    def unload(self) -> dict[str, np.ndarray]:
+    def unload(self, dequantize: bool = False) -> dict[str, np.ndarray]:
         """A new state dict: merged weights in the original layouts, modules_to_save copies swapped in."""
         # float tensors in the engine's dtype; integer ones and a quantised layer's own tensors as they are
         packed = tuple(f"{m}." for m, layer in self._info.layers.items() if layer.quantization is not None)

@@ -181,7 +181,7 @@ class TorchEngine:
             for lp in self.book.plans[name].layers:
                 self._layers[lp.module].unmerge(name, remaining)
 
-    def unload(self) -> nn.Module:
+    def unload(self, dequantize: bool = False) -> nn.Module:
         """The base model itself, wrappers removed (merged weights stay), modules_to_save copies swapped in."""
         for module, layer in self._layers.items():
             self._replace(module, layer.base_layer)

@@ -74,9 +74,10 @@ class KindDecl:
     summary: str = ""
     """One line for the docs: what the kind computes."""
     needs_dense_weight: bool = True
-    """True when the kind's forward reads the base layer's weight (DoRA's norm, a merged ΔW, a rotated W), so it
-    cannot run over a quantised base; False for kinds that act on the layer's input and output only (LoRA:
-    base(x) + Δ(x)), which run over a bitsandbytes 4-/8-bit layer as it is."""
+    """True when the kind's forward reads the base layer's weight (DoRA's norm, a merged ΔW, a rotated W): over a
+    quantised base it runs only on a backend that dequantises the weight on the fly (``Capabilities.dequantizes``);
+    False for kinds that act on the layer's input and output only (LoRA: base(x) + Δ(x)), which run over a
+    quantised layer as it is."""
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.isidentifier() or self.name != self.name.lower():
