@@ -1,4 +1,4 @@
-"""The ``peftdecl`` subcommands that run a model: ``train``, ``merge`` and ``generate``."""
+"""The ``peftdecl`` subcommands that run a model: ``train``, ``merge``, ``generate`` (and ``quantize``)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import argparse
 from pathlib import Path
 from typing import cast
 
+from peftdecl.cli_quantize import add_quantize_command
 from peftdecl.errors import PeftdeclError
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_model_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``train``, ``merge`` and ``generate`` on the ``peftdecl`` parser."""
+    """Register ``train``, ``merge``, ``generate`` and ``quantize`` on the ``peftdecl`` parser."""
     train = sub.add_parser(
         "train", help="fine-tune an adapter from a training file (or an mlx_lm.lora config)"
     )
@@ -56,6 +57,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--backend", choices=("torch", "mlx"), default=None)
     generate.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     generate.set_defaults(run=_generate)
+    add_quantize_command(sub)
 
 
 def _train(args: argparse.Namespace) -> int:
