@@ -43,12 +43,17 @@ class MlxBackend(TrainingFromModules):
     runtime_class = "MlxTrainingRuntime"
     """peftdecl train/merge/generate run through ``peftdecl_mlx.model_io`` and
     ``peftdecl_mlx.training.MlxTrainingRuntime``."""
+    # over nn.QuantizedLinear / QuantizedEmbedding in affine mode every kind runs: the base output is the layer's
+    # quantised product, kinds that read W dequantise it on the fly (peftdecl_mlx.quantized); MLX's floating-point
+    # modes (mlx_mxfp4, mlx_nvfp4, mlx_mxfp8) are refused at attach, naming the layer
     capabilities = Capabilities.of_kinds(
         _KINDS,
         "autograd",
+        dequantizes=True,
         devices=("cpu", "gpu"),
         dtypes=("float32", "bfloat16", "float16"),
         requires=("mlx",),
+        quantizations=("mlx_affine",),
     )
 
     def accepts(self, model: object) -> bool:

@@ -23,9 +23,9 @@ from peftdecl.backend import RngState, check_adapter_names
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerPlan, ModelInfo, Plan
-from peftdecl_mlx import probes
+from peftdecl_mlx import probes, quantized
 from peftdecl_mlx.generator import Generator
-from peftdecl_mlx.inventory import ParameterTree, flatten, get_module, set_module
+from peftdecl_mlx.inventory import ParameterTree, flatten, get_module, set_module, walk
 from peftdecl_mlx.kinds import prompt
 from peftdecl_mlx.layer import AdaptedLayer, AdapterParams, SavedModule
 from peftdecl_mlx.probes import to_numpy
@@ -164,8 +164,12 @@ class MlxEngine:
 
     def unload(self, dequantize: bool = False) -> nn.Module:
         """The MLX model with every wrapper replaced by its (possibly merged) base layer and the running adapters'
-        modules_to_save copies swapped in. The base stays frozen, as HF PEFT leaves it."""
+        modules_to_save copies swapped in. The base stays frozen, as HF PEFT leaves it. ``dequantize``: every
+        ``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding`` becomes an ``nn.Linear`` / ``nn.Embedding`` holding its
+        dequantised weight, merged adapters added in full precision (mlx-lm's ``fuse(dequantize=True)``)."""
         for module, layer in self._layers.items():
+            if dequantize:
+                layer.dequantize_base()
             set_module(self._model, module, layer.base_layer)
         for module, saved in self._saved.items():
             set_module(self._model, module, saved.active_module())
@@ -173,6 +177,9 @@ class MlxEngine:
             del self._model[prompt.ENCODER]
         self._generator.detach()
         self._layers, self._saved = {}, {}
+        if dequantize:
+            for module, found in [(n, m) for n, m in walk(self._model) if quantized.is_quantized(m)]:
+                set_module(self._model, module, quantized.dequantized_layer(found))
         return self._model
 
     def base_weight(self, module: str) -> np.ndarray:
@@ -187,11 +194,16 @@ class MlxEngine:
             target = (
                 self._layers[module].base_layer if module in self._layers else self._plain_layer(module, key)
             )
-            if tuple(np.shape(value)) != tuple(target.weight.shape):
-                raise PeftdeclError(
-                    f"{key}: shape {list(np.shape(value))} does not match {list(target.weight.shape)}"
-                )
-            target.weight = mx.array(np.asarray(value), dtype=target.weight.dtype)
+            # a quantised layer takes the dense weight and quantises it with its own bits and group size
+            shape = (
+                quantized.dequantize(target).shape if quantized.is_quantized(target) else target.weight.shape
+            )
+            if tuple(np.shape(value)) != tuple(shape):
+                raise PeftdeclError(f"{key}: shape {list(np.shape(value))} does not match {list(shape)}")
+            if quantized.is_quantized(target):
+                quantized.requantize(target, mx.array(np.asarray(value)))
+            else:
+                target.weight = mx.array(np.asarray(value), dtype=target.weight.dtype)
         mx.eval(self._model.parameters())
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
@@ -379,10 +391,8 @@ class MlxEngine:
         return found
 
     def _plain_weight(self, module: str) -> mx.array:
-        info = self._info.layers.get(module)
-        if info is not None and info.quantization is not None:
-            raise BackendError(
-                f"{module} is quantised ({info.quantization}); the mlx backend cannot read its weight as an array"
-            )
-        weight: mx.array = self._plain_layer(module, module).weight
+        layer = self._plain_layer(module, module)
+        if quantized.is_quantized(layer):
+            return quantized.dequantize(layer)
+        weight: mx.array = layer.weight
         return weight

@@ -89,7 +89,8 @@ def dtype_name(dtype: mx.Dtype) -> str:
 
 def layer_info(module: nn.Module) -> LayerInfo | None:
     """The LayerInfo of an adaptable MLX module: a quantised one with its unpacked sizes, the dtype of its scales
-    (the dtype it computes in) and ``quantization="mlx_<mode>"`` (``mlx_affine``), which the backend refuses."""
+    (the dtype it computes in) and ``quantization="mlx_<mode>"``: ``mlx_affine`` (with its QuantScheme) runs, the
+    floating-point modes have no scheme and are refused at attach."""
     if isinstance(module, QUANTIZED):
         rows, packed = module.weight.shape
         unpacked = packed * 32 // module.bits

@@ -19,7 +19,8 @@ from peftdecl.backend import BASE_ROW as BASE
 from peftdecl.errors import PeftdeclError
 from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerPlan
-from peftdecl_mlx import compose
+from peftdecl.quant.requantize import warn_requantized
+from peftdecl_mlx import compose, quantized
 from peftdecl_mlx.generator import Generator
 from peftdecl_mlx.kinds import ops_for
 from peftdecl_mlx.kinds._protocols import MergeCache, MlxAdditiveOps, MlxOps
@@ -72,6 +73,9 @@ class LayerState:
     merge_cache: dict[str, MergeCache] = field(default_factory=dict)
     unmerged: mx.array | None = None
     """The base weight before the first merged adapter, kept while any is merged where a later merge reads it."""
+    unmerged_codes: dict[str, mx.array] | None = None
+    """A quantised base's arrays (codes and bias) before the first merge, kept while any adapter is merged: the last
+    unmerge puts them back exactly, and a dequantising unload merges again from them in full precision."""
     rows: tuple[str, ...] | None = None
     """Mixed batch: one adapter name per batch row for the current call."""
     capture: list[tuple[mx.array, mx.array]] | None = None
@@ -106,10 +110,31 @@ class AdaptedLayer(nn.Module):
 
     # -- the base layer -----------------------------------------------------------------------------------
     @property
+    def quantized(self) -> bool:
+        """Whether the base is an ``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding``."""
+        return quantized.is_quantized(self.base_layer)
+
+    @property
     def weight(self) -> mx.array:
-        """The base weight in the IR layout ([out, in]; embeddings [num_embeddings, dim]), as MLX stores it."""
+        """The base weight in the IR layout ([out, in]; embeddings [num_embeddings, dim]), as MLX stores it; a
+        quantised base's dequantised on every read (a temporary, never kept)."""
+        if quantized.is_quantized(self.base_layer):
+            return quantized.dequantize(self.base_layer)
         weight: mx.array = self.base_layer.weight
         return weight
+
+    @property
+    def weight_identity(self) -> mx.array:
+        """The array that is replaced whenever the base weight changes (a quantised base's codes): the key of
+        caches derived from the weight."""
+        weight: mx.array = self.base_layer.weight
+        return weight
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The dtype the base computes in (a quantised base's: its scales')."""
+        held: mx.array = self.base_layer.scales if self.quantized else self.base_layer.weight
+        return held.dtype
 
     @property
     def bias(self) -> mx.array | None:
@@ -117,9 +142,11 @@ class AdaptedLayer(nn.Module):
 
     def base_forward(self, x: mx.array, weight: mx.array | None = None, with_bias: bool = True) -> mx.array:
         """The base operation with ``weight`` (default: its own) in the IR layout."""
-        if weight is None and with_bias:
+        if weight is None and (with_bias or self.layer_type == "embedding"):
             y: mx.array = self.base_layer(x)
             return y
+        if weight is None and isinstance(self.base_layer, nn.QuantizedLinear):
+            return quantized.quantized_matmul(self.base_layer, x)
         w = self.weight if weight is None else weight
         if self.layer_type == "embedding":
             return w[x]
@@ -129,17 +156,23 @@ class AdaptedLayer(nn.Module):
 
     def row_norms_squared(self) -> mx.array:
         """Σ_in W² per output row of the frozen base weight, cached until the weight array is replaced."""
-        w = self.weight
+        key = self.weight_identity
         cached = self.adapter_state.norm_cache
-        if cached is None or cached[0] is not w:
+        if cached is None or cached[0] is not key:
+            w = self.weight
             rows = w.T if self.layer_type == "embedding" else w
-            cached = (w, mx.sum(mx.square(rows.astype(mx.float32)), axis=1))
+            cached = (key, mx.sum(mx.square(rows.astype(mx.float32)), axis=1))
             self.adapter_state.norm_cache = cached
         return cached[1]
 
     def set_base(self, weight: mx.array, bias: mx.array | None) -> None:
-        """Replace the base weight (and bias), keeping the base layer's dtype."""
-        self.base_layer.weight = weight.astype(self.base_layer.weight.dtype)
+        """Replace the base weight (and bias), keeping the base layer's dtype; a quantised base's weight is
+        quantised again with its own bits and group size (and says so: RequantizationWarning)."""
+        if quantized.is_quantized(self.base_layer):
+            quantized.requantize(self.base_layer, weight)
+            warn_requantized(self.module_name, quantized.quantization_name(self.base_layer))
+        else:
+            self.base_layer.weight = weight.astype(self.base_layer.weight.dtype)
         if bias is not None and "bias" in self.base_layer:
             self.base_layer.bias = bias.astype(self.base_layer.bias.dtype)
         mx.eval(self.base_layer.parameters())
@@ -226,8 +259,12 @@ class AdaptedLayer(nn.Module):
         """Fold adapter ``name`` into the base weight as it is (adapters merged before stay in)."""
         state = self.adapter_state
         lp = state.plans[name]
-        if not state.merged and len(state.plans) > 1:
-            # MLX arrays are replaced, not changed: holding the unmerged one copies nothing
+        base = self.base_layer
+        if not state.merged and quantized.is_quantized(base):
+            # MLX arrays are replaced, not changed: holding the codes copies nothing
+            bias = base.get("bias")
+            state.unmerged_codes = {**quantized.codes(base), **({} if bias is None else {"bias": bias})}
+        elif not state.merged and len(state.plans) > 1:
             state.unmerged = self.weight
         cache = state.merge_cache.setdefault(name, {})
         weight, bias = state.ops[name].merge(lp, self, self.params(name), cache)
@@ -238,10 +275,33 @@ class AdaptedLayer(nn.Module):
         lp = self.adapter_state.plans[name]
         cache = self.adapter_state.merge_cache.pop(name, {})
         weight, bias = self.adapter_state.ops[name].unmerge(lp, self, self.params(name), cache)
-        self.set_base(weight, bias)
-        self.adapter_state.merged.remove(name)
-        if not self.adapter_state.merged:
-            self.adapter_state.unmerged = None
+        state = self.adapter_state
+        if state.merged == [name] and state.unmerged_codes is not None:
+            # the last unmerge of a quantised base: its own codes, not a second rounding of W′ − ΔW
+            quantized.restore(self.base_layer, state.unmerged_codes)
+            mx.eval(self.base_layer.parameters())
+        else:
+            self.set_base(weight, bias)
+        state.merged.remove(name)
+        if not state.merged:
+            state.unmerged = state.unmerged_codes = None
+
+    def dequantize_base(self) -> None:
+        """Make a quantised base an ``nn.Linear`` / ``nn.Embedding`` holding its dequantised weight; adapters merged
+        into it are merged again, in order, in full precision from the codes they were first merged into."""
+        base = self.base_layer
+        if not quantized.is_quantized(base):
+            return
+        state = self.adapter_state
+        merged = list(state.merged)
+        if state.unmerged_codes is not None:
+            quantized.restore(base, state.unmerged_codes)
+        self.base_layer = quantized.dequantized_layer(base)
+        state.merged, state.merge_cache = [], {}
+        state.unmerged = state.unmerged_codes = state.norm_cache = None
+        state.memo.clear()
+        for name in merged:
+            self.merge(name)
 
     def unmerged_weight(self) -> mx.array:
         """The base weight without the adapters merged into it: what DoRA's norm is taken on when it merges after
@@ -249,6 +309,8 @@ class AdaptedLayer(nn.Module):
         state = self.adapter_state
         if state.unmerged is not None:
             return state.unmerged
+        if state.unmerged_codes is not None and quantized.is_quantized(self.base_layer):
+            return quantized.dequantize(self.base_layer, state.unmerged_codes)
         if state.merged:
             raise PeftdeclError(
                 f"{self.module_name}: an adapter added after the merge needs the unmerged weight; "

@@ -60,7 +60,7 @@ class BoftOps:
     def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array:
         """y = ((x M) Wᵀ) ⊙ s + b."""
         rotated = butterfly(x, dropped(lp, layer, orthogonal_blocks(p)), perms(lp))
-        y = (rotated @ layer.weight.T) * p["boft_s"].reshape(-1)
+        y = layer.base_forward(rotated, with_bias=False) * p["boft_s"].reshape(-1)
         return y if layer.bias is None else y + layer.bias
 
     composition = staticmethod(compositions.boft)

@@ -5,7 +5,8 @@ B A (‖W‖² cached for the frozen base); small ones form W + s·B A. n is reu
 Training with dropout h = dropout(x): y = W x + b + (g − 1) ⊙ W h + g ⊙ s·B A h (HF PEFT).
 Embeddings: y = g ⊙ (E[x] + s·Aᵀ[x] Bᵀ), n over the vocabulary. Rows with n = 0 keep g = 1 (the reference's rule).
 With other adapters on the layer g rescales the output they built; merging takes n on the weight without the
-adapters merged before, as HF PEFT does.
+adapters merged before, as HF PEFT does. Over a quantised base n is taken on W dequantised for the purpose (a
+temporary, as HF PEFT does over bitsandbytes) while W x stays the layer's own quantised product.
 """
 
 from __future__ import annotations
@@ -97,16 +98,17 @@ class DoraOps:
             formed.append(merged)
             return _inverse(n)
 
-        # n depends on W, A and B only: reuse it while they are the same arrays (inference, repeated calls)
-        w = layer.weight
-        inverse, ones = layer.memo(lp, (w, a, b), norm)
+        # n depends on W, A and B only: reuse it while they are the same arrays (inference, repeated calls); a
+        # quantised W is dequantised for n only, its output is the layer's own product
+        inverse, ones = layer.memo(lp, (layer.weight_identity, a, b), norm)
         m = p[MAGNITUDE]
         m = m if m.ndim == 1 else m.reshape(-1)
         if lp.layer.type == "embedding":
             direction = layer.base_forward(x) + s * (p["lora_embedding_A"].T[x] @ p["lora_embedding_B"].T)
             return (m * inverse + ones) * direction
         dropout = layer.training and lp.options["dropout"] > 0.0
-        if layer.options.fused and not dropout and x.dtype == a.dtype == w.dtype:
+        if layer.options.fused and not dropout and not layer.quantized and x.dtype == a.dtype == layer.dtype:
+            w = layer.weight
             # W′ formed for the norm just now serves the product too (x W′ᵀ instead of x Wᵀ + s·(x Aᵀ) Bᵀ); with
             # n reused, W′ is formed again only where the engine options or the cost rule choose it
             merged = formed[0] if formed else None
@@ -137,7 +139,7 @@ class DoraOps:
         n = _direct_norm(lp, layer.unmerged_weight(), p)
         # n cannot be recovered from the merged weight (its rows have norm |m|), so keep it for unmerge
         cache["norm"] = n
-        g = magnitude_scale(p[MAGNITUDE].reshape(-1), n)
+        g = _merge_scale(p[MAGNITUDE].reshape(-1), n)
         return self._rows(lp, g) * (layer.weight + LORA.delta_weight(lp, layer, p)), layer.bias
 
     def unmerge(
@@ -146,7 +148,7 @@ class DoraOps:
         """(W / g − s·B A, b) with the n kept by the merge."""
         if "norm" not in cache:
             raise PeftdeclError(f"{lp.module}: DoRA unmerge without a matching merge (no cached weight norm)")
-        g = magnitude_scale(p[MAGNITUDE].reshape(-1), cache["norm"])
+        g = _merge_scale(p[MAGNITUDE].reshape(-1), cache["norm"])
         if bool(mx.any(g == 0).item()):
             raise PeftdeclError(
                 f"{lp.module}: cannot unmerge DoRA, lora_magnitude_vector is 0 in some rows; merging erased them"
@@ -185,7 +187,14 @@ def _direct_norm(lp: LayerPlan, weight: mx.array, p: Params) -> mx.array:
     """n = ‖W + s·B A‖ per direction row of ``weight``, formed densely (merging only)."""
     a, b = _low_rank(lp, p)
     rows = weight.T if lp.layer.type == "embedding" else weight
-    return mx.stop_gradient(mx.linalg.norm(rows.astype(a.dtype) + lp.scaling * (b @ a), axis=1))
+    # (s·B) A: the order mlx-lm's fuse rounds in, so that a merge re-quantises to its very codes
+    return mx.stop_gradient(mx.linalg.norm(rows.astype(a.dtype) + (lp.scaling * b) @ a, axis=1))
+
+
+def _merge_scale(m: mx.array, n: mx.array) -> mx.array:
+    """g = m / n per row (1 where n = 0), divided as mlx-lm's fuse divides (the forward's m · (1/n) rounds apart)."""
+    positive = n > 0
+    return mx.where(positive, m / mx.where(positive, n, 1.0), 1.0)
 
 
 OPS = DoraOps()

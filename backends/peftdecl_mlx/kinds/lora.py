@@ -33,19 +33,20 @@ class LoraOps(AdditiveKind):
 
     def alone(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array | None:
         """The whole output when this adapter runs alone: y = base(x) + s·(x Aᵀ) Bᵀ, or x (W + s·B A)ᵀ + b where
-        forming the merged weight is chosen (:func:`_fused.use_merged`), each one function with its own gradient;
-        None where the general path must run (the ``fused`` engine option off, embeddings, dropout active, a base
-        or input dtype other than the adapter's)."""
+        forming the merged weight is chosen (:func:`_fused.use_merged`, never over a quantised base), each one
+        function with its own gradient; None where the general path must run (the ``fused`` engine option off,
+        embeddings, dropout active, a base or input dtype other than the adapter's)."""
         if not layer.options.fused or lp.layer.type != "linear":
             return None
         if layer.training and lp.options["dropout"] > 0.0:
             return None
         a, b = p["lora_A.weight"], p["lora_B.weight"]
-        w = layer.weight
-        if not x.dtype == a.dtype == w.dtype:
+        if not x.dtype == a.dtype == layer.dtype:
             return None
         s = lp.scaling
-        if _fused.use_merged(layer.options, x, w, a.shape[0], layer.training):
+        # a quantised base keeps its own product (the merged form would dequantise W on every call)
+        w = None if layer.quantized else layer.weight
+        if w is not None and _fused.use_merged(layer.options, x, w, a.shape[0], layer.training):
             base_bias = layer.bias
             fused = _fused.lora_merged(s, base_bias is not None)
             y = fused(x, w, w if base_bias is None else base_bias, a, b)
@@ -59,7 +60,8 @@ class LoraOps(AdditiveKind):
         s = lp.scaling
         if lp.layer.type == "embedding":
             return s * (p["lora_embedding_B"] @ p["lora_embedding_A"]).T
-        return s * (p["lora_B.weight"] @ p["lora_A.weight"])
+        # (s·B) A: the order mlx-lm's fuse rounds in, so that a merge re-quantises to its very codes
+        return (s * p["lora_B.weight"]) @ p["lora_A.weight"]
 
     def merged_bias(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, sign: float) -> mx.array | None:
         """b ± s · b_B with ``lora_bias`` (the reference's rule)."""
