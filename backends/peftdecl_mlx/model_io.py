@@ -105,18 +105,30 @@ def save_merged(
     dtype: str | None,
     *,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    dequantize: bool = False,
 ) -> None:
     """Merge the active adapters into the base (``model`` is used up: merge_and_unload) and write ``out``:
     safetensors shards under the HF names (with ``model.safetensors.index.json`` when there are several),
     ``source``'s config.json with the written dtype, and ``source``'s tokenizer files. ``out`` appears complete
-    or not at all; an existing non-empty ``out`` is refused."""
+    or not at all; an existing non-empty ``out`` is refused.
+
+    Quantised layers (``nn.QuantizedLinear`` / ``QuantizedEmbedding``) are written re-quantised with their own bits
+    and group size and config.json gets mlx-lm's ``quantization`` entry, as ``mlx_lm.fuse`` does; ``dequantize``
+    writes them as float weights (merged in full precision) and drops the quantisation entries, as
+    ``mlx_lm.fuse --dequantize`` does."""
     source, out = Path(source), Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise PeftdeclError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     refuse_prompt_adapters(model)
     check_new_folder(out)  # before the merge consumes the model
     config = json.loads((source / "config.json").read_text())
-    merged = cast(nn.Module, model.merge_and_unload())
+    merged = cast(nn.Module, model.merge_and_unload(dequantize=dequantize))
+    quantization = _quantization_entry(merged)
+    if quantization is None:
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    elif "quantization" not in config:  # quantised in memory (QLoRA from a float folder): say how
+        config["quantization"] = config["quantization_config"] = quantization
     weights = dict(flatten(merged.parameters()))
     if dtype is not None:
         weights = {k: v.astype(DTYPES[dtype]) if _floating(v) else v for k, v in weights.items()}
@@ -134,6 +146,18 @@ def save_merged(
             shutil.copy2(path, stage / path.name)
         if not any(p.name.startswith("tokenizer") for p in copied):
             tokenizer.save_pretrained(str(stage))  # type: ignore[attr-defined]
+
+
+def _quantization_entry(model: nn.Module) -> dict[str, object] | None:
+    """mlx-lm's config.json ``quantization`` for ``model`` (its first quantised layer's group size, bits and mode;
+    mlx-lm's loader reads each layer's own from its arrays), None when no layer is quantised."""
+    from peftdecl_mlx.inventory import walk
+    from peftdecl_mlx.quantized import is_quantized, mode
+
+    for _, module in walk(model):
+        if is_quantized(module):
+            return {"group_size": module.group_size, "bits": module.bits, "mode": mode(module)}
+    return None
 
 
 def _floating(value: mx.array) -> bool:
@@ -176,12 +200,25 @@ def _source_shapes(source: Path) -> dict[str, list[int]]:
 
 def _check_names(weights: dict[str, mx.array], source: Path) -> None:
     """Every merged array must carry a name and shape of the source checkpoint (mlx-lm renames or reshapes some
-    architectures' weights; such a folder would not load in transformers)."""
+    architectures' weights; such a folder would not load in transformers). A layer quantised on one side only
+    (written re-quantised from a float source, or dequantised from a quantised one) is checked by name: its
+    ``scales``/``biases`` are its codes' and its packed weight has another shape."""
     known = _source_shapes(source)
     if not known:
         return  # a source without safetensors (e.g. .bin only): nothing to compare against
-    foreign = sorted(k for k in weights if k not in known)
-    reshaped = sorted(k for k in weights if k in known and list(weights[k].shape) != known[k])
+    quantized = {k.removesuffix(".scales") for k in (*known, *weights) if k.endswith(".scales")}
+
+    def codes(key: str) -> bool:
+        layer, _, leaf = key.rpartition(".")
+        return layer in quantized and leaf in ("scales", "biases")
+
+    def packed(key: str) -> bool:
+        return key.rpartition(".")[0] in quantized
+
+    foreign = sorted(k for k in weights if k not in known and not codes(k))
+    reshaped = sorted(
+        k for k in weights if k in known and not packed(k) and list(weights[k].shape) != known[k]
+    )
     if foreign or reshaped:
         raise PeftdeclError(
             f"mlx-lm holds this architecture's weights under other names or shapes than {source} "
