@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from peftdecl.errors import PeftdeclError
-from peftdecl.quant.folder import check_quantized_folder
+from peftdecl.quant import folder_write
+from peftdecl.quant.folder import check_quantized_folder, tensor_headers
 from peftdecl.quant.folder_write import quantize_folder
 from peftdecl.train.tiny_model import build_tiny_llama
 from tests.conftest import selected_backends
@@ -118,9 +119,30 @@ def test_missing_quantised_weight_named(quantized: dict[str, Path], tmp_path: Pa
 
 def test_sharded_folder_names_the_shard(quantized: dict[str, Path], tmp_path: Path) -> None:
     """Split the nf4 folder into two shards with an index: checked alike, and a missing key names its shard."""
+    folder = _copy(quantized["nf4-double"], tmp_path)
+    _split(folder)
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert check_quantized_folder(folder) == "bnb_4bit"
+    key = f"{Q}.weight.absmax"
+    _drop(folder / weight_map[key], key)
+    with pytest.raises(PeftdeclError, match=rf"{weight_map[f'{Q}.weight']}: .*'{key}' is missing"):
+        check_quantized_folder(folder)
+    (folder / weight_map[key]).unlink()
+    with pytest.raises(PeftdeclError, match=f"{weight_map[key]}: file not found"):
+        check_quantized_folder(folder)
+
+
+def _all_tensors(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    files = {header.file for header in tensor_headers(folder).values()}
+    return {k: v for file in files for k, v in load_file(str(file)).items()}
+
+
+def _split(folder: Path) -> None:
+    """Replace ``model.safetensors`` by two shards and an index, as transformers shards a large model."""
     from safetensors.numpy import load_file, save_file
 
-    folder = _copy(quantized["nf4-double"], tmp_path)
     tensors = load_file(str(folder / "model.safetensors"))
     (folder / "model.safetensors").unlink()
     names = sorted(tensors)
@@ -129,13 +151,38 @@ def test_sharded_folder_names_the_shard(quantized: dict[str, Path], tmp_path: Pa
         save_file({k: tensors[k] for k in keys}, str(folder / file))
     weight_map = {k: file for file, keys in shards.items() for k in keys}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    assert check_quantized_folder(folder) == "bnb_4bit"
-    key = f"{Q}.weight.absmax"
-    _drop(folder / weight_map[key], key)
-    with pytest.raises(PeftdeclError, match=rf"{weight_map[f'{Q}.weight']}: .*'{key}' is missing"):
-        check_quantized_folder(folder)
-    (folder / weight_map[key]).unlink()
-    with pytest.raises(PeftdeclError, match=f"{weight_map[key]}: file not found"):
+
+
+def test_sharded_source_and_output(
+    tiny: Path, quantized: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sharded source quantises to the same tensors as the single file; a small shard limit writes shards
+    and an index that the checker (and transformers, below) reads as one checkpoint."""
+    source = _copy(tiny, tmp_path)
+    _split(source)
+    kwargs = LAYOUTS["nf4-double"][0]
+    from_shards = quantize_folder(source, tmp_path / "from_shards", **kwargs).out  # type: ignore[arg-type]
+    single = _all_tensors(quantized["nf4-double"])
+    got = _all_tensors(from_shards)
+    assert sorted(got) == sorted(single)
+    assert all(got[k].dtype == single[k].dtype and got[k].tobytes() == single[k].tobytes() for k in single)
+    monkeypatch.setattr(folder_write, "SHARD_BYTES", 20_000)
+    sharded = quantize_folder(tiny, tmp_path / "sharded", **kwargs).out  # type: ignore[arg-type]
+    files = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert check_quantized_folder(sharded) == "bnb_4bit"
+    got = _all_tensors(sharded)
+    assert sorted(got) == sorted(single)
+    assert all(got[k].tobytes() == single[k].tobytes() for k in single)
+
+
+def test_bin_checkpoints(tiny: Path, tmp_path: Path) -> None:
+    """A float folder with PyTorch .bin weights is simply not quantised; a quantised one must be safetensors."""
+    folder = _copy(tiny, tmp_path)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    assert check_quantized_folder(folder) is None
+    _edit_config(folder, quantization={"group_size": 64, "bits": 4})
+    with pytest.raises(PeftdeclError, match=r"no model\.safetensors or model\.safetensors\.index\.json"):
         check_quantized_folder(folder)
 
 
@@ -273,6 +320,21 @@ def test_bnb_folder_equals_transformers(case: str, tiny: Path, tiny_bf16: Path, 
         with torch.no_grad():
             logits.append(model(ids).logits)
     assert torch.equal(logits[0], logits[1])  # tolerance 0: same bytes, same config, same computation
+
+
+def test_transformers_loads_sharded_output(
+    tiny: Path, quantized: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch, transformers, _ = _torch_stack()
+    monkeypatch.setattr(folder_write, "SHARD_BYTES", 20_000)
+    sharded = quantize_folder(tiny, tmp_path / "sharded", **LAYOUTS["int8"][0]).out  # type: ignore[arg-type]
+    ids = torch.tensor([[5, 17, 42, 8]])
+    logits = []
+    for folder in (quantized["int8"], sharded):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    assert torch.equal(logits[0], logits[1])  # tolerance 0: the same tensors, split over several files
 
 
 # -- against mlx-lm -------------------------------------------------------------------------------------------

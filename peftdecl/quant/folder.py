@@ -185,14 +185,17 @@ def read_tensor_bytes(header: TensorHeader, name: str) -> bytes:
 def check_quantized_folder(folder: Path) -> str | None:
     """The quantisation a checkpoint folder declares (``bnb_4bit``, ``bnb_8bit``, ``mlx_affine``; None when it is
     a float checkpoint), after checking that every quantised weight carries its quantisation state: a missing
-    key raises PeftdeclError naming the file and the key."""
+    key raises PeftdeclError naming the file and the key. A float folder without safetensors files (PyTorch
+    ``.bin`` weights) is None; a quantised one must be safetensors, as transformers and mlx-lm save it."""
     folder = Path(folder)
     config = read_config(folder)
     scheme = folder_quantization(config, folder / "config.json")
-    headers = tensor_headers(folder)
+    has_safetensors = (folder / INDEX_FILE).is_file() or (folder / SINGLE_FILE).is_file()
     if scheme is None:
-        _refuse_stray_state(folder, headers)
+        if has_safetensors:
+            _refuse_stray_state(folder, tensor_headers(folder))
         return None
+    headers = tensor_headers(folder)
     if scheme == "bnb_4bit":
         storage = str(config["quantization_config"].get("bnb_4bit_quant_storage") or "uint8")
         quant_type = str(config["quantization_config"].get("bnb_4bit_quant_type") or "fp4")

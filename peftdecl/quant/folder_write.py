@@ -76,6 +76,10 @@ class _Tensor:
     values: np.ndarray
     dtype: str
 
+    @property
+    def nbytes(self) -> int:
+        return self.values.size * (2 if self.dtype == "BF16" else self.values.itemsize)
+
     def encoded(self) -> bytes:
         if self.dtype == "BF16":
             bits = round_to_bfloat16(self.values).view(np.uint32) >> 16
@@ -286,25 +290,25 @@ def _generation_eos(model: Path) -> object:
     return data.get("eos_token_id") if isinstance(data, dict) else None
 
 
-def _encode(tensors: dict[str, _Tensor], metadata: dict[str, str]) -> bytes:
+def _write_safetensors(path: Path, tensors: dict[str, _Tensor], metadata: dict[str, str]) -> int:
     """One safetensors file: little-endian u64 header length, the JSON header padded with spaces to 8 bytes,
-    then the tensors' bytes in header order."""
+    then the tensors' bytes in header order, written one tensor at a time; returns the tensor bytes."""
     header: dict[str, object] = {"__metadata__": metadata}
-    blobs = []
     offset = 0
     for name in sorted(tensors):
-        blob = tensors[name].encoded()
-        shape = list(tensors[name].values.shape)
         header[name] = {
             "dtype": tensors[name].dtype,
-            "shape": shape,
-            "data_offsets": [offset, offset + len(blob)],
+            "shape": list(tensors[name].values.shape),
+            "data_offsets": [offset, offset + tensors[name].nbytes],
         }
-        blobs.append(blob)
-        offset += len(blob)
+        offset += tensors[name].nbytes
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little") + text)
+        for name in sorted(tensors):
+            handle.write(tensors[name].encoded())
+    return offset
 
 
 def _write_shards(
@@ -315,21 +319,16 @@ def _write_shards(
     shards: list[dict[str, _Tensor]] = []
     size = 0
     for name in sorted(tensors):
-        nbytes = tensors[name].values.size * (
-            2 if tensors[name].dtype == "BF16" else tensors[name].values.itemsize
-        )
-        if not shards or size + nbytes > SHARD_BYTES:
+        if not shards or size + tensors[name].nbytes > SHARD_BYTES:
             shards.append({})
             size = 0
         shards[-1][name] = tensors[name]
-        size += nbytes
+        size += tensors[name].nbytes
     total = 0
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, 1):
         file = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        data = _encode(shard, metadata)
-        (stage / file).write_bytes(data)
-        total += len(data) - 8 - int.from_bytes(data[:8], "little")
+        total += _write_safetensors(stage / file, shard, metadata)
         weight_map |= dict.fromkeys(shard, file)
     if len(shards) > 1 or mlx_index:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
