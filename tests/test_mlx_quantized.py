@@ -122,8 +122,17 @@ def ours_and_mlx_lm(
 
 
 @pytest.mark.parametrize(("bits", "group_size"), SCHEMES)
-@pytest.mark.parametrize("kind", ["lora", "dora"])
-def test_lora_and_dora_equal_mlx_lm_over_quantized_linear(kind: str, bits: int, group_size: int) -> None:
+@pytest.mark.parametrize("kind", ["lora", "dora", "dora_factored_norm"])
+def test_lora_and_dora_equal_mlx_lm_over_quantized_linear(
+    kind: str, bits: int, group_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if (
+        kind == "dora_factored_norm"
+    ):  # the norm large layers take: ‖W‖² cached, W Aᵀ from the quantised product
+        from peftdecl_mlx.kinds import dora
+
+        monkeypatch.setattr(dora, "FORM_LIMIT", 0)
+        kind = "dora"
     ours, theirs = ours_and_mlx_lm(kind, bits, group_size)
     assert isinstance(ours.engine.layer(LAYERS[0]).base_layer, nn.QuantizedLinear)
     assert rel_err(logits(ours), logits(theirs)) <= TOL
@@ -262,6 +271,16 @@ def test_every_kind_over_quantized_layers_equals_the_dequantized_float_model(cas
         requantized = mx.quantize(float_layer.weight, group_size=mine.group_size, bits=mine.bits)
         for got, expected in zip((mine.weight, mine.scales, mine.biases), requantized, strict=True):
             assert np.array_equal(np.array(got), np.array(expected)), name
+
+
+def test_parameter_counts_count_a_quantized_weight_once() -> None:
+    """As PEFT counts a 4-bit weight: its elements, not its packed words, scales or biases."""
+    quant = quantized_llama(4, 32)
+    ours = peftdecl.attach(quant, lora_spec("lora"), seed=2)
+    dense = peftdecl.attach(dequantized(quantized_llama(4, 32)), lora_spec("lora"), seed=2)
+    assert ours.get_nb_trainable_parameters() == dense.get_nb_trainable_parameters()
+    # r (in + out) for q_proj (64 -> 64) and v_proj (64 -> 32) in each of the 2 blocks
+    assert ours.get_nb_trainable_parameters()[0] == 2 * 4 * ((64 + 64) + (64 + 32))
 
 
 def test_a_floating_point_quantisation_mode_is_refused_naming_the_layer() -> None:

@@ -41,6 +41,12 @@ def codes(module: QuantizedLayer) -> dict[str, mx.array]:
     return {key: module[key] for key in CODE_KEYS if module.get(key) is not None}
 
 
+def element_count(module: QuantizedLayer) -> int:
+    """The number of weights the codes stand for (rows × unpacked columns)."""
+    rows, packed = module.weight.shape
+    return int(rows * (packed * 32 // module.bits))
+
+
 def dequantize(module: QuantizedLayer, held: Mapping[str, mx.array] | None = None) -> mx.array:
     """W = scale · q + bias per group, in the scales' dtype, [out, in] (an embedding's [num, dim]); ``held``: codes
     kept by :func:`codes` instead of the layer's current ones."""

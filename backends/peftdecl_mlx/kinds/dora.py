@@ -58,7 +58,13 @@ def _norm_and_merged(lp: LayerPlan, layer: AdaptedLayer, p: Params) -> tuple[mx.
         return mx.stop_gradient(mx.linalg.norm(merged, axis=1)), None if embedding else merged
     # A as a row-contiguous [in, r] copy: products with a long inner dimension read their right operand in order
     a_t = mx.contiguous(a.T)
-    wa = (a @ w).T if embedding else w @ a_t
+    if embedding:
+        wa = (a @ w).T
+    elif layer.quantized:
+        # (A Wᵀ)ᵀ from the codes: the dequantised W above stays an unevaluated graph node, never formed
+        wa = layer.base_forward(a, with_bias=False).T.astype(a.dtype)
+    else:
+        wa = w @ a_t
     squared = (
         layer.row_norms_squared()
         + (2.0 * s) * mx.sum(b * wa, axis=1)
