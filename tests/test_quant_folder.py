@@ -242,6 +242,26 @@ def test_quantize_refuses_quantised_source_and_used_out(
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("kind", ["nf4", "affine"])
+def test_quantize_names_a_non_finite_weight(tiny: Path, tmp_path: Path, kind: str) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    source = _copy(tiny, tmp_path)
+    tensors = load_file(str(source / "model.safetensors"))
+    tensors[f"{Q}.weight"][3, 5] = np.inf
+    save_file(tensors, str(source / "model.safetensors"))
+    with pytest.raises(PeftdeclError, match=rf"{Q}\.weight: .*(non-finite|inf or NaN)"):
+        quantize_folder(source, tmp_path / "out", bits=4, kind=kind)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_refuses_unknown_architecture(tiny: Path, tmp_path: Path) -> None:
+    source = _copy(tiny, tmp_path)
+    _edit_config(source, model_type="gpt2")
+    with pytest.raises(PeftdeclError, match="model_type 'gpt2': peftdecl quantize knows which layers"):
+        quantize_folder(source, tmp_path / "out", bits=4, kind="nf4")
+
+
 # -- against transformers + bitsandbytes ----------------------------------------------------------------------
 NF4_DOUBLE = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
 BNB = {  # case: (source dtype, quantize_folder arguments, BitsAndBytesConfig arguments)

@@ -31,7 +31,7 @@ from peftdecl.merged_checkpoint import carried_files, new_folder
 from peftdecl.quant import layouts
 from peftdecl.quant.affine import SUPPORTED_GROUP_SIZES, round_to_bfloat16
 from peftdecl.quant.folder import check_quantized_folder, read_config, tensor_headers
-from peftdecl.quant.scheme import QuantKind, QuantScheme
+from peftdecl.quant.scheme import Quantized, QuantKind, QuantScheme
 
 FLOAT_CODES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 NUMPY_CODES = {
@@ -151,7 +151,7 @@ def quantize_folder(
         written, quantized, new_config, metadata = _mlx_layout(model, config, tensors, scheme)
     else:
         scheme = QuantScheme(kind, double_quant=double_quant)
-        written, quantized, new_config, metadata = _bnb_layout(config, tensors, scheme, compute_dtype)
+        written, quantized, new_config, metadata = _bnb_layout(model, config, tensors, scheme, compute_dtype)
     with new_folder(out) as stage:
         size = _write_shards(stage, written, metadata, mlx_index=kind == "affine")
         indent = 4 if kind == "affine" else 2
@@ -192,12 +192,26 @@ def _kept(tensors: dict[str, _Tensor], *, drop_tied_head: bool) -> list[tuple[st
     ]
 
 
+def _quantize_weight(model: Path, name: str, tensor: _Tensor, scheme: QuantScheme, held: str) -> Quantized:
+    """``layouts.quantize`` of one weight held in ``held``, its errors (inf/NaN, float64) naming the tensor."""
+    if held == "float64":
+        raise PeftdeclError(f"{model}: {name} is float64; neither library quantises float64 weights")
+    try:
+        return layouts.quantize(tensor.values, scheme, dtype=held)
+    except PeftdeclError as exc:
+        raise PeftdeclError(f"{model}: {name}: {exc}") from None
+
+
 def _is_2d_float_weight(name: str, tensor: _Tensor) -> bool:
     return name.endswith(".weight") and tensor.dtype in FLOAT_CODES and tensor.values.ndim == 2
 
 
 def _bnb_layout(
-    config: JsonObject, tensors: dict[str, _Tensor], scheme: QuantScheme, compute_dtype: str | None
+    model: Path,
+    config: JsonObject,
+    tensors: dict[str, _Tensor],
+    scheme: QuantScheme,
+    compute_dtype: str | None,
 ) -> tuple[dict[str, _Tensor], list[str], JsonObject, dict[str, str]]:
     """transformers' bitsandbytes checkpoint: floats in the config's dtype, the linear layers quantised."""
     dtype = _config_dtype(config, ("dtype", "torch_dtype"))
@@ -211,7 +225,7 @@ def _bnb_layout(
         module = name.removesuffix(".weight")
         # bitsandbytes' Int8Params quantises the weight rounded to float16, whatever the model's dtype
         held = "float16" if scheme.kind == "int8" else FLOAT_CODES[tensor.dtype]
-        q = layouts.quantize(tensor.values, scheme, dtype=held)
+        q = _quantize_weight(model, name, tensor, scheme, held)
         for key, array in layouts.tensors_from_quantized(module, q).items():
             written[key] = _Tensor(array, NUMPY_CODES[array.dtype.name])
         quantized.append(module)
@@ -252,9 +266,7 @@ def _mlx_layout(
             continue
         module = name.removesuffix(".weight")
         float_dtype = FLOAT_CODES[tensor.dtype]
-        if float_dtype == "float64":
-            raise PeftdeclError(f"{model}: {name} is float64, which MLX does not quantise")
-        q = layouts.quantize(tensor.values, scheme, dtype=float_dtype)
+        q = _quantize_weight(model, name, tensor, scheme, float_dtype)
         for key, array in layouts.tensors_from_quantized(module, q).items():
             code = "BF16" if float_dtype == "bfloat16" and array.dtype == np.float32 else None
             written[key] = _Tensor(array, code or NUMPY_CODES[array.dtype.name])
