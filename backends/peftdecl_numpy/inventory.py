@@ -1,17 +1,20 @@
 """The layers of a state dict (name -> array) as the IR describes them, dtype and quantisation included.
 
 A module ``m`` owns ``m.weight`` (and ``m.bias``). A quantised module is recognised by the tensors its library
-saves next to the packed weight, so that attaching an adapter to it is refused by name instead of the packed
-integers being read as weights: MLX's affine quantisation (uint32 ``weight`` with ``scales`` and ``biases``) and
+saves next to the packed weight: MLX's affine quantisation (uint32 ``weight`` with ``scales`` and ``biases``) and
 bitsandbytes (int8/uint8 ``weight`` with ``SCB`` for 8 bits, ``weight.absmax`` / ``weight.quant_state.*`` for 4).
-A plain integer weight without such tensors is read as the numbers it holds.
+Its quantisation state is read (:mod:`peftdecl.quant.layouts`) for the scheme and the dequantised shape, so a
+malformed checkpoint is refused here, naming the key. MLX's bits and group size are not in the tensors: they come
+as the model fact ``quantization`` (mlx-lm's config.json entry, ``{"bits": 4, "group_size": 64}`` with optional
+per-module overrides); it may also carry bitsandbytes' ``llm_int8_threshold``. A plain integer weight without
+such tensors is read as the numbers it holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, SupportsInt, cast
+from typing import Any, SupportsFloat, SupportsInt, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +22,8 @@ import numpy.typing as npt
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerInfo, ModelInfo
 from peftdecl.plan.ir import LayerType
+from peftdecl.quant.layouts import QUANTIZATIONS, quantized_from_tensors
+from peftdecl.quant.scheme import Quantized
 
 ENGINE_OPTIONS = ("xp", "dtype")
 """``attach`` / ``load_adapter`` options the engine reads (not model facts)."""
@@ -36,10 +41,12 @@ def inventory(
 
     ``layer_types`` maps a module to ``"linear" | "embedding" | "conv1d" | "conv2d" | "gpt2_conv1d"`` or to a
     dict / LayerInfo giving convolution settings (``stride``, ``padding``, ``dilation``, ``groups``).
+    ``quantization`` (a model fact): how MLX-quantised weights are laid out (see the module docstring).
     """
     layer_types = dict(layer_types or {})
     for option in ENGINE_OPTIONS:
         model_facts.pop(option, None)
+    settings = _quantization_settings(model_facts.pop("quantization", None))
     layers: dict[str, LayerInfo] = {}
     modules = []
     for key, value in state_dict.items():
@@ -52,10 +59,20 @@ def inventory(
         declared = layer_types.pop(module, None)
         if declared is None and array.ndim != 2:
             continue
-        info = _layer_info(key, array.shape, declared, f"{module}.bias" in state_dict)
-        quantized = info.quantization or quantization(state_dict, module, array.dtype)
+        has_bias = f"{module}.bias" in state_dict
+        found = quantization(state_dict, module, array.dtype)
+        if isinstance(declared, LayerInfo):
+            found = declared.quantization or found
+        if found is None or found not in QUANTIZATIONS:  # a float layer, or one we cannot read
+            info = _layer_info(key, array.shape, declared, has_bias)
+            layers[module] = dataclasses.replace(
+                info, dtype=info.dtype or array.dtype.name, quantization=found
+            )
+            continue
+        q = read_quantized(state_dict, module, found, settings)
+        info = _layer_info(key, q.shape, declared, has_bias)
         layers[module] = dataclasses.replace(
-            info, dtype=info.dtype or array.dtype.name, quantization=quantized
+            info, dtype=info.dtype or array.dtype.name, quantization=found, quant_scheme=q.scheme
         )
     if layer_types:
         raise PeftdeclError(
@@ -74,6 +91,42 @@ def quantization(state_dict: Mapping[str, npt.ArrayLike], module: str, dtype: np
     if any(k.startswith(("weight.absmax", "weight.quant_state", "weight.quant_map")) for k in own):
         return "bnb_4bit"
     return None
+
+
+def read_quantized(
+    state_dict: Mapping[str, npt.ArrayLike], module: str, found: str, settings: Mapping[str, object]
+) -> Quantized:
+    """``module``'s quantised weight, read with the model's ``quantization`` settings (per-module entries win)."""
+    own = settings.get(module)
+    merged = {**settings, **own} if isinstance(own, Mapping) else dict(settings)
+    bits, group_size = merged.get("bits"), merged.get("group_size")
+    if found == "mlx_affine":
+        if merged.get("mode", "affine") != "affine":
+            raise PeftdeclError(f"{module}: quantisation mode {merged['mode']!r} is not MLX's affine mode")
+        if bits is None or group_size is None:
+            raise PeftdeclError(
+                f"{module}.weight: an MLX affine-quantised weight; pass the model fact quantization={{'bits': .., "
+                "'group_size': ..} (the 'quantization' entry of the mlx-lm model's config.json) to read it"
+            )
+    threshold = merged.get("llm_int8_threshold", 0.0)
+    return quantized_from_tensors(
+        state_dict,
+        module,
+        found,
+        bits=None if bits is None else _int(bits),
+        group_size=None if group_size is None else _int(group_size),
+        threshold=float(cast("SupportsFloat", threshold)),
+    )
+
+
+def _quantization_settings(value: object) -> Mapping[str, object]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise PeftdeclError(
+            f"quantization: expected a mapping like {{'bits': 4, 'group_size': 64}}, got {type(value).__name__}"
+        )
+    return value
 
 
 def _layer_info(
