@@ -25,11 +25,19 @@ _KINDS = BackendKinds("numpy", LAYER_TYPES)
 
 class NumpyBackend:
     """Runs plans on a state dict (a mapping of names to NumPy arrays), in float64 unless ``dtype=`` says
-    otherwise, on NumPy unless ``xp=`` names another array-API namespace, with explicit gradients."""
+    otherwise, on NumPy unless ``xp=`` names another array-API namespace, with explicit gradients. Quantised
+    layers (bitsandbytes 4-/8-bit and MLX affine state-dict layouts) run on their dequantised weights; MLX's bits
+    and group size come as the model fact ``quantization`` (mlx-lm's config.json entry)."""
 
     name = "numpy"
     capabilities = Capabilities.of_kinds(
-        _KINDS, "explicit", devices=("cpu",), dtypes=("float64", "float32"), requires=("numpy",)
+        _KINDS,
+        "explicit",
+        dequantizes=True,  # a quantised layer computes with its dequantised weight, so every kind runs on it
+        devices=("cpu",),
+        dtypes=("float64", "float32"),
+        requires=("numpy",),
+        quantizations=("bnb_4bit", "bnb_8bit", "mlx_affine"),
     )
 
     def accepts(self, model: object) -> bool:

@@ -4,11 +4,13 @@ The model is a mapping of parameter names to arrays; a module ``m`` owns ``m.wei
 the adapted model runs one layer: ``model("layers.0.q_proj", x)``. ``layer_forward`` / ``layer_backward`` expose
 the explicit gradients the reference is checked with. The arrays live in an array-API namespace ``xp`` (NumPy by
 default) in one ``dtype`` (float64 by default); which adapters run comes from the model's
-:class:`peftdecl.adapter_book.AdapterBook`.
+:class:`peftdecl.adapter_book.AdapterBook`. A quantised layer (bitsandbytes 4-/8-bit, MLX affine) computes with
+its dequantised weight; merging into it re-quantises (:mod:`peftdecl_numpy.quantized`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
@@ -21,11 +23,13 @@ from peftdecl.backend import RngState, check_adapter_names, trainable_key
 from peftdecl.errors import PeftdeclError
 from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerPlan, ModelInfo, Plan, PromptPlan
+from peftdecl.quant.layouts import dequantize, tensors_from_quantized
 from peftdecl_numpy import compose
 from peftdecl_numpy.inventory import LayerDeclaration
 from peftdecl_numpy.kinds import ops_for
 from peftdecl_numpy.kinds.base import MergeCache, Tape
 from peftdecl_numpy.layers import BaseLayer, Mode, ModeView
+from peftdecl_numpy.quantized import StoredWeight, read_stored, requantize
 from peftdecl_numpy.rng_state import generator_state, restore_generator
 from peftdecl_numpy.xp_ops import Array, Namespace, resolve, to_numpy
 
@@ -67,10 +71,16 @@ class NumpyEngine(ModeView):
         self._info = info
         self.mode = Mode(rng=np.random.default_rng(self.options.seed))  # shared by every layer
         self._layers: dict[str, BaseLayer] = {}
+        self._stored: dict[str, StoredWeight] = {}  # quantised layers: their codes
         for module, layer in info.layers.items():
             if layer.quantization is not None:
-                continue  # never read as numbers: the model refuses plans that target it
-            weight = np.asarray(state_dict[f"{module}.weight"])
+                stored = read_stored(state_dict, module, layer)
+                if stored is None:
+                    continue  # never read as numbers: the model refuses plans that target it
+                self._stored[module] = stored
+                weight = dequantize(stored.original)
+            else:
+                weight = np.asarray(state_dict[f"{module}.weight"])
             if layer.type == "gpt2_conv1d":
                 weight = weight.T  # GPT-2 Conv1D stores [in, out]; the IR is [out, in]
             bias = state_dict.get(f"{module}.bias")
@@ -131,9 +141,14 @@ class NumpyEngine(ModeView):
                 if layer.unmerged is None:
                     layer.unmerged = layer.weight
                 cache = self._merge_caches.setdefault((name, lp.module), {})
-                layer.weight, layer.bias = ops_for(lp.kind).merge(
-                    lp, layer, self._layer_params(name, lp), cache
-                )
+                params, stored = self._layer_params(name, lp), self._stored.get(lp.module)
+                if stored is not None:  # the same merge in full precision, for unload(dequantize=True)
+                    shadow = layer if stored.full is None else dataclasses.replace(layer, weight=stored.full)
+                    stored.full = ops_for(lp.kind).merge(lp, shadow, params, {})[0]
+                layer.weight, layer.bias = ops_for(lp.kind).merge(lp, layer, params, cache)
+                if stored is not None:
+                    stored.current = requantize(lp.module, stored.current, to_numpy(layer.weight))
+                    layer.weight = self._asarray(dequantize(stored.current))
 
     def unmerge(self) -> None:
         """Take the merged adapters (the book's ``merged``) out again, last merged first."""
@@ -145,9 +160,16 @@ class NumpyEngine(ModeView):
                 layer.weight, layer.bias = ops_for(lp.kind).unmerge(lp, layer, params, cache)
         for layer in self._layers.values():
             layer.unmerged = None
+        for module, stored in self._stored.items():  # the loaded codes again, exactly
+            if stored.merged:
+                stored.current, stored.full = stored.original, None
+                self._layers[module].weight = self._asarray(dequantize(stored.original))
 
     def unload(self, dequantize: bool = False) -> dict[str, np.ndarray]:
-        """A new state dict: merged weights in the original layouts, modules_to_save copies swapped in."""
+        """A new state dict: merged weights in the original layouts, modules_to_save copies swapped in.
+
+        A quantised layer keeps its library's tensors (re-quantised where merged); with ``dequantize`` it becomes
+        ``<module>.weight`` in the engine's dtype (the full-precision merged weight where merged) instead."""
         # float tensors in the engine's dtype; integer ones and a quantised layer's own tensors as they are
         packed = tuple(f"{m}." for m, layer in self._info.layers.items() if layer.quantization is not None)
         out = {
@@ -155,8 +177,15 @@ class NumpyEngine(ModeView):
             for k, v in self._original.items()
         }
         for module, layer in self._layers.items():
-            weight = to_numpy(layer.weight)
-            out[f"{module}.weight"] = weight.T.copy() if layer.info.type == "gpt2_conv1d" else weight
+            weight, stored = to_numpy(layer.weight), self._stored.get(module)
+            if stored is not None and not dequantize:
+                out.update(tensors_from_quantized(module, stored.current) if stored.merged else {})
+            elif stored is not None:
+                for key in stored.keys(module):
+                    out.pop(key, None)
+                out[f"{module}.weight"] = weight if stored.full is None else to_numpy(stored.full)
+            else:
+                out[f"{module}.weight"] = weight.T.copy() if layer.info.type == "gpt2_conv1d" else weight
             if layer.bias is not None:
                 out[f"{module}.bias"] = to_numpy(layer.bias)
         for name in self.book.active:
@@ -177,6 +206,11 @@ class NumpyEngine(ModeView):
                 raise PeftdeclError(
                     f"{key}: shape {list(array.shape)} does not fit {module}'s weight {list(expected)}"
                 )
+            stored = self._stored.get(module)
+            if stored is not None:  # a float weight loaded into a quantised layer is stored quantised
+                stored.original = stored.current = requantize(module, stored.original, array, warn=False)
+                stored.full = None
+                array = dequantize(stored.original)
             self._layers[module].weight = self._asarray(array)
 
     def forward(self, module: str, x: Array, *, adapter_names: Sequence[str] | None = None) -> Array:
@@ -207,7 +241,14 @@ class NumpyEngine(ModeView):
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, all) numbers of parameters: the state dict's float arrays plus every adapter's trainable
         tensors and modules_to_save copies (frozen tensors are buffers in PEFT, not parameters)."""
-        base = sum(np.size(v) for v in self._original.values() if np.asarray(v).dtype.kind == "f")
+        # a quantised layer counts its weight's elements once, as PEFT counts a 4-bit weight (not its state)
+        quantised = {key for module, stored in self._stored.items() for key in stored.keys(module)}
+        base = sum(
+            np.size(v)
+            for k, v in self._original.items()
+            if np.asarray(v).dtype.kind == "f" and k not in quantised
+        )
+        base += sum(int(np.prod(stored.original.shape)) for stored in self._stored.values())
         own = {name: self.trainable_parameters((name,)) for name in self.book.plans}
         every = {name: sum(int(np.prod(v.shape)) for v in arrays.values()) for name, arrays in own.items()}
         trainable = sum(every[n] for n in self.book.trainable(self.book.active))
