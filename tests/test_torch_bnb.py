@@ -4,7 +4,8 @@ A tiny Llama folder is loaded twice with the same ``BitsAndBytesConfig`` (float3
 saves its adapter, peftdecl loads that folder onto the other. Both sides run the very same bitsandbytes layer for
 the base, so logits, loss, adapter gradients and the parameters after one SGD step agree to ≤ 1e-5 relative
 (float32 rounding of the adapter arithmetic only) for 4-bit and for 8-bit alike, although LLM.int8 quantises the
-activations too. Kinds that need the dense weight are refused at attach; merging into a quantised layer is refused.
+activations too. This module holds the helpers the other bnb modules share: ``test_torch_bnb_dense.py`` (kinds that
+read the dequantised weight, bfloat16 compute) and ``test_torch_bnb_merge.py`` (merges, dequantised unload).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 import pytest
 
 import peftdecl
-from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.train.tiny_model import build_tiny_llama
 from tests.conftest import rel_err, selected_backends
 from tests.peft_parity import assert_training_step_like_peft
@@ -34,9 +34,11 @@ TOL = 1e-5  # float32 compute: logits, loss, gradients, parameters after a step 
 
 QUANTS = {
     "nf4-double": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
     "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
     "int8": {"load_in_8bit": True},
 }
+TESTED_QUANTS = ["nf4-double", "fp4", "int8"]  # plain nf4 runs in the dense and merge modules
 QV = ["q_proj", "v_proj"]
 KINDS = {
     "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights=False),
@@ -49,6 +51,19 @@ KINDS = {
     ),
     "vera": lambda: peft.VeraConfig(r=8, target_modules=QV, init_weights=False),
 }
+DENSE_KINDS = {  # kinds that read the base weight (DoRA's norm) or map it (OFT, BOFT, LoHa, LoKr)
+    "dora": lambda: peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=QV, init_lora_weights=False, use_dora=True
+    ),
+    "oft": lambda: peft.OFTConfig(r=0, oft_block_size=16, target_modules=QV, init_weights=False),
+    # one butterfly factor: PEFT without its CUDA extension builds one whatever the config says
+    "boft": lambda: peft.BOFTConfig(
+        boft_block_size=8, boft_n_butterfly_factor=1, target_modules=QV, init_weights=False
+    ),
+    "loha": lambda: peft.LoHaConfig(r=4, target_modules=QV, init_weights=False),
+    "lokr": lambda: peft.LoKrConfig(r=4, target_modules=QV, init_weights=False),
+}
+ALL_KINDS = {**KINDS, **DENSE_KINDS}
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +71,13 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny"), hidden=64, layers=1, intermediate=128)
 
 
-def quantized(folder: Path, quant: str) -> Any:
-    """The tiny Llama as transformers loads it with ``BitsAndBytesConfig`` (float32 compute), with the CPU's
-    in-place repacking of 4-bit weights switched off so both sides keep the same stored weight."""
-    config = transformers.BitsAndBytesConfig(**QUANTS[quant], bnb_4bit_compute_dtype=torch.float32)
+def quantized(folder: Path, quant: str, compute: Any = None) -> Any:
+    """The tiny Llama as transformers loads it with ``BitsAndBytesConfig`` (``compute``: bnb_4bit_compute_dtype,
+    float32 by default), with the CPU's in-place repacking of 4-bit weights switched off so both sides keep the
+    same stored weight."""
+    config = transformers.BitsAndBytesConfig(
+        **QUANTS[quant], bnb_4bit_compute_dtype=torch.float32 if compute is None else compute
+    )
     model = transformers.AutoModelForCausalLM.from_pretrained(
         folder, quantization_config=config, device_map="cpu", dtype=torch.float32
     )
@@ -72,7 +90,7 @@ def quantized(folder: Path, quant: str) -> Any:
 def peft_saved(kind: str, base: Any, out: Path) -> Any:
     """PEFT's ``kind`` on ``base`` with non-trivial adapter values, saved in ``out``."""
     torch.manual_seed(1234)
-    wrapped = peft.get_peft_model(base, KINDS[kind]())
+    wrapped = peft.get_peft_model(base, ALL_KINDS[kind]())
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for param in wrapped.parameters():
@@ -90,14 +108,16 @@ def token_ids(model: Any, seed: int = 0) -> Any:
 def peft_trainable(wrapped: Any) -> dict[str, Any]:
     """PEFT's trainable parameters under peftdecl's keys (model prefix and adapter name removed)."""
     return {
-        n.removeprefix("base_model.model.").replace(".default", ""): p
+        n.removeprefix("base_model.model.")
+        .replace(".default", "")
+        .replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p
         for n, p in wrapped.named_parameters()
         if p.requires_grad
     }
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-@pytest.mark.parametrize("quant", sorted(QUANTS))
+@pytest.mark.parametrize("quant", TESTED_QUANTS)
 def test_logits_loss_gradients_and_step_equal_peft(
     folder: Path, tmp_path: Path, quant: str, kind: str
 ) -> None:
@@ -132,53 +152,8 @@ def test_saved_adapter_loads_in_peft_over_its_4bit_model(folder: Path, tmp_path:
         assert rel_err(ours(input_ids=x).logits.numpy(), theirs(input_ids=x).logits.numpy()) <= TOL
 
 
-REFUSED = {
-    "dora": {"peft_type": "LORA", "r": 4, "use_dora": True, "target_modules": QV},
-    "loha": {"peft_type": "LOHA", "r": 4, "target_modules": QV},
-    "oft": {"peft_type": "OFT", "r": 0, "oft_block_size": 16, "target_modules": QV},
-}
-
-
-@pytest.mark.parametrize("quant", ["nf4-double", "int8"])
-@pytest.mark.parametrize("kind", sorted(REFUSED))
-def test_kinds_that_need_the_dense_weight_are_refused_naming_the_layer(
-    folder: Path, quant: str, kind: str
-) -> None:
-    base = quantized(folder, quant)
-    with pytest.raises(
-        BackendError, match=rf"model\.layers\.0\.self_attn\.q_proj: {kind} needs the dense base"
-    ):
-        peftdecl.attach(base, REFUSED[kind])
-    # nothing was wrapped: the same model still takes an adapter that runs over the quantised weight
-    ours = peftdecl.attach(base, {"peft_type": "LORA", "r": 4, "target_modules": QV})
-    assert set(ours.trainable_parameters()) == {
-        f"model.layers.0.self_attn.{m}.lora_{ab}.weight" for m in ("q_proj", "v_proj") for ab in "AB"
-    }
-
-
-def test_merge_into_a_quantised_layer_is_refused_and_leaves_the_model_as_it_was(folder: Path) -> None:
-    """The float embedding comes first in the plan: it must not be merged before a quantised layer refuses."""
-    ours = peftdecl.attach(
-        quantized(folder, "nf4-double"),
-        {"peft_type": "LORA", "r": 4, "target_modules": ["embed_tokens", *QV], "init_lora_weights": False},
-    )
-    ours.eval()
-    x = token_ids(ours.base_model)
-    with torch.no_grad():
-        before = ours(input_ids=x).logits
-    for call in (ours.merge, ours.merge_and_unload):
-        with pytest.raises(
-            PeftdeclError,
-            match=r"q_proj: merging an adapter into a quantised base layer \(bnb_4bit\) is not supported yet",
-        ):
-            call()
-    with torch.no_grad():
-        assert torch.equal(ours(input_ids=x).logits, before)
-
-
 def test_two_active_adapters_over_a_quantised_layer(folder: Path) -> None:
-    """Two LoRAs active on one 4-bit layer add their changes to its bitsandbytes output (≤ 1e-5 relative, float32);
-    an input-side IA³ joined to one would need the dense weight and is refused when it runs, naming the layer."""
+    """Two LoRAs active on one 4-bit layer add their changes to its bitsandbytes output (≤ 1e-5 relative, float32)."""
     spec = {"peft_type": "LORA", "r": 4, "target_modules": QV, "init_lora_weights": False}
     ours = peftdecl.attach(quantized(folder, "nf4-double"), spec, name="a", seed=1)
     ours.add_adapter("b", {**spec, "r": 2}, seed=2)
@@ -195,12 +170,3 @@ def test_two_active_adapters_over_a_quantised_layer(folder: Path) -> None:
         assert rel_err(outputs[name].numpy(), base.numpy()) > 1e-2
     expected = outputs["a"] + outputs["b"] - base
     assert rel_err(outputs[("a", "b")].numpy(), expected.numpy()) <= TOL
-    ours.add_adapter(
-        "c", {"peft_type": "IA3", "target_modules": ["q_proj"], "feedforward_modules": ["q_proj"]}
-    )
-    ours.set_adapter(["a", "c"])
-    with (
-        torch.no_grad(),
-        pytest.raises(PeftdeclError, match=r"q_proj: reading the dense weight of a quantised"),
-    ):
-        layer(h)

@@ -44,6 +44,8 @@ class TorchBackend(TrainingFromModules):
     capabilities = Capabilities.of_kinds(
         _KINDS,
         "autograd",
+        # kinds that read the base weight dequantise a bitsandbytes layer's codes per call (quantized.py)
+        dequantizes=True,
         devices=("cpu", "cuda"),
         dtypes=("float32", "float64", "bfloat16", "float16"),
         # linear layers of these kinds run hand-written autograd Functions (kinds/_fused.py)

@@ -19,6 +19,7 @@ from peftdecl.backend import RngState, trainable_key
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.options import EngineOptions
 from peftdecl.plan import ModelInfo, Plan
+from peftdecl.quant.requantize import warn_requantized
 from peftdecl_torch.context import EngineContext
 from peftdecl_torch.inventory import layer_type
 from peftdecl_torch.kinds.prompt import PromptAdapter
@@ -26,6 +27,13 @@ from peftdecl_torch.layer import AdaptedLayer, adapter_dtype
 from peftdecl_torch.mixed_batch import mixed_rows
 from peftdecl_torch.probes import capture, follow_mode, to_numpy
 from peftdecl_torch.prompting import PromptCall, PromptSite, generation_inputs, prompt_call
+from peftdecl_torch.quantized import (
+    bnb_kind,
+    dequantized_weight,
+    model_float_dtype,
+    replace_quantized,
+    requantize,
+)
 from peftdecl_torch.saved import SavedModule
 from peftdecl_torch.seq2seq import seq2seq_call, seq2seq_generate
 from peftdecl_torch.task_heads import HEAD_TASKS, head_rules
@@ -165,9 +173,19 @@ class TorchEngine:
     def merge(self, names: tuple[str, ...]) -> None:
         """Fold ``names`` into the base weights in turn (the model adds them to ``book.merged`` afterwards)."""
         before = list(self.book.merged)
+        requantized: dict[str, str] = {}  # module -> its quantisation, for the one warning below
         for name in names:  # all or nothing: no weight is written while a later layer would refuse
             for lp in self.book.plans[name].layers:
-                self._layers[lp.module].check_mergeable()
+                layer = self._layers[lp.module]
+                layer.check_mergeable()
+                if layer.info.quantization is not None:
+                    requantized.setdefault(lp.module, layer.info.quantization)
+        if requantized:
+            first, quantization = next(iter(requantized.items()))
+            more = len(requantized) - 1
+            warn_requantized(
+                first + (f" and {more} more layer{'s' * (more > 1)}" if more else ""), quantization
+            )
         for name in names:
             for lp in self.book.plans[name].layers:
                 self._layers[lp.module].merge(name, before)
@@ -182,7 +200,9 @@ class TorchEngine:
                 self._layers[lp.module].unmerge(name, remaining)
 
     def unload(self, dequantize: bool = False) -> nn.Module:
-        """The base model itself, wrappers removed (merged weights stay), modules_to_save copies swapped in."""
+        """The base model itself, wrappers removed (merged weights stay), modules_to_save copies swapped in.
+        ``dequantize``: every bitsandbytes layer of the model becomes an ``nn.Linear`` holding its dequantised
+        (merged) weight, 4-bit in the dtype it was quantised from, int8 in the model's float dtype; biases kept."""
         for module, layer in self._layers.items():
             self._replace(module, layer.base_layer)
         for module, saved in self._saved.items():
@@ -190,6 +210,8 @@ class TorchEngine:
         self._layers, self._saved = {}, {}
         for pname, param in self.model.named_parameters():
             param.requires_grad_(self._requires_grad.get(pname, False))
+        if dequantize:
+            replace_quantized(self.model, model_float_dtype(self.model))
         return self.model
 
     def base_weight(self, module: str) -> np.ndarray:
@@ -205,8 +227,15 @@ class TorchEngine:
                 raise PeftdeclError(
                     f"{key}: shape {list(array.shape)} does not fit {module}'s weight {list(weight_ir.shape)}"
                 )
+            tensor = torch.from_numpy(np.ascontiguousarray(array))
+            quantized = self._quantized_module(module)
+            if quantized is not None:  # a dequantised view is a copy: the codes are written instead
+                requantize(quantized, tensor.to(weight_ir.dtype))
+                if module in self._layers:
+                    self._layers[module].scratch.clear()
+                continue
             with torch.no_grad():
-                weight_ir.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+                weight_ir.copy_(tensor)
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """Call the base model; ``adapter_names`` gives each batch row its adapter (``"__base__"``: none)."""
@@ -378,8 +407,16 @@ class TorchEngine:
         self._saved[module] = wrapper
         return wrapper
 
+    def _quantized_module(self, module: str) -> nn.Module | None:
+        """The bitsandbytes layer holding ``module``'s weight as codes, if it is one."""
+        found = (
+            self._layers[module].base_layer if module in self._layers else self.model.get_submodule(module)
+        )
+        return found if bnb_kind(found) is not None else None
+
     def _weight_ir(self, module: str, key: str | None = None) -> torch.Tensor:
-        """The base weight of ``module`` in the IR layout, as a live view."""
+        """The base weight of ``module`` in the IR layout, as a live view (a quantised layer's: dequantised, a
+        copy)."""
         if module in self._layers:
             return self._layers[module].weight_ir()
         try:
@@ -391,5 +428,7 @@ class TorchEngine:
             raise PeftdeclError(
                 f"{key or module}: {module} is a {type(found).__name__}, not an adaptable layer"
             )
+        if bnb_kind(found) is not None:
+            return dequantized_weight(found).detach()
         weight = cast(torch.Tensor, found.weight)
         return weight.T if kind == "gpt2_conv1d" else weight

@@ -28,6 +28,7 @@ from peftdecl_torch.context import EngineContext
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds import ops_for
 from peftdecl_torch.mixed_batch import ADAPTER_NAMES, RowAdapters
+from peftdecl_torch.quantized import bnb_kind, dequantized_weight, requantize
 
 
 class _Holder(nn.Module):
@@ -232,26 +233,36 @@ class AdaptedLayer(nn.Module):
         """The base layer's weight as it stores it (GPT-2 Conv1D: ``[in, out]``)."""
         return cast(torch.Tensor, self.base_layer.weight)
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the base layer stores quantised codes (bitsandbytes 4-bit or 8-bit), not its weight."""
+        return self.info.quantization is not None
+
     def weight_ir(self) -> torch.Tensor:
-        """The base weight in the IR layout ``[out, in]`` (a view: GPT-2 Conv1D stores ``[in, out]``)."""
-        self._refuse_quantized("reading the dense weight of")
+        """The base weight in the IR layout ``[out, in]`` (a view: GPT-2 Conv1D stores ``[in, out]``); a quantised
+        layer's weight dequantised on the fly (a new tensor each call, never stored: W = code · scale per block or
+        row, :mod:`peftdecl_torch.quantized`)."""
+        if self.quantized:
+            return self._dequantized()
         weight = self.base_weight
         return weight.T if self.info.type == "gpt2_conv1d" else weight
 
-    def check_mergeable(self) -> None:
-        """PeftdeclError when a merge into this layer would be refused (checked on every layer before any merge)."""
-        self._refuse_quantized("merging an adapter into")
+    def _dequantized(self) -> torch.Tensor:
+        self._require_codes()
+        return dequantized_weight(self.base_layer).detach()
 
-    def _refuse_quantized(self, action: str) -> None:
-        """PeftdeclError when the base weight is quantised: its stored bytes are codes, not the weight (kinds that
-        run over it never come here; compatibility refuses the others at attach)."""
-        quantization = self.info.quantization
-        if quantization is not None:
+    def _require_codes(self) -> None:
+        if bnb_kind(self.base_layer) is None:
             raise PeftdeclError(
-                f"{self.module_name}: {action} a quantised base layer ({quantization}) is not supported yet "
-                "(merge, unmerge, merge_and_unload and weight-side adapters need the dense weight); "
-                "dequantise the model first"
+                f"{self.module_name}: the base layer is quantised ({self.info.quantization}) but is not a "
+                f"bitsandbytes layer holding its codes ({type(self.base_layer).__name__}); its weight cannot be read"
             )
+
+    def check_mergeable(self) -> None:
+        """PeftdeclError when a merge into this layer would be refused (checked on every layer before any merge):
+        a quantised layer must be one whose codes can be read and written again."""
+        if self.quantized:
+            self._require_codes()
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -278,9 +289,14 @@ class AdaptedLayer(nn.Module):
         )
 
     def write_base(self, weight_ir: torch.Tensor, bias: torch.Tensor | None) -> None:
-        """Store a new base weight (IR layout) and bias in place, in the base layer's own dtype and layout."""
+        """Store a new base weight (IR layout) and bias in place, in the base layer's own dtype and layout; a
+        quantised layer's weight is re-quantised with its own scheme (the codes bitsandbytes gives that weight)."""
         with torch.no_grad():
-            self.base_weight.copy_(weight_ir.T if self.info.type == "gpt2_conv1d" else weight_ir)
+            if self.quantized:
+                requantize(self.base_layer, weight_ir)
+                self.scratch.clear()  # caches keyed by the old weight's storage must not match the new one
+            else:
+                self.base_weight.copy_(weight_ir.T if self.info.type == "gpt2_conv1d" else weight_ir)
             target_bias = self.bias
             if bias is not None and target_bias is not None:
                 target_bias.copy_(bias)
@@ -289,7 +305,6 @@ class AdaptedLayer(nn.Module):
     def merge(self, name: str, before: Sequence[str]) -> None:
         """Fold adapter ``name`` into the base weight as it is; ``before``: the adapters merged before it (they stay
         in)."""
-        self._refuse_quantized("merging an adapter into")
         lp = self._plans[name]
         if not self._merged_here(before) and self._keeps_unmerged():
             self._unmerged = self.weight_ir().detach().clone()

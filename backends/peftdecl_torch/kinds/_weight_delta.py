@@ -65,10 +65,11 @@ class WeightDeltaOps(FoldedMerge):
         delta = self._training_delta(lp, layer, p)
         if delta is None:
             return layer.base_forward(x)
-        if x.dtype != delta.dtype:
+        if x.dtype != delta.dtype or layer.quantized:
             # float32 ΔW on a half-precision base (the layer routes only linear layers here): ΔW rounded to the
             # base dtype and applied as its own product keeps a small ΔW that W + ΔW in half precision would
-            # round away, and runs at half-precision speed instead of as a float32 product of every input
+            # round away, and runs at half-precision speed instead of as a float32 product of every input;
+            # a quantised base runs its own kernel and ΔW beside it (no dequantised weight)
             return layer.base_forward(x) + layer.functional(x, delta.to(x.dtype), None)
         return layer.functional(x, layer.weight_ir() + delta, layer.bias)
 

@@ -63,8 +63,14 @@ class BoftOps:
     def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         q = orthogonal_blocks(lp, layer, p, layer.training)
         scale = p["boft_s"].reshape(-1)
-        weight = layer.weight_ir()
         bias = layer.bias
+        if layer.quantized and not lp.layer.is_conv:
+            # the quantised layer's own kernel on x M, then ⊙ s: no dense weight, as HF PEFT runs it
+            rotated = butterfly(x.to(q.dtype), q, perms(lp, q.device)).to(x.dtype)
+            y = layer.base_forward(rotated).to(q.dtype)
+            y = y * scale if bias is None else (y - bias.to(q.dtype)) * scale + bias.to(q.dtype)
+            return y.to(x.dtype)
+        weight = layer.weight_ir()
         if lp.layer.is_conv:
             kernel = self._scaled_kernel(weight.to(q.dtype), butterfly_matrix(lp, p, q), scale)
             return layer.functional(x.to(q.dtype), kernel, None if bias is None else bias.to(q.dtype)).to(
