@@ -402,3 +402,45 @@ def test_mlx_folder_equals_mlx_lm_convert(
     ids = mx.array([[5, 17, 42, 8, 63, 21, 9]])
     logits = [np.array(mlx_lm.load(str(folder))[0](ids).astype(mx.float32)) for folder in (tool, ours)]
     assert np.array_equal(logits[0], logits[1])  # tolerance 0: same arrays, same config, same computation
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Sizes off the blocks: 40 inputs (no MLX group divides it, k/v hold 800 weights: a partial 4-bit block)
+    and 96 inputs to down_proj (MLX groups of 32 only)."""
+    folder = tmp_path_factory.mktemp("odd")
+    return build_tiny_llama(folder, hidden=40, layers=1, heads=4, kv_heads=2, intermediate=96)
+
+
+def test_odd_sizes_bnb(odd: Path, tmp_path: Path) -> None:
+    torch, transformers, _ = _torch_stack()
+    from safetensors.torch import load_file
+
+    config = transformers.BitsAndBytesConfig(**NF4_DOUBLE)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        odd, quantization_config=config, device_map="cpu"
+    )
+    model.save_pretrained(tmp_path / "tool")
+    ours = quantize_folder(odd, tmp_path / "ours", bits=4, kind="nf4", double_quant=True).out
+    expected, actual = (
+        load_file(str(tmp_path / "tool" / "model.safetensors")),
+        load_file(str(ours / "model.safetensors")),
+    )
+    assert sorted(actual) == sorted(expected)
+    assert all(actual[k].dtype == expected[k].dtype and torch.equal(actual[k], expected[k]) for k in expected)
+
+
+def test_odd_sizes_mlx(odd: Path, tmp_path: Path) -> None:
+    mx, mlx_lm = _mlx_stack()
+    mlx_lm.convert(str(odd), str(tmp_path / "tool"), quantize=True, q_bits=4, q_group_size=32)
+    ours = quantize_folder(odd, tmp_path / "ours", bits=4, kind="affine", group_size=32).out
+    expected, actual = (
+        mx.load(str(tmp_path / "tool" / "model.safetensors")),
+        mx.load(str(ours / "model.safetensors")),
+    )
+    assert sorted(actual) == sorted(expected)
+    assert all(
+        actual[k].dtype == expected[k].dtype and mx.array_equal(actual[k], expected[k]).item()
+        for k in expected
+    )
+    assert [k for k, v in actual.items() if v.dtype == mx.uint32] == ["model.layers.0.mlp.down_proj.weight"]
