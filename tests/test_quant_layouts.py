@@ -229,3 +229,36 @@ def test_quantize_round_trips_through_the_layout(scheme: QuantScheme, dtype: str
         scheme.kind, 2 * top / (2**scheme.bits - 1)
     )
     assert np.abs(dequantize(q).astype(np.float64) - w).max() <= 0.5 * step + 0.02 * top
+
+
+@pytest.mark.parametrize("double", [False, True], ids=["nf4", "nf4-double"])
+def test_checkpoint_saved_after_an_eval_forward_reads_like_bitsandbytes(folder: Path, tmp_path: Path, double):
+    """On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight at its first eval forward and, saving it, writes it
+    back in the stored layout with its block scales rounded (plain absmax as bfloat16 of shape (1, blocks)). Such a
+    checkpoint reads as bitsandbytes itself reads it on reload (on other CPUs nothing is repacked: a plain case)."""
+    torch, bnb, transformers = _bnb()
+    from safetensors.torch import load_file
+
+    config = transformers.BitsAndBytesConfig(
+        **BNB["nf4-double" if double else "nf4"], bnb_4bit_compute_dtype=torch.float32
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=config, device_map="cpu", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    model.save_pretrained(tmp_path / "q")
+    saved = {
+        k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()  # NumPy has no bfloat16: exact in float32
+        for k, v in load_file(tmp_path / "q" / "model.safetensors").items()
+        if "_proj." in k
+    }
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    for module, layer in reloaded.named_modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            theirs = (
+                bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float().numpy()
+            )
+            assert np.array_equal(dequantize(quantized_from_tensors(saved, module, "bnb_4bit")), theirs), (
+                module
+            )

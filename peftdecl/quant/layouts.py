@@ -151,13 +151,12 @@ def _read_bnb_4bit(tensors: Mapping[str, Any], module: str) -> Quantized:
     blocks = -(-n // blocksize)
     double = "nested_offset" in state
     weight = _tensor(tensors, f"{module}.weight", np.uint8, ((n + 1) // 2, 1), "packed 4-bit codes")
-    absmax = _tensor(
-        tensors,
-        f"{module}.weight.absmax",
-        np.uint8 if double else np.float32,
-        (blocks,),
-        "absmax codes (double quantisation)" if double else "the absmax per block",
-    )
+    if double:
+        absmax = _tensor(
+            tensors, f"{module}.weight.absmax", np.uint8, (blocks,), "absmax codes (double quantisation)"
+        )
+    else:
+        absmax = _plain_absmax(tensors, f"{module}.weight.absmax", blocks)
     quant_map = _tensor(tensors, f"{module}.weight.quant_map", np.float32, (16,), "the 16-value code table")
     extras = {"quant_map": quant_map}
     scheme = QuantScheme(kind, block_size=blocksize)  # type: ignore[arg-type]  # kind is nf4 or fp4
@@ -209,6 +208,19 @@ def _write_bnb_4bit(module: str, q: Quantized) -> dict[str, np.ndarray]:
     # json.dumps' default separators, as bitsandbytes' pack_dict_to_tensor writes the state
     out[f"{module}.{QUANT_STATE}{q.scheme.kind}"] = np.frombuffer(json.dumps(state).encode(), np.uint8).copy()
     return out
+
+
+def _plain_absmax(tensors: Mapping[str, Any], key: str, blocks: int) -> np.ndarray:
+    """The float32 absmax per block. bitsandbytes 0.50 saves a layer it repacked for AVX512-BF16 CPUs (after an
+    eval forward) with this absmax as bfloat16 of shape (1, blocks); it dequantises that in float32 on reload, so
+    it is read here too (bfloat16 as an ml_dtypes array, or converted to float32 by the caller)."""
+    array = _present(tensors, key, f"the absmax per block, float32 of shape [{blocks}]")
+    if array.dtype.name not in ("float32", "bfloat16") or array.size != blocks or array.ndim > 2:
+        raise PeftdeclError(
+            f"{key}: expected the absmax per block, float32 of shape [{blocks}]; got {array.dtype} of shape "
+            f"{list(array.shape)}"
+        )
+    return array.astype(np.float32).reshape(blocks)
 
 
 def _quant_state(value: Any, key: str) -> dict[str, Any]:
