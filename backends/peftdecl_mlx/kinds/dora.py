@@ -6,7 +6,8 @@ Training with dropout h = dropout(x): y = W x + b + (g − 1) ⊙ W h + g ⊙ s�
 Embeddings: y = g ⊙ (E[x] + s·Aᵀ[x] Bᵀ), n over the vocabulary. Rows with n = 0 keep g = 1 (the reference's rule).
 With other adapters on the layer g rescales the output they built; merging takes n on the weight without the
 adapters merged before, as HF PEFT does. Over a quantised base n is taken on W dequantised for the purpose (a
-temporary, as HF PEFT does over bitsandbytes) while W x stays the layer's own quantised product.
+temporary, as HF PEFT does over bitsandbytes); the product is x W′ᵀ where W′ was formed for n just now, else the
+layer's own quantised product plus the low-rank term (n reused in inference, large layers).
 """
 
 from __future__ import annotations
@@ -113,11 +114,13 @@ class DoraOps:
             direction = layer.base_forward(x) + s * (p["lora_embedding_A"].T[x] @ p["lora_embedding_B"].T)
             return (m * inverse + ones) * direction
         dropout = layer.training and lp.options["dropout"] > 0.0
-        if layer.options.fused and not dropout and not layer.quantized and x.dtype == a.dtype == layer.dtype:
+        merged = formed[0] if formed else None
+        # over a quantised base only where W′ was just formed for the norm (training): otherwise its own product
+        dense = not layer.quantized or merged is not None
+        if layer.options.fused and not dropout and dense and x.dtype == a.dtype == layer.dtype:
             w = layer.weight
             # W′ formed for the norm just now serves the product too (x W′ᵀ instead of x Wᵀ + s·(x Aᵀ) Bᵀ); with
             # n reused, W′ is formed again only where the engine options or the cost rule choose it
-            merged = formed[0] if formed else None
             if merged is None and _fused.use_merged(layer.options, x, w, a.shape[0], layer.training):
                 merged = mx.stop_gradient(mx.addmm(w, b, a, alpha=s))
             fused = _fused.dora(s, merged is not None)
