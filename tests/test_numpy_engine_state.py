@@ -7,6 +7,7 @@ quantised layer is refused with its name; the engine computes in the dtype it is
 from __future__ import annotations
 
 import importlib
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,9 @@ import peftdecl
 from peftdecl.backend import AdditiveOps, ComposingOps, Engine, ExplicitGradientOps, KindOps, get_backend
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.kinds import kinds
+from peftdecl.plan import LayerInfo
+from peftdecl.quant.layouts import quantize, tensors_from_quantized
+from peftdecl.quant.scheme import QuantScheme
 from peftdecl_numpy.kinds import ops_for
 from tests.conftest import rel_err
 from tests.layer_cases import KINDS, LINEAR
@@ -85,36 +89,59 @@ def test_update_spec_keeps_the_live_arrays() -> None:
         model.engine.replace_plan("default", bigger)
 
 
-# quantised layers as their libraries save them next to a float layer ``v``: (state dict, quantisation)
-QUANTISED = {
-    "mlx_affine": {
-        "q.weight": np.zeros((6, 1), np.uint32),
-        "q.scales": np.ones((6, 1), np.float32),
-        "q.biases": np.zeros((6, 1), np.float32),
-    },
-    "bnb_8bit": {"q.weight": np.zeros((6, 8), np.int8), "q.SCB": np.ones(6, np.float32)},
-    "bnb_4bit": {
-        "q.weight": np.zeros((24, 1), np.uint8),
-        "q.weight.absmax": np.ones(3, np.float32),
-        "q.weight.quant_map": np.ones(16, np.float32),
-        "q.weight.quant_state.bitsandbytes__nf4": np.zeros(8, np.uint8),
-    },
+# quantised layers in their libraries' layouts next to a float layer ``v``, written by the reference codecs
+SCHEMES = {
+    "mlx_affine": QuantScheme("affine", bits=4, group_size=32),
+    "bnb_8bit": QuantScheme("int8"),
+    "bnb_4bit": QuantScheme("nf4", double_quant=True),
 }
+MLX_FACT = {"bits": 4, "group_size": 32}
 
 
-@pytest.mark.parametrize("quantization", sorted(QUANTISED))
-def test_a_quantised_layer_is_described_and_refused_at_attach_by_name(quantization: str) -> None:
-    state = {**QUANTISED[quantization], "v.weight": np.ones((6, 8), np.float32)}
-    info = get_backend("numpy").inventory(state)
+def quantised_state(quantization: str) -> dict[str, np.ndarray]:
+    weight = np.random.default_rng(3).normal(size=(6, 64)).astype(np.float32)
+    packed = tensors_from_quantized("q", quantize(weight, SCHEMES[quantization]))
+    return {**packed, "v.weight": np.ones((6, 64), np.float32)}
+
+
+@pytest.mark.parametrize("quantization", sorted(SCHEMES))
+def test_a_quantised_layer_is_described_adapted_and_left_as_stored(quantization: str) -> None:
+    state = quantised_state(quantization)
+    facts = {"quantization": MLX_FACT} if quantization == "mlx_affine" else {}
+    info = get_backend("numpy").inventory(state, **facts)
     assert info.layers["q"].quantization == quantization and info.layers["v"].quantization is None
+    assert (info.layers["q"].in_features, info.layers["q"].out_features) == (64, 6)
     spec = {**KINDS["lora"].spec, "target_modules": ["q", "v"]}
-    with pytest.raises(BackendError, match=rf"^q: the base layer is quantised \({quantization}\)"):
-        peftdecl.attach(state, spec)
-    model = peftdecl.attach(state, {**spec, "target_modules": ["v"]})  # the float layer still adapts
-    assert model("v", np.ones((2, 8))).shape == (2, 6)
-    unloaded = model.merge_and_unload()  # the packed tensors come back as they were, never read as numbers
-    for key, value in QUANTISED[quantization].items():
-        assert unloaded[key].dtype == value.dtype and np.array_equal(unloaded[key], value), key
+    model = peftdecl.attach(state, spec, **facts)
+    assert model("q", np.ones((2, 64))).shape == (2, 6)
+    only_v = peftdecl.attach(state, {**spec, "target_modules": ["v"]}, **facts)
+    unloaded = only_v.merge_and_unload()  # nothing merged into q: its stored tensors come back byte for byte
+    for key, value in state.items():
+        if key.startswith("q."):
+            assert unloaded[key].dtype == value.dtype and np.array_equal(unloaded[key], value), key
+
+
+def test_an_mlx_quantised_layer_without_its_bits_is_refused_naming_the_weight() -> None:
+    with pytest.raises(
+        PeftdeclError, match=r"q\.weight: an MLX affine-quantised weight; pass the model fact"
+    ):
+        get_backend("numpy").inventory(quantised_state("mlx_affine"))
+
+
+@pytest.mark.parametrize("missing", ["q.weight.absmax", "q.weight.quant_map", "q.weight.nested_absmax"])
+def test_a_4bit_weight_missing_its_state_is_refused_naming_the_key(missing: str) -> None:
+    state = quantised_state("bnb_4bit")
+    del state[missing]
+    with pytest.raises(PeftdeclError, match=re.escape(missing)):
+        peftdecl.attach(state, {**KINDS["lora"].spec, "target_modules": ["v"]})
+
+
+def test_a_layer_of_unknown_quantisation_is_refused_at_attach_by_name() -> None:
+    state = {"q.weight": np.ones((6, 8), np.float32), "v.weight": np.ones((6, 8), np.float32)}
+    declared = {"q": LayerInfo("linear", 8, 6, False, quantization="unknown")}
+    spec = {**KINDS["lora"].spec, "target_modules": ["q", "v"]}
+    with pytest.raises(BackendError, match=r"^q: the base layer is quantised \(unknown\)"):
+        peftdecl.attach(state, spec, layer_types=declared)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -53,9 +53,12 @@ NF4_CODE = np.array(
 )
 
 #: FP4 (1 sign, 2 exponent, 1 mantissa bit, bias 2): the value of each 3-bit magnitude pattern, then negated for
-#: the sign bit, divided by the largest (12) so the table spans [-1, 1].
+#: the sign bit, divided by the largest (12) so the table spans [-1, 1]. Adding +0.0 turns the negated zero into
+#: +0.0, as bitsandbytes stores it (equal values; the saved ``quant_map`` bytes must match).
 _FP4_MAGNITUDES = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
-FP4_CODE = (np.array(_FP4_MAGNITUDES + [-m for m in _FP4_MAGNITUDES], dtype=F32) / F32(12.0)).astype(F32)
+FP4_CODE = (
+    np.array(_FP4_MAGNITUDES + [-m for m in _FP4_MAGNITUDES], dtype=F32) / F32(12.0) + F32(0.0)
+).astype(F32)
 
 
 def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:

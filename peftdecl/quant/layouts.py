@@ -100,10 +100,7 @@ def quantize(w: np.ndarray, scheme: QuantScheme, *, dtype: str = "float32") -> Q
     elif name == "float16":
         values = np.asarray(w).astype(np.float16)
     if scheme.kind in ("nf4", "fp4"):
-        q = quantize_4bit(values, scheme)
-        # bitsandbytes' FP4 table holds +0.0 where the codec's holds -0.0: equal values, different bytes
-        table = (q.extras["quant_map"] + np.float32(0.0)).astype(np.float32)
-        return dataclasses.replace(q, dtype=name, extras={**q.extras, "quant_map": table})
+        return dataclasses.replace(quantize_4bit(values, scheme), dtype=name)
     if scheme.kind == "int8":
         return quantize_int8(values, scheme)
     if name == "float16":
