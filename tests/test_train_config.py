@@ -199,7 +199,11 @@ def with_field(path: str, value: object) -> dict[str, object]:
     *parents, last = path.split(".")[1:]
     node = data
     for part in parents:
-        node = node[part]  # type: ignore[assignment]
+        child = node.get(part)
+        if isinstance(child, str):  # model: PATH, written as its section to reach inside it
+            child = {"path": child}
+        node[part] = child = {} if child is None else child
+        node = child  # type: ignore[assignment]
     node[last] = value
     return data
 

@@ -1,6 +1,7 @@
 """The training file: msgspec Structs whose JSON Schema is published as ``schemas/train.schema.json``.
 
-Field names under ``training`` are transformers ``TrainingArguments`` names; under ``data`` they follow mlx-lm.
+Field names under ``training`` are transformers ``TrainingArguments`` names; under ``data`` they follow mlx-lm;
+under ``model.quantization`` they are transformers ``BitsAndBytesConfig``'s (torch) and mlx-lm's (MLX).
 Reading, validating and checking a file is :mod:`peftdecl.train.load`'s job.
 """
 
@@ -28,6 +29,64 @@ SaveFormat = Literal["hf", "mlx-lm"]
 
 class _Section(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     """Base of every section: unknown fields are errors."""
+
+
+class QuantizationConfig(_Section):
+    """How the frozen base is quantised as it is loaded (QLoRA): transformers ``BitsAndBytesConfig`` names on torch,
+    mlx-lm's ``bits`` / ``group_size`` on MLX.
+
+    A field left out takes its library's default (``bnb_4bit_quant_type`` fp4, no double quantisation, float32
+    compute; ``group_size`` 64); whether a field was written at all is what the cross-field rules check, so the
+    optional fields default to null rather than to the library's value."""
+
+    load_in_4bit: Annotated[
+        bool, Meta(description="torch: load the linear layers as bitsandbytes 4-bit (Linear4bit).")
+    ] = False
+    load_in_8bit: Annotated[
+        bool, Meta(description="torch: load the linear layers as bitsandbytes LLM.int8 (Linear8bitLt).")
+    ] = False
+    bnb_4bit_quant_type: Annotated[
+        Literal["nf4", "fp4"] | None, Meta(description="torch, 4-bit: the 4-bit code; null: fp4.")
+    ] = None
+    bnb_4bit_use_double_quant: Annotated[
+        bool | None, Meta(description="torch, 4-bit: quantise the block scales too (8-bit, blocks of 256).")
+    ] = None
+    bnb_4bit_compute_dtype: Annotated[
+        Literal["float32", "bfloat16", "float16"] | None,
+        Meta(description="torch, 4-bit: dtype of the 4-bit matmul; null: float32."),
+    ] = None
+    bits: Annotated[
+        Literal[2, 3, 4, 5, 6, 8] | None,
+        Meta(description="mlx: bits per weight of MLX affine quantisation (mlx-lm's q_bits); null: 4."),
+    ] = None
+    group_size: Annotated[
+        Literal[32, 64, 128] | None,
+        Meta(description="mlx: weights sharing one scale and bias (mlx-lm's q_group_size); null: 64."),
+    ] = None
+
+
+TORCH_QUANTIZATION = (
+    "load_in_4bit",
+    "load_in_8bit",
+    "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant",
+    "bnb_4bit_compute_dtype",
+)
+"""``model.quantization`` fields only the torch backend (bitsandbytes) reads."""
+MLX_QUANTIZATION = ("bits", "group_size")
+"""``model.quantization`` fields only the MLX backend reads."""
+
+
+class ModelConfig(_Section):
+    """The base model: a local HF checkpoint folder, optionally quantised as it is loaded."""
+
+    path: Annotated[
+        str, Meta(min_length=1, description="Local HF checkpoint folder (config, weights, tokenizer).")
+    ]
+    quantization: Annotated[
+        QuantizationConfig | None,
+        Meta(description="Quantise the frozen base on load (QLoRA); a quantised folder needs none."),
+    ] = None
 
 
 class DataConfig(_Section):
@@ -115,7 +174,8 @@ class TrainFile(_Section):
     """A ``peftdecl train`` run: the model, the adapter, the data, the optimisation and where results go."""
 
     model: Annotated[
-        str, Meta(min_length=1, description="Local HF checkpoint folder (config, weights, tokenizer).")
+        Annotated[str, Meta(min_length=1)] | ModelConfig,
+        Meta(description="Local HF checkpoint folder, or {path, quantization} to quantise it on load."),
     ]
     adapter: Annotated[
         str | dict[str, Any],
@@ -144,6 +204,16 @@ class TrainFile(_Section):
     generation_check: Annotated[
         GenerationCheck | None, Meta(description="Optional held-out generation metric, before and after.")
     ] = None
+
+    @property
+    def model_path(self) -> str:
+        """The model folder, however ``model`` was written."""
+        return self.model if isinstance(self.model, str) else self.model.path
+
+    @property
+    def quantization(self) -> QuantizationConfig | None:
+        """``model.quantization``, or None for a plain ``model: PATH``."""
+        return None if isinstance(self.model, str) else self.model.quantization
 
 
 SCHEMA_FILE = "train.schema.json"
