@@ -9,6 +9,8 @@ an architecture whose names differ rather than write a folder transformers would
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import struct
@@ -23,6 +25,8 @@ import numpy as np
 from peftdecl.errors import PeftdeclError
 from peftdecl.merged_checkpoint import carried_files, check_new_folder, new_folder, refuse_prompt_adapters
 from peftdecl.model import AdaptedModel
+from peftdecl.quant.folder import check_quantized_folder
+from peftdecl.train.config import TORCH_QUANTIZATION, QuantizationConfig
 from peftdecl.train.runtime import Tokenizer
 from peftdecl_mlx.engine import MlxEngine
 from peftdecl_mlx.inventory import flatten
@@ -35,11 +39,15 @@ MAX_HEADER_BYTES = 100_000_000
 """The safetensors format's own limit on a header."""
 
 
-def load_pretrained(directory: Path, *, device: str, dtype: str) -> tuple[nn.Module, Tokenizer]:
+def load_pretrained(
+    directory: Path, *, device: str, dtype: str, quantization: QuantizationConfig | None = None
+) -> tuple[nn.Module, Tokenizer]:
     """The mlx-lm model of a local HF checkpoint folder, its floating arrays cast to ``dtype``, and the folder's
     tokenizer as ``transformers.AutoTokenizer`` loads it (so the data is tokenised as on torch).
 
-    ``device``: auto (MLX's default device) or cpu (made the default device); cuda is torch's."""
+    ``quantization`` (``bits``, ``group_size``) then quantises the cast model as ``mlx_lm.convert -q`` does
+    (:func:`quantize_like_mlx_lm`); an mlx-lm quantised folder (config.json ``quantization``) loads quantised
+    without it. ``device``: auto (MLX's default device) or cpu (made the default device); cuda is torch's."""
     folder = Path(directory)
     if device not in DEVICES:
         raise PeftdeclError(
@@ -49,22 +57,51 @@ def load_pretrained(directory: Path, *, device: str, dtype: str) -> tuple[nn.Mod
         raise PeftdeclError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     if not (folder / "config.json").is_file():
         raise PeftdeclError(f"{folder}: no config.json (expected a local HF checkpoint folder)")
+    scheme = check_quantized_folder(folder)  # names a missing scales/biases key
+    if scheme not in (None, "mlx_affine"):
+        raise PeftdeclError(
+            f"{folder} holds a {scheme} (bitsandbytes) checkpoint; the mlx backend loads float or mlx-lm "
+            "quantised folders (use the torch backend)"
+        )
+    if quantization is not None and scheme is not None:
+        raise PeftdeclError(
+            f"{folder} is quantised already ({scheme}); it loads as it is, without model.quantization"
+        )
     from mlx_lm.utils import load_model
     from transformers import AutoTokenizer
 
     if device == "cpu":
         mx.set_default_device(mx.cpu)
     try:
-        model, _ = load_model(folder)
+        model, config = load_model(folder)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise PeftdeclError(f"{folder}: mlx-lm cannot load this checkpoint ({exc})") from None
     model.set_dtype(DTYPES[dtype])
+    if quantization is not None:
+        quantize_like_mlx_lm(model, config, quantization)
     mx.eval(model.parameters())
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise PeftdeclError(f"{folder}: cannot load its tokenizer ({exc})") from None
     return model, cast(Tokenizer, tokenizer)
+
+
+def quantize_like_mlx_lm(
+    model: nn.Module, config: dict[str, object], quantization: QuantizationConfig
+) -> None:
+    """Replace ``model``'s layers by ``nn.QuantizedLinear`` / ``QuantizedEmbedding`` (MLX affine, ``bits`` and
+    ``group_size``; mlx-lm's defaults 4 and 64) through mlx-lm's own ``quantize_model``, so that the layers
+    chosen (those whose input size the group size divides, and the model's own predicate) are mlx-lm's."""
+    from mlx_lm.utils import quantize_model
+
+    if any(getattr(quantization, name) not in (None, False) for name in TORCH_QUANTIZATION):
+        raise PeftdeclError(
+            "model.quantization: bitsandbytes settings are the torch backend's; mlx takes bits"
+        )
+    # quantize_model prints the bits per weight; the CLI owns the terminal
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize_model(model, dict(config), quantization.group_size, quantization.bits)
 
 
 def generate(

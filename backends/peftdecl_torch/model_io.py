@@ -18,6 +18,7 @@ from peftdecl.merged_checkpoint import carried_files, new_folder, refuse_prompt_
 
 if TYPE_CHECKING:
     from peftdecl.model import AdaptedModel
+    from peftdecl.train.config import QuantizationConfig
     from peftdecl.train.runtime import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,9 +54,15 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
-def load_pretrained(directory: Path, *, device: str, dtype: str) -> tuple[nn.Module, Tokenizer]:
+def load_pretrained(
+    directory: Path, *, device: str, dtype: str, quantization: QuantizationConfig | None = None
+) -> tuple[nn.Module, Tokenizer]:
     """The causal LM and tokenizer (a transformers ``PreTrainedTokenizerBase``) of a local HF checkpoint folder
-    (never the network), on ``device`` in ``dtype``, in eval mode."""
+    (never the network), on ``device`` in ``dtype``, in eval mode (a quantised one frozen).
+
+    ``quantization`` (bitsandbytes names) loads the linear layers as ``Linear4bit`` / ``Linear8bitLt`` through
+    transformers' ``BitsAndBytesConfig``, as ``from_pretrained(quantization_config=...)`` does; a folder saved
+    quantised (its config.json's ``quantization_config``) loads quantised without it."""
     directory = Path(directory)
     if not directory.is_dir():
         raise PeftdeclError(f"model folder {directory} does not exist")
@@ -63,18 +70,81 @@ def load_pretrained(directory: Path, *, device: str, dtype: str) -> tuple[nn.Mod
         raise PeftdeclError(f"model folder {directory} has no config.json (expected a HF checkpoint folder)")
     target = resolve_device(device)
     wanted = torch_dtype(dtype)
+    layout = _saved_quantization(directory)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    options: dict[str, object] = {"dtype": wanted, "local_files_only": True}
+    if quantization is not None:
+        if layout is not None:
+            raise PeftdeclError(
+                f"model folder {directory} is quantised already ({layout}); it loads as it is, "
+                "without model.quantization"
+            )
+        options["quantization_config"] = bnb_config(quantization)
+    quantized = quantization is not None or layout is not None
+    if quantized:  # bitsandbytes places its layers while loading; a quantised model refuses .to() afterwards
+        options["device_map"] = {"": str(target)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=wanted, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(directory), **options)
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, ImportError) as exc:
         raise PeftdeclError(f"model folder {directory}: transformers cannot load it: {exc}") from exc
-    model.to(target)  # type: ignore[arg-type]  # transformers' stub of .to is narrower than nn.Module's
+    if not quantized:
+        model.to(target)  # type: ignore[arg-type]  # transformers' stub of .to is narrower than nn.Module's
+    if quantized:  # only the adapter trains over a quantised base (its integer weights cannot take gradients)
+        model.requires_grad_(False)
+        if target.type == "cpu":
+            keep_4bit_layout(cast(nn.Module, model))
     model.eval()
     return cast(nn.Module, model), cast("Tokenizer", tokenizer)
+
+
+def bnb_config(quantization: QuantizationConfig) -> object:
+    """transformers' ``BitsAndBytesConfig`` of the training file's ``model.quantization`` (same names; a field
+    left out keeps transformers' default)."""
+    from transformers import BitsAndBytesConfig
+
+    options: dict[str, object] = {
+        "load_in_4bit": quantization.load_in_4bit,
+        "load_in_8bit": quantization.load_in_8bit,
+    }
+    if quantization.bnb_4bit_quant_type is not None:
+        options["bnb_4bit_quant_type"] = quantization.bnb_4bit_quant_type
+    if quantization.bnb_4bit_use_double_quant is not None:
+        options["bnb_4bit_use_double_quant"] = quantization.bnb_4bit_use_double_quant
+    if quantization.bnb_4bit_compute_dtype is not None:
+        options["bnb_4bit_compute_dtype"] = torch_dtype(quantization.bnb_4bit_compute_dtype)
+    return BitsAndBytesConfig(**options)
+
+
+def keep_4bit_layout(model: nn.Module) -> None:
+    """Switch off bitsandbytes' CPU repacking of 4-bit weights. On CPUs with AVX512-BF16 its first eval-mode
+    forward rewrites each ``Linear4bit`` weight in place (another layout, block scales rounded to bfloat16); the
+    weight then no longer equals the checkpoint or the model PEFT loads, and merging or saving reads it wrong."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: no 4-bit layers either
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _saved_quantization(directory: Path) -> str | None:
+    """The folder's own quantisation (``bnb_4bit``, ``bnb_8bit``) or None, after checking that every quantised
+    weight carries its state (a missing key is named); an mlx-lm folder is refused, as transformers cannot read
+    its packed weights."""
+    from peftdecl.quant.folder import check_quantized_folder
+
+    scheme = check_quantized_folder(directory)
+    if scheme == "mlx_affine":
+        raise PeftdeclError(
+            f"model folder {directory} is quantised by mlx-lm (config.json 'quantization'); "
+            "the torch backend loads float or bitsandbytes checkpoints (use the mlx backend)"
+        )
+    return scheme
 
 
 def model_device(model: AdaptedModel) -> torch.device:

@@ -21,7 +21,7 @@ from peftdecl._json import JsonObject
 
 if TYPE_CHECKING:
     from peftdecl.model import AdaptedModel
-    from peftdecl.train.config import TrainFile
+    from peftdecl.train.config import QuantizationConfig, TrainFile
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,12 @@ class TrainingRuntime(Protocol):
 class TrainingBackend(Protocol):
     """Optional Backend methods behind ``peftdecl train``, ``merge`` and ``generate``."""
 
-    def load_pretrained(self, directory: Path, *, device: str, dtype: str) -> tuple[object, Tokenizer]:
-        """The base model (the backend's own module) and its tokenizer from a local HF checkpoint folder."""
+    def load_pretrained(
+        self, directory: Path, *, device: str, dtype: str, quantization: QuantizationConfig | None = None
+    ) -> tuple[object, Tokenizer]:
+        """The base model (the backend's own module) and its tokenizer from a local HF checkpoint folder;
+        with ``quantization`` its linear layers are quantised as they load (QLoRA), and a folder that is
+        quantised already loads quantised as it is."""
         ...
 
     def training_runtime(
@@ -151,10 +155,12 @@ class TrainingFromModules:
     def _module(self, name: str) -> Any:
         return importlib.import_module(f"{self.package}.{name}")
 
-    def load_pretrained(self, directory: Path, *, device: str, dtype: str) -> tuple[object, Tokenizer]:
+    def load_pretrained(
+        self, directory: Path, *, device: str, dtype: str, quantization: QuantizationConfig | None = None
+    ) -> tuple[object, Tokenizer]:
         """The backend's model and the tokenizer of a local HF checkpoint folder (see ``model_io``)."""
         loaded: tuple[object, Tokenizer] = self._module("model_io").load_pretrained(
-            directory, device=device, dtype=dtype
+            directory, device=device, dtype=dtype, quantization=quantization
         )
         return loaded
 

@@ -85,7 +85,11 @@ def prepare(config: TrainFile, checkpoint: tuple[JsonObject, dict[str, object]] 
     spec = resolve_adapter_spec(config)
     backend = training_backend(config)
     trainer = cast(TrainingBackend, backend)
-    base, tokenizer = trainer.load_pretrained(Path(config.model), device=config.device, dtype=config.dtype)
+    # passed only when set, so that a backend written before quantised bases still loads plain models
+    quantized = {} if config.quantization is None else {"quantization": config.quantization}
+    base, tokenizer = trainer.load_pretrained(
+        Path(config.model_path), device=config.device, dtype=config.dtype, **quantized
+    )
     train = load_dataset(Path(config.data.train), tokenizer, config.data)
     valid = load_dataset(Path(config.data.valid), tokenizer, config.data) if config.data.valid else None
     _, world_size = world()
