@@ -154,7 +154,7 @@ class Quantised(nn.Module):
         return self.down_proj(self.q_proj(self.embed_tokens(ids)))
 
 
-def test_quantised_layers_are_described_and_refused_by_name() -> None:
+def test_quantised_layers_are_described_and_adapted() -> None:
     from peftdecl_mlx import MlxBackend
 
     info = MlxBackend().inventory(Quantised())
@@ -163,15 +163,17 @@ def test_quantised_layers_are_described_and_refused_by_name() -> None:
     assert (emb.type, emb.in_features, emb.out_features) == ("embedding", 16, 64)
     assert q.quantization == emb.quantization == "mlx_affine" and down.quantization is None
     assert q.dtype == down.dtype == "float32"
-    for target in ("q_proj", "embed_tokens"):
-        with pytest.raises(BackendError, match=rf"^{target}: the base layer is quantised \(mlx_affine\)"):
-            peftdecl.attach(Quantised(), {**LORA, "target_modules": [target]})
-    model = peftdecl.attach(
-        Quantised(), {**LORA, "target_modules": ["down_proj"]}
-    )  # the rest may be quantised
-    assert set(model.plan().targets) == {"down_proj"}
-    with pytest.raises(BackendError, match="q_proj is quantised"):
-        model.engine.base_weight("q_proj")
+    model = peftdecl.attach(Quantised(), {**LORA, "target_modules": ["q_proj", "embed_tokens"]})
+    assert set(model.plan().targets) == {"q_proj", "embed_tokens"}
+    base = model.engine.layer("q_proj").base_layer
+    assert isinstance(base, nn.QuantizedLinear)  # adapted in place, never replaced by a float copy
+    expected = mx.dequantize(base.weight, base.scales, base.biases, group_size=32, bits=4)
+    assert np.array_equal(model.engine.base_weight("q_proj"), np.array(expected, dtype=np.float64))
+    # MLX's floating-point modes have no QuantScheme: refused at attach, naming the layer and the mode
+    mxfp4 = Quantised()
+    mxfp4.q_proj = nn.QuantizedLinear(64, 64, bias=True, group_size=32, bits=4, mode="mxfp4")
+    with pytest.raises(BackendError, match=r"^q_proj: the base layer is quantised \(mlx_mxfp4\)"):
+        peftdecl.attach(mxfp4, {**LORA, "target_modules": ["q_proj"]})
 
 
 def test_inventory_reads_the_base_dtype() -> None:
