@@ -9,6 +9,7 @@ defined here (:class:`PeftCompat`, mixed into ``AdaptedModel``) or listed in :da
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -17,6 +18,7 @@ import numpy as np
 
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import ModelInfo, Plan
+from peftdecl.quant.requantize import RequantizationWarning
 from peftdecl.spec import SpecBase
 
 if TYPE_CHECKING:
@@ -246,7 +248,10 @@ class PeftCompat:
         quantised base layers come back as float layers holding the merged weight, not re-quantised (a
         quantised layer otherwise gets its merged weight re-quantised, with a rounding warning).
         ``progressbar`` is accepted and ignored."""
-        self.merge(adapter_names)
+        with warnings.catch_warnings():
+            if dequantize:  # the engine's unload keeps the full-precision merge: no rounding to warn about
+                warnings.simplefilter("ignore", RequantizationWarning)
+            self.merge(adapter_names)
         if safe_merge:
             modules = {m for name in self._book.merged for m in self._book.plans[name].targets}
             bad = sorted(m for m in modules if not np.isfinite(self._engine.base_weight(m)).all())
