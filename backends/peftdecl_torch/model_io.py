@@ -93,7 +93,7 @@ def load_pretrained(
         raise PeftdeclError(f"model folder {directory}: transformers cannot load it: {exc}") from exc
     if not quantized:
         model.to(target)  # type: ignore[arg-type]  # transformers' stub of .to is narrower than nn.Module's
-    if quantized:  # only the adapter trains over a quantised base (its integer weights cannot take gradients)
+    else:  # only the adapter trains over a quantised base (its integer weights cannot take gradients)
         model.requires_grad_(False)
         if target.type == "cpu":
             keep_4bit_layout(cast(nn.Module, model))
