@@ -376,12 +376,18 @@ def test_mlx_qlora_trains_and_its_adapter_equals_mlx_lm(folder: Path, tmp_path: 
     from peftdecl_mlx.model_io import load_pretrained
 
     quantization = {"bits": 4, "group_size": 64}
-    file = mapping({"path": str(folder), "quantization": quantization}, tmp_path, backend="mlx", max_steps=4)
-    # the blocks' layers only: MLX quantises lm_head too, and the HF file then carries its base weight, which
-    # peftdecl's loader writes back into the quantised layer re-quantised (see the report); mlx-lm keeps its own
-    blocks = [m for m in LORA["target_modules"] if m != "lm_head"] + ["down_proj", "o_proj"]  # type: ignore[union-attr]
-    file["adapter"] = {**LORA, "target_modules": blocks}
-    file["training"]["learning_rate"] = 2e-2
+    file = mapping(
+        {"path": str(folder), "quantization": quantization},
+        tmp_path,
+        backend="mlx",
+        max_steps=4,
+        learning_rate=2e-2,
+        gradient_checkpointing=True,
+    )
+    # the blocks' layers only: MLX quantises lm_head too, and an HF adapter file over it carries its base weight
+    # (as PEFT saves a targeted head), which peftdecl's loader writes back into the QuantizedLinear re-quantised,
+    # changing its codes; mlx-lm's format carries no base weight
+    file["adapter"] = {**LORA, "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}
     train(load_train_file({**file, "save_formats": ["hf", "mlx-lm"]}))
     before, after = eval_losses(tmp_path / "run")
     assert after < before - 0.1, (before, after)
