@@ -178,8 +178,8 @@ class TorchEngine:
             for lp in self.book.plans[name].layers:
                 layer = self._layers[lp.module]
                 layer.check_mergeable()
-                if layer.info.quantization is not None:
-                    requantized.setdefault(lp.module, layer.info.quantization)
+                if layer.quantized:
+                    requantized.setdefault(lp.module, layer.info.quantization or "")
         if requantized:
             first, quantization = next(iter(requantized.items()))
             more = len(requantized) - 1
@@ -213,6 +213,19 @@ class TorchEngine:
         if dequantize:
             replace_quantized(self.model, model_float_dtype(self.model))
         return self.model
+
+    def dequantize_base(self) -> list[str]:
+        """Replace every bitsandbytes layer of the model, adapted or not, by an ``nn.Linear`` holding its
+        dequantised weight (4-bit in the dtype it was quantised from, int8 in the model's float dtype): adapters
+        keep running, and merges from then on add in full precision (``merge_and_unload(dequantize=True)`` without
+        the re-quantisation). Returns the modules replaced."""
+        int8_dtype = model_float_dtype(self.model)
+        replaced = []
+        for module, layer in self._layers.items():
+            if layer.quantized:
+                layer.dequantize_base(int8_dtype)
+                replaced.append(module)
+        return replaced + replace_quantized(self.model, int8_dtype)
 
     def base_weight(self, module: str) -> np.ndarray:
         array: np.ndarray = self._weight_ir(module).detach().to("cpu", torch.float64).numpy().copy()

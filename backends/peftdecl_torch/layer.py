@@ -28,7 +28,7 @@ from peftdecl_torch.context import EngineContext
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds import ops_for
 from peftdecl_torch.mixed_batch import ADAPTER_NAMES, RowAdapters
-from peftdecl_torch.quantized import bnb_kind, dequantized_weight, requantize
+from peftdecl_torch.quantized import bnb_kind, dequantized_linear, dequantized_weight, float_dtype, requantize
 
 
 class _Holder(nn.Module):
@@ -75,6 +75,7 @@ class AdaptedLayer(nn.Module):
         self.scratch: dict[str, dict[Hashable, torch.Tensor]] = {}
         """Kind-level caches keyed by what they depend on (e.g. DoRA's ‖W‖² by the weight's version)."""
         self._unmerged: torch.Tensor | None = None
+        self._float_base = False  # a quantised base replaced by its dequantised nn.Linear (dequantize_base)
 
     # -- adapters ------------------------------------------------------------------------------------------
     @property
@@ -236,7 +237,16 @@ class AdaptedLayer(nn.Module):
     @property
     def quantized(self) -> bool:
         """Whether the base layer stores quantised codes (bitsandbytes 4-bit or 8-bit), not its weight."""
-        return self.info.quantization is not None
+        return self.info.quantization is not None and not self._float_base
+
+    def dequantize_base(self, int8_dtype: torch.dtype) -> None:
+        """Replace the quantised base layer by an ``nn.Linear`` holding its dequantised weight (4-bit in the dtype
+        it was quantised from, int8 in ``int8_dtype``): later merges add in full precision, with no rounding."""
+        self._require_codes()
+        dtype = int8_dtype if bnb_kind(self.base_layer) == "8bit" else float_dtype(self.base_layer)
+        self.base_layer = dequantized_linear(self.base_layer, dtype)
+        self._float_base = True
+        self.scratch.clear()
 
     def weight_ir(self) -> torch.Tensor:
         """The base weight in the IR layout ``[out, in]`` (a view: GPT-2 Conv1D stores ``[in, out]``); a quantised
