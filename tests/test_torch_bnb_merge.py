@@ -223,3 +223,26 @@ def test_merge_after_dequantize_base_keeps_full_precision(folder: Path, tmp_path
         got = model.get_submodule(module).weight.detach()
         assert rel_err(got.numpy(), expected.get_submodule(module).weight.detach().numpy()) <= 1e-6, module
     assert rel_err(merged_logits(model, x).numpy(), adapted.numpy()) <= TOL
+
+
+def test_base_weights_read_dequantised_and_written_as_codes(folder: Path) -> None:  # noqa: F811
+    """``engine.base_weight`` of adapted and plain bnb layers is bitsandbytes' dequantisation (exactly, as float64);
+    ``load_base_weights`` quantises what it is given with the layer's own scheme (bitsandbytes' codes, exactly)."""
+    ours = peftdecl.attach(
+        quantized(folder, "nf4-double"), {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}
+    )
+    k = "model.layers.0.self_attn.k_proj"
+    for module, layer in (
+        (Q, ours.base_model.get_submodule(Q).base_layer),
+        (k, ours.base_model.get_submodule(k)),
+    ):
+        expected = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
+        assert torch.equal(torch.from_numpy(ours.engine.base_weight(module)), expected)
+    gen = torch.Generator().manual_seed(2)
+    for module, rows in ((Q, 64), (k, 32)):
+        new = torch.randn(rows, 64, generator=gen)
+        ours.engine.load_base_weights({f"{module}.weight": new.numpy()})
+        layer = ours.base_model.get_submodule(module)
+        layer = getattr(layer, "base_layer", layer)
+        for got, expected in zip(codes(layer), quantize_like(layer, new), strict=True):
+            assert torch.equal(got, expected.reshape(got.shape)), module

@@ -19,7 +19,6 @@ from peftdecl.backend import RngState, trainable_key
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.options import EngineOptions
 from peftdecl.plan import ModelInfo, Plan
-from peftdecl.quant.requantize import warn_requantized
 from peftdecl_torch.context import EngineContext
 from peftdecl_torch.inventory import layer_type
 from peftdecl_torch.kinds.prompt import PromptAdapter
@@ -33,6 +32,7 @@ from peftdecl_torch.quantized import (
     model_float_dtype,
     replace_quantized,
     requantize,
+    warn_merging,
 )
 from peftdecl_torch.saved import SavedModule
 from peftdecl_torch.seq2seq import seq2seq_call, seq2seq_generate
@@ -180,12 +180,7 @@ class TorchEngine:
                 layer.check_mergeable()
                 if layer.quantized:
                     requantized.setdefault(lp.module, layer.info.quantization or "")
-        if requantized:
-            first, quantization = next(iter(requantized.items()))
-            more = len(requantized) - 1
-            warn_requantized(
-                first + (f" and {more} more layer{'s' * (more > 1)}" if more else ""), quantization
-            )
+        warn_merging(requantized)
         for name in names:
             for lp in self.book.plans[name].layers:
                 self._layers[lp.module].merge(name, before)
@@ -215,10 +210,8 @@ class TorchEngine:
         return self.model
 
     def dequantize_base(self) -> list[str]:
-        """Replace every bitsandbytes layer of the model, adapted or not, by an ``nn.Linear`` holding its
-        dequantised weight (4-bit in the dtype it was quantised from, int8 in the model's float dtype): adapters
-        keep running, and merges from then on add in full precision (``merge_and_unload(dequantize=True)`` without
-        the re-quantisation). Returns the modules replaced."""
+        """Replace every bitsandbytes layer, adapted or not, by its dequantised ``nn.Linear`` (as ``unload`` does):
+        adapters keep running and later merges add in full precision, with no re-quantisation. The names replaced."""
         int8_dtype = model_float_dtype(self.model)
         replaced = []
         for module, layer in self._layers.items():
@@ -240,15 +233,14 @@ class TorchEngine:
                 raise PeftdeclError(
                     f"{key}: shape {list(array.shape)} does not fit {module}'s weight {list(weight_ir.shape)}"
                 )
-            tensor = torch.from_numpy(np.ascontiguousarray(array))
-            quantized = self._quantized_module(module)
-            if quantized is not None:  # a dequantised view is a copy: the codes are written instead
-                requantize(quantized, tensor.to(weight_ir.dtype))
-                if module in self._layers:
-                    self._layers[module].scratch.clear()
-                continue
-            with torch.no_grad():
-                weight_ir.copy_(tensor)
+            tensor = torch.from_numpy(np.ascontiguousarray(array)).to(weight_ir.dtype)
+            if module in self._layers:  # in place; a quantised layer's codes are re-quantised
+                self._layers[module].write_base(tensor, None)
+            elif bnb_kind(found := self.model.get_submodule(module)) is not None:
+                requantize(found, tensor)  # its weight_ir was a dequantised copy
+            else:
+                with torch.no_grad():
+                    weight_ir.copy_(tensor)
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """Call the base model; ``adapter_names`` gives each batch row its adapter (``"__base__"``: none)."""
@@ -419,13 +411,6 @@ class TorchEngine:
         self._replace(module, wrapper)
         self._saved[module] = wrapper
         return wrapper
-
-    def _quantized_module(self, module: str) -> nn.Module | None:
-        """The bitsandbytes layer holding ``module``'s weight as codes, if it is one."""
-        found = (
-            self._layers[module].base_layer if module in self._layers else self.model.get_submodule(module)
-        )
-        return found if bnb_kind(found) is not None else None
 
     def _weight_ir(self, module: str, key: str | None = None) -> torch.Tensor:
         """The base weight of ``module`` in the IR layout, as a live view (a quantised layer's: dequantised, a

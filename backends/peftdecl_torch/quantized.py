@@ -14,12 +14,14 @@ a merge rounds to the codes bitsandbytes itself would give the merged float weig
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 
 from peftdecl.errors import PeftdeclError
+from peftdecl.quant.requantize import warn_requantized
 
 BnbKind = Literal["4bit", "8bit"]
 
@@ -177,3 +179,13 @@ def replace_quantized(model: nn.Module, int8_dtype: torch.dtype) -> list[str]:
         dtype = int8_dtype if bnb_kind(module) == "8bit" else float_dtype(module)
         setattr(parent, child, dequantized_linear(module, dtype))
     return [name for name, _ in found]
+
+
+def warn_merging(modules: Mapping[str, str]) -> None:
+    """One :class:`peftdecl.quant.requantize.RequantizationWarning` for a merge that re-quantises ``modules``
+    (name -> quantisation), naming the first and counting the others; nothing when there are none."""
+    if not modules:
+        return
+    first, quantization = next(iter(modules.items()))
+    more = len(modules) - 1
+    warn_requantized(first + (f" and {more} more layer{'s' * (more > 1)}" if more else ""), quantization)
