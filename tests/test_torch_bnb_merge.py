@@ -246,3 +246,39 @@ def test_base_weights_read_dequantised_and_written_as_codes(folder: Path) -> Non
         layer = getattr(layer, "base_layer", layer)
         for got, expected in zip(codes(layer), quantize_like(layer, new), strict=True):
             assert torch.equal(got, expected.reshape(got.shape)), module
+
+
+@pytest.mark.skipif(
+    not bnb.functional.has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs"
+)
+def test_merge_into_a_repacked_layer_reads_the_weight_it_computes_with(folder: Path) -> None:  # noqa: F811
+    """After an eval forward repacked the 4-bit weight (block scales rounded to bfloat16), a LoRA merge adds
+    s·B A to codes × bfloat16 scales (written out here from the stored bytes) and re-quantises that: bitsandbytes'
+    codes of the same sum, ≤ 0.1 % flipped by float32 rounding of ΔW computed two ways (measured: none)."""
+    base = quantized(folder, "nf4")
+    layer = base.get_submodule(Q)
+    layer.support_avx512bf16_for_cpu = True
+    state = layer.weight.quant_state
+    flat = layer.weight.data.reshape(-1)  # two codes a byte, the high nibble first
+    index = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1).long()
+    scales = state.absmax.to(torch.bfloat16).float()
+    weight = (state.code[index].reshape(-1, 64) * scales.reshape(-1, 1)).reshape(64, 64)
+    spec = {
+        "peft_type": "LORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj"],
+        "init_lora_weights": False,
+    }
+    ours = peftdecl.attach(base, spec, seed=4)
+    ours.eval()
+    with torch.no_grad():
+        ours(input_ids=token_ids(base))
+    assert getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    params = ours.trainable_parameters()
+    delta = 2.0 * params[Q + ".lora_B.weight"].detach() @ params[Q + ".lora_A.weight"].detach()
+    with pytest.warns(RequantizationWarning):
+        ours.merge()
+    expected, _ = quantize_like(layer, weight + delta)
+    got = layer.weight.data
+    assert (got != expected.reshape(got.shape)).float().mean() <= 1e-3
