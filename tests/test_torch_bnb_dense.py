@@ -30,6 +30,7 @@ from tests.test_torch_bnb import (
     quantized,
     token_ids,
     torch,
+    transformers,
 )
 
 BF16_TOL = 2e-2  # bnb_4bit_compute_dtype=bfloat16: both sides round the base product to bfloat16
@@ -136,6 +137,43 @@ def test_bfloat16_compute_equals_peft(folder: Path, tmp_path: Path, kind: str) -
     wrapped = peft_saved(kind, quantized(folder, "nf4-double", torch.bfloat16), tmp_path)
     ours = peftdecl.load_adapter(quantized(folder, "nf4-double", torch.bfloat16), tmp_path, is_trainable=True)
     assert_like(wrapped, ours, BF16_TOL)
+
+
+def bfloat16_storage_model(folder: Path) -> Any:  # noqa: F811
+    """A bfloat16 model whose 4-bit codes are stored in a bfloat16 tensor (``bnb_4bit_quant_storage``, as FSDP
+    wants): its weight has the input's dtype, yet it holds codes."""
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_quant_storage=torch.bfloat16,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=config, device_map="cpu", dtype=torch.bfloat16
+    )
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "vera"])
+def test_codes_stored_as_bfloat16_are_never_read_as_a_weight(folder: Path, tmp_path: Path, kind: str) -> None:  # noqa: F811
+    """A bfloat16 input meets a bfloat16 tensor of codes: no fused path may take it for the weight. Logits equal
+    PEFT's ≤ 2e-2 (a bfloat16 model)."""
+    wrapped = peft_saved(kind, bfloat16_storage_model(folder), tmp_path)
+    ours = peftdecl.load_adapter(bfloat16_storage_model(folder), tmp_path)
+    assert (
+        ours.base_model.get_submodule("model.layers.0.self_attn.q_proj").base_layer.weight.dtype
+        == torch.bfloat16
+    )
+    x = token_ids(wrapped)
+    wrapped.eval()
+    ours.eval()
+    with torch.no_grad():
+        expected = wrapped(input_ids=x).logits.float()
+        got = ours(input_ids=x).logits.float()
+    assert rel_err(got.numpy(), expected.numpy()) <= BF16_TOL
 
 
 def _absmax(state: Any) -> Any:

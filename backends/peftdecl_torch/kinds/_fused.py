@@ -84,6 +84,7 @@ def fusable(
     options = layer.options
     if (
         not options.fused
+        or layer.quantized  # its stored weight is codes (even when stored as floats: bnb_4bit_quant_storage)
         or lp.layer.type not in ("linear", "gpt2_conv1d")
         or (layer.training and dropout > 0)
     ):
