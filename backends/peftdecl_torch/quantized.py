@@ -27,8 +27,8 @@ BnbKind = Literal["4bit", "8bit"]
 
 
 def bnb_kind(module: nn.Module) -> BnbKind | None:
-    """ "4bit" for a ``Linear4bit``, "8bit" for a ``Linear8bitLt`` holding int8 codes, None otherwise (read by
-    class name: asking never imports bitsandbytes)."""
+    """Which bitsandbytes layer ``module`` is: ``"4bit"`` (``Linear4bit``), ``"8bit"`` (``Linear8bitLt`` holding
+    int8 codes) or None (read by class name: asking never imports bitsandbytes)."""
     weight = getattr(module, "weight", None)
     name = type(weight).__name__
     if name == "Params4bit" and getattr(weight, "quant_state", None) is not None:
