@@ -248,8 +248,11 @@ class PeftCompat:
         quantised base layers come back as float layers holding the merged weight, not re-quantised (a
         quantised layer otherwise gets its merged weight re-quantised, with a rounding warning).
         ``progressbar`` is accepted and ignored."""
+        dequantize_base = getattr(self._engine, "dequantize_base", None)
+        if dequantize and dequantize_base is not None:
+            dequantize_base()  # float layers first, so the merge below is never rounded to codes
         with warnings.catch_warnings():
-            if dequantize:  # the engine's unload keeps the full-precision merge: no rounding to warn about
+            if dequantize:  # the engines' unload keeps the full-precision merge: no rounding to warn about
                 warnings.simplefilter("ignore", RequantizationWarning)
             self.merge(adapter_names)
         if safe_merge:
