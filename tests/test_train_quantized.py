@@ -303,6 +303,30 @@ def test_8bit_run_trains_and_its_adapter_equals_peft(folder: Path, tmp_path: Pat
     assert_adapter_equals_peft(folder, tmp_path / "run" / "adapter", {"load_in_8bit": True})
 
 
+def test_a_4bit_run_resumes_as_if_uninterrupted(folder: Path, tmp_path: Path) -> None:
+    """Resuming reloads the base quantised from the file's ``model`` section: the losses after the resume equal
+    the uninterrupted run's (≤ 1e-6, the torch CPU resume tolerance of docs/fine-tuning.md)."""
+    needs_torch()
+    import shutil
+
+    from peftdecl.train.loop import train
+
+    def run(where: Path, resume: bool) -> dict[int, float]:
+        where.mkdir(exist_ok=True)
+        file = mapping({"path": str(folder), "quantization": NF4}, where, max_steps=4, save_steps=2)
+        train(load_train_file(file), resume=resume)  # type: ignore[arg-type]
+        records = [json.loads(line) for line in (where / "run" / "log.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+    straight = run(tmp_path / "a", resume=False)
+    (tmp_path / "b" / "run").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "run" / "checkpoint-2", tmp_path / "b" / "run" / "checkpoint-2")
+    resumed = run(tmp_path / "b", resume=True)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert abs(resumed[step] - straight[step]) <= 1e-6 * abs(straight[step]), step
+
+
 def test_checkpointing_over_4bit_gives_the_plain_gradients(folder: Path, tmp_path: Path) -> None:
     """One micro-batch's adapter gradients with activation checkpointing equal those without (torch autograd
     through the same Linear4bit layers; ≤ 1e-6: the recomputed forward is the same float32 arithmetic)."""
