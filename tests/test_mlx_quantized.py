@@ -337,3 +337,25 @@ def test_merged_folder_loads_in_mlx_lm_as_its_fuse_writes_it(folders, source, de
         assert config["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
         assert isinstance(q_proj, nn.QuantizedLinear) and (q_proj.bits, q_proj.group_size) == (4, 64)
     assert rel_err(logits(back), logits(theirs)) <= TOL
+
+
+@pytest.mark.parametrize(("bits", "group_size"), SCHEMES)
+def test_a_saved_head_base_weight_keeps_the_quantised_codes(bits: int, group_size: int, tmp_path: Path) -> None:
+    """PEFT's files carry a targeted ``lm_head``'s base weight (here dequantised); loading it back over the same
+    quantised model keeps the layer's codes (re-quantising them would move them) and gives the saved model's
+    logits (≤ 1e-5: the same arrays). 8 bits in groups of 32 is a scheme whose re-quantisation moves them."""
+    spec = {**lora_spec("lora"), "target_modules": ["q_proj", "lm_head"]}
+    trained = peftdecl.attach(quantized_llama(bits, group_size), spec)
+    trained.save_pretrained(tmp_path / "adapter")
+    from safetensors.numpy import load_file
+
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("lm_head.base_layer.weight") for k in saved), sorted(saved)
+    fresh = quantized_llama(bits, group_size)
+    before = {k: np.array(getattr(fresh.lm_head, k)) for k in ("weight", "scales", "biases")}
+    loaded = peftdecl.load_adapter(fresh, tmp_path / "adapter")
+    head = module(loaded.base_model, "lm_head")
+    head = getattr(head, "base_layer", head)
+    for key, value in before.items():
+        assert np.array_equal(np.array(getattr(head, key)), value), key
+    assert rel_err(logits(loaded), logits(trained)) <= TOL

@@ -201,7 +201,11 @@ class MlxEngine:
             if tuple(np.shape(value)) != tuple(shape):
                 raise PeftdeclError(f"{key}: shape {list(np.shape(value))} does not match {list(shape)}")
             if quantized.is_quantized(target):
-                quantized.requantize(target, mx.array(np.asarray(value)))
+                # a saved copy of the layer's own dequantised weight (PEFT saves a targeted head's base) keeps its
+                # codes: re-quantising it would move them
+                current = np.asarray(quantized.dequantize(target).astype(mx.float32))
+                if not np.array_equal(np.asarray(value, np.float32), current):
+                    quantized.requantize(target, mx.array(np.asarray(value)))
             else:
                 target.weight = mx.array(np.asarray(value), dtype=target.weight.dtype)
         mx.eval(self._model.parameters())

@@ -234,9 +234,15 @@ class TorchEngine:
                     f"{key}: shape {list(array.shape)} does not fit {module}'s weight {list(weight_ir.shape)}"
                 )
             tensor = torch.from_numpy(np.ascontiguousarray(array)).to(weight_ir.dtype)
+            found = self.model.get_submodule(module)
+            quantized_base = bnb_kind(found) is not None or (
+                module in self._layers and self._layers[module].quantized
+            )
+            if quantized_base and torch.equal(tensor, weight_ir):
+                continue  # its own dequantised weight (PEFT saves a targeted head's base): the codes stay
             if module in self._layers:  # in place; a quantised layer's codes are re-quantised
                 self._layers[module].write_base(tensor, None)
-            elif bnb_kind(found := self.model.get_submodule(module)) is not None:
+            elif bnb_kind(found) is not None:
                 requantize(found, tensor)  # its weight_ir was a dequantised copy
             else:
                 with torch.no_grad():
