@@ -44,6 +44,11 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("--out", required=True, type=Path, help="new folder for the merged model")
     merge.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the saved weights")
     merge.add_argument("--backend", choices=("torch", "mlx"), default=None)
+    merge.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="a quantised base is written as float weights (default: re-quantised, as it was loaded)",
+    )
     merge.set_defaults(run=_merge)
 
     generate = sub.add_parser("generate", help="greedy generation from a model, optionally with an adapter")
@@ -93,7 +98,7 @@ def _merge(args: argparse.Namespace) -> int:
     if args.adapter is None:
         raise PeftdeclError("--adapter is required")
     backend, model, tokenizer = _loaded(args, device="cpu")
-    backend.save_merged(model, tokenizer, args.model, args.out, args.dtype)
+    backend.save_merged(model, tokenizer, args.model, args.out, args.dtype, dequantize=args.dequantize)
     print(f"merged {args.adapter} into {args.model}: {args.out}")
     return 0
 

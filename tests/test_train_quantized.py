@@ -387,6 +387,66 @@ def test_a_saved_4bit_folder_loads_as_it_is(folder: Path, tmp_path: Path) -> Non
         )
 
 
+def test_merge_writes_a_4bit_folder_requantised_or_dequantised(folder: Path, tmp_path: Path) -> None:
+    """``peftdecl merge`` over a 4-bit base: by default the merged layers are re-quantised to exactly PEFT's
+    merged codes and transformers loads the folder as 4-bit; with ``--dequantize`` the folder is a float
+    checkpoint whose logits equal the unmerged adapter over the 4-bit model (≤ TOL: the CPU 4-bit kernel's
+    rounding against a float matmul on the same dequantised weight)."""
+    torch = needs_torch()
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import peftdecl
+    from peftdecl_torch.model_io import load_pretrained
+
+    base, _ = load_pretrained(folder, device="cpu", dtype="float32", quantization=QuantizationConfig(**NF4))
+    spec = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+    adapted = peftdecl.attach(base, spec)
+    adapted.save_pretrained(tmp_path / "adapter")
+    adapted.eval()
+    ids = torch.arange(1, 10)[None]
+    with torch.no_grad():
+        expected = adapted(input_ids=ids).logits.numpy()
+    q = "model.layers.1.self_attn.q_proj"
+    saved = _saved_nf4(folder, tmp_path / "q4")  # the 4-bit base as transformers saves it
+    for out, extra in (("requantised", []), ("float", ["--dequantize"])):
+        argv = [
+            "merge",
+            "--model",
+            str(saved),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--out",
+            str(tmp_path / out),
+        ]
+        assert main([*argv, *extra]) == 0
+    merged_q = AutoModelForCausalLM.from_pretrained(tmp_path / "requantised", device_map="cpu")
+    peer = get_peft_model(
+        transformers_quantized(folder, NF4), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    peer.load_adapter(str(tmp_path / "adapter"), adapter_name="default")
+    peer_merged = peer.merge_and_unload()
+    layer = merged_q.get_submodule(q)
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    assert torch.equal(layer.weight.data, peer_merged.get_submodule(q).weight.data)  # PEFT's merged codes
+    config = json.loads((tmp_path / "float" / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged_f = AutoModelForCausalLM.from_pretrained(tmp_path / "float", device_map="cpu", dtype=torch.float32)
+    assert type(merged_f.get_submodule(q)) is torch.nn.Linear
+    with torch.no_grad():
+        assert rel_err(merged_f(input_ids=ids).logits.numpy(), expected) <= TOL
+
+
+def _saved_nf4(folder: Path, saved: Path) -> Path:
+    """``folder`` saved by transformers after loading it 4-bit (nf4, double quant), with its tokenizer files."""
+    if not (saved / "config.json").exists():
+        transformers_quantized(folder, NF4).save_pretrained(saved)
+        for extra in folder.glob("tokenizer*"):
+            (saved / extra.name).write_bytes(extra.read_bytes())
+    return saved
+
+
 # -- MLX: affine --------------------------------------------------------------------------------------------------
 def test_mlx_qlora_trains_and_its_adapter_equals_mlx_lm(folder: Path, tmp_path: Path) -> None:
     if "mlx" not in selected_backends():

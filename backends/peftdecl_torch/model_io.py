@@ -193,15 +193,20 @@ def save_merged(
     dtype: str | None,
     *,
     max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    dequantize: bool = False,
 ) -> None:
     """Merge the active adapters into the base (the adapted model is consumed), cast to ``dtype`` and write a
     transformers checkpoint (sharded safetensors, an index when several shards) with ``source``'s tokenizer files
-    into ``out``, which must be absent or empty; nothing is left behind on failure."""
+    into ``out``, which must be absent or empty; nothing is left behind on failure. A bitsandbytes base is saved
+    re-quantised (transformers' 4-/8-bit layout), or with ``dequantize`` as a float checkpoint."""
     out, source = Path(out), Path(source)
     refuse_prompt_adapters(model)
     wanted = torch_dtype(dtype) if dtype is not None else None
     with new_folder(out) as staging:
-        merged = cast(nn.Module, model.merge_and_unload())
+        merged = cast(nn.Module, model.merge_and_unload(dequantize=dequantize))
+        if dequantize:
+            _forget_quantization(merged)
+        _drop_irreversible_conversions(merged)
         if wanted is not None:
             merged.to(wanted)
         save = getattr(merged, "save_pretrained", None)
@@ -221,3 +226,36 @@ def save_merged(
         for path in carried_files(source):
             if not (staging / path.name).exists():
                 shutil.copy2(path, staging / path.name)
+
+
+def _forget_quantization(model: nn.Module) -> None:
+    """After its bitsandbytes layers became float ones: transformers must save (and later load) ``model`` as a
+    float checkpoint, so its record of the quantisation goes."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    for attr in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if hasattr(model, attr):
+            setattr(model, attr, False)
+
+
+def _drop_irreversible_conversions(model: nn.Module) -> None:
+    """Forget load-time weight conversions that transformers cannot undo when saving.
+
+    transformers 5 records the bitsandbytes deserialisation of a checkpoint saved already quantised as such a
+    conversion, and its ``save_pretrained`` then raises NotImplementedError. The layers hold the saved layout
+    already (``weight``, ``absmax``, ``quant_state``), so there is nothing to undo."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if not conversions:
+        return
+    kept = []
+    for conversion in conversions:
+        try:
+            conversion.reverse_transform()
+        except NotImplementedError:
+            continue
+        kept.append(conversion)
+    setattr(model, "_weight_conversions", kept or None)  # noqa: B010 (nn.Module types its attributes as tensors)

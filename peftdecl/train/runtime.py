@@ -137,10 +137,18 @@ class TrainingBackend(Protocol):
         ...
 
     def save_merged(
-        self, model: AdaptedModel, tokenizer: Tokenizer, source: Path, out: Path, dtype: str | None
+        self,
+        model: AdaptedModel,
+        tokenizer: Tokenizer,
+        source: Path,
+        out: Path,
+        dtype: str | None,
+        *,
+        dequantize: bool = False,
     ) -> None:
         """The adapter merged into the base, written to ``out`` as sharded safetensors with ``source``'s config
-        (dtype changed when ``dtype`` is given) and the tokenizer; atomic (``out`` appears complete or not)."""
+        (dtype changed when ``dtype`` is given) and the tokenizer; atomic (``out`` appears complete or not). A
+        quantised base is written re-quantised, or as float weights with ``dequantize``."""
         ...
 
 
@@ -178,6 +186,13 @@ class TrainingFromModules:
         return list(self._module("model_io").generate(model, prompt_ids, max_new_tokens, eos))
 
     def save_merged(
-        self, model: AdaptedModel, tokenizer: Tokenizer, source: Path, out: Path, dtype: str | None
+        self,
+        model: AdaptedModel,
+        tokenizer: Tokenizer,
+        source: Path,
+        out: Path,
+        dtype: str | None,
+        *,
+        dequantize: bool = False,
     ) -> None:
-        self._module("model_io").save_merged(model, tokenizer, source, out, dtype)
+        self._module("model_io").save_merged(model, tokenizer, source, out, dtype, dequantize=dequantize)
