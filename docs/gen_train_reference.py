@@ -38,17 +38,25 @@ def section_of(prop: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def field_type(prop: dict[str, Any]) -> str:
-    """``type_of`` with the adapter's reference and the sections named."""
+    """``type_of`` with the adapter's reference and the sections named (``str or section`` for ``model``)."""
     if "anyOf" in prop and any("$ref" in branch for branch in prop["anyOf"]):
         parts = ["adapter spec" if "$ref" in b else type_of(b) for b in prop["anyOf"]]
         return " or ".join(parts)
     if section_of(prop) is not None:
-        return "section" + (" or null" if any(b.get("type") == "null" for b in prop.get("anyOf", ())) else "")
+        branches = prop.get("anyOf", ())
+        text_branch = "str or " if any(b.get("type") == "string" for b in branches) else ""
+        null_branch = " or null" if any(b.get("type") == "null" for b in branches) else ""
+        return f"{text_branch}section{null_branch}"
     return type_of(prop)
 
 
-def table(schema: dict[str, Any]) -> list[str]:
-    """One section's fields as a Markdown table."""
+def anchor(path: str) -> str:
+    """The heading id mkdocs gives ``### path`` (dots dropped)."""
+    return path.replace(".", "")
+
+
+def table(schema: dict[str, Any], prefix: str = "") -> list[str]:
+    """One section's fields as a Markdown table (``prefix``: the dotted path of a nested section)."""
     required = set(schema.get("required", ()))
     lines = ["| Field | Type | Default | Description | Constraints |", "| --- | --- | --- | --- | --- |"]
     for name, prop in schema["properties"].items():
@@ -59,7 +67,7 @@ def table(schema: dict[str, Any]) -> list[str]:
             default = "its defaults"
         description = text(prop.get("description", ""))
         if section_of(prop) is not None:
-            description += f" Fields: [{name}](#{name})."
+            description += f" Fields: [{prefix}{name}](#{anchor(prefix + name)})."
         bounds = ", ".join(c for c in constraints_of(prop) if c != "finite")
         lines.append(
             f"| {code(name)} | {code(field_type(prop))} | {default} | {description} | {cell(bounds)} |"
@@ -74,14 +82,23 @@ def render_generated(schema_path: Path = SCHEMA) -> str:
     schema = json.loads(schema_path.read_text(encoding="utf-8"))
     lines = [BEGIN, "", "### Top level", "", text(schema.get("description", "")), ""]
     lines += table(schema)
+    lines += sections(schema)
+    lines += ["", END]
+    return "\n".join(lines) + "\n"
+
+
+def sections(schema: dict[str, Any], prefix: str = "") -> list[str]:
+    """A heading and a table for each section of ``schema``, each followed by its own nested sections."""
+    lines: list[str] = []
     for name, prop in schema["properties"].items():
         section = section_of(prop)
         if section is None:
             continue
-        lines += ["", f"### {name}", "", text(section.get("description", prop.get("description", ""))), ""]
-        lines += table(section)
-    lines += ["", END]
-    return "\n".join(lines) + "\n"
+        path = prefix + name
+        lines += ["", f"### {path}", "", text(section.get("description", prop.get("description", ""))), ""]
+        lines += table(section, path + ".")
+        lines += sections(section, path + ".")
+    return lines
 
 
 def render(current: str) -> str:
