@@ -12,15 +12,17 @@ base on torch, and next to mlx-lm's LoRA over an ``nn.quantize``'d model on MLX.
 
 Each side runs in its own fresh process (``benchmarks/qlora_sides.py`` says what a step is and how memory is
 read); with ``--trials`` > 1 the sides run again in reversed order, then forward, and so on, and the table shows
-medians over trials. Model folders (random weights, written once) live in ``--cache``. The first-step losses of
-two sides over the same base must agree (see ``SAME_BASE``): the script checks it, and exits non-zero when a side
-failed or a pair disagrees.
+medians over trials. Each side's process runs with a fixed glibc mmap threshold (``MMAP_THRESHOLD``), so its peak
+resident set counts live memory, not freed heap. Model folders (random weights, written once) live in ``--cache``.
+The first-step losses of two sides over the same base must agree (see ``SAME_BASE``): the script checks it, and
+exits non-zero when a side failed or a pair disagrees.
 
 MLX's Linux CPU build multiplies far slower than torch's CPU kernels, so the MLX pair runs a smaller model
 (``MLX_SIZES``), stated in the output; gradient checkpointing is off there.
 
     .venv/bin/python benchmarks/compare_qlora.py [--size 0.5b|small|tiny] [--sides ...] [--steps 3] [--warmup 1]
-        [--trials 1] [--seq N] [--device cpu|cuda] [--cache DIR] [--out benchmarks/results/cpu/qlora]
+        [--trials 1] [--seq N] [--device cpu|cuda] [--threads N] [--mmap-threshold BYTES] [--cache DIR]
+        [--out benchmarks/results/cpu/qlora]
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ MLX_SIZES = {
     "small": Shape(hidden=512, layers=6, heads=8, kv_heads=8, intermediate=1536, vocab=8000, seq=128),
     "tiny": SIZES["tiny"],
 }
+MMAP_THRESHOLD = 1 << 20
+"""glibc serves allocations of at least this many bytes with their own mapping and unmaps them when freed. With
+its default dynamic threshold, glibc raises the threshold after freeing a large block, so the 16 MiB float32 weights
+bitsandbytes dequantises in every 4-bit matmul come from the heap afterwards and their freed space stays resident:
+the peak resident set then counts ~0.7 GiB of free heap at 0.5 B. A fixed threshold makes it count live memory;
+the same on every side."""
 DEFAULT_SIDES = ("ours-nf4", "peft-nf4", "ours-float32", "ours-affine4", "mlx_lm-affine4")
 SAME_BASE = (("ours-nf4", "peft-nf4"), ("ours-float32", "peft-float32"), ("ours-affine4", "mlx_lm-affine4"))
 """Pairs over the same base model: before the first update both adapters are the identity (B = 0), so the first
@@ -69,6 +77,10 @@ TOLERANCE_FIRST_LOSS = 1e-5  # the same base layers on both sides, float32 compu
 
 def child(args: argparse.Namespace) -> None:
     side: str = args.child
+    if args.threads is not None and side not in MLX_SIDES:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if side in MLX_SIDES:
         measured = run_mlx_side(side, Path(args.folder), args.seq, args.steps, args.warmup)
     else:
@@ -79,12 +91,14 @@ def child(args: argparse.Namespace) -> None:
 def run_child(side: str, folder: Path, shape: Shape, args: argparse.Namespace) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--folder", str(folder)]
     command += ["--seq", str(shape.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    command += ["--device", args.device]
+    command += ["--device", args.device] + ([] if args.threads is None else ["--threads", str(args.threads)])
     # this checkout's peftdecl and backends first, also when the script runs from a copy of the tree
     path = os.pathsep.join([str(ROOT), str(ROOT / "backends"), os.environ.get("PYTHONPATH", "")]).rstrip(
         os.pathsep
     )
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+    if args.mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -120,6 +134,7 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
         for key in (
             "baseline_rss_mib",
             "resident_before_step_mib",
+            "anonymous_before_step_mib",
             "peak_rss_mib",
             "peak_above_baseline_mib",
             "peak_device_mib",
@@ -213,18 +228,20 @@ def table(sides: dict[str, dict]) -> list[str]:
         return "-" if value is None else format(value, form)
 
     lines = [
-        "| side | base MiB | resident before step MiB | peak RSS MiB | peak above imports MiB | peak device MiB "
+        "| side | base MiB | resident before step MiB | of it anonymous MiB | peak RSS MiB | peak above imports MiB "
+        "| peak device MiB "
         "| step s (median) | step s range over trials | CPU s per step | first loss | trainable |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for side, found in sides.items():
         if "failed" in found:
             reason = found["failed"].strip().splitlines()[-1][:160]
-            lines.append(f"| {side} | failed: {reason} ||||||||||")
+            lines.append(f"| {side} | failed: {reason} |||||||||||")
             continue
         low, high = found["step_range"]
         lines.append(
             f"| {side} | {found['base_bytes'] / 2**20:.0f} | {cell(found['resident_before_step_mib'], '.0f')} "
+            f"| {cell(found['anonymous_before_step_mib'], '.0f')} "
             f"| {cell(found['peak_rss_mib'], '.0f')} | {cell(found['peak_above_baseline_mib'], '.0f')} "
             f"| {cell(found['peak_device_mib'], '.0f')} | {found['median_step_seconds']:.3f} | {low:.3f}–{high:.3f} "
             f"| {cell(found['median_cpu_seconds'], '.3f')} | {found['first_loss']:.5f} | {found['trainable']:.0f} |"
@@ -241,6 +258,19 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=1, help="fresh processes per side, order alternating")
     parser.add_argument("--seq", type=int, default=None, help="tokens per step (default: the size's)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch's device")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch's intra-op threads (default: torch's own); 1 makes the CPU seconds per step a measure of work "
+        "on a busy machine, where waiting threads spin",
+    )
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=MMAP_THRESHOLD,
+        help="glibc's MALLOC_MMAP_THRESHOLD_ in the sides' processes (bytes); 0: glibc's own dynamic threshold",
+    )
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "peftdecl-bench")
     parser.add_argument("--out", type=Path, default=None, help="write compare_qlora.json/.md here")
     parser.add_argument("--child", choices=TORCH_SIDES + MLX_SIDES, help=argparse.SUPPRESS)
@@ -290,6 +320,8 @@ def main() -> None:
                 "warmup": args.warmup,
                 "trials": args.trials,
                 "device": args.device,
+                "threads": args.threads,
+                "malloc_mmap_threshold": args.mmap_threshold or "glibc default",
             },
             "summary": summary,
             "ratios": ratio_values,
@@ -313,8 +345,10 @@ def header_lines(
         "# " + " ".join(["python", "benchmarks/compare_qlora.py", *sys.argv[1:]]),
         "",
         "- " + ", ".join(f"{k} {v}" for k, v in found.items()),
-        f"- device {args.device}; {args.trials} trial(s) per side; {args.warmup} warm-up + {args.steps} timed steps "
-        f"per process; {seconds:.0f} s in all; load average at the end {os.getloadavg()[0]:.1f}",
+        f"- device {args.device}, torch threads {args.threads or 'default'}; {args.trials} trial(s) per side; "
+        f"{args.warmup} warm-up + {args.steps} timed steps per process; MALLOC_MMAP_THRESHOLD_ "
+        f"{args.mmap_threshold or 'glibc default'}; {seconds:.0f} s in all; load average at the end "
+        f"{os.getloadavg()[0]:.1f}",
         f"- LoRA r {RANK}, alpha {ALPHA}, no dropout, on {'/'.join(TARGETS)}; AdamW lr {LEARNING_RATE}",
     ]
     if any(_framework(s) == "torch" for s in sides):

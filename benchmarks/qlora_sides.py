@@ -9,10 +9,12 @@ backend) before it reads its baseline, so the baselines agree and the peaks comp
 
 One step = forward + backward of the mean next-token cross-entropy over batch 1 × ``seq`` random token ids, then
 an AdamW update (lr 1e-4, no weight decay) of the adapter, LoRA r 16, alpha 32, no dropout, on q/k/v/o/gate/up/down
-of every decoder layer, transformers' non-reentrant gradient checkpointing on (torch). Memory, Linux: after loading
-and ``warmup`` steps (AdamW's state exists by then), free what Python and glibc hold (``gc.collect``,
-``malloc_trim``), write 5 to ``/proc/self/clear_refs`` (the kernel resets the peak resident set, VmHWM, to the
-current one), run the measured steps, read VmHWM. On CUDA: ``torch.cuda.max_memory_allocated`` after
+of every decoder layer, transformers' non-reentrant gradient checkpointing on (torch).
+
+Memory, Linux: after loading (on torch the float tensors are then copied out of the memory-mapped checkpoint, see
+``_own_memory``) and ``warmup`` steps (AdamW's state exists by then), free what Python and glibc hold
+(``gc.collect``, ``malloc_trim``), write 5 to ``/proc/self/clear_refs`` (the kernel resets the peak resident set,
+VmHWM, to the current one), run the measured steps, read VmHWM. On CUDA: ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``. On MLX: ``mx.get_peak_memory`` after ``mx.reset_peak_memory`` as well.
 """
 
@@ -89,7 +91,7 @@ def model_folder(cache: Path, shape: Shape) -> Path:
 
 # -- memory ------------------------------------------------------------------------------------------------------
 def _status_kib(field: str) -> int | None:
-    """A ``/proc/self/status`` field in KiB (VmRSS, VmHWM), or None off Linux."""
+    """A ``/proc/self/status`` field in KiB (VmRSS, VmHWM, RssAnon), or None off Linux."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -127,6 +129,8 @@ class Measured:
     """Resident set after the imports, before the model loads."""
     resident_before_step_mib: float | None
     """Resident set after loading, attaching and the warm-up steps."""
+    anonymous_before_step_mib: float | None
+    """The part of it not backed by a file (RssAnon): the heap, the weights, the optimizer state."""
     peak_rss_mib: float | None
     """VmHWM over the measured steps (reset just before them)."""
     peak_device_mib: float | None
@@ -191,6 +195,20 @@ def _load_torch(folder: Path, base: str, device: str) -> Any:
     return model
 
 
+def _own_memory(model: Any) -> None:
+    """Copy every float parameter and buffer into memory of its own. transformers leaves them as views of the
+    memory-mapped checkpoint, whose pages count in the resident set once read: over a 4-bit base the one mapping
+    is kept alive by the float embeddings and head, and so are all its pages that quantising read, weights the
+    model no longer uses; over a float base only the pages the step touches count. After the copy the mapping is
+    gone and every side's resident set holds the weights it uses, once. Quantised weights already own theirs."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if type(tensor) in (torch.nn.Parameter, torch.Tensor):
+                tensor.data = tensor.data.clone()
+
+
 def _base_bytes(model: Any) -> int:
     tensors = [*model.parameters(), *model.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -208,6 +226,8 @@ def run_torch_side(side: str, folder: Path, seq: int, steps: int, warmup: int, d
     who, base = side.split("-", 1)
     torch.manual_seed(SEED)
     model = _load_torch(folder, base, device)
+    if device == "cpu":
+        _own_memory(model)
     base_bytes = _base_bytes(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if who == "peft":
@@ -236,7 +256,7 @@ def run_torch_side(side: str, folder: Path, seq: int, steps: int, warmup: int, d
 
     losses = [step() for _ in range(warmup)]
     _release_free_memory()
-    before = _mib(_status_kib("VmRSS"))
+    before, anonymous = _mib(_status_kib("VmRSS")), _mib(_status_kib("RssAnon"))
     reset = _reset_peak_rss()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -246,6 +266,7 @@ def run_torch_side(side: str, folder: Path, seq: int, steps: int, warmup: int, d
         side=side,
         baseline_rss_mib=baseline,
         resident_before_step_mib=before,
+        anonymous_before_step_mib=anonymous,
         peak_rss_mib=peak,
         peak_device_mib=torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
         step_seconds=times,
@@ -314,7 +335,7 @@ def run_mlx_side(side: str, folder: Path, seq: int, steps: int, warmup: int) -> 
 
     losses = [step() for _ in range(warmup)]
     _release_free_memory()
-    before = _mib(_status_kib("VmRSS"))
+    before, anonymous = _mib(_status_kib("VmRSS")), _mib(_status_kib("RssAnon"))
     reset = _reset_peak_rss()
     mx.reset_peak_memory()
     times, cpu = _timed(step, steps, losses)
@@ -323,6 +344,7 @@ def run_mlx_side(side: str, folder: Path, seq: int, steps: int, warmup: int) -> 
         side=side,
         baseline_rss_mib=baseline,
         resident_before_step_mib=before,
+        anonymous_before_step_mib=anonymous,
         peak_rss_mib=peak,
         peak_device_mib=mx.get_peak_memory() / 2**20,
         step_seconds=times,

@@ -20,7 +20,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def run_tiny(sides: list[str], tmp_path: Path) -> dict:
-    command = [sys.executable, str(BENCHMARKS / "compare_qlora.py"), "--size", "tiny", "--steps", "2"]
+    command = [sys.executable, str(BENCHMARKS / "compare_qlora.py"), "--size", "tiny", "--steps", "1"]
     command += ["--sides", *sides, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
