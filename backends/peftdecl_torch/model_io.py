@@ -97,8 +97,20 @@ def load_pretrained(
         model.requires_grad_(False)
         if target.type == "cpu":
             keep_4bit_layout(cast(nn.Module, model))
+            own_float_memory(cast(nn.Module, model))
     model.eval()
     return cast(nn.Module, model), cast("Tokenizer", tokenizer)
+
+
+def own_float_memory(model: nn.Module) -> None:
+    """Copy the float parameters and buffers of a model loaded quantised on the CPU out of the checkpoint's
+    memory map. transformers leaves them as views of it, so the float embeddings and head keep the whole mapping
+    alive, and with it every page quantising read: the full-precision weights the model no longer holds stay in
+    the resident set (at 0.5 B parameters, 2.5 GiB resident instead of 1 GiB). Quantised weights own theirs."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if type(tensor) in (nn.Parameter, torch.Tensor):
+                tensor.data = tensor.data.clone()
 
 
 def bnb_config(quantization: QuantizationConfig) -> object:
