@@ -340,7 +340,9 @@ def test_merged_folder_loads_in_mlx_lm_as_its_fuse_writes_it(folders, source, de
 
 
 @pytest.mark.parametrize(("bits", "group_size"), SCHEMES)
-def test_a_saved_head_base_weight_keeps_the_quantised_codes(bits: int, group_size: int, tmp_path: Path) -> None:
+def test_a_saved_head_base_weight_keeps_the_quantised_codes(
+    bits: int, group_size: int, tmp_path: Path
+) -> None:
     """PEFT's files carry a targeted ``lm_head``'s base weight (here dequantised); loading it back over the same
     quantised model keeps the layer's codes (re-quantising them would move them) and gives the saved model's
     logits (≤ 1e-5: the same arrays). 8 bits in groups of 32 is a scheme whose re-quantisation moves them."""
