@@ -19,6 +19,7 @@ from peftdecl.backend import RngState, trainable_key
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.options import EngineOptions
 from peftdecl.plan import ModelInfo, Plan
+from peftdecl_torch.base_weights import base_weight_ir, write_base_weights
 from peftdecl_torch.context import EngineContext
 from peftdecl_torch.inventory import layer_type
 from peftdecl_torch.kinds.prompt import PromptAdapter
@@ -27,11 +28,8 @@ from peftdecl_torch.mixed_batch import mixed_rows
 from peftdecl_torch.probes import capture, follow_mode, to_numpy
 from peftdecl_torch.prompting import PromptCall, PromptSite, generation_inputs, prompt_call
 from peftdecl_torch.quantized import (
-    bnb_kind,
-    dequantized_weight,
     model_float_dtype,
     replace_quantized,
-    requantize,
     warn_merging,
 )
 from peftdecl_torch.saved import SavedModule
@@ -225,28 +223,7 @@ class TorchEngine:
         return array
 
     def load_base_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        for key, value in weights.items():
-            module = key.removesuffix(".weight").removesuffix(".base_layer")
-            weight_ir = self._weight_ir(module, key)
-            array = np.asarray(value)
-            if tuple(array.shape) != tuple(weight_ir.shape):
-                raise PeftdeclError(
-                    f"{key}: shape {list(array.shape)} does not fit {module}'s weight {list(weight_ir.shape)}"
-                )
-            tensor = torch.from_numpy(np.ascontiguousarray(array)).to(weight_ir.dtype)
-            found = self.model.get_submodule(module)
-            quantized_base = bnb_kind(found) is not None or (
-                module in self._layers and self._layers[module].quantized
-            )
-            if quantized_base and torch.equal(tensor, weight_ir):
-                continue  # its own dequantised weight (PEFT saves a targeted head's base): the codes stay
-            if module in self._layers:  # in place; a quantised layer's codes are re-quantised
-                self._layers[module].write_base(tensor, None)
-            elif bnb_kind(found) is not None:
-                requantize(found, tensor)  # its weight_ir was a dequantised copy
-            else:
-                with torch.no_grad():
-                    weight_ir.copy_(tensor)
+        write_base_weights(self.model, self._layers, weights)
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """Call the base model; ``adapter_names`` gives each batch row its adapter (``"__base__"``: none)."""
@@ -419,20 +396,4 @@ class TorchEngine:
         return wrapper
 
     def _weight_ir(self, module: str, key: str | None = None) -> torch.Tensor:
-        """The base weight of ``module`` in the IR layout, as a live view (a quantised layer's: dequantised, a
-        copy)."""
-        if module in self._layers:
-            return self._layers[module].weight_ir()
-        try:
-            found = self.model.get_submodule(module)
-        except AttributeError as exc:
-            raise PeftdeclError(f"{key or module}: the model has no module {module!r}") from exc
-        kind = layer_type(found)
-        if kind is None:
-            raise PeftdeclError(
-                f"{key or module}: {module} is a {type(found).__name__}, not an adaptable layer"
-            )
-        if bnb_kind(found) is not None:
-            return dequantized_weight(found).detach()
-        weight = cast(torch.Tensor, found.weight)
-        return weight.T if kind == "gpt2_conv1d" else weight
+        return base_weight_ir(self.model, self._layers, module, key)
