@@ -500,3 +500,19 @@ def test_mlx_qlora_trains_and_its_adapter_equals_mlx_lm(folder: Path, tmp_path: 
     assert isinstance(again.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
     with pytest.raises(PeftdeclError, match="quantised already"):
         load_pretrained(converted, device="auto", dtype="float32", quantization=QuantizationConfig(bits=4))
+
+
+def test_a_quantised_load_without_bitsandbytes_says_which_extra(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    needs_torch()
+    import importlib.util
+
+    from peftdecl_torch.model_io import load_pretrained
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(PeftdeclError, match=r"needs bitsandbytes.*peftdecl\[qlora\]"):
+        load_pretrained(folder, device="cpu", dtype="float32", quantization=QuantizationConfig(**NF4))

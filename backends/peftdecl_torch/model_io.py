@@ -3,6 +3,7 @@ merged model written as a sharded safetensors checkpoint (atomically: ``out`` ap
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 import shutil
@@ -84,6 +85,11 @@ def load_pretrained(
             )
         options["quantization_config"] = bnb_config(quantization)
     quantized = quantization is not None or layout is not None
+    if quantized and importlib.util.find_spec("bitsandbytes") is None:
+        raise PeftdeclError(
+            f"model folder {directory}: a {layout or 'quantised'} base needs bitsandbytes, which is not "
+            "installed: pip install 'peftdecl[qlora]'"
+        )
     if quantized:  # bitsandbytes places its layers while loading; a quantised model refuses .to() afterwards
         options["device_map"] = {"": str(target)}
     try:
