@@ -53,6 +53,17 @@ def read_safetensors(path: Path, *, floats_only: bool = True) -> tuple[dict[str,
     return tensors, dict(metadata)
 
 
+def read_safetensors_header(path: Path) -> JsonObject:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets, and ``__metadata__``), bounded
+    and checked as :func:`read_safetensors` checks it, without reading a tensor."""
+    path = Path(path)
+    fd = _open_regular(path)
+    try:
+        return _read_header(path, fd)[1]
+    finally:
+        os.close(fd)
+
+
 def _open_regular(path: Path) -> int:
     """A read-only descriptor of ``path``, refusing anything but a regular file (checked on the open file)."""
     try:

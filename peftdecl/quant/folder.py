@@ -17,15 +17,13 @@ Only the safetensors headers are read (and the few bytes of each 4-bit ``quant_s
 from __future__ import annotations
 
 import json
-import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from peftdecl._json import JsonObject
 from peftdecl.errors import PeftdeclError
-from peftdecl.formats.safetensors_io import MAX_HEADER_BYTES
+from peftdecl.formats.safetensors_io import read_safetensors_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -106,33 +104,6 @@ def folder_quantization(config: JsonObject, path: Path) -> str | None:
     return "bnb_4bit" if four else "bnb_8bit"
 
 
-def _read_header(path: Path) -> JsonObject:
-    """The JSON header of one safetensors file (its length bounded before it is read)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                raise PeftdeclError(f"{path}: not a safetensors file (only {len(head)} bytes)")
-            (length,) = struct.unpack("<Q", head)
-            size = os.fstat(handle.fileno()).st_size
-            if length > MAX_HEADER_BYTES or length > size - 8:
-                raise PeftdeclError(f"{path}: corrupt safetensors header (declares {length} bytes)")
-            raw = handle.read(length)
-    except FileNotFoundError:
-        raise PeftdeclError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise PeftdeclError(f"{path}: is a folder, expected a safetensors file") from None
-    except OSError as exc:
-        raise PeftdeclError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise PeftdeclError(f"{path}: corrupt safetensors header ({exc})") from None
-    if not isinstance(header, dict):
-        raise PeftdeclError(f"{path}: corrupt safetensors header (not a JSON object)")
-    return header
-
-
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder: the shards ``model.safetensors.index.json`` names, else
     ``model.safetensors``."""
@@ -160,7 +131,7 @@ def tensor_headers(folder: Path) -> dict[str, TensorHeader]:
     """Every tensor of the folder's safetensors files by name (a name in two files is refused)."""
     headers: dict[str, TensorHeader] = {}
     for path in weight_files(folder):
-        for name, entry in _read_header(path).items():
+        for name, entry in read_safetensors_header(path).items():
             if name == "__metadata__":
                 continue
             if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):

@@ -24,6 +24,7 @@ import msgspec
 
 from peftdecl._json import JsonObject, JsonValue
 from peftdecl.errors import SpecError, TrainConfigError
+from peftdecl.formats.safetensors_io import read_safetensors_header
 from peftdecl.spec import SpecBase
 from peftdecl.spec.load import describe_error, json_path, whole_floats_to_ints
 from peftdecl.train.config import TrainFile, train_schema
@@ -325,8 +326,6 @@ def _model_config(model: JsonValue) -> JsonObject | None:
 
 
 _BLOCK_WEIGHT = re.compile(r"(?:.*\.)?layers\.\d+\.(.+)\.weight")
-MAX_HEADER_BYTES = 64 << 20
-"""A safetensors header read at most (a 1000-layer model's header is a few MiB)."""
 
 
 def block_linears(model: JsonValue) -> list[str] | None:
@@ -337,25 +336,13 @@ def block_linears(model: JsonValue) -> list[str] | None:
     names: set[str] = set()
     try:
         for path in sorted(Path(model).glob("*.safetensors")):
-            for key, info in _safetensors_header(path).items():
+            for key, info in read_safetensors_header(path).items():
                 found = _BLOCK_WEIGHT.fullmatch(key)
                 if found and isinstance(info, dict) and len(info.get("shape", ())) == 2:
                     names.add(found.group(1))
     except (OSError, ValueError, RecursionError):
         return None
     return sorted(names) or None
-
-
-def _safetensors_header(path: Path) -> JsonObject:
-    """The JSON header of a safetensors file (an 8-byte little-endian length, then that much JSON)."""
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        if not 0 < size <= MAX_HEADER_BYTES:
-            raise ValueError(f"{path}: header of {size} bytes")
-        header = json.loads(handle.read(size))
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: header is not a mapping")
-    return header
 
 
 def _is_adapter_path(text: str) -> bool:
