@@ -50,6 +50,8 @@ def render() -> str:
             f"- mixed batches (`adapter_names=`): {_list(caps.mixed_batch)}",
             f"- several active adapters on one layer: {_list(caps.multi_active)}",
             f"- requires: {_list(caps.requires)}",
+            f"- quantised base layers: {_list(caps.quantizations)}"
+            + ("; weight-reading kinds dequantise them on the fly" if caps.dequantizes else ""),
             "",
             "| kind | " + " | ".join(LAYER_TYPES) + " |",
             "| --- | " + " | ".join("---" for _ in LAYER_TYPES) + " |",
