@@ -107,6 +107,13 @@ def test_model_is_a_path_or_a_section_with_quantization(tmp_path: Path) -> None:
     )
     on_mlx = load_train_file(mapping({"path": "m", "quantization": {"bits": 4}}, tmp_path, backend="mlx"))
     assert on_mlx.quantization == QuantizationConfig(bits=4)
+    # a whole float (YAML's 4.0, --set's 4.0) is the enum's integer, as JSON Schema reads it
+    as_float = mapping(
+        {"path": "m", "quantization": {"bits": 4.0, "group_size": 32.0}}, tmp_path, backend="mlx"
+    )
+    assert load_train_file(as_float).quantization == QuantizationConfig(bits=4, group_size=32)
+    with pytest.raises(TrainConfigError, match=r"bits"):
+        load_train_file(mapping({"path": "m", "quantization": {"bits": 4.5}}, tmp_path, backend="mlx"))
     # --set reaches inside a model written as a plain path
     set_ = load_train_file(mapping("m", tmp_path), ("model.quantization.load_in_4bit=true",))
     assert set_.model_path == "m" and set_.quantization == QuantizationConfig(load_in_4bit=True)

@@ -139,11 +139,21 @@ def whole_floats_to_ints(value: JsonValue, schema: JsonValue) -> JsonValue:
 
 
 def _wants_integer(schema: Mapping[str, JsonValue]) -> bool:
-    kinds = {schema.get("type")} | {b.get("type") for b in schema.get("anyOf", ()) if isinstance(b, Mapping)}
-    for branch in schema.get("allOf", ()):
-        if isinstance(branch, Mapping):
-            kinds |= {branch.get("type")}
+    """Whether ``schema`` takes integers and no other numbers: ``type: integer``, or an enum of integers (the
+    training file's ``bits: 4.0`` is the enum's 4)."""
+    branches = [schema, *schema.get("anyOf", ()), *schema.get("allOf", ())]
+    kinds = {b.get("type") for b in branches if isinstance(b, Mapping)}
+    if any(isinstance(b, Mapping) and _integer_enum(b.get("enum")) for b in branches):
+        kinds.add("integer")
     return "integer" in kinds and "number" not in kinds
+
+
+def _integer_enum(values: JsonValue) -> bool:
+    return (
+        isinstance(values, list)
+        and bool(values)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    )
 
 
 def _json_type(value: JsonValue) -> str:
