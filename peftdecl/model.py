@@ -32,6 +32,7 @@ from peftdecl.init import (
     generator_for,
     init_params,
 )
+from peftdecl.lora_init import weight_initialised
 from peftdecl.names import check_adapter_name
 from peftdecl.options import EngineOptions
 from peftdecl.peft_compat import (
@@ -142,12 +143,16 @@ class AdaptedModel(PeftCompat):
             raise PeftdeclError("'__base__' is reserved for rows without an adapter")
         plan = compile_plan(load_spec(spec), self._info, name)
         check_compatible(self._book.plans, plan, self._backend.capabilities)
+        base_residuals: dict[str, np.ndarray] = {}
         if arrays is None:
             values = init_params(plan, seed, external=self._external_init(plan, seed))
+            values, base_residuals = weight_initialised(plan, values, self._engine.base_weight, seed)
         else:
             values = {k: np.asarray(v) for k, v in arrays.items()}
             check_arrays(plan, values, origin=f"adapter {name!r}")
         values = self._shared_family_arrays(plan, values)
+        if base_residuals:  # PiSSA / OLoRA: W becomes W − s·BA, so that the model's function is unchanged
+            self._engine.load_base_weights(base_residuals)
         self._book.plans[name] = plan
         try:
             self._engine.add(name, plan, values)
@@ -204,6 +209,10 @@ class AdaptedModel(PeftCompat):
         adapter_arrays = self._shared_family_arrays(plan, adapter_arrays)
         if base_overrides:
             self._engine.load_base_weights(base_overrides)
+        # PEFT saves a PiSSA / OLoRA adapter against the original W and recomputes W − s·BA when it loads one
+        residuals = weight_initialised(plan, {}, self._engine.base_weight)[1]
+        if residuals:
+            self._engine.load_base_weights(residuals)
         self._book.plans[name] = plan
         try:
             self._engine.add(name, plan, {**adapter_arrays, **saved_modules})

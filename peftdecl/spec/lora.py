@@ -23,9 +23,16 @@ from peftdecl.spec._base import (
     targeting_problems,
 )
 
-# init_lora_weights values HF PEFT knows; the data-dependent ones modify the base model and are not implemented.
-LORA_INITS_SUPPORTED = (True, False, "gaussian")
+# init_lora_weights values HF PEFT knows; "pissa_niter_K" (K a whole number) is supported too. PiSSA and OLoRA
+# replace the base weight by its residual (peftdecl.lora_init); the data-driven ones are not implemented.
+LORA_INITS_SUPPORTED = (True, False, "gaussian", "pissa", "olora", "orthogonal")
 LORA_INITS_KNOWN = ("eva", "olora", "pissa", "corda", "loftq", "lora_ga", "orthogonal", "mica")
+_SUPPORTED_TEXT = "true, false, 'gaussian', 'pissa', 'pissa_niter_K', 'olora', 'orthogonal'"
+
+
+def is_pissa_niter(init: object) -> bool:
+    """``init`` is "pissa_niter_K" with K a whole number (the subspace iterations of the randomised SVD)."""
+    return isinstance(init, str) and init.startswith("pissa_niter_") and init[len("pissa_niter_") :].isdigit()
 
 
 class LowRankSpec(SpecBase, frozen=True):
@@ -51,7 +58,9 @@ class LowRankSpec(SpecBase, frozen=True):
     init_lora_weights: Annotated[
         bool | str,
         Meta(
-            description="true: A Kaiming-uniform, B zero (a no-op); 'gaussian': A ~ N(0, 1/r); false: both random."
+            description="true: A Kaiming-uniform, B zero (a no-op); 'gaussian': A ~ N(0, 1/r); false: both random; "
+            "'pissa' / 'pissa_niter_K': A, B from the (randomised, K iterations) SVD of W; 'olora': from its QR "
+            "(both replace W by W - s·BA); 'orthogonal': random A, B with BA = 0 (even r)."
         ),
     ] = True
     layers_to_transform: LayersToTransform = None
@@ -107,15 +116,15 @@ class LowRankSpec(SpecBase, frozen=True):
     def cross_field_problems(self) -> list[tuple[str, str]]:
         found = targeting_problems(self)
         init = self.init_lora_weights
-        if init not in LORA_INITS_SUPPORTED:
+        if init not in LORA_INITS_SUPPORTED and not is_pissa_niter(init):
             name = str(init)
             known = name in LORA_INITS_KNOWN or name.startswith("pissa_niter_")
             found.append(
                 (
                     "$.init_lora_weights",
-                    f"{name!r} is not supported by peftdecl (supported: true, false, 'gaussian')"
+                    f"{name!r} is not supported by peftdecl (supported: {_SUPPORTED_TEXT})"
                     if known
-                    else f"unknown initialisation {name!r}; expected true, false or 'gaussian'",
+                    else f"unknown initialisation {name!r}; expected one of {_SUPPORTED_TEXT}",
                 )
             )
         if self.lora_bias and self.use_dora:

@@ -1,0 +1,165 @@
+"""LoRA initialisations that read the base weight: PiSSA, its randomised form, OLoRA and orthogonal.
+
+With W the base weight (out × in, float64) and s the layer's scale, as HF PEFT 0.21 computes them:
+
+- ``pissa``: W = U S Vᵀ (thin SVD); A = diag(√(S_r/s)) V_rᵀ, B = U_r diag(√(S_r/s)); W ← W − s·B A.
+- ``pissa_niter_K``: the same from the randomised SVD of Halko et al. (Alg. 5.1) with K subspace iterations.
+- ``olora``: W = Q R (QR); A = R[:r], B = Q[:, :r]; W ← W − s·B A.
+- ``orthogonal``: Q from the QR of an r × r Gaussian; A = (X₁ Q_odd)ᵀ / 10, B = X₂ᵀ Q_even / 10 with Gaussian X₁
+  (in × r/2), X₂ (r/2 × out), so B A = 0 (the rows of Q are orthonormal) and W is left alone.
+
+PiSSA and OLoRA keep the model's function (W − s·BA + s·BA = W); the caller writes the residual W back. As in PEFT,
+an embedding layer keeps LoRA's default embedding initialisation (A = 0, B ~ N(0, 1)) and its weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from peftdecl.errors import TargetError
+from peftdecl.init import generator_for
+from peftdecl.plan.ir import LayerPlan, Plan
+
+BASE_MODIFYING = ("pissa", "olora")
+"""Initialisations that replace the base weight by its residual W − s·BA."""
+
+
+def weight_init_name(plan: Plan) -> str | None:
+    """The plan's base-reading LoRA initialisation (``pissa``, ``pissa_niter_K``, ``olora``, ``orthogonal``), or
+    None when its initial values come from the plan's own rules."""
+    if plan.kind not in ("lora", "dora"):
+        return None
+    init = getattr(plan.spec, "init_lora_weights", True)
+    if not isinstance(init, str):
+        return None
+    if init in ("pissa", "olora", "orthogonal") or pissa_iterations(init) is not None:
+        return init
+    return None
+
+
+def pissa_iterations(init: str) -> int | None:
+    """K of ``pissa_niter_K`` (a non-negative integer), else None."""
+    prefix = "pissa_niter_"
+    if init.startswith(prefix) and init[len(prefix) :].isdigit():
+        return int(init[len(prefix) :])
+    return None
+
+
+def check_weight_init_layer(init: str, layer: LayerPlan) -> None:
+    """Refuse a layer the initialisation does not work on: HF PEFT refuses convolutions ("Unknown
+    initialization"), and OLoRA's QR of a GPT-2 Conv1D weight ([in, out]) gives A and B of the wrong shapes."""
+    info = layer.layer
+    allowed = ("linear",) if init == "olora" else ("linear", "gpt2_conv1d")
+    if info.type not in (*allowed, "embedding"):
+        raise TargetError(
+            f"{layer.module}: init_lora_weights={init!r} works on {' and '.join(allowed)} layers (and leaves "
+            f"embeddings at LoRA's default), not on this {info.type} layer"
+        )
+    if init != "orthogonal" and info.quantization is not None:
+        raise TargetError(
+            f"{layer.module}: init_lora_weights={init!r} on a quantised ({info.quantization}) base is not supported "
+            "by peftdecl; initialise on the float model, then quantise the residual"
+        )
+    if init == "orthogonal" and layer.r % 2:
+        raise TargetError(
+            f"{layer.module}: init_lora_weights='orthogonal' needs an even rank, got r={layer.r}"
+        )
+    if layer.options.get("lora_bias"):
+        raise TargetError(f"{layer.module}: init_lora_weights={init!r} cannot be combined with lora_bias")
+
+
+def randomized_svd(
+    matrix: np.ndarray, q: int, niter: int, random_matrix: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """U (m × q), S (q), V (n × q) with matrix ≈ U diag(S) Vᵀ, by the randomised range finder with ``niter``
+    subspace iterations (torch.svd_lowrank's steps); ``random_matrix`` is the Gaussian test matrix, shape
+    (min(m, n)-side: columns of the tall orientation, q)."""
+    tall = matrix.shape[0] >= matrix.shape[1]
+    a = matrix if tall else matrix.T
+    q_basis = np.linalg.qr(a @ random_matrix)[0]
+    for _ in range(niter):
+        q_basis = np.linalg.qr(a.T @ q_basis)[0]
+        q_basis = np.linalg.qr(a @ q_basis)[0]
+    u, s, vh = np.linalg.svd(q_basis.T @ a, full_matrices=False)
+    u, v = q_basis @ u, vh.T
+    return (u, s, v) if tall else (v, s, u)
+
+
+def pissa_factors(
+    weight: np.ndarray,
+    r: int,
+    scaling: float,
+    niter: int | None = None,
+    random_matrix: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A (r × in) and B (out × r) of PiSSA: the top-r singular triplets, each √(S/s) split between A and B.
+    ``niter`` None: the exact SVD; else the randomised one with that many iterations on ``random_matrix``."""
+    if niter is None:
+        u, s, vh = np.linalg.svd(weight, full_matrices=False)
+        u_r, s_r, vh_r = u[:, :r], s[:r], vh[:r]
+    else:
+        if random_matrix is None:
+            raise ValueError("the randomised SVD needs its Gaussian test matrix")
+        u_r, s_r, v_r = randomized_svd(weight, r, niter, random_matrix)
+        vh_r = v_r.T
+    root = np.sqrt(s_r / scaling)
+    return root[:, None] * vh_r, u_r * root[None, :]
+
+
+def olora_factors(weight: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """A = R[:r] (r × in) and B = Q[:, :r] (out × r) of the reduced QR of W (Householder, LAPACK's signs)."""
+    q, upper = np.linalg.qr(weight)
+    return upper[:r], q[:, :r]
+
+
+def orthogonal_factors(
+    in_features: int, out_features: int, r: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A (r × in) and B (out × r) whose product is zero: halves of one random orthogonal r × r matrix."""
+    q = np.linalg.qr(rng.standard_normal((r, r)))[0]
+    a = (rng.standard_normal((in_features, r // 2)) @ q[0::2]).T / 10.0
+    b = rng.standard_normal((r // 2, out_features)).T @ q[1::2] / 10.0
+    return a, b
+
+
+def weight_initialised(
+    plan: Plan,
+    values: Mapping[str, np.ndarray],
+    base_weight: Callable[[str], np.ndarray],
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``values`` with each layer's ``lora_A/B.weight`` replaced as the plan's initialisation asks, and the new base
+    weights (``<module>.weight`` in the IR layout, float64) for the initialisations that change them."""
+    init = weight_init_name(plan)
+    out = dict(values)
+    bases: dict[str, np.ndarray] = {}
+    if init is None:
+        return out, bases
+    if getattr(plan.spec, "use_dora", False):
+        raise TargetError(f"init_lora_weights={init!r} with use_dora is not supported by peftdecl yet")
+    for layer in plan.layers:
+        check_weight_init_layer(init, layer)
+    for layer in plan.layers:
+        if layer.layer.type == "embedding":
+            continue  # PEFT gives an embedding its usual A = 0, B ~ N(0, 1) whatever the init says
+        a_key, b_key = layer.key("lora_A.weight"), layer.key("lora_B.weight")
+        info = layer.layer
+        if init == "orthogonal":
+            rng = generator_for(seed, layer.key("orthogonal"))
+            out[a_key], out[b_key] = orthogonal_factors(info.in_features, info.out_features, layer.r, rng)
+            continue
+        weight = np.asarray(base_weight(layer.module), dtype=np.float64)
+        if init == "olora":
+            a, b = olora_factors(weight, layer.r)
+        else:
+            niter = pissa_iterations(init)
+            random_matrix = None
+            if niter is not None:
+                rng = generator_for(seed, layer.key("pissa_test_matrix"))
+                random_matrix = rng.standard_normal((min(weight.shape), layer.r))
+            a, b = pissa_factors(weight, layer.r, layer.scaling, niter, random_matrix)
+        out[a_key], out[b_key] = a, b
+        bases[f"{layer.module}.weight"] = weight - layer.scaling * (b @ a)
+    return out, bases
