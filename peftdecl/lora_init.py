@@ -163,3 +163,42 @@ def weight_initialised(
         out[a_key], out[b_key] = a, b
         bases[f"{layer.module}.weight"] = weight - layer.scaling * (b @ a)
     return out, bases
+
+
+def plain_lora_conversion(
+    plan: Plan, arrays: Mapping[str, np.ndarray], initial: Mapping[str, np.ndarray]
+) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+    """A trained PiSSA / OLoRA adapter as a plain LoRA on the *original* base (PEFT's
+    ``path_initial_model_for_weight_conversion``): ΔW = s·(B A − B₀ A₀) = s·[B, −B₀][A; A₀], rank 2r.
+
+    ``arrays``: the adapter's tensors now, ``initial``: the same adapter's tensors at initialisation (IR keys).
+    Returns the spec changes (init true; r, rank_pattern, alpha_pattern doubled; lora_alpha doubled, or × √2 with
+    rsLoRA, so that s stays the same) and the rank-2r tensors."""
+    spec = plan.spec
+    if plan.kind != "lora":
+        raise TargetError(f"converting to plain LoRA needs a LoRA adapter, not {plan.kind}")
+    rank_pattern = dict(getattr(spec, "rank_pattern", None) or {})
+    alpha_pattern = dict(getattr(spec, "alpha_pattern", None) or {})
+    rslora = bool(getattr(spec, "use_rslora", False))
+    if rslora and (rank_pattern or alpha_pattern):
+        raise TargetError(
+            "converting to plain LoRA with use_rslora cannot keep rank_pattern or alpha_pattern"
+        )
+    converted: dict[str, np.ndarray] = {}
+    for layer in plan.layers:
+        if layer.layer.type == "embedding":
+            raise TargetError(
+                f"{layer.module}: converting an embedding's LoRA to plain LoRA is not supported"
+            )
+        a_key, b_key = layer.key("lora_A.weight"), layer.key("lora_B.weight")
+        converted[a_key] = np.concatenate([np.asarray(arrays[a_key]), np.asarray(initial[a_key])], axis=0)
+        converted[b_key] = np.concatenate([np.asarray(arrays[b_key]), -np.asarray(initial[b_key])], axis=1)
+    lora_alpha = float(getattr(spec, "lora_alpha", 8))
+    changes: dict[str, object] = {
+        "init_lora_weights": True,
+        "r": 2 * int(getattr(spec, "r", 8)),
+        "lora_alpha": lora_alpha * 2**0.5 if rslora else 2 * lora_alpha,
+        "rank_pattern": {key: 2 * value for key, value in rank_pattern.items()},
+        "alpha_pattern": {key: 2 * value for key, value in alpha_pattern.items()},
+    }
+    return changes, converted

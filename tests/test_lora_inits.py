@@ -339,3 +339,50 @@ def test_malformed_pissa_niter_is_a_spec_error() -> None:
         peftdecl.attach(
             state, {"peft_type": "LORA", "target_modules": ["lin0"], "init_lora_weights": "pissa_niter_x"}
         )
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_plain_lora_conversion_equals_peft(tmp_path: Path, rslora: bool) -> None:
+    """PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) against plain_lora_conversion on the
+    same trained and initial tensors; the converted LoRA over the original base gives the trained model's outputs."""
+    from safetensors.numpy import load_file
+
+    from peftdecl.lora_init import plain_lora_conversion
+
+    base = base_model()
+    cfg = config("pissa", use_rslora=rslora)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    theirs.peft_config[
+        "default"
+    ].init_lora_weights = True  # PEFT's recipe: the initial adapter is saved as plain
+    theirs.save_pretrained(tmp_path / "init")
+    theirs.peft_config["default"].init_lora_weights = "pissa"
+    initial = {k: v.detach().double().numpy() for k, v in peft.get_peft_model_state_dict(theirs).items()}
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_" in name:
+                param.add_(0.2 * torch.randn(param.shape, generator=gen))
+    trained = {k: v.detach().double().numpy() for k, v in peft.get_peft_model_state_dict(theirs).items()}
+    theirs.save_pretrained(
+        tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "init")
+    )
+    saved = load_file(str(tmp_path / "converted" / "adapter_model.safetensors"))
+    state = {k: v.detach().double().numpy() for k, v in base.state_dict().items()}
+    plan = peftdecl.attach(state, {"peft_type": "LORA", **cfg}, backend="numpy").plan()
+
+    def ir(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k.removeprefix("base_model.model."): v for k, v in tensors.items()}
+
+    changes, converted = plain_lora_conversion(plan, ir(trained), ir(initial))
+    for key, value in converted.items():
+        assert (
+            rel_err(value, saved[f"base_model.model.{key}"]) <= 1e-7
+        )  # a copy and a sign: float32 storage only
+    written = peft.PeftConfig.from_pretrained(tmp_path / "converted")
+    assert (changes["r"], changes["init_lora_weights"]) == (written.r, written.init_lora_weights)
+    assert abs(float(changes["lora_alpha"]) - written.lora_alpha) <= 1e-12  # type: ignore[arg-type]
+    plain = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "converted")
+    x = torch.randn(4, 12, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert rel_err(plain(x).numpy(), theirs(x).numpy()) <= TOL  # the same ΔW on W instead of W_res
