@@ -9,7 +9,8 @@ With W the base weight (out × in, float64) and s the layer's scale, as HF PEFT 
   (in × r/2), X₂ (r/2 × out), so B A = 0 (the rows of Q are orthonormal) and W is left alone.
 
 PiSSA and OLoRA keep the model's function (W − s·BA + s·BA = W); the caller writes the residual W back. As in PEFT,
-an embedding layer keeps LoRA's default embedding initialisation (A = 0, B ~ N(0, 1)) and its weight.
+an embedding layer keeps LoRA's default embedding initialisation (A = 0, B ~ N(0, 1)) and its weight. With DoRA,
+m = ‖W + s·BA‖ per row is taken after the new W, A and B (PEFT initialises the variant after the factors).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from peftdecl.errors import TargetError
-from peftdecl.init import generator_for
+from peftdecl.init import EXTERNAL_SOURCES, generator_for
 from peftdecl.plan.ir import LayerPlan, Plan
 
 BASE_MODIFYING = ("pissa", "olora")
@@ -137,8 +138,6 @@ def weight_initialised(
     bases: dict[str, np.ndarray] = {}
     if init is None:
         return out, bases
-    if getattr(plan.spec, "use_dora", False):
-        raise TargetError(f"init_lora_weights={init!r} with use_dora is not supported by peftdecl yet")
     for layer in plan.layers:
         check_weight_init_layer(init, layer)
     for layer in plan.layers:
@@ -146,11 +145,12 @@ def weight_initialised(
             continue  # PEFT gives an embedding its usual A = 0, B ~ N(0, 1) whatever the init says
         a_key, b_key = layer.key("lora_A.weight"), layer.key("lora_B.weight")
         info = layer.layer
+        weight = np.asarray(base_weight(layer.module), dtype=np.float64)
         if init == "orthogonal":
             rng = generator_for(seed, layer.key("orthogonal"))
             out[a_key], out[b_key] = orthogonal_factors(info.in_features, info.out_features, layer.r, rng)
+            _redraw_base_dependent(layer, weight, out)
             continue
-        weight = np.asarray(base_weight(layer.module), dtype=np.float64)
         if init == "olora":
             a, b = olora_factors(weight, layer.r)
         else:
@@ -162,7 +162,20 @@ def weight_initialised(
             a, b = pissa_factors(weight, layer.r, layer.scaling, niter, random_matrix)
         out[a_key], out[b_key] = a, b
         bases[f"{layer.module}.weight"] = weight - layer.scaling * (b @ a)
+        _redraw_base_dependent(layer, bases[f"{layer.module}.weight"], out)
     return out, bases
+
+
+def _redraw_base_dependent(layer: LayerPlan, weight: np.ndarray, values: dict[str, np.ndarray]) -> None:
+    """Recompute the layer's base-dependent tensors (DoRA's m = ‖W + s·BA‖ per row) from the new W, A and B, as
+    PEFT initialises the variant after the LoRA factors."""
+    own = {p.name: values[layer.key(p.name)] for p in layer.params if layer.key(p.name) in values}
+    for param in layer.params:
+        if param.init.rule == "external":
+            source = str(param.init.arg("source"))
+            if source not in EXTERNAL_SOURCES:
+                raise TargetError(f"{layer.key(param.name)}: no initialiser registered for source {source!r}")
+            values[layer.key(param.name)] = np.asarray(EXTERNAL_SOURCES[source](weight, layer, own))
 
 
 def plain_lora_conversion(

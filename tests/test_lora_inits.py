@@ -138,6 +138,31 @@ def test_numpy_reference_equals_peft(init: str) -> None:
         assert rel_err(residual + delta, state[f"{module}.weight"]) <= 1e-12  # float64: W − s·BA + s·BA
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora", "orthogonal"])
+def test_dora_magnitude_follows_the_new_factors_as_in_peft(init: str) -> None:
+    """PEFT initialises DoRA's m = ‖W + s·BA‖ per row after the LoRA factors: ‖W‖ of the original weight."""
+    needs_torch_backend()
+    base = base_model(3)
+    cfg = config(init, use_dora=True)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    ours = peftdecl.attach(copy.deepcopy(base), {"peft_type": "LORA", **cfg}, backend="torch", seed=2)
+    values = ours.state_dict()
+    for module in TARGETS:
+        layer = getattr(theirs.base_model.model, module)
+        magnitude = layer.lora_magnitude_vector["default"].weight.detach().double().numpy()
+        key = next(k for k in values if k.startswith(f"{module}.") and "magnitude" in k)
+        assert rel_err(values[key], magnitude) <= TOL  # both ≈ ‖W_original‖ per row, float32 rounding
+        if init != "orthogonal":
+            a, b, w = peft_tensors(theirs, module)
+            assert_factors_equal(
+                init, values[f"{module}.lora_A.weight"], values[f"{module}.lora_B.weight"], a, b
+            )
+            assert rel_err(ours.engine.base_weight(module), w) <= TOL
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(ours(x).numpy(), base(x).numpy()) <= TOL  # DoRA at m = ‖W + s·BA‖ is the base layer
+
+
 def test_pissa_scaling_and_rslora_follow_peft() -> None:
     needs_torch_backend()
     cfg = config("pissa", r=2, lora_alpha=3, use_rslora=True)
@@ -256,12 +281,13 @@ def test_saved_adapter_loads_in_peft_over_the_original_base(tmp_path: Path, init
         assert rel_err(ours.engine.base_weight(module), layer.base_layer.weight.detach().numpy()) <= TOL
 
 
+@pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_peft_saved_adapter_loads_over_the_original_base(tmp_path: Path, init: str) -> None:
+def test_peft_saved_adapter_loads_over_the_original_base(tmp_path: Path, init: str, dora: bool) -> None:
     """A trained (perturbed) PEFT PiSSA / OLoRA adapter: peftdecl rebuilds the residual and gives PEFT's outputs."""
     needs_torch_backend()
     base = base_model()
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config(init)))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config(init, use_dora=dora)))
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for name, param in theirs.named_parameters():
@@ -279,7 +305,6 @@ def test_peft_saved_adapter_loads_over_the_original_base(tmp_path: Path, init: s
     ("init", "extra", "needle"),
     [
         ("orthogonal", {"r": 3}, "even rank"),
-        ("pissa", {"use_dora": True}, "use_dora"),
     ],
 )
 def test_refusals_name_the_problem(init: str, extra: dict[str, object], needle: str) -> None:
