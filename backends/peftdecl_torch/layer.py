@@ -11,7 +11,7 @@ options and generators through the shared :class:`peftdecl_torch.context.EngineC
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from peftdecl.errors import PeftdeclError
 from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerInfo, LayerPlan
 from peftdecl_torch import compose
+from peftdecl_torch.base_view import PeftLayerAttributes
 from peftdecl_torch.context import EngineContext
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds import ops_for
@@ -54,7 +55,7 @@ def adapter_dtype(base_weight: torch.Tensor, autocast: bool) -> torch.dtype:
     return base_weight.dtype
 
 
-class AdaptedLayer(nn.Module):
+class AdaptedLayer(PeftLayerAttributes, nn.Module):
     """A base layer plus the adapters of every plan that targets it."""
 
     def __init__(
@@ -224,41 +225,6 @@ class AdaptedLayer(nn.Module):
         raise PeftdeclError(f"{self.module_name}: cannot store adapter tensor {head!r}")
 
     # -- the base layer ------------------------------------------------------------------------------------
-    def get_base_layer(self) -> nn.Module:
-        """The layer this one wraps (HF PEFT's name for it; innermost where wrappers nest)."""
-        layer: nn.Module = self.base_layer
-        while isinstance(layer, AdaptedLayer):
-            layer = layer.base_layer
-        return layer
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight as it stores it, as HF PEFT's wrapped layers expose it (bitsandbytes: its
-        ``Params4bit``/``Int8Params`` codes), so model code reading ``layer.weight`` keeps working."""
-        return cast(torch.Tensor, self.get_base_layer().weight)
-
-    @property
-    def in_features(self) -> int:
-        """HF PEFT's ``in_features``: input features, channels of a convolution, rows of an embedding."""
-        return self.info.in_features
-
-    @property
-    def out_features(self) -> int:
-        """HF PEFT's ``out_features``: output features, channels of a convolution, width of an embedding."""
-        return self.info.out_features
-
-    def __getattr__(self, name: str) -> Any:  # any attribute of any base layer
-        """Our own attributes first (nn.Module's lookup), then the base layer's public ones (``kernel_size``,
-        ``groups``, ``padding_idx``, ...). Private names are never forwarded: hooks such as accelerate's
-        ``_hf_hook`` belong to the base layer alone."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("_modules", {}).get("base_layer")
-            if name.startswith("_") or base is None:
-                raise
-            return getattr(base, name)
-
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer itself on x (its own module, hooks included)."""
         y: torch.Tensor = self.base_layer(x)
