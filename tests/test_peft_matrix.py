@@ -53,21 +53,8 @@ OUTPUT_TOL = 1e-5  # float32 forward of the same weights; relative error over th
 # OUTPUT_TOL.
 EFFECT_TOL = 0.1
 
-# Crashes the issue lists (a fix in the torch layer is under way): expected to fail until it lands; not strict,
-# so the fix turns them into passes without an edit here.
-KNOWN_CRASHES = {
-    "Conv2d_Groups2_LOHA": "the model reads self.conv2d.weight: peftdecl's wrapped layer has no base attributes",
-    "Conv2d_Groups2_LOKR": "the model reads self.conv2d.weight: peftdecl's wrapped layer has no base attributes",
-}
-
 ROWS = claimed_rows(MATRIX)
-IDS = row_ids(ROWS)
-CASES = [
-    pytest.param(row, id=row_id, marks=[pytest.mark.xfail(strict=False, reason=KNOWN_CRASHES[row_id])])
-    if row_id in KNOWN_CRASHES
-    else pytest.param(row, id=row_id)
-    for row, row_id in zip(ROWS, IDS, strict=True)
-]
+CASES = [pytest.param(row, id=row_id) for row, row_id in zip(ROWS, row_ids(ROWS), strict=True)]
 
 
 def as_array(output: Any) -> np.ndarray:
