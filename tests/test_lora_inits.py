@@ -411,3 +411,37 @@ def test_plain_lora_conversion_equals_peft(tmp_path: Path, rslora: bool) -> None
     x = torch.randn(4, 12, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         assert rel_err(plain(x).numpy(), theirs(x).numpy()) <= TOL  # the same ΔW on W instead of W_res
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "orthogonal"])
+def test_mlx_backend_equals_the_numpy_reference(init: str) -> None:
+    """The same float64 initialisation on MLX (float32 weights): tensors, residual W and unchanged outputs."""
+    if "mlx" not in selected_backends():
+        pytest.skip("the mlx backend is not selected")
+    mx = pytest.importorskip("mlx.core")
+    nn = pytest.importorskip("mlx.nn")
+    from mlx.utils import tree_flatten
+
+    class MlxMLP(nn.Module):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin0 = nn.Linear(12, 16)
+            self.lin1 = nn.Linear(16, 10)
+
+        def __call__(self, x: object) -> object:
+            return self.lin1(nn.relu(self.lin0(x)))
+
+    mx.random.seed(0)
+    model = MlxMLP()
+    x = mx.random.normal((3, 12))
+    before = np.array(model(x))
+    state = {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(model.parameters())}
+    spec = {"peft_type": "LORA", **config(init)}
+    reference = peftdecl.attach(state, spec, backend="numpy")
+    ours = peftdecl.attach(model, spec, backend="mlx")
+    expected = reference.state_dict()
+    for key, value in ours.state_dict().items():
+        assert rel_err(value, expected[key]) <= TOL  # float32 storage of float64 values
+    for module in TARGETS:
+        assert rel_err(ours.engine.base_weight(module), reference.engine.base_weight(module)) <= TOL
+    assert rel_err(np.array(ours(x)), before) <= TOL  # W − s·BA + s·BA in float32
