@@ -151,6 +151,7 @@ class AdaptedModel(PeftCompat):
             values = {k: np.asarray(v) for k, v in arrays.items()}
             check_arrays(plan, values, origin=f"adapter {name!r}")
         values = self._shared_family_arrays(plan, values)
+        originals = {k: np.array(self._engine.base_weight(k.removesuffix(".weight"))) for k in base_residuals}
         if base_residuals:  # PiSSA / OLoRA: W becomes W − s·BA, so that the model's function is unchanged
             self._engine.load_base_weights(base_residuals)
         self._book.plans[name] = plan
@@ -158,6 +159,8 @@ class AdaptedModel(PeftCompat):
             self._engine.add(name, plan, values)
         except BaseException:
             del self._book.plans[name]
+            if originals:
+                self._engine.load_base_weights(originals)
             raise
         if activate or not self._book.active:
             self.set_adapter(name)

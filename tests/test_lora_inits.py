@@ -445,3 +445,20 @@ def test_mlx_backend_equals_the_numpy_reference(init: str) -> None:
     for module in TARGETS:
         assert rel_err(ours.engine.base_weight(module), reference.engine.base_weight(module)) <= TOL
     assert rel_err(np.array(ours(x)), before) <= TOL  # W − s·BA + s·BA in float32
+
+
+def test_a_failed_add_leaves_the_base_weight_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    state = {"lin0.weight": rng.normal(size=(5, 7)), "lin0.bias": np.zeros(5)}
+    model = peftdecl.attach(state, {"peft_type": "LORA", "r": 2, "target_modules": ["lin0"]}, backend="numpy")
+    before = np.array(model.engine.base_weight("lin0"))
+
+    def failing_add(*args: object) -> None:
+        raise RuntimeError("engine refused")
+
+    monkeypatch.setattr(model.engine, "add", failing_add)
+    spec = {"peft_type": "LORA", "r": 2, "target_modules": ["lin0"], "init_lora_weights": "pissa"}
+    with pytest.raises(RuntimeError, match="engine refused"):
+        model.add_adapter("second", spec)
+    assert np.array_equal(model.engine.base_weight("lin0"), before)  # written back exactly (float64)
+    assert "second" not in model.adapters
