@@ -15,6 +15,7 @@ m = ‖W + s·BA‖ per row is taken after the new W, A and B (PEFT initialises 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -42,10 +43,8 @@ def weight_init_name(plan: Plan) -> str | None:
 
 def pissa_iterations(init: str) -> int | None:
     """K of ``pissa_niter_K`` (a non-negative integer), else None."""
-    prefix = "pissa_niter_"
-    if init.startswith(prefix) and init[len(prefix) :].isdigit():
-        return int(init[len(prefix) :])
-    return None
+    found = re.fullmatch(r"pissa_niter_([0-9]+)", init)
+    return int(found.group(1)) if found else None
 
 
 def check_weight_init_layer(init: str, layer: LayerPlan) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -32,7 +33,7 @@ _SUPPORTED_TEXT = "true, false, 'gaussian', 'pissa', 'pissa_niter_K', 'olora', '
 
 def is_pissa_niter(init: object) -> bool:
     """``init`` is "pissa_niter_K" with K a whole number (the subspace iterations of the randomised SVD)."""
-    return isinstance(init, str) and init.startswith("pissa_niter_") and init[len("pissa_niter_") :].isdigit()
+    return isinstance(init, str) and re.fullmatch(r"pissa_niter_[0-9]+", init) is not None
 
 
 class LowRankSpec(SpecBase, frozen=True):
