@@ -88,7 +88,7 @@ def test_target_module_sets_are_sorted_lists() -> None:
         ({"use_qalora": True}, "$.use_qalora"),
         ({"trainable_token_indices": [1, 2]}, "$.trainable_token_indices"),
         ({"bias": "all"}, "$.bias"),
-        ({"init_lora_weights": "pissa"}, "$.init_lora_weights"),
+        ({"init_lora_weights": "mica"}, "$.init_lora_weights"),
     ],
 )
 def test_unsupported_peft_fields_are_named(kwargs, field) -> None:

@@ -119,9 +119,14 @@ def kind_rules(peft_type: str) -> tuple[list[JsonObject], list[str], dict[str, J
         )
     if peft_type in ("LORA", "ADALORA"):
         overrides["init_lora_weights"] = {
-            "anyOf": [{"type": "boolean"}, {"const": "gaussian"}],
-            "x-error": "must be true, false or 'gaussian'; HF PEFT's other initialisations (pissa, olora, eva, "
-            "corda, loftq, lora_ga, orthogonal, mica) are not supported by peftdecl",
+            "anyOf": [
+                {"type": "boolean"},
+                {"enum": ["gaussian", "pissa", "olora", "orthogonal"]},
+                {"type": "string", "pattern": "^pissa_niter_[0-9]+$"},
+            ],
+            "x-error": "must be true, false, 'gaussian', 'pissa', 'pissa_niter_K' (K a whole number), 'olora' or "
+            "'orthogonal'; HF PEFT's other initialisations (eva, corda, loftq, lora_ga, mica) are not supported "
+            "by peftdecl",
         }
         rules.append(
             _when(
@@ -131,7 +136,7 @@ def kind_rules(peft_type: str) -> tuple[list[JsonObject], list[str], dict[str, J
         )
         rules.append(
             _when(
-                _present("init_lora_weights", {"const": "gaussian"}),
+                _present("init_lora_weights", {"type": "string"}),
                 _must("lora_bias", {"const": False}, "needs init_lora_weights to be true or false"),
             )
         )
