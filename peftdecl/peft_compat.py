@@ -144,6 +144,7 @@ class PeftCompat:
         _engine: Engine
         _base_model: object  # the user's model, of whatever framework, passed through untouched
         _book: AdapterBook
+        _info: ModelInfo
 
         def _name(self, name: str | None) -> str: ...
         def _set_frozen(self, name: str, frozen: bool) -> None: ...
@@ -289,11 +290,40 @@ class PeftCompat:
             raise NotSupportedError(
                 "save_pretrained(save_embedding_layers=...): peftdecl saves targeted embeddings as PEFT's 'auto'"
             )
-        if path_initial_model_for_weight_conversion is not None or kwargs:
-            unknown = sorted(kwargs) + (["path_initial_model_for_weight_conversion"] if not kwargs else [])
-            raise NotSupportedError(f"save_pretrained: {unknown} not supported (no PiSSA/OLoRA conversion)")
-        if is_main_process:
+        if kwargs:
+            raise NotSupportedError(f"save_pretrained: {sorted(kwargs)} not supported")
+        if not is_main_process:
+            return
+        if path_initial_model_for_weight_conversion is None:
             self.save(save_directory, "hf", adapters=selected_adapters)
+        else:
+            self._save_as_plain_lora(
+                save_directory, selected_adapters, Path(path_initial_model_for_weight_conversion)
+            )
+
+    def _save_as_plain_lora(
+        self, directory: str | Path, selected: Sequence[str] | None, initial_folder: Path
+    ) -> None:
+        """PEFT's ``path_initial_model_for_weight_conversion``: the adapter minus its saved initial values, as a
+        plain LoRA of rank 2r on the original base (:func:`peftdecl.lora_init.plain_lora_conversion`)."""
+        from peftdecl.formats.registry import detect_format, get_format
+        from peftdecl.lora_init import plain_lora_conversion
+        from peftdecl.plan import compile_plan
+
+        names = tuple(selected) if selected is not None else tuple(self._book.plans)
+        if len(names) != 1:
+            raise PeftdeclError(
+                f"path_initial_model_for_weight_conversion converts one adapter; got {list(names)}"
+            )
+        name = names[0]
+        plan = self._book.plans[name]
+        initial_format = detect_format(initial_folder)
+        _, tensors = initial_format.read(initial_folder)
+        initial = initial_format.to_ir(plan, tensors, self._info)
+        changes, arrays = plain_lora_conversion(plan, self._engine.export(name), initial)
+        converted = compile_plan(plan.spec.replace(**changes), self._info, name)
+        payload = {name: (converted, arrays, base_model_fields(converted, self._info))}
+        get_format("hf").write(Path(directory), payload, np.float32, self._info)
 
     # -- running and devices -------------------------------------------------------------------------------
     def generate(self, *args: object, **kwargs: object) -> Any:

@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import peftdecl
-import peftdecl.spec.load as spec_load
 from peftdecl.errors import SpecError, TargetError
 from peftdecl.lora_init import pissa_factors, randomized_svd
-from peftdecl.spec.lora import LORA_INITS_SUPPORTED, is_pissa_niter
 from tests.conftest import rel_err, selected_backends
 
 torch = pytest.importorskip("torch")
@@ -35,21 +32,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TOL = 1e-5  # float32 SVD/QR in PEFT against float64 here: singular vectors agree to ~eps32 / spectral gap
 TARGETS = ["lin0", "lin1"]
-
-
-@pytest.fixture(autouse=True)
-def schema_accepts_new_inits(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Until peftdecl/spec/rules.py's init_lora_weights override lists the new values (see the H14-init report),
-    drop only that schema problem for the values peftdecl.spec.lora supports; the Struct's own checks still run."""
-    original = spec_load._schema_problems
-
-    def problems(data, cls):  # type: ignore[no-untyped-def]
-        value = data.get("init_lora_weights")
-        supported = value in LORA_INITS_SUPPORTED or is_pissa_niter(value)
-        return [p for p in original(data, cls) if not (p[0] == "$.init_lora_weights" and supported)]
-
-    monkeypatch.setattr(spec_load, "_schema_problems", problems)
-    yield
 
 
 class MLP(torch.nn.Module):
@@ -462,3 +444,21 @@ def test_a_failed_add_leaves_the_base_weight_as_it_was(monkeypatch: pytest.Monke
         model.add_adapter("second", spec)
     assert np.array_equal(model.engine.base_weight("lin0"), before)  # written back exactly (float64)
     assert "second" not in model.adapters
+
+
+def test_save_pretrained_converts_to_plain_lora_that_peft_loads(tmp_path: Path) -> None:
+    needs_torch_backend()
+    base = base_model()
+    ours = peftdecl.attach(copy.deepcopy(base), {"peft_type": "LORA", **config("pissa")}, backend="torch")
+    ours.save(tmp_path / "init")
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for param in ours.trainable_parameters().values():
+            param.add_(0.2 * torch.randn(param.shape, generator=gen))
+    ours.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    plain = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "plain")
+    assert plain.peft_config["default"].r == 8 and plain.peft_config["default"].init_lora_weights is True
+    x = torch.randn(4, 12, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert rel_err(ours(x).numpy(), base(x).numpy()) > 1e-2  # the perturbation shows
+        assert rel_err(plain(x).numpy(), ours(x).numpy()) <= TOL  # the same ΔW, now on the original W
