@@ -26,6 +26,7 @@ import gc
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -254,29 +255,50 @@ def run_torch_side(side: str, folder: Path, seq: int, steps: int, warmup: int, d
             torch.cuda.synchronize()
         return float(loss.detach())
 
-    losses = [step() for _ in range(warmup)]
-    _release_free_memory()
-    before, anonymous = _mib(_status_kib("VmRSS")), _mib(_status_kib("RssAnon"))
-    reset = _reset_peak_rss()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, cpu = _timed(step, steps, losses)
-    peak = _mib(_status_kib("VmHWM")) if reset else None
+    cuda = device == "cuda"
+    measured = _measured_steps(
+        step,
+        warmup,
+        steps,
+        reset_device=torch.cuda.reset_peak_memory_stats if cuda else lambda: None,
+        device_peak_mib=lambda: torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+    )
     return Measured(
         side=side,
         baseline_rss_mib=baseline,
-        resident_before_step_mib=before,
-        anonymous_before_step_mib=anonymous,
-        peak_rss_mib=peak,
-        peak_device_mib=torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
-        step_seconds=times,
-        cpu_seconds=cpu,
-        first_loss=losses[0],
+        **measured,
         trainable=sum(p.numel() for p in params),
         base_bytes=base_bytes,
         notes=f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}",
     )
+
+
+def _measured_steps(
+    step: Callable[[], float],
+    warmup: int,
+    steps: int,
+    *,
+    reset_device: Callable[[], object],
+    device_peak_mib: Callable[[], float | None],
+) -> dict[str, Any]:
+    """``warmup`` steps, then ``steps`` timed ones with the process's peak RSS (and the device's) reset first: the
+    step fields of :class:`Measured` (resident memory before, peak during, times, the first loss)."""
+    losses = [step() for _ in range(warmup)]
+    _release_free_memory()
+    before, anonymous = _mib(_status_kib("VmRSS")), _mib(_status_kib("RssAnon"))
+    reset = _reset_peak_rss()
+    reset_device()
+    times, cpu = _timed(step, steps, losses)
+    return {
+        "resident_before_step_mib": before,
+        "anonymous_before_step_mib": anonymous,
+        "peak_rss_mib": _mib(_status_kib("VmHWM")) if reset else None,
+        "peak_device_mib": device_peak_mib(),
+        "step_seconds": times,
+        "cpu_seconds": cpu,
+        "first_loss": losses[0],
+    }
 
 
 # -- MLX -----------------------------------------------------------------------------------------------------------
@@ -333,23 +355,17 @@ def run_mlx_side(side: str, folder: Path, seq: int, steps: int, warmup: int) -> 
         mx.eval(state, loss)
         return float(loss.item())
 
-    losses = [step() for _ in range(warmup)]
-    _release_free_memory()
-    before, anonymous = _mib(_status_kib("VmRSS")), _mib(_status_kib("RssAnon"))
-    reset = _reset_peak_rss()
-    mx.reset_peak_memory()
-    times, cpu = _timed(step, steps, losses)
-    peak = _mib(_status_kib("VmHWM")) if reset else None
+    measured = _measured_steps(
+        step,
+        warmup,
+        steps,
+        reset_device=mx.reset_peak_memory,
+        device_peak_mib=lambda: mx.get_peak_memory() / 2**20,
+    )
     return Measured(
         side=side,
         baseline_rss_mib=baseline,
-        resident_before_step_mib=before,
-        anonymous_before_step_mib=anonymous,
-        peak_rss_mib=peak,
-        peak_device_mib=mx.get_peak_memory() / 2**20,
-        step_seconds=times,
-        cpu_seconds=cpu,
-        first_loss=losses[0],
+        **measured,
         trainable=trainable,
         base_bytes=base_bytes,
         notes=f"MLX {mx.__version__} on {mx.default_device()}",

@@ -71,15 +71,15 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny"), hidden=64, layers=1, intermediate=128)
 
 
-def quantized(folder: Path, quant: str, compute: Any = None) -> Any:
+def quantized(folder: Path, quant: str, compute: Any = None, *, dtype: Any = None, **options: Any) -> Any:
     """The tiny Llama as transformers loads it with ``BitsAndBytesConfig`` (``compute``: bnb_4bit_compute_dtype,
-    float32 by default), with the CPU's in-place repacking of 4-bit weights switched off so both sides keep the
-    same stored weight."""
+    float32 by default; ``options``: more of its fields) in ``dtype`` (float32 by default), with the CPU's in-place
+    repacking of 4-bit weights switched off so both sides keep the same stored weight."""
     config = transformers.BitsAndBytesConfig(
-        **QUANTS[quant], bnb_4bit_compute_dtype=torch.float32 if compute is None else compute
+        **QUANTS[quant], bnb_4bit_compute_dtype=torch.float32 if compute is None else compute, **options
     )
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=config, device_map="cpu", dtype=torch.float32
+        folder, quantization_config=config, device_map="cpu", dtype=torch.float32 if dtype is None else dtype
     )
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import peftdecl
@@ -30,7 +31,6 @@ from tests.test_torch_bnb import (
     quantized,
     token_ids,
     torch,
-    transformers,
 )
 
 BF16_TOL = 2e-2  # bnb_4bit_compute_dtype=bfloat16: both sides round the base product to bfloat16
@@ -42,15 +42,21 @@ PEFT_FAILS = {
 }
 
 
-def assert_like(wrapped: Any, ours: Any, tol: float) -> None:
-    """Eval logits, then loss, adapter gradients and one SGD step, each ≤ ``tol`` relative to PEFT's."""
+def eval_logits(wrapped: Any, ours: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(input ids, our logits, PEFT's logits) in eval mode, as float32 NumPy."""
     x = token_ids(wrapped)
     wrapped.eval()
     ours.eval()
     with torch.no_grad():
         expected = wrapped(input_ids=x).logits.float()
         got = ours(input_ids=x).logits.float()
-    assert rel_err(got.numpy(), expected.numpy()) <= tol
+    return x, got.numpy(), expected.numpy()
+
+
+def assert_like(wrapped: Any, ours: Any, tol: float) -> None:
+    """Eval logits, then loss, adapter gradients and one SGD step, each ≤ ``tol`` relative to PEFT's."""
+    x, got, expected = eval_logits(wrapped, ours)
+    assert rel_err(got, expected) <= tol
     # PEFT's AdaLoRA over a bfloat16-compute 4-bit layer leaves its constant ``ranknum`` trainable; not an adapter
     # tensor (ours keeps it frozen), so it is left out of the comparison and of the step
     theirs = {k: v for k, v in peft_trainable(wrapped).items() if not k.endswith(".ranknum")}
@@ -142,19 +148,9 @@ def test_bfloat16_compute_equals_peft(folder: Path, tmp_path: Path, kind: str) -
 def bfloat16_storage_model(folder: Path) -> Any:  # noqa: F811
     """A bfloat16 model whose 4-bit codes are stored in a bfloat16 tensor (``bnb_4bit_quant_storage``, as FSDP
     wants): its weight has the input's dtype, yet it holds codes."""
-    config = transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_quant_storage=torch.bfloat16,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+    return quantized(
+        folder, "nf4", torch.bfloat16, dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16
     )
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=config, device_map="cpu", dtype=torch.bfloat16
-    )
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-    return model
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "vera"])
@@ -167,13 +163,8 @@ def test_codes_stored_as_bfloat16_are_never_read_as_a_weight(folder: Path, tmp_p
         ours.base_model.get_submodule("model.layers.0.self_attn.q_proj").base_layer.weight.dtype
         == torch.bfloat16
     )
-    x = token_ids(wrapped)
-    wrapped.eval()
-    ours.eval()
-    with torch.no_grad():
-        expected = wrapped(input_ids=x).logits.float()
-        got = ours(input_ids=x).logits.float()
-    assert rel_err(got.numpy(), expected.numpy()) <= BF16_TOL
+    _, got, expected = eval_logits(wrapped, ours)
+    assert rel_err(got, expected) <= BF16_TOL
 
 
 def _absmax(state: Any) -> Any:
