@@ -40,6 +40,7 @@ CLAIMED_CONFIGS = frozenset(
         "OFTConfig",
         "BOFTConfig",
         "VeraConfig",
+        "TrainableTokensConfig",
         "PromptTuningConfig",
         "PrefixTuningConfig",
         "PromptEncoderConfig",

@@ -1,4 +1,4 @@
-"""The eleven built-in kinds, in HF PEFT's order: the one place that lists them.
+"""The built-in kinds, in HF PEFT's order: the one place that lists them.
 
 Layouts and backend ops are named as ``"module:ATTR"`` strings and imported on first use, so reading this table
 imports neither torch nor MLX.
@@ -7,9 +7,12 @@ imports neither torch nor MLX.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from peftdecl._json import JsonObject
 from peftdecl.kinds._decl import Composition, KindDecl, RankReader, Shapes, no_rank
+from peftdecl.kinds.mha import LORA_MHA, MHA_LAYERS
+from peftdecl.kinds.lora_variants_a import VARIANT_A_KINDS
 from peftdecl.spec._base import SpecBase
 from peftdecl.spec.adalora import AdaLoraSpec
 from peftdecl.spec.ia3 import IA3Spec
@@ -17,10 +20,11 @@ from peftdecl.spec.lora import LoraSpec
 from peftdecl.spec.lycoris import LoHaSpec, LoKrSpec
 from peftdecl.spec.oft import BOFTSpec, OFTSpec
 from peftdecl.spec.prompt import PrefixTuningSpec, PromptTuningSpec
+from peftdecl.spec.trainable_tokens import TrainableTokensSpec
 from peftdecl.spec.vera import VeraSpec
 
 BACKENDS = ("numpy", "torch", "mlx")
-ALL_LAYERS = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
+ALL_LAYERS = ("linear", "embedding", "conv1d", "conv2d", "conv3d", "gpt2_conv1d")
 
 
 def _ops(module: str) -> dict[str, str]:
@@ -147,6 +151,7 @@ _LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embeddin
 _LYCORIS_LAYERS = ("linear", "conv1d", "conv2d")
 _ADALORA_LAYERS = ("linear", "conv2d", "gpt2_conv1d")
 _OFT_LAYERS = ("linear", "embedding", "conv2d")
+_IA3_LAYERS = ("linear", "conv2d", "conv3d", "gpt2_conv1d")
 
 LORA = _builtin(
     "lora",
@@ -154,7 +159,8 @@ LORA = _builtin(
     layout="peftdecl.plan.kinds.lora:LAYOUT",
     tensors=_LORA_TENSORS,
     markers=(".lora_A.", ".lora_B.", ".lora_embedding_A"),
-    layers=ALL_LAYERS,
+    # an mha target becomes a lora_mha layer (peftdecl.kinds.mha); "parameter": target_parameters (torch only)
+    layers=(*ALL_LAYERS, *MHA_LAYERS, "parameter"),
     composition="add",
     rank=lora_rank,
     example=_LORA_SPEC,
@@ -173,6 +179,21 @@ DORA = _builtin(
     example={**_LORA_SPEC, "use_dora": True},
     summary="W' = m · (W + s B A) / ‖W + s B A‖: LoRA with the column norm learnt apart (use_dora)",
 )
+MICA = _builtin(
+    "mica",
+    LoraSpec,
+    layout="peftdecl.plan.kinds.mica:LAYOUT",
+    tensors=_LORA_TENSORS,
+    markers=(".lora_A.", ".lora_B.", ".lora_embedding_A"),
+    layers=("linear", "embedding", "gpt2_conv1d"),
+    composition="add",
+    rank=lora_rank,
+    example={**_LORA_SPEC, "init_lora_weights": "mica"},
+    summary="LoRA with B the minor left singular vectors of W (frozen) and A = 0 (init_lora_weights='mica')",
+    needs_dense_weight=False,
+)
+# not on MLX: MLX cannot freeze one leaf of a nested tensor (lora_B.weight) apart from its siblings
+MICA = replace(MICA, ops={backend: op for backend, op in MICA.ops.items() if backend != "mlx"})
 ADALORA = _builtin(
     "adalora",
     AdaLoraSpec,
@@ -199,7 +220,7 @@ IA3 = _builtin(
     layout="peftdecl.plan.kinds.ia3:LAYOUT",
     tensors=("ia3_l",),
     markers=(".ia3_l",),
-    layers=_ADALORA_LAYERS,
+    layers=_IA3_LAYERS,
     composition="per-layer",
     example={"peft_type": "IA3", "feedforward_modules": [], "init_ia3_weights": False},
     summary="y = l ⊙ (W x), or W (l ⊙ x) on feed-forward layers: a learnt rescaling",
@@ -266,6 +287,17 @@ VERA = _builtin(
     summary="y = W x + λ_b ⊙ B (λ_d ⊙ A x), A and B random, frozen and shared by all layers",
     needs_dense_weight=False,
 )
+TRAINABLE_TOKENS = _builtin(
+    "trainable_tokens",
+    TrainableTokensSpec,
+    layout="peftdecl.plan.kinds.trainable_tokens:LAYOUT",
+    tensors=("trainable_tokens_delta", "token_adapter.trainable_tokens_delta"),
+    markers=("trainable_tokens_delta",),
+    layers=("embedding", "linear"),
+    composition="add",
+    example={"peft_type": "TRAINABLE_TOKENS", "token_indices": [0, 2], "init_weights": False},
+    summary="E'[t] = d_t for the chosen tokens t: new rows of an embedding (or tied head), the rest frozen",
+)
 PREFIX_TUNING = _prompt_learning(
     "prefix_tuning", PrefixTuningSpec, "learnt key/value prefixes prepended to every attention layer"
 )
@@ -276,6 +308,8 @@ PROMPT_TUNING = _prompt_learning(
 BUILTIN_KINDS: tuple[KindDecl, ...] = (
     LORA,
     DORA,
+    LORA_MHA,
+    MICA,
     ADALORA,
     IA3,
     LOHA,
@@ -283,6 +317,8 @@ BUILTIN_KINDS: tuple[KindDecl, ...] = (
     OFT,
     BOFT,
     VERA,
+    *VARIANT_A_KINDS,
+    TRAINABLE_TOKENS,
     PREFIX_TUNING,
     PROMPT_TUNING,
 )

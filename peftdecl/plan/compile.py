@@ -6,7 +6,9 @@ from peftdecl.errors import PeftdeclError, TargetError
 from peftdecl.kinds import get_kind
 from peftdecl.plan.ir import ModelInfo, Plan
 from peftdecl.plan.kinds import KindLayout, registry
-from peftdecl.plan.targeting import TASK_MODULES_TO_SAVE, select_targets, task_modules_to_save
+from peftdecl.plan.kinds.trainable_tokens import lora_token_layers
+from peftdecl.plan.param_targets import module_targets, parameter_layers
+from peftdecl.plan.targeting import TASK_MODULES_TO_SAVE, task_modules_to_save
 from peftdecl.spec import SpecBase
 from peftdecl.spec.limits import ADAPTER_BYTES_ENV, max_adapter_bytes
 
@@ -58,6 +60,8 @@ def _compile(spec: SpecBase, info: ModelInfo) -> Plan:
         raise TargetError(
             f"adapter kind {kind!r} ({spec.peft_type}) has no execution layout in this peftdecl"
         )
+    if layout.prepare_spec is not None:
+        spec = layout.prepare_spec(spec, info)
     modules_to_save = _modules_to_save(spec, info)
     if layout.build_prompt is not None:
         prompt, shared = layout.build_prompt(spec, info)
@@ -67,7 +71,7 @@ def _compile(spec: SpecBase, info: ModelInfo) -> Plan:
     assert layout.build_layer is not None
     layer_types = get_kind(kind).layer_types
     layers = []
-    for name in select_targets(spec, info):
+    for name in module_targets(spec, info):
         layer = info.layers[name]
         if layer.type not in layer_types:
             raise TargetError(
@@ -75,7 +79,9 @@ def _compile(spec: SpecBase, info: ModelInfo) -> Plan:
                 f"{', '.join(layer_types)} layers only"
             )
         layers.append(layout.build_layer(spec, name, layer, info))
+    layers += parameter_layers(spec, info, layers)  # target_parameters: raw parameters (HF PEFT's ParamWrapper)
     shared = layout.build_shared(spec, layers, info) if layout.build_shared else ()
+    layers += lora_token_layers(spec, info, layers)  # trainable_token_indices: token layers beside the kind's
     return Plan(spec=spec, kind=kind, layers=tuple(layers), shared=shared, modules_to_save=modules_to_save)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from msgspec import Meta
 
@@ -21,14 +21,34 @@ from peftdecl.spec._base import (
     RankPattern,
     SpecBase,
     TargetModules,
+    bias_help,
     targeting_problems,
 )
+from peftdecl.spec.data_inits import EvaConfig, LoraGAConfig
+from peftdecl.spec.loftq_corda import CordaConfig, loftq_config_problems
+from peftdecl.spec.lora_variants import (
+    BdLoraConfig,
+    KasaConfig,
+    MontecloraConfig,
+    VeloraConfig,
+    variant_kind,
+    variant_problems,
+)
+from peftdecl.spec.lora_variants_b import variant_b_kind, variant_b_problems
+from peftdecl.spec.target_parameters import target_parameter_problems
+from peftdecl.spec.trainable_tokens import TrainableTokenIndices, trainable_token_problems
 
 # init_lora_weights values HF PEFT knows; "pissa_niter_K" (K a whole number) is supported too. PiSSA and OLoRA
 # replace the base weight by its residual (peftdecl.lora_init); the data-driven ones are not implemented.
-LORA_INITS_SUPPORTED = (True, False, "gaussian", "pissa", "olora", "orthogonal")
+LORA_INITS_SUPPORTED = (
+    *(True, False, "gaussian", "pissa", "olora", "orthogonal", "eva", "lora_ga", "mica"),
+    *("loftq", "corda"),
+)
 LORA_INITS_KNOWN = ("eva", "olora", "pissa", "corda", "loftq", "lora_ga", "orthogonal", "mica")
-_SUPPORTED_TEXT = "true, false, 'gaussian', 'pissa', 'pissa_niter_K', 'olora', 'orthogonal'"
+_SUPPORTED_TEXT = (
+    "true, false, 'gaussian', 'pissa', 'pissa_niter_K', 'olora', 'orthogonal', 'eva', 'lora_ga', 'mica', 'loftq', "
+    "'corda'"
+)
 
 
 def is_pissa_niter(init: object) -> bool:
@@ -54,14 +74,17 @@ class LowRankSpec(SpecBase, frozen=True):
     fan_in_fan_out: Annotated[
         bool, Meta(description="The base weight is stored [in, out] (GPT-2 Conv1D); set automatically there.")
     ] = False
-    bias: Literal["none", "all", "lora_only"] = "none"
+    bias: Annotated[Literal["none", "all", "lora_only"], Meta(description=bias_help("lora_only"))] = "none"
     use_rslora: Annotated[bool, Meta(description="Rank-stabilised scale s = lora_alpha / sqrt(r).")] = False
     init_lora_weights: Annotated[
         bool | str,
         Meta(
             description="true: A Kaiming-uniform, B zero (a no-op); 'gaussian': A ~ N(0, 1/r); false: both random; "
             "'pissa' / 'pissa_niter_K': A, B from the (randomised, K iterations) SVD of W; 'olora': from its QR "
-            "(both replace W by W - s·BA); 'orthogonal': random A, B with BA = 0 (even r)."
+            "(both replace W by W - s·BA); 'orthogonal': random A, B with BA = 0 (even r); 'eva': B = 0, A from the "
+            "SVD of layer inputs (initialize_lora_eva_weights); 'lora_ga': from the SVD of gradients (preprocess_loraga)."
+            " 'loftq': W becomes its NF4/int8 round trip Q, B A the SVD of W - Q (loftq_config); 'corda': from the SVD "
+            "of W times its input covariance (preprocess_corda), W replaced by W - s·BA."
         ),
     ] = True
     layers_to_transform: LayersToTransform = None
@@ -76,41 +99,36 @@ class LowRankSpec(SpecBase, frozen=True):
     # HF PEFT fields peftdecl does not implement; accepted only at their default.
     megatron_config: JsonObject | None = None
     megatron_core: str | None = "megatron.core"
-    trainable_token_indices: Any = None  # HF PEFT: a list of ids or a dict of lists; only null accepted
-    loftq_config: JsonObject = {}
-    eva_config: JsonObject | None = None
-    corda_config: JsonObject | None = None
-    lora_ga_config: JsonObject | None = None
-    velora_config: JsonObject | None = None
+    trainable_token_indices: TrainableTokenIndices = None
+    loftq_config: Annotated[
+        JsonObject,
+        Meta(description="With init_lora_weights 'loftq': {loftq_bits: 4 or 8, loftq_iter: >= 1}."),
+    ] = {}
+    eva_config: EvaConfig | None = None
+    corda_config: CordaConfig | None = None
+    lora_ga_config: LoraGAConfig | None = None
+    velora_config: VeloraConfig | None = None
     alora_invocation_tokens: tuple[int, ...] | None = None
     use_qalora: bool = False
     qalora_group_size: PositiveInt = 16
-    monteclora_config: JsonObject | None = None
+    monteclora_config: MontecloraConfig | None = None
     layer_replication: tuple[tuple[int, int], ...] | None = None
     runtime_config: JsonObject | None = None
     target_parameters: tuple[str, ...] | None = None
-    use_bdlora: JsonObject | None = None
+    use_bdlora: BdLoraConfig | None = None
     arrow_config: JsonObject | None = None
-    kasa_config: JsonObject | None = None
+    kasa_config: KasaConfig | None = None
     ensure_weight_tying: bool = False
 
     UNSUPPORTED: ClassVar[dict[str, object]] = {
-        "bias": "none",
         "megatron_config": None,
-        "trainable_token_indices": None,
         "loftq_config": {},
-        "eva_config": None,
         "corda_config": None,
-        "lora_ga_config": None,
-        "velora_config": None,
         "alora_invocation_tokens": None,
         "use_qalora": False,
-        "monteclora_config": None,
         "layer_replication": None,
         "target_parameters": None,
-        "use_bdlora": None,
         "arrow_config": None,
-        "kasa_config": None,
         "ensure_weight_tying": False,
     }
 
@@ -132,6 +150,11 @@ class LowRankSpec(SpecBase, frozen=True):
             found.append(("$.lora_bias", "cannot be combined with use_dora"))
         if self.lora_bias and init not in (True, False):
             found.append(("$.lora_bias", "needs init_lora_weights to be true or false"))
+        found.extend(trainable_token_problems(self))
+        found.extend(loftq_config_problems(init, self.loftq_config))
+        found.extend(variant_problems(self))
+        found.extend(variant_b_problems(self))
+        found.extend(target_parameter_problems(self))
         return found
 
 
@@ -140,6 +163,13 @@ class LoraSpec(LowRankSpec, tag="LORA", frozen=True):
 
     rank_pattern: RankPattern = {}
 
+    # LoftQ and CorDA are LoRA's only (PEFT's AdaLoRA refuses LoftQ)
+    UNSUPPORTED: ClassVar[dict[str, object]] = {
+        k: v
+        for k, v in LowRankSpec.UNSUPPORTED.items()
+        if k not in ("loftq_config", "corda_config", "target_parameters")
+    }
+
     @property
     def kind(self) -> str:
-        return "dora" if self.use_dora else "lora"
+        return variant_kind(self) or variant_b_kind(self) or ("dora" if self.use_dora else "lora")

@@ -30,6 +30,8 @@ class KindLayout:
     """Adjust tensors (IR keys) and config fields before saving in HF PEFT's layout (e.g. AdaLoRA's pruning)."""
     from_file: Callable[[Plan, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
     """Turn tensors read from an HF PEFT file (IR keys) into the plan's full shapes (e.g. AdaLoRA's re-expansion)."""
+    prepare_spec: Callable[[Any, ModelInfo], Any] | None = None
+    """Resolve model-dependent defaults of the spec before targeting (trainable tokens' null target_modules)."""
 
 
 def registry() -> dict[str, KindLayout]:

@@ -1,0 +1,243 @@
+"""Trainable tokens (HF PEFT's ``TrainableTokensConfig`` and LoRA's ``trainable_token_indices``) against PEFT 0.21.
+
+PEFT replaces rows t of the embedding (or of a linear head) by the trained rows d, so the same float32 tensors give
+the same float32 outputs: outputs are compared within 1e-6 relative (PEFT's ``index_copy`` and ours are exact; the
+additive form of the NumPy reference, E[x] + (d − E[t]), rounds once in float64). Gradients against the NumPy
+reference run in tests/test_backend_kinds.py (every kind, every backend); here: that only rows t train.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import peftdecl
+from peftdecl.errors import SpecError, TargetError
+from tests.conftest import rel_err, selected_backends
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TOL = 1e-6  # the same float32 rows written into the same float32 table: only summation order can differ
+VOCAB, DIM = 20, 6
+IDS = torch.tensor([[0, 1, 2, 3, 5, 19], [4, 3, 3, 0, 7, 8]])
+
+if "torch" not in selected_backends():
+    pytest.skip("these tests run on the torch backend, not selected here", allow_module_level=True)
+
+
+class TokenModel(torch.nn.Module):
+    """Embedding -> linear -> untied output head, as a language model is laid out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(VOCAB, DIM)
+        self.lin0 = torch.nn.Linear(DIM, DIM)
+        self.lm_head = torch.nn.Linear(DIM, VOCAB, bias=False)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.lin0(self.embed_tokens(x))))
+
+
+def base(seed: int = 0) -> TokenModel:
+    torch.manual_seed(seed)
+    return TokenModel().eval()
+
+
+def out(model: Any) -> np.ndarray:
+    with torch.no_grad():
+        return model(IDS).double().numpy()
+
+
+def perturb(model: Any, seed: int = 3) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn(param.shape, generator=gen))
+
+
+CONFIGS = {
+    "standalone-embedding": lambda: peft.TrainableTokensConfig(
+        target_modules=["embed_tokens"], token_indices=[1, 3, 19], init_weights=False
+    ),
+    "standalone-default-target": lambda: peft.TrainableTokensConfig(token_indices=[0, 3]),
+    "standalone-lm-head": lambda: peft.TrainableTokensConfig(
+        target_modules=["lm_head"], token_indices=[2, 5]
+    ),
+    "lora-token-list": lambda: peft.LoraConfig(
+        target_modules=["lin0"], trainable_token_indices=[0, 3, 11], init_lora_weights=False
+    ),
+    "lora-token-dict": lambda: peft.LoraConfig(
+        target_modules=["lin0"], trainable_token_indices={"embed_tokens": [4], "lm_head": [2, 3]}
+    ),
+}
+
+
+def peft_adapter(name: str, folder: Path) -> Any:
+    torch.manual_seed(1234)
+    wrapped = peft.get_peft_model(base(), CONFIGS[name]())
+    perturb(wrapped)
+    wrapped.eval()
+    wrapped.save_pretrained(folder)
+    return wrapped
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_peft_folder_loads_in_peftdecl(name: str, tmp_path: Path) -> None:
+    """PEFT's saved folder on peftdecl's torch backend: outputs and merge_and_unload outputs equal PEFT's."""
+    theirs = peft_adapter(name, tmp_path)
+    expected = out(theirs)
+    assert rel_err(expected, out(base())) > 1e-3  # the perturbed rows are used by these inputs
+    ours = peftdecl.load_adapter(base(), tmp_path, backend="torch")
+    assert rel_err(out(ours), expected) <= TOL
+    merged_theirs = out(theirs.merge_and_unload())
+    assert rel_err(out(ours.merge_and_unload()), merged_theirs) <= TOL
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_peftdecl_folder_loads_in_peft(name: str, tmp_path: Path) -> None:
+    """peftdecl's saved folder (its tensors perturbed) loads in PEFT with the same outputs."""
+    spec = CONFIGS[name]().to_dict()
+    ours = peftdecl.attach(base(), spec, backend="torch", seed=5)
+    perturb(ours.base_model)
+    ours.eval()
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(base(), tmp_path).eval()
+    assert rel_err(out(theirs), out(ours)) <= TOL
+    assert rel_err(out(theirs), out(base())) > 1e-3
+
+
+def test_saved_keys_and_shapes_are_peft_s(tmp_path: Path) -> None:
+    """The standalone kind saves ``<emb>.trainable_tokens_delta``, LoRA ``<emb>.token_adapter....``, [n, dim]."""
+    from safetensors.numpy import load_file
+
+    for name, key, shape in [
+        ("standalone-embedding", "base_model.model.embed_tokens.trainable_tokens_delta", (3, DIM)),
+        ("lora-token-list", "base_model.model.embed_tokens.token_adapter.trainable_tokens_delta", (3, DIM)),
+    ]:
+        spec = CONFIGS[name]().to_dict()
+        peftdecl.attach(base(), spec, backend="torch").save_pretrained(tmp_path / name)
+        peft_adapter(name, tmp_path / f"peft-{name}")
+        theirs = load_file(str(tmp_path / f"peft-{name}" / "adapter_model.safetensors"))
+        mine = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+        assert set(mine) == set(theirs)
+        assert mine[key].shape == theirs[key].shape == shape
+
+
+def test_initial_rows_are_the_current_rows() -> None:
+    """init_weights true (and LoRA's token layers, always): d starts as E[t], as PEFT's does; the model is unchanged."""
+    theirs = peft.get_peft_model(base(), CONFIGS["standalone-default-target"]())
+    expected = theirs.base_model.model.embed_tokens.trainable_tokens_delta["default"].detach().numpy()
+    ours = peftdecl.attach(base(), CONFIGS["standalone-default-target"]().to_dict(), backend="torch")
+    got = ours.trainable_parameters()["embed_tokens.trainable_tokens_delta"].detach().numpy()
+    np.testing.assert_array_equal(got, expected)  # copies of the same float32 rows
+    assert rel_err(out(ours), out(base())) == 0.0
+
+
+def test_only_the_chosen_rows_train() -> None:
+    """Gradients reach d only (the base table stays frozen), and a token not chosen keeps its output."""
+    ours = peftdecl.attach(base(), CONFIGS["lora-token-list"]().to_dict(), backend="torch", seed=2)
+    ours.train()
+    params = ours.trainable_parameters()
+    ours(IDS).square().sum().backward()
+    delta = params["embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert delta.grad is not None and bool((delta.grad[:2] != 0).all())  # tokens 0 and 3 appear in IDS
+    assert bool((delta.grad[2] == 0).all())  # token 11 does not
+    embed = ours.base_model.embed_tokens.base_layer
+    assert not embed.weight.requires_grad and embed.weight.grad is None
+
+
+def test_merge_writes_the_rows_and_unmerge_restores_them() -> None:
+    """Merging writes d into rows t exactly; unmerging gives back the original table bit for bit."""
+    model = base()
+    original = model.embed_tokens.weight.detach().clone()
+    ours = peftdecl.attach(model, CONFIGS["standalone-embedding"]().to_dict(), backend="torch", seed=4)
+    delta = ours.trainable_parameters()["embed_tokens.trainable_tokens_delta"].detach().clone()
+    ours.merge_adapter()
+    table = ours.base_model.embed_tokens.base_layer.weight.detach()
+    assert torch.equal(table[[1, 3, 19]], delta)
+    assert torch.equal(table[[0, 2, 4]], original[[0, 2, 4]])
+    ours.unmerge_adapter()
+    assert torch.equal(ours.base_model.embed_tokens.base_layer.weight.detach(), original)
+
+
+def test_numpy_reference_merges_like_peft(tmp_path: Path) -> None:
+    """The float64 reference loads PEFT's LoRA + tokens folder; its merged state equals PEFT's merge_and_unload."""
+    if "numpy" not in selected_backends():
+        pytest.skip("the NumPy backend is not selected")
+    from tests.hf_models import merged_state, numpy_inputs
+
+    theirs = peft_adapter("lora-token-dict", tmp_path)
+    state, kwargs = numpy_inputs(base())
+    got = peftdecl.load_adapter(state, tmp_path, backend="numpy", **kwargs).merge_and_unload()
+    for key, value in merged_state(theirs).items():
+        assert rel_err(got[key], value) <= TOL, key
+
+
+@pytest.mark.parametrize(
+    ("spec", "path"),
+    [
+        ({"peft_type": "TRAINABLE_TOKENS", "token_indices": [1, 1]}, "$.token_indices"),
+        ({"peft_type": "TRAINABLE_TOKENS", "token_indices": []}, "$.token_indices"),
+        (
+            {"peft_type": "TRAINABLE_TOKENS", "token_indices": [1], "modules_to_save": ["x"]},
+            "$.modules_to_save",
+        ),
+        (
+            {"peft_type": "LORA", "target_modules": ["lin0"], "trainable_token_indices": {"e": [2, 2]}},
+            "$.trainable_token_indices.e",
+        ),
+        (
+            {"peft_type": "LORA", "target_modules": ["lin0"], "trainable_token_indices": {}},
+            "$.trainable_token_indices",
+        ),
+    ],
+)
+def test_bad_specs_are_refused_naming_the_field(spec: dict[str, Any], path: str) -> None:
+    with pytest.raises(SpecError, match=path.replace("$", r"\$").replace(".", r"\.")):
+        peftdecl.attach(base(), spec, backend="torch")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            {"peft_type": "TRAINABLE_TOKENS", "token_indices": [VOCAB]},
+            r"\[20\] are outside embed_tokens's 20 rows",
+        ),
+        (
+            {"peft_type": "TRAINABLE_TOKENS", "token_indices": [25], "target_modules": ["lm_head"]},
+            "lm_head's 20",
+        ),
+        (
+            {"peft_type": "LORA", "target_modules": ["lin0"], "trainable_token_indices": {"nothing": [1]}},
+            "no module of the model is named 'nothing'",
+        ),
+        (
+            {"peft_type": "LORA", "target_modules": ["embed_tokens"], "trainable_token_indices": [1]},
+            "also in target_modules",
+        ),
+        (
+            {
+                "peft_type": "LORA",
+                "target_modules": ["lin0"],
+                "modules_to_save": ["embed_tokens"],
+                "trainable_token_indices": {"embed_tokens": [1]},
+            },
+            "modules_to_save",
+        ),
+    ],
+)
+def test_bad_targets_are_refused(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(TargetError, match=message):
+        peftdecl.attach(base(), spec, backend="torch")
