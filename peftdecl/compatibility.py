@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from peftdecl.backend import Capabilities
+from peftdecl.bias_training import check_one_bias_adapter
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.kinds import get_kind, kinds
 from peftdecl.plan import Plan
@@ -22,6 +23,7 @@ def check_compatible(attached: Mapping[str, Plan], plan: Plan, caps: Capabilitie
     """Refuse ``plan`` when the backend (``caps``) cannot run a layer of it, when a base layer it adapts is
     quantised in a way the backend does not handle or its kind needs the dense weight, or when a VeRA plan does
     not fit the first VeRA's projections."""
+    check_one_bias_adapter(attached, plan)
     first = first_vera(attached, plan)
     if first is not None:
         check_vera_family(first, attached[first], plan)

@@ -24,6 +24,7 @@ from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerPlan, ModelInfo, Plan
 from peftdecl_mlx import probes, quantized
+from peftdecl_mlx.base_biases import bias_values, set_bias_trainability, write_biases
 from peftdecl_mlx.generator import Generator
 from peftdecl_mlx.inventory import ParameterTree, flatten, get_module, set_module, walk
 from peftdecl_mlx.kinds import prompt
@@ -145,6 +146,7 @@ class MlxEngine:
         for module in plan.modules_to_save:
             copy_ = self._saved[module].copies[name]
             out.update({f"{module}.{k}": v for k, v in flatten(copy_.parameters())})
+        out.update(bias_values(self._model, self._book, name))
         mx.eval(list(out.values()))
         return {k: to_numpy(v) for k, v in out.items()}
 
@@ -189,7 +191,10 @@ class MlxEngine:
         return to_numpy(weight).astype(np.float64)
 
     def load_base_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        write_biases(self._model, {k: v for k, v in weights.items() if k.endswith(".bias")})
         for key, value in weights.items():
+            if key.endswith(".bias"):
+                continue
             module = key.removesuffix(".weight").removesuffix(".base_layer")
             target = (
                 self._layers[module].base_layer if module in self._layers else self._plain_layer(module, key)
@@ -388,6 +393,7 @@ class MlxEngine:
                 clone.unfreeze() if name in trainable else clone.freeze()
         for name, params in self._model[prompt.ENCODER].items() if prompt.ENCODER in self._model else ():
             params.set_trainable(trainable_names(book.plans[name].shared, name in trainable))
+        set_bias_trainability(self._model, book)
 
     def _plain_layer(self, module: str, key: str) -> nn.Module:
         try:

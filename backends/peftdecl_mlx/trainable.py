@@ -12,6 +12,7 @@ import mlx.nn as nn
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import trainable_key
 from peftdecl.plan.ir import ParamSpec
+from peftdecl_mlx.base_biases import bias_trainables
 from peftdecl_mlx.inventory import flatten
 from peftdecl_mlx.kinds import prompt
 from peftdecl_mlx.layer import AdaptedLayer, AdapterParams, SavedModule
@@ -56,3 +57,5 @@ def trainable_tensors(
             for key, value in flatten(saved[module].copies[name].parameters()):
                 path = f"{module}.copies.{name}.{key}"
                 yield Trainable(trainable_key(name, f"{module}.{key}", names), path, value)
+    for key, path, value in bias_trainables(model, book, names):
+        yield Trainable(key, path, value)

@@ -73,6 +73,12 @@ AlphaPattern = Annotated[
 
 _S = TypeVar("_S", bound="SpecBase")
 
+
+def bias_help(own: str) -> str:
+    """The description of a kind's ``bias`` field (``own``: its value for the targeted layers' biases)."""
+    return f"Base biases trained and saved with the adapter: none, all (every bias of the model) or {own}."
+
+
 _DEFER_CHECKS = contextvars.ContextVar("peftdecl_defer_spec_checks", default=False)
 
 

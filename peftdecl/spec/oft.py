@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
 from msgspec import Meta
 
@@ -13,6 +13,7 @@ from peftdecl.spec._base import (
     Probability,
     SpecBase,
     TargetModules,
+    bias_help,
     targeting_problems,
 )
 from peftdecl.spec.limits import MAX_BUTTERFLY, MAX_FINITE, MAX_NEUMANN_TERMS, MAX_RANK
@@ -35,7 +36,7 @@ class OFTSpec(SpecBase, tag="OFT", frozen=True):
     module_dropout: Annotated[Probability, Meta(description="Replaces whole blocks by the identity.")] = 0.0
     target_modules: TargetModules = None
     fan_in_fan_out: bool = False
-    bias: Literal["none", "all", "oft_only"] = "none"
+    bias: Annotated[Literal["none", "all", "oft_only"], Meta(description=bias_help("oft_only"))] = "none"
     exclude_modules: ExcludeModules = None
     init_weights: Annotated[bool, Meta(description="true: R = I (a no-op); false: random skew blocks.")] = (
         True
@@ -54,8 +55,6 @@ class OFTSpec(SpecBase, tag="OFT", frozen=True):
     num_cayley_neumann_terms: Annotated[
         int, Meta(ge=0, le=MAX_NEUMANN_TERMS, description="Terms of the Neumann series (0 and 1 give R = I).")
     ] = 5
-
-    UNSUPPORTED: ClassVar[dict[str, object]] = {"bias": "none"}
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         found = targeting_problems(self)
@@ -80,12 +79,10 @@ class BOFTSpec(SpecBase, tag="BOFT", frozen=True):
     exclude_modules: ExcludeModules = None
     boft_dropout: Annotated[Probability, Meta(description="Replaces whole blocks by the identity.")] = 0.0
     fan_in_fan_out: bool = False
-    bias: str = "none"
+    bias: Annotated[Literal["none", "all", "boft_only"], Meta(description=bias_help("boft_only"))] = "none"
     init_weights: Annotated[bool, Meta(description="true: R = I, s = 1 (a no-op); false: random.")] = True
     layers_to_transform: LayersToTransform = None
     layers_pattern: LayersPattern = None
-
-    UNSUPPORTED: ClassVar[dict[str, object]] = {"bias": "none"}
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         found = targeting_problems(self)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, Literal
 
 from msgspec import Meta
 
@@ -14,6 +14,7 @@ from peftdecl.spec._base import (
     Rank,
     SpecBase,
     TargetModules,
+    bias_help,
     targeting_problems,
 )
 from peftdecl.spec.limits import MAX_INT64, MIN_INT
@@ -31,14 +32,12 @@ class VeraSpec(SpecBase, tag="VERA", frozen=True):
     vera_dropout: Probability = 0.0
     d_initial: Annotated[Finite, Meta(description="Initial value of λ_d.")] = 0.1
     fan_in_fan_out: bool = False
-    bias: str = "none"
+    bias: Annotated[Literal["none", "all", "vera_only"], Meta(description=bias_help("vera_only"))] = "none"
     init_weights: Annotated[
         bool, Meta(description="true: λ_b = 0 (a no-op); false: λ_b = 1, λ_d random.")
     ] = True
     layers_to_transform: LayersToTransform = None
     layers_pattern: LayersPattern = None
-
-    UNSUPPORTED: ClassVar[dict[str, object]] = {"bias": "none"}
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         return targeting_problems(self)
