@@ -7,12 +7,12 @@ imports neither torch nor MLX.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 from peftdecl._json import JsonObject
 from peftdecl.kinds._decl import Composition, KindDecl, RankReader, Shapes, no_rank
-from peftdecl.kinds.mha import LORA_MHA, MHA_LAYERS
 from peftdecl.kinds.lora_variants_a import VARIANT_A_KINDS
+from peftdecl.kinds.lora_variants_b import VARIANT_B_KINDS
+from peftdecl.kinds.mha import LORA_MHA
 from peftdecl.spec._base import SpecBase
 from peftdecl.spec.adalora import AdaLoraSpec
 from peftdecl.spec.ia3 import IA3Spec
@@ -159,8 +159,8 @@ LORA = _builtin(
     layout="peftdecl.plan.kinds.lora:LAYOUT",
     tensors=_LORA_TENSORS,
     markers=(".lora_A.", ".lora_B.", ".lora_embedding_A"),
-    # an mha target becomes a lora_mha layer (peftdecl.kinds.mha); "parameter": target_parameters (torch only)
-    layers=(*ALL_LAYERS, *MHA_LAYERS, "parameter"),
+    # "parameter": target_parameters (torch only); an mha target goes to lora_mha (peftdecl.kinds.mha)
+    layers=(*ALL_LAYERS, "parameter"),
     composition="add",
     rank=lora_rank,
     example=_LORA_SPEC,
@@ -179,21 +179,6 @@ DORA = _builtin(
     example={**_LORA_SPEC, "use_dora": True},
     summary="W' = m · (W + s B A) / ‖W + s B A‖: LoRA with the column norm learnt apart (use_dora)",
 )
-MICA = _builtin(
-    "mica",
-    LoraSpec,
-    layout="peftdecl.plan.kinds.mica:LAYOUT",
-    tensors=_LORA_TENSORS,
-    markers=(".lora_A.", ".lora_B.", ".lora_embedding_A"),
-    layers=("linear", "embedding", "gpt2_conv1d"),
-    composition="add",
-    rank=lora_rank,
-    example={**_LORA_SPEC, "init_lora_weights": "mica"},
-    summary="LoRA with B the minor left singular vectors of W (frozen) and A = 0 (init_lora_weights='mica')",
-    needs_dense_weight=False,
-)
-# not on MLX: MLX cannot freeze one leaf of a nested tensor (lora_B.weight) apart from its siblings
-MICA = replace(MICA, ops={backend: op for backend, op in MICA.ops.items() if backend != "mlx"})
 ADALORA = _builtin(
     "adalora",
     AdaLoraSpec,
@@ -309,7 +294,6 @@ BUILTIN_KINDS: tuple[KindDecl, ...] = (
     LORA,
     DORA,
     LORA_MHA,
-    MICA,
     ADALORA,
     IA3,
     LOHA,
@@ -318,6 +302,7 @@ BUILTIN_KINDS: tuple[KindDecl, ...] = (
     BOFT,
     VERA,
     *VARIANT_A_KINDS,
+    *VARIANT_B_KINDS,
     TRAINABLE_TOKENS,
     PREFIX_TUNING,
     PROMPT_TUNING,

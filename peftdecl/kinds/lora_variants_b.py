@@ -1,0 +1,51 @@
+"""LoRA variants as execution kinds of ``peft_type`` LORA, chosen by :attr:`LoraSpec.kind` from a LoraConfig value
+(:mod:`peftdecl.spec.lora_variants_b`): MiCA (``init_lora_weights="mica"``).
+
+Layouts and ops are named as ``"module:ATTR"`` strings and imported on first use.
+"""
+
+from __future__ import annotations
+
+from peftdecl.kinds._decl import KindDecl, Shapes
+from peftdecl.spec._base import SpecBase
+from peftdecl.spec.lora import LoraSpec
+
+
+def lora_rank(shapes: Shapes, spec: SpecBase) -> str | None:
+    """r: rows of A (lora_A.weight, or an embedding's lora_embedding_A)."""
+    for key in ("lora_A.weight", "lora_embedding_A"):
+        if shapes.get(key):
+            return str(shapes[key][0])
+    return None
+
+
+_MICA_LAYERS = ("linear", "embedding", "gpt2_conv1d")
+
+MICA = KindDecl(
+    name="mica",
+    peft_type="LORA",
+    spec_class=LoraSpec,
+    layout="peftdecl.plan.kinds.mica:LAYOUT",
+    tensor_names=("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B"),
+    hf_markers=(".lora_A.", ".lora_B.", ".lora_embedding_A"),
+    layer_types=_MICA_LAYERS,
+    composition="add",
+    rank=lora_rank,
+    # not on MLX: MLX cannot freeze one leaf of a nested tensor (lora_B.weight) apart from its sibling lora_A
+    ops={backend: f"peftdecl_{backend}.kinds.mica:OPS" for backend in ("numpy", "torch")},
+    examples={
+        t: {
+            "peft_type": "LORA",
+            "r": 3,
+            "lora_alpha": 6,
+            "init_lora_weights": "mica",
+            "target_modules": ["m"],
+        }
+        for t in _MICA_LAYERS
+    },
+    summary="LoRA with B the minor left singular vectors of W (frozen) and A = 0 (init_lora_weights='mica')",
+    needs_dense_weight=False,
+)
+
+VARIANT_B_KINDS: tuple[KindDecl, ...] = (MICA,)
+"""After LoRA's other kinds, in the order of PEFT's LoraConfig fields."""

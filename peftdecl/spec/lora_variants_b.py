@@ -1,0 +1,44 @@
+"""LoRA variants that HF PEFT 0.21 selects from LoraConfig values: MiCA (``init_lora_weights="mica"``).
+
+Each is its own execution kind sharing LoRA's ``peft_type``; :func:`variant_b_kind` picks it from the spec as PEFT
+picks its layer variant, and :func:`variant_b_problems` refuses what PEFT has no variant for (two at a time).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class _VariantFields(Protocol):
+    @property
+    def init_lora_weights(self) -> bool | str: ...
+    @property
+    def use_dora(self) -> bool: ...
+
+
+VARIANT_B_FIELDS = {"mica": "init_lora_weights"}
+"""Execution kind -> the LoraConfig field that requests it."""
+
+
+def requested_variants(spec: _VariantFields) -> list[str]:
+    """The kinds of this module the spec requests: ``mica`` when init_lora_weights is "mica"."""
+    return ["mica"] if spec.init_lora_weights == "mica" else []
+
+
+def variant_b_kind(spec: _VariantFields) -> str | None:
+    """The execution kind of the one variant of this module the spec requests, or None (another kind)."""
+    found = requested_variants(spec)
+    return found[0] if len(found) == 1 else None
+
+
+def variant_b_problems(spec: _VariantFields) -> list[tuple[str, str]]:
+    """HF PEFT has a layer variant for each of these alone and none for two together (DoRA and the variants of
+    :mod:`peftdecl.spec.lora_variants` included): every requested one after the first is refused."""
+    from peftdecl.spec.lora_variants import VARIANT_FIELDS as OTHER_FIELDS
+
+    mine = [VARIANT_B_FIELDS[name] for name in requested_variants(spec)]
+    others = [name for name in OTHER_FIELDS if getattr(spec, name, None) is not None]
+    first = "use_dora" if spec.use_dora else (others[0] if others else None)
+    if first is None and mine:
+        first = mine.pop(0)
+    return [(f"$.{name}", f"cannot be combined with {first} (one LoRA variant at a time)") for name in mine]

@@ -1,0 +1,208 @@
+"""LoRA variants of HF PEFT 0.21 chosen by LoraConfig values, against real PEFT and the NumPy reference.
+
+MiCA (``init_lora_weights="mica"``): B = the r left singular vectors of W with the smallest singular values,
+frozen; A = 0. B is deterministic given W up to the sign of each singular vector, which is LAPACK's choice (torch's
+sgesdd and NumPy's dgesdd may disagree on a column), so B is compared after flipping the columns that point away
+from PEFT's; A, the output and everything after a save are compared as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import peftdecl
+from peftdecl.errors import SpecError, TargetError
+from peftdecl.plan.kinds.mica import minor_left_singular_vectors
+from tests.conftest import rel_err, selected_backends
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TOL = 1e-5  # float32 (PEFT, torch backend) against float64 or float32: SVD vectors agree to ~eps32 / spectral gap
+
+
+class Net(torch.nn.Module):
+    """Token ids -> embedding -> two linear layers: every layer type MiCA adapts on torch, in one model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 12)
+        self.lin0 = torch.nn.Linear(12, 16)
+        self.lin1 = torch.nn.Linear(16, 10)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.relu(self.lin0(self.emb(ids))))
+
+
+def base_model(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(0, 10, (3, 5), generator=torch.Generator().manual_seed(1))
+
+
+def mica_config(targets: list[str], r: int = 4, **extra: object) -> dict[str, object]:
+    return {"r": r, "lora_alpha": 8, "target_modules": targets, "init_lora_weights": "mica", **extra}
+
+
+def needs_torch_backend() -> None:
+    if "torch" not in selected_backends():
+        pytest.skip("the torch backend is not selected")
+
+
+def aligned_columns(b: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """B with each column negated where it points away from the reference's (a singular vector's sign is free)."""
+    signs = np.where(np.sum(b * reference, axis=0) < 0, -1.0, 1.0)
+    return b * signs[None, :]
+
+
+PEFT_NAMES = {"emb": ("lora_embedding_A", "lora_embedding_B"), "lin0": ("lora_A", "lora_B")}
+OUR_NAMES = {"emb": ("lora_embedding_A", "lora_embedding_B"), "lin0": ("lora_A.weight", "lora_B.weight")}
+
+
+def peft_factors(model: object, module: str) -> tuple[np.ndarray, np.ndarray]:
+    layer = getattr(model.base_model.model, module)  # type: ignore[attr-defined]
+    found = []
+    for name in PEFT_NAMES[module]:
+        value = getattr(layer, name)["default"]
+        found.append((value if module == "emb" else value.weight).detach().double().numpy())
+    return found[0], found[1]
+
+
+def test_minor_singular_vectors_span_the_smallest_singular_values() -> None:
+    """Independent of any SVD routine's ordering: ‖Wᵀ b‖ of each column is a singular value, the r smallest."""
+    w = np.random.default_rng(0).standard_normal((7, 5))
+    b = minor_left_singular_vectors(w, 2)
+    assert rel_err(b.T @ b, np.eye(2)) <= 1e-12  # float64 orthonormal columns
+    values = np.sort(np.linalg.norm(w.T @ b, axis=0))
+    smallest = np.sort(np.sqrt(np.linalg.eigvalsh(w.T @ w)))[:2]
+    assert rel_err(values, smallest) <= 1e-10  # float64 eigenvalues of WᵀW against the SVD
+
+
+@pytest.mark.parametrize("module", ["lin0", "emb"])
+def test_torch_initial_tensors_and_trainability_equal_peft(module: str) -> None:
+    needs_torch_backend()
+    base = base_model()
+    cfg = mica_config([module])
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    ours = peftdecl.attach(copy.deepcopy(base), {"peft_type": "LORA", **cfg}, backend="torch")
+    values = ours.state_dict()
+    peft_a, peft_b = peft_factors(theirs, module)
+    a_name, b_name = OUR_NAMES[module]
+    a, b = values[f"{module}.{a_name}"], values[f"{module}.{b_name}"]
+    assert not a.any() and not peft_a.any()  # A = 0 in both: the adapter starts as the base model
+    assert rel_err(aligned_columns(b, peft_b), peft_b) <= TOL
+    # only A trains: PEFT freezes B (requires_grad False), peftdecl gives B the frozen role
+    peft_trainable = [n for n, p in theirs.named_parameters() if p.requires_grad]
+    assert peft_trainable and all(PEFT_NAMES[module][0] in n for n in peft_trainable)
+    trainable = set(ours.trainable_parameters())
+    assert any(a_name in key for key in trainable) and not any(b_name in key for key in trainable)
+    with torch.no_grad():
+        assert rel_err(ours(ids()).numpy(), base(ids()).numpy()) == 0.0  # B A = 0 exactly
+
+
+def test_gpt2_conv1d_initial_b_equals_peft() -> None:
+    """GPT-2's Conv1D stores W as [in, out]; PEFT transposes it before the SVD, so B spans W's output side."""
+    needs_torch_backend()
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("c_attn", Conv1D(10, 7))  # nf = out = 10, nx = in = 7
+    cfg = mica_config(["c_attn"], r=3, fan_in_fan_out=True)
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg))
+    ours = peftdecl.attach(copy.deepcopy(model), {"peft_type": "LORA", **cfg}, backend="torch")
+    peft_b = theirs.base_model.model.c_attn.lora_B["default"].weight.detach().double().numpy()
+    assert peft_b.shape == (10, 3)
+    assert rel_err(aligned_columns(ours.state_dict()["c_attn.lora_B.weight"], peft_b), peft_b) <= TOL
+
+
+def test_numpy_reference_initial_tensors_equal_peft() -> None:
+    base = base_model()
+    cfg = mica_config(["lin0", "lin1"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    state = {k: v.detach().double().numpy() for k, v in base.state_dict().items() if not k.startswith("emb")}
+    ours = peftdecl.attach(state, {"peft_type": "LORA", **cfg}, backend="numpy")
+    values = ours.state_dict()
+    for module in ("lin0", "lin1"):
+        layer = getattr(theirs.base_model.model, module)
+        peft_b = layer.lora_B["default"].weight.detach().double().numpy()
+        assert not values[f"{module}.lora_A.weight"].any()
+        assert rel_err(aligned_columns(values[f"{module}.lora_B.weight"], peft_b), peft_b) <= TOL
+        assert np.array_equal(ours.engine.base_weight(module), state[f"{module}.weight"])  # W untouched
+
+
+def test_gradients_reach_a_only() -> None:
+    needs_torch_backend()
+    ours = peftdecl.attach(base_model(), {"peft_type": "LORA", **mica_config(["lin0"])}, backend="torch")
+    ours.train()
+    ours(ids()).square().sum().backward()
+    grads = {key: p.grad for key, p in ours.trainable_parameters().items()}
+    assert len(grads) == 1 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def perturbed_peft(base: Net, cfg: dict[str, object]) -> object:
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_" in name:  # A away from 0 (and B from its SVD), so that the adapter changes the output
+                param.add_(0.3 * torch.randn(param.shape, generator=gen))
+    return theirs
+
+
+def test_saved_adapters_load_both_ways(tmp_path: Path) -> None:
+    needs_torch_backend()
+    base = base_model()
+    cfg = mica_config(["emb", "lin0", "lin1"])
+    theirs = perturbed_peft(base, cfg)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = peftdecl.load_adapter(copy.deepcopy(base), tmp_path / "peft", backend="torch", is_trainable=True)
+    with torch.no_grad():
+        expected = theirs(ids()).numpy()
+        assert rel_err(expected, base(ids()).numpy()) > 1e-2  # the perturbation shows
+        assert rel_err(ours(ids()).numpy(), expected) <= TOL  # float32 forward of the same weights
+    assert not any("lora_B" in k or "embedding_B" in k for k in ours.trainable_parameters())
+    ours.save(tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours", is_trainable=True)
+    assert loaded.peft_config["default"].init_lora_weights == "mica"
+    frozen = {n for n, p in loaded.named_parameters() if "lora_" in n and not p.requires_grad}
+    assert frozen and all("_B" in n for n in frozen)  # PEFT freezes B of the adapter we saved
+    with torch.no_grad():
+        assert rel_err(loaded(ids()).numpy(), expected) <= TOL
+        merged = ours.merge_and_unload()
+        assert rel_err(merged(ids()).numpy(), expected) <= TOL  # merge is LoRA's W + s·B A
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "needle"),
+    [
+        ({"r": 13}, TargetError, r"r <= min\(in, out\) = 12"),
+        ({"use_dora": True}, SpecError, r"\$.init_lora_weights: cannot be combined with use_dora"),
+        ({"lora_bias": True}, SpecError, r"\$.lora_bias"),
+    ],
+)
+def test_refusals_name_the_field(extra: dict[str, object], error: type[Exception], needle: str) -> None:
+    state = {"lin0.weight": np.ones((16, 12)), "lin0.bias": np.zeros(16)}
+    with pytest.raises(error, match=needle):
+        peftdecl.attach(state, {"peft_type": "LORA", **mica_config(["lin0"]), **extra}, backend="numpy")
+
+
+def test_convolutions_are_refused_as_in_peft() -> None:
+    needs_torch_backend()
+    model = torch.nn.Sequential()
+    model.add_module("conv", torch.nn.Conv2d(3, 4, 3))
+    cfg = mica_config(["conv"], r=2)
+    with pytest.raises(TargetError, match=r"conv \(conv2d\) cannot be adapted"):
+        peftdecl.attach(copy.deepcopy(model), {"peft_type": "LORA", **cfg}, backend="torch")
+    with pytest.raises(ValueError, match="unsupported variant combination"):
+        peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg))
