@@ -14,6 +14,9 @@ from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import Backend, BackendEntry, Capabilities, Engine, backend_for, get_backend
 from peftdecl.backend import backends as _backends
 from peftdecl.errors import AdapterFileError, BackendError, PeftdeclError, SpecError, TargetError
+from peftdecl.inits.eva_model import get_eva_state_dict, initialize_lora_eva_weights
+from peftdecl.inits.lora_ga import preprocess_loraga
+from peftdecl.inits.preprocess import preprocess_corda
 from peftdecl.model import AdaptedModel
 from peftdecl.options import EngineOptions
 from peftdecl.peft_compat import NotSupportedError
@@ -115,6 +118,10 @@ __all__ = [
     "attach",
     "backends",
     "compile_plan",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
     "load_adapter",
     "load_spec",
+    "preprocess_corda",
+    "preprocess_loraga",
 ]

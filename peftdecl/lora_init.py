@@ -22,9 +22,10 @@ import numpy as np
 
 from peftdecl.errors import TargetError
 from peftdecl.init import EXTERNAL_SOURCES, generator_for
+from peftdecl.lora_variants_init import kasa_truncated_bases
 from peftdecl.plan.ir import LayerPlan, Plan
 
-BASE_MODIFYING = ("pissa", "olora")
+BASE_MODIFYING = ("pissa", "olora", "corda", "lora_ga")
 """Initialisations that replace the base weight by its residual W − s·BA."""
 
 
@@ -36,7 +37,9 @@ def weight_init_name(plan: Plan) -> str | None:
     init = getattr(plan.spec, "init_lora_weights", True)
     if not isinstance(init, str):
         return None
-    if init in ("pissa", "olora", "orthogonal") or pissa_iterations(init) is not None:
+    if init in ("pissa", "olora", "orthogonal", "loftq", "corda", "eva", "lora_ga"):
+        return init
+    if pissa_iterations(init) is not None:
         return init
     return None
 
@@ -129,14 +132,31 @@ def weight_initialised(
     values: Mapping[str, np.ndarray],
     base_weight: Callable[[str], np.ndarray],
     seed: int = 0,
+    model: object = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``values`` with each layer's ``lora_A/B.weight`` replaced as the plan's initialisation asks, and the new base
-    weights (``<module>.weight`` in the IR layout, float64) for the initialisations that change them."""
+    weights (``<module>.weight`` in the IR layout, float64) for the initialisations that change them. ``model``:
+    the base model, whose preprocessed data (:mod:`peftdecl.inits`) the data-driven initialisations read."""
     init = weight_init_name(plan)
+    if init in ("loftq", "corda"):
+        from peftdecl.inits import apply  # here: peftdecl.inits.apply imports this module
+
+        if init == "loftq":
+            return apply.loftq_initialised(plan, values, base_weight)
+        return apply.corda_initialised(plan, values, base_weight, model)
+    if init == "eva":  # B = 0 by the plan's rules until initialize_lora_eva_weights sets A and the ranks
+        from peftdecl.inits.eva import check_eva_layers
+
+        check_eva_layers(plan)
+        return dict(values), {}
+    if init == "lora_ga":
+        from peftdecl.inits.lora_ga import lora_ga_initialised
+
+        return lora_ga_initialised(plan, values, base_weight, seed, model)
     out = dict(values)
     bases: dict[str, np.ndarray] = {}
     if init is None:
-        return out, bases
+        return out, kasa_truncated_bases(plan, base_weight)  # KaSA drops W's r smallest singular components
     for layer in plan.layers:
         check_weight_init_layer(init, layer)
     for layer in plan.layers:

@@ -146,7 +146,9 @@ class AdaptedModel(PeftCompat):
         base_residuals: dict[str, np.ndarray] = {}
         if arrays is None:
             values = init_params(plan, seed, external=self._external_init(plan, seed))
-            values, base_residuals = weight_initialised(plan, values, self._engine.base_weight, seed)
+            values, base_residuals = weight_initialised(
+                plan, values, self._engine.base_weight, seed, self._base_model
+            )
         else:
             values = {k: np.asarray(v) for k, v in arrays.items()}
             check_arrays(plan, values, origin=f"adapter {name!r}")
@@ -213,7 +215,7 @@ class AdaptedModel(PeftCompat):
         if base_overrides:
             self._engine.load_base_weights(base_overrides)
         # PEFT saves a PiSSA / OLoRA adapter against the original W and recomputes W − s·BA when it loads one
-        residuals = weight_initialised(plan, {}, self._engine.base_weight)[1]
+        residuals = weight_initialised(plan, {}, self._engine.base_weight, model=self._base_model)[1]
         if residuals:
             self._engine.load_base_weights(residuals)
         self._book.plans[name] = plan

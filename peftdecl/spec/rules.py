@@ -93,6 +93,25 @@ def _has_targeting_fields(peft_type: str) -> bool:
     return cls is not None and {"layers_to_transform", "layers_pattern"} <= set(cls.__struct_fields__)
 
 
+LORA_INIT_NAMES = ("gaussian", "pissa", "olora", "orthogonal", "eva", "lora_ga", "mica", "loftq", "corda")
+"""The named values of init_lora_weights (besides true, false and pissa_niter_K)."""
+
+
+def loftq_config_rule() -> JsonObject:
+    """init_lora_weights 'loftq' needs loftq_config {loftq_bits: 4 or 8, loftq_iter: >= 1} (PEFT's LoftQConfig)."""
+    config = {
+        "type": "object",
+        "minProperties": 1,
+        "additionalProperties": False,
+        "properties": {
+            "loftq_bits": {"enum": [4, 8], "x-error": "must be 4 (NF4) or 8 (int8)"},
+            "loftq_iter": {"type": "integer", "minimum": 1, "x-error": "must be a whole number >= 1"},
+        },
+    }
+    message = "must be given with init_lora_weights 'loftq': {loftq_bits: 4 or 8, loftq_iter: >= 1}"
+    return _when(_present("init_lora_weights", {"const": "loftq"}), _must("loftq_config", config, message))
+
+
 def kind_rules(peft_type: str) -> tuple[list[JsonObject], list[str], dict[str, JsonObject]]:
     """``(allOf rules, extra required fields, property overrides)`` for one adapter kind."""
     rules: list[JsonObject] = []
@@ -121,13 +140,13 @@ def kind_rules(peft_type: str) -> tuple[list[JsonObject], list[str], dict[str, J
         overrides["init_lora_weights"] = {
             "anyOf": [
                 {"type": "boolean"},
-                {"enum": ["gaussian", "pissa", "olora", "orthogonal"]},
+                {"enum": list(LORA_INIT_NAMES)},
                 {"type": "string", "pattern": "^pissa_niter_[0-9]+$"},
             ],
-            "x-error": "must be true, false, 'gaussian', 'pissa', 'pissa_niter_K' (K a whole number), 'olora' or "
-            "'orthogonal'; HF PEFT's other initialisations (eva, corda, loftq, lora_ga, mica) are not supported "
-            "by peftdecl",
+            "x-error": "must be true, false, 'gaussian', 'pissa', 'pissa_niter_K' (K a whole number), 'olora', "
+            "'orthogonal', 'eva', 'lora_ga', 'mica', 'loftq' or 'corda'",
         }
+        rules.append(loftq_config_rule())
         rules.append(
             _when(
                 _present("use_dora", {"const": True}),
