@@ -206,3 +206,36 @@ def test_convolutions_are_refused_as_in_peft() -> None:
         peftdecl.attach(copy.deepcopy(model), {"peft_type": "LORA", **cfg}, backend="torch")
     with pytest.raises(ValueError, match="unsupported variant combination"):
         peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg))
+
+
+# --- QA-LoRA: PEFT pools the adapter input on GPTQ layers only; on every layer peftdecl runs it is plain LoRA -----
+
+
+def test_qalora_on_plain_layers_is_peft_plain_lora_both_ways(tmp_path: Path) -> None:
+    """PEFT ignores use_qalora outside GPTQ (A stays [r, in], even for in not divisible by the group, and it
+    merges); peftdecl does the same, and the flag survives a save in either direction."""
+    needs_torch_backend()
+    base = base_model()
+    cfg = {"r": 2, "target_modules": ["lin0", "lin1"], "use_qalora": True, "qalora_group_size": 5}
+    theirs = perturbed_peft(base, cfg)
+    assert theirs.base_model.model.lin0.lora_A["default"].weight.shape == (2, 12)  # 12 % 5 != 0: not pooled
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = peftdecl.load_adapter(copy.deepcopy(base), tmp_path / "peft", backend="torch")
+    assert ours.plan().kind == "lora"
+    with torch.no_grad():
+        expected = theirs(ids()).numpy()
+        assert rel_err(expected, base(ids()).numpy()) > 1e-2  # the perturbation shows
+        assert rel_err(ours(ids()).numpy(), expected) <= TOL  # float32 forward of the same weights
+    ours.save(tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    assert loaded.peft_config["default"].use_qalora and loaded.peft_config["default"].qalora_group_size == 5
+    with torch.no_grad():
+        assert rel_err(loaded(ids()).numpy(), expected) <= TOL
+        assert rel_err(ours.merge_and_unload()(ids()).numpy(), expected) <= TOL  # merges as PEFT does here
+
+
+def test_qalora_group_size_must_be_positive() -> None:
+    state = {"lin0.weight": np.ones((16, 12))}
+    spec = {"peft_type": "LORA", "target_modules": ["lin0"], "use_qalora": True, "qalora_group_size": 0}
+    with pytest.raises(SpecError, match=r"\$.qalora_group_size: must be >= 1"):
+        peftdecl.attach(state, spec, backend="numpy")

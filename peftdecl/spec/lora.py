@@ -34,7 +34,7 @@ from peftdecl.spec.lora_variants import (
     variant_kind,
     variant_problems,
 )
-from peftdecl.spec.lora_variants_b import variant_b_kind, variant_b_problems
+from peftdecl.spec.lora_variants_b import QALORA_HELP, VARIANT_B_ACCEPTED, variant_b_kind, variant_b_problems
 from peftdecl.spec.target_parameters import target_parameter_problems
 from peftdecl.spec.trainable_tokens import TrainableTokenIndices, trainable_token_problems
 
@@ -109,8 +109,8 @@ class LowRankSpec(SpecBase, frozen=True):
     lora_ga_config: LoraGAConfig | None = None
     velora_config: VeloraConfig | None = None
     alora_invocation_tokens: tuple[int, ...] | None = None
-    use_qalora: bool = False
-    qalora_group_size: PositiveInt = 16
+    use_qalora: Annotated[bool, Meta(description=QALORA_HELP)] = False
+    qalora_group_size: Annotated[PositiveInt, Meta(description="QA-LoRA's pooling group (see use_qalora).")] = 16
     monteclora_config: MontecloraConfig | None = None
     layer_replication: tuple[tuple[int, int], ...] | None = None
     runtime_config: JsonObject | None = None
@@ -129,7 +129,6 @@ class LowRankSpec(SpecBase, frozen=True):
         "layer_replication": None,
         "target_parameters": None,
         "arrow_config": None,
-        "ensure_weight_tying": False,
     }
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
@@ -167,7 +166,7 @@ class LoraSpec(LowRankSpec, tag="LORA", frozen=True):
     UNSUPPORTED: ClassVar[dict[str, object]] = {
         k: v
         for k, v in LowRankSpec.UNSUPPORTED.items()
-        if k not in ("loftq_config", "corda_config", "target_parameters")
+        if k not in ("loftq_config", "corda_config", "target_parameters", *VARIANT_B_ACCEPTED)
     }
 
     @property

@@ -1,7 +1,9 @@
-"""LoRA variants that HF PEFT 0.21 selects from LoraConfig values: MiCA (``init_lora_weights="mica"``).
+"""LoRA variants that HF PEFT 0.21 selects from LoraConfig values.
 
-Each is its own execution kind sharing LoRA's ``peft_type``; :func:`variant_b_kind` picks it from the spec as PEFT
-picks its layer variant, and :func:`variant_b_problems` refuses what PEFT has no variant for (two at a time).
+- MiCA (``init_lora_weights="mica"``): its own execution kind sharing LoRA's ``peft_type``; :func:`variant_b_kind`
+  picks it as PEFT picks its layer variant, and :func:`variant_b_problems` refuses what PEFT has no variant for
+  (two variants at a time).
+- QA-LoRA (``use_qalora``): accepted as PEFT takes it on the layers peftdecl runs, i.e. plain LoRA (QALORA_HELP).
 """
 
 from __future__ import annotations
@@ -15,6 +17,15 @@ class _VariantFields(Protocol):
     @property
     def use_dora(self) -> bool: ...
 
+
+VARIANT_B_ACCEPTED = ("use_qalora",)
+"""LoraConfig fields of this module that LoraSpec accepts beyond their defaults."""
+
+QALORA_HELP = (
+    "QA-LoRA: HF PEFT 0.21 applies it on GPTQ-quantised layers only (the adapter input average-pooled over "
+    "qalora_group_size features), which peftdecl does not run; on every other layer PEFT, and so peftdecl, "
+    "trains plain LoRA and keeps the flag in the saved config."
+)
 
 VARIANT_B_FIELDS = {"mica": "init_lora_weights"}
 """Execution kind -> the LoraConfig field that requests it."""
