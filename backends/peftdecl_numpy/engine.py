@@ -25,10 +25,12 @@ from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerPlan, ModelInfo, Plan, PromptPlan
 from peftdecl.quant.layouts import dequantize, tensors_from_quantized
 from peftdecl_numpy import compose
+from peftdecl_numpy.base_biases import BaseBiases
 from peftdecl_numpy.inventory import LayerDeclaration
 from peftdecl_numpy.kinds import ops_for
 from peftdecl_numpy.kinds.base import MergeCache, Tape
 from peftdecl_numpy.layers import BaseLayer, Mode, ModeView
+from peftdecl_numpy.mha import mha_base_layer, mha_state
 from peftdecl_numpy.quantized import StoredWeight, read_stored, requantize
 from peftdecl_numpy.rng_state import generator_state, restore_generator
 from peftdecl_numpy.xp_ops import Array, Namespace, resolve, to_numpy
@@ -73,6 +75,9 @@ class NumpyEngine(ModeView):
         self._layers: dict[str, BaseLayer] = {}
         self._stored: dict[str, StoredWeight] = {}  # quantised layers: their codes
         for module, layer in info.layers.items():
+            if layer.type == "mha":  # in_proj and out_proj weights, stacked (peftdecl_numpy.mha)
+                self._layers[module] = mha_base_layer(state_dict, module, layer, self._asarray, self.mode)
+                continue
             if layer.quantization is not None:
                 stored = read_stored(state_dict, module, layer)
                 if stored is None:
@@ -89,6 +94,7 @@ class NumpyEngine(ModeView):
         self._params: dict[str, dict[str, Tensors]] = {}  # adapter -> module ("" shared) -> name -> array
         self._saved: dict[str, Tensors] = {}  # adapter -> modules_to_save copies
         self._merge_caches: dict[tuple[str, str], MergeCache] = {}  # (adapter, module) -> kept until unmerge
+        self._biases = BaseBiases(self._original, self._layers, self._asarray)  # HF PEFT's bias option
 
     # -- Engine protocol -----------------------------------------------------------------------------------
     def add(self, name: str, plan: Plan, arrays: Mapping[str, np.ndarray]) -> None:
@@ -131,6 +137,7 @@ class NumpyEngine(ModeView):
         out = {lp.key(k): to_numpy(v) for lp in plan.layers for k, v in params[lp.module].items()}
         out.update({k: to_numpy(v) for k, v in params.get("", {}).items()})
         out.update({k: to_numpy(v) for k, v in self._saved[name].items()})
+        out.update({k: to_numpy(v) for k, v in self._biases.trained(plan).items()})
         return out
 
     def merge(self, names: tuple[str, ...]) -> None:
@@ -184,10 +191,15 @@ class NumpyEngine(ModeView):
                 for key in stored.keys(module):
                     out.pop(key, None)
                 out[f"{module}.weight"] = weight if stored.full is None else to_numpy(stored.full)
+            elif layer.info.type == "mha":
+                bias = None if layer.bias is None else to_numpy(layer.bias)
+                out.update(mha_state(module, weight, bias, layer.info))
+                continue
             else:
                 out[f"{module}.weight"] = weight.T.copy() if layer.info.type == "gpt2_conv1d" else weight
             if layer.bias is not None:
                 out[f"{module}.bias"] = to_numpy(layer.bias)
+        out.update({k: to_numpy(v) for k, v in self._biases.unloaded().items()})
         for name in self.book.active:
             out.update({k: to_numpy(v) for k, v in self._saved[name].items()})
         return out
@@ -197,7 +209,10 @@ class NumpyEngine(ModeView):
         return to_numpy(self._layer(module).weight)
 
     def load_base_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        self._biases.load({k: v for k, v in weights.items() if k.endswith(".bias")})
         for key, value in weights.items():
+            if key.endswith(".bias"):
+                continue
             module = key.removesuffix(".weight").removesuffix(".base_layer")
             if module not in self._layers:
                 raise PeftdeclError(f"{key}: the model has no layer {module!r} to load it into")
@@ -235,6 +250,7 @@ class NumpyEngine(ModeView):
                 if spec.role == "trainable":
                     own[spec.name] = self._params[name][""][spec.name]
             own.update(self._saved[name])
+            own.update(self._biases.trained(plan))
             out.update({trainable_key(name, k, names): v for k, v in own.items()})
         return out
 
@@ -292,7 +308,10 @@ class NumpyEngine(ModeView):
         dy = self._asarray(dy, copy=False)
         running = tape["running"]
         if not running:
-            return {"input": layer.input_grad(tape["x"], dy)}
+            return {
+                "input": layer.input_grad(tape["x"], dy),
+                **self._biases.gradients(self.book, module, layer, dy),
+            }
         if "composed" in tape:
             dx, by_adapter = compose.backward(layer, tape["composed"], dy)
         else:
@@ -304,6 +323,7 @@ class NumpyEngine(ModeView):
         for name, lp, _ in running:
             own = by_adapter[name]
             grads.update({trainable_key(name, lp.key(k), self.book.active): v for k, v in own.items()})
+        grads.update(self._biases.gradients(self.book, module, layer, dy))
         grads["input"] = dx
         return grads
 

@@ -24,12 +24,13 @@ from peftdecl.plan import LayerInfo, ModelInfo
 from peftdecl.plan.ir import LayerType
 from peftdecl.quant.layouts import QUANTIZATIONS, quantized_from_tensors
 from peftdecl.quant.scheme import Quantized
+from peftdecl_numpy.mha import is_mha_declaration, mha_layer_info
 
 ENGINE_OPTIONS = ("xp", "dtype")
 """``attach`` / ``load_adapter`` options the engine reads (not model facts)."""
 LayerDeclaration = str | Mapping[str, object] | LayerInfo
 """A ``layer_types`` entry: a layer type name, a mapping of ``type`` and convolution settings, or a LayerInfo."""
-_NDIM = {"linear": 2, "embedding": 2, "gpt2_conv1d": 2, "conv1d": 3, "conv2d": 4}
+_NDIM = {"linear": 2, "embedding": 2, "gpt2_conv1d": 2, "conv1d": 3, "conv2d": 4, "conv3d": 5}
 
 
 def inventory(
@@ -39,7 +40,7 @@ def inventory(
 ) -> ModelInfo:
     """Layers of a state dict: every ``m.weight`` of 2+ dims (2-D: linear unless ``layer_types`` says otherwise).
 
-    ``layer_types`` maps a module to ``"linear" | "embedding" | "conv1d" | "conv2d" | "gpt2_conv1d"`` or to a
+    ``layer_types`` maps a module to ``"linear" | "embedding" | "conv1d" | "conv2d" | "conv3d" | "gpt2_conv1d"`` or a
     dict / LayerInfo giving convolution settings (``stride``, ``padding``, ``dilation``, ``groups``).
     ``quantization`` (a model fact): how MLX-quantised weights are laid out (see the module docstring).
     """
@@ -74,6 +75,8 @@ def inventory(
         layers[module] = dataclasses.replace(
             info, dtype=info.dtype or array.dtype.name, quantization=found, quant_scheme=q.scheme
         )
+    for module in [m for m, declared in layer_types.items() if is_mha_declaration(declared)]:
+        layers[module] = mha_layer_info(state_dict, module, layer_types.pop(module))
     if layer_types:
         raise PeftdeclError(
             f"layer_types names modules without a weight in the state dict: {sorted(layer_types)}"

@@ -16,15 +16,19 @@ from torch import nn
 
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import RngState, trainable_key
+from peftdecl.bias_training import trained_bias_keys
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.options import EngineOptions
 from peftdecl.plan import ModelInfo, Plan
+from peftdecl_torch.base_biases import bias_names, live_bias, write_biases
 from peftdecl_torch.base_weights import base_weight_ir, write_base_weights
 from peftdecl_torch.context import EngineContext
 from peftdecl_torch.inventory import layer_type
 from peftdecl_torch.kinds.prompt import PromptAdapter
 from peftdecl_torch.layer import AdaptedLayer, adapter_dtype
+from peftdecl_torch.mha import wrapper_class
 from peftdecl_torch.mixed_batch import mixed_rows
+from peftdecl_torch.param_wrapper import wrap_parameter
 from peftdecl_torch.probes import capture, follow_mode, to_numpy
 from peftdecl_torch.prompting import PromptCall, PromptSite, generation_inputs, prompt_call
 from peftdecl_torch.quantized import (
@@ -35,6 +39,7 @@ from peftdecl_torch.quantized import (
 from peftdecl_torch.saved import SavedModule
 from peftdecl_torch.seq2seq import seq2seq_call, seq2seq_generate
 from peftdecl_torch.task_heads import HEAD_TASKS, head_rules
+from peftdecl_torch.tied import tied_links
 
 
 class TorchEngine:
@@ -83,7 +88,10 @@ class TorchEngine:
         self._shared[name] = {n: np.asarray(arrays[n]) for n in shared_specs}
         copies: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}  # one per device and dtype
         for lp in plan.layers:
-            layer = self._wrap(lp.module, lp.layer.type)
+            if lp.layer.type == "parameter":  # target_parameters: PEFT's nested ParamWrappers
+                layer = wrap_parameter(self.model, self._layers, lp, self._context)
+            else:
+                layer = self._wrap(lp.module, lp.layer.type)
             links = {}
             device = layer.base_weight.device
             dtype = adapter_dtype(layer.base_weight, self._autocast)
@@ -94,6 +102,7 @@ class TorchEngine:
                 attr = f"shared_{name}_{tensor_name}"
                 layer.add_shared(attr, copies[key])
                 links[tensor_name] = attr
+            links.update(tied_links(name, lp, layer, self._layers))  # a tied head reads the embeddings' tensor
             layer.add(
                 name,
                 lp,
@@ -166,6 +175,7 @@ class TorchEngine:
         for module in plan.modules_to_save:
             copy = self._saved[module].copies[name]
             out.update({f"{module}.{k}": to_numpy(v) for k, v in copy.state_dict().items()})
+        out.update({k: to_numpy(v) for k, v in self._trained_biases(plan).items()})
         return out
 
     def merge(self, names: tuple[str, ...]) -> None:
@@ -223,7 +233,9 @@ class TorchEngine:
         return array
 
     def load_base_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        write_base_weights(self.model, self._layers, weights)
+        biases = {k: v for k, v in weights.items() if k.endswith(".bias")}
+        write_biases(self.model, biases)
+        write_base_weights(self.model, self._layers, {k: v for k, v in weights.items() if k not in biases})
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """Call the base model; ``adapter_names`` gives each batch row its adapter (``"__base__"``: none)."""
@@ -268,7 +280,12 @@ class TorchEngine:
         for module in plan.modules_to_save:
             copy = self._saved[module].copies[name]
             own.update({f"{module}.{k}": v for k, v in copy.named_parameters()})
-        return own
+        return own | self._trained_biases(plan)
+
+    def _trained_biases(self, plan: Plan) -> dict[str, nn.Parameter]:
+        """The base biases ``plan`` trains (HF PEFT's ``bias``), by PEFT's key names."""
+        keys = trained_bias_keys(plan, bias_names(self._requires_grad))
+        return {key: live_bias(self.model, key) for key in keys}
 
     def to(self, *args: Any, **kwargs: Any) -> None:
         """``nn.Module.to`` on the model, its wrappers and the prompt adapters together; a new float dtype becomes
@@ -377,7 +394,8 @@ class TorchEngine:
             )
         if layer_type(found) != expected:
             raise PeftdeclError(f"{module} is a {type(found).__name__}; the plan expects a {expected} layer")
-        wrapper = AdaptedLayer(found, self._info.layers[module], module, self._context)
+        info = self._info.layers[module]
+        wrapper = wrapper_class(info)(found, info, module, self._context)
         follow_mode(wrapper, found, found.training)  # a new nn.Module is in training mode; take the layer's
         self._replace(module, wrapper)
         self._layers[module] = wrapper

@@ -21,6 +21,7 @@ from peftdecl.plan.facts import config_facts
 from peftdecl.plan.ir import LayerType
 from peftdecl.plan.targeting import SEQ_CLS_HEAD_NAMES
 from peftdecl.quant.scheme import QuantScheme
+from peftdecl_torch.mha import is_adaptable_mha, mha_layer_info
 
 KNOWN_OPTIONS = ("autocast_adapter_dtype",)
 
@@ -105,10 +106,14 @@ def layer_type(module: nn.Module) -> LayerType | None:
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
+    if is_adaptable_mha(module):
+        return "mha"
     if isinstance(module, nn.Conv1d):
         return "conv1d"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
+    if isinstance(module, nn.Conv3d):
+        return "conv3d"
     # transformers' GPT-2 Conv1D: a linear layer whose weight is stored [in, out]
     if (
         type(module).__name__ == "Conv1D"
@@ -124,6 +129,8 @@ def layer_info(module: nn.Module) -> LayerInfo | None:
     kind = layer_type(module)
     if kind is None:
         return None
+    if kind == "mha":
+        return mha_layer_info(cast(nn.MultiheadAttention, module))
     has_bias = getattr(module, "bias", None) is not None
     dtype, quantized, scheme = _dtype_name(module), quantization(module), quant_scheme(module)
     if kind == "linear":
@@ -153,7 +160,7 @@ def layer_info(module: nn.Module) -> LayerInfo | None:
             quantization=quantized,
             quant_scheme=scheme,
         )
-    conv = cast("nn.Conv1d | nn.Conv2d", module)
+    conv = cast("nn.Conv1d | nn.Conv2d | nn.Conv3d", module)
     if isinstance(conv.padding, str):
         raise BackendError(
             f"{type(module).__name__} with padding={conv.padding!r} is not supported; use explicit integer padding"
@@ -193,7 +200,16 @@ def inventory(model: nn.Module) -> ModelInfo:
         info = layer_info(sub)
         if info is not None:
             layers[name] = info
-    return ModelInfo(layers=layers, modules=tuple(modules), **model_facts(model))
+    from peftdecl_torch.param_wrapper import parameter_infos  # target_parameters' candidates
+    from peftdecl_torch.tied import tied_to_embeddings
+
+    return ModelInfo(
+        layers=layers,
+        modules=tuple(modules),
+        parameters=parameter_infos(model),
+        tied_to_embeddings=tied_to_embeddings(model),
+        **model_facts(model),
+    )
 
 
 def _embedding_name(model: nn.Module, getter: str, names: Mapping[int, str]) -> str | None:
@@ -237,6 +253,8 @@ def numpy_model(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, Laye
     layer_types: dict[str, LayerTypeEntry] = {}
     for name, sub in model.named_modules():
         info = layer_info(sub) if name else None
+        if info is not None and info.type == "mha":
+            layer_types[name] = {"type": "mha", "num_heads": info.num_heads, "batch_first": info.batch_first}
         if info is None or f"{name}.weight" not in state:
             continue
         if info.is_conv:

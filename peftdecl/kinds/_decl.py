@@ -78,6 +78,9 @@ class KindDecl:
     quantised base it runs only on a backend that dequantises the weight on the fly (``Capabilities.dequantizes``);
     False for kinds that act on the layer's input and output only (LoRA: base(x) + Δ(x)), which run over a
     quantised layer as it is."""
+    reached_from: str | None = None
+    """A layer kind no spec selects: the layout of kind ``reached_from`` hands it the layers of its layer types
+    (LoRA gives ``nn.MultiheadAttention`` targets to ``lora_mha``), so that kind accepts them too."""
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.isidentifier() or self.name != self.name.lower():

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from peftdecl.errors import PeftdeclError, TargetError
-from peftdecl.kinds import get_kind
+from peftdecl.kinds import get_kind, kinds
 from peftdecl.plan.ir import ModelInfo, Plan
 from peftdecl.plan.kinds import KindLayout, registry
-from peftdecl.plan.kinds.trainable_tokens import lora_token_layers
+from peftdecl.plan.kinds.trainable_tokens import with_token_layers
 from peftdecl.plan.param_targets import module_targets, parameter_layers
 from peftdecl.plan.targeting import TASK_MODULES_TO_SAVE, task_modules_to_save
 from peftdecl.spec import SpecBase
@@ -69,7 +69,7 @@ def _compile(spec: SpecBase, info: ModelInfo) -> Plan:
             spec=spec, kind=kind, layers=(), shared=shared, modules_to_save=modules_to_save, prompt=prompt
         )
     assert layout.build_layer is not None
-    layer_types = get_kind(kind).layer_types
+    layer_types = accepted_layer_types(kind)
     layers = []
     for name in module_targets(spec, info):
         layer = info.layers[name]
@@ -79,10 +79,17 @@ def _compile(spec: SpecBase, info: ModelInfo) -> Plan:
                 f"{', '.join(layer_types)} layers only"
             )
         layers.append(layout.build_layer(spec, name, layer, info))
-    layers += parameter_layers(spec, info, layers)  # target_parameters: raw parameters (HF PEFT's ParamWrapper)
+    # target_parameters: raw parameters (HF PEFT's ParamWrapper)
+    layers += parameter_layers(spec, info, layers)
     shared = layout.build_shared(spec, layers, info) if layout.build_shared else ()
-    layers += lora_token_layers(spec, info, layers)  # trainable_token_indices: token layers beside the kind's
+    layers = with_token_layers(spec, info, layers)  # trainable tokens: extra and tied token layers
     return Plan(spec=spec, kind=kind, layers=tuple(layers), shared=shared, modules_to_save=modules_to_save)
+
+
+def accepted_layer_types(kind: str) -> tuple[str, ...]:
+    """The layer types a spec of ``kind`` may target: its own, and those of the kinds ``reached_from`` it."""
+    extra = (t for decl in kinds().values() if decl.reached_from == kind for t in decl.layer_types)
+    return (*get_kind(kind).layer_types, *extra)
 
 
 def _modules_to_save(spec: SpecBase, info: ModelInfo) -> tuple[str, ...]:

@@ -15,8 +15,9 @@ from typing import Any, Literal
 from peftdecl.quant.scheme import QuantScheme
 from peftdecl.spec import SpecBase
 
-LayerType = Literal["linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d"]
-LAYER_TYPES: tuple[str, ...] = ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d")
+LayerType = Literal["linear", "embedding", "conv1d", "conv2d", "conv3d", "gpt2_conv1d", "mha", "parameter"]
+LAYER_TYPES: tuple[str, ...] = ("linear", "embedding", "conv1d", "conv2d", "conv3d", "gpt2_conv1d", "mha")
+CONV_LAYER_TYPES: tuple[str, ...] = ("conv1d", "conv2d", "conv3d")
 Role = Literal["trainable", "frozen", "shared"]
 
 
@@ -42,19 +43,35 @@ class LayerInfo:
     quant_scheme: QuantScheme | None = None
     """The full scheme of a quantised weight (NF4/FP4 block size and double quantisation, int8 threshold, MLX bits
     and group size) where the backend can read it; its ``name`` equals ``quantization``."""
+    num_heads: int = 0
+    """Attention heads of an ``mha`` layer (torch's nn.MultiheadAttention, in = embed_dim, out = 3·embed_dim as
+    HF PEFT counts its in_proj; its IR weight is in_proj [3E, E] stacked over out_proj [E, E]); 0 elsewhere."""
+    batch_first: bool = False
+    """An ``mha`` layer's input layout: [batch, seq, E] when True, torch's default [seq, batch, E] otherwise."""
+    parameter: str = ""
+    """Type ``parameter`` (a raw ``nn.Parameter`` targeted by ``target_parameters``): its full name."""
+    shape: tuple[int, ...] = ()
+    """Type ``parameter``: its shape, ``[out, in]`` or ``[experts, out, in]`` (``[experts, in, out]`` if
+    ``transposed``); ``in_features``/``out_features`` are then those of one expert."""
+    transposed: bool = False
+    """Type ``parameter``: the module holding it marks its experts as stored ``[experts, in, out]``."""
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
-        """The base weight in the IR's ``[out, in]`` layout."""
+        """The base weight in the IR's ``[out, in]`` layout (a raw parameter: its own shape)."""
+        if self.type == "parameter":
+            return self.shape
         if self.type == "embedding":
             return (self.in_features, self.out_features)
-        if self.type in ("conv1d", "conv2d"):
+        if self.type in CONV_LAYER_TYPES:
             return (self.out_features, self.in_features // self.groups, *self.kernel_size)
+        if self.type == "mha":
+            return (self.out_features + self.in_features, self.in_features)
         return (self.out_features, self.in_features)
 
     @property
     def is_conv(self) -> bool:
-        return self.type in ("conv1d", "conv2d")
+        return self.type in CONV_LAYER_TYPES
 
     @property
     def kernel_numel(self) -> int:
@@ -67,6 +84,8 @@ class ModelInfo:
 
     layers: Mapping[str, LayerInfo]
     """Every adaptable layer, by full module name, in model order."""
+    parameters: Mapping[str, LayerInfo] = field(default_factory=dict)
+    """Every parameter ``target_parameters`` may name (type ``parameter``), by full name, in model order."""
     modules: tuple[str, ...] = ()
     """Every module name (for modules_to_save and error hints); defaults to the layer names."""
     output_head: str | None = None
@@ -89,6 +108,9 @@ class ModelInfo:
     name_or_path: str | None = None
     """The base model's hub id or local folder (transformers' ``name_or_path``), saved as HF PEFT's
     ``base_model_name_or_path`` where the spec leaves it null."""
+    tied_to_embeddings: tuple[str, ...] = ()
+    """Modules whose weight is the input embeddings' own (``tie_word_embeddings``, e.g. ``lm_head``): trainable
+    tokens on the embeddings reach them too, as in HF PEFT."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))

@@ -1,12 +1,14 @@
-"""LoRA layout: A ∈ R^{r×in} and B ∈ R^{out×r} (conv: A a k×k conv to r channels, B a 1×1 conv), s = alpha/r."""
+"""LoRA layout: A ∈ R^{r×in} and B ∈ R^{out×r} (conv: A a k×k conv to r channels, B a 1×1 conv with the base's
+groups, so B is [out, r/groups, 1, ...]), s = alpha/r."""
 
 from __future__ import annotations
 
 import math
 
-from peftdecl.errors import TargetError
+from peftdecl.errors import PeftdeclError, TargetError
 from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec
 from peftdecl.plan.kinds import KindLayout
+from peftdecl.plan.kinds.lora_mha import build_mha_layer
 from peftdecl.plan.targeting import pattern_value
 from peftdecl.spec.lora import LoraSpec
 from peftdecl.spec.lycoris import LycorisSpec
@@ -47,34 +49,60 @@ def build_lora_params(spec: LoraSpec, layer: LayerInfo, r: int) -> tuple[ParamSp
             ParamSpec("lora_embedding_B", (layer.out_features, r), "trainable", b_init),
         )
     if layer.is_conv:
-        if layer.groups != 1:
-            raise TargetError("LoRA on a grouped convolution (groups > 1) is not supported by peftdecl")
+        # B is a 1×1 conv with the base's groups, so it reads r / groups of A's channels per output channel
         a_shape = (r, layer.in_features, *layer.kernel_size)
-        b_shape = (layer.out_features, r, *(1,) * len(layer.kernel_size))
-        a_fan_in = layer.in_features * layer.kernel_numel
+        b_shape = (layer.out_features, r // layer.groups, *(1,) * len(layer.kernel_size))
+        a_fan_in, b_fan_in = layer.in_features * layer.kernel_numel, r // layer.groups
     else:
-        a_shape, b_shape, a_fan_in = (r, layer.in_features), (layer.out_features, r), layer.in_features
-    if init is True:
+        a_shape, b_shape = (r, layer.in_features), (layer.out_features, r)
+        a_fan_in, b_fan_in = layer.in_features, r
+    if init is True or init in ("eva", "lora_ga"):  # B = 0 until EVA / LoRA-GA fill the factors in
         a_init, b_init = linear_default_init(a_fan_in), Init("zeros")
     elif init == "gaussian":
         a_init, b_init = Init("normal", std=1.0 / r), Init("zeros")
     else:
-        a_init, b_init = linear_default_init(a_fan_in), linear_default_init(r)
+        a_init, b_init = linear_default_init(a_fan_in), linear_default_init(b_fan_in)
     params = [
         ParamSpec("lora_A.weight", a_shape, "trainable", a_init),
         ParamSpec("lora_B.weight", b_shape, "trainable", b_init),
     ]
     if spec.lora_bias:
         bias_init = (
-            Init("uniform", low=-1 / math.sqrt(r), high=1 / math.sqrt(r)) if init is False else Init("zeros")
+            Init("uniform", low=-1 / math.sqrt(b_fan_in), high=1 / math.sqrt(b_fan_in))
+            if init is False
+            else Init("zeros")
         )
         params.append(ParamSpec("lora_B.bias", (layer.out_features,), "trainable", bias_init))
     return tuple(params)
 
 
+def check_grouped_rank(module: str, layer: LayerInfo, r: int) -> None:
+    """A grouped convolution's rank must be a multiple of its groups (B is a grouped 1×1 conv), as in HF PEFT."""
+    if layer.is_conv and r % layer.groups != 0:
+        raise TargetError(
+            f"{module}: a {layer.type} with groups={layer.groups} needs a rank divisible by {layer.groups}, got "
+            f"r={r}; set $.r (or this module's $.rank_pattern entry) to a multiple of {layer.groups}, or leave "
+            "the layer out of $.target_modules"
+        )
+
+
+def refuse_grouped_merge(lp: LayerPlan) -> None:
+    """A grouped conv's ΔW has no weight to merge into: B A joins every input channel to every output channel,
+    which a conv with groups > 1 cannot hold (HF PEFT refuses these merges too)."""
+    if lp.layer.groups > 1:
+        raise PeftdeclError(
+            f"{lp.module}: cannot merge {lp.kind} into a {lp.layer.type} with groups={lp.layer.groups}: "
+            "its update B A connects every input channel to every output channel, which the grouped weight "
+            "cannot hold (HF PEFT refuses this merge too); keep the adapter unmerged"
+        )
+
+
 def build_lora_layer(spec: LoraSpec, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
     """One LoRA layer: rank/alpha patterns, scaling and the A/B tensors."""
+    if layer.type == "mha":  # both projections of an nn.MultiheadAttention, with their own execution kind
+        return build_mha_layer(spec, module, layer, info)
     r, alpha = rank_and_alpha(spec, module)
+    check_grouped_rank(module, layer, r)
     return LayerPlan(
         module=module,
         layer=layer,
