@@ -12,13 +12,13 @@ so this module loads with only NumPy installed.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 
 import peftdecl
-from tests.layer_cases import Layer
+from tests.layer_cases import Layer, outer_modules
 
 Grads = dict[str, np.ndarray]
 """dL/d(tensor) by the tensor's key in ``trainable_parameters()`` (``"input"``: dL/dx; none for token ids)."""
@@ -26,7 +26,7 @@ Grads = dict[str, np.ndarray]
 
 def modules(layer: Layer) -> list[str]:
     """The adapted modules of a layer description (``m``, and VeRA's second layer ``n``)."""
-    return sorted({key.rsplit(".", 1)[0] for key in layer.shapes})
+    return outer_modules(layer.shapes)
 
 
 def layer_type(layer: Layer) -> str:
@@ -74,8 +74,11 @@ class TorchDriver:
 
     def _layer(self, layer: Layer, module: str, state: Mapping[str, np.ndarray]) -> Any:
         nn = self.torch.nn
-        weight, bias = state[f"{module}.weight"], f"{module}.bias" in state
         kind = layer_type(layer)
+        if kind == "mha":
+            heads = cast(dict, layer.layer_type)["num_heads"]
+            return nn.MultiheadAttention(state[f"{module}.in_proj_weight"].shape[1], heads)
+        weight, bias = state[f"{module}.weight"], f"{module}.bias" in state
         desc = layer.layer_type if isinstance(layer.layer_type, dict) else {}
         if kind == "linear":
             return nn.Linear(weight.shape[1], weight.shape[0], bias=bias)
@@ -85,7 +88,7 @@ class TorchDriver:
             conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
             return conv1d(weight.shape[1], weight.shape[0])  # weight stored [in, out]
         groups = desc.get("groups", 1)
-        conv = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d}[kind]
+        conv = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}[kind]
         return conv(
             weight.shape[1] * groups,
             weight.shape[0],
@@ -100,9 +103,11 @@ class TorchDriver:
     def base(self, layer: Layer, state: Mapping[str, np.ndarray], dtype: str) -> Any:
         torch = self.torch
 
+        attention = layer_type(layer) == "mha"
+
         class Holder(torch.nn.Module):
             def forward(self, x: Any) -> Any:
-                return self.m(x)
+                return self.m(x, x, x, need_weights=False)[0] if attention else self.m(x)
 
         holder = Holder()
         for module in modules(layer):

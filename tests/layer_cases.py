@@ -29,7 +29,7 @@ class Layer(NamedTuple):
     x_shape: tuple[int, ...]  # an embedding's input is token ids below its number of rows
 
     def layer_types(self) -> dict[str, Any]:
-        modules = sorted({key.rsplit(".", 1)[0] for key in self.shapes})
+        modules = outer_modules(self.shapes)
         return {} if self.layer_type is None else dict.fromkeys(modules, self.layer_type)
 
     def random_state(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -39,6 +39,12 @@ class Layer(NamedTuple):
         if self.layer_type == "embedding":
             return rng.integers(0, self.shapes["m.weight"][0], size=self.x_shape)
         return rng.normal(size=self.x_shape)
+
+
+def outer_modules(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The modules owning the tensors, without those inside another (an attention's ``m.out_proj``)."""
+    found = sorted({key.rsplit(".", 1)[0] for key in shapes})
+    return [m for m in found if not any(m.startswith(o + ".") for o in found)]
 
 
 CONV1D_STRIDED = {"type": "conv1d", "padding": 1, "stride": 2}
@@ -52,7 +58,17 @@ CONV1D = Layer({"m.weight": (4, 3, 3), "m.bias": (4,)}, CONV1D_STRIDED, (2, 3, 9
 CONV2D = Layer({"m.weight": (4, 3, 3, 3), "m.bias": (4,)}, {"type": "conv2d", "padding": 1}, (2, 3, 5, 5))
 CONV2D_1X1 = Layer({"m.weight": (4, 3, 1, 1)}, "conv2d", (2, 3, 4, 4))
 CONV2D_GROUPS = Layer({"m.weight": (4, 2, 3, 2)}, CONV2D_GROUPED, (2, 4, 5, 5))
+CONV3D_STRIDED = {"type": "conv3d", "padding": 1, "stride": [2, 1, 1]}
+CONV3D = Layer({"m.weight": (3, 2, 2, 2, 2), "m.bias": (3,)}, CONV3D_STRIDED, (2, 2, 3, 3, 4))
 GPT2_CONV1D = Layer({"m.weight": (5, 6), "m.bias": (6,)}, "gpt2_conv1d", (4, 5))
+# torch's nn.MultiheadAttention(4, 2): in_proj [3E, E] and out_proj [E, E], input [L, N, E]
+MHA_SHAPES = {
+    "m.in_proj_weight": (12, 4),
+    "m.in_proj_bias": (12,),
+    "m.out_proj.weight": (4, 4),
+    "m.out_proj.bias": (4,),
+}
+MHA = Layer(MHA_SHAPES, {"type": "mha", "num_heads": 2}, (3, 2, 4))
 LINEAR_8_IN = Layer({"m.weight": (5, 8), "m.bias": (5,)}, "linear", (3, 8))  # widths the OFT blocks divide
 
 LORA_LAYERS = {
@@ -61,6 +77,7 @@ LORA_LAYERS = {
     "conv1d": CONV1D,
     "conv2d": CONV2D,
     "conv2d_1x1": CONV2D_1X1,
+    "conv3d": CONV3D,
     "gpt2_conv1d": GPT2_CONV1D,
 }
 ADALORA_LAYERS = {
@@ -104,6 +121,7 @@ IA3_LAYERS = {
     "linear": Layer({"m.weight": (6, 5), "m.bias": (6,)}, "linear", (3, 4, 5)),
     "conv2d": CONV2D,
     "conv2d_grouped": Layer({"m.weight": (4, 1, 3, 3)}, {**CONV2D_GROUPED, "stride": 2}, (2, 2, 5, 5)),
+    "conv3d": CONV3D,
     "gpt2_conv1d": GPT2_CONV1D,
 }
 OFT_LAYERS = {
@@ -210,6 +228,7 @@ KINDS = {
         {layer: {"oft_block_size": size} for layer, size in OFT_BLOCK_SIZE.items()},
     ),
     "boft": Kind({"peft_type": "BOFT", "target_modules": ["m"], "init_weights": False}, BOFT_LAYERS),
+    "lora_mha": Kind(LORA_SPEC, {"mha": MHA}),
 }
 
 

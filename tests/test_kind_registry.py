@@ -356,10 +356,11 @@ def test_builtins_in_hf_order_and_spec_types_follow() -> None:
     from peftdecl.spec import SPEC_TYPES
 
     assert [d.name for d in BUILTINS] == [
-        "lora", "dora", "adalora", "ia3", "loha", "lokr", "oft", "boft", "vera", "prefix_tuning", "prompt_tuning"
+        "lora", "dora", "lora_mha", "adalora", "ia3", "loha", "lokr", "oft", "boft", "vera", "prefix_tuning",
+        "prompt_tuning",
     ]  # fmt: skip
     assert list(SPEC_TYPES) == list(dict.fromkeys(d.peft_type for d in BUILTINS))
-    assert [d.name for d in registry.kinds_for_peft_type("LORA")] == ["lora", "dora"]
+    assert [d.name for d in registry.kinds_for_peft_type("LORA")] == ["lora", "dora", "lora_mha"]
     assert {d.name for d in BUILTINS if d.additive} == {"lora", "adalora", "loha", "lokr", "vera"}
 
 
@@ -370,7 +371,8 @@ def test_each_builtin_layout_and_examples(decl: KindDecl) -> None:
     assert not hasattr(layout, "layer_types")  # declared once, in the KindDecl
     assert set(decl.examples) == (set(decl.layer_types) or {"model"})
     for example in decl.examples.values():
-        assert peftdecl.load_spec(example).kind == decl.name
+        # a kind reached from another (lora_mha from lora) is that kind's spec, handed its layers by the layout
+        assert peftdecl.load_spec(example).kind == (decl.reached_from or decl.name)
 
 
 @pytest.mark.parametrize("decl", [d for d in BUILTINS if d.tensor_names], ids=lambda d: d.name)
@@ -391,7 +393,9 @@ def test_hf_markers_tell_the_kinds_apart() -> None:
 
 
 def test_backend_tables_come_from_the_declarations() -> None:
-    every = registry.backend_kinds("numpy", ("linear", "embedding", "conv1d", "conv2d", "gpt2_conv1d"))
+    every = registry.backend_kinds(
+        "numpy", ("linear", "embedding", "conv1d", "conv2d", "conv3d", "gpt2_conv1d", "mha")
+    )
     assert every == {d.name: d.layer_types for d in BUILTINS}
     mlx = registry.backend_kinds("mlx", ("linear", "embedding"))
     assert mlx["oft"] == ("linear", "embedding") and mlx["boft"] == ("linear",) and mlx["prompt_tuning"] == ()
