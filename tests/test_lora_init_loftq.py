@@ -54,7 +54,9 @@ class MLP(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.lin0 = torch.nn.Linear(64, 40)  # in 64: whole NF4 blocks per row
-        self.lin1 = torch.nn.Linear(40, 25)  # in 40 (not a multiple of 16); 1000 weights: a partial last block
+        self.lin1 = torch.nn.Linear(
+            40, 25
+        )  # in 40 (not a multiple of 16); 1000 weights: a partial last block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin1(torch.relu(self.lin0(x)))
@@ -71,8 +73,12 @@ def peft_loftq_on_cpu() -> Any:
 
     original = loftq_utils.loftq_init
     inner = getattr(original, "__wrapped__", original)  # under torch.no_grad
-    code = inner.__code__.replace(co_consts=tuple("cpu" if c == "cuda" else c for c in inner.__code__.co_consts))
-    patched = types.FunctionType(code, inner.__globals__, inner.__name__, inner.__defaults__, inner.__closure__)
+    code = inner.__code__.replace(
+        co_consts=tuple("cpu" if c == "cuda" else c for c in inner.__code__.co_consts)
+    )
+    patched = types.FunctionType(
+        code, inner.__globals__, inner.__name__, inner.__defaults__, inner.__closure__
+    )
     return torch.no_grad()(patched)
 
 
@@ -83,7 +89,9 @@ def peft_on_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(lora_layer, "loftq_init", peft_loftq_on_cpu())
     real_find_spec = importlib.util.find_spec
 
-    def find_spec(name: str, *args: Any) -> Any:  # PEFT's LoftQ config check asks for scipy, which it never uses
+    def find_spec(
+        name: str, *args: Any
+    ) -> Any:  # PEFT's LoftQ config check asks for scipy, which it never uses
         return real_find_spec("numpy") if name == "scipy" else real_find_spec(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
