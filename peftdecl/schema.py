@@ -45,7 +45,8 @@ def struct_schema(cls: type[SpecBase]) -> JsonObject:
     peft_type: str = cls.__struct_config__.tag  # type: ignore[assignment]
     generated = msgspec.json.schema(cls)
     defs = generated["$defs"]
-    body = defs.pop(cls.__name__)
+    body = _inlined(defs.pop(cls.__name__), defs)
+    defs = {}  # nested sub-configs (LoRA's kasa_config, ...) are inlined where used
     body["properties"]["peft_type"] = {
         "const": peft_type,
         "description": "The adapter kind (HF PEFT's name).",
@@ -61,6 +62,19 @@ def struct_schema(cls: type[SpecBase]) -> JsonObject:
     if defs:
         schema["$defs"] = defs
     return schema
+
+
+def _inlined(schema: JsonValue, defs: JsonObject) -> JsonValue:
+    """``schema`` with each ``{"$ref": "#/$defs/X"}`` replaced by X's schema (sub-config Structs never recurse), so
+    that a kind's schema embeds in the union schema without a $defs of its own."""
+    if isinstance(schema, list):
+        return [_inlined(item, defs) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        return _inlined(defs[ref.removeprefix("#/$defs/")], defs)
+    return {key: _inlined(value, defs) for key, value in schema.items()}
 
 
 def _unstated(peft_type: str) -> str:

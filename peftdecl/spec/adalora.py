@@ -9,6 +9,7 @@ from msgspec import Meta
 from peftdecl.spec._base import Rank
 from peftdecl.spec.limits import MAX_FINITE, MAX_STEPS
 from peftdecl.spec.lora import LowRankSpec
+from peftdecl.spec.lora_variants import VARIANT_FIELDS
 
 
 class AdaLoraSpec(LowRankSpec, tag="ADALORA", frozen=True):
@@ -35,7 +36,11 @@ class AdaLoraSpec(LowRankSpec, tag="ADALORA", frozen=True):
         Meta(description="Total training steps (required, > 0)."),
     ] = None
 
-    UNSUPPORTED: ClassVar[dict[str, object]] = {**LowRankSpec.UNSUPPORTED, "use_dora": False}
+    UNSUPPORTED: ClassVar[dict[str, object]] = {
+        **LowRankSpec.UNSUPPORTED,
+        "use_dora": False,
+        **dict.fromkeys(VARIANT_FIELDS),  # LoRA variants: AdaLoRA has none
+    }
 
     @property
     def kind(self) -> str:

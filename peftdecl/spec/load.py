@@ -194,7 +194,7 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
 def _schema_problems(data: Mapping[str, JsonValue], cls: type[SpecBase]) -> list[tuple[str, str]]:
     validator = _validator(cls)
     problems: dict[str, str] = {}
-    for error in _errors(validator, data):
+    for error in (narrowed for found in _errors(validator, data) for narrowed in _into_object(found)):
         if error.validator == "additionalProperties":
             continue  # reported with a suggestion by _unknown_fields
         path = list(error.absolute_path)
@@ -222,6 +222,21 @@ def _errors(validator: jsonschema.Draft202012Validator, data: JsonValue) -> list
         return sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
     except RecursionError:  # plain_json bounds nesting, so this is a safety net
         raise SpecError([("$", "nested too deeply to validate")]) from None
+
+
+def _into_object(error: jsonschema.ValidationError) -> list[jsonschema.ValidationError]:
+    """A mapping that fails an anyOf with exactly one object branch (a sub-config or null): that branch's own
+    errors, so that the problem is reported at the nested field (``$.kasa_config.beta``)."""
+    if error.validator != "anyOf" or not isinstance(error.instance, Mapping):
+        return [error]
+    branches = error.validator_value if isinstance(error.validator_value, list) else []
+    objects = [i for i, b in enumerate(branches) if isinstance(b, Mapping) and b.get("type") == "object"]
+    if len(objects) != 1:
+        return [error]
+    inner = [
+        e for e in error.context or () if e.relative_schema_path and e.relative_schema_path[0] == objects[0]
+    ]
+    return sorted(inner, key=lambda e: [str(p) for p in e.absolute_path]) or [error]
 
 
 def _missing_name(error: jsonschema.ValidationError) -> str:
