@@ -241,3 +241,108 @@ def test_bad_specs_are_refused_naming_the_field(spec: dict[str, Any], path: str)
 def test_bad_targets_are_refused(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(TargetError, match=message):
         peftdecl.attach(base(), spec, backend="torch")
+
+
+# --- weights tied to the input embeddings (tie_word_embeddings) --------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+LLAMA_IDS = torch.tensor([[1, 2, 3, 5, 30], [4, 2, 0, 7, 9]])
+
+
+def tied_llama() -> Any:
+    """A one-layer Llama whose lm_head.weight is model.embed_tokens.weight."""
+    config = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def logits(model: Any) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=LLAMA_IDS).logits.double().numpy()
+
+
+TIED_CONFIGS = {
+    "lora-token-list": lambda: peft.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 2]),
+    "lora-same-ids-ensured": lambda: peft.LoraConfig(
+        target_modules=["q_proj"],
+        trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [1, 2]},
+        ensure_weight_tying=True,
+    ),
+    "lora-other-ids-untied": lambda: peft.LoraConfig(
+        target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 2], "lm_head": [3]}
+    ),
+    "standalone": lambda: peft.TrainableTokensConfig(token_indices=[2, 30], init_weights=False),
+}
+
+
+@pytest.mark.parametrize("name", list(TIED_CONFIGS))
+def test_tied_head_follows_the_embeddings_like_peft(name: str, tmp_path: Path) -> None:
+    """On tied weights PEFT's lm_head reads the embeddings' trained rows (saved once, under the embeddings):
+    PEFT's folder gives PEFT's logits and merged logits here, and ours loads in PEFT with the same logits."""
+    torch.manual_seed(1234)
+    theirs = peft.get_peft_model(tied_llama(), TIED_CONFIGS[name]())
+    perturb(theirs)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    expected = logits(theirs)
+    assert rel_err(expected, logits(tied_llama())) > 1e-3
+    ours = peftdecl.load_adapter(tied_llama(), tmp_path / "peft", backend="torch")
+    assert rel_err(logits(ours), expected) <= TOL
+    ours.save_pretrained(tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(tied_llama(), tmp_path / "ours").eval()
+    assert rel_err(logits(again), expected) <= TOL
+    merged = logits(theirs.merge_and_unload())
+    assert rel_err(logits(ours.merge_and_unload()), merged) <= TOL
+
+
+def test_tied_rows_train_as_one_tensor_like_peft(tmp_path: Path) -> None:
+    """The tied head adds no parameter of its own; d's gradient (through the embeddings and the head) equals
+    PEFT's (≤ 1e-5: the same float32 graph, summed in another order)."""
+    torch.manual_seed(1234)
+    theirs = peft.get_peft_model(tied_llama(), TIED_CONFIGS["lora-token-list"]())
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = peftdecl.load_adapter(tied_llama(), tmp_path, backend="torch", is_trainable=True)
+    params = ours.trainable_parameters()
+    assert [k for k in params if "trainable_tokens" in k] == [
+        "model.embed_tokens.token_adapter.trainable_tokens_delta"
+    ]
+    for model in (theirs, ours):
+        model(input_ids=LLAMA_IDS).logits.square().mean().backward()
+    wrapper = theirs.base_model.model.model.embed_tokens.token_adapter
+    expected = wrapper.trainable_tokens_delta["default"].grad
+    got = params["model.embed_tokens.token_adapter.trainable_tokens_delta"].grad
+    assert rel_err(got.double().numpy(), expected.double().numpy()) <= 1e-5
+
+
+def test_ensure_weight_tying_refuses_different_ids_and_untied_copies() -> None:
+    """PEFT's ensure_weight_tying error on tied layers with different ids; tying lm_head's copy or LoRA to the
+    embeddings (modules_to_save / target_modules) is refused by peftdecl, naming the field."""
+    spec = TIED_CONFIGS["lora-other-ids-untied"]().to_dict()
+    with pytest.raises(TargetError, match="same token indices on tied layers"):
+        peftdecl.attach(tied_llama(), {**spec, "ensure_weight_tying": True}, backend="torch")
+    saved = {"peft_type": "LORA", "target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]}
+    with pytest.raises(TargetError, match=r"\$\.ensure_weight_tying: .* modules_to_save"):
+        peftdecl.attach(tied_llama(), {**saved, "ensure_weight_tying": True}, backend="torch")
+    peftdecl.attach(tied_llama(), saved, backend="torch")  # without it, PEFT only warns: accepted
+
+
+def test_ensure_weight_tying_without_tied_weights_changes_nothing(tmp_path: Path) -> None:
+    """On an untied model PEFT only warns about ensure_weight_tying: the same adapter, the same outputs."""
+    config = peft.LoraConfig(
+        target_modules=["lin0"], trainable_token_indices=[0, 3], ensure_weight_tying=True
+    )
+    torch.manual_seed(1234)
+    theirs = peft.get_peft_model(base(), config)
+    perturb(theirs)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path)
+    assert rel_err(out(peftdecl.load_adapter(base(), tmp_path, backend="torch")), out(theirs)) <= TOL

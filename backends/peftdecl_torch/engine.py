@@ -24,6 +24,7 @@ from peftdecl_torch.base_biases import bias_names, live_bias, write_biases
 from peftdecl_torch.base_weights import base_weight_ir, write_base_weights
 from peftdecl_torch.context import EngineContext
 from peftdecl_torch.inventory import layer_type
+from peftdecl_torch.kinds.alora import invocation_rows
 from peftdecl_torch.kinds.prompt import PromptAdapter
 from peftdecl_torch.layer import AdaptedLayer, adapter_dtype
 from peftdecl_torch.mha import wrapper_class
@@ -239,7 +240,10 @@ class TorchEngine:
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """Call the base model; ``adapter_names`` gives each batch row its adapter (``"__base__"``: none)."""
-        with mixed_rows(adapter_names, self.book, frozenset(self._prompts), expand=False):
+        with (
+            mixed_rows(adapter_names, self.book, frozenset(self._prompts), expand=False),
+            invocation_rows(self.book, args, kwargs),
+        ):
             prompt = self._active_prompt()
             if prompt is None:
                 return self.model(*args, **kwargs)
@@ -250,7 +254,10 @@ class TorchEngine:
         generate: Callable[..., object] | None = getattr(self.model, "generate", None)
         if generate is None:
             raise PeftdeclError(f"{type(self.model).__name__} has no generate()")
-        with mixed_rows(adapter_names, self.book, frozenset(self._prompts), expand=True):
+        with (
+            mixed_rows(adapter_names, self.book, frozenset(self._prompts), expand=True),
+            invocation_rows(self.book, args, kwargs),
+        ):
             prompt = self._active_prompt()
             if prompt is None:
                 return generate(*args, **kwargs)

@@ -208,7 +208,9 @@ class AdaptedLayer(PeftLayerAttributes, nn.Module):
         return out
 
     def trainable(self, name: str) -> dict[str, nn.Parameter]:
-        return {k: v for k, v in self.tensors(name).items() if isinstance(v, nn.Parameter)}
+        """Adapter ``name``'s own parameters (not those it reads from another layer, such as a tied head's)."""
+        linked = self._shared[name]
+        return {k: v for k, v in self.tensors(name).items() if isinstance(v, nn.Parameter) and k not in linked}
 
     def _container(self, head: str, kind: type[nn.Module]) -> str:
         """The attribute holding tensors called ``head`` in a container of type ``kind``, created on first use.
@@ -290,6 +292,8 @@ class AdaptedLayer(PeftLayerAttributes, nn.Module):
             return F.conv1d(x, weight_ir, bias, info.stride, info.padding, info.dilation, info.groups)
         if info.type == "conv2d":
             return F.conv2d(x, weight_ir, bias, info.stride, info.padding, info.dilation, info.groups)
+        if info.type == "conv3d":
+            return F.conv3d(x, weight_ir, bias, info.stride, info.padding, info.dilation, info.groups)
         return F.linear(x, weight_ir, bias)
 
     def embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

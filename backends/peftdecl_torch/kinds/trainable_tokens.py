@@ -67,6 +67,8 @@ class TrainableTokensOps:
         self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = layer.weight_ir()
+        if lp.options.get("tied_to"):
+            return weight, None  # a tied head shares the embeddings' table, which their own merge writes
         index = token_index(lp, weight.device)
         cache[ROWS] = weight.index_select(0, index).clone()
         return weight.index_copy(0, index, p[lp.options["tensor"]].to(weight.dtype)), None
@@ -74,9 +76,11 @@ class TrainableTokensOps:
     def unmerge(
         self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = layer.weight_ir()
+        if lp.options.get("tied_to"):
+            return weight, None
         if ROWS not in cache:
             raise PeftdeclError(f"{lp.module}: the rows this merge overwrote were not kept; cannot unmerge")
-        weight = layer.weight_ir()
         return weight.index_copy(0, token_index(lp, weight.device), cache.pop(ROWS)), None
 
 

@@ -13,10 +13,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from peftdecl._json import JsonObject
 from peftdecl.errors import TargetError
 from peftdecl.init import register_external_source
-from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec
+from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec, Plan
 from peftdecl.plan.kinds import KindLayout
+from peftdecl.spec import patterns
 from peftdecl.spec._base import SpecBase
 from peftdecl.spec.trainable_tokens import TrainableTokensSpec
 
@@ -25,6 +27,7 @@ STANDALONE_TENSOR = "trainable_tokens_delta"
 LORA_TENSOR = "token_adapter.trainable_tokens_delta"
 ROWS_SOURCE = "token_rows"
 DEFAULT_EMBEDDING = "embed_tokens"  # HF PEFT's fallback when the model names no input embeddings
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # HF PEFT's EMBEDDING_LAYER_NAMES (its tied-layer test)
 
 
 def token_rows_and_dim(layer: LayerInfo) -> tuple[int, int]:
@@ -69,10 +72,21 @@ def prepare_standalone(spec: SpecBase, info: ModelInfo) -> SpecBase:
     return spec.replace(target_modules=info.word_embeddings or DEFAULT_EMBEDDING)
 
 
+def with_token_layers(spec: SpecBase, info: ModelInfo, layers: Sequence[LayerPlan]) -> list[LayerPlan]:
+    """``layers`` with the trainable-token layers HF PEFT adds beside them: a LoRA-family spec's
+    ``trainable_token_indices`` (:func:`lora_token_layers`), and for either, the heads tied to the input
+    embeddings (:func:`tie_heads`)."""
+    refuse_unsupported_tying(spec, info)
+    if isinstance(spec, TrainableTokensSpec):
+        return tie_heads(info, list(layers))
+    return list(layers) + lora_token_layers(spec, info, layers)
+
+
 def lora_token_layers(spec: SpecBase, info: ModelInfo, adapted: Sequence[LayerPlan]) -> list[LayerPlan]:
     """The token layers of a LoRA-family spec's ``trainable_token_indices``: a list of ids adapts the input
     embeddings, a mapping {name: ids} every module whose name ends with ``name`` (HF PEFT's raw suffix test).
-    Their rows start at the current values (PEFT offers no random start here)."""
+    Their rows start at the current values (PEFT offers no random start here). On tied weights, the tied heads
+    read the embeddings' rows unless the mapping gives them other ids (then ``ensure_weight_tying`` refuses)."""
     wanted = getattr(spec, "trainable_token_indices", None)
     if wanted is None:
         return []
@@ -80,6 +94,7 @@ def lora_token_layers(spec: SpecBase, info: ModelInfo, adapted: Sequence[LayerPl
     by_name: Mapping[str, Sequence[int]] = (
         wanted if isinstance(wanted, Mapping) else {info.word_embeddings or DEFAULT_EMBEDDING: wanted}
     )
+    skipped, tie = tied_names(spec, info, by_name)
     saved = set(spec.modules_to_save or ())
     taken = {lp.module for lp in adapted}
     layers: list[LayerPlan] = []
@@ -87,6 +102,8 @@ def lora_token_layers(spec: SpecBase, info: ModelInfo, adapted: Sequence[LayerPl
         path = f"{field}.{name}" if isinstance(wanted, Mapping) else field
         if name in saved:
             raise TargetError(f"{path}: {name} is in modules_to_save (trained in full); name it in only one")
+        if name in skipped:
+            continue
         found = [m for m in info.modules if m.endswith(name)]
         if not found:
             raise TargetError(f"{path}: no module of the model is named {name!r}")
@@ -100,7 +117,70 @@ def lora_token_layers(spec: SpecBase, info: ModelInfo, adapted: Sequence[LayerPl
                 raise TargetError(f"{path}: {module} is not an embedding layer")
             layers.append(token_layer(module, info.layers[module], indices, LORA_TENSOR, True, path))
             taken.add(module)
-    return layers
+    return tie_heads(info, layers) if tie else layers
+
+
+def tied_names(
+    spec: SpecBase, info: ModelInfo, by_name: Mapping[str, Sequence[int]]
+) -> tuple[set[str], bool]:
+    """(entries of ``trainable_token_indices`` left to the tying, whether the tied heads follow the embeddings).
+
+    As HF PEFT: with several entries on tied weights, those naming the embeddings or a tied head must list the
+    same ids to be tied (``ensure_weight_tying`` refuses other ids); heads tie unless they differ."""
+    tied = info.tied_to_embeddings
+    if len(by_name) < 2 or not tied:
+        return set(), True
+    embedding = info.word_embeddings or ""
+    keys = [
+        n for n in by_name if embedding.endswith(n) or any(t.endswith(n) or n in t.split(".") for t in tied)
+    ]
+    if len(keys) < 2:
+        return set(), True
+    first = list(by_name[keys[0]])
+    if all(list(by_name[k]) == first for k in keys[1:]):
+        return set(keys) & set(tied), True
+    if getattr(spec, "ensure_weight_tying", False):
+        listed = ", ".join(f"{k}: {list(by_name[k])}" for k in keys)
+        raise TargetError(
+            f"$.trainable_token_indices: ensure_weight_tying needs the same token indices on tied layers ({listed})"
+        )
+    return set(), False
+
+
+def tie_heads(info: ModelInfo, layers: list[LayerPlan]) -> list[LayerPlan]:
+    """Where the input embeddings carry trainable tokens, each head tied to them (``lm_head``) reads the same
+    trained rows (a layer plan with no tensors of its own, ``tied_to`` the embeddings), as HF PEFT ties them."""
+    source = next((lp for lp in layers if lp.kind == KIND and lp.module == info.word_embeddings), None)
+    if source is None or not info.tied_to_embeddings:
+        return layers
+    tied = set(info.tied_to_embeddings)
+    kept = [lp for lp in layers if lp.module not in tied]
+    for module in info.tied_to_embeddings:
+        if module in info.layers:
+            options = {**source.options, "tied_to": source.module}
+            kept.append(
+                LayerPlan(module=module, layer=info.layers[module], kind=KIND, params=(), options=options)
+            )
+    return kept
+
+
+def refuse_unsupported_tying(spec: SpecBase, info: ModelInfo) -> None:
+    """``ensure_weight_tying`` with the tied embeddings in ``modules_to_save`` or ``target_modules`` (HF PEFT then
+    ties lm_head's copy, or its LoRA, to the embeddings'): not implemented, so refused rather than untied."""
+    if not getattr(spec, "ensure_weight_tying", False) or not info.tied_to_embeddings:
+        return
+    saved = any(m.split(".")[-1] in EMBEDDING_NAMES for m in spec.modules_to_save or ())
+    targets = getattr(spec, "target_modules", None)
+    if isinstance(targets, str):
+        targeted = any(patterns.fullmatch(targets, name, "target_modules") for name in EMBEDDING_NAMES)
+    else:
+        targeted = any(m.split(".")[-1] in EMBEDDING_NAMES for m in targets or ())
+    if saved or targeted:
+        field = "modules_to_save" if saved else "target_modules"
+        raise TargetError(
+            f"$.ensure_weight_tying: tying the output head to the embeddings in {field} is not supported by "
+            "peftdecl (only trainable_token_indices are tied); set it false or leave the embeddings out"
+        )
 
 
 def _current_rows(weight: np.ndarray, lp: LayerPlan, own: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -110,4 +190,31 @@ def _current_rows(weight: np.ndarray, lp: LayerPlan, own: Mapping[str, np.ndarra
 
 register_external_source(ROWS_SOURCE, _current_rows)
 
-LAYOUT = KindLayout(kind=KIND, build_layer=build_token_layer, prepare_spec=prepare_standalone)
+
+def _tied_keys(plan: Plan) -> dict[str, str]:
+    """Tied head key -> the embeddings' key of the same rows, for the plan's tied token layers."""
+    return {
+        lp.key(lp.options["tensor"]): f"{lp.options['tied_to']}.{lp.options['tensor']}"
+        for lp in plan.layers
+        if lp.kind == KIND and "tied_to" in lp.options
+    }
+
+
+def with_tied_copies(plan: Plan, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], JsonObject]:
+    """HF PEFT's standalone kind also saves a tied head's rows (its state dict lists the shared tensor twice)."""
+    return {**arrays, **{tied: arrays[source] for tied, source in _tied_keys(plan).items()}}, {}
+
+
+def without_tied_copies(plan: Plan, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The file's copies of the embeddings' rows under a tied head dropped: the head reads the embeddings' own."""
+    tied = _tied_keys(plan)
+    return {k: v for k, v in arrays.items() if k not in tied}
+
+
+LAYOUT = KindLayout(
+    kind=KIND,
+    build_layer=build_token_layer,
+    prepare_spec=prepare_standalone,
+    to_file=with_tied_copies,
+    from_file=without_tied_copies,
+)

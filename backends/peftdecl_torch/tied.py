@@ -1,0 +1,48 @@
+"""Weights tied to the input embeddings (``tie_word_embeddings``) on torch: which modules share the table, and how a
+layer plan that reads another layer's adapter tensor (a tied head's trainable tokens) is linked to it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from peftdecl.plan import LayerPlan
+
+if TYPE_CHECKING:
+    from peftdecl_torch.layer import AdaptedLayer
+
+
+def tied_to_embeddings(model: nn.Module) -> tuple[str, ...]:
+    """Modules (``lm_head``) whose ``weight`` is the input embeddings' very parameter, where the model declares tied
+    weights (``_tied_weights_keys``) and its config does not switch tying off, as HF PEFT reads them."""
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", None) is False or not getattr(
+        model, "_tied_weights_keys", None
+    ):
+        return ()
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    weight = getattr(embedding, "weight", None)
+    if not isinstance(weight, nn.Parameter):
+        return ()
+    return tuple(
+        name
+        for name, sub in model.named_modules(remove_duplicate=False)
+        if name and sub is not embedding and getattr(sub, "weight", None) is weight
+    )
+
+
+def tied_links(
+    adapter: str, lp: LayerPlan, layer: AdaptedLayer, layers: dict[str, AdaptedLayer]
+) -> dict[str, str]:
+    """Register on ``layer`` the tensors ``lp`` reads from another adapted layer of the same adapter
+    (``lp.options["tied_to"]``: that layer's module); returns tensor name -> the attribute holding it. The tensor is
+    the other layer's parameter itself, so training either layer trains the one tensor."""
+    source = lp.options.get("tied_to")
+    if source is None:
+        return {}
+    tensor = lp.options["tensor"]
+    attr = f"tied_{adapter}_{tensor.replace('.', '_')}"
+    layer.add_shared(attr, layers[source].tensors(adapter)[tensor])
+    return {tensor: attr}
