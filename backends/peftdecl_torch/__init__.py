@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from peftdecl_torch.engine import TorchEngine
 
 # every kind that declares torch ops, on every IR layer type it adapts (read live from peftdecl.kinds)
-_KINDS = BackendKinds("torch", LAYER_TYPES)
+_KINDS = BackendKinds("torch", (*LAYER_TYPES, "parameter"))  # "parameter": LoRA's target_parameters
 
 
 def _is_torch_module(model: object) -> bool:
