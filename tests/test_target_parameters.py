@@ -1,0 +1,367 @@
+"""LoRA on raw parameters (``target_parameters``) against HF PEFT 0.21's ParamWrapper.
+
+Tiny models: a module whose 2-D weight is used by ``x @ W``, an expert stack ``[E, out, in]`` run with
+``torch.bmm``/``einsum`` holding two targeted parameters (PEFT nests its wrappers), the same stack stored
+``[E, in, out]`` (``is_transposed``), and transformers' Qwen3-MoE and GPT-OSS built from configs. Expected values
+come from real PEFT (outputs, merged parameters, ΔW, gradients), from the float64 NumPy reference
+(``peftdecl_numpy.kinds.lora_param``) and from plain torch autograd on the unadapted module.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+import peftdecl  # noqa: E402
+from peftdecl.errors import PeftdeclError, SpecError, TargetError  # noqa: E402
+from peftdecl_numpy.kinds import lora_param as reference  # noqa: E402
+from tests.conftest import rel_err, selected_backends  # noqa: E402
+
+nn = torch.nn
+pytestmark = pytest.mark.peft
+
+if "torch" not in selected_backends():
+    pytest.skip("target_parameters runs on the torch backend, not selected here", allow_module_level=True)
+
+OUTPUT_TOL = 1e-5  # float32 forward of the same weights, relative over the whole output
+REFERENCE_TOL = 1e-6  # PEFT's float32 ΔW / merged parameter against the float64 reference
+FLOAT64_TOL = 1e-10  # float64 gradients: only summation order differs
+
+
+class UsesParameter(nn.Module):
+    """PEFT's own test layer: a weight [in, out] read by ``x @ W`` (no nn.Linear to wrap)."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out))
+        self.bias = nn.Parameter(torch.randn(d_out))
+
+    def forward(self, x: Any) -> Any:
+        return x @ self.weight + self.bias
+
+
+class Experts(nn.Module):
+    """E experts, each a gated MLP: gate_up [E, 2I, H] and down [E, H, I] (stored transposed when asked)."""
+
+    def __init__(self, experts: int, hidden: int, inner: int, is_transposed: bool = False) -> None:
+        super().__init__()
+        self.is_transposed = is_transposed
+        gate_up, down = torch.randn(experts, 2 * inner, hidden), torch.randn(experts, hidden, inner)
+        if is_transposed:
+            gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+        self.gate_up_proj = nn.Parameter(gate_up / hidden**0.5)
+        self.down_proj = nn.Parameter(down / inner**0.5)
+
+    def forward(self, x: Any) -> Any:  # x: [E, T, H], one slice of tokens per expert
+        gate_up = self.gate_up_proj if self.is_transposed else self.gate_up_proj.transpose(1, 2)
+        h = torch.bmm(x, gate_up)
+        gate, up = h.chunk(2, dim=-1)
+        h = torch.nn.functional.silu(gate) * up
+        if self.is_transposed:
+            return torch.einsum("eti,eih->eth", h, self.down_proj)
+        return torch.einsum("eti,ehi->eth", h, self.down_proj)
+
+
+class TinyMoE(nn.Module):
+    def __init__(self, is_transposed: bool = False) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+        self.experts = Experts(3, 6, 4, is_transposed)
+        self.head = UsesParameter(6, 5)
+
+    def forward(self, x: Any) -> Any:
+        return self.head(self.experts(self.proj(x)))
+
+
+def make_model(name: str) -> Any:
+    torch.manual_seed(0)
+    if name == "moe":
+        return TinyMoE().eval()
+    if name == "moe_transposed":
+        return TinyMoE(is_transposed=True).eval()
+    transformers = pytest.importorskip("transformers")
+    common = dict(
+        vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    )
+    common.update(head_dim=4, num_experts_per_tok=2, max_position_embeddings=32)
+    if name == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(
+            **common, intermediate_size=12, moe_intermediate_size=6, num_experts=3, decoder_sparse_step=1
+        )
+        model_class = transformers.Qwen3MoeForCausalLM
+    else:
+        config = transformers.GptOssConfig(
+            **common, intermediate_size=6, num_local_experts=3, layer_types=["full_attention"]
+        )
+        model_class = transformers.GptOssForCausalLM
+    config._experts_implementation = "eager"  # the reference loop (grouped_mm wants 16-byte strides on CPU)
+    return model_class(config).eval()
+
+
+def make_input(name: str) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(3)
+    if name.startswith("moe"):
+        return {"x": torch.randn(3, 4, 6, generator=generator)}
+    return {"input_ids": torch.randint(0, 32, (2, 5), generator=generator)}
+
+
+def output(model: Any, inputs: dict[str, Any]) -> np.ndarray:
+    with torch.no_grad():
+        found = model(**inputs)
+    found = getattr(found, "logits", found)
+    return found.detach().double().numpy()
+
+
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+CASES = {
+    # name: (model, LoraConfig keywords)
+    "2d": ("moe", {"target_parameters": ["head.weight"], "r": 3}),
+    "experts_nested": ("moe", {"target_modules": [], "target_parameters": EXPERTS, "r": 2, "lora_alpha": 5}),
+    "transposed": ("moe_transposed", {"target_parameters": EXPERTS, "r": 2, "use_rslora": True}),
+    "with_modules": (
+        "moe",
+        {
+            "target_modules": ["proj"],
+            "target_parameters": ["down_proj", "head.weight"],
+            "rank_pattern": {"down_proj": 3},
+            "alpha_pattern": {"head.weight": 7},
+        },
+    ),
+    "qwen3_moe": (
+        "qwen3_moe",
+        {"target_modules": [], "target_parameters": ["mlp.experts.gate_up_proj", "down_proj"]},
+    ),
+    "gpt_oss": (
+        "gpt_oss",
+        {"target_modules": ["q_proj"], "target_parameters": ["experts.gate_up_proj"], "r": 2},
+    ),
+}
+
+
+def peft_model(name: str, **changes: Any) -> tuple[Any, Any]:
+    """(base model, PEFT's model of case ``name`` with seeded random A and B)."""
+    model_name, kwargs = CASES[name]
+    base = make_model(model_name)
+    torch.manual_seed(1234)
+    config = peft.LoraConfig(**{"init_lora_weights": False, **kwargs, **changes})
+    return base, peft.get_peft_model(copy.deepcopy(base), config).eval()
+
+
+def file_keys(folder: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors.numpy import load_file
+
+    return {k: tuple(v.shape) for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_peft_folder_loads_with_peft_outputs_and_merge(name: str, tmp_path: Path) -> None:
+    base, theirs = peft_model(name)
+    inputs = make_input(CASES[name][0])
+    expected = output(theirs, inputs)
+    assert rel_err(expected, output(base, inputs)) > 1e-3  # the adapter changes the output
+    theirs.save_pretrained(tmp_path)
+    ours = peftdecl.load_adapter(copy.deepcopy(base), tmp_path, backend="torch")
+    assert rel_err(output(ours, inputs), expected) <= OUTPUT_TOL
+    merged_ours = ours.merge_and_unload()
+    merged_theirs = theirs.merge_and_unload()
+    assert rel_err(output(merged_ours, inputs), output(merged_theirs, inputs)) <= OUTPUT_TOL
+    assert set(merged_ours.state_dict()) == set(base.state_dict())  # no wrapper left behind
+
+
+@pytest.mark.parametrize("name", ["2d", "experts_nested", "transposed", "with_modules"])
+def test_our_folder_has_peft_keys_and_loads_in_peft(name: str, tmp_path: Path) -> None:
+    base, theirs = peft_model(name)
+    theirs.save_pretrained(tmp_path / "peft")
+    model_name, kwargs = CASES[name]
+    spec = {"peft_type": "LORA", "init_lora_weights": False, **kwargs}
+    ours = peftdecl.attach(copy.deepcopy(base), spec, backend="torch", seed=5)
+    ours.save_pretrained(tmp_path / "ours")
+    assert file_keys(tmp_path / "ours") == file_keys(tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    inputs = make_input(model_name)
+    assert rel_err(output(loaded, inputs), output(ours.eval(), inputs)) <= OUTPUT_TOL
+
+
+def _peft_wrappers(model: Any) -> dict[str, Any]:
+    """PEFT's ParamWrappers by the key prefix PEFT saves their tensors under."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    found = {}
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, ParamWrapper):
+            found[name] = module
+    return found
+
+
+@pytest.mark.parametrize("name", ["2d", "experts_nested", "transposed"])
+def test_reference_delta_and_merge_match_peft(name: str, tmp_path: Path) -> None:
+    base, theirs = peft_model(name)
+    theirs.save_pretrained(tmp_path)
+    plan = peftdecl.load_adapter(copy.deepcopy(base), tmp_path, backend="torch").plan()
+    wrappers = _peft_wrappers(theirs)
+    assert sorted(wrappers) == sorted(lp.module for lp in plan.layers)
+    params = {n: p.detach().double().numpy() for n, p in base.named_parameters()}
+    merged_params = dict(theirs.merge_and_unload().named_parameters())
+    for lp in plan.layers:
+        wrapper = wrappers[lp.module]
+        p = {
+            "lora_A.weight": wrapper.lora_A["default"].weight.detach().double().numpy(),
+            "lora_B.weight": wrapper.lora_B["default"].weight.detach().double().numpy(),
+        }
+        delta = reference.delta_weight(lp, p)
+        assert rel_err(delta, wrapper.get_delta_weight("default").detach().double().numpy()) <= REFERENCE_TOL
+        merged = reference.merged(lp, params[lp.layer.parameter], p)
+        peft_merged = merged_params[lp.layer.parameter].detach().double().numpy()
+        assert rel_err(merged, peft_merged) <= REFERENCE_TOL
+        assert rel_err(reference.unmerged(lp, merged, p), params[lp.layer.parameter]) <= FLOAT64_TOL
+
+
+def _losses(model: Any, inputs: dict[str, Any], cotangent: Any) -> Any:
+    return (model(**inputs) * cotangent).sum()
+
+
+@pytest.mark.parametrize("name", ["experts_nested", "transposed", "with_modules"])
+def test_gradients_match_autograd_reference_and_peft(name: str, tmp_path: Path) -> None:
+    model_name, kwargs = CASES[name]
+    base = make_model(model_name).double()
+    spec = {"peft_type": "LORA", "init_lora_weights": False, **kwargs}
+    ours = peftdecl.attach(copy.deepcopy(base), spec, backend="torch", seed=9)
+    ours.train()
+    inputs = {k: v.double() for k, v in make_input(model_name).items()}
+    cotangent = torch.randn(
+        output(base, inputs).shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64
+    )
+    params = ours.trainable_parameters()
+    _losses(ours, inputs, cotangent).backward()
+    ours_grads = {k: v.grad.numpy() for k, v in params.items()}
+    plan = ours.plan()
+    arrays = ours.state_dict()
+    # the reference: dL/dW' by plain autograd on the unadapted model run with W' = W + ΔW, then A and B's chain rule
+    swapped, weights = {}, {n: p.detach().numpy() for n, p in base.named_parameters()}
+    for lp in plan.layers:
+        p = {k: arrays[lp.key(k)] for k in ("lora_A.weight", "lora_B.weight")}
+        if lp.layer.type == "parameter":
+            w = weights[lp.layer.parameter]
+            swapped[lp.layer.parameter] = torch.tensor(reference.merged(lp, w, p), requires_grad=True)
+        else:  # a target_modules Linear: without dropout its LoRA is its merged weight
+            merged = weights[f"{lp.module}.weight"] + lp.scaling * p["lora_B.weight"] @ p["lora_A.weight"]
+            swapped[f"{lp.module}.weight"] = torch.tensor(merged)
+    plain = copy.deepcopy(base)
+    loss = (torch.func.functional_call(plain, swapped, (), inputs) * cotangent).sum()
+    loss.backward()
+    for lp in plan.layers:
+        if lp.layer.type != "parameter":
+            continue
+        p = {k: arrays[lp.key(k)] for k in ("lora_A.weight", "lora_B.weight")}
+        expected = reference.factor_grads(lp, p, swapped[lp.layer.parameter].grad.numpy())
+        for k, grad in expected.items():
+            assert rel_err(ours_grads[lp.key(k)], grad) <= FLOAT64_TOL
+    # and PEFT's autograd on the same tensors (our folder, loaded trainable)
+    ours.save(tmp_path, dtype=np.float64)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    theirs.train()
+    _losses(theirs, inputs, cotangent).backward()
+    peft_grads = {
+        n.removeprefix("base_model.model.").replace(".default", ""): p.grad.numpy()
+        for n, p in theirs.named_parameters()
+        if p.requires_grad
+    }
+    assert set(peft_grads) == set(ours_grads)
+    for key, grad in peft_grads.items():
+        assert rel_err(ours_grads[key], grad) <= FLOAT64_TOL
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        ({"lora_dropout": 0.1}, "$.lora_dropout"),
+        ({"fan_in_fan_out": True}, "$.fan_in_fan_out"),
+        ({"lora_bias": True}, "$.lora_bias"),
+        ({"use_dora": True}, "$.use_dora"),
+        ({"init_lora_weights": "pissa"}, "$.init_lora_weights"),
+    ],
+)
+def test_options_peft_refuses_on_parameters_are_refused_up_front(change: dict[str, Any], path: str) -> None:
+    with pytest.raises(SpecError, match=re.escape(path)):
+        peftdecl.load_spec({"peft_type": "LORA", "target_parameters": ["head.weight"], **change})
+    peftdecl.load_spec({"peft_type": "LORA", "target_modules": ["proj"], **change})  # fine without parameters
+
+
+def test_adalora_keeps_refusing_target_parameters() -> None:
+    spec = {"peft_type": "ADALORA", "total_step": 10, "target_parameters": ["head.weight"]}
+    with pytest.raises(SpecError, match=re.escape("$.target_parameters")):
+        peftdecl.load_spec(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"target_parameters": ["nope.weight"]}, "matched no parameter"),
+        (
+            {"target_modules": ["head"], "target_parameters": ["head.weight"]},
+            "a module is adapted either way",
+        ),
+        ({"target_parameters": ["head.bias"]}, "only 2-D and 3-D parameters"),
+    ],
+)
+def test_targeting_errors(spec: dict[str, Any], message: str) -> None:
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x: Any) -> Any:
+            return self.head(x)
+
+    with pytest.raises(TargetError, match=message):
+        peftdecl.attach(Holder(), {"peft_type": "LORA", **spec}, backend="torch")
+
+
+def test_top_level_parameter_is_refused_as_in_peft() -> None:
+    with pytest.raises(TargetError, match="top-level module"):
+        peftdecl.attach(
+            UsesParameter(3, 2), {"peft_type": "LORA", "target_parameters": ["weight"]}, backend="torch"
+        )
+
+
+def test_numpy_reference_says_it_lists_no_parameters() -> None:
+    state = {"head.weight": np.ones((2, 3))}
+    with pytest.raises(TargetError, match="torch backend"):
+        peftdecl.attach(state, {"peft_type": "LORA", "target_parameters": ["head.weight"]}, backend="numpy")
+
+
+def test_two_adapters_add_up_and_must_target_the_same_parameters() -> None:
+    base = make_model("moe")
+    spec = {"peft_type": "LORA", "init_lora_weights": False, "target_parameters": EXPERTS, "r": 2}
+    ours = peftdecl.attach(copy.deepcopy(base), spec, backend="torch", seed=1)
+    ours.add_adapter("other", {**spec, "lora_alpha": 3}, seed=2)
+    ours.set_adapter(["default", "other"])
+    inputs = make_input("moe")
+    swapped = {}
+    for name in ("default", "other"):
+        arrays = ours.state_dict(name)
+        for lp in ours.plan(name).layers:
+            p = {k: arrays[lp.key(k)] for k in ("lora_A.weight", "lora_B.weight")}
+            before = swapped.get(
+                lp.layer.parameter, dict(base.named_parameters())[lp.layer.parameter].detach()
+            )
+            swapped[lp.layer.parameter] = before + torch.tensor(
+                reference.delta_weight(lp, p), dtype=torch.float32
+            )
+    with torch.no_grad():
+        expected = torch.func.functional_call(base, swapped, (), inputs).double().numpy()
+    assert rel_err(output(ours, inputs), expected) <= OUTPUT_TOL  # W + ΔW_default + ΔW_other
+    with pytest.raises(PeftdeclError, match="same parameters"):
+        ours.add_adapter("third", {**spec, "target_parameters": ["experts.gate_up_proj"]})
+    assert ours.adapters.keys() == {"default", "other"}
+    assert rel_err(output(ours, inputs), expected) <= OUTPUT_TOL  # the refused adapter left nothing behind
+    with pytest.raises(PeftdeclError, match="mixed batch"):
+        ours(**inputs, adapter_names=["default", "other", "default"])
