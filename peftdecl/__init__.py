@@ -15,6 +15,7 @@ from peftdecl.backend import Backend, BackendEntry, Capabilities, Engine, backen
 from peftdecl.backend import backends as _backends
 from peftdecl.errors import AdapterFileError, BackendError, PeftdeclError, SpecError, TargetError
 from peftdecl.inits.eva_model import get_eva_state_dict, initialize_lora_eva_weights
+from peftdecl.inits.loftq_replace import replace_lora_weights_loftq
 from peftdecl.inits.lora_ga import preprocess_loraga
 from peftdecl.inits.preprocess import preprocess_corda
 from peftdecl.model import AdaptedModel
@@ -124,4 +125,5 @@ __all__ = [
     "load_spec",
     "preprocess_corda",
     "preprocess_loraga",
+    "replace_lora_weights_loftq",
 ]

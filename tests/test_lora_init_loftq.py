@@ -286,3 +286,46 @@ def test_adalora_refuses_loftq_as_peft() -> None:
     spec = {"peft_type": "ADALORA", "total_step": 10, "loftq_config": {"loftq_bits": 4}}
     with pytest.raises(SpecError, match=r"\$\.loftq_config"):
         load_spec(spec)
+
+
+def test_replace_lora_weights_loftq_equals_peft(tmp_path: Path) -> None:
+    """PEFT's replace_lora_weights_loftq on a bitsandbytes NF4 model (its one-step LoftQ from the float checkpoint,
+    run on the CPU as loftq_init is) against peftdecl's; a callback that says no keeps a layer's old factors."""
+    needs_torch_backend()
+    from peft.utils import loftq_utils
+
+    from peftdecl.train.tiny_model import build_tiny_llama
+    from tests.test_torch_bnb import quantized
+
+    folder = build_tiny_llama(tmp_path / "tiny", hidden=64, layers=1, intermediate=128)
+    inner = loftq_utils._loftq_init_new
+    inner = getattr(inner, "__wrapped__", inner)
+    code = inner.__code__.replace(
+        co_consts=tuple("cpu" if c == "cuda" else c for c in inner.__code__.co_consts)
+    )
+    patched = torch.no_grad()(types.FunctionType(code, inner.__globals__, inner.__name__, inner.__defaults__))
+    targets = ["q_proj", "v_proj"]
+    theirs = peft.get_peft_model(quantized(folder, "nf4"), peft.LoraConfig(r=4, target_modules=targets))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loftq_utils, "_loftq_init_new", patched)
+        loftq_utils.replace_lora_weights_loftq(theirs, model_path=str(folder))
+    spec = {"peft_type": "LORA", "r": 4, "target_modules": targets}
+    ours = peftdecl.attach(quantized(folder, "nf4"), spec, backend="torch")
+    before = ours.state_dict()
+    refused = "model.layers.0.self_attn.v_proj"
+    peftdecl.replace_lora_weights_loftq(
+        ours, model_path=folder, callback=lambda _m, module: module != refused
+    )
+    values = ours.state_dict()
+    for module in ("model.layers.0.self_attn.q_proj", refused):
+        layer = theirs.base_model.model.get_submodule(module)
+        a = layer.lora_A["default"].weight.detach().double().numpy()
+        b = layer.lora_B["default"].weight.detach().double().numpy()
+        got_a, got_b = values[f"{module}.lora_A.weight"], values[f"{module}.lora_B.weight"]
+        if module == refused:
+            assert np.array_equal(got_a, before[f"{module}.lora_A.weight"])
+            assert not got_b.any()  # still LoRA's B = 0
+            continue
+        got_a, got_b = aligned(got_a, got_b, a)
+        assert rel_err(got_a, a) <= FACTOR_TOL
+        assert rel_err(got_b, b) <= FACTOR_TOL
