@@ -34,7 +34,8 @@ def test_vector_shape_follows_peft(layer: str, feedforward: bool) -> None:
     info = model.plan().layer("m").layer
     shape = model.state_dict()["m.ia3_l"].shape
     if info.is_conv:
-        assert shape == (1, info.in_features if feedforward else info.out_features, 1, 1)
+        channels = info.in_features if feedforward else info.out_features
+        assert shape == (1, channels, *(1,) * len(info.kernel_size))  # (1, C, 1, 1) or (1, C, 1, 1, 1)
     else:
         assert shape == ((1, info.in_features) if feedforward else (info.out_features, 1))
 

@@ -1,4 +1,4 @@
-"""N-d convolution (1-d and 2-d) with its input and weight gradients, by shifted-window sums, on any array
+"""N-d convolution (1-, 2- and 3-d) with its input and weight gradients, by shifted-window sums, on any array
 namespace.
 
 Shapes follow torch: x [N, C, *spatial], w [O, C/groups, *kernel], y [N, O, *out_spatial].

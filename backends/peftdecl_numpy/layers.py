@@ -2,7 +2,8 @@
 
 Weights are held in the IR layout ``[out, in]`` whatever the state dict stores (GPT-2 ``Conv1D`` keeps
 ``[in, out]`` on disk and is transposed at the edge). Inputs: linear/gpt2_conv1d ``[..., in]``, embedding integer
-indices ``[...]``, conv1d ``[N, C, L]``, conv2d ``[N, C, H, W]``. Arrays belong to the engine's namespace ``xp``.
+indices ``[...]``, conv1d ``[N, C, L]``, conv2d ``[N, C, H, W]``, conv3d ``[N, C, D, H, W]``. Arrays belong to the
+engine's namespace ``xp``.
 
 A :class:`BaseLayer` is the handle every kind's ops receive: besides the base weights it carries the engine's
 :class:`Mode` (training flag and generator), so that dropout draws come from the engine's one seeded generator.

@@ -4,7 +4,8 @@ n is detached (paper §4.3, as HF PEFT): A and B get no gradient through it. In 
 recomputes the base term on the dropped input h = dropout(x): y = W x + b + (g − 1) ⊙ W h + g ⊙ s·B A h, which
 is the eval formula when h = x. Embeddings: y = g ⊙ (E[x] + s·Aᵀ[x] Bᵀ) with n over the vocabulary axis;
 convolutions normalise over every axis but the output channel. n comes from the factored sum
-(``dora_weight_norm``), never B A.
+(``dora_weight_norm``), never B A; a grouped conv takes HF PEFT's norm (:func:`grouped_weight_norm`) and cannot
+merge.
 
 Zero rows: where n = 0 (W + s·B A has an all-zero row) HF PEFT divides by zero (NaN/inf, issue #2049). Here
 g is 1 on such rows and m gets no gradient there: the row behaves as plain LoRA and every output stays finite.
@@ -33,6 +34,8 @@ def weight_norm(lp: LayerPlan, weight: Array, p: Params) -> Array:
 
     Rows: the output channel (convolutions flatten the rest); an embedding's rows are its dimensions (W = Eᵀ)."""
     xp = namespace(weight)
+    if lp.layer.is_conv and lp.layer.groups > 1:
+        return grouped_weight_norm(lp, weight, p)
     if lp.layer.type == "embedding":
         w, a, b = weight.T, p["lora_embedding_A"], p["lora_embedding_B"]
     else:
@@ -48,6 +51,18 @@ def weight_norm(lp: LayerPlan, weight: Array, p: Params) -> Array:
     )
     # cancellation can round a zero row's sum below 0
     return xp.sqrt(xp.maximum(squared, xp.zeros_like(squared)))
+
+
+def grouped_weight_norm(lp: LayerPlan, weight: Array, p: Params) -> Array:
+    """n = ‖W + s·L‖_row on a grouped conv, L = (B as [−1, r]) · (A as [r, −1]) laid out as W: HF PEFT's norm
+    (``peftdecl.plan.kinds.dora.grouped_norm_direction``), formed densely (L is no larger than W)."""
+    xp = namespace(weight)
+    a, b = p["lora_A.weight"], p["lora_B.weight"]
+    r, rows_ = a.shape[0], weight.shape[0]
+    direction = xp.reshape(weight, (rows_, -1)) + lp.scaling * xp.reshape(
+        xp.reshape(b, (-1, r)) @ xp.reshape(a, (r, -1)), (rows_, -1)
+    )
+    return xp.sqrt(xp.sum(direction * direction, axis=1))
 
 
 def magnitude_scale(m: Array, n: Array) -> Array:
@@ -78,7 +93,7 @@ def _low_rank(lp: LayerPlan, p: Params, h: Array) -> tuple[Array, Array]:
         return u, u @ b.T
     k = a.ndim - 2
     u = conv_forward(h, a, lp.layer.stride, lp.layer.padding, (1,) * k)
-    return u, conv_forward(u, b, (1,) * k, (0,) * k, (1,) * k)
+    return u, conv_forward(u, b, (1,) * k, (0,) * k, (1,) * k, lp.layer.groups)
 
 
 def _low_rank_backward(lp: LayerPlan, p: Params, h: Array, u: Array, dv: Array) -> tuple[Array, Params]:
@@ -87,7 +102,7 @@ def _low_rank_backward(lp: LayerPlan, p: Params, h: Array, u: Array, dv: Array) 
         du = dv @ b
         return du @ a, {"lora_B.weight": rows(dv).T @ rows(u), "lora_A.weight": rows(du).T @ rows(h)}
     k = a.ndim - 2
-    du, grad_b = conv_backward(u, b, dv, (1,) * k, (0,) * k, (1,) * k)
+    du, grad_b = conv_backward(u, b, dv, (1,) * k, (0,) * k, (1,) * k, lp.layer.groups)
     dh, grad_a = conv_backward(h, a, du, lp.layer.stride, lp.layer.padding, (1,) * k)
     assert dh is not None
     return dh, {"lora_A.weight": grad_a, "lora_B.weight": grad_b}

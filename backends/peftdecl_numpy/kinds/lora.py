@@ -1,13 +1,15 @@
 """LoRA (Hu et al., 2021): y = W x + b + s · B A dropout(x), ΔW = s · B A.
 
 Embedding: y = E[x] + s · (Aᵀ[x]) Bᵀ, ΔE = s · (B A)ᵀ. Convolution: A is a k×k convolution to r channels and B a
-1×1 convolution, so ΔW[o, i, k] = s · Σ_r B[o, r] A[r, i, k]. With ``lora_bias`` B carries a bias, scaled by s.
+1×1 convolution with the base's groups, so ΔW[o, i, k] = s · Σ_r B[o, r] A[r, i, k] (grouped: no ΔW in the
+grouped layout, so no merge). With ``lora_bias`` B carries a bias, scaled by s.
 """
 
 from __future__ import annotations
 
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
+from peftdecl.plan.kinds.lora import refuse_grouped_merge
 from peftdecl_numpy.conv import conv_backward, conv_forward
 from peftdecl_numpy.kinds.base import AdditiveKind, MergeCache, Params, Tape, Weights
 from peftdecl_numpy.layers import BaseLayer, dropout_mask, rows
@@ -50,7 +52,7 @@ class LoraOps(AdditiveKind):
         if lp.layer.is_conv:
             k = b.ndim - 2
             u = _conv_a(lp, h, a)
-            v = conv_forward(u, b, _ones(k), (0,) * k, _ones(k))
+            v = conv_forward(u, b, _ones(k), (0,) * k, _ones(k), lp.layer.groups)
             if "lora_B.bias" in p:
                 v = v + xp.reshape(p["lora_B.bias"], (1, -1, *_ones(v.ndim - 2)))
         else:
@@ -71,7 +73,9 @@ class LoraOps(AdditiveKind):
         grads: dict[str, Array] = {}
         if lp.layer.is_conv:
             k = b.ndim - 2
-            du, grads["lora_B.weight"] = conv_backward(u, b, dv, _ones(k), (0,) * k, _ones(k))
+            du, grads["lora_B.weight"] = conv_backward(
+                u, b, dv, _ones(k), (0,) * k, _ones(k), lp.layer.groups
+            )
             dh, grads["lora_A.weight"] = conv_backward(h, a, du, lp.layer.stride, lp.layer.padding, _ones(k))
         else:
             grads["lora_B.weight"] = rows(dv).T @ rows(u)
@@ -89,6 +93,7 @@ class LoraOps(AdditiveKind):
             return s * (p["lora_embedding_B"] @ p["lora_embedding_A"]).T
         a, b = p["lora_A.weight"], p["lora_B.weight"]
         if lp.layer.is_conv:
+            refuse_grouped_merge(lp)
             b2 = namespace(b).reshape(b, (b.shape[0], b.shape[1]))
             return s * einsum("or,ri...->oi...", b2, a)
         return s * (b @ a)

@@ -1,8 +1,9 @@
 """DoRA (Liu et al., 2024) on torch: y = g ⊙ (W x + s·B A x) + b, g = m / n, n = ‖W + s·B A‖_row (detached).
 
 n comes from the factored sum ‖W‖² + 2s·⟨B, W Aᵀ⟩ + s²·⟨B, B (A Aᵀ)⟩ per row (never B·A; ‖W‖² is cached while the
-base weight is unchanged). Rows with n = 0 use g = 1 (the NumPy reference's rule). With dropout in training the
-base term is recomputed on the dropped input h: y = W x + b + (g − 1) ⊙ W h + g ⊙ s·B A h. Merge: W' = g ⊙ (W + ΔW)
+base weight is unchanged; a grouped conv takes HF PEFT's norm, formed densely, and cannot merge). Rows with n = 0
+use g = 1 (the NumPy reference's rule). With dropout in training the base term is recomputed on the dropped input
+h: y = W x + b + (g − 1) ⊙ W h + g ⊙ s·B A h. Merge: W' = g ⊙ (W + ΔW)
 with n cached for unmerge, W = W' / g − ΔW; n is taken on the weight without earlier merged adapters, as in HF
 PEFT. With other adapters on the layer, g rescales the output they built (:meth:`DoraOps.compose_output`).
 On a half-precision base the float32 adapter runs in the base dtype (:class:`DoraLinearFunction`, see _fused).
@@ -58,6 +59,8 @@ def weight_norm(
     gradient."""
     with torch.no_grad():
         dtype = p[MAGNITUDE].dtype
+        if lp.layer.is_conv and lp.layer.groups > 1:
+            return _grouped_norm(lp, layer, p, weight)
         w, a, b = _factors(lp, layer, p, None, weight)
         if weight_sq is None:
             weight_sq = torch.einsum("oi,oi->o", w.to(dtype), w.to(dtype))
@@ -66,6 +69,18 @@ def weight_norm(
         cross = torch.einsum("or,or->o", b, torch.mm(w, a.t().to(w.dtype)).to(dtype))
         quad = torch.einsum("or,or->o", b, b @ (a @ a.t()))
         return (weight_sq + 2.0 * s * cross + s * s * quad).clamp_min(0.0).sqrt()
+
+
+def _grouped_norm(lp: LayerPlan, layer: AdaptedLayer, p: Params, weight: torch.Tensor | None) -> torch.Tensor:
+    """HF PEFT's norm on a grouped conv: ‖W + s·L‖_row with L = (B as [−1, r]) (A as [r, −1]) laid out as W (see
+    ``peftdecl.plan.kinds.dora.grouped_norm_direction``), formed densely: L is no larger than W."""
+    dtype = p[MAGNITUDE].dtype
+    w = (layer.weight_ir() if weight is None else weight).detach().to(dtype)
+    a, b = p["lora_A.weight"].detach(), p["lora_B.weight"].detach()
+    r, rows = a.shape[0], w.shape[0]
+    direction = w.reshape(rows, -1) + lp.scaling * (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(rows, -1)
+    norm: torch.Tensor = torch.linalg.vector_norm(direction, dim=1)
+    return norm
 
 
 def _weight_sq(lp: LayerPlan, layer: AdaptedLayer, p: Params) -> torch.Tensor:
@@ -333,7 +348,8 @@ class DoraOps:
         a, b = p["lora_A.weight"], p["lora_B.weight"]
         if lp.layer.is_conv:
             k = a.ndim - 2
-            v = _conv(_conv(h, a, None, lp.layer.stride, lp.layer.padding), b, None, _ones(k), (0,) * k)
+            u = _conv(h, a, None, lp.layer.stride, lp.layer.padding)
+            v = _conv(u, b, None, _ones(k), (0,) * k, lp.layer.groups)
         else:
             v = None
         gb = _along_out(lp, g, result.ndim)

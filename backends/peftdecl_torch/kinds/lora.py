@@ -1,7 +1,7 @@
 """LoRA (Hu et al., 2021) on torch: y = W x + b + s · B A dropout(x), ΔW = s · B A.
 
 Embedding: y = E[x] + s · (Aᵀ[x]) Bᵀ. Convolution: A is a k×k convolution to r channels (the base's stride and
-padding, no dilation) and B a 1×1 convolution.
+padding, no dilation) and B a 1×1 convolution with the base's groups (a grouped conv cannot merge).
 
 A linear layer without dropout runs as one autograd Function (``lora_linear``, which AdaLoRA shares with
 A = Q ⊙ Λ), in one of three forms chosen by the cost rules of :mod:`._fused` (T tokens, W d_out × d_in, rank r):
@@ -25,6 +25,7 @@ import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
+from peftdecl.plan.kinds.lora import refuse_grouped_merge
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds._additive import AddedProduct, Params
 
@@ -159,9 +160,10 @@ def _conv(
     bias: torch.Tensor | None,
     stride: tuple[int, ...],
     padding: tuple[int, ...],
+    groups: int = 1,
 ) -> torch.Tensor:
-    conv = F.conv1d if w.ndim == 3 else F.conv2d
-    return conv(x, w, bias, stride, padding)
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[w.ndim]
+    return conv(x, w, bias, stride, padding, 1, groups)
 
 
 class LoraOps(AddedProduct):
@@ -191,7 +193,7 @@ class LoraOps(AddedProduct):
         if lp.layer.is_conv:
             k = a.ndim - 2
             u = _conv(h, a, None, lp.layer.stride, lp.layer.padding)
-            delta = s * _conv(u, b, p.get("lora_B.bias"), _ones(k), (0,) * k)
+            delta = s * _conv(u, b, p.get("lora_B.bias"), _ones(k), (0,) * k, lp.layer.groups)
             return delta if result is None else result + delta
         u = F.linear(h, a)
         if "lora_B.bias" in p:
@@ -205,6 +207,7 @@ class LoraOps(AddedProduct):
             return s * (p["lora_embedding_B"] @ p["lora_embedding_A"]).t()
         a, b = p["lora_A.weight"], p["lora_B.weight"]
         if lp.layer.is_conv:
+            refuse_grouped_merge(lp)
             return s * torch.einsum("or,ri...->oi...", b.reshape(b.shape[0], b.shape[1]), a)
         return s * (b @ a)
 

@@ -54,8 +54,25 @@ def factored_row_norm(w: np.ndarray, a: np.ndarray, b: np.ndarray, scaling: floa
     return norm
 
 
+def grouped_norm_direction(a: np.ndarray, b: np.ndarray, rows: int) -> np.ndarray:
+    """HF PEFT's "B A" of a grouped conv's norm: (B as [−1, r]) · (A as [r, −1]) laid out as [rows, −1].
+
+    B is [out, r/G, 1, ...], so this is not ΔW / s (which connects all of ``in`` to each output channel and has
+    no grouped layout); PEFT 0.21 normalises with it all the same, so m and the outputs follow it."""
+    r = a.shape[0]
+    product: np.ndarray = (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(rows, -1)
+    return product
+
+
 def dora_weight_norm(lp: LayerPlan, weight: np.ndarray, p: Mapping[str, np.ndarray]) -> np.ndarray:
-    """n = ‖W + s·ΔW‖ per direction row of the layer (a flat vector, one entry per entry of m)."""
+    """n = ‖W + s·ΔW‖ per direction row of the layer (a flat vector, one entry per entry of m); on a grouped
+    conv ΔW is :func:`grouped_norm_direction` (as HF PEFT)."""
+    if lp.layer.is_conv and lp.layer.groups > 1:
+        w = weight.reshape(weight.shape[0], -1)
+        delta = grouped_norm_direction(p["lora_A.weight"], p["lora_B.weight"], w.shape[0])
+        direction = w + lp.scaling * delta
+        norm: np.ndarray = np.linalg.norm(direction, axis=1)
+        return norm
     w, a, b = direction_rows(lp.layer, weight, p)
     return factored_row_norm(w, a, b, lp.scaling)
 

@@ -1,6 +1,6 @@
 """IA3 layout: one learned vector ``ia3_l`` per layer, scaling the output, y = l ⊙ (W x + b), or for
 feed-forward modules the input, y = W (l ⊙ x) + b. Shapes as in HF PEFT: Linear and GPT-2 Conv1D (out, 1) or
-(1, in); Conv2d (1, C, 1, 1).
+(1, in); Conv2d (1, C, 1, 1), Conv3d (1, C, 1, 1, 1).
 
 Feed-forward membership follows HF PEFT's own rule, which differs from target matching: a list entry matches
 any module name ending with it (a raw string suffix, no '.' boundary), a string is a full-match regex; a null
@@ -39,7 +39,7 @@ def is_feedforward(module: str, selector: str | Sequence[str]) -> bool:
 
 
 def ia3_shape(layer: LayerInfo, feedforward: bool) -> tuple[int, ...]:
-    """(out, 1) or (1, in) for Linear/Conv1D; (1, C, 1, 1) for Conv2d, C = in (feed-forward) or out."""
+    """(out, 1) or (1, in) for Linear/Conv1D; (1, C, 1, ...) for Conv2d/Conv3d, C = in (feed-forward) or out."""
     if layer.is_conv:
         channels = layer.in_features if feedforward else layer.out_features
         return (1, channels, *(1,) * len(layer.kernel_size))
