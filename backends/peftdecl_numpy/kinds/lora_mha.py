@@ -1,7 +1,8 @@
 """LoRA on nn.MultiheadAttention in the NumPy reference: an INPUT map of the stacked weight, W' = W + ΔW with
 ΔW = [s · B_in A_in ; s_out · B_out A_out] (s_out = 2s, PEFT 0.21's; :mod:`peftdecl.plan.kinds.lora_mha`), then
 self-attention on W' (:class:`peftdecl_numpy.mha.MhaLayer`). Gradients: dL/dW' from the attention's backward,
-then dA = s Bᵀ dW'_part, dB = s dW'_part Aᵀ for each projection.
+then dA = s Bᵀ dW'_part, dB = s dW'_part Aᵀ for each projection (out_proj's with ``out_proj_grad_scaling``, s,
+not the 2s of its value: PEFT 0.21 adds the second s·B A outside autograd).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class LoraMhaKind(ComposingKind):
     def compose_weight_backward(
         self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, d_weight: Array
     ) -> tuple[Array, Params]:
-        s_in, s_out = _scalings(lp)
+        s_in, s_out = lp.scaling, float(lp.options["out_proj_grad_scaling"])
         split = lp.layer.out_features
         d_in, d_out = d_weight[:split], d_weight[split:]
         grads = {

@@ -22,10 +22,12 @@ if TYPE_CHECKING:
 
 
 def mha_delta(lp: LayerPlan, p: Params[torch.Tensor]) -> torch.Tensor:
-    """ΔW = [s · B_in A_in ; s_out · B_out A_out], [4E, E] in the adapter's dtype."""
+    """ΔW = [s · B_in A_in ; s_out · B_out A_out], [4E, E] in the adapter's dtype; gradients reach B_out and A_out
+    through ``out_proj_grad_scaling`` only (PEFT 0.21 adds its second s·B A outside autograd)."""
     inner = p["lora_B.weight"] @ p["lora_A.weight"] * lp.scaling
     outer = p[OUT_PROJ_PREFIX + "lora_B.weight"] @ p[OUT_PROJ_PREFIX + "lora_A.weight"]
-    return torch.cat([inner, outer * float(lp.options["out_proj_scaling"])])
+    value, grad = float(lp.options["out_proj_scaling"]), float(lp.options["out_proj_grad_scaling"])
+    return torch.cat([inner, outer * grad + outer.detach() * (value - grad)])
 
 
 class LoraMhaOps:

@@ -9,8 +9,10 @@ being in_proj [3E, E] stacked over out_proj [E, E]:
     ΔW = [ s · B_in A_in ; 2s · B_out A_out ]
 
 The factor 2 on out_proj is PEFT 0.21's: its MultiheadAttention merge writes W_out + s·B A and then also calls
-the nested Linear's merge, which adds s·B A again (forward, merge_and_unload and saved models all see 2s; the
-upstream fix, huggingface/peft#3774, is open). :data:`PEFT_OUT_PROJ_FACTOR` keeps it in one place.
+the nested Linear's merge, which adds s·B A again in place, outside autograd (forward, merge_and_unload and
+saved models all see 2s, while training gradients of B_out and A_out see s; the upstream fix,
+huggingface/peft#3774, is open). :data:`PEFT_OUT_PROJ_FACTOR` keeps the factor in one place; the plan's
+``out_proj_scaling`` (2s) is the value and ``out_proj_grad_scaling`` (s) the scale gradients flow through.
 
 PEFT merges the weights around the attention call, so ``lora_dropout`` never acts on an MHA layer; it refuses
 DoRA, aLoRA, VeLoRA and KaSA there, and reads no ``.weight`` for PiSSA/OLoRA/EVA-style initialisations (they
@@ -72,7 +74,8 @@ def mha_params(spec: LoraSpec, layer: LayerInfo, r: int) -> tuple[ParamSpec, ...
 
 def build_mha_layer(spec: LoraSpec, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
     """One MultiheadAttention layer: PEFT's rank/alpha for ``module`` (out_proj shares them) and both factor
-    pairs; ``options["out_proj_scaling"]`` is the scaling out_proj's ΔW is applied with (2s, as in PEFT 0.21)."""
+    pairs; ``options["out_proj_scaling"]`` is the scaling out_proj's ΔW is applied with (2s, as in PEFT 0.21),
+    ``options["out_proj_grad_scaling"]`` the one its factors' gradients see (s, as in PEFT 0.21)."""
     from peftdecl.plan.kinds.lora import lora_scaling, rank_and_alpha
 
     check_mha_spec(spec, module)
@@ -86,7 +89,11 @@ def build_mha_layer(spec: LoraSpec, module: str, layer: LayerInfo, info: ModelIn
         r=r,
         alpha=float(alpha),
         scaling=scaling,
-        options={"out_proj_scaling": PEFT_OUT_PROJ_FACTOR * scaling, "num_heads": layer.num_heads},
+        options={
+            "out_proj_scaling": PEFT_OUT_PROJ_FACTOR * scaling,
+            "out_proj_grad_scaling": scaling,
+            "num_heads": layer.num_heads,
+        },
     )
 
 
