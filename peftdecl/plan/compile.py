@@ -77,6 +77,7 @@ def _compile(spec: SpecBase, info: ModelInfo) -> Plan:
             raise TargetError(
                 f"{name} ({layer.type}) cannot be adapted: {spec.peft_type} supports "
                 f"{', '.join(layer_types)} layers only"
+                + (f" as {kind}" if kind != spec.peft_type.lower() else "")
             )
         layers.append(layout.build_layer(spec, name, layer, info))
     # target_parameters: raw parameters (HF PEFT's ParamWrapper)

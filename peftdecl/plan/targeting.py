@@ -179,7 +179,8 @@ def select_targets(spec: SpecBase, info: ModelInfo) -> list[str]:
         raise TargetError(
             f"target_modules selects {', '.join(not_layers[:5])}, which "
             f"{'is not a layer' if len(not_layers) == 1 else 'are not layers'} peftdecl can adapt "
-            "(Linear, Embedding, Conv1d, Conv2d, Conv3d, GPT-2 Conv1D)"
+            "(Linear, Embedding, Conv1d, Conv2d, Conv3d, GPT-2 Conv1D, and MultiheadAttention whose query, key "
+            "and value share embed_dim)"
         )
     if not chosen:
         raise TargetError(_nothing_matched(spec, targets, info))
