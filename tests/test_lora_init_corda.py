@@ -308,3 +308,37 @@ def test_corda_config_defaults_as_peft() -> None:
     assert (
         spec.corda_config is None
     )  # PEFT fills in CordaConfig() with a warning; preprocess_corda does the same
+
+
+def test_mlx_backend_equals_the_numpy_reference() -> None:
+    """MLX has no forward hooks: an adapted MLX model is prepared from given covariances (here the ones torch
+    collects on the same weights) and gets the NumPy reference's A, B and residual W, to float32 storage."""
+    if "mlx" not in selected_backends():
+        pytest.skip("the mlx backend is not selected")
+    mx = pytest.importorskip("mlx.core")
+    from peftdecl_torch.calibration import collect_covariances
+
+    base = base_model(7)
+    covariances = collect_covariances(base, TARGETS, runner(base))
+    state = {k: v.detach().double().numpy() for k, v in base.state_dict().items()}
+    spec = {"peft_type": "LORA", **config("kpm")}
+    peftdecl.preprocess_corda(state, spec, covariances=covariances)
+    reference = peftdecl.attach(state, spec, backend="numpy")
+    mlx_nn = pytest.importorskip("mlx.nn")
+
+    class MlxMLP(mlx_nn.Module):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin0 = mlx_nn.Linear(12, 16)
+            self.lin1 = mlx_nn.Linear(16, 10)
+
+    model = MlxMLP()
+    model.load_weights([(k, mx.array(v.astype(np.float32))) for k, v in state.items()])
+    ours = peftdecl.attach(model, {"peft_type": "LORA", "r": 2, "target_modules": ["lin0"]}, backend="mlx")
+    peftdecl.preprocess_corda(ours, spec, covariances=covariances)
+    ours.add_adapter("corda", spec)
+    expected = reference.state_dict()
+    for key, value in ours.state_dict("corda").items():
+        assert rel_err(value, expected[key]) <= 1e-6  # float32 storage of the same float64 factors
+    for module in TARGETS:
+        assert rel_err(ours.engine.base_weight(module), reference.engine.base_weight(module)) <= 1e-6

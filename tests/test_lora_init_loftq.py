@@ -329,3 +329,41 @@ def test_replace_lora_weights_loftq_equals_peft(tmp_path: Path) -> None:
         got_a, got_b = aligned(got_a, got_b, a)
         assert rel_err(got_a, a) <= FACTOR_TOL
         assert rel_err(got_b, b) <= FACTOR_TOL
+
+
+def test_mlx_backend_equals_the_numpy_reference() -> None:
+    """The same LoftQ on MLX (float32 weights): Q bit-identical, A and B to float32 storage, outputs alike."""
+    if "mlx" not in selected_backends():
+        pytest.skip("the mlx backend is not selected")
+    mx = pytest.importorskip("mlx.core")
+    nn = pytest.importorskip("mlx.nn")
+    from mlx.utils import tree_flatten
+
+    class MlxMLP(nn.Module):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin0 = nn.Linear(64, 40)
+            self.lin1 = nn.Linear(40, 25)
+
+        def __call__(self, x: object) -> object:
+            return self.lin1(nn.relu(self.lin0(x)))
+
+    mx.random.seed(0)
+    model = MlxMLP()
+    state = {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(model.parameters())}
+    spec = {"peft_type": "LORA", **config(8, 2)}
+    reference = peftdecl.attach(state, spec, backend="numpy")
+    ours = peftdecl.attach(model, spec, backend="mlx")
+    expected = reference.state_dict()
+    for key, value in ours.state_dict().items():
+        assert rel_err(value, expected[key]) <= 1e-6  # float32 storage of the same float64 factors
+    for module in TARGETS:
+        assert np.array_equal(ours.engine.base_weight(module), reference.engine.base_weight(module))
+
+    def layer(module: str, h: np.ndarray) -> np.ndarray:  # the float64 reference's Q + s·B A and the bias
+        delta = 2.0 * expected[f"{module}.lora_B.weight"] @ expected[f"{module}.lora_A.weight"]
+        return h @ (reference.engine.base_weight(module) + delta).T + state[f"{module}.bias"]
+
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    want = layer("lin1", np.maximum(layer("lin0", x.astype(np.float64)), 0.0))
+    assert rel_err(np.array(ours(mx.array(x))), want) <= OUT_TOL
