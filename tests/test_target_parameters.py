@@ -23,6 +23,7 @@ peft = pytest.importorskip("peft")
 import peftdecl  # noqa: E402
 from peftdecl.errors import PeftdeclError, SpecError, TargetError  # noqa: E402
 from peftdecl_numpy.kinds import lora_param as reference  # noqa: E402
+from peftdecl_torch.layer import AdaptedLayer  # noqa: E402
 from tests.conftest import rel_err, selected_backends  # noqa: E402
 
 nn = torch.nn
@@ -365,3 +366,46 @@ def test_two_adapters_add_up_and_must_target_the_same_parameters() -> None:
     assert rel_err(output(ours, inputs), expected) <= OUTPUT_TOL  # the refused adapter left nothing behind
     with pytest.raises(PeftdeclError, match="mixed batch"):
         ours(**inputs, adapter_names=["default", "other", "default"])
+
+
+def test_merge_unmerge_disable_and_trainable_count_follow_peft(tmp_path: Path) -> None:
+    base, theirs = peft_model("experts_nested")
+    theirs.save_pretrained(tmp_path)
+    model = copy.deepcopy(base)
+    ours = peftdecl.load_adapter(model, tmp_path, backend="torch", is_trainable=True)
+    inputs = make_input("moe")
+    adapted = output(ours, inputs)
+    ours.merge_adapter()
+    assert rel_err(output(ours, inputs), adapted) <= OUTPUT_TOL  # merged: the same function
+    ours.unmerge_adapter()
+    assert rel_err(output(ours, inputs), adapted) <= OUTPUT_TOL
+    with ours.disable_adapter():
+        assert rel_err(output(ours, inputs), output(base, inputs)) <= OUTPUT_TOL
+    theirs_trainable = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert ours.get_nb_trainable_parameters() == (
+        theirs_trainable,
+        sum(p.numel() for p in theirs.parameters()),
+    )
+    assert ours.unload() is model
+    assert not any(isinstance(m, AdaptedLayer) for m in model.modules())  # both nested wrappers are gone
+    # the base back, up to the float32 rounding of W + ΔW − ΔW from the merge and unmerge above
+    assert rel_err(output(model, inputs), output(base, inputs)) <= OUTPUT_TOL
+
+
+def test_initialisations_follow_peft_rules() -> None:
+    base = make_model("moe")
+    inputs = make_input("moe")
+    spec = {"peft_type": "LORA", "target_parameters": EXPERTS, "r": 2}
+    noop = peftdecl.attach(copy.deepcopy(base), spec, backend="torch")
+    assert rel_err(output(noop, inputs), output(base, inputs)) == 0  # B = 0: an exact no-op, as in PEFT
+    drawn = peftdecl.attach(
+        copy.deepcopy(base), {**spec, "init_lora_weights": False}, backend="torch", seed=3
+    )
+    for lp in drawn.plan().layers:
+        arrays = drawn.state_dict()
+        rank, d_in = lp.param("lora_A.weight").shape
+        assert rank == 2 * 3  # r · E stacked rows, as PEFT's nn.Linear(in, r · E)
+        # nn.Linear's default draw: U(±1/√fan_in), fan_in = in for A and r · E for B (PEFT keeps both with false)
+        for key, fan_in in (("lora_A.weight", d_in), ("lora_B.weight", rank)):
+            found = np.abs(arrays[lp.key(key)]).max()
+            assert 0.8 / fan_in**0.5 < found <= 1 / fan_in**0.5
