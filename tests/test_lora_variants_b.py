@@ -11,12 +11,14 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import peftdecl
-from peftdecl.errors import SpecError, TargetError
+from peftdecl.alora import invocation_offsets, invocation_offsets_set
+from peftdecl.errors import PeftdeclError, SpecError, TargetError
 from peftdecl.plan.kinds.mica import minor_left_singular_vectors
 from tests.conftest import rel_err, selected_backends
 
@@ -239,3 +241,119 @@ def test_qalora_group_size_must_be_positive() -> None:
     spec = {"peft_type": "LORA", "target_modules": ["lin0"], "use_qalora": True, "qalora_group_size": 0}
     with pytest.raises(SpecError, match=r"\$.qalora_group_size: must be >= 1"):
         peftdecl.attach(state, spec, backend="numpy")
+
+
+# --- aLoRA: the adapter acts from the last invocation token sequence of each row on --------------------------------
+
+INVOCATION = [5, 6]
+
+
+def test_invocation_offsets_equal_peft() -> None:
+    from peft.tuners.lora.variants import calculate_alora_offsets
+
+    rng = np.random.default_rng(0)
+    input_ids = rng.integers(4, 8, size=(12, 9))  # small alphabet: 0, 1 or several invocations per row
+    config = peft.LoraConfig(task_type="CAUSAL_LM", alora_invocation_tokens=INVOCATION)
+    expected = calculate_alora_offsets({"a": config}, "a", torch.as_tensor(input_ids))
+    assert list(invocation_offsets(input_ids, INVOCATION)) == expected
+    assert None in expected and any(o is not None for o in expected)  # both cases are exercised
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    transformers = pytest.importorskip("transformers")
+    from peftdecl.train.tiny_model import build_tiny_llama
+
+    folder = build_tiny_llama(
+        tmp_path_factory.mktemp("llama") / "m", hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64
+    )
+    return transformers.AutoModelForCausalLM.from_pretrained(folder)
+
+
+# row 0: one invocation in the middle; row 1: two (the last counts); row 2: none (the base model's output)
+LLAMA_IDS = [[1, 2, 5, 6, 3, 4, 7], [5, 6, 1, 5, 6, 2, 3], [1, 2, 3, 4, 7, 8, 9]]
+
+
+def test_alora_forward_and_generate_equal_peft_both_ways(tiny_llama: Any, tmp_path: Path) -> None:
+    needs_torch_backend()
+    cfg = peft.LoraConfig(
+        task_type="CAUSAL_LM",
+        r=2,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        alora_invocation_tokens=INVOCATION,
+        init_lora_weights=False,  # random A and B, so that the adapter changes the output where it acts
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(tiny_llama), cfg).eval()
+    input_ids = torch.tensor(LLAMA_IDS)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = peftdecl.load_adapter(copy.deepcopy(tiny_llama), tmp_path / "peft", backend="torch")
+    with torch.no_grad():
+        expected = theirs(input_ids=input_ids).logits.numpy()
+        base = tiny_llama(input_ids=input_ids).logits.numpy()
+        logits = ours(input_ids=input_ids).logits.numpy()
+    assert rel_err(expected[:2, 2:], base[:2, 2:]) > 1e-2  # PEFT's adapter acts from the invocation on ...
+    assert np.array_equal(expected[:, :2], base[:, :2]) and np.array_equal(expected[2], base[2])  # ... only
+    assert rel_err(logits, expected) <= TOL  # float32 forward of the same weights
+    generated = ours.generate(input_ids=input_ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated, theirs.generate(input_ids=input_ids, max_new_tokens=4, do_sample=False))
+    ours.save(tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_llama), tmp_path / "ours").eval()
+    assert loaded.peft_config["default"].alora_invocation_tokens == INVOCATION
+    with torch.no_grad():
+        assert rel_err(loaded(input_ids=input_ids).logits.numpy(), expected) <= TOL
+        # without input_ids there is no invocation to find: the base model, in PEFT (which warns) and here
+        embeds = tiny_llama.get_input_embeddings()(input_ids)
+        assert rel_err(ours(inputs_embeds=embeds).logits.numpy(), base) <= TOL
+    with pytest.raises(PeftdeclError, match="aLoRA adapter cannot be merged"):
+        ours.merge_and_unload()
+
+
+def test_alora_torch_equals_numpy_reference_with_gradients() -> None:
+    """One linear layer under given offsets: the torch output and gradients against the reference's explicit
+    backward (row 0 adapted from position 2 on, row 1 not at all)."""
+    needs_torch_backend()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("m", torch.nn.Linear(6, 5))
+    spec = {
+        "peft_type": "LORA",
+        "r": 2,
+        "target_modules": ["m"],
+        "init_lora_weights": False,
+        "alora_invocation_tokens": INVOCATION,
+    }
+    state = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+    reference = peftdecl.attach(state, spec, backend="numpy")
+    ours = peftdecl.attach(copy.deepcopy(model), spec, backend="torch")
+    ours.delete_adapter("default")
+    ours.add_adapter("default", spec, arrays=reference.state_dict(), activate=True)
+    x = np.random.default_rng(1).standard_normal((2, 4, 6))
+    dy = np.random.default_rng(2).standard_normal((2, 4, 5))
+    with invocation_offsets_set({tuple(INVOCATION): (2, None)}):
+        expected, tape = reference.engine.layer_forward("m", x)
+        grads = reference.engine.layer_backward("m", tape, dy)
+        xt = torch.tensor(x, dtype=torch.float32, requires_grad=True)
+        y = ours(xt)
+        (y * torch.tensor(dy, dtype=torch.float32)).sum().backward()
+    base = x @ state["m.weight"].T + state["m.bias"]
+    assert np.allclose(expected[:, :2], base[:, :2]) and np.allclose(
+        expected[1], base[1]
+    )  # float64: not adapted
+    assert rel_err(expected, base) > 1e-2
+    assert rel_err(y.detach().numpy(), expected) <= TOL  # float32 against float64
+    assert rel_err(xt.grad.numpy(), grads["input"]) <= TOL
+    for key, param in ours.trainable_parameters().items():
+        assert rel_err(param.grad.numpy(), grads[key]) <= TOL, key
+
+
+def test_alora_refusals() -> None:
+    state = {"lin0.weight": np.ones((16, 12)), "emb.weight": np.ones((10, 12))}
+    spec = {"peft_type": "LORA", "target_modules": ["lin0"], "alora_invocation_tokens": INVOCATION}
+    with pytest.raises(SpecError, match=r"\$.alora_invocation_tokens: cannot be combined with use_dora"):
+        peftdecl.attach(state, {**spec, "use_dora": True}, backend="numpy")
+    assert (
+        peftdecl.attach(state, {**spec, "alora_invocation_tokens": []}, backend="numpy").plan().kind == "lora"
+    )
+    reference = peftdecl.attach(state, spec, backend="numpy")
+    with pytest.raises(PeftdeclError, match="lin0: an aLoRA adapter cannot be merged"):
+        reference.merge()

@@ -18,12 +18,13 @@ from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import RngState, trainable_key
 from peftdecl.bias_training import trained_bias_keys
 from peftdecl.errors import BackendError, PeftdeclError
+from peftdecl.layer_replication import MERGE_REFUSAL
 from peftdecl.options import EngineOptions
 from peftdecl.plan import ModelInfo, Plan
 from peftdecl_torch.base_biases import bias_names, live_bias, write_biases
 from peftdecl_torch.base_weights import base_weight_ir, write_base_weights
 from peftdecl_torch.context import EngineContext
-from peftdecl_torch.inventory import layer_type
+from peftdecl_torch.inventory import inventory, layer_type
 from peftdecl_torch.kinds.alora import invocation_rows
 from peftdecl_torch.kinds.prompt import PromptAdapter
 from peftdecl_torch.layer import AdaptedLayer, adapter_dtype
@@ -37,6 +38,7 @@ from peftdecl_torch.quantized import (
     replace_quantized,
     warn_merging,
 )
+from peftdecl_torch.replication import replicate_layers
 from peftdecl_torch.saved import SavedModule
 from peftdecl_torch.seq2seq import seq2seq_call, seq2seq_generate
 from peftdecl_torch.task_heads import HEAD_TASKS, head_rules
@@ -59,6 +61,7 @@ class TorchEngine:
         self.book = book
         self.options = options
         self._info = info
+        self._replicated = False  # layer_replication rebuilt the layer list: copies share base weights
         self._autocast = autocast_adapter_dtype
         self._context = EngineContext(book, options)
         self._layers: dict[str, AdaptedLayer] = {}
@@ -181,6 +184,8 @@ class TorchEngine:
 
     def merge(self, names: tuple[str, ...]) -> None:
         """Fold ``names`` into the base weights in turn (the model adds them to ``book.merged`` afterwards)."""
+        if self._replicated:
+            raise PeftdeclError(MERGE_REFUSAL)
         before = list(self.book.merged)
         requantized: dict[str, str] = {}  # module -> its quantisation, for the one warning below
         for name in names:  # all or nothing: no weight is written while a later layer would refuse
@@ -232,6 +237,12 @@ class TorchEngine:
     def base_weight(self, module: str) -> np.ndarray:
         array: np.ndarray = self._weight_ir(module).detach().to("cpu", torch.float64).numpy().copy()
         return array
+
+    def replicate_layers(self, layer_map: Sequence[tuple[int, int]]) -> ModelInfo:
+        """HF PEFT's ``layer_replication`` on the model (:mod:`peftdecl_torch.replication`); its new inventory."""
+        replicate_layers(self.model, layer_map)
+        self._info, self._replicated = inventory(self.model), True
+        return self._info
 
     def load_base_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         biases = {k: v for k, v in weights.items() if k.endswith(".bias")}

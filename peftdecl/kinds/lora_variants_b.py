@@ -1,5 +1,5 @@
 """LoRA variants as execution kinds of ``peft_type`` LORA, chosen by :attr:`LoraSpec.kind` from a LoraConfig value
-(:mod:`peftdecl.spec.lora_variants_b`): MiCA (``init_lora_weights="mica"``).
+(:mod:`peftdecl.spec.lora_variants_b`): MiCA (``init_lora_weights="mica"``) and aLoRA (``alora_invocation_tokens``).
 
 Layouts and ops are named as ``"module:ATTR"`` strings and imported on first use.
 """
@@ -47,5 +47,34 @@ MICA = KindDecl(
     needs_dense_weight=False,
 )
 
-VARIANT_B_KINDS: tuple[KindDecl, ...] = (MICA,)
+_ALORA_LAYERS = ("linear", "gpt2_conv1d")
+
+ALORA = KindDecl(
+    name="alora",
+    peft_type="LORA",
+    spec_class=LoraSpec,
+    layout="peftdecl.plan.kinds.alora:LAYOUT",
+    tensor_names=("lora_A.weight", "lora_B.weight", "lora_B.bias"),
+    hf_markers=(".lora_A.", ".lora_B."),
+    layer_types=_ALORA_LAYERS,
+    composition="add",
+    rank=lora_rank,
+    # not on MLX: its backend has no model call that reads input_ids for the invocation offsets
+    ops={backend: f"peftdecl_{backend}.kinds.alora:OPS" for backend in ("numpy", "torch")},
+    examples={
+        t: {
+            "peft_type": "LORA",
+            "r": 3,
+            "lora_alpha": 6,
+            "init_lora_weights": False,
+            "alora_invocation_tokens": [1, 2],
+            "target_modules": ["m"],
+        }
+        for t in _ALORA_LAYERS
+    },
+    summary="LoRA acting only from the last invocation token sequence of each row on (alora_invocation_tokens)",
+    needs_dense_weight=False,
+)
+
+VARIANT_B_KINDS: tuple[KindDecl, ...] = (MICA, ALORA)
 """After LoRA's other kinds, in the order of PEFT's LoraConfig fields."""

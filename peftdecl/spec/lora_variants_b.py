@@ -3,6 +3,7 @@
 - MiCA (``init_lora_weights="mica"``): its own execution kind sharing LoRA's ``peft_type``; :func:`variant_b_kind`
   picks it as PEFT picks its layer variant, and :func:`variant_b_problems` refuses what PEFT has no variant for
   (two variants at a time).
+- aLoRA (``alora_invocation_tokens``): its own execution kind too, LoRA acting from the invocation tokens on.
 - QA-LoRA (``use_qalora``): accepted as PEFT takes it on the layers peftdecl runs, i.e. plain LoRA (QALORA_HELP).
 """
 
@@ -16,9 +17,11 @@ class _VariantFields(Protocol):
     def init_lora_weights(self) -> bool | str: ...
     @property
     def use_dora(self) -> bool: ...
+    @property
+    def alora_invocation_tokens(self) -> tuple[int, ...] | None: ...
 
 
-VARIANT_B_ACCEPTED = ("use_qalora",)
+VARIANT_B_ACCEPTED = ("use_qalora", "alora_invocation_tokens")
 """LoraConfig fields of this module that LoraSpec accepts beyond their defaults."""
 
 QALORA_HELP = (
@@ -27,13 +30,15 @@ QALORA_HELP = (
     "trains plain LoRA and keeps the flag in the saved config."
 )
 
-VARIANT_B_FIELDS = {"mica": "init_lora_weights"}
+VARIANT_B_FIELDS = {"mica": "init_lora_weights", "alora": "alora_invocation_tokens"}
 """Execution kind -> the LoraConfig field that requests it."""
 
 
 def requested_variants(spec: _VariantFields) -> list[str]:
-    """The kinds of this module the spec requests: ``mica`` when init_lora_weights is "mica"."""
-    return ["mica"] if spec.init_lora_weights == "mica" else []
+    """The kinds of this module the spec requests: ``mica`` when init_lora_weights is "mica", ``alora`` when
+    alora_invocation_tokens is a non-empty list (PEFT reads an empty one as plain LoRA)."""
+    found = ["mica"] if spec.init_lora_weights == "mica" else []
+    return [*found, "alora"] if spec.alora_invocation_tokens else found
 
 
 def variant_b_kind(spec: _VariantFields) -> str | None:
