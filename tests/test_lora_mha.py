@@ -278,3 +278,64 @@ def test_mlx_does_not_claim_it() -> None:
     if mlx is None:
         pytest.skip("MLX is not installed")
     assert mlx.capabilities.why_not("lora_mha", "mha") is not None
+
+
+def test_two_active_adapters_add_their_updates_as_in_peft(tmp_path: Path) -> None:
+    """PEFT merges every active adapter into the weights before the attention: W + ΔW_a + ΔW_b."""
+    wrapped = peft_wrapped(["mha"])
+    wrapped.add_adapter("other", peft.LoraConfig(target_modules=["mha"], r=2, init_lora_weights=False))
+    wrapped.base_model.set_adapter(["default", "other"])
+    generator = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if ".other." in name:
+                param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    x = inputs()
+    with torch.no_grad():
+        expected = as_numpy(wrapped(x))
+    wrapped.save_pretrained(tmp_path)
+    for backend in ("torch", "numpy"):
+        if backend == "torch":
+            ours = peftdecl.load_adapter(base_model(), tmp_path, backend="torch")
+        else:
+            ours = reference(tmp_path)
+        ours.load_adapter(tmp_path / "other", "other")
+        ours.set_adapter(["default", "other"])
+        with torch.no_grad():
+            y = as_numpy(ours(x)) if backend == "torch" else ours("mha", x.double().numpy())
+        if backend == "numpy":
+            y = y @ ours.base_weight("lin0").T + as_numpy(wrapped.base_model.model.lin0.bias)
+        assert rel_err(y, expected) <= F32_TOL, backend
+
+
+def test_two_active_adapters_train_like_the_reference(tmp_path: Path) -> None:
+    """float64: with both adapters running, the torch backend's autograd = the reference's composed backward."""
+    spec = {
+        "peft_type": "LORA",
+        "r": R,
+        "lora_alpha": ALPHA,
+        "init_lora_weights": False,
+        "target_modules": ["mha"],
+    }
+    ours = peftdecl.attach(base_model(dtype=torch.float64), spec, backend="torch", seed=4)
+    ours.add_adapter("other", {**spec, "r": 2}, seed=5)
+    ours.save(tmp_path)
+    ref = reference(tmp_path)
+    ref.load_adapter(tmp_path / "other", "other", is_trainable=True)
+    ours = peftdecl.load_adapter(
+        base_model(dtype=torch.float64), tmp_path, backend="torch", is_trainable=True
+    )
+    ours.load_adapter(tmp_path / "other", "other", is_trainable=True)
+    for model in (ours, ref):
+        model.set_adapter(["default", "other"])
+    x = inputs(torch.float64).requires_grad_(True)
+    dy = torch.randn(4, 2, EMBED, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    ours.train()
+    (ours.base_model.mha(x, x, x)[0] * dy).sum().backward()
+    _, tape = ref.engine.layer_forward("mha", x.detach().numpy())
+    explicit = ref.engine.layer_backward("mha", tape, dy.numpy())
+    mine = {k: p.grad for k, p in ours.trainable_parameters().items()}
+    assert set(mine) == set(explicit) - {"input"} and len(mine) == 8
+    for key, grad in mine.items():
+        assert rel_err(explicit[key], as_numpy(grad)) <= F64_TOL, key
+    assert rel_err(explicit["input"], as_numpy(x.grad)) <= F64_TOL
