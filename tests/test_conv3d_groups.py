@@ -270,3 +270,27 @@ def test_torch_gradients_equal_reference_backward(layer: str, kind: str) -> None
     assert set(grads) == {k for k, v in expected_grads.items() if v is not None}
     for key, grad in grads.items():
         assert rel_err(grad, expected_grads[key]) <= GRAD_TOL, key
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"peft_type": "LOHA", "r": 2},
+        {"peft_type": "LOKR", "r": 2},
+        {"peft_type": "ADALORA", "init_r": 2, "target_r": 1, "total_step": 10},
+        {"peft_type": "OFT", "r": 0, "oft_block_size": 2},
+        {"peft_type": "BOFT", "boft_block_size": 2},
+        {"peft_type": "VERA", "r": 2},
+    ],
+    ids=lambda spec: spec["peft_type"],
+)
+def test_kinds_peft_runs_on_no_conv3d_refuse_it(spec: dict[str, Any]) -> None:
+    """HF PEFT 0.21 has no Conv3d layer for these kinds: peftdecl names the layer and the types the kind adapts."""
+    make = maker(lambda: nn.Conv3d(2, 4, 2), (1, 2, 2, 2, 2))
+    with pytest.raises(
+        (TypeError, ValueError), match=r"not supported|No layers types compatible"
+    ):  # PEFT's own
+        peft_model(make(), peft.get_peft_config({**spec, "target_modules": ["conv"]}))
+    state, options = numpy_inputs(make())
+    with pytest.raises(TargetError, match=r"conv \(conv3d\) cannot be adapted: .* supports .* layers only"):
+        peftdecl.attach(state, {**spec, "target_modules": ["conv"]}, **options)
