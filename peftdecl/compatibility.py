@@ -8,6 +8,7 @@ from peftdecl.backend import Capabilities
 from peftdecl.bias_training import check_one_bias_adapter
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.kinds import get_kind, kinds
+from peftdecl.lora_variants_init import check_kasa_alone
 from peftdecl.plan import Plan
 from peftdecl.plan.kinds.vera import check_family as check_vera_family
 
@@ -24,6 +25,7 @@ def check_compatible(attached: Mapping[str, Plan], plan: Plan, caps: Capabilitie
     quantised in a way the backend does not handle or its kind needs the dense weight, or when a VeRA plan does
     not fit the first VeRA's projections."""
     check_one_bias_adapter(attached, plan)
+    check_kasa_alone(attached, plan)
     first = first_vera(attached, plan)
     if first is not None:
         check_vera_family(first, attached[first], plan)

@@ -5,10 +5,11 @@ again when one is loaded (PEFT saves only the adapter, so the base a loaded adap
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from peftdecl.errors import PeftdeclError
 from peftdecl.plan.ir import Plan
 
 TORCH_SVD = "peftdecl_numpy.kinds.kasa:torch_truncated"
@@ -37,3 +38,15 @@ def kasa_truncated_bases(plan: Plan, base_weight: Callable[[str], np.ndarray]) -
     if plan.kind != "kasa":
         return {}
     return {f"{lp.module}.weight": truncated(base_weight(lp.module), lp.r) for lp in plan.layers}
+
+
+def check_kasa_alone(attached: Mapping[str, Plan], plan: Plan) -> None:
+    """Refuse mixing KaSA and non-KaSA adapters on one model, as HF PEFT does: KaSA rewrites the base weights, so
+    every other adapter would see a different base depending on the order they were added in."""
+    for name, other in attached.items():
+        if (other.kind == "kasa") != (plan.kind == "kasa"):
+            new = "uses" if plan.kind == "kasa" else "does not use"
+            raise PeftdeclError(
+                f"KaSA rewrites the base weights, so it cannot share a model with adapters that do not use it: the "
+                f"new adapter {new} KaSA ($.kasa_config) and adapter {name!r} is {other.kind}"
+            )

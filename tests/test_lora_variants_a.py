@@ -392,3 +392,16 @@ def test_monteclora_math_equals_peft_s_sampler_and_draws_have_their_distribution
     assert abs(ours_loss - kl) <= 1e-4 * abs(kl)
     z = np.stack([np.diag(mm.draw_noise(np.random.default_rng(i), 1, 2, 4)[1]) for i in range(400)])
     assert abs(z.mean() - 4.0) < 0.3  # χ²_4: mean 4, the mean of 1600 draws has std 0.07
+
+
+def test_kasa_and_other_adapters_do_not_share_a_model() -> None:
+    """HF PEFT refuses the mix both ways (KaSA rewrites the base every other adapter sees)."""
+    state = {"m.weight": np.random.default_rng(0).normal(size=(6, 5))}
+    kasa = {"peft_type": "LORA", "r": 2, "target_modules": ["m"], "kasa_config": {}}
+    plain = {"peft_type": "LORA", "r": 2, "target_modules": ["m"]}
+    model = peftdecl.attach(state, kasa)
+    with pytest.raises(PeftdeclError, match="'default' is kasa"):
+        model.add_adapter("plain", plain)
+    model = peftdecl.attach(state, plain)
+    with pytest.raises(PeftdeclError, match=r"new adapter uses KaSA"):
+        model.add_adapter("kasa", kasa)
