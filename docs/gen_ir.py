@@ -37,6 +37,7 @@ LAYERS: dict[str, tuple[str, int, int, bool, tuple[int, ...]]] = {
     "embedding": ("embedding", 16, 8, False, ()),
     "conv1d": ("conv1d", 8, 12, True, (3,)),
     "conv2d": ("conv2d", 8, 12, True, (3, 3)),
+    "conv3d": ("conv3d", 8, 12, True, (3, 3, 3)),
     "gpt2_conv1d": ("gpt2_conv1d", 8, 12, True, ()),
 }
 # Model facts prompt learning reads (it acts on the model, not on a layer).
