@@ -54,6 +54,17 @@ def delta_weight(lp: LayerPlan, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return lp.scaling * torch.einsum(pattern, b3, a3)
 
 
+def folded(lp: LayerPlan, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """W + ΔW of one adapter on an expert stack as HF PEFT runs it: one ``baddbmm`` in W's dtype (autocast off),
+    W + s · B_e A_e per expert (transposed: W + s · A_eᵀ B_eᵀ), so half-precision stacks round as PEFT's do."""
+    num = lp.layer.shape[0]
+    a3 = a.reshape(num, -1, a.shape[-1]).to(weight.dtype)  # [E, r, in]
+    b3 = b.reshape(b.shape[0], -1, num).permute(2, 0, 1).to(weight.dtype)  # [E, out, r]
+    lhs, rhs = (a3.transpose(1, 2), b3.transpose(1, 2)) if lp.layer.transposed else (b3, a3)
+    with torch.autocast(device_type=weight.device.type, enabled=False):
+        return torch.baddbmm(weight, lhs, rhs, alpha=lp.scaling)
+
+
 class ParameterLayer(AdaptedLayer):
     """The module holding one targeted parameter (or the wrapper of another of its parameters), run with that
     parameter replaced by W + Σ ΔW of the running adapters."""
@@ -114,7 +125,12 @@ class ParameterLayer(AdaptedLayer):
         if not running:
             return self.base_layer(*args, **kwargs)
         weight = self.base_weight
-        effective = weight + sum((self.delta(n) for n in running[1:]), self.delta(running[0]))
+        lp = self._plans[running[0]]
+        if len(running) == 1 and len(lp.layer.shape) == 3:
+            p = self.tensors(running[0])
+            effective = folded(lp, weight, p["lora_A.weight"], p["lora_B.weight"])
+        else:  # as PEFT: the sum of the ΔW, each in W's dtype, added to W
+            effective = weight + sum((self.delta(n) for n in running[1:]), self.delta(running[0]))
         return torch.func.functional_call(
             self.base_layer, {self._path(): effective}, args, kwargs, strict=False
         )
