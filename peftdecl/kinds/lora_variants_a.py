@@ -13,6 +13,7 @@ from peftdecl.spec._base import SpecBase
 from peftdecl.spec.lora import LoraSpec
 
 _BACKENDS = ("numpy", "torch")
+_WITH_MLX = (*_BACKENDS, "mlx")  # KaSA and BD-LoRA: LoRA on substituted factors, cheap on MLX too
 _LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias")
 _EXAMPLE: JsonObject = {"peft_type": "LORA", "r": 4, "lora_alpha": 6, "init_lora_weights": False}
 
@@ -31,6 +32,7 @@ def _variant(
     fields: JsonObject,
     summary: str,
     needs_dense_weight: bool = False,
+    backends: tuple[str, ...] = _BACKENDS,
 ) -> KindDecl:
     return KindDecl(
         name=name,
@@ -42,7 +44,7 @@ def _variant(
         layer_types=layers,
         composition="add",
         rank=_rank,
-        ops={backend: f"peftdecl_{backend}.kinds.{name}:OPS" for backend in _BACKENDS},
+        ops={backend: f"peftdecl_{backend}.kinds.{name}:OPS" for backend in backends},
         examples={t: {**_EXAMPLE, **fields, "target_modules": ["m"]} for t in layers},
         summary=summary,
         needs_dense_weight=needs_dense_weight,
@@ -66,6 +68,7 @@ KASA = _variant(
     {"kasa_config": {}},
     "W ← W minus its r smallest singular components; ΔW = s · B diag(d) A with d learnt (kasa_config)",
     needs_dense_weight=True,
+    backends=_WITH_MLX,
 )
 BDLORA = _variant(
     "bdlora",
@@ -74,6 +77,7 @@ BDLORA = _variant(
     ("linear",),
     {"use_bdlora": {"target_modules_bd_b": ["m"], "nblocks": 2}},
     "LoRA with a block-diagonal A or B on the modules use_bdlora names (sharded serving)",
+    backends=_WITH_MLX,
 )
 MONTECLORA = _variant(
     "monteclora",
