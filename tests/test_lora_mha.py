@@ -339,3 +339,16 @@ def test_two_active_adapters_train_like_the_reference(tmp_path: Path) -> None:
     for key, grad in mine.items():
         assert rel_err(explicit[key], as_numpy(grad)) <= F64_TOL, key
     assert rel_err(explicit["input"], as_numpy(x.grad)) <= F64_TOL
+
+
+def test_lora_dropout_does_not_act_on_attention_in_training(tmp_path: Path) -> None:
+    """PEFT merges the weights around the attention call, so lora_dropout never drops anything there."""
+    wrapped = peft_wrapped(["mha"], lora_dropout=0.5).train()
+    x = inputs()
+    with torch.no_grad():
+        expected = as_numpy(wrapped(x))
+    wrapped.save_pretrained(tmp_path)
+    ours = peftdecl.load_adapter(base_model(), tmp_path, backend="torch", is_trainable=True)
+    ours.train()
+    with torch.no_grad():
+        assert rel_err(as_numpy(ours(x)), expected) <= F32_TOL

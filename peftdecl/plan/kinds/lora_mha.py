@@ -17,7 +17,8 @@ huggingface/peft#3774, is open). :data:`PEFT_OUT_PROJ_FACTOR` keeps the factor i
 PEFT merges the weights around the attention call, so ``lora_dropout`` never acts on an MHA layer; it refuses
 DoRA, aLoRA, VeLoRA and KaSA there, and reads no ``.weight`` for PiSSA/OLoRA/EVA-style initialisations (they
 fail or are skipped): peftdecl accepts ``init_lora_weights`` true, false and ``"gaussian"`` on MHA and refuses
-the rest, and ``lora_bias`` (PEFT creates the in_proj bias but never applies it).
+the rest, and ``lora_bias`` (PEFT adds out_proj's lora bias outside autograd, so it never trains, and never
+applies in_proj's).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def check_mha_spec(spec: LoraSpec, module: str) -> None:
         problems.append(
             (
                 "$.lora_bias",
-                f"{module} is an nn.MultiheadAttention: HF PEFT never applies lora_bias there; set it to false",
+                f"{module} is an nn.MultiheadAttention: HF PEFT applies lora_bias there only in part (out_proj's, "
+                "never trained; in_proj's not at all), so peftdecl refuses it; set it to false",
             )
         )
     if problems:
