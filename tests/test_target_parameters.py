@@ -426,3 +426,12 @@ def test_bfloat16_stacks_round_as_peft(name: str, tmp_path: Path) -> None:
     assert rel_err(output(ours, inputs), output(theirs, inputs)) <= 1e-3
     merged_ours, merged_theirs = ours.merge_and_unload(), theirs.merge_and_unload()
     assert rel_err(output(merged_ours, inputs), output(merged_theirs, inputs)) <= 1e-3
+
+
+def test_only_the_torch_backend_claims_parameter_layers() -> None:
+    backends = peftdecl.backends()
+    assert backends["torch"].capabilities.why_not("lora", "parameter") is None
+    for name in ("numpy", "mlx"):  # no operation to run a raw parameter with: absent, with the reason
+        if name in backends:
+            reason = backends[name].capabilities.why_not("lora", "parameter") or ""
+            assert "does not run lora on parameter layers" in reason
