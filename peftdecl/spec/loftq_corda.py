@@ -63,6 +63,7 @@ def loftq_config_problems(init: object, config: Mapping[str, Any]) -> list[tuple
     bits, iters = config.get("loftq_bits", 4), config.get("loftq_iter", 1)
     if isinstance(bits, bool) or bits not in (4, 8):
         found.append(("$.loftq_config.loftq_bits", f"must be 4 (NF4) or 8 (int8), got {bits!r}"))
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+    whole = isinstance(iters, int) or (isinstance(iters, float) and iters.is_integer())  # JSON: 1.0 is 1
+    if isinstance(iters, bool) or not whole or iters < 1:
         found.append(("$.loftq_config.loftq_iter", f"must be a whole number >= 1, got {iters!r}"))
     return found

@@ -109,7 +109,11 @@ def loftq_config_rule() -> JsonObject:
         },
     }
     message = "must be given with init_lora_weights 'loftq': {loftq_bits: 4 or 8, loftq_iter: >= 1}"
-    return _when(_present("init_lora_weights", {"const": "loftq"}), _must("loftq_config", config, message))
+    then = {
+        "required": ["loftq_config"],
+        **_must("loftq_config", {**config, "x-required-error": message}, message),
+    }
+    return _when(_present("init_lora_weights", {"const": "loftq"}), then)
 
 
 def kind_rules(peft_type: str) -> tuple[list[JsonObject], list[str], dict[str, JsonObject]]:
