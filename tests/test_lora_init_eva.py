@@ -239,3 +239,23 @@ def test_refusals_name_the_problem() -> None:
     too_many = peftdecl.attach(base_model(), {"peft_type": "LORA", **config(rho=5.0)}, backend="torch")
     with pytest.raises(TargetError, match="lin0: EVA needs 20 components"):
         peftdecl.initialize_lora_eva_weights(too_many, batches(), **NO_PREP)
+
+
+def test_numpy_reference_takes_the_eva_state_of_the_torch_backend() -> None:
+    """A backend without forward hooks (the NumPy reference) is initialised from an EVA state computed elsewhere:
+    the same ranks, alphas and A as on torch."""
+    base = base_model()
+    torch_model = ours_eva(base, config())
+    state = peftdecl.get_eva_state_dict(
+        copy.deepcopy(base), batches(), {"peft_type": "LORA", **config()}, **NO_PREP
+    )
+    arrays = {k: v.detach().double().numpy() for k, v in base.state_dict().items()}
+    reference = peftdecl.attach(arrays, {"peft_type": "LORA", **config()}, backend="numpy")
+    with pytest.raises(peftdecl.NotSupportedError, match="forward hooks"):
+        peftdecl.initialize_lora_eva_weights(reference, batches())
+    peftdecl.initialize_lora_eva_weights(reference, eva_state_dict=state)
+    assert reference.spec().rank_pattern == torch_model.spec().rank_pattern
+    assert reference.spec().alpha_pattern == torch_model.spec().alpha_pattern
+    expected = torch_model.state_dict()
+    for key, value in reference.state_dict().items():
+        assert rel_err(value, expected[key]) <= 1e-6  # float64 here, rounded to float32 in torch's parameters

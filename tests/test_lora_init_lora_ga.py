@@ -283,3 +283,22 @@ def test_refusals_name_the_problem() -> None:
     mha = torch.nn.ModuleDict({"attn": torch.nn.MultiheadAttention(8, 2)})
     with pytest.raises((TargetError, SpecError), match="lora_ga"):  # PEFT fails there too (no .weight)
         peftdecl.attach(mha, {"peft_type": "LORA", **{**config(), "target_modules": ["attn"]}})
+
+
+def test_numpy_reference_equals_the_torch_backend() -> None:
+    """Given the same gradients and seed, the NumPy reference draws the same test matrices and gives the same A, B
+    and residual W as the torch backend (float64 against the float32 weights torch holds)."""
+    model = base_model()
+    spec = {"peft_type": "LORA", **config(scale="weight_svd")}
+    grads = peftdecl.preprocess_loraga(model, spec, train_step(model))
+    state = {k: v.detach().double().numpy() for k, v in base_model().state_dict().items()}
+    peftdecl.inits.remember(
+        state, "lora_ga", grads
+    )  # what preprocess_loraga keeps, for a backend without autograd
+    reference = peftdecl.attach(state, spec, backend="numpy", seed=4)
+    ours = peftdecl.attach(model, spec, backend="torch", seed=4)
+    expected, values = reference.state_dict(), ours.state_dict()
+    for module in TARGETS:
+        for key in ("lora_A.weight", "lora_B.weight"):
+            assert rel_err(values[f"{module}.{key}"], expected[f"{module}.{key}"]) <= TOL
+        assert rel_err(ours.engine.base_weight(module), reference.engine.base_weight(module)) <= TOL
