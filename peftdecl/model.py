@@ -32,6 +32,7 @@ from peftdecl.init import (
     generator_for,
     init_params,
 )
+from peftdecl.layer_replication import replicated_info
 from peftdecl.lora_init import weight_initialised
 from peftdecl.names import check_adapter_name
 from peftdecl.options import EngineOptions
@@ -141,7 +142,9 @@ class AdaptedModel(PeftCompat):
             raise PeftdeclError(f"an adapter named {name!r} is already attached")
         if name == "__base__":
             raise PeftdeclError("'__base__' is reserved for rows without an adapter")
-        plan = compile_plan(load_spec(spec), self._info, name)
+        spec = load_spec(spec)
+        self._info = replicated_info(self, spec)  # layer_replication rebuilds the layer list first
+        plan = compile_plan(spec, self._info, name)
         check_compatible(self._book.plans, plan, self._backend.capabilities)
         base_residuals: dict[str, np.ndarray] = {}
         if arrays is None:
@@ -193,6 +196,7 @@ class AdaptedModel(PeftCompat):
             folder = folder / name  # PEFT saves a non-default adapter in a sub-folder named after it
         file_format = detect_format(folder)
         spec, tensors = file_format.read(folder)
+        self._info = replicated_info(self, spec)
         plan = compile_plan(spec, self._info, name)
         arrays = file_format.to_ir(plan, tensors, self._info)
         base_overrides = {k: v for k, v in arrays.items() if is_base_override(self._info, plan, k)}

@@ -9,6 +9,7 @@ from typing import Annotated, ClassVar, Literal
 from msgspec import Meta
 
 from peftdecl._json import JsonObject
+from peftdecl.layer_replication import layer_map_problems
 from peftdecl.spec._base import (
     Alpha,
     AlphaPattern,
@@ -126,7 +127,6 @@ class LowRankSpec(SpecBase, frozen=True):
         "corda_config": None,
         "alora_invocation_tokens": None,
         "use_qalora": False,
-        "layer_replication": None,
         "target_parameters": None,
         "arrow_config": None,
     }
@@ -150,6 +150,7 @@ class LowRankSpec(SpecBase, frozen=True):
         if self.lora_bias and init not in (True, False):
             found.append(("$.lora_bias", "needs init_lora_weights to be true or false"))
         found.extend(trainable_token_problems(self))
+        found.extend(layer_map_problems(self))
         found.extend(loftq_config_problems(init, self.loftq_config))
         found.extend(variant_problems(self))
         found.extend(variant_b_problems(self))
