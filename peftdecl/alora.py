@@ -65,12 +65,3 @@ def token_mask(tokens: tuple[int, ...], batch: int, length: int, module: str) ->
         if offset is not None:
             mask[i, length - min(offset, length) :] = True
     return mask
-
-
-def active_offsets(
-    invocations: Sequence[tuple[int, ...]], input_ids: np.ndarray | None
-) -> dict[tuple[int, ...], Offsets] | None:
-    """The offsets of every invocation sequence in ``input_ids`` (None without input_ids or invocations)."""
-    if input_ids is None or not invocations:
-        return None
-    return {tokens: invocation_offsets(input_ids, tokens) for tokens in dict.fromkeys(invocations)}

@@ -357,3 +357,38 @@ def test_alora_refusals() -> None:
     reference = peftdecl.attach(state, spec, backend="numpy")
     with pytest.raises(PeftdeclError, match="lin0: an aLoRA adapter cannot be merged"):
         reference.merge()
+
+
+def test_alora_in_a_mixed_batch_equals_peft(tiny_llama: Any, tmp_path: Path) -> None:
+    """adapter_names: each row's offsets come from its own adapter's invocation (none for LoRA and base rows)."""
+    needs_torch_backend()
+
+    def config(tokens: list[int] | None) -> Any:
+        return peft.LoraConfig(
+            task_type="CAUSAL_LM",
+            r=2,
+            target_modules=["q_proj", "v_proj"],
+            alora_invocation_tokens=tokens,
+            init_lora_weights=False,
+        )
+
+    theirs = peft.get_peft_model(copy.deepcopy(tiny_llama), config(INVOCATION), adapter_name="inv")
+    theirs.add_adapter("seven", config([7]))
+    theirs.add_adapter("plain", config(None))
+    theirs.eval()
+    theirs.save_pretrained(tmp_path)
+    ours = peftdecl.load_adapter(copy.deepcopy(tiny_llama), tmp_path, backend="torch", name="inv")
+    for name in ("seven", "plain"):
+        ours.load_adapter(tmp_path / name, name)
+    input_ids = torch.tensor([*LLAMA_IDS, [1, 7, 3, 5, 6, 8, 9]])
+    names = ["inv", "seven", "plain", "seven"]  # row 1 has no 7: "seven" does not act there; row 3 has
+    with torch.no_grad():
+        expected = theirs(input_ids=input_ids, adapter_names=names).logits.numpy()
+        base = tiny_llama(input_ids=input_ids).logits.numpy()
+        assert np.array_equal(expected[1], base[1]) and rel_err(expected[3, 1:], base[3, 1:]) > 1e-3
+        assert rel_err(ours(input_ids=input_ids, adapter_names=names).logits.numpy(), expected) <= TOL
+    generated = ours.generate(input_ids=input_ids, adapter_names=names, max_new_tokens=3, do_sample=False)
+    expected_ids = theirs.generate(
+        input_ids=input_ids, adapter_names=names, max_new_tokens=3, do_sample=False
+    )
+    assert torch.equal(generated, expected_ids)

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 
 from peftdecl.adapter_book import AdapterBook
-from peftdecl.alora import active_offsets, invocation_offsets_set, token_mask
+from peftdecl.alora import invocation_offsets, invocation_offsets_set, token_mask
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl_torch.kinds._additive import Params
 from peftdecl_torch.kinds.lora import LoraOps
+from peftdecl_torch.mixed_batch import ADAPTER_NAMES
 
 if TYPE_CHECKING:
     from peftdecl_torch.layer import AdaptedLayer
@@ -31,25 +32,36 @@ def _input_ids(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor
 
 @contextmanager
 def invocation_rows(book: AdapterBook, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Iterator[None]:
-    """For a model call (forward or generate): each active aLoRA adapter's offsets in its ``input_ids`` (none
-    without input_ids, e.g. inputs_embeds only: then no aLoRA adapter acts, as in HF PEFT)."""
-    invocations = [
-        tuple(lp.options["invocation_tokens"])
-        for name in book.active
-        for lp in book.plans[name].layers[:1]
-        if lp.kind == "alora"
-    ]
-    if not invocations:
-        yield
-        return
+    """For a model call (forward or generate): the offsets of each aLoRA adapter that runs (the active ones, or
+    those a mixed batch names) in the call's ``input_ids``; without input_ids (inputs_embeds only) no offsets are
+    set, so no aLoRA adapter acts, as in HF PEFT. In a mixed batch each invocation's offsets cover the rows of its
+    adapters only, in order: the rows a layer hands that adapter."""
+    mixed = ADAPTER_NAMES.get()
+    names = mixed.names if mixed is not None else book.active
+    tokens_of = {name: tokens for name in dict.fromkeys(names) if (tokens := invocation_tokens(book, name))}
     ids = _input_ids(args, kwargs)
-    if (
-        ids is None
-    ):  # no invocation can be found: the offsets stay as they are (none outside a caller's block)
+    if not tokens_of or ids is None:
         yield
         return
-    with invocation_offsets_set(active_offsets(invocations, ids.cpu().numpy())):
+    input_ids = ids.cpu().numpy()
+    if mixed is not None and len(mixed.names) != input_ids.shape[0]:
+        raise PeftdeclError(
+            f"adapter_names has {len(mixed.names)} entries for input_ids of batch size {input_ids.shape[0]}"
+        )
+    offsets = {}
+    for tokens in dict.fromkeys(tokens_of.values()):
+        rows = [i for i, name in enumerate(names) if tokens_of.get(name) == tokens] if mixed else slice(None)
+        offsets[tokens] = invocation_offsets(input_ids[rows], tokens)
+    with invocation_offsets_set(offsets):
         yield
+
+
+def invocation_tokens(book: AdapterBook, name: str) -> tuple[int, ...]:
+    """The invocation tokens of adapter ``name`` where it is an aLoRA adapter, else ()."""
+    plan = book.plans.get(name)
+    if plan is None or not plan.layers or plan.layers[0].kind != "alora":
+        return ()
+    return tuple(plan.layers[0].options["invocation_tokens"])
 
 
 class AloraOps(LoraOps):
