@@ -288,6 +288,8 @@ def test_gradients_match_autograd_reference_and_peft(name: str, tmp_path: Path) 
         ({"lora_bias": True}, "$.lora_bias"),
         ({"use_dora": True}, "$.use_dora"),
         ({"init_lora_weights": "pissa"}, "$.init_lora_weights"),
+        ({"use_qalora": True}, "$.use_qalora"),
+        ({"alora_invocation_tokens": [1, 2]}, "$.alora_invocation_tokens"),
     ],
 )
 def test_options_peft_refuses_on_parameters_are_refused_up_front(change: dict[str, Any], path: str) -> None:

@@ -10,6 +10,16 @@ from typing import Any
 
 PARAMETER_INITS = (True, False, "gaussian")
 """The ``init_lora_weights`` values peftdecl runs on a raw parameter."""
+VARIANT_FIELDS = (
+    "velora_config",
+    "kasa_config",
+    "monteclora_config",
+    "use_bdlora",
+    "arrow_config",
+    "alora_invocation_tokens",
+    "use_qalora",
+)
+"""LoraConfig fields that select a LoRA variant, which HF PEFT's ParamWrapper refuses (DoRA is checked apart)."""
 
 
 def target_parameter_problems(spec: Any) -> list[tuple[str, str]]:
@@ -36,7 +46,7 @@ def target_parameter_problems(spec: Any) -> list[tuple[str, str]]:
                 "(supported there: true, false, 'gaussian')",
             )
         )
-    for variant in ("velora_config", "kasa_config"):
-        if getattr(spec, variant, None) is not None:
-            found.append((f"$.{variant}", f"must be null {why}"))
+    for variant in VARIANT_FIELDS:  # PEFT's wrapper knows no LoRA variant
+        if getattr(spec, variant, None):
+            found.append((f"$.{variant}", f"cannot be set {why}: LoRA variants do not run on raw parameters"))
     return found
