@@ -24,6 +24,7 @@ from peftdecl_mlx import compose, quantized
 from peftdecl_mlx.generator import Generator
 from peftdecl_mlx.kinds import ops_for
 from peftdecl_mlx.kinds._protocols import MergeCache, MlxAdditiveOps, MlxOps
+from peftdecl_mlx.kinds.trainable_tokens import tied_head_tokens
 
 T = TypeVar("T")
 
@@ -178,9 +179,10 @@ class AdaptedLayer(nn.Module):
         mx.eval(self.base_layer.parameters())
 
     def as_linear(self, x: mx.array) -> mx.array:
-        # a tied output head reads the embedding's base weight only, as in HF PEFT (merges do show up there)
+        # a tied output head reads the embedding's base weight, as in HF PEFT (merges do show up there), and the
+        # embedding's trainable tokens, which HF PEFT ties to the head
         y: mx.array = self.base_layer.as_linear(x)
-        return y
+        return tied_head_tokens(self, x, y)
 
     # -- adapters -----------------------------------------------------------------------------------------
     def add(

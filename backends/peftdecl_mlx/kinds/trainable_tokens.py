@@ -70,3 +70,15 @@ class TrainableTokensOps(AdditiveKind):
 
 
 OPS = TrainableTokensOps()
+
+
+def tied_head_tokens(layer: AdaptedLayer, x: mx.array, y: mx.array) -> mx.array:
+    """The output of a head tied to embedding ``layer`` (``y = x Wᵀ`` from its base weight) plus x Dᵀ of each running
+    trainable-tokens adapter on it: the head reads the trained rows, as HF PEFT ties them."""
+    state = layer.adapter_state
+    for name in state.running:
+        lp = state.plans[name]
+        if lp.kind == OPS.kind:
+            d = OPS.delta_weight(lp, layer, layer.params(name))
+            y = y + (x.astype(d.dtype) @ d.T).astype(y.dtype)
+    return y
