@@ -87,3 +87,42 @@ def _digamma(x: np.ndarray) -> np.ndarray:
     series = np.log(x) - 0.5 / x - inv2 * (1 / 12 - inv2 * (1 / 120 - inv2 * (1 / 252 - inv2 * (1 / 240))))
     result: np.ndarray = acc + series
     return result
+
+
+def perturbed_a_grads(
+    a: np.ndarray,
+    grad: np.ndarray,
+    std_prior: np.ndarray,
+    expert_prior: np.ndarray,
+    draws: tuple[np.ndarray, np.ndarray, np.ndarray],
+    sample_scaler: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dL/dA, dL/ds, dL/dp) of A_eff = (Σ_n w_n (Aᵀ + E_n))ᵀ given G = dL/dA_eff [r, in], by the chain rule
+    through the noise (E_n = c z_n √Σ, Σ_j = e^{2 s_j} Z_jj unless floored) and the softmax weights (floors and
+    clamps pass no gradient, as in autograd)."""
+    z_mvn, z_wishart, z_dirichlet = draws
+    n = expert_prior.shape[0]
+    raw_var = np.exp(2.0 * std_prior) * np.diag(z_wishart)
+    var = np.maximum(raw_var, VAR_FLOOR)
+    sd = np.sqrt(var)
+    weights = expert_weights(expert_prior, z_dirichlet)
+    noise = sample_scaler * z_mvn * sd[None, None, :]
+    g_t = grad.T  # [in, r], the gradient at A_effᵀ
+    d_a = weights.sum() * grad
+    d_weights = np.einsum("ij,nij->n", g_t, a.T[None] + noise)
+    d_sd = sample_scaler * np.einsum("n,ij,nij->j", weights, g_t, z_mvn)
+    d_var = np.where(raw_var > VAR_FLOOR, d_sd / (2.0 * sd), 0.0)
+    d_std = d_var * 2.0 * raw_var
+    # w = softmax(σ ⊙ z + μ), μ = log α − mean log α, σ = √(δ + ε), δ = α⁻¹ (1 − 2/N) + Σα⁻¹ / N²
+    raw_alpha = np.exp(expert_prior)
+    alpha = np.maximum(raw_alpha, ALPHA_FLOOR)
+    inv = 1.0 / alpha
+    raw_spread = inv * (1.0 - 2.0 / n) + inv.sum() / n**2
+    sigma = np.sqrt(np.maximum(raw_spread, ALPHA_FLOOR) + ALPHA_FLOOR)
+    d_logits = weights * (d_weights - weights @ d_weights)
+    d_log_alpha = d_logits - d_logits.mean()
+    d_spread = np.where(raw_spread > ALPHA_FLOOR, d_logits * z_dirichlet / (2.0 * sigma), 0.0)
+    d_inv = d_spread * (1.0 - 2.0 / n) + d_spread.sum() / n**2
+    d_alpha = d_log_alpha / alpha - d_inv / alpha**2
+    d_expert = np.where(raw_alpha > ALPHA_FLOOR, d_alpha * raw_alpha, 0.0)
+    return d_a, d_std, d_expert

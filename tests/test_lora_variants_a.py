@@ -405,3 +405,69 @@ def test_kasa_and_other_adapters_do_not_share_a_model() -> None:
     model = peftdecl.attach(state, plain)
     with pytest.raises(PeftdeclError, match=r"new adapter uses KaSA"):
         model.add_adapter("kasa", kasa)
+
+
+MC_SPEC = {
+    "peft_type": "LORA",
+    "r": 3,
+    "lora_alpha": 6,
+    "target_modules": ["m"],
+    "init_lora_weights": False,
+    # large noise so that the priors' gradients are far from zero
+    "monteclora_config": {"num_samples": 3, "sample_scaler": 0.5},
+}
+
+
+def test_monteclora_reference_training_backward_matches_finite_differences() -> None:
+    from tests.gradcheck import check_gradients
+
+    rng = np.random.default_rng(5)
+    model = peftdecl.attach({"m.weight": rng.normal(size=(6, 5))}, MC_SPEC, backend="numpy", seed=1).train()
+    checked = check_gradients(
+        model, "m", rng.normal(size=(4, 5)), seed=3
+    )  # the draws replayed per evaluation
+    assert {"m.lora_monteclora_sampler.std_prior", "m.lora_monteclora_sampler.expert_weights_prior"} <= set(
+        checked
+    )
+
+
+@torch_needed
+def test_monteclora_torch_training_step_matches_the_reference_given_the_same_draws(monkeypatch) -> None:
+    torch = _torch()
+    import peftdecl_numpy.kinds.monteclora as numpy_mc
+    import peftdecl_torch.kinds.monteclora as torch_mc
+    from peftdecl import monteclora_math
+
+    draws = monteclora_math.draw_noise(np.random.default_rng(9), 3, 5, 3)
+    monkeypatch.setattr(numpy_mc, "draw_noise", lambda rng, n, in_features, r: draws)
+    as_torch = (torch.tensor(draws[0]), torch.tensor(np.diag(draws[1]).copy()), torch.tensor(draws[2]))
+    monkeypatch.setattr(
+        torch_mc, "draw", lambda layer, n, in_features, r, like: tuple(t.to(like.dtype) for t in as_torch)
+    )
+    rng = np.random.default_rng(5)
+    weight, x, dy = rng.normal(size=(6, 5)), rng.normal(size=(4, 5)), rng.normal(size=(4, 6))
+    reference = peftdecl.attach({"m.weight": weight}, MC_SPEC, backend="numpy", seed=1).train()
+    y, tape = reference.engine.layer_forward("m", x)
+    expected = reference.engine.layer_backward("m", tape, dy)
+
+    class One(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = torch.nn.Linear(5, 6, bias=False, dtype=torch.float64)
+
+    base = One()
+    with torch.no_grad():
+        base.m.weight.copy_(torch.tensor(weight))
+    ours = peftdecl.attach(base, MC_SPEC, backend="torch", seed=1).train()
+    params = ours.trainable_parameters()
+    with torch.no_grad():
+        for key, value in reference.state_dict().items():
+            if key in params:
+                params[key].copy_(torch.tensor(value))
+    out = ours.base_model.m(torch.tensor(x))
+    (out * torch.tensor(dy)).sum().backward()
+    assert rel_err(out.detach().numpy(), y) <= 1e-10  # float64 both sides
+    got = grads_of(params)
+    assert set(got) == {k for k in expected if k.startswith("m.")} and len(got) == 4
+    for key, grad in got.items():
+        assert rel_err(grad, expected[key]) <= 1e-10, key

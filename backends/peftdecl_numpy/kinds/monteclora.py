@@ -1,17 +1,15 @@
 """MonteCLoRA (Sengupta et al., 2024) in the NumPy reference: evaluation and merging are LoRA's; in training A is
 replaced by A_eff = Σ_n w_n (A + E_nᵀ), a Dirichlet-weighted average of N Gaussian perturbations.
 
-The draws (:mod:`peftdecl.monteclora_math`, shared with the other backends) come from the engine's generator. The
-reference runs the training forward; its explicit backward covers A and B (dL/dA = Σ_n w_n · dL/dA_eff) and
-refuses a training backward (the sampler priors' gradients): the torch backend takes those by autograd.
+The draws come from the engine's generator; the math, the training backward through the noise and the sample
+weights included, is :mod:`peftdecl.monteclora_math` (host NumPy: the sampler's tensors are r- and N-long).
 """
 
 from __future__ import annotations
 
-from typing import NoReturn
+import numpy as np
 
-from peftdecl.errors import PeftdeclError
-from peftdecl.monteclora_math import draw_noise, expert_weights, noise_columns
+from peftdecl.monteclora_math import draw_noise, expert_weights, noise_columns, perturbed_a_grads
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.monteclora import EXPERT_PRIOR, EXPERT_WEIGHTS, STD_PRIOR, VAR_PRIOR
 from peftdecl_numpy.kinds.base import Params, Tape
@@ -29,16 +27,16 @@ class MontecloraOps(LoraOps):
         a = p["lora_A.weight"]
         xp = namespace(a)
         o = lp.options
-        z_mvn, z_wishart, z_dirichlet = draw_noise(layer.rng, o["num_samples"], a.shape[1], lp.r)
+        draws = draw_noise(layer.rng, o["num_samples"], a.shape[1], lp.r)
+        z_mvn, z_wishart, z_dirichlet = draws
         var, noise = noise_columns(to_numpy(p[STD_PRIOR]), z_wishart, z_mvn, o["sample_scaler"])
         weights = expert_weights(to_numpy(p[EXPERT_PRIOR]), z_dirichlet)
         p[VAR_PRIOR][...] = from_host(xp, var, a.dtype)  # HF PEFT keeps the last draw in these buffers
         p[EXPERT_WEIGHTS][...] = from_host(xp, weights, a.dtype)
-        w = from_host(xp, weights, a.dtype)
-        perturbed = xp.reshape(a.T, (1, *a.T.shape)) + from_host(xp, noise, a.dtype)
-        a_eff = xp.sum(xp.reshape(w, (-1, 1, 1)) * perturbed, axis=0).T
+        a_eff_t = np.einsum("n,nij->ij", weights, to_numpy(a).T[None] + noise)
+        a_eff = from_host(xp, a_eff_t.T, a.dtype)
         delta, tape = super().delta_record(lp, layer, {**p, "lora_A.weight": a_eff}, x)
-        return delta, {**tape, "a_eff": a_eff}
+        return delta, {**tape, "a_eff": a_eff, "draws": draws}
 
     def delta_backward(
         self, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, d_delta: Array
@@ -46,20 +44,21 @@ class MontecloraOps(LoraOps):
         if "a_eff" not in tape:  # evaluation: LoRA's gradients; the priors do not enter the output
             dx, grads = super().delta_backward(lp, layer, p, tape, d_delta)
             xp = namespace(p[STD_PRIOR])
-            return dx, {
-                **grads,
-                STD_PRIOR: xp.zeros_like(p[STD_PRIOR]),
-                EXPERT_PRIOR: xp.zeros_like(p[EXPERT_PRIOR]),
-            }
-        raise_priors(lp)
-
-
-def raise_priors(lp: LayerPlan) -> NoReturn:
-    """The reference has no explicit backward through the sampler's priors (the torch backend has, by autograd)."""
-    raise PeftdeclError(
-        f"{lp.module}: the NumPy reference has no explicit backward through MonteCLoRA's sampler priors in "
-        "training; train MonteCLoRA on the torch backend"
-    )
+            zeros = {name: xp.zeros_like(p[name]) for name in (STD_PRIOR, EXPERT_PRIOR)}
+            return dx, {**grads, **zeros}
+        dx, grads = super().delta_backward(lp, layer, {**p, "lora_A.weight": tape["a_eff"]}, tape, d_delta)
+        a = p["lora_A.weight"]
+        d_a, d_std, d_expert = perturbed_a_grads(
+            to_numpy(a),
+            to_numpy(grads["lora_A.weight"]),
+            to_numpy(p[STD_PRIOR]),
+            to_numpy(p[EXPERT_PRIOR]),
+            tape["draws"],
+            lp.options["sample_scaler"],
+        )
+        xp = namespace(a)
+        host = {"lora_A.weight": d_a, STD_PRIOR: d_std, EXPERT_PRIOR: d_expert}
+        return dx, {**grads, **{k: from_host(xp, v, a.dtype) for k, v in host.items()}}
 
 
 OPS = MontecloraOps()
