@@ -179,7 +179,7 @@ class TrainFile(_Section):
     ]
     adapter: Annotated[
         str | dict[str, Any],
-        Meta(description="Adapter spec: a path, or an inline spec of any of the 11 kinds."),
+        Meta(description="Adapter spec: a path, or an inline spec of any kind (peft_type)."),
     ]
     data: DataConfig
     output_dir: Annotated[str, Meta(min_length=1, description="Where logs, checkpoints and the adapter go.")]
