@@ -254,6 +254,8 @@ def test_refusals_name_the_field() -> None:
     # DoRA does not adapt MultiheadAttention (PEFT refuses it too)
     with pytest.raises(TargetError, match="layers only as dora"):
         peftdecl.attach(base_model(), {"peft_type": "LORA", "target_modules": ["mha"], "use_dora": True})
+    with pytest.raises(SpecError, match=r"\$\.bias: mha is an nn.MultiheadAttention"):
+        peftdecl.attach(base_model(), {"peft_type": "LORA", "target_modules": ["mha"], "bias": "all"})
     with pytest.raises(SpecError, match=r"\$\.lora_bias"):
         peftdecl.attach(base_model(), {"peft_type": "LORA", "target_modules": ["mha"], "lora_bias": True})
     with pytest.raises(SpecError, match=r"\$\.init_lora_weights"):

@@ -74,7 +74,7 @@ def backward(layer: BaseLayer, tape: ComposedTape, dy: Array) -> tuple[Array | N
         grads[entry.name] = own
     dx = layer.input_grad(x, dy, weight=tape["weight"])
     if tape["maps"]:
-        dw = layer.weight_grad(x, dy)
+        dw = layer.weight_grad(x, dy, weight=tape["weight"])
         for entry, own_tape in reversed(tape["maps"]):
             dw, grads[entry.name] = _composing(entry).compose_weight_backward(
                 entry.lp, layer, entry.params, own_tape, dw

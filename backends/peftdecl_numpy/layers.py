@@ -99,8 +99,9 @@ class BaseLayer(ModeView):
             return dx
         return dy @ w
 
-    def weight_grad(self, x: Array, dy: Array) -> Array:
-        """dL/dW in the IR layout (used where an adapter's gradient flows through a weight-like quantity)."""
+    def weight_grad(self, x: Array, dy: Array, weight: Array | None = None) -> Array:
+        """dL/dW in the IR layout (used where an adapter's gradient flows through a weight-like quantity);
+        ``weight``, the weight the forward ran with, matters only to layers not linear in it (attention)."""
         xp = self.xp
         if self.info.type == "embedding":
             return add_at_rows(xp.zeros_like(self.weight), x, dy)

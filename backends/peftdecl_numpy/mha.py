@@ -119,22 +119,15 @@ class _Cache:
 class MhaLayer(BaseLayer):
     """A frozen self-attention layer whose ``weight`` is [W_q; W_k; W_v; W_o] (IR layout) and ``bias`` likewise."""
 
-    last_weight: Array | None = None
-    """The weight of the latest forward that was given one: the composed path asks for dL/dW' without it."""
-
     def forward(self, x: Array, weight: Array | None = None, with_bias: bool = True) -> Array:
-        w = self.weight if weight is None else weight
-        if weight is not None:
-            self.last_weight = weight
-        y, _ = self._attend(x, w, with_bias)
+        y, _ = self._attend(x, self.weight if weight is None else weight, with_bias)
         return y
 
     def input_grad(self, x: Array, dy: Array, weight: Array | None = None) -> Array | None:
         return self.grads(x, dy, self.weight if weight is None else weight)[0]
 
-    def weight_grad(self, x: Array, dy: Array) -> Array:
-        w = self.weight if self.last_weight is None else self.last_weight
-        return self.grads(x, dy, w)[1]
+    def weight_grad(self, x: Array, dy: Array, weight: Array | None = None) -> Array:
+        return self.grads(x, dy, self.weight if weight is None else weight)[1]
 
     def bias_shape_sum(self, dy: Array) -> Array:
         raise PeftdeclError(f"an mha layer has no single output bias ({self.info.type})")

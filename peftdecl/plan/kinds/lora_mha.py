@@ -58,6 +58,14 @@ def check_mha_spec(spec: LoraSpec, module: str) -> None:
                 "never trained; in_proj's not at all), so peftdecl refuses it; set it to false",
             )
         )
+    if spec.bias != "none":  # PEFT's keys for them nest twice (mha.base_layer.out_proj.base_layer.bias)
+        problems.append(
+            (
+                "$.bias",
+                f"{module} is an nn.MultiheadAttention: training base biases beside it (bias={spec.bias!r}) is "
+                "not supported by peftdecl; set bias to 'none'",
+            )
+        )
     if problems:
         raise SpecError(problems)
 
