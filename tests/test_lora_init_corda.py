@@ -214,6 +214,27 @@ def test_cache_files_are_shared_both_ways(tmp_path: Path) -> None:
         assert rel_err(ours.engine.base_weight(module), w) <= TOL
 
 
+def test_covariance_file_and_hooked_model(tmp_path: Path) -> None:
+    """peftdecl's covariance_file, collected on a separate hooked_model, prepares PEFT with peftdecl's own
+    adapter's tensors; triplets kept for another rank are refused, as PEFT refuses them."""
+    needs_torch_backend()
+    base = base_model(8)
+    cov_file = str(tmp_path / "cov" / "c.pt")
+    cfg = config(r=3, corda_config={"covariance_file": cov_file})
+    hooked = copy.deepcopy(base)
+    model = copy.deepcopy(base)
+    peftdecl.preprocess_corda(
+        model, {"peft_type": "LORA", **cfg}, run_model=runner(hooked), hooked_model=hooked
+    )
+    with pytest.raises(TargetError, match="built for another model or rank"):
+        peftdecl.attach(model, {"peft_type": "LORA", **{**cfg, "r": 4}}, backend="torch")
+    ours = peftdecl.attach(model, {"peft_type": "LORA", **cfg}, backend="torch")
+    peft_model = copy.deepcopy(base)
+    lora_config = peft.LoraConfig(**cfg)
+    corda.preprocess_corda(peft_model, lora_config)  # no run_model: the covariance file is read
+    assert_like_peft(ours.state_dict(), ours.engine.base_weight, peft.get_peft_model(peft_model, lora_config))
+
+
 def _perturb(model: Any, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
