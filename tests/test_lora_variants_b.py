@@ -357,6 +357,11 @@ def test_alora_refusals() -> None:
     reference = peftdecl.attach(state, spec, backend="numpy")
     with pytest.raises(PeftdeclError, match="lin0: an aLoRA adapter cannot be merged"):
         reference.merge()
+    # PEFT has aLoRA for linear layers only ("Invalid or unsupported variant combination" elsewhere)
+    with pytest.raises(TargetError, match=r"emb \(embedding\) cannot be adapted"):
+        peftdecl.attach(
+            state, {**spec, "target_modules": ["emb"]}, backend="numpy", layer_types={"emb": "embedding"}
+        )
 
 
 def test_alora_in_a_mixed_batch_equals_peft(tiny_llama: Any, tmp_path: Path) -> None:
