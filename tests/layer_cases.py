@@ -60,8 +60,6 @@ CONV2D_1X1 = Layer({"m.weight": (4, 3, 1, 1)}, "conv2d", (2, 3, 4, 4))
 CONV2D_GROUPS = Layer({"m.weight": (4, 2, 3, 2)}, CONV2D_GROUPED, (2, 4, 5, 5))
 CONV3D_STRIDED = {"type": "conv3d", "padding": 1, "stride": [2, 1, 1]}
 CONV3D = Layer({"m.weight": (3, 2, 2, 2, 2), "m.bias": (3,)}, CONV3D_STRIDED, (2, 2, 3, 3, 4))
-CONV3D_STRIDED = {"type": "conv3d", "padding": 1, "stride": [2, 1, 1]}
-CONV3D = Layer({"m.weight": (3, 2, 2, 2, 2), "m.bias": (3,)}, CONV3D_STRIDED, (2, 2, 3, 3, 4))
 GPT2_CONV1D = Layer({"m.weight": (5, 6), "m.bias": (6,)}, "gpt2_conv1d", (4, 5))
 # torch's nn.MultiheadAttention(4, 2): in_proj [3E, E] and out_proj [E, E], input [L, N, E]
 MHA_SHAPES = {

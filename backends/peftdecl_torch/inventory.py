@@ -114,8 +114,6 @@ def layer_type(module: nn.Module) -> LayerType | None:
         return "conv2d"
     if isinstance(module, nn.Conv3d):
         return "conv3d"
-    if isinstance(module, nn.Conv3d):
-        return "conv3d"
     # transformers' GPT-2 Conv1D: a linear layer whose weight is stored [in, out]
     if (
         type(module).__name__ == "Conv1D"

@@ -294,8 +294,6 @@ class AdaptedLayer(PeftLayerAttributes, nn.Module):
             return F.conv2d(x, weight_ir, bias, info.stride, info.padding, info.dilation, info.groups)
         if info.type == "conv3d":
             return F.conv3d(x, weight_ir, bias, info.stride, info.padding, info.dilation, info.groups)
-        if info.type == "conv3d":
-            return F.conv3d(x, weight_ir, bias, info.stride, info.padding, info.dilation, info.groups)
         return F.linear(x, weight_ir, bias)
 
     def embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

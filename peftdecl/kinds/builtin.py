@@ -152,7 +152,6 @@ _LYCORIS_LAYERS = ("linear", "conv1d", "conv2d")
 _ADALORA_LAYERS = ("linear", "conv2d", "gpt2_conv1d")
 _OFT_LAYERS = ("linear", "embedding", "conv2d")
 _IA3_LAYERS = ("linear", "conv2d", "conv3d", "gpt2_conv1d")
-_IA3_LAYERS = ("linear", "conv2d", "conv3d", "gpt2_conv1d")
 
 LORA = _builtin(
     "lora",

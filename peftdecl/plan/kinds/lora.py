@@ -97,33 +97,11 @@ def refuse_grouped_merge(lp: LayerPlan) -> None:
         )
 
 
-def check_grouped_rank(module: str, layer: LayerInfo, r: int) -> None:
-    """A grouped convolution's rank must be a multiple of its groups (B is a grouped 1×1 conv), as in HF PEFT."""
-    if layer.is_conv and r % layer.groups != 0:
-        raise TargetError(
-            f"{module}: a {layer.type} with groups={layer.groups} needs a rank divisible by {layer.groups}, got "
-            f"r={r}; set $.r (or this module's $.rank_pattern entry) to a multiple of {layer.groups}, or leave "
-            "the layer out of $.target_modules"
-        )
-
-
-def refuse_grouped_merge(lp: LayerPlan) -> None:
-    """A grouped conv's ΔW has no weight to merge into: B A joins every input channel to every output channel,
-    which a conv with groups > 1 cannot hold (HF PEFT refuses these merges too)."""
-    if lp.layer.groups > 1:
-        raise PeftdeclError(
-            f"{lp.module}: cannot merge {lp.kind} into a {lp.layer.type} with groups={lp.layer.groups}: "
-            "its update B A connects every input channel to every output channel, which the grouped weight "
-            "cannot hold (HF PEFT refuses this merge too); keep the adapter unmerged"
-        )
-
-
 def build_lora_layer(spec: LoraSpec, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
     """One LoRA layer: rank/alpha patterns, scaling and the A/B tensors."""
     if layer.type == "mha":  # both projections of an nn.MultiheadAttention, with their own execution kind
         return build_mha_layer(spec, module, layer, info)
     r, alpha = rank_and_alpha(spec, module)
-    check_grouped_rank(module, layer, r)
     check_grouped_rank(module, layer, r)
     return LayerPlan(
         module=module,
