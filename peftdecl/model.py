@@ -48,6 +48,7 @@ from peftdecl.peft_compat import (
 from peftdecl.plan import ModelInfo, Plan, compile_plan
 from peftdecl.plan.compile import layouts
 from peftdecl.plan.ir import ParamSpec
+from peftdecl.plan.kinds.lora import refuse_grouped_merges
 from peftdecl.plan.kinds.vera import inherit_projections
 from peftdecl.spec import SpecBase, load_spec
 
@@ -298,6 +299,7 @@ class AdaptedModel(PeftCompat):
                     f"adapter {name!r} is {self._book.plans[name].kind}, which cannot be merged"
                 )
         todo = tuple(n for n in wanted if n not in self._book.merged)
+        refuse_grouped_merges(self._book.plans[n] for n in todo)  # before any weight is written
         self._engine.merge(todo)
         self._book.merged.extend(todo)
 

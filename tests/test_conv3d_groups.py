@@ -294,3 +294,35 @@ def test_kinds_peft_runs_on_no_conv3d_refuse_it(spec: dict[str, Any]) -> None:
     state, options = numpy_inputs(make())
     with pytest.raises(TargetError, match=r"conv \(conv3d\) cannot be adapted: .* supports .* layers only"):
         peftdecl.attach(state, {**spec, "target_modules": ["conv"]}, **options)
+
+
+class TwoConvs(nn.Module):
+    """A plain conv ``a`` (mergeable) feeding a grouped conv ``conv`` (not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+
+    def forward(self, x: Any) -> Any:
+        return self.conv(self.a(x))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_refused_merge_writes_no_weight(backend: str) -> None:
+    """The grouped layer's refusal comes before the mergeable layer ``a`` is merged: nothing changes."""
+    if backend not in selected_backends():
+        pytest.skip(f"the {backend} backend is not selected")
+    torch.manual_seed(0)
+    spec = {"peft_type": "LORA", "r": 2, "target_modules": ["a", "conv"], "init_lora_weights": False}
+    if backend == "torch":
+        model = peftdecl.attach(TwoConvs(), spec, seed=0)
+    else:
+        state, options = numpy_inputs(TwoConvs())
+        model = peftdecl.attach(state, spec, seed=0, **options)
+    weights = {m: np.array(model.base_weight(m)) for m in ("a", "conv")}
+    for step in (model.merge, model.merge_and_unload):
+        with pytest.raises(PeftdeclError, match="groups=2"):
+            step()
+        for module, weight in weights.items():
+            assert np.array_equal(model.base_weight(module), weight), module

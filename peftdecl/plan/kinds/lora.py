@@ -4,9 +4,10 @@ groups, so B is [out, r/groups, 1, ...]), s = alpha/r."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from peftdecl.errors import PeftdeclError, TargetError
-from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec
+from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec, Plan
 from peftdecl.plan.kinds import KindLayout
 from peftdecl.plan.kinds.lora_mha import build_mha_layer
 from peftdecl.plan.targeting import pattern_value
@@ -95,6 +96,14 @@ def refuse_grouped_merge(lp: LayerPlan) -> None:
             "its update B A connects every input channel to every output channel, which the grouped weight "
             "cannot hold (HF PEFT refuses this merge too); keep the adapter unmerged"
         )
+
+
+def refuse_grouped_merges(plans: Iterable[Plan]) -> None:
+    """:func:`refuse_grouped_merge` on every LoRA-factored layer of ``plans``, before a merge writes any weight."""
+    for plan in plans:
+        for lp in plan.layers:
+            if lp.layer.is_conv and any(p.name == "lora_B.weight" for p in lp.params):
+                refuse_grouped_merge(lp)
 
 
 def build_lora_layer(spec: LoraSpec, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
