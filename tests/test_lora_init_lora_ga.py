@@ -302,3 +302,40 @@ def test_numpy_reference_equals_the_torch_backend() -> None:
         for key in ("lora_A.weight", "lora_B.weight"):
             assert rel_err(values[f"{module}.{key}"], expected[f"{module}.{key}"]) <= TOL
         assert rel_err(ours.engine.base_weight(module), reference.engine.base_weight(module)) <= TOL
+
+
+def test_gpt2_conv1d_gradients_are_peft_transposed() -> None:
+    """GPT-2's Conv1D stores W as [in, out]: the gradient is kept as out × in, A and B keep the function."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            n_layer=1,
+            n_embd=16,
+            n_head=2,
+            vocab_size=40,
+            n_positions=8,
+            resid_pdrop=0,
+            embd_pdrop=0,
+            attn_pdrop=0,
+        )
+    )
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(1))
+    cfg = {"r": 2, "lora_alpha": 4, "target_modules": ["c_attn", "c_fc"], "init_lora_weights": "lora_ga"}
+
+    def step_for(model: torch.nn.Module) -> object:
+        return lambda: model(input_ids=ids, labels=ids).loss.backward()
+
+    theirs = copy.deepcopy(gpt2)
+    peft.preprocess_loraga(
+        theirs, peft.LoraConfig(**cfg, lora_ga_config=peft.LoraGAConfig()), step_for(theirs)
+    )
+    model = copy.deepcopy(gpt2)
+    spec = {"peft_type": "LORA", **cfg, "lora_ga_config": {}}
+    grads = peftdecl.preprocess_loraga(model, spec, step_for(model))
+    for name, module in theirs.named_modules():
+        if hasattr(module, "_peft_loraga_grad"):
+            np.testing.assert_array_equal(grads[name], module._peft_loraga_grad.double().numpy().T)
+    ours = peftdecl.attach(model, spec, backend="torch")
+    with torch.no_grad():  # W − s·BA + s·BA: float32 rounding only
+        assert rel_err(ours(input_ids=ids).logits.numpy(), gpt2.eval()(input_ids=ids).logits.numpy()) <= TOL
