@@ -20,6 +20,7 @@ from peftdecl.errors import PeftdeclError
 from peftdecl.plan import ModelInfo, Plan
 from peftdecl.quant.requantize import RequantizationWarning
 from peftdecl.spec import SpecBase
+from peftdecl.variant_losses import variant_loss
 
 if TYPE_CHECKING:
     from peftdecl.adapter_book import AdapterBook
@@ -350,6 +351,14 @@ class PeftCompat:
             raise NotSupportedError(f"{type(self._engine).__name__} does not count parameters")
         trainable, total = counts()
         return int(trainable), int(total)
+
+    def _get_kasa_loss(self, adapter_names: str | Sequence[str] | None = None) -> Any:
+        """HF PEFT's KaSA regulariser of the adapters (default: active), to add to the task loss (torch)."""
+        return variant_loss(self, "kasa", adapter_names)
+
+    def _get_monteclora_loss(self, adapter_names: str | Sequence[str] | None = None) -> Any:
+        """HF PEFT's MonteCLoRA regulariser of the adapters (default: active), to add to the task loss (torch)."""
+        return variant_loss(self, "monteclora", adapter_names)
 
     def print_trainable_parameters(self) -> None:
         """Print PEFT's line: trainable params, all params and the trainable percentage."""

@@ -290,6 +290,7 @@ def test_kasa_loss_equals_peft_s(tmp_path: Path) -> None:
     expected = theirs.base_model._get_kasa_loss()
     got = kasa_loss(ours)
     assert isinstance(got, torch.Tensor)
+    assert float(ours._get_kasa_loss().detach()) == float(got.detach())  # under PEFT's name too
     assert rel_err(got.detach().numpy(), expected.detach().numpy()) <= F32
     expected.backward()
     got.backward()
@@ -338,6 +339,7 @@ def test_monteclora_training_step_equals_peft_given_the_same_draws(tmp_path: Pat
     assert rel_err(theirs_out.detach().numpy(), plain.numpy()) > 1e-4  # the noise changed the output
     theirs.train()
     ((theirs_out**2).sum() + theirs.base_model._get_monteclora_loss()).backward()
+    assert float(ours._get_monteclora_loss().detach()) == float(monteclora_loss(ours).detach())  # PEFT's name
     ((ours_out**2).sum() + monteclora_loss(ours)).backward()
     got = grads_of(ours.trainable_parameters())
     sampler = "lora_monteclora_sampler"
@@ -471,3 +473,10 @@ def test_monteclora_torch_training_step_matches_the_reference_given_the_same_dra
     assert set(got) == {k for k in expected if k.startswith("m.")} and len(got) == 4
     for key, grad in got.items():
         assert rel_err(grad, expected[key]) <= 1e-10, key
+
+
+def test_variant_losses_are_refused_off_torch() -> None:
+    state = {"m.weight": np.random.default_rng(0).normal(size=(6, 5))}
+    model = peftdecl.attach(state, {"peft_type": "LORA", "r": 2, "target_modules": ["m"], "kasa_config": {}})
+    with pytest.raises(PeftdeclError, match="torch backend, not on numpy"):
+        model._get_kasa_loss()

@@ -20,6 +20,10 @@ from peftdecl_torch.kinds.variant_layers import variant_layers
 class KasaOps(SubstitutedLora):
     kind = "kasa"
 
+    def model_loss(self, model: object, adapter_names: Sequence[str] | None) -> torch.Tensor | float:
+        """:func:`kasa_loss` (what ``AdaptedModel._get_kasa_loss`` calls)."""
+        return kasa_loss(model, adapter_names)
+
     def substitute(self, lp: LayerPlan, p: Params) -> Params:
         return {**p, "lora_A.weight": p[DIAG].unsqueeze(1) * p["lora_A.weight"]}
 

@@ -94,6 +94,10 @@ class MontecloraOps(LoraOps):
             p[EXPERT_WEIGHTS].copy_(weights.detach())
         return torch.einsum("n,nij->ij", weights, a.T.unsqueeze(0) + noise).T
 
+    def model_loss(self, model: object, adapter_names: Sequence[str] | None) -> torch.Tensor | float:
+        """:func:`monteclora_loss` (what ``AdaptedModel._get_monteclora_loss`` calls)."""
+        return monteclora_loss(model, adapter_names)
+
     def regulariser(self, lp: LayerPlan, p: Params, training: bool = True) -> torch.Tensor:
         """κ (KL_Dir + KL_Wishart + KL_Gauss) (+ Σ w²) of one layer, from its last draw (the buffers' values if it
         has not drawn since it was created or loaded)."""
