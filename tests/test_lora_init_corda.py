@@ -363,3 +363,15 @@ def test_mlx_backend_equals_the_numpy_reference() -> None:
         assert rel_err(value, expected[key]) <= 1e-6  # float32 storage of the same float64 factors
     for module in TARGETS:
         assert rel_err(ours.engine.base_weight(module), reference.engine.base_weight(module)) <= 1e-6
+
+
+def test_quantised_bases_are_refused_as_peft() -> None:
+    """PEFT refuses CorDA on a weight that is not float32/16/bf16 ("initialize CorDA under float32 ..."); a
+    quantised layer is refused before any calibration runs."""
+    from peftdecl.lora_init import weight_initialised
+    from peftdecl.plan import LayerInfo, ModelInfo, compile_plan
+
+    info = ModelInfo(layers={"m": LayerInfo("linear", 8, 6, quantization="bnb_4bit")}, modules=("m",))
+    plan = compile_plan(load_spec({"peft_type": "LORA", **config(target_modules=["m"])}), info)
+    with pytest.raises(TargetError, match="quantised"):
+        weight_initialised(plan, {"m.lora_A.weight": np.zeros(1)}, lambda _m: np.ones((6, 8)), model=object())

@@ -181,6 +181,16 @@ def test_loftq_reduces_the_quantisation_error() -> None:
         assert np.linalg.norm(w - q - b @ a) < 0.95 * plain_error
 
 
+def test_q_survives_quantising_the_saved_base_again() -> None:
+    """LoftQ's recipe saves the base with W = Q and loads it quantised (NF4, blocks of 64, no double quantisation):
+    that quantisation gives Q back exactly, so Q + s·B A is what the quantised model computes."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((25, 40)).astype(np.float32).astype(np.float64)  # 1000 weights: a partial last block
+    q = loftq_factors(w, 4, 4, 2)[2]
+    assert np.array_equal(quantization_roundtrip(q, 4), q)
+    assert not np.array_equal(quantization_roundtrip(w, 4), w)  # W itself does move
+
+
 def test_dora_magnitude_follows_q_and_the_factors_as_in_peft(peft_on_cpu: None) -> None:
     """PEFT initialises DoRA's m = ‖Q + s·B A‖ per row after LoftQ has set Q, A and B."""
     needs_torch_backend()
