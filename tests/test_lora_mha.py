@@ -262,6 +262,8 @@ def test_refusals_name_the_field() -> None:
         peftdecl.attach(
             base_model(), {"peft_type": "LORA", "target_modules": ["mha"], "init_lora_weights": "olora"}
         )
+    with pytest.raises(TargetError, match=r"mha\.out_proj inside the MultiheadAttention mha"):
+        peftdecl.attach(base_model(), {"peft_type": "LORA", "target_modules": ["mha", "out_proj"]})
     torch.manual_seed(0)
     separate = Attention(kdim=4)  # separate q/k/v weights: PEFT refuses it too
     with pytest.raises(TargetError, match="MultiheadAttention whose query, key and value share embed_dim"):

@@ -6,6 +6,7 @@ from peftdecl.errors import PeftdeclError, TargetError
 from peftdecl.kinds import get_kind, kinds
 from peftdecl.plan.ir import ModelInfo, Plan
 from peftdecl.plan.kinds import KindLayout, registry
+from peftdecl.plan.kinds.lora_mha import check_inside_attention
 from peftdecl.plan.kinds.trainable_tokens import with_token_layers
 from peftdecl.plan.param_targets import module_targets, parameter_layers
 from peftdecl.plan.targeting import TASK_MODULES_TO_SAVE, task_modules_to_save
@@ -82,6 +83,7 @@ def _compile(spec: SpecBase, info: ModelInfo) -> Plan:
         layers.append(layout.build_layer(spec, name, layer, info))
     # target_parameters: raw parameters (HF PEFT's ParamWrapper)
     layers += parameter_layers(spec, info, layers)
+    check_inside_attention(layers)
     shared = layout.build_shared(spec, layers, info) if layout.build_shared else ()
     layers = with_token_layers(spec, info, layers)  # trainable tokens: extra and tied token layers
     return Plan(spec=spec, kind=kind, layers=tuple(layers), shared=shared, modules_to_save=modules_to_save)

@@ -23,9 +23,10 @@ applies in_proj's).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
-from peftdecl.errors import SpecError
+from peftdecl.errors import SpecError, TargetError
 from peftdecl.plan.ir import LayerInfo, LayerPlan, ModelInfo, ParamSpec
 from peftdecl.plan.kinds import KindLayout
 from peftdecl.spec.lora import LoraSpec
@@ -68,6 +69,19 @@ def check_mha_spec(spec: LoraSpec, module: str) -> None:
         )
     if problems:
         raise SpecError(problems)
+
+
+def check_inside_attention(layers: Sequence[LayerPlan]) -> None:
+    """TargetError when a target lies inside an adapted MultiheadAttention (its out_proj): the attention reads
+    that layer's weight directly, so an adapter there would never run (HF PEFT nests it without effect)."""
+    attentions = [lp.module for lp in layers if lp.kind == KIND]
+    for lp in layers:
+        outer = next((m for m in attentions if lp.module.startswith(m + ".")), None)
+        if outer is not None:
+            raise TargetError(
+                f"target_modules selects {lp.module} inside the MultiheadAttention {outer}, which LoRA already "
+                f"adapts whole (in_proj and out_proj); target {outer} alone"
+            )
 
 
 def mha_params(spec: LoraSpec, layer: LayerInfo, r: int) -> tuple[ParamSpec, ...]:
