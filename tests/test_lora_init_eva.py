@@ -293,3 +293,18 @@ def test_gpt2_with_peft_language_modeling_defaults() -> None:
             # no spectral gap in these activations: PEFT's range finder (q = 2k of 32 columns, 4 iterations)
             # resolves A to ~1e-5
             assert rel_err(values[f"{name.removeprefix('base_model.model.')}.lora_A.weight"], a) <= 1e-4
+
+
+def test_dora_magnitude_stays_the_base_norm_as_in_peft() -> None:
+    """B = 0, so DoRA's m = ‖W + s·BA‖ per row is ‖W‖ whatever rank EVA gives the layer."""
+    cfg = {**config(), "use_dora": True}
+    theirs, ours = peft_eva(base_model(), cfg), ours_eva(base_model(), cfg)
+    assert dict(ours.spec().rank_pattern) == theirs.peft_config["default"].rank_pattern  # type: ignore[attr-defined]
+    values = ours.state_dict()
+    for module in TARGETS:
+        layer = getattr(theirs.base_model.model, module)  # type: ignore[attr-defined]
+        key = next(k for k in values if k.startswith(f"{module}.") and "magnitude" in k)
+        assert (
+            rel_err(values[key], layer.lora_magnitude_vector["default"].weight.detach().double().numpy())
+            <= TOL
+        )

@@ -339,3 +339,24 @@ def test_gpt2_conv1d_gradients_are_peft_transposed() -> None:
     ours = peftdecl.attach(model, spec, backend="torch")
     with torch.no_grad():  # W − s·BA + s·BA: float32 rounding only
         assert rel_err(ours(input_ids=ids).logits.numpy(), gpt2.eval()(input_ids=ids).logits.numpy()) <= TOL
+
+
+def test_dora_and_rslora_keep_the_function_and_peft_magnitude() -> None:
+    """PEFT initialises DoRA's m after LoRA-GA: ‖W − s·BA + s·BA‖ = ‖W‖ per row; rsLoRA only changes s."""
+    cfg = {**config(), "use_dora": True, "use_rslora": True}
+    theirs, _, _ = peft_lora_ga(base_model(), cfg)
+    model = base_model()
+    spec = {"peft_type": "LORA", **cfg}
+    peftdecl.preprocess_loraga(model, spec, train_step(model))
+    ours = peftdecl.attach(model, spec, backend="torch")
+    values = ours.state_dict()
+    for module in TARGETS:
+        layer = getattr(theirs.base_model.model, module)  # type: ignore[attr-defined]
+        key = next(k for k in values if k.startswith(f"{module}.") and "magnitude" in k)
+        assert (
+            rel_err(values[key], layer.lora_magnitude_vector["default"].weight.detach().double().numpy())
+            <= TOL
+        )
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert rel_err(ours(x).numpy(), base_model()(x).numpy()) <= TOL
