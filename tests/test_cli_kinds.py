@@ -10,6 +10,7 @@ from peftdecl.demo import FACTS, llama_state_dict  # the demo's synthetic Llama 
 from peftdecl.kinds import kinds
 
 QV = ["q_proj", "v_proj"]
+BD = {"target_modules_bd_a": ["q_proj"], "target_modules_bd_b": ["v_proj"], "nblocks": 2}
 SPECS = {
     "lora": ({"peft_type": "LORA", "r": 4, "target_modules": QV}, "4"),
     "dora": ({"peft_type": "LORA", "r": 2, "use_dora": True, "target_modules": QV}, "2"),
@@ -20,6 +21,10 @@ SPECS = {
     "oft": ({"peft_type": "OFT", "r": 0, "oft_block_size": 16, "target_modules": QV}, "4×16"),
     "boft": ({"peft_type": "BOFT", "boft_block_size": 8, "target_modules": QV}, "1×8×8"),
     "vera": ({"peft_type": "VERA", "r": 16, "target_modules": QV}, "16"),
+    "velora": ({"peft_type": "LORA", "r": 4, "target_modules": QV, "velora_config": {"num_groups": 4}}, "4"),
+    "kasa": ({"peft_type": "LORA", "r": 4, "target_modules": QV, "kasa_config": {}}, "4"),
+    "bdlora": ({"peft_type": "LORA", "r": 4, "target_modules": QV, "use_bdlora": BD}, "4"),
+    "monteclora": ({"peft_type": "LORA", "r": 4, "target_modules": QV, "monteclora_config": {"num_samples": 2}}, "4"),
     "prefix_tuning": ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 5, "task_type": "CAUSAL_LM"}, None),
     "prompt_tuning": ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 6, "task_type": "CAUSAL_LM"}, None),
 }  # fmt: skip
