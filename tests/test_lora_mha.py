@@ -356,3 +356,34 @@ def test_lora_dropout_does_not_act_on_attention_in_training(tmp_path: Path) -> N
     ours.train()
     with torch.no_grad():
         assert rel_err(as_numpy(ours(x)), expected) <= F32_TOL
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_initial_b_is_zero_like_peft(init: Any) -> None:
+    """PEFT's deterministic part of the initialisation: both B factors start at zero, so the output is the base's
+    (A is random on both sides; its shape and spread are the layout's, tests/test_numpy_lora.py)."""
+    spec = {"peft_type": "LORA", "r": R, "target_modules": ["mha"], "init_lora_weights": init}
+    ours = peftdecl.attach(base_model(), spec, backend="torch", seed=1)
+    theirs = peft.get_peft_model(
+        base_model(), peft.LoraConfig(target_modules=["mha"], r=R, init_lora_weights=init)
+    )
+    expected = {
+        k.replace("base_model.model.", ""): v for k, v in peft.get_peft_model_state_dict(theirs).items()
+    }
+    mine = ours.state_dict()
+    assert {k: v.shape for k, v in mine.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    for key in ("mha.lora_B.weight", "mha.base_layer.out_proj.lora_B.weight"):
+        assert not mine[key].any() and not expected[key].any()
+    x = inputs()
+    with torch.no_grad():
+        assert rel_err(as_numpy(ours(x)), as_numpy(base_model()(x))) <= 1e-7
+
+
+def test_reference_takes_unbatched_input_as_torch_does(tmp_path: Path) -> None:
+    peft_wrapped(["mha"], dtype=torch.float64).save_pretrained(tmp_path)
+    ref = reference(tmp_path)
+    ours = peftdecl.load_adapter(base_model(dtype=torch.float64), tmp_path, backend="torch")
+    x = inputs(torch.float64)[:, 0]  # [L, E]
+    with torch.no_grad():
+        expected = as_numpy(ours.base_model.mha(x, x, x)[0])
+    assert rel_err(ref("mha", x.numpy()), expected) <= F64_TOL
