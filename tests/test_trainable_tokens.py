@@ -346,3 +346,33 @@ def test_ensure_weight_tying_without_tied_weights_changes_nothing(tmp_path: Path
     theirs.eval()
     theirs.save_pretrained(tmp_path)
     assert rel_err(out(peftdecl.load_adapter(base(), tmp_path, backend="torch")), out(theirs)) <= TOL
+
+
+def test_two_adapters_together_and_per_batch_row() -> None:
+    """Two adapters on disjoint tokens: both active write both sets of rows (PEFT's sequential row replacement);
+    ``adapter_names`` gives each batch row its own adapter's rows (the additive path, rounded once in float32)."""
+    model = base()
+    table = model.embed_tokens.weight.detach().clone()
+    ours = peftdecl.attach(
+        model, CONFIGS["standalone-embedding"]().to_dict(), name="a", backend="torch", seed=1
+    )
+    ours.add_adapter(
+        "b", {"peft_type": "TRAINABLE_TOKENS", "token_indices": [0, 4], "init_weights": False}, seed=2
+    )
+    rows = {n: torch.from_numpy(ours.state_dict(n)["embed_tokens.trainable_tokens_delta"]) for n in "ab"}
+
+    def edited(*names: str) -> np.ndarray:
+        reference = base()
+        with torch.no_grad():
+            for name in names:
+                index = [1, 3, 19] if name == "a" else [0, 4]
+                reference.embed_tokens.weight[index] = rows[name]
+        return out(reference)
+
+    assert torch.equal(model.embed_tokens.base_layer.weight, table)
+    ours.set_adapter(["a", "b"])
+    assert rel_err(out(ours), edited("a", "b")) <= TOL
+    with torch.no_grad():
+        mixed = ours(IDS, adapter_names=["a", "b"]).double().numpy()
+    assert rel_err(mixed[0], edited("a")[0]) <= TOL
+    assert rel_err(mixed[1], edited("b")[1]) <= TOL
