@@ -39,7 +39,8 @@ LAYERS: dict[str, tuple[str, int, int, bool, tuple[int, ...]]] = {
     "conv2d": ("conv2d", 8, 12, True, (3, 3)),
     "conv3d": ("conv3d", 8, 12, True, (3, 3, 3)),
     "gpt2_conv1d": ("gpt2_conv1d", 8, 12, True, ()),
-    "mha": ("mha", 8, 24, True, ()),  # nn.MultiheadAttention(8, 2): in_proj 8 -> 24 (q, k, v), as PEFT counts it
+    # nn.MultiheadAttention(8, 2): in_proj 8 -> 24 (q, k and v), as HF PEFT counts it
+    "mha": ("mha", 8, 24, True, ()),
 }
 # Model facts prompt learning reads (it acts on the model, not on a layer).
 MODEL_FACTS: dict[str, Any] = {"num_layers": 2, "hidden_size": 8, "num_attention_heads": 2, "vocab_size": 16}
