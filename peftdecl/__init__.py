@@ -14,10 +14,10 @@ from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import Backend, BackendEntry, Capabilities, Engine, backend_for, get_backend
 from peftdecl.backend import backends as _backends
 from peftdecl.errors import AdapterFileError, BackendError, PeftdeclError, SpecError, TargetError
+from peftdecl.inits.corda_preprocess import preprocess_corda
 from peftdecl.inits.eva_model import get_eva_state_dict, initialize_lora_eva_weights
 from peftdecl.inits.loftq_replace import replace_lora_weights_loftq
 from peftdecl.inits.lora_ga import preprocess_loraga
-from peftdecl.inits.preprocess import preprocess_corda
 from peftdecl.model import AdaptedModel
 from peftdecl.options import EngineOptions
 from peftdecl.peft_compat import NotSupportedError

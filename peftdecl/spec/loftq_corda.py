@@ -35,10 +35,14 @@ class CordaConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     ] = "ipm"
     verbose: Annotated[bool, Meta(description="Report progress while preprocessing.")] = False
     use_float16_for_covariance: Annotated[
-        bool, Meta(description="Accumulate the covariances in the inputs' float16 instead of float32.")
+        bool,
+        Meta(description="Accumulate the covariances in the inputs' own dtype (float16) instead of float32."),
     ] = False
     prune_temporary_fields: Annotated[
-        bool, Meta(description="Drop the covariances once the triplets are computed.")
+        bool,
+        Meta(
+            description="PEFT: drop the covariances once the triplets are computed (peftdecl never keeps them)."
+        ),
     ] = True
 
 
