@@ -185,7 +185,8 @@ def test_q_survives_quantising_the_saved_base_again() -> None:
     """LoftQ's recipe saves the base with W = Q and loads it quantised (NF4, blocks of 64, no double quantisation):
     that quantisation gives Q back exactly, so Q + s·B A is what the quantised model computes."""
     rng = np.random.default_rng(3)
-    w = rng.standard_normal((25, 40)).astype(np.float32).astype(np.float64)  # 1000 weights: a partial last block
+    # 1000 weights: a partial last block
+    w = rng.standard_normal((25, 40)).astype(np.float32).astype(np.float64)
     q = loftq_factors(w, 4, 4, 2)[2]
     assert np.array_equal(quantization_roundtrip(q, 4), q)
     assert not np.array_equal(quantization_roundtrip(w, 4), w)  # W itself does move
