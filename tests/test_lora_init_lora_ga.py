@@ -280,6 +280,9 @@ def test_refusals_name_the_problem() -> None:
         )
     with pytest.raises(TargetError, match="2r = 20"):
         peftdecl.preprocess_loraga(model, {"peft_type": "LORA", **config(), "r": 10}, train_step(model))
+    adapted = peftdecl.attach(base_model(), {"peft_type": "LORA", "target_modules": TARGETS}, backend="torch")
+    with pytest.raises(PeftdeclError, match="before the adapter is attached"):
+        peftdecl.preprocess_loraga(adapted, {"peft_type": "LORA", **config()}, train_step(adapted))
     mha = torch.nn.ModuleDict({"attn": torch.nn.MultiheadAttention(8, 2)})
     with pytest.raises((TargetError, SpecError), match="lora_ga"):  # PEFT fails there too (no .weight)
         peftdecl.attach(mha, {"peft_type": "LORA", **{**config(), "target_modules": ["attn"]}})

@@ -149,6 +149,11 @@ def preprocess_loraga(
         raise PeftdeclError(
             "$.lora_ga_config: LoRA-GA needs init_lora_weights='lora_ga' and a lora_ga_config ({} for the defaults)"
         )
+    if hasattr(model, "add_adapter") and hasattr(model, "engine"):
+        raise PeftdeclError(
+            "preprocess_loraga runs on the base model before the adapter is attached (as PEFT's before "
+            "get_peft_model); pass the base model, then peftdecl.attach(model, spec)"
+        )
     backend = backend_for(model)
     plan = compile_plan(spec, backend.inventory(model))
     targets = {lp.module: lp.layer.type for lp in plan.layers if lp.layer.type in GA_LAYER_TYPES}
