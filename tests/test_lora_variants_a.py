@@ -409,6 +409,13 @@ def test_kasa_and_other_adapters_do_not_share_a_model() -> None:
         model.add_adapter("kasa", kasa)
 
 
+CASES_SMALL = {
+    "peft_type": "LORA",
+    "r": 3,
+    "lora_alpha": 6,
+    "target_modules": ["m"],
+    "init_lora_weights": False,
+}
 MC_SPEC = {
     "peft_type": "LORA",
     "r": 3,
@@ -480,3 +487,28 @@ def test_variant_losses_are_refused_off_torch() -> None:
     model = peftdecl.attach(state, {"peft_type": "LORA", "r": 2, "target_modules": ["m"], "kasa_config": {}})
     with pytest.raises(PeftdeclError, match="torch backend, not on numpy"):
         model._get_kasa_loss()
+
+
+@pytest.mark.skipif("mlx" not in selected_backends(), reason="needs the MLX backend (PEFTDECL_TEST_BACKENDS)")
+@pytest.mark.parametrize("init_type", ["random", "batch_average", "batch_average_once"])
+def test_velora_mlx_training_gradients_match_the_reference(init_type: str) -> None:
+    """MLX's custom gradient for A against the NumPy reference's explicit one, in training mode (two steps, so
+    that batch_average_once keeps its first projection and batch_average takes the second batch's)."""
+    from tests.backend_models import MlxDriver
+    from tests.layer_cases import LINEAR
+
+    run = MlxDriver()
+    rng = np.random.default_rng(2)
+    state = {k: v.astype(np.float32).astype(np.float64) for k, v in LINEAR.random_state(rng).items()}
+    spec = {**CASES_SMALL, "velora_config": {"num_groups": 2, "init_type": init_type, "scale": 0.8}}
+    reference = peftdecl.attach(state, spec, backend="numpy", seed=4).train()
+    ours = peftdecl.attach(run.base(LINEAR, state, "float32"), spec, backend="mlx", seed=4).train()
+    for step in range(2):
+        x = rng.normal(size=(3, 5)).astype(np.float32).astype(np.float64) + step
+        dy = rng.normal(size=(3, 6))
+        y, tape = reference.engine.layer_forward("m", x)
+        expected = reference.engine.layer_backward("m", tape, dy)
+        got_y, got = run.vjp(ours, x, dy, "float32")
+        assert rel_err(got_y, y) <= F32
+        for key in ("m.lora_A.weight", "m.lora_B.weight", "input"):
+            assert rel_err(got[key], expected[key]) <= F32, (step, key)

@@ -13,7 +13,7 @@ from peftdecl.spec._base import SpecBase
 from peftdecl.spec.lora import LoraSpec
 
 _BACKENDS = ("numpy", "torch")
-_WITH_MLX = (*_BACKENDS, "mlx")  # KaSA and BD-LoRA: LoRA on substituted factors, cheap on MLX too
+_WITH_MLX = (*_BACKENDS, "mlx")
 _LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias")
 _EXAMPLE: JsonObject = {"peft_type": "LORA", "r": 4, "lora_alpha": 6, "init_lora_weights": False}
 
@@ -59,6 +59,7 @@ VELORA = _variant(
     # one feature per group: the compressed A gradient is then exact, so training mode equals the reference's
     {"velora_config": {"num_groups": 1024, "init_type": "random"}},
     "LoRA whose A gradient sees each input token compressed to one number per feature group (velora_config)",
+    backends=_WITH_MLX,
 )
 KASA = _variant(
     "kasa",
