@@ -69,7 +69,9 @@ class VeloraOps(LoraOps):
             return super().delta(lp, layer, p, x)
         h = layer.dropout(x, lp.options["dropout"])
         embed = self.projection(lp, layer, p[EMBED], h)
-        u: mx.array = shrink(lp.options["num_groups"], lp.options["velora_scale"])(h, p["lora_A.weight"], embed)
+        u: mx.array = shrink(lp.options["num_groups"], lp.options["velora_scale"])(
+            h, p["lora_A.weight"], embed
+        )
         v = (lp.scaling * u) @ p["lora_B.weight"].T
         return v + lp.scaling * p["lora_B.bias"] if "lora_B.bias" in p else v
 
