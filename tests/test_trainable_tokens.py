@@ -323,16 +323,41 @@ def test_tied_rows_train_as_one_tensor_like_peft(tmp_path: Path) -> None:
     assert rel_err(got.double().numpy(), expected.double().numpy()) <= 1e-5
 
 
-def test_ensure_weight_tying_refuses_different_ids_and_untied_copies() -> None:
-    """PEFT's ensure_weight_tying error on tied layers with different ids; tying lm_head's copy or LoRA to the
-    embeddings (modules_to_save / target_modules) is refused by peftdecl, naming the field."""
+def test_ensure_weight_tying_refuses_different_ids_and_tied_lora() -> None:
+    """PEFT's ensure_weight_tying error on tied layers with different ids; tying lm_head's LoRA to the embeddings'
+    (embeddings in target_modules) is refused by peftdecl, naming the field."""
     spec = TIED_CONFIGS["lora-other-ids-untied"]().to_dict()
     with pytest.raises(TargetError, match="same token indices on tied layers"):
         peftdecl.attach(tied_llama(), {**spec, "ensure_weight_tying": True}, backend="torch")
-    saved = {"peft_type": "LORA", "target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]}
-    with pytest.raises(TargetError, match=r"\$\.ensure_weight_tying: .* modules_to_save"):
-        peftdecl.attach(tied_llama(), {**saved, "ensure_weight_tying": True}, backend="torch")
-    peftdecl.attach(tied_llama(), saved, backend="torch")  # without it, PEFT only warns: accepted
+    targeted = {"peft_type": "LORA", "target_modules": ["q_proj", "embed_tokens"]}
+    with pytest.raises(TargetError, match=r"\$\.ensure_weight_tying: .* target_modules"):
+        peftdecl.attach(tied_llama(), {**targeted, "ensure_weight_tying": True}, backend="torch")
+    peftdecl.attach(tied_llama(), targeted, backend="torch")  # without it, PEFT only warns: accepted
+
+
+@pytest.mark.parametrize("saved", [["embed_tokens"], ["lm_head"]])
+def test_ensure_weight_tying_ties_the_saved_head_copy_like_peft(saved: list[str], tmp_path: Path) -> None:
+    """modules_to_save naming an embedding, with ensure_weight_tying: PEFT trains a copy of the input embeddings
+    and the tied head uses that copy. PEFT's folder here, ours in PEFT: the same logits; one trained table whose
+    gradient (through both uses) equals PEFT's within 1e-5."""
+    config = peft.LoraConfig(target_modules=["q_proj"], modules_to_save=saved, ensure_weight_tying=True)
+    torch.manual_seed(1234)
+    theirs = peft.get_peft_model(tied_llama(), config)
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = peftdecl.load_adapter(tied_llama(), tmp_path / "peft", backend="torch", is_trainable=True)
+    assert rel_err(logits(ours), logits(theirs)) <= TOL
+    ours.save_pretrained(tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(tied_llama(), tmp_path / "ours").eval()
+    assert rel_err(logits(again), logits(theirs)) <= TOL
+    params = ours.trainable_parameters()
+    assert "model.embed_tokens.weight" in params and "lm_head.weight" not in params
+    for model in (theirs, ours):
+        model.train()
+        model(input_ids=LLAMA_IDS).logits.square().mean().backward()
+    expected = theirs.base_model.model.model.embed_tokens.modules_to_save["default"].weight.grad
+    got = params["model.embed_tokens.weight"].grad
+    assert rel_err(got.double().numpy(), expected.double().numpy()) <= 1e-5
 
 
 def test_ensure_weight_tying_without_tied_weights_changes_nothing(tmp_path: Path) -> None:

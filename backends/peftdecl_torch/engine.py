@@ -42,7 +42,7 @@ from peftdecl_torch.replication import replicate_layers
 from peftdecl_torch.saved import SavedModule
 from peftdecl_torch.seq2seq import seq2seq_call, seq2seq_generate
 from peftdecl_torch.task_heads import HEAD_TASKS, head_rules
-from peftdecl_torch.tied import tied_links
+from peftdecl_torch.tied import tie_saved_copies, tied_links
 
 
 class TorchEngine:
@@ -123,6 +123,7 @@ class TorchEngine:
             prefix = module + "."
             saved = self._save_wrapper(module)
             saved.add(name, {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
+        tie_saved_copies(name, plan, self._info, self._saved)
 
     def remove(self, name: str) -> None:
         """Drop adapter ``name`` (still in the book: the model removes it from there afterwards)."""
@@ -297,7 +298,8 @@ class TorchEngine:
             own.update(self._prompts[name].tensors())
         for module in plan.modules_to_save:
             copy = self._saved[module].copies[name]
-            own.update({f"{module}.{k}": v for k, v in copy.named_parameters()})
+            seen = {id(p) for p in own.values()}  # a tied head's copy holds the embeddings' copy's weight
+            own.update({f"{module}.{k}": v for k, v in copy.named_parameters() if id(v) not in seen})
         return own | self._trained_biases(plan)
 
     def _trained_biases(self, plan: Plan) -> dict[str, nn.Parameter]:

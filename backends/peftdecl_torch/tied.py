@@ -3,14 +3,16 @@ layer plan that reads another layer's adapter tensor (a tied head's trainable to
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from peftdecl.plan import LayerPlan
+from peftdecl.plan import LayerPlan, ModelInfo, Plan
 
 if TYPE_CHECKING:
     from peftdecl_torch.layer import AdaptedLayer
+    from peftdecl_torch.saved import SavedModule
 
 
 def tied_to_embeddings(model: nn.Module) -> tuple[str, ...]:
@@ -46,3 +48,15 @@ def tied_links(
     attr = f"tied_{adapter}_{tensor.replace('.', '_')}"
     layer.add_shared(attr, layers[source].tensors(adapter)[tensor])
     return {tensor: attr}
+
+
+def tie_saved_copies(adapter: str, plan: Plan, info: ModelInfo, saved: Mapping[str, SavedModule]) -> None:
+    """``ensure_weight_tying``: the modules_to_save copy of each head tied to the embeddings takes the embeddings'
+    copy's weight parameter itself, as HF PEFT ties them (one tensor, trained through both uses)."""
+    embedding = info.word_embeddings
+    if not getattr(plan.spec, "ensure_weight_tying", False) or embedding not in plan.modules_to_save:
+        return
+    source = saved[embedding].copies[adapter].weight
+    for module in plan.modules_to_save:
+        if module in info.tied_to_embeddings:
+            saved[module].copies[adapter].weight = source

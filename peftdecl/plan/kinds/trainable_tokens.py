@@ -9,6 +9,7 @@ rows (E'[t] = E[t], a no-op); false draws N(0, 1) rows as PEFT's ``torch.randn``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -165,22 +166,35 @@ def tie_heads(info: ModelInfo, layers: list[LayerPlan]) -> list[LayerPlan]:
 
 
 def refuse_unsupported_tying(spec: SpecBase, info: ModelInfo) -> None:
-    """``ensure_weight_tying`` with the tied embeddings in ``modules_to_save`` or ``target_modules`` (HF PEFT then
-    ties lm_head's copy, or its LoRA, to the embeddings'): not implemented, so refused rather than untied."""
+    """``ensure_weight_tying`` with the tied embeddings in ``target_modules`` (HF PEFT then gives lm_head the
+    transposed LoRA of the embeddings): not implemented, so refused rather than left untied."""
     if not getattr(spec, "ensure_weight_tying", False) or not info.tied_to_embeddings:
         return
-    saved = any(m.split(".")[-1] in EMBEDDING_NAMES for m in spec.modules_to_save or ())
     targets = getattr(spec, "target_modules", None)
     if isinstance(targets, str):
         targeted = any(patterns.fullmatch(targets, name, "target_modules") for name in EMBEDDING_NAMES)
     else:
         targeted = any(m.split(".")[-1] in EMBEDDING_NAMES for m in targets or ())
-    if saved or targeted:
-        field = "modules_to_save" if saved else "target_modules"
+    if targeted:
         raise TargetError(
-            f"$.ensure_weight_tying: tying the output head to the embeddings in {field} is not supported by "
-            "peftdecl (only trainable_token_indices are tied); set it false or leave the embeddings out"
+            "$.ensure_weight_tying: tying the output head's LoRA to the embeddings' (embeddings in target_modules) "
+            "is not supported by peftdecl; set it false or leave the embeddings out of target_modules"
         )
+
+
+def tie_modules_to_save(spec: SpecBase, info: ModelInfo) -> SpecBase:
+    """``ensure_weight_tying`` with an embedding named in ``modules_to_save`` on tied weights, as HF PEFT: the input
+    embeddings are trained in full and every head tied to them uses that copy. ``modules_to_save`` becomes the
+    entries that name no tied head, the embeddings' name, then the tied heads (whose copies the backend ties)."""
+    saved = list(spec.modules_to_save or ())
+    tied = info.tied_to_embeddings
+    if not getattr(spec, "ensure_weight_tying", False) or not tied or info.word_embeddings is None:
+        return spec
+    if not any(m.split(".")[-1] in EMBEDDING_NAMES for m in saved):
+        return spec
+    kept = [m for m in saved if not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", t) for t in tied)]
+    wanted = [*kept, info.word_embeddings, *tied]
+    return spec.replace(modules_to_save=tuple(dict.fromkeys(wanted)))
 
 
 def _current_rows(weight: np.ndarray, lp: LayerPlan, own: Mapping[str, np.ndarray]) -> np.ndarray:
