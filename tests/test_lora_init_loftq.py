@@ -4,8 +4,9 @@ PEFT's ``loftq_init`` quantises with bitsandbytes and then moves to "cuda" (or "
 machine without a GPU it cannot run as shipped. These tests run PEFT's own function with that one device constant
 swapped for "cpu" (:func:`peft_loftq_on_cpu`: the same code object, ``co_consts`` edited), so the reference is
 PEFT's algorithm with bitsandbytes' CPU codecs. Two CPU-only facts shape the cases:
-- bitsandbytes 0.50.2's CPU NF4 dequantisation reads absmax per row when the last dimension is a multiple of 16 but
-  not of 64 (documented in peftdecl.quant.bnb4), so here the weights' in_features are 64 or not a multiple of 16;
+- bitsandbytes 0.50.2's CPU NF4 dequantisation (AVX-512 kernel) reads absmax per row when the last dimension is a
+  multiple of 16 but not of 64 (documented in peftdecl.quant.bnb4), so here in_features are 64 or not a multiple
+  of 16; on a GPU, :func:`test_peft_on_cuda_equals_the_numpy_codecs` runs PEFT as shipped, any shape.
 - PEFT's LoraConfig refuses 'loftq' without scipy installed (it does not use it): the tests build PEFT's config
   plain and switch it to LoftQ afterwards (what its __post_init__ would produce), and answer PEFT's scipy check
   while it loads a saved LoftQ config.
@@ -378,3 +379,21 @@ def test_mlx_backend_equals_the_numpy_reference() -> None:
     x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
     want = layer("lin1", np.maximum(layer("lin0", x.astype(np.float64)), 0.0))
     assert rel_err(np.array(ours(mx.array(x))), want) <= OUT_TOL
+
+
+@pytest.mark.parametrize("shape", [(40, 64), (32, 48), (25, 40)])
+def test_peft_on_cuda_equals_the_numpy_codecs(shape: tuple[int, int]) -> None:
+    """PEFT's loftq_init as shipped (bitsandbytes on CUDA) against loftq_factors: Q bit-identical after one
+    iteration, A and B to FACTOR_TOL after aligning signs. Skipped without a CUDA device."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: PEFT's LoftQ runs bitsandbytes on CUDA")
+    from peft.utils.loftq_utils import loftq_init
+
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    for bits in (4, 8):
+        q, a, b = (t.detach().double().cpu().numpy() for t in loftq_init(weight.cuda(), bits, 4, num_iter=1))
+        ours_a, ours_b, ours_q = loftq_factors(weight.double().numpy(), 4, bits, 1)
+        assert np.array_equal(ours_q, q)
+        ours_a, ours_b = aligned(ours_a, ours_b, a)
+        assert rel_err(ours_a, a) <= FACTOR_TOL
+        assert rel_err(ours_b, b) <= FACTOR_TOL
