@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from peftdecl.adapter_book import AdapterBook
+from peftdecl.arrow import create_arrow_model
 from peftdecl.backend import Backend, BackendEntry, Capabilities, Engine, backend_for, get_backend
 from peftdecl.backend import backends as _backends
 from peftdecl.errors import AdapterFileError, BackendError, PeftdeclError, SpecError, TargetError
@@ -119,6 +120,7 @@ __all__ = [
     "attach",
     "backends",
     "compile_plan",
+    "create_arrow_model",
     "get_eva_state_dict",
     "initialize_lora_eva_weights",
     "load_adapter",

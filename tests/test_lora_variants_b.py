@@ -18,7 +18,7 @@ import pytest
 
 import peftdecl
 from peftdecl.alora import invocation_offsets, invocation_offsets_set
-from peftdecl.errors import PeftdeclError, SpecError, TargetError
+from peftdecl.errors import AdapterFileError, PeftdeclError, SpecError, TargetError
 from peftdecl.plan.kinds.mica import minor_left_singular_vectors
 from tests.conftest import rel_err, selected_backends
 
@@ -397,3 +397,107 @@ def test_alora_in_a_mixed_batch_equals_peft(tiny_llama: Any, tmp_path: Path) -> 
         input_ids=input_ids, adapter_names=names, max_new_tokens=3, do_sample=False
     )
     assert torch.equal(generated, expected_ids)
+
+
+# --- Arrow: a router over a library of LoRA experts ----------------------------------------------------------------
+
+
+class MLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = torch.nn.Linear(12, 16)
+        self.lin1 = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory: pytest.TempPathFactory) -> tuple[MLP, list[str]]:
+    """A base MLP and five saved rank-2 experts of different lora_alpha. Row 0 of each A is scaled by 4, so that
+    B A has a clear spectral gap: PEFT's 15 power iterations then reach the top singular vector that peftdecl
+    computes exactly (without a gap the two prototypes, and so the routing, may differ)."""
+    torch.manual_seed(0)
+    base = MLP()
+    folder = tmp_path_factory.mktemp("experts")
+    paths = []
+    for i in range(5):
+        cfg = peft.LoraConfig(r=2, lora_alpha=4 + i, target_modules=["lin0", "lin1"], init_lora_weights=False)
+        expert = peft.get_peft_model(copy.deepcopy(base), cfg)
+        with torch.no_grad():
+            for name, param in expert.named_parameters():
+                if "lora_A" in name:
+                    param[0] *= 4.0
+        expert.save_pretrained(folder / f"e{i}")
+        paths.append(str(folder / f"e{i}"))
+    return base, paths
+
+
+@pytest.mark.parametrize("gks", [False, True])
+def test_arrow_router_equals_peft(experts: tuple[MLP, list[str]], gks: bool) -> None:
+    needs_torch_backend()
+    from peft.tuners.lora.arrow import create_arrow_model as peft_create_arrow_model
+
+    base, paths = experts
+    tasks, general = (paths[:3], paths[3:]) if gks else (paths, None)
+    options = {"top_k": 2, "router_temperature": 0.7, "use_gks": gks}
+    theirs = peft_create_arrow_model(
+        copy.deepcopy(base), tasks, peft.ArrowConfig(**options, rng_seed=1), general_adapter_paths=general
+    ).eval()
+    ours = peftdecl.create_arrow_model(copy.deepcopy(base), tasks, options, general, backend="torch")
+    assert ours.active_adapters == ["arrow_router"] and set(ours.adapters) == set(theirs.peft_config)
+    x = torch.randn(4, 3, 12, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, base_out = theirs(x).numpy(), base(x).numpy()
+        assert rel_err(expected, base_out) > 1e-1  # the routed experts change the output
+        assert rel_err(ours(x).numpy(), expected) <= TOL  # float32; the prototypes agree to ~1e-7 here
+    with pytest.raises(PeftdeclError, match="Arrow router cannot be merged"):
+        ours.merge_and_unload()
+
+
+def test_arrow_router_files_are_peft_s_and_load_only_with_the_experts(
+    experts: tuple[MLP, list[str]], tmp_path: Path
+) -> None:
+    """PEFT saves the router's own (unused) LoRA pair and its arrow_config, not the experts; a router is rebuilt
+    from its experts (create_arrow_model), never loaded alone, in PEFT and here."""
+    needs_torch_backend()
+    from peft.tuners.lora.arrow import create_arrow_model as peft_create_arrow_model
+
+    base, paths = experts
+    theirs = peft_create_arrow_model(copy.deepcopy(base), paths[:3], peft.ArrowConfig(top_k=2))
+    theirs.save_pretrained(tmp_path / "peft", selected_adapters=["arrow_router"])
+    ours = peftdecl.create_arrow_model(copy.deepcopy(base), paths[:3], {"top_k": 2}, backend="torch")
+    ours.save(tmp_path / "ours", adapters=["arrow_router"])
+    from safetensors.numpy import load_file
+
+    peft_keys = set(load_file(tmp_path / "peft" / "arrow_router" / "adapter_model.safetensors"))
+    assert set(load_file(tmp_path / "ours" / "arrow_router" / "adapter_model.safetensors")) == peft_keys
+    with pytest.raises(AdapterFileError, match=r"holds no experts; build the router .*create_arrow_model"):
+        peftdecl.load_adapter(copy.deepcopy(base), tmp_path / "peft" / "arrow_router", backend="torch")
+
+
+@pytest.mark.parametrize(
+    ("arrow_config", "extra", "needle"),
+    [
+        ({"top_k": 0, "task_adapter_names": ["t"]}, {}, r"\$.arrow_config.top_k"),
+        ({"router_temperature": 0.0, "task_adapter_names": ["t"]}, {}, r"\$.arrow_config.router_temperature"),
+        (
+            {"top_k": 3, "task_adapter_names": ["t0", "t1"]},
+            {},
+            r"\$.arrow_config.top_k: must be <= the number",
+        ),
+        (
+            {"task_adapter_names": ["t"], "top_k": 1},
+            {"use_dora": True},
+            r"\$.arrow_config: cannot be combined",
+        ),
+        ({"top_k": 1}, {}, r"\$.arrow_config.task_adapter_names: names no expert"),
+    ],
+)
+def test_arrow_refusals_name_the_field(
+    arrow_config: dict[str, Any], extra: dict[str, Any], needle: str
+) -> None:
+    state = {"lin0.weight": np.ones((16, 12))}
+    spec = {"peft_type": "LORA", "r": 2, "target_modules": ["lin0"], "arrow_config": arrow_config, **extra}
+    with pytest.raises(SpecError, match=needle):
+        peftdecl.attach(state, spec, backend="numpy")

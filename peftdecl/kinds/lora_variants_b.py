@@ -1,5 +1,6 @@
 """LoRA variants as execution kinds of ``peft_type`` LORA, chosen by :attr:`LoraSpec.kind` from a LoraConfig value
-(:mod:`peftdecl.spec.lora_variants_b`): MiCA (``init_lora_weights="mica"``) and aLoRA (``alora_invocation_tokens``).
+(:mod:`peftdecl.spec.lora_variants_b`): MiCA (``init_lora_weights="mica"``), aLoRA (``alora_invocation_tokens``)
+and Arrow (``arrow_config``).
 
 Layouts and ops are named as ``"module:ATTR"`` strings and imported on first use.
 """
@@ -76,5 +77,42 @@ ALORA = KindDecl(
     needs_dense_weight=False,
 )
 
-VARIANT_B_KINDS: tuple[KindDecl, ...] = (MICA, ALORA)
+_ARROW_LAYERS = ("linear", "gpt2_conv1d")
+
+ARROW = KindDecl(
+    name="arrow",
+    peft_type="LORA",
+    spec_class=LoraSpec,
+    layout="peftdecl.plan.kinds.arrow:LAYOUT",
+    tensor_names=(
+        "lora_A.weight",
+        "lora_B.weight",
+        "arrow_experts_A",
+        "arrow_experts_B",
+        "arrow_experts_scaling",
+    ),
+    hf_markers=(".lora_A.", ".lora_B."),
+    layer_types=_ARROW_LAYERS,
+    composition="add",
+    rank=lora_rank,
+    # not on MLX (yet): its ops are NumPy's and torch's only
+    ops={backend: f"peftdecl_{backend}.kinds.arrow:OPS" for backend in ("numpy", "torch")},
+    examples={
+        t: {
+            "peft_type": "LORA",
+            "r": 2,
+            "arrow_config": {
+                "top_k": 2,
+                "router_temperature": 0.5,
+                "task_adapter_names": ["task_0", "task_1", "task_2"],
+            },
+            "target_modules": ["m"],
+        }
+        for t in _ARROW_LAYERS
+    },
+    summary="Arrow: each token mixes the top-k of a library of LoRA experts by prototype similarity (arrow_config)",
+    needs_dense_weight=False,
+)
+
+VARIANT_B_KINDS: tuple[KindDecl, ...] = (MICA, ALORA, ARROW)
 """After LoRA's other kinds, in the order of PEFT's LoraConfig fields."""

@@ -35,7 +35,13 @@ from peftdecl.spec.lora_variants import (
     variant_kind,
     variant_problems,
 )
-from peftdecl.spec.lora_variants_b import QALORA_HELP, VARIANT_B_ACCEPTED, variant_b_kind, variant_b_problems
+from peftdecl.spec.lora_variants_b import (
+    QALORA_HELP,
+    VARIANT_B_ACCEPTED,
+    ArrowConfig,
+    variant_b_kind,
+    variant_b_problems,
+)
 from peftdecl.spec.target_parameters import target_parameter_problems
 from peftdecl.spec.trainable_tokens import TrainableTokenIndices, trainable_token_problems
 
@@ -83,7 +89,8 @@ class LowRankSpec(SpecBase, frozen=True):
             description="true: A Kaiming-uniform, B zero (a no-op); 'gaussian': A ~ N(0, 1/r); false: both random; "
             "'pissa' / 'pissa_niter_K': A, B from the (randomised, K iterations) SVD of W; 'olora': from its QR "
             "(both replace W by W - s·BA); 'orthogonal': random A, B with BA = 0 (even r); 'eva': B = 0, A from the "
-            "SVD of layer inputs (initialize_lora_eva_weights); 'lora_ga': from the SVD of gradients (preprocess_loraga)."
+            "SVD of layer inputs (initialize_lora_eva_weights); 'lora_ga': from the SVD of gradients "
+            "(preprocess_loraga), W replaced by W - s·BA."
             " 'loftq': W becomes its NF4/int8 round trip Q, B A the SVD of W - Q (loftq_config); 'corda': from the SVD "
             "of W times its input covariance (preprocess_corda), W replaced by W - s·BA."
         ),
@@ -105,9 +112,16 @@ class LowRankSpec(SpecBase, frozen=True):
         JsonObject,
         Meta(description="With init_lora_weights 'loftq': {loftq_bits: 4 or 8, loftq_iter: >= 1}."),
     ] = {}
-    eva_config: EvaConfig | None = None
+    eva_config: Annotated[
+        EvaConfig | None,
+        Meta(
+            description="EVA (init 'eva'): rho, tau, use_label_mask, label_mask_value, whiten, adjust_scaling_factors."
+        ),
+    ] = None
     corda_config: CordaConfig | None = None
-    lora_ga_config: LoraGAConfig | None = None
+    lora_ga_config: Annotated[
+        LoraGAConfig | None, Meta(description="LoRA-GA (init 'lora_ga'): direction, scale, stable_gamma.")
+    ] = None
     velora_config: VeloraConfig | None = None
     alora_invocation_tokens: tuple[int, ...] | None = None
     use_qalora: Annotated[bool, Meta(description=QALORA_HELP)] = False
@@ -117,7 +131,7 @@ class LowRankSpec(SpecBase, frozen=True):
     runtime_config: JsonObject | None = None
     target_parameters: tuple[str, ...] | None = None
     use_bdlora: BdLoraConfig | None = None
-    arrow_config: JsonObject | None = None
+    arrow_config: ArrowConfig | None = None
     kasa_config: KasaConfig | None = None
     ensure_weight_tying: bool = False
 

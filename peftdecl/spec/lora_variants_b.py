@@ -9,7 +9,35 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Annotated, Protocol
+
+import msgspec
+from msgspec import Meta
+
+from peftdecl.spec.limits import MAX_DIM, MAX_FINITE
+
+
+class ArrowConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=False):
+    """HF PEFT's ``ArrowConfig``: route each token among the top-k of a library of LoRA experts (Arrow), optionally
+    after subtracting the mean of general adapters from each expert (GenKnowSub)."""
+
+    top_k: Annotated[int, Meta(ge=1, le=MAX_DIM, description="Experts mixed per token.")] = 3
+    router_temperature: Annotated[
+        float, Meta(gt=0.0, le=MAX_FINITE, description="Softmax temperature of the expert coefficients.")
+    ] = 1.0
+    use_gks: Annotated[bool, Meta(description="GenKnowSub: subtract the general adapters' mean A and B.")] = (
+        False
+    )
+    task_adapter_names: Annotated[
+        tuple[str, ...] | None, Meta(description="The experts, in order (create_arrow_model sets them).")
+    ] = None
+    gks_adapter_names: Annotated[
+        tuple[str, ...] | None,
+        Meta(description="GenKnowSub's general adapters (create_arrow_model sets them)."),
+    ] = None
+    rng_seed: Annotated[
+        int | None, Meta(description="Seed of PEFT's power iteration; peftdecl's prototypes are exact SVDs.")
+    ] = None
 
 
 class _VariantFields(Protocol):
@@ -19,9 +47,11 @@ class _VariantFields(Protocol):
     def use_dora(self) -> bool: ...
     @property
     def alora_invocation_tokens(self) -> tuple[int, ...] | None: ...
+    @property
+    def arrow_config(self) -> ArrowConfig | None: ...
 
 
-VARIANT_B_ACCEPTED = ("use_qalora", "alora_invocation_tokens")
+VARIANT_B_ACCEPTED = ("use_qalora", "alora_invocation_tokens", "arrow_config")
 """LoraConfig fields of this module that LoraSpec accepts beyond their defaults."""
 
 QALORA_HELP = (
@@ -30,7 +60,7 @@ QALORA_HELP = (
     "trains plain LoRA and keeps the flag in the saved config."
 )
 
-VARIANT_B_FIELDS = {"mica": "init_lora_weights", "alora": "alora_invocation_tokens"}
+VARIANT_B_FIELDS = {"mica": "init_lora_weights", "alora": "alora_invocation_tokens", "arrow": "arrow_config"}
 """Execution kind -> the LoraConfig field that requests it."""
 
 
@@ -38,7 +68,8 @@ def requested_variants(spec: _VariantFields) -> list[str]:
     """The kinds of this module the spec requests: ``mica`` when init_lora_weights is "mica", ``alora`` when
     alora_invocation_tokens is a non-empty list (PEFT reads an empty one as plain LoRA)."""
     found = ["mica"] if spec.init_lora_weights == "mica" else []
-    return [*found, "alora"] if spec.alora_invocation_tokens else found
+    found += ["alora"] if spec.alora_invocation_tokens else []
+    return [*found, "arrow"] if spec.arrow_config is not None else found
 
 
 def variant_b_kind(spec: _VariantFields) -> str | None:
