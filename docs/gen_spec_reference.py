@@ -83,6 +83,13 @@ def code(value: str) -> str:
     return "`" + value.replace("|", "\\|") + "`"
 
 
+def sub_config_of(prop: Any) -> dict[str, Any] | None:
+    """The object schema of a nested sub-config field (LoRA's ``kasa_config``: an object or null), else None."""
+    branches = [prop, *prop.get("anyOf", ())] if isinstance(prop, dict) else []
+    found = [b for b in branches if isinstance(b, dict) and b.get("type") == "object" and b.get("properties")]
+    return found[0] if len(found) == 1 else None
+
+
 def kind_section(schema: dict[str, Any]) -> str:
     """One adapter kind: heading, description, field table, unsupported fields."""
     props: dict[str, Any] = schema["properties"]
@@ -103,10 +110,18 @@ def kind_section(schema: dict[str, Any]) -> str:
         if name in required:
             default = "required"
         bounds = ", ".join(constraints_of(prop))
+        sub_config = sub_config_of(prop)
+        description = prop.get("description") or (sub_config or {}).get("description", "")
         lines.append(
-            f"| {code(name)} | {code(type_of(prop))} | {default} | {cell(prop.get('description', ''))} "
-            f"| {cell(bounds)} |"
+            f"| {code(name)} | {code(type_of(prop))} | {default} | {cell(description)} | {cell(bounds)} |"
         )
+        # a sub-config's fields, one row each
+        for sub_name, sub_prop in (sub_config or {}).get("properties", {}).items():
+            sub_default = code(json.dumps(sub_prop["default"])) if "default" in sub_prop else ""
+            lines.append(
+                f"| {code(f'{name}.{sub_name}')} | {code(type_of(sub_prop))} | {sub_default} "
+                f"| {cell(sub_prop.get('description', ''))} | {cell(', '.join(constraints_of(sub_prop)))} |"
+            )
     unsupported = schema.get("x-unsupported", [])
     lines.append("")
     if unsupported:

@@ -50,7 +50,7 @@ class VeloraConfig(_SubConfig, frozen=True):
 
 
 class KasaConfig(_SubConfig, frozen=True):
-    """KaSA: the weights of its two regularisers (peftdecl's ``kasa_loss``)."""
+    """KaSA: the weights of its two regularisers (AdaptedModel._get_kasa_loss, on torch)."""
 
     beta: Annotated[NonNegative, Meta(description="Weight of the L2 penalty Σ d².")] = 1e-4
     gamma: Annotated[
