@@ -501,3 +501,20 @@ def test_arrow_refusals_name_the_field(
     spec = {"peft_type": "LORA", "r": 2, "target_modules": ["lin0"], "arrow_config": arrow_config, **extra}
     with pytest.raises(SpecError, match=needle):
         peftdecl.attach(state, spec, backend="numpy")
+
+
+def test_create_arrow_model_refuses_what_peft_refuses(experts: tuple[MLP, list[str]], tmp_path: Path) -> None:
+    """Experts of different ranks or modules (PEFT: "rank mismatch" / "target_modules mismatch"), GenKnowSub
+    without general adapters."""
+    needs_torch_backend()
+    base, paths = experts
+    other = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=3, target_modules=["lin0", "lin1"]))
+    other.save_pretrained(tmp_path / "r3")
+    with pytest.raises(PeftdeclError, match="the same modules and rank"):
+        peftdecl.create_arrow_model(
+            copy.deepcopy(base), [paths[0], tmp_path / "r3"], {"top_k": 1}, backend="torch"
+        )
+    with pytest.raises(PeftdeclError, match="use_gks needs general_adapter_paths"):
+        peftdecl.create_arrow_model(
+            copy.deepcopy(base), paths[:2], {"top_k": 1, "use_gks": True}, backend="torch"
+        )
