@@ -283,3 +283,11 @@ def test_dora_magnitude_stays_the_base_norm_as_in_peft() -> None:
             rel_err(values[key], layer.lora_magnitude_vector["default"].weight.detach().double().numpy())
             <= TOL
         )
+
+
+def test_batches_smaller_than_the_components_fail_instead_of_cycling() -> None:
+    """PEFT skips a batch with fewer rows than components and would cycle for ever; peftdecl stops and says so."""
+    model = peftdecl.attach(base_model(), {"peft_type": "LORA", **config()}, backend="torch")
+    tiny = [{k: v[:5] for k, v in batch.items()} for batch in batches(2)]  # 5 rows < k = 8
+    with pytest.raises(PeftdeclError, match="as many input rows as SVD components"):
+        peftdecl.initialize_lora_eva_weights(model, tiny, **NO_PREP)

@@ -143,6 +143,11 @@ def eva_components(
             for rows in recorded.get(name, ()):
                 _fit(name, svds[name], rows, converged, config.tau)
         if any(svd.components is None for svd in svds.values()):
+            if step + 1 >= len(batches):  # PEFT would cycle for ever: no batch has enough rows for the SVD
+                empty = sorted(n for n, svd in svds.items() if svd.components is None)
+                raise PeftdeclError(
+                    f"EVA: no batch gives {empty} as many input rows as SVD components (rho·r)"
+                )
             continue
         ratios = {name: svd.explained_variance_ratio for name, svd in svds.items()}
         distribution = rank_distribution(ratios, layer_svd, same_input, sum(ranks.values()), max_components)
