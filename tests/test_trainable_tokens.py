@@ -323,16 +323,53 @@ def test_tied_rows_train_as_one_tensor_like_peft(tmp_path: Path) -> None:
     assert rel_err(got.double().numpy(), expected.double().numpy()) <= 1e-5
 
 
-def test_ensure_weight_tying_refuses_different_ids_and_tied_lora() -> None:
-    """PEFT's ensure_weight_tying error on tied layers with different ids; tying lm_head's LoRA to the embeddings'
-    (embeddings in target_modules) is refused by peftdecl, naming the field."""
+def test_ensure_weight_tying_refuses_different_ids_and_tied_dora() -> None:
+    """PEFT's ensure_weight_tying error on tied layers with different ids; a DoRA head tied to the embeddings'
+    LoRA is refused by peftdecl (only plain LoRA is tied), naming the field."""
     spec = TIED_CONFIGS["lora-other-ids-untied"]().to_dict()
     with pytest.raises(TargetError, match="same token indices on tied layers"):
         peftdecl.attach(tied_llama(), {**spec, "ensure_weight_tying": True}, backend="torch")
-    targeted = {"peft_type": "LORA", "target_modules": ["q_proj", "embed_tokens"]}
-    with pytest.raises(TargetError, match=r"\$\.ensure_weight_tying: .* target_modules"):
+    targeted = {"peft_type": "LORA", "target_modules": ["q_proj", "embed_tokens"], "use_dora": True}
+    with pytest.raises(TargetError, match=r"\$\.ensure_weight_tying: lm_head \(dora\)"):
         peftdecl.attach(tied_llama(), {**targeted, "ensure_weight_tying": True}, backend="torch")
     peftdecl.attach(tied_llama(), targeted, backend="torch")  # without it, PEFT only warns: accepted
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [["q_proj", "embed_tokens"], ["q_proj", "embed_tokens", "lm_head"], "(.*q_proj|.*embed_tokens)"],
+)
+def test_ensure_weight_tying_ties_the_head_lora_like_peft(targets: Any, tmp_path: Path) -> None:
+    """Embeddings in target_modules, with ensure_weight_tying: PEFT gives lm_head a LoRA whose A and B are the
+    embeddings' Bᵀ and Aᵀ (one storage). Both ways the same logits; gradients of all four tensors equal PEFT's
+    (≤ 1e-5). A merge folds the update in once (PEFT 0.21 folds it twice into the shared table, so its merged
+    logits are not its own: ours equal its unmerged ones)."""
+    config = peft.LoraConfig(target_modules=targets, ensure_weight_tying=True)
+    torch.manual_seed(1234)
+    theirs = peft.get_peft_model(tied_llama(), config)
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    expected = logits(theirs.eval())
+    ours = peftdecl.load_adapter(tied_llama(), tmp_path / "peft", backend="torch", is_trainable=True)
+    assert rel_err(logits(ours), expected) <= TOL
+    head = ours.base_model.lm_head
+    embed = ours.base_model.model.embed_tokens
+    assert head.lora_A["default"].weight.data_ptr() == embed.lora_embedding_B["default"].data_ptr()
+    ours.save_pretrained(tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(tied_llama(), tmp_path / "ours").eval()
+    assert rel_err(logits(again), expected) <= TOL
+    for model in (theirs, ours):
+        model.train()
+        model(input_ids=LLAMA_IDS).logits.square().mean().backward()
+    peft_grads = {
+        k.replace(".default", ""): p.grad
+        for k, p in theirs.base_model.model.named_parameters()
+        if p.requires_grad
+    }
+    for key, param in ours.trainable_parameters().items():
+        assert rel_err(param.grad.double().numpy(), peft_grads[key].double().numpy()) <= 1e-5, key
+    ours.eval()
+    assert rel_err(logits(ours.merge_and_unload()), expected) <= TOL
 
 
 @pytest.mark.parametrize("saved", [["embed_tokens"], ["lm_head"]])

@@ -42,7 +42,7 @@ from peftdecl_torch.replication import replicate_layers
 from peftdecl_torch.saved import SavedModule
 from peftdecl_torch.seq2seq import seq2seq_call, seq2seq_generate
 from peftdecl_torch.task_heads import HEAD_TASKS, head_rules
-from peftdecl_torch.tied import tie_saved_copies, tied_links
+from peftdecl_torch.tied import tie_lora, tie_saved_copies, tied_links
 
 
 class TorchEngine:
@@ -114,6 +114,7 @@ class TorchEngine:
                 autocast=self._autocast,
                 shared=links,
             )
+            tie_lora(name, lp, layer, self._layers)  # ensure_weight_tying: a head's LoRA over the embeddings'
             follow_mode(layer, layer.base_layer, layer.training)
         self._add_saved(name, plan, arrays)
         self.sync()
@@ -198,7 +199,8 @@ class TorchEngine:
         warn_merging(requantized)
         for name in names:
             for lp in self.book.plans[name].layers:
-                self._layers[lp.module].merge(name, before)
+                if "tied_lora_to" not in lp.options:  # a tied head's weight is the embeddings': merged there
+                    self._layers[lp.module].merge(name, before)
             before.append(name)
 
     def unmerge(self) -> None:
@@ -207,7 +209,8 @@ class TorchEngine:
         while remaining:
             name = remaining.pop()
             for lp in self.book.plans[name].layers:
-                self._layers[lp.module].unmerge(name, remaining)
+                if "tied_lora_to" not in lp.options:
+                    self._layers[lp.module].unmerge(name, remaining)
 
     def unload(self, dequantize: bool = False) -> nn.Module:
         """The base model itself, wrappers removed (merged weights stay), modules_to_save copies swapped in.

@@ -60,3 +60,17 @@ def tie_saved_copies(adapter: str, plan: Plan, info: ModelInfo, saved: Mapping[s
     for module in plan.modules_to_save:
         if module in info.tied_to_embeddings:
             saved[module].copies[adapter].weight = source
+
+
+def tie_lora(adapter: str, lp: LayerPlan, layer: AdaptedLayer, layers: Mapping[str, AdaptedLayer]) -> None:
+    """``ensure_weight_tying`` with LoRA on the embeddings: a tied head's A and B become parameters over the
+    embeddings' Bᵀ and Aᵀ storage (``lp.options["tied_lora_to"]``), as HF PEFT ties them: their values are one."""
+    source = lp.options.get("tied_lora_to")
+    if source is None:
+        return
+    embedding = layers[source].tensors(adapter)
+    own = layer.tensors(adapter)
+    for name, partner in (("lora_A.weight", "lora_embedding_B"), ("lora_B.weight", "lora_embedding_A")):
+        head, _, leaf = name.partition(".")
+        tied = nn.Parameter(embedding[partner].detach().t(), requires_grad=own[name].requires_grad)
+        getattr(layer, head)[adapter].register_parameter(leaf, tied)

@@ -7,7 +7,7 @@ from peftdecl.kinds import get_kind, kinds
 from peftdecl.plan.ir import ModelInfo, Plan
 from peftdecl.plan.kinds import KindLayout, registry
 from peftdecl.plan.kinds.lora_mha import check_inside_attention
-from peftdecl.plan.kinds.trainable_tokens import tie_modules_to_save, with_token_layers
+from peftdecl.plan.kinds.trainable_tokens import tie_specs, with_token_layers
 from peftdecl.plan.param_targets import module_targets, parameter_layers
 from peftdecl.plan.targeting import TASK_MODULES_TO_SAVE, task_modules_to_save
 from peftdecl.spec import SpecBase
@@ -63,7 +63,7 @@ def _compile(spec: SpecBase, info: ModelInfo) -> Plan:
         )
     if layout.prepare_spec is not None:
         spec = layout.prepare_spec(spec, info)
-    spec = tie_modules_to_save(spec, info)  # ensure_weight_tying: heads tied to a saved embedding copy
+    spec = tie_specs(spec, info)  # ensure_weight_tying: heads tied to the embeddings' copy or LoRA
     modules_to_save = _modules_to_save(spec, info)
     if layout.build_prompt is not None:
         prompt, shared = layout.build_prompt(spec, info)
