@@ -512,3 +512,45 @@ def test_velora_mlx_training_gradients_match_the_reference(init_type: str) -> No
         assert rel_err(got_y, y) <= F32
         for key in ("m.lora_A.weight", "m.lora_B.weight", "input"):
             assert rel_err(got[key], expected[key]) <= F32, (step, key)
+
+
+@torch_needed
+def test_initial_tensors_follow_peft_s_rules() -> None:
+    """Deterministic initial tensors equal PEFT's (zeros, I, 1/N); random ones follow its distributions: the
+    Kaiming bound of each A (a blocked A's is √6 times LoRA's, so a wrong rule lands outside 0.5-1× of PEFT's
+    largest draw), unit-norm VeLoRA projections, priors in [0, 1)."""
+    peft = pytest.importorskip("peft")
+    fields = {
+        "velora_config": {"num_groups": 5, "init_type": "random"},
+        "use_bdlora": {"target_modules_bd_a": ["lin0"], "target_modules_bd_b": ["lin1"], "nblocks": 2},
+        "monteclora_config": {"num_samples": 3},
+        "kasa_config": {},
+    }
+    for field, config in fields.items():
+        wrapped = peft.get_peft_model(mlp(), peft_config(**{field: config}))
+        tensors = {**dict(wrapped.named_buffers()), **dict(wrapped.named_parameters())}
+        theirs = {
+            k.removeprefix("base_model.model.").replace(".default", ""): v.detach().double().numpy()
+            for k, v in tensors.items()
+            if "lora" in k
+        }
+        spec = {
+            "peft_type": "LORA",
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": ["lin0", "lin1"],
+            field: config,
+        }
+        ours = peftdecl.attach(mlp(), spec, backend="torch", seed=5).state_dict()
+        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}, field
+        for key, value in theirs.items():
+            if key.endswith("lora_B.weight") or "gaussian_var_prior" in key or key.endswith("expert_weights"):
+                assert np.array_equal(ours[key], value.astype(np.float32)), key
+            elif key.endswith("lora_velora_embed"):
+                assert abs(np.linalg.norm(ours[key]) - 1.0) < 1e-6 and abs(np.linalg.norm(value) - 1.0) < 1e-6
+            elif key.endswith("lora_A.weight"):
+                assert 0.5 * np.abs(value).max() < np.abs(ours[key]).max() <= np.sqrt(6.0 / value.shape[1]), (
+                    key
+                )
+            elif "prior" in key:
+                assert ours[key].min() >= 0.0 and ours[key].max() < 1.0, key
