@@ -11,6 +11,7 @@ from peftdecl.kinds import kinds
 
 QV = ["q_proj", "v_proj"]
 BD = {"target_modules_bd_a": ["q_proj"], "target_modules_bd_b": ["v_proj"], "nblocks": 2}
+ARROW = {"top_k": 1, "task_adapter_names": ["t0", "t1"]}
 SPECS = {
     "lora": ({"peft_type": "LORA", "r": 4, "target_modules": QV}, "4"),
     "dora": ({"peft_type": "LORA", "r": 2, "use_dora": True, "target_modules": QV}, "2"),
@@ -25,6 +26,9 @@ SPECS = {
     "kasa": ({"peft_type": "LORA", "r": 4, "target_modules": QV, "kasa_config": {}}, "4"),
     "bdlora": ({"peft_type": "LORA", "r": 4, "target_modules": QV, "use_bdlora": BD}, "4"),
     "monteclora": ({"peft_type": "LORA", "r": 4, "target_modules": QV, "monteclora_config": {"num_samples": 2}}, "4"),
+    "mica": ({"peft_type": "LORA", "r": 4, "target_modules": QV, "init_lora_weights": "mica"}, "4"),
+    "alora": ({"peft_type": "LORA", "r": 4, "target_modules": QV, "alora_invocation_tokens": [3, 4]}, "4"),
+    "arrow": ({"peft_type": "LORA", "r": 4, "target_modules": QV, "arrow_config": ARROW}, "4"),
     "prefix_tuning": ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 5, "task_type": "CAUSAL_LM"}, None),
     "prompt_tuning": ({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 6, "task_type": "CAUSAL_LM"}, None),
 }  # fmt: skip
@@ -43,7 +47,9 @@ def test_inspect_and_validate_every_kind(kind, tmp_path, capsys) -> None:
     assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"kind        {spec['peft_type']}" in out
-    assert f"parameters  {sum(v.size for v in model.state_dict().values()):,}" in out
+    # an Arrow router's file holds its own LoRA pair, not the experts it stacks (those are their own adapters)
+    saved = sum(v.size for k, v in model.state_dict().items() if ".arrow_experts_" not in k)
+    assert f"parameters  {saved:,}" in out
     if rank is None:
         assert "shared      prompt_embeddings" in out
     else:
