@@ -127,13 +127,25 @@ class LowRankSpec(SpecBase, frozen=True):
     use_qalora: Annotated[bool, Meta(description=QALORA_HELP)] = False
     qalora_group_size: Annotated[PositiveInt, Meta(description="QA-LoRA's pooling group (see use_qalora).")] = 16
     monteclora_config: MontecloraConfig | None = None
-    layer_replication: tuple[tuple[int, int], ...] | None = None
+    layer_replication: Annotated[
+        tuple[tuple[int, int], ...] | None,
+        Meta(
+            description="Rebuild the decoder's layer list from [start, end) ranges of it, copies sharing base weights, "
+            "each with its own adapter (e.g. [[0, 4], [2, 5]]); torch backend, first adapter only, no merge."
+        ),
+    ] = None
     runtime_config: JsonObject | None = None
     target_parameters: tuple[str, ...] | None = None
     use_bdlora: BdLoraConfig | None = None
     arrow_config: ArrowConfig | None = None
     kasa_config: KasaConfig | None = None
-    ensure_weight_tying: bool = False
+    ensure_weight_tying: Annotated[
+        bool,
+        Meta(
+            description="On tied embeddings: the output head follows the embeddings' trainable tokens, their "
+            "modules_to_save copy or their LoRA (torch); differing token ids on tied layers are refused."
+        ),
+    ] = False
 
     UNSUPPORTED: ClassVar[dict[str, object]] = {
         "megatron_config": None,
