@@ -84,11 +84,7 @@ def test_target_module_sets_are_sorted_lists() -> None:
     [
         ({"megatron_config": {"num_layers": 2}}, "$.megatron_config"),
         ({"eva_config": "EVA"}, "$.eva_config"),
-        ({"layer_replication": [(0, 2), (1, 3)]}, "$.layer_replication"),
-        ({"use_qalora": True}, "$.use_qalora"),
-        ({"trainable_token_indices": [1, 2]}, "$.trainable_token_indices"),
         ({"bias": "all"}, "$.bias"),
-        ({"init_lora_weights": "mica"}, "$.init_lora_weights"),
     ],
 )
 def test_unsupported_peft_fields_are_named(kwargs, field) -> None:
