@@ -15,7 +15,13 @@ from hypothesis import given
 
 import peftdecl
 from peftdecl.errors import SpecError
-from peftdecl.spec.rules import ADALORA_SCHEDULE_RULE, IA3_SUBSET_RULE, REGEX_RULE, RESOURCE_RULE
+from peftdecl.spec.rules import (
+    ADALORA_SCHEDULE_RULE,
+    BDLORA_OVERLAP_RULE,
+    IA3_SUBSET_RULE,
+    REGEX_RULE,
+    RESOURCE_RULE,
+)
 from tests.fuzz_settings import fuzz_settings
 from tests.spec_strategies import mutated_specs
 
@@ -34,6 +40,8 @@ def excluded_rule(path: str, message: str) -> str | None:
         return IA3_SUBSET_RULE
     if path == "$.tinit" and "total_step - tfinal" in message:
         return ADALORA_SCHEDULE_RULE
+    if path == "$.use_bdlora.target_modules_bd_b" and "also in target_modules_bd_a" in message:
+        return BDLORA_OVERLAP_RULE
     if any(s in message for s in ("nested deeper", "values in one spec", "out of range (at most 64 bits)")):
         return RESOURCE_RULE
     return None

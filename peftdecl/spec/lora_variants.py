@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Protocol
 import msgspec
 from msgspec import Meta
 
+from peftdecl._json import JsonObject
 from peftdecl.spec.limits import MAX_DIM, MAX_FINITE, MAX_RANK
 
 NonNegative = Annotated[float, Meta(ge=0.0, le=MAX_FINITE)]
@@ -142,3 +143,25 @@ def variant_problems(spec: _VariantFields) -> list[tuple[str, str]]:
                 )
             )
     return found
+
+
+BDLORA_OVERLAP = "a pattern in both use_bdlora.target_modules_bd_a and target_modules_bd_b"
+"""The one rule above JSON Schema cannot state (no set intersection); its schema description says so."""
+
+
+def variant_schema_rules() -> list[JsonObject]:
+    """:func:`variant_problems`'s one-variant rule in JSON Schema: once a variant field (use_dora first) is set,
+    every later one must be null, the error at the later field."""
+    fields = [("use_dora", {"const": True}), *((name, {"not": {"type": "null"}}) for name in VARIANT_FIELDS)]
+    rules: list[JsonObject] = []
+    for i, (earlier, is_set) in enumerate(fields):
+        for later, _ in fields[i + 1 :]:
+            unset = {"const": False} if later == "use_dora" else {"type": "null"}
+            message = f"cannot be combined with {earlier} (one LoRA variant at a time)"
+            rules.append(
+                {
+                    "if": {"required": [earlier], "properties": {earlier: is_set}},
+                    "then": {"properties": {later: {**unset, "x-error": message}}},
+                }
+            )
+    return rules

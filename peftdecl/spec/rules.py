@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from peftdecl._json import JsonObject
 from peftdecl.spec.limits import MAX_DIM, MAX_STEPS
+from peftdecl.spec.lora_variants import BDLORA_OVERLAP, variant_schema_rules
 
 _PROMPT_KINDS = ("PREFIX_TUNING", "PROMPT_TUNING")
 
@@ -20,6 +21,8 @@ IA3_SUBSET_RULE = "ia3_feedforward_subset"
 """IA3: a list ``feedforward_modules`` must be a subset of a list ``target_modules`` (no set relations)."""
 ADALORA_SCHEDULE_RULE = "adalora_schedule"
 """AdaLoRA: ``tinit < total_step - tfinal`` (no arithmetic across fields)."""
+BDLORA_OVERLAP_RULE = "bdlora_overlap"
+"""LoRA: no pattern in both BD-LoRA lists (no set relations)."""
 RESOURCE_RULE = "resource_limits"
 """Document size, nesting depth and value count (see peftdecl.spec.limits): not properties of single values."""
 
@@ -27,6 +30,7 @@ NOT_EXPRESSIBLE: dict[str, str] = {
     REGEX_RULE: "regex-valued fields must compile as Python regular expressions",
     IA3_SUBSET_RULE: "feedforward_modules must be a subset of target_modules when both are lists",
     ADALORA_SCHEDULE_RULE: "tinit must be < total_step - tfinal",
+    BDLORA_OVERLAP_RULE: f"no {BDLORA_OVERLAP}",
     RESOURCE_RULE: "at most 1 MiB of text, 32 levels of nesting and 100,000 values",
 }
 
@@ -151,6 +155,8 @@ def kind_rules(peft_type: str) -> tuple[list[JsonObject], list[str], dict[str, J
             "'orthogonal', 'eva', 'lora_ga', 'mica', 'loftq' or 'corda'",
         }
         rules.append(loftq_config_rule())
+        if peft_type == "LORA":
+            rules.extend(variant_schema_rules())  # one of use_dora, velora_config, kasa_config, ... at a time
         rules.append(
             _when(
                 _present("use_dora", {"const": True}),
@@ -205,4 +211,6 @@ def not_expressible(peft_type: str) -> list[str]:
         names.append(IA3_SUBSET_RULE)
     if peft_type == "ADALORA":
         names.append(ADALORA_SCHEDULE_RULE)
+    if peft_type == "LORA":
+        names.append(BDLORA_OVERLAP_RULE)
     return names
