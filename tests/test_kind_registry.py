@@ -358,15 +358,15 @@ def test_builtins_in_hf_order_and_spec_types_follow() -> None:
 
     assert [d.name for d in BUILTINS] == [
         "lora", "dora", "lora_mha", "adalora", "ia3", "loha", "lokr", "oft", "boft", "vera", "velora", "kasa",
-        "bdlora", "monteclora", "mica", "alora", "trainable_tokens", "prefix_tuning", "prompt_tuning",
+        "bdlora", "monteclora", "mica", "alora", "arrow", "trainable_tokens", "prefix_tuning", "prompt_tuning",
     ]  # fmt: skip
     assert list(SPEC_TYPES) == list(dict.fromkeys(d.peft_type for d in BUILTINS))
     assert [d.name for d in registry.kinds_for_peft_type("LORA")] == [
-        "lora", "dora", "lora_mha", "velora", "kasa", "bdlora", "monteclora", "mica", "alora",
+        "lora", "dora", "lora_mha", "velora", "kasa", "bdlora", "monteclora", "mica", "alora", "arrow",
     ]  # fmt: skip
     assert {d.name for d in BUILTINS if d.additive} == {
         "lora", "adalora", "loha", "lokr", "vera", "velora", "kasa", "bdlora", "monteclora", "mica", "alora",
-        "trainable_tokens",
+        "arrow", "trainable_tokens",
     }  # fmt: skip
 
 

@@ -56,7 +56,7 @@ def test_specs_are_frozen() -> None:
         ({"peft_type": "LORA", "layers_pattern": "layers"}, "$.layers_pattern", "needs layers_to_transform"),
         ({"peft_type": "LORA", "target_modules": ".*q", "layers_to_transform": [0]}, "$.layers_to_transform", "regex"),
         ({"peft_type": "LORA", "megatron_config": {"x": 1}}, "$.megatron_config", "not supported"),
-        ({"peft_type": "LORA", "init_lora_weights": "mica"}, "$.init_lora_weights", "not supported"),
+        ({"peft_type": "LORA", "init_lora_weights": "mica", "use_dora": True}, "$.init_lora_weights", "use_dora"),
         ({"peft_type": "LORA", "use_dora": True, "lora_bias": True}, "$.lora_bias", "use_dora"),
         ({"peft_type": "OFT", "r": 4, "oft_block_size": 8}, "$.r", "exactly one"),
         ({"peft_type": "BOFT", "boft_block_size": 0}, "$.boft_block_size", "exactly one"),
