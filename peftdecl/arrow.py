@@ -4,8 +4,7 @@ The task experts are loaded as adapters ``task_0``, ``task_1``, ... (and, with G
 as ``gks_0``, ...); they must share one rank and one set of target modules, on linear layers. The router adapter
 ``arrow_router`` (kind ``arrow``) then holds copies of the experts' factors stacked in task order (with GenKnowSub,
 each minus the mean A and the mean B of the general adapters, as PEFT subtracts them before routing) and becomes
-the active adapter. PEFT subtracts GenKnowSub's mean from the expert adapters themselves; here the experts stay as
-loaded and only the router's copies change.
+the active adapter. GenKnowSub changes the task adapters themselves too, as PEFT does on the router's first use.
 """
 
 from __future__ import annotations
@@ -51,6 +50,8 @@ def create_arrow_model(
         model.load_adapter(path, name)
     modules, r = _common_layout(model, tasks + general)
     stacked = _stacked_experts(model, tasks, general, modules)
+    if general:
+        _subtract_in_place(model, tasks, modules, stacked)
     fields = {"task_adapter_names": tasks, "gks_adapter_names": general}
     spec = {
         "peft_type": "LORA",
@@ -123,3 +124,19 @@ def _stacked_experts(
         scales = [model.plan(n).layer(module).scaling for n in tasks]
         out[f"{module}.arrow_experts_scaling"] = np.asarray(scales, dtype=np.float64)
     return out
+
+
+def _subtract_in_place(
+    model: AdaptedModel, tasks: list[str], modules: tuple[str, ...], stacked: dict[str, np.ndarray]
+) -> None:
+    """GenKnowSub changes the task adapters themselves, as PEFT does (before the router's first use): each takes
+    its row of the router's stack, and stays frozen."""
+    for index, name in enumerate(tasks):
+        arrays = model.state_dict(name)
+        for module in modules:
+            for part in "AB":
+                arrays[f"{module}.lora_{part}.weight"] = stacked[f"{module}.arrow_experts_{part}"][index]
+        spec = model.spec(name)
+        model.delete_adapter(name)
+        model.add_adapter(name, spec, arrays=arrays)
+        model.set_requires_grad(name, False)

@@ -451,6 +451,11 @@ def test_arrow_router_equals_peft(experts: tuple[MLP, list[str]], gks: bool) -> 
         expected, base_out = theirs(x).numpy(), base(x).numpy()
         assert rel_err(expected, base_out) > 1e-1  # the routed experts change the output
         assert rel_err(ours(x).numpy(), expected) <= TOL  # float32; the prototypes agree to ~1e-7 here
+    # GenKnowSub has changed the task adapters themselves (PEFT: on the router's first forward, just above)
+    for module in ("lin0", "lin1"):
+        peft_a = getattr(theirs.base_model.model, module).lora_A["task_1"].weight.detach().numpy()
+        assert rel_err(ours.state_dict("task_1")[f"{module}.lora_A.weight"], peft_a) <= TOL  # float32 means
+    assert not any(k.startswith("task_1/") or "task_1" in k for k in ours.trainable_parameters())
     with pytest.raises(PeftdeclError, match="Arrow router cannot be merged"):
         ours.merge_and_unload()
 
