@@ -232,26 +232,31 @@ def peft_grad(model: Any, module: str, name: str) -> np.ndarray:
 @torch_needed
 @pytest.mark.parametrize("init_type", ["random", "batch_average", "batch_average_once"])
 def test_velora_training_gradients_are_peft_s_compressed_ones(init_type: str, tmp_path: Path) -> None:
-    """Same weights, same batch in training mode: A's gradient is PEFT's compressed one (not the exact one), B's
-    and the input's are exact; the NumPy reference's explicit backward gives the same."""
+    """Same weights, same batches in training mode (two steps, so that 'batch_average_once' keeps its first
+    projection and 'batch_average' takes the second batch's): A's gradient is PEFT's compressed one, B's exact."""
     torch = _torch()
     config = {"velora_config": {"num_groups": 5, "init_type": init_type, "scale": 0.7}}
     theirs = perturbed_peft(**config)
     theirs.save_pretrained(tmp_path)
     ours = peftdecl.load_adapter(mlp(), tmp_path, backend="torch", is_trainable=True).train()
     theirs.train()
-    x = torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(2))
-    dy = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(3))
-    (theirs(x) * dy).sum().backward()
-    (ours(x) * dy).sum().backward()
-    got = grads_of(ours.trainable_parameters())
-    for module in ("lin0", "lin1"):
-        for factor in ("lora_A", "lora_B"):
-            expected = peft_grad(theirs, module, f"{factor}.default.weight")
-            assert rel_err(got[f"{module}.{factor}.weight"], expected) <= F32, (module, factor)
-    # the projection was set from the batch as PEFT sets it
-    embed = dict(theirs.named_buffers())["base_model.model.lin0.lora_velora_embed.default"].double().numpy()
-    assert rel_err(ours.state_dict()["lin0.lora_velora_embed"], embed) <= F32
+    for step in range(2):
+        x = torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(2 + step)) + step
+        dy = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(3))
+        theirs.zero_grad()
+        for param in ours.trainable_parameters().values():
+            param.grad = None
+        (theirs(x) * dy).sum().backward()
+        (ours(x) * dy).sum().backward()
+        got = grads_of(ours.trainable_parameters())
+        for module in ("lin0", "lin1"):
+            for factor in ("lora_A", "lora_B"):
+                expected = peft_grad(theirs, module, f"{factor}.default.weight")
+                assert rel_err(got[f"{module}.{factor}.weight"], expected) <= F32, (step, module, factor)
+        # the projection was set from the batch as PEFT sets it
+        buffers = dict(theirs.named_buffers())
+        embed = buffers["base_model.model.lin0.lora_velora_embed.default"].double().numpy()
+        assert rel_err(ours.state_dict()["lin0.lora_velora_embed"], embed) <= F32, step
     # and the compressed gradient differs from the exact one (else the test proves nothing)
     exact = peftdecl.load_adapter(mlp(), tmp_path, backend="torch", is_trainable=True).eval()
     (exact(x) * dy).sum().backward()
