@@ -7,9 +7,9 @@ from peftdecl.kinds import get_kind, kinds
 from peftdecl.plan.ir import ModelInfo, Plan
 from peftdecl.plan.kinds import KindLayout, registry
 from peftdecl.plan.kinds.lora_mha import check_inside_attention
-from peftdecl.plan.kinds.trainable_tokens import tie_specs, with_token_layers
 from peftdecl.plan.param_targets import module_targets, parameter_layers
 from peftdecl.plan.targeting import TASK_MODULES_TO_SAVE, task_modules_to_save
+from peftdecl.plan.weight_tying import tie_specs, with_token_layers
 from peftdecl.spec import SpecBase
 from peftdecl.spec.limits import ADAPTER_BYTES_ENV, max_adapter_bytes
 
