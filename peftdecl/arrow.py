@@ -17,6 +17,7 @@ import numpy as np
 
 from peftdecl.errors import PeftdeclError
 from peftdecl.model import AdaptedModel
+from peftdecl.plan.kinds.arrow import exact_prototypes
 from peftdecl.spec.lora_variants_b import ArrowConfig
 
 ROUTER = "arrow_router"
@@ -50,6 +51,10 @@ def create_arrow_model(
         model.load_adapter(path, name)
     modules, r = _common_layout(model, tasks + general)
     stacked = _stacked_experts(model, tasks, general, modules)
+    for module in modules:
+        stacked[f"{module}.arrow_prototypes"] = peft_prototypes(
+            stacked[f"{module}.arrow_experts_A"], stacked[f"{module}.arrow_experts_B"], config.rng_seed
+        )
     if general:
         _subtract_in_place(model, tasks, modules, stacked)
     fields = {"task_adapter_names": tasks, "gks_adapter_names": general}
@@ -124,6 +129,35 @@ def _stacked_experts(
         scales = [model.plan(n).layer(module).scaling for n in tasks]
         out[f"{module}.arrow_experts_scaling"] = np.asarray(scales, dtype=np.float64)
     return out
+
+
+def peft_prototypes(a: np.ndarray, b: np.ndarray, rng_seed: int | None) -> np.ndarray:
+    """[E, in]: each expert's prototype as PEFT computes it: 15 float32 power iterations v ← Aᵀ(BᵀB)(A v) / ‖·‖
+    from one start vector, torch's ``randn`` of a generator seeded with ``rng_seed`` (NumPy's where torch is
+    missing); without a seed PEFT starts from torch's global generator, so here the exact top right singular
+    vector, the iteration's limit, stands in."""
+    if rng_seed is None:
+        return exact_prototypes(a, b)
+    start = _start_vector(int(rng_seed), a.shape[-1])
+    found = []
+    for a_e, b_e in zip(np.asarray(a, np.float32), np.asarray(b, np.float32), strict=True):
+        gram = b_e.T @ b_e
+        v = start / (np.linalg.norm(start) + 1e-8)
+        for _ in range(15):
+            w = a_e.T @ (gram @ (a_e @ v))
+            v = w / (np.linalg.norm(w) + 1e-8)
+        found.append(v)
+    return np.stack(found).astype(np.float64)
+
+
+def _start_vector(seed: int, size: int) -> np.ndarray:
+    try:  # PEFT's draw, where torch is there to make it (a lazy import: the core never needs torch)
+        import torch
+    except ImportError:
+        return np.random.default_rng(seed).standard_normal(size).astype(np.float32)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    start: np.ndarray = torch.randn(size, dtype=torch.float32, generator=generator).numpy()
+    return start
 
 
 def _subtract_in_place(

@@ -48,7 +48,7 @@ def test_inspect_and_validate_every_kind(kind, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert f"kind        {spec['peft_type']}" in out
     # an Arrow router's file holds its own LoRA pair, not the experts it stacks (those are their own adapters)
-    saved = sum(v.size for k, v in model.state_dict().items() if ".arrow_experts_" not in k)
+    saved = sum(v.size for k, v in model.state_dict().items() if ".arrow_" not in k)
     assert f"parameters  {saved:,}" in out
     if rank is None:
         assert "shared      prompt_embeddings" in out

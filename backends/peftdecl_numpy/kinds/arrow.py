@@ -1,6 +1,6 @@
 """Arrow routing on the NumPy reference (HF PEFT's ``arrow_config``), per token x over E stacked LoRA experts:
 
-p_e = the top right singular vector of B_e A_e (the expert's prototype, sign-free), a_e = x·p_e, K = the top_k
+p_e = the expert's prototype (stored: the top right singular vector of B_e A_e, sign-free), a_e = x·p_e, K = the top_k
 experts by |a_e|, c = softmax over K of |a_e| / T (0 outside K), Δ(x) = dropout(Σ_e c_e s_e B_e A_e x). The experts
 are frozen; the input gradient runs through both the experts and the coefficients. Not mergeable.
 """
@@ -16,16 +16,6 @@ from peftdecl.plan import LayerPlan
 from peftdecl_numpy.kinds.base import AdditiveKind, MergeCache, Params, Tape, Weights
 from peftdecl_numpy.layers import BaseLayer, dropout_mask
 from peftdecl_numpy.xp_ops import Array
-
-
-def prototypes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[E, in]: the top right singular vector of each B_e A_e, from two small SVDs (A_e = U S Vᵀ, then B_e U S)."""
-    found = []
-    for a_e, b_e in zip(a, b, strict=True):
-        u, s, vh = np.linalg.svd(a_e, full_matrices=False)
-        vh_c = np.linalg.svd((b_e @ u) * s, full_matrices=False)[2]
-        found.append(vh_c[0] @ vh)
-    return np.stack(found)
 
 
 def route(lp: LayerPlan, tokens: np.ndarray, protos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +41,7 @@ class ArrowOps(AdditiveKind):
         a_stack, b_stack = np.asarray(p["arrow_experts_A"]), np.asarray(p["arrow_experts_B"])
         scales = np.asarray(p["arrow_experts_scaling"])
         tokens = np.asarray(x).reshape(-1, x.shape[-1])
-        protos = prototypes(a_stack, b_stack)
+        protos = np.asarray(p["arrow_prototypes"])
         c, a = route(lp, tokens, protos)
         y = (
             np.einsum("ter,eor->teo", np.einsum("tf,erf->ter", tokens, a_stack), b_stack)

@@ -1,5 +1,5 @@
 """Arrow routing on torch (HF PEFT's ``arrow_config``): per token, the top_k of E stacked LoRA experts by |x·p_e|
-(p_e the top right singular vector of B_e A_e), mixed by a softmax at temperature T: Δ(x) = Σ_e c_e s_e B_e A_e x.
+(p_e the stored prototype of expert e), mixed by a softmax at temperature T: Δ(x) = Σ_e c_e s_e B_e A_e x.
 The same equations as the NumPy reference; autograd differentiates through the coefficients. Not mergeable."""
 
 from __future__ import annotations
@@ -14,14 +14,6 @@ from peftdecl_torch.kinds._additive import AddedProduct, Params
 
 if TYPE_CHECKING:
     from peftdecl_torch.layer import AdaptedLayer
-
-
-@torch.no_grad()
-def prototypes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[E, in]: the top right singular vector of each B_e A_e, from two small SVDs (A_e = U S Vᵀ, then B_e U S)."""
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)  # batched over experts
-    vh_c = torch.linalg.svd(torch.matmul(b, u) * s[:, None, :], full_matrices=False)[2]
-    return torch.einsum("ek,ekf->ef", vh_c[:, 0, :], vh)
 
 
 def refuse_merge(lp: LayerPlan) -> NoReturn:
@@ -42,7 +34,7 @@ class ArrowOps(AddedProduct):
     ) -> torch.Tensor:
         a_stack, b_stack, scales = p["arrow_experts_A"], p["arrow_experts_B"], p["arrow_experts_scaling"]
         tokens = x.reshape(-1, x.shape[-1]).to(a_stack.dtype)
-        sim = torch.abs(tokens @ prototypes(a_stack, b_stack).to(tokens.dtype).t())
+        sim = torch.abs(tokens @ p["arrow_prototypes"].to(tokens.dtype).t())
         top_v, top_i = torch.topk(sim, int(lp.options["top_k"]), dim=1)
         score = torch.full_like(sim, float("-inf")).scatter(1, top_i, top_v)
         coeff = torch.softmax(score / float(lp.options["temperature"]), dim=1)

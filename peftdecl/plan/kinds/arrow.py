@@ -2,22 +2,43 @@
 
 The router keeps its own LoRA pair (``lora_A.weight``, ``lora_B.weight``, which PEFT creates and never uses) and,
 for peftdecl's ops, copies of the experts' factors stacked in task order: ``arrow_experts_A`` [E, r, in],
-``arrow_experts_B`` [E, out, r] and their scales ``arrow_experts_scaling`` [E] (s_e = alpha_e / r_e).
+``arrow_experts_B`` [E, out, r], their scales ``arrow_experts_scaling`` [E] (s_e = alpha_e / r_e) and prototypes
+``arrow_prototypes`` [E, in] (the top right singular vector of each B_e A_e, which PEFT computes once and caches).
 ``create_arrow_model`` (peftdecl.arrow) fills them from the expert adapters; nothing of the router trains.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from peftdecl._json import JsonObject
 from peftdecl.errors import AdapterFileError, SpecError
+from peftdecl.init import register_external_source
 from peftdecl.plan.ir import Init, LayerInfo, LayerPlan, ModelInfo, ParamSpec, Plan
 from peftdecl.plan.kinds import KindLayout
 from peftdecl.plan.kinds.lora import build_lora_layer
 from peftdecl.spec.lora import LoraSpec
 
-EXPERT_TENSORS = ("arrow_experts_A", "arrow_experts_B", "arrow_experts_scaling")
+EXPERT_TENSORS = ("arrow_experts_A", "arrow_experts_B", "arrow_experts_scaling", "arrow_prototypes")
+PROTOTYPE_SOURCE = "arrow_exact_prototypes"
+
+
+def exact_prototypes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[E, in]: the top right singular vector of each B_e A_e, from two small SVDs (A_e = U S Vᵀ, then B_e U S)."""
+    found = []
+    for a_e, b_e in zip(np.asarray(a, np.float64), np.asarray(b, np.float64), strict=True):
+        u, s, vh = np.linalg.svd(a_e, full_matrices=False)
+        found.append(np.linalg.svd((b_e @ u) * s, full_matrices=False)[2][0] @ vh)
+    return np.stack(found)
+
+
+def _initial_prototypes(weight: np.ndarray, lp: LayerPlan, own: Mapping[str, np.ndarray]) -> np.ndarray:
+    return exact_prototypes(own["arrow_experts_A"], own["arrow_experts_B"])
+
+
+register_external_source(PROTOTYPE_SOURCE, _initial_prototypes)
 
 
 def build_arrow_layer(spec: LoraSpec, module: str, layer: LayerInfo, info: ModelInfo) -> LayerPlan:
@@ -41,6 +62,12 @@ def build_arrow_layer(spec: LoraSpec, module: str, layer: LayerInfo, info: Model
         ParamSpec("arrow_experts_A", (experts, r, layer.in_features), "frozen", Init("normal", std=1.0)),
         ParamSpec("arrow_experts_B", (experts, layer.out_features, r), "frozen", Init("normal", std=1.0)),
         ParamSpec("arrow_experts_scaling", (experts,), "frozen", Init("constant", value=lora.scaling)),
+        ParamSpec(
+            "arrow_prototypes",
+            (experts, layer.in_features),
+            "frozen",
+            Init("external", source=PROTOTYPE_SOURCE),
+        ),
     )
     return LayerPlan(
         module=module,
