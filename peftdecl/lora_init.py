@@ -209,6 +209,14 @@ def plain_lora_conversion(
     spec = plan.spec
     if plan.kind != "lora":
         raise TargetError(f"converting to plain LoRA needs a LoRA adapter, not {plan.kind}")
+    init = getattr(spec, "init_lora_weights", True)
+    if init == "loftq" or init is False:
+        # the difference from the initial factors is the trained update only where the model started at its
+        # base: LoftQ starts at Q + BA and init false at W + BA (HF PEFT warns and writes a wrong adapter)
+        raise TargetError(
+            f"init_lora_weights={init!r}: this adapter cannot be converted to a plain LoRA of the original base "
+            "(its initial model was not the base); save it without path_initial_model_for_weight_conversion"
+        )
     rank_pattern = dict(getattr(spec, "rank_pattern", None) or {})
     alpha_pattern = dict(getattr(spec, "alpha_pattern", None) or {})
     rslora = bool(getattr(spec, "use_rslora", False))

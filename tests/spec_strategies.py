@@ -27,6 +27,7 @@ BASES: dict[str, dict[str, Any]] = {
     "VERA": {"peft_type": "VERA", "target_modules": ["q"], "r": 2},
     "PREFIX_TUNING": {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 2},
     "PROMPT_TUNING": {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2},
+    "TRAINABLE_TOKENS": {"peft_type": "TRAINABLE_TOKENS", "target_modules": ["q"], "token_indices": [0, 1]},
 }
 """A valid spec of each kind to mutate."""
 

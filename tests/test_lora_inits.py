@@ -462,3 +462,18 @@ def test_save_pretrained_converts_to_plain_lora_that_peft_loads(tmp_path: Path) 
     with torch.no_grad():
         assert rel_err(ours(x).numpy(), base(x).numpy()) > 1e-2  # the perturbation shows
         assert rel_err(plain(x).numpy(), ours(x).numpy()) <= TOL  # the same ΔW, now on the original W
+
+
+@pytest.mark.parametrize("init", [False, "loftq"])
+def test_conversion_is_refused_where_the_initial_model_was_not_the_base(tmp_path: Path, init: object) -> None:
+    """init false starts at W + s·BA and LoftQ at Q + s·BA: subtracting the initial factors would not give the
+    trained update of the original base, so peftdecl refuses (HF PEFT warns and writes a wrong adapter)."""
+    needs_torch_backend()
+    spec = {"peft_type": "LORA", "r": 2, "target_modules": ["lin0"], "init_lora_weights": init}
+    if init == "loftq":
+        spec["loftq_config"] = {"loftq_bits": 8, "loftq_iter": 1}
+    ours = peftdecl.attach(base_model(), spec, backend="torch")
+    ours.save(tmp_path / "init")
+    with pytest.raises(TargetError, match="cannot be converted to a plain LoRA"):
+        ours.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    assert not (tmp_path / "plain").exists()

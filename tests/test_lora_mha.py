@@ -387,3 +387,17 @@ def test_reference_takes_unbatched_input_as_torch_does(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = as_numpy(ours.base_model.mha(x, x, x)[0])
     assert rel_err(ref("mha", x.numpy()), expected) <= F64_TOL
+
+
+def test_inspect_reads_a_saved_attention_adapter(tmp_path: Path, capsys: Any) -> None:
+    """`peftdecl inspect` on PEFT's folder: the attention module and its out_proj factors, at rank r."""
+    from peftdecl.cli import main
+
+    peft_wrapped(["mha"]).save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("mha")
+    }
+    assert rows and set(rows.values()) == {str(R)}

@@ -94,6 +94,8 @@ def test_every_kind_parses_with_defaults(peft_type) -> None:
     data = {"peft_type": peft_type}
     if peft_type == "ADALORA":
         data["total_step"] = 100
+    if peft_type == "TRAINABLE_TOKENS":
+        data["token_indices"] = [0, 1]  # PEFT's default, no tokens, trains nothing
     if peft_type in ("PREFIX_TUNING", "PROMPT_TUNING"):
         data["num_virtual_tokens"] = 4
     spec = peftdecl.load_spec(data)
@@ -118,6 +120,10 @@ def test_configs_written_by_peft_load(peft_type, tmp_path) -> None:
         "VERA": (peft.VeraConfig, {"target_modules": ["q"], "r": 16}),
         "PREFIX_TUNING": (peft.PrefixTuningConfig, {"num_virtual_tokens": 5, "task_type": "CAUSAL_LM"}),
         "PROMPT_TUNING": (peft.PromptTuningConfig, {"num_virtual_tokens": 5, "task_type": "CAUSAL_LM"}),
+        "TRAINABLE_TOKENS": (
+            peft.TrainableTokensConfig,
+            {"target_modules": ["emb"], "token_indices": [1, 2]},
+        ),
     }
     cls, kwargs = classes[peft_type]
     cls(**kwargs).save_pretrained(tmp_path)

@@ -79,22 +79,32 @@ def test_target_module_sets_are_sorted_lists() -> None:
     assert again.target_modules == ("k_proj", "q_proj", "v_proj")
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "field"),
-    [
-        ({"megatron_config": {"num_layers": 2}}, "$.megatron_config"),
-        ({"eva_config": "EVA"}, "$.eva_config"),
-        ({"bias": "all"}, "$.bias"),
-    ],
-)
-def test_unsupported_peft_fields_are_named(kwargs, field) -> None:
-    if kwargs.get("eva_config") == "EVA":
-        kwargs = {"eva_config": peft.EvaConfig(), "init_lora_weights": "eva"}  # a nested dataclass
-    config = peft.LoraConfig(target_modules=["q"], **kwargs)
+def test_unsupported_peft_fields_are_named() -> None:
+    """megatron_config (a distributed-training integration) is the one LoraConfig field peftdecl refuses."""
+    config = peft.LoraConfig(target_modules=["q"], megatron_config={"num_layers": 2})
     with pytest.raises(SpecError) as info:
         peftdecl.load_spec(config)
-    assert field in dict(info.value.problems)
+    assert "$.megatron_config" in dict(info.value.problems)
     assert info.value.source == "LoraConfig"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"eva_config": "EVA", "init_lora_weights": "eva"},
+        {"bias": "all"},
+        {"kasa_config": "KASA"},
+    ],
+)
+def test_peft_config_objects_with_nested_configs_load(kwargs) -> None:
+    """A LoraConfig holding a nested dataclass (EvaConfig, KasaConfig) or a non-default bias gives the same spec as
+    its dict form."""
+    from peft.tuners.lora.config import EvaConfig, KasaConfig
+
+    nested = {"EVA": EvaConfig, "KASA": KasaConfig}
+    built = {key: nested[value]() if value in nested else value for key, value in kwargs.items()}
+    config = peft.LoraConfig(target_modules=["q"], **built)
+    assert peftdecl.load_spec(config) == peftdecl.load_spec(config.to_dict())
 
 
 def test_attach_takes_a_peft_config() -> None:
