@@ -23,6 +23,9 @@ def render() -> str:
 
     declared = kinds()
     entries = peftdecl.backends()
+    # the IR's layer types, then any a kind declares beyond them ("parameter": target_parameters)
+    columns = list(LAYER_TYPES)
+    columns += sorted({t for d in declared.values() for t in d.layer_types} - set(LAYER_TYPES))
     lines = [
         "# Backend capabilities",
         "",
@@ -53,17 +56,34 @@ def render() -> str:
             f"- quantised base layers: {_list(caps.quantizations)}"
             + ("; weight-reading kinds dequantise them on the fly" if caps.dequantizes else ""),
             "",
-            "| kind | " + " | ".join(LAYER_TYPES) + " |",
-            "| --- | " + " | ".join("---" for _ in LAYER_TYPES) + " |",
+            "| kind | " + " | ".join(columns) + " |",
+            "| --- | " + " | ".join("---" for _ in columns) + " |",
         ]
         for kind, decl in declared.items():
             if decl.model_level:
-                cells = ["model-level" if caps.supports(kind) else "—"] + [""] * (len(LAYER_TYPES) - 1)
+                cells = ["model-level" if caps.supports(kind) else "—"] + [""] * (len(columns) - 1)
             else:
-                cells = ["✓" if caps.supports(kind, layer) else "—" for layer in LAYER_TYPES]
+                cells = ["✓" if caps.supports(kind, layer) else "—" for layer in columns]
             lines.append(f"| {kind} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += NOT_SUPPORTED
     return "\n".join(lines)
+
+
+NOT_SUPPORTED = [
+    "## What HF PEFT 0.21 has for these kinds and peftdecl does not",
+    "",
+    "- `megatron_config` / `megatron_core` (LoRA on Megatron tensor-parallel layers): a distributed-training",
+    "  integration, refused with the field named.",
+    "- Quantised bases other than bitsandbytes 4/8-bit (torch) and MLX affine: GPTQ, AWQ, AQLM, EETQ, HQQ, torchao,",
+    "  INC, TransformerEngine. `use_qalora` pools the adapter input only on GPTQ layers in PEFT, so without them it",
+    "  is plain LoRA in both libraries.",
+    "- Transposed convolutions: PEFT adapts none with these kinds, and neither does peftdecl.",
+    "- Per backend, the tables above say which kind runs on which layer type; a missing entry is refused with the",
+    "  reason (`layer_replication` and `ensure_weight_tying` run on torch, `target_parameters` on torch).",
+    "",
+]
+"""Stated once here so that the page says plainly what is left out, and why."""
 
 
 def _list(values: Any) -> str:

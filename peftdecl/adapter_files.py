@@ -25,10 +25,14 @@ def module_of(key: str, modules: Sequence[str]) -> str | None:
 def is_base_override(info: ModelInfo, plan: Plan, key: str) -> bool:
     """True when ``key`` replaces a base tensor: ``*.base_layer.weight``, a saved embedding/output head, or a
     base bias the adapter trained (``bias`` other than "none")."""
-    return key.endswith(".base_layer.weight") or is_bias_override(plan, key) or (
-        key.endswith(".weight")
-        and key[: -len(".weight")] in (info.word_embeddings, info.output_head)
-        and not module_of(key, plan.modules_to_save)
+    return (
+        key.endswith(".base_layer.weight")
+        or is_bias_override(plan, key)
+        or (
+            key.endswith(".weight")
+            and key[: -len(".weight")] in (info.word_embeddings, info.output_head)
+            and not module_of(key, plan.modules_to_save)
+        )
     )
 
 

@@ -201,7 +201,9 @@ def highest(run: Driver) -> str:
 
 @pytest.mark.parametrize("case", PARAMS)
 def test_save_reload_merge_and_unmerge_match_reference(backend: str, case: Case, tmp_path) -> None:
-    if not layouts()[case.kind].mergeable:  # aLoRA: acts on some positions only; its own module tests save/load
+    if not layouts()[
+        case.kind
+    ].mergeable:  # aLoRA: acts on some positions only; its own module tests save/load
         pytest.skip(f"{case.kind} cannot be merged (as in HF PEFT)")
     dtype = highest(needs(backend, case))
     run, ours, reference, x = twins(backend, case, dtype)

@@ -41,7 +41,13 @@ CASES = {
     "lora-all": {"peft_type": "LORA", "target_modules": ["a", "b"], "r": 2, "bias": "all"},
     "lora-only": {"peft_type": "LORA", "target_modules": ["a"], "r": 2, "bias": "lora_only"},
     "adalora-only": {"peft_type": "ADALORA", "target_modules": ["a"], "total_step": 10, "bias": "lora_only"},
-    "oft-only": {"peft_type": "OFT", "target_modules": ["a"], "r": 0, "oft_block_size": 2, "bias": "oft_only"},
+    "oft-only": {
+        "peft_type": "OFT",
+        "target_modules": ["a"],
+        "r": 0,
+        "oft_block_size": 2,
+        "bias": "oft_only",
+    },
     "oft-all": {"peft_type": "OFT", "target_modules": ["b"], "r": 0, "oft_block_size": 2, "bias": "all"},
     "boft-only": {"peft_type": "BOFT", "target_modules": ["a"], "boft_block_size": 2, "bias": "boft_only"},
     "vera-only": {"peft_type": "VERA", "target_modules": ["a", "b"], "r": 2, "bias": "vera_only"},
@@ -175,7 +181,7 @@ def test_numpy_bias_gradient_equals_torch_autograd() -> None:
     dy = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     torch_layer = torch_model.base_model.a
     (torch_layer(x) * dy).sum().backward()
-    y, tape = ours.engine.layer_forward("a", x.numpy())
+    _, tape = ours.engine.layer_forward("a", x.numpy())
     grads = ours.engine.layer_backward("a", tape, dy.numpy())
     expected = torch_model.trainable_parameters()["a.base_layer.bias"].grad.numpy()
     assert abs(grads["a.base_layer.bias"] - expected).max() <= 1e-10

@@ -475,5 +475,7 @@ def test_conversion_is_refused_where_the_initial_model_was_not_the_base(tmp_path
     ours = peftdecl.attach(base_model(), spec, backend="torch")
     ours.save(tmp_path / "init")
     with pytest.raises(TargetError, match="cannot be converted to a plain LoRA"):
-        ours.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+        ours.save_pretrained(
+            tmp_path / "plain", path_initial_model_for_weight_conversion=str(tmp_path / "init")
+        )
     assert not (tmp_path / "plain").exists()

@@ -106,7 +106,9 @@ class TorchEngine:
                 attr = f"shared_{name}_{tensor_name}"
                 layer.add_shared(attr, copies[key])
                 links[tensor_name] = attr
-            links.update(tied_links(name, lp, layer, self._layers))  # a tied head reads the embeddings' tensor
+            links.update(
+                tied_links(name, lp, layer, self._layers)
+            )  # a tied head reads the embeddings' tensor
             layer.add(
                 name,
                 lp,

@@ -210,7 +210,9 @@ class AdaptedLayer(PeftLayerAttributes, nn.Module):
     def trainable(self, name: str) -> dict[str, nn.Parameter]:
         """Adapter ``name``'s own parameters (not those it reads from another layer, such as a tied head's)."""
         linked = self._shared[name]
-        return {k: v for k, v in self.tensors(name).items() if isinstance(v, nn.Parameter) and k not in linked}
+        return {
+            k: v for k, v in self.tensors(name).items() if isinstance(v, nn.Parameter) and k not in linked
+        }
 
     def _container(self, head: str, kind: type[nn.Module]) -> str:
         """The attribute holding tensors called ``head`` in a container of type ``kind``, created on first use.

@@ -125,7 +125,9 @@ class LowRankSpec(SpecBase, frozen=True):
     velora_config: VeloraConfig | None = None
     alora_invocation_tokens: tuple[int, ...] | None = None
     use_qalora: Annotated[bool, Meta(description=QALORA_HELP)] = False
-    qalora_group_size: Annotated[PositiveInt, Meta(description="QA-LoRA's pooling group (see use_qalora).")] = 16
+    qalora_group_size: Annotated[
+        PositiveInt, Meta(description="QA-LoRA's pooling group (see use_qalora).")
+    ] = 16
     monteclora_config: MontecloraConfig | None = None
     layer_replication: Annotated[
         tuple[tuple[int, int], ...] | None,
