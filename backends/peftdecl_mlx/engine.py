@@ -28,6 +28,7 @@ from peftdecl_mlx.base_biases import bias_values, set_bias_trainability, write_b
 from peftdecl_mlx.generator import Generator
 from peftdecl_mlx.inventory import ParameterTree, flatten, get_module, set_module, walk
 from peftdecl_mlx.kinds import prompt
+from peftdecl_mlx.kinds.alora import invocation_rows
 from peftdecl_mlx.layer import AdaptedLayer, AdapterParams, SavedModule
 from peftdecl_mlx.probes import to_numpy
 from peftdecl_mlx.trainable import Trainable, trainable_names, trainable_tensors
@@ -216,8 +217,15 @@ class MlxEngine:
         mx.eval(self._model.parameters())
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """The model's own call; NumPy arguments are converted; ``adapter_names`` picks one adapter per row."""
+        """The model's own call; NumPy arguments are converted; ``adapter_names`` picks one adapter per row; aLoRA
+        adapters find their invocation in the token ids (:func:`peftdecl_mlx.kinds.alora.invocation_rows`)."""
         args = tuple(mx.array(a) if isinstance(a, np.ndarray) else a for a in args)
+        with invocation_rows(self._book, args, kwargs, adapter_names):
+            return self._forward(args, adapter_names, kwargs)
+
+    def _forward(
+        self, args: tuple[Any, ...], adapter_names: Sequence[str] | None, kwargs: dict[str, Any]
+    ) -> Any:
         running = self._book.running()
         plans = self._book.plans
         prompts = [n for n in running if plans[n].prompt is not None]

@@ -60,8 +60,7 @@ ALORA = KindDecl(
     layer_types=_ALORA_LAYERS,
     composition="add",
     rank=lora_rank,
-    # not on MLX: its backend has no model call that reads input_ids for the invocation offsets
-    ops={backend: f"peftdecl_{backend}.kinds.alora:OPS" for backend in ("numpy", "torch")},
+    ops={backend: f"peftdecl_{backend}.kinds.alora:OPS" for backend in ("numpy", "torch", "mlx")},
     examples={
         t: {
             "peft_type": "LORA",
@@ -95,8 +94,7 @@ ARROW = KindDecl(
     layer_types=_ARROW_LAYERS,
     composition="add",
     rank=lora_rank,
-    # not on MLX (yet): its ops are NumPy's and torch's only
-    ops={backend: f"peftdecl_{backend}.kinds.arrow:OPS" for backend in ("numpy", "torch")},
+    ops={backend: f"peftdecl_{backend}.kinds.arrow:OPS" for backend in ("numpy", "torch", "mlx")},
     examples={
         t: {
             "peft_type": "LORA",
