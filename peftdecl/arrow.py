@@ -9,6 +9,7 @@ the active adapter. GenKnowSub changes the task adapters themselves too, as PEFT
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ from peftdecl.spec.lora_variants_b import ArrowConfig
 
 ROUTER = "arrow_router"
 """The router's adapter name, as in HF PEFT."""
+
+TORCH_START = "peftdecl_numpy.torch_bridge:arrow_start_vector"
+"""Where torch draws PEFT's power-iteration start vector (None without torch)."""
 
 
 def create_arrow_model(
@@ -151,13 +155,17 @@ def peft_prototypes(a: np.ndarray, b: np.ndarray, rng_seed: int | None) -> np.nd
 
 
 def _start_vector(seed: int, size: int) -> np.ndarray:
-    try:  # PEFT's draw, where torch is there to make it (a lazy import: the core never needs torch)
-        import torch
+    """PEFT's draw where torch is there to make it (:data:`TORCH_START`, resolved by name: the core never imports
+    torch), else NumPy's standard normal from the same seed."""
+    module, _, name = TORCH_START.partition(":")
+    try:
+        via_torch = getattr(importlib.import_module(module), name)(seed, size)
     except ImportError:
-        return np.random.default_rng(seed).standard_normal(size).astype(np.float32)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    start: np.ndarray = torch.randn(size, dtype=torch.float32, generator=generator).numpy()
-    return start
+        via_torch = None
+    if via_torch is not None:
+        found: np.ndarray = via_torch
+        return found
+    return np.random.default_rng(seed).standard_normal(size).astype(np.float32)
 
 
 def _subtract_in_place(

@@ -1,5 +1,6 @@
-"""What the NumPy reference borrows from torch when it is installed: HF PEFT's VeRA projections, drawn by torch's
-CPU generator. (Describing a torch model to the NumPy reference lives in ``peftdecl_torch.inventory.numpy_model``.)
+"""What the NumPy reference borrows from torch when it is installed: HF PEFT's VeRA projections and Arrow's power
+iteration start vector, drawn by torch's CPU generator. (Describing a torch model to the NumPy reference lives in
+``peftdecl_torch.inventory.numpy_model``.)
 
 Imports torch only when called, so the NumPy backend itself never needs it.
 """
@@ -25,3 +26,15 @@ def vera_projections(
     a = torch.empty(r, max_in).uniform_(-bound_a, bound_a, generator=gen)
     b = torch.empty(max_out, r).uniform_(-bound_b, bound_b, generator=gen)
     return a.double().numpy(), b.double().numpy()
+
+
+def arrow_start_vector(seed: int, size: int) -> np.ndarray | None:
+    """HF PEFT's start of Arrow's power iteration (None when torch is not installed): ``randn(size)`` in float32
+    from a CPU generator seeded with ``seed``."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    start: np.ndarray = torch.randn(size, dtype=torch.float32, generator=gen).numpy()
+    return start
