@@ -2,10 +2,10 @@
 ranges of themselves (``[[0, 4], [2, 5]]``: layers 0, 1, 2, 3, 2, 3, 4), each copy sharing the base weights of the
 layer it copies, so that every copy gets its own adapter.
 
-A backend does it if its engine has ``replicate_layers(layer_map) -> ModelInfo`` (torch); the model's inventory is
-taken again afterwards. Only the first adapter attached may ask for it, since it rebuilds the layer list. Merging is
-refused on such a model: copies share one base weight, so each copy's update would reach every copy (HF PEFT
-0.21 merges anyway and changes the outputs).
+A backend does it if its engine has ``replicate_layers(layer_map) -> ModelInfo`` (torch, MLX); the model's
+inventory is taken again afterwards. Only the first adapter attached may ask for it, since it rebuilds the layer
+list. Merging is refused on such a model: copies share one base weight, so each copy's update would reach every
+copy (HF PEFT 0.21 merges anyway and changes the outputs).
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ MERGE_REFUSAL = (
     "cannot merge into a model whose layers were replicated (layer_replication): the copies share their base "
     "weights, so each copy's update would reach every copy"
 )
+
+NO_LAYER_LIST = {
+    "numpy": "the NumPy reference works on a state dict, which has no decoder layer list to rebuild; attach the "
+    "model itself on the torch or mlx backend, or pass the state dict of an already replicated model with "
+    "layer_replication left out of the spec"
+}
+"""Why a backend without ``replicate_layers`` cannot have one, and what to use instead."""
 
 
 def layer_map_problems(spec: SpecBase) -> list[tuple[str, str]]:
@@ -46,8 +53,9 @@ def replicated_info(model: AdaptedModel, spec: SpecBase) -> ModelInfo:
         return model.info
     replicate = getattr(model.engine, "replicate_layers", None)
     if replicate is None:
+        why = NO_LAYER_LIST.get(model.backend.name, "its engine has no replicate_layers")
         raise TargetError(
-            f"$.layer_replication: the {model.backend.name} backend does not replicate layers (the torch backend does)"
+            f"$.layer_replication: the {model.backend.name} backend does not replicate layers: {why}"
         )
     if model.adapters:
         raise TargetError(

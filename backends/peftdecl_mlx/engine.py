@@ -21,16 +21,18 @@ from mlx.utils import tree_unflatten
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import RngState, check_adapter_names
 from peftdecl.errors import BackendError, PeftdeclError
+from peftdecl.layer_replication import MERGE_REFUSAL
 from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerPlan, ModelInfo, Plan
 from peftdecl_mlx import probes, quantized
 from peftdecl_mlx.base_biases import bias_values, set_bias_trainability, write_biases
 from peftdecl_mlx.generator import Generator
-from peftdecl_mlx.inventory import ParameterTree, flatten, get_module, set_module, walk
+from peftdecl_mlx.inventory import ParameterTree, flatten, get_module, inventory, set_module, walk
 from peftdecl_mlx.kinds import prompt
 from peftdecl_mlx.kinds.alora import invocation_rows
 from peftdecl_mlx.layer import AdaptedLayer, AdapterParams, SavedModule
 from peftdecl_mlx.probes import to_numpy
+from peftdecl_mlx.replication import BASE_WRITE_REFUSAL, replicate_layers
 from peftdecl_mlx.trainable import Trainable, trainable_names, trainable_tensors
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -57,6 +59,7 @@ class MlxEngine:
         self._generator = Generator(model, options.seed)
         self._layers: dict[str, AdaptedLayer] = {}
         self._saved: dict[str, SavedModule] = {}
+        self._replicated = False  # layer_replication rebuilt the layer list: copies share base weights
         model.freeze()  # the base model is frozen; adapters unfreeze their own trainable tensors
 
     @property
@@ -152,6 +155,8 @@ class MlxEngine:
         return {k: to_numpy(v) for k, v in out.items()}
 
     def merge(self, names: tuple[str, ...]) -> None:
+        if self._replicated:
+            raise PeftdeclError(MERGE_REFUSAL)
         for name in names:
             for lp in self._book.plans[name].layers:
                 self._layers[lp.module].merge(name)
@@ -191,7 +196,15 @@ class MlxEngine:
         mx.eval(weight)
         return to_numpy(weight).astype(np.float64)
 
+    def replicate_layers(self, layer_map: Sequence[tuple[int, int]]) -> ModelInfo:
+        """HF PEFT's ``layer_replication`` on the model (:mod:`peftdecl_mlx.replication`); its new inventory."""
+        replicate_layers(self._model, layer_map)
+        self._info, self._replicated = inventory(self._model), True
+        return self._info
+
     def load_base_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        if self._replicated:
+            raise PeftdeclError(f"{', '.join(list(weights)[:3])}: {BASE_WRITE_REFUSAL}")
         write_biases(self._model, {k: v for k, v in weights.items() if k.endswith(".bias")})
         for key, value in weights.items():
             if key.endswith(".bias"):
