@@ -29,8 +29,17 @@ from peftdecl_mlx.kinds.trainable_tokens import tied_head_tokens
 T = TypeVar("T")
 
 
+class TensorGroup(nn.Module):
+    """One level of an adapter's nested tensor names (``lora_A`` of ``lora_A.weight``): a module, not a dict, so
+    that each leaf is frozen by its own key (MLX freezes a module's direct keys only)."""
+
+
 class AdapterParams(nn.Module):
-    """One adapter's tensors on one layer, nested at the IR name's dots (``lora_A.weight`` -> ``lora_A["weight"]``)."""
+    """One adapter's tensors on one layer, nested at the IR name's dots (``lora_A.weight`` -> ``lora_A["weight"]``).
+
+    Each level is a :class:`TensorGroup`, so a frozen tensor beside trainable ones (MiCA's ``lora_B.weight``,
+    MonteCLoRA's sampler buffers) is left out of ``trainable_parameters()`` whole and ``Module.update`` accepts the
+    tree (a frozen leaf in a plain dict would come back as ``{}`` in an array's place)."""
 
     _ir_paths: tuple[tuple[str, tuple[str, ...]], ...]
 
@@ -38,13 +47,19 @@ class AdapterParams(nn.Module):
         super().__init__()
         for name, value in arrays.items():
             *heads, leaf = name.split(".")
-            node: dict[str, object] = self
-            for head in heads:
-                node = cast("dict[str, object]", node.setdefault(head, {}))
-            node[leaf] = value
+            self._group(heads, create=True)[leaf] = value
         # (IR name, path) of every tensor, outside the parameter tree (a plain attribute): tensors() runs on every
         # call of the layer and walks these instead of the whole tree
         object.__setattr__(self, "_ir_paths", tuple((n, tuple(n.split("."))) for n in arrays))
+
+    def _group(self, heads: Sequence[str], create: bool = False) -> nn.Module:
+        """The module holding the leaves under ``heads`` (made where missing when ``create``)."""
+        node: nn.Module = self
+        for head in heads:
+            if create and head not in node:
+                node[head] = TensorGroup()
+            node = cast(nn.Module, node[head])
+        return node
 
     def tensors(self) -> dict[str, mx.array]:
         """IR name -> array (read at call time, so tracers from ``mx.value_and_grad`` are picked up)."""
@@ -57,10 +72,16 @@ class AdapterParams(nn.Module):
         return out
 
     def set_trainable(self, names: Sequence[str]) -> None:
-        """Freeze everything, then unfreeze ``names`` (IR names)."""
-        self.freeze(recurse=False)
-        if names:
-            self.unfreeze(recurse=False, keys=list(names))
+        """Freeze every tensor, then unfreeze ``names`` (IR names), each by its leaf key in its own group."""
+        self.freeze()
+        for name in names:
+            *heads, leaf = name.split(".")
+            self._group(heads).unfreeze(recurse=False, keys=[leaf])
+
+    def overwrite(self, name: str, value: mx.array) -> None:
+        """Replace the array of IR name ``name`` (its trainability stays)."""
+        *heads, leaf = name.split(".")
+        self._group(heads)[leaf] = value
 
 
 @dataclass
@@ -241,13 +262,9 @@ class AdaptedLayer(nn.Module):
         return self.generator.integers(high)
 
     def overwrite(self, lp: LayerPlan, tensor: str, value: mx.array) -> None:
-        """Replace one stored adapter tensor (COFT's in-place projection, as HF PEFT does)."""
+        """Replace one stored adapter tensor (COFT's in-place projection, MonteCLoRA's last draw, as HF PEFT does)."""
         name = next(n for n, plan in self.adapter_state.plans.items() if plan is lp)
-        *heads, leaf = tensor.split(".")
-        node: dict[str, object] = self.adapters[name]
-        for head in heads:
-            node = cast("dict[str, object]", node[head])
-        node[leaf] = value
+        self.adapters[name].overwrite(tensor, value)
 
     def dropout(self, x: mx.array, p: float) -> mx.array:
         """x ⊙ mask / (1 − p) in training mode, the mask kept where u ≥ p (the NumPy reference's rule); x otherwise."""
