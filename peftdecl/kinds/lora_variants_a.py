@@ -93,8 +93,7 @@ MONTECLORA = _variant(
     # no noise and one sample: a training step then equals LoRA's exactly (the priors get zero gradients)
     {"monteclora_config": {"num_samples": 1, "sample_scaler": 0.0}},
     "LoRA whose A is perturbed by learnt Monte Carlo noise while training (monteclora_config)",
-    # not on MLX: its parameter tree cannot hold the sampler's frozen buffers beside trainable priors in one
-    # nested dict (trainable_parameters() gives {} for them, which Module.update refuses)
+    backends=_WITH_MLX,
 )
 
 VARIANT_A_KINDS: tuple[KindDecl, ...] = (VELORA, KASA, BDLORA, MONTECLORA)

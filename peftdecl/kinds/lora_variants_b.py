@@ -32,8 +32,7 @@ MICA = KindDecl(
     layer_types=_MICA_LAYERS,
     composition="add",
     rank=lora_rank,
-    # not on MLX: MLX cannot freeze one leaf of a nested tensor (lora_B.weight) apart from its sibling lora_A
-    ops={backend: f"peftdecl_{backend}.kinds.mica:OPS" for backend in ("numpy", "torch")},
+    ops={backend: f"peftdecl_{backend}.kinds.mica:OPS" for backend in ("numpy", "torch", "mlx")},
     examples={
         t: {
             "peft_type": "LORA",
