@@ -56,6 +56,8 @@ KINDS = {
     "vera": {"peft_type": "VERA", "r": 4, "vera_dropout": 0.1, "target_modules": TARGETS},
     "prefix_tuning": {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3},
     "prompt_tuning": {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3},
+    "mica": {**LORA, "init_lora_weights": "mica"},
+    "monteclora": {**LORA, "monteclora_config": {"num_samples": 2, "sample_scaler": 0.5}},
 }
 """A small spec per kind the MLX backend supports on mlx-lm models (dropout on where the kind has it)."""
 
