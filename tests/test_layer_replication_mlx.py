@@ -81,6 +81,7 @@ def test_peft_folder_loads_on_mlx(folder: Path, tmp_path: Path) -> None:
     assert layers[1].mlp.up_proj.weight is layers[2].mlp.up_proj.weight  # copies share the base arrays
     assert layers[1].self_attn.q_proj.base_layer.weight is layers[2].self_attn.q_proj.base_layer.weight
     assert layers[1].self_attn.q_proj is not layers[2].self_attn.q_proj  # but carry their own adapters
+    assert layers[2].args is base.args  # and read the model's one ModelArgs, which counts four layers
     assert len(ours.plan().layers) == 8  # q_proj and v_proj on every copy
     expected = torch_logits(theirs)
     assert rel_err(expected, mlx_logits(load_checkpoint(folder))) > 1e-3  # the adapter changes the logits
@@ -153,21 +154,111 @@ def mlx_logits_of(model: Any, ids: list[list[int]]) -> np.ndarray:
     return np.array(model(mx.array(ids)), dtype=np.float64)
 
 
+def decoded_in_chunks(model: Any, ids: list[int], chunk: int = 2) -> np.ndarray:
+    """Logits of ``ids`` fed ``chunk`` tokens at a time through mlx-lm's KV caches for ``model`` (an mlx-lm
+    model or an adapted one)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    base = getattr(model, "base_model", model)
+    cache = make_prompt_cache(base)
+    assert len(cache) == len(base.layers)
+    steps = [mlx_logits_of_cached(model, ids[i : i + chunk], cache) for i in range(0, len(ids), chunk)]
+    return np.concatenate(steps)
+
+
+def mlx_logits_of_cached(model: Any, ids: list[int], cache: list[Any]) -> np.ndarray:
+    return np.array(model(mx.array([ids]), cache=cache), dtype=np.float64)[0]
+
+
+FAMILIES = {  # mlx-lm model module, its arguments for three layers, the field counting layers
+    "gpt2": (
+        dict(n_ctx=64, n_embd=32, n_head=2, n_layer=3, n_positions=64, layer_norm_epsilon=1e-5),
+        "n_layer",
+    ),
+    "qwen3": (
+        dict(
+            hidden_size=32,
+            num_hidden_layers=3,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+        ),
+        "num_hidden_layers",
+    ),
+    "gemma3_text": (
+        dict(
+            hidden_size=32,
+            num_hidden_layers=4,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            rms_norm_eps=1e-6,
+            sliding_window=3,
+            sliding_window_pattern=2,
+        ),
+        "num_hidden_layers",
+    ),
+}
+
+
+def mlx_lm_model(family: str, seed: int = 0, **overrides: Any) -> Any:
+    import importlib
+
+    module = importlib.import_module(f"mlx_lm.models.{family}")
+    mx.random.seed(seed)
+    fields, _ = FAMILIES[family]
+    model = module.Model(module.ModelArgs(model_type=family, vocab_size=64, **{**fields, **overrides}))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_other_mlx_lm_families_replicate(family: str) -> None:
+    """GPT-2 (its list at ``model.h``) and Qwen3 replicated by [[0, 2], [1, 3]] equal mlx-lm's own four-layer
+    model holding layers 0, 1, 1, 2 (1e-6), and decode through their caches as they run whole (1e-5)."""
+    count = FAMILIES[family][1]
+    replicated = mlx_lm_model(family)
+    assert replicate_layers(replicated, [(0, 2), (1, 3)]) == 4
+    assert getattr(replicated.args, count) == 4
+    built = mlx_lm_model(family, seed=7, **{count: 4})
+    built.update(replicated.parameters())
+    ids = [3, 9, 4, 1, 7, 2, 5, 8, 10]
+    full = mlx_logits_of(replicated, [ids])[0]
+    assert rel_err(full, mlx_logits_of(built, [ids])[0]) <= 1e-6
+    assert rel_err(decoded_in_chunks(replicated, ids), full) <= 1e-5
+
+
+def test_models_that_pick_caches_by_position_keep_their_pattern() -> None:
+    """Gemma 3 alternates sliding and global attention by position: a map breaking that alternation is refused
+    and leaves the model as it was; one keeping it (pairs of layers) decodes through its caches as it runs whole."""
+    model = mlx_lm_model("gemma3_text")
+    ids = [3, 9, 4, 1, 7, 2, 5, 8, 10]
+    before = mlx_logits_of(model, [ids])
+    with pytest.raises(
+        TargetError, match=r"\$\.layer_replication: .* picks each layer's cache by its position"
+    ):
+        replicate_layers(model, [(0, 2), (1, 3)])
+    assert len(model.layers) == model.args.num_hidden_layers == 4
+    assert rel_err(mlx_logits_of(model, [ids]), before) == 0.0
+    assert replicate_layers(model, [(0, 2), (0, 4)]) == 6
+    assert rel_err(decoded_in_chunks(model, ids), mlx_logits_of(model, [ids])[0]) <= 1e-5
+
+
 def test_generation_through_the_kv_cache_matches_the_full_forward() -> None:
     """With an adapter on every copy, decoding two tokens at a time through mlx-lm's caches (a rotating one for
     the sliding layers, whose masks come from the caches fa_idx and swa_idx name) gives the full-sequence logits."""
-    from mlx_lm.models.cache import make_prompt_cache
-
     # layers 1, 2, 0, 1: sliding, full, full, sliding, so the layers whose caches set the masks move
     spec = {**SPEC, "layer_replication": [[1, 3], [0, 2]]}
     ours = peftdecl.attach(tiny_llama(**SLIDING, layer_types=TYPES), spec, backend="mlx", seed=5)
     ids = [3, 9, 4, 1, 7, 2, 5, 8, 10]
-    full = mlx_logits_of(ours, [ids])[0]
-    cache = make_prompt_cache(ours.base_model)
-    assert len(cache) == 4
-    chunks = [ids[i : i + 2] for i in range(0, len(ids), 2)]
-    steps = [np.array(ours(mx.array([chunk]), cache=cache), dtype=np.float64)[0] for chunk in chunks]
-    assert rel_err(np.concatenate(steps), full) <= 1e-5
+    assert len(ours.base_model.layers) == 4
+    assert rel_err(decoded_in_chunks(ours, ids), mlx_logits_of(ours, [ids])[0]) <= 1e-5
 
 
 def test_writing_the_shared_base_weights_is_refused() -> None:

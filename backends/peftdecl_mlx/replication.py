@@ -103,6 +103,14 @@ def replicate_layers(model: nn.Module, layer_map: Sequence[tuple[int, int]]) -> 
     sources = [i for start, end in layer_map for i in range(start, end)]
     configs = config_objects(model, inner)
     holders = unique([model, inner, owner, *configs])
+    before = cache_kinds(model)
+    undo = [
+        (h, name, getattr(h, name))
+        for h in holders
+        for name in (*COUNTS, *PER_LAYER_LISTS)
+        if hasattr(h, name)
+    ]
+    undo += [(inner, name, value) for name, value in index_attributes(inner)]
     old_types = next(
         (list(t) for h in holders if isinstance(t := getattr(h, "layer_types", None), list)), None
     )
@@ -125,7 +133,25 @@ def replicate_layers(model: nn.Module, layer_map: Sequence[tuple[int, int]]) -> 
                 setattr(holder, name, [entries[s] for s in sources])
     for name, value in new_indices.items():
         setattr(inner, name, value)
+    after = cache_kinds(model)
+    if before is not None and after is not None and after != [before[s] for s in sources]:
+        owner[key] = layers  # the originals were never changed: put the model back as it was
+        for holder, name, value in undo:
+            setattr(holder, name, value)
+        raise TargetError(
+            f"$.layer_replication: {type(model).__name__} picks each layer's cache by its position ("
+            f"{', '.join(after)}), not by the layer it copies ({', '.join(before[s] for s in sources)}); "
+            "only maps that keep every position's attention type work on this model"
+        )
     return len(new_layers)
+
+
+def cache_kinds(model: nn.Module) -> list[str] | None:
+    """The kind of cache mlx-lm's ``make_cache`` gives each layer (``RotatingKVCache(3)``); None without one."""
+    make_cache = getattr(model, "make_cache", None)
+    if make_cache is None:
+        return None
+    return [f"{type(c).__name__}({getattr(c, 'max_size', '')})" for c in make_cache()]
 
 
 def unique(objects: Sequence[object]) -> list[object]:
