@@ -63,6 +63,32 @@ def test_alora_layer_equals_the_numpy_reference_with_gradients() -> None:
         ours.merge()
 
 
+def test_alora_offsets_follow_each_batch_in_a_compiled_call() -> None:
+    """Under mx.compile (as the trainer compiles its step) each batch's invocation is found anew, on the device."""
+    from tests.mlx_models import tiny_llama
+
+    spec = {
+        "peft_type": "LORA",
+        "r": 2,
+        "target_modules": ["q_proj", "v_proj"],
+        "alora_invocation_tokens": INVOCATION,
+        "init_lora_weights": False,
+    }
+    base = tiny_llama(num_hidden_layers=1)
+    plain = {
+        k: np.array(v)
+        for k, v in (("a", base(mx.array([[1, 5, 6, 3]]))), ("b", base(mx.array([[5, 6, 1, 3]]))))
+    }
+    model = peftdecl.attach(base, spec, backend="mlx")
+    compiled = mx.compile(lambda ids: model(ids))
+    for key, ids in (("a", [[1, 5, 6, 3]]), ("b", [[5, 6, 1, 3]])):
+        eager = np.array(model(mx.array(ids)))
+        start = ids[0].index(5)
+        assert rel_err(eager[:, :start], plain[key][:, :start]) < 1e-6  # before the invocation: the base
+        assert rel_err(eager[:, start:], plain[key][:, start:]) > 1e-3  # from it on: adapted
+        assert rel_err(np.array(compiled(mx.array(ids))), eager) <= 1e-6  # float32, the same graph
+
+
 def test_arrow_layer_equals_the_numpy_reference_with_input_gradient() -> None:
     spec = {
         "peft_type": "LORA",

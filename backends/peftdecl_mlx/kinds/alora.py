@@ -1,7 +1,8 @@
 """Activated LoRA on MLX: y = W x + b + m ⊙ s · B A dropout(x), m_t = 1 from the row's invocation tokens on
 (:mod:`peftdecl.alora`), 0 before them and wherever the call set no offsets. Not mergeable.
 
-:func:`invocation_rows` sets a model call's offsets from its token ids, as the torch engine does. A call with an
+:func:`invocation_rows` sets a model call's offsets from its token ids, as the torch engine does, computed on the
+device (so a compiled training step finds each batch's own). A call with an
 mlx-lm KV cache (``cache=``, step-by-step generation) remembers, per cache, where each row's last invocation starts:
 a later chunk without an invocation of its own (a generated token) continues from it, as HF PEFT's ``generate``
 keeps the prompt's offsets for every new token.
@@ -9,16 +10,16 @@ keeps the prompt's offsets for every new token.
 
 from __future__ import annotations
 
+import contextvars
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import mlx.core as mx
-import numpy as np
 
 from peftdecl.adapter_book import AdapterBook
-from peftdecl.alora import Offsets, invocation_offsets, invocation_offsets_set, token_mask
+from peftdecl.alora import token_mask
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl_mlx.kinds._additive import MergeCache, Params
@@ -27,14 +28,17 @@ from peftdecl_mlx.kinds.lora import LoraOps
 if TYPE_CHECKING:
     from peftdecl_mlx.layer import AdaptedLayer
 
-Starts = tuple[int | None, ...]
-"""Per row: the absolute position (cached tokens included) where its last invocation starts, or None."""
+DEVICE_OFFSETS: contextvars.ContextVar[Mapping[tuple[int, ...], mx.array] | None] = contextvars.ContextVar(
+    "peftdecl_mlx_alora_offsets", default=None
+)
+"""Invocation tokens -> the rows' offsets [rows] (int32, 0 where a row has none: no position acts), as MLX arrays,
+for the model call in progress: computed on the device, so that a compiled training step finds each batch's own."""
 
-_STARTS: weakref.WeakKeyDictionary[object, dict[tuple[int, ...], Starts]] = weakref.WeakKeyDictionary()
-"""The first layer cache of a generation -> invocation tokens -> the rows' invocation starts."""
+_STARTS: weakref.WeakKeyDictionary[object, dict[tuple[int, ...], mx.array]] = weakref.WeakKeyDictionary()
+"""The first layer cache of a generation -> invocation tokens -> each row's absolute invocation start (−1: none)."""
 
 
-def _input_ids(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> np.ndarray | None:
+def _input_ids(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> mx.array | None:
     found = kwargs.get("input_ids", kwargs.get("inputs"))
     if found is None and args:
         found = args[0]
@@ -42,7 +46,7 @@ def _input_ids(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> np.ndarray |
         return (
             None  # embeddings (or nothing): no invocation to find, so no aLoRA adapter acts (HF PEFT's rule)
         )
-    return np.atleast_2d(np.array(found))
+    return found[None] if found.ndim == 1 else found
 
 
 def _cache_of(kwargs: Mapping[str, Any]) -> tuple[object | None, int]:
@@ -63,17 +67,30 @@ def invocation_tokens(book: AdapterBook, name: str) -> tuple[int, ...]:
     return tuple(plan.layers[0].options["invocation_tokens"])
 
 
+def last_invocation(ids: mx.array, tokens: tuple[int, ...]) -> mx.array:
+    """[rows]: where the last full occurrence of ``tokens`` starts in each row of ``ids`` [rows, T], −1 where none
+    (the rule of :func:`peftdecl.alora.invocation_offsets`, on the device)."""
+    rows, length = ids.shape
+    width = length - len(tokens) + 1
+    if width <= 0:
+        return mx.full((rows,), -1, dtype=mx.int32)
+    match = mx.ones((rows, width), dtype=mx.bool_)
+    for k, token in enumerate(tokens):
+        match = match & (ids[:, k : k + width] == token)
+    return mx.max(mx.where(match, mx.arange(width, dtype=mx.int32)[None, :], -1), axis=1)
+
+
 def _chunk_offsets(
-    input_ids: np.ndarray, tokens: tuple[int, ...], cached: int, remembered: Starts | None
-) -> tuple[Offsets, Starts]:
-    """(offsets from the chunk's end, absolute starts): a row's own invocation in the chunk wins, else the one
-    remembered for its cache (a chunk of T tokens after ``cached`` ones ends at cached + T)."""
-    end = cached + input_ids.shape[1]
-    starts: list[int | None] = []
-    for row, offset in enumerate(invocation_offsets(input_ids, tokens)):
-        before = remembered[row] if remembered is not None and row < len(remembered) else None
-        starts.append(end - offset if offset is not None else before)
-    return tuple(None if s is None else end - s for s in starts), tuple(starts)
+    ids: mx.array, tokens: tuple[int, ...], cached: int, remembered: mx.array | None
+) -> tuple[mx.array, mx.array]:
+    """(offsets from the chunk's end, 0 where none; absolute starts, −1 where none): a row's own invocation in the
+    chunk wins, else the one remembered for its cache (a chunk of T tokens after ``cached`` ones ends at
+    cached + T)."""
+    end = cached + ids.shape[1]
+    found = last_invocation(ids, tokens)
+    before = remembered if remembered is not None and remembered.shape == found.shape else -1
+    starts = mx.where(found >= 0, found + cached, before)
+    return mx.where(starts >= 0, end - starts, 0).astype(mx.int32), starts
 
 
 @contextmanager
@@ -101,12 +118,33 @@ def invocation_rows(
             if adapter_names is not None
             else None
         )
-        chunk = ids if rows is None else ids[rows]
+        chunk = ids if rows is None else ids[mx.array(rows)]
         offsets[tokens], starts[tokens] = _chunk_offsets(chunk, tokens, cached, remembered.get(tokens))
     if cache is not None:
         _STARTS[cache] = starts
-    with invocation_offsets_set(offsets):
+    token = DEVICE_OFFSETS.set(offsets)
+    try:
         yield
+    finally:
+        DEVICE_OFFSETS.reset(token)
+
+
+def position_mask(lp: LayerPlan, batch: int, length: int) -> mx.array:
+    """[batch, length]: True from each row's invocation on. The engine's offsets of the call where it set them,
+    else :func:`peftdecl.alora.token_mask` (offsets set by ``invocation_offsets_set``; none: no position). A batch
+    k times the offsets' rows repeats each row's offset k times, as generation repeats the rows."""
+    tokens = tuple(lp.options["invocation_tokens"])
+    offsets = (DEVICE_OFFSETS.get() or {}).get(tokens)
+    if offsets is None:
+        return mx.array(token_mask(tokens, batch, length, lp.module))
+    rows = offsets.shape[0]
+    if batch != rows:
+        if not rows or batch % rows:
+            raise PeftdeclError(
+                f"{lp.module}: aLoRA offsets were found for {rows} rows of input_ids, the layer's input has {batch}"
+            )
+        offsets = mx.repeat(offsets, batch // rows)
+    return mx.arange(length)[None, :] >= (length - offsets)[:, None]
 
 
 def refuse_merge(lp: LayerPlan) -> NoReturn:
@@ -126,10 +164,8 @@ class AloraOps(LoraOps):
     def delta(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array:
         """m ⊙ Δy, m [B, T, 1] for a [B, T, in] input ([B, 1] for [B, in])."""
         delta = super().delta(lp, layer, p, x)
-        batch, length = x.shape[0], (x.shape[1] if x.ndim == 3 else 1)
-        mask = token_mask(tuple(lp.options["invocation_tokens"]), batch, length, lp.module)
-        m = mx.array(mask[..., None] if x.ndim == 3 else mask).astype(delta.dtype)
-        return delta * m
+        mask = position_mask(lp, x.shape[0], x.shape[1] if x.ndim == 3 else 1).astype(delta.dtype)
+        return delta * (mask[..., None] if x.ndim == 3 else mask)
 
     def merge(
         self, lp: LayerPlan, layer: AdaptedLayer, p: Params, cache: MergeCache
