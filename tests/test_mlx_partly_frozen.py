@@ -3,8 +3,9 @@ trainable tree holds only trainable arrays and ``Module.update`` takes it back; 
 MonteCLoRA (frozen sampler buffers beside trainable priors) against the float64 NumPy reference.
 
 Tolerances: float32 MLX against the float64 reference, relative error ≤ 1e-5 for layer outputs, gradients and
-merged weights; MonteCLoRA's sampler math (exp, softmax, sqrt in float32) ≤ 1e-5 as well. Frozen tensors after an
-optimizer step: exactly equal.
+merged weights; MonteCLoRA's sampler math (exp, softmax, sqrt in float32) ≤ 1e-5 as well, its regulariser's value
+≤ 1e-5 and its gradients through the draw ≤ 1e-4 (float32 against float64 central differences). Frozen tensors after
+an optimizer step: exactly equal.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 import peftdecl
-from peftdecl.monteclora_math import expert_weights, noise_columns, perturbed_a_grads
+from peftdecl.monteclora_math import expert_weights, noise_columns, perturbed_a_grads, regulariser
 from peftdecl.plan.kinds.monteclora import EXPERT_PRIOR, EXPERT_WEIGHTS, STD_PRIOR, VAR_PRIOR
 from tests.conftest import rel_err
 from tests.mlx_models import Tiny, assert_vjp_like_reference, mx, nn, tree_flatten, twin
@@ -167,14 +168,14 @@ def test_monteclora_perturbed_a_and_its_gradients_match_numpy_math() -> None:
 
 
 def shared_monteclora_draws(monkeypatch: pytest.MonkeyPatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The same fixed draws in the NumPy reference's and the MLX backend's MonteCLoRA (r 2, 3 samples, in 16)."""
+    """The same fixed draws per width in the NumPy reference's and the MLX backend's MonteCLoRA; returns those of
+    q_proj (r 2, 3 samples, in 16)."""
     import peftdecl_mlx.kinds.monteclora as mlx_kind
     import peftdecl_numpy.kinds.monteclora as numpy_kind
 
-    draws = numpy_draws(3, 16, 2)
-    monkeypatch.setattr(numpy_kind, "draw_noise", lambda rng, n, width, r: draws)
-    monkeypatch.setattr(mlx_kind, "draw", lambda generator, n, width, r: as_mlx(draws))
-    return draws
+    monkeypatch.setattr(numpy_kind, "draw_noise", lambda rng, n, width, r: numpy_draws(n, width, r))
+    monkeypatch.setattr(mlx_kind, "draw", lambda generator, n, width, r: as_mlx(numpy_draws(n, width, r)))
+    return numpy_draws(3, 16, 2)
 
 
 def test_monteclora_training_layer_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,3 +232,49 @@ def test_monteclora_noise_comes_from_the_engine_generator() -> None:
     np.testing.assert_array_equal(np.array(model.engine.model(IDS)), first)
     model.eval()
     np.testing.assert_array_equal(np.array(model.engine.model(IDS)), np.array(model.engine.model(IDS)))
+
+
+def test_monteclora_loss_and_its_gradients_through_the_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    shared_monteclora_draws(monkeypatch)
+    spec = {**MONTECLORA, "target_modules": ["q_proj", "down_proj"]}
+    spec["monteclora_config"] = {**spec["monteclora_config"], "use_entropy": True, "kl_loss_weight": 0.3}
+    model = peftdecl.attach(Tiny(), spec, seed=1)
+    model.train()
+    config = model.spec().monteclora_config
+    start = {k: v.astype(np.float64) for k, v in model.state_dict().items()}
+    widths = {"q_proj": 16, "down_proj": 12}
+
+    def reference(priors: dict[str, np.ndarray]) -> float:
+        """The mean over layers of the NumPy regulariser of each layer's draw, from the priors (float64)."""
+        total = 0.0
+        for module, width in widths.items():
+            z_mvn, wishart, z_dirichlet = numpy_draws(3, width, 2)
+            std, prior = priors[f"{module}.{STD_PRIOR}"], priors[f"{module}.{EXPERT_PRIOR}"]
+            var, _ = noise_columns(std, wishart, z_mvn, 0.5)
+            weights = expert_weights(prior, z_dirichlet)
+            total += regulariser(std, prior, var, weights, 0.3, config.dirichlet_prior, True)
+        return total / len(widths)
+
+    mlx_model = model.engine.model
+
+    def loss_fn(ids: mx.array) -> mx.array:
+        out = mlx_model(ids)  # the training forward draws; the loss reads that draw
+        return 0.0 * mx.sum(out) + model._get_monteclora_loss()
+
+    value, grads = nn.value_and_grad(mlx_model, loss_fn)(IDS)
+    by_path = dict(tree_flatten(grads))
+    priors = {k: v for k, v in start.items() if k.endswith(("std_prior", "expert_weights_prior"))}
+    assert rel_err(np.array(value), reference(priors)) <= TOL
+    step = 1e-6
+    for key, tensor in priors.items():
+        numeric = np.zeros_like(tensor)
+        for i in range(tensor.size):
+            shift = np.zeros_like(tensor)
+            shift.flat[i] = step
+            up, down = {**priors, key: tensor + shift}, {**priors, key: tensor - shift}
+            numeric.flat[i] = (reference(up) - reference(down)) / (2 * step)
+        module, tensor_name = key.split(".", 1)
+        got = np.array(by_path[f"{module}.adapters.default.{tensor_name}"])
+        assert rel_err(got, numeric) <= 1e-4, key
+    model.eval()
+    assert model._get_monteclora_loss() == 0.0

@@ -3,12 +3,16 @@ A_eff = (Σ_n w_n (Aᵀ + E_n))ᵀ, E_n = c z_n √Σ, with Σ and w drawn as :m
 from the engine's generator (so a compiled step draws new noise each call), differentiable in A and the priors.
 
 The draw is kept, without its graph, in the sampler's frozen buffers (``gaussian_var_prior`` = Σ,
-``expert_weights`` = w), as HF PEFT keeps it.
+``expert_weights`` = w), as HF PEFT keeps it. :func:`monteclora_loss` is HF PEFT's ``_get_monteclora_loss``: the
+mean over MonteCLoRA layers of each layer's regulariser, read from that layer's last draw (with its graph).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
@@ -60,10 +64,70 @@ def perturbed_a(
     return a_eff_t.T.astype(a.dtype), var, weights
 
 
+def lgamma(x: mx.array) -> mx.array:
+    """log Γ(x) for x > 0: the recurrence up to x + 6, then Stirling's series (error < 10⁻⁹; MLX has none)."""
+    z = x + 6.0
+    shift = sum(mx.log(x + k) for k in range(6))
+    series = (z - 0.5) * mx.log(z) - z + 0.5 * math.log(2 * math.pi) + 1 / (12 * z) - 1 / (360 * z**3)
+    return series + 1 / (1260 * z**5) - shift
+
+
+def digamma(x: mx.array) -> mx.array:
+    """ψ(x) for x > 0: the recurrence up to x + 6, then the asymptotic series (error < 10⁻⁹)."""
+    z = x + 6.0
+    shift = sum(1.0 / (x + k) for k in range(6))
+    inv2 = 1.0 / (z * z)
+    return mx.log(z) - 0.5 / z - inv2 * (1 / 12 - inv2 * (1 / 120 - inv2 / 252)) - shift
+
+
+def regulariser(lp: LayerPlan, p: Params, var: mx.array, weights: mx.array) -> mx.array:
+    """κ (KL_Dir(α ‖ prior) + KL_Wishart(e^{2s}) + KL_Gauss(Σ)) (+ Σ w² with ``use_entropy``) of one layer, α = e^p,
+    given its drawn diag Σ and weights w (as :func:`peftdecl.monteclora_math.regulariser` states it)."""
+    o, r = lp.options, lp.r
+    alpha = mx.exp(p[EXPERT_PRIOR])
+    n = alpha.shape[0]
+    prior = mx.full(alpha.shape, o["dirichlet_prior"], dtype=alpha.dtype)
+    total = mx.sum(alpha)
+    kl_dir = (
+        lgamma(total)
+        - math.lgamma(n * o["dirichlet_prior"])
+        + mx.sum(lgamma(alpha) - lgamma(prior))
+        + mx.sum((alpha - prior) * (digamma(alpha) - digamma(total)))
+    )
+    s2 = mx.exp(2.0 * p[STD_PRIOR])
+    kl_wishart = 0.5 * (-mx.sum(mx.log(s2)) * r + mx.sum(s2) * r - r**2)
+    clamped = mx.maximum(var, ALPHA_FLOOR)
+    kl_gauss = n * 0.5 * (mx.sum(clamped) - mx.sum(mx.log(clamped)) - r)
+    loss: mx.array = o["kl_loss_weight"] * (kl_dir + kl_wishart + kl_gauss)
+    return loss + mx.sum(weights**2) if o["use_entropy"] else loss
+
+
 class MontecloraOps(LoraOps):
     """LoRA's ops; in training the general path (no fused one) on the Monte Carlo average of perturbed A."""
 
     kind = "monteclora"
+
+    def __init__(self) -> None:
+        # id(layer plan) -> (the std_prior array drawn with, diag Σ, w) of its last training draw, with their graph
+        self._last: dict[int, tuple[mx.array, mx.array, mx.array]] = {}
+
+    def last_draw(self, lp: LayerPlan, p: Params) -> tuple[mx.array, mx.array]:
+        """(diag Σ, w) of the layer's last training draw while ``p`` holds the very std_prior array it was drawn
+        with (the same step's trace), else its buffers' values: a draw inside a compiled step is no array outside
+        it, and after an optimizer step the buffers hold that draw's values."""
+        kept = self._last.get(id(lp))
+        if kept is not None and kept[0] is p[STD_PRIOR]:
+            return kept[1], kept[2]
+        return mx.diag(p[VAR_PRIOR]), p[EXPERT_WEIGHTS]
+
+    def _keep(self, lp: LayerPlan, std_prior: mx.array, var: mx.array, weights: mx.array) -> None:
+        if id(lp) not in self._last:
+            weakref.finalize(lp, self._last.pop, id(lp), None)
+        self._last[id(lp)] = (std_prior, var, weights)
+
+    def model_loss(self, model: Any, adapter_names: Sequence[str] | None) -> mx.array | float:
+        """:func:`monteclora_loss` (what ``AdaptedModel._get_monteclora_loss`` calls)."""
+        return monteclora_loss(model, adapter_names)
 
     def alone(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: mx.array) -> mx.array | None:
         return None if layer.training else super().alone(lp, layer, p, x)
@@ -76,10 +140,29 @@ class MontecloraOps(LoraOps):
         o = lp.options
         draws = draw(layer.generator, o["num_samples"], a.shape[1], lp.r)
         a_eff, var, weights = perturbed_a(a, p[STD_PRIOR], p[EXPERT_PRIOR], draws, o["sample_scaler"])
+        self._keep(lp, p[STD_PRIOR], var, weights)
         # the buffers take the draw's values only: they are frozen and carry no gradient
         layer.overwrite(lp, VAR_PRIOR, mx.stop_gradient(mx.diag(var)).astype(p[VAR_PRIOR].dtype))
         layer.overwrite(lp, EXPERT_WEIGHTS, mx.stop_gradient(weights).astype(p[EXPERT_WEIGHTS].dtype))
         return super().delta(lp, layer, {**p, "lora_A.weight": a_eff}, x)
+
+
+def monteclora_loss(model: Any, adapter_names: Sequence[str] | None = None) -> mx.array | float:
+    """The MonteCLoRA regulariser of an MLX-backend :class:`peftdecl.AdaptedModel`: the mean over the layers of
+    ``adapter_names`` (default: the active adapters); 0.0 in evaluation mode or where none is MonteCLoRA. Call it
+    inside the function ``nn.value_and_grad`` differentiates, after the forward, to train the priors by it."""
+    engine = model.engine
+    if not engine.model.training:
+        return 0.0
+    losses = []
+    for name in model.active_adapters if adapter_names is None else list(adapter_names):
+        plan = model.adapters[name]
+        if plan.kind != "monteclora":
+            continue
+        for lp in plan.layers:
+            p = engine.layer(lp.module).params(name)
+            losses.append(regulariser(lp, p, *OPS.last_draw(lp, p)))
+    return sum(losses[1:], losses[0]) / len(losses) if losses else 0.0
 
 
 OPS = MontecloraOps()
