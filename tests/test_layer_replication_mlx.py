@@ -119,6 +119,7 @@ def test_each_copy_trains_its_own_lora_like_peft(folder: Path, tmp_path: Path) -
         ours.engine.update_parameters(params)
         return mx.mean(mx.square(ours(mx.array(IDS))))
 
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()  # shared weights once
     grads = mx.grad(loss)(ours.trainable_parameters())
     assert set(grads) == set(expected) and len(grads) == 16  # A and B of q_proj and v_proj on four layers
     for key, grad in grads.items():

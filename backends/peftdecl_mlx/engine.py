@@ -324,11 +324,11 @@ class MlxEngine:
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, all) numbers of parameters of the model with its adapters; a quantised layer's weight counts
-        its elements once (not its packed words, scales and biases), as PEFT counts a 4-bit weight."""
-        total = sum(v.size for _, v in flatten(self._model.parameters()))
-        for _, found in walk(self._model):
-            if quantized.is_quantized(found):
-                total += quantized.element_count(found) - sum(v.size for v in quantized.codes(found).values())
+        its elements once (not its packed words, scales and biases), as PEFT counts a 4-bit weight; an array that
+        layer copies share (layer_replication) counts once, as PEFT counts a shared parameter."""
+        total = sum(v.size for v in {id(v): v for _, v in flatten(self._model.parameters())}.values())
+        for found in {id(m.weight): m for _, m in walk(self._model) if quantized.is_quantized(m)}.values():
+            total += quantized.element_count(found) - sum(v.size for v in quantized.codes(found).values())
         return sum(v.size for _, v in flatten(self._model.trainable_parameters())), total
 
     # -- capture (used by peftdecl.equiv) and explicit layer gradients (used by tests) ---------------------
