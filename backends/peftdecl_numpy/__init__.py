@@ -19,8 +19,9 @@ if TYPE_CHECKING:
     from peftdecl_numpy.engine import NumpyEngine
     from peftdecl_numpy.xp_ops import Namespace
 
-# every kind that declares NumPy ops, on every IR layer type it adapts (read live from peftdecl.kinds)
-_KINDS = BackendKinds("numpy", LAYER_TYPES)
+# every kind that declares NumPy ops, on every IR layer type it adapts (read live from peftdecl.kinds); "parameter":
+# LoRA's target_parameters, merged into the state dict (peftdecl_numpy.parameters)
+_KINDS = BackendKinds("numpy", (*LAYER_TYPES, "parameter"))
 
 
 class NumpyBackend:

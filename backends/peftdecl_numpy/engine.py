@@ -31,6 +31,7 @@ from peftdecl_numpy.kinds import ops_for
 from peftdecl_numpy.kinds.base import MergeCache, Tape
 from peftdecl_numpy.layers import BaseLayer, Mode, ModeView
 from peftdecl_numpy.mha import mha_base_layer, mha_state
+from peftdecl_numpy.parameters import ParameterWeights
 from peftdecl_numpy.quantized import StoredWeight, read_stored, requantize
 from peftdecl_numpy.rng_state import generator_state, restore_generator
 from peftdecl_numpy.xp_ops import Array, Namespace, resolve, to_numpy
@@ -95,12 +96,15 @@ class NumpyEngine(ModeView):
         self._saved: dict[str, Tensors] = {}  # adapter -> modules_to_save copies
         self._merge_caches: dict[tuple[str, str], MergeCache] = {}  # (adapter, module) -> kept until unmerge
         self._biases = BaseBiases(self._original, self._layers, self._asarray)  # HF PEFT's bias option
+        self._parameters = ParameterWeights(self._original, self.book, self._asarray)  # target_parameters
 
     # -- Engine protocol -----------------------------------------------------------------------------------
     def add(self, name: str, plan: Plan, arrays: Mapping[str, np.ndarray]) -> None:
         by_module: dict[str, Tensors] = {}
+        self._parameters.check(name, plan)
         for lp in plan.layers:
-            self._layer(lp.module)
+            if lp.layer.type != "parameter":  # a raw parameter is no layer (peftdecl_numpy.parameters)
+                self._layer(lp.module)
             by_module[lp.module] = {p.name: self._asarray(arrays[lp.key(p.name)]) for p in lp.params}
         for p in plan.shared:
             by_module.setdefault("", {})[p.name] = self._asarray(arrays[p.name])
@@ -144,6 +148,9 @@ class NumpyEngine(ModeView):
         """Merge each adapter in turn into the weights as they are (with several, the order matters)."""
         for name in names:
             for lp in self.book.plans[name].layers:
+                if lp.layer.type == "parameter":  # W ← W + ΔW on the state dict's tensor
+                    self._parameters.merge(lp, self._layer_params(name, lp))
+                    continue
                 layer = self._layers[lp.module]
                 if layer.unmerged is None:
                     layer.unmerged = layer.weight
@@ -161,10 +168,13 @@ class NumpyEngine(ModeView):
         """Take the merged adapters (the book's ``merged``) out again, last merged first."""
         for name in reversed(self.book.merged):
             for lp in self.book.plans[name].layers:
+                if lp.layer.type == "parameter":
+                    continue  # every merged parameter is restored below
                 layer = self._layers[lp.module]
                 cache = self._merge_caches.pop((name, lp.module), {})
                 params = self._layer_params(name, lp)
                 layer.weight, layer.bias = ops_for(lp.kind).unmerge(lp, layer, params, cache)
+        self._parameters.unmerge()
         for layer in self._layers.values():
             layer.unmerged = None
         for module, stored in self._stored.items():  # the loaded codes again, exactly
@@ -199,14 +209,17 @@ class NumpyEngine(ModeView):
                 out[f"{module}.weight"] = weight.T.copy() if layer.info.type == "gpt2_conv1d" else weight
             if layer.bias is not None:
                 out[f"{module}.bias"] = to_numpy(layer.bias)
+        out.update(self._parameters.unloaded())
         out.update({k: to_numpy(v) for k, v in self._biases.unloaded().items()})
         for name in self.book.active:
             out.update({k: to_numpy(v) for k, v in self._saved[name].items()})
         return out
 
     def base_weight(self, module: str) -> np.ndarray:
-        """The current base weight in the IR layout, as NumPy in the engine's dtype."""
-        return to_numpy(self._layer(module).weight)
+        """The current base weight in the IR layout, as NumPy in the engine's dtype (a targeted raw parameter where an
+        adapter keys one at ``module``)."""
+        found = self._parameters.weight_at(module)
+        return to_numpy(self._layer(module).weight if found is None else found)
 
     def load_base_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         self._biases.load({k: v for k, v in weights.items() if k.endswith(".bias")})
@@ -284,6 +297,7 @@ class NumpyEngine(ModeView):
         self, module: str, x: Array, *, adapter_names: Sequence[str] | None = None
     ) -> tuple[Array, LayerTape]:
         """(y, tape) for one layer; pass the tape to :meth:`layer_backward`."""
+        self._parameters.refuse_forward(module)
         layer = self._layer(module)
         x = self.xp.asarray(np.asarray(x)) if layer.info.type == "embedding" else self._asarray(x, copy=False)
         if adapter_names is not None:
@@ -326,6 +340,15 @@ class NumpyEngine(ModeView):
         grads.update(self._biases.gradients(self.book, module, layer, dy))
         grads["input"] = dx
         return grads
+
+    def effective_parameter(self, parameter: str) -> Array:
+        """W' = W + Σ ΔW of the running adapters on a targeted raw parameter: the value to run its module with."""
+        return self._parameters.effective(parameter, self._layer_params)
+
+    def parameter_backward(self, parameter: str, d_weight: Array) -> dict[str, Array]:
+        """dL/dA, dL/dB of the running adapters on a raw parameter, given dL/dW' (keyed as trainable_parameters)."""
+        d_weight = self._asarray(d_weight, copy=False)
+        return self._parameters.backward(parameter, d_weight, self._layer_params)
 
     # -- prompt learning (prefix / prompt tuning; math in kinds/prompt.py) ----------------------------------
     def prompt_table(self, name: str | None = None) -> Array:

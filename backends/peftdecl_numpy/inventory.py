@@ -25,6 +25,7 @@ from peftdecl.plan.ir import LayerType
 from peftdecl.quant.layouts import QUANTIZATIONS, quantized_from_tensors
 from peftdecl.quant.scheme import Quantized
 from peftdecl_numpy.mha import is_mha_declaration, mha_layer_info
+from peftdecl_numpy.parameters import parameter_infos
 
 ENGINE_OPTIONS = ("xp", "dtype")
 """``attach`` / ``load_adapter`` options the engine reads (not model facts)."""
@@ -41,13 +42,16 @@ def inventory(
     """Layers of a state dict: every ``m.weight`` of 2+ dims (2-D: linear unless ``layer_types`` says otherwise).
 
     ``layer_types`` maps a module to ``"linear" | "embedding" | "conv1d" | "conv2d" | "conv3d" | "gpt2_conv1d"`` or a
-    dict / LayerInfo giving convolution settings (``stride``, ``padding``, ``dilation``, ``groups``).
+    dict / LayerInfo giving convolution settings (``stride``, ``padding``, ``dilation``, ``groups``); every float
+    tensor is also a raw parameter ``target_parameters`` may name (``{"experts.gate_up_proj": {"type": "parameter",
+    "transposed": True}}`` declares an ``[E, in, out]`` expert stack).
     ``quantization`` (a model fact): how MLX-quantised weights are laid out (see the module docstring).
     """
     layer_types = dict(layer_types or {})
     for option in ENGINE_OPTIONS:
         model_facts.pop(option, None)
     settings = _quantization_settings(model_facts.pop("quantization", None))
+    parameters = parameter_infos(state_dict, layer_types)  # target_parameters' candidates
     layers: dict[str, LayerInfo] = {}
     modules = []
     for key, value in state_dict.items():
@@ -81,7 +85,7 @@ def inventory(
         raise PeftdeclError(
             f"layer_types names modules without a weight in the state dict: {sorted(layer_types)}"
         )
-    return ModelInfo(layers=layers, modules=tuple(modules), **model_facts)
+    return ModelInfo(layers=layers, parameters=parameters, modules=tuple(modules), **model_facts)
 
 
 def quantization(state_dict: Mapping[str, npt.ArrayLike], module: str, dtype: np.dtype) -> str | None:

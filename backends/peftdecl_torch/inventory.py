@@ -255,6 +255,9 @@ def numpy_model(model: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, Laye
         info = layer_info(sub) if name else None
         if info is not None and info.type == "mha":
             layer_types[name] = {"type": "mha", "num_heads": info.num_heads, "batch_first": info.batch_first}
+        if name and getattr(sub, "is_transposed", False):  # target_parameters: stacks stored [E, in, out]
+            for leaf, _ in sub.named_parameters(recurse=False):
+                layer_types[f"{name}.{leaf}"] = {"type": "parameter", "transposed": True}
         if info is None or f"{name}.weight" not in state:
             continue
         if info.is_conv:

@@ -159,7 +159,7 @@ LORA = _builtin(
     layout="peftdecl.plan.kinds.lora:LAYOUT",
     tensors=_LORA_TENSORS,
     markers=(".lora_A.", ".lora_B.", ".lora_embedding_A"),
-    # "parameter": target_parameters (torch only); an mha target goes to lora_mha (peftdecl.kinds.mha)
+    # "parameter": target_parameters (torch, NumPy); an mha target goes to lora_mha (peftdecl.kinds.mha)
     layers=(*ALL_LAYERS, "parameter"),
     composition="add",
     rank=lora_rank,
