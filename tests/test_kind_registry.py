@@ -402,7 +402,7 @@ def test_backend_tables_come_from_the_declarations() -> None:
     every = registry.backend_kinds(
         "numpy", ("linear", "embedding", "conv1d", "conv2d", "conv3d", "gpt2_conv1d", "mha")
     )
-    # "parameter" (LoRA's target_parameters) runs on the torch backend only
+    # "parameter" (LoRA's target_parameters) is not among the layer types asked for here
     assert every == {d.name: tuple(t for t in d.layer_types if t != "parameter") for d in BUILTINS}
     mlx = registry.backend_kinds("mlx", ("linear", "embedding"))
     assert mlx["oft"] == ("linear", "embedding") and mlx["boft"] == ("linear",) and mlx["prompt_tuning"] == ()

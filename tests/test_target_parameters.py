@@ -1,8 +1,6 @@
 """LoRA on raw parameters (``target_parameters``) against HF PEFT 0.21's ParamWrapper.
 
-Tiny models: a module whose 2-D weight is used by ``x @ W``, an expert stack ``[E, out, in]`` run with
-``torch.bmm``/``einsum`` holding two targeted parameters (PEFT nests its wrappers), the same stack stored
-``[E, in, out]`` (``is_transposed``), and transformers' Qwen3-MoE and GPT-OSS built from configs. Expected values
+The tiny models are those of ``tests/moe_models.py`` (the NumPy engine's tests use them too). Expected values
 come from real PEFT (outputs, merged parameters, ΔW, gradients), from the float64 NumPy reference
 (``peftdecl_numpy.kinds.lora_param``) and from plain torch autograd on the unadapted module.
 """
@@ -25,6 +23,15 @@ from peftdecl.errors import PeftdeclError, SpecError, TargetError  # noqa: E402
 from peftdecl_numpy.kinds import lora_param as reference  # noqa: E402
 from peftdecl_torch.layer import AdaptedLayer  # noqa: E402
 from tests.conftest import rel_err, selected_backends  # noqa: E402
+from tests.moe_models import (  # noqa: E402
+    CASES,
+    EXPERTS,
+    UsesParameter,
+    make_input,
+    make_model,
+    output,
+    peft_model,
+)
 
 nn = torch.nn
 pytestmark = pytest.mark.peft
@@ -35,125 +42,6 @@ if "torch" not in selected_backends():
 OUTPUT_TOL = 1e-5  # float32 forward of the same weights, relative over the whole output
 REFERENCE_TOL = 1e-6  # PEFT's float32 ΔW / merged parameter against the float64 reference
 FLOAT64_TOL = 1e-10  # float64 gradients: only summation order differs
-
-
-class UsesParameter(nn.Module):
-    """PEFT's own test layer: a weight [in, out] read by ``x @ W`` (no nn.Linear to wrap)."""
-
-    def __init__(self, d_in: int, d_out: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(d_in, d_out))
-        self.bias = nn.Parameter(torch.randn(d_out))
-
-    def forward(self, x: Any) -> Any:
-        return x @ self.weight + self.bias
-
-
-class Experts(nn.Module):
-    """E experts, each a gated MLP: gate_up [E, 2I, H] and down [E, H, I] (stored transposed when asked)."""
-
-    def __init__(self, experts: int, hidden: int, inner: int, is_transposed: bool = False) -> None:
-        super().__init__()
-        self.is_transposed = is_transposed
-        gate_up, down = torch.randn(experts, 2 * inner, hidden), torch.randn(experts, hidden, inner)
-        if is_transposed:
-            gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
-        self.gate_up_proj = nn.Parameter(gate_up / hidden**0.5)
-        self.down_proj = nn.Parameter(down / inner**0.5)
-
-    def forward(self, x: Any) -> Any:  # x: [E, T, H], one slice of tokens per expert
-        gate_up = self.gate_up_proj if self.is_transposed else self.gate_up_proj.transpose(1, 2)
-        h = torch.bmm(x, gate_up)
-        gate, up = h.chunk(2, dim=-1)
-        h = torch.nn.functional.silu(gate) * up
-        if self.is_transposed:
-            return torch.einsum("eti,eih->eth", h, self.down_proj)
-        return torch.einsum("eti,ehi->eth", h, self.down_proj)
-
-
-class TinyMoE(nn.Module):
-    def __init__(self, is_transposed: bool = False) -> None:
-        super().__init__()
-        self.proj = nn.Linear(6, 6)
-        self.experts = Experts(3, 6, 4, is_transposed)
-        self.head = UsesParameter(6, 5)
-
-    def forward(self, x: Any) -> Any:
-        return self.head(self.experts(self.proj(x)))
-
-
-def make_model(name: str) -> Any:
-    torch.manual_seed(0)
-    if name == "moe":
-        return TinyMoE().eval()
-    if name == "moe_transposed":
-        return TinyMoE(is_transposed=True).eval()
-    transformers = pytest.importorskip("transformers")
-    common = dict(
-        vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
-    )
-    common.update(head_dim=4, num_experts_per_tok=2, max_position_embeddings=32)
-    if name == "qwen3_moe":
-        config = transformers.Qwen3MoeConfig(
-            **common, intermediate_size=12, moe_intermediate_size=6, num_experts=3, decoder_sparse_step=1
-        )
-        model_class = transformers.Qwen3MoeForCausalLM
-    else:
-        config = transformers.GptOssConfig(
-            **common, intermediate_size=6, num_local_experts=3, layer_types=["full_attention"]
-        )
-        model_class = transformers.GptOssForCausalLM
-    config._experts_implementation = "eager"  # the reference loop (grouped_mm wants 16-byte strides on CPU)
-    return model_class(config).eval()
-
-
-def make_input(name: str) -> dict[str, Any]:
-    generator = torch.Generator().manual_seed(3)
-    if name.startswith("moe"):
-        return {"x": torch.randn(3, 4, 6, generator=generator)}
-    return {"input_ids": torch.randint(0, 32, (2, 5), generator=generator)}
-
-
-def output(model: Any, inputs: dict[str, Any]) -> np.ndarray:
-    with torch.no_grad():
-        found = model(**inputs)
-    found = getattr(found, "logits", found)
-    return found.detach().double().numpy()
-
-
-EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
-CASES = {
-    # name: (model, LoraConfig keywords)
-    "2d": ("moe", {"target_parameters": ["head.weight"], "r": 3}),
-    "experts_nested": ("moe", {"target_modules": [], "target_parameters": EXPERTS, "r": 2, "lora_alpha": 5}),
-    "transposed": ("moe_transposed", {"target_parameters": EXPERTS, "r": 2, "use_rslora": True}),
-    "with_modules": (
-        "moe",
-        {
-            "target_modules": ["proj"],
-            "target_parameters": ["down_proj", "head.weight"],
-            "rank_pattern": {"down_proj": 3},
-            "alpha_pattern": {"head.weight": 7},
-        },
-    ),
-    "qwen3_moe": (
-        "qwen3_moe",
-        {"target_modules": [], "target_parameters": ["mlp.experts.gate_up_proj", "down_proj"]},
-    ),
-    "gpt_oss": (
-        "gpt_oss",
-        {"target_modules": ["q_proj"], "target_parameters": ["experts.gate_up_proj"], "r": 2},
-    ),
-}
-
-
-def peft_model(name: str, **changes: Any) -> tuple[Any, Any]:
-    """(base model, PEFT's model of case ``name`` with seeded random A and B)."""
-    model_name, kwargs = CASES[name]
-    base = make_model(model_name)
-    torch.manual_seed(1234)
-    config = peft.LoraConfig(**{"init_lora_weights": False, **kwargs, **changes})
-    return base, peft.get_peft_model(copy.deepcopy(base), config).eval()
 
 
 def file_keys(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -335,12 +223,6 @@ def test_top_level_parameter_is_refused_as_in_peft() -> None:
         )
 
 
-def test_numpy_reference_says_it_lists_no_parameters() -> None:
-    state = {"head.weight": np.ones((2, 3))}
-    with pytest.raises(TargetError, match="torch backend"):
-        peftdecl.attach(state, {"peft_type": "LORA", "target_parameters": ["head.weight"]}, backend="numpy")
-
-
 def test_two_adapters_add_up_and_must_target_the_same_parameters() -> None:
     base = make_model("moe")
     spec = {"peft_type": "LORA", "init_lora_weights": False, "target_parameters": EXPERTS, "r": 2}
@@ -430,10 +312,10 @@ def test_bfloat16_stacks_round_as_peft(name: str, tmp_path: Path) -> None:
     assert rel_err(output(merged_ours, inputs), output(merged_theirs, inputs)) <= 1e-3
 
 
-def test_only_the_torch_backend_claims_parameter_layers() -> None:
+def test_torch_and_numpy_claim_parameter_layers_mlx_does_not() -> None:
     backends = peftdecl.backends()
-    assert backends["torch"].capabilities.why_not("lora", "parameter") is None
-    for name in ("numpy", "mlx"):  # no operation to run a raw parameter with: absent, with the reason
-        if name in backends:
-            reason = backends[name].capabilities.why_not("lora", "parameter") or ""
-            assert "does not run lora on parameter layers" in reason
+    for name in ("torch", "numpy"):  # the NumPy engine merges them (tests/test_target_parameters_numpy.py)
+        assert backends[name].capabilities.why_not("lora", "parameter") is None
+    if "mlx" in backends:  # no wrapper around an MLX module's raw array: absent, with the reason
+        reason = backends["mlx"].capabilities.why_not("lora", "parameter") or ""
+        assert "does not run lora on parameter layers" in reason
