@@ -64,8 +64,8 @@ def parameter_layers(spec: SpecBase, info: ModelInfo, module_layers: Sequence[La
     assert isinstance(spec, LoraSpec)  # only LoRA accepts target_parameters (its spec checks the options)
     if not info.parameters:
         raise TargetError(
-            "target_parameters needs a backend whose inventory lists the model's raw parameters (the torch "
-            "backend); this one lists none"
+            "target_parameters needs a backend whose inventory lists the model's raw parameters (torch, or the "
+            "NumPy reference on a state dict); this one lists none"
         )
     chosen = matched_parameters(spec, info)
     if not chosen and not module_layers:
