@@ -37,7 +37,7 @@ nn = torch.nn
 pytestmark = pytest.mark.peft
 
 if "torch" not in selected_backends():
-    pytest.skip("target_parameters runs on the torch backend, not selected here", allow_module_level=True)
+    pytest.skip("these tests run the torch backend, not selected here", allow_module_level=True)
 
 OUTPUT_TOL = 1e-5  # float32 forward of the same weights, relative over the whole output
 REFERENCE_TOL = 1e-6  # PEFT's float32 ΔW / merged parameter against the float64 reference
