@@ -34,6 +34,7 @@ from peftdecl.train.tiny_model import build_tiny_llama  # noqa: E402
 from peftdecl_mlx.training import MlxTrainingRuntime  # noqa: E402
 
 TOL = 1e-5
+INVOCATION = 3  # a token id batch() never draws: aLoRA acts from where the test puts it
 TARGETS = ["q_proj", "v_proj"]
 LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "init_lora_weights": False, "target_modules": TARGETS}
 ADALORA = {
@@ -56,10 +57,22 @@ KINDS = {
     "vera": {"peft_type": "VERA", "r": 4, "vera_dropout": 0.1, "target_modules": TARGETS},
     "prefix_tuning": {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3},
     "prompt_tuning": {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 3},
+    "velora": {**LORA, "velora_config": {"num_groups": 4}},
+    "kasa": {**LORA, "kasa_config": {}},
+    "bdlora": {
+        **LORA,
+        "use_bdlora": {"target_modules_bd_a": ["q_proj"], "target_modules_bd_b": ["v_proj"], "nblocks": 2},
+    },
+    "trainable_tokens": {"peft_type": "TRAINABLE_TOKENS", "token_indices": [1, 2, 5]},
     "mica": {**LORA, "init_lora_weights": "mica"},
     "monteclora": {**LORA, "monteclora_config": {"num_samples": 2, "sample_scaler": 0.5}},
+    "alora": {**LORA, "alora_invocation_tokens": [INVOCATION]},
 }
 """A small spec per kind the MLX backend supports on mlx-lm models (dropout on where the kind has it)."""
+BUILT_FROM_EXPERTS = {
+    "arrow": "an Arrow router is built from expert adapters (tests/test_mlx_alora_arrow.py)"
+}
+"""Kinds the MLX backend runs that one spec cannot attach alone, and where they are tested instead."""
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +267,7 @@ def test_load_state_refuses_another_backends_state(folder: Path) -> None:
 
 # -- every kind, AdaLoRA, checkpointing ------------------------------------------------------------------------
 def test_the_kind_table_covers_the_backend() -> None:
-    assert set(KINDS) == set(peftdecl.backends()["mlx"].capabilities.kinds)
+    assert set(KINDS) | set(BUILT_FROM_EXPERTS) == set(peftdecl.backends()["mlx"].capabilities.kinds)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -264,7 +277,10 @@ def test_every_kind_trains_compiled_like_uncompiled(folder: Path, kind: str) -> 
         model = adapted(folder, KINDS[kind])
         rt = runtime(model, compile=compiled)
         before = params(model)
-        losses = [step(rt, [batch(20 + i, rows=2)], i)[0] for i in range(3)]
+        batches = [batch(20 + i, rows=2) for i in range(3)]
+        for mb in batches:
+            mb.input_ids[:, 4] = INVOCATION  # only aLoRA reads it; the others see one more ordinary token
+        losses = [step(rt, [mb], i)[0] for i, mb in enumerate(batches)]
         runs.append((losses, params(model)))
     (losses, after), (eager_losses, eager_after) = runs
     trainable = model.trainable_parameters()
