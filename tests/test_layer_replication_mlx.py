@@ -263,7 +263,8 @@ def test_generation_through_the_kv_cache_matches_the_full_forward() -> None:
 
 
 def test_writing_the_shared_base_weights_is_refused() -> None:
-    """Copies share their base arrays: a merge, or PiSSA's W - s·BA per copy, would give each copy its own."""
+    """Copies share their base arrays: a merge, PiSSA's W - s·BA per copy or trained biases would give each copy
+    its own."""
     ours = peftdecl.attach(tiny_llama(num_hidden_layers=3), SPEC, backend="mlx")
     with pytest.raises(PeftdeclError, match="cannot merge into a model whose layers were replicated"):
         ours.merge_and_unload()
@@ -271,6 +272,9 @@ def test_writing_the_shared_base_weights_is_refused() -> None:
         peftdecl.attach(
             tiny_llama(num_hidden_layers=3), {**SPEC, "init_lora_weights": "pissa"}, backend="mlx"
         )
+    biased = tiny_llama(num_hidden_layers=3, attention_bias=True)
+    with pytest.raises(PeftdeclError, match=r"\$\.bias: 'all': training base biases .* replicated"):
+        peftdecl.attach(biased, {**SPEC, "bias": "all"}, backend="mlx")
 
 
 def test_bad_layer_maps_are_refused_naming_the_field() -> None:

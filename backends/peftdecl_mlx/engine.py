@@ -20,19 +20,20 @@ from mlx.utils import tree_unflatten
 
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import RngState, check_adapter_names
+from peftdecl.bias_training import trained_bias_keys
 from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.layer_replication import MERGE_REFUSAL
 from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerPlan, ModelInfo, Plan
 from peftdecl_mlx import probes, quantized
-from peftdecl_mlx.base_biases import bias_values, set_bias_trainability, write_biases
+from peftdecl_mlx.base_biases import base_bias_paths, bias_values, set_bias_trainability, write_biases
 from peftdecl_mlx.generator import Generator
 from peftdecl_mlx.inventory import ParameterTree, flatten, get_module, inventory, set_module, walk
 from peftdecl_mlx.kinds import prompt
 from peftdecl_mlx.kinds.alora import invocation_rows
 from peftdecl_mlx.layer import AdaptedLayer, AdapterParams, SavedModule
 from peftdecl_mlx.probes import to_numpy
-from peftdecl_mlx.replication import BASE_WRITE_REFUSAL, replicate_layers
+from peftdecl_mlx.replication import BASE_WRITE_REFUSAL, BIAS_REFUSAL, replicate_layers
 from peftdecl_mlx.trainable import Trainable, trainable_names, trainable_tensors
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -92,6 +93,8 @@ class MlxEngine:
     def add(self, name: str, plan: Plan, arrays: Mapping[str, np.ndarray]) -> None:
         if "." in name:
             raise PeftdeclError(f"adapter name {name!r} contains '.', which MLX parameter paths cannot hold")
+        if self._replicated and trained_bias_keys(plan, base_bias_paths(self._model)):
+            raise PeftdeclError(f"$.bias: {getattr(plan.spec, 'bias', None)!r}: {BIAS_REFUSAL}")
         shared = {p.name: self._array(arrays[p.name]) for p in plan.shared}
         if plan.prompt is not None:
             prompt.check_model(self._model, plan)

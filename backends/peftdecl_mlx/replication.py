@@ -34,6 +34,10 @@ BASE_WRITE_REFUSAL = (
     "tensor would give each copy its own"
 )
 """Why base weights are not written after replication (HF PEFT writes each copy's change into the shared one)."""
+BIAS_REFUSAL = (
+    "training base biases on a model whose layers were replicated (layer_replication) is not supported on MLX: "
+    "HF PEFT trains one bias that the copies share, MLX would train one per copy; use bias='none'"
+)
 
 
 def layer_list(model: nn.Module) -> tuple[nn.Module, nn.Module, str, list[nn.Module]]:
