@@ -1,6 +1,6 @@
 """The extra training losses of LoRA variants (HF PEFT's ``_get_kasa_loss`` and ``_get_monteclora_loss``), looked up
 on the backend that runs the model: a kind's ops object offers ``model_loss(model, adapter_names)`` where the
-backend can differentiate it (torch)."""
+backend can differentiate it (torch for both; MLX for MonteCLoRA)."""
 
 from __future__ import annotations
 
@@ -23,5 +23,5 @@ def variant_loss(model: Any, kind: str, adapter_names: str | Sequence[str] | Non
         raise PeftdeclError(f"the {kind} loss: {exc}") from exc
     loss = getattr(ops, "model_loss", None)
     if loss is None:
-        raise PeftdeclError(f"the {kind} loss is computed on the torch backend, not on {backend}")
+        raise PeftdeclError(f"the {backend} backend does not compute the {kind} loss (the torch backend does)")
     return loss(model, names)
