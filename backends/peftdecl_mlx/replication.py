@@ -11,6 +11,9 @@ layers follows the new list, so that ``make_cache``, attention masks and generat
 - an inner model's ``*_idx`` integers (mlx-lm's ``fa_idx``, ``swa_idx``, …: the layer whose cache sets the mask)
   point at the first new layer of the same type (same ``layer_types`` entry, else a copy of that very layer);
 - ``layer_idx`` attributes inside the copies are renumbered to their new position, as PEFT renumbers them.
+
+A model that picks each layer's cache by its position (Gemma 3's sliding/global pattern) rather than by the layer
+would give a copy the cache of another attention type: such a map is refused and the model left as it was.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ BIAS_REFUSAL = (
     "training base biases on a model whose layers were replicated (layer_replication) is not supported on MLX: "
     "HF PEFT trains one bias that the copies share, MLX would train one per copy; use bias='none'"
 )
+"""Why an adapter training base biases is not attached after replication (MLX arrays are values, not shared)."""
 
 
 def layer_list(model: nn.Module) -> tuple[nn.Module, nn.Module, str, list[nn.Module]]:
