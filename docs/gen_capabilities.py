@@ -80,7 +80,8 @@ NOT_SUPPORTED = [
     "  is plain LoRA in both libraries.",
     "- Transposed convolutions: PEFT adapts none with these kinds, and neither does peftdecl.",
     "- Per backend, the tables above say which kind runs on which layer type; a missing entry is refused with the",
-    "  reason (`layer_replication` runs on torch and MLX, `ensure_weight_tying` and `target_parameters` on torch).",
+    "  reason (`layer_replication` runs on torch and MLX, `ensure_weight_tying` on torch, `target_parameters` on",
+    "  torch and the NumPy reference).",
     "",
 ]
 """Stated once here so that the page says plainly what is left out, and why."""

@@ -39,11 +39,26 @@ def layer_map_problems(spec: SpecBase) -> list[tuple[str, str]]:
         return []
     if not layer_map:
         return [("$.layer_replication", "lists no layer range; use null or [[start, end], ...]")]
-    return [
+    found = [
         (f"$.layer_replication[{i}]", f"[{start}, {end}]: start must be below end")
         for i, (start, end) in enumerate(layer_map)
         if start >= end
     ]
+    init = str(getattr(spec, "init_lora_weights", True))
+    if init.startswith(BASE_WRITING_INITS):
+        # each copy would write its own W − s·BA into the one weight the copies share
+        found.append(
+            (
+                "$.init_lora_weights",
+                f"{init!r} rewrites the base weight, which the copies made by layer_replication share; "
+                "use another initialisation",
+            )
+        )
+    return found
+
+
+BASE_WRITING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+"""Initialisations that change the base weight per adapted layer (``pissa_niter_K`` included)."""
 
 
 def replicated_info(model: AdaptedModel, spec: SpecBase) -> ModelInfo:

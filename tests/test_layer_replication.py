@@ -135,3 +135,19 @@ def test_backends_without_replication_refuse_it() -> None:
     state, kwargs = numpy_inputs(llama())
     with pytest.raises(TargetError, match=r"\$\.layer_replication: the numpy backend does not replicate"):
         peftdecl.attach(state, lora().to_dict(), backend="numpy", **kwargs)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora", "corda", "lora_ga", "loftq"])
+def test_base_writing_inits_are_refused_with_replication(init: str) -> None:
+    """The copies share one base weight, so an initialisation that writes W − s·BA per layer cannot be used."""
+    spec = {
+        "peft_type": "LORA",
+        "target_modules": ["q_proj"],
+        "layer_replication": [[0, 2]],
+        "init_lora_weights": init,
+    }
+    if init == "loftq":
+        spec["loftq_config"] = {"loftq_bits": 4, "loftq_iter": 1}
+    with pytest.raises(SpecError) as info:
+        peftdecl.load_spec(spec)
+    assert "$.init_lora_weights" in dict(info.value.problems)

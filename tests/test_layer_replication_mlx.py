@@ -268,7 +268,7 @@ def test_writing_the_shared_base_weights_is_refused() -> None:
     ours = peftdecl.attach(tiny_llama(num_hidden_layers=3), SPEC, backend="mlx")
     with pytest.raises(PeftdeclError, match="cannot merge into a model whose layers were replicated"):
         ours.merge_and_unload()
-    with pytest.raises(PeftdeclError, match=r"q_proj\.weight.*cannot write base weights .* replicated"):
+    with pytest.raises(PeftdeclError, match=r"'pissa' rewrites the base weight, which the copies .* share"):
         peftdecl.attach(
             tiny_llama(num_hidden_layers=3), {**SPEC, "init_lora_weights": "pissa"}, backend="mlx"
         )
@@ -299,3 +299,13 @@ def test_numpy_reference_says_why_it_refuses() -> None:
     state, layer_types, facts = numpy_model(tiny_llama(num_hidden_layers=3))
     with pytest.raises(TargetError, match=r"\$\.layer_replication: .* no decoder layer list .* torch or mlx"):
         peftdecl.attach(state, SPEC, backend="numpy", layer_types=layer_types, **facts)
+
+
+def test_mlx_lm_format_refuses_a_replicated_adapter(folder: Path, tmp_path: Path) -> None:
+    """mlx-lm cannot copy layers, so its format lists layer_replication among what it cannot express."""
+    from peftdecl.errors import AdapterFileError
+
+    ours = peftdecl.attach(load_checkpoint(folder), SPEC, backend="mlx", seed=3)
+    with pytest.raises(AdapterFileError, match="layer_replication"):
+        ours.save(tmp_path / "x", format="mlx-lm")
+    assert not (tmp_path / "x").exists()

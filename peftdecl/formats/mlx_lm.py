@@ -192,6 +192,8 @@ def mlx_lm_layout(plan: Plan, info: ModelInfo | None) -> JsonObject:
         problems.append(f"mlx-lm stores LoRA and DoRA only, not {plan.kind}")
     if plan.modules_to_save:
         problems.append(f"modules_to_save {list(plan.modules_to_save)} (mlx-lm has no whole-module copies)")
+    if getattr(plan.spec, "layer_replication", None):
+        problems.append("layer_replication (mlx-lm has no layer copies)")
     if not plan.layers and not problems:
         problems.append("the adapter adapts no layer")
     for lp in plan.layers:

@@ -169,6 +169,16 @@ def kind_rules(peft_type: str) -> tuple[list[JsonObject], list[str], dict[str, J
                 _must("lora_bias", {"const": False}, "needs init_lora_weights to be true or false"),
             )
         )
+        rules.append(
+            _when(
+                _present("layer_replication", {"type": "array"}),
+                _must(
+                    "init_lora_weights",
+                    {"not": {"type": "string", "pattern": "^(pissa|olora|corda|lora_ga|loftq)"}},
+                    "rewrites the base weight, which the copies made by layer_replication share",
+                ),
+            )
+        )
     if peft_type == "ADALORA":
         required.append("total_step")
         overrides["total_step"] = _positive_count(
