@@ -23,5 +23,7 @@ def variant_loss(model: Any, kind: str, adapter_names: str | Sequence[str] | Non
         raise PeftdeclError(f"the {kind} loss: {exc}") from exc
     loss = getattr(ops, "model_loss", None)
     if loss is None:
-        raise PeftdeclError(f"the {backend} backend does not compute the {kind} loss (the torch backend does)")
+        raise PeftdeclError(
+            f"the {backend} backend does not compute the {kind} loss (the torch backend does)"
+        )
     return loss(model, names)
