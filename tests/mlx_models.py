@@ -99,3 +99,22 @@ def assert_vjp_like_reference(
     assert set(grads) == expected
     for key in expected:
         assert rel_err(grads[key], grads_ref[key]) <= tol, key
+
+
+class Mlp(nn.Module):
+    """lin0 (in → hidden), ReLU, lin1 (hidden → out): the small MLP of the initialisation tests."""
+
+    def __init__(self, sizes: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(sizes[0], sizes[1])
+        self.lin1 = nn.Linear(sizes[1], sizes[2])
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.lin1(nn.relu(self.lin0(x)))
+
+
+def mlx_mlp(sizes: tuple[int, int, int] = (12, 16, 10), seed: int = 0) -> tuple[Mlp, dict[str, np.ndarray]]:
+    """A seeded :class:`Mlp` and its parameters as a float64 state dict (the NumPy reference's twin)."""
+    mx.random.seed(seed)
+    model = Mlp(sizes)
+    return model, {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(model.parameters())}

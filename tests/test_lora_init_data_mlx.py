@@ -22,22 +22,9 @@ TARGETS = ["lin0", "lin1"]
 def mlx_model() -> tuple[object, dict[str, np.ndarray]]:
     if "mlx" not in selected_backends():
         pytest.skip("the mlx backend is not selected")
-    mx = pytest.importorskip("mlx.core")
-    nn = pytest.importorskip("mlx.nn")
-    from mlx.utils import tree_flatten
+    from tests.mlx_models import mlx_mlp
 
-    class MlxMLP(nn.Module):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin0 = nn.Linear(12, 16)
-            self.lin1 = nn.Linear(16, 10)
-
-        def __call__(self, x: object) -> object:
-            return self.lin1(nn.relu(self.lin0(x)))
-
-    mx.random.seed(0)
-    model = MlxMLP()
-    return model, {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(model.parameters())}
+    return mlx_mlp()
 
 
 def test_lora_ga_with_kept_gradients(mlx_model: tuple[object, dict[str, np.ndarray]]) -> None:

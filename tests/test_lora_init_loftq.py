@@ -347,22 +347,9 @@ def test_mlx_backend_equals_the_numpy_reference() -> None:
     """The same LoftQ on MLX (float32 weights): Q bit-identical, A and B to float32 storage, outputs alike."""
     if "mlx" not in selected_backends():
         pytest.skip("the mlx backend is not selected")
-    mx = pytest.importorskip("mlx.core")
-    nn = pytest.importorskip("mlx.nn")
-    from mlx.utils import tree_flatten
+    from tests.mlx_models import mlx_mlp, mx
 
-    class MlxMLP(nn.Module):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin0 = nn.Linear(64, 40)
-            self.lin1 = nn.Linear(40, 25)
-
-        def __call__(self, x: object) -> object:
-            return self.lin1(nn.relu(self.lin0(x)))
-
-    mx.random.seed(0)
-    model = MlxMLP()
-    state = {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(model.parameters())}
+    model, state = mlx_mlp((64, 40, 25))
     spec = {"peft_type": "LORA", **config(8, 2)}
     reference = peftdecl.attach(state, spec, backend="numpy")
     ours = peftdecl.attach(model, spec, backend="mlx")

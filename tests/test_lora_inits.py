@@ -400,24 +400,11 @@ def test_mlx_backend_equals_the_numpy_reference(init: str) -> None:
     """The same float64 initialisation on MLX (float32 weights): tensors, residual W and unchanged outputs."""
     if "mlx" not in selected_backends():
         pytest.skip("the mlx backend is not selected")
-    mx = pytest.importorskip("mlx.core")
-    nn = pytest.importorskip("mlx.nn")
-    from mlx.utils import tree_flatten
+    from tests.mlx_models import mlx_mlp, mx
 
-    class MlxMLP(nn.Module):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin0 = nn.Linear(12, 16)
-            self.lin1 = nn.Linear(16, 10)
-
-        def __call__(self, x: object) -> object:
-            return self.lin1(nn.relu(self.lin0(x)))
-
-    mx.random.seed(0)
-    model = MlxMLP()
+    model, state = mlx_mlp()
     x = mx.random.normal((3, 12))
     before = np.array(model(x))
-    state = {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(model.parameters())}
     spec = {"peft_type": "LORA", **config(init)}
     reference = peftdecl.attach(state, spec, backend="numpy")
     ours = peftdecl.attach(model, spec, backend="mlx")
