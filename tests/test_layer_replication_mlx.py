@@ -268,7 +268,9 @@ def test_writing_the_shared_base_weights_is_refused() -> None:
     ours = peftdecl.attach(tiny_llama(num_hidden_layers=3), SPEC, backend="mlx")
     with pytest.raises(PeftdeclError, match="cannot merge into a model whose layers were replicated"):
         ours.merge_and_unload()
-    with pytest.raises(PeftdeclError, match=r"init_lora_weights: .*rewrites the base weight, which the copies"):
+    with pytest.raises(
+        PeftdeclError, match=r"init_lora_weights: .*rewrites the base weight, which the copies"
+    ):
         peftdecl.attach(
             tiny_llama(num_hidden_layers=3), {**SPEC, "init_lora_weights": "pissa"}, backend="mlx"
         )
