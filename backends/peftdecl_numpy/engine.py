@@ -22,16 +22,16 @@ from peftdecl.backend import BASE_ROW as BASE
 from peftdecl.backend import RngState, check_adapter_names, trainable_key
 from peftdecl.errors import PeftdeclError
 from peftdecl.options import EngineOptions
-from peftdecl.plan import LayerPlan, ModelInfo, Plan, PromptPlan
+from peftdecl.plan import LayerPlan, ModelInfo, Plan
 from peftdecl.quant.layouts import dequantize, tensors_from_quantized
 from peftdecl_numpy import compose
 from peftdecl_numpy.base_biases import BaseBiases
-from peftdecl_numpy.inventory import LayerDeclaration
 from peftdecl_numpy.kinds import ops_for
 from peftdecl_numpy.kinds.base import MergeCache, Tape
 from peftdecl_numpy.layers import BaseLayer, Mode, ModeView
 from peftdecl_numpy.mha import mha_base_layer, mha_state
 from peftdecl_numpy.parameters import ParameterWeights
+from peftdecl_numpy.prompt_access import PromptLearning
 from peftdecl_numpy.quantized import StoredWeight, read_stored, requantize
 from peftdecl_numpy.rng_state import generator_state, restore_generator
 from peftdecl_numpy.xp_ops import Array, Namespace, resolve, to_numpy
@@ -52,7 +52,7 @@ class LayerTape(_LayerTapeBase, total=False):
     """Set when several adapters run on the layer."""
 
 
-class NumpyEngine(ModeView):
+class NumpyEngine(PromptLearning, ModeView):
     """Adapters on a state dict, every number in one namespace and dtype (float64 NumPy by default)."""
 
     def __init__(
@@ -350,43 +350,6 @@ class NumpyEngine(ModeView):
         d_weight = self._asarray(d_weight, copy=False)
         return self._parameters.backward(parameter, d_weight, self._layer_params)
 
-    # -- prompt learning (prefix / prompt tuning; math in kinds/prompt.py) ----------------------------------
-    def prompt_table(self, name: str | None = None) -> Array:
-        """The virtual-token table P: prompt tuning [T·S, d], prepended to the input embeddings by
-        ``kinds.prompt.prepend_virtual_tokens``; prefix tuning [T, 2L·d] (through the projection MLP when the
-        adapter trains one)."""
-        from peftdecl_numpy.kinds import prompt
-
-        _, pp, params = self._prompt_adapter(name)
-        return self.xp.asarray(prompt.table(pp, params)[0], copy=True)
-
-    def prefix_key_values(self, batch_size: int, name: str | None = None) -> list[tuple[Array, ...]]:
-        """Per decoder layer the prefix (K, V), each (batch, heads, T, head_dim), as PEFT's ``get_prompt``."""
-        from peftdecl_numpy.kinds import prompt
-
-        plan, pp, params = self._prompt_adapter(name)
-        if plan.kind != "prefix_tuning":
-            raise PeftdeclError(f"adapter is {plan.kind}; only prefix tuning has key/value prefixes")
-        return prompt.key_values(pp, prompt.table(pp, params)[0], batch_size)
-
-    def prompt_backward(self, d_table: Array, name: str | None = None) -> dict[str, Array]:
-        """Gradients of the adapter's trainable tensors (by key) from dL/dP (for dL/dKV see kinds.prompt)."""
-        from peftdecl_numpy.kinds import prompt
-
-        _, pp, params = self._prompt_adapter(name)
-        _, cache = prompt.table(pp, params)
-        return prompt.table_backward(pp, params, cache, self._asarray(d_table, copy=False))
-
-    def _prompt_adapter(self, name: str | None) -> tuple[Plan, PromptPlan, Tensors]:
-        plans = self.book.plans
-        names = [name] if name is not None else [n for n in self.book.active if plans[n].prompt is not None]
-        if len(names) != 1 or names[0] not in plans or plans[names[0]].prompt is None:
-            found = sorted(n for n, p in plans.items() if p.prompt is not None)
-            raise PeftdeclError(f"name one prompt-learning adapter (attached: {found}); got {name!r}")
-        plan = plans[names[0]]
-        assert plan.prompt is not None
-        return plan, plan.prompt, self._params[names[0]][""]
-
     # -- helpers -------------------------------------------------------------------------------------------
     def _asarray(self, value: Array | npt.ArrayLike, copy: bool = True) -> Array:
         """``value`` as an array of the engine's namespace and dtype: a fresh one (never a view of the caller's
@@ -441,14 +404,3 @@ class NumpyEngine(ModeView):
 def _host_copy(value: npt.ArrayLike, float_dtype: str) -> np.ndarray:
     array = np.asarray(value)
     return np.array(array, dtype=float_dtype) if array.dtype.kind == "f" else array.copy()
-
-
-def inventory(
-    state_dict: Mapping[str, npt.ArrayLike],
-    layer_types: Mapping[str, LayerDeclaration] | None = None,
-    **facts: object,
-) -> ModelInfo:
-    """The layers of ``state_dict`` (:func:`peftdecl_numpy.inventory.inventory`)."""
-    from peftdecl_numpy.inventory import inventory as read
-
-    return read(state_dict, layer_types, **facts)
