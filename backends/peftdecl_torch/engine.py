@@ -8,7 +8,7 @@ wrappers through a context variable that is reset when the call ends, whether it
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ from peftdecl_torch.mha import wrapper_class
 from peftdecl_torch.mixed_batch import mixed_rows
 from peftdecl_torch.param_wrapper import wrap_parameter
 from peftdecl_torch.probes import capture, follow_mode, to_numpy
-from peftdecl_torch.prompting import PromptCall, PromptSite, generation_inputs, prompt_call
+from peftdecl_torch.prompt_routing import PromptRouting
+from peftdecl_torch.prompting import generation_inputs
 from peftdecl_torch.quantized import (
     model_float_dtype,
     replace_quantized,
@@ -40,12 +41,11 @@ from peftdecl_torch.quantized import (
 )
 from peftdecl_torch.replication import replicate_layers
 from peftdecl_torch.saved import SavedModule
-from peftdecl_torch.seq2seq import seq2seq_call, seq2seq_generate
-from peftdecl_torch.task_heads import HEAD_TASKS, head_rules
+from peftdecl_torch.seq2seq import seq2seq_generate
 from peftdecl_torch.tied import tie_lora, tie_saved_copies, tied_links
 
 
-class TorchEngine:
+class TorchEngine(PromptRouting):
     """Adapters on a torch model, wrapped layer by layer; which of them run and train is read from ``book``."""
 
     def __init__(
@@ -361,43 +361,6 @@ class TorchEngine:
         return dict(self._layers)
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _active_prompt(self) -> PromptAdapter | None:
-        if not self.book.enabled:
-            return None
-        found = [n for n in self.book.active if n in self._prompts]
-        if len(found) > 1:
-            raise PeftdeclError(f"only one prompt-learning adapter can be active at a time, not {found}")
-        return self._prompts[found[0]] if found else None
-
-    def _prompt_rules(self, prompt: PromptAdapter) -> PromptCall:
-        """How HF PEFT feeds this prompt adapter: its seq2seq, task-head (SEQ_CLS, TOKEN_CLS, QUESTION_ANS) or
-        language-model rules."""
-        if self._info.is_encoder_decoder:
-            return seq2seq_call
-        name = next(n for n, p in self._prompts.items() if p is prompt)
-        task = self.book.plans[name].spec.task_type
-        if task in HEAD_TASKS:
-            return head_rules(task)
-        return prompt_call
-
-    def _prompt_site(self, prompt: PromptAdapter) -> PromptSite:
-        """The model, ``prompt``, the input word embeddings and their dtype (the virtual tokens take it)."""
-        embed = self._embedding()
-        return PromptSite(self.model, prompt, embed, embed.weight.dtype)
-
-    def _embedding(self) -> nn.Embedding:
-        """The input word embeddings (prompt tuning looks ids up there; their weight sets device and dtype)."""
-        module = self._info.word_embeddings
-        if module is not None:
-            return cast(nn.Embedding, self.model.get_submodule(module))
-        getter: Callable[[], nn.Embedding] | None = getattr(self.model, "get_input_embeddings", None)
-        if getter is not None:
-            return getter()
-        raise PeftdeclError(
-            f"{type(self.model).__name__} names no input word embeddings (get_input_embeddings()); "
-            "prompt-learning adapters need them"
-        )
-
     def _parent(self, module: str) -> tuple[nn.Module, str]:
         parent_name, _, child = module.rpartition(".")
         return (self.model.get_submodule(parent_name) if parent_name else self.model), child
