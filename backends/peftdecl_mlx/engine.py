@@ -9,7 +9,7 @@ NumPy (the same initial numbers on every backend) and leave as NumPy with ``mx.e
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -28,18 +28,18 @@ from peftdecl.plan import LayerPlan, ModelInfo, Plan
 from peftdecl_mlx import probes, quantized
 from peftdecl_mlx.base_biases import base_bias_paths, bias_values, set_bias_trainability, write_biases
 from peftdecl_mlx.generator import Generator
-from peftdecl_mlx.inventory import ParameterTree, flatten, get_module, inventory, set_module, walk
+from peftdecl_mlx.inventory import flatten, get_module, inventory, set_module, walk
 from peftdecl_mlx.kinds import prompt
 from peftdecl_mlx.kinds.alora import invocation_rows
 from peftdecl_mlx.layer import AdaptedLayer, AdapterParams, SavedModule
 from peftdecl_mlx.probes import to_numpy
 from peftdecl_mlx.replication import BASE_WRITE_REFUSAL, BIAS_REFUSAL, replicate_layers
-from peftdecl_mlx.trainable import Trainable, trainable_names, trainable_tensors
+from peftdecl_mlx.trainable import TrainableTree, trainable_names
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-class MlxEngine:
+class MlxEngine(TrainableTree):
     """A backend engine over one MLX model; see :class:`peftdecl.backend.Engine`."""
 
     def __init__(
@@ -283,38 +283,7 @@ class MlxEngine:
             self._model, pp, self._model[prompt.ENCODER][running[0]].tensors(), batch
         )
 
-    # -- training ------------------------------------------------------------------------------------------
-    def trainable_parameters(self, names: tuple[str, ...]) -> dict[str, mx.array]:
-        """Key -> the current array of every trainable tensor of adapters ``names`` (frozen ones left out) and of
-        their modules_to_save copies, keyed as on every backend (:func:`peftdecl.backend.trainable_key`).
-
-        MLX arrays are values: an optimizer step puts new arrays into the model and leaves this mapping behind.
-        Either train the model's tree (``nn.value_and_grad(engine.model, f)`` then
-        ``optimizer.update(engine.model, grads)``; :meth:`parameter_tree` is that tree) and call this again
-        afterwards, or train this flat mapping (``optimizer.apply_gradients(grads, params)`` accepts it) and
-        write it back with :meth:`update_parameters`."""
-        return {key: value for key, _, value in self._trainable(names)}
-
-    def parameter_tree(self, names: tuple[str, ...] | None = None) -> ParameterTree:
-        """The model's tree of the trainable arrays of ``names`` (default: the active adapters that are not
-        frozen), nested as ``engine.model`` holds them: what ``nn.value_and_grad(engine.model, f)`` returns
-        gradients for and ``optimizer.update(engine.model, grads)`` updates."""
-        tree: ParameterTree = tree_unflatten(
-            [(path, v) for _, path, v in self._trainable(self._names(names))]
-        )
-        return tree
-
-    def update_parameters(self, params: Mapping[str, mx.array], names: tuple[str, ...] | None = None) -> None:
-        """Write ``params`` into the model, keyed as :meth:`trainable_parameters` returns them for ``names``
-        (default: the active adapters that are not frozen); unknown keys are refused, naming them."""
-        paths = {key: path for key, path, _ in self._trainable(self._names(names))}
-        unknown = sorted(set(params) - set(paths))
-        if unknown:
-            raise PeftdeclError(
-                f"update_parameters: unknown keys {unknown[:5]}; expected keys like {list(paths)[:3]}"
-            )
-        self._model.update(tree_unflatten([(paths[k], v) for k, v in params.items()]))
-
+    # -- training (trainable_parameters, parameter_tree, update_parameters: TrainableTree) ------------------
     def train(self, mode: bool) -> None:
         self._model.train(mode)
 
@@ -348,12 +317,6 @@ class MlxEngine:
         return probes.layer_vjp(self, self.layer(module), dy=dy, x=x, active=self._book.active)
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _names(self, names: tuple[str, ...] | None) -> tuple[str, ...]:
-        return self._book.trainable(self._book.active if names is None else names)
-
-    def _trainable(self, names: tuple[str, ...]) -> Iterator[Trainable]:
-        return trainable_tensors(self._model, self._book, self._layers, self._saved, names)
-
     def _array(self, value: npt.ArrayLike) -> mx.array:
         return mx.array(np.asarray(value, dtype=np.float32), dtype=self._dtype)
 

@@ -8,12 +8,14 @@ from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import trainable_key
+from peftdecl.errors import PeftdeclError
 from peftdecl.plan.ir import ParamSpec
 from peftdecl_mlx.base_biases import bias_trainables
-from peftdecl_mlx.inventory import flatten
+from peftdecl_mlx.inventory import ParameterTree, flatten
 from peftdecl_mlx.kinds import prompt
 from peftdecl_mlx.layer import AdaptedLayer, AdapterParams, SavedModule
 
@@ -59,3 +61,50 @@ def trainable_tensors(
                 yield Trainable(trainable_key(name, f"{module}.{key}", names), path, value)
     for key, path, value in bias_trainables(model, book, names):
         yield Trainable(key, path, value)
+
+
+class TrainableTree:
+    """The engine's trainable tensors as a flat mapping and as the model's tree, mixed into
+    :class:`~peftdecl_mlx.engine.MlxEngine` (which holds the model, the book and the wrappers)."""
+
+    _model: nn.Module
+    _book: AdapterBook
+    _layers: dict[str, AdaptedLayer]
+    _saved: dict[str, SavedModule]
+
+    def trainable_parameters(self, names: tuple[str, ...]) -> dict[str, mx.array]:
+        """Key -> the current array of every trainable tensor of adapters ``names`` (frozen ones left out) and of
+        their modules_to_save copies, keyed as on every backend (:func:`peftdecl.backend.trainable_key`).
+
+        MLX arrays are values: an optimizer step puts new arrays into the model and leaves this mapping behind.
+        Either train the model's tree (``nn.value_and_grad(engine.model, f)`` then
+        ``optimizer.update(engine.model, grads)``; :meth:`parameter_tree` is that tree) and call this again
+        afterwards, or train this flat mapping (``optimizer.apply_gradients(grads, params)`` accepts it) and
+        write it back with :meth:`update_parameters`."""
+        return {key: value for key, _, value in self._trainable(names)}
+
+    def parameter_tree(self, names: tuple[str, ...] | None = None) -> ParameterTree:
+        """The model's tree of the trainable arrays of ``names`` (default: the active adapters that are not
+        frozen), nested as ``engine.model`` holds them: what ``nn.value_and_grad(engine.model, f)`` returns
+        gradients for and ``optimizer.update(engine.model, grads)`` updates."""
+        tree: ParameterTree = tree_unflatten(
+            [(path, v) for _, path, v in self._trainable(self._names(names))]
+        )
+        return tree
+
+    def update_parameters(self, params: Mapping[str, mx.array], names: tuple[str, ...] | None = None) -> None:
+        """Write ``params`` into the model, keyed as :meth:`trainable_parameters` returns them for ``names``
+        (default: the active adapters that are not frozen); unknown keys are refused, naming them."""
+        paths = {key: path for key, path, _ in self._trainable(self._names(names))}
+        unknown = sorted(set(params) - set(paths))
+        if unknown:
+            raise PeftdeclError(
+                f"update_parameters: unknown keys {unknown[:5]}; expected keys like {list(paths)[:3]}"
+            )
+        self._model.update(tree_unflatten([(paths[k], v) for k, v in params.items()]))
+
+    def _names(self, names: tuple[str, ...] | None) -> tuple[str, ...]:
+        return self._book.trainable(self._book.active if names is None else names)
+
+    def _trainable(self, names: tuple[str, ...]) -> Iterator[Trainable]:
+        return trainable_tensors(self._model, self._book, self._layers, self._saved, names)
