@@ -379,6 +379,18 @@ class PeftCompat:
         mover(*args, **kwargs)
         return self
 
+    def hotswap_adapter(self, path: str | Path, adapter_name: str = "default") -> None:
+        """PEFT's hotswap_adapter: ``adapter_name``'s weights replaced in place (:mod:`peftdecl.hotswap`)."""
+        from peftdecl import hotswap
+
+        hotswap.hotswap_adapter(self, path, adapter_name)  # type: ignore[arg-type]
+
+    def prepare_for_hotswap(self, target_rank: int | None = None) -> None:
+        """PEFT's prepare_model_for_compiled_hotswap (pad ranks to ``target_rank``), before torch.compile."""
+        from peftdecl import hotswap
+
+        hotswap.prepare_for_hotswap(self, target_rank)  # type: ignore[arg-type]
+
     def cpu(self: _Model) -> _Model:
         return self.to("cpu")
 

@@ -1,0 +1,225 @@
+"""Hot-swapping LoRA adapters in place on torch against HF PEFT 0.21's ``utils/hotswap.py``.
+
+Expected outputs come from independent loads: a fresh ``load_adapter`` of the second adapter in peftdecl, and PEFT's
+own ``hotswap_adapter`` (and fresh load) on the same saved folders. Recompilation is counted by a custom
+``torch.compile`` backend that records each graph dynamo hands it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import peftdecl
+from peftdecl.errors import PeftdeclError
+from tests.conftest import selected_backends
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+from peft.utils.hotswap import hotswap_adapter as peft_hotswap  # noqa: E402
+from peft.utils.hotswap import prepare_model_for_compiled_hotswap  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "torch" not in selected_backends():
+    pytest.skip("the torch backend is not selected", allow_module_level=True)
+
+TOL = 1e-6  # float32 outputs of the same function, computed in a different order (s folded into B)
+
+
+class MLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = torch.nn.Linear(12, 16)
+        self.lin1 = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def base(seed: int = 0) -> MLP:
+    torch.manual_seed(seed)
+    return MLP().eval()
+
+
+def save_peft(folder: Path, seed: int, **config: object) -> Path:
+    """A PEFT LoRA adapter with random A and B (init_lora_weights=False) saved to ``folder``."""
+    options = {"r": 4, "lora_alpha": 8, "target_modules": ["lin0", "lin1"], **config}
+    model = base()
+    torch.manual_seed(seed)  # after base(), which seeds 0 for the base weights
+    model = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **options))  # type: ignore[arg-type]
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hotswap")
+    return {
+        "first": save_peft(root / "first", 1),
+        "same": save_peft(root / "same", 2),
+        "other": save_peft(root / "other", 3, r=2, lora_alpha=3),
+        "one_layer": save_peft(root / "one_layer", 4, target_modules=["lin1"]),
+        "rslora": save_peft(root / "rslora", 5, use_rslora=True),
+        "dropout": save_peft(root / "dropout", 6, lora_dropout=0.1),
+        "big": save_peft(root / "big", 7, r=8),
+        "alpha": save_peft(root / "alpha", 8, lora_alpha=16),
+        "pattern": save_peft(root / "pattern", 9, alpha_pattern={"lin1": 2}),
+    }
+
+
+X = torch.linspace(-1.0, 1.0, 5 * 12).reshape(5, 12)
+
+
+def outputs(model: object) -> np.ndarray:
+    with torch.no_grad():
+        return model(X).detach().double().numpy()  # type: ignore[operator]
+
+
+def fresh(folder: Path) -> np.ndarray:
+    """The second adapter loaded on its own (the expected result of a swap)."""
+    return outputs(peftdecl.load_adapter(base(), folder))
+
+
+def peft_fresh(folder: Path) -> np.ndarray:
+    return outputs(peft.PeftModel.from_pretrained(base(), folder))
+
+
+def test_swap_equals_fresh_load_and_peft(folders: dict[str, Path]) -> None:
+    ours = peftdecl.load_adapter(base(), folders["first"])
+    params = {id(p) for p in ours.base_model.parameters()}
+    ours.hotswap_adapter(folders["same"], "default")
+    assert {id(p) for p in ours.base_model.parameters()} == params  # same parameter objects
+    theirs = peft.PeftModel.from_pretrained(base(), folders["first"])
+    peft_hotswap(theirs, folders["same"], adapter_name="default")
+    assert np.abs(outputs(ours) - fresh(folders["same"])).max() <= TOL
+    assert np.abs(outputs(ours) - outputs(theirs)).max() <= TOL
+    assert np.abs(outputs(ours) - peft_fresh(folders["first"])).max() > 1e-3  # the swap changed something
+
+
+def test_prepared_swap_of_other_rank_and_alpha(folders: dict[str, Path], tmp_path: Path) -> None:
+    ours = peftdecl.load_adapter(base(), folders["first"])
+    before = outputs(ours)
+    ours.prepare_for_hotswap(target_rank=8)
+    assert np.abs(outputs(ours) - before).max() <= TOL  # zero padding leaves ΔW unchanged
+    ours.hotswap_adapter(folders["other"], "default")
+    theirs = peft.PeftModel.from_pretrained(base(), folders["first"])
+    prepare_model_for_compiled_hotswap(theirs, target_rank=8)
+    peft_hotswap(theirs, folders["other"], adapter_name="default")
+    assert np.abs(outputs(ours) - fresh(folders["other"])).max() <= TOL
+    assert np.abs(outputs(ours) - outputs(theirs)).max() <= TOL
+    ours.hotswap_adapter(folders["big"], "default")  # rank 8 fits the prepared rank exactly
+    assert np.abs(outputs(ours) - fresh(folders["big"])).max() <= TOL
+    ours.save(tmp_path / "saved")  # the prepared spec with the swapped values: PEFT loads the same function
+    assert np.abs(peft_fresh(tmp_path / "saved") - fresh(folders["big"])).max() <= TOL
+
+
+def test_prepare_keeps_per_layer_alphas(folders: dict[str, Path], tmp_path: Path) -> None:
+    """alpha_pattern gives lin1 its own scaling; padding keeps both, and PEFT reads the prepared adapter back."""
+    ours = peftdecl.load_adapter(base(), folders["pattern"])
+    before = outputs(ours)
+    ours.prepare_for_hotswap(target_rank=6)
+    assert np.abs(outputs(ours) - before).max() <= TOL
+    ours.save(tmp_path / "prepared")
+    assert np.abs(peft_fresh(tmp_path / "prepared") - peft_fresh(folders["pattern"])).max() <= TOL
+    with pytest.raises(PeftdeclError, match="alpha_pattern"):  # checked against the spec before padding
+        ours.hotswap_adapter(folders["same"], "default")
+
+
+def test_missing_layer_is_zeroed_as_in_peft(folders: dict[str, Path]) -> None:
+    ours = peftdecl.load_adapter(base(), folders["first"])
+    ours.hotswap_adapter(folders["one_layer"], "default")
+    theirs = peft.PeftModel.from_pretrained(base(), folders["first"])
+    peft_hotswap(theirs, folders["one_layer"], adapter_name="default")
+    assert np.abs(outputs(ours) - fresh(folders["one_layer"])).max() <= TOL
+    assert np.abs(outputs(ours) - outputs(theirs)).max() <= TOL
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "message"),
+    [
+        ("first", "other", "prepare_for_hotswap"),  # rank / alpha differ, not prepared
+        ("one_layer", "first", "targets layers"),
+        ("first", "rslora", "use_rslora"),
+        ("first", "dropout", "lora_dropout"),
+    ],
+)
+def test_refusals_leave_model_unchanged(
+    folders: dict[str, Path], first: str, second: str, message: str
+) -> None:
+    ours = peftdecl.load_adapter(base(), folders[first])
+    before, state = outputs(ours), ours.state_dict()
+    with pytest.raises(PeftdeclError, match=message):
+        ours.hotswap_adapter(folders[second], "default")
+    assert np.array_equal(outputs(ours), before)
+    assert all(np.array_equal(v, ours.state_dict()[k]) for k, v in state.items())
+
+
+def test_refusals_of_rank_above_prepared_and_merged(folders: dict[str, Path]) -> None:
+    ours = peftdecl.load_adapter(base(), folders["first"])
+    ours.prepare_for_hotswap(target_rank=4)
+    before = outputs(ours)
+    with pytest.raises(PeftdeclError, match="exceeds the prepared rank 4"):
+        ours.hotswap_adapter(folders["big"], "default")
+    assert np.array_equal(outputs(ours), before)
+    with pytest.raises(PeftdeclError, match="below adapter 'default'"):
+        ours.prepare_for_hotswap(target_rank=2)
+    ours.merge()
+    with pytest.raises(PeftdeclError, match="merged"):
+        ours.hotswap_adapter(folders["same"], "default")
+
+
+def test_numpy_backend_refuses_with_reason(folders: dict[str, Path]) -> None:
+    if "numpy" not in selected_backends():
+        pytest.skip("the NumPy backend is not selected")
+    state = {k: v.detach().numpy() for k, v in base().state_dict().items()}
+    ours = peftdecl.load_adapter(state, folders["first"], backend="numpy")
+    with pytest.raises(PeftdeclError, match="torch backend only"):
+        ours.hotswap_adapter(folders["same"], "default")
+
+
+class CountingBackend:
+    """A torch.compile backend counting the graphs dynamo compiles (each recompilation adds one)."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
+        self.graphs += 1
+        return gm.forward
+
+
+def test_no_recompile_after_prepare(folders: dict[str, Path]) -> None:
+    torch._dynamo.reset()
+    ours = peftdecl.load_adapter(base(), folders["first"])
+    ours.prepare_for_hotswap(target_rank=8)
+    counter = CountingBackend()
+    compiled = torch.compile(ours.base_model, backend=counter)
+    with torch.no_grad():
+        compiled(X)
+        graphs = counter.graphs
+        for name in ("other", "big", "same"):
+            ours.hotswap_adapter(folders[name], "default")
+            got = compiled(X).double().numpy()
+            assert np.abs(got - fresh(folders[name])).max() <= TOL
+    assert graphs >= 1 and counter.graphs == graphs  # not one recompilation over three swaps
+
+
+def test_peft_without_prepare_recompiles_on_new_alpha(folders: dict[str, Path]) -> None:
+    """PEFT's documented behaviour: unprepared, a swap changing the (float) scaling costs a recompilation."""
+    torch._dynamo.reset()
+    theirs = peft.PeftModel.from_pretrained(base(), folders["first"])
+    counter = CountingBackend()
+    compiled = torch.compile(theirs, backend=counter)
+    with torch.no_grad():
+        compiled(X)
+        graphs = counter.graphs
+        peft_hotswap(theirs, folders["same"], adapter_name="default")
+        compiled(X)
+        assert counter.graphs == graphs  # same rank and alpha: no recompilation
+        peft_hotswap(theirs, folders["alpha"], adapter_name="default")  # alpha 16: s 2 -> 4, a new float
+        got = compiled(X).double().numpy()
+    assert counter.graphs > graphs
+    assert np.abs(got - fresh(folders["alpha"])).max() <= TOL
