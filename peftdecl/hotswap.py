@@ -9,6 +9,8 @@ unchanged, and adapters of any rank ≤ target_rank then fit the same tensors. W
 s into a tensor, peftdecl keeps the prepared scaling s₀ as a constant and writes B·(s/s₀) (and the B bias likewise):
 s₀·(B s/s₀)·A = s·B A, so adapters of other alphas swap in without the compiled graph seeing a new constant.
 The attached plan (and spec) stay the prepared ones, so ``save`` writes an adapter with the swapped-in function.
+On torch the values are copied into the live tensors; the NumPy and MLX engines rebuild the adapter's arrays with
+the same plan (same keys and shapes, new array objects).
 """
 
 from __future__ import annotations
@@ -52,11 +54,6 @@ def _refuse(message: str) -> PeftdeclError:
 def _check_swappable(model: AdaptedModel, name: str) -> Plan:
     if name not in model.adapters:
         raise _refuse(f"no adapter named {name!r} is attached (attached: {sorted(model.adapters)})")
-    if model.backend.name != "torch":
-        raise _refuse(
-            f"in-place swapping runs on the torch backend only, not {model.backend.name!r}; "
-            "delete_adapter() then load_adapter() gives the same outputs there"
-        )
     if name in model.merged_adapters:
         raise _refuse(f"adapter {name!r} is merged into the base weights; call unmerge() first")
     plan = model.plan(name)
@@ -161,9 +158,18 @@ def hotswap_adapter(model: AdaptedModel, directory: str | Path, adapter_name: st
     values = {
         lp.module: swapped_arrays(lp, new_layers.get(lp.module), arrays, prepared) for lp in plan.layers
     }
-    from peftdecl_torch.hotswap import write_in_place  # the torch backend, checked above
+    if model.backend.name == "torch":
+        from peftdecl_torch.hotswap import write_in_place  # only reached with torch installed
 
-    write_in_place(model.engine, adapter_name, values)
+        write_in_place(model.engine, adapter_name, values)
+        return
+    # NumPy / MLX arrays: the adapter's arrays are rebuilt with the same plan (MLX arrays are immutable anyway)
+    current = model.state_dict(adapter_name)
+    for module, arrays in values.items():
+        for tensor, value in arrays.items():
+            key = f"{module}.{tensor}"
+            current[key] = value.astype(current[key].dtype)
+    _replace_adapter(model, adapter_name, plan, current)
 
 
 def _padded_plan(plan: Plan, info_plan: Plan) -> Plan:

@@ -141,6 +141,7 @@ def test_missing_layer_is_zeroed_as_in_peft(folders: dict[str, Path]) -> None:
     ("first", "second", "message"),
     [
         ("first", "other", "prepare_for_hotswap"),  # rank / alpha differ, not prepared
+        ("first", "alpha", "rank/scaling 4/4 differ from the attached 4/2"),  # alpha only, not prepared
         ("one_layer", "first", "targets layers"),
         ("first", "rslora", "use_rslora"),
         ("first", "dropout", "lora_dropout"),
@@ -171,13 +172,39 @@ def test_refusals_of_rank_above_prepared_and_merged(folders: dict[str, Path]) ->
         ours.hotswap_adapter(folders["same"], "default")
 
 
-def test_numpy_backend_refuses_with_reason(folders: dict[str, Path]) -> None:
+def deltas(model: object) -> dict[str, np.ndarray]:
+    """ΔW = s·B A of every adapted layer, from the model's exported arrays and its plan's scalings."""
+    state = model.state_dict()  # type: ignore[attr-defined]
+    return {
+        lp.module: lp.scaling * state[lp.key("lora_B.weight")] @ state[lp.key("lora_A.weight")]
+        for lp in model.plan().layers  # type: ignore[attr-defined]
+    }
+
+
+def test_numpy_backend_swaps(folders: dict[str, Path]) -> None:
     if "numpy" not in selected_backends():
         pytest.skip("the NumPy backend is not selected")
     state = {k: v.detach().numpy() for k, v in base().state_dict().items()}
     ours = peftdecl.load_adapter(state, folders["first"], backend="numpy")
-    with pytest.raises(PeftdeclError, match="torch backend only"):
-        ours.hotswap_adapter(folders["same"], "default")
+    ours.prepare_for_hotswap(target_rank=8)
+    for name in ("other", "same"):
+        ours.hotswap_adapter(folders[name], "default")
+        expected = deltas(peftdecl.load_adapter(state, folders[name], backend="numpy"))
+        for module, delta in deltas(ours).items():
+            assert np.abs(delta - expected[module]).max() <= 1e-12  # float64 reference, s folded into B
+
+
+def test_mlx_backend_swaps(folders: dict[str, Path]) -> None:
+    if "mlx" not in selected_backends():
+        pytest.skip("the mlx backend is not selected")
+    from tests.mlx_models import mlx_mlp, mx
+
+    x = mx.random.normal((3, 12))
+    ours = peftdecl.load_adapter(mlx_mlp()[0], folders["first"], backend="mlx")
+    ours.prepare_for_hotswap(target_rank=8)
+    ours.hotswap_adapter(folders["other"], "default")
+    expected = np.array(peftdecl.load_adapter(mlx_mlp()[0], folders["other"], backend="mlx")(x))
+    assert np.abs(np.array(ours(x)) - expected).max() <= 1e-5  # float32, s folded into B
 
 
 class CountingBackend:
