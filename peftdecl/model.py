@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from peftdecl import combine
 from peftdecl._json import JsonObject
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.adapter_files import embedding_copies, is_base_override, module_of
@@ -286,6 +287,12 @@ class AdaptedModel(PeftCompat):
         self._book.frozen.discard(name)
         self._book.active = tuple(n for n in self._book.active if n != name)
         self._engine.sync()
+
+    def add_weighted_adapter(
+        self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str, **options: Any
+    ) -> None:
+        """HF PEFT's adapter combination (LoRA, IA3): see :func:`peftdecl.combine.add_weighted_adapter`."""
+        combine.add_weighted_adapter(self, adapters, weights, adapter_name, **options)
 
     # -- merging -------------------------------------------------------------------------------------------
     def merge(self, names: str | Sequence[str] | None = None) -> None:

@@ -61,7 +61,6 @@ NOT_SUPPORTED: dict[str, str] = {
     "requires_grad_": "use set_requires_grad(adapter_names, requires_grad); the base model stays frozen",
     "compile": "compile the adapted model in place: torch.compile(adapted.get_base_model())",
     # PEFT features peftdecl does not implement
-    "add_weighted_adapter": "peftdecl does not combine adapters into a new one",
     "subtract_mutated_init": "peftdecl does not convert PiSSA/OLoRA adapters to LoRA",
     "supports_lora_conversion": "peftdecl does not convert adapters to LoRA",
     # PEFT internals

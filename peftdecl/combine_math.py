@@ -1,0 +1,83 @@
+"""Task-vector merging rules of HF PEFT's ``add_weighted_adapter`` in float64 NumPy (no torch).
+
+Each rule maps tensors t_i of one shape and weights w_i to one tensor: task arithmetic Σ w_i t_i; magnitude
+pruning keeps the k = ⌊density · numel⌋ largest |t_i| before summing; TIES prunes the same way, keeps only the
+entries whose sign agrees with the elected sign of Σ t_i ("total") or Σ sign(t_i) ("frequency"), and averages
+the kept w_i t_i over how many were kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+SIGN_METHODS = ("total", "frequency")
+
+
+def task_arithmetic(tensors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Σ w_i t_i."""
+    return np.asarray(np.sum([w * t for t, w in zip(tensors, weights, strict=True)], axis=0))
+
+
+def magnitude_pruned(tensor: np.ndarray, density: float) -> np.ndarray:
+    """``tensor`` with all but its ⌊density · numel⌋ largest-magnitude entries set to 0 (kept whole at
+    density ≥ 1, as PEFT)."""
+    if density >= 1:
+        return tensor
+    keep = int(density * tensor.size)
+    flat = tensor.reshape(-1)
+    mask = np.zeros(flat.shape, dtype=tensor.dtype)
+    if keep > 0:
+        mask[np.argpartition(-np.abs(flat), keep - 1)[:keep]] = 1
+    return (flat * mask).reshape(tensor.shape)
+
+
+def magnitude_prune(tensors: Sequence[np.ndarray], weights: Sequence[float], density: float) -> np.ndarray:
+    """Σ w_i prune(t_i)."""
+    return task_arithmetic([magnitude_pruned(t, density) for t in tensors], weights)
+
+
+def ties(
+    tensors: Sequence[np.ndarray], weights: Sequence[float], density: float, majority_sign_method: str
+) -> np.ndarray:
+    """TIES: prune, elect a sign per entry (from the unweighted pruned tensors), then average the weighted
+    entries that carry that sign: Σ_i [sign t_i = s] w_i t_i / max(1, #{i: sign t_i = s})."""
+    stacked = np.stack([magnitude_pruned(t, density) for t in tensors])
+    signs = np.sign(stacked)
+    votes = stacked.sum(axis=0) if majority_sign_method == "total" else signs.sum(axis=0)
+    elected = np.where(votes >= 0, 1.0, -1.0)
+    agrees = signs == elected
+    weighted = stacked * np.asarray(weights, dtype=np.float64).reshape((-1,) + (1,) * (stacked.ndim - 1))
+    return np.asarray((weighted * agrees).sum(axis=0) / np.maximum(agrees.sum(axis=0), 1))
+
+
+def combine(
+    rule: str,
+    tensors: Sequence[np.ndarray],
+    weights: Sequence[float],
+    density: float | None,
+    majority_sign_method: str,
+) -> np.ndarray:
+    """Apply the rule named by a combination type with its ``_svd`` suffix removed."""
+    if rule in ("linear", "svd"):
+        return task_arithmetic(tensors, weights)
+    assert density is not None  # checked by the caller, naming the argument
+    if rule == "ties":
+        return ties(tensors, weights, density, majority_sign_method)
+    if rule == "magnitude_prune":
+        return magnitude_prune(tensors, weights, density)
+    raise ValueError(f"no merging rule {rule!r}")
+
+
+def truncated_svd_factors(
+    delta: np.ndarray, rank: int, clamp: float | None, full_matrices: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """ΔW [out, in] ≈ (U_r S_r) V_rᵀ: returns (B = U_r S_r, A = V_rᵀ); with ``clamp`` both are clipped to
+    ±q, q the ``clamp`` quantile of all their entries together (PEFT's svd_clamp)."""
+    u, s, vh = np.linalg.svd(delta, full_matrices=full_matrices)
+    b, a = u[:, :rank] * s[:rank], vh[:rank, :]
+    if clamp is not None:
+        high = float(np.quantile(np.concatenate([b.reshape(-1), a.reshape(-1)]), clamp))
+        b, a = np.clip(b, -high, high), np.clip(a, -high, high)
+    return b, a

@@ -1,0 +1,225 @@
+"""add_weighted_adapter against HF PEFT 0.21 on a small torch MLP, and the exactness / refusal rules of its own.
+
+Three LoRA adapters (two on both layers, one on lin0 only; different alphas, a negative weight) are combined by
+every deterministic combination type in real PEFT and in peftdecl (torch backend, and the NumPy float64 reference
+from the same tensors). The factor-merging types (``linear``, ``ties``, ``magnitude_prune``) and ``cat`` are
+compared factor by factor; the SVD types by their ΔW = B A (the sign of each singular pair is the LAPACK build's
+choice) and by outputs. Tolerances: PEFT works in float32, peftdecl in float64: relative 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import peftdecl
+from peftdecl.errors import PeftdeclError
+from tests.conftest import rel_err, selected_backends
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+TOL = 1e-5  # float32 (PEFT) against float64 arithmetic, relative Frobenius error
+MODULES = ("lin0", "lin1")
+WEIGHTS = [0.7, -0.4, 1.3]
+CONFIGS = {  # name -> (lora_alpha, target_modules)
+    "t1": (8, ["lin0", "lin1"]),
+    "t2": (16, ["lin0", "lin1"]),
+    "t3": (4, ["lin0"]),
+}
+DETERMINISTIC = ("cat", "linear", "ties", "magnitude_prune", "svd", "ties_svd", "magnitude_prune_svd")
+OPTIONS = {"density": 0.5, "majority_sign_method": "total"}
+
+
+class MLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = torch.nn.Linear(12, 16)
+        self.lin1 = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def lora_config(name: str, r: int = 4, **extra: object) -> dict[str, object]:
+    alpha, targets = CONFIGS[name]
+    return {"r": r, "lora_alpha": alpha, "target_modules": targets, "init_lora_weights": False, **extra}
+
+
+def peft_model(extra: dict[str, object] | None = None) -> tuple[MLP, object]:
+    torch.manual_seed(0)
+    base = MLP()
+    torch.manual_seed(1)
+    names = list(CONFIGS)
+    model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(**lora_config(names[0], **(extra or {}))), adapter_name=names[0]
+    )
+    for name in names[1:]:
+        model.add_adapter(name, peft.LoraConfig(**lora_config(name, **(extra or {}))))
+    return base, model
+
+
+def peft_factors(model: object, name: str) -> dict[str, np.ndarray]:
+    out = {}
+    for module in MODULES:
+        layer = getattr(model.base_model.model, module)  # type: ignore[attr-defined]
+        if name in layer.lora_A:
+            out[f"{module}.lora_A.weight"] = layer.lora_A[name].weight.detach().double().numpy()
+            out[f"{module}.lora_B.weight"] = layer.lora_B[name].weight.detach().double().numpy()
+    return out
+
+
+def ours_from(base: object, theirs: object, backend: str, extra: dict[str, object] | None = None) -> object:
+    """peftdecl on ``base`` holding PEFT's three adapters (same tensors)."""
+    if backend == "numpy":
+        base = {k: v.detach().double().numpy() for k, v in base.state_dict().items()}  # type: ignore[attr-defined]
+    else:
+        base = copy.deepcopy(base)
+    ours = peftdecl.attach(base, {"peft_type": "LORA", **lora_config("t1", **(extra or {}))}, "init", backend)
+    for name in CONFIGS:
+        spec = {"peft_type": "LORA", **lora_config(name, **(extra or {}))}
+        ours.add_adapter(name, spec, arrays=peft_factors(theirs, name))
+    return ours
+
+
+def delta(factors: dict[str, np.ndarray], module: str) -> np.ndarray:
+    return factors[f"{module}.lora_B.weight"] @ factors[f"{module}.lora_A.weight"]
+
+
+def run(model: object, x: np.ndarray, backend: str = "torch") -> np.ndarray:
+    """The model's output on x (float32 tensors on torch, float64 arrays on the NumPy reference)."""
+    if backend == "numpy":
+        hidden = np.maximum(model("lin0", x.astype(np.float64)), 0.0)  # type: ignore[operator]
+        return np.asarray(model("lin1", hidden), dtype=np.float64)  # type: ignore[operator]
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).double().numpy()  # type: ignore[operator,no-any-return]
+
+
+@pytest.fixture(scope="module")
+def combined() -> dict[str, object]:
+    """PEFT and peftdecl (each backend) after every deterministic combination."""
+    base, theirs = peft_model()
+    backends = [b for b in ("torch", "numpy") if b in selected_backends()]
+    ours = {backend: ours_from(base, theirs, backend) for backend in backends}
+    for kind in DETERMINISTIC:
+        theirs.add_weighted_adapter(list(CONFIGS), WEIGHTS, f"m_{kind}", combination_type=kind, **OPTIONS)
+        for model in ours.values():
+            model.add_weighted_adapter(list(CONFIGS), WEIGHTS, f"m_{kind}", combination_type=kind, **OPTIONS)
+    return {"theirs": theirs, "ours": ours}
+
+
+@pytest.mark.parametrize("kind", DETERMINISTIC)
+def test_combination_equals_peft(combined: dict[str, object], kind: str) -> None:
+    theirs, ours = combined["theirs"], combined["ours"]
+    if not ours:
+        pytest.skip("neither the torch nor the NumPy backend is selected")
+    name = f"m_{kind}"
+    expected = peft_factors(theirs, name)
+    assert theirs.peft_config[name].r == theirs.peft_config[name].lora_alpha  # type: ignore[attr-defined]
+    x = np.random.default_rng(3).standard_normal((5, 12)).astype(np.float32)
+    theirs.set_adapter(name)  # type: ignore[attr-defined]
+    expected_out = run(theirs, x)
+    for backend, model in ours.items():  # type: ignore[union-attr]
+        got = {k: np.asarray(v, np.float64) for k, v in model.engine.export(name).items()}
+        spec = model.spec(name)
+        assert (spec.r, spec.lora_alpha) == (theirs.peft_config[name].r,) * 2, backend  # type: ignore[attr-defined]
+        for module in MODULES:
+            if kind.endswith("svd"):  # singular pairs' signs differ: compare B A
+                assert rel_err(delta(got, module), delta(expected, module)) <= TOL, (backend, module)
+            else:
+                for key in (f"{module}.lora_A.weight", f"{module}.lora_B.weight"):
+                    assert rel_err(got[key], expected[key]) <= TOL, (backend, key)
+        model.set_adapter(name)
+        assert rel_err(run(model, x, backend), expected_out) <= TOL, backend
+
+
+def test_cat_is_exact_weighted_sum() -> None:
+    """cat: ΔW' = Σ w_i s_i B_i A_i, computed here in float64 from the adapters' own tensors (rsLoRA included,
+    where PEFT over-scales by √r')."""
+    for extra in ({}, {"use_rslora": True}):
+        base, theirs = peft_model(extra)
+        for backend in [b for b in ("torch", "numpy") if b in selected_backends()]:
+            ours = ours_from(base, theirs, backend, extra)
+            ours.add_weighted_adapter(list(CONFIGS), WEIGHTS, "sum", combination_type="cat")
+            got = ours.engine.export("sum")
+            assert ours.plan("sum").layers[0].scaling == 1.0
+            for module in MODULES:
+                expected = np.zeros(
+                    (got[f"{module}.lora_B.weight"].shape[0], got[f"{module}.lora_A.weight"].shape[1])
+                )
+                for name, w in zip(CONFIGS, WEIGHTS, strict=True):
+                    factors = peft_factors(theirs, name)
+                    if f"{module}.lora_A.weight" in factors:
+                        alpha, r = CONFIGS[name][0], 4
+                        s = alpha / np.sqrt(r) if extra else alpha / r
+                        expected += w * s * delta(factors, module)
+                assert rel_err(delta(got, module), expected) <= 1e-6, (
+                    backend,
+                    extra,
+                    module,
+                )  # float32 storage
+
+
+def test_ia3_weighted_vectors_equal_peft() -> None:
+    torch.manual_seed(0)
+    base = MLP()
+    cfg = {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"], "init_ia3_weights": False}
+    torch.manual_seed(2)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**cfg), adapter_name="p")
+    theirs.add_adapter("q", peft.IA3Config(**cfg))
+    theirs.add_weighted_adapter(["p", "q"], [0.6, 1.5], "pq")
+    for backend in [b for b in ("torch", "numpy") if b in selected_backends()]:
+        model = copy.deepcopy(base)
+        if backend == "numpy":
+            model = {k: v.detach().double().numpy() for k, v in base.state_dict().items()}
+        ours = peftdecl.attach(model, {"peft_type": "IA3", **cfg}, "init", backend)
+        for name in ("p", "q"):
+            arrays = {
+                f"{m}.ia3_l": getattr(theirs.base_model.model, m).ia3_l[name].detach().double().numpy()
+                for m in MODULES
+            }
+            ours.add_adapter(name, {"peft_type": "IA3", **cfg}, arrays=arrays)
+        ours.add_weighted_adapter(["p", "q"], [0.6, 1.5], "pq")
+        got = ours.engine.export("pq")
+        for m in MODULES:
+            expected = getattr(theirs.base_model.model, m).ia3_l["pq"].detach().double().numpy()
+            assert rel_err(got[f"{m}.ia3_l"], expected) <= TOL, (backend, m)
+
+
+@pytest.mark.parametrize(
+    ("adapters", "options", "field"),
+    [
+        (["t1", "t2"], {"combination_type": "average"}, "combination_type"),
+        (["t1", "t2"], {"combination_type": "svd", "svd_rank": 11}, "svd_rank"),  # lin1's ΔW is 10×16
+        (["t1", "t2"], {"combination_type": "ties"}, "density"),
+        (
+            ["t1", "t2"],
+            {"combination_type": "ties", "density": 0.5, "majority_sign_method": "mean"},
+            "majority",
+        ),
+        (["t1", "t2"], {"combination_type": "dare_linear", "density": 0.5}, "combination_type"),
+        (["t1", "missing"], {}, "adapters"),
+        (["t1", "r8"], {"combination_type": "linear"}, "adapters"),  # linear needs one rank
+        (["t1", "dora"], {}, "adapters"),
+        (["t1", "bias"], {}, "adapters"),
+        (["t1", "t1"], {"weights": [1.0]}, "weights"),
+    ],
+)
+def test_refusals_name_the_argument_and_leave_the_model(
+    adapters: list[str], options: dict[str, object], field: str
+) -> None:
+    state = {k: v.detach().double().numpy() for k, v in MLP().state_dict().items()}
+    ours = peftdecl.attach(state, {"peft_type": "LORA", **lora_config("t1")}, "t1", "numpy")
+    ours.add_adapter("t2", {"peft_type": "LORA", **lora_config("t2")})
+    ours.add_adapter("r8", {"peft_type": "LORA", **lora_config("t2", r=8)})
+    ours.add_adapter("dora", {"peft_type": "LORA", **lora_config("t2", use_dora=True)})
+    ours.add_adapter("bias", {"peft_type": "LORA", **lora_config("t2", lora_bias=True)})
+    before = {name: ours.engine.export(name) for name in ours.adapters}
+    weights = options.pop("weights", [1.0] * len(adapters))
+    with pytest.raises(PeftdeclError, match=field):
+        ours.add_weighted_adapter(adapters, weights, "new", **options)
+    assert set(ours.adapters) == set(before)
+    for name, arrays in before.items():
+        assert all(np.array_equal(v, ours.engine.export(name)[k]) for k, v in arrays.items())
