@@ -250,3 +250,61 @@ def test_peft_without_prepare_recompiles_on_new_alpha(folders: dict[str, Path]) 
         got = compiled(X).double().numpy()
     assert counter.graphs > graphs
     assert np.abs(got - fresh(folders["alpha"])).max() <= TOL
+
+
+def test_native_folder_and_optimizer_keep_working(folders: dict[str, Path], tmp_path: Path) -> None:
+    """A peftdecl-layout folder swaps in too; an optimizer built before the swap trains the swapped values."""
+    peftdecl.load_adapter(base(), folders["same"]).save(tmp_path / "native", format="native")
+    ours = peftdecl.load_adapter(base(), folders["first"], is_trainable=True)
+    optimizer = torch.optim.SGD(list(ours.trainable_parameters().values()), lr=0.1)
+    ours.hotswap_adapter(tmp_path / "native", "default")
+    assert np.abs(outputs(ours) - fresh(folders["same"])).max() <= TOL
+    before = ours.state_dict()
+    optimizer.zero_grad()
+    ours(X).square().sum().backward()  # type: ignore[operator]
+    optimizer.step()
+    after = ours.state_dict()
+    key = "lin1.lora_B.weight"
+    assert np.abs(after[key] - before[key]).max() > 1e-4  # the live (swapped) parameter was stepped
+
+
+class ConvEmbed(torch.nn.Module):
+    """Embedding -> Conv1d -> Linear: the rank axes of lora_embedding_A/B and of conv A/B get padded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.conv = torch.nn.Conv1d(8, 6, 3, padding=1)
+        self.head = torch.nn.Linear(6, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.conv(self.emb(ids).transpose(1, 2)).transpose(1, 2)
+        return self.head(torch.relu(h))
+
+
+def test_embedding_and_conv_pad_and_swap(tmp_path: Path) -> None:
+    def make() -> ConvEmbed:
+        torch.manual_seed(0)
+        return ConvEmbed().eval()
+
+    def saved(folder: Path, seed: int, r: int, alpha: float) -> Path:
+        model = make()
+        torch.manual_seed(seed)
+        config = peft.LoraConfig(
+            r=r, lora_alpha=alpha, target_modules=["emb", "conv", "head"], init_lora_weights=False
+        )
+        peft.get_peft_model(model, config).save_pretrained(folder)
+        return folder
+
+    first, second = saved(tmp_path / "a", 1, 2, 4), saved(tmp_path / "b", 2, 3, 5)
+    ids = torch.tensor([[1, 5, 7, 19], [0, 2, 3, 4]])
+
+    def run(model: object) -> np.ndarray:
+        with torch.no_grad():
+            return model(ids).double().numpy()  # type: ignore[operator]
+
+    ours = peftdecl.load_adapter(make(), first)
+    ours.prepare_for_hotswap(target_rank=4)
+    ours.hotswap_adapter(second, "default")
+    assert np.abs(run(ours) - run(peftdecl.load_adapter(make(), second))).max() <= TOL
+    assert np.abs(run(ours) - run(peft.PeftModel.from_pretrained(make(), second))).max() <= TOL
