@@ -308,3 +308,17 @@ def test_embedding_and_conv_pad_and_swap(tmp_path: Path) -> None:
     ours.hotswap_adapter(second, "default")
     assert np.abs(run(ours) - run(peftdecl.load_adapter(make(), second))).max() <= TOL
     assert np.abs(run(ours) - run(peft.PeftModel.from_pretrained(make(), second))).max() <= TOL
+
+
+@pytest.mark.filterwarnings("ignore:.*invalid shape")  # PEFT 0.21 takes the 1-D lora_B.bias for a shard
+def test_lora_bias_is_scaled_with_b(tmp_path: Path) -> None:
+    """lora_B's bias is part of s·(B A x + b_B): a swap to another alpha folds s/s₀ into it as into B."""
+    first = save_peft(tmp_path / "a", 11, lora_bias=True)
+    second = save_peft(tmp_path / "b", 12, r=2, lora_alpha=5, lora_bias=True)
+    ours = peftdecl.load_adapter(base(), first)
+    ours.prepare_for_hotswap(target_rank=4)
+    ours.hotswap_adapter(second, "default")
+    assert np.abs(outputs(ours) - fresh(second)).max() <= TOL
+    assert np.abs(outputs(ours) - peft_fresh(second)).max() <= TOL
+    with pytest.raises(PeftdeclError, match="tensors"):  # a config without lora_bias lacks lora_B.bias
+        ours.hotswap_adapter(save_peft(tmp_path / "c", 13), "default")
