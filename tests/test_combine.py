@@ -223,3 +223,64 @@ def test_refusals_name_the_argument_and_leave_the_model(
     assert set(ours.adapters) == set(before)
     for name, arrays in before.items():
         assert all(np.array_equal(v, ours.engine.export(name)[k]) for k, v in arrays.items())
+
+
+class Mixed(torch.nn.Module):
+    """An embedding, a 3×3 convolution and a linear layer (LoRA's three layouts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+        self.lin = torch.nn.Linear(8, 5)
+
+
+def layer_factors(model: object, name: str, module: str) -> dict[str, np.ndarray]:
+    layer = getattr(model.base_model.model, module)  # type: ignore[attr-defined]
+    if module == "emb":
+        a, b = layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+        keys = (f"{module}.lora_embedding_A", f"{module}.lora_embedding_B")
+    else:
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        keys = (f"{module}.lora_A.weight", f"{module}.lora_B.weight")
+    return {keys[0]: a.detach().double().numpy(), keys[1]: b.detach().double().numpy()}
+
+
+def flat_delta(factors: dict[str, np.ndarray], module: str) -> np.ndarray:
+    a, b = (factors[k] for k in sorted(factors) if k.startswith(module + "."))
+    return b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+
+
+@pytest.mark.parametrize("kind", ["cat", "svd", "linear", "ties"])
+def test_embedding_and_conv_layers_equal_peft(kind: str) -> None:
+    if "torch" not in selected_backends():
+        pytest.skip("the torch backend is not selected")
+    torch.manual_seed(0)
+    base = Mixed()
+    modules = ["emb", "conv", "lin"]
+    # cat and svd take adapters of different ranks; the others need one rank
+    configs = {"u1": (4, 8), "u2": (3 if kind in ("cat", "svd") else 4, 12)}
+    torch.manual_seed(4)
+    names = list(configs)
+    cfgs = {
+        n: {"r": r, "lora_alpha": alpha, "target_modules": modules, "init_lora_weights": False}
+        for n, (r, alpha) in configs.items()
+    }
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(**cfgs[names[0]]), adapter_name=names[0]
+    )
+    theirs.add_adapter(names[1], peft.LoraConfig(**cfgs[names[1]]))
+    theirs.add_weighted_adapter(names, [0.8, -0.5], "mix", combination_type=kind, density=0.6)
+    ours = peftdecl.attach(copy.deepcopy(base), {"peft_type": "LORA", **cfgs[names[0]]}, "init", "torch")
+    for n in names:
+        arrays = {k: v for m in modules for k, v in layer_factors(theirs, n, m).items()}
+        ours.add_adapter(n, {"peft_type": "LORA", **cfgs[n]}, arrays=arrays)
+    ours.add_weighted_adapter(names, [0.8, -0.5], "mix", combination_type=kind, density=0.6)
+    got = ours.engine.export("mix")
+    for module in modules:
+        expected = layer_factors(theirs, "mix", module)
+        if kind == "svd":
+            assert rel_err(flat_delta(got, module), flat_delta(expected, module)) <= TOL, module
+        else:
+            for key, value in expected.items():
+                assert rel_err(got[key], value) <= TOL, key
