@@ -284,3 +284,56 @@ def test_embedding_and_conv_layers_equal_peft(kind: str) -> None:
         else:
             for key, value in expected.items():
                 assert rel_err(got[key], value) <= TOL, key
+
+
+def test_svd_clamp_clips_to_the_quantile_as_torch_does() -> None:
+    """svd_clamp: B' and A' clipped to ±q, q the clamp quantile of all their entries (torch.quantile here)."""
+    state = {k: v.detach().double().numpy() for k, v in MLP().state_dict().items()}
+    ours = peftdecl.attach(state, {"peft_type": "LORA", **lora_config("t1")}, "t1", "numpy", seed=1)
+    ours.add_adapter("t2", {"peft_type": "LORA", **lora_config("t2")}, seed=2)
+    ours.add_weighted_adapter(["t1", "t2"], [1.0, 0.5], "plain", combination_type="svd")
+    ours.add_weighted_adapter(["t1", "t2"], [1.0, 0.5], "clamped", combination_type="svd", svd_clamp=0.8)
+    plain, clamped = ours.engine.export("plain"), ours.engine.export("clamped")
+    for module in MODULES:
+        a, b = (torch.from_numpy(plain[f"{module}.lora_{x}.weight"]) for x in "AB")
+        high = torch.quantile(torch.cat([b.flatten(), a.flatten()]), 0.8)
+        for x, tensor in (("A", a), ("B", b)):
+            expected = tensor.clamp(-high, high).numpy()
+            assert np.abs(expected - tensor.numpy()).max() > 0  # the clamp bites
+            assert rel_err(clamped[f"{module}.lora_{x}.weight"], expected) <= 1e-12  # float64 both
+
+
+def test_regex_targets_are_joined_as_peft_does() -> None:
+    state = {k: v.detach().double().numpy() for k, v in MLP().state_dict().items()}
+    ours = peftdecl.attach(
+        state, {"peft_type": "LORA", **lora_config("t1", target_modules="lin0")}, "t1", "numpy"
+    )
+    ours.add_adapter("t2", {"peft_type": "LORA", **lora_config("t2", target_modules=".*1")})
+    ours.add_adapter("list", {"peft_type": "LORA", **lora_config("t2")})
+    ours.add_weighted_adapter(["t1", "t2"], [1.0, 1.0], "both", combination_type="cat")
+    assert ours.spec("both").target_modules == "(lin0)|(.*1)"
+    assert set(ours.plan("both").targets) == set(MODULES)
+    with pytest.raises(PeftdeclError, match="adapters"):  # PEFT refuses a regex mixed with a list too
+        ours.add_weighted_adapter(["t1", "list"], [1.0, 1.0], "mixed", combination_type="cat")
+    assert "mixed" not in ours.adapters
+
+
+def test_saved_combination_loads_in_peft(tmp_path: object) -> None:
+    """The combined adapter is an ordinary one: PEFT loads peftdecl's saved folder and gives the same outputs
+    (rsLoRA adapters here, whose combination PEFT itself over-scales)."""
+    if "torch" not in selected_backends():
+        pytest.skip("the torch backend is not selected")
+    extra = {"use_rslora": True}
+    base, theirs = peft_model(extra)
+    ours = ours_from(base, theirs, "torch", extra)
+    ours.add_weighted_adapter(list(CONFIGS), WEIGHTS, "mix", combination_type="cat")
+    ours.save(tmp_path, adapters=["mix"])  # type: ignore[arg-type]
+    folder = tmp_path / "mix" if (tmp_path / "mix").is_dir() else tmp_path  # type: ignore[operator]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder)
+    x = np.random.default_rng(5).standard_normal((4, 12)).astype(np.float32)
+    ours.set_adapter("mix")
+    assert rel_err(run(ours, x), run(loaded, x)) <= TOL
+    theirs.add_weighted_adapter(list(CONFIGS), WEIGHTS, "mix", combination_type="cat")
+    theirs.set_adapter("mix")  # type: ignore[attr-defined]
+    off = rel_err(run(theirs, x) - run(base, x), run(ours, x) - run(base, x))
+    assert off > 0.5  # PEFT's rsLoRA combination is √(Σ r_i)× too large (PEFT #3761)
