@@ -2,10 +2,11 @@
 
 LoRA, per layer with ΔW_i = s_i B_i A_i (A, B flattened to matrices: conv kernels to [r, in·k], embeddings in
 PEFT's B A orientation): ``cat`` stacks A' = [w_i s_i A_i], B' = [B_i] (rank Σ r_i, exactly Σ w_i ΔW_i);
-``svd`` / ``ties_svd`` / ``magnitude_prune_svd`` merge the ΔW_i by that rule and keep the top singular pairs
-(B' = U S, A' = Vᵀ); ``linear`` / ``ties`` / ``magnitude_prune`` merge the A_i with weights sign·√|w_i s_i| and the
-B_i with √|w_i s_i| separately (PEFT's approximation of Σ w_i ΔW_i). The new adapter has r = lora_alpha = its rank
-and targets the union of the targets. IA3: ℓ' = Σ w_i ℓ_i (0 where an adapter does not adapt the layer).
+the ``*_svd`` types (``svd``: plain Σ) merge the ΔW_i by their rule and keep the top singular pairs (B' = U S,
+A' = Vᵀ); ``linear`` / ``ties`` / ``dare_linear`` / ``dare_ties`` / ``magnitude_prune`` merge the A_i with weights
+sign·√|w_i s_i| and the B_i with √|w_i s_i| separately (PEFT's approximation of Σ w_i ΔW_i). The new adapter has
+r = lora_alpha = its rank and targets the union of the targets. IA3: ℓ' = Σ w_i ℓ_i (0 where an adapter does not
+adapt the layer).
 
 Where PEFT is wrong (issue #3761) peftdecl is right or refuses: the factors carry the whole scale, so the new adapter
 has use_rslora = False (PEFT keeps it and over-scales by √r'); DoRA and lora_bias adapters are refused.
@@ -18,18 +19,18 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from peftdecl.combine_math import SIGN_METHODS, combine, truncated_svd_factors
+from peftdecl.combine_math import SIGN_METHODS, KeepMask, combine, truncated_svd_factors
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan, ModelInfo, Plan, compile_plan
 from peftdecl.spec import SpecBase
 
 if TYPE_CHECKING:
-    from peftdecl.backend import Engine
+    from peftdecl.backend import Backend, Engine
 
 SVD_TYPES = ("svd", "ties_svd", "magnitude_prune_svd", "dare_linear_svd", "dare_ties_svd")
 FACTOR_TYPES = ("linear", "ties", "magnitude_prune", "dare_linear", "dare_ties")
 COMBINATION_TYPES = ("cat", *SVD_TYPES, *FACTOR_TYPES)
-DENSITY_TYPES = ("ties", "ties_svd", "magnitude_prune", "magnitude_prune_svd")
+DENSITY_TYPES = tuple(t for t in COMBINATION_TYPES if t not in ("cat", "svd", "linear"))
 LORA_LAYER_TYPES = ("linear", "gpt2_conv1d", "embedding", "conv1d", "conv2d", "conv3d")
 
 
@@ -42,6 +43,8 @@ class Combinable(Protocol):
     def info(self) -> ModelInfo: ...
     @property
     def engine(self) -> Engine: ...
+    @property
+    def backend(self) -> Backend: ...
     def add_adapter(
         self, name: str | None = None, spec: object = None, *, arrays: Mapping[str, np.ndarray] | None = None
     ) -> Plan: ...
@@ -60,10 +63,14 @@ def add_weighted_adapter(
     svd_driver: str | None = None,
     density: float | None = None,
     majority_sign_method: str = "total",
+    *,
+    seed: int = 0,
 ) -> None:
     """Attach ``adapter_name``, the ``combination_type`` combination of ``adapters`` with ``weights`` (frozen,
     not activated, as PEFT). Any refusal is a PeftdeclError naming the argument; the model is then unchanged.
-    ``svd_driver`` (a CUDA solver choice) does not change the result and is accepted for PEFT's signature."""
+    ``svd_driver`` (a CUDA solver choice) does not change the result and is accepted for PEFT's signature.
+    DARE's masks come from torch's global generator on the torch backend (PEFT's masks given the same torch seed
+    and draw order), elsewhere from a NumPy generator seeded with ``seed``."""
     plans = _checked_plans(model, adapters, weights, adapter_name)
     kind = plans[0].kind
     if kind == "ia3":
@@ -79,8 +86,10 @@ def add_weighted_adapter(
             r=rank, lora_alpha=rank, use_rslora=False, alpha_pattern={}, rank_pattern={}
         )
         factors = [model.engine.export(name) for name in adapters]
+        keep_mask = _keep_mask(model, seed)
         arrays = {}
-        for module in _union_targets(plans):
+        targets = set(_union_targets(plans))
+        for module in (m for m in model.info.layers if m in targets):  # model order: PEFT's DARE draw order
             present = [
                 (plan.layer(module), f, w)
                 for plan, f, w in zip(plans, factors, weights, strict=True)
@@ -94,6 +103,7 @@ def add_weighted_adapter(
                     combination_type,
                     density,
                     majority_sign_method,
+                    keep_mask,
                     svd_clamp,
                     svd_full_matrices,
                 )
@@ -159,10 +169,6 @@ def _check_options(
         raise PeftdeclError(
             f"combination_type: expected one of {list(COMBINATION_TYPES)}; got {combination_type!r}"
         )
-    if combination_type.startswith("dare"):
-        raise PeftdeclError(
-            f"combination_type: {combination_type!r} (random DARE pruning) is not implemented yet"
-        )
     if combination_type in DENSITY_TYPES and (density is None or density < 0):
         raise PeftdeclError(f"density: {combination_type!r} needs a density in [0, 1]; got {density!r}")
     if majority_sign_method not in SIGN_METHODS:
@@ -186,6 +192,16 @@ def _new_rank(combination_type: str, ranks: Sequence[int], svd_rank: int | None)
     if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
         raise PeftdeclError(f"svd_rank: expected a positive integer; got {svd_rank!r}")
     return svd_rank or max(ranks)
+
+
+def _keep_mask(model: Combinable, seed: int) -> KeepMask:
+    """DARE's mask source: torch's global generator on the torch backend (as PEFT), else NumPy's from ``seed``."""
+    if model.backend.name == "torch":
+        from peftdecl_torch.dare_masks import keep_mask  # only reached with torch installed
+
+        return keep_mask
+    rng = np.random.default_rng(seed)
+    return lambda shape, density: (rng.random(shape) < density).astype(np.float64)
 
 
 def _union_targets(plans: Sequence[Plan]) -> list[str]:
@@ -263,6 +279,7 @@ def _lora_layer(
     combination_type: str,
     density: float | None,
     majority_sign_method: str,
+    keep_mask: KeepMask,
     svd_clamp: float | None,
     full_matrices: bool,
 ) -> dict[str, np.ndarray]:
@@ -273,14 +290,12 @@ def _lora_layer(
         b = np.concatenate([b for (_, b), _, _ in mats], axis=1)
         return _stored(lp, rank, a, b)
     if combination_type in SVD_TYPES:
-        deltas = [s * (b @ a) for (a, b), s, _ in mats]
-        delta = combine(
-            combination_type.removesuffix("_svd"),
-            deltas,
-            [w for *_, w in mats],
-            density,
-            majority_sign_method,
-        )
+        # PEFT's ΔW of an embedding or a fan_in_fan_out layer is [in, out]: DARE's masks are drawn in that layout
+        flip = lp.layer.type == "embedding" or bool(lp.options.get("fan_in_fan_out"))
+        deltas = [(s * (b @ a)).T if flip else s * (b @ a) for (a, b), s, _ in mats]
+        rule = combination_type.removesuffix("_svd")
+        delta = combine(rule, deltas, [w for *_, w in mats], density, majority_sign_method, keep_mask)
+        delta = delta.T if flip else delta
         if rank > min(delta.shape):
             raise PeftdeclError(
                 f"svd_rank: {rank} exceeds what {module} allows (its ΔW is {delta.shape[0]}×{delta.shape[1]})"
@@ -293,6 +308,7 @@ def _lora_layer(
     weights_a = [float(np.sign(x) or 1.0) * np.sqrt(abs(x)) for x in scaled]
     weights_b = [np.sqrt(abs(x)) for x in scaled]
     # PEFT merges the factors as stored (conv kernels unflattened); the rules are elementwise or over all entries
-    a = combine(combination_type, [a for (a, _), _, _ in mats], weights_a, density, majority_sign_method)
-    b = combine(combination_type, [b for (_, b), _, _ in mats], weights_b, density, majority_sign_method)
+    a_list, b_list = [a for (a, _), _, _ in mats], [b for (_, b), _, _ in mats]
+    a = combine(combination_type, a_list, weights_a, density, majority_sign_method, keep_mask)
+    b = combine(combination_type, b_list, weights_b, density, majority_sign_method, keep_mask)
     return _stored(lp, rank, a, b)

@@ -3,16 +3,20 @@
 Each rule maps tensors t_i of one shape and weights w_i to one tensor: task arithmetic Σ w_i t_i; magnitude
 pruning keeps the k = ⌊density · numel⌋ largest |t_i| before summing; TIES prunes the same way, keeps only the
 entries whose sign agrees with the elected sign of Σ t_i ("total") or Σ sign(t_i) ("frequency"), and averages
-the kept w_i t_i over how many were kept.
+the kept w_i t_i over how many were kept. DARE keeps each entry with probability ``density`` (a Bernoulli mask
+from a ``KeepMask``) and divides by ``density``, then sums (``dare_linear``) or merges as TIES (``dare_ties``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 SIGN_METHODS = ("total", "frequency")
+
+KeepMask = Callable[[tuple[int, ...], float], np.ndarray]
+"""(shape, density) -> a 0/1 array of that shape, each entry 1 with probability ``density``."""
 
 
 def task_arithmetic(tensors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -38,12 +42,26 @@ def magnitude_prune(tensors: Sequence[np.ndarray], weights: Sequence[float], den
     return task_arithmetic([magnitude_pruned(t, density) for t in tensors], weights)
 
 
+def dare_pruned(tensor: np.ndarray, density: float, keep_mask: KeepMask) -> np.ndarray:
+    """``tensor`` ⊙ m / density, m ~ Bernoulli(density) (kept whole, and nothing drawn, at density ≥ 1, as PEFT)."""
+    if density >= 1:
+        return tensor
+    return tensor * keep_mask(tensor.shape, density) / density
+
+
 def ties(
     tensors: Sequence[np.ndarray], weights: Sequence[float], density: float, majority_sign_method: str
 ) -> np.ndarray:
-    """TIES: prune, elect a sign per entry (from the unweighted pruned tensors), then average the weighted
-    entries that carry that sign: Σ_i [sign t_i = s] w_i t_i / max(1, #{i: sign t_i = s})."""
-    stacked = np.stack([magnitude_pruned(t, density) for t in tensors])
+    """TIES: magnitude-prune, then :func:`disjoint_merge`."""
+    return disjoint_merge([magnitude_pruned(t, density) for t in tensors], weights, majority_sign_method)
+
+
+def disjoint_merge(
+    pruned: Sequence[np.ndarray], weights: Sequence[float], majority_sign_method: str
+) -> np.ndarray:
+    """Elect a sign per entry (from the unweighted pruned tensors), then average the weighted entries that carry
+    that sign: Σ_i [sign t_i = s] w_i t_i / max(1, #{i: sign t_i = s})."""
+    stacked = np.stack(pruned)
     signs = np.sign(stacked)
     votes = stacked.sum(axis=0) if majority_sign_method == "total" else signs.sum(axis=0)
     elected = np.where(votes >= 0, 1.0, -1.0)
@@ -58,8 +76,10 @@ def combine(
     weights: Sequence[float],
     density: float | None,
     majority_sign_method: str,
+    keep_mask: KeepMask | None = None,
 ) -> np.ndarray:
-    """Apply the rule named by a combination type with its ``_svd`` suffix removed."""
+    """Apply the rule named by a combination type with its ``_svd`` suffix removed (DARE draws its masks from
+    ``keep_mask``, one tensor after another)."""
     if rule in ("linear", "svd"):
         return task_arithmetic(tensors, weights)
     assert density is not None  # checked by the caller, naming the argument
@@ -67,6 +87,11 @@ def combine(
         return ties(tensors, weights, density, majority_sign_method)
     if rule == "magnitude_prune":
         return magnitude_prune(tensors, weights, density)
+    if rule in ("dare_linear", "dare_ties") and keep_mask is not None:
+        pruned = [dare_pruned(t, density, keep_mask) for t in tensors]
+        if rule == "dare_linear":
+            return task_arithmetic(pruned, weights)
+        return disjoint_merge(pruned, weights, majority_sign_method)
     raise ValueError(f"no merging rule {rule!r}")
 
 

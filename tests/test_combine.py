@@ -199,7 +199,7 @@ def test_ia3_weighted_vectors_equal_peft() -> None:
             {"combination_type": "ties", "density": 0.5, "majority_sign_method": "mean"},
             "majority",
         ),
-        (["t1", "t2"], {"combination_type": "dare_linear", "density": 0.5}, "combination_type"),
+        (["t1", "t2"], {"combination_type": "dare_linear"}, "density"),
         (["t1", "missing"], {}, "adapters"),
         (["t1", "r8"], {"combination_type": "linear"}, "adapters"),  # linear needs one rank
         (["t1", "dora"], {}, "adapters"),
@@ -337,3 +337,65 @@ def test_saved_combination_loads_in_peft(tmp_path: object) -> None:
     theirs.set_adapter("mix")  # type: ignore[attr-defined]
     off = rel_err(run(theirs, x) - run(base, x), run(ours, x) - run(base, x))
     assert off > 0.5  # PEFT's rsLoRA combination is √(Σ r_i)× too large (PEFT #3761)
+
+
+@pytest.mark.parametrize("rule", ["dare_linear", "dare_ties"])
+def test_dare_rule_equals_peft_given_the_torch_seed(rule: str) -> None:
+    """The masks come from torch's global generator in PEFT's order: PEFT's merge_utils rule, same seed, same result."""
+    from peft.utils import merge_utils
+
+    from peftdecl.combine_math import combine
+    from peftdecl_torch.dare_masks import keep_mask
+
+    tensors = [torch.randn(6, 9) for _ in range(3)]
+    weights = [0.5, -1.2, 0.9]
+    torch.manual_seed(11)
+    expected = getattr(merge_utils, rule)(tensors, torch.tensor(weights), 0.4).double().numpy()
+    torch.manual_seed(11)
+    got = combine(rule, [t.double().numpy() for t in tensors], weights, 0.4, "total", keep_mask)
+    assert rel_err(got, expected) <= 1e-6  # same masks; float32 (PEFT) against float64 sums
+
+
+@pytest.mark.parametrize("kind", ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"])
+def test_dare_on_torch_equals_peft_given_the_torch_seed(kind: str) -> None:
+    """Same torch seed before the call: PEFT first draws its new adapter's nn.Linear initialisations (layer by layer,
+    A then B), then the masks; after the same initialisation draws here, peftdecl's masks are PEFT's."""
+    if "torch" not in selected_backends():
+        pytest.skip("the torch backend is not selected")
+    base, theirs = peft_model()
+    ours = ours_from(base, theirs, "torch")
+    names = ["t1", "t2"]
+    torch.manual_seed(21)
+    theirs.add_weighted_adapter(names, [0.7, -0.4], "dare", combination_type=kind, density=0.5)
+    torch.manual_seed(21)
+    for module in MODULES:  # the draws of PEFT's injection of the new rank-4 adapter
+        layer = getattr(base, module)
+        torch.nn.Linear(layer.in_features, 4, bias=False), torch.nn.Linear(4, layer.out_features, bias=False)
+    ours.add_weighted_adapter(names, [0.7, -0.4], "dare", combination_type=kind, density=0.5)
+    got, expected = ours.engine.export("dare"), peft_factors(theirs, "dare")
+    for module in MODULES:
+        if kind.endswith("svd"):
+            assert rel_err(delta(got, module), delta(expected, module)) <= TOL, module
+        else:
+            for key in (f"{module}.lora_A.weight", f"{module}.lora_B.weight"):
+                assert rel_err(got[key], expected[key]) <= TOL, key
+
+
+def test_dare_is_unbiased_on_numpy() -> None:
+    """NumPy's masks (seeded): the mean of dare_linear's B over seeds tends to linear's B (E[m / density] = 1),
+    while one draw is far from it."""
+    state = {k: v.detach().double().numpy() for k, v in MLP().state_dict().items()}
+    ours = peftdecl.attach(state, {"peft_type": "LORA", **lora_config("t1")}, "t1", "numpy", seed=1)
+    ours.add_adapter("t2", {"peft_type": "LORA", **lora_config("t2")}, seed=2)
+    ours.add_weighted_adapter(["t1", "t2"], [0.7, 0.4], "lin", combination_type="linear")
+    key = "lin1.lora_B.weight"
+    draws = []
+    for seed in range(200):
+        ours.add_weighted_adapter(
+            ["t1", "t2"], [0.7, 0.4], "d", combination_type="dare_linear", density=0.3, seed=seed
+        )
+        draws.append(ours.engine.export("d")[key])
+        ours.delete_adapter("d")
+    linear = ours.engine.export("lin")[key]
+    assert rel_err(np.mean(draws, axis=0), linear) <= 0.15  # Monte Carlo: ~1/√200 relative spread per entry
+    assert rel_err(draws[0], linear) > 0.3  # one draw is far from it: the masks are random
