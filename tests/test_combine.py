@@ -399,3 +399,27 @@ def test_dare_is_unbiased_on_numpy() -> None:
     linear = ours.engine.export("lin")[key]
     assert rel_err(np.mean(draws, axis=0), linear) <= 0.15  # Monte Carlo: ~1/√200 relative spread per entry
     assert rel_err(draws[0], linear) > 0.3  # one draw is far from it: the masks are random
+
+
+@pytest.mark.parametrize("kind", ["cat", "svd", "ties"])
+def test_mlx_backend_equals_the_numpy_reference(kind: str) -> None:
+    """The same adapters on MLX (float32) and on the NumPy reference: the same combination and outputs."""
+    if "mlx" not in selected_backends():
+        pytest.skip("the mlx backend is not selected")
+    from tests.mlx_models import mlx_mlp, mx
+
+    model, state = mlx_mlp()
+    specs = {n: {"peft_type": "LORA", **lora_config(n)} for n in CONFIGS}
+    reference = peftdecl.attach(state, specs["t1"], "init", "numpy")
+    ours = peftdecl.attach(model, specs["t1"], "init", "mlx")
+    for seed, name in enumerate(CONFIGS, start=1):
+        reference.add_adapter(name, specs[name], seed=seed)
+        ours.add_adapter(name, specs[name], arrays=reference.engine.export(name))
+    for adapted in (reference, ours):
+        adapted.add_weighted_adapter(list(CONFIGS), WEIGHTS, "mix", combination_type=kind, density=0.5)
+        adapted.set_adapter("mix")
+    x = np.random.default_rng(6).standard_normal((3, 12)).astype(np.float32)
+    for module in MODULES:
+        got, expected = ours.engine.export("mix"), reference.engine.export("mix")
+        assert rel_err(delta(got, module), delta(expected, module)) <= 1e-5, module  # float32 inputs on MLX
+    assert rel_err(np.array(ours(mx.array(x))), run(reference, x, "numpy")) <= 1e-5  # float32 forward
