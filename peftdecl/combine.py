@@ -196,10 +196,10 @@ def _new_rank(combination_type: str, ranks: Sequence[int], svd_rank: int | None)
 
 def _keep_mask(model: Combinable, seed: int) -> KeepMask:
     """DARE's mask source: torch's global generator on the torch backend (as PEFT), else NumPy's from ``seed``."""
-    if model.backend.name == "torch":
-        from peftdecl_torch.dare_masks import keep_mask  # only reached with torch installed
-
-        return keep_mask
+    backend_mask = getattr(model.backend, "dare_keep_mask", None)
+    if backend_mask is not None:  # torch: PEFT's draw from torch's global generator
+        mask: KeepMask = backend_mask()
+        return mask
     rng = np.random.default_rng(seed)
     return lambda shape, density: (rng.random(shape) < density).astype(np.float64)
 

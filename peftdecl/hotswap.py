@@ -158,9 +158,8 @@ def hotswap_adapter(model: AdaptedModel, directory: str | Path, adapter_name: st
     values = {
         lp.module: swapped_arrays(lp, new_layers.get(lp.module), arrays, prepared) for lp in plan.layers
     }
-    if model.backend.name == "torch":
-        from peftdecl_torch.hotswap import write_in_place  # only reached with torch installed
-
+    write_in_place = getattr(model.backend, "write_adapter_in_place", None)
+    if write_in_place is not None:  # torch: the live parameters keep their identity
         write_in_place(model.engine, adapter_name, values)
         return
     # NumPy / MLX arrays: the adapter's arrays are rebuilt with the same plan (MLX arrays are immutable anyway)

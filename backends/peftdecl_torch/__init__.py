@@ -6,6 +6,7 @@ torch is imported when the backend builds an inventory or an engine.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from peftdecl.plan import LAYER_TYPES, ModelInfo
 from peftdecl.train.runtime import TrainingFromModules
 
 if TYPE_CHECKING:
+    import numpy as np
     from torch import nn
 
     from peftdecl_torch.engine import TorchEngine
@@ -78,6 +80,20 @@ class TorchBackend(TrainingFromModules):
 
         check_options(model_options)
         return TorchEngine(model, info, book, options, **model_options)
+
+    def write_adapter_in_place(
+        self, engine: TorchEngine, name: str, values: Mapping[str, Mapping[str, np.ndarray]]
+    ) -> None:
+        """Hot-swap: copy ``values`` (module -> tensor -> array) into adapter ``name``'s live parameters."""
+        from peftdecl_torch.hotswap import write_in_place
+
+        write_in_place(engine, name, values)
+
+    def dare_keep_mask(self) -> Callable[[tuple[int, ...], float], np.ndarray]:
+        """DARE's keep mask drawn from torch's global generator, as HF PEFT draws it."""
+        from peftdecl_torch.dare_masks import keep_mask
+
+        return keep_mask
 
     def load_checkpoint(self, directory: str | Path) -> nn.Module:
         """A transformers causal LM from a local HF checkpoint folder, float32, in eval mode (``peftdecl equiv``)."""
