@@ -18,6 +18,9 @@ from peftdecl.errors import PeftdeclError
 from tests.conftest import selected_backends
 
 torch = pytest.importorskip("torch")
+
+from tests.torch_mlp import Mlp, torch_mlp  # noqa: E402
+
 peft = pytest.importorskip("peft")
 from peft.utils.hotswap import hotswap_adapter as peft_hotswap  # noqa: E402
 from peft.utils.hotswap import prepare_model_for_compiled_hotswap  # noqa: E402
@@ -29,19 +32,8 @@ if "torch" not in selected_backends():
 TOL = 1e-6  # float32 outputs of the same function, computed in a different order (s folded into B)
 
 
-class MLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = torch.nn.Linear(12, 16)
-        self.lin1 = torch.nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin1(torch.relu(self.lin0(x)))
-
-
-def base(seed: int = 0) -> MLP:
-    torch.manual_seed(seed)
-    return MLP().eval()
+def base(seed: int = 0) -> Mlp:
+    return torch_mlp(seed).eval()
 
 
 def save_peft(folder: Path, seed: int, **config: object) -> Path:

@@ -27,6 +27,9 @@ from peftdecl.spec import load_spec
 from tests.conftest import rel_err, selected_backends
 
 torch = pytest.importorskip("torch")
+
+from tests.torch_mlp import Mlp, torch_mlp  # noqa: E402
+
 peft = pytest.importorskip("peft")
 corda = pytest.importorskip("peft.tuners.lora.corda")
 
@@ -37,19 +40,8 @@ FACTOR_TOL = 1e-4  # A, B: float32 SVD of W·C' (PEFT) against float64, signs al
 TOL = 1e-5  # residual weights and outputs (float32 models)
 
 
-class MLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = torch.nn.Linear(12, 16)
-        self.lin1 = torch.nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin1(torch.relu(self.lin0(x)))
-
-
-def base_model(seed: int = 0) -> MLP:
-    torch.manual_seed(seed)
-    return MLP()
+def base_model(seed: int = 0) -> Mlp:
+    return torch_mlp(seed)
 
 
 # rows of 12 features; the last call is a (1, sequence, features) batch of one, which PEFT squeezes to 2-D
@@ -345,15 +337,9 @@ def test_mlx_backend_equals_the_numpy_reference() -> None:
     spec = {"peft_type": "LORA", **config("kpm")}
     peftdecl.preprocess_corda(state, spec, covariances=covariances)
     reference = peftdecl.attach(state, spec, backend="numpy")
-    mlx_nn = pytest.importorskip("mlx.nn")
+    from tests.mlx_models import mlx_mlp
 
-    class MlxMLP(mlx_nn.Module):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin0 = mlx_nn.Linear(12, 16)
-            self.lin1 = mlx_nn.Linear(16, 10)
-
-    model = MlxMLP()
+    model, _ = mlx_mlp()
     model.load_weights([(k, mx.array(v.astype(np.float32))) for k, v in state.items()])
     ours = peftdecl.attach(model, {"peft_type": "LORA", "r": 2, "target_modules": ["lin0"]}, backend="mlx")
     peftdecl.preprocess_corda(ours, spec, covariances=covariances)

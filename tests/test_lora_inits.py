@@ -26,6 +26,9 @@ from peftdecl.lora_init import pissa_factors, randomized_svd
 from tests.conftest import rel_err, selected_backends
 
 torch = pytest.importorskip("torch")
+
+from tests.torch_mlp import Mlp, torch_mlp  # noqa: E402
+
 peft = pytest.importorskip("peft")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,19 +37,8 @@ TOL = 1e-5  # float32 SVD/QR in PEFT against float64 here: singular vectors agre
 TARGETS = ["lin0", "lin1"]
 
 
-class MLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = torch.nn.Linear(12, 16)
-        self.lin1 = torch.nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin1(torch.relu(self.lin0(x)))
-
-
-def base_model(seed: int = 0) -> MLP:
-    torch.manual_seed(seed)
-    return MLP()
+def base_model(seed: int = 0) -> Mlp:
+    return torch_mlp(seed)
 
 
 def config(init: str, r: int = 4, **extra: object) -> dict[str, object]:
