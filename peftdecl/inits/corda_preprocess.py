@@ -9,6 +9,7 @@ already adapted model, ``adapted.add_adapter(name, spec)``). The covariances are
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,9 +34,8 @@ def _model_parts(model: object) -> tuple[object, ModelInfo, Callable[[str], np.n
     backend = backend_for(model)
     info = backend.inventory(model)
     if backend.name == "torch":
-        from peftdecl_torch.calibration import ir_weight
-
-        return model, info, lambda module: ir_weight(model, module), True  # type: ignore[arg-type]
+        ir_weight = _torch_calibration().ir_weight
+        return model, info, lambda module: ir_weight(model, module), True
     if isinstance(model, Mapping):
         return model, info, lambda module: np.asarray(model[f"{module}.weight"], dtype=np.float64), False
     raise BackendError(
@@ -84,9 +84,13 @@ def preprocess_corda(
     return eigens
 
 
+TORCH_CALIBRATION = "peftdecl_torch.calibration"
+"""Where the torch backend records covariances and reads/writes PEFT's cache and covariance files (torch files)."""
+
+
 def _torch_calibration() -> Any:
-    try:
-        from peftdecl_torch import calibration
+    try:  # by name: the core names no framework package in its imports
+        calibration = importlib.import_module(TORCH_CALIBRATION)
     except ImportError as exc:
         raise BackendError(
             f"CorDA's cache and covariance files are torch files; torch is needed: {exc}"
