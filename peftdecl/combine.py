@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from peftdecl.combine_math import SIGN_METHODS, KeepMask, combine, truncated_svd_factors
+from peftdecl.combine_math import (
+    SIGN_METHODS,
+    KeepMask,
+    combine,
+    low_rank_svd_factors,
+    truncated_svd_factors,
+)
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan, ModelInfo, Plan, compile_plan
 from peftdecl.spec import SpecBase
@@ -285,23 +291,41 @@ def _lora_layer(
 ) -> dict[str, np.ndarray]:
     lp = present[0][0]
     mats = [(_matrices(layer, p), layer.scaling, w) for layer, p, w in present]
+    if combination_type in FACTOR_TYPES:
+        a, b = _merged_factors(module, mats, rank, combination_type, density, majority_sign_method, keep_mask)
+        return _stored(lp, rank, a, b)
+    # B' = [B_i], A' = [w_i s_i A_i]: B' A' = Σ w_i ΔW_i exactly, of rank ≤ Σ r_i
+    a_cat = np.concatenate([w * s * a for (a, _), s, w in mats])
+    b_cat = np.concatenate([b for (_, b), _, _ in mats], axis=1)
     if combination_type == "cat":
-        a = np.concatenate([w * s * a for (a, _), s, w in mats])
-        b = np.concatenate([b for (_, b), _, _ in mats], axis=1)
+        return _stored(lp, rank, a_cat, b_cat)
+    if rank > min(b_cat.shape[0], a_cat.shape[1]):
+        raise PeftdeclError(
+            f"svd_rank: {rank} exceeds what {module} allows (its ΔW is {b_cat.shape[0]}×{a_cat.shape[1]})"
+        )
+    if combination_type == "svd" and svd_clamp is None and rank <= a_cat.shape[0]:
+        # the SVD of the small core instead of ΔW's (same B A); the clamp's quantile depends on the pairs' signs
+        b, a = low_rank_svd_factors(b_cat, a_cat, rank)
         return _stored(lp, rank, a, b)
-    if combination_type in SVD_TYPES:
-        # PEFT's ΔW of an embedding or a fan_in_fan_out layer is [in, out]: DARE's masks are drawn in that layout
-        flip = lp.layer.type == "embedding" or bool(lp.options.get("fan_in_fan_out"))
-        deltas = [(s * (b @ a)).T if flip else s * (b @ a) for (a, b), s, _ in mats]
-        rule = combination_type.removesuffix("_svd")
-        delta = combine(rule, deltas, [w for *_, w in mats], density, majority_sign_method, keep_mask)
-        delta = delta.T if flip else delta
-        if rank > min(delta.shape):
-            raise PeftdeclError(
-                f"svd_rank: {rank} exceeds what {module} allows (its ΔW is {delta.shape[0]}×{delta.shape[1]})"
-            )
-        b, a = truncated_svd_factors(delta, rank, svd_clamp, full_matrices)
-        return _stored(lp, rank, a, b)
+    # PEFT's ΔW of an embedding or a fan_in_fan_out layer is [in, out]: DARE's masks are drawn in that layout
+    flip = lp.layer.type == "embedding" or bool(lp.options.get("fan_in_fan_out"))
+    deltas = [(s * (b @ a)).T if flip else s * (b @ a) for (a, b), s, _ in mats]
+    rule = combination_type.removesuffix("_svd")
+    delta = combine(rule, deltas, [w for *_, w in mats], density, majority_sign_method, keep_mask)
+    b, a = truncated_svd_factors(delta.T if flip else delta, rank, svd_clamp, full_matrices)
+    return _stored(lp, rank, a, b)
+
+
+def _merged_factors(
+    module: str,
+    mats: Sequence[tuple[tuple[np.ndarray, np.ndarray], float, float]],
+    rank: int,
+    combination_type: str,
+    density: float | None,
+    majority_sign_method: str,
+    keep_mask: KeepMask,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(A', B'): the rule applied to the A_i with weights sign·√|w_i s_i| and to the B_i with √|w_i s_i|."""
     if any(a.shape[0] != rank for (a, _), _, _ in mats):
         raise PeftdeclError(f"adapters: combination_type {combination_type!r} needs one rank at {module}")
     scaled = [w * s for _, s, w in mats]
@@ -311,4 +335,4 @@ def _lora_layer(
     a_list, b_list = [a for (a, _), _, _ in mats], [b for (_, b), _, _ in mats]
     a = combine(combination_type, a_list, weights_a, density, majority_sign_method, keep_mask)
     b = combine(combination_type, b_list, weights_b, density, majority_sign_method, keep_mask)
-    return _stored(lp, rank, a, b)
+    return a, b

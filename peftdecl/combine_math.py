@@ -106,3 +106,15 @@ def truncated_svd_factors(
         high = float(np.quantile(np.concatenate([b.reshape(-1), a.reshape(-1)]), clamp))
         b, a = np.clip(b, -high, high), np.clip(a, -high, high)
     return b, a
+
+
+def low_rank_svd_factors(b_cat: np.ndarray, a_cat: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rank-``rank`` truncated SVD of ΔW = B' A' (B' [out, R], A' [R, in]) without forming ΔW: with thin QRs
+    B' = Q_b R_b and A'ᵀ = Q_a R_a, ΔW = Q_b (R_b R_aᵀ) Q_aᵀ, so the SVD U_s S V_sᵀ of the small core gives U = Q_b U_s,
+    V = Q_a V_s. Returns (B = U_r S_r, A = V_rᵀ) as :func:`truncated_svd_factors` does, exact up to rounding
+    (O((out + in) R²) instead of O(out · in · min(out, in))); each pair's sign is LAPACK's choice on the core.
+    Needs rank ≤ the core's smaller side, min(out, R) by min(in, R)."""
+    q_b, r_b = np.linalg.qr(b_cat)
+    q_a, r_a = np.linalg.qr(a_cat.T)
+    u, s, vh = np.linalg.svd(r_b @ r_a.T)
+    return (q_b @ u[:, :rank]) * s[:rank], vh[:rank] @ q_a.T

@@ -162,6 +162,40 @@ def test_cat_is_exact_weighted_sum() -> None:
                 )  # float32 storage
 
 
+@pytest.mark.parametrize(("svd_rank", "full_matrices"), [(None, False), (10, True)])
+def test_svd_rank_and_full_matrices_equal_peft(svd_rank: int | None, full_matrices: bool) -> None:
+    """svd_full_matrices changes only PEFT's intermediate U, Vh: its B A is the same either way. svd_rank 10 is below
+    lin0's Σ r_i = 12 (peftdecl's SVD of the small core) and above lin1's 8 (its full SVD of ΔW, whose trailing
+    singular pairs are LAPACK's arbitrary completion: only B A is compared)."""
+    base, theirs = peft_model()
+    options = {"combination_type": "svd", "svd_rank": svd_rank}
+    theirs.add_weighted_adapter(list(CONFIGS), WEIGHTS, "full", svd_full_matrices=True, **options)
+    theirs.add_weighted_adapter(list(CONFIGS), WEIGHTS, "thin", svd_full_matrices=False, **options)
+    full, thin = peft_factors(theirs, "full"), peft_factors(theirs, "thin")
+    for module in MODULES:
+        assert rel_err(delta(thin, module), delta(full, module)) <= TOL, module  # float32 LAPACK twice
+    for backend in [b for b in ("torch", "numpy") if b in selected_backends()]:
+        ours = ours_from(base, theirs, backend)
+        ours.add_weighted_adapter(list(CONFIGS), WEIGHTS, "mix", svd_full_matrices=full_matrices, **options)
+        got = ours.engine.export("mix")
+        for module in MODULES:
+            assert rel_err(delta(got, module), delta(full, module)) <= TOL, (backend, module)
+
+
+def test_low_rank_svd_equals_the_truncated_svd_of_the_product() -> None:
+    """The core SVD's factors against NumPy's SVD of B' A' formed in float64: same B A, orthonormal rows of A."""
+    from peftdecl.combine_math import low_rank_svd_factors
+
+    rng = np.random.default_rng(7)
+    b_cat, a_cat = rng.standard_normal((40, 12)), rng.standard_normal((12, 30))
+    for rank in (1, 5, 12):
+        b, a = low_rank_svd_factors(b_cat, a_cat, rank)
+        u, s, vh = np.linalg.svd(b_cat @ a_cat)
+        assert rel_err(b @ a, (u[:, :rank] * s[:rank]) @ vh[:rank]) <= 1e-12, rank  # float64 rounding
+        assert rel_err(np.linalg.norm(b, axis=0), s[:rank]) <= 1e-12, rank
+        assert np.abs(a @ a.T - np.eye(rank)).max() <= 1e-12, rank
+
+
 def test_ia3_weighted_vectors_equal_peft() -> None:
     torch.manual_seed(0)
     base = MLP()
@@ -297,15 +331,20 @@ def test_embedding_and_conv_layers_equal_peft(kind: str) -> None:
 
 
 def test_svd_clamp_clips_to_the_quantile_as_torch_does() -> None:
-    """svd_clamp: B' and A' clipped to ±q, q the clamp quantile of all their entries (torch.quantile here)."""
+    """svd_clamp: B' and A' clipped to ±q, q the clamp quantile of all their entries (torch.quantile here), B' A'
+    the truncated SVD of Σ w_i s_i B_i A_i taken here with NumPy's LAPACK (the signs of its pairs matter)."""
     state = {k: v.detach().double().numpy() for k, v in MLP().state_dict().items()}
     ours = peftdecl.attach(state, {"peft_type": "LORA", **lora_config("t1")}, "t1", "numpy", seed=1)
     ours.add_adapter("t2", {"peft_type": "LORA", **lora_config("t2")}, seed=2)
-    ours.add_weighted_adapter(["t1", "t2"], [1.0, 0.5], "plain", combination_type="svd")
     ours.add_weighted_adapter(["t1", "t2"], [1.0, 0.5], "clamped", combination_type="svd", svd_clamp=0.8)
-    plain, clamped = ours.engine.export("plain"), ours.engine.export("clamped")
+    clamped = ours.engine.export("clamped")
     for module in MODULES:
-        a, b = (torch.from_numpy(plain[f"{module}.lora_{x}.weight"]) for x in "AB")
+        total = sum(  # scalings alpha / r: 8 / 4 and 16 / 4
+            w * s * delta(ours.engine.export(name), module)
+            for name, w, s in (("t1", 1.0, 2.0), ("t2", 0.5, 4.0))
+        )
+        u, sv, vh = np.linalg.svd(total)
+        a, b = torch.from_numpy(vh[:4]), torch.from_numpy(u[:, :4] * sv[:4])
         high = torch.quantile(torch.cat([b.flatten(), a.flatten()]), 0.8)
         for x, tensor in (("A", a), ("B", b)):
             expected = tensor.clamp(-high, high).numpy()
