@@ -9,8 +9,9 @@ unchanged, and adapters of any rank ≤ target_rank then fit the same tensors. W
 s into a tensor, peftdecl keeps the prepared scaling s₀ as a constant and writes B·(s/s₀) (and the B bias likewise):
 s₀·(B s/s₀)·A = s·B A, so adapters of other alphas swap in without the compiled graph seeing a new constant.
 The attached plan (and spec) stay the prepared ones, so ``save`` writes an adapter with the swapped-in function.
-On torch the values are copied into the live tensors; the NumPy and MLX engines rebuild the adapter's arrays with
-the same plan (same keys and shapes, new array objects).
+On torch the values are copied into the live tensors and on MLX new arrays take the old ones' slots (so
+``torch.compile`` / ``mx.compile`` neither recompile nor retrace); the NumPy engine rebuilds the adapter's arrays
+with the same plan (same keys and shapes, new array objects).
 """
 
 from __future__ import annotations
@@ -159,10 +160,10 @@ def hotswap_adapter(model: AdaptedModel, directory: str | Path, adapter_name: st
         lp.module: swapped_arrays(lp, new_layers.get(lp.module), arrays, prepared) for lp in plan.layers
     }
     write_in_place = getattr(model.backend, "write_adapter_in_place", None)
-    if write_in_place is not None:  # torch: the live parameters keep their identity
+    if write_in_place is not None:  # torch, MLX: the live parameters (MLX: their slots) stay where they are
         write_in_place(model.engine, adapter_name, values)
         return
-    # NumPy / MLX arrays: the adapter's arrays are rebuilt with the same plan (MLX arrays are immutable anyway)
+    # NumPy: the adapter's arrays are rebuilt with the same plan
     current = model.state_dict(adapter_name)
     for module, arrays in values.items():
         for tensor, value in arrays.items():

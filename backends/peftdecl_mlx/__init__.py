@@ -18,7 +18,10 @@ from peftdecl.plan import ModelInfo
 from peftdecl.train.runtime import TrainingFromModules
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import mlx.nn as nn
+    import numpy as np
 
     from peftdecl_mlx.engine import MlxEngine
 
@@ -79,6 +82,15 @@ class MlxBackend(TrainingFromModules):
 
         check_options(model_options)
         return MlxEngine(model, info, book, options, **model_options)
+
+    def write_adapter_in_place(
+        self, engine: MlxEngine, name: str, values: Mapping[str, Mapping[str, np.ndarray]]
+    ) -> None:
+        """Hot-swap: adapter ``name``'s arrays take their old slots (module -> tensor -> array), so ``mx.compile``
+        does not retrace."""
+        from peftdecl_mlx.hotswap import write_in_place
+
+        write_in_place(engine, name, values)
 
     def load_checkpoint(self, directory: str | Path) -> nn.Module:
         """An mlx-lm model loaded from a local HF checkpoint folder (used by ``peftdecl equiv``)."""
