@@ -195,6 +195,9 @@ def render_all(registered: bool = False) -> dict[str, str]:
     from peftdecl.train.config import SCHEMA_FILE, train_schema
 
     files[SCHEMA_FILE] = train_schema()  # the training file's, whose inline adapter refers to UNION_FILE
+    from peftdecl.recipe import RECIPE_SCHEMA_FILE, recipe_schema
+
+    files[RECIPE_SCHEMA_FILE] = recipe_schema()  # peftdecl combine's merge recipe
     return {name: json.dumps(schema, indent=2, ensure_ascii=False) + "\n" for name, schema in files.items()}
 
 
