@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
+from peftdecl.cli_combine import add_combine_command
 from peftdecl.cli_model import add_model_commands
 from peftdecl.errors import PeftdeclError, SpecError
 
@@ -24,6 +25,7 @@ NumberT = TypeVar("NumberT", int, float)
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from peftdecl.recipe import is_recipe, recipe_summary
     from peftdecl.spec import load_spec
     from peftdecl.train.load import is_train_file, load_train_file, read_train_data, resolve_adapter_spec
     from peftdecl.train.mlx_lm_config import is_mlx_lm_config
@@ -33,6 +35,9 @@ def _validate(args: argparse.Namespace) -> int:
         path = Path(name)
         try:
             data = _train_data(path, read_train_data)
+            if is_recipe(data):
+                print(f"{name}: ok ({recipe_summary(path.absolute())})")
+                continue
             if data is not None and is_train_file(data):
                 # a training file (or an mlx_lm.lora config): the file, then the adapter spec it names
                 spec = resolve_adapter_spec(load_train_file(path.absolute()))
@@ -156,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="peftdecl", description="Declarative PEFT adapters, HF PEFT compatible.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    validate = sub.add_parser("validate", help="check spec or training files (JSON/YAML/adapter_config.json)")
+    validate = sub.add_parser(
+        "validate", help="check spec, training or recipe files (JSON/YAML/adapter_config.json)"
+    )
     validate.add_argument("files", nargs="+", help="spec files or adapter folders")
     validate.set_defaults(run=_validate)
 
@@ -205,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     equiv.add_argument("--seq-len", type=_int_in(1, MAX_SEQ_LEN), default=6)
     equiv.set_defaults(run=_equiv)
     add_model_commands(sub)
+    add_combine_command(sub)
     return parser
 
 

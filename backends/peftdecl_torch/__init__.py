@@ -95,6 +95,12 @@ class TorchBackend(TrainingFromModules):
 
         return keep_mask
 
+    def seed_dare(self, seed: int) -> None:
+        """Seed torch's global generator, which add_weighted_adapter's DARE masks draw from (a recipe's seed)."""
+        import torch
+
+        torch.manual_seed(seed)
+
     def load_checkpoint(self, directory: str | Path) -> nn.Module:
         """A transformers causal LM from a local HF checkpoint folder, float32, in eval mode (``peftdecl equiv``)."""
         from peftdecl_torch.inventory import load_checkpoint
