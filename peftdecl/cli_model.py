@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import cast
 
+from peftdecl.cli_export import add_export_command
 from peftdecl.cli_quantize import add_quantize_command
 from peftdecl.errors import PeftdeclError
 
@@ -50,6 +51,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
         help="a quantised base is written as float weights (default: re-quantised, as it was loaded)",
     )
     merge.set_defaults(run=_merge)
+    add_export_command(sub)
 
     generate = sub.add_parser("generate", help="greedy generation from a model, optionally with an adapter")
     generate.add_argument("--model", required=True, type=Path, help="base model folder (HF checkpoint)")

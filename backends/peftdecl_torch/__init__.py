@@ -6,7 +6,7 @@ torch is imported when the backend builds an inventory or an engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import numpy as np
     from torch import nn
 
+    from peftdecl.model import AdaptedModel
     from peftdecl_torch.engine import TorchEngine
 
 # every kind that declares torch ops, on every IR layer type it adapts (read live from peftdecl.kinds)
@@ -89,17 +90,28 @@ class TorchBackend(TrainingFromModules):
 
         write_in_place(engine, name, values)
 
-    def dare_keep_mask(self) -> Callable[[tuple[int, ...], float], np.ndarray]:
-        """DARE's keep mask drawn from torch's global generator, as HF PEFT draws it."""
-        from peftdecl_torch.dare_masks import keep_mask
+    def dare_keep_masks(
+        self, engine: TorchEngine, adapters: Sequence[str]
+    ) -> Callable[[str], Callable[[tuple[int, ...], float], np.ndarray]]:
+        """module -> DARE's keep-mask source: torch's global generator on the device and in the dtype of the
+        layer's adapter tensors, as HF PEFT draws it."""
+        from peftdecl_torch.dare_masks import layer_keep_masks
 
-        return keep_mask
+        return layer_keep_masks(engine, adapters)
 
     def seed_dare(self, seed: int) -> None:
         """Seed torch's global generator, which add_weighted_adapter's DARE masks draw from (a recipe's seed)."""
         import torch
 
         torch.manual_seed(seed)
+
+    def export_onnx(
+        self, model: AdaptedModel, path: Path, batches: Sequence[np.ndarray], external_data: bool | None
+    ) -> list[np.ndarray]:
+        """``peftdecl export --format onnx``: merge, ``torch.onnx.export``, return torch's logits on ``batches``."""
+        from peftdecl_torch.onnx_export import export_onnx
+
+        return export_onnx(model, path, batches, external_data)
 
     def load_checkpoint(self, directory: str | Path) -> nn.Module:
         """A transformers causal LM from a local HF checkpoint folder, float32, in eval mode (``peftdecl equiv``)."""
