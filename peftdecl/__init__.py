@@ -23,6 +23,7 @@ from peftdecl.model import AdaptedModel
 from peftdecl.options import EngineOptions
 from peftdecl.peft_compat import NotSupportedError
 from peftdecl.plan import ModelInfo, Plan, compile_plan
+from peftdecl.pool import AdapterPool
 from peftdecl.spec import AdapterSpec, load_spec
 from peftdecl.spec.load import SpecSource
 
@@ -103,6 +104,7 @@ __all__ = [
     "AdaptedModel",
     "AdapterBook",
     "AdapterFileError",
+    "AdapterPool",
     "AdapterSpec",
     "Backend",
     "BackendEntry",
