@@ -331,3 +331,39 @@ def test_refusals_after_loading(
         assert main(["combine", str(recipe), "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(f".out{i}")]
+
+
+def test_ia3_adapters_combine_as_peft(work: Path, tmp_path: Path) -> None:
+    """IA3: ℓ' = Σ wᵢ ℓᵢ over the union of the targets; PEFT's IA3 add_weighted_adapter takes no options."""
+    needs_hf_backend()
+    import torch
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    for seed, targets in enumerate((["k_proj", "down_proj"], ["k_proj", "v_proj", "down_proj"])):
+        torch.manual_seed(seed)
+        config = IA3Config(target_modules=targets, feedforward_modules=["down_proj"], init_ia3_weights=False)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(work / "tiny"), config)
+        model.save_pretrained(work / f"ia3_{seed}")
+    weights = [0.8, -0.6]
+    recipe = write_recipe(work, "ia3.yaml", adapters=entries(["ia3_0", "ia3_1"], weights))
+    out = tmp_path / "combined"
+    assert main(["combine", str(recipe), "--out", str(out)]) == 0
+    expected = peft_weighted_logits(work, ["ia3_0", "ia3_1"], weights)
+    assert rel_err(expected, peft_logits(work)) > 1e-2  # the combination changes the model's output
+    assert rel_err(peft_logits(work, out), expected) <= 1e-5  # one float32 weighted sum per vector
+
+
+def test_an_mlx_lm_folder_combines_like_its_hf_source(peft_adapters: Path, tmp_path: Path) -> None:
+    """Adapter folders in any layout load_adapter reads: ``a`` converted to mlx-lm's files gives the same result."""
+    work = peft_adapters
+    assert (
+        main(["convert", str(work / "a"), str(tmp_path / "a_mlx"), "--to", "mlx-lm", "--num-layers", "2"])
+        == 0
+    )
+    adapters = [{"path": str(tmp_path / "a_mlx"), "weight": 0.7}, *entries("bc", [0.5, -0.3])]
+    recipe = write_recipe(work, "mixed_formats.yaml", adapters=adapters, combination_type="cat")
+    out = tmp_path / "combined"
+    assert main(["combine", str(recipe), "--out", str(out)]) == 0
+    expected = peft_weighted_logits(work, "abc", [0.7, 0.5, -0.3], combination_type="cat")
+    assert rel_err(peft_logits(work, out), expected) <= 1e-5  # float32, as the cat case above
