@@ -14,7 +14,7 @@ has use_rslora = False (PEFT keeps it and over-scales by √r'); DoRA and lora_b
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -92,7 +92,7 @@ def add_weighted_adapter(
             r=rank, lora_alpha=rank, use_rslora=False, alpha_pattern={}, rank_pattern={}
         )
         factors = [model.engine.export(name) for name in adapters]
-        keep_mask = _keep_mask(model, seed)
+        masks = _keep_masks(model, seed, adapters)
         arrays = {}
         targets = set(_union_targets(plans))
         for module in (m for m in model.info.layers if m in targets):  # model order: PEFT's DARE draw order
@@ -109,7 +109,7 @@ def add_weighted_adapter(
                     combination_type,
                     density,
                     majority_sign_method,
-                    keep_mask,
+                    masks(module),
                     svd_clamp,
                     svd_full_matrices,
                 )
@@ -200,14 +200,16 @@ def _new_rank(combination_type: str, ranks: Sequence[int], svd_rank: int | None)
     return svd_rank or max(ranks)
 
 
-def _keep_mask(model: Combinable, seed: int) -> KeepMask:
-    """DARE's mask source: torch's global generator on the torch backend (as PEFT), else NumPy's from ``seed``."""
-    backend_mask = getattr(model.backend, "dare_keep_mask", None)
-    if backend_mask is not None:  # torch: PEFT's draw from torch's global generator
-        mask: KeepMask = backend_mask()
-        return mask
+def _keep_masks(model: Combinable, seed: int, adapters: Sequence[str]) -> Callable[[str], KeepMask]:
+    """DARE's mask source per layer: on torch, torch's global generator on the layer's adapter device and dtype
+    (as PEFT), else one NumPy generator seeded with ``seed``."""
+    backend_masks = getattr(model.backend, "dare_keep_masks", None)
+    if backend_masks is not None:  # torch: PEFT's draw from torch's global generator
+        masks: Callable[[str], KeepMask] = backend_masks(model.engine, adapters)
+        return masks
     rng = np.random.default_rng(seed)
-    return lambda shape, density: (rng.random(shape) < density).astype(np.float64)
+    mask: KeepMask = lambda shape, density: (rng.random(shape) < density).astype(np.float64)  # noqa: E731
+    return lambda module: mask
 
 
 def _union_targets(plans: Sequence[Plan]) -> list[str]:
