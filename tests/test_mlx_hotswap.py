@@ -135,6 +135,52 @@ def test_slots_keep_the_adapter_dtype(folders: dict[str, Path]) -> None:
     assert tree_slots(base) == tree and traces == [1]
 
 
+def sgd_step(model: Any, optimizer: Any) -> Callable[[mx.array], mx.array]:
+    """One SGD step on Σ y² through ``nn.value_and_grad`` and the optimizer (not compiled)."""
+    import mlx.nn as nn
+
+    grad = nn.value_and_grad(model, lambda m, x: (m(x) ** 2).sum())
+
+    def step(x: mx.array) -> mx.array:
+        loss, grads = grad(model, x)
+        optimizer.update(model, grads)
+        return loss
+
+    return step
+
+
+def test_compiled_training_step_trains_the_swapped_values(folders: dict[str, Path]) -> None:
+    """A training step compiled over the model's and the optimizer's state steps the swapped-in arrays."""
+    import mlx.optimizers as optim
+
+    base = mlx_mlp()[0]
+    ours = peftdecl.load_adapter(base, folders["first"], backend="mlx", is_trainable=True)
+    optimizer = optim.SGD(learning_rate=0.1)
+    optimizer.init(base.trainable_parameters())
+    traces = [0]
+    plain = sgd_step(base, optimizer)
+
+    def counted(x: mx.array) -> mx.array:
+        traces[0] += 1
+        return plain(x)
+
+    state = [base.state, optimizer.state]
+    step = mx.compile(counted, inputs=state, outputs=state)
+    step(X)
+    ours.hotswap_adapter(folders["same"], "default")
+    step(X)
+    fresh_base = mlx_mlp()[0]
+    expected = peftdecl.load_adapter(fresh_base, folders["same"], backend="mlx", is_trainable=True)
+    fresh_optimizer = optim.SGD(learning_rate=0.1)
+    fresh_optimizer.init(fresh_base.trainable_parameters())
+    sgd_step(fresh_base, fresh_optimizer)(X)
+    unstepped = peftdecl.load_adapter(mlx_mlp()[0], folders["same"], backend="mlx").state_dict()
+    got, want = ours.state_dict(), expected.state_dict()
+    assert all(np.abs(got[k] - want[k]).max() <= TOL for k in want)  # one step from the swapped values
+    assert all(np.abs(got[k] - unstepped[k]).max() > 1e-3 for k in want)  # and the step moved every tensor
+    assert traces == [1]
+
+
 @pytest.mark.parametrize(
     ("first", "second", "message"),
     [
