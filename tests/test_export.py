@@ -174,6 +174,32 @@ def read_gguf(path: Path) -> tuple[dict[str, object], dict[str, object]]:
     return fields, {t.name: t for t in reader.tensors}
 
 
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down", "lm_head": "output",
+              "embed_tokens": "token_embd"}  # fmt: skip
+"""HF module -> llama.cpp tensor (llama.cpp's llama-arch names)."""
+
+
+def gguf_name(module: str) -> str:
+    leaf = module.rsplit(".", 1)[-1]
+    if ".layers." not in module:
+        return f"{GGUF_NAMES[leaf]}.weight"
+    return f"blk.{module.split('.layers.')[1].split('.')[0]}.{GGUF_NAMES[leaf]}.weight"
+
+
+def peft_factors(peft_model):  # type: ignore[no-untyped-def]
+    """(module, A, B, scaling, is_embedding) of every LoRA layer of a PEFT model, read from PEFT's own modules."""
+    for module_name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        elif hasattr(module, "lora_embedding_A") and "default" in module.lora_embedding_A:
+            a, b = module.lora_embedding_A["default"], module.lora_embedding_B["default"]
+        else:
+            continue
+        name = module_name.removeprefix("base_model.model.")
+        yield name, a.detach().numpy(), b.detach().numpy(), module.scaling["default"], "embed" in name
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -183,8 +209,9 @@ def read_gguf(path: Path) -> tuple[dict[str, object], dict[str, object]]:
             "alpha_pattern": {"down_proj": 3.0, "o_proj": 0.5},
             "use_rslora": True,
         },
+        {"target_modules": ["q_proj", "lm_head", "embed_tokens"], "rank_pattern": {"lm_head": 3}},
     ],
-    ids=["plain", "patterns_rslora"],
+    ids=["plain", "patterns_rslora", "head_and_embeddings"],
 )
 def test_gguf_reads_back_as_llama_cpp_layout(base: Path, tmp_path: Path, config: dict[str, object]) -> None:
     needs("torch")
@@ -196,30 +223,21 @@ def test_gguf_reads_back_as_llama_cpp_layout(base: Path, tmp_path: Path, config:
     assert fields["general.architecture"] == "llama"
     assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
     assert fields["adapter.lora.alpha"] == 8.0
-    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
-    expected_names = {
-        f"blk.{i}.{n}.weight.lora_{ab}" for i in range(LAYERS) for n in names.values() for ab in "ab"
-    }
-    assert set(tensors) == expected_names
-    for module_name, module in peft_model.named_modules():
-        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
-            continue
-        layer, proj = module_name.split(".layers.")[1].split(".")[0], module_name.rsplit(".", 1)[1]
-        a_src = module.lora_A["default"].weight.detach().numpy()
-        b_src = module.lora_B["default"].weight.detach().numpy()
-        scaling = module.scaling["default"]
-        r = a_src.shape[0]
-        a = tensors[f"blk.{layer}.{names[proj]}.weight.lora_a"]
-        b = tensors[f"blk.{layer}.{names[proj]}.weight.lora_b"]
+    factors = list(peft_factors(peft_model))
+    assert set(tensors) == {f"{gguf_name(m)}.lora_{ab}" for m, *_ in factors for ab in "ab"}
+    for module, a_src, b_src, scaling, is_embedding in factors:
+        r, leaf = a_src.shape[0], module.rsplit(".", 1)[-1]
+        a, b = tensors[f"{gguf_name(module)}.lora_a"], tensors[f"{gguf_name(module)}.lora_b"]
         assert a.tensor_type == b.tensor_type == gguf.GGMLQuantizationType.F32
-        assert list(a.shape) == [a_src.shape[1], r] and list(b.shape) == [r, b_src.shape[0]]  # GGUF ne order
-        assert np.array_equal(a.data, a_src)  # float32, exact
+        # llama.cpp's checks, in GGUF ne order: linear a [in, r], b [r, out]; token_embd a [r, vocab], b [r, hidden]
+        want_a = a_src.T if is_embedding else a_src
+        assert list(a.shape) == list(reversed(want_a.shape)) and list(b.shape) == [r, b_src.shape[0]]
+        assert np.array_equal(a.data, want_a)  # float32, exact
         rows = {
             "q_proj": llama_cpp_rows(b_src.shape[0], HEADS),
             "k_proj": llama_cpp_rows(b_src.shape[0], KV_HEADS),
         }
-        want_b = b_src[rows.get(proj, np.arange(b_src.shape[0]))]
+        want_b = b_src[rows.get(leaf, np.arange(b_src.shape[0]))]
         # llama.cpp adds alpha/r · B A x; PEFT adds scaling · B A x: the ratio lives in lora_b
         ratio = scaling / (8.0 / r)
         np.testing.assert_allclose(b.data, want_b * ratio, rtol=1e-6, atol=0)  # float32 product by the ratio
@@ -231,38 +249,25 @@ def test_gguf_refusals_write_nothing(base: Path, tmp_path: Path, capsys: pytest.
     needs("torch")
     pytest.importorskip("gguf")
     peft_adapter(base, tmp_path / "dora", use_dora=True)
+    peft_adapter(base, tmp_path / "bias", lora_bias=True)
     out = tmp_path / "a.gguf"
-    assert re.search(
-        "dora: llama.cpp's GGUF adapters hold plain LoRA only",
-        refused(capsys, "--model", base, "--adapter", tmp_path / "dora", "--format", "gguf", "--out", out),
+
+    def gguf_refused(model: Path, adapter: Path) -> str:
+        return refused(capsys, "--model", model, "--adapter", adapter, "--format", "gguf", "--out", out)
+
+    assert "'default' is dora: llama.cpp's GGUF adapters hold plain LoRA only" in gguf_refused(
+        base, tmp_path / "dora"
     )
-    peft_adapter(base, tmp_path / "embed", target_modules=["q_proj", "embed_tokens"])
-    assert re.search(
-        "model.embed_tokens: a lora embedding layer",
-        refused(capsys, "--model", base, "--adapter", tmp_path / "embed", "--format", "gguf", "--out", out),
+    bias = gguf_refused(base, tmp_path / "bias")
+    assert (
+        "self_attn.q_proj: a lora linear layer with ['lora_A.weight', 'lora_B.bias', 'lora_B.weight']" in bias
     )
-    assert re.search(
-        "not a folder",
-        refused(capsys, "--model", base, "--adapter", tmp_path / "missing", "--format", "gguf", "--out", out),
-    )
-    assert re.search(
-        "no config.json",
-        refused(
-            capsys,
-            "--model",
-            tmp_path / "nomodel",
-            "--adapter",
-            tmp_path / "dora",
-            "--format",
-            "gguf",
-            "--out",
-            out,
-        ),
-    )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dora", "embed"]  # nothing written, no staging left
+    assert "not a folder" in gguf_refused(base, tmp_path / "missing")
+    assert "no config.json" in gguf_refused(tmp_path / "nomodel", tmp_path / "dora")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bias", "dora"]  # nothing written, no staging left
 
 
-def test_gguf_refuses_other_architectures_and_existing_out(
+def test_gguf_refuses_other_bases_and_existing_out(
     base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     needs("torch")
@@ -270,29 +275,24 @@ def test_gguf_refuses_other_architectures_and_existing_out(
     import json
     import shutil
 
-    other = tmp_path / "gpt"
-    shutil.copytree(base, other)
-    config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
-    assert re.search(
-        r"\$\.architectures\[0\]: 'GPT2LMHeadModel' is not supported",
-        refused(
-            capsys, "--model", other, "--adapter", tmp_path, "--format", "gguf", "--out", tmp_path / "a.gguf"
-        ),
-    )
+    def variant(name: str, **changes: object) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(base, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+        return folder
+
+    def gguf_refused(model: Path, adapter: Path, out: Path) -> str:
+        return refused(capsys, "--model", model, "--adapter", adapter, "--format", "gguf", "--out", out)
+
+    gpt = variant("gpt", architectures=["GPT2LMHeadModel"])
+    message = gguf_refused(gpt, tmp_path, tmp_path / "a.gguf")
+    assert "config.json $.architectures[0]: 'GPT2LMHeadModel' is not supported" in message
+    tied = variant("tied", tie_word_embeddings=True)
+    peft_adapter(tied, tmp_path / "head", target_modules=["lm_head"])
+    message = gguf_refused(tied, tmp_path / "head", tmp_path / "a.gguf")
+    assert "lm_head: config.json $.tie_word_embeddings is true" in message
+    assert not (tmp_path / "a.gguf").exists()
     (tmp_path / "taken.gguf").write_bytes(b"keep")
-    assert re.search(
-        "exists; export to a new path",
-        refused(
-            capsys,
-            "--model",
-            base,
-            "--adapter",
-            tmp_path,
-            "--format",
-            "gguf",
-            "--out",
-            tmp_path / "taken.gguf",
-        ),
-    )
+    assert "exists; export to a new path" in gguf_refused(base, tmp_path / "head", tmp_path / "taken.gguf")
     assert (tmp_path / "taken.gguf").read_bytes() == b"keep"

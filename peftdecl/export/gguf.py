@@ -7,6 +7,8 @@ Metadata: ``general.architecture`` (llama.cpp's name, e.g. ``llama``), ``general
 ``s = alpha / r`` (r read from each tensor pair), so a layer whose PEFT scaling differs (``alpha_pattern``,
 rsLoRA's ``alpha / √r``) gets the ratio folded into its ``lora_b``. llama.cpp stores Llama's q/k projections with
 the rows of each head interleaved for its RoPE; ``lora_b`` of q_proj/k_proj gets the same row permutation.
+Targets: q/k/v/o_proj, gate/up/down_proj, lm_head (``output``, untied only) and embed_tokens (``token_embd``,
+whose ``lora_a`` llama.cpp takes transposed: [vocab, r]).
 """
 
 from __future__ import annotations
@@ -26,12 +28,27 @@ from peftdecl.spec.lora import LoraSpec
 
 if TYPE_CHECKING:
     from peftdecl.model import AdaptedModel
+    from peftdecl.plan import LayerPlan
 
 ARCHITECTURES: Mapping[str, str] = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
 """HF architecture -> llama.cpp architecture: the Llama family, whose q/k rows llama.cpp permutes."""
-TENSOR_TYPES = ("ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "FFN_GATE", "FFN_UP", "FFN_DOWN", "OUTPUT")
-"""gguf.MODEL_TENSOR members an adapter may target (the projections and the output head)."""
-LORA_TENSORS = frozenset({"lora_A.weight", "lora_B.weight"})
+TENSOR_TYPES = (
+    "ATTN_Q",
+    "ATTN_K",
+    "ATTN_V",
+    "ATTN_OUT",
+    "FFN_GATE",
+    "FFN_UP",
+    "FFN_DOWN",
+    "OUTPUT",
+    "TOKEN_EMBD",
+)
+"""gguf.MODEL_TENSOR members an adapter may target (the projections, the output head, the token embeddings)."""
+FACTOR_NAMES = {
+    "linear": ("lora_A.weight", "lora_B.weight"),
+    "embedding": ("lora_embedding_A", "lora_embedding_B"),
+}
+"""Layer type -> the IR names of its (A, B) factors: the only tensors a GGUF LoRA layer can hold."""
 SCALE_RTOL = 1e-12
 """A layer whose PEFT scaling equals llama.cpp's alpha / r within this is written unchanged."""
 
@@ -102,20 +119,19 @@ def gguf_adapter(model: AdaptedModel, config: Mapping[str, object], name: str = 
     tensors: dict[str, np.ndarray] = {}
     folded: dict[str, float] = {}
     for lp in plan.layers:
+        a, b = lora_factors(lp, arrays)
         found = names.get_type_and_name(lp.module, try_suffixes=(".weight",))
-        if lp.kind != "lora" or lp.layer.type != "linear" or {p.name for p in lp.params} != LORA_TENSORS:
-            raise PeftdeclError(
-                f"{lp.module}: a {lp.kind} {lp.layer.type} layer with {sorted(p.name for p in lp.params)}; the GGUF "
-                "export writes plain LoRA linear layers (lora_A/lora_B only, no lora_bias)"
-            )
         if found is None or found[0] not in allowed:
             raise PeftdeclError(
                 f"{lp.module}: no llama.cpp {architecture} tensor for this module; the GGUF export maps "
-                "q/k/v/o_proj, gate/up/down_proj and lm_head"
+                "q/k/v/o_proj, gate/up/down_proj, lm_head and embed_tokens"
             )
         tensor_type, base_name = found
-        a = np.asarray(arrays[f"{lp.module}.lora_A.weight"], np.float32)
-        b = np.asarray(arrays[f"{lp.module}.lora_B.weight"], np.float64)
+        if tensor_type == gguf.MODEL_TENSOR.OUTPUT and config.get("tie_word_embeddings"):
+            raise PeftdeclError(
+                f"{lp.module}: config.json $.tie_word_embeddings is true, so llama.cpp's model has no output tensor "
+                "to adapt; leave lm_head out of target_modules"
+            )
         llama_scale = alpha / lp.r if alpha else 1.0  # llama.cpp: alpha 0 means scale 1
         ratio = lp.scaling / llama_scale
         if not math.isclose(ratio, 1.0, rel_tol=SCALE_RTOL):
@@ -125,11 +141,25 @@ def gguf_adapter(model: AdaptedModel, config: Mapping[str, object], name: str = 
             b = permute_rope_rows(b, heads)
         elif tensor_type == gguf.MODEL_TENSOR.ATTN_K:
             b = permute_rope_rows(b, kv_heads)
+        if tensor_type == gguf.MODEL_TENSOR.TOKEN_EMBD:
+            a = a.T  # llama.cpp's embedding graph takes token_embd's lora_a as [vocab, r] rows (A transposed)
         tensors[f"{base_name}.weight.lora_a"] = np.ascontiguousarray(a)
         tensors[f"{base_name}.weight.lora_b"] = np.ascontiguousarray(b.astype(np.float32))
     if not tensors:
         raise PeftdeclError(f"adapter {name!r} adapts no layer; nothing to export")
     return GgufAdapter(architecture, alpha, tensors, folded)
+
+
+def lora_factors(lp: LayerPlan, arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(A float32, B float64) of a plain LoRA linear or embedding layer; any other layer is refused."""
+    names = FACTOR_NAMES.get(lp.layer.type)
+    if lp.kind != "lora" or names is None or {p.name for p in lp.params} != set(names):
+        raise PeftdeclError(
+            f"{lp.module}: a {lp.kind} {lp.layer.type} layer with {sorted(p.name for p in lp.params)}; the GGUF "
+            "export writes plain LoRA linear and embedding layers (A and B only, no lora_bias)"
+        )
+    a, b = (arrays[f"{lp.module}.{name}"] for name in names)
+    return np.asarray(a, np.float32), np.asarray(b, np.float64)
 
 
 def write_gguf_adapter(adapter: GgufAdapter, out: Path, title: str | None = None) -> None:
