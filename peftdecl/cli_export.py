@@ -52,6 +52,7 @@ def _onnx(args: argparse.Namespace) -> int:
     from peftdecl.export.staging import check_new_files
 
     check_new_files([args.out, args.out.parent / external_data_name(args.out)])  # before the slow load
+    args.backend = args.backend or "torch"  # the exporter is torch's, whatever the platform's default backend
     backend, model, _ = cli_model._loaded(args, device="cpu")
     error = export_onnx(backend, model, args.out)
     print(

@@ -84,19 +84,43 @@ def test_safetensors_equals_merge_command_and_peft(base: Path, tmp_path: Path) -
     assert (exported / "tokenizer.json").is_file()
 
 
-def test_safetensors_on_mlx_loads_in_transformers(base: Path, tmp_path: Path) -> None:
+def test_mlx_backend_exports_safetensors_and_gguf(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     needs("mlx")  # PEFT on torch only builds the adapter and the reference logits
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
 
     peft_model = peft_adapter(base, tmp_path / "adapter")
+    down_a = (
+        peft_model.base_model.model.model.layers[1].mlp.down_proj.lora_A["default"].weight.detach().numpy()
+    )
     expected = logits(peft_model.merge_and_unload(), IDS)
-    out = tmp_path / "mlx"
-    args = ("--model", base, "--adapter", tmp_path / "adapter", "--format", "safetensors", "--out", out)
-    assert export(*args, "--backend", "mlx") == 0
-    got = logits(AutoModelForCausalLM.from_pretrained(out), IDS)
+
+    def to(fmt: str, out: Path) -> tuple[object, ...]:
+        return (
+            "--model",
+            base,
+            "--adapter",
+            tmp_path / "adapter",
+            "--format",
+            fmt,
+            "--out",
+            out,
+            "--backend",
+            "mlx",
+        )
+
+    assert export(*to("safetensors", tmp_path / "mlx")) == 0
+    got = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "mlx"), IDS)
     assert np.max(np.abs(got - expected)) <= 1e-5  # float32 merge in MLX vs PEFT's in torch
+    assert export(*to("gguf", tmp_path / "a.gguf")) == 0  # the adapter's tensors as the MLX engine holds them
+    assert np.array_equal(
+        read_gguf(tmp_path / "a.gguf")[1]["blk.1.ffn_down.weight.lora_a"].data, down_a
+    )  # exact
+    message = refused(capsys, *to("onnx", tmp_path / "m.onnx"))
+    assert "backend 'mlx' cannot export ONNX (use --backend torch)" in message
 
 
 # -- onnx ----------------------------------------------------------------------------------------------------
