@@ -237,12 +237,15 @@ def peft_factors(peft_model):  # type: ignore[no-untyped-def]
     ],
     ids=["plain", "patterns_rslora", "head_and_embeddings"],
 )
-def test_gguf_reads_back_as_llama_cpp_layout(base: Path, tmp_path: Path, config: dict[str, object]) -> None:
+def test_gguf_reads_back_as_llama_cpp_layout(
+    base: Path, tmp_path: Path, config: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
     needs("torch")
     gguf = pytest.importorskip("gguf")
     peft_model = peft_adapter(base, tmp_path / "adapter", **config)
     out = tmp_path / "adapter.gguf"
     assert export("--model", base, "--adapter", tmp_path / "adapter", "--format", "gguf", "--out", out) == 0
+    printed = capsys.readouterr().out
     fields, tensors = read_gguf(out)
     assert fields["general.architecture"] == "llama"
     assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
@@ -267,6 +270,8 @@ def test_gguf_reads_back_as_llama_cpp_layout(base: Path, tmp_path: Path, config:
         np.testing.assert_allclose(b.data, want_b * ratio, rtol=1e-6, atol=0)  # float32 product by the ratio
         if ratio == 1.0:
             assert np.array_equal(b.data, want_b)
+        else:  # the command says which lora_b carries a factor
+            assert f"{module}: scaling differs from alpha/r; lora_b holds the factor {ratio:.6g}" in printed
 
 
 def test_gguf_refusals_write_nothing(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
