@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -413,3 +415,14 @@ def test_mlx_pool_rows_equal_single_adapter_models(tmp_path: Path) -> None:
     for row, name in enumerate(["m2", "m1"]):
         assert np.abs(mixed[1][row] - alone[name][row]).max() <= 1e-5, name
     assert pool.loaded == ["m2", "m1"]
+
+
+def test_the_pool_benchmark_runs_and_agrees_with_peft() -> None:
+    torch_modules()
+    pytest.importorskip("transformers")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_pool.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]  # it exits non-zero when the pool and PEFT disagree
+    assert "| pool |" in done.stdout and "| PEFT load_adapter |" in done.stdout
