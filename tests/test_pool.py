@@ -319,6 +319,20 @@ def test_bad_names_folders_and_batches_are_refused_clearly(library: dict[str, An
     assert check_rows(library, out, [0, 1], ["a20", "__base__"]) <= TOL
 
 
+def test_adapters_attached_before_the_pool_serve_outside_its_slots(library: dict[str, Any]) -> None:
+    torch, _ = torch_modules()
+    from tests.torch_mlp import torch_mlp
+
+    model = peftdecl.load_adapter(torch_mlp(), library["root"] / "a30", name="own")
+    pool = AdapterPool(model, 1, library["root"])
+    x = library["x"][:2]
+    with torch.no_grad():
+        for other in ("a31", "a32"):  # K = 1: a32 evicts a31, never the model's own adapter
+            out = pool(x, adapter_names=["own", other])
+            assert check_rows(library, out, [0, 1], ["a30", other]) <= TOL  # "own" holds a30's weights
+    assert pool.loaded == ["a32"] and set(model.adapters) == {"own", "a32"}
+
+
 def test_generate_gives_each_row_its_own_adapters_greedy_output(tmp_path: Path) -> None:
     torch, peft = torch_modules()
     transformers = pytest.importorskip("transformers")
