@@ -95,11 +95,12 @@ def add_weighted_adapter(
         masks = _keep_masks(model, seed, adapters)
         arrays = {}
         targets = set(_union_targets(plans))
+        layer_plans = [{lp.module: lp for lp in plan.layers} for plan in plans]
         for module in (m for m in model.info.layers if m in targets):  # model order: PEFT's DARE draw order
             present = [
-                (plan.layer(module), f, w)
-                for plan, f, w in zip(plans, factors, weights, strict=True)
-                if module in plan.targets
+                (lps[module], f, w)
+                for lps, f, w in zip(layer_plans, factors, weights, strict=True)
+                if module in lps
             ]
             arrays.update(
                 _lora_layer(
@@ -269,8 +270,10 @@ def _matrices(lp: LayerPlan, p: Mapping[str, np.ndarray]) -> tuple[np.ndarray, n
 
 def _stored(lp: LayerPlan, rank: int, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
     """The layer's arrays for rank ``rank`` (zero-padded, as PEFT leaves unused rows of a bigger rank)."""
-    full_a, full_b = np.zeros((rank, a.shape[1])), np.zeros((b.shape[0], rank))
-    full_a[: a.shape[0]], full_b[:, : b.shape[1]] = a, b
+    full_a, full_b = a, b
+    if a.shape[0] < rank:  # cat at a layer that some adapters do not target
+        full_a, full_b = np.zeros((rank, a.shape[1])), np.zeros((b.shape[0], rank))
+        full_a[: a.shape[0]], full_b[:, : b.shape[1]] = a, b
     if lp.layer.type == "embedding":
         return {lp.key("lora_embedding_A"): full_a, lp.key("lora_embedding_B"): full_b}
     ones = (1,) * len(lp.layer.kernel_size)
