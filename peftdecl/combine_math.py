@@ -109,12 +109,13 @@ def truncated_svd_factors(
 
 
 def low_rank_svd_factors(b_cat: np.ndarray, a_cat: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rank-``rank`` truncated SVD of ΔW = B' A' (B' [out, R], A' [R, in]) without forming ΔW: with thin QRs
-    B' = Q_b R_b and A'ᵀ = Q_a R_a, ΔW = Q_b (R_b R_aᵀ) Q_aᵀ, so the SVD U_s S V_sᵀ of the small core gives U = Q_b U_s,
-    V = Q_a V_s. Returns (B = U_r S_r, A = V_rᵀ) as :func:`truncated_svd_factors` does, exact up to rounding
-    (O((out + in) R²) instead of O(out · in · min(out, in))); each pair's sign is LAPACK's choice on the core.
-    Needs rank ≤ the core's smaller side, min(out, R) by min(in, R)."""
-    q_b, r_b = np.linalg.qr(b_cat)
+    """The rank-``rank`` truncated SVD of ΔW = B' A' (B' [out, R], A' [R, in]) without forming ΔW: with QRs
+    B' = Q_b R_b and A'ᵀ = Q_a R_a, ΔW = Q_b (R_b R_aᵀ) Q_aᵀ, so the SVD U_s S V_sᵀ of the small core gives V = Q_a V_s
+    and U S = ΔW V = B' R_aᵀ V_s (Q_b is never formed). Returns (B = U_r S_r, A = V_rᵀ) as
+    :func:`truncated_svd_factors` does, exact up to rounding, in O((out + in) R²) instead of O(out · in · min(out, in));
+    each pair's sign is LAPACK's choice on the core. Needs rank ≤ min(out, in, R)."""
+    r_b = np.linalg.qr(b_cat, mode="r")
     q_a, r_a = np.linalg.qr(a_cat.T)
-    u, s, vh = np.linalg.svd(r_b @ r_a.T)
-    return (q_b @ u[:, :rank]) * s[:rank], vh[:rank] @ q_a.T
+    _, _, vh = np.linalg.svd(r_b @ r_a.T)
+    v = vh[:rank].T
+    return b_cat @ (r_a.T @ v), (q_a @ v).T

@@ -192,7 +192,7 @@ def test_low_rank_svd_equals_the_truncated_svd_of_the_product() -> None:
         b, a = low_rank_svd_factors(b_cat, a_cat, rank)
         u, s, vh = np.linalg.svd(b_cat @ a_cat)
         assert rel_err(b @ a, (u[:, :rank] * s[:rank]) @ vh[:rank]) <= 1e-12, rank  # float64 rounding
-        assert rel_err(np.linalg.norm(b, axis=0), s[:rank]) <= 1e-12, rank
+        assert rel_err(b.T @ b, np.diag(s[:rank] ** 2)) <= 1e-12, rank  # orthogonal columns U S
         assert np.abs(a @ a.T - np.eye(rank)).max() <= 1e-12, rank
 
 
