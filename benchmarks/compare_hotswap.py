@@ -12,7 +12,7 @@ timed as one whole call (reading the folder included), each followed by timed co
 it: after the first compilation the count must not grow (0 recompilations). Each compiled output after a swap is
 checked against PEFT's eager model freshly loaded from the swapped folder.
 
-    .venv/bin/python benchmarks/compare_hotswap.py [--layers 8] [--hidden 1024] [--tokens 128] [--swaps 4]
+    .venv/bin/python benchmarks/compare_hotswap.py [--layers 8] [--hidden 1024] [--tokens 128] [--swaps 8]
         [--forwards 5] [--threads 2] [--compile-backend inductor|aot_eager|eager]
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -87,11 +88,10 @@ def logits(model: Any, ids: torch.Tensor) -> np.ndarray:
         return model(input_ids=ids).logits.double().numpy()  # type: ignore[no-any-return]
 
 
-def side(
-    which: str, base: torch.nn.Module, folders: dict[str, Path], ids: torch.Tensor, args: argparse.Namespace
+def prepared(
+    which: str, base: torch.nn.Module, folders: dict[str, Path], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Load, prepare, compile, then swap and run: times, graph counts and the outputs after each swap."""
-    torch._dynamo.reset()
+    """``first`` loaded and prepared on one side, compiled (not yet run): the compiled module, its swap, its counter."""
     if which == "peftdecl":
         adapted = peftdecl.load_adapter(copy.deepcopy(base), folders["first"])
         adapted.prepare_for_hotswap(target_rank=TARGET_RANK)
@@ -108,30 +108,43 @@ def side(
             peft_hotswap(module, str(folder), adapter_name="default")
 
     counter = CountingBackend(args.compile_backend)
-    compiled = torch.compile(module, backend=counter)
-    start = time.perf_counter()
-    logits(compiled, ids)
-    first_call = time.perf_counter() - start
-    graphs_after_compile = counter.graphs
-    swaps, forwards, outputs = [], [], {}
+    return {"compiled": torch.compile(module, backend=counter), "swap": swap, "counter": counter}
+
+
+def measure(
+    sides: dict[str, dict[str, Any]], folders: dict[str, Path], ids: torch.Tensor, args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
+    """Compile each side (first call), then ``args.swaps`` rounds: in a random side order, swap (``second`` and
+    ``third`` in turn) and run the compiled model ``args.forwards`` times. Times, graph counts, outputs."""
+    results: dict[str, dict[str, Any]] = {}
+    for which, state in sides.items():
+        start = time.perf_counter()
+        logits(state["compiled"], ids)
+        results[which] = {
+            "compile_s": time.perf_counter() - start,
+            "graphs": state["counter"].graphs,
+            "swaps": [],
+            "forwards": [],
+            "outputs": {},
+        }
+    order = random.Random(0)
     for index in range(args.swaps):
         name = ("second", "third")[index % 2]
-        start = time.perf_counter()
-        swap(folders[name])
-        swaps.append(time.perf_counter() - start)
-        outputs[name] = logits(compiled, ids)
-        for _ in range(args.forwards):
+        for which in order.sample(list(sides), len(sides)):
+            state, result = sides[which], results[which]
             start = time.perf_counter()
-            logits(compiled, ids)
-            forwards.append(time.perf_counter() - start)
-    return {
-        "compile_s": first_call,
-        "swap_s": statistics.median(swaps),
-        "forward_s": statistics.median(forwards),
-        "recompiles": counter.graphs - graphs_after_compile,
-        "graphs": graphs_after_compile,
-        "outputs": outputs,
-    }
+            state["swap"](folders[name])
+            result["swaps"].append(time.perf_counter() - start)
+            result["outputs"][name] = logits(state["compiled"], ids)
+            times = []
+            for _ in range(args.forwards):
+                start = time.perf_counter()
+                logits(state["compiled"], ids)
+                times.append(time.perf_counter() - start)
+            result["forwards"].append(statistics.median(times))
+    for which, result in results.items():
+        result["recompiles"] = sides[which]["counter"].graphs - result["graphs"]
+    return results
 
 
 def main() -> None:
@@ -139,7 +152,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--swaps", type=int, default=4, help="swaps per side, alternating second and third")
+    parser.add_argument("--swaps", type=int, default=8, help="swap rounds, alternating second and third")
     parser.add_argument("--forwards", type=int, default=5, help="timed compiled forwards after each swap")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
@@ -154,7 +167,9 @@ def main() -> None:
             name: logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), folders[name]), ids)
             for name in ("second", "third")
         }
-        results = {which: side(which, base, folders, ids, args) for which in ("PEFT", "peftdecl")}
+        torch._dynamo.reset()
+        sides = {which: prepared(which, base, folders, args) for which in ("PEFT", "peftdecl")}
+        results = measure(sides, folders, ids, args)
     print(
         f"torch {torch.__version__}, peft {peft.__version__}, {args.threads} threads, torch.compile backend "
         f"{args.compile_backend} (counted); Llama {args.layers} layers, hidden {args.hidden}, {args.tokens} "
@@ -170,14 +185,18 @@ def main() -> None:
     for which, result in results.items():
         error = max(float(np.abs(result["outputs"][n] - expected[n]).max()) for n in result["outputs"])
         print(
-            f"{which:9} | {result['compile_s']:13.1f} | {result['graphs']:6d} | {1e3 * result['swap_s']:8.1f} | "
-            f"{1e3 * result['forward_s']:7.1f} | {result['recompiles']:10d} | {error:26.1e}"
+            f"{which:9} | {result['compile_s']:13.1f} | {result['graphs']:6d} | "
+            f"{1e3 * statistics.median(result['swaps']):8.1f} | {1e3 * statistics.median(result['forwards']):7.1f} | "
+            f"{result['recompiles']:10d} | {error:26.1e}"
         )
     ours, theirs = results["peftdecl"], results["PEFT"]
-    print(
-        f"peftdecl/PEFT: swap {ours['swap_s'] / theirs['swap_s']:.3f}, compiled forward "
-        f"{ours['forward_s'] / theirs['forward_s']:.3f}; medians; a swap reads the folder from disk on both sides"
-    )
+    for what in ("swaps", "forwards"):  # per round: both sides ran under that round's load
+        ratios = sorted(o / t for o, t in zip(ours[what], theirs[what], strict=True))
+        print(
+            f"peftdecl/PEFT {what[:-1]}: median {statistics.median(ratios):.3f} over {len(ratios)} rounds "
+            f"(range {ratios[0]:.3f}-{ratios[-1]:.3f})"
+        )
+    print("swap: one whole call, reading the folder from disk, on both sides; fwd: median compiled forward")
 
 
 if __name__ == "__main__":
