@@ -28,7 +28,7 @@ from peftdecl_torch.base_view import PeftLayerAttributes
 from peftdecl_torch.context import EngineContext
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds import ops_for
-from peftdecl_torch.mixed_batch import ADAPTER_NAMES, RowAdapters
+from peftdecl_torch.mixed_batch import RowAdapters, current_rows
 from peftdecl_torch.quantized import bnb_kind, dequantized_linear, dequantized_weight, float_dtype, requantize
 
 
@@ -365,7 +365,7 @@ class AdaptedLayer(PeftLayerAttributes, nn.Module):
         book = self._context.book
         if not book.enabled:
             return self.base_forward(x)
-        rows = ADAPTER_NAMES.get()
+        rows = current_rows()
         if rows is not None:
             return self._mixed_forward(x, rows)
         running = [n for n in book.running() if n in self._plans]

@@ -7,6 +7,7 @@ ends, whether it returns or raises); each wrapper reads them there and runs each
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +41,16 @@ ADAPTER_NAMES: contextvars.ContextVar[RowAdapters | None] = contextvars.ContextV
 )
 """The per-row adapters of the mixed-batch call in progress (None outside one)."""
 
+_IN_PROGRESS = [0]  # mixed-batch calls in progress in any thread, under _COUNT_LOCK
+_COUNT_LOCK = threading.Lock()
+
+
+def current_rows() -> RowAdapters | None:
+    """:data:`ADAPTER_NAMES` of this context, read only while some thread runs a mixed batch: dynamo cannot trace
+    ``ContextVar.get`` (a graph break per layer) but guards on the plain count, so a compiled model outside mixed
+    batches never reads the variable."""
+    return ADAPTER_NAMES.get() if _IN_PROGRESS[0] else None
+
 
 @contextmanager
 def mixed_rows(
@@ -51,9 +62,13 @@ def mixed_rows(
         yield
         return
     token = ADAPTER_NAMES.set(RowAdapters(check_rows(adapter_names, book, prompts), expand))
+    with _COUNT_LOCK:
+        _IN_PROGRESS[0] += 1
     try:
         yield
     finally:
+        with _COUNT_LOCK:
+            _IN_PROGRESS[0] -= 1
         ADAPTER_NAMES.reset(token)
 
 
