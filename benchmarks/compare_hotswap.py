@@ -5,7 +5,9 @@ intermediate 2752 as in Llama, vocabulary 256), float32, CPU. Three PEFT LoRA ad
 o_proj are saved to disk: ``first`` (r 16, alpha 32), ``second`` (r 8, alpha 24) and ``third`` (r 32, alpha 16).
 Each side loads ``first`` (peftdecl: ``load_adapter``; PEFT: ``PeftModel.from_pretrained``), prepares for swaps of
 other ranks and alphas (``prepare_for_hotswap(target_rank=32)``; PEFT: ``prepare_model_for_compiled_hotswap``),
-is compiled with ``torch.compile`` and run once; then ``second`` and ``third`` are swapped in turn ``--swaps`` times
+runs once eagerly on 4 tokens (unless ``--compile-first``: peftdecl resolves its kinds' ops on the first call,
+an import dynamo cannot trace, so compiling first costs graph breaks), is compiled with ``torch.compile`` and run
+once; then ``second`` and ``third`` are swapped in turn ``--swaps`` times
 (peftdecl: ``model.hotswap_adapter(folder, "default")``; PEFT: ``peft.utils.hotswap.hotswap_adapter``), each swap
 timed as one whole call (reading the folder included), each followed by timed compiled forwards on
 ``--tokens`` tokens. The compile backend wraps Inductor (``--compile-backend``) and counts the graphs dynamo hands
@@ -13,7 +15,7 @@ it: after the first compilation the count must not grow (0 recompilations). Each
 checked against PEFT's eager model freshly loaded from the swapped folder.
 
     .venv/bin/python benchmarks/compare_hotswap.py [--layers 8] [--hidden 1024] [--tokens 128] [--swaps 8]
-        [--forwards 5] [--threads 2] [--compile-backend inductor|aot_eager|eager]
+        [--forwards 5] [--threads 2] [--compile-first] [--compile-backend inductor|aot_eager|eager]
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ def prepared(
         def swap(folder: Path) -> None:
             peft_hotswap(module, str(folder), adapter_name="default")
 
+    if not args.compile_first:  # peftdecl resolves kinds' ops on first use, which dynamo cannot trace
+        logits(module, torch.zeros((1, 4), dtype=torch.long))
     counter = CountingBackend(args.compile_backend)
     return {"compiled": torch.compile(module, backend=counter), "swap": swap, "counter": counter}
 
@@ -155,6 +159,11 @@ def main() -> None:
     parser.add_argument("--swaps", type=int, default=8, help="swap rounds, alternating second and third")
     parser.add_argument("--forwards", type=int, default=5, help="timed compiled forwards after each swap")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--compile-first",
+        action="store_true",
+        help="no eager call before compiling (see the module docstring)",
+    )
     parser.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"])
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -170,9 +179,10 @@ def main() -> None:
         torch._dynamo.reset()
         sides = {which: prepared(which, base, folders, args) for which in ("PEFT", "peftdecl")}
         results = measure(sides, folders, ids, args)
+    first = ", compiled on the first call" if args.compile_first else ", compiled after one eager call"
     print(
         f"torch {torch.__version__}, peft {peft.__version__}, {args.threads} threads, torch.compile backend "
-        f"{args.compile_backend} (counted); Llama {args.layers} layers, hidden {args.hidden}, {args.tokens} "
+        f"{args.compile_backend} (counted{first}); Llama {args.layers} layers, hidden {args.hidden}, {args.tokens} "
         f"tokens; LoRA on {','.join(TARGETS)} ({4 * args.layers} layers) prepared to rank {TARGET_RANK}, swaps "
         f"alternate r 8 / alpha 24 and r 32 / alpha 16 ({args.swaps} swaps, {args.forwards} forwards each)"
     )
