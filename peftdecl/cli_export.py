@@ -36,7 +36,7 @@ def _export(args: argparse.Namespace) -> int:
     from peftdecl import cli_model
 
     if args.format == "safetensors":
-        return cli_model._merge(args)  # the merge command's own path: one merged-checkpoint writer
+        return cli_model.run_merge(args)  # the merge command's own path: one merged-checkpoint writer
     if args.dtype is not None:
         raise PeftdeclError(f"--dtype applies to --format safetensors; {args.format} is written in float32")
     if not args.adapter.is_dir():
@@ -53,8 +53,8 @@ def _onnx(args: argparse.Namespace) -> int:
 
     check_new_files([args.out, args.out.parent / external_data_name(args.out)])  # before the slow load
     args.backend = args.backend or "torch"  # the exporter is torch's, whatever the platform's default backend
-    backend, model, _ = cli_model._loaded(args, device="cpu")
-    error = export_onnx(backend, model, args.out)
+    _, model, _ = cli_model.load_model_and_adapter(args, device="cpu")
+    error = export_onnx(model.backend, model, args.out)
     print(
         f"exported {args.adapter} merged into {args.model}: {args.out} (onnxruntime vs model logits: {error:.2e})"
     )
@@ -69,7 +69,7 @@ def _gguf(args: argparse.Namespace) -> int:
     config = base_config(args.model)
     llama_cpp_architecture(config)  # refuse an unsupported base before loading it
     check_new_files([args.out])
-    _, model, _ = cli_model._loaded(args, device="cpu")
+    _, model, _ = cli_model.load_model_and_adapter(args, device="cpu")
     adapter = gguf_adapter(model, config)
     write_gguf_adapter(adapter, args.out, title=args.adapter.name)
     print(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, Any, cast
 
 from peftdecl.cli_export import add_export_command
 from peftdecl.cli_quantize import add_quantize_command
 from peftdecl.errors import PeftdeclError
+
+if TYPE_CHECKING:
+    from peftdecl.model import AdaptedModel
+    from peftdecl.train.runtime import TrainingBackend
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -50,7 +54,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="a quantised base is written as float weights (default: re-quantised, as it was loaded)",
     )
-    merge.set_defaults(run=_merge)
+    merge.set_defaults(run=run_merge)
     add_export_command(sub)
 
     generate = sub.add_parser("generate", help="greedy generation from a model, optionally with an adapter")
@@ -74,7 +78,11 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if summary.steps > 0 else 1
 
 
-def _loaded(args: argparse.Namespace, device: str = "auto"):  # type: ignore[no-untyped-def]
+def load_model_and_adapter(
+    args: argparse.Namespace, device: str = "auto"
+) -> tuple[TrainingBackend, AdaptedModel, Any]:
+    """``args.model`` (an HF checkpoint folder) on ``args.backend`` with ``args.adapter`` loaded as ``default``, in
+    eval mode: the backend, the adapted model and the tokenizer (shared by merge, generate and export)."""
     from peftdecl.backend import get_backend
     from peftdecl.model import AdaptedModel
     from peftdecl.train.runtime import TrainingBackend
@@ -93,13 +101,13 @@ def _loaded(args: argparse.Namespace, device: str = "auto"):  # type: ignore[no-
         model.load_adapter(args.adapter, "default")
         model.set_adapter("default")
     model.eval()
-    return cast(TrainingBackend, backend), model, tokenizer
+    return cast("TrainingBackend", backend), model, tokenizer
 
 
-def _merge(args: argparse.Namespace) -> int:
+def run_merge(args: argparse.Namespace) -> int:
     if args.adapter is None:
         raise PeftdeclError("--adapter is required")
-    backend, model, tokenizer = _loaded(args, device="cpu")
+    backend, model, tokenizer = load_model_and_adapter(args, device="cpu")
     backend.save_merged(model, tokenizer, args.model, args.out, args.dtype, dequantize=args.dequantize)
     print(f"merged {args.adapter} into {args.model}: {args.out}")
     return 0
@@ -110,7 +118,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if not 1 <= args.max_tokens <= 1_000_000:
         raise PeftdeclError(f"--max-tokens: expected 1..1000000, got {args.max_tokens}")
-    backend, model, tokenizer = _loaded(args, device=args.device)
+    backend, model, tokenizer = load_model_and_adapter(args, device=args.device)
     ids = prompt_ids(tokenizer, args.prompt) if args.chat else tokenizer.encode(args.prompt)
     new = backend.generate(model, ids, args.max_tokens, tokenizer.eos_token_id)
     print(tokenizer.decode(new, skip_special_tokens=True))

@@ -145,7 +145,7 @@ def test_onnx_external_data_and_refusals(
     needs("torch")
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from peftdecl.cli_model import _loaded
+    from peftdecl.cli_model import load_model_and_adapter
     from peftdecl.export.onnx import export_onnx
 
     peft_model = peft_adapter(base, tmp_path / "adapter")
@@ -154,7 +154,7 @@ def test_onnx_external_data_and_refusals(
     class Args:
         model, adapter, backend = base, tmp_path / "adapter", "torch"
 
-    backend, model, _ = _loaded(Args, device="cpu")
+    backend, model, _ = load_model_and_adapter(Args, device="cpu")
     assert export_onnx(backend, model, out, external_data=True) <= 1e-4
     onnx = pytest.importorskip("onnx")
     initializers = onnx.load(str(out), load_external_data=False).graph.initializer
