@@ -22,8 +22,10 @@ import numpy as np
 from peftdecl.combine_math import (
     SIGN_METHODS,
     KeepMask,
+    Svd,
     combine,
     low_rank_svd_factors,
+    numpy_svd,
     truncated_svd_factors,
 )
 from peftdecl.errors import PeftdeclError
@@ -93,6 +95,7 @@ def add_weighted_adapter(
         )
         factors = [model.engine.export(name) for name in adapters]
         masks = _keep_masks(model, seed, adapters)
+        svd: Svd = getattr(model.backend, "combination_svd", None) or numpy_svd  # torch: PEFT's float32 SVD
         arrays = {}
         targets = set(_union_targets(plans))
         layer_plans = [{lp.module: lp for lp in plan.layers} for plan in plans]
@@ -113,6 +116,7 @@ def add_weighted_adapter(
                     masks(module),
                     svd_clamp,
                     svd_full_matrices,
+                    svd,
                 )
             )
     _check_targets(model, spec, plans, adapter_name)
@@ -293,6 +297,7 @@ def _lora_layer(
     keep_mask: KeepMask,
     svd_clamp: float | None,
     full_matrices: bool,
+    svd: Svd,
 ) -> dict[str, np.ndarray]:
     lp = present[0][0]
     mats = [(_matrices(layer, p), layer.scaling, w) for layer, p, w in present]
@@ -317,7 +322,7 @@ def _lora_layer(
     deltas = [(s * (b @ a)).T if flip else s * (b @ a) for (a, b), s, _ in mats]
     rule = combination_type.removesuffix("_svd")
     delta = combine(rule, deltas, [w for *_, w in mats], density, majority_sign_method, keep_mask)
-    b, a = truncated_svd_factors(delta.T if flip else delta, rank, svd_clamp, full_matrices)
+    b, a = truncated_svd_factors(delta.T if flip else delta, rank, svd_clamp, full_matrices, svd)
     return _stored(lp, rank, a, b)
 
 

@@ -18,6 +18,16 @@ SIGN_METHODS = ("total", "frequency")
 KeepMask = Callable[[tuple[int, ...], float], np.ndarray]
 """(shape, density) -> a 0/1 array of that shape, each entry 1 with probability ``density``."""
 
+Svd = Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray, np.ndarray]]
+"""(matrix, full_matrices) -> (U, S, Vᵀ) as ``np.linalg.svd`` returns them. Which signs the singular pairs get is the
+routine's choice; ``svd_clamp``'s quantile depends on it, so a backend may supply its framework's routine."""
+
+
+def numpy_svd(matrix: np.ndarray, full_matrices: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NumPy's LAPACK SVD in float64."""
+    u, s, vh = np.linalg.svd(matrix, full_matrices=full_matrices)
+    return u, s, vh
+
 
 def task_arithmetic(tensors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """Σ w_i t_i."""
@@ -96,11 +106,11 @@ def combine(
 
 
 def truncated_svd_factors(
-    delta: np.ndarray, rank: int, clamp: float | None, full_matrices: bool
+    delta: np.ndarray, rank: int, clamp: float | None, full_matrices: bool, svd: Svd = numpy_svd
 ) -> tuple[np.ndarray, np.ndarray]:
     """ΔW [out, in] ≈ (U_r S_r) V_rᵀ: returns (B = U_r S_r, A = V_rᵀ); with ``clamp`` both are clipped to
     ±q, q the ``clamp`` quantile of all their entries together (PEFT's svd_clamp)."""
-    u, s, vh = np.linalg.svd(delta, full_matrices=full_matrices)
+    u, s, vh = svd(delta, full_matrices)
     b, a = u[:, :rank] * s[:rank], vh[:rank, :]
     if clamp is not None:
         high = float(np.quantile(np.concatenate([b.reshape(-1), a.reshape(-1)]), clamp))

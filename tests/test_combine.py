@@ -352,6 +352,25 @@ def test_svd_clamp_clips_to_the_quantile_as_torch_does() -> None:
             assert rel_err(clamped[f"{module}.lora_{x}.weight"], expected) <= 1e-12  # float64 both
 
 
+@pytest.mark.parametrize("kind", ["svd", "ties_svd"])
+def test_svd_clamp_on_torch_equals_peft(kind: str) -> None:
+    """On torch the SVD is torch's float32 routine, as PEFT's: the singular pairs get PEFT's signs, so the clamp's
+    quantile, and so each clipped factor, equals PEFT's (not only B A)."""
+    if "torch" not in selected_backends():
+        pytest.skip("the torch backend is not selected")
+    base, theirs = peft_model()
+    options = {"combination_type": kind, "svd_clamp": 0.8, "density": 0.5}
+    theirs.add_weighted_adapter(list(CONFIGS), WEIGHTS, "clamped", **options)  # type: ignore[attr-defined]
+    expected = peft_factors(theirs, "clamped")
+    ours = ours_from(base, theirs, "torch")
+    ours.add_weighted_adapter(list(CONFIGS), WEIGHTS, "clamped", **options)  # type: ignore[attr-defined]
+    got = ours.engine.export("clamped")  # type: ignore[attr-defined]
+    for key, value in expected.items():
+        assert rel_err(np.asarray(got[key], np.float64), value) <= 1e-5, (
+            key
+        )  # float32 SVDs of ΔWs equal to rounding
+
+
 def test_regex_targets_are_joined_as_peft_does() -> None:
     state = {k: v.detach().double().numpy() for k, v in MLP().state_dict().items()}
     ours = peftdecl.attach(

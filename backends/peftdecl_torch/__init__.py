@@ -99,6 +99,15 @@ class TorchBackend(TrainingFromModules):
 
         return layer_keep_masks(engine, adapters)
 
+    def combination_svd(
+        self, matrix: np.ndarray, full_matrices: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """add_weighted_adapter's SVD: torch.linalg.svd in float32, as HF PEFT takes it, so that svd_clamp's
+        quantile sees PEFT's singular-vector signs (returned in float64)."""
+        from peftdecl_torch.combine_svd import float32_svd
+
+        return float32_svd(matrix, full_matrices)
+
     def seed_dare(self, seed: int) -> None:
         """Seed torch's global generator, which add_weighted_adapter's DARE masks draw from (a recipe's seed)."""
         import torch
