@@ -7,6 +7,7 @@ import importlib.util
 import json
 import socket
 import sys
+import tarfile
 from pathlib import Path
 from types import ModuleType
 
@@ -34,7 +35,11 @@ def write_results(root: Path, commit: str, date_ms: int, values: list[float | No
     (root / "m1").mkdir(parents=True, exist_ok=True)
     (root / "m1" / "machine.json").write_text("{}", encoding="utf-8")
     ratio = {"unit": "ratio", "type": "track", "params": [["'lora'", "'dora'"]]}
-    index = {"s.Ratios.track_forward_ours_over_peer": ratio, "s.Layer.time_x": {"unit": "seconds"}, "version": 2}
+    index = {
+        "s.Ratios.track_forward_ours_over_peer": ratio,
+        "s.Layer.time_x": {"unit": "seconds"},
+        "version": 2,
+    }
     (root / "benchmarks.json").write_text(json.dumps(index), encoding="utf-8")
     columns = ["result", "params", "version"]
     results = {
@@ -84,3 +89,30 @@ def test_the_dashboard_shows_graphs_in_chromium(tmp_path: Path) -> None:
     grid, page = check.check(SITE, chromium, tmp_path / "dashboard.png")
     assert grid.benchmarks > 0 and grid.plots > 0 and page.plots > 0
     assert (tmp_path / "dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vendoring_points_the_page_at_local_copies_of_its_cdn_files(tmp_path: Path) -> None:
+    build = load_docs_script("build_dashboard")
+    cache = tmp_path / "npm"
+    cache.mkdir()
+    for release in {release for release, _ in build.VENDORED.values()}:
+        name, version = release.rsplit("@", 1)
+        with tarfile.open(cache / f"{name}-{version}.tgz", "w:gz") as archive:
+            for member in {m for r, m in build.VENDORED.values() if r == release}:
+                source = tmp_path / "member"
+                source.write_text(f"/* {release} {member} */", encoding="utf-8")
+                archive.add(source, arcname=member)
+    html = tmp_path / "html"
+    html.mkdir()
+    (html / "index.html").write_text(
+        '<script src="https://cdnjs.example/ajax/libs/flot/0.8.3/jquery.flot.min.js" integrity="sha512-x"'
+        ' crossorigin="anonymous" onerror="f()"></script>\n'
+        '<script src="https://cdn.example/unknown.js" integrity="sha256-y"></script>\n',
+        encoding="utf-8",
+    )
+    assert build.vendor(html, cache) == ["jquery.flot.min.js"]
+    page = (html / "index.html").read_text(encoding="utf-8")
+    assert '<script src="vendor/jquery.flot.min.js" onerror="f()"></script>' in page
+    assert '<script src="https://cdn.example/unknown.js" integrity="sha256-y"></script>' in page  # left alone
+    copied = (html / "vendor" / "jquery.flot.min.js").read_text(encoding="utf-8")
+    assert copied == "/* flot@0.8.3 package/jquery.flot.js */"
