@@ -31,6 +31,7 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "numpy": "peftdecl_numpy:NumpyBackend",
     "torch": "peftdecl_torch:TorchBackend",
     "mlx": "peftdecl_mlx:MlxBackend",
+    "cupy": "peftdecl_cupy:CupyBackend",
 }
 
 
@@ -365,7 +366,8 @@ def _backend_class(target: str) -> type[Backend]:
 
 
 def backends() -> dict[str, BackendEntry]:
-    """Installed backends and their Capabilities; the heavy libraries are not imported."""
+    """Installed backends and their Capabilities; the heavy libraries are not imported. A backend class may
+    define ``unavailable_reason() -> str`` (a static method): a non-empty reason lists it as unavailable."""
     entries = {}
     for name, target in _entry_points().items():
         try:
@@ -373,7 +375,11 @@ def backends() -> dict[str, BackendEntry]:
             caps: Capabilities = cls.capabilities
             missing = [m for m in caps.requires if importlib.util.find_spec(m) is None]
             reason = f"needs {', '.join(missing)} (not installed)" if missing else ""
-            entries[name] = BackendEntry(name, target, caps, not missing, reason)
+            # a backend that needs hardware says why it cannot run here (no device), without raising
+            probe = getattr(cls, "unavailable_reason", None)
+            if not missing and callable(probe):
+                reason = probe()
+            entries[name] = BackendEntry(name, target, caps, not reason, reason)
         except Exception as exc:
             entries[name] = BackendEntry(name, target, None, False, f"failed to load: {exc}")
     return entries

@@ -23,6 +23,7 @@ from peftdecl_numpy import NumpyBackend
 if TYPE_CHECKING:
     from peftdecl_cupy.dispatch import KernelTable
     from peftdecl_cupy.engine import CupyEngine
+    from peftdecl_numpy.xp_ops import Namespace
 
 # the reference's kinds: every kind runs (the ones without a kernel on the reference's CuPy path)
 _KINDS = BackendKinds("numpy", (*LAYER_TYPES, "parameter"))
@@ -60,6 +61,8 @@ class CupyBackend:
         return False
 
     def inventory(self, model: Mapping[str, npt.ArrayLike], **options: Any) -> ModelInfo:
+        """The NumPy backend's inventory (``kernels``, like ``xp`` and ``dtype``, is the engine's)."""
+        options.pop("kernels", None)
         return NumpyBackend().inventory(model, **options)
 
     def create(
@@ -71,14 +74,18 @@ class CupyBackend:
         *,
         dtype: str = "float32",
         kernels: KernelTable | None = None,
+        xp: Namespace | None = None,
         **model_options: object,
     ) -> CupyEngine:
-        """An engine on CuPy arrays in ``dtype``; ``kernels`` replaces the kernel table (tests)."""
-        import cupy
-
+        """An engine on CuPy arrays in ``dtype``; ``kernels`` (a table of fakes) and ``xp`` (NumPy) are for the
+        tests that check the dispatch without a device."""
         from peftdecl_cupy.engine import CupyEngine
 
-        return CupyEngine(model, info, book, options, xp=cupy, dtype=dtype, kernels=kernels)
+        if xp is None:
+            import cupy
+
+            xp = cupy
+        return CupyEngine(model, info, book, options, xp=xp, dtype=dtype, kernels=kernels)
 
 
 __all__ = ["CupyBackend"]

@@ -27,7 +27,7 @@ from peftdecl.quant.layouts import dequantize, tensors_from_quantized
 from peftdecl_numpy import compose
 from peftdecl_numpy.base_biases import BaseBiases
 from peftdecl_numpy.kinds import ops_for
-from peftdecl_numpy.kinds.base import MergeCache, Tape
+from peftdecl_numpy.kinds.base import MergeCache, NumpyOps, Tape
 from peftdecl_numpy.layers import BaseLayer, Mode, ModeView
 from peftdecl_numpy.mha import mha_base_layer, mha_state
 from peftdecl_numpy.parameters import ParameterWeights
@@ -303,7 +303,7 @@ class NumpyEngine(PromptLearning, ModeView):
         if adapter_names is not None:
             return self._mixed_forward(module, layer, x, list(adapter_names))
         running = [
-            compose.Running(name, lp, ops_for(lp.kind), self._layer_params(name, lp))
+            compose.Running(name, lp, self.kind_ops(lp.kind), self._layer_params(name, lp))
             for name, lp in self.book.running_on(module)
         ]
         if not running:
@@ -331,7 +331,7 @@ class NumpyEngine(PromptLearning, ModeView):
         else:
             name, lp, own_tape = running[0]
             assert own_tape is not None  # one adapter alone records its own tape
-            dx, own = ops_for(lp.kind).backward(lp, layer, self._layer_params(name, lp), own_tape, dy)
+            dx, own = self.kind_ops(lp.kind).backward(lp, layer, self._layer_params(name, lp), own_tape, dy)
             by_adapter = {name: own}
         grads: dict[str, Array | None] = {}
         for name, lp, _ in running:
@@ -351,6 +351,11 @@ class NumpyEngine(PromptLearning, ModeView):
         return self._parameters.backward(parameter, d_weight, self._layer_params)
 
     # -- helpers -------------------------------------------------------------------------------------------
+    def kind_ops(self, kind: str) -> NumpyOps:
+        """The ops that run ``kind`` forward and backward here: the reference's; a backend built on this engine
+        overrides it to put its kernels in front (merges always take the reference's ops)."""
+        return ops_for(kind)
+
     def _asarray(self, value: Array | npt.ArrayLike, copy: bool = True) -> Array:
         """``value`` as an array of the engine's namespace and dtype: a fresh one (never a view of the caller's
         array) unless ``copy`` is False (inputs and output gradients, which are only read)."""
@@ -383,7 +388,7 @@ class NumpyEngine(PromptLearning, ModeView):
             if name == BASE or module not in self.book.plans[name].targets:
                 continue
             lp = self.book.plans[name].layer(module)
-            ops = ops_for(lp.kind)
+            ops = self.kind_ops(lp.kind)
             if not ops.additive:
                 raise PeftdeclError(
                     f"adapter {name!r} is {lp.kind}; mixed batches support additive kinds only"

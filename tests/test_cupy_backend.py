@@ -1,0 +1,394 @@
+"""The CuPy backend without a device: its dispatch, its host-side planning, and its reference path.
+
+(a) Dispatch: the backend's engine on NumPy arrays (``xp=numpy``) with a table of fake kernels (NumPy products
+    standing in for the CUDA launches) routes each op as designed, and falls back to the reference where a
+    kernel does not cover the case or is absent; results equal the NumPy backend's (float64, tolerance 1e-12:
+    the same math, only the order of sums may differ).
+(b) Planning: segments, token indices, launch grids and the tile sizes against plain loops and the header.
+(c) With no kernels at all, the engine is the NumPy reference: equal to the NumPy backend to the last bit.
+Not here: the kernels themselves (tests/test_cuda_kernels_lora.py, on a GPU).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import peftdecl
+from peftdecl_cupy import CupyBackend, planning
+from peftdecl_cupy._modules import KERNEL_DIR
+from peftdecl_cupy.dispatch import KernelOps
+from peftdecl_cupy.table import MIXED, kernel_table
+from peftdecl_numpy.xp_ops import to_numpy
+from tests.conftest import rel_err
+from tests.layer_cases import KINDS
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-12
+
+
+class FakeLowRank:
+    """NumPy stand-ins for the low-rank kernels (same contract: in-place expand, strided outputs)."""
+
+    def accepts(self, *arrays: Any) -> bool:
+        return all(isinstance(a, np.ndarray) for a in arrays)
+
+    def shrink(self, x: Any, a: Any, alpha: float = 1.0, rank_scale: Any = None) -> Any:
+        u = alpha * (x @ a.T)
+        return u if rank_scale is None else u * np.reshape(rank_scale, (1, -1))
+
+    def expand(self, u: Any, b: Any, y: Any, alpha: float = 1.0, accumulate: bool = True) -> Any:
+        y[...] = (y if accumulate else 0.0) + alpha * (u @ b.T)
+        return y
+
+    def outer(self, u: Any, x: Any, out: Any, alpha: float = 1.0, accumulate: bool = False) -> Any:
+        out[...] = (out if accumulate else 0.0) + alpha * (u.T @ x)
+        return out
+
+
+class FakeMixed:
+    def __init__(self) -> None:
+        self.indices: list[np.ndarray] = []
+
+    def accepts(self, *arrays: Any) -> bool:
+        return all(isinstance(a, np.ndarray) for a in arrays)
+
+    def run(self, x: Any, y: Any, adapters: list, index: Any) -> Any:
+        self.indices.append(np.asarray(index))
+        for t, i in enumerate(index):
+            if i >= 0:
+                a, b, s = adapters[i]
+                y[t] += s * (x[t] @ a.T) @ b.T
+        return y
+
+
+class FakeDora:
+    def accepts(self, *arrays: Any) -> bool:
+        return all(isinstance(a, np.ndarray) for a in arrays)
+
+    def norm(self, weight: Any, a: Any, b: Any, s: float) -> Any:
+        return np.sqrt(np.sum((weight + s * b @ a) ** 2, axis=1))  # formed densely: an independent formula
+
+    def output(self, u: Any, b: Any, y: Any, bias: Any, m: Any, n: Any, s: float) -> Any:
+        bias = 0.0 if bias is None else bias
+        g = np.where(n > 0, m / np.where(n > 0, n, 1.0), 1.0)
+        direction = y - bias + s * u @ b.T
+        return bias + g * direction, direction
+
+
+def fake_table() -> dict:
+    return kernel_table(FakeLowRank(), FakeMixed(), FakeDora())
+
+
+def attach(
+    kind: str, layer: str, backend: Any, fields: dict | None = None, **options: Any
+) -> tuple[Any, Any]:
+    """``kind`` on tests/layer_cases.py's ``layer`` in float64, and an input for it."""
+    entry, case = KINDS[kind], KINDS[kind].layers[layer]
+    rng = np.random.default_rng(0)
+    spec = {**entry.spec, **(entry.layer_fields or {}).get(layer, {}), **(fields or {})}
+    model = peftdecl.attach(
+        case.random_state(rng), spec, backend=backend, layer_types=case.layer_types(), seed=0, **options
+    )
+    if entry.prepare is not None:
+        entry.prepare(model, spec, rng)
+    return model, case.random_input(rng)
+
+
+def cupy_on_numpy(kind: str, layer: str, fields: dict | None = None, kernels: Any = None) -> tuple[Any, Any]:
+    table = fake_table() if kernels is None else kernels
+    return attach(kind, layer, CupyBackend(), fields, xp=np, dtype="float64", kernels=table)
+
+
+def train_step(model: Any, x: Any) -> dict[str, np.ndarray]:
+    """Training forward and backward, then an eval forward: every array as NumPy."""
+    model.train()
+    y, tape = model.engine.layer_forward("m", x)
+    dy = np.random.default_rng(1).normal(size=tuple(y.shape))
+    out = {
+        f"grad {k}": to_numpy(v)
+        for k, v in model.engine.layer_backward("m", tape, dy).items()
+        if v is not None
+    }
+    out["train output"] = to_numpy(y)
+    model.eval()
+    out["eval output"] = to_numpy(model("m", x))
+    return out
+
+
+def assert_same(result: dict, expected: dict, tol: float = TOL) -> None:
+    assert result.keys() == expected.keys()
+    for key, value in expected.items():
+        assert rel_err(result[key], value) <= tol, key
+
+
+def calls(model: Any, kind: str) -> dict[str, int]:
+    ops = model.engine.kind_ops(kind)
+    assert isinstance(ops, KernelOps)
+    return ops.calls
+
+
+# the reference's record calls delta_record on the proxy, which falls back too
+FALLBACK = {"record:reference": 2, "delta_record:reference": 2, "delta_backward:reference": 1}
+
+
+# -- (a) dispatch ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_runs_its_kernels_forward_and_backward(dropout: float) -> None:
+    fields = {"lora_dropout": dropout}
+    model, x = cupy_on_numpy("lora", "linear", fields)
+    result = train_step(model, x)
+    # the fake kernels are NumPy products, so only the order of sums differs; dropout masks come from the
+    # same seeded generator in the same order (the override draws them where the reference would)
+    assert_same(result, train_step(*attach("lora", "linear", "numpy", fields)))
+    assert calls(model, "lora") == {"record": 2, "delta_backward": 1}
+
+
+@pytest.mark.parametrize(
+    ("layer", "fields"), [("conv2d", {}), ("embedding", {}), ("linear", {"lora_bias": True})]
+)
+def test_lora_falls_back_where_no_kernel_covers_the_case(layer: str, fields: dict) -> None:
+    model, x = cupy_on_numpy("lora", layer, fields)
+    assert_same(train_step(model, x), train_step(*attach("lora", layer, "numpy", fields)))
+    assert calls(model, "lora") == FALLBACK
+
+
+def test_a_kind_without_kernels_runs_the_reference_ops_themselves() -> None:
+    from peftdecl_numpy.kinds import ops_for
+
+    fields = {"feedforward_modules": []}
+    model, x = cupy_on_numpy("ia3", "linear", fields)
+    assert model.engine.kind_ops("ia3") is ops_for("ia3")
+    assert_same(train_step(model, x), train_step(*attach("ia3", "linear", "numpy", fields)))
+
+
+def test_a_missing_table_entry_falls_back_for_that_kind_only() -> None:
+    table = fake_table()
+    del table["lora"]
+    model, x = cupy_on_numpy("lora", "linear", kernels=table)
+    assert not isinstance(model.engine.kind_ops("lora"), KernelOps)
+    assert_same(train_step(model, x), train_step(*attach("lora", "linear", "numpy")))
+
+
+def test_kernels_refusing_the_arrays_fall_back() -> None:
+    """The real kernel sets accept CuPy arrays only: on NumPy arrays every op takes the reference."""
+    from peftdecl_cupy.engine import default_kernels
+
+    model, x = cupy_on_numpy("lora", "linear", kernels=default_kernels())
+    assert_same(train_step(model, x), train_step(*attach("lora", "linear", "numpy")))
+    assert calls(model, "lora") == FALLBACK
+
+
+def test_adalora_forward_runs_the_scaled_shrink() -> None:
+    fields = {"lora_dropout": 0.3}
+    model, x = cupy_on_numpy("adalora", "linear", fields)
+    assert_same(train_step(model, x), train_step(*attach("adalora", "linear", "numpy", fields)))
+    # record is the reference's, calling delta_record on the proxy: the override runs inside it
+    assert calls(model, "adalora") == {"delta_record": 2}
+
+
+def test_dora_norm_and_output_pass_run_their_kernels() -> None:
+    model, x = cupy_on_numpy("dora", "linear")
+    assert_same(train_step(model, x), train_step(*attach("dora", "linear", "numpy")))
+    assert calls(model, "dora") == {"compose_output_record": 2, "weight_norm": 2}
+
+
+def test_dora_with_dropout_in_training_falls_back_for_the_output_pass() -> None:
+    fields = {"lora_dropout": 0.3}
+    model, x = cupy_on_numpy("dora", "linear", fields)
+    assert_same(train_step(model, x), train_step(*attach("dora", "linear", "numpy", fields)))
+    # training: the reference output pass (which still asks the norm kernel); eval: the kernels
+    assert calls(model, "dora") == {
+        "compose_output_record:reference": 1,
+        "compose_output_record": 1,
+        "weight_norm": 2,
+    }
+
+
+def test_the_reference_methods_self_calls_reach_the_overrides() -> None:
+    """record is not overridden for AdaLoRA; AdditiveKind.record calls self.delta_record, which must be the
+    override (the proxy binds the reference's functions to itself)."""
+    seen: list[str] = []
+
+    def delta_record(ops: Any, lp: Any, layer: Any, p: Any, x: Any) -> Any:
+        seen.append("override")
+        return NotImplemented
+
+    model, x = cupy_on_numpy("adalora", "linear", kernels={"adalora": {"delta_record": delta_record}})
+    model.eval()
+    model("m", x)
+    assert seen == ["override"]
+
+
+def mixed_model(kinds: dict[str, str], layer: str = "linear") -> tuple[Any, Any, Any]:
+    """Adapters (name -> kind) on one model for the CuPy engine (fakes, NumPy) and one for the NumPy backend."""
+    models = []
+    fakes = FakeMixed()
+    table = {**fake_table(), MIXED: kernel_table(FakeLowRank(), fakes, FakeDora())[MIXED]}
+    for backend, options in (
+        (CupyBackend(), {"xp": np, "dtype": "float64", "kernels": table}),
+        ("numpy", {}),
+    ):
+        case = KINDS["lora"].layers[layer]
+        rng = np.random.default_rng(0)
+        model = peftdecl.attach(
+            case.random_state(rng), KINDS["lora"].spec, "first", backend=backend, **options
+        )
+        for seed, (name, kind) in enumerate(kinds.items(), start=1):
+            rank = {"r": 1 + seed} if kind == "lora" else {}  # LoRA adapters of different ranks
+            model.add_adapter(name, {**KINDS[kind].spec, **rank}, seed=seed)
+        model.eval()
+        models.append(model)
+    return models[0], models[1], fakes
+
+
+def test_mixed_batches_of_lora_adapters_run_the_mixed_kernel() -> None:
+    cupy_model, numpy_model, fakes = mixed_model({"second": "lora", "third": "lora"})
+    names = ["second", "__base__", "first", "second", "third", "first"]
+    x = np.random.default_rng(2).normal(size=(6, 4, 5))  # 6 rows of 4 tokens
+    result = cupy_model.engine.layer_forward("m", x, adapter_names=names)[0]
+    expected = numpy_model.engine.layer_forward("m", x, adapter_names=names)[0]
+    assert rel_err(to_numpy(result), to_numpy(expected)) <= TOL
+    assert cupy_model.engine.mixed_calls == {"kernel": 1, "reference": 0}
+    # adapters numbered in first-appearance order; each row's 4 tokens carry its index, base rows -1
+    assert fakes.indices[0].tolist() == np.repeat([0, -1, 1, 0, 2, 1], 4).tolist()
+
+
+def test_mixed_batches_with_another_kind_or_in_training_fall_back() -> None:
+    cupy_model, numpy_model, _ = mixed_model({"hadamard": "loha"})
+    names = ["hadamard", "first", "__base__"]
+    x = np.random.default_rng(3).normal(size=(3, 5))
+    result = cupy_model.engine.layer_forward("m", x, adapter_names=names)[0]
+    expected = numpy_model.engine.layer_forward("m", x, adapter_names=names)[0]
+    assert rel_err(to_numpy(result), to_numpy(expected)) <= TOL
+    cupy_model.train()
+    cupy_model.engine.layer_forward("m", x, adapter_names=["first", "first", "__base__"])
+    assert cupy_model.engine.mixed_calls == {"kernel": 0, "reference": 2}
+
+
+def test_mixed_batches_still_refuse_unknown_adapter_names() -> None:
+    cupy_model, _, _ = mixed_model({})
+    with pytest.raises(peftdecl.PeftdeclError, match="nope"):
+        cupy_model.engine.layer_forward("m", np.zeros((2, 5)), adapter_names=["nope", "first"])
+
+
+# -- (b) planning ----------------------------------------------------------------------------------------------
+def header_defines() -> dict[str, int]:
+    text = (KERNEL_DIR / "lowrank_tiles.cuh").read_text() + (KERNEL_DIR / "mixed_batch.cu").read_text()
+    return {name: int(value) for name, value in re.findall(r"#define (\w+) (\d+)\s*$", text, re.MULTILINE)}
+
+
+def test_tile_sizes_match_the_kernels_header() -> None:
+    defines = header_defines()
+    for name in ("SHRINK_TT", "SHRINK_RT", "SHRINK_KC", "EXPAND_TT", "EXPAND_NT", "EXPAND_RC", "OUTER_TC",
+                 "OUTER_RT", "OUTER_NT", "GATHER_MAX_RANK"):  # fmt: skip
+        assert getattr(planning, name) == defines[name], name
+    assert defines["PD_THREADS"] == planning.THREADS
+
+
+def loop_segments(index: list[int]) -> list[tuple[int, int, int]]:
+    runs, start = [], 0
+    for t in range(1, len(index) + 1):
+        if t == len(index) or index[t] != index[start]:
+            if index[start] >= 0:
+                runs.append((start, t, index[start]))
+            start = t
+    return runs
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_segments_are_the_runs_of_each_adapter(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(-1, 4, size=rng.integers(1, 12))
+    tokens = planning.token_index(rows, int(rng.integers(1, 5)))
+    seg = planning.segments(tokens)
+    runs = zip(seg.start.tolist(), seg.end.tolist(), seg.adapter.tolist(), strict=True)
+    assert list(runs) == loop_segments(tokens.tolist())
+    assert seg.longest == max((e - s for s, e, _ in loop_segments(tokens.tolist())), default=0)
+
+
+def test_token_index_and_adapter_index() -> None:
+    index = planning.adapter_index(["b", "__base__", "a", "b", "c"], runs_here=["a", "b"])
+    assert index.adapters == ("b", "a") and index.rows.tolist() == [0, -1, 1, 0, -1]
+    assert planning.token_index(index.rows, 2).tolist() == [0, 0, -1, -1, 1, 1, 0, 0, -1, -1]
+    assert planning.segments(np.array([], dtype=np.int32)).longest == 0
+
+
+def covered(grid: tuple[int, int, int], tile: tuple[int, int], extent: tuple[int, int]) -> np.ndarray:
+    """How often each element of an ``extent`` output is written by a grid of ``tile`` blocks (x, y axes)."""
+    count = np.zeros(extent, dtype=int)
+    for bx in range(grid[0]):
+        for by in range(grid[1]):
+            count[bx * tile[0] : (bx + 1) * tile[0], by * tile[1] : (by + 1) * tile[1]] += 1
+    return count
+
+
+@pytest.mark.parametrize(
+    ("tokens", "rank", "columns"), [(1, 1, 1), (33, 17, 65), (100, 128, 3), (64, 32, 64)]
+)
+def test_grids_cover_every_output_once(tokens: int, rank: int, columns: int) -> None:
+    shrink = planning.shrink_grid(tokens, rank)
+    assert (covered(shrink, (planning.SHRINK_TT, planning.SHRINK_RT), (tokens, rank)) == 1).all()
+    expand = planning.expand_grid(tokens, columns)
+    assert (covered(expand, (planning.EXPAND_TT, planning.EXPAND_NT), (tokens, columns)) == 1).all()
+    # the outer product: blocks over (columns, ranks), the token sum split along z
+    (gx, gy, gz), per_split = planning.outer_grid(tokens, rank, columns, multiprocessors=132)
+    assert (covered((gx, gy, 1), (planning.OUTER_NT, planning.OUTER_RT), (columns, rank)) == 1).all()
+    assert per_split % planning.OUTER_TC == 0 and (gz - 1) * per_split < tokens <= gz * per_split
+
+
+def test_the_outer_split_fills_the_device_only_when_tiles_are_few() -> None:
+    (_, _, many), _ = planning.outer_grid(8192, 16, 64, multiprocessors=132)  # 1 tile: split the tokens
+    (_, _, one), _ = planning.outer_grid(8192, 128, 8192, multiprocessors=132)  # 512 tiles already
+    assert many >= 132 and one == 1
+
+
+def test_segmented_grids_cover_each_segment() -> None:
+    tokens = planning.token_index(np.array([2, 2, -1, 0, 1]), 40)
+    seg = planning.segments(tokens)
+    gx, gy, gz = planning.sgmv_shrink_grid(seg, max_rank=40)
+    assert (gy, gz) == (3, 2) and gx * planning.SHRINK_TT >= seg.longest == 80
+    assert planning.sgmv_expand_grid(seg, 100)[2] == 2
+    assert planning.prefer_segments(seg, tokens.size) and not planning.prefer_segments(
+        planning.segments(np.arange(8) % 3), 8
+    )
+
+
+# -- (c) the reference path ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kind", "layer"), [("lora", "linear"), ("dora", "conv2d"), ("loha", "linear"), ("oft", "linear")]
+)
+def test_without_kernels_the_engine_is_the_numpy_reference(kind: str, layer: str) -> None:
+    fields = {"lora_dropout": 0.3} if kind in ("lora", "dora") else {}
+    result = train_step(*cupy_on_numpy(kind, layer, fields, kernels={}))
+    expected = train_step(*attach(kind, layer, "numpy", fields))
+    assert_same(result, expected, tol=0.0)
+
+
+# -- the backend's listing -------------------------------------------------------------------------------------
+def test_without_a_device_the_backend_is_listed_unavailable_with_the_reason() -> None:
+    from peftdecl_cupy._device import driver_device_count
+
+    if driver_device_count()[0]:
+        pytest.skip("a CUDA device is present")
+    entry = peftdecl.backends()["cupy"]
+    assert not entry.available and entry.reason
+    assert entry.capabilities is not None and entry.capabilities.name == "cupy"
+    with pytest.raises(peftdecl.BackendError, match="unavailable"):
+        peftdecl.get_backend("cupy")
+
+
+def test_importing_the_backend_imports_neither_cupy_nor_torch() -> None:
+    code = (
+        "import sys, peftdecl, peftdecl_cupy\n"
+        "peftdecl.backends()\n"
+        "print(sorted(m for m in ('cupy', 'torch') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
