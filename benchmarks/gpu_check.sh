@@ -24,6 +24,18 @@ cat "$out/env.txt"
 timeout 300 $python -m pytest -q -n 8 -p no:cacheprovider -W ignore::UserWarning -W ignore::FutureWarning \
     tests/test_torch_cuda.py tests/test_torch_model.py::test_cuda_layers_follow_the_base_device 2>&1 |
     tee "$out/tests.txt" | tail -40
+# the CuPy backend's LoRA/mixed-batch/DoRA kernels (NVRTC-compiled at first use) against the float64 reference
+# and torch autograd, then their times (cupy-cuda13x must already be installed: the device has no network)
+$python -c "import cupy" 2>/dev/null || echo "cupy is not installed: the CuPy kernel checks will skip" | tee "$out/cupy_missing.txt"
+timeout 240 $python -m pytest -q -p no:cacheprovider tests/test_cuda_kernels_lora.py 2>&1 |
+    tee "$out/kernels_lora.txt" | tail -20
+timeout 120 $python -W ignore benchmarks/cupy_kernels.py --dim "$dim" --tokens "$tokens" 2>&1 | tee "$out/bench_cupy_kernels.txt"
+# the OFT/BOFT/IA3/VeRA/LoHa/LoKr/4-bit CuPy kernels against the NumPy reference, then the torch CUDA module again
+# with the kernels switched off (the run above has them on: PEFTDECL_CUDA_KERNELS defaults to 1)
+timeout 240 $python -m pytest -q -p no:cacheprovider tests/test_cuda_kernels_other.py 2>&1 |
+    tee "$out/kernels_other.txt" | tail -20
+PEFTDECL_CUDA_KERNELS=0 timeout 300 $python -m pytest -q -n 8 -p no:cacheprovider -W ignore::UserWarning \
+    -W ignore::FutureWarning tests/test_torch_cuda.py 2>&1 | tee "$out/tests_kernels_off.txt" | tail -20
 for dtype in float32 bfloat16; do
     timeout 150 $python -W ignore benchmarks/compare_torch_peft.py --device cuda --dtype "$dtype" --dim "$dim" \
         --tokens "$tokens" --rank 16 --rounds 5 --block 3 --trials 1 --in-process 2>&1 | tee "$out/bench_$dtype.txt"

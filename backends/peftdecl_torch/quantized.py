@@ -22,6 +22,7 @@ from torch import nn
 
 from peftdecl.errors import PeftdeclError
 from peftdecl.quant.requantize import warn_requantized
+from peftdecl_torch import cuda_kernels
 
 BnbKind = Literal["4bit", "8bit"]
 
@@ -73,6 +74,7 @@ def _unpacked_4bit(weight: torch.Tensor) -> tuple[torch.Tensor, Any]:
     return codes, plain
 
 
+@cuda_kernels.replaces("nf4_dequantize")
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The layer's weight as floats [out, in] (a new tensor; the layer keeps its codes): 4-bit in the dtype it
     was quantised from, int8 in float32. A float weight is returned as it is."""

@@ -14,6 +14,7 @@ import torch
 
 from peftdecl.plan.kinds.boft import butterfly_perms as factor_perms
 from peftdecl.plan.kinds.oft import neumann_coefficients
+from peftdecl_torch import cuda_kernels
 
 
 def skew_from_triu(u: torch.Tensor, block: int) -> torch.Tensor:
@@ -24,6 +25,7 @@ def skew_from_triu(u: torch.Tensor, block: int) -> torch.Tensor:
     return q - q.transpose(1, 2)
 
 
+@cuda_kernels.replaces("cayley")
 def cayley(s: torch.Tensor) -> torch.Tensor:
     """R = (I − S)(I + S)⁻¹ for a batch [..., b, b], solved as R (I + S) = I − S."""
     eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
@@ -31,6 +33,7 @@ def cayley(s: torch.Tensor) -> torch.Tensor:
     return r
 
 
+@cuda_kernels.replaces("neumann")
 def neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
     """R = Σ_k c_k Q^k, HF PEFT's series (approximates (I + Q)(I − Q)⁻¹, the transpose of :func:`cayley`)."""
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
@@ -42,6 +45,7 @@ def neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
     return out
 
 
+@cuda_kernels.replaces("rotate_blocks")
 def rotate_blocks(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """x [..., n·b] -> x · blockdiag(R_1..R_n), as one batched matmul over the n blocks."""
     n, b, _ = r.shape
@@ -70,6 +74,7 @@ def butterfly_perms(
     return out
 
 
+@cuda_kernels.replaces("butterfly")
 def butterfly(x: torch.Tensor, q: torch.Tensor, perms: list) -> torch.Tensor:
     """x M for M = B_{N−1} ⋯ B_0, B_i = P_i · blockdiag(Q_i) · P_iᵀ, factor by factor (gathers and bmm)."""
     for i in reversed(range(len(perms))):

@@ -17,6 +17,7 @@ import torch
 
 from peftdecl.kinds import compositions
 from peftdecl.plan import LayerPlan
+from peftdecl_torch import cuda_kernels
 
 if TYPE_CHECKING:
     from peftdecl_torch.layer import AdaptedLayer
@@ -52,6 +53,7 @@ class IA3Ops:
         """W diag(l): the input scaled per input feature (per input channel of each group)."""
         return weight * self._weight_factor(lp, p["ia3_l"])
 
+    @cuda_kernels.replaces("ia3_forward")
     def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         scale = _on_features(lp, p["ia3_l"])
         if lp.options["feedforward"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from peftdecl.plan import LayerPlan
+from peftdecl_torch import cuda_kernels
 from peftdecl_torch.kinds._weight_delta import Params, WeightDeltaOps, rebuild_cp
 
 
@@ -18,6 +19,7 @@ def hadamard_factor(lp: LayerPlan, p: Params, i: int) -> torch.Tensor:
     return rebuild_cp(p[f"hada_t{i}"], a, b) if lp.options["effective_conv"] else a @ b
 
 
+@cuda_kernels.replaces("loha_delta")
 def delta_weight(lp: LayerPlan, p: Params) -> torch.Tensor:
     return (lp.scaling * (hadamard_factor(lp, p, 1) * hadamard_factor(lp, p, 2))).reshape(
         lp.layer.weight_shape

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from peftdecl.plan import LayerPlan
+from peftdecl_torch import cuda_kernels
 from peftdecl_torch.kinds._weight_delta import Params, WeightDeltaOps, rebuild_cp
 
 
@@ -25,6 +26,7 @@ def factor_w2(p: Params) -> torch.Tensor:
     return p["lokr_w2_a"] @ p["lokr_w2_b"]
 
 
+@cuda_kernels.replaces("lokr_delta")
 def delta_weight(lp: LayerPlan, p: Params) -> torch.Tensor:
     w1, w2 = factor_w1(p), factor_w2(p)
     lifted = w1[:, :, None, None] if w2.ndim == 4 else w1

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.plan import LayerPlan
+from peftdecl_torch import cuda_kernels
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds._additive import AddedProduct, Params
 from peftdecl_torch.kinds.lora import _add_expand
@@ -68,6 +69,7 @@ class VeraOps(AddedProduct):
     kind = "vera"
     additive = True
 
+    @cuda_kernels.replaces("vera_forward")
     def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         a, b = _projections(lp, p)
         if fused.fusable(lp, layer, x, b.dtype, lp.options["dropout"]):
