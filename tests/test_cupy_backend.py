@@ -392,3 +392,23 @@ def test_importing_the_backend_imports_neither_cupy_nor_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_several_adapters_on_a_layer_compose_as_in_the_reference() -> None:
+    """compose.forward reads each kind's ``composition`` (a static method on DoRA): the proxy must hand it over
+    unbound; LoRA's delta_record and DoRA's output pass run their (fake) kernels inside the composition."""
+    models = []
+    for backend, options in (
+        (CupyBackend(), {"xp": np, "dtype": "float64", "kernels": fake_table()}),
+        ("numpy", {}),
+    ):
+        case = KINDS["lora"].layers["linear"]
+        model = peftdecl.attach(case.random_state(np.random.default_rng(0)), KINDS["lora"].spec, "plain",
+                                backend=backend, **options)  # fmt: skip
+        model.add_adapter("scaled", {**KINDS["dora"].spec, "lora_dropout": 0.2}, seed=1)
+        model.set_adapter(["plain", "scaled"])
+        models.append(model)
+    x = np.random.default_rng(4).normal(size=(4, 5))
+    assert_same(train_step(models[0], x), train_step(models[1], x))
+    assert calls(models[0], "lora").get("delta_record") == 2
+    assert calls(models[0], "dora").get("compose_output_record") == 1  # eval; training has dropout

@@ -10,6 +10,7 @@ fake table on NumPy arrays.
 
 from __future__ import annotations
 
+import inspect
 import types
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,8 +40,11 @@ class KernelOps:
         method = getattr(type(self._reference), name, None)
         if override is not None:
             return self._with_fallback(name, override, method)
-        if isinstance(method, types.FunctionType):
-            return types.MethodType(method, self)  # the reference's method, its self-calls through this proxy
+        # a plain method is bound to this proxy, so its self-calls come back here; a static or class method,
+        # a property or a data attribute is the reference's own
+        raw = inspect.getattr_static(type(self._reference), name, None)
+        if isinstance(raw, types.FunctionType):
+            return types.MethodType(raw, self)
         return getattr(self._reference, name)
 
     def _with_fallback(self, name: str, override: Override, method: Any) -> Callable[..., Any]:

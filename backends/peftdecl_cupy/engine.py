@@ -56,6 +56,14 @@ class CupyEngine(NumpyEngine):
             ops = self._fronted[kind] = kernel_ops(ops_for(kind), self.kernels, kind)
         return ops  # a KernelOps has every NumpyOps method (through the reference)
 
+    def _asarray(self, value: Array | npt.ArrayLike, copy: bool = True) -> Array:
+        # a CuPy array stays on its device (the reference's path goes through a host copy)
+        if type(value).__module__.split(".")[0] == "cupy":
+            import cupy
+
+            return cupy.array(value, dtype=self.dtype_name, copy=copy)
+        return super()._asarray(value, copy)
+
     def _mixed_forward(
         self, module: str, layer: BaseLayer, x: Array, names: list[str]
     ) -> tuple[Array, LayerTape]:

@@ -7,6 +7,7 @@ arrays are ``uint16`` arrays holding the bits (CuPy has no bfloat16 dtype).
 
 from __future__ import annotations
 
+import itertools
 from functools import cache
 from typing import Any
 
@@ -84,6 +85,15 @@ class CupyLowRank:
              np.int32(rank), np.float64(alpha)),
         )  # fmt: skip
         return u
+
+    def shrink_stacked(self, x: Array, matrices: list[Array], alpha: float = 1.0) -> list[Array]:
+        """[X A_iᵀ for each A_i] from one shrink of X against the A_i stacked (q, k and v reading one input):
+        X is read once; each result is a column slice of one U."""
+        import cupy
+
+        u = self.shrink(x, cupy.concatenate([cupy.asarray(a) for a in matrices], axis=0), alpha)
+        bounds = np.cumsum([0, *(a.shape[0] for a in matrices)])
+        return [u[:, lo:hi] for lo, hi in itertools.pairwise(bounds.tolist())]
 
     def expand(self, u: Array, b: Array, y: Array, alpha: float = 1.0, accumulate: bool = True) -> Array:
         """Y ← [Y +] α · U Bᵀ in place, for U [tokens, rank], B [N, rank] (any strides), Y [tokens, N]
