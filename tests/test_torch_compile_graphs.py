@@ -27,10 +27,35 @@ SPEC = {"peft_type": "LORA", "r": 4, "target_modules": ["lin0", "lin1"], "init_l
 def test_no_graph_break_outside_mixed_batches() -> None:
     model = peftdecl.attach(torch_mlp(0).eval(), SPEC, "a", "torch", seed=1)
     with torch.no_grad():
-        model(X)  # eager first: kinds' ops are imported on first use
+        model(X)  # an eager call first, then the traced one
         explained = torch._dynamo.explain(model.base_model)(X)
     assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+COMPILE_FIRST = """
+import torch, peftdecl
+from tests.torch_mlp import torch_mlp
+model = peftdecl.attach(torch_mlp(0).eval(), {spec!r}, "a", "torch", seed=1)
+with torch.no_grad():
+    explained = torch._dynamo.explain(model.base_model)(torch.ones(3, 12))
+print(explained.graph_count, explained.graph_break_count)
+"""
+
+
+def test_compiled_before_any_eager_call_is_one_graph() -> None:
+    """A fresh process (no kind's ops imported yet) compiling before any eager call: the layer imports its kind's
+    ops when the adapter is attached, not inside the traced forward (an import there breaks the graph)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = COMPILE_FIRST.format(spec=SPEC)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.split()[-2:] == ["1", "0"], out.stdout + out.stderr  # one graph, no break
 
 
 def test_compiled_mixed_batch_runs_each_row_through_its_adapter() -> None:

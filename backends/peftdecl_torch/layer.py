@@ -160,6 +160,7 @@ class AdaptedLayer(PeftLayerAttributes, nn.Module):
                 getattr(self, attr).register_buffer(name, tensor)
             slots.append((spec.name, attr, leaf))
         self._plans[name] = lp
+        ops_for(lp.kind)  # imported now: an import inside a compiled forward would break its graph
         self._slots[name] = slots
         self._shared[name] = dict(shared or {})
         self._dtypes[name] = dtype
