@@ -190,22 +190,27 @@ def test_adalora_forward_runs_the_scaled_shrink() -> None:
     model, x = cupy_on_numpy("adalora", "linear", fields)
     assert_same(train_step(model, x), train_step(*attach("adalora", "linear", "numpy", fields)))
     # record is the reference's, calling delta_record on the proxy: the override runs inside it
-    assert calls(model, "adalora") == {"delta_record": 2}
+    assert calls(model, "adalora") == {"delta_record": 2, "delta_backward": 1}
 
 
 def test_dora_norm_and_output_pass_run_their_kernels() -> None:
     model, x = cupy_on_numpy("dora", "linear")
     assert_same(train_step(model, x), train_step(*attach("dora", "linear", "numpy")))
-    assert calls(model, "dora") == {"compose_output_record": 2, "weight_norm": 2}
+    assert calls(model, "dora") == {
+        "compose_output_record": 2,
+        "compose_output_backward": 1,
+        "weight_norm": 2,
+    }
 
 
 def test_dora_with_dropout_in_training_falls_back_for_the_output_pass() -> None:
     fields = {"lora_dropout": 0.3}
     model, x = cupy_on_numpy("dora", "linear", fields)
     assert_same(train_step(model, x), train_step(*attach("dora", "linear", "numpy", fields)))
-    # training: the reference output pass (which still asks the norm kernel); eval: the kernels
+    # training: the reference output pass and backward (the norm still from its kernel); eval: the kernels
     assert calls(model, "dora") == {
         "compose_output_record:reference": 1,
+        "compose_output_backward:reference": 1,
         "compose_output_record": 1,
         "weight_norm": 2,
     }

@@ -22,7 +22,7 @@ from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.dora import MAGNITUDE
 from peftdecl_cupy import planning
 from peftdecl_cupy.dispatch import KernelOps, KernelTable, Override
-from peftdecl_numpy.kinds.adalora import singular_values
+from peftdecl_numpy.kinds.adalora import rank_mask, singular_values
 from peftdecl_numpy.kinds.base import Params, Tape
 from peftdecl_numpy.kinds.dora import magnitude_scale
 from peftdecl_numpy.layers import BaseLayer, dropout_mask
@@ -81,6 +81,21 @@ def _lora_delta(
     return low.shrink(_rows(h), a), h, mask
 
 
+def _low_rank_grads(
+    low: LowRankKernels, xp: Any, d: Array, tape: Tape, a: Array, b: Array, s: float
+) -> tuple[Array, Array, Array]:
+    """(dL/dh, dL/dA, dL/dB) of s·(h Aᵀ) Bᵀ from its gradient ``d`` [tokens, n] and the tape's h and u = h Aᵀ:
+    dB = s·dᵀ u, du = s·d B, dA = duᵀ h, dh = du A (four launches, no [tokens, n] temporary)."""
+    h, u = _rows(tape["h"]), _rows(tape["u"])
+    grad_b, grad_a = xp.empty_like(b), xp.empty_like(a)
+    low.outer(u, d, grad_b.T, s)  # written through its transpose
+    du = low.shrink(d, b.T, s)
+    low.outer(du, h, grad_a)
+    dh = xp.empty(h.shape, dtype=h.dtype)
+    low.expand(du, a.T, dh, accumulate=False)
+    return dh.reshape(tape["h"].shape), grad_a, grad_b
+
+
 def lora_overrides(low: LowRankKernels) -> dict[str, Override]:
     """LoRA's overrides on ``low``."""
 
@@ -112,15 +127,7 @@ def lora_overrides(low: LowRankKernels) -> dict[str, Override]:
         a, b = p["lora_A.weight"], p["lora_B.weight"]
         if not low.accepts(d, a, b, tape["h"]):
             return NotImplemented
-        xp, s = layer.xp, lp.scaling
-        dy, h, u = _rows(d), _rows(tape["h"]), _rows(tape["u"])
-        grad_b, grad_a = xp.empty_like(b), xp.empty_like(a)
-        low.outer(u, dy, grad_b.T, s)  # dB = s·dyᵀ u, written through its transpose
-        du = low.shrink(dy, b.T, s)  # du = s·dy B
-        low.outer(du, h, grad_a)  # dA = duᵀ h
-        dh = xp.empty(h.shape, dtype=h.dtype)
-        low.expand(du, a.T, dh, accumulate=False)  # dh = du A
-        dh = dh.reshape(tape["h"].shape)
+        dh, grad_a, grad_b = _low_rank_grads(low, layer.xp, _rows(d), tape, a, b, lp.scaling)
         mask = tape["mask"]
         return (dh if mask is None else dh * mask), {"lora_A.weight": grad_a, "lora_B.weight": grad_b}
 
@@ -128,7 +135,8 @@ def lora_overrides(low: LowRankKernels) -> dict[str, Override]:
 
 
 def adalora_overrides(low: LowRankKernels) -> dict[str, Override]:
-    """AdaLoRA's forward on ``low``: Λ (with the rank mask) scales the shrink's ranks."""
+    """AdaLoRA on ``low``: Λ (with the rank mask) scales the shrink's ranks; the backward runs the low-rank
+    gradients on Q Λ and takes dΛ = Σ_i dQΛ ⊙ Q, dQ = dQΛ ⊙ Λ on the small [r, in] matrices."""
 
     def delta_record(ops: KernelOps, lp: LayerPlan, layer: BaseLayer, p: Params, x: Array) -> Any:
         if lp.layer.type not in DENSE or not low.accepts(x, p["lora_A"], p["lora_B"]):
@@ -141,7 +149,20 @@ def adalora_overrides(low: LowRankKernels) -> dict[str, Override]:
         low.expand(u, b, _rows(delta), lp.scaling, accumulate=False)
         return delta, {"h": h, "u": u.reshape(*x.shape[:-1], -1), "mask": mask}
 
-    return {"delta_record": delta_record}
+    def delta_backward(
+        ops: KernelOps, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, d: Array
+    ) -> Any:
+        if lp.layer.type not in DENSE or "u" not in tape or not low.accepts(d, p["lora_A"], p["lora_B"]):
+            return NotImplemented
+        xp, a, e = layer.xp, p["lora_A"], singular_values(lp, p)
+        dh, grad_qe, grad_b = _low_rank_grads(low, xp, _rows(d), tape, a * e, p["lora_B"], lp.scaling)
+        grad_e = xp.sum(grad_qe * a, axis=1, keepdims=True)
+        keep = rank_mask(lp, e)
+        grads = {"lora_A": grad_qe * e, "lora_E": grad_e if keep is None else grad_e * keep, "lora_B": grad_b}
+        mask = tape["mask"]
+        return (dh if mask is None else dh * mask), grads
+
+    return {"delta_record": delta_record, "delta_backward": delta_backward}
 
 
 def dora_overrides(low: LowRankKernels, dora: DoraKernels) -> dict[str, Override]:
@@ -171,7 +192,29 @@ def dora_overrides(low: LowRankKernels, dora: DoraKernels) -> dict[str, Override
         tape.update(mask=None, direction=direction.reshape(shape))
         return out.reshape(shape), tape
 
-    return {"weight_norm": weight_norm, "compose_output_record": compose_output_record}
+    def compose_output_backward(
+        ops: KernelOps, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, dy: Array
+    ) -> Any:
+        # the kernels' own tape (dense layer, no dropout): dL/dm = Σ_t dy ⊙ D / n, then LoRA's gradients of g ⊙ dy
+        if not (_dense_lora(lp, p) and tape.get("mask", 0) is None and "u" in tape):
+            return NotImplemented
+        a, b, m = p["lora_A.weight"], p["lora_B.weight"], p[MAGNITUDE]
+        if not low.accepts(dy, a, b):
+            return NotImplemented
+        xp, n, g = layer.xp, tape["n"], tape["g"]
+        dg = xp.sum(_rows(dy * tape["direction"]), axis=0)
+        positive = n > 0
+        grad_m = xp.where(positive, dg / xp.where(positive, n, xp.ones_like(n)), xp.zeros_like(dg))
+        scaled = g * dy
+        dh, grad_a, grad_b = _low_rank_grads(low, xp, _rows(scaled), tape, a, b, lp.scaling)
+        grads = {"lora_A.weight": grad_a, "lora_B.weight": grad_b, MAGNITUDE: xp.reshape(grad_m, m.shape)}
+        return scaled, dh, grads
+
+    return {
+        "weight_norm": weight_norm,
+        "compose_output_record": compose_output_record,
+        "compose_output_backward": compose_output_backward,
+    }
 
 
 def mixed_forward(mixed: MixedKernels) -> Override:
