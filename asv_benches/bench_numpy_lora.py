@@ -3,26 +3,21 @@
 Read ``time_lora / time_base`` as a ratio: the FLOP floor for r=16 on 1024×1024 is
 1 + r(d_in + d_out) / (d_in · d_out) ≈ 1.03 times the base GEMM.
 
-``time_lora`` is in the CI regression gate (benchmarks/regression_gate.py). ``PEFTDECL_BENCH_SLOWDOWN=N`` makes it
-repeat its call N times: the switch that shows the gate fires, in the benchmark and never in the library.
+``LoraLinearGate`` times the same call for the CI regression gate (benchmarks/regression_gate.py);
+``PEFTDECL_BENCH_SLOWDOWN=N`` makes it repeat the call N times, the switch that shows the gate fires.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 
 import peftdecl
 
+from ._gate import fastest_cpu_seconds, slowdown
+
 D_IN = D_OUT = 1024
 TOKENS = 256
 RANK = 16
-
-
-def slowdown() -> int:
-    """How many times the gated benchmark repeats its work: PEFTDECL_BENCH_SLOWDOWN, 1 when unset."""
-    return max(1, int(os.environ.get("PEFTDECL_BENCH_SLOWDOWN", "1")))
 
 
 class LoraLinear:
@@ -34,16 +29,14 @@ class LoraLinear:
         self.x = rng.standard_normal((TOKENS, D_IN))
         spec = {"peft_type": "LORA", "r": RANK, "target_modules": ["l"], "init_lora_weights": False}
         self.model = peftdecl.attach({"l.weight": self.weight}, spec)
-        self.calls = slowdown()
 
     def time_base(self) -> None:
         """The base layer alone: x @ W.T."""
         self.x @ self.weight.T
 
     def time_lora(self) -> None:
-        """The adapted layer: base output plus s · (x @ A.T) @ B.T (`calls` times; 1 unless slowed on purpose)."""
-        for _ in range(self.calls):
-            self.model("l", self.x)
+        """The adapted layer: base output plus s · (x @ A.T) @ B.T."""
+        self.model("l", self.x)
 
     def peakmem_base(self) -> None:
         """Peak resident memory of the process around one base call."""
@@ -52,3 +45,25 @@ class LoraLinear:
     def peakmem_lora(self) -> None:
         """Peak resident memory of the process around one adapted call."""
         self.model("l", self.x)
+
+
+class LoraLinearGate:
+    """The adapted call as the regression gate times it: the fastest of 20 calls, in CPU seconds of the process
+    (asv_benches/_gate.py says why). Meaningful with one BLAS thread, as the gate runs it: OpenBLAS threads that
+    wait for each other spin, and their spinning would count."""
+
+    def setup(self) -> None:
+        layer = LoraLinear()
+        layer.setup()
+        self.x, self.model = layer.x, layer.model
+        self.repeats = slowdown()
+
+    def adapted_calls(self) -> None:
+        for _ in range(self.repeats):  # 1 unless PEFTDECL_BENCH_SLOWDOWN slows the benchmark on purpose
+            self.model("l", self.x)
+
+    def track_lora_cpu_seconds(self) -> float:
+        """CPU seconds of the adapted layer's call (base output plus s · (x @ A.T) @ B.T), fastest of 20."""
+        return fastest_cpu_seconds(self.adapted_calls, 20)
+
+    track_lora_cpu_seconds.unit = "seconds"  # type: ignore[attr-defined]

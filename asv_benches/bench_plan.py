@@ -1,4 +1,7 @@
-"""Plan compilation (spec + model inventory -> IR) on a Llama-7B-shaped inventory. No arrays are touched."""
+"""Plan compilation (spec + model inventory -> IR) on a Llama-7B-shaped inventory. No arrays are touched.
+
+``CompilePlanGate`` times compile_plan and load_spec for the CI regression gate (benchmarks/regression_gate.py).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import json
 
 import peftdecl
 from peftdecl.plan import LayerInfo, ModelInfo
+
+from ._gate import fastest_cpu_seconds
 
 SPEC = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
 
@@ -67,3 +72,24 @@ class CompilePlan:
         return len(peftdecl.compile_plan(self.spec, self.info).layers)
 
     track_num_targets.unit = "layers"  # type: ignore[attr-defined]
+
+
+class CompilePlanGate:
+    """compile_plan and load_spec as the regression gate times them: the fastest of 50 calls, in CPU seconds of the
+    process (asv_benches/_gate.py says why)."""
+
+    def setup(self) -> None:
+        self.info = llama_info()
+        self.spec = peftdecl.load_spec(SPEC)
+        self.text = json.dumps(SPEC)
+
+    def track_compile_plan_cpu_seconds(self) -> float:
+        """CPU seconds of compile_plan from a decoded spec, fastest of 50."""
+        return fastest_cpu_seconds(lambda: peftdecl.compile_plan(self.spec, self.info), 50)
+
+    def track_load_spec_cpu_seconds(self) -> float:
+        """CPU seconds of load_spec from JSON text, fastest of 50."""
+        return fastest_cpu_seconds(lambda: peftdecl.load_spec(self.text), 50)
+
+    track_compile_plan_cpu_seconds.unit = "seconds"  # type: ignore[attr-defined]
+    track_load_spec_cpu_seconds.unit = "seconds"  # type: ignore[attr-defined]
