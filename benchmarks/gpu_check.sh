@@ -29,6 +29,10 @@ timeout 300 $python -m pytest -q -n 8 -p no:cacheprovider -W ignore::UserWarning
 $python -c "import cupy" 2>/dev/null || echo "cupy is not installed: the CuPy kernel checks will skip" | tee "$out/cupy_missing.txt"
 timeout 240 $python -m pytest -q -p no:cacheprovider tests/test_cuda_kernels_lora.py 2>&1 |
     tee "$out/kernels_lora.txt" | tail -20
+# every kind on every layer type through the CuPy backend (kernels where they apply, the reference on CuPy
+# elsewhere) against the float64 NumPy reference: tests/test_backend_kinds.py with the cupy driver
+PEFTDECL_TEST_BACKENDS=numpy,cupy timeout 300 $python -m pytest -q -n 8 -p no:cacheprovider \
+    tests/test_backend_kinds.py 2>&1 | tee "$out/kinds_cupy.txt" | tail -20
 timeout 120 $python -W ignore benchmarks/cupy_kernels.py --dim "$dim" --tokens "$tokens" 2>&1 | tee "$out/bench_cupy_kernels.txt"
 # the OFT/BOFT/IA3/VeRA/LoHa/LoKr/4-bit CuPy kernels against the NumPy reference, then the torch CUDA module again
 # with the kernels switched off (the run above has them on: PEFTDECL_CUDA_KERNELS defaults to 1)

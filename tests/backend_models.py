@@ -232,8 +232,49 @@ class MlxDriver:
         holder.update(tree_map(lambda p, g: p - lr * g, holder.trainable_parameters(), param_grads))
 
 
-Driver = NumpyDriver | TorchDriver | MlxDriver
-DRIVERS: dict[str, type[Driver]] = {"numpy": NumpyDriver, "torch": TorchDriver, "mlx": MlxDriver}
+class CupyDriver:
+    """The CuPy backend (on a CUDA device): the state dict as for NumPy, computed in the dtype of the run
+    (``base`` keeps it for ``options``); inputs go in as NumPy, results come back as NumPy."""
+
+    dtypes = ("float32", "float64")
+
+    def __init__(self) -> None:
+        self.cupy = pytest.importorskip("cupy")
+        self.dtype = "float32"
+
+    def base(self, layer: Layer, state: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+        self.dtype = dtype
+        return dict(state)
+
+    def options(self, layer: Layer) -> dict[str, Any]:
+        return {"layer_types": layer.layer_types(), "dtype": self.dtype}
+
+    def forward(self, model: peftdecl.AdaptedModel, x: np.ndarray, dtype: str) -> np.ndarray:
+        return np.asarray(self.cupy.asnumpy(model("m", x)), dtype=np.float64)
+
+    def vjp(
+        self, model: peftdecl.AdaptedModel, x: np.ndarray, dy: np.ndarray, dtype: str
+    ) -> tuple[np.ndarray, Grads]:
+        y, tape = model.engine.layer_forward("m", x)
+        grads = model.engine.layer_backward("m", tape, dy)
+        host = {
+            k: np.asarray(self.cupy.asnumpy(v), dtype=np.float64) for k, v in grads.items() if v is not None
+        }
+        return np.asarray(self.cupy.asnumpy(y), dtype=np.float64), host
+
+    def sgd(self, model: peftdecl.AdaptedModel, x: np.ndarray, dy: np.ndarray, lr: float, dtype: str) -> None:
+        _, grads = self.vjp(model, x, dy, dtype)
+        for key, param in model.trainable_parameters().items():
+            param -= lr * self.cupy.asarray(grads[key], dtype=param.dtype)
+
+
+Driver = NumpyDriver | TorchDriver | MlxDriver | CupyDriver
+DRIVERS: dict[str, type[Driver]] = {
+    "numpy": NumpyDriver,
+    "torch": TorchDriver,
+    "mlx": MlxDriver,
+    "cupy": CupyDriver,
+}
 
 
 def driver(backend: str) -> Driver:
