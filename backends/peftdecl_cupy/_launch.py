@@ -29,6 +29,24 @@ def supported(dtype: Any) -> bool:
     return np.dtype(dtype) in _SUFFIX
 
 
+def dense(*arrays: Any) -> tuple[Any, ...]:
+    """Row-major (C-contiguous) versions of the arrays: a copy only of one that is not (the kernels index rows by
+    their length); None stays None."""
+    out = []
+    for a in arrays:
+        if a is not None and not a.flags.c_contiguous:
+            a = a.copy(order="C")
+        out.append(a)
+    return tuple(out)
+
+
+def written(out: Any) -> Any:
+    """``out`` itself, checked row-major: a kernel writes its result there in place."""
+    if not out.flags.c_contiguous:
+        raise ValueError("the output array must be C-contiguous (row-major)")
+    return out
+
+
 def blocks(count: int, per_block: int = THREADS, cap: int = 65535 * 8) -> int:
     """Grid size for ``count`` items at ``per_block`` per block (grid-stride kernels take the cap)."""
     return max(1, min(cap, -(-count // per_block)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from peftdecl_cupy._launch import THREADS, blocks, f32, i32, i64, optional, suffix
+from peftdecl_cupy._launch import THREADS, blocks, dense, f32, i32, i64, optional, suffix, written
 from peftdecl_cupy._modules import kernel
 
 MAX_RANK = 256  # LoHa's ranks (one row of each a in shared memory)
@@ -26,10 +26,11 @@ def loha_delta(
     a1: Any, b1: Any, a2: Any, b2: Any, scale: float, base: Any | None = None, out: Any = None
 ) -> Any:
     """base + s · (a1 b1) ⊙ (a2 b2), [out, in]."""
+    a1, b1, a2, b2, base = dense(a1, b1, a2, b2, base)
     rows, cols = a1.shape[0], b1.shape[1]
     if rows > MAX_ROWS:
         raise ValueError(f"loha_delta: {rows} output rows, the kernel's grid takes at most {MAX_ROWS}")
-    out = _cp().empty((rows, cols), dtype=a1.dtype) if out is None else out
+    out = _cp().empty((rows, cols), dtype=a1.dtype) if out is None else written(out)
     kernel("loha", f"loha_delta_{suffix(a1)}")(
         (blocks(cols), rows),
         (THREADS,),
@@ -43,9 +44,10 @@ def loha_backward(
 ) -> tuple[Any, Any]:
     """(s·g ⊙ (a2 b2), s·g ⊙ (a1 b1)): the gradients at the two Hadamard factors."""
     cp = _cp()
+    g, a1, b1, a2, b2 = dense(g, a1, b1, a2, b2)
     rows, cols = g.shape
-    dp1 = cp.empty_like(g) if dp1 is None else dp1
-    dp2 = cp.empty_like(g) if dp2 is None else dp2
+    dp1 = cp.empty_like(g) if dp1 is None else written(dp1)
+    dp2 = cp.empty_like(g) if dp2 is None else written(dp2)
     kernel("loha", f"loha_backward_{suffix(g)}")(
         (blocks(cols), rows),
         (THREADS,),
@@ -56,8 +58,9 @@ def loha_backward(
 
 def kron_delta(w1: Any, w2: Any, scale: float, base: Any | None = None, out: Any = None) -> Any:
     """base + s · kron(w1, w2) for matrices w1 [m1, n1], w2 [p, q]: [m1·p, n1·q]."""
+    w1, w2, base = dense(w1, w2, base)
     (m1, n1), (p, q) = w1.shape, w2.shape
-    out = _cp().empty((m1 * p, n1 * q), dtype=w1.dtype) if out is None else out
+    out = _cp().empty((m1 * p, n1 * q), dtype=w1.dtype) if out is None else written(out)
     total = m1 * p * n1 * q
     kernel("lokr", f"kron_delta_{suffix(w1)}")(
         (blocks(total),),
@@ -71,10 +74,11 @@ def kron_backward(
     g: Any, w1: Any, w2: Any, scale: float, dw1: Any = None, dw2: Any = None
 ) -> tuple[Any, Any]:
     """(dL/dw1, dL/dw2) of s · kron(w1, w2) given dL/dΔW = g."""
+    g, w1, w2 = dense(g, w1, w2)
     cp = _cp()
     (m1, n1), (p, q) = w1.shape, w2.shape
-    dw1 = cp.empty_like(w1) if dw1 is None else dw1
-    dw2 = cp.empty_like(w2) if dw2 is None else dw2
+    dw1 = cp.empty_like(w1) if dw1 is None else written(dw1)
+    dw2 = cp.empty_like(w2) if dw2 is None else written(dw2)
     name = suffix(g)
     kernel("lokr", f"kron_backward_w1_{name}")(
         (m1 * n1,), (THREADS,), (g, w2, dw1, i32(n1), i32(p), i32(q), f32(scale))

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from peftdecl_cupy._launch import THREADS, blocks, f32, i32, i64, optional, suffix
+from peftdecl_cupy._launch import THREADS, blocks, dense, f32, i32, i64, optional, suffix, written
 from peftdecl_cupy._modules import kernel
 
 _BACKWARD_ROWS = 512  # rows one thread block of scale_columns_backward sums before its atomic add
@@ -26,8 +26,9 @@ def _cp() -> Any:
 
 def scale_columns(y: Any, scale: Any, out: Any = None) -> Any:
     """y [T, d] ⊙ l [d] (``out`` may be ``y``: in place)."""
+    y, scale = dense(y, scale)
     rows, d = y.shape
-    out = _cp().empty_like(y) if out is None else out
+    out = _cp().empty_like(y) if out is None else written(out)
     kernel("ia3", f"scale_columns_{suffix(y)}")(
         (blocks(rows * d),), (THREADS,), (y, scale, out, i64(rows), i32(d))
     )
@@ -39,9 +40,10 @@ def scale_columns_backward(
 ) -> tuple[Any, Any]:
     """(dy ⊙ l, Σ_t dy ⊙ y) for y [T, d] the scaled tensor's input, in one pass over dy."""
     cp = _cp()
+    dy, y, scale = dense(dy, y, scale)
     rows, d = dy.shape
-    dy_scaled = cp.empty_like(dy) if dy_scaled is None else dy_scaled
-    dl = cp.zeros(d, dtype=np.float32) if dl is None else dl
+    dy_scaled = cp.empty_like(dy) if dy_scaled is None else written(dy_scaled)
+    dl = cp.zeros(d, dtype=np.float32) if dl is None else written(dl)
     grid = (max(1, -(-d // 32)), max(1, -(-rows // _BACKWARD_ROWS)))
     kernel("ia3", f"scale_columns_backward_{suffix(dy)}")(
         grid, (32, 8), (dy, y, scale, dy_scaled, dl, i64(rows), i32(d), i64(_BACKWARD_ROWS))
@@ -62,6 +64,8 @@ def lowrank_add(
 ) -> Any:
     """out[m, n] = base[m, n] + α · sm[m] · sn[n] · Σ_k p[m, k] · sk[k] · q[k, n], p and q float32 views of any
     strides (a transpose or slice is read in place); ``base`` may be None or ``out`` itself."""
+    base, sm, sn, sk = dense(base, sm, sn, sk)
+    written(out)
     rows, rank = p.shape
     cols = q.shape[1]
     item = p.itemsize
