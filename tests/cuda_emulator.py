@@ -1,134 +1,171 @@
-"""Run the CUDA kernel sources on the CPU: each ``.cu`` compiled by g++ as C++ with one OS thread per CUDA thread.
-
-For the GPU-less checks of the kernels' indexing, tiling and barriers (:mod:`tests.test_cuda_kernels_emulated`).
-``__shared__`` becomes ``static`` (blocks run one at a time, so a block's threads share it), ``__syncthreads``
-a ``std::barrier`` over the block's threads, ``atomicAdd`` a locked add; threadIdx/blockIdx are thread-local.
-What this cannot show: warp-level behaviour (``__shfl``), races the barrier hides, and speed. The kernels are the
-same text NVRTC compiles (:func:`peftdecl_cupy._modules.module_source`).
+"""Runs the CuPy backend's CUDA sources on the CPU: each kernel compiled by g++ as C++, every CUDA thread of a
+block an OS thread (``__syncthreads`` a ``std::barrier``, warp shuffles through a per-warp buffer, atomics under
+a lock), blocks one after another. It checks what the sources compute and how they index (tiles, bounds, strides,
+segments), the part a compile check cannot see; it says nothing about speed, the GPU's memory model or
+NVRTC. Used by tests/test_cuda_emulated.py; needs g++ with C++20.
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
-import threading
-from collections.abc import Callable, Sequence
+import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-PRELUDE = r"""
+from peftdecl_cupy import _modules
+
+HEADER = r"""
+#include <algorithm>
 #include <barrier>
+#include <cmath>
 #include <cstring>
+#include <memory>
 #include <mutex>
-struct emu_dim3 { unsigned int x, y, z; };
-thread_local emu_dim3 threadIdx, blockIdx;
-emu_dim3 blockDim, gridDim;
-static std::barrier<>* emu_barrier = nullptr;
-static std::mutex emu_atomic;
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
 #define __global__
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
-inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
-inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
-template <typename T> T atomicAdd(T* p, T v) {
-    std::lock_guard<std::mutex> g(emu_atomic);
-    T old = *p;
-    *p = old + v;
-    return old;
+#define __launch_bounds__(...)
+using std::min;
+using std::sqrt;
+struct emu_dim3 { unsigned x = 1, y = 1, z = 1; };
+thread_local emu_dim3 threadIdx, blockIdx;
+emu_dim3 blockDim, gridDim;
+struct emu_block {
+    std::unique_ptr<std::barrier<>> all;
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    std::vector<double> exchange;
+    explicit emu_block(unsigned threads) : all(new std::barrier<>(threads)), exchange(threads) {
+        for (unsigned w = 0; w * 32 < threads; ++w)
+            warps.emplace_back(new std::barrier<>(std::min(32u, threads - 32 * w)));
+    }
+};
+thread_local emu_block* emu_current = nullptr;
+inline void __syncthreads() { emu_current->all->arrive_and_wait(); }
+template <typename T>
+T __shfl_down_sync(unsigned, T v, int offset) {
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    emu_current->exchange[threadIdx.x] = double(v);
+    emu_current->warps[warp]->arrive_and_wait();
+    const T out = (lane + offset < 32 && threadIdx.x + offset < blockDim.x)
+        ? T(emu_current->exchange[threadIdx.x + offset]) : v;
+    emu_current->warps[warp]->arrive_and_wait();
+    return out;
 }
-template <typename T> T __shfl_down_sync(unsigned int, T v, int) { return v; }  // warps are not emulated
-extern "C" void emu_block(unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx, unsigned int by,
-                          unsigned int bz) {
-    gridDim = {gx, gy, gz};
-    blockDim = {bx, by, bz};
-    delete emu_barrier;
-    emu_barrier = new std::barrier<>(bx * by * bz);
-}
-extern "C" void emu_thread(unsigned int tx, unsigned int ty, unsigned int tz, unsigned int bx, unsigned int by,
-                           unsigned int bz) {
-    threadIdx = {tx, ty, tz};
-    blockIdx = {bx, by, bz};
-}
+inline std::mutex emu_atomic;
+template <typename T>
+T atomicAdd(T* p, T v) { std::lock_guard<std::mutex> g(emu_atomic); T old = *p; *p = old + v; return old; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 """
 
+LAUNCHER = r"""
+template <typename... P, std::size_t... I>
+void emu_call(void (*fn)(P...), void** args, std::index_sequence<I...>) {
+    fn(*static_cast<std::remove_cv_t<std::remove_reference_t<P>>*>(args[I])...);
+}
+template <typename... P>
+void emu_launch(void (*fn)(P...), unsigned gx, unsigned gy, unsigned gz, unsigned bx, void** args) {
+    blockDim = {bx, 1, 1};
+    gridDim = {gx, gy, gz};
+    for (unsigned z = 0; z < gz; ++z)
+        for (unsigned y = 0; y < gy; ++y)
+            for (unsigned x = 0; x < gx; ++x) {
+                emu_block block(bx);
+                std::vector<std::thread> threads;
+                for (unsigned t = 0; t < bx; ++t)
+                    threads.emplace_back([&, t, x, y, z] {
+                        threadIdx = {t, 0, 0};
+                        blockIdx = {x, y, z};
+                        emu_current = &block;
+                        emu_call(fn, args, std::index_sequence_for<P...>{});
+                        block.warps[t / 32]->arrive_and_drop();  // an exited thread no longer holds barriers
+                        block.all->arrive_and_drop();
+                    });
+                for (auto& thread : threads) thread.join();
+            }
+}
+#define EMU_EXPORT(NAME) \
+    extern "C" void emu_##NAME(unsigned gx, unsigned gy, unsigned gz, unsigned bx, void** args) { \
+        emu_launch(NAME, gx, gy, gz, bx, args); \
+    }
+"""
 
-def compiler() -> str | None:
-    return shutil.which("g++")
+ENTRY = re.compile(r"^PD_\w+_ENTRIES\((\w+), \w+\)$", re.MULTILINE)
+NAME = re.compile(r"(\w+)_##SUFFIX\(")
 
 
-def _c_arg(value: Any) -> Any:
+def available() -> str | None:
+    """None when g++ is there, else why the emulated tests skip."""
+    return None if shutil.which("g++") else "g++ not found (the CUDA emulator compiles the sources as C++)"
+
+
+def entry_points(source: str) -> list[str]:
+    """Every ``extern "C"`` kernel of an expanded module: its macro's names times the suffixes it is expanded with."""
+    return [f"{name}_{suffix}" for suffix in ENTRY.findall(source) for name in NAME.findall(source)]
+
+
+def build(module: str, folder: Path) -> ctypes.CDLL:
+    """Module ``module`` compiled for the emulator into ``folder``."""
+    source = _modules.module_source(module)
+    exports = "\n".join(f"EMU_EXPORT({name})" for name in entry_points(source))
+    cpp = folder / f"{module}.cpp"
+    cpp.write_text(HEADER + source + LAUNCHER + exports + "\n")
+    library = folder / f"lib{module}.so"
+    command = ["g++", "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-w", str(cpp), "-o", str(library)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    return ctypes.CDLL(str(library))
+
+
+def _argument(value: Any) -> Any:
+    # what CuPy would pack: an array's address, and each NumPy scalar at its own width
     if isinstance(value, np.ndarray):
         return ctypes.c_void_p(value.ctypes.data)
-    if isinstance(value, np.int32):
-        return ctypes.c_int32(int(value))
-    if isinstance(value, np.int64):
-        return ctypes.c_int64(int(value))
-    if isinstance(value, np.float32):
-        return ctypes.c_float(float(value))
-    if isinstance(value, np.uint64):  # a null pointer (peftdecl_cupy._launch.NULL)
-        return ctypes.c_void_p(int(value) or None)
-    raise TypeError(f"kernel argument of type {type(value).__name__}")
+    kinds = {
+        np.int32: ctypes.c_int32,
+        np.int64: ctypes.c_int64,
+        np.uint64: ctypes.c_uint64,
+        np.float64: ctypes.c_double,
+    }
+    return kinds[type(value)](value)
 
 
-def _dims(value: int | Sequence[int]) -> tuple[int, int, int]:
-    dims = (value,) if isinstance(value, int) else tuple(int(v) for v in value)
-    return (*dims, *(1,) * (3 - len(dims)))  # type: ignore[return-value]
+class EmulatedKernel:
+    """A ``cupy.RawKernel`` stand-in: ``kernel(grid, block, args)`` runs the emulated entry point."""
+
+    def __init__(self, library: ctypes.CDLL, entry: str) -> None:
+        self.function = getattr(library, f"emu_{entry}")
+        self.function.restype = None
+
+    def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
+        grid = (*grid, 1, 1)[:3]
+        values = [_argument(a) for a in args]
+        pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+        self.function(*(ctypes.c_uint(g) for g in grid), ctypes.c_uint(block[0]), pointers)
 
 
-class Emulator:
-    """``kernel(module, entry)`` with the signature of :func:`peftdecl_cupy._modules.kernel`, on NumPy arrays."""
-
-    def __init__(self, build_dir: Path) -> None:
-        self._dir = build_dir
-        self._libraries: dict[str, ctypes.CDLL] = {}
-
-    def library(self, module: str) -> ctypes.CDLL:
-        if module not in self._libraries:
-            from peftdecl_cupy._modules import module_source
-
-            source = self._dir / f"{module}.cpp"
-            source.write_text(PRELUDE + module_source(module))
-            target = self._dir / f"{module}.so"
-            command = [compiler() or "g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w"]
-            subprocess.run(
-                [*command, str(source), "-o", str(target)], check=True, capture_output=True, text=True
-            )
-            self._libraries[module] = ctypes.CDLL(str(target))
-        return self._libraries[module]
-
-    def kernel(self, module: str, entry: str) -> Callable[..., None]:
-        lib = self.library(module)
-        function = getattr(lib, entry)
-        function.restype = None
-
-        def launch(grid: Any, block: Any, args: Sequence[Any], shared_mem: int = 0) -> None:
-            g, b = _dims(grid), _dims(block)
-            c_args = [_c_arg(a) for a in args]
-            for bz in range(g[2]):
-                for by in range(g[1]):
-                    for bx in range(g[0]):
-                        lib.emu_block(*g, *b)
-                        threads = [
-                            threading.Thread(
-                                target=self._run, args=(lib, function, (tx, ty, tz, bx, by, bz), c_args)
-                            )
-                            for tz in range(b[2])
-                            for ty in range(b[1])
-                            for tx in range(b[0])
-                        ]
-                        for t in threads:
-                            t.start()
-                        for t in threads:
-                            t.join()
-
-        return launch
-
-    @staticmethod
-    def _run(lib: ctypes.CDLL, function: Any, ids: tuple[int, ...], c_args: list[Any]) -> None:
-        lib.emu_thread(*ids)
-        function(*c_args)
+def numpy_as_cupy() -> types.ModuleType:
+    """A ``cupy`` stand-in over NumPy with what the backend's kernel wrappers call (host arrays for device ones)."""
+    shim = types.ModuleType("cupy")
+    for name in (
+        "empty",
+        "empty_like",
+        "zeros",
+        "asarray",
+        "ascontiguousarray",
+        "concatenate",
+        "ndarray",
+        "array",
+    ):
+        setattr(shim, name, getattr(np, name))
+    shim.asnumpy = np.asarray  # type: ignore[attr-defined]
+    return shim

@@ -43,6 +43,12 @@ def multiprocessors() -> int:
     return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
 
 
+def address(a: Array) -> int:
+    """The device address of a CuPy array's data (a NumPy array's host address: the CPU emulator's arrays)."""
+    data = a.data
+    return int(data.ptr) if hasattr(data, "ptr") else int(a.ctypes.data)
+
+
 def null() -> Any:
     """A null pointer argument."""
     return np.uint64(0)

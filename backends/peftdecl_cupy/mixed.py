@@ -14,7 +14,7 @@ import numpy as np
 
 from peftdecl_cupy import planning
 from peftdecl_cupy._modules import kernel
-from peftdecl_cupy.lowrank import CupyLowRank, accumulation, suffix
+from peftdecl_cupy.lowrank import CupyLowRank, accumulation, address, suffix
 
 Array = Any
 MAX_SEGMENTS = 65535  # the grid's y extent
@@ -37,8 +37,8 @@ class CupyMixed:
         b_list = [cupy.ascontiguousarray(b) for _, b, _ in adapters]
         ranks_host = np.array([a.shape[0] for a in a_list], dtype=np.int32)
         max_rank = int(ranks_host.max())
-        a_ptrs = cupy.asarray(np.array([a.data.ptr for a in a_list], dtype=np.uint64))
-        b_ptrs = cupy.asarray(np.array([b.data.ptr for b in b_list], dtype=np.uint64))
+        a_ptrs = cupy.asarray(np.array([address(a) for a in a_list], dtype=np.uint64))
+        b_ptrs = cupy.asarray(np.array([address(b) for b in b_list], dtype=np.uint64))
         ranks = cupy.asarray(ranks_host)
         scales = cupy.asarray(np.array([s for _, _, s in adapters], dtype=np.float64))
         u = cupy.empty((tokens, max_rank), dtype=accumulation(x.dtype))
