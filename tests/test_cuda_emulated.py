@@ -4,7 +4,8 @@ with a NumPy stand-in for CuPy). What this checks: the sources' arithmetic and i
 odd sizes, strided operands, segments, the token split of the gradient sums) and the launches' grids and
 arguments, against the float64 reference formula (float32 and float64 within 1e-5 relative, bfloat16 within
 2e-2), every allocated buffer NaN-filled first. What it does not: the GPU itself (speed, memory model,
-NVRTC) — tests/test_cuda_kernels_lora.py does that on a device.
+NVRTC) — tests/test_cuda_kernels_lora.py does that on a device. The last tests run the backend end to end on
+the emulated kernels (the real kernel table, NumPy arrays) against the NumPy backend, gradients included.
 """
 
 from __future__ import annotations
@@ -176,3 +177,78 @@ def test_dora_norm_and_output(dtype: str) -> None:
     g = np.where(expected_n > 0, mr / np.where(expected_n > 0, expected_n, 1.0), 1.0)
     assert rel(values(direction, dtype), d) <= TOL[dtype]
     assert rel(values(out, dtype), bias_r + g * d) <= TOL[dtype]
+
+
+# -- the backend end to end on the emulated kernels: the real table, wrappers and sources ----------------------
+def engine_pair(spec: dict, dtype: str, seed: int = 0) -> tuple[Any, Any, np.ndarray]:
+    """(the CuPy backend's model on NumPy arrays with the real kernel table, the NumPy backend's, an input)."""
+    import peftdecl
+    from peftdecl_cupy import CupyBackend
+
+    rng = np.random.default_rng(seed)
+    state = {"m.weight": rng.normal(size=(70, 45)), "m.bias": rng.normal(size=70)}
+    ours = peftdecl.attach(state, spec, backend=CupyBackend(), xp=np, dtype=dtype, seed=seed)
+    reference = peftdecl.attach(state, spec, backend="numpy", seed=seed)
+    return ours, reference, rng.normal(size=(2, 9, 45))
+
+
+def forward_backward(model: Any, x: np.ndarray, dy: np.ndarray) -> dict[str, np.ndarray]:
+    y, tape = model.engine.layer_forward("m", x)
+    grads = model.engine.layer_backward("m", tape, dy)
+    return {"output": np.asarray(y, dtype=np.float64)} | {
+        k: np.asarray(v, dtype=np.float64) for k, v in grads.items() if v is not None
+    }
+
+
+def kernel_calls(model: Any, kind: str) -> dict[str, int]:
+    return dict(model.engine.kind_ops(kind).calls)
+
+
+LORA = {"peft_type": "LORA", "r": 33, "lora_alpha": 16, "target_modules": ["m"], "init_lora_weights": False}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    ("spec", "kind", "expected_calls"),
+    [
+        (LORA, "lora", {"record": 1, "delta_backward": 1}),
+        (
+            {**LORA, "use_dora": True},
+            "dora",
+            {"compose_output_record": 1, "compose_output_backward": 1, "weight_norm": 1},
+        ),
+        (
+            {"peft_type": "ADALORA", "init_r": 6, "target_r": 4, "lora_alpha": 12, "total_step": 10,
+             "target_modules": ["m"], "init_lora_weights": False},
+            "adalora",
+            {"delta_record": 1, "delta_backward": 1},
+        ),
+    ],
+    ids=["lora", "dora", "adalora"],
+)  # fmt: skip
+def test_the_backend_on_emulated_kernels_matches_the_reference(
+    spec: dict, kind: str, expected_calls: dict, dtype: str
+) -> None:
+    ours, reference, x = engine_pair(spec, dtype)
+    dy = np.random.default_rng(1).normal(size=(2, 9, 70))
+    result, expected = forward_backward(ours, x, dy), forward_backward(reference, x, dy)
+    assert result.keys() == expected.keys()
+    for key, value in expected.items():
+        assert rel(result[key], value) <= TOL[dtype], key
+    assert kernel_calls(ours, kind) == expected_calls
+
+
+@pytest.mark.parametrize("per_row", [40, 1])  # segmented, gathered
+def test_mixed_batches_on_emulated_kernels_match_the_reference(per_row: int) -> None:
+    ours, reference, _ = engine_pair({**LORA, "r": 4}, "float32")
+    for seed, (name, rank) in enumerate((("b", 33), ("c", 1)), start=1):
+        for model in (ours, reference):
+            model.add_adapter(name, {**LORA, "r": rank}, seed=seed)
+    names = ["c", "__base__", "default", "b", "c", "default"]
+    x = np.random.default_rng(3).normal(size=(6, per_row, 45))
+    for model in (ours, reference):
+        model.eval()
+    result = ours.engine.layer_forward("m", x, adapter_names=names)[0]
+    expected = reference.engine.layer_forward("m", x, adapter_names=names)[0]
+    assert rel(np.asarray(result, dtype=np.float64), expected) <= TOL["float32"]
+    assert ours.engine.mixed_calls == {"kernel": 1, "reference": 0}
