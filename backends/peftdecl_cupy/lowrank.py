@@ -64,9 +64,11 @@ class CupyLowRank:
     """The low-rank kernels on CuPy arrays (the ``LowRankKernels`` of :mod:`peftdecl_cupy.table`)."""
 
     def accepts(self, *arrays: Array) -> bool:
-        """True when every array is a CuPy array of one element type with kernels."""
-        import cupy
-
+        """True when every array is a CuPy array of one element type with kernels (False without CuPy)."""
+        try:
+            import cupy
+        except ImportError:
+            return False
         dtypes = {a.dtype for a in arrays}
         return (
             all(isinstance(a, cupy.ndarray) for a in arrays)
