@@ -186,8 +186,17 @@ def _formula_inputs(name: str, g: torch.Generator) -> list[Any]:
     return [torch.randn(*shape, generator=g) for shape in shapes]
 
 
-@pytest.mark.parametrize("name", ["ScaleColumns", "VeraLinear", "LohaDelta", "KronDelta"])
-def test_functions_on_cuda_tensors(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "merged"),
+    [
+        ("ScaleColumns", False),
+        ("VeraLinear", False),
+        ("VeraLinear", True),
+        ("LohaDelta", False),
+        ("KronDelta", False),
+    ],
+)
+def test_functions_on_cuda_tensors(name: str, merged: bool) -> None:
     """Each Function with the CuPy kernels (float32) against torch autograd of its formula in float64."""
     from peftdecl_torch import cuda_functions as fn
     from peftdecl_torch.cuda_bridge import CupyKernels
@@ -201,7 +210,7 @@ def test_functions_on_cuda_tensors(name: str) -> None:
             y = formula(*args)
         elif name == "VeraLinear":  # (x, weight, bias, a, b, lam_d, lam_b) in the Function's order
             x, lam_d, lam_b, w, bias, a, b = args
-            y = fn.apply(function, x, w, bias, a, b, lam_d, lam_b, CupyKernels())
+            y = fn.apply(function, x, w, bias, a, b, lam_d, lam_b, merged, CupyKernels())
         elif name in ("LohaDelta", "KronDelta"):
             y = fn.apply(function, *args, 0.75 if name == "LohaDelta" else 0.5, CupyKernels())
         else:

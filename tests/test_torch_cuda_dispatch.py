@@ -94,9 +94,12 @@ class TorchKernels:
         self.calls["scale_columns_backward"] += 1
         return (dy * scale).to(dy.dtype), (dy * y).sum(0).to(scale.dtype)
 
-    def lowrank_add(self, out: Any, p: Any, q: Any, sn: Any, sk: Any) -> Any:
+    def lowrank_add(self, out: Any, p: Any, q: Any, sm: Any, sn: Any, sk: Any) -> Any:
+        """out += diag(sm) (P diag(sk) Q) diag(sn), None scales being 1."""
         self.calls["lowrank_add"] += 1
-        return out.add_((((p * sk) @ q) * sn).to(out.dtype))
+        product = (p if sk is None else p * sk) @ q
+        product = product if sm is None else product * sm[:, None]
+        return out.add_((product if sn is None else product * sn).to(out.dtype))
 
     def loha_delta(self, a1: Any, b1: Any, a2: Any, b2: Any, scale: float) -> Any:
         self.calls["loha_delta"] += 1
@@ -267,13 +270,14 @@ def test_scale_columns_function(fake: TorchKernels) -> None:
     assert fake.calls["scale_columns_backward"] > 0
 
 
-def test_vera_function(fake: TorchKernels) -> None:
+@pytest.mark.parametrize("merged", [False, True])
+def test_vera_function(fake: TorchKernels, merged: bool) -> None:
     x, weight, bias = rand(2, 3, 6), rand(5, 6, seed=1, grad=False), rand(5, seed=2, grad=False)
     a, b = rand(4, 6, seed=3, grad=False), rand(5, 4, seed=4, grad=False)
     lam_d, lam_b = rand(4, seed=5), rand(5, seed=6)
 
     def run(x: Any, lam_d: Any, lam_b: Any) -> Any:
-        return fn.apply(fn.VeraLinear, x, weight, bias, a, b, lam_d, lam_b, fake)
+        return fn.apply(fn.VeraLinear, x, weight, bias, a, b, lam_d, lam_b, merged, fake)
 
     assert torch.autograd.gradcheck(run, (x, lam_d, lam_b))
     # the reference formula y = x Wᵀ + b + λ_b ⊙ B (λ_d ⊙ A x)
@@ -316,6 +320,8 @@ MODELS = {
         {"scale_columns", "scale_columns_backward"},
     ),
     "vera": ({"peft_type": "VERA", "r": 4, "init_weights": False}, {"lowrank_add"}),
+    # 16 tokens: W' = W + ΔW pays (16 · (12 + 16) ≥ 12 · 16), the merged form of the VeRA Function
+    "vera_merged": ({"peft_type": "VERA", "r": 4, "init_weights": False}, {"lowrank_add"}),
     "loha": (
         {"peft_type": "LOHA", "r": 3, "alpha": 6, "init_weights": False},
         {"loha_delta", "loha_backward"},
@@ -327,12 +333,12 @@ MODELS = {
 }
 
 
-def run_model(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def run_model(spec: dict[str, Any], tokens: int) -> tuple[Any, dict[str, Any]]:
     from tests.torch_mlp import torch_mlp
 
     base = torch_mlp(0).double()
     model = peftdecl.attach(base, {**spec, "target_modules": ["lin0", "lin1"]}, "a", "torch", seed=3)
-    x = torch.linspace(-1.0, 1.0, 4 * 12, dtype=F64).reshape(4, 12)
+    x = torch.linspace(-1.0, 1.0, tokens * 12, dtype=F64).reshape(tokens, 12)
     y = model(x)
     (y * torch.linspace(0.5, 1.5, y.numel(), dtype=F64).reshape(y.shape)).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.base_model.named_parameters() if p.grad is not None}
@@ -344,12 +350,13 @@ def test_models_with_kernels_equal_the_torch_path(
     case: str, fake: TorchKernels, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec, expected_calls = MODELS[case]
-    y_kernels, g_kernels = run_model(spec)
+    tokens = 16 if case.endswith("merged") else 4
+    y_kernels, g_kernels = run_model(spec, tokens)
     assert expected_calls <= set(fake.calls), dict(fake.calls)
     monkeypatch.setenv(cuda_kernels.ENV, "0")
     cuda_kernels.refresh()
     calls = sum(fake.calls.values())
-    y_torch, g_torch = run_model(spec)
+    y_torch, g_torch = run_model(spec, tokens)
     assert sum(fake.calls.values()) == calls  # switched off: the fake is not called
     assert g_kernels.keys() == g_torch.keys() and g_torch
     # float64 throughout: the kernel path and the torch path differ only by summation order

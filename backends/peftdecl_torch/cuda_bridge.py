@@ -110,12 +110,13 @@ class CupyKernels:
         out: torch.Tensor,
         p: torch.Tensor,
         q: torch.Tensor,
+        sm: torch.Tensor | None,
         sn: torch.Tensor | None,
         sk: torch.Tensor | None,
     ) -> torch.Tensor:
         with on_stream(out):
             o = view(out)
-            scaling_kernels.lowrank_add(o, view(p), view(q), sn=view(sn), sk=view(sk), out=o)
+            scaling_kernels.lowrank_add(o, view(p), view(q), sm=view(sm), sn=view(sn), sk=view(sk), out=o)
         return out
 
     def loha_delta(

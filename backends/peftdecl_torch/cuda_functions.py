@@ -48,6 +48,7 @@ class Kernels(Protocol):
         out: torch.Tensor,
         p: torch.Tensor,
         q: torch.Tensor,
+        sm: torch.Tensor | None,
         sn: torch.Tensor | None,
         sk: torch.Tensor | None,
     ) -> torch.Tensor: ...
@@ -82,6 +83,7 @@ class Kernels(Protocol):
 
 class _Ctx(FunctionContext, Protocol):
     kern: Kernels
+    merged: bool
     shape: torch.Size
     scale: float
     idx: list[torch.Tensor | None]
@@ -212,9 +214,11 @@ class ScaleColumns(torch.autograd.Function):
 
 
 class VeraLinear(torch.autograd.Function):
-    """y = x Wᵀ + b + (λ_d ⊙ x Aᵀ)(λ_b ⊙ B)ᵀ for a frozen W, A, B: u = x Aᵀ by the GEMM, the scaled expand added
-    to y in one kernel pass. Backward: dx = dy W + ((dy (λ_b ⊙ B)) ⊙ λ_d) A; with M = dyᵀ u,
-    dλ_b = Σ_r B ⊙ λ_d ⊙ M, dλ_d = Σ_o λ_b ⊙ B ⊙ M."""
+    """y = x Wᵀ + b + (λ_d ⊙ x Aᵀ)(λ_b ⊙ B)ᵀ for a frozen W, A, B, u = x Aᵀ by the GEMM, in one of two forms:
+    token-side, the scaled expand added to y in one kernel pass; ``merged`` (many tokens), one GEMM with
+    W' = W + diag(λ_b) B diag(λ_d) A built by the same kernel in one pass over W (kept for dx).
+    Backward: dx = dy W' = dy W + ((dy (λ_b ⊙ B)) ⊙ λ_d) A; with M = dyᵀ u, dλ_b = Σ_r B ⊙ λ_d ⊙ M,
+    dλ_d = Σ_o λ_b ⊙ B ⊙ M."""
 
     @staticmethod
     def forward(
@@ -226,14 +230,21 @@ class VeraLinear(torch.autograd.Function):
         b: torch.Tensor,
         lam_d: torch.Tensor,
         lam_b: torch.Tensor,
+        merged: bool,
         kern: Kernels,
     ) -> torch.Tensor:
         x2 = _rows(x)
-        y = torch.nn.functional.linear(x2, weight, bias).contiguous()
         u = torch.nn.functional.linear(x2, a.to(x.dtype)).to(a.dtype).contiguous()  # [T, r]
-        kern.lowrank_add(y, u, b.t(), lam_b, lam_d)  # y += (u ⊙ λ_d) (Bᵀ ⊙ λ_b), in place
+        if merged:
+            weight = kern.lowrank_add(
+                weight.clone(memory_format=torch.contiguous_format), b, a, lam_b, None, lam_d
+            )
+            y = torch.nn.functional.linear(x2, weight, bias)
+        else:
+            y = torch.nn.functional.linear(x2, weight, bias).contiguous()
+            kern.lowrank_add(y, u, b.t(), None, lam_b, lam_d)  # y += (u ⊙ λ_d) (Bᵀ ⊙ λ_b), in place
         ctx.save_for_backward(u, weight, a, b, lam_d, lam_b)
-        ctx.shape = x.shape
+        ctx.shape, ctx.merged = x.shape, merged
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -242,14 +253,16 @@ class VeraLinear(torch.autograd.Function):
         dy2 = _rows(dy)
         need_x, need_d, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[5], ctx.needs_input_grad[6]
         dx = d_lam_d = d_lam_b = None
-        if need_x:
+        if need_x and ctx.merged:
+            dx = (dy2 @ weight).view(ctx.shape)  # weight is W'
+        elif need_x:
             gh = (dy2 @ (b * lam_b[:, None]).to(dy.dtype)).to(lam_d.dtype) * lam_d  # [T, r]
             dx = torch.addmm(dy2 @ weight, gh.to(dy.dtype), a.to(dy.dtype)).view(ctx.shape)
         if need_d or need_b:
             m = (dy2.t() @ u.to(dy.dtype)).to(b.dtype) * b  # (dyᵀ u) ⊙ B, [out, r]
             d_lam_b = (m * lam_d).sum(1) if need_b else None
             d_lam_d = (m * lam_b[:, None]).sum(0) if need_d else None
-        return dx, None, None, None, None, d_lam_d, d_lam_b, None
+        return dx, None, None, None, None, d_lam_d, d_lam_b, None, None
 
 
 class LohaDelta(torch.autograd.Function):

@@ -18,6 +18,7 @@ from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.oft import neumann_coefficients
 from peftdecl_torch import cuda_functions as fn
 from peftdecl_torch.cuda_kernels import on_device
+from peftdecl_torch.kinds import _fused as fused
 
 if TYPE_CHECKING:
     from torch import nn
@@ -96,8 +97,9 @@ def ia3_forward(
 def vera_forward(
     kern: Kernels, ops: object, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor
 ) -> Any:
-    """VeRA on a linear layer with a frozen base: the base GEMM, u = x Aᵀ, and the scaled expand added to y in one
-    kernel pass (:class:`peftdecl_torch.cuda_functions.VeraLinear`)."""
+    """VeRA on a linear layer with a frozen base: u = x Aᵀ and either the scaled expand added to y in one kernel
+    pass or, for many tokens, one GEMM with the merged weight built in one kernel pass
+    (:class:`peftdecl_torch.cuda_functions.VeraLinear`)."""
     from peftdecl_torch.kinds.vera import _projections
 
     a, b = _projections(lp, p)
@@ -115,7 +117,11 @@ def vera_forward(
         or not params_ok(kern, a, b, lam_d, lam_b)
     ):
         return NotImplemented
-    return fn.apply(fn.VeraLinear, x, weight, bias, a, b, lam_d, lam_b, kern)
+    # fold the update into W from as many tokens as LoRA does (kinds/_fused.py), while training in float32 only
+    merged = (
+        fused.merge_for_training(lp, layer, x) if torch.is_grad_enabled() else fused.merge_pays(lp, layer, x)
+    )
+    return fn.apply(fn.VeraLinear, x, weight, bias, a, b, lam_d, lam_b, merged, kern)
 
 
 def loha_delta(kern: Kernels, lp: LayerPlan, p: Params) -> Any:
