@@ -185,6 +185,16 @@ def test_kernels_refusing_the_arrays_fall_back() -> None:
     assert calls(model, "lora") == FALLBACK
 
 
+def test_fused_off_runs_no_kernel_at_all() -> None:
+    """EngineOptions.fused = False (PEFTDECL_FUSED=0) is the reference's CuPy path: an empty kernel table."""
+    model, x = attach(
+        "lora", "linear", CupyBackend(), xp=np, dtype="float64", engine_options={"fused": False}
+    )
+    assert model.engine.kernels == {}
+    assert not isinstance(model.engine.kind_ops("lora"), KernelOps)
+    assert_same(train_step(model, x), train_step(*attach("lora", "linear", "numpy")), tol=0.0)
+
+
 def test_adalora_forward_runs_the_scaled_shrink() -> None:
     fields = {"lora_dropout": 0.3}
     model, x = cupy_on_numpy("adalora", "linear", fields)

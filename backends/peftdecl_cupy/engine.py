@@ -32,7 +32,8 @@ def default_kernels() -> KernelTable:
 
 class CupyEngine(NumpyEngine):
     """The reference engine whose kind ops run ``kernels`` first (:mod:`peftdecl_cupy.dispatch`); any namespace
-    works (the tests run it on NumPy with fake kernels), CuPy is what the backend creates it with."""
+    works (the tests run it on NumPy with fake kernels), CuPy is what the backend creates it with. Without a
+    ``kernels`` table it takes the real kernels, or none when ``options.fused`` is off."""
 
     def __init__(
         self,
@@ -46,7 +47,10 @@ class CupyEngine(NumpyEngine):
         kernels: KernelTable | None = None,
     ) -> None:
         super().__init__(state_dict, info, book, options, xp=xp, dtype=dtype)
-        self.kernels = default_kernels() if kernels is None else kernels
+        # EngineOptions.fused = False (PEFTDECL_FUSED=0): the reference's CuPy expressions everywhere, no kernels
+        if kernels is None:
+            kernels = default_kernels() if self.options.fused else {}
+        self.kernels = kernels
         self._fronted: dict[str, NumpyOps | KernelOps] = {}
         self.mixed_calls = {"kernel": 0, "reference": 0}
 
