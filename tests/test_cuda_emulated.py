@@ -99,6 +99,14 @@ def test_shrink(tokens: int, k: int, rank: int, dtype: str) -> None:
     assert rel(LOW.shrink(x, b.T), xr @ br) <= TOL[dtype]  # A read through a transposed view
 
 
+def test_q_k_v_share_one_shrink() -> None:
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(33, 40)).astype(np.float32)
+    stacked = [rng.normal(size=(r, 40)).astype(np.float32) for r in (8, 16, 3)]
+    for u, a in zip(LOW.shrink_stacked(x, stacked), stacked, strict=True):
+        assert rel(u, x.astype(np.float64) @ a.T.astype(np.float64)) <= TOL["float32"]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize(("tokens", "n", "rank"), SHAPES)
 @pytest.mark.parametrize("accumulate", [False, True])
