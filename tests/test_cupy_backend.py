@@ -427,3 +427,15 @@ def test_several_adapters_on_a_layer_compose_as_in_the_reference() -> None:
     assert_same(train_step(models[0], x), train_step(models[1], x))
     assert calls(models[0], "lora").get("delta_record") == 2
     assert calls(models[0], "dora").get("compose_output_record") == 1  # eval; training has dropout
+
+
+def test_a_state_dict_of_cupy_arrays_is_the_backends_and_is_read_on_the_host() -> None:
+    """Recognised by the arrays' type (no CuPy import); a stand-in with CuPy's module name and ``get()``."""
+    from peftdecl_cupy import on_host
+
+    device_array = type("ndarray", (), {"__module__": "cupy._core.core", "get": lambda self: np.ones((2, 3))})
+    state = {"m.weight": device_array(), "m.bias": np.zeros(2)}
+    assert CupyBackend().accepts({"m.weight": device_array()})
+    assert not CupyBackend().accepts({"m.weight": np.ones((2, 3))}) and not CupyBackend().accepts({})
+    host = on_host(state)
+    assert isinstance(host["m.weight"], np.ndarray) and host["m.bias"] is state["m.bias"]

@@ -11,8 +11,6 @@ import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import numpy.typing as npt
-
 from peftdecl.adapter_book import AdapterBook
 from peftdecl.backend import Capabilities
 from peftdecl.kinds import BackendKinds
@@ -57,17 +55,21 @@ class CupyBackend:
         return unavailable_reason()
 
     def accepts(self, model: object) -> bool:
-        """Never chosen by default: a state dict goes to the NumPy backend unless ``backend="cupy"`` is asked."""
-        return False
+        """A state dict of CuPy arrays (a NumPy one goes to the NumPy backend unless ``backend="cupy"``)."""
+        return (
+            isinstance(model, Mapping)
+            and len(model) > 0
+            and all(_is_cupy(v) for v in list(model.values())[:8])
+        )
 
-    def inventory(self, model: Mapping[str, npt.ArrayLike], **options: Any) -> ModelInfo:
+    def inventory(self, model: Mapping[str, Any], **options: Any) -> ModelInfo:
         """The NumPy backend's inventory (``kernels``, like ``xp`` and ``dtype``, is the engine's)."""
         options.pop("kernels", None)
-        return NumpyBackend().inventory(model, **options)
+        return NumpyBackend().inventory(on_host(model), **options)
 
     def create(
         self,
-        model: Mapping[str, npt.ArrayLike],
+        model: Mapping[str, Any],
         info: ModelInfo,
         book: AdapterBook,
         options: EngineOptions,
@@ -85,7 +87,17 @@ class CupyBackend:
             import cupy
 
             xp = cupy
-        return CupyEngine(model, info, book, options, xp=xp, dtype=dtype, kernels=kernels)
+        return CupyEngine(on_host(model), info, book, options, xp=xp, dtype=dtype, kernels=kernels)
+
+
+def _is_cupy(value: object) -> bool:
+    return type(value).__module__.split(".")[0] == "cupy"  # by type: listing must not import CuPy
+
+
+def on_host(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The state dict with its CuPy arrays copied to NumPy (the engine reads it once, at creation, as the
+    reference does; the weights go back to the device in the engine's dtype)."""
+    return {k: v.get() if _is_cupy(v) else v for k, v in model.items()}
 
 
 __all__ = ["CupyBackend"]
