@@ -138,21 +138,21 @@ def torch_calls(layer: Any, tokens: int = TOKENS, dim: int = DIM) -> dict[str, C
     return {"forward": forward, "forward_backward": forward_backward}
 
 
-def min_times(calls: list[Callable[[], None]], rounds: int = 5, block: int = 3) -> list[float]:
-    """Seconds per call of each of ``calls``: the minimum over ``rounds`` rounds of block means.
+def min_times(calls: list[Callable[[], None]], rounds: int = 7, block: int = 3) -> list[float]:
+    """Seconds per call of each of ``calls``: the fastest single call over ``rounds`` rounds of ``block`` calls.
 
     Each round runs every call once untimed, then ``block`` times timed, the calls in a rotated order, so slow
-    drift on a shared machine touches all of them alike; the minimum is the least disturbed round."""
+    drift on a shared machine touches all of them alike. Another process taking the CPU only ever adds time, so
+    the fastest call is the least disturbed one (the median moves with the machine's load)."""
     if SMOKE:
         rounds, block = 1, 1
     best = [float("inf")] * len(calls)
     for round_ in range(rounds):
-        order = list(range(len(calls)))
-        order = order[round_ % len(calls) :] + order[: round_ % len(calls)]
-        for i in order:
+        shift = round_ % len(calls)
+        for i in [*range(shift, len(calls)), *range(shift)]:
             calls[i]()
-            began = time.perf_counter()
             for _ in range(block):
+                began = time.perf_counter()
                 calls[i]()
-            best[i] = min(best[i], (time.perf_counter() - began) / block)
+                best[i] = min(best[i], time.perf_counter() - began)
     return best

@@ -74,7 +74,7 @@ def measure_ratios() -> dict[str, Any]:
 
 class TorchPeerRatios:
     """Ratios per kind from one process: × the frozen layer for peftdecl and for PEFT, and peftdecl ÷ PEFT
-    (below 1: peftdecl is faster). Each is a minimum over 5 interleaved rounds of 3-call blocks."""
+    (below 1: peftdecl is faster). Each time is the fastest of 21 calls in 7 interleaved rounds."""
 
     params = (list(KINDS),)
     param_names = ("kind",)

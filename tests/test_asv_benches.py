@@ -29,7 +29,7 @@ from tests.conftest import selected_backends
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "asv_benches"
 MODULES = sorted(p.stem for p in SUITE.glob("*.py") if p.stem != "__init__")
-HEAVY = ("torch", "mlx", "mlx_lm", "peft", "transformers", "bitsandbytes", "cupy")
+HEAVY = ("torch", "mlx", "mlx_lm", "peft", "transformers", "accelerate", "bitsandbytes", "cupy")
 PREFIXES = ("time_", "track_", "peakmem_", "mem_", "timeraw_")
 BACKEND = {"bench_mlx": "mlx", "bench_peers_mlx": "mlx", "bench_torch": "torch"}
 """The backend a module's benchmarks need (PEFTDECL_TEST_BACKENDS); the peer modules not named here use torch,
@@ -51,11 +51,16 @@ def test_suite_imports_nothing_heavy() -> None:
 
 
 def benchmark_classes() -> Iterator[tuple[str, str]]:
-    for module in MODULES:
-        source = (SUITE / f"{module}.py").read_text()
-        for line in source.splitlines():
-            if line.startswith("class ") and any(f"def {p}" in source for p in PREFIXES):
-                yield module, line.split()[1].split("(")[0].rstrip(":")
+    """(module, class) of every benchmark class asv would find (a class defined there with a benchmark method)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        for module in MODULES:
+            loaded = importlib.import_module(f"asv_benches.{module}")
+            for name, cls in inspect.getmembers(loaded, inspect.isclass):
+                if cls.__module__ == loaded.__name__ and any(m.startswith(PREFIXES) for m in vars(cls)):
+                    yield module, name
+    finally:
+        sys.path.remove(str(ROOT))
 
 
 def _combinations(cls: type, every: bool) -> list[tuple[Any, ...]]:
