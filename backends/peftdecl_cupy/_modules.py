@@ -24,6 +24,7 @@ reference to 1e-5."""
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 _LOADED: dict[tuple[int, str, str], Any] = {}  # (device id, module name, source hash) -> cupy.RawModule
+_FUNCTIONS: dict[tuple[int, str, str], Any] = {}  # (device id, module name, entry point) -> cupy.RawKernel
 
 
 def kernel_sources() -> list[Path]:
@@ -74,5 +75,12 @@ def load_module(name: str) -> cupy.RawModule:
 
 
 def kernel(module: str, entry: str) -> Any:
-    """The ``cupy.RawKernel`` of ``extern "C"`` function ``entry`` in ``module``, on the current device."""
-    return load_module(module).get_function(entry)
+    """The ``cupy.RawKernel`` of ``extern "C"`` function ``entry`` in ``module``, on the current device; kept
+    per device, so a launch costs a dictionary look-up (the source is read and hashed once per device)."""
+    import cupy
+
+    key = (int(cupy.cuda.runtime.getDevice()), module, entry)
+    found = _FUNCTIONS.get(key)
+    if found is None:
+        found = _FUNCTIONS[key] = load_module(module).get_function(entry)
+    return found
