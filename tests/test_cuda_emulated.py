@@ -219,7 +219,7 @@ LORA = {"peft_type": "LORA", "r": 33, "lora_alpha": 16, "target_modules": ["m"],
 @pytest.mark.parametrize(
     ("spec", "kind", "expected_calls"),
     [
-        (LORA, "lora", {"record": 1, "delta_backward": 1}),
+        (LORA, "lora", {"record": 1, "backward": 1}),
         (
             {**LORA, "use_dora": True},
             "dora",

@@ -266,7 +266,7 @@ def test_lora_layer_matches_torch_autograd(rank: int) -> None:
     assert rel(y, y_ref) <= 1e-5
     for key in ("input", ka, kb):
         assert rel(grads[key], g_ref[key]) <= 1e-5, key
-    assert kernel_calls(model, "lora") == {"record": 1, "delta_backward": 1}
+    assert kernel_calls(model, "lora") == {"record": 1, "backward": 1}
 
 
 def test_adalora_matches_the_float64_reference() -> None:

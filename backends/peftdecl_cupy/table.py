@@ -82,17 +82,25 @@ def _lora_delta(
 
 
 def _low_rank_grads(
-    low: LowRankKernels, xp: Any, d: Array, tape: Tape, a: Array, b: Array, s: float
+    low: LowRankKernels,
+    xp: Any,
+    d: Array,
+    tape: Tape,
+    a: Array,
+    b: Array,
+    s: float,
+    into: Array | None = None,
 ) -> tuple[Array, Array, Array]:
     """(dL/dh, dL/dA, dL/dB) of s·(h Aᵀ) Bᵀ from its gradient ``d`` [tokens, n] and the tape's h and u = h Aᵀ:
-    dB = s·dᵀ u, du = s·d B, dA = duᵀ h, dh = du A (four launches, no [tokens, n] temporary)."""
+    dB = s·dᵀ u, du = s·d B, dA = duᵀ h, dh = du A (four launches, no [tokens, n] temporary). With ``into``
+    (the base's dL/dx, C-contiguous) dh is added into it in place and it is returned as dL/dh."""
     h, u = _rows(tape["h"]), _rows(tape["u"])
     grad_b, grad_a = xp.empty_like(b), xp.empty_like(a)
     low.outer(u, d, grad_b.T, s)  # written through its transpose
     du = low.shrink(d, b.T, s)
     low.outer(du, h, grad_a)
-    dh = xp.empty(h.shape, dtype=h.dtype)
-    low.expand(du, a.T, dh, accumulate=False)
+    dh = xp.empty(h.shape, dtype=h.dtype) if into is None else _rows(into)
+    low.expand(du, a.T, dh, accumulate=into is not None)
     return dh.reshape(tape["h"].shape), grad_a, grad_b
 
 
@@ -131,7 +139,24 @@ def lora_overrides(low: LowRankKernels) -> dict[str, Override]:
         mask = tape["mask"]
         return (dh if mask is None else dh * mask), {"lora_A.weight": grad_a, "lora_B.weight": grad_b}
 
-    return {"record": record, "delta_record": delta_record, "delta_backward": delta_backward}
+    def backward(ops: KernelOps, lp: LayerPlan, layer: BaseLayer, p: Params, tape: Tape, dy: Array) -> Any:
+        # without dropout dh joins the base's dL/dx = dy W in place: one output pass less than dx + dh
+        delta = tape.get("delta", {})
+        if not (_dense_lora(lp, p) and "h" in delta and delta.get("mask", 0) is None):
+            return NotImplemented
+        a, b = p["lora_A.weight"], p["lora_B.weight"]
+        if not low.accepts(dy, a, b, delta["h"]):
+            return NotImplemented
+        dx = layer.input_grad(tape["x"], dy)
+        dx, grad_a, grad_b = _low_rank_grads(low, layer.xp, _rows(dy), delta, a, b, lp.scaling, into=dx)
+        return dx, {"lora_A.weight": grad_a, "lora_B.weight": grad_b}
+
+    return {
+        "record": record,
+        "delta_record": delta_record,
+        "delta_backward": delta_backward,
+        "backward": backward,
+    }
 
 
 def adalora_overrides(low: LowRankKernels) -> dict[str, Override]:
