@@ -129,6 +129,16 @@ class TorchKernels:
         nibble = torch.where(e % 2 == 0, byte >> 4, byte & 15)
         return out.copy_((table[nibble] * absmax[e // blocksize]).reshape(out.shape))
 
+    def nf4_lowrank(
+        self, codes: Any, absmax: Any, table: Any, blocksize: int, b: Any, a: Any, scale: float, out: Any
+    ) -> Any:
+        """out = dequant(W) + s · b a."""
+        self.calls["nf4_lowrank"] += 1
+        counted = self.calls["nf4_dequant"]
+        self.nf4_dequant(codes, absmax, table, blocksize, out)
+        self.calls["nf4_dequant"] = counted
+        return out.add_(scale * (b @ a))
+
     def absmax_dequant(self, q: Any, code: Any, absmax: Any, offset: float, blocksize: int) -> Any:
         self.calls["absmax_dequant"] += 1
         i = torch.arange(q.shape[0])
@@ -401,3 +411,43 @@ def test_kernel_object_needs_every_source(monkeypatch: pytest.MonkeyPatch, tmp_p
     cuda_kernels.refresh()
     assert cuda_kernels.kernels() is None
     cuda_kernels.refresh()
+
+
+def test_qlora_inference_builds_the_merged_weight_from_the_codes(
+    fake: TorchKernels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LoRA over a 4-bit layer, no gradients, many tokens: W' = dequant(W) + s·B A (the fused kernel's contract)
+    and one product, against bitsandbytes' own layer plus the LoRA update (switch off)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from tests.conftest import rel_err
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = bnb.nn.Linear4bit(64, 48, compute_dtype=torch.float32, quant_type="nf4")
+
+        def forward(self, x: Any) -> Any:
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    net = Net()
+    net.lin.load_state_dict(torch.nn.Linear(64, 48).state_dict())
+    net = net.to("cpu").eval()
+    net.lin.support_avx512bf16_for_cpu = False  # keep bitsandbytes' ordinary layout on AVX512-BF16 CPUs
+    spec = {"peft_type": "LORA", "r": 4, "target_modules": ["lin"], "init_lora_weights": False}
+    model = peftdecl.attach(net, spec, "a", "torch", seed=2)
+    model.eval()
+    x = torch.randn(
+        40, 64, generator=torch.Generator().manual_seed(1)
+    )  # 40 · (64 + 48) ≥ 64 · 48: merge pays
+    with torch.no_grad():
+        got = model(x)
+        assert fake.calls["nf4_lowrank"] == 1
+        monkeypatch.setenv(cuda_kernels.ENV, "0")
+        cuda_kernels.refresh()
+        want = model(x)
+        few = model(x[:3])  # three tokens: bitsandbytes' own path (merging would not pay)
+    assert fake.calls["nf4_lowrank"] == 1
+    # float32 both ways: the merged product and bitsandbytes' dequantised product plus LoRA's two
+    assert rel_err(got.numpy(), want.numpy()) <= 1e-5
+    assert few.shape == (3, 48)

@@ -170,6 +170,23 @@ class CupyKernels:
             nf4_kernels.nf4_dequant(view(codes), view(absmax), view(table), blocksize, view(out))
         return out
 
+    def nf4_lowrank(
+        self,
+        codes: torch.Tensor,
+        absmax: torch.Tensor,
+        table: torch.Tensor,
+        blocksize: int,
+        b: torch.Tensor,
+        a: torch.Tensor,
+        scale: float,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        with on_stream(out):
+            nf4_kernels.nf4_lowrank(
+                view(codes), view(absmax), view(table), blocksize, view(b), view(a), scale, view(out)
+            )
+        return out
+
     def absmax_dequant(
         self, q: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, offset: float, blocksize: int
     ) -> torch.Tensor:

@@ -76,6 +76,17 @@ class Kernels(Protocol):
         blocksize: int,
         out: torch.Tensor,
     ) -> torch.Tensor: ...
+    def nf4_lowrank(
+        self,
+        codes: torch.Tensor,
+        absmax: torch.Tensor,
+        table: torch.Tensor,
+        blocksize: int,
+        b: torch.Tensor,
+        a: torch.Tensor,
+        scale: float,
+        out: torch.Tensor,
+    ) -> torch.Tensor: ...
     def absmax_dequant(
         self, q: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, offset: float, blocksize: int
     ) -> torch.Tensor: ...

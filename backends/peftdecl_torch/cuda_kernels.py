@@ -21,9 +21,9 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
+if TYPE_CHECKING:
     from peftdecl_torch.cuda_functions import Kernels
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -92,8 +92,6 @@ class use_kernels:  # noqa: N801  (used as a context manager, like torch.no_grad
 
 
 def _compiling() -> bool:
-    import torch
-
     return bool(torch.compiler.is_compiling())
 
 

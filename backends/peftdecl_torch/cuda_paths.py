@@ -9,7 +9,7 @@ factors); 4-bit bitsandbytes weights in the ordinary (not CPU-repacked) layout.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -150,18 +150,19 @@ def lokr_delta(kern: Kernels, lp: LayerPlan, p: Params) -> Any:
     return fn.apply(fn.KronDelta, w1, w2, float(lp.scaling), kern).reshape(lp.layer.weight_shape)
 
 
-def nf4_dequantize(kern: Kernels, module: nn.Module) -> Any:
-    """A bitsandbytes 4-bit weight dequantised in one kernel (double-quantised block scales decoded first)."""
+def _four_bit(kern: Kernels, module: nn.Module) -> tuple[Any, torch.Tensor, torch.Tensor] | None:
+    """(quant state, codes as bytes, float32 block scales) of a bitsandbytes 4-bit layer in the ordinary layout on
+    the kernels' device, in a dtype they take; None otherwise."""
     from peftdecl_torch.quantized import bnb_kind
 
     if bnb_kind(module) != "4bit":
-        return NotImplemented
+        return None
     weight: Any = module.weight
     state = weight.quant_state
     if getattr(state, "packing_format_for_cpu", False) or not on_device(weight.data):
-        return NotImplemented
+        return None
     if state.dtype not in kern.dtypes:
-        return NotImplemented
+        return None
     absmax = state.absmax
     if state.nested:  # absmax = code2[q] · absmax2[i // blocksize2] + offset
         nested = state.state2
@@ -169,9 +170,56 @@ def nf4_dequantize(kern: Kernels, module: nn.Module) -> Any:
             absmax, nested.code.float(), nested.absmax.float(), 0.0, nested.blocksize
         )
         absmax = absmax + state.offset  # a device scalar: added by torch, no host round trip
-    out = torch.empty(tuple(state.shape), dtype=state.dtype, device=weight.device)
-    codes = weight.data.view(torch.uint8).reshape(-1)
-    return kern.nf4_dequant(codes, absmax.float().contiguous(), state.code.float(), state.blocksize, out)
+    return state, weight.data.view(torch.uint8).reshape(-1), absmax.float().contiguous()
+
+
+def nf4_dequantize(kern: Kernels, module: nn.Module) -> Any:
+    """A bitsandbytes 4-bit weight dequantised in one kernel (double-quantised block scales decoded first)."""
+    found = _four_bit(kern, module)
+    if found is None:
+        return NotImplemented
+    state, codes, absmax = found
+    out = torch.empty(tuple(state.shape), dtype=state.dtype, device=codes.device)
+    return kern.nf4_dequant(codes, absmax, state.code.float(), state.blocksize, out)
+
+
+def composed_forward(kern: Kernels, layer: AdaptedLayer, x: torch.Tensor, names: Sequence[str]) -> Any:
+    """The layer's composed path (several adapters, or one whose dtype differs from the base's, e.g. any adapter
+    over a quantised base): one LoRA adapter over a 4-bit base takes :func:`qlora_forward`."""
+    if len(names) != 1:
+        return NotImplemented
+    lp = layer._plans[names[0]]
+    if lp.kind != "lora":
+        return NotImplemented
+    return qlora_forward(kern, lp, layer, layer.tensors(names[0]), x)
+
+
+def qlora_forward(kern: Kernels, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> Any:
+    """LoRA over a bitsandbytes 4-bit layer, at inference on many tokens (:func:`.kinds._fused.merge_pays`):
+    W' = dequant(W) + s·B A in one kernel pass over the codes, then one GEMM — where bitsandbytes' own path
+    dequantises and multiplies, and LoRA adds its shrink and expand products."""
+    if (
+        torch.is_grad_enabled()
+        or not layer.quantized
+        or lp.layer.type != "linear"
+        or "lora_A.weight" not in p
+        or "lora_B.bias" in p
+        or (layer.training and lp.options["dropout"] > 0)
+        or not activations_ok(kern, x)
+        or not fused.merge_pays(lp, layer, x)
+    ):
+        return NotImplemented
+    a, b = p["lora_A.weight"], p["lora_B.weight"]
+    if not params_ok(kern, a, b) or a.shape[0] > kern.max_rank or b.shape[0] > MAX_GRID_ROWS:
+        return NotImplemented
+    found = _four_bit(kern, layer.base_layer)
+    if found is None or found[0].dtype != x.dtype:
+        return NotImplemented
+    state, codes, absmax = found
+    weight = torch.empty(tuple(state.shape), dtype=x.dtype, device=x.device)
+    kern.nf4_lowrank(codes, absmax, state.code.float(), state.blocksize, b, a, float(lp.scaling), weight)
+    bias = layer.bias
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
 PATHS: dict[str, Callable[..., Any]] = {
@@ -184,5 +232,6 @@ PATHS: dict[str, Callable[..., Any]] = {
     "loha_delta": loha_delta,
     "lokr_delta": lokr_delta,
     "nf4_dequantize": nf4_dequantize,
+    "composed_forward": composed_forward,
 }
 """Hook name -> kernel path."""

@@ -23,7 +23,7 @@ from peftdecl.backend import KindOps
 from peftdecl.errors import PeftdeclError
 from peftdecl.options import EngineOptions
 from peftdecl.plan import LayerInfo, LayerPlan
-from peftdecl_torch import compose
+from peftdecl_torch import compose, cuda_kernels
 from peftdecl_torch.base_view import PeftLayerAttributes
 from peftdecl_torch.context import EngineContext
 from peftdecl_torch.kinds import _fused as fused
@@ -393,6 +393,7 @@ class AdaptedLayer(PeftLayerAttributes, nn.Module):
         dropout = lp.options.get("dropout", 0.0)
         return fused.fusable(lp, self, x, self._dtypes[name], dropout, half_compute=True)
 
+    @cuda_kernels.replaces("composed_forward")
     def _composed_forward(self, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         running = [
             compose.Running(n, self._plans[n], ops_for(self._plans[n].kind), self._dtypes[n], self.tensors(n))
