@@ -224,3 +224,54 @@ def test_functions_on_cuda_tensors(name: str, merged: bool) -> None:
     assert rel_err(y.numpy(), y_ref.numpy()) <= F32_TOL
     for got, want in zip(grads, grads_ref, strict=True):
         assert rel_err(got.numpy(), want.numpy()) <= F32_TOL
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_4bit_weight_dequantised_on_cuda_as_bitsandbytes(
+    double: bool, switch: Callable[[bool], None]
+) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    from peftdecl_torch.quantized import dequantized_weight
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(
+        256, 96, compute_dtype=torch.float32, compress_statistics=double, quant_type="nf4"
+    )
+    layer.load_state_dict(torch.nn.Linear(256, 96).state_dict())
+    layer = layer.to("cuda")
+    switch(True)
+    got = dequantized_weight(layer)
+    want = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    # float32 products of the same code and scale; double quantisation's scales summed in another order
+    assert got.dtype == want.dtype and rel_err(got.cpu().numpy(), want.cpu().numpy()) <= 1e-6
+
+
+def test_qlora_inference_on_cuda_equals_bitsandbytes_plus_lora(switch: Callable[[bool], None]) -> None:
+    """LoRA over a 4-bit layer, no gradients, many tokens: the merged weight built from the codes by the fused
+    kernel and one GEMM, against bitsandbytes' layer plus the LoRA products (kernels off)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import peftdecl
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = bnb.nn.Linear4bit(512, 384, compute_dtype=torch.float32, quant_type="nf4")
+
+        def forward(self, x: Any) -> Any:
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    net = Net()
+    net.lin.load_state_dict(torch.nn.Linear(512, 384).state_dict())
+    net = net.to("cuda").eval()
+    net.lin.support_avx512bf16_for_cpu = False  # (a CPU-only repacking; inert on CUDA)
+    spec = {"peft_type": "LORA", "r": 16, "target_modules": ["lin"], "init_lora_weights": False}
+    model = peftdecl.attach(net, spec, "a", "torch", seed=2)
+    model.eval()
+    x = torch.randn(1024, 512, generator=torch.Generator().manual_seed(1)).to("cuda")
+    with torch.no_grad():
+        switch(True)
+        got = model(x).cpu().numpy()
+        switch(False)
+        want = model(x).cpu().numpy()
+    assert rel_err(got, want) <= F32_TOL
