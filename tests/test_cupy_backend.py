@@ -6,7 +6,7 @@
     the same math, only the order of sums may differ).
 (b) Planning: in tests/test_cupy_planning.py.
 (c) With no kernels at all, the engine is the NumPy reference: equal to the NumPy backend to the last bit.
-Not here: the kernels themselves (tests/test_cuda_kernels_lora.py, on a GPU).
+Not here: the kernels themselves (tests/test_cuda_kernels_lora.py on a GPU, tests/test_cuda_emulated.py on the CPU).
 """
 
 from __future__ import annotations
