@@ -101,3 +101,87 @@ def test_kron(xp: Any, dtype: str, m1: int, n1: int, p: int, q: int) -> None:
 @pytest.mark.parametrize(("rows", "cols", "blocksize", "rank"), [(3, 128, 64, 16), (7, 30, 32, 1)])
 def test_nf4(xp: Any, dtype: str, rows: int, cols: int, blocksize: int, rank: int) -> None:
     cases.check_nf4(xp, dtype, rows, cols, blocksize, rank)
+
+
+# -- launch arguments against the compiled signatures ------------------------------------------------------------
+MODULES = ("oft", "boft", "ia3", "vera", "loha", "lokr", "nf4")
+
+
+def _ptx_type(value: Any) -> str:
+    """The PTX parameter type CuPy packs an argument as: an array's address and 64-bit integers as u64."""
+    if isinstance(value, np.int32):
+        return "u32"
+    if isinstance(value, np.float32):
+        return "f32"
+    assert isinstance(value, (np.ndarray, np.int64, np.uint64)), type(value)
+    return "u64"
+
+
+def _launch_everything(dtype: Any) -> None:
+    """Every wrapper once, on tiny arrays of ``dtype`` (float32 or uint16 bfloat16 bits)."""
+    from peftdecl_cupy import delta_kernels, nf4_kernels, rotation_kernels, scaling_kernels
+
+    act = np.zeros((4, 8), dtype)
+    r = np.zeros((2, 4, 4), np.float32)
+    idx = np.arange(8, dtype=np.int32)
+    rotation_kernels.rotate_blocks(act, r)
+    rotation_kernels.block_tn(act, act, 4)
+    rotation_kernels.butterfly_factor(act, r, idx)
+    rotation_kernels.butterfly_factor_tn(act, act, idx, 4)
+    scaling_kernels.scale_columns(act, np.zeros(8, np.float32))
+    scaling_kernels.scale_columns_backward(act, act, np.zeros(8, np.float32))
+    p, q = np.zeros((4, 3), np.float32), np.zeros((3, 8), np.float32)
+    scaling_kernels.lowrank_add(act, p, q, sk=np.zeros(3, np.float32), out=act)
+    a, b = np.zeros((4, 3), dtype), np.zeros((3, 8), dtype)
+    delta_kernels.loha_delta(a, b, a, b, 1.0)
+    delta_kernels.loha_backward(act, a, b, a, b, 1.0)
+    delta_kernels.kron_delta(np.zeros((2, 2), dtype), np.zeros((2, 4), dtype), 1.0)
+    delta_kernels.kron_backward(act, np.zeros((2, 2), dtype), np.zeros((2, 4), dtype), 1.0)
+    codes, absmax, table = np.zeros(16, np.uint8), np.zeros(1, np.float32), np.zeros(16, np.float32)
+    nf4_kernels.nf4_dequant(codes, absmax, table, 64, np.zeros((4, 8), dtype))
+    nf4_kernels.nf4_lowrank(codes, absmax, table, 64, p, q, 1.0, np.zeros((4, 8), dtype))
+    if dtype == np.float32:  # float32-only entry points
+        rotation_kernels.skew_solve(r, r)
+        rotation_kernels.neumann(r, (1.0, 2.0, 1.0))
+        nf4_kernels.absmax_dequant(codes, np.zeros(256, np.float32), absmax, 0.0, 256)
+
+
+def test_launch_arguments_match_the_compiled_parameters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every entry point of these modules is launched by a wrapper with arguments of the widths its PTX declares
+    (CuPy packs arguments by their NumPy types: a width mismatch shifts every later argument on the GPU, which the
+    emulator's C calls would not show)."""
+    import re
+    import subprocess
+
+    from peftdecl_cupy import _modules, delta_kernels, nf4_kernels, rotation_kernels, scaling_kernels
+    from peftdecl_cupy.compile_check import find_nvcc
+
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (PATH or the nvidia-cuda-nvcc wheel)")
+    declared: dict[str, list[str]] = {}
+    for module in MODULES:
+        source, ptx = tmp_path / f"{module}.cu", tmp_path / f"{module}.ptx"
+        source.write_text(_modules.module_source(module))
+        command = [nvcc, *_modules.COMPILE_OPTIONS, "--ptx", "-arch=sm_80", str(source), "-o", str(ptx)]
+        subprocess.run(command, check=True, capture_output=True)
+        for name, body in re.findall(r"\.entry (\w+)\(([^)]*)\)", ptx.read_text()):
+            declared[name] = re.findall(r"\.param \.(\w+)", body)
+    launched: dict[str, list[str]] = {}
+
+    def record(module: str, entry: str) -> Any:
+        def launch(grid: Any, block: Any, args: Any, shared_mem: int = 0) -> None:
+            launched[entry] = [_ptx_type(a) for a in args]
+
+        return launch
+
+    for wrappers in (delta_kernels, nf4_kernels, rotation_kernels, scaling_kernels):
+        monkeypatch.setattr(wrappers, "kernel", record)
+        monkeypatch.setattr(wrappers, "_cp", lambda: np)
+    _launch_everything(np.float32)
+    _launch_everything(np.uint16)
+    assert set(launched) == set(declared), (set(declared) - set(launched), set(launched) - set(declared))
+    for entry, types in launched.items():
+        assert types == declared[entry], entry
