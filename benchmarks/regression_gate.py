@@ -1,24 +1,28 @@
-"""The asv regression gate: fail when a stable benchmark of the change runs more than FACTOR times slower.
+"""The asv regression gate: fail when a stable benchmark of the change is more than FACTOR times slower.
 
-The gated set (GATE_BENCH) is three benchmarks of the NumPy core that run in seconds: the reference LoRA Linear
-forward (``bench_numpy_lora.LoraLinear.time_lora``), plan compilation for a 32-layer Llama
-(``bench_plan.CompilePlan.time_compile_plan``) and spec loading (``bench_plan.CompilePlan.time_load_spec``).
+The gated set (GATE_BENCH) is three track_* benchmarks of the NumPy core that run in seconds:
+``bench_numpy_lora.LoraLinearGate.track_lora_over_base`` (the reference LoRA Linear forward ÷ its bare base
+product), ``bench_plan.CompilePlanGate.track_compile_plan_over_python`` (plan compilation for a 32-layer Llama)
+and ``...track_load_spec_over_python`` (spec loading), the last two ÷ fixed pure-Python reference work. Each is a
+ratio of CPU times taken call by call in one process (asv_benches/_gate.py), so that a slow spell of a shared
+machine cancels out; each run pins the BLAS to one thread (PIN_THREADS), as a thread that waits for a descheduled
+sibling spins.
 
-FACTOR comes from run-to-run noise measured by benchmarks/asv_noise.py on this project's 2-core CPU VM (raw data:
-benchmarks/results/cpu/asv_noise.json; numbers and the reasoning in docs/performance.md, "Regression gate").
-Every run pins the BLAS to one thread (PIN_THREADS): on a shared 2-core machine a two-thread GEMM whose second
-thread is descheduled waits for it, which made single samples up to 10x slower; one thread slows only in
-proportion to the CPU it loses.
+FACTOR = 1.75, from run-to-run noise on this project's 2-core AMD EPYC VM, shared with other jobs and niced
+(benchmarks/asv_noise.py, 20 runs of the same code, raw data in benchmarks/results/cpu/asv_noise.json): the
+largest ratio between two runs was 1.47 (load_spec; 1.10 for the LoRA layer, 1.09 for compile_plan), where asv's
+wall-clock medians of the same calls moved by up to 6.75x and the fastest call in CPU seconds by up to 2.16x
+(asv_noise_cpu_seconds.json). 1.75 is 1.47 with a margin of about 1.2; it catches a change that makes one of
+these paths 1.75x slower, and leaves finer steps to the dashboard (docs/performance.md, "Regression gate").
 
 Two modes (exit status 0: no regression, 1: a gated benchmark regressed, 2: asv itself failed):
 
 - ``continuous BASE HEAD`` (CI): ``asv continuous --factor FACTOR --bench GATE_BENCH BASE HEAD``, each commit
-  built and installed into asv's own virtualenv; asv exits 1 when a benchmark is slower by more than the factor
-  (and the difference is statistically significant by its confidence intervals).
-- ``same-commit`` (tests, and a quick check of the switch): times the working tree twice in this Python
-  (``asv run --environment existing``), the candidate with ``PEFTDECL_BENCH_SLOWDOWN=N``, a switch in the
-  benchmark that repeats its work N times, and fails when candidate ÷ baseline > FACTOR for any gated benchmark
-  (asv's median of each run; no significance test, so this mode is the stricter one).
+  built and installed into asv's own virtualenv (.asv/gate/, the wheel alone); asv exits 1 when a benchmark is
+  more than FACTOR times higher (a track_* value carries no confidence interval, so this is the plain ratio).
+- ``same-commit`` (tests, and CI's check that the gate fires): times the working tree twice in this Python
+  (``asv run --environment existing``), the candidate with ``PEFTDECL_BENCH_SLOWDOWN=N`` (the LoRA benchmark
+  repeats its call N times: the benchmark, never the library), and fails when candidate ÷ baseline > FACTOR.
 
 Run from the repository root: ``python benchmarks/regression_gate.py continuous origin/main HEAD``.
 """
@@ -35,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GATE_BENCH = r"^bench_numpy_lora\.LoraLinearGate\.|^bench_plan\.CompilePlanGate\."
-FACTOR = 1.5
+FACTOR = 1.75
 PIN_THREADS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 MACHINE = "regression-gate"
 
