@@ -132,7 +132,9 @@ def render(current: str) -> str:
     tail = rest.partition(END)[2] if found else ""
     if not found and not head.endswith("\n\n"):
         head = head.rstrip("\n") + "\n\n"
-    return head + render_generated() + tail.lstrip("\n")
+    # sections after the table (e.g. the regression gate's) follow it after one blank line
+    rest_of_page = tail.lstrip("\n")
+    return head + render_generated() + ("\n" + rest_of_page if rest_of_page else "")
 
 
 def regenerate(current: str | None) -> str:

@@ -3,10 +3,10 @@
 Runs inside asv's virtualenv, from the checkout that runs asv (``{conf_dir}``), so that an old commit is installed
 with today's constraints.txt and today's list of benchmark packages, whatever extras that commit declared.
 
-``PEFTDECL_ASV_DEPS`` picks the packages beside the wheel: ``all`` (the default: torch, PEFT, transformers, MLX and
-mlx-lm, for the torch, MLX and peer suites) or ``core`` (the wheel's own dependencies only: the NumPy suites, e.g.
-the CI regression gate). pip finds the packages installed after the first commit, so later commits only swap the
-wheel.
+``PEFTDECL_ASV_DEPS`` picks the packages beside the wheel: ``all`` (the default: torch, PEFT, transformers,
+bitsandbytes, MLX, mlx-lm and the train extra's packages, for the torch, MLX, peer and training suites) or ``core``
+(the wheel's own dependencies only: the NumPy suites, e.g. the CI regression gate). pip finds the packages installed
+after the first commit, so later commits only swap the wheel.
 """
 
 from __future__ import annotations
@@ -19,7 +19,19 @@ from pathlib import Path
 CONSTRAINTS = Path(__file__).resolve().parents[2] / "constraints.txt"
 PACKAGES: dict[str, list[str]] = {
     "core": [],
-    "all": ["torch", "peft==0.21.2", "transformers", "mlx[cpu]", "mlx-lm"],
+    # torch and the peers (PEFT, bitsandbytes for QLoRA, mlx-lm), and what `peftdecl train` runs with (the train extra)
+    "all": [
+        "torch",
+        "peft==0.21.2",
+        "transformers",
+        "bitsandbytes",
+        "mlx[cpu]",
+        "mlx-lm",
+        "pyyaml",
+        "rich",
+        "matplotlib",
+        "tokenizers",
+    ],
 }
 
 
