@@ -10,6 +10,7 @@ same text NVRTC compiles (:func:`peftdecl_cupy._modules.module_source`).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import shutil
 import subprocess
@@ -87,6 +88,8 @@ class Emulator:
     def __init__(self, build_dir: Path) -> None:
         self._dir = build_dir
         self._libraries: dict[str, ctypes.CDLL] = {}
+        self.launches: collections.Counter[str] = collections.Counter()
+        """Launches per entry point."""
 
     def library(self, module: str) -> ctypes.CDLL:
         if module not in self._libraries:
@@ -108,6 +111,7 @@ class Emulator:
         function.restype = None
 
         def launch(grid: Any, block: Any, args: Sequence[Any], shared_mem: int = 0) -> None:
+            self.launches[entry] += 1
             g, b = _dims(grid), _dims(block)
             c_args = [_c_arg(a) for a in args]
             for bz in range(g[2]):

@@ -343,14 +343,15 @@ MODELS = {
 }
 
 
-def run_model(spec: dict[str, Any], tokens: int) -> tuple[Any, dict[str, Any]]:
+def run_model(spec: dict[str, Any], tokens: int, dtype: Any = F64) -> tuple[Any, dict[str, Any]]:
+    """Output and gradients of the MLP adapted by ``spec`` (float64 unless ``dtype``), on ``tokens`` inputs."""
     from tests.torch_mlp import torch_mlp
 
-    base = torch_mlp(0).double()
+    base = torch_mlp(0).to(dtype)
     model = peftdecl.attach(base, {**spec, "target_modules": ["lin0", "lin1"]}, "a", "torch", seed=3)
-    x = torch.linspace(-1.0, 1.0, tokens * 12, dtype=F64).reshape(tokens, 12)
+    x = torch.linspace(-1.0, 1.0, tokens * 12, dtype=dtype).reshape(tokens, 12)
     y = model(x)
-    (y * torch.linspace(0.5, 1.5, y.numel(), dtype=F64).reshape(y.shape)).sum().backward()
+    (y * torch.linspace(0.5, 1.5, y.numel(), dtype=dtype).reshape(y.shape)).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.base_model.named_parameters() if p.grad is not None}
     return y.detach(), grads
 
