@@ -98,3 +98,45 @@ def test_bfloat16_activations_through_the_bridge(emulated: Any) -> None:
     assert got.dtype == torch.bfloat16
     want = torch.einsum("tnk,nkc->tnc", x.bfloat16().double().view(5, 3, 4), r.double()).reshape(5, 12)
     assert rel_err(got.double().numpy(), want.numpy()) <= 2e-2  # one bfloat16 rounding of the output
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_4bit_dequantisation_and_qlora_through_the_emulated_kernels(
+    double: bool, emulated: Any, emulator: kernel_emulator.Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bitsandbytes 4-bit layer's weight (double quantisation decoded by its own kernel) against bitsandbytes'
+    dequantisation, then LoRA inference over it on many tokens against the torch path."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import peftdecl
+    from peftdecl_torch.quantized import dequantized_weight
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = bnb.nn.Linear4bit(64, 24, compute_dtype=torch.float32, compress_statistics=double)
+
+        def forward(self, x: Any) -> Any:
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    net = Net()
+    net.lin.load_state_dict(torch.nn.Linear(64, 24).state_dict())
+    net = net.to("cpu").eval()
+    net.lin.support_avx512bf16_for_cpu = False  # keep bitsandbytes' ordinary layout on AVX512-BF16 CPUs
+    got = dequantized_weight(net.lin)
+    want = bnb.functional.dequantize_4bit(net.lin.weight.data, net.lin.weight.quant_state)
+    assert emulator.launches["nf4_dequant_f32"] >= 1
+    assert rel_err(got.numpy(), want.numpy()) <= 1e-6  # the same float32 products (scales summed apart)
+    spec = {"peft_type": "LORA", "r": 4, "target_modules": ["lin"], "init_lora_weights": False}
+    model = peftdecl.attach(net, spec, "a", "torch", seed=2)
+    model.eval()
+    x = torch.randn(
+        48, 64, generator=torch.Generator().manual_seed(1)
+    )  # 48 · (64 + 24) ≥ 64 · 24: merging pays
+    with torch.no_grad():
+        y = model(x)
+        assert emulator.launches["nf4_lowrank_f32"] >= 1
+        monkeypatch.setenv(cuda_kernels.ENV, "0")
+        cuda_kernels.refresh()
+        y_torch = model(x)
+    assert rel_err(y.numpy(), y_torch.numpy()) <= F32_TOL
