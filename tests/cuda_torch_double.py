@@ -1,0 +1,126 @@
+"""A torch double of the CUDA kernels (:class:`TorchKernels`): what each kernel's source states, computed with torch
+ops and the kernels' own index conventions (the BOFT factor's folded permutation, bitsandbytes' nibble order), on
+any device and in float64 too. The dispatch tests route the torch backend's hooks to it on the CPU.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+class TorchKernels:
+    """The kernels' contracts (``backends/peftdecl_cupy/kernels/*.cu``) in torch ops; counts every call."""
+
+    dtypes = frozenset({torch.float32, torch.float64})
+    param_dtypes = frozenset({torch.float32, torch.float64})
+    max_block = 64
+    max_rank = 256
+
+    def __init__(self) -> None:
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def rotate(self, x: Any, r: Any, transpose: bool) -> Any:
+        self.calls["rotate"] += 1
+        n, b, _ = r.shape
+        rr = r.transpose(1, 2) if transpose else r
+        return torch.einsum("tnk,nkc->tnc", x.view(-1, n, b), rr).reshape(x.shape)
+
+    def rotate_tn(self, x: Any, g: Any, b: int) -> Any:
+        self.calls["rotate_tn"] += 1
+        n = x.shape[1] // b
+        return torch.einsum("tnk,tnc->nkc", x.view(-1, n, b), g.view(-1, n, b))
+
+    def butterfly_factor(self, x: Any, q: Any, idx: Any, transpose: bool) -> Any:
+        """y[:, idx[j]] = Σ_k x[:, idx[i·b + k]] Q[i, k, c] (j = i·b + c): gather, rotate, scatter by one table."""
+        self.calls["butterfly_factor"] += 1
+        n, b, _ = q.shape
+        gathered = x if idx is None else x[:, idx.long()]
+        qq = q.transpose(1, 2) if transpose else q
+        z = torch.einsum("tnk,nkc->tnc", gathered.reshape(-1, n, b), qq).reshape(x.shape)
+        if idx is None:
+            return z
+        y = torch.empty_like(z)
+        y[:, idx.long()] = z
+        return y
+
+    def butterfly_factor_tn(self, x: Any, g: Any, idx: Any, b: int) -> Any:
+        self.calls["butterfly_factor_tn"] += 1
+        if idx is not None:
+            x, g = x[:, idx.long()], g[:, idx.long()]
+        n = x.shape[1] // b
+        return torch.einsum("tnk,tnc->nkc", x.reshape(-1, n, b), g.reshape(-1, n, b))
+
+    def skew_solve(self, s: Any, rhs: Any) -> Any:
+        self.calls["skew_solve"] += 1
+        return torch.linalg.solve(torch.eye(s.shape[-1], dtype=s.dtype) + s, rhs)
+
+    def neumann(self, q: Any, coefficients: Sequence[float]) -> Any:
+        self.calls["neumann"] += 1
+        power = torch.eye(q.shape[-1], dtype=q.dtype).expand_as(q)
+        out = coefficients[0] * power
+        for c in coefficients[1:]:
+            power = power @ q
+            out = out + c * power
+        return out
+
+    def scale_columns(self, y: Any, scale: Any, in_place: bool) -> Any:
+        self.calls["scale_columns"] += 1
+        return y.mul_(scale) if in_place else (y * scale).to(y.dtype)
+
+    def scale_columns_backward(self, dy: Any, y: Any, scale: Any) -> tuple[Any, Any]:
+        self.calls["scale_columns_backward"] += 1
+        return (dy * scale).to(dy.dtype), (dy * y).sum(0).to(scale.dtype)
+
+    def lowrank_add(self, out: Any, p: Any, q: Any, sm: Any, sn: Any, sk: Any) -> Any:
+        """out += diag(sm) (P diag(sk) Q) diag(sn), None scales being 1."""
+        self.calls["lowrank_add"] += 1
+        product = (p if sk is None else p * sk) @ q
+        product = product if sm is None else product * sm[:, None]
+        return out.add_((product if sn is None else product * sn).to(out.dtype))
+
+    def loha_delta(self, a1: Any, b1: Any, a2: Any, b2: Any, scale: float) -> Any:
+        self.calls["loha_delta"] += 1
+        return scale * (a1 @ b1) * (a2 @ b2)
+
+    def loha_backward(self, g: Any, a1: Any, b1: Any, a2: Any, b2: Any, scale: float) -> tuple[Any, Any]:
+        self.calls["loha_backward"] += 1
+        return scale * g * (a2 @ b2), scale * g * (a1 @ b1)
+
+    def kron_delta(self, w1: Any, w2: Any, scale: float) -> Any:
+        self.calls["kron_delta"] += 1
+        return scale * torch.kron(w1, w2)
+
+    def kron_backward(self, g: Any, w1: Any, w2: Any, scale: float) -> tuple[Any, Any]:
+        self.calls["kron_backward"] += 1
+        (m1, n1), (p, q) = w1.shape, w2.shape
+        blocks = g.reshape(m1, p, n1, q)
+        return scale * torch.einsum("ipkq,pq->ik", blocks, w2), scale * torch.einsum(
+            "ipkq,ik->pq", blocks, w1
+        )
+
+    def nf4_dequant(self, codes: Any, absmax: Any, table: Any, blocksize: int, out: Any) -> Any:
+        """Element e: nibble codes[e // 2] >> 4 (even e) or & 15 (odd e), times absmax[e // blocksize]."""
+        self.calls["nf4_dequant"] += 1
+        e = torch.arange(out.numel())
+        byte = codes[e // 2].long()
+        nibble = torch.where(e % 2 == 0, byte >> 4, byte & 15)
+        return out.copy_((table[nibble] * absmax[e // blocksize]).reshape(out.shape))
+
+    def nf4_lowrank(
+        self, codes: Any, absmax: Any, table: Any, blocksize: int, b: Any, a: Any, scale: float, out: Any
+    ) -> Any:
+        """out = dequant(W) + s · b a."""
+        self.calls["nf4_lowrank"] += 1
+        counted = self.calls["nf4_dequant"]
+        self.nf4_dequant(codes, absmax, table, blocksize, out)
+        self.calls["nf4_dequant"] = counted
+        return out.add_(scale * (b @ a))
+
+    def absmax_dequant(self, q: Any, code: Any, absmax: Any, offset: float, blocksize: int) -> Any:
+        self.calls["absmax_dequant"] += 1
+        i = torch.arange(q.shape[0])
+        return code[q.long()] * absmax[i // blocksize] + offset
