@@ -1,7 +1,7 @@
 """The torch backend's whole CUDA-kernel chain on the CPU: hooks, autograd Functions, the DLPack bridge
 (:class:`peftdecl_torch.cuda_bridge.CupyKernels`, its outputs and bfloat16 views), the :mod:`peftdecl_cupy` wrappers
 and the kernel sources themselves, emulated by g++ (:mod:`tests.kernel_emulator`). Only the DLPack hand-over and
-the stream are replaced (by NumPy views of the same memory), so every model here runs the kernels' arithmetic.
+the stream are replaced (``Tensor.numpy``, a view of the same memory), so every model here runs the kernels' arithmetic.
 
 Expected values: the same model with the kernels switched off (the torch path), float32 within 1e-5 relative
 (:func:`tests.conftest.rel_err`; different summation orders), and its gradients likewise.
@@ -33,13 +33,11 @@ from tests.test_torch_cuda_dispatch import MODELS, run_model  # noqa: E402
 F32_TOL = 1e-5
 
 
-def numpy_view(t: Any) -> Any:
-    """What ``cupy.from_dlpack`` gives on a device: the tensor's memory, bfloat16 as uint16 bits."""
-    if t is None:
-        return None
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
+def numpy_from_dlpack(t: Any) -> Any:
+    """What ``cupy.from_dlpack`` gives on a device: the tensor's memory; like torch's ``__dlpack__`` (even inside
+    a Function's forward, where ``Tensor.numpy`` would allow it) it refuses a tensor that requires grad."""
+    if t.requires_grad:
+        raise RuntimeError("Can't export tensors that require gradient, use tensor.detach()")
     return t.numpy()
 
 
@@ -57,7 +55,7 @@ def emulated(emulator: kernel_emulator.Emulator, monkeypatch: pytest.MonkeyPatch
     for module in (delta_kernels, nf4_kernels, rotation_kernels, scaling_kernels):
         monkeypatch.setattr(module, "kernel", emulator.kernel)
         monkeypatch.setattr(module, "_cp", lambda: np)
-    monkeypatch.setattr(cuda_bridge, "view", numpy_view)
+    monkeypatch.setattr(cuda_bridge, "from_dlpack", numpy_from_dlpack)
     monkeypatch.setattr(cuda_bridge, "on_stream", lambda t: contextlib.nullcontext())
     monkeypatch.setenv(cuda_kernels.ENV, "1")
     monkeypatch.setattr(cuda_kernels, "DEVICE_TYPE", "cpu")

@@ -23,14 +23,20 @@ def _cupy() -> Any:
     return cupy
 
 
+def from_dlpack(t: torch.Tensor) -> Any:
+    """The CuPy array sharing ``t``'s memory (DLPack)."""
+    return _cupy().from_dlpack(t)
+
+
 def view(t: torch.Tensor | None) -> Any:
-    """A CuPy view of ``t`` (None stays None); bfloat16 as uint16 bits."""
+    """A CuPy view of ``t`` (None stays None); bfloat16 as uint16 bits. Detached first: DLPack refuses a tensor
+    that requires grad, and a Function's forward receives its inputs as they are."""
     if t is None:
         return None
-    cp = _cupy()
+    t = t.detach()
     if t.dtype == torch.bfloat16:
-        return cp.from_dlpack(t.view(torch.int16)).view(cp.uint16)
-    return cp.from_dlpack(t)
+        return from_dlpack(t.view(torch.int16)).view(_cupy().uint16)
+    return from_dlpack(t)
 
 
 @contextmanager
