@@ -108,8 +108,10 @@ def replaces(name: str) -> Callable[[F], F]:
         @functools.wraps(torch_path)
         def run(*args: Any, **kwargs: Any) -> Any:
             kern = kernels()
-            # dynamo cannot trace CuPy launches: a compiled graph keeps the torch path (no graph break)
-            if kern is not None and not _compiling():
+            # dynamo cannot trace CuPy launches: a compiled graph keeps the torch path (no graph break);
+            # a first tensor argument elsewhere than the kernels' device settles it without asking the path
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if kern is not None and not _compiling() and (first is None or on_device(first)):
                 from peftdecl_torch.cuda_paths import PATHS
 
                 result = PATHS[name](kern, *args, **kwargs)

@@ -144,6 +144,8 @@ def lokr_delta(kern: Kernels, lp: LayerPlan, p: Params) -> Any:
     """ΔW = s · kron(w1, w2) in one kernel, for matrix factors (linear layers)."""
     from peftdecl_torch.kinds.lokr import factor_w1, factor_w2
 
+    if not on_device(*p.values()):  # before multiplying any factor out
+        return NotImplemented
     w1, w2 = factor_w1(p), factor_w2(p)
     if w1.ndim != 2 or w2.ndim != 2 or w1.dtype != w2.dtype or not activations_ok(kern, w1, w2):
         return NotImplemented
