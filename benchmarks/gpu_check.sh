@@ -44,3 +44,7 @@ for dtype in float32 bfloat16; do
     timeout 150 $python -W ignore benchmarks/compare_torch_peft.py --device cuda --dtype "$dtype" --dim "$dim" \
         --tokens "$tokens" --rank 16 --rounds 5 --block 3 --trials 1 --in-process 2>&1 | tee "$out/bench_$dtype.txt"
 done
+# the same bfloat16 comparison with the torch backend's CUDA kernels off: their effect, in the same session
+PEFTDECL_CUDA_KERNELS=0 timeout 150 $python -W ignore benchmarks/compare_torch_peft.py --device cuda --dtype bfloat16 \
+    --dim "$dim" --tokens "$tokens" --rank 16 --rounds 5 --block 3 --trials 1 --in-process 2>&1 |
+    tee "$out/bench_bfloat16_kernels_off.txt"
