@@ -15,6 +15,7 @@ import importlib
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 THREADS = 2
@@ -138,21 +139,41 @@ def torch_calls(layer: Any, tokens: int = TOKENS, dim: int = DIM) -> dict[str, C
     return {"forward": forward, "forward_backward": forward_backward}
 
 
-def min_times(calls: list[Callable[[], None]], rounds: int = 7, block: int = 3) -> list[float]:
+def others_busy() -> int | None:
+    """CPU time (jiffies) that other processes have used so far, None where /proc is missing (Linux only)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        mine = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    busy = sum(int(fields[i]) for i in (0, 1, 2, 5, 6, 7))  # user nice system irq softirq steal
+    return busy - int(mine[11]) - int(mine[12])
+
+
+def min_times(
+    calls: list[Callable[[], None]], rounds: int = 5, block: int = 2, retries: int = 3
+) -> list[float]:
     """Seconds per call of each of ``calls``: the fastest single call over ``rounds`` rounds of ``block`` calls.
 
     Each round runs every call once untimed, then ``block`` times timed, the calls in a rotated order, so slow
     drift on a shared machine touches all of them alike. Another process taking the CPU only ever adds time, so
-    the fastest call is the least disturbed one (the median moves with the machine's load)."""
+    the fastest call is the least disturbed one; a block during which other processes used the CPU (more than
+    one jiffy, from /proc/stat) is timed again, up to ``retries`` times."""
     if SMOKE:
-        rounds, block = 1, 1
+        rounds, block, retries = 1, 1, 0
     best = [float("inf")] * len(calls)
     for round_ in range(rounds):
         shift = round_ % len(calls)
         for i in [*range(shift, len(calls)), *range(shift)]:
-            calls[i]()
-            for _ in range(block):
-                began = time.perf_counter()
+            for attempt in range(retries + 1):
                 calls[i]()
-                best[i] = min(best[i], time.perf_counter() - began)
+                before = others_busy()
+                for _ in range(block):
+                    began = time.perf_counter()
+                    calls[i]()
+                    best[i] = min(best[i], time.perf_counter() - began)
+                after = others_busy()
+                if before is None or after is None or after - before <= 1 or attempt == retries:
+                    break
+                time.sleep(0.05)
     return best

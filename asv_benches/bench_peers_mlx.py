@@ -94,12 +94,12 @@ class MlxPeerLayer:
 
     params = (list(KINDS), list(IMPLEMENTATIONS))
     param_names = ("kind", "implementation")
-    # bounded sampling: one process per point, 0.1 s warm-up, 3 to 8 samples within 0.5 s; asv runs setup again
-    # before every sample, so the layer is built once per process (BUILT) and setup only warms both calls
+    # bounded sampling: one process per point, 3 to 6 samples within 0.3 s; asv runs setup again before every
+    # sample, so the layer is built once per process (BUILT) and setup warms both calls (no separate warm-up)
     rounds = 1
-    repeat = (3, 8, 0.5)
+    repeat = (3, 6, 0.3)
     number = 0
-    warmup_time = 0.1
+    warmup_time = 0.0
     min_run_count = 2
     timeout = 120
 
