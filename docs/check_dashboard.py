@@ -35,7 +35,7 @@ GRAPH = (
     "bench_torch.TorchAdaptedLinear.time_forward_backward_adapted"
     "?p-tokens=2048&p-fused=True&p-kind=%27lora%27&p-kind=%27dora%27"
 )
-SCREENSHOT = ROOT / "docs" / "img" / "dashboard.png"
+SCREENSHOT = ROOT / "docs" / "img" / "dashboard-history.png"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 # Virtual time lets asv's scripts load the JSON and draw before Chromium dumps or photographs the page.
 BUDGET_MS = 20000

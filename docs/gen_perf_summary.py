@@ -50,7 +50,7 @@ def ratio_benchmarks(results_dir: Path = RESULTS) -> dict[str, dict[str, Any]]:
 def param_labels(params: list[list[str]]) -> list[str]:
     """One label per parameter combination, in asv's order (the product of the lists; quotes dropped)."""
     if not params:
-        return [""]
+        return ["(no parameters)"]
     return [", ".join(p.strip("'\"") for p in combo) for combo in itertools.product(*params)]
 
 
@@ -110,14 +110,15 @@ def run_tables(run: RatioRun) -> list[str]:
 
 def render_generated(results_dir: Path = RESULTS) -> str:
     """The generated part of the page (between the markers)."""
-    lines = [BEGIN, "", "### Latest ratios against the peers (generated)", ""]
+    lines = [BEGIN, "", "### Latest ratios (generated)", ""]
     runs = latest_runs(results_dir)
     if not runs:
         lines += ["No committed asv results hold ratio benchmarks yet.", ""]
     else:
         lines += [
             "Time ratios measured in one process by the `track_*` benchmarks (`x_frozen`: × the frozen layer;",
-            "`over_<peer>`: ours ÷ the peer's; below 1 is faster). A dash: skipped or failed on that machine.",
+            "`over_<peer>`: ours ÷ the peer's, HF PEFT or mlx-lm; `over_base` / `over_python`: the regression",
+            "gate's ratios to a reference computation; below 1 is faster). A dash: skipped or failed there.",
             "",
         ]
         for run in runs:
