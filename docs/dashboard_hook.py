@@ -11,10 +11,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import build_dashboard  # a sibling script: importable while mkdocs loads this hook (docs/ is on sys.path then)
 from mkdocs.structure.files import File, Files
 
-ROOT = Path(__file__).resolve().parent.parent
-HTML_DIR = ROOT / ".asv" / "html"
+HTML_DIR = build_dashboard.HTML_DIR
 SITE_SUBDIR = "dashboard"
 log = logging.getLogger("mkdocs.hooks.dashboard")
 
@@ -24,8 +24,6 @@ def ensure_published(html_dir: Path = HTML_DIR) -> bool:
     if (html_dir / "index.html").is_file():
         return True
     try:
-        import build_dashboard
-
         build_dashboard.build(html_dir, build_dashboard.wants_vendor())
     except Exception as exc:  # asv missing, a git clone without main, ...: say so, and strict mode stops
         log.warning("no asv dashboard (%s); run: pip install asv && python docs/build_dashboard.py", exc)
