@@ -94,10 +94,11 @@ class MlxPeerLayer:
 
     params = (list(KINDS), list(IMPLEMENTATIONS))
     param_names = ("kind", "implementation")
-    # bounded sampling: one process per point, 3 to 6 samples within 0.3 s; asv runs setup again before every
-    # sample, so the layer is built once per process (BUILT) and setup warms both calls (no separate warm-up)
+    # bounded sampling: one process per point, 7 to 25 samples within 0.5 s (a sample is one call here, and the
+    # median of many resists the odd call another process delays); asv runs setup again before every sample, so
+    # the layer is built once per process (BUILT) and setup warms both calls (no separate warm-up)
     rounds = 1
-    repeat = (3, 6, 0.3)
+    repeat = (7, 25, 0.5)
     number = 0
     warmup_time = 0.0
     min_run_count = 2
