@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 
 from peftdecl_cupy import delta_kernels, nf4_kernels, rotation_kernels, scaling_kernels
@@ -35,7 +36,7 @@ def view(t: torch.Tensor | None) -> Any:
         return None
     t = t.detach()
     if t.dtype == torch.bfloat16:
-        return from_dlpack(t.view(torch.int16)).view(_cupy().uint16)
+        return from_dlpack(t.view(torch.int16)).view(np.uint16)  # CuPy takes NumPy dtypes
     return from_dlpack(t)
 
 
