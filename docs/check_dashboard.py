@@ -4,7 +4,8 @@ Serves the built site (default .site/) over HTTP on a free local port (asv's pag
 ``file://`` page may not make), then runs the system Chromium headless twice with a virtual-time budget so that
 asv's scripts finish: ``--dump-dom`` of the benchmark grid and of one benchmark's graph page, whose DOM must hold
 the benchmark list and plots drawn by flot (``canvas.flot-base`` with axis tick labels), and ``--screenshot`` of
-that graph page.
+that graph page. A canvas with axes is drawn even for a benchmark without data, so the graph's data files (the
+JSON the page plots) must also hold a line: values at two commits or more.
 
 ``python docs/check_dashboard.py [--site .site] [--screenshot docs/img/dashboard.png]`` after building the docs
 (``python docs/build_dashboard.py && mkdocs build --strict``); exits 1 with the reason when a check fails.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import json
 import re
 import shutil
 import subprocess
@@ -128,6 +130,24 @@ def inspect_dom(dom: str) -> PageReport:
     )
 
 
+def plotted_commits(site: Path, graph: str = GRAPH) -> int:
+    """The most commits with a value in one line of ``graph``'s data files (asv's ``graphs/<machine …>/<name>.json``:
+    ``[[revision, value-or-values], …]``, one value per parameter combination)."""
+    name = graph.split("?", 1)[0]
+    best = 0
+    for path in (site / PAGE).parent.glob(f"graphs/**/{name}.json"):
+        if "summary" in path.relative_to(site).parts:
+            continue  # the grid's thumbnails: one averaged line, not the graph's own data
+        points = json.loads(path.read_text(encoding="utf-8"))
+        columns: dict[int, int] = {}
+        for _, value in points:
+            for column, v in enumerate(value if isinstance(value, list) else [value]):
+                if isinstance(v, (int, float)):
+                    columns[column] = columns.get(column, 0) + 1
+        best = max(best, *columns.values(), 0)
+    return best
+
+
 def check(site: Path, chromium: str, shot: Path | None, graph: str = GRAPH) -> tuple[PageReport, PageReport]:
     """Load the grid and ``graph``'s page from ``site``; raise AssertionError unless both show plots."""
     if not (site / PAGE).is_file():
@@ -143,6 +163,8 @@ def check(site: Path, chromium: str, shot: Path | None, graph: str = GRAPH) -> t
     assert grid.benchmarks > 0, f"the benchmark grid lists no benchmark: {grid}"
     assert grid.plots > 0, f"the benchmark grid drew no plot: {grid}"
     assert page.plots > 0 and page.tick_labels > 0, f"{graph}'s page drew no graph with axes: {page}"
+    lines = plotted_commits(site, graph)
+    assert lines >= 2, f"{graph}'s data has no line to draw (values at {lines} commit(s) at most)"
     return grid, page
 
 

@@ -91,6 +91,20 @@ def test_the_dashboard_shows_graphs_in_chromium(tmp_path: Path) -> None:
     assert (tmp_path / "dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_graph_without_data_is_reported(tmp_path: Path) -> None:
+    check = load_docs_script("check_dashboard")
+    name = "s.Layer.time_x"
+    folder = tmp_path / "dashboard" / "graphs" / "machine-m1"
+    folder.mkdir(parents=True)
+    summary = tmp_path / "dashboard" / "graphs" / "summary"
+    summary.mkdir()
+    (summary / f"{name}.json").write_text(json.dumps([[1, 0.5], [2, 0.6], [3, 0.7]]), encoding="utf-8")
+    (folder / f"{name}.json").write_text(json.dumps([[1, [None, 0.5]], [2, [None, None]]]), encoding="utf-8")
+    assert check.plotted_commits(tmp_path, name + "?p-kind=%27lora%27") == 1  # the summary is not counted
+    (folder / f"{name}.json").write_text(json.dumps([[1, [None, 0.5]], [2, [0.4, 0.6]]]), encoding="utf-8")
+    assert check.plotted_commits(tmp_path, name) == 2
+
+
 def test_vendoring_points_the_page_at_local_copies_of_its_cdn_files(tmp_path: Path) -> None:
     build = load_docs_script("build_dashboard")
     cache = tmp_path / "npm"
