@@ -8,7 +8,7 @@ import numpy as np
 
 from peftdecl_cupy import planning
 from peftdecl_cupy._modules import kernel
-from peftdecl_cupy.lowrank import CupyLowRank, accumulation, null, suffix
+from peftdecl_cupy.lowrank import CupyLowRank, _cp, accumulation, null, suffix
 
 Array = Any
 
@@ -22,10 +22,10 @@ class CupyDora:
     def accepts(self, *arrays: Array) -> bool:
         return self.low.accepts(*arrays)
 
-    def norm(self, weight: Array, a: Array, b: Array, s: float) -> Array:
-        """n[o] = ‖W[o] + s (B A)[o]‖ from ‖W[o]‖², (W Aᵀ)[o] and A Aᵀ; in the accumulation type."""
-        import cupy
-
+    def norm(self, weight: Array, a: Array, b: Array, s: float, out: Array | None = None) -> Array:
+        """n[o] = ‖W[o] + s (B A)[o]‖ from ‖W[o]‖², (W Aᵀ)[o] and A Aᵀ; in the accumulation type (into ``out``,
+        a contiguous [rows] array, where given)."""
+        cupy = _cp()
         weight, b = cupy.ascontiguousarray(weight), cupy.ascontiguousarray(b)
         rows, k = weight.shape
         rank = a.shape[0]
@@ -37,7 +37,7 @@ class CupyDora:
         )
         wa = self.low.shrink(weight, a)  # [rows, rank]
         aat = self.low.shrink(cupy.ascontiguousarray(a), a)  # [rank, rank]
-        n = cupy.empty(rows, dtype=acc)
+        n = cupy.empty(rows, dtype=acc) if out is None else out
         kernel("dora", f"dora_norm_{name}")(
             planning.norm_grid(rows),
             (planning.THREADS,),
@@ -49,7 +49,7 @@ class CupyDora:
         self, u: Array, b: Array, y: Array, bias: Array | None, m: Array, n: Array, s: float
     ) -> tuple[Array, Array]:
         """(Y', D): D = Y − b + s U Bᵀ and Y' = b + g ⊙ D with g = m / n (1 where n = 0), in one pass."""
-        import cupy
+        cupy = _cp()
 
         y, b = cupy.ascontiguousarray(y), cupy.ascontiguousarray(b)
         tokens, columns = y.shape

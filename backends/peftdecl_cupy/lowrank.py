@@ -36,11 +36,16 @@ def strides(a: Array) -> tuple[np.int64, np.int64]:
     return np.int64(a.strides[0] // a.itemsize), np.int64(a.strides[1] // a.itemsize)
 
 
-@cache
-def multiprocessors() -> int:
+def _cp() -> Any:
+    """The array module the launches allocate with: CuPy (a test substitutes NumPy for the CPU emulator)."""
     import cupy
 
-    return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+    return cupy
+
+
+@cache
+def multiprocessors() -> int:
+    return int(_cp().cuda.Device().attributes["MultiProcessorCount"])
 
 
 def address(a: Array) -> int:
@@ -55,9 +60,7 @@ def null() -> Any:
 
 
 def _rows(x: Array) -> Array:
-    import cupy
-
-    return x if x.flags.c_contiguous else cupy.ascontiguousarray(x)
+    return x if x.flags.c_contiguous else _cp().ascontiguousarray(x)
 
 
 class CupyLowRank:
@@ -76,15 +79,22 @@ class CupyLowRank:
             and suffix(*dtypes) is not None
         )
 
-    def shrink(self, x: Array, a: Array, alpha: float = 1.0, rank_scale: Array | None = None) -> Array:
-        """U = α · (X Aᵀ) ⊙ e for X [tokens, K] and A [rank, K] (any strides); e per rank or None."""
-        import cupy
-
+    def shrink(
+        self,
+        x: Array,
+        a: Array,
+        alpha: float = 1.0,
+        rank_scale: Array | None = None,
+        out: Array | None = None,
+    ) -> Array:
+        """U = α · (X Aᵀ) ⊙ e for X [tokens, K] and A [rank, K] (any strides); e per rank or None. ``out``: a
+        C-contiguous [tokens, rank] array in the accumulation type to write U into (e.g. torch's memory)."""
+        cp = _cp()
         x = _rows(x)
         tokens, k = x.shape
         rank = a.shape[0]
-        u = cupy.empty((tokens, rank), dtype=accumulation(x.dtype))
-        scale = null() if rank_scale is None else cupy.ascontiguousarray(rank_scale, dtype=u.dtype).ravel()
+        u = cp.empty((tokens, rank), dtype=accumulation(x.dtype)) if out is None else out
+        scale = null() if rank_scale is None else cp.ascontiguousarray(rank_scale, dtype=u.dtype).ravel()
         a_sr, a_sk = strides(a)
         kernel("lora", f"lora_shrink_{suffix(x.dtype)}")(
             planning.shrink_grid(tokens, rank),
@@ -97,9 +107,8 @@ class CupyLowRank:
     def shrink_stacked(self, x: Array, matrices: list[Array], alpha: float = 1.0) -> list[Array]:
         """[X A_iᵀ for each A_i] from one shrink of X against the A_i stacked (q, k and v reading one input):
         X is read once; each result is a column slice of one U."""
-        import cupy
-
-        u = self.shrink(x, cupy.concatenate([cupy.asarray(a) for a in matrices], axis=0), alpha)
+        cp = _cp()
+        u = self.shrink(x, cp.concatenate([cp.asarray(a) for a in matrices], axis=0), alpha)
         bounds = np.cumsum([0, *(a.shape[0] for a in matrices)])
         return [u[:, lo:hi] for lo, hi in itertools.pairwise(bounds.tolist())]
 
@@ -119,15 +128,23 @@ class CupyLowRank:
         )  # fmt: skip
         return y
 
-    def outer(self, u: Array, x: Array, out: Array, alpha: float = 1.0, accumulate: bool = False) -> Array:
+    def outer(
+        self,
+        u: Array,
+        x: Array,
+        out: Array,
+        alpha: float = 1.0,
+        accumulate: bool = False,
+        workspace: Array | None = None,
+    ) -> Array:
         """G ← [G +] α · Uᵀ X into ``out`` [rank, N] (any strides, e.g. ``dB.T``), for U [tokens, rank] and
-        X [tokens, N]; returns ``out``."""
-        import cupy
-
+        X [tokens, N]; returns ``out``. ``workspace``: a zeroed C-contiguous [rank, N] array in the accumulation
+        type for the partial sums (allocated here when None)."""
         u, x = _rows(u), _rows(x)
         tokens, n = x.shape
         rank = u.shape[1]
-        workspace = cupy.zeros((rank, n), dtype=accumulation(x.dtype))
+        if workspace is None:
+            workspace = _cp().zeros((rank, n), dtype=accumulation(x.dtype))
         grid, per_split = planning.outer_grid(tokens, rank, n, multiprocessors())
         kernel("lora", f"lora_outer_{suffix(x.dtype)}")(
             grid,
