@@ -124,3 +124,35 @@ class TorchKernels:
         self.calls["absmax_dequant"] += 1
         i = torch.arange(q.shape[0])
         return code[q.long()] * absmax[i // blocksize] + offset
+
+    # the low-rank kernels (lora.cu, dora.cu): U and the norms in the accumulation type
+    @staticmethod
+    def _acc(dtype: Any) -> Any:
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def shrink(self, x: Any, a: Any, alpha: float, rank_scale: Any) -> Any:
+        """U = α (X Aᵀ) ⊙ e."""
+        self.calls["shrink"] += 1
+        acc = self._acc(x.dtype)
+        u = alpha * (x.to(acc) @ a.to(acc).t())
+        return u if rank_scale is None else u * rank_scale.to(acc)
+
+    def expand(self, u: Any, b: Any, y: Any, alpha: float) -> Any:
+        """Y += α U Bᵀ in place."""
+        self.calls["expand"] += 1
+        assert y.is_contiguous()
+        acc = u.dtype
+        return y.copy_((y.to(acc) + alpha * (u @ b.to(acc).t())).to(y.dtype))
+
+    def outer(self, u: Any, x: Any, out: Any, alpha: float) -> Any:
+        """G = α Uᵀ X written into ``out`` (any strides)."""
+        self.calls["outer"] += 1
+        return out.copy_((alpha * (u.t() @ x.to(u.dtype))).to(out.dtype))
+
+    def dora_norm(self, weight: Any, a: Any, b: Any, s: float) -> Any:
+        """n = sqrt(max(0, ‖W‖² + 2s ⟨B, W Aᵀ⟩ + s² ⟨B, B A Aᵀ⟩)) per row."""
+        self.calls["dora_norm"] += 1
+        acc = self._acc(weight.dtype)
+        w, a, b = weight.to(acc), a.to(acc), b.to(acc)
+        squared = (w * w).sum(1) + 2 * s * (b * (w @ a.t())).sum(1) + s * s * (b * (b @ (a @ a.t()))).sum(1)
+        return squared.clamp_min(0).sqrt()

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from peftdecl_cupy import delta_kernels, nf4_kernels, rotation_kernels, scaling_kernels
+from peftdecl_cupy.dora import CupyDora
+from peftdecl_cupy.lowrank import CupyLowRank
 
 
 def _cupy() -> Any:
@@ -56,6 +58,8 @@ class CupyKernels:
     param_dtypes = frozenset({torch.float32})
     max_block = rotation_kernels.MAX_BLOCK
     max_rank = delta_kernels.MAX_RANK
+    low = CupyLowRank()
+    dora = CupyDora(low)
 
     def rotate(self, x: torch.Tensor, r: torch.Tensor, transpose: bool) -> torch.Tensor:
         out = torch.empty_like(x)
@@ -201,3 +205,32 @@ class CupyKernels:
         with on_stream(q):
             nf4_kernels.absmax_dequant(view(q), view(code), view(absmax), offset, blocksize, out=view(out))
         return out
+
+    def shrink(
+        self, x: torch.Tensor, a: torch.Tensor, alpha: float, rank_scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        u = torch.empty(x.shape[0], a.shape[0], dtype=_accumulation(x.dtype), device=x.device)
+        with on_stream(x):
+            self.low.shrink(view(x), view(a), alpha, view(rank_scale), out=view(u))
+        return u
+
+    def expand(self, u: torch.Tensor, b: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+        with on_stream(y):
+            self.low.expand(view(u), view(b), view(y), alpha)
+        return y
+
+    def outer(self, u: torch.Tensor, x: torch.Tensor, out: torch.Tensor, alpha: float) -> torch.Tensor:
+        workspace = torch.zeros(u.shape[1], x.shape[1], dtype=_accumulation(x.dtype), device=x.device)
+        with on_stream(x):
+            self.low.outer(view(u), view(x), view(out), alpha, workspace=view(workspace))
+        return out
+
+    def dora_norm(self, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+        out = torch.empty(weight.shape[0], dtype=_accumulation(weight.dtype), device=weight.device)
+        with on_stream(weight):
+            self.dora.norm(view(weight), view(a), view(b), s, out=view(out))
+        return out
+
+
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -15,6 +15,7 @@ import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 
 from peftdecl.plan import LayerPlan, Plan
 from peftdecl.spec.adalora import AdaLoraSpec
+from peftdecl_torch import cuda_kernels
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds._additive import AddedProduct, Params
 from peftdecl_torch.kinds.lora import _add_expand, lora_linear
@@ -38,6 +39,7 @@ class AdaLoraOps(AddedProduct):
     additive = True
     half_compute = True  # the fused Function may run float32 adapters in a half base dtype (_fused)
 
+    @cuda_kernels.replaces("adalora_forward")
     def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         if fused.fusable(lp, layer, x, p["lora_A"].dtype, lp.options["dropout"], half_compute=True):
             return lora_linear(lp, layer, x, p["lora_A"] * singular_values(lp, p), p["lora_B"])

@@ -20,6 +20,7 @@ from peftdecl.errors import BackendError, PeftdeclError
 from peftdecl.kinds import compositions
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.dora import MAGNITUDE
+from peftdecl_torch import cuda_kernels
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds.lora import OPS as LORA
 from peftdecl_torch.kinds.lora import _add_expand, _conv, _ones
@@ -48,6 +49,7 @@ def _factors(
     return weight.reshape(weight.shape[0], -1), a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
 
 
+@cuda_kernels.replaces("dora_weight_norm")
 def weight_norm(
     lp: LayerPlan,
     layer: AdaptedLayer,

@@ -26,6 +26,7 @@ import torch.nn.functional as F  # noqa: N812  (the torch idiom)
 from peftdecl.errors import PeftdeclError
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.lora import refuse_grouped_merge
+from peftdecl_torch import cuda_kernels
 from peftdecl_torch.kinds import _fused as fused
 from peftdecl_torch.kinds._additive import AddedProduct, Params
 
@@ -173,6 +174,7 @@ class LoraOps(AddedProduct):
     additive = True
     half_compute = True  # the fused Function may run float32 adapters in a half base dtype (_fused)
 
+    @cuda_kernels.replaces("lora_forward")
     def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         """W x + b + Δ(x): the fused Function where it applies, else the base layer plus Δ(x)."""
         if "lora_A.weight" in p and fused.fusable(
