@@ -65,7 +65,7 @@ def mlx_layer(kind: str, implementation: str) -> Any:
 
 def mlx_calls(kind: str, implementation: str) -> dict[str, Callable[[], None]]:
     """``forward`` (eval mode) and ``forward_backward`` (training mode) of a fresh layer each."""
-    import mlx.core as mx
+    mx = require("mlx.core", "mlx")
     import numpy as np
     from mlx.utils import tree_flatten
 
