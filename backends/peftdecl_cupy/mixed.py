@@ -20,6 +20,28 @@ Array = Any
 MAX_SEGMENTS = 65535  # the grid's y extent
 
 
+def _cp() -> Any:
+    import cupy
+
+    return cupy
+
+
+def _segmented(index: Any) -> planning.Segments | None:
+    """The segments :meth:`CupyMixed.run` launches the segmented (prefill) kernels over, or None where it takes
+    the gathered (decode) ones."""
+    index = np.asarray(index)
+    seg = planning.segments(index)
+    if planning.prefer_segments(seg, int(index.shape[0])) and len(seg.start) <= MAX_SEGMENTS:
+        return seg
+    return None
+
+
+def gathered(index: Any) -> bool:
+    """Whether :meth:`CupyMixed.run` takes the gathered kernels for this per-token index (-1: no adapter); they
+    take ranks up to :data:`peftdecl_cupy.planning.GATHER_MAX_RANK`, the segmented ones any rank."""
+    return _segmented(index) is None
+
+
 class CupyMixed:
     """The mixed-batch kernels on CuPy arrays (the ``MixedKernels`` of :mod:`peftdecl_cupy.table`)."""
 
@@ -28,8 +50,7 @@ class CupyMixed:
 
     def run(self, x: Array, y: Array, adapters: list[tuple[Array, Array, float]], index: Any) -> Array:
         """Y[t] += s_i (X[t] A_iᵀ) B_iᵀ in place for i = index[t] >= 0; X [tokens, K], Y [tokens, N]."""
-        import cupy
-
+        cupy = _cp()
         x = cupy.ascontiguousarray(x)
         tokens, k = x.shape
         n = y.shape[1]
@@ -43,8 +64,8 @@ class CupyMixed:
         scales = cupy.asarray(np.array([s for _, _, s in adapters], dtype=np.float64))
         u = cupy.empty((tokens, max_rank), dtype=accumulation(x.dtype))
         name = suffix(x.dtype)
-        seg = planning.segments(np.asarray(index))
-        if planning.prefer_segments(seg, tokens) and len(seg.start) <= MAX_SEGMENTS:
+        seg = _segmented(index)
+        if seg is not None:
             start, end, owner = (cupy.asarray(v) for v in (seg.start, seg.end, seg.adapter))
             kernel("mixed_batch", f"sgmv_shrink_{name}")(
                 planning.sgmv_shrink_grid(seg, max_rank),
