@@ -19,6 +19,7 @@ class TorchKernels:
     param_dtypes = frozenset({torch.float32, torch.float64})
     max_block = 64
     max_rank = 256
+    max_gather_rank = 256
 
     def __init__(self) -> None:
         self.calls: collections.Counter[str] = collections.Counter()
@@ -124,6 +125,18 @@ class TorchKernels:
         self.calls["absmax_dequant"] += 1
         i = torch.arange(q.shape[0])
         return code[q.long()] * absmax[i // blocksize] + offset
+
+    def mixed(self, x: Any, y: Any, adapters: Any, index: Any) -> Any:
+        """Y[t] += s_i (X[t] A_iᵀ) B_iᵀ in place for i = index[t] >= 0, summed in the accumulation type."""
+        self.calls["mixed"] += 1
+        assert x.is_contiguous() and y.is_contiguous() and index.shape == (x.shape[0],) == (y.shape[0],)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = y.to(acc)
+        for i, (a, b, s) in enumerate(adapters):
+            assert a.dtype == b.dtype == x.dtype and a.shape[0] == b.shape[1]
+            rows = torch.from_numpy(index == i).nonzero().flatten()
+            out[rows] += s * ((x[rows].to(acc) @ a.to(acc).t()) @ b.to(acc).t())
+        return y.copy_(out.to(y.dtype))
 
     # the low-rank kernels (lora.cu, dora.cu): U and the norms in the accumulation type
     @staticmethod

@@ -156,6 +156,39 @@ def test_mixed_batch_on_device_matches_peft(tmp_path) -> None:
         assert rel_err(host(ours(input_ids=x, adapter_names=names).logits), host(expected)) <= MODEL_TOL
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(("rows", "tokens"), [(6, 32), (8, 1)], ids=["prefill", "decode"])
+def test_mixed_batch_kernels_on_device_match_the_torch_loop(
+    rows: int, tokens: int, dtype, monkeypatch
+) -> None:
+    """LoRA rows of ranks 2/4/8 and base rows in one mixed-batch launch per layer (segmented for prefill,
+    gathered for decode) against the torch loop (PEFTDECL_CUDA_KERNELS=0); float32 ≤ 1e-5, bfloat16 ≤ 2e-2."""
+    from peftdecl_torch import cuda_kernels
+    from tests.test_torch_cuda_mixed import ADAPTED_LAYERS, ROWS, build, ids, logits
+
+    kern = cuda_kernels.kernels()
+    if DEVICE != "cuda" or kern is None:
+        pytest.skip("needs CuPy and the kernel sources with a CUDA device")
+    launches = []
+    launch = type(kern).mixed
+    monkeypatch.setattr(type(kern), "mixed", lambda self, *a: launches.append(a[3].size) or launch(self, *a))
+    model = build()
+    model.engine.to(DEVICE)
+    model.engine.to(dtype)
+    names = (ROWS * 2)[:rows]
+    x = ids(rows, tokens).to(DEVICE)
+    on = logits(model, x, names)
+    assert launches == [rows * tokens] * ADAPTED_LAYERS
+    monkeypatch.setenv(cuda_kernels.ENV, "0")
+    cuda_kernels.refresh()
+    try:
+        off = logits(model, x, names)
+    finally:
+        cuda_kernels.refresh()
+    assert len(launches) == ADAPTED_LAYERS
+    assert rel_err(host(on), host(off)) <= (MODEL_TOL if dtype == torch.float32 else 2e-2)
+
+
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_prompt_learning_on_device_matches_peft(kind: str, tmp_path) -> None:
     config = (peft.PromptTuningConfig if kind == "prompt" else peft.PrefixTuningConfig)(

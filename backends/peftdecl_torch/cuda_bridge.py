@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from peftdecl_cupy import delta_kernels, nf4_kernels, rotation_kernels, scaling_kernels
+from peftdecl_cupy import delta_kernels, nf4_kernels, planning, rotation_kernels, scaling_kernels
 from peftdecl_cupy.dora import CupyDora
 from peftdecl_cupy.lowrank import CupyLowRank
+from peftdecl_cupy.mixed import CupyMixed
 
 
 def _cupy() -> Any:
@@ -58,6 +59,7 @@ class CupyKernels:
     param_dtypes = frozenset({torch.float32})
     max_block = rotation_kernels.MAX_BLOCK
     max_rank = delta_kernels.MAX_RANK
+    max_gather_rank = planning.GATHER_MAX_RANK
     low = CupyLowRank()
     dora = CupyDora(low)
 
@@ -205,6 +207,18 @@ class CupyKernels:
         with on_stream(q):
             nf4_kernels.absmax_dequant(view(q), view(code), view(absmax), offset, blocksize, out=view(out))
         return out
+
+    def mixed(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+        index: np.ndarray,
+    ) -> torch.Tensor:
+        with on_stream(y):
+            factors = [(view(a), view(b), s) for a, b, s in adapters]
+            CupyMixed().run(view(x), view(y), factors, index)
+        return y
 
     def shrink(
         self, x: torch.Tensor, a: torch.Tensor, alpha: float, rank_scale: torch.Tensor | None

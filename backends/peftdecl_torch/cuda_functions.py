@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from peftdecl_torch.kinds._fused import FunctionContext
@@ -28,6 +29,8 @@ class Kernels(Protocol):
     """Widest rotation block the rotation kernels take."""
     max_rank: int
     """Largest LoHa rank the delta kernel takes."""
+    max_gather_rank: int
+    """Largest adapter rank the gathered (decode) mixed-batch kernels take."""
 
     def rotate(self, x: torch.Tensor, r: torch.Tensor, transpose: bool) -> torch.Tensor: ...
     def rotate_tn(self, x: torch.Tensor, g: torch.Tensor, b: int) -> torch.Tensor: ...
@@ -89,6 +92,15 @@ class Kernels(Protocol):
     ) -> torch.Tensor: ...
     def absmax_dequant(
         self, q: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, offset: float, blocksize: int
+    ) -> torch.Tensor: ...
+    # mixed_batch.cu: Y[t] += s_i (X[t] A_iᵀ) B_iᵀ in place for i = index[t] >= 0; X [T, K] and Y [T, N]
+    # contiguous, A_i [r_i, K] and B_i [N, r_i] in X's dtype, ``index`` a host int32 array of T entries
+    def mixed(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+        index: np.ndarray,
     ) -> torch.Tensor: ...
     # the low-rank kernels (lora.cu, dora.cu): U and the norms in the accumulation type (float32 for bfloat16)
     def shrink(

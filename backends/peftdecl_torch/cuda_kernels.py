@@ -32,7 +32,7 @@ ENV = "PEFTDECL_CUDA_KERNELS"
 DEVICE_TYPE = "cuda"
 """The device whose tensors the kernels take (the dispatch tests set "cpu" to drive a fake kernel object)."""
 
-MODULES = ("oft", "boft", "ia3", "vera", "loha", "lokr", "nf4", "lora", "dora")
+MODULES = ("oft", "boft", "ia3", "vera", "loha", "lokr", "nf4", "lora", "dora", "mixed_batch")
 """The kernel sources (``backends/peftdecl_cupy/kernels/<name>.cu``) the hooks launch."""
 
 _STATE: dict[str, Any] = {}

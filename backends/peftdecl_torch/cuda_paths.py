@@ -17,7 +17,7 @@ import torch
 from peftdecl.plan import LayerPlan
 from peftdecl.plan.kinds.oft import neumann_coefficients
 from peftdecl_torch import cuda_functions as fn
-from peftdecl_torch import cuda_lowrank
+from peftdecl_torch import cuda_lowrank, cuda_mixed
 from peftdecl_torch.cuda_kernels import on_device
 from peftdecl_torch.kinds import _fused as fused
 
@@ -236,6 +236,7 @@ PATHS: dict[str, Callable[..., Any]] = {
     "lokr_delta": lokr_delta,
     "nf4_dequantize": nf4_dequantize,
     "composed_forward": composed_forward,
+    "mixed_forward": cuda_mixed.mixed_forward,
     "lora_forward": cuda_lowrank.lora_forward,
     "adalora_forward": cuda_lowrank.adalora_forward,
     "dora_weight_norm": cuda_lowrank.dora_weight_norm,

@@ -401,6 +401,7 @@ class AdaptedLayer(PeftLayerAttributes, nn.Module):
         ]
         return compose.forward(self, x, running)
 
+    @cuda_kernels.replaces("mixed_forward")
     def _mixed_forward(self, x: torch.Tensor, row_adapters: RowAdapters) -> torch.Tensor:
         rows = row_adapters.for_batch(x.shape[0], self.module_name)
         result = self.base_forward(x)
