@@ -169,3 +169,12 @@ class TorchKernels:
         w, a, b = weight.to(acc), a.to(acc), b.to(acc)
         squared = (w * w).sum(1) + 2 * s * (b * (w @ a.t())).sum(1) + s * s * (b * (b @ (a @ a.t()))).sum(1)
         return squared.clamp_min(0).sqrt()
+
+    def dora_output(self, u: Any, b: Any, y: Any, bias: Any, m: Any, n: Any, s: float) -> tuple[Any, Any]:
+        """(b + g ⊙ D, D) with D = Y − b + s U Bᵀ, g = m / n (1 where n = 0)."""
+        self.calls["dora_output"] += 1
+        acc = u.dtype
+        base = 0 if bias is None else bias.to(acc)
+        direction = y.to(acc) - base + s * (u @ b.to(acc).t())
+        g = torch.where(n > 0, m.to(acc) / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))
+        return (base + g * direction).to(y.dtype), direction.to(y.dtype)

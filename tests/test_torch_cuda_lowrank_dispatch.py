@@ -20,7 +20,7 @@ from tests.conftest import rel_err, selected_backends
 torch = pytest.importorskip("torch")
 
 from peftdecl_torch import cuda_kernels  # noqa: E402
-from peftdecl_torch.cuda_lowrank import LowRankLinear  # noqa: E402
+from peftdecl_torch.cuda_lowrank import DoraLowRank, LowRankLinear  # noqa: E402
 from tests.cuda_torch_double import TorchKernels  # noqa: E402
 
 if "torch" not in selected_backends():
@@ -79,6 +79,24 @@ def test_lowrank_function_gradients(
     assert set(fake.calls) >= LOWRANK
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dora_function_gradients(fake: TorchKernels, with_bias: bool) -> None:
+    weight, bias = rand(6, 5, seed=1, grad=False), rand(6, seed=2, grad=False) if with_bias else None
+    x, a, b, m = rand(2, 3, 5), rand(4, 5, seed=3), rand(6, 4, seed=4), rand(6, seed=5)
+    n = (
+        rand(6, seed=6, grad=False).abs() + 0.5
+    )  # the norm is an input without gradient (detached, as in DoRA)
+
+    def run(x: Any, a: Any, b: Any, m: Any) -> Any:
+        return DoraLowRank.apply(x, weight, bias, a, b, m, n, 0.7, fake)
+
+    assert torch.autograd.gradcheck(run, (x, a, b, m))
+    base = 0 if bias is None else bias
+    want = base + (m / n) * (x @ weight.t() + 0.7 * (x @ a.t()) @ b.t())
+    assert torch.allclose(run(x, a, b, m), want, rtol=0, atol=1e-12)  # float64, another summation order
+    assert set(fake.calls) >= {"shrink", "dora_output", "outer", "expand"}
+
+
 # -- whole models: the kernels on against the torch path -----------------------------------------------------------
 LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "init_lora_weights": False}
 ADALORA = {"peft_type": "ADALORA", "init_r": 6, "target_r": 4, "lora_alpha": 12, "total_step": 10}
@@ -88,7 +106,8 @@ MODELS = {
     "rslora": ({**LORA, "use_rslora": True}, LOWRANK),
     "lora_dropout_eval": ({**LORA, "lora_dropout": 0.5}, LOWRANK),  # eval mode: no dropout, so the kernels
     "adalora": ({**ADALORA, "init_lora_weights": False}, LOWRANK),
-    "dora": ({**LORA, "use_dora": True}, {"dora_norm"}),
+    "dora": ({**LORA, "use_dora": True}, {"dora_norm", "dora_output", *LOWRANK}),
+    "dora_rslora": ({**LORA, "use_dora": True, "use_rslora": True}, {"dora_norm", "dora_output"}),
 }
 
 
@@ -150,6 +169,14 @@ def test_bfloat16_base_with_float32_adapters(fake: TorchKernels, monkeypatch: py
     assert_same(on, run_model(LORA, 4, torch.bfloat16), 2e-2)
 
 
+def test_dora_on_a_bfloat16_base_takes_the_torch_path(fake: TorchKernels) -> None:
+    """float32 magnitudes over a bfloat16 base: the output kernel would read m in bfloat16 (the torch path keeps
+    g = m / n in float32), and the norm kernel takes one dtype: neither runs."""
+    fake.dtypes = frozenset({torch.float32, torch.bfloat16})
+    run_model({**LORA, "use_dora": True}, 4, torch.bfloat16)
+    assert not fake.calls, dict(fake.calls)
+
+
 # -- what the kernels do not cover takes the torch path --------------------------------------------------------
 FALLBACKS = {
     "dropout_in_training": ({**LORA, "lora_dropout": 0.5}, {}),
@@ -158,6 +185,8 @@ FALLBACKS = {
     "merge_pays_in_training": (LORA, {"tokens": 64}),
     "float16": (LORA, {"dtype": torch.float16, "grad": False}),
     "adalora_dropout": ({**ADALORA, "init_lora_weights": False, "lora_dropout": 0.5}, {}),
+    "dora_merge_pays": ({**LORA, "use_dora": True}, {"tokens": 64}),
+    "dora_dropout": ({**LORA, "use_dora": True, "lora_dropout": 0.5}, {}),
 }
 
 
@@ -166,7 +195,7 @@ def test_uncovered_cases_take_the_torch_path(case: str, fake: TorchKernels) -> N
     spec, kwargs = FALLBACKS[case]
     y, _ = run_model(spec, kwargs.pop("tokens", 4), **kwargs)
     assert torch.isfinite(y).all()
-    assert not LOWRANK & set(fake.calls), dict(fake.calls)
+    assert not (LOWRANK | {"dora_output"}) & set(fake.calls), dict(fake.calls)
 
 
 def test_cpu_tensors_are_never_dispatched(monkeypatch: pytest.MonkeyPatch) -> None:

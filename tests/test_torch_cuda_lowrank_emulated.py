@@ -85,7 +85,10 @@ MODELS = {
     "lora": (LORA, {"lora_shrink_f32", "lora_expand_f32", "lora_outer_f32", "lora_finish_f32"}),
     "lora_bias_rslora": ({**LORA, "lora_bias": True, "use_rslora": True}, {"lora_shrink_f32"}),
     "adalora": ({**ADALORA, "init_lora_weights": False}, {"lora_shrink_f32", "lora_outer_f32"}),
-    "dora": ({**LORA, "use_dora": True}, {"dora_row_sumsq_f32", "dora_norm_f32", "lora_shrink_f32"}),
+    "dora": (
+        {**LORA, "use_dora": True, "use_rslora": True},
+        {"dora_row_sumsq_f32", "dora_norm_f32", "dora_output_f32", "lora_expand_f32", "lora_outer_f32"},
+    ),
 }
 
 

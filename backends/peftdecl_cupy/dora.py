@@ -46,15 +46,26 @@ class CupyDora:
         return n
 
     def output(
-        self, u: Array, b: Array, y: Array, bias: Array | None, m: Array, n: Array, s: float
+        self,
+        u: Array,
+        b: Array,
+        y: Array,
+        bias: Array | None,
+        m: Array,
+        n: Array,
+        s: float,
+        out: Array | None = None,
+        direction: Array | None = None,
     ) -> tuple[Array, Array]:
-        """(Y', D): D = Y − b + s U Bᵀ and Y' = b + g ⊙ D with g = m / n (1 where n = 0), in one pass."""
+        """(Y', D): D = Y − b + s U Bᵀ and Y' = b + g ⊙ D with g = m / n (1 where n = 0), in one pass (into
+        ``out`` and ``direction``, contiguous arrays shaped as Y, where given)."""
         cupy = _cp()
 
         y, b = cupy.ascontiguousarray(y), cupy.ascontiguousarray(b)
         tokens, columns = y.shape
         rank = u.shape[1]
-        out, direction = cupy.empty_like(y), cupy.empty_like(y)
+        out = cupy.empty_like(y) if out is None else out
+        direction = cupy.empty_like(y) if direction is None else direction
         kernel("dora", f"dora_output_{suffix(y.dtype)}")(
             planning.expand_grid(tokens, columns),
             (planning.THREADS,),

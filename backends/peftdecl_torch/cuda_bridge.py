@@ -245,6 +245,31 @@ class CupyKernels:
             self.dora.norm(view(weight), view(a), view(b), s, out=view(out))
         return out
 
+    def dora_output(
+        self,
+        u: torch.Tensor,
+        b: torch.Tensor,
+        y: torch.Tensor,
+        bias: torch.Tensor | None,
+        m: torch.Tensor,
+        n: torch.Tensor,
+        s: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, direction = torch.empty_like(y), torch.empty_like(y)
+        with on_stream(y):
+            self.dora.output(
+                view(u),
+                view(b),
+                view(y),
+                view(bias),
+                view(m),
+                view(n),
+                s,
+                out=view(out),
+                direction=view(direction),
+            )
+        return out, direction
+
 
 def _accumulation(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -109,6 +109,16 @@ class Kernels(Protocol):
     def expand(self, u: torch.Tensor, b: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor: ...
     def outer(self, u: torch.Tensor, x: torch.Tensor, out: torch.Tensor, alpha: float) -> torch.Tensor: ...
     def dora_norm(self, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor: ...
+    def dora_output(
+        self,
+        u: torch.Tensor,
+        b: torch.Tensor,
+        y: torch.Tensor,
+        bias: torch.Tensor | None,
+        m: torch.Tensor,
+        n: torch.Tensor,
+        s: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class _Ctx(FunctionContext, Protocol):

@@ -1,12 +1,13 @@
-"""LoRA, AdaLoRA and DoRA's weight norm through the low-rank kernels (``kernels/lora.cu``, ``kernels/dora.cu``):
-the paths their ``@cuda_kernels.replaces`` hooks run, and the autograd Function of the linear layer.
+"""LoRA, AdaLoRA and DoRA through the low-rank kernels (``kernels/lora.cu``, ``kernels/dora.cu``): the paths their
+``@cuda_kernels.replaces`` hooks run, and the autograd Functions of the linear layer.
 
 Covered: a linear (or GPT-2 Conv1D) layer that the torch backend would run through its fused Function (a frozen
 base, one dtype or a half-precision base with float32 adapters, no autocast, no dropout while training, see
 :func:`peftdecl_torch.kinds._fused.fusable`), activations in ``kernels.dtypes``, and a call where folding the
 update into the weight does not pay (:func:`peftdecl_torch.kinds._fused.merge_pays`; there one GEMM with
-W + s·B A is the faster form, and the torch path runs it). DoRA: its row norm n = ‖W + s·B A‖ on a linear layer
-whose weight, A, B and magnitude share one dtype. Everything else returns ``NotImplemented`` (the torch path).
+W + s·B A is the faster form, and the torch path runs it). DoRA, on a linear layer whose weight, A, B and
+magnitude share one dtype: its row norm n = ‖W + s·B A‖ always, and its output (:class:`DoraLowRank`) under the
+same conditions as LoRA with every n > 0. Everything else returns ``NotImplemented`` (the torch path).
 """
 
 from __future__ import annotations
@@ -190,3 +191,87 @@ def dora_weight_norm(
         return NotImplemented
     with torch.no_grad():
         return kern.dora_norm(w.detach(), a.detach(), b.detach(), float(lp.scaling)).to(m.dtype)
+
+
+class DoraLowRank(torch.autograd.Function):
+    """DoRA's y = b + g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ), g = m / n (n > 0, without gradient) for a frozen W, one dtype: x Wᵀ
+    + b by torch's GEMM, u = x Aᵀ by the shrink kernel, then D = y − b + s·u Bᵀ and g ⊙ D + b in one output pass.
+
+    Backward from D (kept, as the torch path keeps y): dm = Σ_t dy ⊙ D / n; with dy' = dy ⊙ g, du = s·dy' B
+    (a shrink), dx = dy' W + du A (a GEMM, then an expand into it), dA = duᵀ x and dB = s·dy'ᵀ u (the outer
+    kernel)."""
+
+    @staticmethod
+    def forward(
+        ctx: _Ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        m: torch.Tensor,
+        n: torch.Tensor,
+        scaling: float,
+        kern: Kernels,
+    ) -> torch.Tensor:
+        x2 = _rows(x)
+        y = F.linear(x2, weight, bias).contiguous()
+        u = kern.shrink(x2, a, 1.0, None)
+        out, direction = kern.dora_output(u, b, y, bias, m.reshape(-1), n, scaling)
+        ctx.save_for_backward(x2, weight, a, b, m, n, u, direction)
+        ctx.kern, ctx.scaling, ctx.shape = kern, scaling, x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: _Ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, weight, a, b, m, n, u, direction = ctx.saved_tensors
+        kern, s = ctx.kern, ctx.scaling
+        need_x, _, _, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+        dy2 = _rows(dy)
+        dx = da = db = dm = None
+        if need_m:
+            dm = ((dy2 * direction).sum(0) / n).reshape(m.shape).to(m.dtype)
+        dyg = (dy2 * (m.reshape(-1) / n)).to(dy2.dtype).contiguous()  # dy ⊙ g
+        if need_x or need_a:
+            du = kern.shrink(dyg, b.t(), s, None)  # s · (dy ⊙ g) B
+            if need_x:
+                dx = torch.mm(dyg, weight)
+                kern.expand(du, a.t(), dx, 1.0)
+                dx = dx.view(ctx.shape)
+            if need_a:
+                da = kern.outer(du, x2, torch.empty_like(a), 1.0)
+        if need_b:
+            db = torch.empty_like(b)
+            kern.outer(u, dyg, db.t(), s)
+        return dx, None, None, da, db, dm, None, None, None
+
+
+def dora_forward(
+    kern: Kernels, ops: object, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor
+) -> Any:
+    """DoRA on a linear layer in one dtype, where folding g ⊙ (W + s·B A) into a weight copy (the torch path's
+    form) does not pay: :class:`DoraLowRank`, n from :func:`dora_weight_norm`; rows with n = 0 take the torch
+    path (g = 1 there)."""
+    from peftdecl.plan.kinds.dora import MAGNITUDE
+    from peftdecl_torch.kinds.dora import _weight_sq, weight_norm
+
+    if "lora_A.weight" not in p or lp.layer.type != "linear":
+        return NotImplemented
+    m, a, b = p[MAGNITUDE], p["lora_A.weight"], p["lora_B.weight"]
+    weight, bias = layer.base_weight, layer.bias
+    if (
+        not fused.fusable(lp, layer, x, m.dtype, lp.options["dropout"])  # one dtype: x, W, m
+        or fused.merge_pays(lp, layer, x)
+        or x.dtype not in kern.dtypes
+        or a.dtype != x.dtype
+        or b.dtype != x.dtype
+        or (bias is not None and bias.dtype != x.dtype)
+        or not on_device(x, weight, bias, a, b, m)
+        or x.numel() == 0
+    ):
+        return NotImplemented
+    n = weight_norm(lp, layer, p, _weight_sq(lp, layer, p))
+    if n.dtype != accumulation(x.dtype) or not bool((n > 0).all()):
+        return NotImplemented
+    y: torch.Tensor = DoraLowRank.apply(x, weight, bias, a, b, m, n, float(lp.scaling), kern)
+    return y

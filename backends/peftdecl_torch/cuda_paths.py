@@ -240,5 +240,6 @@ PATHS: dict[str, Callable[..., Any]] = {
     "lora_forward": cuda_lowrank.lora_forward,
     "adalora_forward": cuda_lowrank.adalora_forward,
     "dora_weight_norm": cuda_lowrank.dora_weight_norm,
+    "dora_forward": cuda_lowrank.dora_forward,
 }
 """Hook name -> kernel path."""

@@ -296,6 +296,7 @@ class DoraOps:
     )
     merge_reads_unmerged = True  # n is taken on the weight before earlier merges (AdaptedLayer keeps it)
 
+    @cuda_kernels.replaces("dora_forward")
     def forward(self, lp: LayerPlan, layer: AdaptedLayer, p: Params, x: torch.Tensor) -> torch.Tensor:
         dtype = p[MAGNITUDE].dtype
         s = lp.scaling
