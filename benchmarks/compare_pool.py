@@ -24,7 +24,11 @@ Before timing, the pool's logits are checked against PEFT's mixed batch and PEFT
 float32); the script exits non-zero when they disagree.
 
     .venv/bin/python benchmarks/compare_pool.py [--rounds 5] [--block 2] [--loads 12] [--threads 2]
-        [--out benchmarks/results/pool_cpu] [--quick]
+        [--out benchmarks/results/pool_cpu] [--quick] [--device cuda] [--rows 16] [--seq 16] [--adapters 8]
+
+``--device cuda`` times the same calls on a GPU (each call then waits for the device), where the torch backend
+runs each layer's mixed batch in one launch of the CuPy mixed-batch kernels (``PEFTDECL_CUDA_KERNELS=0``: its
+torch loop); ``--seq 1`` times one decode step's shape.
 
 ``--quick``: toy sizes and one round (seconds; a smoke test, its numbers mean nothing).
 """
@@ -66,7 +70,7 @@ def sizes(args: argparse.Namespace) -> dict[str, int]:
         kv_heads=4,
         intermediate=args.intermediate,
         vocab=2048,
-        seq=16,
+        seq=args.seq,
     )
 
 
@@ -78,7 +82,7 @@ def base_model(size: dict[str, int]) -> Any:
         num_attention_heads=size["heads"],
         num_key_value_heads=size["kv_heads"],
         intermediate_size=size["intermediate"],
-        max_position_embeddings=256,
+        max_position_embeddings=max(256, size["seq"]),
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -122,11 +126,21 @@ def looped(
     return out
 
 
+def waited(call: Callable[[], Any]) -> Callable[[], None]:
+    """``call`` then a wait for the device, so that a GPU call is timed to its end."""
+
+    def run() -> None:
+        call()
+        torch.cuda.synchronize()
+
+    return run
+
+
 def load_latencies(
     args: argparse.Namespace, pool: Any, theirs: Any, root: Path, spare: list[str]
 ) -> dict[str, Any]:
     """Median seconds of a pool miss, of a whole first request, and of PEFT's load_adapter, over ``spare``."""
-    one = torch.zeros((1, 4), dtype=torch.long)
+    one = torch.zeros((1, 4), dtype=torch.long, device=args.device)
     miss, request, peft_load = [], [], []
     for name in spare:
         loaded_before = pool.stats.load_seconds
@@ -155,6 +169,8 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=688)
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--block", type=int, default=2)
     parser.add_argument("--loads", type=int, default=12)
@@ -166,7 +182,7 @@ def main() -> None:
         args.rounds, args.block, args.loads = 1, 1, 2
     torch.set_num_threads(args.threads)
     size = sizes(args)
-    model = base_model(size)
+    model = base_model(size).to(args.device)
     tmp = tempfile.TemporaryDirectory()
     root = Path(tmp.name)
     names = save_adapters(model, root, args.adapters + args.loads)
@@ -174,7 +190,7 @@ def main() -> None:
     rows = [serving[i % len(serving)] for i in range(args.rows)]
     ids = torch.randint(
         0, size["vocab"], (args.rows, size["seq"]), generator=torch.Generator().manual_seed(1)
-    )
+    ).to(args.device)
 
     pool = peftdecl.AdapterPool(copy.deepcopy(model), len(serving), root)
     theirs = peft.PeftModel.from_pretrained(
@@ -206,12 +222,18 @@ def main() -> None:
             "peftdecl loop": lambda: looped(ours_loop, ours_loop.set_adapter, ids, rows),
         }
         started = time.perf_counter()
-        medians, _, _, redone = median_times(list(calls.values()), args.rounds, args.block, retries=2)
+        gpu = torch.device(args.device).type == "cuda"
+        timed = [waited(call) for call in calls.values()] if gpu else list(calls.values())
+        medians, _, _, redone = median_times(timed, args.rounds, args.block, retries=2, watch_cpu=not gpu)
         forward = dict(zip(calls, medians, strict=True))
         loads = load_latencies(args, pool, theirs, root, spare)
         elapsed = time.perf_counter() - started
     tmp.cleanup()
     report(args, size, errors, forward, loads, redone, elapsed, pool.stats)
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else device
 
 
 def report(
@@ -227,7 +249,8 @@ def report(
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()
     header = (
         f"compare_pool: torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}, "
-        f"{args.threads} threads, {os.cpu_count()} CPUs ({machine}); Llama hidden {size['hidden']}, {size['layers']} "
+        f"{args.threads} threads, {os.cpu_count()} CPUs ({machine}), {device_name(args.device)}, CUDA kernels "
+        f"{os.environ.get('PEFTDECL_CUDA_KERNELS', '1')}; Llama hidden {size['hidden']}, {size['layers']} "
         f"layers, {size['heads']}/{size['kv_heads']} heads, MLP {size['intermediate']}, vocab {size['vocab']}; "
         f"LoRA r {RANK} alpha {ALPHA} on {len(TARGETS)} projections; batch {args.rows} rows x {size['seq']} tokens "
         f"over {args.adapters} adapters; {args.rounds} rounds x {args.block} calls ({redone} blocks redone)"

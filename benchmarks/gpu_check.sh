@@ -48,3 +48,13 @@ done
 PEFTDECL_CUDA_KERNELS=0 timeout 150 $python -W ignore benchmarks/compare_torch_peft.py --device cuda --dtype bfloat16 \
     --dim "$dim" --tokens "$tokens" --rank 16 --rounds 5 --block 3 --trials 1 --in-process 2>&1 |
     tee "$out/bench_bfloat16_kernels_off.txt"
+# mixed-adapter batches (adapter_names=) through the AdapterPool next to PEFT's mixed batch and loop, the torch
+# backend's mixed-batch kernels on, then off: prefill 16 rows x 512 tokens over 8 adapters, decode 64 x 1 over 32
+for kernels in 1 0; do
+    for shape in "prefill 16 512 8" "decode 64 1 32"; do
+        set -- $shape
+        PEFTDECL_CUDA_KERNELS=$kernels timeout 200 $python -W ignore benchmarks/compare_pool.py --device cuda \
+            --hidden 1024 --intermediate 2752 --rows "$2" --seq "$3" --adapters "$4" --rounds 3 --loads 2 \
+            --out "$out/pool_$1_kernels$kernels" 2>&1 | tee "$out/bench_pool_$1_kernels$kernels.txt" | tail -16
+    done
+done
