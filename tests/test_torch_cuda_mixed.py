@@ -297,3 +297,19 @@ def test_llama_mixed_batch_through_the_emulated_kernels(
     assert torch.isfinite(on).all()
     tol = F32_TOL if dtype == torch.float32 else BF16_TOL
     assert rel_err(on.numpy(), off.numpy()) <= tol
+
+
+def test_generation_with_adapter_names_takes_the_kernel(
+    fake: TorchKernels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy generation, each row with its adapter: the prompt and every decode step (one token a row) through
+    the kernel, the same tokens as the torch loop."""
+    model = build()
+    x = ids(len(ROWS), 5)
+    with torch.no_grad():
+        on = model.generate(input_ids=x, adapter_names=ROWS, max_new_tokens=4, do_sample=False)
+    assert fake.calls["mixed"] == 4 * ADAPTED_LAYERS  # the prompt, then three decode steps
+    switch(monkeypatch, False)
+    with torch.no_grad():
+        off = model.generate(input_ids=x, adapter_names=ROWS, max_new_tokens=4, do_sample=False)
+    assert torch.equal(on, off)
