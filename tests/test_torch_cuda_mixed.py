@@ -313,3 +313,24 @@ def test_generation_with_adapter_names_takes_the_kernel(
     with torch.no_grad():
         off = model.generate(input_ids=x, adapter_names=ROWS, max_new_tokens=4, do_sample=False)
     assert torch.equal(on, off)
+
+
+def test_gpt2_conv1d_layers_take_the_kernel(fake: TorchKernels, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT-2's Conv1D stores its weight [in, out]; LoRA's A [r, in] and B [out, r] are the same as on a Linear."""
+    from tests.hf_models import tiny_gpt2
+
+    model = None
+    for seed, r in enumerate((2, 4), start=1):
+        spec = {**lora(r), "target_modules": ["c_attn"], "fan_in_fan_out": True}
+        if model is None:
+            model = peftdecl.attach(tiny_gpt2(), spec, f"r{r}", "torch", seed=seed)
+        else:
+            model.add_adapter(f"r{r}", spec, seed=seed)
+    model.eval()
+    names = ["r4", "__base__", "r2"]
+    x = ids(len(names), 6) % 100  # GPT-2's vocabulary here
+    on = logits(model, x, names)
+    assert fake.calls["mixed"] == 2  # c_attn of both blocks
+    switch(monkeypatch, False)
+    assert rel_err(on.numpy(), logits(model, x, names).numpy()) <= F32_TOL
+    assert rel_err(on.numpy(), rows_alone(model, x, names).numpy()) <= F32_TOL
