@@ -4,7 +4,8 @@ Each kernel against the NumPy float64 reference on fresh random inputs, outputs 
 (an element the kernel never writes stays NaN and fails the comparison), odd sizes and the block/rank limits;
 float32 within 1e-5 and bfloat16 within 2e-2 (relative Frobenius error, :func:`tests.conftest.rel_err`). Then the
 torch hooks on CUDA tensors: forward and gradients of each hooked function with the kernels against torch autograd
-of the same formula in float64 with the kernels switched off.
+of the same formula in float64 with the kernels switched off; LoRA, AdaLoRA and DoRA models with the low-rank
+kernels on and off.
 """
 
 from __future__ import annotations
@@ -275,3 +276,77 @@ def test_qlora_inference_on_cuda_equals_bitsandbytes_plus_lora(switch: Callable[
         switch(False)
         want = model(x).cpu().numpy()
     assert rel_err(got, want) <= F32_TOL
+
+
+class _CountedKernels:
+    """The real kernel object, each low-rank entry point counted (proof that the hooks took the kernels)."""
+
+    def __init__(self) -> None:
+        from peftdecl_torch.cuda_bridge import CupyKernels
+
+        self.inner, self.calls = CupyKernels(), dict.fromkeys(("shrink", "expand", "outer", "dora_output"), 0)
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self.inner, name)
+        if name not in self.calls:
+            return found
+
+        def counted(*args: Any) -> Any:
+            self.calls[name] += 1
+            return found(*args)
+
+        return counted
+
+
+@pytest.mark.parametrize("kind", ["lora", "adalora", "dora"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lowrank_kinds_on_cuda_tensors_with_kernels_on_and_off(
+    kind: str, dtype: str, switch: Callable[[bool], None]
+) -> None:
+    """A two-layer MLP adapted by LoRA/AdaLoRA/DoRA on CUDA tensors, 64 tokens (folding B A into W does not pay),
+    with the low-rank kernels and without (the torch path). float32: outputs and gradients within 1e-5 of each
+    other. bfloat16: each against the float64 run of the same (bfloat16-valued) weights and input; the first
+    layer's gradients pass through the second layer's bfloat16 dx and sum 64 tokens, so the torch path itself is
+    a few percent off there: the kernels must be within 2e-2, or no worse than 1.25 times the torch path's error.
+    DoRA over a bfloat16 base keeps the torch path (float32 magnitudes)."""
+    import peftdecl
+
+    torch_dtype = getattr(torch, dtype)
+    spec = {
+        "lora": {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "init_lora_weights": False},
+        "adalora": {"peft_type": "ADALORA", "init_r": 12, "target_r": 8, "lora_alpha": 24, "total_step": 10,
+                    "init_lora_weights": False},
+        "dora": {"peft_type": "LORA", "r": 16, "use_dora": True, "init_lora_weights": False},
+    }[kind]  # fmt: skip
+
+    def run(compute: torch.dtype) -> tuple[Any, list[Any]]:
+        torch.manual_seed(0)
+        base = torch.nn.Sequential(torch.nn.Linear(256, 384), torch.nn.ReLU(), torch.nn.Linear(384, 128))
+        base = base.to("cuda", torch_dtype).to(compute)
+        model = peftdecl.attach(base, {**spec, "target_modules": ["0", "2"]}, "a", "torch", seed=3)
+        x = torch.randn(4, 16, 256, generator=torch.Generator().manual_seed(1)).to("cuda", torch_dtype)
+        y = model(x.to(compute))
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to("cuda", torch.float64)
+        (y.double() * w).sum().backward()
+        params = [p for p in model.base_model.parameters() if p.grad is not None]
+        return y.detach().double().cpu(), [p.grad.double().cpu() for p in params]
+
+    switch(True)
+    counted = _CountedKernels()
+    with cuda_kernels.use_kernels(counted):  # type: ignore[arg-type]
+        on = run(torch_dtype)
+    covered = not (kind == "dora" and dtype == "bfloat16")
+    assert (counted.calls["shrink"] > 0) == covered, counted.calls
+    assert (counted.calls["dora_output"] > 0) == (covered and kind == "dora")
+    switch(False)
+    off = run(torch_dtype)
+    assert len(on[1]) == len(off[1]) > 0
+    pairs = [(on[0], off[0]), *zip(on[1], off[1], strict=True)]
+    if dtype == "float32":
+        for got, want in pairs:
+            assert rel_err(got.numpy(), want.numpy()) <= F32_TOL
+        return
+    ref = run(torch.float64)
+    for (got, torch_path), exact in zip(pairs, [ref[0], *ref[1]], strict=True):
+        err, torch_err = rel_err(got.numpy(), exact.numpy()), rel_err(torch_path.numpy(), exact.numpy())
+        assert err <= max(2e-2, 1.25 * torch_err), (err, torch_err)
