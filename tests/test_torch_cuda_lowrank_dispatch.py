@@ -231,3 +231,30 @@ def test_merged_embedding_and_conv_layers_take_the_torch_path(fake: TorchKernels
     assert fake.calls["shrink"] == 1  # merged: the base layers run, no adapter
     model.unmerge()
     assert rel_err(model(ids).detach().numpy(), merged.detach().numpy()) <= F32_TOL
+
+
+def test_gpt2_conv1d_layers(fake: TorchKernels, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT-2's Conv1D stores its weight as [in, out]: the kernel path reads it through the transposed view."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_attn, self.c_proj = Conv1D(16, 12), Conv1D(10, 16)
+
+        def forward(self, x: Any) -> Any:
+            return self.c_proj(torch.relu(self.c_attn(x)))
+
+    def run() -> tuple[Any, dict[str, Any]]:
+        torch.manual_seed(0)
+        model = peftdecl.attach(Net(), {**LORA, "target_modules": ["c_attn", "c_proj"]}, "a", "torch", seed=3)
+        x = torch.linspace(-1.0, 1.0, 48).reshape(4, 12)
+        y = model(x)
+        (y * torch.linspace(0.5, 1.5, y.numel()).reshape(y.shape)).sum().backward()
+        return y.detach(), {n: p.grad for n, p in model.base_model.named_parameters() if p.grad is not None}
+
+    on = run()
+    assert fake.calls["shrink"] >= 2
+    switch_off(monkeypatch)
+    assert_same(on, run(), F32_TOL)
