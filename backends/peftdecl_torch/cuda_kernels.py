@@ -107,11 +107,14 @@ def replaces(name: str) -> Callable[[F], F]:
     def wrap(torch_path: F) -> F:
         @functools.wraps(torch_path)
         def run(*args: Any, **kwargs: Any) -> Any:
+            # dynamo cannot trace CuPy launches (nor the availability checks: environment, file stats): a
+            # compiled graph keeps the torch path with no break; a first tensor argument elsewhere than the
+            # kernels' device settles it without asking the path
+            if _compiling():
+                return torch_path(*args, **kwargs)
             kern = kernels()
-            # dynamo cannot trace CuPy launches: a compiled graph keeps the torch path (no graph break);
-            # a first tensor argument elsewhere than the kernels' device settles it without asking the path
             first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            if kern is not None and not _compiling() and (first is None or on_device(first)):
+            if kern is not None and (first is None or on_device(first)):
                 from peftdecl_torch.cuda_paths import PATHS
 
                 result = PATHS[name](kern, *args, **kwargs)
