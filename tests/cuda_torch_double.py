@@ -6,9 +6,11 @@ any device and in float64 too. The dispatch tests route the torch backend's hook
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import pytest
 import torch
 
 
@@ -178,3 +180,26 @@ class TorchKernels:
         direction = y.to(acc) - base + s * (u @ b.to(acc).t())
         g = torch.where(n > 0, m.to(acc) / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))
         return (base + g * direction).to(y.dtype), direction.to(y.dtype)
+
+
+@contextmanager
+def routed_to_double(monkeypatch: pytest.MonkeyPatch) -> Iterator[TorchKernels]:
+    """The torch backend's hooks routed to a fresh :class:`TorchKernels`, CPU tensors counted as the kernels'
+    device, the switch on; the cached decisions are forgotten on the way out."""
+    from peftdecl_torch import cuda_kernels
+
+    monkeypatch.setenv(cuda_kernels.ENV, "1")
+    monkeypatch.setattr(cuda_kernels, "DEVICE_TYPE", "cpu")
+    cuda_kernels.refresh()
+    kernels = TorchKernels()
+    with cuda_kernels.use_kernels(kernels):
+        yield kernels
+    cuda_kernels.refresh()
+
+
+def numpy_from_dlpack(t: Any) -> Any:
+    """What ``cupy.from_dlpack`` gives on a device: the tensor's memory; like torch's ``__dlpack__`` (even inside
+    a Function's forward, where ``Tensor.numpy`` would allow it) it refuses a tensor that requires grad."""
+    if t.requires_grad:
+        raise RuntimeError("Can't export tensors that require gradient, use tensor.detach()")
+    return t.numpy()

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 
 from peftdecl_torch import cuda_functions as fn  # noqa: E402
 from peftdecl_torch import cuda_kernels  # noqa: E402
-from tests.cuda_torch_double import TorchKernels  # noqa: E402
+from tests.cuda_torch_double import TorchKernels, routed_to_double  # noqa: E402
 
 if "torch" not in selected_backends():
     pytest.skip("the torch backend is not selected", allow_module_level=True)
@@ -34,13 +34,8 @@ F64 = torch.float64
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[TorchKernels]:
     """The hooks routed to a fresh :class:`TorchKernels`, CPU tensors counted as the kernels' device."""
-    monkeypatch.setenv(cuda_kernels.ENV, "1")
-    monkeypatch.setattr(cuda_kernels, "DEVICE_TYPE", "cpu")
-    cuda_kernels.refresh()
-    kernels = TorchKernels()
-    with cuda_kernels.use_kernels(kernels):
+    with routed_to_double(monkeypatch) as kernels:
         yield kernels
-    cuda_kernels.refresh()
 
 
 def rand(*shape: int, seed: int = 0, grad: bool = True) -> Any:

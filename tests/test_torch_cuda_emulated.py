@@ -28,17 +28,10 @@ if "torch" not in selected_backends():
     pytest.skip("the torch backend is not selected", allow_module_level=True)
 
 from peftdecl_torch import cuda_kernels  # noqa: E402
+from tests.cuda_torch_double import numpy_from_dlpack  # noqa: E402
 from tests.test_torch_cuda_dispatch import MODELS, run_model  # noqa: E402
 
 F32_TOL = 1e-5
-
-
-def numpy_from_dlpack(t: Any) -> Any:
-    """What ``cupy.from_dlpack`` gives on a device: the tensor's memory; like torch's ``__dlpack__`` (even inside
-    a Function's forward, where ``Tensor.numpy`` would allow it) it refuses a tensor that requires grad."""
-    if t.requires_grad:
-        raise RuntimeError("Can't export tensors that require gradient, use tensor.detach()")
-    return t.numpy()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 
 from peftdecl_torch import cuda_kernels  # noqa: E402
 from peftdecl_torch.cuda_lowrank import DoraLowRank, LowRankLinear  # noqa: E402
-from tests.cuda_torch_double import TorchKernels  # noqa: E402
+from tests.cuda_torch_double import TorchKernels, routed_to_double  # noqa: E402
 
 if "torch" not in selected_backends():
     pytest.skip("the torch backend is not selected", allow_module_level=True)
@@ -32,13 +32,9 @@ LOWRANK = {"shrink", "expand", "outer"}
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[TorchKernels]:
-    monkeypatch.setenv(cuda_kernels.ENV, "1")
-    monkeypatch.setattr(cuda_kernels, "DEVICE_TYPE", "cpu")
-    cuda_kernels.refresh()
-    kernels = TorchKernels()
-    with cuda_kernels.use_kernels(kernels):
+    """The hooks routed to a fresh :class:`TorchKernels`, CPU tensors counted as the kernels' device."""
+    with routed_to_double(monkeypatch) as kernels:
         yield kernels
-    cuda_kernels.refresh()
 
 
 def switch_off(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,7 +31,7 @@ if "torch" not in selected_backends():
     pytest.skip("the torch backend is not selected", allow_module_level=True)
 
 from peftdecl_torch import cuda_kernels  # noqa: E402
-from tests.test_torch_cuda_emulated import numpy_from_dlpack  # noqa: E402
+from tests.cuda_torch_double import numpy_from_dlpack  # noqa: E402
 from tests.test_torch_cuda_lowrank_dispatch import ADALORA, LORA, assert_same, run_model  # noqa: E402
 
 F32_TOL, BF16_TOL = 1e-5, 2e-2

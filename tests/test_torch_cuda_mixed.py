@@ -29,7 +29,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from peftdecl_torch import cuda_kernels  # noqa: E402
-from tests.cuda_torch_double import TorchKernels  # noqa: E402
+from tests.cuda_torch_double import TorchKernels, numpy_from_dlpack, routed_to_double  # noqa: E402
 from tests.hf_models import tiny_llama  # noqa: E402
 
 if "torch" not in selected_backends():
@@ -99,12 +99,8 @@ def rows_alone(model: Any, x: Any, names: list[str]) -> Any:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[TorchKernels]:
     """The hooks routed to a fresh :class:`TorchKernels`, CPU tensors counted as the kernels' device."""
-    switch(monkeypatch, True)
-    monkeypatch.setattr(cuda_kernels, "DEVICE_TYPE", "cpu")
-    kernels = TorchKernels()
-    with cuda_kernels.use_kernels(kernels):
+    with routed_to_double(monkeypatch) as kernels:
         yield kernels
-    cuda_kernels.refresh()
 
 
 @pytest.mark.parametrize(("tokens", "names"), [(8, ROWS), (1, ROWS * 2)], ids=["prefill", "decode"])
@@ -227,13 +223,6 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> Any:
     if cuda_emulator.available():
         pytest.skip(str(cuda_emulator.available()))
     return cuda_emulator.build("mixed_batch", Path(tmp_path_factory.mktemp("torch_mixed")))
-
-
-def numpy_from_dlpack(t: Any) -> Any:
-    """What ``cupy.from_dlpack`` gives on a device: the tensor's memory (it refuses one that requires grad)."""
-    if t.requires_grad:
-        raise RuntimeError("Can't export tensors that require gradient, use tensor.detach()")
-    return t.numpy()
 
 
 @pytest.fixture
