@@ -1,17 +1,28 @@
-"""Runs the CuPy backend's CUDA sources on the CPU: each kernel compiled by g++ as C++, every CUDA thread of a
-block an OS thread (``__syncthreads`` a ``std::barrier``, warp shuffles through a per-warp buffer, atomics under
-a lock), blocks one after another. It checks what the sources compute and how they index (tiles, bounds, strides,
-segments), the part a compile check cannot see; it says nothing about speed, the GPU's memory model or
-NVRTC. Used by tests/test_cuda_emulated.py; needs g++ with C++20.
+"""Runs the CuPy backend's CUDA sources on the CPU: each module compiled by g++ as C++, every CUDA thread of a
+block an OS thread (``__syncthreads`` a ``std::barrier`` over the block, warp shuffles through a per-warp
+exchange buffer, ``atomicAdd`` under a lock), blocks one after another, so ``__shared__`` is a ``static``.
+Blocks may be 1-, 2- or 3-dimensional; warps are runs of 32 threads in x-fastest order, as on the GPU.
+
+It checks what the sources compute and how they index (tiles, bounds, strides, segments, barriers), the part a
+compile check cannot see; it says nothing about speed, the GPU's memory model, races a barrier hides, or NVRTC.
+The kernels are the text NVRTC compiles (:func:`peftdecl_cupy._modules.module_source`). Needs g++ with C++20.
+
+Two ways in: :func:`build` and :class:`EmulatedKernel` (a ``cupy.RawKernel`` stand-in per entry point), or an
+:class:`Emulator` whose ``kernel(module, entry)`` has the signature of :func:`peftdecl_cupy._modules.kernel`
+and counts launches. Used by tests/test_cuda_emulated.py, tests/test_cuda_kernels_emulated.py,
+tests/test_torch_cuda_emulated.py, tests/test_torch_cuda_lowrank_emulated.py, tests/test_torch_cuda_mixed.py and
+the dry-run plugin tests/cuda_dry_run.py.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import re
 import shutil
 import subprocess
 import types
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,23 +52,27 @@ struct emu_dim3 { unsigned x = 1, y = 1, z = 1; };
 thread_local emu_dim3 threadIdx, blockIdx;
 emu_dim3 blockDim, gridDim;
 struct emu_block {
+    unsigned threads;
     std::unique_ptr<std::barrier<>> all;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
-    std::vector<double> exchange;
-    explicit emu_block(unsigned threads) : all(new std::barrier<>(threads)), exchange(threads) {
-        for (unsigned w = 0; w * 32 < threads; ++w)
-            warps.emplace_back(new std::barrier<>(std::min(32u, threads - 32 * w)));
+    std::vector<unsigned long long> exchange;
+    explicit emu_block(unsigned n) : threads(n), all(new std::barrier<>(n)), exchange(n) {
+        for (unsigned w = 0; w * 32 < n; ++w)
+            warps.emplace_back(new std::barrier<>(std::min(32u, n - 32 * w)));
     }
 };
 thread_local emu_block* emu_current = nullptr;
+thread_local unsigned emu_rank = 0;  // the thread's place in its block, x fastest (its warp: emu_rank / 32)
 inline void __syncthreads() { emu_current->all->arrive_and_wait(); }
 template <typename T>
 T __shfl_down_sync(unsigned, T v, int offset) {
-    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    emu_current->exchange[threadIdx.x] = double(v);
+    static_assert(sizeof(T) <= sizeof(unsigned long long), "a shuffled value fits the exchange buffer");
+    const unsigned lane = emu_rank % 32, warp = emu_rank / 32;
+    std::memcpy(&emu_current->exchange[emu_rank], &v, sizeof(T));
     emu_current->warps[warp]->arrive_and_wait();
-    const T out = (lane + offset < 32 && threadIdx.x + offset < blockDim.x)
-        ? T(emu_current->exchange[threadIdx.x + offset]) : v;
+    T out = v;
+    if (lane + offset < 32 && emu_rank + offset < emu_current->threads)
+        std::memcpy(&out, &emu_current->exchange[emu_rank + offset], sizeof(T));
     emu_current->warps[warp]->arrive_and_wait();
     return out;
 }
@@ -74,34 +89,35 @@ void emu_call(void (*fn)(P...), void** args, std::index_sequence<I...>) {
     fn(*static_cast<std::remove_cv_t<std::remove_reference_t<P>>*>(args[I])...);
 }
 template <typename... P>
-void emu_launch(void (*fn)(P...), unsigned gx, unsigned gy, unsigned gz, unsigned bx, void** args) {
-    blockDim = {bx, 1, 1};
-    gridDim = {gx, gy, gz};
-    for (unsigned z = 0; z < gz; ++z)
-        for (unsigned y = 0; y < gy; ++y)
-            for (unsigned x = 0; x < gx; ++x) {
-                emu_block block(bx);
+void emu_launch(void (*fn)(P...), const unsigned* grid, const unsigned* block, void** args) {
+    gridDim = {grid[0], grid[1], grid[2]};
+    blockDim = {block[0], block[1], block[2]};
+    const unsigned n = block[0] * block[1] * block[2];
+    for (unsigned z = 0; z < grid[2]; ++z)
+        for (unsigned y = 0; y < grid[1]; ++y)
+            for (unsigned x = 0; x < grid[0]; ++x) {
+                emu_block current(n);
                 std::vector<std::thread> threads;
-                for (unsigned t = 0; t < bx; ++t)
+                for (unsigned t = 0; t < n; ++t)
                     threads.emplace_back([&, t, x, y, z] {
-                        threadIdx = {t, 0, 0};
+                        threadIdx = {t % block[0], t / block[0] % block[1], t / (block[0] * block[1])};
                         blockIdx = {x, y, z};
-                        emu_current = &block;
+                        emu_rank = t;
+                        emu_current = &current;
                         emu_call(fn, args, std::index_sequence_for<P...>{});
-                        block.warps[t / 32]->arrive_and_drop();  // an exited thread no longer holds barriers
-                        block.all->arrive_and_drop();
+                        current.warps[t / 32]->arrive_and_drop();  // an exited thread no longer holds barriers
+                        current.all->arrive_and_drop();
                     });
                 for (auto& thread : threads) thread.join();
             }
 }
 #define EMU_EXPORT(NAME) \
-    extern "C" void emu_##NAME(unsigned gx, unsigned gy, unsigned gz, unsigned bx, void** args) { \
-        emu_launch(NAME, gx, gy, gz, bx, args); \
+    extern "C" void emu_##NAME(const unsigned* grid, const unsigned* block, void** args) { \
+        emu_launch(NAME, grid, block, args); \
     }
 """
 
-ENTRY = re.compile(r"^PD_\w+_ENTRIES\((\w+), \w+\)$", re.MULTILINE)
-NAME = re.compile(r"(\w+)_##SUFFIX\(")
+KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(')
 
 
 def available() -> str | None:
@@ -110,12 +126,15 @@ def available() -> str | None:
 
 
 def entry_points(source: str) -> list[str]:
-    """Every ``extern "C"`` kernel of an expanded module: its macro's names times the suffixes it is expanded with."""
-    return [f"{name}_{suffix}" for suffix in ENTRY.findall(source) for name in NAME.findall(source)]
+    """Every ``extern "C"`` kernel of an expanded module, its macros expanded by the preprocessor (the sources
+    include no system headers, so this needs nothing but ``g++ -E``)."""
+    command = ["g++", "-E", "-P", "-x", "c++", "-"]
+    expanded = subprocess.run(command, input=source, check=True, capture_output=True, text=True).stdout
+    return KERNEL.findall(expanded)
 
 
 def build(module: str, folder: Path) -> ctypes.CDLL:
-    """Module ``module`` compiled for the emulator into ``folder``."""
+    """Module ``module`` compiled for the emulator into ``folder``: entry point ``e`` is ``emu_e``."""
     source = _modules.module_source(module)
     exports = "\n".join(f"EMU_EXPORT({name})" for name in entry_points(source))
     cpp = folder / f"{module}.cpp"
@@ -126,31 +145,72 @@ def build(module: str, folder: Path) -> ctypes.CDLL:
     return ctypes.CDLL(str(library))
 
 
+_SCALARS: dict[type, Any] = {
+    np.int32: ctypes.c_int32,
+    np.int64: ctypes.c_int64,
+    np.uint64: ctypes.c_uint64,  # a null pointer (peftdecl_cupy._launch.NULL) or an address
+    np.float32: ctypes.c_float,
+    np.float64: ctypes.c_double,
+}
+
+
 def _argument(value: Any) -> Any:
-    # what CuPy would pack: an array's address, and each NumPy scalar at its own width
+    # what CuPy would pack: an array's address, and each NumPy scalar at its own width (the launcher reads each
+    # parameter at its declared type, so a wrapper passing the wrong width reads garbage here as on the GPU)
     if isinstance(value, np.ndarray):
         return ctypes.c_void_p(value.ctypes.data)
-    kinds = {
-        np.int32: ctypes.c_int32,
-        np.int64: ctypes.c_int64,
-        np.uint64: ctypes.c_uint64,
-        np.float64: ctypes.c_double,
-    }
-    return kinds[type(value)](value)
+    kind = _SCALARS.get(type(value))
+    if kind is None:
+        raise TypeError(
+            f"kernel argument of type {type(value).__name__} (CuPy takes arrays and NumPy scalars)"
+        )
+    return kind(value)
+
+
+def _dims(value: int | Sequence[int]) -> Any:
+    dims = (value,) if isinstance(value, int) else tuple(int(v) for v in value)
+    return (ctypes.c_uint * 3)(*dims, *(1,) * (3 - len(dims)))
 
 
 class EmulatedKernel:
-    """A ``cupy.RawKernel`` stand-in: ``kernel(grid, block, args)`` runs the emulated entry point."""
+    """A ``cupy.RawKernel`` stand-in: ``kernel(grid, block, args)`` runs the emulated entry point (grid and block
+    an int or up to three sizes; ``shared_mem`` is accepted and unused: the sources size their shared arrays)."""
 
-    def __init__(self, library: ctypes.CDLL, entry: str) -> None:
+    def __init__(
+        self, library: ctypes.CDLL, entry: str, launches: collections.Counter[str] | None = None
+    ) -> None:
+        self.entry = entry
         self.function = getattr(library, f"emu_{entry}")
         self.function.restype = None
+        self.launches = launches
 
-    def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
-        grid = (*grid, 1, 1)[:3]
+    def __call__(
+        self, grid: int | Sequence[int], block: int | Sequence[int], args: Sequence[Any], shared_mem: int = 0
+    ) -> None:
+        if self.launches is not None:
+            self.launches[self.entry] += 1
         values = [_argument(a) for a in args]
         pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
-        self.function(*(ctypes.c_uint(g) for g in grid), ctypes.c_uint(block[0]), pointers)
+        self.function(_dims(grid), _dims(block), pointers)
+
+
+class Emulator:
+    """Modules built on first use into ``build_dir``; ``kernel(module, entry)`` has the signature of
+    :func:`peftdecl_cupy._modules.kernel` and works on NumPy arrays; ``launches`` counts launches per entry."""
+
+    def __init__(self, build_dir: Path) -> None:
+        self._dir = build_dir
+        self._libraries: dict[str, ctypes.CDLL] = {}
+        self.launches: collections.Counter[str] = collections.Counter()
+        """Launches per entry point."""
+
+    def library(self, module: str) -> ctypes.CDLL:
+        if module not in self._libraries:
+            self._libraries[module] = build(module, self._dir)
+        return self._libraries[module]
+
+    def kernel(self, module: str, entry: str) -> EmulatedKernel:
+        return EmulatedKernel(self.library(module), entry, self.launches)
 
 
 def numpy_as_cupy() -> types.ModuleType:
@@ -159,6 +219,7 @@ def numpy_as_cupy() -> types.ModuleType:
     for name in (
         "empty",
         "empty_like",
+        "full",
         "zeros",
         "asarray",
         "ascontiguousarray",

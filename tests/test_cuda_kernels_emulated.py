@@ -1,9 +1,10 @@
-"""The OFT/BOFT, IA3, VeRA, LoHa/LoKr and 4-bit kernel sources run on the CPU (:mod:`tests.kernel_emulator`: g++,
-one OS thread per CUDA thread, a barrier for ``__syncthreads``), through the same :mod:`peftdecl_cupy` wrappers
-and the same checks the GPU runs (:mod:`tests.cuda_kernel_cases`), on small odd sizes and at the kernels' limits.
+"""The OFT/BOFT, IA3, VeRA, LoHa/LoKr and 4-bit kernel sources run on the CPU (:mod:`tests.cuda_emulator`: g++,
+one OS thread per CUDA thread, a per-block barrier for ``__syncthreads``, warps emulated), through the same
+:mod:`peftdecl_cupy` wrappers and the same checks the GPU runs (:mod:`tests.cuda_kernel_cases`), on small odd sizes
+and at the kernels' limits.
 
 This checks the kernels' indexing, tiling, barriers and the wrappers' launch arguments without a GPU; it says
-nothing about warp-level behaviour, memory ordering on a device or speed (tests.test_cuda_kernels_other).
+nothing about memory ordering on a device or speed (tests.test_cuda_kernels_other).
 """
 
 from __future__ import annotations
@@ -15,22 +16,22 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests import cuda_emulator
 from tests import cuda_kernel_cases as cases
-from tests import kernel_emulator
 
-if kernel_emulator.compiler() is None:
-    pytest.skip("needs g++ to build the kernel sources for the CPU", allow_module_level=True)
+if cuda_emulator.available():
+    pytest.skip(str(cuda_emulator.available()), allow_module_level=True)
 
 DTYPES = ["f32", "bf16"]
 
 
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> kernel_emulator.Emulator:
-    return kernel_emulator.Emulator(Path(tmp_path_factory.mktemp("cuda_emulator")))
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> cuda_emulator.Emulator:
+    return cuda_emulator.Emulator(Path(tmp_path_factory.mktemp("cuda_emulator")))
 
 
 @pytest.fixture
-def xp(emulator: kernel_emulator.Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def xp(emulator: cuda_emulator.Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """NumPy, with the wrappers' launches and allocations sent to the emulator and NumPy."""
     from peftdecl_cupy import delta_kernels, nf4_kernels, rotation_kernels, scaling_kernels
 

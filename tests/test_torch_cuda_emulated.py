@@ -1,6 +1,6 @@
 """The torch backend's whole CUDA-kernel chain on the CPU: hooks, autograd Functions, the DLPack bridge
 (:class:`peftdecl_torch.cuda_bridge.CupyKernels`, its outputs and bfloat16 views), the :mod:`peftdecl_cupy` wrappers
-and the kernel sources themselves, emulated by g++ (:mod:`tests.kernel_emulator`). Only the DLPack hand-over and
+and the kernel sources themselves, emulated by g++ (:mod:`tests.cuda_emulator`). Only the DLPack hand-over and
 the stream are replaced (``Tensor.numpy``, a view of the same memory), so every model here runs the kernels' arithmetic.
 
 Expected values: the same model with the kernels switched off (the torch path), float32 within 1e-5 relative
@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests import kernel_emulator
+from tests import cuda_emulator
 from tests.conftest import rel_err, selected_backends
 
 torch = pytest.importorskip("torch")
 
-if kernel_emulator.compiler() is None:
-    pytest.skip("needs g++ to build the kernel sources for the CPU", allow_module_level=True)
+if cuda_emulator.available():
+    pytest.skip(str(cuda_emulator.available()), allow_module_level=True)
 if "torch" not in selected_backends():
     pytest.skip("the torch backend is not selected", allow_module_level=True)
 
@@ -35,12 +35,12 @@ F32_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> kernel_emulator.Emulator:
-    return kernel_emulator.Emulator(Path(tmp_path_factory.mktemp("torch_cuda_emulated")))
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> cuda_emulator.Emulator:
+    return cuda_emulator.Emulator(Path(tmp_path_factory.mktemp("torch_cuda_emulated")))
 
 
 @pytest.fixture
-def emulated(emulator: kernel_emulator.Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def emulated(emulator: cuda_emulator.Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The hooks on CPU tensors, through the real bridge and wrappers into the emulated kernels."""
     from peftdecl_cupy import delta_kernels, nf4_kernels, rotation_kernels, scaling_kernels
     from peftdecl_torch import cuda_bridge
@@ -61,7 +61,7 @@ def emulated(emulator: kernel_emulator.Emulator, monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize("case", sorted(MODELS))
 def test_models_through_the_emulated_kernels(
-    case: str, emulated: Any, emulator: kernel_emulator.Emulator, monkeypatch: pytest.MonkeyPatch
+    case: str, emulated: Any, emulator: cuda_emulator.Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec, _ = MODELS[case]
     tokens = 16 if case.endswith("merged") else 4
@@ -93,7 +93,7 @@ def test_bfloat16_activations_through_the_bridge(emulated: Any) -> None:
 
 @pytest.mark.parametrize("double", [False, True])
 def test_4bit_dequantisation_and_qlora_through_the_emulated_kernels(
-    double: bool, emulated: Any, emulator: kernel_emulator.Emulator, monkeypatch: pytest.MonkeyPatch
+    double: bool, emulated: Any, emulator: cuda_emulator.Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bitsandbytes 4-bit layer's weight (double quantisation decoded by its own kernel) against bitsandbytes'
     dequantisation, then LoRA inference over it on many tokens against the torch path."""
