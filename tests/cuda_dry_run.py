@@ -1,7 +1,8 @@
 """A pytest plugin that runs the GPU kernel tests on the CPU, to check the test code itself without a device:
 
-    python -m pytest -p tests.cuda_dry_run tests/test_cuda_kernels_lora.py      (about 2-3 minutes on 2 cores)
+    python -m pytest -p tests.cuda_dry_run tests/test_cuda_kernels_lora.py      (under a minute on 2 cores)
     python -m pytest -p tests.cuda_dry_run tests/test_cuda_kernels_other.py -k "not on_cuda and not hooked"
+                                                                                  (about 4-5 minutes on 2 cores)
 
 It stands NumPy in for CuPy (tests/cuda_emulator.py's stand-in plus ``asnumpy`` and a ``cuda`` namespace),
 declares a device present, and launches every module's kernels (LoRA/mixed-batch/DoRA, OFT/BOFT, IA3, VeRA,

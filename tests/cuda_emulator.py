@@ -1,7 +1,8 @@
 """Runs the CuPy backend's CUDA sources on the CPU: each module compiled by g++ as C++, every CUDA thread of a
 block an OS thread (``__syncthreads`` a ``std::barrier`` over the block, warp shuffles through a per-warp
-exchange buffer, ``atomicAdd`` under a lock), blocks one after another, so ``__shared__`` is a ``static``.
-Blocks may be 1-, 2- or 3-dimensional; warps are runs of 32 threads in x-fastest order, as on the GPU.
+exchange buffer, ``atomicAdd`` under a lock), blocks one after another on the same threads, so ``__shared__`` is
+a ``static``. Blocks may be 1-, 2- or 3-dimensional; warps are runs of 32 threads in x-fastest order, as on the
+GPU.
 
 It checks what the sources compute and how they index (tiles, bounds, strides, segments, barriers), the part a
 compile check cannot see; it says nothing about speed, the GPU's memory model, races a barrier hides, or NVRTC.
@@ -93,23 +94,28 @@ void emu_launch(void (*fn)(P...), const unsigned* grid, const unsigned* block, v
     gridDim = {grid[0], grid[1], grid[2]};
     blockDim = {block[0], block[1], block[2]};
     const unsigned n = block[0] * block[1] * block[2];
-    for (unsigned z = 0; z < grid[2]; ++z)
-        for (unsigned y = 0; y < grid[1]; ++y)
-            for (unsigned x = 0; x < grid[0]; ++x) {
-                emu_block current(n);
-                std::vector<std::thread> threads;
-                for (unsigned t = 0; t < n; ++t)
-                    threads.emplace_back([&, t, x, y, z] {
-                        threadIdx = {t % block[0], t / block[0] % block[1], t / (block[0] * block[1])};
+    // one OS thread per CUDA thread for the whole launch, running the blocks in turn; between two blocks every
+    // thread waits at `next`, whose completion step makes the next block's barriers
+    auto current = std::make_unique<emu_block>(n);
+    auto fresh = [&]() noexcept { current = std::make_unique<emu_block>(n); };
+    std::barrier next(n, fresh);
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < n; ++t)
+        threads.emplace_back([&, t] {
+            threadIdx = {t % block[0], t / block[0] % block[1], t / (block[0] * block[1])};
+            emu_rank = t;
+            for (unsigned z = 0; z < grid[2]; ++z)
+                for (unsigned y = 0; y < grid[1]; ++y)
+                    for (unsigned x = 0; x < grid[0]; ++x) {
                         blockIdx = {x, y, z};
-                        emu_rank = t;
-                        emu_current = &current;
+                        emu_current = current.get();
                         emu_call(fn, args, std::index_sequence_for<P...>{});
-                        current.warps[t / 32]->arrive_and_drop();  // an exited thread no longer holds barriers
-                        current.all->arrive_and_drop();
-                    });
-                for (auto& thread : threads) thread.join();
-            }
+                        emu_current->warps[t / 32]->arrive_and_drop();  // an exited thread holds no barriers
+                        emu_current->all->arrive_and_drop();
+                        next.arrive_and_wait();
+                    }
+        });
+    for (auto& thread : threads) thread.join();
 }
 #define EMU_EXPORT(NAME) \
     extern "C" void emu_##NAME(const unsigned* grid, const unsigned* block, void** args) { \
