@@ -80,7 +80,8 @@ def mixed_forward(kern: Kernels, layer: AdaptedLayer, x: torch.Tensor, row_adapt
         return NotImplemented
     tokens_per_row = x[0].numel() // x.shape[-1]
     index = planning.token_index(found.rows, tokens_per_row)
-    if mixed.gathered(index) and max(a.shape[0] for a, _, _ in factors) > kern.max_gather_rank:
+    # the rank first: the segment planning behind gathered() runs again in the launch, so only where it decides
+    if max(a.shape[0] for a, _, _ in factors) > kern.max_gather_rank and mixed.gathered(index):
         return NotImplemented
     result = layer.base_forward(x)
     y = result.to(dtype).reshape(-1, result.shape[-1])
